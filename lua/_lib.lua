@@ -1,0 +1,185 @@
+-- _lib.lua: shared functions, prepended to every group script when it is loaded.
+--
+-- Not a script of its own: it has no KEYS/ARGV/reply header. Every group
+-- script receives the same four keys (see ratequota/keys.py):
+--   KEYS[1] policy  hash  C, reserve, unknown, default, ttl, schema, version, fence, t:<tenant>
+--   KEYS[2] demand  hash  u:<tenant> units held, p:<tenant> units waiting
+--   KEYS[3] exp     zset  L<lease id> / P<request id> -> expiry, ms of Redis time
+--   KEYS[4] info    hash  L<id> -> "units:token:tenant", P<id> -> "units:tenant"
+-- The fairness rule below mirrors ratequota/fairness.py step for step.
+
+local EPSILON = 1e-9
+local KEY_GRACE_MS = 120000
+
+-- Redis time in ms, unless the caller pins the clock (tests and simulations).
+local function now_ms(pinned)
+  if pinned ~= nil and pinned ~= '' then
+    return tonumber(pinned)
+  end
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+-- Tenant spec "G|lendable|B|weight|max_units"; B and max_units may be empty.
+local function parse_spec(spec)
+  local g, l, b, w, m = string.match(spec, '^([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)$')
+  local guarantee = tonumber(g)
+  local ceiling = math.huge
+  if b ~= '' then ceiling = guarantee + tonumber(b) end
+  local max_units = math.huge
+  if m ~= '' then max_units = tonumber(m) end
+  return {g = guarantee, l = tonumber(l), ceil = ceiling, w = tonumber(w), max = max_units}
+end
+
+-- Drops up to `limit` expired entries and credits their units back.
+local function purge(now, limit)
+  local dead = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now, 'LIMIT', 0, limit)
+  if #dead == 0 then return 0 end
+  local infos = redis.call('HMGET', KEYS[4], unpack(dead))
+  for i, member in ipairs(dead) do
+    local info = infos[i]
+    if info then
+      local field, units
+      if string.sub(member, 1, 1) == 'L' then
+        local u, _, tenant = string.match(info, '^(%d+):(%d+):(.*)$')
+        field, units = 'u:' .. tenant, tonumber(u)
+      else
+        local u, tenant = string.match(info, '^(%d+):(.*)$')
+        field, units = 'p:' .. tenant, tonumber(u)
+      end
+      if redis.call('HINCRBY', KEYS[2], field, -units) <= 0 then
+        redis.call('HDEL', KEYS[2], field)
+      end
+    end
+  end
+  redis.call('ZREM', KEYS[3], unpack(dead))
+  redis.call('HDEL', KEYS[4], unpack(dead))
+  return #dead
+end
+
+-- Units held and waiting per tenant, and units held by the whole group.
+local function load_demand()
+  local flat = redis.call('HGETALL', KEYS[2])
+  local used, pending, total = {}, {}, 0
+  for i = 1, #flat, 2 do
+    local kind, tenant = string.sub(flat[i], 1, 1), string.sub(flat[i], 3)
+    local units = tonumber(flat[i + 1])
+    if kind == 'u' then
+      used[tenant] = units
+      total = total + units
+    else
+      pending[tenant] = units
+    end
+  end
+  return used, pending, total
+end
+
+-- Smallest level with sum(clamp(level*w, lo, up)) = target (fairness._water_level).
+local function water_level(target, sum_lo, sum_up, rows)
+  if target <= sum_lo then return 0 end
+  local events = {}
+  for _, r in ipairs(rows) do
+    if r.up > r.lo then
+      events[#events + 1] = {r.lo / r.w, r.w}
+      events[#events + 1] = {r.up / r.w, -r.w}
+    end
+  end
+  if #events == 0 then return 0 end
+  table.sort(events, function(a, b) return a[1] < b[1] end)
+  if target >= sum_up then return events[#events][1] end
+  local value, slope, previous = sum_lo, 0, 0
+  for _, e in ipairs(events) do
+    local reached = value + slope * (e[1] - previous)
+    if reached >= target and slope > 0 then
+      return previous + (target - value) / slope
+    end
+    value, previous, slope = reached, e[1], slope + e[2]
+  end
+  return previous
+end
+
+-- Fair limits of the active tenants. `demand` maps tenant -> units wanted;
+-- `specs` maps tenant -> parsed spec (tenants without one are skipped).
+-- Returns rows {name, lo, up, w, limit} and the level.
+local function allocate(capacity, reserve_total, demand, specs)
+  local rows, sum_lo, sum_up, active_reserve = {}, 0, 0, 0
+  for tenant, d in pairs(demand) do
+    local s = specs[tenant]
+    if s then
+      local keep = s.g * (1 - s.l)
+      local lo = math.max(keep, math.min(d, s.g))
+      local up = math.min(s.ceil, math.max(d, lo))
+      rows[#rows + 1] = {name = tenant, lo = lo, up = up, w = s.w}
+      sum_lo, sum_up = sum_lo + lo, sum_up + up
+      active_reserve = active_reserve + keep
+    end
+  end
+  local idle = math.max(0, reserve_total - active_reserve)
+  local target = math.min(capacity, sum_up + idle) - idle
+  local level = water_level(target, sum_lo, sum_up, rows)
+  for _, r in ipairs(rows) do
+    r.limit = math.min(math.max(level * r.w, r.lo), r.up)
+  end
+  return rows, level
+end
+
+-- Specs of the named tenants from the policy hash, one HMGET; unknown tenants
+-- get the default spec when the policy admits strangers.
+local function load_specs(names, policy)
+  local specs = {}
+  if #names == 0 then return specs end
+  local fields = {}
+  for i, name in ipairs(names) do fields[i] = 't:' .. name end
+  local raw = redis.call('HMGET', KEYS[1], unpack(fields))
+  for i, name in ipairs(names) do
+    local spec = raw[i]
+    if not spec and policy.unknown == 'default' then spec = policy.default end
+    if spec then specs[name] = parse_spec(spec) end
+  end
+  return specs
+end
+
+-- The policy header, or nil plus an error reply.
+local function load_policy(schema)
+  local p = redis.call('HMGET', KEYS[1], 'C', 'reserve', 'unknown', 'default', 'ttl', 'schema', 'version')
+  if not p[1] then
+    return nil, {-1, 'no_policy', 0, 0, 0, '0', 0, 0, 0, 0, 0}
+  end
+  if tonumber(p[6]) > tonumber(schema) then
+    return nil, {-1, 'schema', 0, 0, 0, '0', 0, 0, 0, tonumber(p[6]), 0}
+  end
+  return {
+    capacity = tonumber(p[1]), reserve = tonumber(p[2]), unknown = p[3], default = p[4],
+    ttl = tonumber(p[5]), version = tonumber(p[7]),
+  }, nil
+end
+
+-- Gives every expiring key of the group a lifetime longer than any lease.
+local function touch(policy)
+  local ttl = policy.ttl + KEY_GRACE_MS
+  redis.call('PEXPIRE', KEYS[2], ttl)
+  redis.call('PEXPIRE', KEYS[3], ttl)
+  redis.call('PEXPIRE', KEYS[4], ttl)
+end
+
+local function fmt(x)
+  return string.format('%.17g', x)
+end
+
+-- Demand of every tenant with units held or waiting (the active set).
+local function active_demand(used, pending)
+  local demand, names = {}, {}
+  for tenant, units in pairs(used) do demand[tenant] = units end
+  for tenant, units in pairs(pending) do demand[tenant] = (demand[tenant] or 0) + units end
+  for tenant, _ in pairs(demand) do names[#names + 1] = tenant end
+  return demand, names
+end
+
+-- The limit of one tenant inside allocate()'s rows (0 when it has no spec).
+local function limit_of(rows, tenant)
+  for _, r in ipairs(rows) do
+    if r.name == tenant then return r.limit end
+  end
+  return 0
+end
+

@@ -1,0 +1,88 @@
+-- snapshot.lua: one consistent, read-only view of a group (writes nothing).
+--
+-- KEYS[1] policy, KEYS[2] demand, KEYS[3] exp, KEYS[4] info   (one group, one hash slot)
+-- ARGV[1] now_ms      pinned clock in ms, or "" for Redis TIME
+-- ARGV[2] schema      key schema of the caller
+-- ARGV[3] max_leases  most live leases to list
+-- ARGV[4..] tenant names to report even when idle
+--
+-- reply: {status, reason, now, capacity, group_used, version, level, tenants, leases, truncated}
+--   status 1 ok (reason "ok"), -1 error (reason "no_policy" | "schema"; then capacity holds
+--   the newer schema).
+--   tenants: flat list of 7-tuples {name, used, pending, limit, lo, up, guarantee}; numbers
+--     of the fairness rule are strings (%.17g). Expired entries not yet purged are left out;
+--     a tenant without a spec (refused stranger) has limit, lo, up and guarantee 0.
+--   leases: flat list of 5-tuples {lease_id, tenant, units, token, expiry_ms}.
+--   truncated: 1 when more live leases exist than listed.
+
+local now = now_ms(ARGV[1])
+local policy, err = load_policy(ARGV[2])
+if not policy then return {-1, err[2], now, err[10], 0, 0, '0', {}, {}, 0} end
+
+local used, pending, group_used = load_demand()
+-- Discount entries that have expired but not been purged: a read must not write.
+local dead = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now)
+if #dead > 0 then
+  for _, member in ipairs(dead) do
+    local info = redis.call('HGET', KEYS[4], member)
+    if info then
+      if string.sub(member, 1, 1) == 'L' then
+        local u, _, tenant = string.match(info, '^(%d+):(%d+):(.*)$')
+        used[tenant] = (used[tenant] or 0) - tonumber(u)
+        group_used = group_used - tonumber(u)
+        if used[tenant] <= 0 then used[tenant] = nil end
+      else
+        local u, tenant = string.match(info, '^(%d+):(.*)$')
+        pending[tenant] = (pending[tenant] or 0) - tonumber(u)
+        if pending[tenant] <= 0 then pending[tenant] = nil end
+      end
+    end
+  end
+end
+
+local demand, names = active_demand(used, pending)
+for i = 4, #ARGV do
+  if not demand[ARGV[i]] then
+    demand[ARGV[i]] = 0
+    names[#names + 1] = ARGV[i]
+  end
+end
+local specs = load_specs(names, policy)
+local rows, level = allocate(policy.capacity, policy.reserve, demand, specs)
+local by_name = {}
+for _, r in ipairs(rows) do by_name[r.name] = r end
+local tenants = {}
+for _, name in ipairs(names) do
+  local r = by_name[name]
+  local limit, lo, up, guarantee = '0', '0', '0', 0
+  if r then limit, lo, up, guarantee = fmt(r.limit), fmt(r.lo), fmt(r.up), specs[name].g end
+  tenants[#tenants + 1] = name
+  tenants[#tenants + 1] = used[name] or 0
+  tenants[#tenants + 1] = pending[name] or 0
+  tenants[#tenants + 1] = limit
+  tenants[#tenants + 1] = lo
+  tenants[#tenants + 1] = up
+  tenants[#tenants + 1] = guarantee
+end
+
+local max_leases = tonumber(ARGV[3])
+local live = redis.call('ZRANGEBYSCORE', KEYS[3], '(' .. now, '+inf')
+local leases, listed, truncated = {}, 0, 0
+for _, member in ipairs(live) do
+  if string.sub(member, 1, 1) == 'L' then
+    if listed >= max_leases then
+      truncated = 1
+      break
+    end
+    local info = redis.call('HGET', KEYS[4], member)
+    local u, token, tenant = string.match(info, '^(%d+):(%d+):(.*)$')
+    leases[#leases + 1] = string.sub(member, 2)
+    leases[#leases + 1] = tenant
+    leases[#leases + 1] = tonumber(u)
+    leases[#leases + 1] = tonumber(token)
+    leases[#leases + 1] = tonumber(redis.call('ZSCORE', KEYS[3], member))
+    listed = listed + 1
+  end
+end
+return {1, 'ok', now, policy.capacity, group_used, policy.version, fmt(level), tenants, leases,
+        truncated}

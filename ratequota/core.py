@@ -1,0 +1,456 @@
+"""The client logic shared by the sync and async clients, written without I/O.
+
+Every operation is a *flow*: a generator that yields what it needs done — a
+script call, a plain Redis command, a sleep — and receives the result. The
+sync client drives flows with blocking calls, the async client with awaits;
+neither holds any logic of its own (the httpcore/h11 "sans-I/O" pattern).
+Errors met while performing an operation are thrown back into the flow, so
+decisions such as "retry once after a stale route" live here too.
+
+Nothing here takes a lock: the only mutable state is the routing catalog,
+replaced whole by a single assignment.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import uuid
+from collections.abc import Generator, Iterable, Mapping
+from typing import Any, TypeVar
+
+import attrs
+
+from ratequota.clock import Clock, SystemClock
+from ratequota.decision import (
+    Decision,
+    GroupSnapshot,
+    LeaseInfo,
+    ReleaseResult,
+    RenewResult,
+)
+from ratequota.errors import (
+    AcquireTimeout,
+    BackendUnavailable,
+    ConfigError,
+    InvalidRequest,
+    InvalidType,
+    RequestTooLarge,
+    SchemaMismatch,
+    UnknownTenant,
+)
+from ratequota.keys import SCHEMA_VERSION, KeySpace
+from ratequota.policy import MAX_LEASE_TTL_LIMIT, Policy
+from ratequota.protocol import (
+    ScriptCall,
+    acquire_call,
+    apply_policy_call,
+    decode_acquire,
+    decode_apply_policy,
+    decode_release,
+    decode_renew,
+    decode_snapshot,
+    release_call,
+    renew_call,
+    snapshot_call,
+)
+
+__all__ = ["AcquireRequest", "Command", "Flow", "Op", "QuotaCore", "Settings", "Sleep"]
+
+T = TypeVar("T")
+
+
+@attrs.frozen
+class Sleep:
+    """Wait ``seconds`` before resuming the flow (always bounded by a deadline)."""
+
+    seconds: float
+
+
+@attrs.frozen
+class Command:
+    """A plain Redis command on the shard that ``route`` maps to."""
+
+    route: str
+    args: tuple[str | int, ...]
+
+
+Op = ScriptCall | Command | Sleep
+Flow = Generator[Op, Any, T]
+
+#: Backoff between tries of a waiting acquire: from the first to the last, doubling.
+_FIRST_PAUSE = 0.005
+_LAST_PAUSE = 0.2
+
+
+def _positive_seconds(field: str, value: object, *, allow_zero: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidType(field, f"must be a number of seconds, got {value!r}")
+    seconds = float(value)
+    if not math.isfinite(seconds) or seconds < 0 or (seconds == 0 and not allow_zero):
+        low = ">= 0" if allow_zero else "> 0"
+        raise InvalidRequest(field, f"must be a finite number of seconds {low}, got {value!r}")
+    return seconds
+
+
+def _setting_seconds(_instance: object, attribute: attrs.Attribute[float], value: object) -> None:
+    try:
+        _positive_seconds(attribute.name, value)
+    except InvalidRequest as exc:
+        raise ConfigError(attribute.name, str(exc).split(": ", 1)[1]) from None
+
+
+def _setting_count(_instance: object, attribute: attrs.Attribute[int], value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(attribute.name, f"must be an integer >= 1, got {value!r}")
+
+
+@attrs.frozen
+class Settings:
+    """Per-client settings; every one has a safe default.
+
+    ``lease_ttl``: lifetime of a lease unless renewed. ``timeout``: how long
+    ``acquire`` waits by default. ``pending_ttl``: how long a refused, waiting
+    request keeps its demand registered without retrying. ``purge_limit``:
+    most expired entries one call cleans up (bounds each script's work).
+    ``catalog_ttl``: how often tenant-to-group routing is re-read.
+    ``socket_timeout``: every Redis call's timeout.
+    """
+
+    prefix: str = "rq"
+    lease_ttl: float = attrs.field(default=60.0, validator=_setting_seconds)
+    timeout: float = attrs.field(default=10.0, validator=_setting_seconds)
+    pending_ttl: float = attrs.field(default=2.0, validator=_setting_seconds)
+    purge_limit: int = attrs.field(default=64, validator=_setting_count)
+    catalog_ttl: float = attrs.field(default=5.0, validator=_setting_seconds)
+    socket_timeout: float = attrs.field(default=1.0, validator=_setting_seconds)
+
+    def __attrs_post_init__(self) -> None:
+        if self.pending_ttl < 2 * _LAST_PAUSE:
+            raise ConfigError(
+                "pending_ttl", f"must be at least {2 * _LAST_PAUSE}s, longer than a retry pause"
+            )
+        if self.lease_ttl > MAX_LEASE_TTL_LIMIT:
+            raise ConfigError("lease_ttl", f"must be at most {MAX_LEASE_TTL_LIMIT:g}s")
+
+
+@attrs.frozen
+class AcquireRequest:
+    """A validated acquire: what to ask for, under which id, for how long, waiting how long."""
+
+    tenant: str
+    units: int
+    group: str | None
+    lease_id: str
+    ttl_ms: int
+    timeout: float
+
+
+@attrs.frozen
+class _Catalog:
+    """Tenant-to-group routing as last read from Redis (or set by apply_policy)."""
+
+    policy: Policy | None
+    routes: Mapping[str, str]
+    loaded_at: float
+
+    @classmethod
+    def of(cls, policy: Policy | None, loaded_at: float) -> _Catalog:
+        routes = {} if policy is None else {
+            t.name: g.name for g in policy.groups for t in g.tenants
+        }
+        return cls(policy, routes, loaded_at)
+
+
+def validate_tenant(tenant: object, field: str = "tenant") -> str:
+    """A tenant (or group) name: a non-empty ``str``."""
+    if not isinstance(tenant, str):
+        raise InvalidType(field, f"must be a string, got {type(tenant).__name__}")
+    if not tenant:
+        raise InvalidRequest(field, "must not be empty")
+    return tenant
+
+
+def validate_units(units: object) -> int:
+    """Units of a request: an ``int`` (not bool, not float, not str) >= 1."""
+    if isinstance(units, bool) or not isinstance(units, int):
+        raise InvalidType("units", f"must be an integer, got {units!r}")
+    if units < 1:
+        raise InvalidRequest("units", f"must be >= 1, got {units}")
+    return units
+
+
+def validate_request_id(request_id: object) -> str:
+    """A caller-chosen request id, used as the lease id (idempotent retries)."""
+    if not isinstance(request_id, str):
+        raise InvalidType("request_id", f"must be a string, got {type(request_id).__name__}")
+    if not request_id or len(request_id) > 200:
+        raise InvalidRequest("request_id", "must be 1 to 200 characters")
+    return request_id
+
+
+class QuotaCore:
+    """Validation, routing and every flow; one instance per client."""
+
+    def __init__(self, settings: Settings | None = None, clock: Clock | None = None) -> None:
+        self.settings = settings or Settings()
+        self.clock: Clock = clock or SystemClock()
+        self.keyspace = KeySpace(prefix=self.settings.prefix)
+        self._catalog = _Catalog.of(None, -math.inf)
+
+    # -- validation ----------------------------------------------------------
+
+    def ttl_ms(self, ttl: float | None) -> int:
+        """Lease lifetime in ms from seconds (None: the client's default)."""
+        seconds = self.settings.lease_ttl if ttl is None else _positive_seconds("ttl", ttl)
+        if seconds > MAX_LEASE_TTL_LIMIT:
+            raise InvalidRequest("ttl", f"must be at most {MAX_LEASE_TTL_LIMIT:g}s")
+        return max(1, round(seconds * 1000))
+
+    def timeout_seconds(self, timeout: float | None) -> float:
+        """How long a waiting acquire may wait (None: the client's default)."""
+        if timeout is None:
+            return self.settings.timeout
+        return _positive_seconds("timeout", timeout, allow_zero=True)
+
+    @staticmethod
+    def new_request_id() -> str:
+        """A fresh request id: random, so concurrent pods never collide."""
+        return uuid.uuid4().hex
+
+    # -- routing -------------------------------------------------------------
+
+    @property
+    def policy(self) -> Policy | None:
+        """The policy this client last read or published, if any."""
+        return self._catalog.policy
+
+    def set_policy(self, policy: Policy | None) -> None:
+        """Route by ``policy`` from now on (after publishing or reading it)."""
+        self._catalog = _Catalog.of(policy, self.clock.monotonic())
+
+    def _read_catalog(self) -> Flow[Policy | None]:
+        raw = yield Command(self.keyspace.catalog_route, ("GET", self.keyspace.catalog))
+        policy = parse_catalog(raw)
+        self.set_policy(policy)
+        return policy
+
+    def group_of(self, tenant: str, group: str | None, *, refresh: bool = False) -> Flow[str]:
+        """The group charged for ``tenant``: explicit, routed by the catalog, or the default."""
+        if group is not None:
+            return validate_tenant(group, "group")
+        catalog = self._catalog
+        stale = self.clock.monotonic() - catalog.loaded_at > self.settings.catalog_ttl
+        if refresh or stale:
+            yield from self._read_catalog()
+            catalog = self._catalog
+        routed = catalog.routes.get(tenant)
+        if routed is None and catalog.policy is not None:
+            routed = catalog.policy.default_group
+        if routed is None:
+            raise UnknownTenant(tenant)
+        return routed
+
+    # -- acquire -------------------------------------------------------------
+
+    def attempt(
+        self,
+        tenant: str,
+        units: int,
+        group: str | None,
+        lease_id: str,
+        ttl_ms: int,
+        *,
+        wait: bool,
+    ) -> Flow[Decision]:
+        """One acquire round trip; re-routes once if the catalog was stale."""
+        name = yield from self.group_of(tenant, group)
+        decision = yield from self._acquire_once(tenant, units, name, lease_id, ttl_ms, wait)
+        if decision.reason == "unknown_tenant" and group is None:
+            # The tenant may have moved to another group since we read the catalog.
+            fresh = yield from self.group_of(tenant, None, refresh=True)
+            if fresh != name:
+                name = fresh
+                decision = yield from self._acquire_once(tenant, units, name, lease_id, ttl_ms, wait)
+        if decision.reason == "unknown_tenant":
+            raise UnknownTenant(tenant, name)
+        return decision
+
+    def _acquire_once(
+        self, tenant: str, units: int, group: str, lease_id: str, ttl_ms: int, wait: bool
+    ) -> Flow[Decision]:
+        call = acquire_call(
+            self.keyspace,
+            group,
+            tenant,
+            units,
+            lease_id,
+            ttl_ms,
+            wait=wait,
+            pending_ms=round(self.settings.pending_ttl * 1000),
+            purge=self.settings.purge_limit,
+            now_ms=self.clock.redis_ms(),
+        )
+        reply = yield call
+        return decode_acquire(reply, group=group, tenant=tenant, units=units, lease_id=lease_id)
+
+    def request(
+        self,
+        tenant: str,
+        units: int,
+        *,
+        group: str | None = None,
+        ttl: float | None = None,
+        timeout: float | None = None,
+        request_id: str | None = None,
+    ) -> AcquireRequest:
+        """Validate an acquire's arguments (before any I/O) into a request."""
+        return AcquireRequest(
+            tenant=validate_tenant(tenant),
+            units=validate_units(units),
+            group=None if group is None else validate_tenant(group, "group"),
+            lease_id=self.new_request_id() if request_id is None else validate_request_id(request_id),
+            ttl_ms=self.ttl_ms(ttl),
+            timeout=self.timeout_seconds(timeout),
+        )
+
+    def try_acquire(self, request: AcquireRequest) -> Flow[Decision]:
+        """Admit now or refuse now; a refusal is a ``Decision``, not an exception."""
+        r = request
+        return (yield from self.attempt(r.tenant, r.units, r.group, r.lease_id, r.ttl_ms, wait=False))
+
+    def acquire(self, request: AcquireRequest) -> Flow[LeaseInfo]:
+        """Wait up to the request's timeout for a lease; raise on refusal at the deadline.
+
+        While waiting, the request's units are registered as pending demand
+        (§3 step 2) so fair limits account for it; each retry refreshes the
+        registration, and giving up withdraws it.
+        """
+        r = request
+        started = self.clock.monotonic()
+        deadline = started + r.timeout
+        pause = _FIRST_PAUSE
+        waiting = r.timeout > 0
+        while True:
+            decision = yield from self.attempt(
+                r.tenant, r.units, r.group, r.lease_id, r.ttl_ms, wait=waiting
+            )
+            if decision.admitted:
+                assert decision.lease is not None
+                return decision.lease
+            if decision.reason == "too_large":
+                raise RequestTooLarge(decision)
+            now = self.clock.monotonic()
+            if now >= deadline:
+                if waiting:
+                    yield from self._withdraw(decision.group, r.lease_id)
+                raise AcquireTimeout(decision, now - started)
+            yield Sleep(min(deadline - now, _jittered(decision.retry_after, pause)))
+            pause = min(pause * 2, _LAST_PAUSE)
+
+    def _withdraw(self, group: str, lease_id: str) -> Flow[None]:
+        """Best effort: drop a waiting registration (it would expire by itself anyway)."""
+        try:
+            yield self._release_call(group, lease_id)
+        except BackendUnavailable:
+            pass
+
+    # -- release / renew / snapshot -------------------------------------------
+
+    def _release_call(self, group: str, lease_id: str) -> ScriptCall:
+        return release_call(
+            self.keyspace,
+            group,
+            lease_id,
+            purge=self.settings.purge_limit,
+            now_ms=self.clock.redis_ms(),
+        )
+
+    def release(self, lease: LeaseInfo) -> Flow[ReleaseResult]:
+        """End a lease; safe to call twice (the second reports ``unknown``)."""
+        _check_lease(lease)
+        reply = yield self._release_call(lease.group, lease.id)
+        return decode_release(reply)
+
+    def renew(self, lease: LeaseInfo, ttl: float | None = None) -> Flow[RenewResult]:
+        """Extend a live lease by ``ttl`` from now (None: the client's lease_ttl)."""
+        _check_lease(lease)
+        call = renew_call(
+            self.keyspace,
+            lease.group,
+            lease.id,
+            self.ttl_ms(ttl),
+            purge=self.settings.purge_limit,
+            now_ms=self.clock.redis_ms(),
+        )
+        reply = yield call
+        return decode_renew(reply, group=lease.group)
+
+    def snapshot(
+        self, group: str, tenants: Iterable[str] = (), *, max_leases: int = 1000
+    ) -> Flow[GroupSnapshot]:
+        """One consistent read of a group; ``tenants`` are reported even when idle."""
+        group = validate_tenant(group, "group")
+        names = [validate_tenant(t) for t in tenants]
+        if isinstance(max_leases, bool) or not isinstance(max_leases, int) or max_leases < 0:
+            raise InvalidRequest("max_leases", f"must be an integer >= 0, got {max_leases!r}")
+        call = snapshot_call(
+            self.keyspace, group, tenants=names, max_leases=max_leases, now_ms=self.clock.redis_ms()
+        )
+        reply = yield call
+        return decode_snapshot(reply, group=group)
+
+    # -- policy ----------------------------------------------------------------
+
+    def apply_policy(self, policy: Policy) -> Flow[dict[str, int]]:
+        """Publish every group's policy, then the routing catalog; returns versions.
+
+        Each group switches atomically (one script). Groups dropped from the
+        policy lose their policy hash, so their tenants are refused from then on.
+        """
+        if not isinstance(policy, Policy):
+            raise InvalidType("policy", f"must be a Policy, got {type(policy).__name__}")
+        previous = yield from self._read_catalog()
+        versions: dict[str, int] = {}
+        for group in policy.groups:
+            reply = yield apply_policy_call(self.keyspace, group)
+            versions[group.name] = decode_apply_policy(group.name, reply)
+        if previous is not None:
+            for old in previous.groups:
+                if policy.group(old.name) is None:
+                    yield Command(old.name, ("DEL", self.keyspace.group(old.name).policy))
+        document = json.dumps({"schema": SCHEMA_VERSION, "policy": policy.to_dict()})
+        yield Command(self.keyspace.catalog_route, ("SET", self.keyspace.catalog, document))
+        self.set_policy(policy)
+        return versions
+
+    def load_policy(self) -> Flow[Policy | None]:
+        """Read the published policy (and route by it from now on)."""
+        return (yield from self._read_catalog())
+
+
+def parse_catalog(raw: object) -> Policy | None:
+    """The policy held by the catalog key's value (None if nothing is published)."""
+    if raw is None:
+        return None
+    text = raw.decode("utf-8") if isinstance(raw, bytes) else str(raw)
+    document = json.loads(text)
+    schema = int(document.get("schema", 0))
+    if schema > SCHEMA_VERSION:
+        raise SchemaMismatch("(catalog)", schema, SCHEMA_VERSION)
+    return Policy.from_dict(document["policy"])
+
+
+def _check_lease(lease: object) -> None:
+    if not isinstance(lease, LeaseInfo):
+        raise InvalidType("lease", f"must be a lease, got {type(lease).__name__}")
+
+
+def _jittered(hint: float, pause: float) -> float:
+    """Next pause: the backoff step, shortened by the script's hint, with jitter.
+
+    Jitter (50-100%) keeps many pods refused at once from retrying in lockstep.
+    """
+    base = min(pause, hint) if hint > 0 else pause
+    return max(0.001, base * random.uniform(0.5, 1.0))

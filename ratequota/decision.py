@@ -1,0 +1,165 @@
+"""What the engine answers: decisions, leases, renewals, releases and snapshots.
+
+These are plain data, decoded from script replies by ``ratequota.protocol``;
+the clients add behaviour (a ``Lease`` knows how to renew and release itself
+through the client that granted it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Literal
+
+import attrs
+
+__all__ = [
+    "Decision",
+    "GroupSnapshot",
+    "LeaseInfo",
+    "Reason",
+    "ReleaseResult",
+    "RenewResult",
+    "TenantSnapshot",
+]
+
+Reason = Literal[
+    "admitted",
+    "too_large",
+    "tenant_limit",
+    "group_full",
+    "unknown_tenant",
+    "backend_unavailable",
+]
+
+_WHY = {
+    "too_large": "the request is larger than this tenant can ever hold",
+    "tenant_limit": "the tenant is at its fair limit",
+    "group_full": "the group's capacity is in use",
+    "unknown_tenant": "the tenant is not in the policy",
+    "backend_unavailable": "the quota backend is unavailable",
+}
+
+
+@attrs.frozen
+class LeaseInfo:
+    """The facts of a granted lease: who holds how many units, until when, with which token.
+
+    ``expires_at`` is Redis time in seconds since the epoch, never the pod's
+    clock. ``token`` is the fencing token: strictly increasing per group, so a
+    downstream system can reject a holder whose lease already expired.
+    ``replay`` is true when a retried acquire found its first attempt had
+    committed (the units were charged once).
+    """
+
+    id: str
+    tenant: str
+    group: str
+    units: int
+    token: int
+    expires_at: float
+    replay: bool = False
+
+
+@attrs.frozen
+class Decision:
+    """Admitted or refused, why, and the numbers behind it.
+
+    ``used`` and ``group_used`` are units held after the decision; ``limit``
+    is the tenant's fair limit at that moment; ``retry_after`` is a hint in
+    seconds for when trying again may succeed (0 when admitted).
+    """
+
+    admitted: bool
+    reason: Reason
+    tenant: str
+    group: str
+    units: int
+    used: int
+    limit: float
+    group_used: int
+    capacity: int
+    retry_after: float = 0.0
+    policy_version: int = 0
+    lease: LeaseInfo | None = None
+
+    def __bool__(self) -> bool:
+        return self.admitted
+
+    def describe(self) -> str:
+        """One line for logs and exception messages."""
+        if self.admitted:
+            return (
+                f"admitted {self.units} units for tenant {self.tenant!r} "
+                f"(tenant {self.used}/{self.limit:g}, group {self.group_used}/{self.capacity})"
+            )
+        why = _WHY.get(self.reason, self.reason)
+        hint = f"; retry in {self.retry_after:.3f}s" if self.retry_after > 0 else ""
+        return (
+            f"refused {self.units} units for tenant {self.tenant!r} in group {self.group!r}: "
+            f"{why} (tenant uses {self.used} of limit {self.limit:g}, group uses "
+            f"{self.group_used} of {self.capacity}){hint}"
+        )
+
+
+@attrs.frozen
+class ReleaseResult:
+    """Outcome of a release: ``was_live`` is false when the lease had expired or was gone.
+
+    ``state`` tells the two apart: ``"expired"`` means the holder overran its
+    TTL (its units may already have been granted to someone else),
+    ``"unknown"`` that the lease was released before or purged after expiry.
+    """
+
+    state: Literal["released", "expired", "unknown"]
+    units: int
+
+    @property
+    def was_live(self) -> bool:
+        """True only if the lease was still live when released."""
+        return self.state == "released"
+
+
+@attrs.frozen
+class RenewResult:
+    """Outcome of a renewal.
+
+    ``over_limit`` is the hint that a lender wants its capacity back: the
+    tenant holds more than its fair limit now, so it should not start more.
+    """
+
+    renewed: bool
+    expires_at: float
+    over_limit: bool
+    used: int
+    limit: float
+    group_used: int
+    capacity: int
+
+
+@attrs.frozen
+class TenantSnapshot:
+    """One tenant of a group at one moment; ``borrowed`` is what it holds above its guarantee."""
+
+    name: str
+    used: int
+    pending: int
+    limit: float
+    lo: float
+    up: float
+    guarantee: int
+    borrowed: int
+
+
+@attrs.frozen
+class GroupSnapshot:
+    """A group at one moment, read by one script call: consistent across tenants."""
+
+    group: str
+    now: float
+    capacity: int
+    used: int
+    policy_version: int
+    level: float
+    tenants: Mapping[str, TenantSnapshot]
+    leases: tuple[LeaseInfo, ...]
+    leases_truncated: bool

@@ -1,0 +1,136 @@
+"""Every error ratequota raises, under one root so callers can catch them all.
+
+The tree::
+
+    RateQuotaError
+    ├── ConfigError (ValueError)          bad policy or client settings
+    │   └── PolicyFileError               a TOML policy file that cannot be used
+    ├── InvalidRequest (ValueError)       bad arguments to acquire/release/...
+    │   └── InvalidType (TypeError)       ... of the wrong type (units="3")
+    ├── QuotaExceeded                     a refusal, carrying the Decision
+    │   ├── RequestTooLarge               can never succeed under this policy
+    │   └── AcquireTimeout (TimeoutError) waited until the deadline, still refused
+    ├── UnknownTenant (KeyError)          tenant not in the policy, and the policy refuses strangers
+    ├── PolicyMissing                     no policy published for the group
+    ├── SchemaMismatch                    the keys were written by a newer ratequota
+    ├── BackendUnavailable (ConnectionError)  Redis cannot be reached (fail-closed)
+    └── BackendError (RuntimeError)       Redis answered with an error we cannot act on
+
+Each subclass also derives from the builtin a careful caller would already
+catch (``ValueError`` for bad input, ``TimeoutError`` for deadlines), so
+ratequota fits into code that does not know about it. Errors from redis-py are
+translated with ``raise ... from exc`` so the cause stays visible.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ratequota.decision import Decision
+
+__all__ = [
+    "AcquireTimeout",
+    "BackendError",
+    "BackendUnavailable",
+    "ConfigError",
+    "InvalidRequest",
+    "InvalidType",
+    "PolicyFileError",
+    "PolicyMissing",
+    "QuotaExceeded",
+    "RateQuotaError",
+    "RequestTooLarge",
+    "SchemaMismatch",
+    "UnknownTenant",
+]
+
+
+class RateQuotaError(Exception):
+    """Root of every error raised by ratequota."""
+
+
+class ConfigError(RateQuotaError, ValueError):
+    """A policy or client setting is invalid; the message names the field."""
+
+    def __init__(self, field: str, message: str) -> None:
+        self.field = field
+        super().__init__(f"{field}: {message}")
+
+
+class PolicyFileError(ConfigError):
+    """A policy file could not be read or does not describe a valid policy."""
+
+
+class InvalidRequest(RateQuotaError, ValueError):
+    """An argument of a call is invalid; raised before Redis is touched."""
+
+    def __init__(self, field: str, message: str) -> None:
+        self.field = field
+        super().__init__(f"{field}: {message}")
+
+
+class InvalidType(InvalidRequest, TypeError):
+    """An argument has the wrong type (for example ``units="3"``)."""
+
+
+class QuotaExceeded(RateQuotaError):
+    """The request was refused; ``decision`` holds the reason and the numbers."""
+
+    def __init__(self, decision: Decision, message: str | None = None) -> None:
+        self.decision = decision
+        super().__init__(message or decision.describe())
+
+
+class RequestTooLarge(QuotaExceeded, ValueError):
+    """The request asks for more units than the policy can ever grant this tenant."""
+
+
+class AcquireTimeout(QuotaExceeded, TimeoutError):
+    """The request was still refused when its deadline passed."""
+
+    def __init__(self, decision: Decision, waited: float) -> None:
+        self.waited = waited
+        super().__init__(
+            decision, f"gave up after waiting {waited:.3f}s; last refusal: {decision.describe()}"
+        )
+
+
+class UnknownTenant(RateQuotaError, KeyError):
+    """The tenant is not in the policy and the policy refuses unknown tenants."""
+
+    def __init__(self, tenant: str, group: str | None = None) -> None:
+        self.tenant = tenant
+        self.group = group
+        where = f" of group {group!r}" if group is not None else ""
+        super().__init__(f"tenant {tenant!r} is not in the policy{where}")
+
+    def __str__(self) -> str:  # KeyError would repr() the message otherwise
+        return str(self.args[0])
+
+
+class PolicyMissing(RateQuotaError):
+    """No policy has been published for the group this request routes to."""
+
+    def __init__(self, group: str) -> None:
+        self.group = group
+        super().__init__(f"no policy is published for group {group!r}; call apply_policy first")
+
+
+class SchemaMismatch(RateQuotaError):
+    """The group's keys were written by a newer key schema than this client knows."""
+
+    def __init__(self, group: str, found: int, supported: int) -> None:
+        self.group = group
+        super().__init__(
+            f"group {group!r} uses key schema {found}, this ratequota supports up to "
+            f"{supported}; upgrade ratequota on this pod"
+        )
+
+
+class BackendUnavailable(RateQuotaError, ConnectionError):
+    """Redis could not be reached or did not answer in time (fail-closed)."""
+
+
+class BackendError(RateQuotaError, RuntimeError):
+    """Redis answered with an error ratequota cannot act on (a script error, BUSY, OOM...)."""

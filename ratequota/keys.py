@@ -1,0 +1,96 @@
+"""Redis key names: one hash tag per group, a prefix, and the schema version.
+
+Redis Cluster hashes only what stands between the first ``{`` and the next
+``}`` of a key, so a group name holding braces would break out of its tag. The
+name is therefore percent-escaped (``%`` first, then ``{`` and ``}``): the
+escape is injective, so two distinct names never share keys, and the escaped
+tag never contains a brace. Tenant names never appear in key names (they are
+hash fields), so they need no escaping at all.
+
+Layout for prefix ``rq`` and group ``g``::
+
+    rq:v1:{g}:policy   hash  published policy and fencing counter (no expiry)
+    rq:v1:{g}:demand   hash  "u:<tenant>" units held, "p:<tenant>" units waiting
+    rq:v1:{g}:exp      zset  "L<lease id>"/"P<request id>" -> expiry (ms, Redis time)
+    rq:v1:{g}:info     hash  "L<id>" -> "units:token:tenant", "P<id>" -> "units:tenant"
+    rq:v1:{catalog}:catalog  string  the whole policy as JSON, for routing tenants
+
+Every key but the policy is given an expiry on every write, longer than the
+longest lease the policy allows: a group that goes idle leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import attrs
+
+from ratequota.errors import ConfigError, InvalidRequest, InvalidType
+
+__all__ = ["SCHEMA_VERSION", "GroupKeys", "KeySpace", "escape_tag"]
+
+#: Version of the key layout and script protocol. It is part of every key, and
+#: written into each group's policy so older clients can refuse newer state.
+SCHEMA_VERSION = 1
+
+#: The tag of the catalog key. Group tags escape '#', so none can equal it.
+_CATALOG_TAG = "#catalog"
+
+
+def escape_tag(name: str) -> str:
+    """The hash-tag text for ``name``: injective, brace-free."""
+    if not isinstance(name, str):
+        raise InvalidType("group", f"must be a string, got {type(name).__name__}")
+    if not name:
+        raise InvalidRequest("group", "must not be empty")
+    escaped = name.replace("%", "%25").replace("{", "%7B").replace("}", "%7D")
+    # '#' is escaped too so that no group tag can equal the catalog's tag.
+    return escaped.replace("#", "%23")
+
+
+@attrs.frozen
+class GroupKeys:
+    """The four keys of one group, in the order every script receives them."""
+
+    policy: str
+    demand: str
+    exp: str
+    info: str
+
+    @property
+    def all(self) -> list[str]:
+        """KEYS[1..4] of every group script."""
+        return [self.policy, self.demand, self.exp, self.info]
+
+    @property
+    def expiring(self) -> list[str]:
+        """The keys that carry an expiry (everything but the policy)."""
+        return [self.demand, self.exp, self.info]
+
+
+def _check_prefix(_instance: object, _attr: object, value: object) -> None:
+    if not isinstance(value, str) or not value:
+        raise ConfigError("prefix", "must be a non-empty string")
+    if "{" in value or "}" in value:
+        raise ConfigError("prefix", "must not contain '{' or '}' (it would change the hash slot)")
+
+
+@attrs.frozen
+class KeySpace:
+    """Builds key names for a prefix; one per client."""
+
+    prefix: str = attrs.field(default="rq", validator=_check_prefix)
+    schema: int = SCHEMA_VERSION
+
+    def group(self, group: str) -> GroupKeys:
+        """Keys of ``group``; all share its hash tag, so one script call is one slot."""
+        base = f"{self.prefix}:v{self.schema}:{{{escape_tag(group)}}}:"
+        return GroupKeys(base + "policy", base + "demand", base + "exp", base + "info")
+
+    @property
+    def catalog(self) -> str:
+        """The key holding the whole published policy (tenant -> group routing)."""
+        return f"{self.prefix}:v{self.schema}:{{{_CATALOG_TAG}}}:catalog"
+
+    @property
+    def catalog_route(self) -> str:
+        """The name the catalog is routed by among shards (never a group's escaped name)."""
+        return _CATALOG_TAG

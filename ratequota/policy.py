@@ -1,0 +1,353 @@
+"""Quota policy: groups, their capacity, and each tenant's share of it.
+
+Policies are frozen attrs classes validated at construction, so a bad policy
+fails where it is written, with a message naming the field, long before any
+pod tries to enforce it. ``Policy.from_toml`` reads the same structure from a
+file; ``Policy.to_dict``/``from_dict`` is the round trip used to publish the
+catalog to Redis.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import attrs
+
+from ratequota.errors import ConfigError, PolicyFileError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised only on Python 3.10
+    import tomli as tomllib
+
+__all__ = ["GroupPolicy", "Policy", "TenantPolicy", "UnknownTenants"]
+
+UnknownTenants = Literal["refuse", "default"]
+
+#: Longest lease a policy may allow. Group keys expire this long after the
+#: last write, so the bound is what keeps abandoned state from living forever.
+MAX_LEASE_TTL_LIMIT = 7 * 24 * 3600.0
+
+
+def _name(field: str, value: object) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(field, f"must be a string, got {type(value).__name__}")
+    if not value:
+        raise ConfigError(field, "must not be empty")
+    return value
+
+
+def _int_at_least(field: str, value: object, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(field, f"must be an integer, got {value!r}")
+    if value < low:
+        raise ConfigError(field, f"must be >= {low}, got {value}")
+    return value
+
+
+def _check_tenant(instance: TenantPolicy, _attr: object, _value: object) -> None:
+    # One validator for the whole class: messages can name the tenant.
+    who = f"tenant {instance.name!r}" if isinstance(instance.name, str) else "tenant"
+    _name("tenant.name", instance.name)
+    _int_at_least(f"{who}: guarantee", instance.guarantee, 0)
+    lendable = instance.lendable
+    if isinstance(lendable, bool) or not isinstance(lendable, (int, float)):
+        raise ConfigError(f"{who}: lendable", f"must be a number in [0, 1], got {lendable!r}")
+    if not 0.0 <= lendable <= 1.0:
+        raise ConfigError(f"{who}: lendable", f"must be within [0, 1], got {lendable}")
+    if instance.borrow_limit is not None:
+        _int_at_least(f"{who}: borrow_limit", instance.borrow_limit, 0)
+    weight = instance.weight
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+        raise ConfigError(f"{who}: weight", f"must be a positive number, got {weight!r}")
+    if not (math.isfinite(weight) and weight > 0):
+        raise ConfigError(f"{who}: weight", f"must be a finite number > 0, got {weight}")
+    if instance.max_units is not None:
+        _int_at_least(f"{who}: max_units", instance.max_units, 1)
+
+
+@attrs.frozen
+class TenantPolicy:
+    """One tenant's share of its group.
+
+    ``guarantee`` is always available to the tenant when it asks; ``lendable``
+    is the fraction of its *unused* guarantee others may borrow (the rest is
+    kept idle for it); ``borrow_limit`` caps what it may hold above its
+    guarantee (None: up to the capacity); ``weight`` sets its share of spare
+    capacity; ``max_units`` caps a single request.
+    """
+
+    name: str = attrs.field(validator=_check_tenant)
+    guarantee: int = 0
+    lendable: float = 1.0
+    borrow_limit: int | None = None
+    weight: float = 1.0
+    max_units: int | None = None
+
+    @property
+    def reserve(self) -> float:
+        """Units of the guarantee never lent out: what an idle tenant still occupies."""
+        return self.guarantee * (1.0 - self.lendable)
+
+    @property
+    def ceiling(self) -> float:
+        """Most units the tenant may hold at once, ignoring others (``G + B``)."""
+        return math.inf if self.borrow_limit is None else self.guarantee + self.borrow_limit
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for TOML/JSON; omits defaults so files stay short."""
+        out: dict[str, Any] = {"name": self.name}
+        for field in attrs.fields(TenantPolicy)[1:]:
+            value = getattr(self, field.name)
+            if value != field.default:
+                out[field.name] = value
+        return out
+
+
+def _check_group(instance: GroupPolicy, _attr: object, _value: object) -> None:
+    who = f"group {instance.name!r}" if isinstance(instance.name, str) else "group"
+    _name("group.name", instance.name)
+    _int_at_least(f"{who}: capacity", instance.capacity, 1)
+    names: set[str] = set()
+    total = 0
+    for tenant in instance.tenants:
+        if not isinstance(tenant, TenantPolicy):
+            raise ConfigError(f"{who}: tenants", f"must hold TenantPolicy, got {tenant!r}")
+        if tenant.name in names:
+            raise ConfigError(f"{who}: tenants", f"tenant {tenant.name!r} is listed twice")
+        names.add(tenant.name)
+        total += tenant.guarantee
+    if total > instance.capacity:
+        raise ConfigError(
+            f"{who}: guarantee",
+            f"guarantees sum to {total}, above the capacity {instance.capacity}",
+        )
+    if instance.unknown_tenants not in ("refuse", "default"):
+        raise ConfigError(
+            f"{who}: unknown_tenants",
+            f"must be 'refuse' or 'default', got {instance.unknown_tenants!r}",
+        )
+    default = instance.default_tenant
+    if not isinstance(default, TenantPolicy):
+        raise ConfigError(f"{who}: default_tenant", f"must be a TenantPolicy, got {default!r}")
+    if default.guarantee != 0:
+        # Unknown tenants are unbounded in number: a guarantee for each of them
+        # could not be kept within the capacity.
+        raise ConfigError(f"{who}: default_tenant.guarantee", "must be 0 for unknown tenants")
+    ttl = instance.max_lease_ttl
+    if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not math.isfinite(ttl):
+        raise ConfigError(f"{who}: max_lease_ttl", f"must be a number of seconds, got {ttl!r}")
+    if not 1.0 <= ttl <= MAX_LEASE_TTL_LIMIT:
+        raise ConfigError(
+            f"{who}: max_lease_ttl", f"must be within [1, {MAX_LEASE_TTL_LIMIT:g}] s, got {ttl}"
+        )
+
+
+def _tenant_tuple(value: Iterable[TenantPolicy]) -> tuple[TenantPolicy, ...]:
+    if isinstance(value, (str, bytes, Mapping)):
+        raise ConfigError("group.tenants", "must be a sequence of TenantPolicy")
+    return tuple(value)
+
+
+@attrs.frozen
+class GroupPolicy:
+    """A group of tenants sharing ``capacity`` units; all its state lives in one hash slot.
+
+    ``unknown_tenants`` says what happens to a tenant the policy does not
+    list: ``"refuse"`` raises ``UnknownTenant``, ``"default"`` treats it as
+    ``default_tenant`` (which has no guarantee: strangers only borrow).
+    ``max_lease_ttl`` bounds lease length, and so how long idle keys live.
+    """
+
+    name: str = attrs.field(validator=_check_group)
+    capacity: int
+    tenants: tuple[TenantPolicy, ...] = attrs.field(default=(), converter=_tenant_tuple)
+    unknown_tenants: UnknownTenants = "refuse"
+    default_tenant: TenantPolicy = TenantPolicy("*")
+    max_lease_ttl: float = 3600.0
+
+    def tenant(self, name: str) -> TenantPolicy | None:
+        """The policy of ``name``: listed, the default for strangers, or None if refused."""
+        for tenant in self.tenants:
+            if tenant.name == name:
+                return tenant
+        if self.unknown_tenants == "default":
+            return attrs.evolve(self.default_tenant, name=name)
+        return None
+
+    @property
+    def reserve(self) -> float:
+        """Units idle tenants still occupy: the sum of their non-lendable guarantees."""
+        return math.fsum(t.reserve for t in self.tenants)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for TOML/JSON."""
+        out: dict[str, Any] = {
+            "name": self.name,
+            "capacity": self.capacity,
+            "tenants": [t.to_dict() for t in self.tenants],
+        }
+        if self.unknown_tenants != "refuse":
+            out["unknown_tenants"] = self.unknown_tenants
+        default = self.default_tenant.to_dict()
+        default.pop("name")
+        if default:
+            out["default_tenant"] = default
+        if self.max_lease_ttl != 3600.0:
+            out["max_lease_ttl"] = self.max_lease_ttl
+        return out
+
+
+def _check_policy(instance: Policy, _attr: object, _value: object) -> None:
+    names: set[str] = set()
+    for group in instance.groups:
+        if not isinstance(group, GroupPolicy):
+            raise ConfigError("policy.groups", f"must hold GroupPolicy, got {group!r}")
+        if group.name in names:
+            raise ConfigError("policy.groups", f"group {group.name!r} is listed twice")
+        names.add(group.name)
+    # A tenant is charged to exactly one group.
+    seen: dict[str, str] = {}
+    for group in instance.groups:
+        for tenant in group.tenants:
+            if tenant.name in seen:
+                raise ConfigError(
+                    f"tenant {tenant.name!r}",
+                    f"belongs to both group {seen[tenant.name]!r} and {group.name!r}",
+                )
+            seen[tenant.name] = group.name
+    if instance.default_group is not None:
+        _name("policy.default_group", instance.default_group)
+        if instance.default_group not in names:
+            raise ConfigError(
+                "policy.default_group", f"names no group of the policy: {instance.default_group!r}"
+            )
+
+
+def _group_tuple(value: Iterable[GroupPolicy]) -> tuple[GroupPolicy, ...]:
+    if isinstance(value, (str, bytes, Mapping)):
+        raise ConfigError("policy.groups", "must be a sequence of GroupPolicy")
+    return tuple(value)
+
+
+@attrs.frozen
+class Policy:
+    """Every group a deployment enforces; what ``apply_policy`` publishes.
+
+    ``default_group`` is where a tenant the policy does not list is routed
+    (that group must accept unknown tenants for the request to go through).
+    """
+
+    groups: tuple[GroupPolicy, ...] = attrs.field(converter=_group_tuple, validator=_check_policy)
+    default_group: str | None = None
+
+    def group(self, name: str) -> GroupPolicy | None:
+        """The group called ``name``, if the policy has one."""
+        for group in self.groups:
+            if group.name == name:
+                return group
+        return None
+
+    def group_of(self, tenant: str) -> str | None:
+        """The group charged for ``tenant``: its own, else ``default_group``."""
+        for group in self.groups:
+            for listed in group.tenants:
+                if listed.name == tenant:
+                    return group.name
+        return self.default_group
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data, the inverse of ``from_dict``."""
+        out: dict[str, Any] = {"groups": [g.to_dict() for g in self.groups]}
+        if self.default_group is not None:
+            out["default_group"] = self.default_group
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Policy:
+        """Build a policy from plain data (parsed TOML or JSON)."""
+        if not isinstance(data, Mapping):
+            raise ConfigError("policy", "must be a table")
+        _reject_unknown("policy", data, {"groups", "default_group"})
+        groups_data = data.get("groups", [])
+        if not isinstance(groups_data, list):
+            raise ConfigError("policy.groups", "must be a list of tables")
+        groups = []
+        for index, group_data in enumerate(groups_data):
+            where = f"groups[{index}]"
+            if not isinstance(group_data, Mapping):
+                raise ConfigError(where, "must be a table")
+            _reject_unknown(
+                where,
+                group_data,
+                {
+                    "name",
+                    "capacity",
+                    "tenants",
+                    "unknown_tenants",
+                    "default_tenant",
+                    "max_lease_ttl",
+                },
+            )
+            for required in ("name", "capacity"):
+                if required not in group_data:
+                    raise ConfigError(f"{where}.{required}", "is required")
+            tenants_data = group_data.get("tenants", [])
+            if not isinstance(tenants_data, list):
+                raise ConfigError(f"{where}.tenants", "must be a list of tables")
+            tenants = [
+                _tenant_from(f"{where}.tenants[{i}]", t) for i, t in enumerate(tenants_data)
+            ]
+            extra: dict[str, Any] = {}
+            if "default_tenant" in group_data:
+                default_data = dict(group_data["default_tenant"])
+                default_data.setdefault("name", "*")
+                extra["default_tenant"] = _tenant_from(f"{where}.default_tenant", default_data)
+            for key in ("unknown_tenants", "max_lease_ttl"):
+                if key in group_data:
+                    extra[key] = group_data[key]
+            groups.append(
+                GroupPolicy(
+                    name=group_data["name"],
+                    capacity=group_data["capacity"],
+                    tenants=tuple(tenants),
+                    **extra,
+                )
+            )
+        return cls(groups=tuple(groups), default_group=data.get("default_group"))
+
+    @classmethod
+    def from_toml(cls, source: str | Path) -> Policy:
+        """Read a policy file; errors name the file and the field at fault."""
+        path = Path(source)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise PolicyFileError(str(path), f"cannot read: {exc.strerror}") from exc
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise PolicyFileError(str(path), f"not valid TOML: {exc}") from exc
+        try:
+            return cls.from_dict(data)
+        except ConfigError as exc:
+            raise PolicyFileError(str(path), str(exc)) from exc
+
+
+def _reject_unknown(where: str, data: Mapping[str, Any], known: set[str]) -> None:
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"{where}.{unknown[0]}", f"unknown field (known: {', '.join(sorted(known))})")
+
+
+def _tenant_from(where: str, data: object) -> TenantPolicy:
+    if not isinstance(data, Mapping):
+        raise ConfigError(where, "must be a table")
+    _reject_unknown(where, data, {f.name for f in attrs.fields(TenantPolicy)})
+    if "name" not in data:
+        raise ConfigError(f"{where}.name", "is required")
+    return TenantPolicy(**data)

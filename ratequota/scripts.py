@@ -1,0 +1,111 @@
+"""The Lua scripts shipped with the package, read once and shared by every client.
+
+Each script in ``lua/`` begins with a header naming its KEYS, ARGV and reply;
+``ScriptSpec`` parses that header so the argument encoders (and the tests)
+can check every call against it. ``_lib.lua`` holds the functions the group
+scripts share; Redis has no ``require``, so it is prepended to each script
+here, once, and the SHA1 is that of the combined text.
+
+In a wheel the scripts live in ``ratequota/lua`` (hatch copies the top-level
+``lua/`` there); in a source checkout or an editable install they are read
+from the top-level folder.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import re
+from importlib import resources
+from pathlib import Path
+
+import attrs
+
+__all__ = ["SCRIPT_NAMES", "ScriptSpec", "load_scripts", "script"]
+
+#: Every entry script, by the name of its file without ``.lua``.
+SCRIPT_NAMES = ("acquire", "release", "renew", "snapshot", "apply_policy")
+
+_LIB = "_lib"
+_KEY_LINE = re.compile(r"^-- KEYS\[(\d+)\]\s+(\w+)")
+_ARG_LINE = re.compile(r"^-- ARGV\[(\d+)(\.\.)?\]\s+(\S+)")
+
+
+@attrs.frozen
+class ScriptSpec:
+    """One script: its combined source, SHA1, and the KEYS/ARGV its header declares.
+
+    ``variadic`` is true when the header ends with ``ARGV[n..]`` (a tail of
+    repeated arguments), so a call may pass more than ``len(argv)`` values.
+    """
+
+    name: str
+    source: str
+    sha: str
+    keys: tuple[str, ...]
+    argv: tuple[str, ...]
+    variadic: bool
+
+    def check_call(self, n_keys: int, n_args: int) -> None:
+        """Raise ``AssertionError`` if a call does not match the header (a bug, not bad input)."""
+        if n_keys != len(self.keys):
+            raise AssertionError(f"{self.name}: {n_keys} keys given, header declares {len(self.keys)}")
+        fixed = len(self.argv) - (1 if self.variadic else 0)
+        if n_args < fixed or (not self.variadic and n_args != fixed):
+            raise AssertionError(f"{self.name}: {n_args} args given, header declares {self.argv}")
+
+
+def _lua_dir() -> Path:
+    packaged = resources.files("ratequota") / "lua"
+    if packaged.is_dir():
+        return Path(str(packaged))
+    source_tree = Path(__file__).resolve().parent.parent / "lua"
+    if source_tree.is_dir():
+        return source_tree
+    raise FileNotFoundError("ratequota's Lua scripts are missing from this installation")
+
+
+def parse_header(name: str, text: str) -> tuple[tuple[str, ...], tuple[str, ...], bool]:
+    """KEYS and ARGV names declared by a script's leading comment block."""
+    keys: list[str] = []
+    argv: list[str] = []
+    variadic = False
+    for line in text.splitlines():
+        if not line.startswith("--"):
+            break
+        # "KEYS[1] policy, KEYS[2] demand, ..." may share a line.
+        for part in line[2:].split(","):
+            key = _KEY_LINE.match("-- " + part.strip())
+            if key:
+                if int(key.group(1)) != len(keys) + 1:
+                    raise ValueError(f"{name}.lua: KEYS out of order in header")
+                keys.append(key.group(2))
+        arg = _ARG_LINE.match(line)
+        if arg:
+            if int(arg.group(1)) != len(argv) + 1:
+                raise ValueError(f"{name}.lua: ARGV out of order in header")
+            argv.append(arg.group(3))
+            variadic = variadic or bool(arg.group(2))
+    if "reply:" not in text.split("\n\n", 1)[0] and "-- reply:" not in text:
+        raise ValueError(f"{name}.lua: header has no reply description")
+    return tuple(keys), tuple(argv), variadic
+
+
+@functools.cache
+def load_scripts() -> dict[str, ScriptSpec]:
+    """Read, combine and hash every script once per process."""
+    folder = _lua_dir()
+    lib = (folder / f"{_LIB}.lua").read_text(encoding="utf-8")
+    specs: dict[str, ScriptSpec] = {}
+    for name in SCRIPT_NAMES:
+        body = (folder / f"{name}.lua").read_text(encoding="utf-8")
+        keys, argv, variadic = parse_header(name, body)
+        source = body if name == "apply_policy" else f"{lib}\n{body}"
+        sha = hashlib.sha1(source.encode("utf-8")).hexdigest()
+        specs[name] = ScriptSpec(name, source, sha, keys, argv, variadic)
+    return specs
+
+
+def script(name: str) -> ScriptSpec:
+    """The spec of one script by name."""
+    return load_scripts()[name]

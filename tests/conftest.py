@@ -1,0 +1,111 @@
+"""Shared fixtures: the backends every behavioural test runs on, and hypothesis profiles.
+
+``make_client`` is parametrized over the embedded fakeredis and a real
+redis-server that this suite starts on a free port. When redis-server is
+missing the real-Redis tests skip locally, but with ``RATEQUOTA_REQUIRE_REDIS=1``
+(as ``.ci/run`` sets) they fail instead, so CI can never pass without them.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import fakeredis
+import pytest
+from hypothesis import HealthCheck, settings
+
+from ratequota import QuotaClient
+from ratequota.backends import SingleBackend, embedded_backend, url_backend
+from ratequota.policy import Policy
+from tests.servers import RedisServer, redis_server_binary
+
+# Hypothesis: "ci" is the default and keeps the suite within its time budget;
+# RATEQUOTA_HYPOTHESIS_PROFILE=nightly runs many more examples.
+settings.register_profile(
+    "ci",
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+settings.register_profile(
+    "nightly",
+    max_examples=2000,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+settings.register_profile("dev", max_examples=20, deadline=None)
+settings.load_profile(os.environ.get("RATEQUOTA_HYPOTHESIS_PROFILE", "ci"))
+
+REQUIRE_REDIS = os.environ.get("RATEQUOTA_REQUIRE_REDIS") == "1"
+
+
+def _no_redis() -> None:
+    message = "redis-server is not installed"
+    if REQUIRE_REDIS:
+        pytest.fail(f"{message}, and RATEQUOTA_REQUIRE_REDIS=1 forbids skipping")
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """One real redis-server for the session; tests flush it before use."""
+    if redis_server_binary() is None:
+        _no_redis()
+    server = RedisServer().start()
+    try:
+        yield server
+    finally:
+        server.cleanup()
+
+
+@pytest.fixture
+def real_redis(redis_server: RedisServer) -> RedisServer:
+    """The session's real server, emptied for this test."""
+    client = redis_server.client()
+    try:
+        client.flushall()
+    finally:
+        client.close()
+    return redis_server
+
+
+MakeClient = Callable[..., QuotaClient]
+
+
+@pytest.fixture(params=["fake", pytest.param("real", marks=pytest.mark.real_redis)])
+def backend_kind(request: pytest.FixtureRequest) -> str:
+    """Which backend a behavioural test runs on."""
+    return str(request.param)
+
+
+@pytest.fixture
+def make_client(backend_kind: str, request: pytest.FixtureRequest) -> Iterator[MakeClient]:
+    """A factory of clients that share one fresh backend (like pods on one Redis)."""
+    clients: list[QuotaClient] = []
+    if backend_kind == "real":
+        server: RedisServer = request.getfixturevalue("real_redis")
+        url = server.url
+
+        def new_backend(timeout: float) -> SingleBackend:
+            return url_backend(url, socket_timeout=timeout)
+
+    else:
+        server = fakeredis.FakeServer()
+
+        def new_backend(timeout: float) -> SingleBackend:
+            return embedded_backend(server=server)
+
+    def make(policy: Policy | None = None, **options: Any) -> QuotaClient:
+        timeout = options.get("socket_timeout", 5.0)
+        options.setdefault("socket_timeout", timeout)
+        client = QuotaClient(backend=new_backend(timeout), **options)
+        clients.append(client)
+        if policy is not None:
+            client.apply_policy(policy)
+        return client
+
+    yield make
+    for client in clients:
+        client.close()
