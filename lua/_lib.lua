@@ -1,11 +1,13 @@
 -- _lib.lua: shared functions, prepended to every group script when it is loaded.
 --
 -- Not a script of its own: it has no KEYS/ARGV/reply header. Every group
--- script receives the same four keys (see ratequota/keys.py):
+-- script receives the same five keys (see ratequota/keys.py):
 --   KEYS[1] policy  hash  C, reserve, unknown, default, ttl, schema, version, fence, t:<tenant>
 --   KEYS[2] demand  hash  u:<tenant> units held, p:<tenant> units waiting
 --   KEYS[3] exp     zset  L<lease id> / P<request id> -> expiry, ms of Redis time
---   KEYS[4] info    hash  L<id> -> "units:token:tenant", P<id> -> "units:tenant"
+--   KEYS[4] info    hash  L<id> -> "units:token:tenant", P<id> -> "units:seq:tenant"
+--   KEYS[5] queue   zset  waiting requests in arrival order per tenant (all scores 0,
+--                         members "<len>:<tenant>|<seq, 16 digits>|<units>|<id>", read by lex range)
 -- The fairness rule below mirrors ratequota/fairness.py step for step.
 
 local EPSILON = 1e-9
@@ -31,6 +33,35 @@ local function parse_spec(spec)
   return {g = guarantee, l = tonumber(l), ceil = ceiling, w = tonumber(w), max = max_units}
 end
 
+-- A waiting request's place in its tenant's queue; the length prefix makes the
+-- tenant part unambiguous whatever characters the name holds.
+local function queue_member(tenant, seq, units, id)
+  return string.len(tenant) .. ':' .. tenant .. '|' .. string.format('%016d', tonumber(seq)) ..
+    '|' .. units .. '|' .. id
+end
+
+-- Units and id of the tenant's oldest waiting request, or nil when none waits.
+local function queue_head(tenant)
+  local prefix = string.len(tenant) .. ':' .. tenant
+  -- '|' < '}' in ASCII: this range holds exactly the members starting with prefix .. '|'.
+  local first = redis.call('ZRANGEBYLEX', KEYS[5], '[' .. prefix .. '|', '(' .. prefix .. '}',
+    'LIMIT', 0, 1)
+  if #first == 0 then return nil, nil end
+  local units, id = string.match(string.sub(first[1], #prefix + 2), '^%d+|(%d+)|(.*)$')
+  return tonumber(units), id
+end
+
+-- Removes a waiting registration (admitted, withdrawn): demand, queue, expiry, info.
+local function drop_waiting(id, info)
+  local u, seq, tenant = string.match(info, '^(%d+):(%d+):(.*)$')
+  if redis.call('HINCRBY', KEYS[2], 'p:' .. tenant, -tonumber(u)) <= 0 then
+    redis.call('HDEL', KEYS[2], 'p:' .. tenant)
+  end
+  redis.call('ZREM', KEYS[5], queue_member(tenant, seq, u, id))
+  redis.call('ZREM', KEYS[3], 'P' .. id)
+  redis.call('HDEL', KEYS[4], 'P' .. id)
+end
+
 -- Drops up to `limit` expired entries and credits their units back.
 local function purge(now, limit)
   local dead = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now, 'LIMIT', 0, limit)
@@ -44,8 +75,9 @@ local function purge(now, limit)
         local u, _, tenant = string.match(info, '^(%d+):(%d+):(.*)$')
         field, units = 'u:' .. tenant, tonumber(u)
       else
-        local u, tenant = string.match(info, '^(%d+):(.*)$')
+        local u, seq, tenant = string.match(info, '^(%d+):(%d+):(.*)$')
         field, units = 'p:' .. tenant, tonumber(u)
+        redis.call('ZREM', KEYS[5], queue_member(tenant, seq, u, string.sub(member, 2)))
       end
       if redis.call('HINCRBY', KEYS[2], field, -units) <= 0 then
         redis.call('HDEL', KEYS[2], field)
@@ -160,6 +192,7 @@ local function touch(policy)
   redis.call('PEXPIRE', KEYS[2], ttl)
   redis.call('PEXPIRE', KEYS[3], ttl)
   redis.call('PEXPIRE', KEYS[4], ttl)
+  redis.call('PEXPIRE', KEYS[5], ttl)
 end
 
 local function fmt(x)

@@ -1,6 +1,6 @@
 -- acquire.lua: admit or refuse a request for units under the group's fair limits (§3, §5).
 --
--- KEYS[1] policy, KEYS[2] demand, KEYS[3] exp, KEYS[4] info   (one group, one hash slot)
+-- KEYS[1] policy, KEYS[2] demand, KEYS[3] exp, KEYS[4] info, KEYS[5] queue   (one group, one slot)
 -- ARGV[1] now_ms      pinned clock in ms, or "" for Redis TIME
 -- ARGV[2] schema      key schema of the caller
 -- ARGV[3] tenant      tenant name
@@ -17,6 +17,10 @@
 --   "group_full" | "unknown_tenant"), -1 error (reason "no_policy" | "schema" | "bad_ttl").
 --   limit is a string (%.17g); tenant_used/group_used are after the call; replay is 1 when an
 --   earlier attempt with the same lease_id had already been admitted.
+--
+-- Waiting requests of one tenant are served in arrival order: any other request of that tenant
+-- must leave room (in the tenant limit and in the group) for the tenant's oldest waiting
+-- request, so a large batch is not starved by a stream of small ones.
 
 local now = now_ms(ARGV[1])
 local tenant, units, id = ARGV[3], tonumber(ARGV[4]), ARGV[5]
@@ -42,7 +46,8 @@ if known then
           policy.capacity, 0, policy.version, 1}
 end
 
-local already_waiting = redis.call('HEXISTS', KEYS[4], wait_member) == 1
+local wait_info = redis.call('HGET', KEYS[4], wait_member)
+local already_waiting = wait_info ~= false and wait_info ~= nil
 local demand, names = active_demand(used, pending)
 if not already_waiting then demand[tenant] = (demand[tenant] or 0) + units end
 if not demand[tenant] then demand[tenant] = 0 end
@@ -59,12 +64,16 @@ end
 local rows = allocate(policy.capacity, policy.reserve, demand, specs)
 local limit = limit_of(rows, tenant)
 
+local reserve = 0
+local head_units, head_id = queue_head(tenant)
+if head_units and head_id ~= id then reserve = head_units end
+
 local reason = 'admitted'
 if units > math.min(policy.capacity, spec.ceil, spec.max) then
   reason = 'too_large'
-elseif tenant_used + units > limit + EPSILON then
+elseif tenant_used + units + reserve > limit + EPSILON then
   reason = 'tenant_limit'
-elseif group_used + units > policy.capacity then
+elseif group_used + units + reserve > policy.capacity then
   reason = 'group_full'
 end
 
@@ -75,8 +84,11 @@ if reason ~= 'admitted' then
   if wait and reason ~= 'too_large' then
     redis.call('ZADD', KEYS[3], now + pending_ms, wait_member)
     if not already_waiting then
-      redis.call('HSET', KEYS[4], wait_member, units .. ':' .. tenant)
+      -- The fencing counter doubles as the arrival sequence: monotonic, kept across policies.
+      local seq = redis.call('HINCRBY', KEYS[1], 'fence', 1)
+      redis.call('HSET', KEYS[4], wait_member, units .. ':' .. seq .. ':' .. tenant)
       redis.call('HINCRBY', KEYS[2], 'p:' .. tenant, units)
+      redis.call('ZADD', KEYS[5], 0, queue_member(tenant, seq, units, id))
     end
     touch(policy)
   end
@@ -84,15 +96,7 @@ if reason ~= 'admitted' then
           policy.version, 0}
 end
 
-if already_waiting then
-  local info = redis.call('HGET', KEYS[4], wait_member)
-  local waited = tonumber(string.match(info, '^(%d+):'))
-  if redis.call('HINCRBY', KEYS[2], 'p:' .. tenant, -waited) <= 0 then
-    redis.call('HDEL', KEYS[2], 'p:' .. tenant)
-  end
-  redis.call('ZREM', KEYS[3], wait_member)
-  redis.call('HDEL', KEYS[4], wait_member)
-end
+if already_waiting then drop_waiting(id, wait_info) end
 
 local token = redis.call('HINCRBY', KEYS[1], 'fence', 1)
 local expiry = now + ttl

@@ -1,6 +1,6 @@
 -- release.lua: end a lease and credit its units back; idempotent (§5).
 --
--- KEYS[1] policy, KEYS[2] demand, KEYS[3] exp, KEYS[4] info   (one group, one hash slot)
+-- KEYS[1] policy, KEYS[2] demand, KEYS[3] exp, KEYS[4] info, KEYS[5] queue   (one group, one slot)
 -- ARGV[1] now_ms    pinned clock in ms, or "" for Redis TIME
 -- ARGV[2] schema    key schema of the caller
 -- ARGV[3] lease_id  the lease to end (also withdraws a waiting request of that id)
@@ -29,15 +29,7 @@ if info then
   redis.call('HDEL', KEYS[4], member)
 end
 -- A caller giving up on a waiting request releases its id: drop the registration.
-local waiting = 'P' .. ARGV[3]
-local wait_info = redis.call('HGET', KEYS[4], waiting)
-if wait_info then
-  local u, tenant = string.match(wait_info, '^(%d+):(.*)$')
-  if redis.call('HINCRBY', KEYS[2], 'p:' .. tenant, -tonumber(u)) <= 0 then
-    redis.call('HDEL', KEYS[2], 'p:' .. tenant)
-  end
-  redis.call('ZREM', KEYS[3], waiting)
-  redis.call('HDEL', KEYS[4], waiting)
-end
+local wait_info = redis.call('HGET', KEYS[4], 'P' .. ARGV[3])
+if wait_info then drop_waiting(ARGV[3], wait_info) end
 purge(now, tonumber(ARGV[4]))
 return {state, units}

@@ -1,6 +1,6 @@
 -- snapshot.lua: one consistent, read-only view of a group (writes nothing).
 --
--- KEYS[1] policy, KEYS[2] demand, KEYS[3] exp, KEYS[4] info   (one group, one hash slot)
+-- KEYS[1] policy, KEYS[2] demand, KEYS[3] exp, KEYS[4] info, KEYS[5] queue   (one group, one slot)
 -- ARGV[1] now_ms      pinned clock in ms, or "" for Redis TIME
 -- ARGV[2] schema      key schema of the caller
 -- ARGV[3] max_leases  most live leases to list
@@ -32,7 +32,7 @@ if #dead > 0 then
         group_used = group_used - tonumber(u)
         if used[tenant] <= 0 then used[tenant] = nil end
       else
-        local u, tenant = string.match(info, '^(%d+):(.*)$')
+        local u, _, tenant = string.match(info, '^(%d+):(%d+):(.*)$')
         pending[tenant] = (pending[tenant] or 0) - tonumber(u)
         if pending[tenant] <= 0 then pending[tenant] = nil end
       end

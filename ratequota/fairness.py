@@ -217,12 +217,16 @@ def decide(
     units: int,
     *,
     already_pending: bool = False,
+    reserve: int = 0,
 ) -> GroupDecision:
     """Admit or refuse ``units`` for ``tenant`` (§3), exactly as the acquire script does.
 
     ``already_pending`` says the request's own units are already counted in
     ``pending`` (a retry of a registered waiting request), so they are not
-    added twice to its demand.
+    added twice to its demand. ``reserve`` is the units of the tenant's
+    oldest waiting request when that is another request: waiting requests of
+    a tenant are served in arrival order, so this one must leave room for it
+    in the tenant's limit and in the group.
     """
     group_used = sum(used.values())
     tenant_used = used.get(tenant, 0)
@@ -240,9 +244,9 @@ def decide(
     limit = group_allocation(group, demand, extra=[tenant]).limit(tenant)
     if units > largest:
         reason: Reason = "too_large"
-    elif tenant_used + units > limit + EPSILON:
+    elif tenant_used + units + reserve > limit + EPSILON:
         reason = "tenant_limit"
-    elif group_used + units > group.capacity:
+    elif group_used + units + reserve > group.capacity:
         reason = "group_full"
     else:
         reason = "admitted"

@@ -12,7 +12,8 @@ Layout for prefix ``rq`` and group ``g``::
     rq:v1:{g}:policy   hash  published policy and fencing counter (no expiry)
     rq:v1:{g}:demand   hash  "u:<tenant>" units held, "p:<tenant>" units waiting
     rq:v1:{g}:exp      zset  "L<lease id>"/"P<request id>" -> expiry (ms, Redis time)
-    rq:v1:{g}:info     hash  "L<id>" -> "units:token:tenant", "P<id>" -> "units:tenant"
+    rq:v1:{g}:info     hash  "L<id>" -> "units:token:tenant", "P<id>" -> "units:seq:tenant"
+    rq:v1:{g}:queue    zset  waiting requests per tenant in arrival order (lex-ordered members)
     rq:v1:{catalog}:catalog  string  the whole policy as JSON, for routing tenants
 
 Every key but the policy is given an expiry on every write, longer than the
@@ -48,22 +49,23 @@ def escape_tag(name: str) -> str:
 
 @attrs.frozen
 class GroupKeys:
-    """The four keys of one group, in the order every script receives them."""
+    """The five keys of one group, in the order every script receives them."""
 
     policy: str
     demand: str
     exp: str
     info: str
+    queue: str
 
     @property
     def all(self) -> list[str]:
-        """KEYS[1..4] of every group script."""
-        return [self.policy, self.demand, self.exp, self.info]
+        """KEYS[1..5] of every group script."""
+        return [self.policy, self.demand, self.exp, self.info, self.queue]
 
     @property
     def expiring(self) -> list[str]:
         """The keys that carry an expiry (everything but the policy)."""
-        return [self.demand, self.exp, self.info]
+        return [self.demand, self.exp, self.info, self.queue]
 
 
 def _check_prefix(_instance: object, _attr: object, value: object) -> None:
@@ -83,7 +85,9 @@ class KeySpace:
     def group(self, group: str) -> GroupKeys:
         """Keys of ``group``; all share its hash tag, so one script call is one slot."""
         base = f"{self.prefix}:v{self.schema}:{{{escape_tag(group)}}}:"
-        return GroupKeys(base + "policy", base + "demand", base + "exp", base + "info")
+        return GroupKeys(
+            base + "policy", base + "demand", base + "exp", base + "info", base + "queue"
+        )
 
     @property
     def catalog(self) -> str:
