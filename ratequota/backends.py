@@ -21,6 +21,8 @@ from ratequota.errors import BackendError, BackendUnavailable, ConfigError, Rate
 
 __all__ = [
     "Backend",
+    "ClusterBackend",
+    "ShardedBackend",
     "SingleBackend",
     "embedded_backend",
     "is_noscript",
@@ -57,22 +59,25 @@ class SingleBackend:
         """The one connection, in a list."""
         return [self._client]
 
+    def nodes(self) -> list[tuple[str, Any]]:
+        """(description, connection) of the one server, for per-shard checks."""
+        return [(self.description, self._client)]
+
+    def node_of(self, route: str) -> str:
+        """The one server's description."""
+        return self.description
+
     def close(self) -> None:
         """Close the connection pool."""
         self._client.close()
 
 
-def no_retry() -> Retry:
-    """redis-py retry policy that never replays a command."""
-    return Retry(NoBackoff(), 0)
-
-
-def url_backend(url: str, *, socket_timeout: float) -> SingleBackend:
-    """A backend on one Redis URL (``redis://``, ``rediss://`` or ``unix://``)."""
+def _redis_from_url(url: str, socket_timeout: float) -> redis.Redis:
+    """One redis-py client for ``url``: timeouts on every call, no automatic replay."""
     if not isinstance(url, str) or not url:
         raise ConfigError("url", f"must be a redis:// URL, got {url!r}")
     try:
-        client = redis.Redis.from_url(
+        return redis.Redis.from_url(
             url,
             socket_timeout=socket_timeout,
             socket_connect_timeout=socket_timeout,
@@ -82,7 +87,16 @@ def url_backend(url: str, *, socket_timeout: float) -> SingleBackend:
         )
     except ValueError as exc:
         raise ConfigError("url", str(exc)) from exc
-    return SingleBackend(client, _redact(url))
+
+
+def no_retry() -> Retry:
+    """redis-py retry policy that never replays a command."""
+    return Retry(NoBackoff(), 0)
+
+
+def url_backend(url: str, *, socket_timeout: float) -> SingleBackend:
+    """A backend on one Redis URL (``redis://``, ``rediss://`` or ``unix://``)."""
+    return SingleBackend(_redis_from_url(url, socket_timeout), _redact(url))
 
 
 _EMBEDDED_LOCK = threading.Lock()
@@ -128,8 +142,128 @@ def is_noscript(exc: BaseException) -> bool:
 
 def translate_error(exc: BaseException, where: str) -> RateQuotaError:
     """A ratequota error for a redis-py error (raise it ``from exc``)."""
-    if isinstance(exc, (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)):
+    if isinstance(
+        exc,
+        (
+            redis.exceptions.ConnectionError,
+            redis.exceptions.TimeoutError,
+            # A cluster mid-failover or mid-resharding: no node could serve the slot.
+            redis.exceptions.ClusterError,
+            redis.exceptions.TryAgainError,
+            redis.exceptions.RedisClusterException,
+        ),
+    ):
         return BackendUnavailable(f"Redis at {where} is unavailable: {exc}")
     if isinstance(exc, OSError):
         return BackendUnavailable(f"Redis at {where} is unavailable: {exc}")
     return BackendError(f"Redis at {where} answered with an error: {exc}")
+
+
+class ShardedBackend:
+    """Independent Redis servers; each group lives on the one rendezvous hashing picks.
+
+    Shard ids default to the redacted URLs, so the order of the list does not
+    matter; pass ``shard_ids`` to keep placement stable when a host name changes.
+    """
+
+    def __init__(
+        self,
+        urls: Sequence[str],
+        *,
+        socket_timeout: float,
+        shard_ids: Sequence[str] | None = None,
+    ) -> None:
+        from ratequota.routing import Rendezvous
+
+        if isinstance(urls, str) or not urls:
+            raise ConfigError("shards", "must be a non-empty list of redis:// URLs")
+        ids = [_redact(u) for u in urls] if shard_ids is None else list(shard_ids)
+        if len(ids) != len(urls):
+            raise ConfigError("shard_ids", "needs one id per shard URL")
+        self.routing = Rendezvous(ids)
+        self._clients = [_redis_from_url(u, socket_timeout) for u in urls]
+        self.description = f"{len(urls)} shards"
+
+    def connection(self, route: str) -> Any:
+        """The shard serving ``route`` (a group name, or the catalog's route)."""
+        return self._clients[self.routing.index(route)]
+
+    def connections(self) -> Sequence[Any]:
+        """Every shard's connection, in the order of the URLs."""
+        return list(self._clients)
+
+    def nodes(self) -> list[tuple[str, Any]]:
+        """(shard id, connection) of every shard, for per-shard checks."""
+        return list(zip(self.routing.shard_ids, self._clients, strict=True))
+
+    def node_of(self, route: str) -> str:
+        """The id of the shard serving ``route``."""
+        return self.routing.shard(route)
+
+    def close(self) -> None:
+        """Close every shard's pool."""
+        for client in self._clients:
+            client.close()
+
+
+class ClusterBackend:
+    """A Redis Cluster through redis-py's cluster client; the hash tag places each group.
+
+    Every script call names only keys of one group, which share the group's
+    hash tag, so no call is ever cross-slot. redis-py follows MOVED and ASK
+    redirections (and waits out TRYAGAIN during a slot migration) by itself:
+    those answers mean the command did not run, so following them replays
+    nothing. Its retries after a connection error or timeout are switched off:
+    a timed-out script may have run.
+    """
+
+    def __init__(self, url: str, *, socket_timeout: float) -> None:
+        from redis.cluster import RedisCluster
+
+        if not isinstance(url, str) or not url:
+            raise ConfigError("cluster", f"must be a redis:// URL of a cluster node, got {url!r}")
+        try:
+            self._cluster = RedisCluster(
+                url=url,
+                retry=no_retry(),
+                socket_timeout=socket_timeout,
+                socket_connect_timeout=socket_timeout,
+            )
+        except ValueError as exc:
+            raise ConfigError("cluster", str(exc)) from exc
+        except redis.exceptions.RedisError as exc:
+            raise translate_error(exc, _redact(url)) from exc
+        self.description = f"cluster at {_redact(url)}"
+
+    @property
+    def cluster(self) -> Any:
+        """The underlying ``redis.cluster.RedisCluster``."""
+        return self._cluster
+
+    def connection(self, route: str) -> Any:
+        """The cluster client: it sends each call to the node owning the keys' slot."""
+        return self._cluster
+
+    def connections(self) -> Sequence[Any]:
+        """The cluster client; ``SCRIPT LOAD`` through it reaches every primary."""
+        return [self._cluster]
+
+    def nodes(self) -> list[tuple[str, Any]]:
+        """(node name, direct connection) of every primary, for per-node checks."""
+        return [
+            (node.name, self._cluster.get_redis_connection(node))
+            for node in self._cluster.get_primaries()  # type: ignore[no-untyped-call]
+        ]
+
+    def node_of(self, route: str) -> str:
+        """The primary owning the slot of ``route``'s keys (as the client last saw it)."""
+        from ratequota.keys import KeySpace, escape_tag
+
+        catalog = KeySpace().catalog_route
+        tag = catalog if route == catalog else escape_tag(route)
+        slot = self._cluster.keyslot("{" + tag + "}")  # type: ignore[no-untyped-call]
+        return str(self._cluster.nodes_manager.get_node_from_slot(slot).name)
+
+    def close(self) -> None:
+        """Close every node's pool."""
+        self._cluster.close()

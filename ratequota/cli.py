@@ -30,9 +30,9 @@ def client_from_args(args: argparse.Namespace) -> QuotaClient:
     """The client the backend options describe (the embedded default when none is given)."""
     options = {"prefix": args.prefix}
     if getattr(args, "shards", None):
-        return QuotaClient.sharded(args.shards, **options)  # type: ignore[attr-defined,no-any-return]
+        return QuotaClient.sharded(args.shards, **options)
     if getattr(args, "cluster", None):
-        return QuotaClient.cluster(args.cluster, **options)  # type: ignore[attr-defined,no-any-return]
+        return QuotaClient.cluster(args.cluster, **options)
     return QuotaClient(getattr(args, "redis", None), **options)
 
 

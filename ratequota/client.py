@@ -184,6 +184,35 @@ class QuotaClient:
         """A client on one Redis server, e.g. ``redis://localhost:6379/0``."""
         return cls(url, **options)
 
+    @classmethod
+    def sharded(
+        cls, urls: Iterable[str], *, shard_ids: Iterable[str] | None = None, **options: Any
+    ) -> QuotaClient:
+        """A client on independent Redis shards; each group lives on one (rendezvous hashing).
+
+        ``shard_ids`` name the shards for placement (default: the URLs without
+        passwords); keep them stable and every pod and release agrees on where
+        each group lives.
+        """
+        from ratequota.backends import ShardedBackend
+
+        settings = Settings(**options)
+        backend = ShardedBackend(
+            list(urls),
+            socket_timeout=settings.socket_timeout,
+            shard_ids=None if shard_ids is None else list(shard_ids),
+        )
+        return cls(backend=backend, settings=settings)
+
+    @classmethod
+    def cluster(cls, url: str, **options: Any) -> QuotaClient:
+        """A client on a Redis Cluster, given any node's URL; the hash tag places each group."""
+        from ratequota.backends import ClusterBackend
+
+        settings = Settings(**options)
+        backend = ClusterBackend(url, socket_timeout=settings.socket_timeout)
+        return cls(backend=backend, settings=settings)
+
     def close(self) -> None:
         """Close connections; the client cannot be used afterwards."""
         self.backend.close()
@@ -219,7 +248,7 @@ class QuotaClient:
             if isinstance(op, Command):
                 return conn.execute_command(*op.args)
             return self._evalsha(conn, op)
-        except redis.exceptions.RedisError as exc:
+        except (redis.exceptions.RedisError, redis.exceptions.RedisClusterException) as exc:
             raise translate_error(exc, getattr(self.backend, "description", "redis")) from exc
 
     @staticmethod
