@@ -9,6 +9,7 @@ missing the real-Redis tests skip locally, but with ``RATEQUOTA_REQUIRE_REDIS=1`
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -19,7 +20,7 @@ from hypothesis import HealthCheck, settings
 from ratequota import QuotaClient
 from ratequota.backends import SingleBackend, embedded_backend, url_backend
 from ratequota.policy import Policy
-from tests.servers import RedisServer, redis_server_binary
+from tests.servers import RedisCluster, RedisServer, redis_server_binary
 
 # Hypothesis: "ci" is the default and keeps the suite within its time budget;
 # RATEQUOTA_HYPOTHESIS_PROFILE=nightly runs many more examples.
@@ -109,3 +110,15 @@ def make_client(backend_kind: str, request: pytest.FixtureRequest) -> Iterator[M
     yield make
     for client in clients:
         client.close()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[RedisCluster]:
+    """A real 3-master Redis Cluster for the session, stopped by PID at the end."""
+    if redis_server_binary() is None or shutil.which("redis-cli") is None:
+        _no_redis()
+    cluster = RedisCluster(masters=3).start()
+    try:
+        yield cluster
+    finally:
+        cluster.cleanup()

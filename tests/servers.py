@@ -18,7 +18,7 @@ from pathlib import Path
 
 import redis
 
-__all__ = ["RedisServer", "free_port", "redis_server_binary"]
+__all__ = ["RedisCluster", "RedisServer", "free_port", "redis_server_binary"]
 
 
 def redis_server_binary() -> str | None:
@@ -139,3 +139,158 @@ class RedisServer:
         """Stop and remove the temporary directory."""
         self.stop()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def free_cluster_port(attempts: int = 200) -> int:
+    """A free port whose cluster-bus port (port + 10000) is free and valid too."""
+    import random
+
+    for _ in range(attempts):
+        port = random.randint(20000, 30000)
+        try:
+            for candidate in (port, port + 10000):
+                with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+                    sock.bind(("127.0.0.1", candidate))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError("no free port pair for a cluster node")
+
+
+class RedisCluster:
+    """A Redis Cluster of ``masters`` redis-server processes (no replicas) on free ports.
+
+    Each node runs in its own directory with its own ``nodes.conf``; the slots
+    are assigned by ``redis-cli --cluster create``. ``stop`` ends every node by PID.
+    """
+
+    def __init__(self, masters: int = 3) -> None:
+        if shutil.which("redis-cli") is None:
+            raise RuntimeError("redis-cli is not installed")
+        self.nodes = [
+            RedisServer(
+                port=free_cluster_port(),
+                extra_args=(
+                    "--cluster-enabled", "yes",
+                    "--cluster-config-file", "nodes.conf",
+                    "--cluster-node-timeout", "5000",
+                )
+            )
+            for _ in range(masters)
+        ]
+
+    @property
+    def url(self) -> str:
+        """URL of the first node (any node lets a client discover the cluster)."""
+        return f"redis://127.0.0.1:{self.nodes[0].port}"
+
+    def start(self, timeout: float = 30.0) -> RedisCluster:
+        """Start the nodes, create the cluster, and wait until every node reports it ok."""
+        try:
+            for node in self.nodes:
+                node.start()
+            addresses = [f"127.0.0.1:{node.port}" for node in self.nodes]
+            subprocess.run(
+                ["redis-cli", "--cluster", "create", *addresses,
+                 "--cluster-replicas", "0", "--cluster-yes"],
+                check=True, capture_output=True, timeout=timeout,
+            )
+            deadline = time.monotonic() + timeout
+            while not self._all_ok():
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the test cluster did not reach cluster_state:ok")
+                time.sleep(0.05)
+        except BaseException:
+            self.cleanup()
+            raise
+        return self
+
+    def _all_ok(self) -> bool:
+        for node in self.nodes:
+            client = node.client()
+            try:
+                info = client.execute_command("CLUSTER", "INFO")
+                text = info.decode() if isinstance(info, bytes) else str(info)
+                if "cluster_state:ok" not in text:
+                    return False
+                # Every node must know every other node, or redirections can point nowhere.
+                if len(client.execute_command("CLUSTER", "NODES").splitlines()) < len(self.nodes):
+                    return False
+            except redis.exceptions.RedisError:
+                return False
+            finally:
+                client.close()
+        return True
+
+    def node_ids(self) -> dict[int, str]:
+        """Cluster node id by port."""
+        ids = {}
+        for node in self.nodes:
+            client = node.client()
+            try:
+                ids[node.port] = client.execute_command("CLUSTER", "MYID").decode()
+            finally:
+                client.close()
+        return ids
+
+    def owner(self, slot: int) -> RedisServer:
+        """The node currently serving ``slot``."""
+        client = self.nodes[0].client()
+        try:
+            for start, end, primary, *_ in client.execute_command("CLUSTER", "SLOTS"):
+                if start <= slot <= end:
+                    port = int(primary[1])
+                    return next(n for n in self.nodes if n.port == port)
+        finally:
+            client.close()
+        raise LookupError(f"slot {slot} is not served")
+
+    def migrate_slot(self, slot: int, target: RedisServer, *, pause: float = 0.0) -> int:
+        """Move ``slot`` to ``target`` the way redis-cli reshards; returns keys moved.
+
+        IMPORTING on the target, MIGRATING on the source, then the keys in
+        batches (each MIGRATE is atomic), then the new owner told to every
+        node. ``pause`` seconds are spent in each intermediate state so that
+        clients running meanwhile meet ASK and then MOVED redirections.
+        """
+        source = self.owner(slot)
+        if source is target:
+            raise ValueError("the slot already lives on the target")
+        ids = self.node_ids()
+        src, dst = source.client(), target.client()
+        moved = 0
+        try:
+            dst.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", ids[source.port])
+            src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", ids[target.port])
+            time.sleep(pause)
+            for _ in range(1000):  # bounded: each round moves up to 100 keys
+                keys = src.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 100)
+                if not keys:
+                    break
+                src.execute_command(
+                    "MIGRATE", "127.0.0.1", target.port, "", 0, 5000, "KEYS", *keys
+                )
+                moved += len(keys)
+            time.sleep(pause)
+            # The target first (it ends its IMPORTING state), then the source, then the rest.
+            order = [target, source, *(n for n in self.nodes if n not in (target, source))]
+            for node in order:
+                client = node.client()
+                try:
+                    client.execute_command("CLUSTER", "SETSLOT", slot, "NODE", ids[target.port])
+                finally:
+                    client.close()
+        finally:
+            src.close()
+            dst.close()
+        return moved
+
+    def stop(self) -> None:
+        """Stop every node by PID."""
+        for node in self.nodes:
+            node.stop()
+
+    def cleanup(self) -> None:
+        """Stop every node and remove their directories."""
+        for node in self.nodes:
+            node.cleanup()
