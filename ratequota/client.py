@@ -21,12 +21,11 @@ import redis
 from ratequota.backends import (
     Backend,
     embedded_backend,
-    is_noscript,
     translate_error,
     url_backend,
 )
 from ratequota.clock import Clock
-from ratequota.core import Command, Flow, QuotaCore, Settings, Sleep
+from ratequota.core import AcquireRequest, Flow, QuotaCore, Settings, Sleep
 from ratequota.decision import (
     Decision,
     GroupSnapshot,
@@ -34,10 +33,20 @@ from ratequota.decision import (
     ReleaseResult,
     RenewResult,
 )
-from ratequota.errors import InvalidType, RateQuotaError
+from ratequota.errors import InvalidType
+from ratequota.failure import FailureStats
 from ratequota.policy import Policy
-from ratequota.protocol import ScriptCall
+from ratequota.renewal import ThreadRenewer
 from ratequota.scripts import load_scripts
+from ratequota.shell import (
+    Batch,
+    LeaseBase,
+    Runner,
+    handler_arguments,
+    node_lookup,
+    pipeline_args,
+    wire_call,
+)
 
 __all__ = ["Acquisition", "Lease", "QuotaClient"]
 
@@ -46,79 +55,34 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 @attrs.define(eq=False)
-class Lease:
-    """A held lease: the granted facts plus renew/release through its client.
+class Lease(LeaseBase):
+    """A held lease (see ``LeaseBase``) that renews and releases through its client."""
 
-    ``over_limit`` is the last renewal's hint that a lender wants capacity
-    back; ``lost`` becomes true when a renewal or release finds the lease had
-    already expired (the holder overran its TTL and its units may be reused).
-    """
-
-    info: LeaseInfo
-    _client: QuotaClient = attrs.field(repr=False)
-    over_limit: bool = False
-    lost: bool = False
-    released: bool = False
-
-    @property
-    def id(self) -> str:
-        """The lease id (the request id of the acquire)."""
-        return self.info.id
-
-    @property
-    def tenant(self) -> str:
-        """The tenant charged."""
-        return self.info.tenant
-
-    @property
-    def group(self) -> str:
-        """The group the units belong to."""
-        return self.info.group
-
-    @property
-    def units(self) -> int:
-        """Units held."""
-        return self.info.units
-
-    @property
-    def token(self) -> int:
-        """Fencing token: pass it downstream so stale holders can be rejected."""
-        return self.info.token
-
-    @property
-    def expires_at(self) -> float:
-        """Expiry in Redis time (seconds since the epoch), as of the last renewal."""
-        return self.info.expires_at
+    _client: QuotaClient = attrs.field(kw_only=True, repr=False)
 
     def renew(self, ttl: float | None = None) -> RenewResult:
         """Extend the lease by ``ttl`` seconds from now; marks it lost if it had expired."""
-        result = self._client.renew(self.info, ttl)
-        if result.renewed:
-            self.info = attrs.evolve(self.info, expires_at=result.expires_at)
-            self.over_limit = result.over_limit
-        else:
-            self.lost = True
-        return result
+        return self.renewed(self._client.renew(self.info, ttl))
 
     def release(self) -> ReleaseResult:
-        """Give the units back; harmless when called twice."""
-        result = self._client.release(self.info)
-        self.released = True
-        if result.state == "expired":
-            self.lost = True
-        return result
+        """Give the units back (and stop renewing); harmless when called twice."""
+        self._client.renewer.drop(self)
+        return self.ended(self._client.release(self.info))
 
 
 class Acquisition:
     """``with quota.acquire(...) as lease``: waits on entry, releases on exit, errors included."""
 
-    def __init__(self, client: QuotaClient, flow: Callable[[], Flow[LeaseInfo]]) -> None:
+    def __init__(self, client: QuotaClient, request: AcquireRequest) -> None:
         self._client = client
-        self._flow = flow
+        self._request = request
         self._lease: Lease | None = None
 
     def __enter__(self) -> Lease:
-        self._lease = Lease(self._client._run(self._flow()), self._client)
+        client, request = self._client, self._request
+        info = client._run(client.core.acquire(request))
+        self._lease = Lease(info, request.ttl_ms / 1000, client=client)
+        client.renewer.hold(self._lease)
         return self._lease
 
     def __exit__(
@@ -130,25 +94,6 @@ class Acquisition:
         lease, self._lease = self._lease, None
         if lease is not None and not lease.released:
             lease.release()
-
-
-def _argument_getter(spec: object, name: str, signature: inspect.Signature) -> Callable[..., Any]:
-    """How the decorator reads tenant/units from a call: a callable, a parameter name, a constant."""
-    if callable(spec):
-        return spec
-    if isinstance(spec, str) and name == "tenant" and spec not in signature.parameters:
-        return lambda *a, **k: spec  # a fixed tenant name
-    if isinstance(spec, str):
-        if spec not in signature.parameters:
-            raise InvalidType(name, f"names no parameter of the handler: {spec!r}")
-
-        def from_parameter(*args: Any, **kwargs: Any) -> Any:
-            bound = signature.bind(*args, **kwargs)
-            bound.apply_defaults()
-            return bound.arguments[spec]
-
-        return from_parameter
-    return lambda *a, **k: spec
 
 
 class QuotaClient:
@@ -177,6 +122,9 @@ class QuotaClient:
             else:
                 backend = url_backend(url, socket_timeout=self.core.settings.socket_timeout)
         self.backend = backend
+        self._node_of = node_lookup(backend)
+        self._where = str(getattr(backend, "description", "redis"))
+        self.renewer = ThreadRenewer(self)
         self.load_scripts(strict=False)
 
     @classmethod
@@ -214,7 +162,8 @@ class QuotaClient:
         return cls(backend=backend, settings=settings)
 
     def close(self) -> None:
-        """Close connections; the client cannot be used afterwards."""
+        """Stop the renewer and close connections; the client cannot be used afterwards."""
+        self.renewer.close()
         self.backend.close()
 
     def __enter__(self) -> QuotaClient:
@@ -226,42 +175,29 @@ class QuotaClient:
     # -- driving flows -----------------------------------------------------
 
     def _run(self, flow: Flow[T]) -> T:
-        value: Any = None
-        error: RateQuotaError | None = None
-        while True:
+        run = Runner(flow, self.core.breakers, self._node_of, self._where)
+        while run.op is not None:
             try:
-                op = flow.send(value) if error is None else flow.throw(error)
-            except StopIteration as stop:
-                return cast(T, stop.value)
-            value, error = None, None
-            try:
-                value = self._perform(op)
-            except RateQuotaError as exc:
-                error = exc
+                run.send(self._perform(run.op))
+            except Exception as exc:  # handed to the runner: it translates or re-raises
+                run.throw(exc)
+        return run.result()
 
-    def _perform(self, op: ScriptCall | Command | Sleep) -> Any:
+    def _perform(self, op: Any) -> Any:
         if isinstance(op, Sleep):
-            self.core.clock.sleep(op.seconds)
-            return None
+            return self.core.clock.sleep(op.seconds)
         conn = self.backend.connection(op.route)
-        try:
-            if isinstance(op, Command):
-                return conn.execute_command(*op.args)
-            return self._evalsha(conn, op)
-        except (redis.exceptions.RedisError, redis.exceptions.RedisClusterException) as exc:
-            raise translate_error(exc, getattr(self.backend, "description", "redis")) from exc
+        if isinstance(op, Batch):
+            pipe = conn.pipeline(transaction=False)
+            for args in pipeline_args(op):
+                pipe.evalsha(*args)
+            return pipe.execute(raise_on_error=False)
+        method, args = wire_call(op)
+        return getattr(conn, method)(*args)
 
-    @staticmethod
-    def _evalsha(conn: Any, call: ScriptCall) -> Any:
-        spec = call.script
-        try:
-            return conn.evalsha(spec.sha, len(call.keys), *call.keys, *call.args)
-        except redis.exceptions.ResponseError as exc:
-            if not is_noscript(exc):
-                raise
-        # Restart, failover or SCRIPT FLUSH: load and retry exactly once.
-        conn.script_load(spec.source)
-        return conn.evalsha(spec.sha, len(call.keys), *call.keys, *call.args)
+    def stats(self) -> FailureStats:
+        """Counters of the failure policy: fail-open and local admissions, fast failures."""
+        return self.core.failure.stats(self.core.breakers.fast_failures)
 
     def load_scripts(self, *, strict: bool = True) -> None:
         """Load every script on every server; ``strict=False`` tolerates an unreachable one.
@@ -323,7 +259,7 @@ class QuotaClient:
         request = self.core.request(
             tenant, units, group=group, ttl=ttl, timeout=timeout, request_id=request_id
         )
-        return Acquisition(self, lambda: self.core.acquire(request))
+        return Acquisition(self, request)
 
     def release(self, lease: LeaseInfo | Lease) -> ReleaseResult:
         """End a lease; idempotent, and says whether it was still live."""
@@ -357,38 +293,28 @@ class QuotaClient:
         """
 
         def decorate(handler: F) -> F:
-            signature = inspect.signature(handler)
-            get_tenant = _argument_getter(tenant, "tenant", signature)
-            get_units = _argument_getter(units, "units", signature)
+            arguments = handler_arguments(handler, tenant, units)
+
+            def acquisition(*args: Any, **kwargs: Any) -> Acquisition:
+                who, how_many = arguments(*args, **kwargs)
+                return self.acquire(who, how_many, group=group, ttl=ttl, timeout=timeout)
 
             if inspect.iscoroutinefunction(handler):
 
                 @functools.wraps(handler)
                 async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
-                    acquisition = self.acquire(
-                        get_tenant(*args, **kwargs),
-                        get_units(*args, **kwargs),
-                        group=group,
-                        ttl=ttl,
-                        timeout=timeout,
-                    )
-                    lease = await asyncio.to_thread(acquisition.__enter__)
+                    held = acquisition(*args, **kwargs)
+                    await asyncio.to_thread(held.__enter__)
                     try:
                         return await handler(*args, **kwargs)
                     finally:
-                        await asyncio.to_thread(lease.release)
+                        await asyncio.to_thread(held.__exit__, None, None, None)
 
                 return cast(F, async_wrapper)
 
             @functools.wraps(handler)
             def wrapper(*args: Any, **kwargs: Any) -> Any:
-                with self.acquire(
-                    get_tenant(*args, **kwargs),
-                    get_units(*args, **kwargs),
-                    group=group,
-                    ttl=ttl,
-                    timeout=timeout,
-                ):
+                with acquisition(*args, **kwargs):
                     return handler(*args, **kwargs)
 
             return cast(F, wrapper)

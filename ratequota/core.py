@@ -40,6 +40,7 @@ from ratequota.errors import (
     SchemaMismatch,
     UnknownTenant,
 )
+from ratequota.failure import FAILURE_MODES, Breakers, FailureState
 from ratequota.keys import SCHEMA_VERSION, KeySpace
 from ratequota.policy import MAX_LEASE_TTL_LIMIT, Policy
 from ratequota.protocol import (
@@ -106,6 +107,27 @@ def _setting_count(_instance: object, attribute: attrs.Attribute[int], value: ob
         raise ConfigError(attribute.name, f"must be an integer >= 1, got {value!r}")
 
 
+def _setting_mode(_instance: object, attribute: attrs.Attribute[str], value: object) -> None:
+    if value not in FAILURE_MODES:
+        raise ConfigError(attribute.name, f"must be one of {FAILURE_MODES}, got {value!r}")
+
+
+def _setting_allowance(_instance: object, attribute: attrs.Attribute[int], value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(attribute.name, f"must be an integer >= 0, got {value!r}")
+
+
+def _setting_flag(_instance: object, attribute: attrs.Attribute[bool], value: object) -> None:
+    if not isinstance(value, bool):
+        raise ConfigError(attribute.name, f"must be True or False, got {value!r}")
+
+
+def _setting_fraction(_instance: object, attribute: attrs.Attribute[float], value: object) -> None:
+    ok = not isinstance(value, bool) and isinstance(value, (int, float))
+    if not ok or not 0.05 <= float(value) <= 0.9:  # type: ignore[arg-type]
+        raise ConfigError(attribute.name, f"must be a number from 0.05 to 0.9, got {value!r}")
+
+
 @attrs.frozen
 class Settings:
     """Per-client settings; every one has a safe default.
@@ -116,6 +138,19 @@ class Settings:
     most expired entries one call cleans up (bounds each script's work).
     ``catalog_ttl``: how often tenant-to-group routing is re-read.
     ``socket_timeout``: every Redis call's timeout.
+
+    Failure policy (§8, see ``ratequota.failure``): ``failure_mode`` is
+    ``"closed"`` (raise ``BackendUnavailable``), ``"open"`` (admit with a
+    synthetic lease, counted) or ``"local"`` (admit up to ``local_allowance``
+    units per tenant held locally at once). ``breaker_failures`` consecutive
+    failures open a shard's circuit breaker; after ``breaker_reset`` seconds
+    one probe call may close it again.
+
+    Renewal: with ``auto_renew`` leases held by ``acquire`` and ``limit`` are
+    renewed in the background every ``renew_fraction`` of their TTL.
+    ``batch_size`` / ``batch_in_flight``: the async client pipelines up to
+    ``batch_size`` concurrent script calls per shard into one round trip, with
+    at most ``batch_in_flight`` such round trips per shard at once.
     """
 
     prefix: str = "rq"
@@ -125,6 +160,14 @@ class Settings:
     purge_limit: int = attrs.field(default=64, validator=_setting_count)
     catalog_ttl: float = attrs.field(default=5.0, validator=_setting_seconds)
     socket_timeout: float = attrs.field(default=1.0, validator=_setting_seconds)
+    failure_mode: str = attrs.field(default="closed", validator=_setting_mode)
+    local_allowance: int = attrs.field(default=0, validator=_setting_allowance)
+    breaker_failures: int = attrs.field(default=3, validator=_setting_count)
+    breaker_reset: float = attrs.field(default=0.5, validator=_setting_seconds)
+    auto_renew: bool = attrs.field(default=True, validator=_setting_flag)
+    renew_fraction: float = attrs.field(default=1 / 3, validator=_setting_fraction)
+    batch_size: int = attrs.field(default=64, validator=_setting_count)
+    batch_in_flight: int = attrs.field(default=2, validator=_setting_count)
 
     def __attrs_post_init__(self) -> None:
         if self.pending_ttl < 2 * _LAST_PAUSE:
@@ -133,6 +176,8 @@ class Settings:
             )
         if self.lease_ttl > MAX_LEASE_TTL_LIMIT:
             raise ConfigError("lease_ttl", f"must be at most {MAX_LEASE_TTL_LIMIT:g}s")
+        if self.failure_mode == "local" and self.local_allowance < 1:
+            raise ConfigError("local_allowance", "must be >= 1 when failure_mode is 'local'")
 
 
 @attrs.frozen
@@ -198,6 +243,9 @@ class QuotaCore:
         self.clock: Clock = clock or SystemClock()
         self.keyspace = KeySpace(prefix=self.settings.prefix)
         self._catalog = _Catalog.of(None, -math.inf)
+        s = self.settings
+        self.breakers = Breakers(s.breaker_failures, s.breaker_reset, self.clock.monotonic)
+        self.failure = FailureState(s.failure_mode, s.local_allowance, s.lease_ttl)  # type: ignore[arg-type]
 
     # -- validation ----------------------------------------------------------
 
@@ -318,7 +366,20 @@ class QuotaCore:
     def try_acquire(self, request: AcquireRequest) -> Flow[Decision]:
         """Admit now or refuse now; a refusal is a ``Decision``, not an exception."""
         r = request
-        return (yield from self.attempt(r.tenant, r.units, r.group, r.lease_id, r.ttl_ms, wait=False))
+        try:
+            return (
+                yield from self.attempt(r.tenant, r.units, r.group, r.lease_id, r.ttl_ms, wait=False)
+            )
+        except BackendUnavailable as exc:
+            return self._fallback(exc, r)
+
+    def _fallback(self, error: BackendUnavailable, r: AcquireRequest) -> Decision:
+        """Redis is unreachable: apply the failure mode (raise, or a synthetic admission)."""
+        group = r.group if r.group is not None else self._catalog.routes.get(r.tenant)
+        return self.failure.fallback(
+            error, tenant=r.tenant, units=r.units, group=group, lease_id=r.lease_id,
+            now=self.clock.monotonic(),
+        )
 
     def acquire(self, request: AcquireRequest) -> Flow[LeaseInfo]:
         """Wait up to the request's timeout for a lease; raise on refusal at the deadline.
@@ -333,9 +394,12 @@ class QuotaCore:
         pause = _FIRST_PAUSE
         waiting = r.timeout > 0
         while True:
-            decision = yield from self.attempt(
-                r.tenant, r.units, r.group, r.lease_id, r.ttl_ms, wait=waiting
-            )
+            try:
+                decision = yield from self.attempt(
+                    r.tenant, r.units, r.group, r.lease_id, r.ttl_ms, wait=waiting
+                )
+            except BackendUnavailable as exc:
+                decision = self._fallback(exc, r)
             if decision.admitted:
                 assert decision.lease is not None
                 return decision.lease
@@ -370,13 +434,23 @@ class QuotaCore:
     def release(self, lease: LeaseInfo) -> Flow[ReleaseResult]:
         """End a lease; safe to call twice (the second reports ``unknown``)."""
         _check_lease(lease)
+        if lease.synthetic:  # granted locally while Redis was down: nothing to tell Redis
+            self.failure.give_back(lease)
+            return ReleaseResult(state="released", units=lease.units)
         reply = yield self._release_call(lease.group, lease.id)
         return decode_release(reply)
 
     def renew(self, lease: LeaseInfo, ttl: float | None = None) -> Flow[RenewResult]:
         """Extend a live lease by ``ttl`` from now (None: the client's lease_ttl)."""
         _check_lease(lease)
-        call = renew_call(
+        if lease.synthetic:
+            return synthetic_renewal(lease)
+        reply = yield self.renew_call(lease, ttl)
+        return decode_renew(reply, group=lease.group)
+
+    def renew_call(self, lease: LeaseInfo, ttl: float | None = None) -> ScriptCall:
+        """The renew script call for ``lease`` (also batched by the background renewer)."""
+        return renew_call(
             self.keyspace,
             lease.group,
             lease.id,
@@ -384,8 +458,6 @@ class QuotaCore:
             purge=self.settings.purge_limit,
             now_ms=self.clock.redis_ms(),
         )
-        reply = yield call
-        return decode_renew(reply, group=lease.group)
 
     def snapshot(
         self, group: str, tenants: Iterable[str] = (), *, max_leases: int = 1000
@@ -440,6 +512,14 @@ def parse_catalog(raw: object) -> Policy | None:
     if schema > SCHEMA_VERSION:
         raise SchemaMismatch("(catalog)", schema, SCHEMA_VERSION)
     return Policy.from_dict(document["policy"])
+
+
+def synthetic_renewal(lease: LeaseInfo) -> RenewResult:
+    """Renewing a synthetic lease: nothing to extend in Redis, never over a limit."""
+    return RenewResult(
+        renewed=True, expires_at=lease.expires_at, over_limit=False, used=lease.units,
+        limit=math.nan, group_used=0, capacity=0,
+    )
 
 
 def _check_lease(lease: object) -> None:

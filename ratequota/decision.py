@@ -48,7 +48,9 @@ class LeaseInfo:
     clock. ``token`` is the fencing token: strictly increasing per group, so a
     downstream system can reject a holder whose lease already expired.
     ``replay`` is true when a retried acquire found its first attempt had
-    committed (the units were charged once).
+    committed (the units were charged once). ``synthetic`` marks a lease
+    granted locally while Redis was unreachable (fail-open or local
+    allowance): it holds no units in Redis and its token is 0.
     """
 
     id: str
@@ -58,6 +60,7 @@ class LeaseInfo:
     token: int
     expires_at: float
     replay: bool = False
+    synthetic: bool = False
 
 
 @attrs.frozen

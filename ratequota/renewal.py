@@ -1,0 +1,186 @@
+"""Background renewal of held leases: which are due (pure), and the one batched round trip.
+
+Each client has one renewer (a daemon thread for ``QuotaClient``, a task for
+``AsyncQuotaClient``) and one ``RenewalBook``. A lease is renewed every
+``renew_fraction`` of its TTL while its holder is inside ``acquire`` or a
+``limit``-decorated handler; the holder leaving drops it from the book. Due
+leases are renewed together: one pipeline per shard (``renew_many``), so a
+thousand held leases cost one round trip per shard, not a thousand.
+
+A renewal that finds its lease gone marks it ``lost``; one that reports the
+tenant above its fair limit sets ``over_limit``; one that fails (Redis
+unreachable) is retried soon, well before the lease could expire.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Callable, Generator, Sequence
+from typing import Any
+
+from ratequota.backends import translate_error
+from ratequota.core import QuotaCore
+from ratequota.decision import RenewResult
+from ratequota.errors import RateQuotaError
+from ratequota.protocol import decode_renew
+from ratequota.shell import Batch, LeaseBase
+
+__all__ = ["RenewOutcome", "RenewalBook", "renew_many"]
+
+RenewOutcome = RenewResult | RateQuotaError
+
+#: While Redis does not answer, retry this fraction of the renewal period later.
+_RETRY_FRACTION = 0.25
+#: Longest the renewer sleeps when nothing is held (it is woken on the next hold).
+IDLE_WAIT = 1.0
+
+
+class RenewalBook:
+    """Held leases and when each is due; no I/O, injected clock, safe across threads."""
+
+    def __init__(self, fraction: float, default_ttl: float, clock: Callable[[], float]) -> None:
+        self.fraction = fraction
+        self.default_ttl = default_ttl
+        self._clock = clock
+        self._due: dict[LeaseBase, float] = {}
+        self._lock = threading.Lock()  # guards _due; never held across I/O
+
+    def _period(self, lease: LeaseBase) -> float:
+        ttl = self.default_ttl if lease.ttl is None else lease.ttl
+        return ttl * self.fraction
+
+    def hold(self, lease: LeaseBase) -> None:
+        """Start renewing ``lease`` (synthetic leases have nothing to renew)."""
+        if lease.synthetic:
+            return
+        with self._lock:
+            self._due[lease] = self._clock() + self._period(lease)
+
+    def drop(self, lease: LeaseBase) -> None:
+        """Stop renewing ``lease`` (its holder is done with it)."""
+        with self._lock:
+            self._due.pop(lease, None)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._due)
+
+    def next(self) -> tuple[list[LeaseBase], float]:
+        """Leases due now (marked in flight), and how long to sleep if there are none."""
+        now = self._clock()
+        with self._lock:
+            due = [lease for lease, at in self._due.items() if at <= now]
+            for lease in due:
+                self._due[lease] = math.inf  # in flight until settled
+            upcoming = min(self._due.values(), default=math.inf)
+        wait = IDLE_WAIT if due or upcoming == math.inf else upcoming - now
+        return due, max(0.0, min(wait, IDLE_WAIT))
+
+    def settle(self, lease: LeaseBase, outcome: RenewOutcome) -> None:
+        """Apply a renewal's outcome to a lease still held, and schedule the next one."""
+        now = self._clock()
+        with self._lock:
+            if lease not in self._due:
+                return  # released meanwhile: a "lost" answer would be about a lease we gave back
+            if isinstance(outcome, RateQuotaError):
+                self._due[lease] = now + self._period(lease) * _RETRY_FRACTION
+                return
+            lease.renewed(outcome)
+            if lease.lost:
+                del self._due[lease]
+            else:
+                self._due[lease] = now + self._period(lease)
+
+
+def renew_many(
+    core: QuotaCore, leases: Sequence[LeaseBase], node_of: Callable[[str], object]
+) -> Generator[Any, Any, list[RenewOutcome]]:
+    """A flow renewing ``leases``: one ``Batch`` per shard; an outcome per lease, in order."""
+    by_node: dict[object, list[int]] = {}
+    for i, lease in enumerate(leases):
+        by_node.setdefault(node_of(lease.group), []).append(i)
+    outcomes: list[RenewOutcome | None] = [None] * len(leases)
+    for indices in by_node.values():
+        calls = tuple(core.renew_call(leases[i].info, leases[i].ttl) for i in indices)
+        try:
+            replies = yield Batch(leases[indices[0]].group, calls)
+        except RateQuotaError as exc:
+            for i in indices:
+                outcomes[i] = exc
+            continue
+        for i, reply in zip(indices, replies, strict=True):
+            outcomes[i] = _outcome(reply, leases[i].group)
+    return [o for o in outcomes if o is not None]
+
+
+def _outcome(reply: Any, group: str) -> RenewOutcome:
+    if isinstance(reply, BaseException):
+        return translate_error(reply, "redis")
+    try:
+        return decode_renew(reply, group=group)
+    except RateQuotaError as exc:
+        return exc
+
+
+class ThreadRenewer:
+    """The sync client's renewer: one daemon thread, started on the first held lease.
+
+    The thread sleeps on an event until the next lease is due (at most
+    ``IDLE_WAIT``), renews every due lease with one pipeline per shard, and
+    settles the outcomes; ``close`` stops it. It takes no lock across I/O.
+    """
+
+    def __init__(self, client: Any) -> None:
+        core: QuotaCore = client.core
+        self._client = client
+        self.book = RenewalBook(core.settings.renew_fraction, core.settings.lease_ttl,
+                                core.clock.monotonic)
+        self.enabled = core.settings.auto_renew
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._start_lock = threading.Lock()  # only guards starting the thread
+
+    def hold(self, lease: LeaseBase) -> None:
+        """Renew ``lease`` in the background until ``drop``."""
+        if not self.enabled or self._stop.is_set():
+            return
+        self.book.hold(lease)
+        with self._start_lock:
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._loop, name="ratequota-renewer", daemon=True
+                )
+                self._thread.start()
+        self._wake.set()
+
+    def drop(self, lease: LeaseBase) -> None:
+        """Stop renewing ``lease``."""
+        self.book.drop(lease)
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop the thread (waiting at most ``timeout`` for a renewal in flight)."""
+        self._stop.set()
+        self._wake.set()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self._wake.clear()
+            due, wait = self.book.next()
+            if due:
+                self._renew(due)
+            else:
+                self._wake.wait(wait)
+
+    def _renew(self, due: list[LeaseBase]) -> None:
+        client = self._client
+        try:
+            outcomes: list[Any] = client._run(renew_many(client.core, due, client._node_of))
+        except Exception as exc:  # a bug must not kill the renewer: retry these soon
+            outcomes = [RateQuotaError(f"renewal failed: {exc!r}")] * len(due)
+        for lease, outcome in zip(due, outcomes, strict=True):
+            self.book.settle(lease, outcome)

@@ -1,0 +1,302 @@
+"""What the sync and async clients share beyond the core: stepping flows, leases, decorators.
+
+The clients are thin shells: each only *performs* wire operations (blocking
+or awaited). Everything else they have in common lives here, once:
+
+- ``Runner`` steps a core flow: it turns the flow's ops into wire ops, applies
+  the per-shard circuit breaker before each call, the NOSCRIPT rule (load the
+  script and retry exactly once: the script certainly did not run), and
+  translates redis-py errors into ``ratequota`` errors thrown back into the flow.
+- ``LoadScript`` / ``Batch``: wire ops beyond the core's (``Batch`` pipelines
+  several script calls to one shard in one round trip).
+- ``LeaseBase``: a held lease's bookkeeping (renewal results, loss, release).
+- ``handler_arguments``: how the ``limit`` decorator reads tenant and units.
+
+No lock is taken here; ``Breakers`` guard their few integers themselves.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Generator
+from typing import Any, Generic, TypeVar
+
+import attrs
+import redis
+
+from ratequota.backends import is_noscript, translate_error
+from ratequota.core import Command, Sleep
+from ratequota.decision import LeaseInfo, ReleaseResult, RenewResult
+from ratequota.errors import BackendUnavailable, InvalidType, RateQuotaError
+from ratequota.failure import Breakers
+from ratequota.protocol import ScriptCall
+
+__all__ = [
+    "Batch",
+    "LeaseBase",
+    "LoadScript",
+    "Runner",
+    "handler_arguments",
+    "node_lookup",
+    "pipeline_args",
+    "wire_call",
+]
+
+T = TypeVar("T")
+
+#: redis-py's own errors (cluster errors do not all derive from RedisError).
+REDIS_ERRORS: tuple[type[BaseException], ...] = (
+    redis.exceptions.RedisError,
+    redis.exceptions.RedisClusterException,
+    OSError,
+)
+
+
+@attrs.frozen
+class LoadScript:
+    """``SCRIPT LOAD source`` on the shard of ``route``, then perform ``then``."""
+
+    route: str
+    source: str
+    then: Any
+
+
+@attrs.frozen
+class Batch:
+    """Several script calls to the shard of ``route``, pipelined in one round trip.
+
+    The reply is a list with one entry per call: its reply, or the exception
+    it raised (the other calls are unaffected).
+    """
+
+    route: str
+    calls: tuple[ScriptCall, ...]
+
+
+def wire_call(op: ScriptCall | Command | LoadScript) -> tuple[str, tuple[Any, ...]]:
+    """The redis-py method and arguments performing ``op``."""
+    if isinstance(op, Command):
+        return "execute_command", op.args
+    if isinstance(op, LoadScript):
+        return "script_load", (op.source,)
+    return "evalsha", (op.script.sha, len(op.keys), *op.keys, *op.args)
+
+
+def pipeline_args(batch: Batch) -> list[tuple[Any, ...]]:
+    """The EVALSHA arguments of each call of a batch, in order."""
+    return [wire_call(call)[1] for call in batch.calls]
+
+
+class Runner(Generic[T]):
+    """Steps one flow; the shell performs ``op`` and reports with ``send`` or ``throw``.
+
+    The shell's whole loop::
+
+        run = Runner(flow, ...)
+        while run.op is not None:
+            try: run.send(perform(run.op))
+            except Exception as exc: run.throw(exc)
+        return run.result()
+    """
+
+    def __init__(
+        self,
+        flow: Generator[Any, Any, T],
+        breakers: Breakers,
+        node_of: Callable[[str], object],
+        where: str,
+    ) -> None:
+        self._flow = flow
+        self._breakers = breakers
+        self._node_of = node_of
+        self._where = where
+        self.op: Any = None
+        self._result: Any = None
+        self._reloaded = False
+        self._partial: list[Any] | None = None
+        self._missing: list[int] = []
+        self._advance(None, None)
+
+    def result(self) -> T:
+        """The flow's return value, once ``op`` is None."""
+        assert self.op is None
+        return self._result  # type: ignore[no-any-return]
+
+    def _advance(self, value: Any, error: BaseException | None) -> None:
+        while True:
+            try:
+                op = self._flow.send(value) if error is None else self._flow.throw(error)
+            except StopIteration as stop:
+                self.op, self._result = None, stop.value
+                return
+            value = error = None
+            self._reloaded, self._partial = False, None
+            if not isinstance(op, Sleep):
+                error = self._breakers.refuse(self._node_of(op.route), self._where)
+            if error is None:
+                self.op = op
+                return
+
+    def send(self, value: Any) -> None:
+        """``op`` succeeded with ``value``."""
+        op = self.op
+        if isinstance(op, Sleep):
+            self._advance(value, None)
+            return
+        self._breakers.record(self._node_of(op.route), True)
+        if isinstance(op, LoadScript):
+            self.op = op.then
+            return
+        if isinstance(op, Batch):
+            value = self._batch_reply(op, list(value))
+            if value is None:
+                return
+        self._advance(value, None)
+
+    def _batch_reply(self, op: Batch, replies: list[Any]) -> list[Any] | None:
+        """Merge a batch's replies; on NOSCRIPT load once and re-send only those calls."""
+        if self._partial is not None:
+            merged = self._partial
+            for index, reply in zip(self._missing, replies, strict=True):
+                merged[index] = reply
+            return merged
+        missing = [i for i, r in enumerate(replies) if is_noscript(r)]
+        if not missing:
+            return replies
+        self._partial, self._missing = replies, missing
+        retry: Batch | LoadScript = Batch(op.route, tuple(op.calls[i] for i in missing))
+        for source in {op.calls[i].script.source for i in missing}:
+            retry = LoadScript(op.route, source, retry)
+        self.op = retry
+        return None
+
+    def throw(self, exc: BaseException) -> None:
+        """``op`` raised ``exc``; anything not from Redis is re-raised (a bug, not an outage)."""
+        op = self.op
+        if isinstance(op, ScriptCall) and is_noscript(exc) and not self._reloaded:
+            # Restart, failover or SCRIPT FLUSH: load and retry exactly once.
+            self._reloaded = True
+            self.op = LoadScript(op.route, op.script.source, op)
+            return
+        if isinstance(exc, RateQuotaError):
+            error: RateQuotaError = exc
+        elif isinstance(exc, REDIS_ERRORS):
+            error = translate_error(exc, self._where)
+            error.__cause__ = exc
+        else:
+            self._flow.close()
+            raise exc
+        if not isinstance(op, Sleep):
+            ok = not isinstance(error, BackendUnavailable)
+            self._breakers.record(self._node_of(op.route), ok)
+        self._advance(None, error)
+
+
+@attrs.define(eq=False)
+class LeaseBase:
+    """A held lease: the granted facts and what renewals and release learned.
+
+    ``over_limit`` is the last renewal's hint that a lender wants capacity
+    back (finish soon, start nothing more); ``lost`` becomes true when a
+    renewal or release finds the lease had already expired (the holder overran
+    its TTL and its units may be reused: stop trusting ``token``).
+    ``synthetic`` leases were granted locally while Redis was unreachable.
+    """
+
+    info: LeaseInfo
+    ttl: float | None = None
+    over_limit: bool = False
+    lost: bool = False
+    released: bool = False
+
+    @property
+    def id(self) -> str:
+        """The lease id (the request id of the acquire)."""
+        return self.info.id
+
+    @property
+    def tenant(self) -> str:
+        """The tenant charged."""
+        return self.info.tenant
+
+    @property
+    def group(self) -> str:
+        """The group the units belong to."""
+        return self.info.group
+
+    @property
+    def units(self) -> int:
+        """Units held."""
+        return self.info.units
+
+    @property
+    def token(self) -> int:
+        """Fencing token: pass it downstream so stale holders can be rejected."""
+        return self.info.token
+
+    @property
+    def expires_at(self) -> float:
+        """Expiry in Redis time (seconds since the epoch), as of the last renewal."""
+        return self.info.expires_at
+
+    @property
+    def synthetic(self) -> bool:
+        """True for a lease granted locally under fail-open or local allowance."""
+        return self.info.synthetic
+
+    def renewed(self, result: RenewResult) -> RenewResult:
+        """Record a renewal's outcome."""
+        if result.renewed:
+            self.info = attrs.evolve(self.info, expires_at=result.expires_at)
+            self.over_limit = result.over_limit
+        else:
+            self.lost = True
+        return result
+
+    def ended(self, result: ReleaseResult) -> ReleaseResult:
+        """Record the release's outcome."""
+        self.released = True
+        if result.state == "expired":
+            self.lost = True
+        return result
+
+
+def handler_arguments(
+    handler: Callable[..., Any], tenant: object, units: object
+) -> Callable[..., tuple[Any, Any]]:
+    """How the ``limit`` decorator reads (tenant, units) from one call of ``handler``.
+
+    Each spec is a callable receiving the handler's arguments, the name of one
+    of its parameters, or a constant (a ``tenant`` string naming no parameter
+    is a fixed tenant name). Bad specs are reported at decoration time.
+    """
+    signature = inspect.signature(handler)
+    get_tenant = _argument_getter(tenant, "tenant", signature)
+    get_units = _argument_getter(units, "units", signature)
+    return lambda *a, **k: (get_tenant(*a, **k), get_units(*a, **k))
+
+
+def _argument_getter(spec: object, name: str, signature: inspect.Signature) -> Callable[..., Any]:
+    if callable(spec):
+        return spec
+    if isinstance(spec, str) and name == "tenant" and spec not in signature.parameters:
+        return lambda *a, **k: spec  # a fixed tenant name
+    if isinstance(spec, str):
+        if spec not in signature.parameters:
+            raise InvalidType(name, f"names no parameter of the handler: {spec!r}")
+
+        def from_parameter(*args: Any, **kwargs: Any) -> Any:
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            return bound.arguments[spec]
+
+        return from_parameter
+    return lambda *a, **k: spec
+
+
+def node_lookup(backend: object) -> Callable[[str], object]:
+    """The shard key of a route, for per-shard breakers (one key if the backend has one shard)."""
+    node_of = getattr(backend, "node_of", None)
+    if callable(node_of):
+        return node_of  # type: ignore[no-any-return]
+    return lambda route: "redis"
