@@ -1,0 +1,129 @@
+"""Hypothesis strategies for ratequota: policies, demands and claims (all of them live here).
+
+The strategies lean towards the corners where a fairness rule breaks: guarantees
+summing exactly to the capacity, lendable 0 and 1, unbounded and zero borrow
+limits, tiny (1e-3) and huge (1e3+) weights, zero demand and demand far above
+the capacity, from 1 up to 50 tenants.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from hypothesis import strategies as st
+
+from ratequota.fairness import Claim
+from ratequota.policy import GroupPolicy, TenantPolicy
+
+__all__ = [
+    "MAX_TENANTS",
+    "allocation_cases",
+    "borrow_limits",
+    "capacities",
+    "claim_cases",
+    "demand_for",
+    "group_policies",
+    "guarantee_splits",
+    "lendables",
+    "weights",
+]
+
+#: Most tenants a generated group has (the issue asks for 1 to 50).
+MAX_TENANTS = 50
+
+#: Weights policy validation accepts (> 0): the corners first, then anything between.
+weights = st.one_of(
+    st.sampled_from([1.0, 1e-3, 1e3, 2.0, 3.0, 5e3]),
+    st.floats(min_value=1e-3, max_value=5e3, allow_nan=False, allow_infinity=False),
+)
+
+#: Fractions of unused guarantee others may borrow: the corners 0 and 1 are common.
+lendables = st.one_of(
+    st.sampled_from([0.0, 1.0, 1.0 / 3.0, 0.5]),
+    st.floats(min_value=0.0, max_value=1.0, allow_nan=False),
+)
+
+#: Group capacities: small ones make ties and integer edges likely, large ones test scale.
+capacities = st.one_of(st.integers(1, 64), st.integers(65, 5_000))
+
+
+def borrow_limits(capacity: int) -> st.SearchStrategy[int | None]:
+    """Borrow limits: unbounded (None), zero, or anything up to above the capacity."""
+    return st.one_of(st.none(), st.just(0), st.integers(0, capacity + 10))
+
+
+@st.composite
+def guarantee_splits(draw: st.DrawFn, capacity: int, count: int) -> list[int]:
+    """``count`` guarantees with sum <= capacity; about half the time the sum is exactly it."""
+    kind = draw(st.sampled_from(["exact", "exact", "below", "zero"]))
+    if kind == "zero":
+        return [0] * count
+    total = capacity if kind == "exact" else draw(st.integers(0, capacity))
+    cuts = sorted(draw(st.lists(st.integers(0, total), min_size=count - 1, max_size=count - 1)))
+    bounds = [0, *cuts, total]
+    return [bounds[i + 1] - bounds[i] for i in range(count)]
+
+
+@st.composite
+def group_policies(
+    draw: st.DrawFn, min_tenants: int = 1, max_tenants: int = MAX_TENANTS
+) -> GroupPolicy:
+    """A valid group policy with tenants ``t0``, ``t1``, ... (names sort like their index)."""
+    capacity = draw(capacities)
+    count = draw(st.integers(min_tenants, max_tenants))
+    guarantees = draw(guarantee_splits(capacity, count))
+    tenants = [
+        TenantPolicy(
+            f"t{i:02d}",
+            guarantee=g,
+            lendable=draw(lendables),
+            borrow_limit=draw(borrow_limits(capacity)),
+            weight=draw(weights),
+        )
+        for i, g in enumerate(guarantees)
+    ]
+    return GroupPolicy("g", capacity=capacity, tenants=tuple(tenants))
+
+
+def demand_for(policy: GroupPolicy) -> st.SearchStrategy[dict[str, float]]:
+    """Integer demand per tenant: often zero, often far above the capacity."""
+    capacity = policy.capacity
+    one = st.one_of(
+        st.just(0),
+        st.integers(1, max(1, capacity // 4)),
+        st.integers(0, capacity),
+        st.integers(capacity, 100 * capacity),
+    )
+    return st.fixed_dictionaries({t.name: one.map(float) for t in policy.tenants})
+
+
+@st.composite
+def allocation_cases(
+    draw: st.DrawFn, min_tenants: int = 1, max_tenants: int = MAX_TENANTS
+) -> tuple[GroupPolicy, dict[str, float]]:
+    """A group policy and every tenant's demand."""
+    policy = draw(group_policies(min_tenants, max_tenants))
+    return policy, draw(demand_for(policy))
+
+
+@st.composite
+def claim_cases(draw: st.DrawFn, max_tenants: int = 12) -> tuple[float, list[Claim]]:
+    """A capacity and claims with float parameters (for scaling), guarantees within capacity."""
+    policy, demand = draw(allocation_cases(max_tenants=max_tenants))
+    claims = [
+        Claim(
+            t.name,
+            guarantee=float(t.guarantee),
+            demand=demand[t.name],
+            lendable=t.lendable,
+            ceiling=t.ceiling,
+            weight=t.weight,
+        )
+        for t in policy.tenants
+    ]
+    return float(policy.capacity), claims
+
+
+def active(demand: Mapping[str, float]) -> list[str]:
+    """Tenants with demand > 0, the ones the rule computes a share for."""
+    return [name for name, d in demand.items() if d > 0]

@@ -1,0 +1,354 @@
+"""The Lua engine against the pure reference (DESIGN §3): same decisions, same limits.
+
+Random policies and random sequences of acquire, waiting acquire (pending
+demand), retry, replay, release, withdraw, renew and expiry are replayed on
+fakeredis and on a real redis-server. The test keeps its own model of the
+group (leases and waiting registrations with their expiry) and, after every
+step, asserts that the script's decision equals ``ratequota.fairness.decide``
+on the model's state and that every tenant's limit in a snapshot equals
+``group_allocation`` (within 1e-6). Time is a ``ManualClock`` pinning the
+Redis time the scripts see, so expiry is deterministic.
+
+Steps per backend: ``RATEQUOTA_DIFF_STEPS``, else 2,000 (20,000 with
+``RATEQUOTA_HYPOTHESIS_PROFILE=nightly``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+
+import attrs
+import pytest
+
+from ratequota.backends import SingleBackend, embedded_backend, url_backend
+from ratequota.client import QuotaClient
+from ratequota.decision import Decision, LeaseInfo
+from ratequota.errors import UnknownTenant
+from ratequota.fairness import EPSILON, GroupDecision, decide, group_allocation
+from ratequota.policy import GroupPolicy, Policy, TenantPolicy, UnknownTenants
+from ratequota.testing import ManualClock
+from tests.servers import RedisServer
+
+PENDING_TTL = 2.0
+STRANGER = "stranger"
+SEEDS = 8
+
+
+def total_steps() -> int:
+    """Steps per backend for this run."""
+    explicit = os.environ.get("RATEQUOTA_DIFF_STEPS")
+    if explicit:
+        return int(explicit)
+    nightly = os.environ.get("RATEQUOTA_HYPOTHESIS_PROFILE") == "nightly"
+    return 20_000 if nightly else 2_000
+
+
+def random_policy(rnd: random.Random, name: str) -> GroupPolicy:
+    """A valid group policy on the corners: exact guarantees, ℓ 0/1, B None/0, w 1e-3/1e3."""
+    capacity = rnd.choice([1, 2, 3, 5, 8, 12, 24, 40, 64, rnd.randint(1, 200)])
+    count = rnd.choice([1, 2, 3, 3, 4, 5, 8])
+    total = capacity if rnd.random() < 0.5 else rnd.randint(0, capacity)
+    cuts = sorted(rnd.randint(0, total) for _ in range(count - 1))
+    bounds = [0, *cuts, total]
+    tenants = []
+    for i in range(count):
+        tenants.append(
+            TenantPolicy(
+                f"t{i}",
+                guarantee=bounds[i + 1] - bounds[i],
+                lendable=rnd.choice([0.0, 1.0, 1.0, 1 / 3, 0.5, rnd.random()]),
+                borrow_limit=rnd.choice([None, None, 0, rnd.randint(0, capacity)]),
+                weight=rnd.choice([1.0, 1.0, 2.0, 3.0, 1e-3, 1e3, rnd.uniform(0.01, 100)]),
+                max_units=rnd.choice([None, None, None, rnd.randint(1, capacity + 1)]),
+            )
+        )
+    unknown: UnknownTenants = "default" if rnd.random() < 0.3 else "refuse"
+    default = TenantPolicy(
+        "*",
+        borrow_limit=rnd.choice([None, rnd.randint(0, capacity)]),
+        weight=rnd.choice([1.0, 0.5]),
+    )
+    return GroupPolicy(
+        name, capacity=capacity, tenants=tuple(tenants), unknown_tenants=unknown,
+        default_tenant=default,
+    )
+
+
+@attrs.define
+class Entry:
+    """A lease or a waiting registration in the model: whose, how many units, until when (ms)."""
+
+    tenant: str
+    units: int
+    expiry: int
+    order: int = 0
+
+
+@attrs.define
+class Model:
+    """What the group's keys should hold, independently of the scripts.
+
+    Entries stay until a purging call (acquire, release, renew) runs at or after
+    their expiry, exactly as in Redis; the *live* view ignores expired ones, as
+    the snapshot script does.
+    """
+
+    policy: GroupPolicy
+    now: int
+    leases: dict[str, Entry] = attrs.Factory(dict)
+    waiting: dict[str, Entry] = attrs.Factory(dict)
+    registrations: int = 0
+
+    def purge(self) -> None:
+        """Drop expired entries, as every mutating script does first (or last)."""
+        self.leases = {k: e for k, e in self.leases.items() if e.expiry > self.now}
+        self.waiting = {k: e for k, e in self.waiting.items() if e.expiry > self.now}
+
+    def used(self) -> dict[str, int]:
+        """Live units held per tenant."""
+        out: dict[str, int] = {}
+        for e in self.leases.values():
+            if e.expiry > self.now:
+                out[e.tenant] = out.get(e.tenant, 0) + e.units
+        return out
+
+    def pending(self) -> dict[str, int]:
+        """Live units waiting per tenant."""
+        out: dict[str, int] = {}
+        for e in self.waiting.values():
+            if e.expiry > self.now:
+                out[e.tenant] = out.get(e.tenant, 0) + e.units
+        return out
+
+    def reference(self, tenant: str, units: int, request_id: str) -> GroupDecision:
+        """The reference decision for an acquire on the current (purged) state.
+
+        The single place the oracle is called, so a change of ``decide``'s
+        signature is adapted here only.
+        """
+        mine = [(e.order, rid, e) for rid, e in self.waiting.items() if e.tenant == tenant]
+        oldest = min(mine, key=lambda row: row[0], default=None)
+        # Waiting requests of a tenant are served in arrival order: any other request of the
+        # tenant must leave room for its oldest waiting one.
+        reserve = oldest[2].units if oldest is not None and oldest[1] != request_id else 0
+        return decide(
+            self.policy,
+            self.used(),
+            self.pending(),
+            tenant,
+            units,
+            already_pending=request_id in self.waiting,
+            reserve=reserve,
+        )
+
+    def limits(self, names: list[str]) -> dict[str, tuple[float, float, float]]:
+        """Reference (limit, lo, up) of ``names`` and of every active tenant."""
+        demand: dict[str, float] = {}
+        for source in (self.used(), self.pending()):
+            for name, units in source.items():
+                demand[name] = demand.get(name, 0.0) + units
+        alloc = group_allocation(self.policy, demand, extra=names)
+        return {n: (s.limit, s.lo, s.up) for n, s in alloc.shares.items()}
+
+
+class Replay:
+    """Drives one client and the model side by side, checking after every step."""
+
+    def __init__(self, client: QuotaClient, clock: ManualClock, policy: GroupPolicy, seed: int):
+        self.client, self.clock, self.policy = client, clock, policy
+        self.rnd = random.Random(seed)
+        self.model = Model(policy, clock.redis_ms())
+        self.names = [t.name for t in policy.tenants]
+        if policy.unknown_tenants == "default":
+            self.names.append(STRANGER)
+        self.ids = (f"r{seed}-{i}" for i in range(10**9))
+        self.log: list[str] = []
+        self.admitted_ids: list[str] = []
+
+    # -- operations ------------------------------------------------------------
+
+    def acquire(self, tenant: str, units: int, rid: str, *, wait: bool) -> None:
+        """One acquire round trip, checked against the reference."""
+        ttl_ms = self.rnd.choice([1000, 3000, 10_000, 30_000])
+        self.model.purge()
+        replay = rid in self.model.leases
+        expected = self.model.reference(tenant, units, rid)
+        self.log.append(f"acquire {tenant} {units} {rid} wait={wait} -> expect {expected}")
+        flow = self.client.core.attempt(tenant, units, self.policy.name, rid, ttl_ms, wait=wait)
+        try:
+            got: Decision = self.client._run(flow)
+        except UnknownTenant:
+            assert expected.reason == "unknown_tenant", self.trace()
+            return
+        if replay:
+            assert got.admitted, self.trace(got)
+            assert got.lease is not None, self.trace(got)
+            assert got.lease.replay, self.trace(got)
+            return
+        assert (got.admitted, got.reason) == (expected.admitted, expected.reason), self.trace(got)
+        assert math.isclose(got.limit, expected.limit, rel_tol=1e-9, abs_tol=1e-6), self.trace(got)
+        held = expected.group_used + (units if got.admitted else 0)
+        assert got.group_used == held, self.trace(got)
+        if got.admitted:
+            self.model.waiting.pop(rid, None)
+            self.model.leases[rid] = Entry(tenant, units, self.model.now + ttl_ms)
+            self.admitted_ids.append(rid)
+        elif wait and got.reason != "too_large":
+            entry = self.model.waiting.get(rid)
+            if entry is None:
+                self.model.registrations += 1
+                entry = Entry(tenant, units, 0, self.model.registrations)
+                self.model.waiting[rid] = entry
+            entry.expiry = self.model.now + round(PENDING_TTL * 1000)
+
+    def release(self, rid: str) -> None:
+        """Release a lease (or withdraw a waiting request) and check the reported state."""
+        entry = self.model.leases.pop(rid, None)
+        expected = ("unknown", 0)
+        if entry is not None:
+            expected = ("expired" if entry.expiry <= self.model.now else "released", entry.units)
+        self.model.waiting.pop(rid, None)
+        self.model.purge()
+        self.log.append(f"release {rid} -> expect {expected}")
+        info = LeaseInfo(rid, entry.tenant if entry else "?", self.policy.name, 1, 0, 0.0)
+        got = self.client.release(info)
+        assert (got.state, got.units) == expected, self.trace(got)
+
+    def renew(self, rid: str) -> None:
+        """Renew a lease: lost if expired, else the over-limit hint of the reference."""
+        ttl = self.rnd.choice([1.0, 5.0, 30.0])
+        entry = self.model.leases.get(rid)
+        live = entry is not None and entry.expiry > self.model.now
+        self.model.purge()
+        self.log.append(f"renew {rid} live={live}")
+        info = LeaseInfo(rid, entry.tenant if entry else "?", self.policy.name, 1, 0, 0.0)
+        got = self.client.renew(info, ttl)
+        assert got.renewed == live, self.trace(got)
+        if entry is None or not live:
+            return
+        entry.expiry = self.model.now + round(ttl * 1000)
+        limit = self.model.limits([entry.tenant])[entry.tenant][0]
+        used = self.model.used().get(entry.tenant, 0)
+        assert got.used == used, self.trace(got)
+        assert math.isclose(got.limit, limit, rel_tol=1e-9, abs_tol=1e-6), self.trace(got)
+        assert got.over_limit == (used > limit + EPSILON), self.trace(got)
+
+    def advance(self) -> None:
+        """Move the pinned Redis time (sometimes exactly onto an expiry)."""
+        expiries = [e.expiry for e in (*self.model.leases.values(), *self.model.waiting.values())]
+        if expiries and self.rnd.random() < 0.3:
+            target = self.rnd.choice(expiries) + self.rnd.choice([-1, 0, 0, 1])
+            ms = max(0, target - self.model.now)
+        else:
+            ms = self.rnd.choice([1, 50, 500, 2000, 5000, 20_000])
+        self.clock.advance(ms / 1000)
+        self.model.now = self.clock.redis_ms()
+        self.log.append(f"advance {ms}ms -> {self.model.now}")
+
+    # -- checks ----------------------------------------------------------------
+
+    def check_snapshot(self) -> None:
+        """Every tenant's used, pending and limit/lo/up as the reference says, at one moment."""
+        snap = self.client.snapshot(self.policy.name, self.names)
+        used, pending = self.model.used(), self.model.pending()
+        reference = self.model.limits(self.names)
+        assert snap.used == sum(used.values()), self.trace(snap)
+        for name, tenant in snap.tenants.items():
+            assert tenant.used == used.get(name, 0), self.trace(snap)
+            assert tenant.pending == pending.get(name, 0), self.trace(snap)
+            if name in reference:
+                got = (tenant.limit, tenant.lo, tenant.up)
+                for a, b in zip(got, reference[name], strict=True):
+                    assert math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-6), self.trace(snap)
+        assert sum(used.values()) <= self.policy.capacity
+
+    def trace(self, got: object = None) -> str:
+        """The last steps, for a failure message."""
+        tail = "\n".join(self.log[-15:])
+        return f"policy={self.policy}\n{tail}\ngot={got}"
+
+    # -- the run ---------------------------------------------------------------
+
+    def lease_pool(self) -> list[str]:
+        """Ids to release or renew: mostly known leases, sometimes any id ever admitted."""
+        if self.model.leases and self.rnd.random() < 0.9:
+            return sorted(self.model.leases)
+        return self.admitted_ids
+
+    def step(self) -> None:
+        """One random operation, then a snapshot check."""
+        rnd, model = self.rnd, self.model
+        roll = rnd.random()
+        capacity = self.policy.capacity
+        units = rnd.choice([1, 1, 2, 3, max(1, capacity // 4), max(1, capacity // 2), capacity + 1])
+        units = max(1, min(units, rnd.randint(1, capacity + 1)))
+        tenant = rnd.choice(self.names)
+        if roll < 0.28:
+            self.acquire(tenant, units, next(self.ids), wait=False)
+        elif roll < 0.43:
+            self.acquire(tenant, units, next(self.ids), wait=True)
+        elif roll < 0.58 and model.waiting:
+            rid = rnd.choice(sorted(model.waiting))
+            entry = model.waiting[rid]
+            self.acquire(entry.tenant, entry.units, rid, wait=True)
+        elif roll < 0.61 and model.leases:
+            rid = rnd.choice(sorted(model.leases))
+            entry = model.leases[rid]
+            self.acquire(entry.tenant, entry.units, rid, wait=False)
+        elif roll < 0.76 and (model.leases or self.admitted_ids):
+            self.release(rnd.choice(self.lease_pool()))
+        elif roll < 0.79 and model.waiting:
+            self.release(rnd.choice(sorted(model.waiting)))
+        elif roll < 0.88 and (model.leases or self.admitted_ids):
+            self.renew(rnd.choice(self.lease_pool()))
+        else:
+            self.advance()
+        self.check_snapshot()
+
+
+def replay_many(make_backend: object, steps: int) -> None:
+    """Replays ``SEEDS`` random policies of ``steps // SEEDS`` steps each."""
+    assert callable(make_backend)
+    per_seed = max(1, steps // SEEDS)
+    base = int(os.environ.get("RATEQUOTA_DIFF_SEED", "1"))
+    for seed in range(base, base + SEEDS):
+        rnd = random.Random(seed)
+        policy = random_policy(rnd, f"diff-{seed}")
+        clock = ManualClock()
+        client = QuotaClient(
+            backend=make_backend(),
+            clock=clock,
+            purge_limit=100_000,
+            pending_ttl=PENDING_TTL,
+            catalog_ttl=3600.0,
+        )
+        try:
+            client.apply_policy(Policy([policy]))
+            replay = Replay(client, clock, policy, seed)
+            for _ in range(per_seed):
+                replay.step()
+        finally:
+            client.close()
+
+
+@pytest.fixture
+def fake_backends() -> object:
+    """A factory of private fakeredis backends."""
+    return lambda: embedded_backend(shared=False)
+
+
+def test_lua_matches_reference_on_fakeredis(fake_backends: object) -> None:
+    """Random operation sequences on fakeredis: every decision and limit equals the reference."""
+    replay_many(fake_backends, total_steps())
+
+
+@pytest.mark.real_redis
+def test_lua_matches_reference_on_real_redis(real_redis: RedisServer) -> None:
+    """The same random sequences on a real redis-server (its Lua, its float formatting)."""
+
+    def backend() -> SingleBackend:
+        return url_backend(real_redis.url, socket_timeout=5.0)
+
+    replay_many(backend, total_steps())
