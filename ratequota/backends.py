@@ -25,6 +25,7 @@ __all__ = [
     "ShardedBackend",
     "SingleBackend",
     "embedded_backend",
+    "embedded_server",
     "is_noscript",
     "translate_error",
     "url_backend",
@@ -112,17 +113,20 @@ def embedded_backend(*, shared: bool = True, server: Any = None) -> SingleBacken
     """
     import fakeredis
 
-    global _EMBEDDED_SERVER
-    if server is not None:
-        pass
-    elif shared:
-        with _EMBEDDED_LOCK:  # held only to create the server object, never across I/O
-            if _EMBEDDED_SERVER is None:
-                _EMBEDDED_SERVER = fakeredis.FakeServer()
-            server = _EMBEDDED_SERVER
-    else:
-        server = fakeredis.FakeServer()
+    if server is None:
+        server = embedded_server() if shared else fakeredis.FakeServer()
     return SingleBackend(fakeredis.FakeRedis(server=server), "embedded fakeredis")
+
+
+def embedded_server() -> Any:
+    """The process-wide ``fakeredis.FakeServer`` shared by sync and async embedded clients."""
+    import fakeredis
+
+    global _EMBEDDED_SERVER
+    with _EMBEDDED_LOCK:  # held only to create the server object, never across I/O
+        if _EMBEDDED_SERVER is None:
+            _EMBEDDED_SERVER = fakeredis.FakeServer()
+        return _EMBEDDED_SERVER
 
 
 def _redact(url: str) -> str:
@@ -231,7 +235,7 @@ class ClusterBackend:
             )
         except ValueError as exc:
             raise ConfigError("cluster", str(exc)) from exc
-        except redis.exceptions.RedisError as exc:
+        except (redis.exceptions.RedisError, redis.exceptions.RedisClusterException) as exc:
             raise translate_error(exc, _redact(url)) from exc
         self.description = f"cluster at {_redact(url)}"
 

@@ -15,6 +15,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import redis
 
@@ -207,7 +208,7 @@ class RedisCluster:
 
     def _all_ok(self) -> bool:
         for node in self.nodes:
-            client = node.client()
+            client: Any = node.client()
             try:
                 info = client.execute_command("CLUSTER", "INFO")
                 text = info.decode() if isinstance(info, bytes) else str(info)
@@ -224,9 +225,9 @@ class RedisCluster:
 
     def node_ids(self) -> dict[int, str]:
         """Cluster node id by port."""
-        ids = {}
+        ids: dict[int, str] = {}
         for node in self.nodes:
-            client = node.client()
+            client: Any = node.client()
             try:
                 ids[node.port] = client.execute_command("CLUSTER", "MYID").decode()
             finally:
@@ -235,7 +236,7 @@ class RedisCluster:
 
     def owner(self, slot: int) -> RedisServer:
         """The node currently serving ``slot``."""
-        client = self.nodes[0].client()
+        client: Any = self.nodes[0].client()
         try:
             for start, end, primary, *_ in client.execute_command("CLUSTER", "SLOTS"):
                 if start <= slot <= end:
@@ -257,7 +258,8 @@ class RedisCluster:
         if source is target:
             raise ValueError("the slot already lives on the target")
         ids = self.node_ids()
-        src, dst = source.client(), target.client()
+        src: Any = source.client()
+        dst: Any = target.client()
         moved = 0
         try:
             dst.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", ids[source.port])
@@ -275,7 +277,7 @@ class RedisCluster:
             # The target first (it ends its IMPORTING state), then the source, then the rest.
             order = [target, source, *(n for n in self.nodes if n not in (target, source))]
             for node in order:
-                client = node.client()
+                client: Any = node.client()
                 try:
                     client.execute_command("CLUSTER", "SETSLOT", slot, "NODE", ids[target.port])
                 finally:
