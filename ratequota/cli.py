@@ -48,9 +48,28 @@ def _demo_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     parser.set_defaults(handler=run)
 
 
+def _simulate_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from ratequota.simulate import add_arguments, run
+
+    parser = sub.add_parser(
+        "simulate", help="a fleet of pods sharing groups of tenants; prints fairness and safety"
+    )
+    add_backend_options(parser)
+    add_arguments(parser)
+    parser.set_defaults(handler=run)
+
+
+def _operator_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from ratequota.operator import add_commands
+
+    add_commands(sub, add_backend_options)
+
+
 #: Every sub-command: a function adding its parser (with ``handler`` set).
 COMMANDS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = [
     _demo_command,
+    _simulate_command,
+    _operator_commands,
 ]
 
 

@@ -331,11 +331,18 @@ class Policy:
         try:
             data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
-            raise PolicyFileError(str(path), f"not valid TOML: {exc}") from exc
+            from ratequota.tomlpos import syntax_line
+
+            line = syntax_line(exc)
+            where = f"{path}:{line}" if line else str(path)
+            raise PolicyFileError(where, f"not valid TOML: {exc}") from exc
         try:
             return cls.from_dict(data)
         except ConfigError as exc:
-            raise PolicyFileError(str(path), str(exc)) from exc
+            from ratequota.tomlpos import locate_field
+
+            line = locate_field(text, exc.field)
+            raise PolicyFileError(f"{path}:{line}" if line else str(path), str(exc)) from exc
 
 
 def _reject_unknown(where: str, data: Mapping[str, Any], known: set[str]) -> None:

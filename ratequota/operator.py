@@ -1,0 +1,204 @@
+"""Operator commands: publish and read the policy, and look inside a live group.
+
+``ratequota policy apply FILE`` validates a TOML policy file and publishes it
+for every pod; ``ratequota policy show`` prints the published policy (as TOML
+that ``policy apply`` accepts back, or JSON); ``ratequota inspect --group G``
+prints one consistent snapshot of a group: per tenant what it holds, its fair
+limit, its waiting demand and what it borrows, and the live leases.
+
+Formatting is pure (``policy_to_toml``, ``render_snapshot``) and tested on
+its own; the handlers only read files, call the client and print.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from ratequota.decision import GroupSnapshot
+from ratequota.errors import ConfigError
+from ratequota.policy import Policy
+
+__all__ = ["add_commands", "policy_to_toml", "render_snapshot", "snapshot_to_dict"]
+
+SubParsers = argparse._SubParsersAction[argparse.ArgumentParser]
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ConfigError("policy", f"cannot write {value!r} to TOML")
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)  # a JSON string is a valid TOML basic string
+    raise ConfigError("policy", f"cannot write {type(value).__name__} to TOML")
+
+
+def _toml_table(data: Mapping[str, Any]) -> list[str]:
+    lines = []
+    for key, value in data.items():
+        if isinstance(value, Mapping):
+            inner = ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items())
+            lines.append(f"{key} = {{ {inner} }}")
+        elif value is not None:
+            lines.append(f"{key} = {_toml_value(value)}")
+    return lines
+
+
+def policy_to_toml(policy: Policy) -> str:
+    """The policy as a TOML document that ``Policy.from_toml`` reads back unchanged."""
+    data = policy.to_dict()
+    lines: list[str] = []
+    if "default_group" in data:
+        lines.append(f"default_group = {_toml_value(data['default_group'])}")
+        lines.append("")
+    for group in data["groups"]:
+        lines.append("[[groups]]")
+        lines += _toml_table({k: v for k, v in group.items() if k != "tenants"})
+        for tenant in group["tenants"]:
+            lines.append("")
+            lines.append("[[groups.tenants]]")
+            lines += _toml_table(tenant)
+        lines.append("")
+    return "\n".join(lines)
+
+
+def snapshot_to_dict(snap: GroupSnapshot) -> dict[str, Any]:
+    """A snapshot as plain JSON-ready data."""
+    return {
+        "group": snap.group,
+        "now": snap.now,
+        "capacity": snap.capacity,
+        "used": snap.used,
+        "policy_version": snap.policy_version,
+        "tenants": {
+            name: {
+                "used": t.used,
+                "limit": t.limit,
+                "pending": t.pending,
+                "guarantee": t.guarantee,
+                "borrowed": t.borrowed,
+            }
+            for name, t in snap.tenants.items()
+        },
+        "leases": [
+            {
+                "id": lease.id,
+                "tenant": lease.tenant,
+                "units": lease.units,
+                "token": lease.token,
+                "expires_at": lease.expires_at,
+            }
+            for lease in snap.leases
+        ],
+        "leases_truncated": snap.leases_truncated,
+    }
+
+
+def render_snapshot(snap: GroupSnapshot, *, leases: bool = True) -> str:
+    """A snapshot as the table ``ratequota inspect`` prints."""
+    out = [
+        f"group {snap.group!r}: {snap.used} of {snap.capacity} units held "
+        f"({len(snap.leases)}{'+' if snap.leases_truncated else ''} leases), "
+        f"policy version {snap.policy_version}",
+        "",
+    ]
+    header = (
+        f"{'tenant':20} {'used':>5} {'limit':>7} {'pending':>7} {'guarantee':>9} {'borrowed':>8}"
+    )
+    out += [header, "-" * len(header)]
+    for name in sorted(snap.tenants):
+        t = snap.tenants[name]
+        out.append(
+            f"{name:20} {t.used:5d} {t.limit:7.1f} {t.pending:7d} {t.guarantee:9d} {t.borrowed:8d}"
+        )
+    if leases and snap.leases:
+        out += ["", f"{'lease':34} {'tenant':20} {'units':>5} {'token':>7} {'expires in':>10}"]
+        for lease in sorted(snap.leases, key=lambda item: item.expires_at):
+            out.append(
+                f"{lease.id:34} {lease.tenant:20} {lease.units:5d} {lease.token:7d} "
+                f"{lease.expires_at - snap.now:9.1f}s"
+            )
+        if snap.leases_truncated:
+            out.append("... more leases not listed")
+    return "\n".join(out)
+
+
+def _apply(args: argparse.Namespace) -> int:
+    from ratequota.cli import client_from_args
+
+    policy = Policy.from_toml(args.file)  # PolicyFileError names the file, line and field
+    if args.dry_run:
+        for group in policy.groups:
+            print(f"group {group.name!r}: capacity {group.capacity}, {len(group.tenants)} tenants")
+        print(f"{args.file}: valid; nothing published (--dry-run)")
+        return 0
+    with client_from_args(args) as client:
+        versions = client.apply_policy(policy)
+    for name, version in versions.items():
+        print(f"published group {name!r} (policy version {version})")
+    return 0
+
+
+def _show(args: argparse.Namespace) -> int:
+    from ratequota.cli import client_from_args
+
+    with client_from_args(args) as client:
+        policy = client.load_policy()
+    if policy is None:
+        print("no policy is published (ratequota policy apply FILE publishes one)")
+        return 1
+    if args.json:
+        print(json.dumps(policy.to_dict(), indent=2, ensure_ascii=False))
+    else:
+        print(policy_to_toml(policy), end="")
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from ratequota.cli import client_from_args
+
+    with client_from_args(args) as client:
+        policy = client.load_policy()
+        group = policy.group(args.group) if policy is not None else None
+        names = [t.name for t in group.tenants] if group is not None else []
+        snap = client.snapshot(args.group, names)
+    if args.json:
+        print(json.dumps(snapshot_to_dict(snap), indent=2, ensure_ascii=False))
+    else:
+        print(render_snapshot(snap, leases=not args.no_leases))
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(snap.now))
+        print(f"\n(read at {stamp} UTC, Redis time)")
+    return 0
+
+
+def add_commands(
+    sub: SubParsers, add_backend_options: Callable[[argparse.ArgumentParser], None]
+) -> None:
+    """Register ``policy apply``, ``policy show`` and ``inspect``."""
+    policy = sub.add_parser("policy", help="publish or read the quota policy")
+    actions = policy.add_subparsers(dest="policy_command", required=True)
+    apply = actions.add_parser("apply", help="validate a TOML policy file and publish it")
+    apply.add_argument("file", metavar="FILE", help="policy file (TOML)")
+    apply.add_argument("--dry-run", action="store_true", help="validate only, publish nothing")
+    add_backend_options(apply)
+    apply.set_defaults(handler=_apply)
+    show = actions.add_parser("show", help="print the published policy")
+    show.add_argument("--json", action="store_true", help="JSON instead of TOML")
+    add_backend_options(show)
+    show.set_defaults(handler=_show)
+
+    inspect = sub.add_parser("inspect", help="live per-tenant usage, limits and leases of a group")
+    inspect.add_argument("--group", required=True, help="the group to look at")
+    inspect.add_argument("--json", action="store_true", help="JSON instead of a table")
+    inspect.add_argument("--no-leases", action="store_true", help="omit the list of leases")
+    add_backend_options(inspect)
+    inspect.set_defaults(handler=_inspect)

@@ -1,0 +1,389 @@
+"""Simulation scenarios: a policy plus the traffic each tenant sends, pure and validated.
+
+A scenario is what ``ratequota simulate`` plays: the groups and tenants of a
+policy, and for every tenant a *traffic* description saying how many batches
+it wants in flight at each moment, how many units each takes and how long
+each runs. Traffic is closed-loop: a tenant with concurrency 6 keeps six
+requests outstanding (waiting or running) while it is active, like a batch
+client with six workers.
+
+Three patterns cover what a region sees:
+
+* ``steady`` — ``concurrency`` requests in flight for the whole run;
+* ``bursty`` — ``concurrency`` during a burst, ``low`` between bursts; bursts
+  take ``duty`` of every ``period``;
+* ``lender`` — steady, except idle between ``idle_from`` and ``idle_until``:
+  the tenant lends its guarantee out, then comes back and must get it back.
+
+Times that shape the schedule (``period``, ``idle_from``, ``idle_until``,
+``start``, ``stop``) are fractions of the run, so one scenario plays the same
+story in 5 s or in 60 s; ``hold`` (how long one batch runs) is in seconds.
+
+Scenario files are TOML: a ``[simulation]`` table and the policy's
+``[[groups]]``, where each ``[[groups.tenants]]`` may carry a ``traffic``
+table. Errors name the file and the field (and the line where TOML gives one).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import attrs
+
+from ratequota.errors import ConfigError, PolicyFileError
+from ratequota.policy import GroupPolicy, Policy, TenantPolicy
+from ratequota.tomlpos import locate_field, syntax_line
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised only on Python 3.10
+    import tomli as tomllib  # type: ignore[import-not-found,no-redef,unused-ignore]
+
+__all__ = [
+    "Pattern",
+    "Scenario",
+    "TenantLoad",
+    "Traffic",
+    "default_scenario",
+    "load_scenario",
+]
+
+Pattern = Literal["steady", "bursty", "lender"]
+
+_PATTERNS = ("steady", "bursty", "lender")
+
+
+def _number(field: str, value: object, *, low: float, high: float = math.inf) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(field, f"must be a number, got {value!r}")
+    if not low <= value <= high:
+        bound = f"within [{low:g}, {high:g}]" if high != math.inf else f">= {low:g}"
+        raise ConfigError(field, f"must be {bound}, got {value}")
+    return float(value)
+
+
+def _count(field: str, value: object, *, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(field, f"must be an integer, got {value!r}")
+    if value < low:
+        raise ConfigError(field, f"must be >= {low}, got {value}")
+    return value
+
+
+def _check_traffic(instance: Traffic, _attr: attrs.Attribute[str], _value: str) -> None:
+    if instance.pattern not in _PATTERNS:
+        raise ConfigError(
+            "pattern", f"must be one of {', '.join(_PATTERNS)}, got {instance.pattern!r}"
+        )
+    _count("concurrency", instance.concurrency, low=1)
+    _count("units", instance.units, low=1)
+    _number("hold", instance.hold, low=0.01, high=3600)
+    _count("low", instance.low, low=0)
+    if instance.low > instance.concurrency:
+        raise ConfigError(
+            "low", f"must be <= concurrency ({instance.concurrency}), got {instance.low}"
+        )
+    _number("period", instance.period, low=0.01, high=1)
+    _number("duty", instance.duty, low=0.01, high=1)
+    _number("idle_from", instance.idle_from, low=0, high=1)
+    _number("idle_until", instance.idle_until, low=0, high=1)
+    if instance.idle_until <= instance.idle_from:
+        raise ConfigError("idle_until", "must be after idle_from")
+    _number("start", instance.start, low=0, high=1)
+    _number("stop", instance.stop, low=0, high=1)
+    if instance.stop <= instance.start:
+        raise ConfigError("stop", "must be after start")
+
+
+@attrs.frozen
+class Traffic:
+    """How one tenant loads its group over the run (see the module docstring)."""
+
+    pattern: Pattern = attrs.field(default="steady", validator=_check_traffic)
+    concurrency: int = 4
+    units: int = 1
+    hold: float = 0.5
+    low: int = 0
+    period: float = 0.2
+    duty: float = 0.5
+    idle_from: float = 0.3
+    idle_until: float = 0.6
+    start: float = 0.0
+    stop: float = 1.0
+
+    def concurrency_at(self, fraction: float) -> int:
+        """Requests the tenant wants in flight at ``fraction`` (0..1) of the run."""
+        if not self.start <= fraction < self.stop:
+            return 0
+        if self.pattern == "bursty":
+            phase = ((fraction - self.start) / self.period) % 1.0
+            return self.concurrency if phase < self.duty else self.low
+        if self.pattern == "lender" and self.idle_from <= fraction < self.idle_until:
+            return 0
+        return self.concurrency
+
+    def changes(self) -> list[float]:
+        """Fractions of the run where the concurrency may change (sorted, within [0, 1])."""
+        points = {0.0, self.start, self.stop}
+        if self.pattern == "lender":
+            points |= {self.idle_from, self.idle_until}
+        elif self.pattern == "bursty":
+            k = 0
+            while self.start + k * self.period < self.stop and k < 10_000:
+                base = self.start + k * self.period
+                points |= {base, base + self.duty * self.period}
+                k += 1
+        return sorted(p for p in points if 0.0 <= p <= 1.0)
+
+    def demand_at(self, fraction: float) -> int:
+        """Units the tenant asks for at ``fraction`` of the run (in flight times units)."""
+        return self.concurrency_at(fraction) * self.units
+
+
+@attrs.frozen
+class TenantLoad:
+    """One tenant's traffic, with the group it is charged to."""
+
+    tenant: str
+    group: str
+    traffic: Traffic
+
+
+def _check_scenario(instance: Scenario, _attr: attrs.Attribute[str], _value: str) -> None:
+    _number("simulation.duration", instance.duration, low=0.5, high=3600)
+    _count("simulation.pods", instance.pods, low=1)
+    if instance.pods > 1000:
+        raise ConfigError("simulation.pods", f"must be <= 1000, got {instance.pods}")
+    _number("simulation.lease_ttl", instance.lease_ttl, low=1, high=3600)
+    _number("simulation.acquire_timeout", instance.acquire_timeout, low=0, high=600)
+    _number("simulation.sample_interval", instance.sample_interval, low=0.01, high=60)
+    _count("simulation.seed", instance.seed, low=0)
+    if not instance.loads:
+        raise ConfigError(
+            "groups", "no tenant has traffic: give at least one tenant a traffic table"
+        )
+    for load in instance.loads:
+        group = instance.policy.group(load.group)
+        if group is None or group.tenant(load.tenant) is None:
+            raise ConfigError(f"tenant {load.tenant!r}", f"is not a tenant of group {load.group!r}")
+        largest = min(group.capacity, group.tenant(load.tenant).ceiling)  # type: ignore[union-attr]
+        if load.traffic.units > largest:
+            raise ConfigError(
+                f"tenant {load.tenant!r}: traffic.units",
+                f"{load.traffic.units} units can never be admitted (at most {largest:g})",
+            )
+        if load.traffic.hold >= instance.lease_ttl:
+            raise ConfigError(
+                f"tenant {load.tenant!r}: traffic.hold",
+                f"must be shorter than simulation.lease_ttl ({instance.lease_ttl:g} s)",
+            )
+
+
+@attrs.frozen
+class Scenario:
+    """A policy, each tenant's traffic, and how to run them."""
+
+    name: str = attrs.field(validator=_check_scenario)
+    policy: Policy
+    loads: tuple[TenantLoad, ...]
+    duration: float = 20.0
+    pods: int = 60
+    lease_ttl: float = 10.0
+    acquire_timeout: float = 2.0
+    sample_interval: float = 0.2
+    seed: int = 0
+
+    def load_of(self, tenant: str) -> TenantLoad | None:
+        """The traffic of ``tenant`` (None when it sends none)."""
+        for load in self.loads:
+            if load.tenant == tenant:
+                return load
+        return None
+
+    def group_loads(self, group: str) -> list[TenantLoad]:
+        """The loads charged to ``group``, in policy order."""
+        return [load for load in self.loads if load.group == group]
+
+    def workers(self) -> int:
+        """Threads the run needs: the peak concurrency of every tenant, summed."""
+        return sum(load.traffic.concurrency for load in self.loads)
+
+    def with_overrides(self, **changes: Any) -> Scenario:
+        """A copy with the given run settings replaced (None values are ignored)."""
+        return attrs.evolve(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+# -- the default scenario ------------------------------------------------------
+
+
+def default_scenario() -> Scenario:
+    """A region in miniature: three groups, steady and bursty tenants, a lender that returns.
+
+    * ``search`` (48 units): ``web`` is steady and weighted 2, ``batch`` bursts,
+      ``research`` lends its 16 units while idle and comes back for them,
+      ``adhoc`` has no guarantee and lives on borrowed capacity.
+    * ``chat`` (32 units): ``prod`` keeps half of its guarantee in reserve,
+      ``eval`` borrows, ``staging`` bursts.
+    * ``embed`` (16 units): two saturating tenants with equal guarantees and
+      weights 3 and 1 split the spare capacity 3:1.
+    """
+    steady: Pattern = "steady"
+    bursty: Pattern = "bursty"
+    lender: Pattern = "lender"
+    plan: list[tuple[str, int, list[tuple[TenantPolicy, Traffic]]]] = [
+        (
+            "search",
+            48,
+            [
+                (TenantPolicy("web", guarantee=16, weight=2), Traffic(steady, 10, 2, 0.6)),
+                (
+                    TenantPolicy("research", guarantee=16),
+                    Traffic(lender, 4, 4, 1.0, idle_from=0.25, idle_until=0.55),
+                ),
+                (
+                    TenantPolicy("batch", guarantee=8, borrow_limit=16),
+                    Traffic(bursty, 12, 2, 0.8, low=1, period=0.2, duty=0.5),
+                ),
+                (
+                    TenantPolicy("adhoc", guarantee=0, weight=0.5, borrow_limit=16),
+                    Traffic(steady, 8, 2, 0.6),
+                ),
+            ],
+        ),
+        (
+            "chat",
+            32,
+            [
+                (TenantPolicy("prod", guarantee=20, lendable=0.5), Traffic(steady, 6, 2, 0.5)),
+                (TenantPolicy("eval", guarantee=8, borrow_limit=16), Traffic(steady, 10, 2, 0.7)),
+                (
+                    TenantPolicy("staging", guarantee=4),
+                    Traffic(bursty, 6, 2, 0.5, period=0.25, duty=0.4),
+                ),
+            ],
+        ),
+        (
+            "embed",
+            16,
+            [
+                (TenantPolicy("alpha", guarantee=4, weight=3), Traffic(steady, 12, 1, 0.5)),
+                (TenantPolicy("beta", guarantee=4, weight=1), Traffic(steady, 12, 1, 0.5)),
+            ],
+        ),
+    ]
+    groups = []
+    loads = []
+    for name, capacity, tenants in plan:
+        groups.append(GroupPolicy(name, capacity=capacity, tenants=tuple(t for t, _ in tenants)))
+        loads += [TenantLoad(t.name, name, traffic) for t, traffic in tenants]
+    return Scenario(name="default region", policy=Policy(tuple(groups)), loads=tuple(loads))
+
+
+# -- scenario files ------------------------------------------------------------
+
+_SIMULATION_KEYS = {
+    "name",
+    "duration",
+    "pods",
+    "lease_ttl",
+    "acquire_timeout",
+    "sample_interval",
+    "seed",
+}
+_TRAFFIC_KEYS = {f.name for f in attrs.fields(Traffic)}
+
+
+def scenario_from_dict(data: Mapping[str, Any], *, name: str = "custom") -> Scenario:
+    """Build a scenario from parsed TOML; ``ConfigError`` names the field at fault."""
+    if not isinstance(data, Mapping):
+        raise ConfigError("scenario", "must be a table")
+    unknown = sorted(set(data) - {"simulation", "groups", "default_group"})
+    if unknown:
+        raise ConfigError(unknown[0], "unknown top-level table (known: simulation, groups)")
+    sim = data.get("simulation", {})
+    if not isinstance(sim, Mapping):
+        raise ConfigError("simulation", "must be a table")
+    extra = sorted(set(sim) - _SIMULATION_KEYS)
+    if extra:
+        raise ConfigError(
+            f"simulation.{extra[0]}",
+            f"unknown field (known: {', '.join(sorted(_SIMULATION_KEYS))})",
+        )
+    groups = data.get("groups")
+    if not isinstance(groups, list) or not groups:
+        raise ConfigError("groups", "a scenario needs at least one [[groups]] table")
+    policy_groups: list[dict[str, Any]] = []
+    traffic: list[tuple[str, str, Traffic]] = []
+    for gi, group in enumerate(groups):
+        if not isinstance(group, Mapping):
+            raise ConfigError(f"groups[{gi}]", "must be a table")
+        stripped = dict(group)
+        tenants = group.get("tenants", [])
+        if isinstance(tenants, list):
+            stripped["tenants"] = []
+            for ti, tenant in enumerate(tenants):
+                if not isinstance(tenant, Mapping):
+                    raise ConfigError(f"groups[{gi}].tenants[{ti}]", "must be a table")
+                tenant = dict(tenant)
+                spec = tenant.pop("traffic", None)
+                stripped["tenants"].append(tenant)
+                if spec is not None:
+                    where = f"groups[{gi}].tenants[{ti}].traffic"
+                    traffic.append(
+                        (
+                            str(tenant.get("name")),
+                            str(group.get("name")),
+                            _traffic_from(where, spec),
+                        )
+                    )
+        policy_groups.append(stripped)
+    policy_data: dict[str, Any] = {"groups": policy_groups}
+    if "default_group" in data:
+        policy_data["default_group"] = data["default_group"]
+    policy = Policy.from_dict(policy_data)
+    settings = {k: sim[k] for k in _SIMULATION_KEYS - {"name"} if k in sim}
+    return Scenario(
+        name=str(sim.get("name", name)),
+        policy=policy,
+        loads=tuple(TenantLoad(t, g, spec) for t, g, spec in traffic),
+        **settings,
+    )
+
+
+def _traffic_from(where: str, spec: object) -> Traffic:
+    if not isinstance(spec, Mapping):
+        raise ConfigError(where, "must be a table")
+    unknown = sorted(set(spec) - _TRAFFIC_KEYS)
+    if unknown:
+        raise ConfigError(
+            f"{where}.{unknown[0]}", f"unknown field (known: {', '.join(sorted(_TRAFFIC_KEYS))})"
+        )
+    try:
+        return Traffic(**spec)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}.{exc.field}", str(exc).split(": ", 1)[1]) from None
+
+
+def load_scenario(path: str | Path) -> Scenario:
+    """Read a scenario file; errors name the file, the line where known, and the field."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise PolicyFileError(str(path), f"cannot read: {exc.strerror}") from exc
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        line = syntax_line(exc)
+        where = f"{path}:{line}" if line else str(path)
+        raise PolicyFileError(where, f"not valid TOML: {exc}") from exc
+    try:
+        return scenario_from_dict(data, name=path.stem)
+    except ConfigError as exc:
+        line = locate_field(text, exc.field)
+        where = f"{path}:{line}" if line else str(path)
+        raise PolicyFileError(where, str(exc)) from exc

@@ -1,0 +1,502 @@
+"""Bookkeeping and statistics of a simulation run, as pure functions over recorded events.
+
+The simulation's threads only record what happened — a lease held from
+``start`` to ``end`` (``Interval``), a request decided after waiting
+(``Outcome``), a group snapshot taken (``Sample``) — and everything printed
+is computed here afterwards: units held over time, peaks, borrowed
+unit-seconds, percentiles of waiting, how long a returning lender took to get
+its guarantee back, utilisation, Jain's fairness index and the safety checks.
+Times are seconds since the start of the run.
+
+Two independent safety checks:
+
+* from the *snapshots* (Redis's own view, one script call per group): units
+  held never exceed the capacity, nor any tenant's ``G + B``;
+* from the *client-side intervals*: a lease is recorded as held only between
+  the acquire returning and the release being sent, a sub-interval of its life
+  in Redis, so the sum of recorded intervals at any instant must also stay
+  within the capacity. This check sees every instant, not only sampled ones.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+
+import attrs
+
+from ratequota.fairness import group_allocation
+from ratequota.policy import GroupPolicy
+from ratequota.scenario import Scenario
+
+__all__ = [
+    "GroupReport",
+    "Interval",
+    "Outcome",
+    "Report",
+    "Sample",
+    "TenantReport",
+    "binned_average",
+    "build_report",
+    "expected_limits",
+    "integral",
+    "jain_index",
+    "level_at",
+    "percentile",
+    "reclaim_time",
+    "render_report",
+    "step_function",
+]
+
+
+@attrs.frozen
+class Interval:
+    """Units a tenant held from ``start`` to ``end`` (one lease, client-side view)."""
+
+    tenant: str
+    group: str
+    units: int
+    start: float
+    end: float
+
+
+@attrs.frozen
+class Outcome:
+    """One request's fate: admitted after ``wait`` seconds, or refused after waiting."""
+
+    tenant: str
+    at: float
+    wait: float
+    admitted: bool
+
+
+@attrs.frozen
+class Sample:
+    """One group snapshot: Redis's view of who holds what at ``at``."""
+
+    group: str
+    at: float
+    capacity: int
+    used: int
+    tenant_used: Mapping[str, int]
+    tenant_limit: Mapping[str, float]
+    lease_units: int
+
+
+Steps = list[tuple[float, int]]
+
+
+def step_function(intervals: Iterable[Interval]) -> Steps:
+    """Units held over time as ``(time, level)`` steps, level holding until the next time.
+
+    Starts at ``(0.0, 0)``. At equal times releases apply before acquisitions,
+    matching Redis, where a release must precede the acquire that reuses its
+    units.
+    """
+    events: list[tuple[float, int]] = []
+    for iv in intervals:
+        events.append((iv.start, iv.units))
+        events.append((iv.end, -iv.units))
+    events.sort(key=lambda e: (e[0], e[1]))
+    steps: Steps = [(0.0, 0)]
+    level = 0
+    for at, delta in events:
+        level += delta
+        if steps[-1][0] == at:
+            steps[-1] = (at, level)
+        else:
+            steps.append((at, level))
+    return steps
+
+
+def level_at(steps: Steps, at: float) -> int:
+    """The level of a step function at time ``at``."""
+    level = 0
+    for time, value in steps:
+        if time > at:
+            break
+        level = value
+    return level
+
+
+def integral(steps: Steps, until: float, *, above: float = 0.0) -> float:
+    """``∫ max(0, level - above) dt`` from 0 to ``until``: unit-seconds held (above a line)."""
+    total = 0.0
+    for (t0, level), (t1, _) in zip(steps, [*steps[1:], (until, 0)], strict=False):
+        lo, hi = min(t0, until), min(t1, until)
+        if hi > lo:
+            total += max(0.0, level - above) * (hi - lo)
+    return total
+
+
+def binned_average(steps: Steps, until: float, width: float) -> tuple[list[float], list[float]]:
+    """Mean level over consecutive bins of ``width`` seconds: (bin centres, means).
+
+    What the picture draws: a lease that is released and at once re-acquired
+    leaves a zero-width dip in the raw steps, which averaging hides.
+    """
+    count = max(1, math.ceil(until / width))
+    centres: list[float] = []
+    means: list[float] = []
+    for k in range(count):
+        lo, hi = k * width, min(until, (k + 1) * width)
+        held = integral(steps, hi) - integral(steps, lo)
+        centres.append((lo + hi) / 2)
+        means.append(held / (hi - lo) if hi > lo else 0.0)
+    return centres, means
+
+
+def peak(steps: Steps) -> int:
+    """Highest level reached."""
+    return max((level for _, level in steps), default=0)
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The ``q``-th percentile (0..100) with linear interpolation; NaN for no values."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    rank = (len(ordered) - 1) * q / 100.0
+    low = math.floor(rank)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+def jain_index(values: Sequence[float]) -> float:
+    """Jain's fairness index ``(Σx)² / (n·Σx²)``: 1 when all equal, 1/n when one takes all.
+
+    NaN for no values; 1 when every value is zero (nobody was favoured).
+    """
+    if not values:
+        return math.nan
+    square_sum = math.fsum(x * x for x in values)
+    if square_sum == 0:
+        return 1.0
+    return math.fsum(values) ** 2 / (len(values) * square_sum)
+
+
+def reclaim_time(steps: Steps, since: float, target: int) -> float | None:
+    """Seconds after ``since`` until the level first reaches ``target`` (None: never)."""
+    if target <= 0:
+        return 0.0
+    level = level_at(steps, since)
+    if level >= target:
+        return 0.0
+    for at, value in steps:
+        if at > since and value >= target:
+            return at - since
+    return None
+
+
+def expected_limits(
+    group: GroupPolicy, scenario: Scenario, *, step: float = 0.05
+) -> dict[str, list[tuple[float, float, float]]]:
+    """The reference fair limits over the run for the scenario's *intended* demand.
+
+    For every tenant with traffic: ``(time, demand, limit)`` on a grid of
+    ``step`` seconds, computed by ``ratequota.fairness`` from what each tenant
+    asks for at that moment, independent of what the system actually did.
+    """
+    loads = scenario.group_loads(group.name)
+    out: dict[str, list[tuple[float, float, float]]] = {load.tenant: [] for load in loads}
+    count = max(1, round(scenario.duration / step))
+    for k in range(count):
+        at = (k + 0.5) * scenario.duration / count
+        fraction = at / scenario.duration
+        demand = {load.tenant: float(load.traffic.demand_at(fraction)) for load in loads}
+        allocation = group_allocation(group, demand, extra=list(demand))
+        for load in loads:
+            out[load.tenant].append((at, demand[load.tenant], allocation.limit(load.tenant)))
+    return out
+
+
+@attrs.frozen
+class TenantReport:
+    """What one tenant asked for and got."""
+
+    tenant: str
+    group: str
+    guarantee: int
+    fair_limit: float
+    live_limit: float
+    peak_units: int
+    admitted: int
+    refused: int
+    wait_p50: float
+    wait_p99: float
+    borrowed_unit_seconds: float
+    share_of_entitlement: float
+    reclaim_seconds: float | None
+    is_lender: bool
+
+
+@attrs.frozen
+class GroupReport:
+    """One group over the run."""
+
+    group: str
+    capacity: int
+    utilisation: float
+    utilisation_of_demand: float
+    jain: float
+    peak_units: int
+    over_admission: int
+
+
+@attrs.frozen
+class Report:
+    """Everything ``ratequota simulate`` prints, and whether the run was safe."""
+
+    scenario: str
+    backend: str
+    pods: int
+    duration: float
+    tenants: tuple[TenantReport, ...]
+    groups: tuple[GroupReport, ...]
+    samples: int
+    sampled_over_admission: int
+    interval_over_admission: int
+    tenant_over_ceiling: int
+    inconsistent_samples: int
+    decisions: int
+    script_calls: int
+    lost_leases: int
+    left_over_units: int
+    problems: tuple[str, ...]
+
+    @property
+    def max_over_admission(self) -> int:
+        """Most units held above a group's capacity, by either check (must be 0)."""
+        return max(self.sampled_over_admission, self.interval_over_admission)
+
+    @property
+    def safe(self) -> bool:
+        """True when no safety invariant was violated."""
+        return not self.problems
+
+    @property
+    def decisions_per_second(self) -> float:
+        """Requests decided (admitted or refused) per second of the run."""
+        return self.decisions / self.duration if self.duration > 0 else 0.0
+
+    @property
+    def script_calls_per_second(self) -> float:
+        """Script round trips per second (retries of waiting requests included)."""
+        return self.script_calls / self.duration if self.duration > 0 else 0.0
+
+
+def _mean(values: Sequence[float]) -> float:
+    return math.fsum(values) / len(values) if values else math.nan
+
+
+def build_report(
+    scenario: Scenario,
+    intervals: Sequence[Interval],
+    outcomes: Sequence[Outcome],
+    samples: Sequence[Sample],
+    *,
+    elapsed: float,
+    backend: str = "embedded fakeredis",
+    script_calls: int = 0,
+    lost_leases: int = 0,
+    left_over_units: int = 0,
+) -> Report:
+    """Compute every statistic of a run from what its threads recorded."""
+    until = max(elapsed, 1e-9)
+    tenants: list[TenantReport] = []
+    groups: list[GroupReport] = []
+    problems: list[str] = []
+    interval_over = 0
+    sampled_over = 0
+    tenant_over = 0
+    inconsistent = 0
+    for sample in samples:
+        group = scenario.policy.group(sample.group)
+        if group is None:
+            continue
+        sampled_over = max(sampled_over, sample.used - sample.capacity)
+        if sum(sample.tenant_used.values()) != sample.used or sample.lease_units != sample.used:
+            inconsistent += 1
+        for name, units in sample.tenant_used.items():
+            policy = group.tenant(name)
+            if policy is not None and units > policy.ceiling:
+                tenant_over = max(tenant_over, units - int(policy.ceiling))
+    for group in scenario.policy.groups:
+        loads = scenario.group_loads(group.name)
+        if not loads:
+            continue
+        mine = [iv for iv in intervals if iv.group == group.name]
+        group_steps = step_function(mine)
+        group_over = max(0, peak(group_steps) - group.capacity)
+        interval_over = max(interval_over, group_over)
+        expected = expected_limits(group, scenario)
+        shares: list[float] = []
+        demanded = 0.0
+        for load in loads:
+            policy = group.tenant(load.tenant)
+            assert policy is not None
+            steps = step_function(iv for iv in mine if iv.tenant == load.tenant)
+            held = integral(steps, until)
+            grid = expected[load.tenant]
+            dt = scenario.duration / max(1, len(grid))
+            entitled = math.fsum(min(d, lim) * dt for _, d, lim in grid)
+            demanded += math.fsum(d * dt for _, d, _ in grid)
+            active_limits = [lim for _, d, lim in grid if d > 0]
+            share = held / entitled if entitled > 0 else math.nan
+            if entitled > 0:
+                shares.append(share)
+            live = [
+                s.tenant_limit[load.tenant]
+                for s in samples
+                if s.group == group.name
+                and load.tenant in s.tenant_limit
+                and load.traffic.demand_at(min(s.at / scenario.duration, 1.0)) > 0
+            ]
+            mine_outcomes = [o for o in outcomes if o.tenant == load.tenant]
+            waits = [o.wait for o in mine_outcomes if o.admitted]
+            reclaim: float | None = None
+            is_lender = load.traffic.pattern == "lender"
+            if is_lender:
+                back = load.traffic.idle_until * scenario.duration
+                demand = load.traffic.concurrency * load.traffic.units
+                target = min(demand, policy.guarantee) // load.traffic.units * load.traffic.units
+                if back < until:
+                    reclaim = reclaim_time(steps, back, target)
+            tenants.append(
+                TenantReport(
+                    tenant=load.tenant,
+                    group=group.name,
+                    guarantee=policy.guarantee,
+                    fair_limit=_mean(active_limits),
+                    live_limit=percentile(live, 50),
+                    peak_units=peak(steps),
+                    admitted=sum(1 for o in mine_outcomes if o.admitted),
+                    refused=sum(1 for o in mine_outcomes if not o.admitted),
+                    wait_p50=percentile(waits, 50),
+                    wait_p99=percentile(waits, 99),
+                    borrowed_unit_seconds=integral(steps, until, above=policy.guarantee),
+                    share_of_entitlement=share,
+                    reclaim_seconds=reclaim,
+                    is_lender=is_lender,
+                )
+            )
+        used = integral(group_steps, until)
+        groups.append(
+            GroupReport(
+                group=group.name,
+                capacity=group.capacity,
+                utilisation=used / (group.capacity * until),
+                utilisation_of_demand=used / min(group.capacity * until, demanded)
+                if demanded > 0
+                else math.nan,
+                jain=jain_index(shares),
+                peak_units=peak(group_steps),
+                over_admission=group_over,
+            )
+        )
+    if sampled_over > 0:
+        problems.append(f"a snapshot showed {sampled_over} units held above a group's capacity")
+    if interval_over > 0:
+        problems.append(f"leases held at one instant exceeded a capacity by {interval_over} units")
+    if tenant_over > 0:
+        problems.append(f"a tenant held {tenant_over} units above its guarantee + borrow limit")
+    if inconsistent:
+        problems.append(f"{inconsistent} snapshots whose leases did not add up to the units held")
+    if left_over_units:
+        problems.append(f"{left_over_units} units were still held after every lease was released")
+    return Report(
+        scenario=scenario.name,
+        backend=backend,
+        pods=scenario.pods,
+        duration=until,
+        tenants=tuple(tenants),
+        groups=tuple(groups),
+        samples=len(samples),
+        sampled_over_admission=max(0, sampled_over),
+        interval_over_admission=interval_over,
+        tenant_over_ceiling=tenant_over,
+        inconsistent_samples=inconsistent,
+        decisions=len(outcomes),
+        script_calls=script_calls,
+        lost_leases=lost_leases,
+        left_over_units=left_over_units,
+        problems=tuple(problems),
+    )
+
+
+def _num(value: float, spec: str = ".1f", *, none: str = "-") -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return none
+    return format(value, spec)
+
+
+def _ms(seconds: float) -> str:
+    return "-" if math.isnan(seconds) else f"{seconds * 1000:.0f}"
+
+
+def render_report(report: Report) -> str:
+    """The report as the text ``ratequota simulate`` prints."""
+    out: list[str] = []
+    out.append(
+        f"scenario {report.scenario!r} on {report.backend}: {report.pods} pods, "
+        f"{report.duration:.1f} s"
+    )
+    out.append("")
+    header = (
+        f"{'group':8} {'tenant':10} {'G':>4} {'fair':>6} {'live':>6} {'peak':>5} "
+        f"{'admitted':>8} {'refused':>7} {'p50 ms':>7} {'p99 ms':>7} {'borrowed':>9} "
+        f"{'got/fair':>8} {'reclaim':>8}"
+    )
+    out.append(header)
+    out.append("-" * len(header))
+    for t in report.tenants:
+        if t.is_lender:
+            reclaim = "never" if t.reclaim_seconds is None else f"{t.reclaim_seconds:.2f}s"
+        else:
+            reclaim = ""
+        out.append(
+            f"{t.group:8} {t.tenant:10} {t.guarantee:4d} {_num(t.fair_limit):>6} "
+            f"{_num(t.live_limit):>6} {t.peak_units:5d} {t.admitted:8d} {t.refused:7d} "
+            f"{_ms(t.wait_p50):>7} {_ms(t.wait_p99):>7} {t.borrowed_unit_seconds:9.1f} "
+            f"{_num(t.share_of_entitlement, '.2f'):>8} {reclaim:>8}"
+        )
+    out.append("")
+    out.append(
+        "fair: mean fair limit while active (reference rule, intended demand); live: median "
+        "limit Redis reported;"
+    )
+    out.append(
+        "borrowed: unit-seconds held above the guarantee; got/fair: unit-seconds held / fair "
+        "entitlement;"
+    )
+    out.append("reclaim: how long the returning lender took to hold its guarantee again.")
+    out.append("")
+    gheader = f"{'group':8} {'C':>4} {'peak':>5} {'util':>6} {'util/asked':>10} {'Jain':>6}"
+    out.append(gheader)
+    out.append("-" * len(gheader))
+    for g in report.groups:
+        out.append(
+            f"{g.group:8} {g.capacity:4d} {g.peak_units:5d} {g.utilisation:6.0%} "
+            f"{_num(g.utilisation_of_demand * 100, '.0f') + '%':>10} {_num(g.jain, '.3f'):>6}"
+        )
+    out.append("")
+    out.append(
+        f"max over-admission seen: {report.max_over_admission} units "
+        f"({report.samples} snapshots: {report.sampled_over_admission}; every instant of "
+        f"client-held leases: {report.interval_over_admission})"
+    )
+    out.append(
+        f"decisions: {report.decisions} requests, {report.decisions_per_second:.0f}/s "
+        f"({report.script_calls} script calls, {report.script_calls_per_second:.0f}/s)"
+    )
+    if report.lost_leases:
+        out.append(
+            f"leases that expired before release (holder overran its TTL): {report.lost_leases}"
+        )
+    if report.problems:
+        out.append("")
+        out.append("SAFETY INVARIANT VIOLATED:")
+        out += [f"  - {p}" for p in report.problems]
+    else:
+        out.append("safety invariants: all held")
+    return "\n".join(out)

@@ -1,0 +1,98 @@
+"""Find the line of a TOML file that a validation error's field points at (pure, best effort).
+
+``tomllib`` reports a line only for syntax errors; a file that parses but
+holds a bad value (a negative weight, an unknown key) is rejected later by
+the policy's validators, which name the *field*: ``groups[0].tenants[1].weight``
+or ``tenant 'web': weight``. This module scans the file's table headers and
+keys to map such a field back to a line number so operators see
+``policy.toml:14``. It understands the subset of TOML policy files use
+(``[table]``, ``[[array.of.tables]]``, ``key = value``, quoted names) and
+returns None rather than guess when it cannot tell.
+"""
+
+from __future__ import annotations
+
+import re
+
+__all__ = ["key_lines", "locate_field", "syntax_line"]
+
+_HEADER = re.compile(r"^\s*(\[\[?)\s*([^\]]+?)\s*\]\]?\s*(#.*)?$")
+_KEY = re.compile(r"""^\s*("[^"]*"|'[^']*'|[A-Za-z0-9_.-]+)\s*=\s*(.*)$""")
+_NAME_VALUE = re.compile(r"""^("([^"\\]|\\.)*"|'[^']*')""")
+
+
+def _unquote(token: str) -> str:
+    token = token.strip()
+    if len(token) >= 2 and token[0] == token[-1] and token[0] in "\"'":
+        return token[1:-1]
+    return token
+
+
+def key_lines(text: str) -> tuple[dict[str, int], dict[str, str]]:
+    """Canonical path of every table and key -> line, and ``"tenant 'x'"``/``"group 'x'"`` -> path.
+
+    Paths look like ``groups[0].tenants[1].traffic.units``: arrays of tables
+    get their index, as the validators spell them.
+    """
+    lines: dict[str, int] = {}
+    names: dict[str, str] = {}
+    counts: dict[str, int] = {}
+    table = ""
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        header = _HEADER.match(line)
+        if header:
+            parts = [_unquote(p) for p in header.group(2).split(".")]
+            # Resolve each part against the arrays seen so far: "groups.tenants"
+            # inside the third group is groups[2].tenants.
+            path = ""
+            for part in parts:
+                path = f"{path}.{part}" if path else part
+                if path in counts:
+                    path = f"{path}[{counts[path] - 1}]"
+            if header.group(1) == "[[":
+                counts[path] = counts.get(path, 0) + 1
+                path = f"{path}[{counts[path] - 1}]"
+            table = path
+            lines.setdefault(table, number)
+            continue
+        key = _KEY.match(line)
+        if key:
+            name = _unquote(key.group(1))
+            path = f"{table}.{name}" if table else name
+            lines.setdefault(path, number)
+            value = _NAME_VALUE.match(key.group(2).strip())
+            if name == "name" and value:
+                kind = "tenant" if table.rsplit(".", 1)[-1].startswith("tenants[") else "group"
+                names[f"{kind} {_unquote(value.group(1))!r}"] = table
+    return lines, names
+
+
+def locate_field(text: str, field: str) -> int | None:
+    """The line ``field`` (as a ``ConfigError`` names it) is written on, or None."""
+    lines, names = key_lines(text)
+    path = field.strip()
+    if ": " in path:
+        owner, _, rest = path.partition(": ")
+        prefix = names.get(owner)
+        if prefix is None:
+            return None
+        path = f"{prefix}.{rest}" if rest else prefix
+    while path:
+        if path in lines:
+            return lines[path]
+        if "." not in path:
+            break
+        path = path.rsplit(".", 1)[0]
+    return None
+
+
+def syntax_line(error: Exception) -> int | None:
+    """The line of a ``tomllib.TOMLDecodeError`` (its ``lineno``, or parsed from its message)."""
+    line = getattr(error, "lineno", None)
+    if isinstance(line, int):
+        return line
+    found = re.search(r"at line (\d+)", str(error))
+    return int(found.group(1)) if found else None
