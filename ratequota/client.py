@@ -34,6 +34,7 @@ from ratequota.decision import (
     RenewResult,
 )
 from ratequota.errors import InvalidType
+from ratequota.explain import Explanation, explain_flow
 from ratequota.failure import FailureStats
 from ratequota.policy import Policy
 from ratequota.renewal import ThreadRenewer
@@ -274,6 +275,16 @@ class QuotaClient:
     def snapshot(self, group: str, tenants: Iterable[str] = ()) -> GroupSnapshot:
         """Per-tenant used/limit/pending/borrowed and the group's totals, at one moment."""
         return self._run(self.core.snapshot(group, tenants))
+
+    def explain(
+        self, tenant: str, units: int | None = None, *, group: str | None = None
+    ) -> Explanation:
+        """Why ``tenant`` has its limit now, and whether ``units`` more would be admitted.
+
+        Reads one snapshot; the rule is replayed by the pure reference
+        (``ratequota.explain``): bounds, the deciding bound, borrowing and lenders.
+        """
+        return self._run(explain_flow(self.core, tenant, units, group=group))
 
     def limit(
         self,

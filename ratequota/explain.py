@@ -1,0 +1,266 @@
+"""Why a tenant got its limit, and why a request was admitted or refused (pure, no I/O).
+
+An explanation is built from one ``GroupSnapshot`` (a consistent read of the
+group) and the group's ``GroupPolicy`` by running the reference rule of
+``ratequota.fairness`` on the snapshot's state. It names the tenant's bounds
+``lo``/``up``, which of them (or the shared water level) decided the limit,
+how many units the tenant borrows above its guarantee, and from whom.
+
+Whom a tenant borrows from is a matter of accounting, not of enforcement (a
+unit is a unit): here borrowed units are attributed to the *sources* of spare
+capacity in proportion to what each source offers. The sources are the
+tenants with unused lendable guarantee (``G − lo``: the part of their
+guarantee they neither use, wait for, nor keep back as ``G(1−ℓ)``) and the
+unguaranteed part of the capacity (``C − ΣG``), reported as ``POOL``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Literal
+
+import attrs
+
+from ratequota.core import Flow, QuotaCore, validate_tenant, validate_units
+from ratequota.decision import GroupSnapshot
+from ratequota.errors import InvalidRequest, PolicyMissing, UnknownTenant
+from ratequota.fairness import GroupDecision, Share, decide, group_allocation
+from ratequota.policy import GroupPolicy
+
+__all__ = ["POOL", "Explanation", "Loan", "explain", "explain_flow", "lenders"]
+
+#: Name of the source "capacity no tenant is guaranteed" among a tenant's lenders.
+POOL = "(unguaranteed capacity)"
+
+Bound = Literal["lo", "up", "share"]
+
+
+@attrs.frozen
+class Loan:
+    """Units a tenant borrows from one source, and what that source has to lend in all."""
+
+    lender: str
+    units: float
+    available: float
+
+
+@attrs.frozen
+class Explanation:
+    """The numbers behind a tenant's limit and, when a request is given, behind its verdict.
+
+    ``limit``, ``lo``, ``up`` and ``bound`` come from the reference rule on the
+    snapshot's state (with the request's units added to the tenant's demand).
+    ``borrowed`` is what the tenant holds above its guarantee (after the
+    request, when it would be admitted), split over ``loans``.
+    ``ceiling`` is ``G + B`` (``inf`` without a borrow limit). ``engine_limit``
+    is the limit the Lua engine reported in the snapshot (before the request),
+    for comparison (``None`` when the snapshot did not list the tenant).
+    """
+
+    tenant: str
+    group: str
+    capacity: int
+    group_used: int
+    used: int
+    pending: int
+    demand: float
+    guarantee: int
+    ceiling: float
+    weight: float
+    limit: float
+    lo: float
+    up: float
+    bound: Bound
+    level: float
+    borrowed: float
+    loans: tuple[Loan, ...]
+    units: int | None = None
+    verdict: GroupDecision | None = None
+    engine_limit: float | None = None
+
+    @property
+    def admitted(self) -> bool | None:
+        """Whether the request would be admitted now (None when no request was given)."""
+        return None if self.verdict is None else self.verdict.admitted
+
+    def why_limit(self) -> str:
+        """One sentence on which term decided the limit."""
+        if self.bound == "lo":
+            if self.lo <= 0:
+                return "it asks for nothing, so its limit is 0"
+            if self.lo >= self.guarantee and self.demand >= self.guarantee:
+                return f"it gets its guarantee {self.guarantee} (lo), as much as the others leave"
+            return (
+                f"its floor lo={self.lo:g}: the part of its guarantee it uses, waits for "
+                f"or never lends"
+            )
+        if self.bound == "up":
+            return f"its ceiling up={self.up:g}: " + (
+                "the most it may hold (guarantee + borrow limit)"
+                if self.up >= self.ceiling - 1e-9
+                else "everything it asks for"
+            )
+        return (
+            f"its weighted fair share of what is spare: level {self.level:g} × weight "
+            f"{self.weight:g}"
+        )
+
+    def describe(self) -> str:
+        """A few lines for humans: the limit, why, what is borrowed from whom, and the verdict."""
+        lines = [
+            f"tenant {self.tenant!r} in group {self.group!r}: limit {self.limit:g} "
+            f"(lo {self.lo:g}, up {self.up:g}), holds {self.used}, waits for {self.pending}, "
+            f"guarantee {self.guarantee}; group holds {self.group_used} of {self.capacity}",
+            f"limit decided by {self.why_limit()}",
+        ]
+        if self.borrowed > 0:
+            parts = ", ".join(
+                f"{loan.units:g} from {loan.lender!r} (lends {loan.available:g})"
+                for loan in self.loans
+            )
+            lines.append(f"borrows {self.borrowed:g} above its guarantee: {parts or 'nobody'}")
+        if self.verdict is not None and self.units is not None:
+            v = self.verdict
+            if v.admitted:
+                lines.append(f"a request for {self.units} units would be admitted")
+            elif v.reason == "too_large":
+                lines.append(f"a request for {self.units} units can never fit (too large)")
+            elif v.reason == "tenant_limit":
+                lines.append(
+                    f"a request for {self.units} units would be refused: {self.used} + "
+                    f"{self.units} is above the limit {self.limit:g}"
+                )
+            elif v.reason == "group_full":
+                lines.append(
+                    f"a request for {self.units} units would be refused: the group holds "
+                    f"{self.group_used} of {self.capacity}; it is admitted once "
+                    f"{self.group_used + self.units - self.capacity} units are released"
+                )
+            else:
+                lines.append(f"a request for {self.units} units would be refused ({v.reason})")
+        return "\n".join(lines)
+
+
+def _state(snapshot: GroupSnapshot) -> tuple[dict[str, int], dict[str, int]]:
+    used = {n: t.used for n, t in snapshot.tenants.items() if t.used > 0}
+    pending = {n: t.pending for n, t in snapshot.tenants.items() if t.pending > 0}
+    return used, pending
+
+
+def lenders(
+    policy: GroupPolicy, shares: Mapping[str, Share], exclude: str
+) -> dict[str, float]:
+    """What every source of spare capacity offers: unused lendable guarantees and the pool.
+
+    ``shares`` must hold every tenant with demand; a tenant of the policy that
+    is missing is idle, and lends ``G − G(1−ℓ) = ℓG``.
+    """
+    offers: dict[str, float] = {}
+    for tenant in policy.tenants:
+        if tenant.name == exclude or tenant.guarantee <= 0:
+            continue
+        share = shares.get(tenant.name)
+        lo = share.lo if share is not None else tenant.reserve
+        spare = tenant.guarantee - lo
+        if spare > 1e-9:
+            offers[tenant.name] = spare
+    pool = policy.capacity - sum(t.guarantee for t in policy.tenants)
+    if pool > 0:
+        offers[POOL] = float(pool)
+    return offers
+
+
+def explain(
+    snapshot: GroupSnapshot,
+    policy: GroupPolicy,
+    tenant: str,
+    units: int | None = None,
+    *,
+    already_pending: bool = False,
+) -> Explanation:
+    """Explain ``tenant``'s limit in ``snapshot``, and the verdict on ``units`` if given.
+
+    The request is new (its units are added to the tenant's demand) unless
+    ``already_pending`` says it is a waiting request whose units the snapshot
+    already counts as pending. The tenant must be known to the policy (listed,
+    or a stranger of a group that admits strangers). The per-tenant FIFO
+    order of waiting requests is not visible in a snapshot, so the verdict
+    assumes this request is its tenant's oldest.
+    """
+    if policy.name != snapshot.group:
+        raise InvalidRequest(
+            "policy", f"is group {policy.name!r}'s, the snapshot is of {snapshot.group!r}"
+        )
+    spec = policy.tenant(tenant)
+    if spec is None:
+        raise UnknownTenant(tenant, policy.name)
+    used, pending = _state(snapshot)
+    demand: dict[str, float] = {}
+    for source in (used, pending):
+        for name, n in source.items():
+            demand[name] = demand.get(name, 0.0) + n
+    verdict = None
+    if units is not None:
+        if not already_pending:
+            demand[tenant] = demand.get(tenant, 0.0) + units
+        verdict = decide(policy, used, pending, tenant, units, already_pending=already_pending)
+    alloc = group_allocation(policy, demand, extra=[tenant])
+    share = alloc.shares[tenant]
+    held = used.get(tenant, 0)
+    if verdict is not None and verdict.admitted and units is not None:
+        held += units
+    borrowed = float(max(0, held - spec.guarantee))
+    offers = lenders(policy, alloc.shares, exclude=tenant)
+    total = math.fsum(offers.values())
+    loans: tuple[Loan, ...] = ()
+    if borrowed > 0 and total > 0:
+        loans = tuple(
+            Loan(name, borrowed * offer / total, offer)
+            for name, offer in sorted(offers.items(), key=lambda kv: (-kv[1], kv[0]))
+        )
+    row = snapshot.tenants.get(tenant)
+    return Explanation(
+        tenant=tenant,
+        group=policy.name,
+        capacity=policy.capacity,
+        group_used=snapshot.used,
+        used=used.get(tenant, 0),
+        pending=pending.get(tenant, 0),
+        demand=demand.get(tenant, 0.0),
+        guarantee=spec.guarantee,
+        ceiling=spec.ceiling,
+        weight=float(spec.weight),
+        limit=share.limit,
+        lo=share.lo,
+        up=share.up,
+        bound=share.bound,
+        level=alloc.level,
+        borrowed=borrowed,
+        loans=loans,
+        units=units,
+        verdict=verdict,
+        engine_limit=None if row is None else row.limit,
+    )
+
+
+def explain_flow(
+    core: QuotaCore, tenant: str, units: int | None = None, *, group: str | None = None
+) -> Flow[Explanation]:
+    """The I/O-free flow behind ``QuotaClient.explain``: one snapshot, policy from the catalog.
+
+    The group's policy is the one the client routes by (re-read from Redis when
+    this client has none for the group yet).
+    """
+    tenant = validate_tenant(tenant)
+    if units is not None:
+        units = validate_units(units)
+    name = yield from core.group_of(tenant, group)
+    policy = core.policy
+    if policy is None or policy.group(name) is None:
+        policy = yield from core.load_policy()
+    group_policy = None if policy is None else policy.group(name)
+    if group_policy is None:
+        raise PolicyMissing(name)
+    snapshot = yield from core.snapshot(name, [tenant])
+    return explain(snapshot, group_policy, tenant, units)
