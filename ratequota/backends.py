@@ -73,16 +73,27 @@ class SingleBackend:
         self._client.close()
 
 
-def _redis_from_url(url: str, socket_timeout: float) -> redis.Redis:
-    """One redis-py client for ``url``: timeouts on every call, no automatic replay."""
+def _redis_from_url(url: str, socket_timeout: float, *, aio: bool = False) -> Any:
+    """One redis-py client for ``url``: timeouts on every call, no automatic replay.
+
+    ``aio`` makes a ``redis.asyncio`` client (for ``AsyncQuotaClient``) instead.
+    """
     if not isinstance(url, str) or not url:
         raise ConfigError("url", f"must be a redis:// URL, got {url!r}")
+    if aio:
+        from redis.asyncio import Redis as AsyncRedis
+        from redis.asyncio.retry import Retry as AsyncRetry
+
+        factory: Any = AsyncRedis
+        retry: Any = AsyncRetry(NoBackoff(), 0)
+    else:
+        factory, retry = redis.Redis, no_retry()
     try:
-        return redis.Redis.from_url(
+        return factory.from_url(
             url,
             socket_timeout=socket_timeout,
             socket_connect_timeout=socket_timeout,
-            retry=no_retry(),
+            retry=retry,
             retry_on_timeout=False,
             health_check_interval=0,
         )

@@ -13,7 +13,7 @@ import inspect
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import attrs
 import redis
@@ -25,7 +25,7 @@ from ratequota.backends import (
     url_backend,
 )
 from ratequota.clock import Clock
-from ratequota.core import AcquireRequest, Flow, QuotaCore, Settings, Sleep
+from ratequota.core import AcquireRequest, Flow, Settings, Sleep
 from ratequota.decision import (
     Decision,
     GroupSnapshot,
@@ -33,21 +33,29 @@ from ratequota.decision import (
     ReleaseResult,
     RenewResult,
 )
-from ratequota.errors import InvalidType
 from ratequota.explain import Explanation, explain_flow
 from ratequota.failure import FailureStats
 from ratequota.policy import Policy
 from ratequota.renewal import ThreadRenewer
 from ratequota.scripts import load_scripts
 from ratequota.shell import (
+    AcquireOptions,
     Batch,
     LeaseBase,
     Runner,
+    TenantSpec,
+    TryOptions,
+    UnitsSpec,
+    WaitOptions,
     handler_arguments,
+    make_core,
     node_lookup,
     pipeline_args,
     wire_call,
 )
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = ["Acquisition", "Lease", "QuotaClient"]
 
@@ -114,9 +122,7 @@ class QuotaClient:
         **options: Any,
     ) -> None:
         """Connect to ``url`` (or the embedded default); ``options`` are ``Settings`` fields."""
-        if settings is not None and options:
-            raise InvalidType("settings", "pass either settings=... or its fields, not both")
-        self.core = QuotaCore(settings or Settings(**options), clock)
+        self.core = make_core(settings, clock, options)
         if backend is None:
             if url is None:
                 backend = embedded_backend()
@@ -178,10 +184,7 @@ class QuotaClient:
     def _run(self, flow: Flow[T]) -> T:
         run = Runner(flow, self.core.breakers, self._node_of, self._where)
         while run.op is not None:
-            try:
-                run.send(self._perform(run.op))
-            except Exception as exc:  # handed to the runner: it translates or re-raises
-                run.throw(exc)
+            run.step(self._perform)
         return run.result()
 
     def _perform(self, op: Any) -> Any:
@@ -228,39 +231,21 @@ class QuotaClient:
 
     # -- leases ------------------------------------------------------------
 
-    def try_acquire(
-        self,
-        tenant: str,
-        units: int = 1,
-        *,
-        group: str | None = None,
-        ttl: float | None = None,
-        request_id: str | None = None,
-    ) -> Decision:
-        """Decide now, never wait. Release an admitted ``decision.lease`` with ``release``."""
-        request = self.core.request(tenant, units, group=group, ttl=ttl, request_id=request_id)
-        return self._run(self.core.try_acquire(request))
+    def try_acquire(self, tenant: str, units: int = 1, **options: Unpack[TryOptions]) -> Decision:
+        """Decide now, never wait (options: ``TryOptions``); release an admitted lease."""
+        return self._run(self.core.try_acquire(self.core.request(tenant, units, **options)))
 
     def acquire(
-        self,
-        tenant: str,
-        units: int = 1,
-        *,
-        group: str | None = None,
-        ttl: float | None = None,
-        timeout: float | None = None,
-        request_id: str | None = None,
+        self, tenant: str, units: int = 1, **options: Unpack[AcquireOptions]
     ) -> Acquisition:
-        """A context manager holding a lease; waits up to ``timeout`` on entry.
+        """A context manager holding a lease, renewed while held; waits up to ``timeout``.
 
-        Raises ``RequestTooLarge`` at once for a request that can never fit,
-        ``AcquireTimeout`` when still refused at the deadline. Arguments are
-        validated here, before anything touches Redis.
+        Options are ``group``, ``ttl``, ``timeout`` and ``request_id``
+        (``AcquireOptions``). Raises ``RequestTooLarge`` at once for a request
+        that can never fit, ``AcquireTimeout`` when still refused at the
+        deadline. Arguments are validated here, before anything touches Redis.
         """
-        request = self.core.request(
-            tenant, units, group=group, ttl=ttl, timeout=timeout, request_id=request_id
-        )
-        return Acquisition(self, request)
+        return Acquisition(self, self.core.request(tenant, units, **options))
 
     def release(self, lease: LeaseInfo | Lease) -> ReleaseResult:
         """End a lease; idempotent, and says whether it was still live."""
@@ -287,13 +272,7 @@ class QuotaClient:
         return self._run(explain_flow(self.core, tenant, units, group=group))
 
     def limit(
-        self,
-        *,
-        tenant: Callable[..., str] | str,
-        units: Callable[..., int] | str | int = 1,
-        group: str | None = None,
-        ttl: float | None = None,
-        timeout: float | None = None,
+        self, *, tenant: TenantSpec, units: UnitsSpec = 1, **options: Unpack[WaitOptions]
     ) -> Callable[[F], F]:
         """Decorate a handler so each call holds a lease while it runs.
 
@@ -308,7 +287,7 @@ class QuotaClient:
 
             def acquisition(*args: Any, **kwargs: Any) -> Acquisition:
                 who, how_many = arguments(*args, **kwargs)
-                return self.acquire(who, how_many, group=group, ttl=ttl, timeout=timeout)
+                return self.acquire(who, how_many, **options)
 
             if inspect.iscoroutinefunction(handler):
 

@@ -18,25 +18,32 @@ No lock is taken here; ``Breakers`` guard their few integers themselves.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Generator
-from typing import Any, Generic, TypeVar
+from collections.abc import Awaitable, Callable, Generator
+from typing import Any, Generic, TypedDict, TypeVar
 
 import attrs
 import redis
 
 from ratequota.backends import is_noscript, translate_error
-from ratequota.core import Command, Sleep
+from ratequota.clock import Clock
+from ratequota.core import Command, QuotaCore, Settings, Sleep
 from ratequota.decision import LeaseInfo, ReleaseResult, RenewResult
 from ratequota.errors import BackendUnavailable, InvalidType, RateQuotaError
 from ratequota.failure import Breakers
 from ratequota.protocol import ScriptCall
 
 __all__ = [
+    "AcquireOptions",
     "Batch",
     "LeaseBase",
     "LoadScript",
     "Runner",
+    "TenantSpec",
+    "TryOptions",
+    "UnitsSpec",
+    "WaitOptions",
     "handler_arguments",
+    "make_core",
     "node_lookup",
     "pipeline_args",
     "wire_call",
@@ -50,6 +57,46 @@ REDIS_ERRORS: tuple[type[BaseException], ...] = (
     redis.exceptions.RedisClusterException,
     OSError,
 )
+
+
+#: What the ``limit`` decorator reads the tenant and the units from.
+TenantSpec = Callable[..., str] | str
+UnitsSpec = Callable[..., int] | str | int
+
+
+class WaitOptions(TypedDict, total=False):
+    """Keyword options of ``acquire`` and ``limit`` in both clients.
+
+    ``group``: charge this group instead of the tenant's routed one; ``ttl``:
+    lease lifetime in seconds (default ``Settings.lease_ttl``); ``timeout``:
+    how long to wait (default ``Settings.timeout``; 0 never waits).
+    """
+
+    group: str | None
+    ttl: float | None
+    timeout: float | None
+
+
+class TryOptions(TypedDict, total=False):
+    """Keyword options of ``try_acquire``: ``group`` and ``ttl`` as for ``acquire``,
+    ``request_id`` to make a retried call idempotent (the lease id)."""
+
+    group: str | None
+    ttl: float | None
+    request_id: str | None
+
+
+class AcquireOptions(WaitOptions, total=False):
+    """Keyword options of ``acquire``: ``WaitOptions`` plus ``request_id``."""
+
+    request_id: str | None
+
+
+def make_core(settings: Settings | None, clock: Clock | None, options: dict[str, Any]) -> QuotaCore:
+    """The core of a new client, from ``settings`` or from ``Settings`` fields given as options."""
+    if settings is not None and options:
+        raise InvalidType("settings", "pass either settings=... or its fields, not both")
+    return QuotaCore(settings or Settings(**options), clock)
 
 
 @attrs.frozen
@@ -90,13 +137,8 @@ def pipeline_args(batch: Batch) -> list[tuple[Any, ...]]:
 class Runner(Generic[T]):
     """Steps one flow; the shell performs ``op`` and reports with ``send`` or ``throw``.
 
-    The shell's whole loop::
-
-        run = Runner(flow, ...)
-        while run.op is not None:
-            try: run.send(perform(run.op))
-            except Exception as exc: run.throw(exc)
-        return run.result()
+    The shell's whole loop: ``while run.op is not None: run.step(perform)``
+    (``await run.astep(perform)`` in the async client), then ``run.result()``.
     """
 
     def __init__(
@@ -116,6 +158,24 @@ class Runner(Generic[T]):
         self._partial: list[Any] | None = None
         self._missing: list[int] = []
         self._advance(None, None)
+
+    def step(self, perform: Callable[[Any], Any]) -> None:
+        """Perform ``op`` with a blocking ``perform`` and feed the outcome to the flow."""
+        try:
+            value = perform(self.op)
+        except Exception as exc:  # translated into a ratequota error, or re-raised if a bug
+            self.throw(exc)
+        else:
+            self.send(value)
+
+    async def astep(self, perform: Callable[[Any], Awaitable[Any]]) -> None:
+        """``step`` for an awaitable ``perform``."""
+        try:
+            value = await perform(self.op)
+        except Exception as exc:
+            self.throw(exc)
+        else:
+            self.send(value)
 
     def result(self) -> T:
         """The flow's return value, once ``op`` is None."""

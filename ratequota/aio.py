@@ -1,0 +1,464 @@
+"""The asyncio client: the same flows as ``QuotaClient``, performed with awaits.
+
+``AsyncQuotaClient`` has the sync client's API and semantics (``async with
+quota.acquire(...)``, ``try_acquire``, ``release``, ``renew``, ``snapshot``,
+``apply_policy``, ``load_policy``, the ``limit`` decorator on ``async def``
+handlers). Every decision is taken by ``ratequota.core`` and
+``ratequota.shell``; this module only sends, awaits and sleeps.
+
+Two things are particular to it:
+
+- concurrent script calls to one shard are pipelined into one round trip by a
+  per-shard batcher (policy in ``ratequota.batching``), and
+- held leases are renewed by one background task per client.
+
+A client belongs to the event loop it is first used on (redis.asyncio
+connections do); it is safe to share between the tasks of that loop. It
+takes no lock across an await.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import inspect
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, TypeVar, cast
+
+import attrs
+
+from ratequota import shell
+from ratequota.backends import _redact, _redis_from_url, embedded_server, translate_error
+from ratequota.batching import BatchPolicy
+from ratequota.clock import Clock
+from ratequota.core import AcquireRequest, Flow, Settings, Sleep
+from ratequota.decision import Decision, GroupSnapshot, LeaseInfo, ReleaseResult, RenewResult
+from ratequota.errors import ConfigError, InvalidType
+from ratequota.failure import FailureStats
+from ratequota.policy import Policy
+from ratequota.protocol import ScriptCall
+from ratequota.renewal import RenewalBook, renew_many
+from ratequota.scripts import load_scripts
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+__all__ = [
+    "AsyncAcquisition",
+    "AsyncBackend",
+    "AsyncLease",
+    "AsyncQuotaClient",
+    "async_embedded_backend",
+    "async_sharded_backend",
+    "async_url_backend",
+]
+
+T = TypeVar("T")
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class AsyncBackend:
+    """Async connections by route: one server, or shards placed by rendezvous hashing."""
+
+    def __init__(
+        self, clients: Sequence[Any], description: str, shard_ids: Sequence[str] | None = None
+    ) -> None:
+        from ratequota.routing import Rendezvous
+
+        self._clients = list(clients)
+        self.description = description
+        self.routing = None if shard_ids is None else Rendezvous(shard_ids)
+
+    def connection(self, route: str) -> Any:
+        """The connection serving ``route`` (a group name or the catalog's route)."""
+        if self.routing is None:
+            return self._clients[0]
+        return self._clients[self.routing.index(route)]
+
+    def connections(self) -> Sequence[Any]:
+        """Every shard's connection."""
+        return list(self._clients)
+
+    def node_of(self, route: str) -> str:
+        """The id of the shard serving ``route`` (the circuit breakers' key)."""
+        return self.description if self.routing is None else self.routing.shard(route)
+
+    async def close(self) -> None:
+        """Close every pool."""
+        for client in self._clients:
+            await client.aclose()
+
+
+def async_url_backend(url: str, *, socket_timeout: float) -> AsyncBackend:
+    """An async backend on one Redis URL; timeouts on every call, no automatic replay."""
+    return AsyncBackend([_redis_from_url(url, socket_timeout, aio=True)], _redact(url))
+
+
+def async_sharded_backend(
+    urls: Sequence[str], *, socket_timeout: float, shard_ids: Sequence[str] | None = None
+) -> AsyncBackend:
+    """Independent shards, placed exactly as ``QuotaClient.sharded`` places them."""
+    if isinstance(urls, str) or not urls:
+        raise ConfigError("shards", "must be a non-empty list of redis:// URLs")
+    ids = [_redact(u) for u in urls] if shard_ids is None else list(shard_ids)
+    if len(ids) != len(urls):
+        raise ConfigError("shard_ids", "needs one id per shard URL")
+    clients = [_redis_from_url(u, socket_timeout, aio=True) for u in urls]
+    return AsyncBackend(clients, f"{len(urls)} shards", ids)
+
+
+def async_embedded_backend(*, shared: bool = True, server: Any = None) -> AsyncBackend:
+    """fakeredis's asyncio client with Lua; ``shared`` uses the process-wide embedded server.
+
+    Sync and async embedded clients of one process therefore see the same state.
+    """
+    import fakeredis
+    import fakeredis.aioredis
+
+    if server is None:
+        server = embedded_server() if shared else fakeredis.FakeServer()
+    return AsyncBackend([fakeredis.aioredis.FakeRedis(server=server)], "embedded fakeredis")
+
+
+class _ShardBatcher:
+    """Pipelines the concurrent EVALSHAs of many tasks to one shard (see ``BatchPolicy``)."""
+
+    def __init__(self, conn: Any, policy: BatchPolicy) -> None:
+        self._conn = conn
+        self._policy = policy
+        self._queue: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
+        self._in_flight = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def submit(self, args: tuple[Any, ...]) -> asyncio.Future[Any]:
+        """Queue one EVALSHA; the future gets its reply or its exception."""
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._queue.append((args, future))
+        self._pump()
+        return future
+
+    def _pump(self) -> None:
+        count = self._policy.take(len(self._queue), self._in_flight)
+        if count:
+            batch, self._queue = self._queue[:count], self._queue[count:]
+            self._in_flight += 1
+            task = asyncio.ensure_future(self._send(batch))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _send(self, batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]]) -> None:
+        replies: list[Any]
+        try:
+            if len(batch) == 1:
+                replies = [await self._conn.evalsha(*batch[0][0])]
+            else:
+                pipe = self._conn.pipeline(transaction=False)
+                for args, _ in batch:
+                    pipe.evalsha(*args)
+                replies = await pipe.execute(raise_on_error=False)
+        except BaseException as exc:  # every waiter hears about it, cancellation included
+            replies = [exc] * len(batch)
+        finally:
+            self._in_flight -= 1
+        for (_, future), reply in zip(batch, replies, strict=True):
+            if future.done():  # its caller was cancelled
+                continue
+            if isinstance(reply, BaseException):
+                future.set_exception(_fresh(reply))
+            else:
+                future.set_result(reply)
+        self._pump()
+
+
+def _fresh(exc: BaseException) -> BaseException:
+    """A cancellation of the batch task is an outage for the callers, not their cancellation."""
+    if isinstance(exc, asyncio.CancelledError):
+        return ConnectionError("the batch was cancelled (client closing)")
+    return exc
+
+
+@attrs.define(eq=False)
+class AsyncLease(shell.LeaseBase):
+    """A held lease (see ``shell.LeaseBase``) that renews and releases through its async client."""
+
+    _client: AsyncQuotaClient = attrs.field(kw_only=True, repr=False)
+
+    async def renew(self, ttl: float | None = None) -> RenewResult:
+        """Extend the lease by ``ttl`` seconds from now; marks it lost if it had expired."""
+        return self.renewed(await self._client.renew(self.info, ttl))
+
+    async def release(self) -> ReleaseResult:
+        """Give the units back (and stop renewing); harmless when called twice."""
+        self._client.renewer.drop(self)
+        return self.ended(await self._client.release(self.info))
+
+
+class AsyncAcquisition:
+    """``async with quota.acquire(...) as lease``: waits on entry, releases on exit."""
+
+    def __init__(self, client: AsyncQuotaClient, request: AcquireRequest) -> None:
+        self._client = client
+        self._request = request
+        self._lease: AsyncLease | None = None
+
+    async def __aenter__(self) -> AsyncLease:
+        client, request = self._client, self._request
+        info = await client._run(client.core.acquire(request))
+        self._lease = AsyncLease(info, request.ttl_ms / 1000, client=client)
+        client.renewer.hold(self._lease)
+        return self._lease
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        lease, self._lease = self._lease, None
+        if lease is not None and not lease.released:
+            # Shielded: a cancelled holder still gives its units back.
+            await asyncio.shield(lease.release())
+
+
+class TaskRenewer:
+    """The async client's renewer: one task on the client's loop, started on the first hold."""
+
+    def __init__(self, client: AsyncQuotaClient) -> None:
+        core = client.core
+        self._client = client
+        self.book = RenewalBook(
+            core.settings.renew_fraction, core.settings.lease_ttl, core.clock.monotonic
+        )
+        self.enabled = core.settings.auto_renew
+        self._task: asyncio.Task[None] | None = None
+        self._wake: asyncio.Event | None = None
+
+    def hold(self, lease: shell.LeaseBase) -> None:
+        """Renew ``lease`` in the background until ``drop``."""
+        if not self.enabled:
+            return
+        self.book.hold(lease)
+        if self._task is None or self._task.done():
+            self._wake = asyncio.Event()
+            self._task = asyncio.ensure_future(self._loop(self._wake))
+        assert self._wake is not None
+        self._wake.set()
+
+    def drop(self, lease: shell.LeaseBase) -> None:
+        """Stop renewing ``lease``."""
+        self.book.drop(lease)
+
+    async def close(self) -> None:
+        """Cancel the task and wait for it."""
+        task, self._task = self._task, None
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _loop(self, wake: asyncio.Event) -> None:
+        while True:
+            wake.clear()
+            due, wait = self.book.next()
+            if due:
+                await self._renew(due)
+                continue
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(wake.wait(), wait)
+
+    async def _renew(self, due: list[shell.LeaseBase]) -> None:
+        client = self._client
+        try:
+            outcomes: list[Any] = await client._run(renew_many(client.core, due, client._node_of))
+        except Exception as exc:  # a bug must not kill the renewer: retry these soon
+            outcomes = [ConnectionError(repr(exc))] * len(due)
+        for lease, outcome in zip(due, outcomes, strict=True):
+            self.book.settle(lease, outcome)
+
+
+class AsyncQuotaClient:
+    """Tenant quota against Redis, for asyncio; the same API as ``QuotaClient``, awaited.
+
+    With no URL it runs on the embedded in-process fakeredis shared with every
+    sync ``QuotaClient()`` of the process.
+    """
+
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        backend: AsyncBackend | None = None,
+        settings: Settings | None = None,
+        clock: Clock | None = None,
+        **options: Any,
+    ) -> None:
+        """Connect to ``url`` (or the embedded default); ``options`` are ``Settings`` fields."""
+        self.core = shell.make_core(settings, clock, options)
+        s = self.core.settings
+        if backend is None:
+            if url is None:
+                backend = async_embedded_backend()
+            else:
+                backend = async_url_backend(url, socket_timeout=s.socket_timeout)
+        self.backend = backend
+        self._node_of = shell.node_lookup(backend)
+        self._where = backend.description
+        self._policy = BatchPolicy(s.batch_size, s.batch_in_flight)
+        self._batchers: dict[object, _ShardBatcher] = {}
+        # A queued call waits for at most the pipelines ahead of it, each bounded by the
+        # socket timeout; this bound is a backstop that never fires while redis-py's does.
+        self._call_bound = s.socket_timeout * (s.batch_in_flight + 2)
+        self.renewer = TaskRenewer(self)
+
+    @classmethod
+    def from_url(cls, url: str, **options: Any) -> AsyncQuotaClient:
+        """A client on one Redis server, e.g. ``redis://localhost:6379/0``."""
+        return cls(url, **options)
+
+    @classmethod
+    def sharded(
+        cls, urls: Iterable[str], *, shard_ids: Iterable[str] | None = None, **options: Any
+    ) -> AsyncQuotaClient:
+        """A client on independent shards, placing groups exactly as ``QuotaClient.sharded``."""
+        settings = Settings(**options)
+        backend = async_sharded_backend(
+            list(urls),
+            socket_timeout=settings.socket_timeout,
+            shard_ids=None if shard_ids is None else list(shard_ids),
+        )
+        return cls(backend=backend, settings=settings)
+
+    async def close(self) -> None:
+        """Stop the renewer and close connections."""
+        await self.renewer.close()
+        await self.backend.close()
+
+    async def __aenter__(self) -> AsyncQuotaClient:
+        await self.load_scripts(strict=False)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def stats(self) -> FailureStats:
+        """Counters of the failure policy: fail-open and local admissions, fast failures."""
+        return self.core.failure.stats(self.core.breakers.fast_failures)
+
+    # -- driving flows -----------------------------------------------------
+
+    async def _run(self, flow: Flow[T]) -> T:
+        run = shell.Runner(flow, self.core.breakers, self._node_of, self._where)
+        while run.op is not None:
+            await run.astep(self._perform)
+        return run.result()
+
+    async def _perform(self, op: Any) -> Any:
+        if isinstance(op, Sleep):
+            return await self.core.clock.asleep(op.seconds)
+        conn = self.backend.connection(op.route)
+        if isinstance(op, ScriptCall) and self._policy.max_batch > 1:
+            future = self._batcher(op.route, conn).submit(shell.wire_call(op)[1])
+            return await asyncio.wait_for(asyncio.shield(future), self._call_bound)
+        if isinstance(op, shell.Batch):
+            return await _pipelined(conn, shell.pipeline_args(op))
+        method, args = shell.wire_call(op)
+        return await getattr(conn, method)(*args)
+
+    def _batcher(self, route: str, conn: Any) -> _ShardBatcher:
+        node = self._node_of(route)
+        batcher = self._batchers.get(node)
+        if batcher is None:
+            batcher = self._batchers[node] = _ShardBatcher(conn, self._policy)
+        return batcher
+
+    async def load_scripts(self, *, strict: bool = True) -> None:
+        """Load every script on every server (``strict=False`` tolerates one that is down)."""
+        for conn in self.backend.connections():
+            try:
+                for spec in load_scripts().values():
+                    await conn.script_load(spec.source)
+            except shell.REDIS_ERRORS as exc:
+                if strict:
+                    raise translate_error(exc, self._where) from exc
+
+    # -- policy ------------------------------------------------------------
+
+    async def apply_policy(self, policy: Policy | str | Path) -> dict[str, int]:
+        """Publish a policy (or a TOML file of one) for every pod; returns versions per group."""
+        if isinstance(policy, (str, Path)):
+            policy = Policy.from_toml(policy)
+        return await self._run(self.core.apply_policy(policy))
+
+    async def load_policy(self) -> Policy | None:
+        """The published policy, or None; also refreshes this client's routing."""
+        return await self._run(self.core.load_policy())
+
+    # -- leases ------------------------------------------------------------
+
+    async def try_acquire(
+        self, tenant: str, units: int = 1, **options: Unpack[shell.TryOptions]
+    ) -> Decision:
+        """Decide now, never wait (options: ``shell.TryOptions``); release an admitted lease."""
+        return await self._run(self.core.try_acquire(self.core.request(tenant, units, **options)))
+
+    def acquire(
+        self, tenant: str, units: int = 1, **options: Unpack[shell.AcquireOptions]
+    ) -> AsyncAcquisition:
+        """``async with``: waits up to ``timeout`` on entry, releases on exit, renews between.
+
+        Options and errors as for ``QuotaClient.acquire``; arguments are
+        validated here, before anything touches Redis.
+        """
+        return AsyncAcquisition(self, self.core.request(tenant, units, **options))
+
+    async def release(self, lease: LeaseInfo | AsyncLease) -> ReleaseResult:
+        """End a lease; idempotent, and says whether it was still live."""
+        info = lease.info if isinstance(lease, AsyncLease) else lease
+        return await self._run(self.core.release(info))
+
+    async def renew(self, lease: LeaseInfo | AsyncLease, ttl: float | None = None) -> RenewResult:
+        """Extend a live lease; reports whether its tenant is above its fair limit."""
+        info = lease.info if isinstance(lease, AsyncLease) else lease
+        return await self._run(self.core.renew(info, ttl))
+
+    async def snapshot(self, group: str, tenants: Iterable[str] = ()) -> GroupSnapshot:
+        """Per-tenant used/limit/pending/borrowed and the group's totals, at one moment."""
+        return await self._run(self.core.snapshot(group, tenants))
+
+    def limit(
+        self,
+        *,
+        tenant: shell.TenantSpec,
+        units: shell.UnitsSpec = 1,
+        **options: Unpack[shell.WaitOptions],
+    ) -> Callable[[F], F]:
+        """Decorate an ``async def`` handler so each call holds a (renewed) lease while it runs.
+
+        ``tenant`` and ``units`` are callables receiving the handler's
+        arguments, names of its parameters, or constants.
+        """
+
+        def decorate(handler: F) -> F:
+            if not inspect.iscoroutinefunction(handler):
+                raise InvalidType("handler", "AsyncQuotaClient.limit needs an async def handler")
+            arguments = shell.handler_arguments(handler, tenant, units)
+
+            @functools.wraps(handler)
+            async def wrapper(*args: Any, **kwargs: Any) -> Any:
+                who, how_many = arguments(*args, **kwargs)
+                async with self.acquire(who, how_many, **options):
+                    return await handler(*args, **kwargs)
+
+            return cast(F, wrapper)
+
+        return decorate
+
+
+async def _pipelined(conn: Any, calls: list[tuple[Any, ...]]) -> list[Any]:
+    pipe = conn.pipeline(transaction=False)
+    for args in calls:
+        pipe.evalsha(*args)
+    return cast(list[Any], await pipe.execute(raise_on_error=False))
