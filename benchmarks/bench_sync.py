@@ -21,8 +21,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ratequota import GroupPolicy, Policy, QuotaClient, TenantPolicy  # noqa: E402
-from tests.servers import RedisServer  # noqa: E402
+from ratequota import GroupPolicy, Policy, QuotaClient, TenantPolicy
+from tests.servers import RedisServer
 
 
 def rate(fn: Callable[[], object], calls: int) -> float:

@@ -77,9 +77,8 @@ def test_group_full_and_too_large(make_client: MakeClient) -> None:
     quota = make_client(POLICY, clock=ManualClock())
     assert quota.try_acquire("a", 9).reason == "too_large"  # G+B = 8
     assert quota.try_acquire("b", 5).reason == "too_large"  # max_units = 4
-    with pytest.raises(RequestTooLarge):
-        with quota.acquire("a", 9, timeout=1):
-            pass
+    with pytest.raises(RequestTooLarge), quota.acquire("a", 9, timeout=1):
+        pass
     assert quota.try_acquire("s1", 6).admitted  # strangers share "open"
     full = quota.try_acquire("s2", 1)
     assert full.reason in ("group_full", "tenant_limit")
@@ -159,7 +158,9 @@ def test_fencing_tokens_strictly_increase(make_client: MakeClient) -> None:
         tokens.append(decision.lease.token)
         client.release(decision.lease)
         if i == 10:
-            quota.apply_policy(Policy([GroupPolicy("batch", capacity=11, tenants=POLICY.groups[0].tenants)]))
+            quota.apply_policy(
+                Policy([GroupPolicy("batch", capacity=11, tenants=POLICY.groups[0].tenants)])
+            )
     assert tokens == sorted(tokens) and len(set(tokens)) == len(tokens)
 
 
@@ -185,9 +186,8 @@ def test_renew_reports_lender_wants_capacity_back(make_client: MakeClient) -> No
     borrowed = quota.try_acquire("a", 8)
     assert borrowed.lease is not None
     # b asks for 4 within its guarantee and waits: group has only 2 free.
-    with pytest.raises(AcquireTimeout) as info:
-        with quota.acquire("b", 4, timeout=0.05):
-            pass
+    with pytest.raises(AcquireTimeout) as info, quota.acquire("b", 4, timeout=0.05):
+        pass
     assert info.value.decision.reason in ("group_full", "tenant_limit")
     assert info.value.waited >= 0.05
     # While b is registered as waiting, a is above its limit.
@@ -285,9 +285,8 @@ def test_timeout_zero_never_waits(make_client: MakeClient) -> None:
     """timeout=0 tries once and raises AcquireTimeout, registering no pending demand."""
     quota = make_client(POLICY, clock=ManualClock())
     assert quota.try_acquire("a", 8).admitted
-    with pytest.raises(AcquireTimeout) as info:
-        with quota.acquire("a", 1, timeout=0):
-            pass
+    with pytest.raises(AcquireTimeout) as info, quota.acquire("a", 1, timeout=0):
+        pass
     assert info.value.waited == 0
     assert isinstance(info.value, TimeoutError) and isinstance(info.value, QuotaExceeded)
     assert quota.snapshot("batch").tenants["a"].pending == 0
@@ -298,9 +297,8 @@ def test_giving_up_withdraws_pending_demand(make_client: MakeClient) -> None:
     clock = ManualClock()
     quota = make_client(POLICY, clock=clock)
     assert quota.try_acquire("a", 8).admitted
-    with pytest.raises(AcquireTimeout):
-        with quota.acquire("b", 4, timeout=1):
-            pass
+    with pytest.raises(AcquireTimeout), quota.acquire("b", 4, timeout=1):
+        pass
     snap = quota.snapshot("batch", ["b"])
     assert snap.tenants["b"].pending == 0
 
@@ -339,9 +337,8 @@ def test_no_key_is_left_without_expiry(make_client: MakeClient) -> None:
     clock = ManualClock()
     quota = make_client(POLICY, clock=clock)
     leases = [quota.try_acquire(t, 1).lease for t in ("a", "b", "a", "x")]
-    with pytest.raises(AcquireTimeout):
-        with quota.acquire("a", 8, timeout=0.5):
-            pass
+    with pytest.raises(AcquireTimeout), quota.acquire("a", 8, timeout=0.5):
+        pass
     assert expiring_keys_ok(quota) == []
     for lease in leases:
         if lease is not None:

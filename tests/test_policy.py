@@ -54,7 +54,7 @@ def test_group_level_fields_are_checked() -> None:
         GroupPolicy("g", capacity=0)
     with pytest.raises(ConfigError, match="twice"):
         GroupPolicy("g", capacity=5, tenants=[TenantPolicy("a"), TenantPolicy("a")])
-    with pytest.raises(ConfigError, match="default_tenant.guarantee"):
+    with pytest.raises(ConfigError, match=r"default_tenant\.guarantee"):
         GroupPolicy("g", capacity=5, default_tenant=TenantPolicy("*", guarantee=1))
     with pytest.raises(ConfigError, match="unknown_tenants"):
         GroupPolicy("g", capacity=5, unknown_tenants="maybe")  # type: ignore[arg-type]
@@ -65,7 +65,9 @@ def test_group_level_fields_are_checked() -> None:
 def test_a_tenant_belongs_to_one_group() -> None:
     """A tenant is charged to exactly one group, so listing it twice is an error."""
     with pytest.raises(ConfigError, match="both group"):
-        Policy([GroupPolicy("g1", 5, [TenantPolicy("a")]), GroupPolicy("g2", 5, [TenantPolicy("a")])])
+        Policy(
+            [GroupPolicy("g1", 5, [TenantPolicy("a")]), GroupPolicy("g2", 5, [TenantPolicy("a")])]
+        )
     with pytest.raises(ConfigError, match="default_group"):
         Policy([GroupPolicy("g1", 5)], default_group="nope")
 
@@ -131,7 +133,10 @@ def test_toml_round_trip(tmp_path: Path) -> None:
     [
         ("[[groups]]\nname = 'g'\n", "capacity"),
         ("[[groups]]\nname = 'g'\ncapacity = 4\ncolour = 'red'\n", "colour"),
-        ("[[groups]]\nname = 'g'\ncapacity = 4\n[[groups.tenants]]\nname='a'\nweight=-1\n", "weight"),
+        (
+            "[[groups]]\nname = 'g'\ncapacity = 4\n[[groups.tenants]]\nname='a'\nweight=-1\n",
+            "weight",
+        ),
         ("this is = = not toml", "not valid TOML"),
     ],
 )

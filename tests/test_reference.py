@@ -58,13 +58,28 @@ CASES = [
     # (capacity, tenants (name, G, lendable, B, weight), used, waiting, request)
     (20, [("a", 10, 1.0, None, 1.0), ("b", 10, 1.0, None, 1.0)], {"a": 15}, {}, ("b", 5)),
     (20, [("a", 10, 1.0, None, 1.0), ("b", 10, 1.0, None, 1.0)], {"a": 15}, {}, ("a", 3)),
-    (10, [("a", 5, 0.5, 2, 1.0), ("b", 5, 0.5, None, 2.0), ("c", 0, 1.0, None, 3.0)],
-     {"b": 4, "c": 3}, {"a": 4}, ("c", 1)),
-    (10, [("a", 5, 0.5, 2, 1.0), ("b", 5, 0.5, None, 2.0), ("c", 0, 1.0, None, 3.0)],
-     {"b": 4, "c": 3}, {"a": 4}, ("a", 1)),
+    (
+        10,
+        [("a", 5, 0.5, 2, 1.0), ("b", 5, 0.5, None, 2.0), ("c", 0, 1.0, None, 3.0)],
+        {"b": 4, "c": 3},
+        {"a": 4},
+        ("c", 1),
+    ),
+    (
+        10,
+        [("a", 5, 0.5, 2, 1.0), ("b", 5, 0.5, None, 2.0), ("c", 0, 1.0, None, 3.0)],
+        {"b": 4, "c": 3},
+        {"a": 4},
+        ("a", 1),
+    ),
     (20, [("a", 0, 1.0, 0, 1.0), ("b", 20, 0.25, 0, 1.0)], {}, {}, ("a", 1)),
-    (9, [("a", 3, 1.0, 1, 0.5), ("b", 3, 1.0, 1, 4.0), ("c", 3, 1.0, 1, 1.0)],
-     {"a": 4, "b": 3}, {"c": 3}, ("b", 1)),
+    (
+        9,
+        [("a", 3, 1.0, 1, 0.5), ("b", 3, 1.0, 1, 4.0), ("c", 3, 1.0, 1, 1.0)],
+        {"a": 4, "b": 3},
+        {"c": 3},
+        ("b", 1),
+    ),
 ]
 
 
@@ -75,7 +90,10 @@ def test_lua_matches_reference_on_fixed_states(make_client: MakeClient, case: in
     group = GroupPolicy(
         "g",
         capacity=capacity,
-        tenants=[TenantPolicy(n, g, lendable=l, borrow_limit=b, weight=w) for n, g, l, b, w in specs],
+        tenants=[
+            TenantPolicy(n, g, lendable=lend, borrow_limit=b, weight=w)
+            for n, g, lend, b, w in specs
+        ],
     )
     quota = make_client(Policy([group]), clock=ManualClock())
     for name, units_held in used.items():

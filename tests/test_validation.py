@@ -42,8 +42,14 @@ def client() -> QuotaClient:
 
 @pytest.mark.parametrize(
     ("units", "error"),
-    [(0, InvalidRequest), (-1, InvalidRequest), (1.5, InvalidType), ("3", InvalidType),
-     (True, InvalidType), (None, InvalidType)],
+    [
+        (0, InvalidRequest),
+        (-1, InvalidRequest),
+        (1.5, InvalidType),
+        ("3", InvalidType),
+        (True, InvalidType),
+        (None, InvalidType),
+    ],
 )
 def test_bad_units(client: QuotaClient, units: object, error: type[Exception]) -> None:
     """units must be an int >= 1: 0, -1, 1.5, "3", True and None are all refused."""
@@ -58,8 +64,10 @@ def test_bad_units(client: QuotaClient, units: object, error: type[Exception]) -
         assert isinstance(info.value, RateQuotaError)
 
 
-@pytest.mark.parametrize(("tenant", "error"), [("", InvalidRequest), (7, InvalidType),
-                                                (None, InvalidType), (b"a", InvalidType)])
+@pytest.mark.parametrize(
+    ("tenant", "error"),
+    [("", InvalidRequest), (7, InvalidType), (None, InvalidType), (b"a", InvalidType)],
+)
 def test_bad_tenant(client: QuotaClient, tenant: object, error: type[Exception]) -> None:
     """The tenant must be a non-empty str."""
     with pytest.raises(error, match="tenant"):

@@ -1,0 +1,49 @@
+"""The Lua scripts: headers parse, every encoder matches its header, files ship in the package."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from ratequota.scripts import SCRIPT_NAMES, load_scripts, parse_header
+
+LUA = Path(__file__).resolve().parent.parent / "lua"
+
+
+@pytest.mark.parametrize("name", SCRIPT_NAMES)
+def test_header_declares_keys_argv_and_reply(name: str) -> None:
+    """Each script starts with KEYS, ARGV and reply lines, in order."""
+    text = (LUA / f"{name}.lua").read_text()
+    keys, argv, _ = parse_header(name, text)
+    assert keys and argv
+    assert "-- reply:" in text.split("\n\n")[0] + "\n" + text[:4000]
+
+
+@pytest.mark.parametrize("name", SCRIPT_NAMES)
+def test_script_uses_only_declared_arguments(name: str) -> None:
+    """No script reads a KEYS[n] or ARGV[n] beyond what its header declares."""
+    spec = load_scripts()[name]
+    body = (LUA / f"{name}.lua").read_text()
+    used_keys = {int(n) for n in re.findall(r"KEYS\[(\d+)\]", body)}
+    used_args = {int(n) for n in re.findall(r"ARGV\[(\d+)\]", body)}
+    assert max(used_keys) <= len(spec.keys)
+    assert max(used_args) <= len(spec.argv)
+
+
+def test_group_scripts_share_the_key_layout() -> None:
+    """All group scripts take the same five keys, matching GroupKeys.all."""
+    from ratequota.keys import KeySpace
+
+    layout = KeySpace().group("g").all
+    for name in ("acquire", "release", "renew", "snapshot"):
+        spec = load_scripts()[name]
+        assert len(spec.keys) == len(layout)
+        assert list(spec.keys) == ["policy", "demand", "exp", "info", "queue"]
+
+
+def test_header_errors_are_detected() -> None:
+    """A header with KEYS out of order is rejected (the parser is strict)."""
+    with pytest.raises(ValueError, match="out of order"):
+        parse_header("bad", "-- KEYS[2] x\n-- reply: nothing\n")

@@ -1,0 +1,61 @@
+"""Real calls of the public API, type-checked by mypy (strict) and never run.
+
+If a signature changes in a way that breaks users, mypy fails on this file.
+"""
+
+from __future__ import annotations
+
+import ratequota
+from ratequota import (
+    Decision,
+    GroupPolicy,
+    GroupSnapshot,
+    Lease,
+    Policy,
+    QuotaClient,
+    ReleaseResult,
+    RenewResult,
+    TenantPolicy,
+)
+from ratequota.testing import ManualClock, fake_client
+
+
+def sync_usage() -> None:
+    """The sync client as a pod would use it."""
+    quota: QuotaClient = ratequota.QuotaClient()
+    remote = QuotaClient.from_url("redis://127.0.0.1:6379/0", lease_ttl=30.0, timeout=2.0)
+    policy = Policy(
+        [GroupPolicy("g", capacity=8, tenants=[TenantPolicy("a", guarantee=4, weight=2.0)])],
+        default_group="g",
+    )
+    versions: dict[str, int] = quota.apply_policy(policy)
+    assert versions["g"] >= 1
+    with quota.acquire("a", units=2, timeout=1.5) as lease:
+        token: int = lease.token
+        renewed: RenewResult = lease.renew(ttl=10.0)
+        hint: bool = renewed.over_limit or lease.over_limit
+        del token, hint
+    decision: Decision = quota.try_acquire("a", 1, request_id="req-1")
+    if decision.admitted and decision.lease is not None:
+        released: ReleaseResult = quota.release(decision.lease)
+        assert released.was_live
+    snap: GroupSnapshot = quota.snapshot("g", ["a"])
+    used: int = snap.tenants["a"].used
+    del used
+
+    @quota.limit(tenant=lambda tenant, n: tenant, units=lambda tenant, n: n)
+    def handle(tenant: str, n: int) -> str:
+        return tenant * n
+
+    result: str = handle("a", 2)
+    del result
+    remote.close()
+
+
+def testing_usage() -> None:
+    """The test helpers users get."""
+    clock = ManualClock()
+    quota = fake_client(Policy([GroupPolicy("g", 2, [TenantPolicy("a")])]), clock=clock)
+    with quota.acquire("a") as lease:
+        clock.advance(61.0)
+        assert isinstance(lease, Lease)
