@@ -49,7 +49,7 @@ def _int_at_least(field: str, value: object, low: int) -> int:
     return value
 
 
-def _check_tenant(instance: TenantPolicy, _attr: object, _value: object) -> None:
+def _check_tenant(instance: TenantPolicy, _attr: object, _value: str) -> None:
     # One validator for the whole class: messages can name the tenant.
     who = f"tenant {instance.name!r}" if isinstance(instance.name, str) else "tenant"
     _name("tenant.name", instance.name)
@@ -108,7 +108,7 @@ class TenantPolicy:
         return out
 
 
-def _check_group(instance: GroupPolicy, _attr: object, _value: object) -> None:
+def _check_group(instance: GroupPolicy, _attr: object, _value: str) -> None:
     who = f"group {instance.name!r}" if isinstance(instance.name, str) else "group"
     _name("group.name", instance.name)
     _int_at_least(f"{who}: capacity", instance.capacity, 1)

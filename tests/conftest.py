@@ -42,6 +42,24 @@ settings.load_profile(os.environ.get("RATEQUOTA_HYPOTHESIS_PROFILE", "ci"))
 REQUIRE_REDIS = os.environ.get("RATEQUOTA_REQUIRE_REDIS") == "1"
 
 
+_SKIPPED_REAL: list[str] = []
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """Remember real-Redis tests that were skipped, to fail the run when CI requires them."""
+    if report.skipped and "real_redis" in report.keywords:
+        _SKIPPED_REAL.append(report.nodeid)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """With RATEQUOTA_REQUIRE_REDIS=1 a skipped real-Redis test fails the whole run."""
+    if REQUIRE_REDIS and _SKIPPED_REAL:
+        print(f"\nreal-Redis tests were skipped ({len(_SKIPPED_REAL)}), which CI forbids:")
+        for nodeid in _SKIPPED_REAL[:20]:
+            print(f"  {nodeid}")
+        session.exitstatus = 1
+
+
 def _no_redis() -> None:
     message = "redis-server is not installed"
     if REQUIRE_REDIS:
