@@ -17,15 +17,17 @@ import json
 import math
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ratequota.decision import GroupSnapshot
 from ratequota.errors import ConfigError
 from ratequota.policy import Policy
 
+if TYPE_CHECKING:
+    SubParsers = argparse._SubParsersAction[argparse.ArgumentParser]
+
 __all__ = ["add_commands", "policy_to_toml", "render_snapshot", "snapshot_to_dict"]
 
-SubParsers = argparse._SubParsersAction[argparse.ArgumentParser]
 
 
 def _toml_value(value: object) -> str:
