@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from ratequota.client import QuotaClient
 from ratequota.errors import RateQuotaError
@@ -28,7 +29,9 @@ def add_backend_options(parser: argparse.ArgumentParser) -> None:
 
 def client_from_args(args: argparse.Namespace) -> QuotaClient:
     """The client the backend options describe (the embedded default when none is given)."""
-    options = {"prefix": args.prefix}
+    options: dict[str, Any] = {"prefix": args.prefix}
+    if getattr(args, "socket_timeout", None) is not None:
+        options["socket_timeout"] = args.socket_timeout
     if getattr(args, "shards", None):
         return QuotaClient.sharded(args.shards, **options)
     if getattr(args, "cluster", None):
@@ -59,6 +62,17 @@ def _simulate_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
     parser.set_defaults(handler=run)
 
 
+def _check_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from ratequota.readiness import add_arguments, run
+
+    parser = sub.add_parser(
+        "check", help="readiness of every shard; exits non-zero when the pod must not take traffic"
+    )
+    add_backend_options(parser)
+    add_arguments(parser)
+    parser.set_defaults(handler=run)
+
+
 def _operator_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     from ratequota.operator import add_commands
 
@@ -70,6 +84,7 @@ COMMANDS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], N
     _demo_command,
     _simulate_command,
     _operator_commands,
+    _check_command,
 ]
 
 

@@ -36,6 +36,7 @@ from ratequota.decision import (
 from ratequota.explain import Explanation, explain_flow
 from ratequota.failure import FailureStats
 from ratequota.policy import Policy
+from ratequota.readiness import ReadinessReport
 from ratequota.renewal import ThreadRenewer
 from ratequota.scripts import load_scripts
 from ratequota.shell import (
@@ -216,6 +217,29 @@ class QuotaClient:
             except redis.exceptions.RedisError as exc:
                 if strict:
                     raise translate_error(exc, "redis") from exc
+
+    def check(
+        self, groups: Iterable[str] | None = None, *, allow_degraded: bool = False
+    ) -> ReadinessReport:
+        """Readiness of every shard: may this pod take traffic? (see ``ratequota.readiness``).
+
+        ``groups`` are the groups this pod serves (default: every published
+        group). Missing scripts are loaded on the way, as a NOSCRIPT would.
+        Never raises for an unreachable shard: that is reported.
+        """
+        from ratequota import readiness
+
+        keyspace = self.core.keyspace
+        catalog, error = readiness.read_catalog(self.backend, keyspace)
+        served = readiness.served_groups(catalog, groups)
+        facts = readiness.gather(self.backend, keyspace, served)
+        return readiness.evaluate(
+            facts,
+            catalog_present=catalog is not None,
+            catalog_error=error,
+            slow_after=self.core.settings.socket_timeout / 4,
+            allow_degraded=allow_degraded,
+        )
 
     # -- policy ------------------------------------------------------------
 

@@ -1,0 +1,385 @@
+"""Is this pod's quota backend usable? The check behind ``quota.check()`` and ``ratequota check``.
+
+Two halves, kept apart on purpose:
+
+- ``gather`` (thin I/O): asks every shard (every cluster primary) a few
+  questions — PING and its round trip, ``INFO`` (server version,
+  ``maxmemory_policy``), ``SCRIPT EXISTS`` for every script (loading any that
+  are missing, as the client would on NOSCRIPT), a tiny script calling
+  ``TIME``, and the ``schema``/``version`` of each served group's policy
+  hash — plus the routing catalog from its shard. It records raw answers
+  and errors in ``ShardFacts`` and judges nothing.
+- ``evaluate`` (pure): turns those facts into a ``ReadinessReport`` — one
+  ``ShardReport`` per shard with its problems (the pod must not take
+  traffic) and warnings (it may, but an operator should look), and an
+  overall ``ready`` flag. Being pure, every verdict is unit-tested without
+  Redis, and the async client can reuse it with its own gathering.
+
+What makes a shard not ready: unreachable; scripts that cannot be loaded
+(an ACL without ``SCRIPT``/``EVALSHA``); ``TIME`` refused inside scripts; a
+served group whose policy is missing or written by a newer schema. The
+catalog missing (nothing published) or unreadable makes the whole pod not
+ready. Warnings: ``maxmemory-policy`` ``allkeys-*`` (Redis may evict any
+limiter key, the published policy included) or ``volatile-*`` (it may evict
+live lease state, which carries an expiry), and a slow round trip.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import attrs
+
+from ratequota.errors import RateQuotaError
+from ratequota.keys import SCHEMA_VERSION, KeySpace
+from ratequota.scripts import load_scripts
+
+__all__ = [
+    "GroupFacts",
+    "ReadinessReport",
+    "ShardFacts",
+    "ShardReport",
+    "evaluate",
+    "gather",
+    "read_catalog",
+    "served_groups",
+]
+
+#: The script the check runs to prove ``TIME`` may be called from Lua.
+TIME_SCRIPT = "return redis.call('TIME')"
+
+
+@attrs.frozen
+class GroupFacts:
+    """Raw answer for one served group's policy hash (``HMGET schema version``)."""
+
+    group: str
+    schema: Any = None
+    version: Any = None
+    error: str | None = None
+
+
+@attrs.frozen
+class ShardFacts:
+    """Raw answers from one shard; ``error`` set means PING failed and nothing else was asked."""
+
+    name: str
+    error: str | None = None
+    latency: float | None = None
+    info: Mapping[str, Any] = attrs.field(factory=dict)
+    info_error: str | None = None
+    scripts: Mapping[str, bool] = attrs.field(factory=dict)
+    reloaded: tuple[str, ...] = ()
+    script_error: str | None = None
+    time_reply: Any = None
+    time_error: str | None = None
+    groups: tuple[GroupFacts, ...] = ()
+    holds_catalog: bool = False
+
+
+@attrs.frozen
+class ShardReport:
+    """The verdict on one shard; ``ready`` when it has no problems."""
+
+    name: str
+    reachable: bool
+    latency_ms: float | None
+    version: str
+    scripts: str
+    time_in_scripts: bool | None
+    maxmemory_policy: str
+    groups_checked: int
+    groups_missing: tuple[str, ...]
+    problems: tuple[str, ...]
+    warnings: tuple[str, ...]
+
+    @property
+    def ready(self) -> bool:
+        """No problem on this shard."""
+        return not self.problems
+
+
+@attrs.frozen
+class ReadinessReport:
+    """Per-shard reports and the verdict: ``ready`` means this pod may take traffic."""
+
+    shards: tuple[ShardReport, ...]
+    problems: tuple[str, ...]
+    warnings: tuple[str, ...]
+    ready: bool
+
+    def table(self) -> str:
+        """The report as a fixed-width table, then the problems and warnings."""
+        headers = ("shard", "ok", "latency", "version", "scripts", "TIME", "policies", "maxmemory")
+        rows = [headers]
+        for s in self.shards:
+            latency = "-" if s.latency_ms is None else f"{s.latency_ms:.1f}ms"
+            time_ok = {True: "yes", False: "NO", None: "-"}[s.time_in_scripts]
+            policies = f"{s.groups_checked - len(s.groups_missing)}/{s.groups_checked}"
+            rows.append((
+                s.name, "yes" if s.ready else "NO", latency, s.version, s.scripts,
+                time_ok, policies, s.maxmemory_policy,
+            ))
+        widths = [max(len(str(row[i])) for row in rows) for i in range(len(headers))]
+        lines = ["  ".join(str(v).ljust(w) for v, w in zip(row, widths, strict=True)).rstrip()
+                 for row in rows]
+        lines += [f"problem: {p}" for p in self.problems]
+        lines += [f"warning: {w}" for w in self.warnings]
+        lines.append("READY" if self.ready else "NOT READY")
+        return "\n".join(lines)
+
+
+def served_groups(catalog: Any, groups: Iterable[str] | None) -> list[str]:
+    """The groups to check: those given, else every group of the published policy."""
+    if groups is not None:
+        return list(dict.fromkeys(groups))
+    if catalog is None:
+        return []
+    return [g.name for g in catalog.groups]
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+def _evaluate_shard(
+    facts: ShardFacts, schema: int, slow_after: float
+) -> ShardReport:
+    problems: list[str] = []
+    warnings: list[str] = []
+    name = facts.name
+    if facts.error is not None:
+        return ShardReport(
+            name, False, None, "-", "-", None, "-", len(facts.groups), (),
+            (f"{name}: unreachable: {facts.error}",), (),
+        )
+    latency_ms = None if facts.latency is None else facts.latency * 1000
+    if facts.latency is not None and facts.latency > slow_after:
+        warnings.append(f"{name}: round trip {latency_ms:.0f}ms is slow")
+
+    version = _text(facts.info.get("redis_version", "unknown"))
+    policy = _text(facts.info.get("maxmemory_policy", "unknown"))
+    if policy.startswith("allkeys-"):
+        warnings.append(
+            f"{name}: maxmemory-policy {policy} may evict any limiter key, published policies "
+            "included; use noeviction"
+        )
+    elif policy.startswith("volatile-"):
+        warnings.append(
+            f"{name}: maxmemory-policy {policy} may evict live lease state (it carries an "
+            "expiry); use noeviction"
+        )
+
+    loaded = sum(1 for ok in facts.scripts.values() if ok)
+    scripts = f"{loaded}/{len(facts.scripts)}"
+    if facts.reloaded:
+        scripts += f" ({len(facts.reloaded)} reloaded)"
+    if facts.script_error is not None:
+        problems.append(f"{name}: scripts cannot be checked or loaded: {facts.script_error}")
+    elif loaded < len(facts.scripts):
+        missing = sorted(k for k, ok in facts.scripts.items() if not ok)
+        problems.append(f"{name}: scripts not loaded: {', '.join(missing)}")
+
+    time_ok: bool | None = None
+    if facts.time_error is not None:
+        time_ok = False
+        problems.append(f"{name}: TIME is not allowed in scripts: {facts.time_error}")
+    elif facts.time_reply is not None:
+        reply = facts.time_reply
+        time_ok = isinstance(reply, (list, tuple)) and len(reply) == 2
+        if not time_ok:
+            problems.append(f"{name}: TIME in a script answered {reply!r}")
+
+    missing_groups: list[str] = []
+    for group in facts.groups:
+        if group.error is not None:
+            problems.append(f"{name}: group {group.group!r}: policy unreadable: {group.error}")
+            missing_groups.append(group.group)
+        elif group.schema is None:
+            missing_groups.append(group.group)
+        elif int(_text(group.schema)) > schema:
+            problems.append(
+                f"{name}: group {group.group!r} was written by key schema {_text(group.schema)}, "
+                f"this ratequota supports {schema}: upgrade this pod"
+            )
+            missing_groups.append(group.group)
+    unpublished = [g.group for g in facts.groups if g.error is None and g.schema is None]
+    if unpublished:
+        shown = ", ".join(repr(g) for g in unpublished[:5])
+        more = f" and {len(unpublished) - 5} more" if len(unpublished) > 5 else ""
+        problems.append(f"{name}: no policy published for {shown}{more}")
+    return ShardReport(
+        name, True, latency_ms, version, scripts, time_ok, policy,
+        len(facts.groups), tuple(missing_groups), tuple(problems), tuple(warnings),
+    )
+
+
+def evaluate(
+    shards: Sequence[ShardFacts],
+    *,
+    catalog_present: bool,
+    catalog_error: str | None = None,
+    schema: int = SCHEMA_VERSION,
+    slow_after: float = 0.25,
+    allow_degraded: bool = False,
+) -> ReadinessReport:
+    """The report for gathered facts: pure, so every verdict is testable without Redis.
+
+    ``allow_degraded`` keeps the pod ready while some shards have problems,
+    as long as the catalog's shard and at least one other are usable: with
+    every pod sharing the same shards, failing all of them on one shard's
+    outage would turn a partial outage into a total one.
+    """
+    reports = tuple(_evaluate_shard(f, schema, slow_after) for f in shards)
+    problems = [p for r in reports for p in r.problems]
+    warnings = [w for r in reports for w in r.warnings]
+    general: list[str] = []
+    if catalog_error is not None:
+        general.append(f"routing catalog unreadable: {catalog_error}")
+    elif not catalog_present:
+        general.append("no policy is published (routing catalog missing); run apply_policy")
+    if not shards:
+        general.append("no shard configured")
+    if allow_degraded:
+        catalog_ok = all(r.ready for f, r in zip(shards, reports, strict=True) if f.holds_catalog)
+        ready = not general and catalog_ok and any(r.ready for r in reports)
+    else:
+        ready = not general and not problems
+    return ReadinessReport(reports, tuple(general + problems), tuple(warnings), ready)
+
+
+# -- gathering (thin I/O) -------------------------------------------------------
+
+
+def _error(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _shard_facts(
+    name: str, conn: Any, groups: Sequence[tuple[str, Any]], keyspace: KeySpace,
+    holds_catalog: bool,
+) -> ShardFacts:
+    """Ask one shard everything; ``groups`` are (group, connection routing it) served here."""
+    started = time.perf_counter()
+    try:
+        conn.ping()
+    except Exception as exc:  # any failure means unreachable; reported, never raised
+        return ShardFacts(name, error=_error(exc), groups=tuple(GroupFacts(g) for g, _ in groups),
+                          holds_catalog=holds_catalog)
+    latency = time.perf_counter() - started
+
+    info: dict[str, Any] = {}
+    info_error = None
+    try:
+        for section in ("server", "memory"):
+            info.update(conn.info(section))
+    except Exception as exc:  # INFO may be renamed or refused; not fatal
+        info_error = _error(exc)
+
+    specs = load_scripts()
+    scripts: dict[str, bool] = {}
+    reloaded: list[str] = []
+    script_error = None
+    try:
+        exists = conn.script_exists(*(s.sha for s in specs.values()))
+        for (script_name, spec), ok in zip(specs.items(), exists, strict=True):
+            if not ok:
+                conn.script_load(spec.source)  # as the client would after NOSCRIPT
+                reloaded.append(script_name)
+        exists = conn.script_exists(*(s.sha for s in specs.values()))
+        scripts = {n: bool(ok) for n, ok in zip(specs, exists, strict=True)}
+    except Exception as exc:
+        script_error = _error(exc)
+
+    time_reply, time_error = None, None
+    try:
+        time_reply = conn.eval(TIME_SCRIPT, 0)
+    except Exception as exc:
+        time_error = _error(exc)
+
+    facts: list[GroupFacts] = []
+    if groups:
+        try:
+            pipe = groups[0][1].pipeline(transaction=False)
+            for group, _ in groups:
+                pipe.hmget(keyspace.group(group).policy, "schema", "version")
+            for (group, _), reply in zip(groups, pipe.execute(raise_on_error=False), strict=True):
+                if isinstance(reply, Exception):
+                    facts.append(GroupFacts(group, error=_error(reply)))
+                else:
+                    facts.append(GroupFacts(group, reply[0], reply[1]))
+        except Exception as exc:
+            facts = [GroupFacts(g, error=_error(exc)) for g, _ in groups]
+    return ShardFacts(
+        name, None, latency, info, info_error, scripts, tuple(reloaded), script_error,
+        time_reply, time_error, tuple(facts), holds_catalog,
+    )
+
+
+def gather(backend: Any, keyspace: KeySpace, groups: Sequence[str]) -> list[ShardFacts]:
+    """Facts from every shard of ``backend`` (in parallel: one slow shard costs one timeout)."""
+    if hasattr(backend, "nodes") and hasattr(backend, "node_of"):
+        nodes: list[tuple[str, Any]] = list(backend.nodes())
+        node_of = backend.node_of
+    else:  # a custom backend knowing only its connections: one "shard" per connection
+        nodes = [(f"redis-{i}", c) for i, c in enumerate(backend.connections())]
+        conns = {id(c): name for name, c in nodes}
+        node_of = lambda route: conns[id(backend.connection(route))]  # noqa: E731
+    catalog_node = node_of(keyspace.catalog_route)
+    by_node: dict[str, list[tuple[str, Any]]] = {name: [] for name, _ in nodes}
+    for group in groups:
+        by_node.setdefault(node_of(group), []).append((group, backend.connection(group)))
+    with ThreadPoolExecutor(max_workers=max(1, len(nodes))) as pool:
+        futures = [
+            pool.submit(_shard_facts, name, conn, by_node[name], keyspace, name == catalog_node)
+            for name, conn in nodes
+        ]
+        return [f.result() for f in futures]
+
+
+def read_catalog(backend: Any, keyspace: KeySpace) -> tuple[Any, str | None]:
+    """(published policy or None, error text or None) from the catalog's shard."""
+    from ratequota.core import parse_catalog
+
+    try:
+        raw = backend.connection(keyspace.catalog_route).get(keyspace.catalog)
+        return parse_catalog(raw), None
+    except RateQuotaError as exc:
+        return None, str(exc)
+    except Exception as exc:  # unreachable, refused by ACL, ...: reported, never raised
+        return None, _error(exc)
+
+
+# -- the ``ratequota check`` command ----------------------------------------------
+
+
+def add_arguments(parser: Any) -> None:
+    """Options of ``ratequota check`` (the backend options are added by the CLI)."""
+    parser.add_argument(
+        "--group", action="append", dest="groups", metavar="NAME",
+        help="a group this pod serves (repeatable; default: every published group)",
+    )
+    parser.add_argument(
+        "--socket-timeout", type=float, default=1.0, metavar="SECONDS",
+        help="timeout of every Redis call (default: 1.0; keep it under the probe's timeout)",
+    )
+    parser.add_argument(
+        "--allow-degraded", action="store_true",
+        help="stay ready while some shards fail, if the catalog's shard and one other work",
+    )
+
+
+def run(args: Any) -> int:
+    """Print the report as a table; exit 0 when ready, 1 when the pod must not take traffic."""
+    from ratequota.cli import client_from_args
+
+    client = client_from_args(args)
+    try:
+        report = client.check(args.groups, allow_degraded=args.allow_degraded)
+    finally:
+        client.close()
+    print(report.table())
+    return 0 if report.ready else 1
