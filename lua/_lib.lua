@@ -187,12 +187,14 @@ local function load_policy(schema)
 end
 
 -- Gives every expiring key of the group a lifetime longer than any lease.
-local function touch(policy)
+-- The queue only gains members on the waiting path, which passes with_queue;
+-- elsewhere members are only removed, and an existing key keeps its expiry.
+local function touch(policy, with_queue)
   local ttl = policy.ttl + KEY_GRACE_MS
   redis.call('PEXPIRE', KEYS[2], ttl)
   redis.call('PEXPIRE', KEYS[3], ttl)
   redis.call('PEXPIRE', KEYS[4], ttl)
-  redis.call('PEXPIRE', KEYS[5], ttl)
+  if with_queue then redis.call('PEXPIRE', KEYS[5], ttl) end
 end
 
 local function fmt(x)

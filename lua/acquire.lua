@@ -38,7 +38,8 @@ local lease_member, wait_member = 'L' .. id, 'P' .. id
 local used, pending, group_used = load_demand()
 
 -- Idempotency: the first attempt committed and its reply was lost.
-local known = redis.call('HGET', KEYS[4], lease_member)
+local entries = redis.call('HMGET', KEYS[4], lease_member, wait_member)
+local known, wait_info = entries[1], entries[2]
 if known then
   local _, token = string.match(known, '^(%d+):(%d+):')
   local expiry = redis.call('ZSCORE', KEYS[3], lease_member)
@@ -46,7 +47,6 @@ if known then
           policy.capacity, 0, policy.version, 1}
 end
 
-local wait_info = redis.call('HGET', KEYS[4], wait_member)
 local already_waiting = wait_info ~= false and wait_info ~= nil
 local demand, names = active_demand(used, pending)
 if not already_waiting then demand[tenant] = (demand[tenant] or 0) + units end
@@ -65,8 +65,10 @@ local rows = allocate(policy.capacity, policy.reserve, demand, specs)
 local limit = limit_of(rows, tenant)
 
 local reserve = 0
-local head_units, head_id = queue_head(tenant)
-if head_units and head_id ~= id then reserve = head_units end
+if pending[tenant] then  -- only a tenant with waiting requests has a queue
+  local head_units, head_id = queue_head(tenant)
+  if head_units and head_id ~= id then reserve = head_units end
+end
 
 local reason = 'admitted'
 if units > math.min(policy.capacity, spec.ceil, spec.max) then
@@ -90,7 +92,7 @@ if reason ~= 'admitted' then
       redis.call('HINCRBY', KEYS[2], 'p:' .. tenant, units)
       redis.call('ZADD', KEYS[5], 0, queue_member(tenant, seq, units, id))
     end
-    touch(policy)
+    touch(policy, true)
   end
   return {0, reason, 0, 0, tenant_used, fmt(limit), group_used, policy.capacity, retry_ms,
           policy.version, 0}
