@@ -48,10 +48,11 @@ def key_lines(text: str) -> tuple[dict[str, int], dict[str, str]]:
             # Resolve each part against the arrays seen so far: "groups.tenants"
             # inside the third group is groups[2].tenants.
             path = ""
-            for part in parts:
+            for part in parts[:-1]:
                 path = f"{path}.{part}" if path else part
                 if path in counts:
                     path = f"{path}[{counts[path] - 1}]"
+            path = f"{path}.{parts[-1]}" if path else parts[-1]
             if header.group(1) == "[[":
                 counts[path] = counts.get(path, 0) + 1
                 path = f"{path}[{counts[path] - 1}]"

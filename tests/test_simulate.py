@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import sys
 from pathlib import Path
+from typing import Any
 
 import attrs
 import pytest
@@ -284,7 +285,7 @@ def test_run_scenario_on_a_private_fake_is_safe() -> None:
     assert report.left_over_units == 0
 
 
-def _shared(backend: object) -> object:
+def _shared(backend: Any) -> Any:
     """A backend wrapper whose close() leaves the shared fake server usable."""
 
     class Shared:
