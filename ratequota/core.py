@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import math
 import random
-import uuid
+import os
 from collections.abc import Generator, Iterable, Mapping
 from typing import Any, TypeVar
 
@@ -265,7 +265,7 @@ class QuotaCore:
     @staticmethod
     def new_request_id() -> str:
         """A fresh request id: random, so concurrent pods never collide."""
-        return uuid.uuid4().hex
+        return os.urandom(16).hex()
 
     # -- routing -------------------------------------------------------------
 
