@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import functools
 import inspect
+import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -229,8 +230,9 @@ class TaskRenewer:
     def __init__(self, client: AsyncQuotaClient) -> None:
         core = client.core
         self._client = client
+        # Real time, not the client's clock: a test's ManualClock expires leases on purpose.
         self.book = RenewalBook(
-            core.settings.renew_fraction, core.settings.lease_ttl, core.clock.monotonic
+            core.settings.renew_fraction, core.settings.lease_ttl, time.monotonic
         )
         self.enabled = core.settings.auto_renew
         self._task: asyncio.Task[None] | None = None

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import threading
+import time
 from collections.abc import Callable, Generator, Sequence
 from typing import Any
 
@@ -134,8 +135,10 @@ class ThreadRenewer:
     def __init__(self, client: Any) -> None:
         core: QuotaCore = client.core
         self._client = client
-        self.book = RenewalBook(core.settings.renew_fraction, core.settings.lease_ttl,
-                                core.clock.monotonic)
+        # Real time, not the client's clock: a test's ManualClock expires leases on purpose.
+        self.book = RenewalBook(
+            core.settings.renew_fraction, core.settings.lease_ttl, time.monotonic
+        )
         self.enabled = core.settings.auto_renew
         self._wake = threading.Event()
         self._stop = threading.Event()

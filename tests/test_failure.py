@@ -1,0 +1,204 @@
+"""Failure policy (§8): circuit breaker state machine, settings validation, fail-open/local modes.
+
+The breaker and the failure state are pure (injected clock), so most of this
+runs without Redis; the fallback modes are exercised against a port nothing
+listens on, where every call fails at once with "connection refused".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+
+import pytest
+
+from ratequota.aio import AsyncQuotaClient
+from ratequota.client import QuotaClient
+from ratequota.core import Settings
+from ratequota.errors import BackendUnavailable, ConfigError
+from ratequota.failure import Breakers, CircuitBreaker
+from tests.servers import free_port
+
+
+class FakeTime:
+    """A hand-moved clock for the breaker."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_breaker_opens_after_threshold_and_fails_fast() -> None:
+    """Consecutive failures open the breaker; while open no call is allowed."""
+    clock = FakeTime()
+    breaker = CircuitBreaker(failures=3, reset=1.0, clock=clock)
+    for _ in range(2):
+        assert breaker.allow()
+        breaker.failure()
+    assert breaker.state == "closed"
+    breaker.failure()
+    assert breaker.state == "open"
+    assert not breaker.allow()
+    assert breaker.retry_in() == pytest.approx(1.0)
+
+
+def test_breaker_success_resets_the_count() -> None:
+    """Failures must be consecutive: one success in between starts the count again."""
+    breaker = CircuitBreaker(failures=2, reset=1.0, clock=FakeTime())
+    breaker.failure()
+    breaker.success()
+    breaker.failure()
+    assert breaker.state == "closed"
+
+
+def test_breaker_half_open_lets_exactly_one_probe() -> None:
+    """After ``reset`` one probe goes through; others still fail fast until it reports."""
+    clock = FakeTime()
+    breaker = CircuitBreaker(failures=1, reset=1.0, clock=clock)
+    breaker.failure()
+    clock.now += 1.0
+    assert breaker.allow()
+    assert breaker.state == "half_open"
+    assert not breaker.allow()
+    breaker.success()
+    assert breaker.state == "closed"
+    assert breaker.allow()
+
+
+def test_breaker_failed_probe_reopens_and_lost_probe_is_forgotten() -> None:
+    """A failed probe reopens at once; a probe that never reports lets another go after reset."""
+    clock = FakeTime()
+    breaker = CircuitBreaker(failures=1, reset=1.0, clock=clock)
+    breaker.failure()
+    clock.now += 1.0
+    assert breaker.allow()
+    breaker.failure()
+    assert breaker.state == "open"
+    assert not breaker.allow()
+    clock.now += 1.0
+    assert breaker.allow()  # probe sent, never reports (its task was cancelled)
+    clock.now += 0.5
+    assert not breaker.allow()
+    clock.now += 0.6
+    assert breaker.allow()
+
+
+def test_breakers_are_per_shard() -> None:
+    """One shard's outage does not stop calls to another shard."""
+    breakers = Breakers(failures=1, reset=1.0, clock=FakeTime())
+    breakers.record("a", ok=False)
+    assert isinstance(breakers.refuse("a", "shard a"), BackendUnavailable)
+    assert breakers.refuse("b", "shard b") is None
+    assert breakers.states() == {"a": "open", "b": "closed"}
+    assert breakers.fast_failures == 1
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("failure_mode", "sometimes"),
+        ("local_allowance", -1),
+        ("local_allowance", 1.5),
+        ("breaker_failures", 0),
+        ("breaker_reset", 0),
+        ("breaker_reset", math.inf),
+        ("auto_renew", 1),
+        ("renew_fraction", 1.0),
+        ("renew_fraction", 0.0),
+        ("batch_size", 0),
+        ("batch_in_flight", True),
+    ],
+)
+def test_settings_errors_name_the_field(field: str, value: object) -> None:
+    """Every failure-policy, renewal and batching setting is validated and named in the error."""
+    with pytest.raises(ConfigError, match=field) as info:
+        Settings(**{field: value})  # type: ignore[arg-type]
+    assert info.value.field == field
+
+
+def test_local_mode_needs_an_allowance() -> None:
+    """``failure_mode="local"`` with no allowance would be fail-closed in disguise: refused."""
+    with pytest.raises(ConfigError, match="local_allowance"):
+        Settings(failure_mode="local")
+
+
+def dead_url() -> str:
+    """A loopback URL nothing listens on: connections are refused at once."""
+    return f"redis://127.0.0.1:{free_port()}/0"
+
+
+def test_fail_closed_raises_backend_unavailable_then_fails_fast() -> None:
+    """Default policy: a clear error; once the breaker opens, calls stop touching the network."""
+    quota = QuotaClient(dead_url(), socket_timeout=0.2, breaker_failures=2, breaker_reset=5.0)
+    try:
+        for _ in range(2):
+            with pytest.raises(BackendUnavailable, match="unavailable"):
+                quota.try_acquire("a", 1, group="g")
+        with pytest.raises(BackendUnavailable, match="circuit open"):
+            quota.try_acquire("a", 1, group="g")
+        assert quota.stats().fast_failures == 1
+        assert quota.stats().fallback_refusals == 3
+    finally:
+        quota.close()
+
+
+def test_fail_open_admits_with_a_marked_synthetic_lease() -> None:
+    """fail_open admits, counts it, and the lease says it is synthetic (token 0, no Redis)."""
+    quota = QuotaClient(dead_url(), socket_timeout=0.2, failure_mode="open")
+    try:
+        decision = quota.try_acquire("a", 3, group="g")
+        assert decision.admitted and decision.reason == "backend_unavailable"
+        assert decision.lease is not None and decision.lease.synthetic
+        assert decision.lease.token == 0
+        with quota.acquire("a", 2, group="g", timeout=1) as lease:
+            assert lease.synthetic
+            assert lease.renew().renewed
+        assert quota.release(decision.lease).was_live
+        assert quota.stats().fail_open_admits == 2
+    finally:
+        quota.close()
+
+
+def test_local_allowance_is_bounded_per_tenant_and_given_back() -> None:
+    """Local mode admits up to N units per tenant at once while Redis is down, then refuses."""
+    quota = QuotaClient(dead_url(), socket_timeout=0.2, failure_mode="local", local_allowance=4)
+    try:
+        first = quota.try_acquire("a", 3, group="g")
+        assert first.admitted and first.lease is not None and first.lease.synthetic
+        with pytest.raises(BackendUnavailable):
+            quota.try_acquire("a", 2, group="g")
+        other = quota.try_acquire("b", 4, group="g")  # per tenant: b has its own allowance
+        assert other.admitted
+        quota.release(first.lease)
+        again = quota.try_acquire("a", 4, group="g")
+        assert again.admitted
+        stats = quota.stats()
+        assert stats.local_admits == 3 and stats.local_units_held == 8
+        assert stats.fallback_refusals == 1
+    finally:
+        quota.close()
+
+
+def test_async_client_applies_the_same_policy() -> None:
+    """The async client shares the failure policy: fail-open admits, fail-closed raises fast."""
+
+    async def main() -> None:
+        opened = AsyncQuotaClient(dead_url(), socket_timeout=0.2, failure_mode="open")
+        closed = AsyncQuotaClient(dead_url(), socket_timeout=0.2, breaker_failures=1)
+        try:
+            async with opened.acquire("a", 2, group="g", timeout=1) as lease:
+                assert lease.synthetic
+            with pytest.raises(BackendUnavailable):
+                await closed.try_acquire("a", 1, group="g")
+            started = time.monotonic()
+            with pytest.raises(BackendUnavailable, match="circuit open"):
+                await closed.try_acquire("a", 1, group="g")
+            assert time.monotonic() - started < 0.2
+        finally:
+            await opened.close()
+            await closed.close()
+
+    asyncio.run(main())
