@@ -380,7 +380,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-plot", action="store_true", help="do not draw the picture")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     # Simulated traffic must never land on a deployment's real keys.
-    parser.set_defaults(prefix="rqsim")
+    for action in parser._actions:
+        if action.dest == "prefix":
+            action.default = "rqsim"
+            action.help = "key prefix (default: rqsim, apart from a deployment's keys)"
 
 
 def run(args: argparse.Namespace) -> int:
