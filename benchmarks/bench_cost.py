@@ -1,0 +1,132 @@
+"""Redis-side cost of one acquire by active tenants, live leases and idle tenants (DESIGN §10).
+
+Usage (from the repository root)::
+
+    .venv/bin/python benchmarks/bench_cost.py [--url redis://127.0.0.1:PORT/0] [--calls N]
+
+Without ``--url`` it starts its own redis-server on a free loopback port and
+stops it afterwards. Each scenario publishes one group, makes ``active``
+tenants active (each holds leases; 10,000 live leases in all), optionally
+registers 10,000 idle tenants in the policy, then runs ``--calls`` admitted
+acquires alone between ``CONFIG RESETSTAT`` and ``INFO commandstats``: the
+reported µs/call is ``usec_per_call`` of ``evalsha``, i.e. time spent inside
+Redis running the script, without the network or the client.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from ratequota.client import QuotaClient
+from ratequota.policy import GroupPolicy, Policy, TenantPolicy
+from ratequota.protocol import acquire_call, release_call
+from tests.servers import RedisServer
+
+LIVE_LEASES = 10_000
+IDLE_TENANTS = 10_000
+SCENARIOS: list[tuple[int, int]] = [(10, 0), (100, 0), (1000, 0), (10, IDLE_TENANTS)]
+
+
+def build_policy(active: int, idle: int) -> GroupPolicy:
+    """A group with ``active`` tenants that will hold leases and ``idle`` that never ask."""
+    tenants = [TenantPolicy(f"a{i}", weight=1.0 + i % 3) for i in range(active)]
+    # Idle tenants carry a non-lendable guarantee: they count only through the summed reserve.
+    tenants += [TenantPolicy(f"idle{i}", guarantee=1, lendable=0.5) for i in range(idle)]
+    return GroupPolicy("cost", capacity=10**7, tenants=tuple(tenants), max_lease_ttl=3600.0)
+
+
+def populate(quota: QuotaClient, group: str, active: int, leases: int) -> list[str]:
+    """``leases`` live leases spread over ``active`` tenants, pipelined; returns their ids."""
+    conn = quota.backend.connection(group)
+    keyspace = quota.core.keyspace
+    ids = []
+    pipe = conn.pipeline(transaction=False)
+    for i in range(leases):
+        call = acquire_call(
+            keyspace, group, f"a{i % active}", 1, f"seed{i}", 3_600_000,
+            wait=False, pending_ms=2000, purge=64,
+        )
+        pipe.evalsha(call.script.sha, len(call.keys), *call.keys, *call.args)
+        ids.append(f"seed{i}")
+        if len(pipe) >= 1000:
+            pipe.execute()
+    pipe.execute()
+    return ids
+
+
+def release_all(quota: QuotaClient, group: str, ids: list[str]) -> None:
+    """Release leases by id, pipelined."""
+    conn = quota.backend.connection(group)
+    pipe = conn.pipeline(transaction=False)
+    for lease_id in ids:
+        call = release_call(quota.core.keyspace, group, lease_id, purge=64)
+        pipe.evalsha(call.script.sha, len(call.keys), *call.keys, *call.args)
+        if len(pipe) >= 1000:
+            pipe.execute()
+    pipe.execute()
+
+
+def evalsha_stats(conn: Any) -> tuple[int, float]:
+    """Calls and µs per call of EVALSHA since the last CONFIG RESETSTAT."""
+    stats = conn.info("commandstats").get("cmdstat_evalsha", {})
+    return int(stats.get("calls", 0)), float(stats.get("usec_per_call", 0.0))
+
+
+def measure(url: str, active: int, idle: int, calls: int) -> tuple[float, int]:
+    """Redis-side µs per admitted acquire in one scenario, and the live leases during it."""
+    quota = QuotaClient.from_url(url, prefix=f"cost{active}x{idle}", socket_timeout=30.0)
+    try:
+        policy = build_policy(active, idle)
+        quota.apply_policy(Policy([policy]))
+        seeded = populate(quota, policy.name, active, LIVE_LEASES)
+        conn = quota.backend.connection(policy.name)
+        taken = []
+        for i in range(50):  # warm-up, outside the measurement
+            decision = quota.try_acquire(f"a{i % active}", 1, group=policy.name)
+            assert decision.lease is not None, decision.describe()
+            taken.append(decision.lease)
+        live = quota.snapshot(policy.name, []).used
+        conn.config_resetstat()
+        for i in range(calls):
+            decision = quota.try_acquire(f"a{i % active}", 1, group=policy.name)
+            assert decision.lease is not None, decision.describe()
+            taken.append(decision.lease)
+        counted, usec = evalsha_stats(conn)
+        assert counted == calls, (counted, calls)
+        for lease in taken:
+            quota.release(lease)
+        release_all(quota, policy.name, seeded)
+        return usec, live
+    finally:
+        quota.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run every scenario and print a table."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--url", help="an existing Redis (default: start one)")
+    parser.add_argument("--calls", type=int, default=2000, help="measured acquires per scenario")
+    args = parser.parse_args(argv)
+    server = None
+    url = args.url
+    if url is None:
+        server = RedisServer().start()
+        url = server.url
+    try:
+        print(f"{'active tenants':>15} {'idle tenants':>13} {'live leases':>12} {'µs/acquire':>11}")
+        for active, idle in SCENARIOS:
+            usec, live = measure(url, active, idle, args.calls)
+            print(f"{active:>15} {idle:>13} {live:>12} {usec:>11.1f}")
+    finally:
+        if server is not None:
+            server.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

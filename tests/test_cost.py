@@ -1,0 +1,75 @@
+"""The acquire script's work grows with *active* tenants, never with registered idle ones (§3).
+
+Deterministic, not timed: on a real redis-server, ``MONITOR`` lists every
+command a script issues (tagged ``lua``) with its arguments. One acquire in a
+group with 10 active tenants must issue exactly as many commands, with as many
+arguments, whether the policy registers 0 or 10,000 idle tenants; with more
+active tenants it issues more (so the measure does see growth).
+Timings are for ``benchmarks/bench_cost.py``.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import redis
+
+from ratequota.client import QuotaClient
+from ratequota.policy import GroupPolicy, Policy, TenantPolicy
+from tests.servers import RedisServer
+
+pytestmark = pytest.mark.real_redis
+
+_MONITOR_LINE = re.compile(r"^[\d.]+ \[\d+ ([^\]]*)\] (.*)$", re.DOTALL)
+_ARGUMENT = re.compile(r'"(?:[^"\\]|\\.)*"')
+
+
+def group_policy(name: str, active: int, idle: int) -> GroupPolicy:
+    """``active`` tenants that will hold units and ``idle`` ones that never ask."""
+    tenants = [TenantPolicy(f"a{i}", weight=1.0 + i % 3) for i in range(active)]
+    tenants += [TenantPolicy(f"idle{i}", guarantee=1, lendable=0.5) for i in range(idle)]
+    return GroupPolicy(name, capacity=100_000, tenants=tuple(tenants))
+
+
+def script_work(server: RedisServer, name: str, active: int, idle: int) -> list[tuple[str, int]]:
+    """Commands (name, argument count) one acquire's script issues, read from MONITOR."""
+    client = QuotaClient.from_url(server.url, socket_timeout=10.0)
+    plain = redis.Redis(port=server.port, socket_timeout=10.0)
+    try:
+        client.apply_policy(Policy([group_policy(name, active, idle)]))
+        for i in range(active):  # every active tenant holds a lease
+            assert client.try_acquire(f"a{i}", 2, group=name).admitted
+        with plain.monitor() as monitor:
+            decision = client.try_acquire("a0", 1, group=name)
+            assert decision.admitted
+            plain.echo("end-of-acquire")  # a fence: MONITOR lists commands in order
+            issued: list[tuple[str, int]] = []
+            for _ in range(10_000):  # bounded read; each read also has a socket timeout
+                raw = monitor.connection.read_response()
+                line = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
+                match = _MONITOR_LINE.match(line)
+                assert match, line
+                source, body = match.groups()
+                words = _ARGUMENT.findall(body)
+                if words and words[0].strip('"').lower() == "echo":
+                    break
+                if source == "lua":
+                    issued.append((words[0].strip('"').lower(), len(words)))
+            else:  # pragma: no cover - the fence never came
+                pytest.fail("MONITOR never showed the fence")
+        return issued
+    finally:
+        client.close()
+        plain.close()
+
+
+def test_acquire_work_ignores_idle_tenants(real_redis: RedisServer) -> None:
+    """10,000 registered idle tenants add no command and no argument to an acquire."""
+    lean = script_work(real_redis, "lean", active=10, idle=0)
+    crowded = script_work(real_redis, "crowd", active=10, idle=10_000)
+    assert lean, "MONITOR showed no script command"
+    assert crowded == lean
+    # Sanity: the measure does grow with active tenants (the HGETALL/HMGET get longer).
+    busier = script_work(real_redis, "busy", active=40, idle=0)
+    assert sum(n for _, n in busier) > sum(n for _, n in lean)
