@@ -40,7 +40,7 @@ def script_work(server: RedisServer, name: str, active: int, idle: int) -> list[
         client.apply_policy(Policy([group_policy(name, active, idle)]))
         for i in range(active):  # every active tenant holds a lease
             assert client.try_acquire(f"a{i}", 2, group=name).admitted
-        with plain.monitor() as monitor:
+        with plain.monitor() as monitor:  # type: ignore[no-untyped-call]
             decision = client.try_acquire("a0", 1, group=name)
             assert decision.admitted
             plain.echo("end-of-acquire")  # a fence: MONITOR lists commands in order
