@@ -29,7 +29,6 @@ if TYPE_CHECKING:
 __all__ = ["add_commands", "policy_to_toml", "render_snapshot", "snapshot_to_dict"]
 
 
-
 def _toml_value(value: object) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
@@ -109,7 +108,8 @@ def render_snapshot(snap: GroupSnapshot, *, leases: bool = True) -> str:
     """A snapshot as the table ``ratequota inspect`` prints."""
     out = [
         f"group {snap.group!r}: {snap.used} of {snap.capacity} units held "
-        f"({len(snap.leases)}{'+' if snap.leases_truncated else ''} leases), "
+        f"({len(snap.leases)}{'+' if snap.leases_truncated else ''} "
+        f"lease{'' if len(snap.leases) == 1 and not snap.leases_truncated else 's'}), "
         f"policy version {snap.policy_version}",
         "",
     ]
@@ -173,10 +173,18 @@ def _inspect(args: argparse.Namespace) -> int:
         group = policy.group(args.group) if policy is not None else None
         names = [t.name for t in group.tenants] if group is not None else []
         snap = client.snapshot(args.group, names)
+        explanation = None
+        if args.tenant is not None:
+            explanation = client.explain(args.tenant, args.units, group=args.group)
     if args.json:
-        print(json.dumps(snapshot_to_dict(snap), indent=2, ensure_ascii=False))
+        data = snapshot_to_dict(snap)
+        if explanation is not None:
+            data["explanation"] = explanation.describe().splitlines()
+        print(json.dumps(data, indent=2, ensure_ascii=False))
     else:
         print(render_snapshot(snap, leases=not args.no_leases))
+        if explanation is not None:
+            print("\n" + explanation.describe())
         stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(snap.now))
         print(f"\n(read at {stamp} UTC, Redis time)")
     return 0
@@ -202,5 +210,11 @@ def add_commands(
     inspect.add_argument("--group", required=True, help="the group to look at")
     inspect.add_argument("--json", action="store_true", help="JSON instead of a table")
     inspect.add_argument("--no-leases", action="store_true", help="omit the list of leases")
+    inspect.add_argument(
+        "--tenant", help="also explain this tenant's limit (and from whom it borrows)"
+    )
+    inspect.add_argument(
+        "--units", type=int, help="with --tenant: would a request for this many units be admitted?"
+    )
     add_backend_options(inspect)
     inspect.set_defaults(handler=_inspect)

@@ -122,6 +122,22 @@ def test_inspect_shows_live_usage_and_leases(
         client.close()
 
 
+def test_inspect_explains_a_tenant(
+    policy_file: Path, prefix: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--tenant adds why the tenant has its limit; --units whether a request would fit."""
+    assert cli.main(["policy", "apply", str(policy_file), "--prefix", prefix]) == 0
+    capsys.readouterr()
+    args = ["inspect", "--group", "search", "--prefix", prefix, "--tenant", "batch"]
+    assert cli.main([*args, "--units", "13"]) == 0
+    out = capsys.readouterr().out
+    assert "tenant 'batch' in group 'search'" in out
+    assert "can never fit" in out  # G + B = 12
+    assert cli.main([*args, "--units", "2", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert any("would be admitted" in line for line in data["explanation"])
+
+
 def test_inspect_unknown_group_is_a_clear_error(
     prefix: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
