@@ -134,19 +134,23 @@ def _worker(
             stop.wait(_IDLE_POLL)
             continue
         asked = time.monotonic()
+        # Never wait past the end of the run; a wait cut short by the end is not a refusal.
+        remaining = scenario.duration - (asked - started)
+        timeout = min(scenario.acquire_timeout, max(0.0, remaining))
         try:
             acquisition = client.acquire(
                 load.tenant,
                 traffic.units,
                 group=load.group,
                 ttl=scenario.lease_ttl,
-                timeout=scenario.acquire_timeout,
+                timeout=timeout,
             )
             lease = acquisition.__enter__()
         except AcquireTimeout:
-            record.outcomes.append(
-                Outcome(load.tenant, asked - started, time.monotonic() - asked, False)
-            )
+            if timeout >= scenario.acquire_timeout:
+                record.outcomes.append(
+                    Outcome(load.tenant, asked - started, time.monotonic() - asked, False)
+                )
             continue
         except RateQuotaError as exc:
             record.errors.append(f"{load.tenant}: {exc}")
