@@ -40,7 +40,6 @@ from ratequota.decision import Decision, GroupSnapshot, LeaseInfo, ReleaseResult
 from ratequota.errors import ConfigError, InvalidType
 from ratequota.failure import FailureStats
 from ratequota.policy import Policy
-from ratequota.protocol import ScriptCall
 from ratequota.renewal import RenewalBook, renew_many
 from ratequota.scripts import load_scripts
 
@@ -125,19 +124,23 @@ def async_embedded_backend(*, shared: bool = True, server: Any = None) -> AsyncB
 
 
 class _ShardBatcher:
-    """Pipelines the concurrent EVALSHAs of many tasks to one shard (see ``BatchPolicy``)."""
+    """Pipelines the concurrent commands of many tasks to one shard (see ``BatchPolicy``).
+
+    It also bounds the connections a client opens to a shard at
+    ``max_in_flight``: hundreds of tasks never exhaust the pool.
+    """
 
     def __init__(self, conn: Any, policy: BatchPolicy) -> None:
         self._conn = conn
         self._policy = policy
-        self._queue: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
+        self._queue: list[tuple[tuple[str, tuple[Any, ...]], asyncio.Future[Any]]] = []
         self._in_flight = 0
         self._tasks: set[asyncio.Task[None]] = set()
 
-    def submit(self, args: tuple[Any, ...]) -> asyncio.Future[Any]:
-        """Queue one EVALSHA; the future gets its reply or its exception."""
+    def submit(self, call: tuple[str, tuple[Any, ...]]) -> asyncio.Future[Any]:
+        """Queue one (method, args) call; the future gets its reply or its exception."""
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._queue.append((args, future))
+        self._queue.append((call, future))
         self._pump()
         return future
 
@@ -150,15 +153,18 @@ class _ShardBatcher:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    async def _send(self, batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]]) -> None:
+    async def _send(
+        self, batch: list[tuple[tuple[str, tuple[Any, ...]], asyncio.Future[Any]]]
+    ) -> None:
         replies: list[Any]
         try:
             if len(batch) == 1:
-                replies = [await self._conn.evalsha(*batch[0][0])]
+                method, args = batch[0][0]
+                replies = [await getattr(self._conn, method)(*args)]
             else:
                 pipe = self._conn.pipeline(transaction=False)
-                for args, _ in batch:
-                    pipe.evalsha(*args)
+                for (method, args), _ in batch:
+                    getattr(pipe, method)(*args)
                 replies = await pipe.execute(raise_on_error=False)
         except BaseException as exc:  # every waiter hears about it, cancellation included
             replies = [exc] * len(batch)
@@ -361,13 +367,10 @@ class AsyncQuotaClient:
         if isinstance(op, Sleep):
             return await self.core.clock.asleep(op.seconds)
         conn = self.backend.connection(op.route)
-        if isinstance(op, ScriptCall) and self._policy.max_batch > 1:
-            future = self._batcher(op.route, conn).submit(shell.wire_call(op)[1])
-            return await asyncio.wait_for(asyncio.shield(future), self._call_bound)
         if isinstance(op, shell.Batch):
             return await _pipelined(conn, shell.pipeline_args(op))
-        method, args = shell.wire_call(op)
-        return await getattr(conn, method)(*args)
+        future = self._batcher(op.route, conn).submit(shell.wire_call(op))
+        return await asyncio.wait_for(asyncio.shield(future), self._call_bound)
 
     def _batcher(self, route: str, conn: Any) -> _ShardBatcher:
         node = self._node_of(route)
