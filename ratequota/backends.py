@@ -282,3 +282,8 @@ class ClusterBackend:
     def close(self) -> None:
         """Close every node's pool."""
         self._cluster.close()
+        # RedisCluster.close() leaves the node pools it was given open (redis-py
+        # closes only pools it created itself): disconnect them explicitly.
+        for node in list(self._cluster.nodes_manager.nodes_cache.values()):
+            if node.redis_connection is not None:
+                node.redis_connection.connection_pool.disconnect()

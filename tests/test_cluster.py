@@ -243,3 +243,42 @@ def test_cluster_client_never_retries_a_timeout(redis_cluster: RedisCluster) -> 
         assert cluster.retry.get_retries() == 0
     finally:
         quota.close()
+
+
+def test_minimal_cluster_acl_is_enough(redis_cluster: RedisCluster) -> None:
+    """A user with the documented ACL (the shard list plus the cluster extras) can do everything."""
+    from tests.test_readiness import MINIMAL_ACL
+
+    rule = f"{MINIMAL_ACL} {CLUSTER_ACL_EXTRA}"
+    for node in redis_cluster.nodes:
+        client: Any = node.client()
+        try:
+            client.execute_command("ACL", "SETUSER", "quota", "reset", *rule.split())
+        finally:
+            client.close()
+    prefix = "rq"  # the documented key pattern is ~rq:*
+    groups = [f"acl-{uuid.uuid4().hex[:6]}-{i}" for i in range(6)]
+    port = redis_cluster.nodes[0].port
+    quota = QuotaClient.cluster(
+        f"redis://quota:secret@127.0.0.1:{port}", prefix=prefix, socket_timeout=2.0
+    )
+    try:
+        quota.apply_policy(_policy(groups))
+        for g in groups:
+            with quota.acquire(f"{g}/a", 2) as lease:
+                assert lease.renew().renewed
+        report = quota.check()
+        assert report.ready, report.problems
+        assert len(report.shards) == 3
+    finally:
+        quota.close()
+        for node in redis_cluster.nodes:
+            client = node.client()
+            try:
+                client.execute_command("ACL", "DELUSER", "quota")
+            finally:
+                client.close()
+
+
+#: What a Redis Cluster user needs beyond the shard ACL (docs/deployment.md).
+CLUSTER_ACL_EXTRA = "+cluster|slots +asking +command"
