@@ -37,7 +37,7 @@ from ratequota.batching import BatchPolicy
 from ratequota.clock import Clock
 from ratequota.core import AcquireRequest, Flow, Settings, Sleep
 from ratequota.decision import Decision, GroupSnapshot, LeaseInfo, ReleaseResult, RenewResult
-from ratequota.errors import ConfigError, InvalidType
+from ratequota.errors import BackendUnavailable, ConfigError, InvalidType
 from ratequota.failure import FailureStats
 from ratequota.policy import Policy
 from ratequota.renewal import RenewalBook, renew_many
@@ -226,8 +226,10 @@ class AsyncAcquisition:
     ) -> None:
         lease, self._lease = self._lease, None
         if lease is not None and not lease.released:
-            # Shielded: a cancelled holder still gives its units back.
-            await asyncio.shield(lease.release())
+            # Shielded: a cancelled holder still gives its units back. Redis unreachable:
+            # the lease ends by itself at its TTL; the handler's outcome wins.
+            with contextlib.suppress(BackendUnavailable):
+                await asyncio.shield(lease.release())
 
 
 class TaskRenewer:

@@ -8,6 +8,7 @@ no lock, and redis-py's pool hands each thread its own connection.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import inspect
 from collections.abc import Callable, Iterable
@@ -33,6 +34,7 @@ from ratequota.decision import (
     ReleaseResult,
     RenewResult,
 )
+from ratequota.errors import BackendUnavailable
 from ratequota.explain import Explanation, explain_flow
 from ratequota.failure import FailureStats
 from ratequota.policy import Policy
@@ -103,7 +105,9 @@ class Acquisition:
     ) -> None:
         lease, self._lease = self._lease, None
         if lease is not None and not lease.released:
-            lease.release()
+            # Redis unreachable: the lease ends by itself at its TTL; the handler's outcome wins.
+            with contextlib.suppress(BackendUnavailable):
+                lease.release()
 
 
 class QuotaClient:
