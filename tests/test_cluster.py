@@ -249,6 +249,10 @@ def test_minimal_cluster_acl_is_enough(redis_cluster: RedisCluster) -> None:
     """A user with the documented ACL (the shard list plus the cluster extras) can do everything."""
     from tests.test_readiness import MINIMAL_ACL
 
+    from pathlib import Path
+
+    doc = Path(__file__).resolve().parent.parent / "docs" / "deployment.md"
+    assert CLUSTER_ACL_EXTRA in doc.read_text(encoding="utf-8")
     rule = f"{MINIMAL_ACL} {CLUSTER_ACL_EXTRA}"
     for node in redis_cluster.nodes:
         client: Any = node.client()
