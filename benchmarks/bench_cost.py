@@ -7,10 +7,16 @@ Usage (from the repository root)::
 Without ``--url`` it starts its own redis-server on a free loopback port and
 stops it afterwards. Each scenario publishes one group, makes ``active``
 tenants active (each holds leases; 10,000 live leases in all), optionally
-registers 10,000 idle tenants in the policy, then runs ``--calls`` admitted
-acquires alone between ``CONFIG RESETSTAT`` and ``INFO commandstats``: the
-reported µs/call is ``usec_per_call`` of ``evalsha``, i.e. time spent inside
-Redis running the script, without the network or the client.
+registers 10,000 idle tenants in the policy, then runs ``--calls`` acquires
+alone between ``CONFIG RESETSTAT`` and ``INFO commandstats``: the reported
+µs/call is ``usec_per_call`` of ``evalsha``, i.e. time spent inside Redis
+running the script, without the network or the client.
+
+Two columns: *spare*, where the capacity exceeds all demand (every acquire
+is admitted and the fair level needs no search), and *contended*, where every
+active tenant also has a large waiting request registered, so demand exceeds
+the capacity and each acquire solves the full fix-point (most are refused:
+the decision costs the same, minus the writes).
 """
 
 from __future__ import annotations
@@ -32,12 +38,12 @@ IDLE_TENANTS = 10_000
 SCENARIOS: list[tuple[int, int]] = [(10, 0), (100, 0), (1000, 0), (10, IDLE_TENANTS)]
 
 
-def build_policy(active: int, idle: int) -> GroupPolicy:
+def build_policy(active: int, idle: int, capacity: int = 10**7) -> GroupPolicy:
     """A group with ``active`` tenants that will hold leases and ``idle`` that never ask."""
     tenants = [TenantPolicy(f"a{i}", weight=1.0 + i % 3) for i in range(active)]
     # Idle tenants carry a non-lendable guarantee: they count only through the summed reserve.
     tenants += [TenantPolicy(f"idle{i}", guarantee=1, lendable=0.5) for i in range(idle)]
-    return GroupPolicy("cost", capacity=10**7, tenants=tuple(tenants), max_lease_ttl=3600.0)
+    return GroupPolicy("cost", capacity=capacity, tenants=tuple(tenants), max_lease_ttl=3600.0)
 
 
 def populate(quota: QuotaClient, group: str, active: int, leases: int) -> list[str]:
@@ -77,27 +83,44 @@ def evalsha_stats(conn: Any) -> tuple[int, float]:
     return int(stats.get("calls", 0)), float(stats.get("usec_per_call", 0.0))
 
 
-def measure(url: str, active: int, idle: int, calls: int) -> tuple[float, int]:
-    """Redis-side µs per admitted acquire in one scenario, and the live leases during it."""
-    quota = QuotaClient.from_url(url, prefix=f"cost{active}x{idle}", socket_timeout=30.0)
+def register_waiting(quota: QuotaClient, group: str, active: int, units: int) -> None:
+    """One waiting request of ``units`` per active tenant, registered for an hour."""
+    conn = quota.backend.connection(group)
+    pipe = conn.pipeline(transaction=False)
+    for i in range(active):
+        call = acquire_call(
+            quota.core.keyspace, group, f"a{i}", units, f"wait{i}", 1000,
+            wait=True, pending_ms=3_600_000, purge=64,
+        )
+        pipe.evalsha(call.script.sha, len(call.keys), *call.keys, *call.args)
+    pipe.execute()
+
+
+def measure(
+    url: str, active: int, idle: int, calls: int, *, contended: bool
+) -> tuple[float, int]:
+    """Redis-side µs per acquire in one scenario, and the live leases during it."""
+    prefix = f"cost{active}x{idle}{'c' if contended else ''}"
+    quota = QuotaClient.from_url(url, prefix=prefix, socket_timeout=30.0)
     try:
-        policy = build_policy(active, idle)
+        capacity = 2 * LIVE_LEASES + 2 * calls if contended else 10**7
+        policy = build_policy(active, idle, capacity)
         quota.apply_policy(Policy([policy]))
         seeded = populate(quota, policy.name, active, LIVE_LEASES)
+        if contended:
+            register_waiting(quota, policy.name, active, max(1, 4 * capacity // active))
         conn = quota.backend.connection(policy.name)
         taken = []
-        for i in range(50):  # warm-up, outside the measurement
+        for i in range(50 + calls):
+            if i == 50:  # the first 50 warm up, outside the measurement
+                conn.config_resetstat()
             decision = quota.try_acquire(f"a{i % active}", 1, group=policy.name)
-            assert decision.lease is not None, decision.describe()
-            taken.append(decision.lease)
-        live = quota.snapshot(policy.name, []).used
-        conn.config_resetstat()
-        for i in range(calls):
-            decision = quota.try_acquire(f"a{i % active}", 1, group=policy.name)
-            assert decision.lease is not None, decision.describe()
-            taken.append(decision.lease)
+            assert contended or decision.lease is not None, decision.describe()
+            if decision.lease is not None:
+                taken.append(decision.lease)
         counted, usec = evalsha_stats(conn)
         assert counted == calls, (counted, calls)
+        live = quota.snapshot(policy.name, []).used
         for lease in taken:
             quota.release(lease)
         release_all(quota, policy.name, seeded)
@@ -118,10 +141,15 @@ def main(argv: list[str] | None = None) -> int:
         server = RedisServer().start()
         url = server.url
     try:
-        print(f"{'active tenants':>15} {'idle tenants':>13} {'live leases':>12} {'µs/acquire':>11}")
+        print("Redis-side µs per acquire (INFO commandstats, evalsha usec_per_call)")
+        print(
+            f"{'active tenants':>15} {'idle tenants':>13} {'live leases':>12} "
+            f"{'spare':>9} {'contended':>10}"
+        )
         for active, idle in SCENARIOS:
-            usec, live = measure(url, active, idle, args.calls)
-            print(f"{active:>15} {idle:>13} {live:>12} {usec:>11.1f}")
+            spare, live = measure(url, active, idle, args.calls, contended=False)
+            tight, _ = measure(url, active, idle, args.calls, contended=True)
+            print(f"{active:>15} {idle:>13} {live:>12} {spare:>9.1f} {tight:>10.1f}")
     finally:
         if server is not None:
             server.cleanup()

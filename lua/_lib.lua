@@ -109,23 +109,28 @@ end
 -- Smallest level with sum(clamp(level*w, lo, up)) = target (fairness._water_level).
 local function water_level(target, sum_lo, sum_up, rows)
   if target <= sum_lo then return 0 end
-  local events = {}
+  -- Breakpoints: the slope grows by w at lo/w and shrinks by w at up/w. Deltas of equal
+  -- breakpoints are merged, so a plain numeric sort does (a Lua comparator is several times
+  -- slower), and an uncontended group (target >= sum_up) needs no sort at all.
+  local delta, xs, top = {}, {}, nil
   for _, r in ipairs(rows) do
     if r.up > r.lo then
-      events[#events + 1] = {r.lo / r.w, r.w}
-      events[#events + 1] = {r.up / r.w, -r.w}
+      local from, to = r.lo / r.w, r.up / r.w
+      if delta[from] then delta[from] = delta[from] + r.w else xs[#xs + 1], delta[from] = from, r.w end
+      if delta[to] then delta[to] = delta[to] - r.w else xs[#xs + 1], delta[to] = to, -r.w end
+      if not top or to > top then top = to end
     end
   end
-  if #events == 0 then return 0 end
-  table.sort(events, function(a, b) return a[1] < b[1] end)
-  if target >= sum_up then return events[#events][1] end
+  if not top then return 0 end
+  if target >= sum_up then return top end
+  table.sort(xs)
   local value, slope, previous = sum_lo, 0, 0
-  for _, e in ipairs(events) do
-    local reached = value + slope * (e[1] - previous)
+  for _, x in ipairs(xs) do
+    local reached = value + slope * (x - previous)
     if reached >= target and slope > 0 then
       return previous + (target - value) / slope
     end
-    value, previous, slope = reached, e[1], slope + e[2]
+    value, previous, slope = reached, x, slope + delta[x]
   end
   return previous
 end

@@ -29,6 +29,7 @@ from ratequota.errors import UnknownTenant
 from ratequota.fairness import EPSILON, GroupDecision, decide, group_allocation
 from ratequota.policy import GroupPolicy, Policy, TenantPolicy, UnknownTenants
 from ratequota.testing import ManualClock
+from tests.conftest import MakeClient
 from tests.servers import RedisServer
 
 PENDING_TTL = 2.0
@@ -352,3 +353,30 @@ def test_lua_matches_reference_on_real_redis(real_redis: RedisServer) -> None:
         return url_backend(real_redis.url, socket_timeout=5.0)
 
     replay_many(backend, total_steps())
+
+
+def test_tied_breakpoints_match_reference(make_client: MakeClient) -> None:
+    """Many tenants sharing breakpoints (equal lo/w or up/w, weights 0.1/0.2/0.3 whose sums do not
+    cancel exactly in floats): the script merges equal breakpoints before sorting, and its limits
+    still equal the reference's, contended and not.
+    """
+    weights = [0.1, 0.2, 0.3, 1.0, 1.0, 2.0]
+    tenants = tuple(
+        TenantPolicy(f"t{i}", guarantee=i % 3, weight=weights[i % len(weights)]) for i in range(30)
+    )
+    for capacity in (60, 400):
+        policy = GroupPolicy(f"ties{capacity}", capacity=capacity, tenants=tenants)
+        clock = ManualClock()
+        client = make_client(Policy([policy]), clock=clock, pending_ttl=60.0)
+        demand: dict[str, float] = {}
+        for i, tenant in enumerate(tenants):
+            units = 1 + (i % 4) * 3
+            flow = client.core.attempt(tenant.name, units, policy.name, f"w{i}", 60_000, wait=True)
+            decision = client._run(flow)
+            demand[tenant.name] = float(units)
+            assert decision.reason in ("admitted", "tenant_limit", "group_full")
+        names = [t.name for t in tenants]
+        snap = client.snapshot(policy.name, names)
+        alloc = group_allocation(policy, demand, extra=names)
+        for name in names:
+            assert snap.tenants[name].limit == pytest.approx(alloc.limit(name), abs=1e-6)
