@@ -120,8 +120,10 @@ def test_explanation_agrees_with_decide(policy: GroupPolicy, data: st.DataObject
     units = data.draw(st.integers(1, policy.capacity + 1))
     got = explain(snapshot_of(policy, used, pending), policy, who, units)
     expected = decide(policy, used, pending, who, units)
-    assert got.verdict == expected
-    assert math.isclose(got.limit, expected.limit, rel_tol=1e-12, abs_tol=1e-12)
+    assert got.verdict is not None
+    assert (got.verdict.admitted, got.verdict.reason) == (expected.admitted, expected.reason)
+    # Same rule, tenants summed in another order: equal up to rounding.
+    assert math.isclose(got.limit, expected.limit, rel_tol=1e-9, abs_tol=1e-9)
     assert got.lo - 1e-9 <= got.limit <= got.up + 1e-9
     if got.loans:
         assert math.isclose(sum(loan.units for loan in got.loans), got.borrowed, rel_tol=1e-9)
