@@ -49,6 +49,7 @@ if TYPE_CHECKING:
 __all__ = [
     "AsyncAcquisition",
     "AsyncBackend",
+    "AsyncClusterBackend",
     "AsyncLease",
     "AsyncQuotaClient",
     "async_embedded_backend",
@@ -92,6 +93,59 @@ class AsyncBackend:
             await client.aclose()
 
 
+class AsyncClusterBackend:
+    """A Redis Cluster through ``redis.asyncio.cluster.RedisCluster`` (see ``ClusterBackend``).
+
+    The hash tag places each group; redis-py follows MOVED/ASK (the command
+    did not run) and its retries after connection errors and timeouts are off.
+    """
+
+    def __init__(self, url: str, *, socket_timeout: float) -> None:
+        from redis.asyncio.cluster import RedisCluster
+        from redis.asyncio.retry import Retry as AsyncRetry
+        from redis.backoff import NoBackoff
+
+        if not isinstance(url, str) or not url:
+            raise ConfigError("cluster", f"must be a redis:// URL of a cluster node, got {url!r}")
+        try:
+            self._cluster = RedisCluster.from_url(
+                url,
+                retry=AsyncRetry(NoBackoff(), 0),
+                socket_timeout=socket_timeout,
+                socket_connect_timeout=socket_timeout,
+            )
+        except ValueError as exc:
+            raise ConfigError("cluster", str(exc)) from exc
+        self.description = f"cluster at {_redact(url)}"
+
+    #: The cluster pipeline refuses EVALSHA: batches are sent call by call, concurrently.
+    pipelines = False
+
+    def connection(self, route: str) -> Any:
+        """The cluster client: it sends each call to the node owning the keys' slot."""
+        return self._cluster
+
+    def connections(self) -> Sequence[Any]:
+        """The cluster client; ``SCRIPT LOAD`` through it reaches every primary."""
+        return [self._cluster]
+
+    def node_of(self, route: str) -> str:
+        """The primary owning ``route``'s slot, once the topology is known (the breakers' key)."""
+        from ratequota.keys import KeySpace, escape_tag
+
+        catalog = KeySpace().catalog_route
+        tag = catalog if route == catalog else escape_tag(route)
+        try:
+            slot = self._cluster.keyslot("{" + tag + "}")
+            return str(self._cluster.nodes_manager.get_node_from_slot(slot).name)
+        except Exception:  # topology not discovered yet (the first call discovers it)
+            return self.description
+
+    async def close(self) -> None:
+        """Close every node's connections."""
+        await self._cluster.aclose()
+
+
 def async_url_backend(url: str, *, socket_timeout: float) -> AsyncBackend:
     """An async backend on one Redis URL; timeouts on every call, no automatic replay."""
     return AsyncBackend([_redis_from_url(url, socket_timeout, aio=True)], _redact(url))
@@ -123,6 +177,11 @@ def async_embedded_backend(*, shared: bool = True, server: Any = None) -> AsyncB
     return AsyncBackend([fakeredis.aioredis.FakeRedis(server=server)], "embedded fakeredis")
 
 
+#: Calls in flight per node when a cluster client cannot pipeline; well under
+#: redis-py's per-node connection limit (100), which fails rather than waits.
+_SOLO_IN_FLIGHT = 32
+
+
 class _ShardBatcher:
     """Pipelines the concurrent commands of many tasks to one shard (see ``BatchPolicy``).
 
@@ -130,9 +189,10 @@ class _ShardBatcher:
     ``max_in_flight``: hundreds of tasks never exhaust the pool.
     """
 
-    def __init__(self, conn: Any, policy: BatchPolicy) -> None:
+    def __init__(self, conn: Any, policy: BatchPolicy, *, pipelines: bool = True) -> None:
         self._conn = conn
         self._policy = policy
+        self._pipelines = pipelines
         self._queue: list[tuple[tuple[str, tuple[Any, ...]], asyncio.Future[Any]]] = []
         self._in_flight = 0
         self._tasks: set[asyncio.Task[None]] = set()
@@ -145,7 +205,10 @@ class _ShardBatcher:
         return future
 
     def _pump(self) -> None:
-        count = self._policy.take(len(self._queue), self._in_flight)
+        if self._pipelines:
+            count = self._policy.take(len(self._queue), self._in_flight)
+        else:  # a cluster client cannot pipeline EVALSHA: one call per send, a few at once
+            count = 1 if self._queue and self._in_flight < _SOLO_IN_FLIGHT else 0
         if count:
             batch, self._queue = self._queue[:count], self._queue[count:]
             self._in_flight += 1
@@ -341,6 +404,13 @@ class AsyncQuotaClient:
         )
         return cls(backend=backend, settings=settings)
 
+    @classmethod
+    def cluster(cls, url: str, **options: Any) -> AsyncQuotaClient:
+        """A client on a Redis Cluster, given any node's URL (see ``QuotaClient.cluster``)."""
+        settings = Settings(**options)
+        backend = AsyncClusterBackend(url, socket_timeout=settings.socket_timeout)
+        return cls(backend=backend, settings=settings)  # type: ignore[arg-type]
+
     async def close(self) -> None:
         """Stop the renewer and close connections."""
         await self.renewer.close()
@@ -370,7 +440,14 @@ class AsyncQuotaClient:
             return await self.core.clock.asleep(op.seconds)
         conn = self.backend.connection(op.route)
         if isinstance(op, shell.Batch):
-            return await _pipelined(conn, shell.pipeline_args(op))
+            calls = shell.pipeline_args(op)
+            if not getattr(self.backend, "pipelines", True):  # a cluster client
+                replies: list[Any] = []
+                for start in range(0, len(calls), _SOLO_IN_FLIGHT):
+                    chunk = calls[start : start + _SOLO_IN_FLIGHT]
+                    replies += await asyncio.gather(*(_one_of_batch(conn, a) for a in chunk))
+                return replies
+            return await _pipelined(conn, calls)
         future = self._batcher(op.route, conn).submit(shell.wire_call(op))
         return await asyncio.wait_for(asyncio.shield(future), self._call_bound)
 
@@ -378,7 +455,8 @@ class AsyncQuotaClient:
         node = self._node_of(route)
         batcher = self._batchers.get(node)
         if batcher is None:
-            batcher = self._batchers[node] = _ShardBatcher(conn, self._policy)
+            pipelines = getattr(self.backend, "pipelines", True)
+            batcher = self._batchers[node] = _ShardBatcher(conn, self._policy, pipelines=pipelines)
         return batcher
 
     async def load_scripts(self, *, strict: bool = True) -> None:
@@ -462,6 +540,16 @@ class AsyncQuotaClient:
             return cast(F, wrapper)
 
         return decorate
+
+
+async def _one_of_batch(conn: Any, args: tuple[Any, ...]) -> Any:
+    """One call of a batch sent alone; an error reply is returned, as a pipeline would."""
+    import redis
+
+    try:
+        return await conn.evalsha(*args)
+    except redis.exceptions.ResponseError as exc:
+        return exc
 
 
 async def _pipelined(conn: Any, calls: list[tuple[Any, ...]]) -> list[Any]:

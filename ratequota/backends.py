@@ -250,6 +250,10 @@ class ClusterBackend:
             raise translate_error(exc, _redact(url)) from exc
         self.description = f"cluster at {_redact(url)}"
 
+    #: redis-py's cluster pipeline refuses EVALSHA (and would re-send timed-out
+    #: commands): batches of script calls are sent call by call.
+    pipelines = False
+
     @property
     def cluster(self) -> Any:
         """The underlying ``redis.cluster.RedisCluster``."""

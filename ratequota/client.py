@@ -110,6 +110,18 @@ class Acquisition:
                 lease.release()
 
 
+def _one_of_batch(conn: Any, args: tuple[Any, ...]) -> Any:
+    """One call of a batch sent alone; an error reply is returned, as a pipeline would.
+
+    Redis Cluster clients cannot pipeline EVALSHA (and redis-py's cluster
+    pipeline would re-send timed-out commands), so their batches go call by call.
+    """
+    try:
+        return conn.evalsha(*args)
+    except redis.exceptions.ResponseError as exc:
+        return exc
+
+
 class QuotaClient:
     """Tenant quota against Redis, for threads; see ``AsyncQuotaClient`` for asyncio.
 
@@ -197,6 +209,8 @@ class QuotaClient:
             return self.core.clock.sleep(op.seconds)
         conn = self.backend.connection(op.route)
         if isinstance(op, Batch):
+            if not getattr(self.backend, "pipelines", True):
+                return [_one_of_batch(conn, args) for args in pipeline_args(op)]
             pipe = conn.pipeline(transaction=False)
             for args in pipeline_args(op):
                 pipe.evalsha(*args)
