@@ -80,23 +80,25 @@ def _redis_from_url(url: str, socket_timeout: float, *, aio: bool = False) -> An
     """
     if not isinstance(url, str) or not url:
         raise ConfigError("url", f"must be a redis:// URL, got {url!r}")
-    if aio:
-        from redis.asyncio import Redis as AsyncRedis
-        from redis.asyncio.retry import Retry as AsyncRetry
-
-        factory: Any = AsyncRedis
-        retry: Any = AsyncRetry(NoBackoff(), 0)
-    else:
-        factory, retry = redis.Redis, no_retry()
+    options: dict[str, Any] = {
+        "socket_timeout": socket_timeout,
+        "socket_connect_timeout": socket_timeout,
+        "retry_on_timeout": False,
+        "health_check_interval": 0,
+    }
     try:
-        return factory.from_url(
-            url,
-            socket_timeout=socket_timeout,
-            socket_connect_timeout=socket_timeout,
-            retry=retry,
-            retry_on_timeout=False,
-            health_check_interval=0,
+        if aio:
+            from redis.asyncio import Redis as AsyncRedis
+            from redis.asyncio.retry import Retry as AsyncRetry
+
+            # The async client bounds its connections per shard itself (its batcher).
+            return AsyncRedis.from_url(url, retry=AsyncRetry(NoBackoff(), 0), **options)
+        # Many threads may share one client: when the pool's connections are all in use a
+        # caller waits for one, at most socket_timeout, instead of failing at once.
+        pool = redis.BlockingConnectionPool.from_url(
+            url, timeout=socket_timeout, retry=no_retry(), **options
         )
+        return redis.Redis.from_pool(pool)
     except ValueError as exc:
         raise ConfigError("url", str(exc)) from exc
 
