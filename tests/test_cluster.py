@@ -360,3 +360,44 @@ def test_async_client_on_a_cluster(redis_cluster: RedisCluster) -> None:
                 assert (await quota.snapshot(g)).used == 0
 
     asyncio.run(scenario())
+
+
+def _evalsha_calls(node: Any) -> int:
+    client = node.client()
+    try:
+        return int(client.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0))
+    finally:
+        client.close()
+
+
+def test_a_timed_out_cluster_call_is_not_replayed(redis_cluster: RedisCluster) -> None:
+    """A script call to a paused primary times out, raises at once, and reached Redis once.
+
+    After the node resumes it runs the call it had received; its own command
+    counter shows one EVALSHA, and a retry with the same request id returns
+    the same lease (charged once).
+    """
+    prefix = _prefix()
+    keyspace = KeySpace(prefix=prefix)
+    node = redis_cluster.nodes[1]
+    group = next(
+        g for g in (f"p{i}" for i in range(1000))
+        if redis_cluster.owner(key_slot(keyspace.group(g).policy.encode())) is node
+    )
+    quota = _client(redis_cluster, prefix, socket_timeout=0.3)
+    try:
+        quota.apply_policy(_policy([group]))
+        calls = _evalsha_calls(node)
+        node.pause()
+        try:
+            with pytest.raises(BackendUnavailable):
+                quota.try_acquire(f"{group}/a", 2, request_id="req-1")
+        finally:
+            node.resume()
+        assert _evalsha_calls(node) == calls + 1
+        retry = quota.try_acquire(f"{group}/a", 2, request_id="req-1")
+        assert retry.lease is not None
+        assert retry.lease.replay
+        assert quota.snapshot(group).used == 2
+    finally:
+        quota.close()
