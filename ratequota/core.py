@@ -291,7 +291,13 @@ class QuotaCore:
         catalog = self._catalog
         stale = self.clock.monotonic() - catalog.loaded_at > self.settings.catalog_ttl
         if refresh or stale:
-            yield from self._read_catalog()
+            try:
+                yield from self._read_catalog()
+            except BackendUnavailable:
+                # The catalog's shard is down: route by the last catalog read, so the
+                # groups on the other shards keep working (the next call tries again).
+                if catalog.policy is None:
+                    raise
             catalog = self._catalog
         routed = catalog.routes.get(tenant)
         if routed is None and catalog.policy is not None:

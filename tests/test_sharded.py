@@ -257,3 +257,28 @@ def test_a_timed_out_script_call_is_not_replayed(shards: list[RedisServer]) -> N
         assert quota.snapshot(group).used == 2
     finally:
         quota.close()
+
+
+def test_groups_on_healthy_shards_survive_the_catalog_shard_going_down(
+    shards: list[RedisServer],
+) -> None:
+    """The routing catalog lives on one shard; when that shard dies, the others keep serving.
+
+    The client keeps routing tenants by the catalog it last read, so only the
+    dead shard's own groups fail.
+    """
+    quota = _client(shards, catalog_ttl=0.05)
+    try:
+        quota.apply_policy(POLICY)
+        catalog_shard = _shard_of(shards, quota.core.keyspace.catalog_route)
+        healthy = [g for g in GROUPS if _shard_of(shards, g) is not catalog_shard]
+        assert healthy
+        catalog_shard.kill()
+        time.sleep(0.1)  # the catalog is stale now: the next call tries to re-read it
+        for g in healthy:
+            decision = quota.try_acquire(f"t-{g}", 1)  # routed by tenant, not by group=
+            assert decision.admitted
+            assert decision.lease is not None
+            quota.release(decision.lease)
+    finally:
+        quota.close()
