@@ -40,6 +40,7 @@ from ratequota.decision import Decision, GroupSnapshot, LeaseInfo, ReleaseResult
 from ratequota.errors import BackendUnavailable, ConfigError, InvalidType
 from ratequota.failure import FailureStats
 from ratequota.policy import Policy
+from ratequota.readiness import ReadinessReport
 from ratequota.renewal import RenewalBook, renew_many
 from ratequota.scripts import load_scripts
 
@@ -121,6 +122,11 @@ class AsyncClusterBackend:
     #: The cluster pipeline refuses EVALSHA: batches are sent call by call, concurrently.
     pipelines = False
 
+    @property
+    def cluster(self) -> Any:
+        """The underlying ``redis.asyncio.cluster.RedisCluster``."""
+        return self._cluster
+
     def connection(self, route: str) -> Any:
         """The cluster client: it sends each call to the node owning the keys' slot."""
         return self._cluster
@@ -189,9 +195,12 @@ class _ShardBatcher:
     ``max_in_flight``: hundreds of tasks never exhaust the pool.
     """
 
-    def __init__(self, conn: Any, policy: BatchPolicy, *, pipelines: bool = True) -> None:
+    def __init__(
+        self, conn: Any, policy: BatchPolicy, *, pipelines: bool = True, bound: float = 60.0
+    ) -> None:
         self._conn = conn
         self._policy = policy
+        self._bound = bound  # backstop per round trip; redis-py's socket timeout fires first
         self._pipelines = pipelines
         self._queue: list[tuple[tuple[str, tuple[Any, ...]], asyncio.Future[Any]]] = []
         self._in_flight = 0
@@ -223,12 +232,14 @@ class _ShardBatcher:
         try:
             if len(batch) == 1:
                 method, args = batch[0][0]
-                replies = [await getattr(self._conn, method)(*args)]
+                sent = getattr(self._conn, method)(*args)
             else:
                 pipe = self._conn.pipeline(transaction=False)
                 for (method, args), _ in batch:
                     getattr(pipe, method)(*args)
-                replies = await pipe.execute(raise_on_error=False)
+                sent = pipe.execute(raise_on_error=False)
+            reply = await asyncio.wait_for(sent, self._bound)
+            replies = [reply] if len(batch) == 1 else reply
         except BaseException as exc:  # every waiter hears about it, cancellation included
             replies = [exc] * len(batch)
         finally:
@@ -381,9 +392,9 @@ class AsyncQuotaClient:
         self._where = backend.description
         self._policy = BatchPolicy(s.batch_size, s.batch_in_flight)
         self._batchers: dict[object, _ShardBatcher] = {}
-        # A queued call waits for at most the pipelines ahead of it, each bounded by the
-        # socket timeout; this bound is a backstop that never fires while redis-py's does.
-        self._call_bound = s.socket_timeout * (s.batch_in_flight + 2)
+        # Backstop per round trip (connect + send + read); never fires while redis-py's
+        # socket timeouts do. A queued call waits at most for the round trips ahead of it.
+        self._call_bound = 3 * s.socket_timeout
         self.renewer = TaskRenewer(self)
 
     @classmethod
@@ -448,15 +459,17 @@ class AsyncQuotaClient:
                     replies += await asyncio.gather(*(_one_of_batch(conn, a) for a in chunk))
                 return replies
             return await _pipelined(conn, calls)
-        future = self._batcher(op.route, conn).submit(shell.wire_call(op))
-        return await asyncio.wait_for(asyncio.shield(future), self._call_bound)
+        # Each round trip is bounded in the batcher; a cancelled caller just drops its future.
+        return await self._batcher(op.route, conn).submit(shell.wire_call(op))
 
     def _batcher(self, route: str, conn: Any) -> _ShardBatcher:
         node = self._node_of(route)
         batcher = self._batchers.get(node)
         if batcher is None:
             pipelines = getattr(self.backend, "pipelines", True)
-            batcher = self._batchers[node] = _ShardBatcher(conn, self._policy, pipelines=pipelines)
+            batcher = self._batchers[node] = _ShardBatcher(
+                conn, self._policy, pipelines=pipelines, bound=self._call_bound
+            )
         return batcher
 
     async def load_scripts(self, *, strict: bool = True) -> None:
@@ -468,6 +481,24 @@ class AsyncQuotaClient:
             except shell.REDIS_ERRORS as exc:
                 if strict:
                     raise translate_error(exc, self._where) from exc
+
+    async def check(
+        self, groups: Iterable[str] | None = None, *, allow_degraded: bool = False
+    ) -> ReadinessReport:
+        """Readiness of every shard: may this pod take traffic? (as ``QuotaClient.check``)."""
+        from ratequota import readiness
+
+        keyspace = self.core.keyspace
+        catalog, error = await readiness.aread_catalog(self.backend, keyspace)
+        served = readiness.served_groups(catalog, groups)
+        facts = await readiness.agather(self.backend, keyspace, served)
+        return readiness.evaluate(
+            facts,
+            catalog_present=catalog is not None,
+            catalog_error=error,
+            slow_after=self.core.settings.socket_timeout / 4,
+            allow_degraded=allow_degraded,
+        )
 
     # -- policy ------------------------------------------------------------
 

@@ -42,6 +42,8 @@ __all__ = [
     "ReadinessReport",
     "ShardFacts",
     "ShardReport",
+    "agather",
+    "aread_catalog",
     "evaluate",
     "gather",
     "read_catalog",
@@ -340,6 +342,99 @@ def gather(backend: Any, keyspace: KeySpace, groups: Sequence[str]) -> list[Shar
         return [f.result() for f in futures]
 
 
+# -- gathering for the async client ----------------------------------------------------
+
+
+async def _ashard_facts(
+    name: str, call: Any, groups: Sequence[tuple[str, Any]], keyspace: KeySpace,
+    holds_catalog: bool,
+) -> ShardFacts:
+    """``_shard_facts`` with awaits; ``call(*args)`` runs one command on this shard."""
+    import asyncio
+
+    started = time.perf_counter()
+    try:
+        await call("PING")
+    except Exception as exc:  # unreachable: reported, never raised
+        return ShardFacts(name, error=_error(exc), groups=tuple(GroupFacts(g) for g, _ in groups),
+                          holds_catalog=holds_catalog)
+    latency = time.perf_counter() - started
+
+    info: dict[str, Any] = {}
+    info_error = None
+    try:
+        for section in ("server", "memory"):
+            info.update(await call("INFO", section))
+    except Exception as exc:
+        info_error = _error(exc)
+
+    specs = load_scripts()
+    scripts: dict[str, bool] = {}
+    reloaded: list[str] = []
+    script_error = None
+    try:
+        exists = await call("SCRIPT EXISTS", *(s.sha for s in specs.values()))
+        for (script_name, spec), ok in zip(specs.items(), exists, strict=True):
+            if not ok:
+                await call("SCRIPT LOAD", spec.source)
+                reloaded.append(script_name)
+        exists = await call("SCRIPT EXISTS", *(s.sha for s in specs.values()))
+        scripts = {n: bool(ok) for n, ok in zip(specs, exists, strict=True)}
+    except Exception as exc:
+        script_error = _error(exc)
+
+    time_reply, time_error = None, None
+    try:
+        time_reply = await call("EVAL", TIME_SCRIPT, 0)
+    except Exception as exc:
+        time_error = _error(exc)
+
+    async def policy_of(group: str, conn: Any) -> GroupFacts:
+        try:
+            reply = await conn.execute_command(
+                "HMGET", keyspace.group(group).policy, "schema", "version"
+            )
+        except Exception as exc:
+            return GroupFacts(group, error=_error(exc))
+        return GroupFacts(group, reply[0], reply[1])
+
+    facts: list[GroupFacts] = []
+    for start in range(0, len(groups), 32):  # a few at a time: bounded connections
+        facts += await asyncio.gather(*(policy_of(g, c) for g, c in groups[start : start + 32]))
+    return ShardFacts(
+        name, None, latency, info, info_error, scripts, tuple(reloaded), script_error,
+        time_reply, time_error, tuple(facts), holds_catalog,
+    )
+
+
+async def agather(backend: Any, keyspace: KeySpace, groups: Sequence[str]) -> list[ShardFacts]:
+    """``gather`` for the async client's backends (shards concurrently)."""
+    import asyncio
+
+    cluster = getattr(backend, "cluster", None)
+    nodes: list[tuple[str, Any]]
+    if cluster is not None:  # a Redis Cluster: one entry per primary, commands aimed at it
+        await cluster.initialize()
+
+        def aimed(node: Any) -> Any:
+            return lambda *args: cluster.execute_command(*args, target_nodes=node)
+
+        nodes = [(node.name, aimed(node)) for node in cluster.get_primaries()]
+    else:
+        conns = list(backend.connections())
+        routing = getattr(backend, "routing", None)  # shards: ids in the order of connections
+        names = [backend.description] if routing is None else list(routing.shard_ids)
+        nodes = [(n, c.execute_command) for n, c in zip(names, conns, strict=True)]
+    catalog_node = backend.node_of(keyspace.catalog_route)
+    by_node: dict[str, list[tuple[str, Any]]] = {name: [] for name, _ in nodes}
+    for group in groups:
+        by_node.setdefault(backend.node_of(group), []).append((group, backend.connection(group)))
+    return list(await asyncio.gather(*(
+        _ashard_facts(name, call, by_node[name], keyspace, name == catalog_node)
+        for name, call in nodes
+    )))
+
+
 def read_catalog(backend: Any, keyspace: KeySpace) -> tuple[Any, str | None]:
     """(published policy or None, error text or None) from the catalog's shard."""
     from ratequota.core import parse_catalog
@@ -383,3 +478,16 @@ def run(args: Any) -> int:
         client.close()
     print(report.table())
     return 0 if report.ready else 1
+
+
+async def aread_catalog(backend: Any, keyspace: KeySpace) -> tuple[Any, str | None]:
+    """``read_catalog`` for the async client's backends."""
+    from ratequota.core import parse_catalog
+
+    try:
+        raw = await backend.connection(keyspace.catalog_route).get(keyspace.catalog)
+        return parse_catalog(raw), None
+    except RateQuotaError as exc:
+        return None, str(exc)
+    except Exception as exc:
+        return None, _error(exc)

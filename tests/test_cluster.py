@@ -401,3 +401,32 @@ def test_a_timed_out_cluster_call_is_not_replayed(redis_cluster: RedisCluster) -
         assert quota.snapshot(group).used == 2
     finally:
         quota.close()
+
+
+def test_check_on_a_cluster_sync_and_async(redis_cluster: RedisCluster) -> None:
+    """Both clients' readiness checks report every primary, with policies found on their nodes."""
+    from ratequota.aio import AsyncQuotaClient
+
+    prefix = _prefix()
+    groups = [f"c{i}" for i in range(12)]
+    quota = _client(redis_cluster, prefix)
+    try:
+        quota.apply_policy(_policy(groups))
+        report = quota.check()
+        assert report.ready, report.problems
+        assert len(report.shards) == 3
+        assert sum(s.groups_checked for s in report.shards) == 12
+    finally:
+        quota.close()
+
+    async def scenario() -> None:
+        aquota = AsyncQuotaClient.cluster(redis_cluster.url, prefix=prefix, socket_timeout=2.0)
+        async with aquota:
+            areport = await aquota.check()
+            assert areport.ready, areport.problems
+            assert sorted(s.name for s in areport.shards) == sorted(s.name for s in report.shards)
+            assert sum(s.groups_checked for s in areport.shards) == 12
+            missing = await aquota.check(["never-published"])
+            assert not missing.ready
+
+    asyncio.run(scenario())

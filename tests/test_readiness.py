@@ -302,3 +302,27 @@ def test_check_command_exit_codes(
     assert out.splitlines()[0].split()[:3] == ["shard", "ok", "latency"]
     assert main([*args, "--group", "g1"]) == 0
     assert main([*args, "--group", "nope"]) == 1
+
+
+@pytest.mark.real_redis
+def test_async_check_on_shards(shards: list[RedisServer]) -> None:
+    """``AsyncQuotaClient.check`` gives the same verdicts: ready, then a killed shard named."""
+    import asyncio
+
+    from ratequota.aio import AsyncQuotaClient
+
+    async def scenario() -> None:
+        quota = AsyncQuotaClient.sharded(_urls(shards), socket_timeout=0.5)
+        async with quota:
+            await quota.apply_policy(POLICY)
+            report = await quota.check()
+            assert report.ready, report.problems
+            assert sum(s.groups_checked for s in report.shards) == 9
+            catalog = quota.backend.node_of(quota.core.keyspace.catalog_route)
+            victim = next(s for s in shards if f":{s.port}/" not in catalog)
+            victim.kill()
+            report = await quota.check()
+            assert not report.ready
+            assert any(f":{victim.port}/" in p for p in report.problems)
+
+    asyncio.run(scenario())
