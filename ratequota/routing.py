@@ -34,6 +34,10 @@ def shard_score(shard_id: str, name: str) -> int:
     return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big")
 
 
+#: Most routing answers remembered per ``Rendezvous``.
+_MEMO_SIZE = 65_536
+
+
 class Rendezvous:
     """Highest-random-weight placement of names over a fixed list of shard ids."""
 
@@ -47,9 +51,21 @@ class Rendezvous:
         if len(set(ids)) != len(ids):
             raise ConfigError("shards", "shard ids must be distinct")
         self.shard_ids: tuple[str, ...] = tuple(ids)
+        # Every call routes at least once; remembering recent answers saves N hashes each.
+        # Bounded (cleared when full); a plain dict is safe to share between threads.
+        self._memo: dict[str, int] = {}
 
     def index(self, name: str) -> int:
         """Position in ``shard_ids`` of the shard serving ``name`` (ties: the lower id)."""
+        found = self._memo.get(name)
+        if found is None:
+            found = self._compute(name)
+            if len(self._memo) >= _MEMO_SIZE:
+                self._memo.clear()
+            self._memo[name] = found
+        return found
+
+    def _compute(self, name: str) -> int:
         best, best_key = 0, (-1, "")
         for i, sid in enumerate(self.shard_ids):
             key = (shard_score(sid, name), sid)

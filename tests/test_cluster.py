@@ -72,6 +72,12 @@ def test_many_groups_across_all_primaries_without_crossslot(redis_cluster: Redis
         for lease in leases:
             assert lease is not None
             assert quota.release(lease).state == "released"
+        for node in redis_cluster.nodes:  # Redis counts every error reply it sent
+            client: Any = node.client()
+            try:
+                assert "errorstat_CROSSSLOT" not in client.info("errorstats")
+            finally:
+                client.close()
     finally:
         quota.close()
 
@@ -430,3 +436,8 @@ def test_check_on_a_cluster_sync_and_async(redis_cluster: RedisCluster) -> None:
             assert not missing.ready
 
     asyncio.run(scenario())
+
+    from ratequota.cli import main
+
+    assert main(["check", "--cluster", redis_cluster.url, "--prefix", prefix]) == 0
+    assert main(["check", "--cluster", redis_cluster.url, "--prefix", _prefix()]) == 1
