@@ -21,6 +21,7 @@ import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 DOCS = Path(__file__).resolve().parent
 ROOT = DOCS.parent
@@ -173,7 +174,7 @@ def render(text: str) -> str:
     lines = text.splitlines()
     out: list[str] = []
     paragraph: list[str] = []
-    items: list[str] = []
+    items: list[list[Any]] = []  # [text, nested list tag, nested items]
     list_tag = ""
     seen: dict[str, int] = {}
     i = 0
@@ -184,8 +185,12 @@ def render(text: str) -> str:
             out.append(f"<p>{inline(' '.join(paragraph))}</p>")
             paragraph.clear()
         if items:
-            out.append(f"<{list_tag}>" + "".join(f"<li>{inline(x)}</li>" for x in items))
-            out.append(f"</{list_tag}>")
+            rendered = []
+            for text, sub_tag, sub_items in items:
+                inner = "".join(f"<li>{inline(x)}</li>" for x in sub_items)
+                nested = f"<{sub_tag}>{inner}</{sub_tag}>" if sub_items else ""
+                rendered.append(f"<li>{inline(text)}{nested}</li>")
+            out.append(f"<{list_tag}>{''.join(rendered)}</{list_tag}>")
             items.clear()
             list_tag = ""
 
@@ -223,17 +228,25 @@ def render(text: str) -> str:
             continue
         elif re.match(r"^\s*([*-]|\d+\.)\s+", line):
             tag = "ol" if re.match(r"^\s*\d+\.", line) else "ul"
-            if paragraph or (items and tag != list_tag):
-                flush()
-            list_tag = tag
-            items.append(re.sub(r"^\s*([*-]|\d+\.)\s+", "", line))
+            text = re.sub(r"^\s*([*-]|\d+\.)\s+", "", line)
+            if items and line.startswith("  "):  # one level of nesting under the last item
+                items[-1][1] = tag
+                items[-1][2].append(text)
+            else:
+                if paragraph or (items and tag != list_tag):
+                    flush()
+                list_tag = tag
+                items.append([text, "", []])
         elif line.startswith(">"):
             flush()
             out.append(f"<blockquote>{inline(line.lstrip('> '))}</blockquote>")
         elif not line.strip():
             flush()
-        elif items and line.startswith(" "):
-            items[-1] += " " + line.strip()  # continuation of a list item
+        elif items and line.startswith(" "):  # continuation of the last (sub-)item
+            if items[-1][2]:
+                items[-1][2][-1] += " " + line.strip()
+            else:
+                items[-1][0] += " " + line.strip()
         else:
             paragraph.append(line.strip())
         i += 1

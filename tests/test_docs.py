@@ -70,3 +70,16 @@ def test_inline_rendering(build: ModuleType) -> None:
     assert "<em>e</em>" in html
     assert '<a href="../../README.md">f</a>' in html
     assert '<a href="https://a.b/c.md">w</a>' in html
+
+
+def test_render_blocks(build: ModuleType) -> None:
+    """Headings get GitHub anchors; lists nest one level; tables and fenced code render."""
+    page = build.render(
+        "## A `b` c\n\n1. one\n   cont\n   * sub\n2. two\n\n| x | y |\n|---|---|\n| 1 | 2 |\n\n"
+        "```python\nif a < b: pass\n```\n"
+    )
+    assert '<h2 id="a-b-c">A <code>b</code> c</h2>' in page
+    assert "<ol><li>one cont<ul><li>sub</li></ul></li><li>two</li></ol>" in page
+    assert "<th>x</th>" in page
+    assert "<td>2</td>" in page
+    assert '<pre><code class="language-python">if a &lt; b: pass</code></pre>' in page
