@@ -287,6 +287,78 @@ class RedisCluster:
             dst.close()
         return moved
 
+    def add_replica(self, master: RedisServer, timeout: float = 30.0) -> RedisServer:
+        """Start one more node as a replica of ``master`` and wait until it is in sync."""
+        admin: Any = master.client()
+        try:  # Redis waits 5 s by default before a diskless full sync, hoping for more replicas
+            admin.config_set("repl-diskless-sync-delay", 0)
+        finally:
+            admin.close()
+        replica = RedisServer(port=free_cluster_port(), extra_args=self.nodes[0].extra_args)
+        self.nodes.append(replica)
+        replica.start()
+        master_id = self.node_ids()[master.port]
+        subprocess.run(
+            ["redis-cli", "--cluster", "add-node", f"127.0.0.1:{replica.port}",
+             f"127.0.0.1:{master.port}", "--cluster-slave", "--cluster-master-id", master_id],
+            check=True, capture_output=True, timeout=timeout,
+        )
+        client: Any = replica.client()
+        try:
+            deadline = time.monotonic() + timeout
+            while True:
+                info = client.info("replication")
+                if info.get("role") == "slave" and info.get("master_link_status") == "up":
+                    break
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the replica did not sync in time")
+                time.sleep(0.05)
+        finally:
+            client.close()
+        # Every node (the master above all) must know the replica before it can fail over.
+        deadline = time.monotonic() + timeout
+        while not self._all_ok() or not all(
+            self._knows_replica(node, replica) for node in self.nodes if node is not replica
+        ):
+            if time.monotonic() > deadline:
+                raise RuntimeError("the cluster did not learn about the replica in time")
+            time.sleep(0.05)
+        return replica
+
+    def _knows_replica(self, node: RedisServer, replica: RedisServer) -> bool:
+        """True when ``node`` sees ``replica`` as a replica (voting masters must)."""
+        client: Any = node.client()
+        try:
+            nodes = client.execute_command("CLUSTER", "NODES")
+        finally:
+            client.close()
+        text = nodes.decode() if isinstance(nodes, bytes) else str(nodes)
+        return any(f":{replica.port}@" in line and "slave" in line for line in text.splitlines())
+
+    def failover(self, replica: RedisServer, timeout: float = 30.0) -> None:
+        """Promote ``replica`` with CLUSTER FAILOVER (coordinated, no data lost)."""
+        client: Any = replica.client()
+        try:
+            deadline = time.monotonic() + timeout
+            for _ in range(10):  # a manual failover that stalls is simply asked for again
+                client.execute_command("CLUSTER", "FAILOVER")
+                retry_at = time.monotonic() + 3
+                while client.info("replication").get("role") != "master":
+                    if time.monotonic() > min(retry_at, deadline):
+                        break
+                    time.sleep(0.05)
+                else:
+                    break
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the failover did not complete in time")
+        finally:
+            client.close()
+        deadline = time.monotonic() + timeout
+        while not self._all_ok():
+            if time.monotonic() > deadline:
+                raise RuntimeError("the cluster did not settle after the failover")
+            time.sleep(0.05)
+
     def stop(self) -> None:
         """Stop every node by PID."""
         for node in self.nodes:
