@@ -56,7 +56,7 @@ class Rendezvous:
         self._memo: dict[str, int] = {}
 
     def index(self, name: str) -> int:
-        """Position in ``shard_ids`` of the shard serving ``name`` (a tie goes to the greater id)."""
+        """Index in ``shard_ids`` of the shard serving ``name`` (a tie goes to the greater id)."""
         found = self._memo.get(name)
         if found is None:
             found = self._compute(name)
