@@ -326,3 +326,23 @@ def test_async_check_on_shards(shards: list[RedisServer]) -> None:
             assert any(f":{victim.port}/" in p for p in report.problems)
 
     asyncio.run(scenario())
+
+
+@pytest.mark.real_redis
+def test_a_hung_shard_is_reported_not_waited_for(shards: list[RedisServer]) -> None:
+    """A shard that accepts connections but never answers (SIGSTOP) is reported unreachable."""
+    quota = QuotaClient.sharded(_urls(shards), socket_timeout=0.3)
+    try:
+        quota.apply_policy(POLICY)
+        catalog = quota.backend.node_of(quota.core.keyspace.catalog_route)  # type: ignore[attr-defined]
+        victim = next(s for s in shards if f":{s.port}/" not in catalog)
+        victim.pause()
+        try:
+            report = quota.check()
+        finally:
+            victim.resume()
+        assert not report.ready
+        assert any(f":{victim.port}/" in p and "unreachable" in p for p in report.problems)
+        assert quota.check().ready
+    finally:
+        quota.close()
