@@ -363,12 +363,15 @@ class TaskRenewer:
             self.book.settle(lease, outcome)
 
 
-class AsyncQuotaClient:
+class AsyncQuotaClient(shell.Topologies):
     """Tenant quota against Redis, for asyncio; the same API as ``QuotaClient``, awaited.
 
     With no URL it runs on the embedded in-process fakeredis shared with every
     sync ``QuotaClient()`` of the process.
     """
+
+    sharded_backend = staticmethod(async_sharded_backend)
+    cluster_backend = AsyncClusterBackend
 
     def __init__(
         self,
@@ -396,31 +399,6 @@ class AsyncQuotaClient:
         # socket timeouts do. A queued call waits at most for the round trips ahead of it.
         self._call_bound = 3 * s.socket_timeout
         self.renewer = TaskRenewer(self)
-
-    @classmethod
-    def from_url(cls, url: str, **options: Any) -> AsyncQuotaClient:
-        """A client on one Redis server, e.g. ``redis://localhost:6379/0``."""
-        return cls(url, **options)
-
-    @classmethod
-    def sharded(
-        cls, urls: Iterable[str], *, shard_ids: Iterable[str] | None = None, **options: Any
-    ) -> AsyncQuotaClient:
-        """A client on independent shards, placing groups exactly as ``QuotaClient.sharded``."""
-        settings = Settings(**options)
-        backend = async_sharded_backend(
-            list(urls),
-            socket_timeout=settings.socket_timeout,
-            shard_ids=None if shard_ids is None else list(shard_ids),
-        )
-        return cls(backend=backend, settings=settings)
-
-    @classmethod
-    def cluster(cls, url: str, **options: Any) -> AsyncQuotaClient:
-        """A client on a Redis Cluster, given any node's URL (see ``QuotaClient.cluster``)."""
-        settings = Settings(**options)
-        backend = AsyncClusterBackend(url, socket_timeout=settings.socket_timeout)
-        return cls(backend=backend, settings=settings)  # type: ignore[arg-type]
 
     async def close(self) -> None:
         """Stop the renewer and close connections."""

@@ -21,6 +21,8 @@ import redis
 
 from ratequota.backends import (
     Backend,
+    ClusterBackend,
+    ShardedBackend,
     embedded_backend,
     translate_error,
     url_backend,
@@ -47,6 +49,7 @@ from ratequota.shell import (
     LeaseBase,
     Runner,
     TenantSpec,
+    Topologies,
     TryOptions,
     UnitsSpec,
     WaitOptions,
@@ -122,12 +125,15 @@ def _one_of_batch(conn: Any, args: tuple[Any, ...]) -> Any:
         return exc
 
 
-class QuotaClient:
+class QuotaClient(Topologies):
     """Tenant quota against Redis, for threads; see ``AsyncQuotaClient`` for asyncio.
 
     With no URL it runs on an embedded in-process fakeredis shared by every
     client of the process, so ``QuotaClient()`` works with nothing installed.
     """
+
+    sharded_backend = ShardedBackend
+    cluster_backend = ClusterBackend
 
     def __init__(
         self,
@@ -150,40 +156,6 @@ class QuotaClient:
         self._where = str(getattr(backend, "description", "redis"))
         self.renewer = ThreadRenewer(self)
         self.load_scripts(strict=False)
-
-    @classmethod
-    def from_url(cls, url: str, **options: Any) -> QuotaClient:
-        """A client on one Redis server, e.g. ``redis://localhost:6379/0``."""
-        return cls(url, **options)
-
-    @classmethod
-    def sharded(
-        cls, urls: Iterable[str], *, shard_ids: Iterable[str] | None = None, **options: Any
-    ) -> QuotaClient:
-        """A client on independent Redis shards; each group lives on one (rendezvous hashing).
-
-        ``shard_ids`` name the shards for placement (default: the URLs without
-        passwords); keep them stable and every pod and release agrees on where
-        each group lives.
-        """
-        from ratequota.backends import ShardedBackend
-
-        settings = Settings(**options)
-        backend = ShardedBackend(
-            list(urls),
-            socket_timeout=settings.socket_timeout,
-            shard_ids=None if shard_ids is None else list(shard_ids),
-        )
-        return cls(backend=backend, settings=settings)
-
-    @classmethod
-    def cluster(cls, url: str, **options: Any) -> QuotaClient:
-        """A client on a Redis Cluster, given any node's URL; the hash tag places each group."""
-        from ratequota.backends import ClusterBackend
-
-        settings = Settings(**options)
-        backend = ClusterBackend(url, socket_timeout=settings.socket_timeout)
-        return cls(backend=backend, settings=settings)
 
     def close(self) -> None:
         """Stop the renewer and close connections; the client cannot be used afterwards."""

@@ -18,8 +18,8 @@ No lock is taken here; ``Breakers`` guard their few integers themselves.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Awaitable, Callable, Generator
-from typing import Any, Generic, TypedDict, TypeVar
+from collections.abc import Awaitable, Callable, Generator, Iterable
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypedDict, TypeVar
 
 import attrs
 import redis
@@ -39,6 +39,7 @@ __all__ = [
     "LoadScript",
     "Runner",
     "TenantSpec",
+    "Topologies",
     "TryOptions",
     "UnitsSpec",
     "WaitOptions",
@@ -48,6 +49,9 @@ __all__ = [
     "pipeline_args",
     "wire_call",
 ]
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 T = TypeVar("T")
 
@@ -360,3 +364,48 @@ def node_lookup(backend: object) -> Callable[[str], object]:
     if callable(node_of):
         return node_of  # type: ignore[no-any-return]
     return lambda route: "redis"
+
+
+class Topologies:
+    """``from_url`` / ``sharded`` / ``cluster`` constructors, shared by both clients.
+
+    A client class names its backend factories (``sharded_backend``,
+    ``cluster_backend``); the settings are built once here, so both clients
+    read ``socket_timeout`` and shard ids the same way.
+    """
+
+    sharded_backend: ClassVar[Callable[..., Any]]
+    cluster_backend: ClassVar[Callable[..., Any]]
+
+    def __init__(self, url: str | None = None, **kwargs: Any) -> None:
+        """Defined by each client."""
+
+    @classmethod
+    def from_url(cls, url: str, **options: Any) -> Self:
+        """A client on one Redis server, e.g. ``redis://localhost:6379/0``."""
+        return cls(url, **options)
+
+    @classmethod
+    def sharded(
+        cls, urls: Iterable[str], *, shard_ids: Iterable[str] | None = None, **options: Any
+    ) -> Self:
+        """A client on independent Redis shards; each group lives on one (rendezvous hashing).
+
+        ``shard_ids`` name the shards for placement (default: the URLs without
+        passwords); keep them stable and every pod and release agrees on where
+        each group lives.
+        """
+        settings = Settings(**options)
+        backend = cls.sharded_backend(
+            list(urls),
+            socket_timeout=settings.socket_timeout,
+            shard_ids=None if shard_ids is None else list(shard_ids),
+        )
+        return cls(backend=backend, settings=settings)
+
+    @classmethod
+    def cluster(cls, url: str, **options: Any) -> Self:
+        """A client on a Redis Cluster, given any node's URL; the hash tag places each group."""
+        settings = Settings(**options)
+        return cls(backend=cls.cluster_backend(url, socket_timeout=settings.socket_timeout),
+                   settings=settings)
