@@ -119,7 +119,7 @@ def check_outage(records: list[tuple[str, float]], mode: str) -> None:
 def test_sync_client_survives_pause_and_kill(server: RedisServer, mode: str) -> None:
     """Pause, resume, kill, restart: bounded calls, the mode applied, recovery within 1 s."""
     publish(server)
-    extra = {"local_allowance": 2} if mode == "local" else {}
+    extra: dict[str, Any] = {"local_allowance": 2} if mode == "local" else {}
     quota = QuotaClient(server.url, failure_mode=mode, **OPTIONS, **extra)
     try:
         assert one_call(quota) == "redis"
