@@ -1,8 +1,12 @@
 """The synchronous client: a thin shell that performs the core's flows with redis-py.
 
-All decisions live in ``ratequota.core``; this module only sends, receives
-and sleeps. It is safe to share one client between threads: the client keeps
-no lock, and redis-py's pool hands each thread its own connection.
+All decisions live in ``ratequota.core`` and ``ratequota.shell``; this module
+only sends, receives and sleeps. It is safe to share one client between
+threads: redis-py's pool hands each thread its own connection (waiting at
+most ``socket_timeout`` for a free one), and the few locks behind it (circuit
+breakers, failure counters, the renewal schedule) guard plain data and are
+never held across a network call or a sleep. Held leases are renewed by one
+daemon thread per client (``ratequota.renewal``).
 """
 
 from __future__ import annotations
