@@ -120,7 +120,10 @@ class ReadinessReport:
         for s in self.shards:
             latency = "-" if s.latency_ms is None else f"{s.latency_ms:.1f}ms"
             time_ok = {True: "yes", False: "NO", None: "-"}[s.time_in_scripts]
-            policies = f"{s.groups_checked - len(s.groups_missing)}/{s.groups_checked}"
+            policies = (
+                f"{s.groups_checked - len(s.groups_missing)}/{s.groups_checked}"
+                if s.reachable else "-"
+            )
             rows.append((
                 s.name, "yes" if s.ready else "NO", latency, s.version, s.scripts,
                 time_ok, policies, s.maxmemory_policy,
@@ -128,7 +131,9 @@ class ReadinessReport:
         widths = [max(len(str(row[i])) for row in rows) for i in range(len(headers))]
         lines = ["  ".join(str(v).ljust(w) for v, w in zip(row, widths, strict=True)).rstrip()
                  for row in rows]
-        lines += [f"problem: {p}" for p in self.problems]
+        # Problems a ready report still has were tolerated (allow_degraded).
+        label = "degraded" if self.ready else "problem"
+        lines += [f"{label}: {p}" for p in self.problems]
         lines += [f"warning: {w}" for w in self.warnings]
         lines.append("READY" if self.ready else "NOT READY")
         return "\n".join(lines)

@@ -346,3 +346,16 @@ def test_a_hung_shard_is_reported_not_waited_for(shards: list[RedisServer]) -> N
         assert quota.check().ready
     finally:
         quota.close()
+
+
+def test_table_of_a_degraded_report() -> None:
+    """An unreachable shard shows no policy count; tolerated problems are labelled degraded."""
+    down = healthy("s2", error="refused", holds_catalog=False)
+    strict = evaluate([healthy(), down], catalog_present=True)
+    row = next(line for line in strict.table().splitlines() if line.startswith("s2"))
+    assert row.split()[:2] == ["s2", "NO"]
+    assert "1/1" not in row
+    assert "problem: s2: unreachable" in strict.table()
+    degraded = evaluate([healthy(), down], catalog_present=True, allow_degraded=True)
+    assert "degraded: s2: unreachable" in degraded.table()
+    assert degraded.table().splitlines()[-1] == "READY"
