@@ -282,3 +282,63 @@ def test_groups_on_healthy_shards_survive_the_catalog_shard_going_down(
             quota.release(decision.lease)
     finally:
         quota.close()
+
+
+def test_shard_killed_and_restarted_while_threads_run(shards: list[RedisServer]) -> None:
+    """Threads acquire and release on every group while one shard is killed and restarted.
+
+    During the outage only ``BackendUnavailable`` (and, once the shard is
+    back but empty, ``PolicyMissing``) may be raised, only for that shard's
+    groups; once the policy is republished every thread succeeds again with
+    the same clients, and in the end no group holds any unit.
+    """
+    quota = _client(shards, breaker_reset=0.1)
+    try:
+        quota.apply_policy(POLICY)
+        victim = _shard_of(shards, GROUPS[0])
+        on_victim = {g for g in GROUPS if _shard_of(shards, g) is victim}
+        stop = threading.Event()
+        unexpected: list[BaseException] = []
+        outage_errors: list[str] = []
+        successes: list[list[float]] = [[] for _ in range(4)]
+
+        def worker(i: int) -> None:
+            deadline = time.monotonic() + 30
+            for n in range(100_000):
+                if stop.is_set() or time.monotonic() > deadline:
+                    return
+                g = GROUPS[(n + i) % len(GROUPS)]
+                try:
+                    decision = quota.try_acquire(f"t-{g}", 1, group=g)
+                    if decision.lease is not None:
+                        quota.release(decision.lease)
+                    successes[i].append(time.monotonic())
+                except (BackendUnavailable, PolicyMissing) as exc:
+                    if g not in on_victim:
+                        unexpected.append(exc)
+                        return
+                    outage_errors.append(type(exc).__name__)
+                except BaseException as exc:  # reported by the test
+                    unexpected.append(exc)
+                    return
+
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        time.sleep(0.2)
+        victim.kill()
+        time.sleep(0.3)
+        victim.start()
+        time.sleep(0.2)
+        quota.apply_policy(POLICY)
+        republished = time.monotonic()
+        time.sleep(0.4)
+        stop.set()
+        for t in threads:
+            t.join(timeout=30)
+        assert not unexpected, unexpected[:3]
+        assert "BackendUnavailable" in outage_errors
+        assert all(any(t > republished for t in s) for s in successes)
+        assert all(quota.snapshot(g).used == 0 for g in GROUPS)
+    finally:
+        quota.close()
