@@ -281,8 +281,10 @@ def _play(scenario: Scenario, clients: list[QuotaClient], progress: TextIO | Non
         for thread in threads:
             thread.join(timeout=max(0.0, deadline - time.monotonic()))
     if progress is not None:
-        line = progress_line(elapsed, scenario.duration, 0, 0).split("  admitted")[0]
-        progress.write(f"\r{line}  done\n" if tty else f"{line}  done\n")
+        admitted = sum(1 for r in recorders for o in r.outcomes if o.admitted)
+        refused = sum(1 for r in recorders for o in r.outcomes if not o.admitted)
+        line = progress_line(elapsed, scenario.duration, admitted, refused) + "  done"
+        progress.write(f"\r{line}\n" if tty else f"{line}\n")
         progress.flush()
     stuck = sum(1 for t in threads if t.is_alive())
     left = sum(sampler.snapshot(g.name).used for g in scenario.policy.groups)
