@@ -90,6 +90,7 @@ def test_batch_is_served_under_a_lease(service: Service) -> None:
     assert status == 200
     assert quota["capacity"] == 16
     assert quota["used"] == 0
+    assert set(quota["tenants"]) == {"acme", "globex"}
 
 
 def test_units_are_held_while_the_handler_runs(service: Service) -> None:

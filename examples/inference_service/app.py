@@ -119,7 +119,10 @@ def create_app(
 
     async def quota_of(group: str) -> tuple[int, dict[str, Any], dict[str, str]]:
         try:
-            snap = await quota.snapshot(group)
+            policy = await quota.load_policy()
+            listed = policy.group(group) if policy is not None else None
+            names = [t.name for t in listed.tenants] if listed is not None else []
+            snap = await quota.snapshot(group, names)  # idle tenants are listed too
         except PolicyMissing as exc:
             return 404, {"error": str(exc)}, {}
         except BackendUnavailable as exc:
