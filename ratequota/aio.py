@@ -34,8 +34,7 @@ import attrs
 from ratequota import shell
 from ratequota.backends import _redact, _redis_from_url, embedded_server, translate_error
 from ratequota.batching import BatchPolicy
-from ratequota.clock import Clock
-from ratequota.core import AcquireRequest, Flow, Settings, Sleep
+from ratequota.core import AcquireRequest, Flow, Sleep
 from ratequota.decision import Decision, GroupSnapshot, LeaseInfo, ReleaseResult, RenewResult
 from ratequota.errors import BackendUnavailable, ConfigError, InvalidType
 from ratequota.failure import FailureStats
@@ -363,36 +362,22 @@ class TaskRenewer:
             self.book.settle(lease, outcome)
 
 
-class AsyncQuotaClient(shell.Topologies):
+class AsyncQuotaClient(shell.ClientBase):
     """Tenant quota against Redis, for asyncio; the same API as ``QuotaClient``, awaited.
 
     With no URL it runs on the embedded in-process fakeredis shared with every
     sync ``QuotaClient()`` of the process.
     """
 
+    embedded_backend = staticmethod(async_embedded_backend)
+    url_backend = staticmethod(async_url_backend)
     sharded_backend = staticmethod(async_sharded_backend)
     cluster_backend = AsyncClusterBackend
 
-    def __init__(
-        self,
-        url: str | None = None,
-        *,
-        backend: AsyncBackend | None = None,
-        settings: Settings | None = None,
-        clock: Clock | None = None,
-        **options: Any,
-    ) -> None:
-        """Connect to ``url`` (or the embedded default); ``options`` are ``Settings`` fields."""
-        self.core = shell.make_core(settings, clock, options)
+    backend: AsyncBackend
+
+    def _start(self) -> None:
         s = self.core.settings
-        if backend is None:
-            if url is None:
-                backend = async_embedded_backend()
-            else:
-                backend = async_url_backend(url, socket_timeout=s.socket_timeout)
-        self.backend = backend
-        self._node_of = shell.node_lookup(backend)
-        self._where = backend.description
         self._policy = BatchPolicy(s.batch_size, s.batch_in_flight)
         self._batchers: dict[object, _ShardBatcher] = {}
         # Backstop per round trip (connect + send + read); never fires while redis-py's

@@ -31,8 +31,7 @@ from ratequota.backends import (
     translate_error,
     url_backend,
 )
-from ratequota.clock import Clock
-from ratequota.core import AcquireRequest, Flow, Settings, Sleep
+from ratequota.core import AcquireRequest, Flow, Sleep
 from ratequota.decision import (
     Decision,
     GroupSnapshot,
@@ -50,16 +49,14 @@ from ratequota.scripts import load_scripts
 from ratequota.shell import (
     AcquireOptions,
     Batch,
+    ClientBase,
     LeaseBase,
     Runner,
     TenantSpec,
-    Topologies,
     TryOptions,
     UnitsSpec,
     WaitOptions,
     handler_arguments,
-    make_core,
-    node_lookup,
     pipeline_args,
     wire_call,
 )
@@ -129,35 +126,21 @@ def _one_of_batch(conn: Any, args: tuple[Any, ...]) -> Any:
         return exc
 
 
-class QuotaClient(Topologies):
+class QuotaClient(ClientBase):
     """Tenant quota against Redis, for threads; see ``AsyncQuotaClient`` for asyncio.
 
     With no URL it runs on an embedded in-process fakeredis shared by every
     client of the process, so ``QuotaClient()`` works with nothing installed.
     """
 
+    embedded_backend = staticmethod(embedded_backend)
+    url_backend = staticmethod(url_backend)
     sharded_backend = ShardedBackend
     cluster_backend = ClusterBackend
 
-    def __init__(
-        self,
-        url: str | None = None,
-        *,
-        backend: Backend | None = None,
-        settings: Settings | None = None,
-        clock: Clock | None = None,
-        **options: Any,
-    ) -> None:
-        """Connect to ``url`` (or the embedded default); ``options`` are ``Settings`` fields."""
-        self.core = make_core(settings, clock, options)
-        if backend is None:
-            if url is None:
-                backend = embedded_backend()
-            else:
-                backend = url_backend(url, socket_timeout=self.core.settings.socket_timeout)
-        self.backend = backend
-        self._node_of = node_lookup(backend)
-        self._where = str(getattr(backend, "description", "redis"))
+    backend: Backend
+
+    def _start(self) -> None:
         self.renewer = ThreadRenewer(self)
         self.load_scripts(strict=False)
 

@@ -35,12 +35,12 @@ from ratequota.protocol import ScriptCall
 __all__ = [
     "AcquireOptions",
     "Batch",
+    "ClientBase",
     "LeaseBase",
     "LoadScript",
     "Runner",
     "TenantSpec",
-    "Topologies",
-    "TryOptions",
+        "TryOptions",
     "UnitsSpec",
     "WaitOptions",
     "handler_arguments",
@@ -366,19 +366,44 @@ def node_lookup(backend: object) -> Callable[[str], object]:
     return lambda route: "redis"
 
 
-class Topologies:
-    """``from_url`` / ``sharded`` / ``cluster`` constructors, shared by both clients.
+class ClientBase:
+    """What both clients do alike before any I/O: construction and the topology constructors.
 
-    A client class names its backend factories (``sharded_backend``,
-    ``cluster_backend``); the settings are built once here, so both clients
-    read ``socket_timeout`` and shard ids the same way.
+    A client class names its backend factories (``embedded_backend``,
+    ``url_backend``, ``sharded_backend``, ``cluster_backend``) and finishes its
+    own set-up in ``_start``; the settings are built once here, so both
+    clients read ``socket_timeout`` and shard ids the same way.
     """
 
+    embedded_backend: ClassVar[Callable[[], Any]]
+    url_backend: ClassVar[Callable[..., Any]]
     sharded_backend: ClassVar[Callable[..., Any]]
     cluster_backend: ClassVar[Callable[..., Any]]
 
-    def __init__(self, url: str | None = None, **kwargs: Any) -> None:
-        """Defined by each client."""
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        backend: Any = None,
+        settings: Settings | None = None,
+        clock: Clock | None = None,
+        **options: Any,
+    ) -> None:
+        """Connect to ``url`` (or the embedded default); ``options`` are ``Settings`` fields."""
+        self.core = make_core(settings, clock, options)
+        if backend is None:
+            timeout = self.core.settings.socket_timeout
+            kind = type(self)
+            backend = kind.embedded_backend() if url is None else kind.url_backend(
+                url, socket_timeout=timeout
+            )
+        self.backend = backend
+        self._node_of = node_lookup(backend)
+        self._where = str(getattr(backend, "description", "redis"))
+        self._start()
+
+    def _start(self) -> None:
+        """The client's own set-up, once the backend is known."""
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> Self:
