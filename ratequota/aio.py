@@ -26,7 +26,6 @@ import inspect
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import attrs
@@ -276,32 +275,22 @@ class AsyncLease(shell.LeaseBase):
         return self.ended(await self._client.release(self.info))
 
 
-class AsyncAcquisition:
-    """``async with quota.acquire(...) as lease``: waits on entry, releases on exit."""
+class AsyncAcquisition(shell.AcquisitionBase[AsyncLease]):
+    """``async with quota.acquire(...) as lease``: waits on entry, releases on exit.
+
+    The release is shielded, so a cancelled holder still gives its units back.
+    """
 
     def __init__(self, client: AsyncQuotaClient, request: AcquireRequest) -> None:
-        self._client = client
-        self._request = request
-        self._lease: AsyncLease | None = None
+        super().__init__(client, request, AsyncLease)
 
     async def __aenter__(self) -> AsyncLease:
-        client, request = self._client, self._request
-        info = await client._run(client.core.acquire(request))
-        self._lease = AsyncLease(info, request.ttl_ms / 1000, client=client)
-        client.renewer.hold(self._lease)
-        return self._lease
+        return self._granted(await self._client._run(self._acquire_flow()))
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        lease, self._lease = self._lease, None
-        if lease is not None and not lease.released:
-            # Shielded: a cancelled holder still gives its units back. Redis unreachable:
-            # the lease ends by itself at its TTL; the handler's outcome wins.
-            with contextlib.suppress(BackendUnavailable):
+    async def __aexit__(self, *exc_info: object) -> None:
+        lease = self._leaving()
+        if lease is not None:
+            with contextlib.suppress(BackendUnavailable):  # as in the sync client
                 await asyncio.shield(lease.release())
 
 

@@ -17,7 +17,6 @@ import functools
 import inspect
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import attrs
@@ -48,6 +47,7 @@ from ratequota.renewal import ThreadRenewer
 from ratequota.scripts import load_scripts
 from ratequota.shell import (
     AcquireOptions,
+    AcquisitionBase,
     Batch,
     ClientBase,
     LeaseBase,
@@ -86,30 +86,22 @@ class Lease(LeaseBase):
         return self.ended(self._client.release(self.info))
 
 
-class Acquisition:
-    """``with quota.acquire(...) as lease``: waits on entry, releases on exit, errors included."""
+class Acquisition(AcquisitionBase[Lease]):
+    """``with quota.acquire(...) as lease``: waits on entry, releases on exit, errors included.
+
+    Leaving never raises because Redis is unreachable: the lease then ends by
+    itself at its TTL, and the handler's own outcome is what the caller sees.
+    """
 
     def __init__(self, client: QuotaClient, request: AcquireRequest) -> None:
-        self._client = client
-        self._request = request
-        self._lease: Lease | None = None
+        super().__init__(client, request, Lease)
 
     def __enter__(self) -> Lease:
-        client, request = self._client, self._request
-        info = client._run(client.core.acquire(request))
-        self._lease = Lease(info, request.ttl_ms / 1000, client=client)
-        client.renewer.hold(self._lease)
-        return self._lease
+        return self._granted(self._client._run(self._acquire_flow()))
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        lease, self._lease = self._lease, None
-        if lease is not None and not lease.released:
-            # Redis unreachable: the lease ends by itself at its TTL; the handler's outcome wins.
+    def __exit__(self, *exc_info: object) -> None:
+        lease = self._leaving()
+        if lease is not None:
             with contextlib.suppress(BackendUnavailable):
                 lease.release()
 

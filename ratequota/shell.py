@@ -26,7 +26,7 @@ import redis
 
 from ratequota.backends import is_noscript, translate_error
 from ratequota.clock import Clock
-from ratequota.core import Command, QuotaCore, Settings, Sleep
+from ratequota.core import AcquireRequest, Command, QuotaCore, Settings, Sleep
 from ratequota.decision import LeaseInfo, ReleaseResult, RenewResult
 from ratequota.errors import BackendUnavailable, InvalidType, RateQuotaError
 from ratequota.failure import Breakers
@@ -34,6 +34,7 @@ from ratequota.protocol import ScriptCall
 
 __all__ = [
     "AcquireOptions",
+    "AcquisitionBase",
     "Batch",
     "ClientBase",
     "LeaseBase",
@@ -323,6 +324,38 @@ class LeaseBase:
         if result.state == "expired":
             self.lost = True
         return result
+
+
+L = TypeVar("L", bound=LeaseBase)
+
+
+class AcquisitionBase(Generic[L]):
+    """The bookkeeping of ``acquire``'s context manager, for both clients.
+
+    On entry the granted lease is wrapped for its client and handed to the
+    client's renewer; on exit the lease still held (if any) is given back.
+    The shells only add the blocking or awaited calls.
+    """
+
+    def __init__(self, client: Any, request: AcquireRequest, lease: Callable[..., L]) -> None:
+        self._client = client
+        self._request = request
+        self._make_lease = lease
+        self._lease: L | None = None
+
+    def _acquire_flow(self) -> Generator[Any, Any, LeaseInfo]:
+        return self._client.core.acquire(self._request)  # type: ignore[no-any-return]
+
+    def _granted(self, info: LeaseInfo) -> L:
+        lease = self._make_lease(info, self._request.ttl_ms / 1000, client=self._client)
+        self._client.renewer.hold(lease)
+        self._lease = lease
+        return lease
+
+    def _leaving(self) -> L | None:
+        """The lease to give back on exit, if it is still held."""
+        lease, self._lease = self._lease, None
+        return lease if lease is not None and not lease.released else None
 
 
 def handler_arguments(
