@@ -4,6 +4,7 @@ This module only re-exports; the work lives in modules named for what they
 hold (``policy``, ``fairness``, ``core``, ``client``, ...).
 """
 
+from ratequota.aio import AsyncAcquisition, AsyncLease, AsyncQuotaClient
 from ratequota.client import Acquisition, Lease, QuotaClient
 from ratequota.core import Settings
 from ratequota.decision import (
@@ -29,35 +30,47 @@ from ratequota.errors import (
     SchemaMismatch,
     UnknownTenant,
 )
+from ratequota.explain import Explanation, Loan, explain
+from ratequota.failure import FailureStats
 from ratequota.policy import GroupPolicy, Policy, TenantPolicy
+from ratequota.readiness import ReadinessReport, ShardReport
 
 __all__ = [
     "AcquireTimeout",
     "Acquisition",
+    "AsyncAcquisition",
+    "AsyncLease",
+    "AsyncQuotaClient",
     "BackendError",
     "BackendUnavailable",
     "ConfigError",
     "Decision",
+    "Explanation",
+    "FailureStats",
     "GroupPolicy",
     "GroupSnapshot",
     "InvalidRequest",
     "InvalidType",
     "Lease",
     "LeaseInfo",
+    "Loan",
     "Policy",
     "PolicyFileError",
     "PolicyMissing",
     "QuotaClient",
     "QuotaExceeded",
     "RateQuotaError",
+    "ReadinessReport",
     "ReleaseResult",
     "RenewResult",
     "RequestTooLarge",
     "SchemaMismatch",
     "Settings",
+    "ShardReport",
     "TenantPolicy",
     "TenantSnapshot",
     "UnknownTenant",
+    "explain",
 ]
 
 __version__ = "0.1.0.dev0"
