@@ -12,6 +12,8 @@
 
 local EPSILON = 1e-9
 local KEY_GRACE_MS = 120000
+local NEXT_IN_LINE_RETRY_MS = 20
+local QUEUE_PACED = 8
 
 -- Redis time in ms, unless the caller pins the clock (tests and simulations).
 local function now_ms(pinned)
@@ -40,15 +42,18 @@ local function queue_member(tenant, seq, units, id)
     '|' .. units .. '|' .. id
 end
 
--- Units and id of the tenant's oldest waiting request, or nil when none waits.
-local function queue_head(tenant)
+-- The tenant's `n` oldest waiting requests, oldest first, as {units, id} pairs.
+local function queue_front(tenant, n)
   local prefix = string.len(tenant) .. ':' .. tenant
   -- '|' < '}' in ASCII: this range holds exactly the members starting with prefix .. '|'.
-  local first = redis.call('ZRANGEBYLEX', KEYS[5], '[' .. prefix .. '|', '(' .. prefix .. '}',
-    'LIMIT', 0, 1)
-  if #first == 0 then return nil, nil end
-  local units, id = string.match(string.sub(first[1], #prefix + 2), '^%d+|(%d+)|(.*)$')
-  return tonumber(units), id
+  local members = redis.call('ZRANGEBYLEX', KEYS[5], '[' .. prefix .. '|', '(' .. prefix .. '}',
+    'LIMIT', 0, n)
+  local front = {}
+  for i, member in ipairs(members) do
+    local units, id = string.match(string.sub(member, #prefix + 2), '^%d+|(%d+)|(.*)$')
+    front[i] = {tonumber(units), id}
+  end
+  return front
 end
 
 -- Removes a waiting registration (admitted, withdrawn): demand, queue, expiry, info.

@@ -16,7 +16,8 @@
 --   status 1 admitted (reason "admitted"), 0 refused (reason "too_large" | "tenant_limit" |
 --   "group_full" | "unknown_tenant"), -1 error (reason "no_policy" | "schema" | "bad_ttl").
 --   limit is a string (%.17g); tenant_used/group_used are after the call; replay is 1 when an
---   earlier attempt with the same lease_id had already been admitted.
+--   earlier attempt with the same lease_id had already been admitted. retry_ms is a hint; for
+--   the first QUEUE_PACED waiting requests of the tenant it grows with their place in line.
 --
 -- Waiting requests of one tenant are served in arrival order: any other request of that tenant
 -- must leave room (in the tenant limit and in the group) for the tenant's oldest waiting
@@ -66,8 +67,8 @@ local limit = limit_of(rows, tenant)
 
 local reserve = 0
 if pending[tenant] then  -- only a tenant with waiting requests has a queue
-  local head_units, head_id = queue_head(tenant)
-  if head_units and head_id ~= id then reserve = head_units end
+  local head = queue_front(tenant, 1)[1]
+  if head and head[2] ~= id then reserve = head[1] end
 end
 
 local reason = 'admitted'
@@ -93,6 +94,13 @@ if reason ~= 'admitted' then
       redis.call('ZADD', KEYS[5], 0, queue_member(tenant, seq, units, id))
     end
     touch(policy, true)
+    -- The front of the line retries soon, paced by position: the head may fit at the next
+    -- release, and each waiter behind it moves up as the ones ahead are admitted.
+    for position, entry in ipairs(queue_front(tenant, QUEUE_PACED)) do
+      if entry[2] == id then
+        retry_ms = math.min(retry_ms, NEXT_IN_LINE_RETRY_MS * math.max(1, position - 1))
+      end
+    end
   end
   return {0, reason, 0, 0, tenant_used, fmt(limit), group_used, policy.capacity, retry_ms,
           policy.version, 0}
