@@ -9,6 +9,7 @@ did not run); anything else is for the caller to retry with the same request id.
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Sequence
 from typing import Any, Protocol
@@ -91,6 +92,8 @@ def _redis_from_url(url: str, socket_timeout: float, *, aio: bool = False) -> An
             from redis.asyncio import Redis as AsyncRedis
             from redis.asyncio.retry import Retry as AsyncRetry
 
+            if url.startswith("redis://"):
+                options["connection_class"] = _hiredis_async_connection_class()
             # The async client bounds its connections per shard itself (its batcher).
             return AsyncRedis.from_url(url, retry=AsyncRetry(NoBackoff(), 0), **options)
         # Many threads may share one client: when the pool's connections are all in use a
@@ -101,6 +104,30 @@ def _redis_from_url(url: str, socket_timeout: float, *, aio: bool = False) -> An
         return redis.Redis.from_pool(pool)
     except ValueError as exc:
         raise ConfigError("url", str(exc)) from exc
+
+
+@functools.cache
+def _hiredis_async_connection_class() -> Any:
+    """An asyncio connection that packs commands with hiredis, as the sync client does.
+
+    redis.asyncio packs every argument in pure Python; for a script call with a
+    dozen arguments that is a quarter of the async client's CPU time. The sync
+    client's hiredis serializer produces the same bytes. Without hiredis the
+    stock class is used.
+    """
+    from redis.asyncio.connection import Connection
+    from redis.connection import HiredisRespSerializer
+    from redis.utils import HIREDIS_AVAILABLE
+
+    if not HIREDIS_AVAILABLE:
+        return Connection
+    serializer = HiredisRespSerializer()
+
+    class HiredisPackingConnection(Connection):
+        def pack_command(self, *args: Any) -> list[bytes]:
+            return serializer.pack(*args)  # type: ignore[no-any-return]
+
+    return HiredisPackingConnection
 
 
 def no_retry() -> Retry:
