@@ -54,8 +54,15 @@ def populate(quota: QuotaClient, group: str, active: int, leases: int) -> list[s
     pipe = conn.pipeline(transaction=False)
     for i in range(leases):
         call = acquire_call(
-            keyspace, group, f"a{i % active}", 1, f"seed{i}", 3_600_000,
-            wait=False, pending_ms=2000, purge=64,
+            keyspace,
+            group,
+            f"a{i % active}",
+            1,
+            f"seed{i}",
+            3_600_000,
+            wait=False,
+            pending_ms=2000,
+            purge=64,
         )
         pipe.evalsha(call.script.sha, len(call.keys), *call.keys, *call.args)
         ids.append(f"seed{i}")
@@ -89,16 +96,21 @@ def register_waiting(quota: QuotaClient, group: str, active: int, units: int) ->
     pipe = conn.pipeline(transaction=False)
     for i in range(active):
         call = acquire_call(
-            quota.core.keyspace, group, f"a{i}", units, f"wait{i}", 1000,
-            wait=True, pending_ms=3_600_000, purge=64,
+            quota.core.keyspace,
+            group,
+            f"a{i}",
+            units,
+            f"wait{i}",
+            1000,
+            wait=True,
+            pending_ms=3_600_000,
+            purge=64,
         )
         pipe.evalsha(call.script.sha, len(call.keys), *call.keys, *call.args)
     pipe.execute()
 
 
-def measure(
-    url: str, active: int, idle: int, calls: int, *, contended: bool
-) -> tuple[float, int]:
+def measure(url: str, active: int, idle: int, calls: int, *, contended: bool) -> tuple[float, int]:
     """Redis-side µs per acquire in one scenario, and the live leases during it."""
     prefix = f"cost{active}x{idle}{'c' if contended else ''}"
     quota = QuotaClient.from_url(url, prefix=prefix, socket_timeout=30.0)

@@ -303,4 +303,3 @@ class QuotaClient(ClientBase):
             return cast(F, wrapper)
 
         return decorate
-

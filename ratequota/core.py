@@ -13,10 +13,11 @@ replaced whole by a single assignment.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
-import random
 import os
+import random
 from collections.abc import Generator, Iterable, Mapping
 from typing import Any, TypeVar
 
@@ -202,9 +203,9 @@ class _Catalog:
 
     @classmethod
     def of(cls, policy: Policy | None, loaded_at: float) -> _Catalog:
-        routes = {} if policy is None else {
-            t.name: g.name for g in policy.groups for t in g.tenants
-        }
+        routes = (
+            {} if policy is None else {t.name: g.name for g in policy.groups for t in g.tenants}
+        )
         return cls(policy, routes, loaded_at)
 
 
@@ -326,7 +327,9 @@ class QuotaCore:
             fresh = yield from self.group_of(tenant, None, refresh=True)
             if fresh != name:
                 name = fresh
-                decision = yield from self._acquire_once(tenant, units, name, lease_id, ttl_ms, wait)
+                decision = yield from self._acquire_once(
+                    tenant, units, name, lease_id, ttl_ms, wait
+                )
         if decision.reason == "unknown_tenant":
             raise UnknownTenant(tenant, name)
         return decision
@@ -364,7 +367,9 @@ class QuotaCore:
             tenant=validate_tenant(tenant),
             units=validate_units(units),
             group=None if group is None else validate_tenant(group, "group"),
-            lease_id=self.new_request_id() if request_id is None else validate_request_id(request_id),
+            lease_id=self.new_request_id()
+            if request_id is None
+            else validate_request_id(request_id),
             ttl_ms=self.ttl_ms(ttl),
             timeout=self.timeout_seconds(timeout),
         )
@@ -374,7 +379,9 @@ class QuotaCore:
         r = request
         try:
             return (
-                yield from self.attempt(r.tenant, r.units, r.group, r.lease_id, r.ttl_ms, wait=False)
+                yield from self.attempt(
+                    r.tenant, r.units, r.group, r.lease_id, r.ttl_ms, wait=False
+                )
             )
         except BackendUnavailable as exc:
             return self._fallback(exc, r)
@@ -383,7 +390,11 @@ class QuotaCore:
         """Redis is unreachable: apply the failure mode (raise, or a synthetic admission)."""
         group = r.group if r.group is not None else self._catalog.routes.get(r.tenant)
         return self.failure.fallback(
-            error, tenant=r.tenant, units=r.units, group=group, lease_id=r.lease_id,
+            error,
+            tenant=r.tenant,
+            units=r.units,
+            group=group,
+            lease_id=r.lease_id,
             now=self.clock.monotonic(),
         )
 
@@ -421,10 +432,8 @@ class QuotaCore:
 
     def _withdraw(self, group: str, lease_id: str) -> Flow[None]:
         """Best effort: drop a waiting registration (it would expire by itself anyway)."""
-        try:
+        with contextlib.suppress(BackendUnavailable):
             yield self._release_call(group, lease_id)
-        except BackendUnavailable:
-            pass
 
     # -- release / renew / snapshot -------------------------------------------
 
@@ -523,8 +532,13 @@ def parse_catalog(raw: object) -> Policy | None:
 def synthetic_renewal(lease: LeaseInfo) -> RenewResult:
     """Renewing a synthetic lease: nothing to extend in Redis, never over a limit."""
     return RenewResult(
-        renewed=True, expires_at=lease.expires_at, over_limit=False, used=lease.units,
-        limit=math.nan, group_used=0, capacity=0,
+        renewed=True,
+        expires_at=lease.expires_at,
+        over_limit=False,
+        used=lease.units,
+        limit=math.nan,
+        group_used=0,
+        capacity=0,
     )
 
 

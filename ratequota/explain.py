@@ -148,9 +148,7 @@ def _state(snapshot: GroupSnapshot) -> tuple[dict[str, int], dict[str, int]]:
     return used, pending
 
 
-def lenders(
-    policy: GroupPolicy, shares: Mapping[str, Share], exclude: str
-) -> dict[str, float]:
+def lenders(policy: GroupPolicy, shares: Mapping[str, Share], exclude: str) -> dict[str, float]:
     """What every source of spare capacity offers: unused lendable guarantees and the pool.
 
     ``shares`` must hold every tenant with demand; a tenant of the policy that

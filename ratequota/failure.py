@@ -162,8 +162,14 @@ class FailureState:
         self._refusals = 0
 
     def fallback(
-        self, error: BackendUnavailable, *, tenant: str, units: int, group: str | None,
-        lease_id: str, now: float,
+        self,
+        error: BackendUnavailable,
+        *,
+        tenant: str,
+        units: int,
+        group: str | None,
+        lease_id: str,
+        now: float,
     ) -> Decision:
         """A synthetic admission under fail-open / local allowance, or ``error`` re-raised.
 
@@ -185,12 +191,25 @@ class FailureState:
                 self._refusals += 1
                 raise error
         lease = LeaseInfo(
-            id=lease_id, tenant=tenant, group=group or "", units=units, token=0,
-            expires_at=now + self.lease_ttl, synthetic=True,
+            id=lease_id,
+            tenant=tenant,
+            group=group or "",
+            units=units,
+            token=0,
+            expires_at=now + self.lease_ttl,
+            synthetic=True,
         )
         return Decision(
-            admitted=True, reason="backend_unavailable", tenant=tenant, group=group or "",
-            units=units, used=units, limit=math.nan, group_used=0, capacity=0, lease=lease,
+            admitted=True,
+            reason="backend_unavailable",
+            tenant=tenant,
+            group=group or "",
+            units=units,
+            used=units,
+            limit=math.nan,
+            group_used=0,
+            capacity=0,
+            lease=lease,
         )
 
     def give_back(self, lease: LeaseInfo) -> None:

@@ -129,10 +129,15 @@ def solve(capacity: float, claims: Sequence[Claim], idle_reserve: float = 0.0) -
     sum_lo = math.fsum(los)
     sum_up = math.fsum(ups)
     target = min(capacity, sum_up + idle_reserve) - idle_reserve
-    level = _water_level(target, sum_lo, sum_up, [(lo, up, c.weight) for c, lo, up in zip(claims, los, ups)])
+    level = _water_level(
+        target,
+        sum_lo,
+        sum_up,
+        [(lo, up, c.weight) for c, lo, up in zip(claims, los, ups, strict=True)],
+    )
     shares = {
         c.name: Share(c.name, lo, up, min(max(level * c.weight, lo), up), c.weight)
-        for c, lo, up in zip(claims, los, ups)
+        for c, lo, up in zip(claims, los, ups, strict=True)
     }
     return Allocation(capacity=capacity, level=level, shares=shares, idle_reserve=idle_reserve)
 

@@ -299,9 +299,7 @@ class Policy:
             tenants_data = group_data.get("tenants", [])
             if not isinstance(tenants_data, list):
                 raise ConfigError(f"{where}.tenants", "must be a list of tables")
-            tenants = [
-                _tenant_from(f"{where}.tenants[{i}]", t) for i, t in enumerate(tenants_data)
-            ]
+            tenants = [_tenant_from(f"{where}.tenants[{i}]", t) for i, t in enumerate(tenants_data)]
             extra: dict[str, Any] = {}
             if "default_tenant" in group_data:
                 default_data = dict(group_data["default_tenant"])
@@ -348,7 +346,9 @@ class Policy:
 def _reject_unknown(where: str, data: Mapping[str, Any], known: set[str]) -> None:
     unknown = sorted(set(data) - known)
     if unknown:
-        raise ConfigError(f"{where}.{unknown[0]}", f"unknown field (known: {', '.join(sorted(known))})")
+        raise ConfigError(
+            f"{where}.{unknown[0]}", f"unknown field (known: {', '.join(sorted(known))})"
+        )
 
 
 def _tenant_from(where: str, data: object) -> TenantPolicy:

@@ -86,8 +86,7 @@ def tenant_spec(tenant: TenantPolicy) -> str:
     borrow = "" if tenant.borrow_limit is None else str(tenant.borrow_limit)
     largest = "" if tenant.max_units is None else str(tenant.max_units)
     return (
-        f"{tenant.guarantee}|{float(tenant.lendable)!r}|{borrow}|"
-        f"{float(tenant.weight)!r}|{largest}"
+        f"{tenant.guarantee}|{float(tenant.lendable)!r}|{borrow}|{float(tenant.weight)!r}|{largest}"
     )
 
 

@@ -122,15 +122,26 @@ class ReadinessReport:
             time_ok = {True: "yes", False: "NO", None: "-"}[s.time_in_scripts]
             policies = (
                 f"{s.groups_checked - len(s.groups_missing)}/{s.groups_checked}"
-                if s.reachable else "-"
+                if s.reachable
+                else "-"
             )
-            rows.append((
-                s.name, "yes" if s.ready else "NO", latency, s.version, s.scripts,
-                time_ok, policies, s.maxmemory_policy,
-            ))
+            rows.append(
+                (
+                    s.name,
+                    "yes" if s.ready else "NO",
+                    latency,
+                    s.version,
+                    s.scripts,
+                    time_ok,
+                    policies,
+                    s.maxmemory_policy,
+                )
+            )
         widths = [max(len(str(row[i])) for row in rows) for i in range(len(headers))]
-        lines = ["  ".join(str(v).ljust(w) for v, w in zip(row, widths, strict=True)).rstrip()
-                 for row in rows]
+        lines = [
+            "  ".join(str(v).ljust(w) for v, w in zip(row, widths, strict=True)).rstrip()
+            for row in rows
+        ]
         # Problems a ready report still has were tolerated (allow_degraded).
         label = "degraded" if self.ready else "problem"
         lines += [f"{label}: {p}" for p in self.problems]
@@ -152,16 +163,23 @@ def _text(value: Any) -> str:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
-def _evaluate_shard(
-    facts: ShardFacts, schema: int, slow_after: float
-) -> ShardReport:
+def _evaluate_shard(facts: ShardFacts, schema: int, slow_after: float) -> ShardReport:
     problems: list[str] = []
     warnings: list[str] = []
     name = facts.name
     if facts.error is not None:
         return ShardReport(
-            name, False, None, "-", "-", None, "-", len(facts.groups), (),
-            (f"{name}: unreachable: {facts.error}",), (),
+            name,
+            False,
+            None,
+            "-",
+            "-",
+            None,
+            "-",
+            len(facts.groups),
+            (),
+            (f"{name}: unreachable: {facts.error}",),
+            (),
         )
     latency_ms = None if facts.latency is None else facts.latency * 1000
     if facts.latency is not None and facts.latency > slow_after:
@@ -219,8 +237,17 @@ def _evaluate_shard(
         more = f" and {len(unpublished) - 5} more" if len(unpublished) > 5 else ""
         problems.append(f"{name}: no policy published for {shown}{more}")
     return ShardReport(
-        name, True, latency_ms, version, scripts, time_ok, policy,
-        len(facts.groups), tuple(missing_groups), tuple(problems), tuple(warnings),
+        name,
+        True,
+        latency_ms,
+        version,
+        scripts,
+        time_ok,
+        policy,
+        len(facts.groups),
+        tuple(missing_groups),
+        tuple(problems),
+        tuple(warnings),
     )
 
 
@@ -266,7 +293,10 @@ def _error(exc: BaseException) -> str:
 
 
 def _shard_facts(
-    name: str, conn: Any, groups: Sequence[tuple[str, Any]], keyspace: KeySpace,
+    name: str,
+    conn: Any,
+    groups: Sequence[tuple[str, Any]],
+    keyspace: KeySpace,
     holds_catalog: bool,
 ) -> ShardFacts:
     """Ask one shard everything; ``groups`` are (group, connection routing it) served here."""
@@ -274,8 +304,12 @@ def _shard_facts(
     try:
         conn.ping()
     except Exception as exc:  # any failure means unreachable; reported, never raised
-        return ShardFacts(name, error=_error(exc), groups=tuple(GroupFacts(g) for g, _ in groups),
-                          holds_catalog=holds_catalog)
+        return ShardFacts(
+            name,
+            error=_error(exc),
+            groups=tuple(GroupFacts(g) for g, _ in groups),
+            holds_catalog=holds_catalog,
+        )
     latency = time.perf_counter() - started
 
     info: dict[str, Any] = {}
@@ -321,8 +355,18 @@ def _shard_facts(
         except Exception as exc:
             facts = [GroupFacts(g, error=_error(exc)) for g, _ in groups]
     return ShardFacts(
-        name, None, latency, info, info_error, scripts, tuple(reloaded), script_error,
-        time_reply, time_error, tuple(facts), holds_catalog,
+        name,
+        None,
+        latency,
+        info,
+        info_error,
+        scripts,
+        tuple(reloaded),
+        script_error,
+        time_reply,
+        time_error,
+        tuple(facts),
+        holds_catalog,
     )
 
 
@@ -351,7 +395,10 @@ def gather(backend: Any, keyspace: KeySpace, groups: Sequence[str]) -> list[Shar
 
 
 async def _ashard_facts(
-    name: str, call: Any, groups: Sequence[tuple[str, Any]], keyspace: KeySpace,
+    name: str,
+    call: Any,
+    groups: Sequence[tuple[str, Any]],
+    keyspace: KeySpace,
     holds_catalog: bool,
 ) -> ShardFacts:
     """``_shard_facts`` with awaits; ``call(*args)`` runs one command on this shard."""
@@ -361,8 +408,12 @@ async def _ashard_facts(
     try:
         await call("PING")
     except Exception as exc:  # unreachable: reported, never raised
-        return ShardFacts(name, error=_error(exc), groups=tuple(GroupFacts(g) for g, _ in groups),
-                          holds_catalog=holds_catalog)
+        return ShardFacts(
+            name,
+            error=_error(exc),
+            groups=tuple(GroupFacts(g) for g, _ in groups),
+            holds_catalog=holds_catalog,
+        )
     latency = time.perf_counter() - started
 
     info: dict[str, Any] = {}
@@ -407,8 +458,18 @@ async def _ashard_facts(
     for start in range(0, len(groups), 32):  # a few at a time: bounded connections
         facts += await asyncio.gather(*(policy_of(g, c) for g, c in groups[start : start + 32]))
     return ShardFacts(
-        name, None, latency, info, info_error, scripts, tuple(reloaded), script_error,
-        time_reply, time_error, tuple(facts), holds_catalog,
+        name,
+        None,
+        latency,
+        info,
+        info_error,
+        scripts,
+        tuple(reloaded),
+        script_error,
+        time_reply,
+        time_error,
+        tuple(facts),
+        holds_catalog,
     )
 
 
@@ -434,10 +495,14 @@ async def agather(backend: Any, keyspace: KeySpace, groups: Sequence[str]) -> li
     by_node: dict[str, list[tuple[str, Any]]] = {name: [] for name, _ in nodes}
     for group in groups:
         by_node.setdefault(backend.node_of(group), []).append((group, backend.connection(group)))
-    return list(await asyncio.gather(*(
-        _ashard_facts(name, call, by_node[name], keyspace, name == catalog_node)
-        for name, call in nodes
-    )))
+    return list(
+        await asyncio.gather(
+            *(
+                _ashard_facts(name, call, by_node[name], keyspace, name == catalog_node)
+                for name, call in nodes
+            )
+        )
+    )
 
 
 def read_catalog(backend: Any, keyspace: KeySpace) -> tuple[Any, str | None]:
@@ -459,15 +524,22 @@ def read_catalog(backend: Any, keyspace: KeySpace) -> tuple[Any, str | None]:
 def add_arguments(parser: Any) -> None:
     """Options of ``ratequota check`` (the backend options are added by the CLI)."""
     parser.add_argument(
-        "--group", action="append", dest="groups", metavar="NAME",
+        "--group",
+        action="append",
+        dest="groups",
+        metavar="NAME",
         help="a group this pod serves (repeatable; default: every published group)",
     )
     parser.add_argument(
-        "--socket-timeout", type=float, default=1.0, metavar="SECONDS",
+        "--socket-timeout",
+        type=float,
+        default=1.0,
+        metavar="SECONDS",
         help="timeout of every Redis call (default: 1.0; keep it under the probe's timeout)",
     )
     parser.add_argument(
-        "--allow-degraded", action="store_true",
+        "--allow-degraded",
+        action="store_true",
         help="stay ready while some shards fail, if the catalog's shard and one other work",
     )
 

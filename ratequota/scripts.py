@@ -49,7 +49,9 @@ class ScriptSpec:
     def check_call(self, n_keys: int, n_args: int) -> None:
         """Raise ``AssertionError`` if a call does not match the header (a bug, not bad input)."""
         if n_keys != len(self.keys):
-            raise AssertionError(f"{self.name}: {n_keys} keys given, header declares {len(self.keys)}")
+            raise AssertionError(
+                f"{self.name}: {n_keys} keys given, header declares {len(self.keys)}"
+            )
         fixed = len(self.argv) - (1 if self.variadic else 0)
         if n_args < fixed or (not self.variadic and n_args != fixed):
             raise AssertionError(f"{self.name}: {n_args} args given, header declares {self.argv}")

@@ -41,7 +41,7 @@ __all__ = [
     "LoadScript",
     "Runner",
     "TenantSpec",
-        "TryOptions",
+    "TryOptions",
     "UnitsSpec",
     "WaitOptions",
     "handler_arguments",
@@ -427,8 +427,10 @@ class ClientBase:
         if backend is None:
             timeout = self.core.settings.socket_timeout
             kind = type(self)
-            backend = kind.embedded_backend() if url is None else kind.url_backend(
-                url, socket_timeout=timeout
+            backend = (
+                kind.embedded_backend()
+                if url is None
+                else kind.url_backend(url, socket_timeout=timeout)
             )
         self.backend = backend
         self._node_of = node_lookup(backend)
@@ -465,5 +467,7 @@ class ClientBase:
     def cluster(cls, url: str, **options: Any) -> Self:
         """A client on a Redis Cluster, given any node's URL; the hash tag places each group."""
         settings = Settings(**options)
-        return cls(backend=cls.cluster_backend(url, socket_timeout=settings.socket_timeout),
-                   settings=settings)
+        return cls(
+            backend=cls.cluster_backend(url, socket_timeout=settings.socket_timeout),
+            settings=settings,
+        )

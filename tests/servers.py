@@ -62,12 +62,18 @@ class RedisServer:
         """Start the process and wait until it answers PING."""
         args = [
             self.binary,
-            "--port", str(self.port),
-            "--bind", "127.0.0.1",
-            "--save", "",
-            "--appendonly", "no",
-            "--dir", str(self.dir),
-            "--logfile", str(self.dir / "redis.log"),
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(self.dir),
+            "--logfile",
+            str(self.dir / "redis.log"),
             *self.extra_args,
         ]
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -172,10 +178,13 @@ class RedisCluster:
             RedisServer(
                 port=free_cluster_port(),
                 extra_args=(
-                    "--cluster-enabled", "yes",
-                    "--cluster-config-file", "nodes.conf",
-                    "--cluster-node-timeout", "5000",
-                )
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes.conf",
+                    "--cluster-node-timeout",
+                    "5000",
+                ),
             )
             for _ in range(masters)
         ]
@@ -192,9 +201,18 @@ class RedisCluster:
                 node.start()
             addresses = [f"127.0.0.1:{node.port}" for node in self.nodes]
             subprocess.run(
-                ["redis-cli", "--cluster", "create", *addresses,
-                 "--cluster-replicas", "0", "--cluster-yes"],
-                check=True, capture_output=True, timeout=timeout,
+                [
+                    "redis-cli",
+                    "--cluster",
+                    "create",
+                    *addresses,
+                    "--cluster-replicas",
+                    "0",
+                    "--cluster-yes",
+                ],
+                check=True,
+                capture_output=True,
+                timeout=timeout,
             )
             deadline = time.monotonic() + timeout
             while not self._all_ok():
@@ -269,9 +287,7 @@ class RedisCluster:
                 keys = src.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 100)
                 if not keys:
                     break
-                src.execute_command(
-                    "MIGRATE", "127.0.0.1", target.port, "", 0, 5000, "KEYS", *keys
-                )
+                src.execute_command("MIGRATE", "127.0.0.1", target.port, "", 0, 5000, "KEYS", *keys)
                 moved += len(keys)
             time.sleep(pause)
             # The target first (it ends its IMPORTING state), then the source, then the rest.
@@ -299,9 +315,19 @@ class RedisCluster:
         replica.start()
         master_id = self.node_ids()[master.port]
         subprocess.run(
-            ["redis-cli", "--cluster", "add-node", f"127.0.0.1:{replica.port}",
-             f"127.0.0.1:{master.port}", "--cluster-slave", "--cluster-master-id", master_id],
-            check=True, capture_output=True, timeout=timeout,
+            [
+                "redis-cli",
+                "--cluster",
+                "add-node",
+                f"127.0.0.1:{replica.port}",
+                f"127.0.0.1:{master.port}",
+                "--cluster-slave",
+                "--cluster-master-id",
+                master_id,
+            ],
+            check=True,
+            capture_output=True,
+            timeout=timeout,
         )
         client: Any = replica.client()
         try:

@@ -53,14 +53,24 @@ def test_many_groups_across_all_primaries_without_crossslot(redis_cluster: Redis
     """Acquire/release on 60 groups (odd names too) spread over every primary; never CROSSSLOT."""
     prefix = _prefix()
     groups = [f"grp-{i}" for i in range(50)] + [
-        "{braces}", "a:b:c", "with space", "ünï", "%7B", "#catalog", "x" * 1000, "}{", "{", "}"
+        "{braces}",
+        "a:b:c",
+        "with space",
+        "ünï",
+        "%7B",
+        "#catalog",
+        "x" * 1000,
+        "}{",
+        "{",
+        "}",
     ]
     quota = _client(redis_cluster, prefix)
     try:
         quota.apply_policy(_policy(groups))
         keyspace = KeySpace(prefix=prefix)
-        owners = {redis_cluster.owner(key_slot(keyspace.group(g).policy.encode())).port
-                  for g in groups}
+        owners = {
+            redis_cluster.owner(key_slot(keyspace.group(g).policy.encode())).port for g in groups
+        }
         assert len(owners) == 3
         leases = []
         for g in groups:
@@ -143,10 +153,18 @@ def test_live_slot_migration_loses_and_doubles_nothing(redis_cluster: RedisClust
     """
     prefix = _prefix()
     group = "migrating"
-    policy = Policy([GroupPolicy(group, capacity=20, tenants=[
-        TenantPolicy("anchor", guarantee=1, borrow_limit=0),
-        *(TenantPolicy(f"w{i}", guarantee=4, borrow_limit=0) for i in range(4)),
-    ])])
+    policy = Policy(
+        [
+            GroupPolicy(
+                group,
+                capacity=20,
+                tenants=[
+                    TenantPolicy("anchor", guarantee=1, borrow_limit=0),
+                    *(TenantPolicy(f"w{i}", guarantee=4, borrow_limit=0) for i in range(4)),
+                ],
+            )
+        ]
+    )
     quota = _client(redis_cluster, prefix, lease_ttl=120.0)
     try:
         quota.apply_policy(policy)
@@ -387,7 +405,8 @@ def test_a_timed_out_cluster_call_is_not_replayed(redis_cluster: RedisCluster) -
     keyspace = KeySpace(prefix=prefix)
     node = redis_cluster.nodes[1]
     group = next(
-        g for g in (f"p{i}" for i in range(1000))
+        g
+        for g in (f"p{i}" for i in range(1000))
         if redis_cluster.owner(key_slot(keyspace.group(g).policy.encode())) is node
     )
     quota = _client(redis_cluster, prefix, socket_timeout=0.3)

@@ -72,7 +72,10 @@ def random_policy(rnd: random.Random, name: str) -> GroupPolicy:
         weight=rnd.choice([1.0, 0.5]),
     )
     return GroupPolicy(
-        name, capacity=capacity, tenants=tuple(tenants), unknown_tenants=unknown,
+        name,
+        capacity=capacity,
+        tenants=tuple(tenants),
+        unknown_tenants=unknown,
         default_tenant=default,
     )
 

@@ -31,12 +31,18 @@ def snapshot_of(
     pending = pending or {}
     names = sorted(set(used) | set(pending))
     rows = {
-        n: TenantSnapshot(n, used.get(n, 0), pending.get(n, 0), 0.0, 0.0, 0.0, 0, 0)
-        for n in names
+        n: TenantSnapshot(n, used.get(n, 0), pending.get(n, 0), 0.0, 0.0, 0.0, 0, 0) for n in names
     }
     return GroupSnapshot(
-        group=policy.name, now=0.0, capacity=policy.capacity, used=sum(used.values()),
-        policy_version=1, level=0.0, tenants=rows, leases=(), leases_truncated=False,
+        group=policy.name,
+        now=0.0,
+        capacity=policy.capacity,
+        used=sum(used.values()),
+        policy_version=1,
+        level=0.0,
+        tenants=rows,
+        leases=(),
+        leases_truncated=False,
     )
 
 

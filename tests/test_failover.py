@@ -43,8 +43,9 @@ def test_failover_to_a_replica_without_scripts(cluster: RedisCluster) -> None:
     groups = [f"f{i}" for i in range(30)]
     keyspace = KeySpace()
     master = cluster.nodes[0]
-    on_master = [g for g in groups
-                 if cluster.owner(key_slot(keyspace.group(g).policy.encode())) is master]
+    on_master = [
+        g for g in groups if cluster.owner(key_slot(keyspace.group(g).policy.encode())) is master
+    ]
     assert on_master
     quota = QuotaClient.cluster(cluster.url, socket_timeout=2.0, catalog_ttl=3600.0)
     try:
@@ -61,8 +62,7 @@ def test_failover_to_a_replica_without_scripts(cluster: RedisCluster) -> None:
             client.close()
         cluster.failover(replica)
         assert all(
-            cluster.owner(key_slot(keyspace.group(g).policy.encode())) is replica
-            for g in on_master
+            cluster.owner(key_slot(keyspace.group(g).policy.encode())) is replica for g in on_master
         )
         for g in groups:
             assert quota.snapshot(g).used == 1  # replicated: nothing lost

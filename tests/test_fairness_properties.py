@@ -301,9 +301,7 @@ def test_invariant_13_reclaim(
         demand = {n: float(used.get(n, 0) + waiting.get(n, 0)) for n in used}
         demand[other] += ask
         alloc = allocate(policy, demand)
-        floor_of_rest = math.fsum(
-            s.lo for n, s in alloc.shares.items() if n not in (lender, other)
-        )
+        floor_of_rest = math.fsum(s.lo for n, s in alloc.shares.items() if n not in (lender, other))
         lender_demand = used[lender] + units
         assert used[other] + ask + lender_demand + floor_of_rest <= policy.capacity + 1e-6
 

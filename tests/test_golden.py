@@ -88,7 +88,9 @@ def test_script_headers_are_pinned() -> None:
     headers = {}
     for name, spec in load_scripts().items():
         headers[name] = {
-            "keys": list(spec.keys), "argv": list(spec.argv), "variadic": spec.variadic
+            "keys": list(spec.keys),
+            "argv": list(spec.argv),
+            "variadic": spec.variadic,
         }
     _compare("headers", headers)
 
@@ -285,7 +287,8 @@ def test_every_encoder_matches_its_script_header() -> None:
     sample here fails this test.
     """
     encoders = {
-        n for n, f in vars(protocol).items()
+        n
+        for n, f in vars(protocol).items()
         if n.endswith("_call") and not n.startswith("_") and callable(f)
     }
     assert encoders == set(ENCODERS)

@@ -168,9 +168,7 @@ def test_async_client_survives_pause_and_kill(server: RedisServer) -> None:
                 records.append((outcome, time.monotonic() - started))
                 await asyncio.sleep(0.01)
 
-        await asyncio.wait_for(
-            asyncio.gather(*(work() for _ in range(20))), seconds + 5 * BOUND
-        )
+        await asyncio.wait_for(asyncio.gather(*(work() for _ in range(20))), seconds + 5 * BOUND)
         return records
 
     async def recovery(quota: AsyncQuotaClient) -> float:

@@ -84,8 +84,13 @@ def test_missing_or_unreadable_catalog_is_not_ready() -> None:
 
 @pytest.mark.parametrize(
     ("policy", "warned"),
-    [("allkeys-lru", True), ("allkeys-random", True), ("volatile-ttl", True),
-     ("noeviction", False), ("unknown", False)],
+    [
+        ("allkeys-lru", True),
+        ("allkeys-random", True),
+        ("volatile-ttl", True),
+        ("noeviction", False),
+        ("unknown", False),
+    ],
 )
 def test_evicting_maxmemory_policies_warn_without_failing(policy: str, warned: bool) -> None:
     """allkeys-* (and volatile-*) eviction can drop limiter state: a warning, still ready."""

@@ -27,8 +27,10 @@ pytestmark = pytest.mark.real_redis
 
 GROUPS = [f"g{i}" for i in range(12)]
 POLICY = Policy(
-    [GroupPolicy(g, capacity=8, tenants=[TenantPolicy(f"t-{g}"), TenantPolicy(f"u-{g}")])
-     for g in GROUPS]
+    [
+        GroupPolicy(g, capacity=8, tenants=[TenantPolicy(f"t-{g}"), TenantPolicy(f"u-{g}")])
+        for g in GROUPS
+    ]
 )
 
 
@@ -113,8 +115,13 @@ def test_shard_ids_decouple_placement_from_urls(shards: list[RedisServer]) -> No
         backend.close()
 
 
-def _churn(quota: QuotaClient, tenant: str, stop: threading.Event, errors: list[BaseException],
-           counts: list[int]) -> None:
+def _churn(
+    quota: QuotaClient,
+    tenant: str,
+    stop: threading.Event,
+    errors: list[BaseException],
+    counts: list[int],
+) -> None:
     """Acquire and release in a loop until ``stop`` (bounded by count and time)."""
     deadline = time.monotonic() + 30
     for _ in range(100_000):
