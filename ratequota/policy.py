@@ -17,12 +17,12 @@ from typing import Any, Literal
 
 import attrs
 
-from ratequota.errors import ConfigError, PolicyFileError
+from ratequota.errors import ConfigError
 
 if sys.version_info >= (3, 11):
-    import tomllib
+    pass
 else:  # pragma: no cover - exercised only on Python 3.10
-    import tomli as tomllib
+    pass
 
 __all__ = ["GroupPolicy", "Policy", "TenantPolicy", "UnknownTenants"]
 
@@ -320,27 +320,10 @@ class Policy:
 
     @classmethod
     def from_toml(cls, source: str | Path) -> Policy:
-        """Read a policy file; errors name the file and the field at fault."""
-        path = Path(source)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except OSError as exc:
-            raise PolicyFileError(str(path), f"cannot read: {exc.strerror}") from exc
-        try:
-            data = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as exc:
-            from ratequota.tomlpos import syntax_line
+        """Read a policy file; errors name the file, the line and the field at fault."""
+        from ratequota.tomlpos import load_toml
 
-            line = syntax_line(exc)
-            where = f"{path}:{line}" if line else str(path)
-            raise PolicyFileError(where, f"not valid TOML: {exc}") from exc
-        try:
-            return cls.from_dict(data)
-        except ConfigError as exc:
-            from ratequota.tomlpos import locate_field
-
-            line = locate_field(text, exc.field)
-            raise PolicyFileError(f"{path}:{line}" if line else str(path), str(exc)) from exc
+        return load_toml(source, cls.from_dict)
 
 
 def _reject_unknown(where: str, data: Mapping[str, Any], known: set[str]) -> None:

@@ -34,14 +34,14 @@ from typing import Any, Literal
 
 import attrs
 
-from ratequota.errors import ConfigError, PolicyFileError
+from ratequota.errors import ConfigError
 from ratequota.policy import GroupPolicy, Policy, TenantPolicy
-from ratequota.tomlpos import locate_field, syntax_line
+from ratequota.tomlpos import load_toml
 
 if sys.version_info >= (3, 11):
-    import tomllib
+    pass
 else:  # pragma: no cover - exercised only on Python 3.10
-    import tomli as tomllib  # type: ignore[import-not-found,no-redef,unused-ignore]
+    pass  # type: ignore[import-not-found,no-redef,unused-ignore]
 
 __all__ = [
     "Pattern",
@@ -371,19 +371,4 @@ def _traffic_from(where: str, spec: object) -> Traffic:
 def load_scenario(path: str | Path) -> Scenario:
     """Read a scenario file; errors name the file, the line where known, and the field."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise PolicyFileError(str(path), f"cannot read: {exc.strerror}") from exc
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        line = syntax_line(exc)
-        where = f"{path}:{line}" if line else str(path)
-        raise PolicyFileError(where, f"not valid TOML: {exc}") from exc
-    try:
-        return scenario_from_dict(data, name=path.stem)
-    except ConfigError as exc:
-        line = locate_field(text, exc.field)
-        where = f"{path}:{line}" if line else str(path)
-        raise PolicyFileError(where, str(exc)) from exc
+    return load_toml(path, lambda data: scenario_from_dict(data, name=path.stem))

@@ -8,13 +8,55 @@ keys to map such a field back to a line number so operators see
 ``policy.toml:14``. It understands the subset of TOML policy files use
 (``[table]``, ``[[array.of.tables]]``, ``key = value``, quoted names) and
 returns None rather than guess when it cannot tell.
+
+``load_toml`` is the one place that reads a TOML file, parses it and builds
+an object from it, so policy and scenario files report errors alike.
 """
 
 from __future__ import annotations
 
 import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
 
-__all__ = ["key_lines", "locate_field", "syntax_line"]
+from ratequota.errors import ConfigError, PolicyFileError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised only on Python 3.10
+    import tomli as tomllib
+
+__all__ = ["key_lines", "load_toml", "locate_field", "syntax_line"]
+
+T = TypeVar("T")
+
+
+def load_toml(source: str | Path, build: Callable[[dict[str, Any]], T]) -> T:
+    """Read ``source``, parse it and ``build`` an object from its data.
+
+    Every failure is a ``PolicyFileError`` naming the file, the line where it
+    can be found, and the field: unreadable file, TOML syntax, invalid value.
+    """
+    path = Path(source)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise PolicyFileError(str(path), f"cannot read: {exc.strerror}") from exc
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        line = syntax_line(exc)
+        raise PolicyFileError(
+            f"{path}:{line}" if line else str(path), f"not valid TOML: {exc}"
+        ) from exc
+    try:
+        return build(data)
+    except ConfigError as exc:
+        line = locate_field(text, exc.field)
+        raise PolicyFileError(f"{path}:{line}" if line else str(path), str(exc)) from exc
+
 
 _HEADER = re.compile(r"^\s*(\[\[?)\s*([^\]]+?)\s*\]\]?\s*(#.*)?$")
 _KEY = re.compile(r"""^\s*("[^"]*"|'[^']*'|[A-Za-z0-9_.-]+)\s*=\s*(.*)$""")
