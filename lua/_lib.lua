@@ -228,3 +228,151 @@ local function limit_of(rows, tenant)
   return 0
 end
 
+
+-- One or more acquire decisions in one script call share this context: the policy, the
+-- clock, and an in-memory mirror of the group's demand that every decision updates, so a
+-- batch decides exactly as the same requests sent one after another would.
+local function acquire_begin(now, schema)
+  local policy, err = load_policy(schema)
+  if not policy then return nil, err end
+  return {now = now, policy = policy, specs = {}, entries = {}, touch = false,
+          touch_queue = false}, nil
+end
+
+-- Purges expired entries and loads the demand, once per script call.
+local function acquire_prepare(ctx, purge_limit)
+  purge(ctx.now, purge_limit)
+  ctx.used, ctx.pending, ctx.group_used = load_demand()
+end
+
+-- Loads, in one HMGET, the info entries of the given lease ids not seen yet.
+local function prefetch_entries(ctx, ids)
+  local fields = {}
+  for _, id in ipairs(ids) do
+    if ctx.entries['L' .. id] == nil then
+      fields[#fields + 1] = 'L' .. id
+      fields[#fields + 1] = 'P' .. id
+    end
+  end
+  if #fields == 0 then return end
+  local values = redis.call('HMGET', KEYS[4], unpack(fields))
+  for i, field in ipairs(fields) do ctx.entries[field] = values[i] end
+end
+
+-- Parsed specs of `names`, loading the ones not loaded yet (false: unknown, refused).
+local function ensure_specs(ctx, names)
+  local missing = {}
+  for _, name in ipairs(names) do
+    if ctx.specs[name] == nil then missing[#missing + 1] = name end
+  end
+  if #missing == 0 then return end
+  local loaded = load_specs(missing, ctx.policy)
+  for _, name in ipairs(missing) do ctx.specs[name] = loaded[name] or false end
+end
+
+-- Refreshes the expiry of the keys written by the decisions of this call.
+local function acquire_finish(ctx)
+  if ctx.touch then touch(ctx.policy, ctx.touch_queue) end
+end
+
+-- Decides one request (§3) and records it; returns acquire.lua's reply (see its header).
+local function acquire_one(ctx, tenant, units, id, ttl, wait, pending_ms)
+  local policy, now, used, pending = ctx.policy, ctx.now, ctx.used, ctx.pending
+  if ttl > policy.ttl then
+    return {-1, 'bad_ttl', 0, 0, 0, '0', 0, policy.capacity, 0, policy.version, policy.ttl}
+  end
+  local lease_member, wait_member = 'L' .. id, 'P' .. id
+  prefetch_entries(ctx, {id})
+
+  -- Idempotency: the first attempt committed and its reply was lost.
+  local known = ctx.entries[lease_member]
+  if known then
+    local _, token = string.match(known, '^(%d+):(%d+):')
+    local expiry = redis.call('ZSCORE', KEYS[3], lease_member)
+    return {1, 'admitted', tonumber(expiry), tonumber(token), used[tenant] or 0, '0',
+            ctx.group_used, policy.capacity, 0, policy.version, 1}
+  end
+
+  local wait_info = ctx.entries[wait_member]
+  local already_waiting = wait_info ~= false and wait_info ~= nil
+  local demand, names = active_demand(used, pending)
+  if not already_waiting then demand[tenant] = (demand[tenant] or 0) + units end
+  if not demand[tenant] then demand[tenant] = 0 end
+  if not used[tenant] and not pending[tenant] then names[#names + 1] = tenant end
+
+  ensure_specs(ctx, names)
+  local spec = ctx.specs[tenant]
+  local tenant_used = used[tenant] or 0
+  if not spec then
+    return {0, 'unknown_tenant', 0, 0, tenant_used, '0', ctx.group_used, policy.capacity, 0,
+            policy.version, 0}
+  end
+
+  local rows = allocate(policy.capacity, policy.reserve, demand, ctx.specs)
+  local limit = limit_of(rows, tenant)
+
+  local reserve = 0
+  if pending[tenant] then  -- only a tenant with waiting requests has a queue
+    local head = queue_front(tenant, 1)[1]
+    if head and head[2] ~= id then reserve = head[1] end
+  end
+
+  local reason = 'admitted'
+  if units > math.min(policy.capacity, spec.ceil, spec.max) then
+    reason = 'too_large'
+  elseif tenant_used + units + reserve > limit + EPSILON then
+    reason = 'tenant_limit'
+  elseif ctx.group_used + units + reserve > policy.capacity then
+    reason = 'group_full'
+  end
+
+  if reason ~= 'admitted' then
+    local retry_ms = pending_ms
+    local first = redis.call('ZRANGE', KEYS[3], 0, 0, 'WITHSCORES')
+    if first[2] then retry_ms = math.max(1, math.min(retry_ms, tonumber(first[2]) - now)) end
+    if wait and reason ~= 'too_large' then
+      redis.call('ZADD', KEYS[3], now + pending_ms, wait_member)
+      if not already_waiting then
+        -- The fencing counter doubles as the arrival sequence: monotonic, kept across policies.
+        local seq = redis.call('HINCRBY', KEYS[1], 'fence', 1)
+        local info = units .. ':' .. seq .. ':' .. tenant
+        redis.call('HSET', KEYS[4], wait_member, info)
+        redis.call('HINCRBY', KEYS[2], 'p:' .. tenant, units)
+        redis.call('ZADD', KEYS[5], 0, queue_member(tenant, seq, units, id))
+        ctx.entries[wait_member] = info
+        pending[tenant] = (pending[tenant] or 0) + units
+      end
+      ctx.touch, ctx.touch_queue = true, true
+      -- The front of the line retries soon, paced by position: the head may fit at the next
+      -- release, and each waiter behind it moves up as the ones ahead are admitted.
+      for position, entry in ipairs(queue_front(tenant, QUEUE_PACED)) do
+        if entry[2] == id then
+          retry_ms = math.min(retry_ms, NEXT_IN_LINE_RETRY_MS * math.max(1, position - 1))
+        end
+      end
+    end
+    return {0, reason, 0, 0, tenant_used, fmt(limit), ctx.group_used, policy.capacity, retry_ms,
+            policy.version, 0}
+  end
+
+  if already_waiting then
+    drop_waiting(id, wait_info)
+    local waited = tonumber(string.match(wait_info, '^(%d+):'))
+    pending[tenant] = pending[tenant] - waited
+    if pending[tenant] <= 0 then pending[tenant] = nil end
+    ctx.entries[wait_member] = false
+  end
+
+  local token = redis.call('HINCRBY', KEYS[1], 'fence', 1)
+  local expiry = now + ttl
+  local info = units .. ':' .. token .. ':' .. tenant
+  redis.call('ZADD', KEYS[3], expiry, lease_member)
+  redis.call('HSET', KEYS[4], lease_member, info)
+  redis.call('HINCRBY', KEYS[2], 'u:' .. tenant, units)
+  ctx.entries[lease_member] = info
+  used[tenant] = tenant_used + units
+  ctx.group_used = ctx.group_used + units
+  ctx.touch = true
+  return {1, 'admitted', expiry, token, tenant_used + units, fmt(limit), ctx.group_used,
+          policy.capacity, 0, policy.version, 0}
+end

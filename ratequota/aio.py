@@ -31,16 +31,23 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 import attrs
 
 from ratequota import shell
-from ratequota.backends import _redact, _redis_from_url, embedded_server, translate_error
+from ratequota.backends import (
+    _redact,
+    _redis_from_url,
+    embedded_server,
+    is_noscript,
+    translate_error,
+)
 from ratequota.batching import BatchPolicy
 from ratequota.core import AcquireRequest, Flow, Sleep
 from ratequota.decision import Decision, GroupSnapshot, LeaseInfo, ReleaseResult, RenewResult
 from ratequota.errors import BackendUnavailable, ConfigError, InvalidType
 from ratequota.failure import FailureStats
 from ratequota.policy import Policy
+from ratequota.protocol import coalesce_acquires
 from ratequota.readiness import ReadinessReport
 from ratequota.renewal import RenewalBook, renew_many
-from ratequota.scripts import load_scripts
+from ratequota.scripts import load_scripts, script
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -226,23 +233,22 @@ class _ShardBatcher:
     async def _send(
         self, batch: list[tuple[tuple[str, tuple[Any, ...]], asyncio.Future[Any]]]
     ) -> None:
+        calls = [call for call, _ in batch]
+        # Concurrent acquires of one group become one acquire_many call: one script run
+        # pays the clock, policy, purge and demand reads once for all of them.
+        wire, where = coalesce_acquires(calls) if len(calls) > 1 else (calls, [(0, None)])
         replies: list[Any]
         try:
-            if len(batch) == 1:
-                method, args = batch[0][0]
-                sent = getattr(self._conn, method)(*args)
-            else:
-                pipe = self._conn.pipeline(transaction=False)
-                for (method, args), _ in batch:
-                    getattr(pipe, method)(*args)
-                sent = pipe.execute(raise_on_error=False)
-            reply = await asyncio.wait_for(sent, self._bound)
-            replies = [reply] if len(batch) == 1 else reply
+            replies = await self._exchange(wire)
+            await self._reload_merged(wire, replies)
         except BaseException as exc:  # every waiter hears about it, cancellation included
-            replies = [exc] * len(batch)
+            replies = [exc] * len(wire)
         finally:
             self._in_flight -= 1
-        for (_, future), reply in zip(batch, replies, strict=True):
+        for (_, future), (index, part) in zip(batch, where, strict=True):
+            reply = replies[index]
+            if part is not None and not isinstance(reply, BaseException):
+                reply = reply[part]
             if future.done():  # its caller was cancelled
                 continue
             if isinstance(reply, BaseException):
@@ -250,6 +256,39 @@ class _ShardBatcher:
             else:
                 future.set_result(reply)
         self._pump()
+
+    async def _exchange(self, wire: list[tuple[str, tuple[Any, ...]]]) -> list[Any]:
+        """One round trip; a call's error is its reply, in place (a pipeline's are too)."""
+        if len(wire) == 1:
+            method, args = wire[0]
+            try:
+                return [await asyncio.wait_for(getattr(self._conn, method)(*args), self._bound)]
+            except Exception as exc:
+                return [exc]
+        pipe = self._conn.pipeline(transaction=False)
+        for method, args in wire:
+            getattr(pipe, method)(*args)
+        return list(await asyncio.wait_for(pipe.execute(raise_on_error=False), self._bound))
+
+    async def _reload_merged(
+        self, wire: list[tuple[str, tuple[Any, ...]]], replies: list[Any]
+    ) -> None:
+        """NOSCRIPT for a merged call: load acquire_many and send those calls again, once.
+
+        The callers never sent acquire_many themselves, so their own NOSCRIPT rule
+        (which reloads the script they did send) cannot recover it.
+        """
+        many = script("acquire_many")
+        again = [
+            i
+            for i, ((_, args), reply) in enumerate(zip(wire, replies, strict=True))
+            if args and args[0] == many.sha and is_noscript(reply)
+        ]
+        if not again:
+            return
+        await asyncio.wait_for(self._conn.script_load(many.source), self._bound)
+        for i, reply in zip(again, await self._exchange([wire[i] for i in again]), strict=True):
+            replies[i] = reply
 
 
 def _fresh(exc: BaseException) -> BaseException:

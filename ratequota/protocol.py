@@ -34,7 +34,9 @@ from ratequota.scripts import ScriptSpec, script
 __all__ = [
     "ScriptCall",
     "acquire_call",
+    "acquire_many_call",
     "apply_policy_call",
+    "coalesce_acquires",
     "decode_acquire",
     "decode_apply_policy",
     "decode_release",
@@ -325,3 +327,84 @@ def decode_snapshot(reply: Sequence[Any], *, group: str) -> GroupSnapshot:
         leases=leases,
         leases_truncated=int(reply[9]) == 1,
     )
+
+
+# -- acquire_many: coalescing concurrent acquires of one group -----------------
+
+
+def acquire_many_call(
+    keyspace: KeySpace,
+    group: str,
+    requests: Sequence[tuple[str, int, str, int, bool]],
+    *,
+    pending_ms: int,
+    purge: int,
+    now_ms: int | None = None,
+) -> ScriptCall:
+    """Arguments of acquire_many.lua: ``(tenant, units, lease_id, ttl_ms, wait)`` per request."""
+    flat: list[Arg] = []
+    for tenant, units, lease_id, ttl_ms, wait in requests:
+        flat += [tenant, units, lease_id, ttl_ms, "1" if wait else "0"]
+    args: list[Arg] = [_clock(now_ms), keyspace.schema, pending_ms, purge, *flat]
+    return _call("acquire_many", group, keyspace.group(group).all, args)
+
+
+WireCall = tuple[str, tuple[Any, ...]]
+
+
+def _acquire_layout() -> tuple[int, int, list[int], int]:
+    """Positions in an acquire EVALSHA's arguments: (keys start, key count, request fields, shared).
+
+    Read from acquire.lua's header, so a change of the header moves them too.
+    The request fields are tenant, units, lease_id, ttl_ms, wait.
+    """
+    spec = script("acquire")
+    first_arg = 2 + len(spec.keys)  # after the SHA and the key count
+    fields = [
+        first_arg + spec.argv.index(n) for n in ("tenant", "units", "lease_id", "ttl_ms", "wait")
+    ]
+    return 2, len(spec.keys), fields, first_arg
+
+
+def coalesce_acquires(
+    calls: Sequence[WireCall],
+) -> tuple[list[WireCall], list[tuple[int, int | None]]]:
+    """Merge acquire calls queued together for one group into acquire_many calls.
+
+    Returns the wire calls to send, in order, and for every input call where
+    its reply is: ``(index of the wire call, index inside that call's list of
+    replies)``, the second being None when the call is sent unchanged. Only
+    calls that share the group's keys, the clock, the schema and the purge and
+    pending settings are merged, and only when there are at least two.
+    """
+    acquire, many = script("acquire"), script("acquire_many")
+    keys_at, key_count, fields, first_arg = _acquire_layout()
+    shared = [
+        first_arg + acquire.argv.index(n) for n in ("now_ms", "schema", "pending_ms", "purge")
+    ]
+    buckets: dict[tuple[Any, ...], list[int]] = {}
+    for index, (method, args) in enumerate(calls):
+        if method == "evalsha" and args and args[0] == acquire.sha:
+            keys = tuple(args[keys_at : keys_at + key_count])
+            buckets.setdefault((keys, *(args[i] for i in shared)), []).append(index)
+    merged = {members[0]: members for members in buckets.values() if len(members) > 1}
+    absorbed = {i for members in merged.values() for i in members[1:]}
+    wire: list[WireCall] = []
+    where: list[tuple[int, int | None]] = [(0, None)] * len(calls)
+    for index, call in enumerate(calls):
+        if index in absorbed:
+            continue
+        if index in merged:
+            members = merged[index]
+            args = call[1]
+            now, schema, pending, purge = (args[i] for i in shared)
+            requests = [calls[m][1][i] for m in members for i in fields]
+            keys = args[keys_at : keys_at + key_count]
+            merged_call = _call("acquire_many", "", keys, [now, schema, pending, purge, *requests])
+            wire.append(("evalsha", (many.sha, key_count, *keys, *merged_call.args)))
+            for position, member in enumerate(members):
+                where[member] = (len(wire) - 1, position)
+        else:
+            wire.append(call)
+            where[index] = (len(wire) - 1, None)
+    return wire, where

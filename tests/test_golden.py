@@ -145,6 +145,10 @@ def _reply_scenario(conn: Any) -> list[dict[str, Any]]:
     step("release expired", protocol.release_call(ks, "g", "lease-7", purge=0, now_ms=late))
     step("renew lost", protocol.renew_call(ks, "g", "lease-7", 30_000, purge=64, now_ms=late))
     step("snapshot later", protocol.snapshot_call(ks, "g", now_ms=late + 1))
+    requests = [("a", 1, "lease-9", 30_000, False), ("b", 9, "lease-10", 30_000, True)]
+    requests += [("a", 1, "lease-9", 30_000, False), ("stranger", 1, "lease-11", 30_000, False)]
+    many = protocol.acquire_many_call(ks, "g", requests, pending_ms=2000, purge=64, now_ms=late + 2)
+    step("acquire many", many)
     return steps
 
 
@@ -178,6 +182,10 @@ def test_pinned_replies_still_decode() -> None:
         "renew": lambda r: protocol.decode_renew(r, group="g"),
         "snapshot": lambda r: protocol.decode_snapshot(r, group="g"),
         "apply_policy": lambda r: protocol.decode_apply_policy("g", r),
+        # A list of acquire replies, one per request.
+        "acquire_many": lambda r: [
+            protocol.decode_acquire(x, group="g", tenant="a", units=1, lease_id="x") for x in r
+        ],
     }
     for entry in golden:
         decode = decoders[entry["script"]]
@@ -277,6 +285,13 @@ ENCODERS: dict[str, Any] = {
     "release_call": lambda ks: protocol.release_call(ks, "g", "id", purge=8),
     "renew_call": lambda ks: protocol.renew_call(ks, "g", "id", 1000, purge=8, now_ms=NOW),
     "snapshot_call": lambda ks: protocol.snapshot_call(ks, "g", tenants=["a", "b"]),
+    "acquire_many_call": lambda ks: protocol.acquire_many_call(
+        ks,
+        "g",
+        [("a", 1, "id", 1000, True), ("b", 2, "id2", 1000, False)],
+        pending_ms=2000,
+        purge=8,
+    ),
 }
 
 
