@@ -376,3 +376,26 @@ local function acquire_one(ctx, tenant, units, id, ttl, wait, pending_ms)
   return {1, 'admitted', expiry, token, tenant_used + units, fmt(limit), ctx.group_used,
           policy.capacity, 0, policy.version, 0}
 end
+
+-- Ends lease `id` (and withdraws a waiting request of that id); release.lua's reply.
+local function release_one(now, id)
+  local member = 'L' .. id
+  local state, units = 'unknown', 0
+  local entries = redis.call('HMGET', KEYS[4], member, 'P' .. id)
+  local info, wait_info = entries[1], entries[2]
+  if info then
+    local u, _, tenant = string.match(info, '^(%d+):(%d+):(.*)$')
+    units = tonumber(u)
+    local expiry = tonumber(redis.call('ZSCORE', KEYS[3], member))
+    state = 'released'
+    if expiry <= now then state = 'expired' end
+    if redis.call('HINCRBY', KEYS[2], 'u:' .. tenant, -units) <= 0 then
+      redis.call('HDEL', KEYS[2], 'u:' .. tenant)
+    end
+    redis.call('ZREM', KEYS[3], member)
+    redis.call('HDEL', KEYS[4], member)
+  end
+  -- A caller giving up on a waiting request releases its id: drop the registration.
+  if wait_info then drop_waiting(id, wait_info) end
+  return {state, units}
+end

@@ -13,23 +13,6 @@
 --   units: units freed by this call (0 for "unknown").
 
 local now = now_ms(ARGV[1])
-local member = 'L' .. ARGV[3]
-local state, units = 'unknown', 0
-local info = redis.call('HGET', KEYS[4], member)
-if info then
-  local u, _, tenant = string.match(info, '^(%d+):(%d+):(.*)$')
-  units = tonumber(u)
-  local expiry = tonumber(redis.call('ZSCORE', KEYS[3], member))
-  state = 'released'
-  if expiry <= now then state = 'expired' end
-  if redis.call('HINCRBY', KEYS[2], 'u:' .. tenant, -units) <= 0 then
-    redis.call('HDEL', KEYS[2], 'u:' .. tenant)
-  end
-  redis.call('ZREM', KEYS[3], member)
-  redis.call('HDEL', KEYS[4], member)
-end
--- A caller giving up on a waiting request releases its id: drop the registration.
-local wait_info = redis.call('HGET', KEYS[4], 'P' .. ARGV[3])
-if wait_info then drop_waiting(ARGV[3], wait_info) end
+local reply = release_one(now, ARGV[3])
 purge(now, tonumber(ARGV[4]))
-return {state, units}
+return reply

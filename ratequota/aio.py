@@ -44,7 +44,7 @@ from ratequota.decision import Decision, GroupSnapshot, LeaseInfo, ReleaseResult
 from ratequota.errors import BackendUnavailable, ConfigError, InvalidType
 from ratequota.failure import FailureStats
 from ratequota.policy import Policy
-from ratequota.protocol import coalesce_acquires
+from ratequota.protocol import MERGES, coalesce
 from ratequota.readiness import ReadinessReport
 from ratequota.renewal import RenewalBook, renew_many
 from ratequota.scripts import load_scripts, script
@@ -234,9 +234,9 @@ class _ShardBatcher:
         self, batch: list[tuple[tuple[str, tuple[Any, ...]], asyncio.Future[Any]]]
     ) -> None:
         calls = [call for call, _ in batch]
-        # Concurrent acquires of one group become one acquire_many call: one script run
-        # pays the clock, policy, purge and demand reads once for all of them.
-        wire, where = coalesce_acquires(calls) if len(calls) > 1 else (calls, [(0, None)])
+        # Concurrent acquires (releases) of one group become one acquire_many (release_many)
+        # call: one script run pays the clock, policy, purge and demand reads once for all.
+        wire, where = coalesce(calls) if len(calls) > 1 else (calls, [(0, None)])
         replies: list[Any]
         try:
             replies = await self._exchange(wire)
@@ -273,20 +273,21 @@ class _ShardBatcher:
     async def _reload_merged(
         self, wire: list[tuple[str, tuple[Any, ...]]], replies: list[Any]
     ) -> None:
-        """NOSCRIPT for a merged call: load acquire_many and send those calls again, once.
+        """NOSCRIPT for a merged call: load its ``_many`` script and send it again, once.
 
-        The callers never sent acquire_many themselves, so their own NOSCRIPT rule
-        (which reloads the script they did send) cannot recover it.
+        The callers never sent the merged script themselves, so their own NOSCRIPT
+        rule (which reloads the script they did send) cannot recover it.
         """
-        many = script("acquire_many")
+        merged = {script(m.many).sha: script(m.many) for m in MERGES}
         again = [
             i
             for i, ((_, args), reply) in enumerate(zip(wire, replies, strict=True))
-            if args and args[0] == many.sha and is_noscript(reply)
+            if args and args[0] in merged and is_noscript(reply)
         ]
         if not again:
             return
-        await asyncio.wait_for(self._conn.script_load(many.source), self._bound)
+        for sha in {wire[i][1][0] for i in again}:
+            await asyncio.wait_for(self._conn.script_load(merged[sha].source), self._bound)
         for i, reply in zip(again, await self._exchange([wire[i] for i in again]), strict=True):
             replies[i] = reply
 

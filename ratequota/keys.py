@@ -22,6 +22,8 @@ longest lease the policy allows: a group that goes idle leaves nothing behind.
 
 from __future__ import annotations
 
+import functools
+
 import attrs
 
 from ratequota.errors import ConfigError, InvalidRequest, InvalidType
@@ -75,6 +77,13 @@ def _check_prefix(_instance: object, _attr: object, value: object) -> None:
         raise ConfigError("prefix", "must not contain '{' or '}' (it would change the hash slot)")
 
 
+@functools.lru_cache(maxsize=16384)
+def _group_keys(prefix: str, schema: int, group: str) -> GroupKeys:
+    """Key names are built on every call of the hot path: remember the recent groups'."""
+    base = f"{prefix}:v{schema}:{{{escape_tag(group)}}}:"
+    return GroupKeys(base + "policy", base + "demand", base + "exp", base + "info", base + "queue")
+
+
 @attrs.frozen
 class KeySpace:
     """Builds key names for a prefix; one per client."""
@@ -84,10 +93,9 @@ class KeySpace:
 
     def group(self, group: str) -> GroupKeys:
         """Keys of ``group``; all share its hash tag, so one script call is one slot."""
-        base = f"{self.prefix}:v{self.schema}:{{{escape_tag(group)}}}:"
-        return GroupKeys(
-            base + "policy", base + "demand", base + "exp", base + "info", base + "queue"
-        )
+        if not isinstance(group, str):
+            escape_tag(group)  # raises the ratequota error naming the field
+        return _group_keys(self.prefix, self.schema, group)
 
     @property
     def catalog(self) -> str:

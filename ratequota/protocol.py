@@ -36,13 +36,14 @@ __all__ = [
     "acquire_call",
     "acquire_many_call",
     "apply_policy_call",
-    "coalesce_acquires",
+    "coalesce",
     "decode_acquire",
     "decode_apply_policy",
     "decode_release",
     "decode_renew",
     "decode_snapshot",
     "release_call",
+    "release_many_call",
     "renew_call",
     "snapshot_call",
     "tenant_spec",
@@ -329,7 +330,7 @@ def decode_snapshot(reply: Sequence[Any], *, group: str) -> GroupSnapshot:
     )
 
 
-# -- acquire_many: coalescing concurrent acquires of one group -----------------
+# -- coalescing: several calls of one group in one script call -------------------
 
 
 def acquire_many_call(
@@ -349,44 +350,67 @@ def acquire_many_call(
     return _call("acquire_many", group, keyspace.group(group).all, args)
 
 
+def release_many_call(
+    keyspace: KeySpace,
+    group: str,
+    lease_ids: Sequence[str],
+    *,
+    purge: int,
+    now_ms: int | None = None,
+) -> ScriptCall:
+    """Arguments of release_many.lua: one lease id per release."""
+    args: list[Arg] = [_clock(now_ms), keyspace.schema, purge, *lease_ids]
+    return _call("release_many", group, keyspace.group(group).all, args)
+
+
 WireCall = tuple[str, tuple[Any, ...]]
 
 
-def _acquire_layout() -> tuple[int, int, list[int], int]:
-    """Positions in an acquire EVALSHA's arguments: (keys start, key count, request fields, shared).
+@attrs.frozen
+class _Merge:
+    """How calls of one script merge into its ``_many`` sibling.
 
-    Read from acquire.lua's header, so a change of the header moves them too.
-    The request fields are tenant, units, lease_id, ttl_ms, wait.
+    ``shared`` arguments must be equal for calls to merge and lead the merged
+    call's ARGV; ``each`` are the per-call arguments that follow, call by call.
     """
-    spec = script("acquire")
-    first_arg = 2 + len(spec.keys)  # after the SHA and the key count
-    fields = [
-        first_arg + spec.argv.index(n) for n in ("tenant", "units", "lease_id", "ttl_ms", "wait")
-    ]
-    return 2, len(spec.keys), fields, first_arg
+
+    single: str
+    many: str
+    shared: tuple[str, ...]
+    each: tuple[str, ...]
 
 
-def coalesce_acquires(
-    calls: Sequence[WireCall],
-) -> tuple[list[WireCall], list[tuple[int, int | None]]]:
-    """Merge acquire calls queued together for one group into acquire_many calls.
+#: Read against the scripts' headers: the names are ARGV names of the single script.
+MERGES = (
+    _Merge(
+        "acquire",
+        "acquire_many",
+        ("now_ms", "schema", "pending_ms", "purge"),
+        ("tenant", "units", "lease_id", "ttl_ms", "wait"),
+    ),
+    _Merge("release", "release_many", ("now_ms", "schema", "purge"), ("lease_id",)),
+)
+
+
+def coalesce(calls: Sequence[WireCall]) -> tuple[list[WireCall], list[tuple[int, int | None]]]:
+    """Merge the acquires (and the releases) of one group queued together into one call each.
 
     Returns the wire calls to send, in order, and for every input call where
     its reply is: ``(index of the wire call, index inside that call's list of
-    replies)``, the second being None when the call is sent unchanged. Only
-    calls that share the group's keys, the clock, the schema and the purge and
-    pending settings are merged, and only when there are at least two.
+    replies)``, the second None when the call is sent unchanged. Calls merge
+    only with calls of the same script, group and shared arguments, and only
+    two or more; the ``_many`` scripts decide them in order, exactly as if
+    they had been sent one after another.
     """
-    acquire, many = script("acquire"), script("acquire_many")
-    keys_at, key_count, fields, first_arg = _acquire_layout()
-    shared = [
-        first_arg + acquire.argv.index(n) for n in ("now_ms", "schema", "pending_ms", "purge")
-    ]
+    by_sha = {script(m.single).sha: m for m in MERGES}
     buckets: dict[tuple[Any, ...], list[int]] = {}
     for index, (method, args) in enumerate(calls):
-        if method == "evalsha" and args and args[0] == acquire.sha:
-            keys = tuple(args[keys_at : keys_at + key_count])
-            buckets.setdefault((keys, *(args[i] for i in shared)), []).append(index)
+        merge = by_sha.get(args[0]) if method == "evalsha" and args else None
+        if merge is not None:
+            spec = script(merge.single)
+            first_arg = 2 + len(spec.keys)  # after the SHA and the key count
+            shared = tuple(args[first_arg + spec.argv.index(n)] for n in merge.shared)
+            buckets.setdefault((merge.single, args[2:first_arg], shared), []).append(index)
     merged = {members[0]: members for members in buckets.values() if len(members) > 1}
     absorbed = {i for members in merged.values() for i in members[1:]}
     wire: list[WireCall] = []
@@ -394,17 +418,21 @@ def coalesce_acquires(
     for index, call in enumerate(calls):
         if index in absorbed:
             continue
-        if index in merged:
-            members = merged[index]
-            args = call[1]
-            now, schema, pending, purge = (args[i] for i in shared)
-            requests = [calls[m][1][i] for m in members for i in fields]
-            keys = args[keys_at : keys_at + key_count]
-            merged_call = _call("acquire_many", "", keys, [now, schema, pending, purge, *requests])
-            wire.append(("evalsha", (many.sha, key_count, *keys, *merged_call.args)))
-            for position, member in enumerate(members):
-                where[member] = (len(wire) - 1, position)
-        else:
+        if index not in merged:
             wire.append(call)
             where[index] = (len(wire) - 1, None)
+            continue
+        members = merged[index]
+        merge = by_sha[call[1][0]]
+        spec = script(merge.single)
+        first_arg = 2 + len(spec.keys)
+        keys = call[1][2:first_arg]
+        each = [
+            calls[m][1][first_arg + spec.argv.index(name)] for m in members for name in merge.each
+        ]
+        common = [call[1][first_arg + spec.argv.index(name)] for name in merge.shared]
+        many = _call(merge.many, "", keys, [*common, *each])
+        wire.append(("evalsha", (many.script.sha, len(keys), *keys, *many.args)))
+        for position, member in enumerate(members):
+            where[member] = (len(wire) - 1, position)
     return wire, where

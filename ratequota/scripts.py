@@ -24,7 +24,15 @@ import attrs
 __all__ = ["SCRIPT_NAMES", "ScriptSpec", "load_scripts", "script"]
 
 #: Every entry script, by the name of its file without ``.lua``.
-SCRIPT_NAMES = ("acquire", "acquire_many", "release", "renew", "snapshot", "apply_policy")
+SCRIPT_NAMES = (
+    "acquire",
+    "acquire_many",
+    "release",
+    "release_many",
+    "renew",
+    "snapshot",
+    "apply_policy",
+)
 
 _LIB = "_lib"
 _KEY_LINE = re.compile(r"^-- KEYS\[(\d+)\]\s+(\w+)")

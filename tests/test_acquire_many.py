@@ -118,6 +118,29 @@ def test_a_batch_decides_like_its_requests_one_by_one(
     assert _state(together) == _state(one_by_one)
 
 
+@given(
+    setup=st.lists(request, max_size=8),
+    ids=st.lists(st.sampled_from([f"sid-{i}" for i in range(8)] + ["nope"]), min_size=1),
+    later=st.sampled_from([0, 1_000, 40_000]),
+)
+def test_a_release_batch_is_like_its_releases_one_by_one(
+    setup: list[tuple[str, int, str, int, bool]], ids: list[str], later: int
+) -> None:
+    """release_many: same replies and state as the releases sent one after another,
+    including repeated ids, unknown ids, waiting requests and leases expired by ``later``."""
+    ks = KeySpace()
+    one_by_one, together = _fresh_conn(), _fresh_conn()
+    _prepare(one_by_one, setup)
+    _prepare(together, setup)
+    now = NOW + later
+    expected = [
+        _run(one_by_one, protocol.release_call(ks, "g", i, purge=2, now_ms=now)) for i in ids
+    ]
+    got = _run(together, protocol.release_many_call(ks, "g", ids, purge=2, now_ms=now))
+    assert got == expected
+    assert _state(together) == _state(one_by_one)
+
+
 def test_coalescing_merges_only_compatible_calls() -> None:
     """Acquires of one group merge; other groups, other scripts and lone calls pass through."""
     ks = KeySpace()
@@ -130,16 +153,20 @@ def test_coalescing_merges_only_compatible_calls() -> None:
 
     release = wire_call(protocol.release_call(ks, "g", "x", purge=64))
     calls = [acquire("g", "1"), release, acquire("h", "2"), acquire("g", "3"), acquire("g", "4", 1)]
-    wire, where = protocol.coalesce_acquires(calls)
+    wire, where = protocol.coalesce(calls)
     many = load_scripts()["acquire_many"].sha
     assert [w[1][0] == many for w in wire] == [True, False, False, False]
     assert where == [(0, 0), (1, None), (2, None), (0, 1), (3, None)]
+    releases = [wire_call(protocol.release_call(ks, "g", i, purge=64)) for i in "abc"]
+    wire, where = protocol.coalesce([*releases, acquire("g", "5")])
+    assert wire[0][1][0] == load_scripts()["release_many"].sha
+    assert where == [(0, 0), (0, 1), (0, 2), (1, None)]
 
 
 @pytest.mark.real_redis
 def test_async_client_coalesces_concurrent_acquires(real_redis: RedisServer) -> None:
-    """Many concurrent try_acquire calls on one group take fewer script calls than requests,
-    grant exactly the capacity, and survive a SCRIPT FLUSH (the merged script is reloaded)."""
+    """Concurrent try_acquire (and release) calls on one group take fewer script calls than
+    requests, grant exactly the capacity, and survive a SCRIPT FLUSH (merged scripts reload)."""
 
     async def main() -> None:
         quota = AsyncQuotaClient.from_url(real_redis.url)
@@ -151,9 +178,13 @@ def test_async_client_coalesces_concurrent_acquires(real_redis: RedisServer) -> 
             assert sum(d.admitted for d in decisions) == 40
             calls = plain.info("commandstats")["cmdstat_evalsha"]["calls"]
             assert calls < 60, f"round {round_}: {calls} script calls for 60 requests"
-            for d in decisions:
-                if d.lease is not None:
-                    await quota.release(d.lease)
+            plain.config_resetstat()
+            results = await asyncio.gather(
+                *(quota.release(d.lease) for d in decisions if d.lease is not None)
+            )
+            assert [r.state for r in results] == ["released"] * 40
+            calls = plain.info("commandstats")["cmdstat_evalsha"]["calls"]
+            assert calls < 40, f"round {round_}: {calls} script calls for 40 releases"
             plain.script_flush()
         snap = await quota.snapshot("g")
         assert snap.used == 0

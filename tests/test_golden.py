@@ -149,6 +149,8 @@ def _reply_scenario(conn: Any) -> list[dict[str, Any]]:
     requests += [("a", 1, "lease-9", 30_000, False), ("stranger", 1, "lease-11", 30_000, False)]
     many = protocol.acquire_many_call(ks, "g", requests, pending_ms=2000, purge=64, now_ms=late + 2)
     step("acquire many", many)
+    ids = ["lease-9", "lease-9", "lease-11", "lease-8"]
+    step("release many", protocol.release_many_call(ks, "g", ids, purge=64, now_ms=late + 3))
     return steps
 
 
@@ -186,6 +188,7 @@ def test_pinned_replies_still_decode() -> None:
         "acquire_many": lambda r: [
             protocol.decode_acquire(x, group="g", tenant="a", units=1, lease_id="x") for x in r
         ],
+        "release_many": lambda r: [protocol.decode_release(x) for x in r],
     }
     for entry in golden:
         decode = decoders[entry["script"]]
@@ -285,6 +288,7 @@ ENCODERS: dict[str, Any] = {
     "release_call": lambda ks: protocol.release_call(ks, "g", "id", purge=8),
     "renew_call": lambda ks: protocol.renew_call(ks, "g", "id", 1000, purge=8, now_ms=NOW),
     "snapshot_call": lambda ks: protocol.snapshot_call(ks, "g", tenants=["a", "b"]),
+    "release_many_call": lambda ks: protocol.release_many_call(ks, "g", ["a", "b"], purge=8),
     "acquire_many_call": lambda ks: protocol.acquire_many_call(
         ks,
         "g",
