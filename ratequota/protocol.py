@@ -9,6 +9,7 @@ for the error replies every script shares.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -392,6 +393,33 @@ MERGES = (
 )
 
 
+@attrs.frozen
+class _Plan:
+    """A merge resolved against the loaded scripts: SHAs and argument positions."""
+
+    merge: _Merge
+    single_sha: str
+    keys_end: int  # wire arguments [2:keys_end] are the keys
+    shared: tuple[int, ...]
+    each: tuple[int, ...]
+
+
+@functools.cache
+def _plans() -> dict[str, _Plan]:
+    plans = {}
+    for merge in MERGES:
+        spec = script(merge.single)
+        first_arg = 2 + len(spec.keys)  # after the SHA and the key count
+        plans[spec.sha] = _Plan(
+            merge,
+            spec.sha,
+            first_arg,
+            tuple(first_arg + spec.argv.index(n) for n in merge.shared),
+            tuple(first_arg + spec.argv.index(n) for n in merge.each),
+        )
+    return plans
+
+
 def coalesce(calls: Sequence[WireCall]) -> tuple[list[WireCall], list[tuple[int, int | None]]]:
     """Merge the acquires (and the releases) of one group queued together into one call each.
 
@@ -402,16 +430,16 @@ def coalesce(calls: Sequence[WireCall]) -> tuple[list[WireCall], list[tuple[int,
     two or more; the ``_many`` scripts decide them in order, exactly as if
     they had been sent one after another.
     """
-    by_sha = {script(m.single).sha: m for m in MERGES}
+    plans = _plans()
     buckets: dict[tuple[Any, ...], list[int]] = {}
     for index, (method, args) in enumerate(calls):
-        merge = by_sha.get(args[0]) if method == "evalsha" and args else None
-        if merge is not None:
-            spec = script(merge.single)
-            first_arg = 2 + len(spec.keys)  # after the SHA and the key count
-            shared = tuple(args[first_arg + spec.argv.index(n)] for n in merge.shared)
-            buckets.setdefault((merge.single, args[2:first_arg], shared), []).append(index)
+        plan = plans.get(args[0]) if method == "evalsha" and args else None
+        if plan is not None:
+            shared = tuple(args[i] for i in plan.shared)
+            buckets.setdefault((plan.single_sha, args[2 : plan.keys_end], shared), []).append(index)
     merged = {members[0]: members for members in buckets.values() if len(members) > 1}
+    if not merged:
+        return list(calls), [(i, None) for i in range(len(calls))]
     absorbed = {i for members in merged.values() for i in members[1:]}
     wire: list[WireCall] = []
     where: list[tuple[int, int | None]] = [(0, None)] * len(calls)
@@ -423,15 +451,11 @@ def coalesce(calls: Sequence[WireCall]) -> tuple[list[WireCall], list[tuple[int,
             where[index] = (len(wire) - 1, None)
             continue
         members = merged[index]
-        merge = by_sha[call[1][0]]
-        spec = script(merge.single)
-        first_arg = 2 + len(spec.keys)
-        keys = call[1][2:first_arg]
-        each = [
-            calls[m][1][first_arg + spec.argv.index(name)] for m in members for name in merge.each
-        ]
-        common = [call[1][first_arg + spec.argv.index(name)] for name in merge.shared]
-        many = _call(merge.many, "", keys, [*common, *each])
+        args = call[1]
+        plan = plans[args[0]]
+        keys = args[2 : plan.keys_end]
+        each = [calls[m][1][i] for m in members for i in plan.each]
+        many = _call(plan.merge.many, "", keys, [*(args[i] for i in plan.shared), *each])
         wire.append(("evalsha", (many.script.sha, len(keys), *keys, *many.args)))
         for position, member in enumerate(members):
             where[member] = (len(wire) - 1, position)
