@@ -41,7 +41,7 @@ from ratequota.errors import (
     SchemaMismatch,
     UnknownTenant,
 )
-from ratequota.failure import FAILURE_MODES, Breakers, FailureState
+from ratequota.failure import FAILURE_MODES, Breakers, FailureMode, FailureState
 from ratequota.keys import SCHEMA_VERSION, KeySpace
 from ratequota.policy import MAX_LEASE_TTL_LIMIT, Policy
 from ratequota.protocol import (
@@ -161,7 +161,7 @@ class Settings:
     purge_limit: int = attrs.field(default=64, validator=_setting_count)
     catalog_ttl: float = attrs.field(default=5.0, validator=_setting_seconds)
     socket_timeout: float = attrs.field(default=1.0, validator=_setting_seconds)
-    failure_mode: str = attrs.field(default="closed", validator=_setting_mode)
+    failure_mode: FailureMode = attrs.field(default="closed", validator=_setting_mode)
     local_allowance: int = attrs.field(default=0, validator=_setting_allowance)
     breaker_failures: int = attrs.field(default=3, validator=_setting_count)
     breaker_reset: float = attrs.field(default=0.5, validator=_setting_seconds)
@@ -246,7 +246,7 @@ class QuotaCore:
         self._catalog = _Catalog.of(None, -math.inf)
         s = self.settings
         self.breakers = Breakers(s.breaker_failures, s.breaker_reset, self.clock.monotonic)
-        self.failure = FailureState(s.failure_mode, s.local_allowance, s.lease_ttl)  # type: ignore[arg-type]
+        self.failure = FailureState(s.failure_mode, s.local_allowance, s.lease_ttl)
 
     # -- validation ----------------------------------------------------------
 

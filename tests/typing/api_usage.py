@@ -59,3 +59,30 @@ def testing_usage() -> None:
     with quota.acquire("a") as lease:
         clock.advance(61.0)
         assert isinstance(lease, Lease)
+
+
+async def async_usage() -> None:
+    """The asyncio client: the same calls, awaited."""
+    quota = ratequota.AsyncQuotaClient()
+    await quota.apply_policy(Policy([GroupPolicy("g", 4, [TenantPolicy("a", guarantee=2)])]))
+    async with quota.acquire("a", units=1, timeout=0.5) as lease:
+        token: int = lease.token
+        del token
+    decision: Decision = await quota.try_acquire("a", 2)
+    if decision.lease is not None:
+        await quota.release(decision.lease)
+
+    @quota.limit(tenant="tenant", units="n")
+    async def handle(tenant: str, n: int) -> int:
+        return n
+
+    handled: int = await handle("a", 1)
+    del handled
+    await quota.close()
+
+
+def explain_usage(quota: QuotaClient) -> None:
+    """Why a tenant has its limit."""
+    why: ratequota.Explanation = quota.explain("a", units=2)
+    text: str = why.describe()
+    del text
