@@ -357,9 +357,10 @@ local function acquire_one(ctx, tenant, units, id, ttl, wait, pending_ms)
 
   if already_waiting then
     drop_waiting(id, wait_info)
-    local waited = tonumber(string.match(wait_info, '^(%d+):'))
-    pending[tenant] = pending[tenant] - waited
-    if pending[tenant] <= 0 then pending[tenant] = nil end
+    -- The registration's own tenant: a reused request id may belong to another one.
+    local waited, _, owner = string.match(wait_info, '^(%d+):(%d+):(.*)$')
+    pending[owner] = (pending[owner] or 0) - tonumber(waited)
+    if pending[owner] <= 0 then pending[owner] = nil end
     ctx.entries[wait_member] = false
   end
 

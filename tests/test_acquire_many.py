@@ -192,3 +192,14 @@ def test_async_client_coalesces_concurrent_acquires(real_redis: RedisServer) -> 
         await quota.close()
 
     asyncio.run(main())
+
+
+def test_a_request_id_reused_by_another_tenant_is_handled() -> None:
+    """Found by the nightly profile: b reusing the id of a's waiting request once crashed the
+    script. The admission withdraws a's registration (by its own tenant) and both paths agree."""
+    setup = [("a", 4, "id-1", 1000, False), ("a", 4, "id-4", 1000, True)]
+    batch = [("b", 1, "sid-4", 1000, False), ("a", 1, "sid-4", 1000, False)]
+    test_a_batch_decides_like_its_requests_one_by_one.hypothesis.inner_test(setup, batch)  # type: ignore[attr-defined]
+    test_a_release_batch_is_like_its_releases_one_by_one.hypothesis.inner_test(  # type: ignore[attr-defined]
+        [*setup, ("b", 1, "id-4", 1000, False)], ["sid-0", "sid-4"], 0
+    )
