@@ -435,8 +435,9 @@ def coalesce(calls: Sequence[WireCall]) -> tuple[list[WireCall], list[tuple[int,
     for index, (method, args) in enumerate(calls):
         plan = plans.get(args[0]) if method == "evalsha" and args else None
         if plan is not None:
-            shared = tuple(args[i] for i in plan.shared)
-            buckets.setdefault((plan.single_sha, args[2 : plan.keys_end], shared), []).append(index)
+            # The first key names the group (all its keys derive from it).
+            key = (plan.single_sha, args[2], *[args[i] for i in plan.shared])
+            buckets.setdefault(key, []).append(index)
     merged = {members[0]: members for members in buckets.values() if len(members) > 1}
     if not merged:
         return list(calls), [(i, None) for i in range(len(calls))]
