@@ -37,6 +37,7 @@ from ratequota.errors import (
     ConfigError,
     InvalidRequest,
     InvalidType,
+    PolicyMissing,
     RequestTooLarge,
     SchemaMismatch,
     UnknownTenant,
@@ -319,9 +320,19 @@ class QuotaCore:
         *,
         wait: bool,
     ) -> Flow[Decision]:
-        """One acquire round trip; re-routes once if the catalog was stale."""
+        """One acquire round trip; re-routes once if the catalog was stale.
+
+        A group whose policy hash is gone although the policy still lists it
+        (its Redis restarted empty, or failed over to an empty replica) gets its
+        policy restored once, then the request is retried.
+        """
         name = yield from self.group_of(tenant, group)
-        decision = yield from self._acquire_once(tenant, units, name, lease_id, ttl_ms, wait)
+        try:
+            decision = yield from self._acquire_once(tenant, units, name, lease_id, ttl_ms, wait)
+        except PolicyMissing:
+            if not (yield from self._restore_policy(name)):
+                raise
+            decision = yield from self._acquire_once(tenant, units, name, lease_id, ttl_ms, wait)
         if decision.reason == "unknown_tenant" and group is None:
             # The tenant may have moved to another group since we read the catalog.
             fresh = yield from self.group_of(tenant, None, refresh=True)
@@ -333,6 +344,33 @@ class QuotaCore:
         if decision.reason == "unknown_tenant":
             raise UnknownTenant(tenant, name)
         return decision
+
+    def _restore_policy(self, group: str) -> Flow[bool]:
+        """Republish ``group``'s policy after Redis lost it; False when it was removed on purpose.
+
+        The published catalog is the authority: if it lists the group, its
+        policy is written again (the same content, so every pod restoring it at
+        once writes the same thing). If the catalog is gone too, the whole
+        Redis lost its data, and this pod restores the policy it last knew. A
+        catalog that exists but does not list the group means the group was
+        dropped: nothing is restored.
+        """
+        raw = yield Command(self.keyspace.catalog_route, ("GET", self.keyspace.catalog))
+        published = parse_catalog(raw)
+        source = published if published is not None else self._catalog.policy
+        group_policy = None if source is None else source.group(group)
+        if source is None or group_policy is None:
+            return False
+        if published is None:
+            # NX: never overwrite a catalog another pod (or an operator) has just written.
+            document = catalog_document(source)
+            yield Command(
+                self.keyspace.catalog_route, ("SET", self.keyspace.catalog, document, "NX")
+            )
+        reply = yield apply_policy_call(self.keyspace, group_policy)
+        decode_apply_policy(group, reply)
+        self.set_policy(source)
+        return True
 
     def _acquire_once(
         self, tenant: str, units: int, group: str, lease_id: str, ttl_ms: int, wait: bool
@@ -507,14 +545,20 @@ class QuotaCore:
             for old in previous.groups:
                 if policy.group(old.name) is None:
                     yield Command(old.name, ("DEL", self.keyspace.group(old.name).policy))
-        document = json.dumps({"schema": SCHEMA_VERSION, "policy": policy.to_dict()})
-        yield Command(self.keyspace.catalog_route, ("SET", self.keyspace.catalog, document))
+        yield Command(
+            self.keyspace.catalog_route, ("SET", self.keyspace.catalog, catalog_document(policy))
+        )
         self.set_policy(policy)
         return versions
 
     def load_policy(self) -> Flow[Policy | None]:
         """Read the published policy (and route by it from now on)."""
         return (yield from self._read_catalog())
+
+
+def catalog_document(policy: Policy) -> str:
+    """The catalog key's value for ``policy`` (read back by ``parse_catalog``)."""
+    return json.dumps({"schema": SCHEMA_VERSION, "policy": policy.to_dict()})
 
 
 def parse_catalog(raw: object) -> Policy | None:

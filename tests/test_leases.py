@@ -346,3 +346,42 @@ def test_no_key_is_left_without_expiry(make_client: MakeClient) -> None:
     conn = quota.backend.connection("x")
     left = sorted(k.decode() for k in conn.scan_iter(match="rq:*"))
     assert all(k.endswith((":policy", ":catalog")) for k in left), left
+
+
+def test_a_lost_policy_is_restored_from_the_catalog(make_client: MakeClient) -> None:
+    """A group's policy hash gone (its shard restarted empty) while the catalog still lists
+    the group: the next call republishes it from the catalog and succeeds."""
+    publisher = make_client(POLICY, clock=ManualClock())
+    pod = make_client(clock=ManualClock())  # never read the policy itself
+    conn = pod.backend.connection("batch")
+    conn.delete(pod.core.keyspace.group("batch").policy)
+    decision = pod.try_acquire("a", 2, group="batch")
+    assert decision.admitted
+    assert conn.exists(pod.core.keyspace.group("batch").policy)
+    assert publisher.try_acquire("b", 1).admitted
+
+
+def test_after_total_data_loss_a_pod_restores_what_it_knew(make_client: MakeClient) -> None:
+    """Redis lost everything (restart without persistence): a pod that knows the policy
+    republishes the catalog (never over a newer one) and the group, then serves."""
+    pod = make_client(POLICY, clock=ManualClock())
+    conn = pod.backend.connection("batch")
+    conn.flushall()
+    assert pod.try_acquire("a", 2).admitted
+    assert pod.load_policy() == POLICY
+    stranger = make_client(clock=ManualClock())  # knows no policy: cannot restore anything
+    conn.flushall()
+    with pytest.raises(PolicyMissing):
+        stranger.try_acquire("a", 1, group="batch")
+
+
+def test_a_dropped_group_is_not_resurrected(make_client: MakeClient) -> None:
+    """A group removed from the published policy stays removed, even for a pod whose cached
+    policy still has it."""
+    old_pod = make_client(POLICY, clock=ManualClock())
+    admin = make_client(clock=ManualClock())
+    admin.apply_policy(Policy([POLICY.groups[0]]))  # "open" dropped
+    with pytest.raises(PolicyMissing):
+        old_pod.try_acquire("s1", 1, group="open")
+    conn = admin.backend.connection("open")
+    assert not conn.exists(admin.core.keyspace.group("open").policy)
