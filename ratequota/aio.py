@@ -42,6 +42,7 @@ from ratequota.batching import BatchPolicy
 from ratequota.core import AcquireRequest, Flow, Sleep
 from ratequota.decision import Decision, GroupSnapshot, LeaseInfo, ReleaseResult, RenewResult
 from ratequota.errors import BackendUnavailable, ConfigError, InvalidType
+from ratequota.explain import Explanation, explain_flow
 from ratequota.failure import FailureStats
 from ratequota.policy import Policy
 from ratequota.protocol import MERGES, coalesce
@@ -535,6 +536,12 @@ class AsyncQuotaClient(shell.ClientBase):
     async def snapshot(self, group: str, tenants: Iterable[str] = ()) -> GroupSnapshot:
         """Per-tenant used/limit/pending/borrowed and the group's totals, at one moment."""
         return await self._run(self.core.snapshot(group, tenants))
+
+    async def explain(
+        self, tenant: str, units: int | None = None, *, group: str | None = None
+    ) -> Explanation:
+        """Why ``tenant`` has its limit now (as ``QuotaClient.explain``), from one snapshot."""
+        return await self._run(explain_flow(self.core, tenant, units, group=group))
 
     def limit(
         self,

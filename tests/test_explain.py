@@ -151,3 +151,23 @@ def test_client_explain_uses_one_snapshot_and_the_catalog(make_client: MakeClien
     # A client that has not read the catalog yet loads the published policy.
     assert make_client().explain("b", 8).admitted is True
     client.release(lease)
+
+
+def test_async_client_explains_the_same() -> None:
+    """``AsyncQuotaClient.explain`` drives the same flow: same limit, same verdict."""
+    import asyncio
+
+    from ratequota.aio import AsyncQuotaClient, async_embedded_backend
+
+    async def main() -> None:
+        quota = AsyncQuotaClient(backend=async_embedded_backend(shared=False))
+        await quota.apply_policy(Policy([worked()]))
+        decision = await quota.try_acquire("a", 16)
+        assert decision.lease is not None
+        why = await quota.explain("a", 1)
+        assert why.borrowed == 4 and why.admitted is False
+        assert why.engine_limit is not None and math.isclose(why.limit, why.engine_limit)
+        await quota.release(decision.lease)
+        await quota.close()
+
+    asyncio.run(main())
