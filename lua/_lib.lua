@@ -170,9 +170,14 @@ end
 local function load_specs(names, policy)
   local specs = {}
   if #names == 0 then return specs end
-  local fields = {}
-  for i, name in ipairs(names) do fields[i] = 't:' .. name end
-  local raw = redis.call('HMGET', KEYS[1], unpack(fields))
+  -- In chunks: unpack() of a very long list overflows Lua's C stack.
+  local raw = {}
+  for first = 1, #names, 1000 do
+    local fields = {}
+    for i = first, math.min(first + 999, #names) do fields[#fields + 1] = 't:' .. names[i] end
+    local part = redis.call('HMGET', KEYS[1], unpack(fields))
+    for i, value in ipairs(part) do raw[first + i - 1] = value end
+  end
   for i, name in ipairs(names) do
     local spec = raw[i]
     if not spec and policy.unknown == 'default' then spec = policy.default end

@@ -178,6 +178,10 @@ class Settings:
             )
         if self.lease_ttl > MAX_LEASE_TTL_LIMIT:
             raise ConfigError("lease_ttl", f"must be at most {MAX_LEASE_TTL_LIMIT:g}s")
+        # Scripts unpack() these many values at once; Lua's C stack holds a few thousand.
+        for name in ("purge_limit", "batch_size"):
+            if getattr(self, name) > 1000:
+                raise ConfigError(name, f"must be at most 1000, got {getattr(self, name)}")
         if self.failure_mode == "local" and self.local_allowance < 1:
             raise ConfigError("local_allowance", "must be >= 1 when failure_mode is 'local'")
 

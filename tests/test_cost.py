@@ -17,6 +17,7 @@ import redis
 
 from ratequota.client import QuotaClient
 from ratequota.policy import GroupPolicy, Policy, TenantPolicy
+from tests.conftest import MakeClient
 from tests.servers import RedisServer
 
 pytestmark = pytest.mark.real_redis
@@ -73,3 +74,20 @@ def test_acquire_work_ignores_idle_tenants(real_redis: RedisServer) -> None:
     # Sanity: the measure does grow with active tenants (the HGETALL/HMGET get longer).
     busier = script_work(real_redis, "busy", active=40, idle=0)
     assert sum(n for _, n in busier) > sum(n for _, n in lean)
+
+
+def test_thousands_of_active_tenants_fit_in_one_call(make_client: MakeClient) -> None:
+    """9,000 active tenants: the spec lookup is chunked, so the script never overflows Lua's
+    C stack (8,000 values in Redis) with one huge unpack() ('too many results to unpack')."""
+    from ratequota.testing import ManualClock
+
+    names = [f"t{i}" for i in range(9000)]
+    group = GroupPolicy("big", capacity=20_000, tenants=[TenantPolicy(n, 1) for n in names])
+    quota = make_client(Policy([group]), clock=ManualClock())
+    conn = quota.backend.connection("big")
+    demand = quota.core.keyspace.group("big").demand
+    conn.hset(demand, mapping={f"u:{n}": 1 for n in names[1:]})  # everyone else active
+    conn.expire(demand, 60)
+    decision = quota.try_acquire("t0", 1)
+    assert decision.admitted
+    assert quota.snapshot("big").used == 9000

@@ -118,6 +118,8 @@ def test_bad_lease_arguments(client: QuotaClient) -> None:
         ({"lease_ttl": 0}, "lease_ttl"),
         ({"timeout": -1}, "timeout"),
         ({"purge_limit": 0}, "purge_limit"),
+        ({"purge_limit": 5000}, "purge_limit"),
+        ({"batch_size": 5000}, "batch_size"),
         ({"pending_ttl": 0.1}, "pending_ttl"),
         ({"prefix": "a{b"}, "prefix"),
         ({"prefix": ""}, "prefix"),
