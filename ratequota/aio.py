@@ -32,6 +32,7 @@ import attrs
 
 from ratequota import shell
 from ratequota.backends import (
+    ClusterRouting,
     _redact,
     _redis_from_url,
     embedded_server,
@@ -100,7 +101,7 @@ class AsyncBackend:
             await client.aclose()
 
 
-class AsyncClusterBackend:
+class AsyncClusterBackend(ClusterRouting):
     """A Redis Cluster through ``redis.asyncio.cluster.RedisCluster`` (see ``ClusterBackend``).
 
     The hash tag places each group; redis-py follows MOVED/ASK (the command
@@ -125,31 +126,10 @@ class AsyncClusterBackend:
             raise ConfigError("cluster", str(exc)) from exc
         self.description = f"cluster at {_redact(url)}"
 
-    #: The cluster pipeline refuses EVALSHA: batches are sent call by call, concurrently.
-    pipelines = False
-
-    @property
-    def cluster(self) -> Any:
-        """The underlying ``redis.asyncio.cluster.RedisCluster``."""
-        return self._cluster
-
-    def connection(self, route: str) -> Any:
-        """The cluster client: it sends each call to the node owning the keys' slot."""
-        return self._cluster
-
-    def connections(self) -> Sequence[Any]:
-        """The cluster client; ``SCRIPT LOAD`` through it reaches every primary."""
-        return [self._cluster]
-
     def node_of(self, route: str) -> str:
         """The primary owning ``route``'s slot, once the topology is known (the breakers' key)."""
-        from ratequota.keys import KeySpace, escape_tag
-
-        catalog = KeySpace().catalog_route
-        tag = catalog if route == catalog else escape_tag(route)
         try:
-            slot = self._cluster.keyslot("{" + tag + "}")
-            return str(self._cluster.nodes_manager.get_node_from_slot(slot).name)
+            return self._primary_of(route)
         except Exception:  # topology not discovered yet (the first call discovers it)
             return self.description
 

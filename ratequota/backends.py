@@ -250,7 +250,43 @@ class ShardedBackend:
             client.close()
 
 
-class ClusterBackend:
+class ClusterRouting:
+    """What the sync and async cluster backends share: one client that routes by slot.
+
+    Subclasses set ``_cluster`` (a redis-py cluster client) and ``description``.
+    """
+
+    _cluster: Any
+    description: str
+
+    #: redis-py's cluster pipeline refuses EVALSHA (and would re-send timed-out
+    #: commands): batches of script calls are sent call by call.
+    pipelines = False
+
+    @property
+    def cluster(self) -> Any:
+        """The underlying redis-py cluster client."""
+        return self._cluster
+
+    def connection(self, route: str) -> Any:
+        """The cluster client: it sends each call to the node owning the keys' slot."""
+        return self._cluster
+
+    def connections(self) -> Sequence[Any]:
+        """The cluster client; ``SCRIPT LOAD`` through it reaches every primary."""
+        return [self._cluster]
+
+    def _primary_of(self, route: str) -> str:
+        """Name of the primary owning ``route``'s slot, as the client last saw the topology."""
+        from ratequota.keys import KeySpace, escape_tag
+
+        catalog = KeySpace().catalog_route
+        tag = catalog if route == catalog else escape_tag(route)
+        slot = self._cluster.keyslot("{" + tag + "}")
+        return str(self._cluster.nodes_manager.get_node_from_slot(slot).name)
+
+
+class ClusterBackend(ClusterRouting):
     """A Redis Cluster through redis-py's cluster client; the hash tag places each group.
 
     Every script call names only keys of one group, which share the group's
@@ -279,38 +315,16 @@ class ClusterBackend:
             raise translate_error(exc, _redact(url)) from exc
         self.description = f"cluster at {_redact(url)}"
 
-    #: redis-py's cluster pipeline refuses EVALSHA (and would re-send timed-out
-    #: commands): batches of script calls are sent call by call.
-    pipelines = False
-
-    @property
-    def cluster(self) -> Any:
-        """The underlying ``redis.cluster.RedisCluster``."""
-        return self._cluster
-
-    def connection(self, route: str) -> Any:
-        """The cluster client: it sends each call to the node owning the keys' slot."""
-        return self._cluster
-
-    def connections(self) -> Sequence[Any]:
-        """The cluster client; ``SCRIPT LOAD`` through it reaches every primary."""
-        return [self._cluster]
-
     def nodes(self) -> list[tuple[str, Any]]:
         """(node name, direct connection) of every primary, for per-node checks."""
         return [
             (node.name, self._cluster.get_redis_connection(node))
-            for node in self._cluster.get_primaries()  # type: ignore[no-untyped-call]
+            for node in self._cluster.get_primaries()
         ]
 
     def node_of(self, route: str) -> str:
         """The primary owning the slot of ``route``'s keys (as the client last saw it)."""
-        from ratequota.keys import KeySpace, escape_tag
-
-        catalog = KeySpace().catalog_route
-        tag = catalog if route == catalog else escape_tag(route)
-        slot = self._cluster.keyslot("{" + tag + "}")  # type: ignore[no-untyped-call]
-        return str(self._cluster.nodes_manager.get_node_from_slot(slot).name)
+        return self._primary_of(route)
 
     def close(self) -> None:
         """Close every node's pool."""

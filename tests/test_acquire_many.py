@@ -21,6 +21,7 @@ from ratequota.keys import KeySpace
 from ratequota.policy import GroupPolicy, Policy, TenantPolicy
 from ratequota.scripts import load_scripts
 from ratequota.shell import wire_call
+from tests.redis_state import dump_keys
 from tests.servers import RedisServer
 
 NOW = 1_800_000_000_000
@@ -56,18 +57,8 @@ def _run(conn: Any, call: protocol.ScriptCall) -> Any:
 
 
 def _state(conn: Any) -> dict[bytes, Any]:
-    """Every key's type, content and TTL presence: what a later decision could see."""
-    out: dict[bytes, Any] = {}
-    for key in sorted(conn.keys("*")):
-        kind = conn.type(key)
-        if kind == b"hash":
-            value: Any = sorted(conn.hgetall(key).items())
-        elif kind == b"zset":
-            value = conn.zrange(key, 0, -1, withscores=True)
-        else:
-            value = conn.get(key)
-        out[key] = (kind, value, conn.pttl(key) > 0)
-    return out
+    """What a later decision could see: every key, its content and whether it expires."""
+    return dump_keys(conn, expiry=True)
 
 
 def _prepare(conn: Any, setup: list[tuple[str, int, str, int, bool]]) -> None:

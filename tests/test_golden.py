@@ -35,6 +35,7 @@ from ratequota.policy import GroupPolicy, Policy, TenantPolicy
 from ratequota.protocol import ScriptCall
 from ratequota.scripts import SCRIPT_NAMES, load_scripts, parse_header, script
 from ratequota.testing import ManualClock
+from tests.redis_state import dump_keys
 
 GOLDEN = Path(__file__).resolve().parent / "golden"
 UPDATE = os.environ.get("RATEQUOTA_UPDATE_GOLDEN") == "1"
@@ -204,17 +205,7 @@ def test_pinned_replies_still_decode() -> None:
 
 def _dump(conn: Any) -> dict[bytes, Any]:
     """Every key's type and value: proof that nothing was written."""
-    out: dict[bytes, Any] = {}
-    for key in sorted(conn.keys("*")):
-        kind = conn.type(key)
-        if kind == b"hash":
-            value: Any = sorted(conn.hgetall(key).items())
-        elif kind == b"zset":
-            value = conn.zrange(key, 0, -1, withscores=True)
-        else:
-            value = conn.get(key)
-        out[key] = (kind, value)
-    return out
+    return dump_keys(conn)
 
 
 def _ttls(conn: Any) -> dict[bytes, int]:
