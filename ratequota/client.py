@@ -202,11 +202,11 @@ class QuotaClient(ClientBase):
         catalog, error = readiness.read_catalog(self.backend, keyspace)
         served = readiness.served_groups(catalog, groups)
         facts = readiness.gather(self.backend, keyspace, served)
-        return readiness.evaluate(
+        return readiness.conclude(
             facts,
-            catalog_present=catalog is not None,
-            catalog_error=error,
-            slow_after=self.core.settings.socket_timeout / 4,
+            catalog,
+            error,
+            socket_timeout=self.core.settings.socket_timeout,
             allow_degraded=allow_degraded,
         )
 

@@ -44,6 +44,7 @@ __all__ = [
     "ShardReport",
     "agather",
     "aread_catalog",
+    "conclude",
     "evaluate",
     "gather",
     "read_catalog",
@@ -286,6 +287,24 @@ def evaluate(
 
 
 # -- gathering (thin I/O) -------------------------------------------------------
+
+
+def conclude(
+    facts: Sequence[ShardFacts],
+    catalog: Any,
+    catalog_error: str | None,
+    *,
+    socket_timeout: float,
+    allow_degraded: bool,
+) -> ReadinessReport:
+    """The report of a client's ``check()``: a shard is slow past a quarter of its timeout."""
+    return evaluate(
+        facts,
+        catalog_present=catalog is not None,
+        catalog_error=catalog_error,
+        slow_after=socket_timeout / 4,
+        allow_degraded=allow_degraded,
+    )
 
 
 def _error(exc: BaseException) -> str:
