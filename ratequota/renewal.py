@@ -7,9 +7,14 @@ Each client has one renewer (a daemon thread for ``QuotaClient``, a task for
 leases are renewed together: one pipeline per shard (``renew_many``), so a
 thousand held leases cost one round trip per shard, not a thousand.
 
-A renewal that finds its lease gone marks it ``lost``; one that reports the
-tenant above its fair limit sets ``over_limit``; one that fails (Redis
-unreachable) is retried soon, well before the lease could expire.
+A renewal that finds its lease gone (or fenced: the id now names another
+holder's lease) marks it ``lost``; one that reports the tenant above its fair
+limit sets ``over_limit``; one that fails (Redis unreachable) is retried soon,
+well before the lease could expire. A renewal granted a shorter lifetime than
+asked (the group's ``max_lease_ttl`` was lowered under the lease) schedules the
+next one by what was granted, so the lease never lapses between renewals. A
+renewal meeting a group whose policy Redis lost goes through the client's
+renew flow, which restores the policy and re-asserts the lease.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from typing import Any
 from ratequota.backends import translate_error
 from ratequota.core import QuotaCore
 from ratequota.decision import RenewResult
-from ratequota.errors import RateQuotaError
+from ratequota.errors import PolicyMissing, RateQuotaError
 from ratequota.protocol import decode_renew
 from ratequota.shell import Batch, LeaseBase
 
@@ -90,8 +95,11 @@ class RenewalBook:
             lease.renewed(outcome)
             if lease.lost:
                 del self._due[lease]
-            else:
-                self._due[lease] = now + self._period(lease)
+                return
+            period = self._period(lease)
+            if outcome.ttl > 0:  # clamped to a lowered max_lease_ttl: renew within what was granted
+                period = min(period, outcome.ttl * self.fraction)
+            self._due[lease] = now + period
 
 
 def renew_many(
@@ -111,7 +119,16 @@ def renew_many(
                 outcomes[i] = exc
             continue
         for i, reply in zip(indices, replies, strict=True):
-            outcomes[i] = _outcome(reply, leases[i].group)
+            outcome = _outcome(reply, leases[i].group)
+            if isinstance(outcome, PolicyMissing):
+                # Redis lost the policy: the single renew flow restores it and re-asserts.
+                try:
+                    outcome = yield from core.renew(leases[i].info, leases[i].ttl)
+                except RateQuotaError as exc:
+                    outcome = exc
+            elif isinstance(outcome, RenewResult):
+                core.count_fenced(outcome.reason == "fenced")
+            outcomes[i] = outcome
     return [o for o in outcomes if o is not None]
 
 
