@@ -47,7 +47,7 @@ if info then
   purge(now, purge_limit)
 else
   purge(now, purge_limit)
-  if not policy.recovering or tonumber(ARGV[9]) <= now then
+  if not policy.recovering or tonumber(ARGV[9]) <= now or not string.match(token, '^%d+$') then
     return {0, 'lost', 0, 0, 0, '0', 0, policy.capacity, 0}
   end
   -- Re-assert: the lease was granted before the state was lost and is live by its own expiry.

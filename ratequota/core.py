@@ -641,8 +641,14 @@ def synthetic_renewal(lease: LeaseInfo) -> RenewResult:
 
 
 def _check_lease(lease: object) -> None:
+    """A lease named by release/renew: the facts the scripts store back on re-assertion."""
     if not isinstance(lease, LeaseInfo):
         raise InvalidType("lease", f"must be a lease, got {type(lease).__name__}")
+    validate_tenant(lease.tenant, "lease.tenant")
+    token = lease.token
+    if isinstance(token, bool) or not isinstance(token, int) or token < 0:
+        raise InvalidRequest("lease.token", f"must be an integer >= 0, got {token!r}")
+    validate_units(lease.units)
 
 
 def _jittered(hint: float, pause: float) -> float:

@@ -11,7 +11,7 @@ import attrs
 import pytest
 
 from ratequota.decision import LeaseInfo, RenewResult
-from ratequota.errors import RequestIdConflict
+from ratequota.errors import InvalidRequest, RequestIdConflict
 from ratequota.policy import GroupPolicy, Policy, TenantPolicy
 from ratequota.renewal import RenewalBook
 from ratequota.shell import LeaseBase
@@ -217,3 +217,26 @@ def _renewal(*, ttl: float = 60.0, renewed: bool = True, reason: str = "renewed"
         reason=reason,  # type: ignore[arg-type]
         ttl=ttl,
     )
+
+
+@pytest.mark.parametrize(
+    ("field", "change"),
+    [
+        ("lease.token", {"token": -1}),
+        ("lease.tenant", {"tenant": ""}),
+        ("units", {"units": 0}),
+    ],
+)
+def test_a_malformed_lease_is_refused_before_redis(
+    make_pod: Pods, field: str, change: dict[str, object]
+) -> None:
+    """Release and renew store nothing they did not validate: a lease with a negative token,
+    no tenant or no units raises ``InvalidRequest`` naming the field, for both clients."""
+    pod = make_pod(POLICY, clock=ManualClock())
+    decision = pod.run(pod.client.try_acquire("a", 1))
+    bad = attrs.evolve(decision.lease, **change)
+    with pytest.raises(InvalidRequest, match=field):
+        pod.run(pod.client.release(bad))
+    with pytest.raises(InvalidRequest, match=field):
+        pod.run(pod.client.renew(bad))
+    assert pod.run(pod.client.snapshot("g")).used == 1
