@@ -11,7 +11,7 @@ import attrs
 import pytest
 
 from ratequota.decision import LeaseInfo, RenewResult
-from ratequota.errors import InvalidRequest, RequestIdConflict
+from ratequota.errors import BackendUnavailable, InvalidRequest, RequestIdConflict
 from ratequota.policy import GroupPolicy, Policy, TenantPolicy
 from ratequota.renewal import RenewalBook
 from ratequota.shell import LeaseBase
@@ -240,3 +240,26 @@ def test_a_malformed_lease_is_refused_before_redis(
     with pytest.raises(InvalidRequest, match=field):
         pod.run(pod.client.renew(bad))
     assert pod.run(pod.client.snapshot("g")).used == 1
+
+
+def test_a_lease_whose_renewals_all_fail_is_lost_when_its_lifetime_ends() -> None:
+    """Redis unreachable for longer than the lease lives: the renewer retries, and once the
+    last granted lifetime (counted from the renewal's send) has run out it marks the lease
+    ``lost`` instead of letting the holder believe it still holds it."""
+    now = [0.0]
+    book = RenewalBook(1 / 3, 60.0, lambda: now[0])
+    lease = LeaseBase(LeaseInfo("x", "a", "g", 1, 1, 0.0), 6.0)
+    book.hold(lease)
+    now[0] = 2.0
+    assert book.next()[0] == [lease]
+    book.settle(lease, _renewal(ttl=6.0))  # sent at 2.0: certainly ends by 8.0
+    for at in (4.0, 4.5, 5.0, 6.0, 7.0, 7.9):
+        now[0] = at
+        due, _ = book.next()
+        if due:
+            book.settle(lease, BackendUnavailable("down"))
+            assert not lease.lost, at
+    now[0] = 8.0
+    assert book.next()[0] == [lease]
+    book.settle(lease, BackendUnavailable("down"))
+    assert lease.lost and len(book) == 0
