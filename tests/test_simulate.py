@@ -19,8 +19,9 @@ import pytest
 from ratequota import cli
 from ratequota.errors import ConfigError, PolicyFileError
 from ratequota.policy import GroupPolicy, Policy, TenantPolicy
-from ratequota.scenario import Scenario, TenantLoad, Traffic, default_scenario, load_scenario
-from ratequota.simstats import (
+from ratequota.sim.run import progress_line, run_scenario
+from ratequota.sim.scenario import Scenario, TenantLoad, Traffic, default_scenario, load_scenario
+from ratequota.sim.stats import (
     Interval,
     Outcome,
     Sample,
@@ -35,7 +36,6 @@ from ratequota.simstats import (
     render_report,
     step_function,
 )
-from ratequota.simulate import progress_line, run_scenario
 from ratequota.testing import fake_client
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "scenarios"
@@ -339,19 +339,73 @@ def test_simulate_exits_non_zero_when_an_invariant_breaks(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """The command's exit status follows the report's safety verdict."""
-    import ratequota.simulate as simulate
+    import ratequota.sim.command as command
+    from ratequota.sim.run import RunResult
 
-    real = simulate.run_scenario
+    real = command.run_scenario
 
-    def broken(*args: object, **kwargs: object) -> simulate.RunResult:
+    def broken(*args: object, **kwargs: object) -> RunResult:
         result = real(*args, **kwargs)  # type: ignore[arg-type]
         report = attrs.evolve(result.report, problems=("injected violation",))
         return attrs.evolve(result, report=report)
 
-    monkeypatch.setattr(simulate, "run_scenario", broken)
+    monkeypatch.setattr(command, "run_scenario", broken)
     code = cli.main(["simulate", "--duration", "0.5", "--pods", "2", "--quiet", "--no-plot"])
     assert code == 1
     assert "injected violation" in capsys.readouterr().out
+
+
+def test_library_never_imports_the_simulation() -> None:
+    """The simulation is a tool on top of the library: importing every library module
+    (the command line included) loads nothing from ``ratequota.sim``."""
+    import pkgutil
+    import subprocess
+
+    import ratequota
+
+    modules = [
+        m.name
+        for m in pkgutil.iter_modules(ratequota.__path__, "ratequota.")
+        if not m.name.startswith("ratequota.sim")
+    ]
+    code = (
+        "import importlib, sys\n"
+        f"for name in {modules!r}: importlib.import_module(name)\n"
+        "print(sorted(m for m in sys.modules if m.startswith('ratequota.sim')))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    assert out.strip() == "[]"
+
+
+def test_simulate_run_takes_a_client_factory(capsys: pytest.CaptureFixture[str]) -> None:
+    """``ratequota.sim.run(args, make_client)`` builds every pod through the given factory,
+    so the command line can hand in its own without the simulation importing it."""
+    import argparse
+
+    from ratequota import sim
+    from ratequota.client import QuotaClient
+
+    parser = argparse.ArgumentParser()
+    cli.add_backend_options(parser)
+    sim.add_arguments(parser)
+    args = parser.parse_args(["--duration", "0.5", "--pods", "3", "--quiet", "--no-plot"])
+    shared = fake_client()
+    built: list[QuotaClient] = []
+
+    def factory(got: argparse.Namespace) -> QuotaClient:
+        assert got is args
+        client = QuotaClient(backend=_shared(shared.backend))
+        built.append(client)
+        return client
+
+    try:
+        assert sim.run(args, factory) == 0
+    finally:
+        shared.close()
+    assert len(built) == 3
+    assert "safety invariants: all held" in capsys.readouterr().out
 
 
 def test_simulate_unreachable_backend_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:

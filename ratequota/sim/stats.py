@@ -27,7 +27,7 @@ import attrs
 
 from ratequota.fairness import group_allocation
 from ratequota.policy import GroupPolicy
-from ratequota.scenario import Scenario
+from ratequota.sim.scenario import Scenario
 
 __all__ = [
     "GroupReport",

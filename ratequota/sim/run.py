@@ -2,13 +2,13 @@
 
 Every pod is a ``QuotaClient`` on the same backend (for the embedded default,
 clients of one process share one in-process server, as pods share a Redis).
-Each tenant's traffic (``ratequota.scenario``) is played by worker threads
+Each tenant's traffic (``ratequota.sim.scenario``) is played by worker threads
 spread over the pods: a worker that is active in the schedule acquires its
 units (waiting up to the scenario's timeout, its demand registered as
 pending), holds them for the batch's duration, releases them, and records
 what happened. The main thread samples a snapshot of every group and draws a
 progress bar on stderr. All statistics are computed afterwards from the
-records by ``ratequota.simstats``; the threads stay thin.
+records by ``ratequota.sim.stats``; the threads stay thin.
 
 The run exits non-zero when a safety invariant was violated: units held above
 a group's capacity (seen by a snapshot, or by the client-side intervals at any
@@ -18,41 +18,31 @@ units left held after every lease was released.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import random
-import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any, TextIO
 
 import attrs
-import redis
 
-from ratequota.backends import translate_error
 from ratequota.client import QuotaClient
 from ratequota.errors import AcquireTimeout, RateQuotaError
-from ratequota.scenario import Scenario, TenantLoad, default_scenario, load_scenario
-from ratequota.simstats import (
+from ratequota.sim.scenario import Scenario, TenantLoad
+from ratequota.sim.stats import (
     Interval,
     Outcome,
     Report,
     Sample,
-    binned_average,
     build_report,
-    render_report,
-    step_function,
 )
 
 __all__ = [
     "CountingBackend",
     "Recorder",
     "RunResult",
-    "add_arguments",
-    "plot_timeline",
-    "run",
+    "progress_line",
     "run_scenario",
 ]
 
@@ -311,120 +301,3 @@ def _play(scenario: Scenario, clients: list[QuotaClient], progress: TextIO | Non
     if problems != list(report.problems):
         report = attrs.evolve(report, problems=tuple(problems))
     return RunResult(report, tuple(intervals), tuple(samples))
-
-
-# -- the picture -----------------------------------------------------------------
-
-
-def plot_timeline(result: RunResult, scenario: Scenario, path: Path) -> bool:
-    """Draw units held per tenant over time to ``path`` (PNG); False when matplotlib is missing.
-
-    One panel per group: each tenant's units (averaged over short bins), its
-    guarantee as a dotted line in the same colour, the group's total as a
-    grey area and the capacity as a dashed line.
-    """
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    until = min(result.report.duration, scenario.duration)
-    width = max(0.1, until / 150)
-    groups = [g for g in scenario.policy.groups if scenario.group_loads(g.name)]
-    fig, axes = plt.subplots(
-        len(groups), 1, figsize=(10, 2.8 * len(groups)), sharex=True, squeeze=False
-    )
-    for ax, group in zip(axes[:, 0], groups, strict=False):
-        mine = [iv for iv in result.intervals if iv.group == group.name]
-        times, total = binned_average(step_function(mine), until, width)
-        ax.fill_between(times, total, color="0.88", label="group total", step="mid")
-        for load in scenario.group_loads(group.name):
-            steps = step_function(iv for iv in mine if iv.tenant == load.tenant)
-            times, held = binned_average(steps, until, width)
-            line = ax.plot(times, held, label=load.tenant, linewidth=1.4)[0]
-            policy = group.tenant(load.tenant)
-            if policy is not None and policy.guarantee:
-                ax.axhline(policy.guarantee, color=line.get_color(), linestyle=":", linewidth=1)
-        ax.axhline(group.capacity, color="black", linestyle="--", linewidth=0.8, label="capacity")
-        ax.set_title(
-            f"group {group.name}: capacity {group.capacity}; dotted lines are guarantees",
-            fontsize=10,
-        )
-        ax.set_ylabel("units held")
-        ax.set_xlim(0, until)
-        ax.set_ylim(0, group.capacity * 1.25)
-        ax.legend(loc="upper left", fontsize=8, ncol=6, frameon=False)
-    axes[-1, 0].set_xlabel(f"seconds (units averaged over {width:.2f} s bins)")
-    fig.suptitle(f"ratequota simulate: {scenario.name}, {scenario.pods} pods", fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return True
-
-
-# -- the command -----------------------------------------------------------------
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``ratequota simulate``."""
-    parser.add_argument(
-        "--scenario", metavar="FILE", help="a scenario TOML file (default: built in)"
-    )
-    parser.add_argument(
-        "--duration", type=float, help="seconds to run (default: the scenario's, 20)"
-    )
-    parser.add_argument("--pods", type=int, help="pods (clients) to simulate (default 60)")
-    parser.add_argument("--seed", type=int, help="random seed of batch durations")
-    parser.add_argument(
-        "--plot",
-        metavar="PNG",
-        default="ratequota-simulation.png",
-        help="where to draw units held over time (default: ratequota-simulation.png)",
-    )
-    parser.add_argument("--no-plot", action="store_true", help="do not draw the picture")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    # Simulated traffic must never land on a deployment's real keys.
-    for action in parser._actions:
-        if action.dest == "prefix":
-            action.default = "rqsim"
-            action.help = "key prefix (default: rqsim, apart from a deployment's keys)"
-
-
-def run(args: argparse.Namespace) -> int:
-    """Run the simulation the arguments describe; 0 when every invariant held, 1 otherwise."""
-    from ratequota.cli import client_from_args
-
-    scenario = load_scenario(args.scenario) if args.scenario else default_scenario()
-    scenario = scenario.with_overrides(duration=args.duration, pods=args.pods, seed=args.seed)
-    first = client_from_args(args)
-    try:
-        for conn in first.backend.connections():
-            conn.ping()
-    except redis.exceptions.RedisError as exc:
-        first.close()
-        raise translate_error(exc, getattr(first.backend, "description", "redis")) from exc
-    pool = [first]
-
-    def make_client() -> QuotaClient:
-        return pool.pop() if pool else client_from_args(args)
-
-    print(
-        f"simulating {scenario.pods} pods, {len(scenario.loads)} tenants in "
-        f"{len(scenario.policy.groups)} groups, {scenario.workers()} request slots, "
-        f"for {scenario.duration:g} s ...",
-        file=sys.stderr,
-    )
-    result = run_scenario(scenario, make_client, progress=None if args.quiet else sys.stderr)
-    print(render_report(result.report))
-    if not args.no_plot:
-        path = Path(args.plot)
-        if plot_timeline(result, scenario, path):
-            print(f"\npicture of units held per tenant over time: {path}")
-        else:
-            print(
-                "\nno picture drawn: matplotlib is not installed; "
-                "`pip install 'ratequota[plot]'` to get one"
-            )
-    return 0 if result.report.safe else 1
