@@ -8,6 +8,7 @@ and the command line never import the simulation back (no import cycle).
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -20,7 +21,7 @@ from ratequota.client import QuotaClient
 from ratequota.sim.picture import plot_timeline
 from ratequota.sim.run import run_scenario
 from ratequota.sim.scenario import default_scenario, load_scenario
-from ratequota.sim.stats import render_report
+from ratequota.sim.stats import render_report, report_to_dict
 
 __all__ = ["add_arguments", "client_from_args", "run"]
 
@@ -61,6 +62,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--no-plot", action="store_true", help="do not draw the picture")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="print the report as JSON (entitlements and the split of every gap included)",
+    )
     # Simulated traffic must never land on a deployment's real keys.
     for action in parser._actions:
         if action.dest == "prefix":
@@ -96,10 +102,16 @@ def run(args: argparse.Namespace, make_client: ClientFactory | None = None) -> i
         file=sys.stderr,
     )
     result = run_scenario(scenario, next_pod, progress=None if args.quiet else sys.stderr)
-    print(render_report(result.report))
+    if args.json:
+        print(json.dumps(report_to_dict(result.report), indent=2))
+    else:
+        print(render_report(result.report))
     if not args.no_plot:
         path = Path(args.plot)
-        if plot_timeline(result, scenario, path):
+        drawn = plot_timeline(result, scenario, path)
+        if args.json:
+            pass  # stdout carries the JSON document alone
+        elif drawn:
             print(f"\npicture of units held per tenant over time: {path}")
         else:
             print(

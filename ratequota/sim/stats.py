@@ -27,6 +27,7 @@ import attrs
 
 from ratequota.fairness import group_allocation
 from ratequota.policy import GroupPolicy
+from ratequota.sim.measure import Gap, Request, measure_group
 from ratequota.sim.scenario import Scenario
 
 __all__ = [
@@ -45,6 +46,7 @@ __all__ = [
     "percentile",
     "reclaim_time",
     "render_report",
+    "report_to_dict",
     "step_function",
 ]
 
@@ -217,6 +219,8 @@ class TenantReport:
     tenant: str
     group: str
     guarantee: int
+    weight: float
+    pattern: str
     fair_limit: float
     live_limit: float
     peak_units: int
@@ -228,6 +232,7 @@ class TenantReport:
     share_of_entitlement: float
     reclaim_seconds: float | None
     is_lender: bool
+    gap: Gap | None = None
 
 
 @attrs.frozen
@@ -263,6 +268,8 @@ class Report:
     lost_leases: int
     left_over_units: int
     problems: tuple[str, ...]
+    pending_ttl: float = 2.0
+    round_trip: float = math.nan
 
     @property
     def max_over_admission(self) -> int:
@@ -298,10 +305,20 @@ def build_report(
     elapsed: float,
     backend: str = "embedded fakeredis",
     script_calls: int = 0,
+    round_trip: float = math.nan,
     lost_leases: int = 0,
     left_over_units: int = 0,
+    requests: Sequence[Request] | None = None,
+    pending_ttl: float = 2.0,
+    bin_width: float = 0.0,
 ) -> Report:
-    """Compute every statistic of a run from what its threads recorded."""
+    """Compute every statistic of a run from what its threads recorded.
+
+    With ``requests`` (every request the workers made) each tenant's
+    entitlement comes from the demand it really had (``ratequota.sim.measure``),
+    with its gap split into causes; without them, from the demand the
+    scenario intends (``expected_limits``), as a rough guide.
+    """
     until = max(elapsed, 1e-9)
     tenants: list[TenantReport] = []
     groups: list[GroupReport] = []
@@ -330,6 +347,17 @@ def build_report(
         group_over = max(0, peak(group_steps) - group.capacity)
         interval_over = max(interval_over, group_over)
         expected = expected_limits(group, scenario)
+        gaps: dict[str, Gap] = {}
+        if requests is not None:
+            gaps = measure_group(
+                group,
+                [rq for rq in requests if rq.group == group.name],
+                {load.tenant: load.traffic.units for load in loads},
+                {load.tenant: load.traffic.hold * 1.5 for load in loads},
+                until=until,
+                pending_ttl=pending_ttl,
+                bin_width=bin_width,
+            )
         shares: list[float] = []
         demanded = 0.0
         for load in loads:
@@ -342,6 +370,10 @@ def build_report(
             entitled = math.fsum(min(d, lim) * dt for _, d, lim in grid)
             demanded += math.fsum(d * dt for _, d, _ in grid)
             active_limits = [lim for _, d, lim in grid if d > 0]
+            gap = gaps.get(load.tenant)
+            if gap is not None:
+                entitled = gap.entitled
+                active_limits = [entitled / until]
             share = held / entitled if entitled > 0 else math.nan
             if entitled > 0:
                 shares.append(share)
@@ -367,6 +399,8 @@ def build_report(
                     tenant=load.tenant,
                     group=group.name,
                     guarantee=policy.guarantee,
+                    weight=policy.weight,
+                    pattern=load.traffic.pattern,
                     fair_limit=_mean(active_limits),
                     live_limit=percentile(live, 50),
                     peak_units=peak(steps),
@@ -378,6 +412,7 @@ def build_report(
                     share_of_entitlement=share,
                     reclaim_seconds=reclaim,
                     is_lender=is_lender,
+                    gap=gap,
                 )
             )
         used = integral(group_steps, until)
@@ -421,6 +456,8 @@ def build_report(
         lost_leases=lost_leases,
         left_over_units=left_over_units,
         problems=tuple(problems),
+        pending_ttl=pending_ttl,
+        round_trip=round_trip,
     )
 
 
@@ -434,6 +471,94 @@ def _ms(seconds: float) -> str:
     return "-" if math.isnan(seconds) else f"{seconds * 1000:.0f}"
 
 
+def _render_gaps(report: Report) -> list[str]:
+    """The table splitting every tenant's gap into its causes (empty without a measure)."""
+    rows = [t for t in report.tenants if t.gap is not None]
+    if not rows:
+        return []
+    out = ["", "why got differs from owed, in % of the entitlement (the parts add up to the gap):"]
+    header = (
+        f"{'group':8} {'tenant':10} {'gap':>6} {'unseen':>7} {'reclaim':>8} {'granul.':>8} "
+        f"{'unexpl.':>8} {'longest lag':>12}"
+    )
+    out += [header, "-" * len(header)]
+    for t in rows:
+        gap = t.gap
+        assert gap is not None
+        scale = 100.0 / gap.entitled if gap.entitled > 0 else math.nan
+        lag = f"{gap.longest_reclaim:.2f}/{gap.reclaim_bound:.2f}s"
+        out.append(
+            f"{t.group:8} {t.tenant:10} {_num(gap.gap * scale, '+.1f'):>6} "
+            f"{_num(gap.unseen * scale, '+.1f'):>7} {_num(gap.reclaim * scale, '+.1f'):>8} "
+            f"{_num(gap.granularity * scale, '+.1f'):>8} "
+            f"{_num(gap.unexplained * scale, '+.1f'):>8} {lag:>12}"
+        )
+    out.append(
+        "unseen: demand Redis had not registered yet (or let expire) moved the limit; reclaim: "
+        "held above the limit"
+    )
+    out.append(
+        "(< 0) or waiting for others' borrowed leases to end (> 0); granul.: less than a batch "
+        "of room; unexpl.: a"
+    )
+    out.append(
+        "batch fitted but was not admitted (a waiting request between tries); longest lag: the "
+        "longest stretch of"
+    )
+    out.append("reclaim lag / its bound, the group's longest batch (leases are never preempted).")
+    return out
+
+
+def report_to_dict(report: Report) -> dict[str, object]:
+    """The report as plain JSON-ready data (``ratequota simulate --json``); NaN becomes None."""
+
+    def clean(value: object) -> object:
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {k: clean(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [clean(v) for v in value]
+        return value
+
+    tenants = []
+    for t in report.tenants:
+        row = attrs.asdict(t, recurse=False, filter=lambda a, _: a.name != "gap")
+        if t.gap is not None:
+            gap = t.gap
+            row["got_unit_seconds"] = gap.got
+            row["entitled_unit_seconds"] = gap.entitled
+            row["got_over_entitled"] = gap.share
+            row["gap_unit_seconds"] = gap.gap
+            row["gap_parts"] = gap.parts()
+            row["longest_reclaim_seconds"] = gap.longest_reclaim
+            row["reclaim_bound_seconds"] = gap.reclaim_bound
+        tenants.append(row)
+    data: dict[str, object] = {
+        "scenario": report.scenario,
+        "backend": report.backend,
+        "pods": report.pods,
+        "duration": report.duration,
+        "pending_ttl": report.pending_ttl,
+        "tenants": tenants,
+        "groups": [attrs.asdict(g) for g in report.groups],
+        "samples": report.samples,
+        "max_over_admission": report.max_over_admission,
+        "sampled_over_admission": report.sampled_over_admission,
+        "interval_over_admission": report.interval_over_admission,
+        "tenant_over_ceiling": report.tenant_over_ceiling,
+        "inconsistent_samples": report.inconsistent_samples,
+        "decisions": report.decisions,
+        "script_calls": report.script_calls,
+        "round_trip_seconds": report.round_trip,
+        "lost_leases": report.lost_leases,
+        "left_over_units": report.left_over_units,
+        "problems": list(report.problems),
+        "safe": report.safe,
+    }
+    return clean(data)  # type: ignore[return-value]
+
+
 def render_report(report: Report) -> str:
     """The report as the text ``ratequota simulate`` prints."""
     out: list[str] = []
@@ -443,9 +568,9 @@ def render_report(report: Report) -> str:
     )
     out.append("")
     header = (
-        f"{'group':8} {'tenant':10} {'G':>4} {'fair':>6} {'live':>6} {'peak':>5} "
+        f"{'group':8} {'tenant':10} {'G':>4} {'owed':>6} {'live':>6} {'peak':>5} "
         f"{'admitted':>8} {'refused':>7} {'p50 ms':>7} {'p99 ms':>7} {'borrowed':>9} "
-        f"{'got/fair':>8} {'reclaim':>8}"
+        f"{'got/owed':>8} {'reclaim':>8}"
     )
     out.append(header)
     out.append("-" * len(header))
@@ -462,14 +587,18 @@ def render_report(report: Report) -> str:
         )
     out.append("")
     out.append(
-        "fair: mean fair limit while active (reference rule, intended demand); live: median "
-        "limit Redis reported;"
+        "owed: units the reference rule entitles the tenant to, averaged over the run "
+        "(∫ min(demand, fair limit) dt / run,"
     )
     out.append(
-        "borrowed: unit-seconds held above the guarantee; got/fair: unit-seconds held / fair "
-        "entitlement;"
+        "from the demand its clients really had); live: median limit Redis reported; "
+        "borrowed: unit-seconds above G;"
     )
-    out.append("reclaim: how long the returning lender took to hold its guarantee again.")
+    out.append(
+        "got/owed: unit-seconds held / entitlement; reclaim: how long the returning lender "
+        "took to hold its guarantee again."
+    )
+    out += _render_gaps(report)
     out.append("")
     gheader = f"{'group':8} {'C':>4} {'peak':>5} {'util':>6} {'util/asked':>10} {'Jain':>6}"
     out.append(gheader)
@@ -487,7 +616,8 @@ def render_report(report: Report) -> str:
     )
     out.append(
         f"decisions: {report.decisions} requests, {report.decisions_per_second:.0f}/s "
-        f"({report.script_calls} script calls, {report.script_calls_per_second:.0f}/s)"
+        f"({report.script_calls} script calls, {report.script_calls_per_second:.0f}/s, "
+        f"mean round trip {_ms(report.round_trip)} ms)"
     )
     if report.lost_leases:
         out.append(
