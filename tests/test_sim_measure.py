@@ -168,7 +168,7 @@ def test_split_adds_up_on_a_recorded_workload() -> None:
     """A workload recorded from a real (short) run of the simulation on the embedded
     default: every tenant's four causes add up to its whole gap, the report carries the
     same numbers in JSON, and no reclaim episode outlasts the longest batch."""
-    from ratequota.sim.run import run_scenario
+    from ratequota.sim.fleet import run_scenario
     from ratequota.testing import fake_client
 
     group = GroupPolicy(

@@ -19,7 +19,7 @@ import pytest
 from ratequota import cli
 from ratequota.errors import ConfigError, PolicyFileError
 from ratequota.policy import GroupPolicy, Policy, TenantPolicy
-from ratequota.sim.run import progress_line, run_scenario
+from ratequota.sim.fleet import progress_line, run_scenario
 from ratequota.sim.scenario import Scenario, TenantLoad, Traffic, default_scenario, load_scenario
 from ratequota.sim.stats import (
     Interval,
@@ -340,7 +340,7 @@ def test_simulate_exits_non_zero_when_an_invariant_breaks(
 ) -> None:
     """The command's exit status follows the report's safety verdict."""
     import ratequota.sim.command as command
-    from ratequota.sim.run import RunResult
+    from ratequota.sim.fleet import RunResult
 
     real = command.run_scenario
 
@@ -380,7 +380,7 @@ def test_library_never_imports_the_simulation() -> None:
 
 
 def test_simulate_run_takes_a_client_factory(capsys: pytest.CaptureFixture[str]) -> None:
-    """``ratequota.sim.run(args, make_client)`` builds every pod through the given factory,
+    """``ratequota.sim.fleet(args, make_client)`` builds every pod through the given factory,
     so the command line can hand in its own without the simulation importing it."""
     import argparse
 

@@ -5,7 +5,7 @@ A tool built on the library, not part of it: modules here import
 point for the command line is ``add_arguments(parser)`` and ``run(args)``.
 
 * ``scenario`` — policies plus each tenant's traffic, pure and validated;
-* ``run`` — the threads that play a scenario and record what happened;
+* ``fleet`` — the pods and worker threads that play a scenario and record what happened;
 * ``stats`` — every statistic, computed afterwards from the records;
 * ``picture`` — units held per tenant over time (matplotlib);
 * ``command`` — the options and the command itself.

@@ -18,8 +18,8 @@ import redis
 
 from ratequota.backends import translate_error
 from ratequota.client import QuotaClient
+from ratequota.sim.fleet import run_scenario
 from ratequota.sim.picture import plot_timeline
-from ratequota.sim.run import run_scenario
 from ratequota.sim.scenario import default_scenario, load_scenario
 from ratequota.sim.stats import render_report, report_to_dict
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ratequota.sim.run import RunResult
+from ratequota.sim.fleet import RunResult
 from ratequota.sim.scenario import Scenario
 from ratequota.sim.stats import binned_average, step_function
 
