@@ -15,8 +15,9 @@ from hypothesis import strategies as st
 
 from ratequota.policy import GroupPolicy, Policy, TenantPolicy
 from ratequota.sim.measure import Gap, Request, measure_group, registration_spans
+from ratequota.sim.report import report_to_dict
 from ratequota.sim.scenario import Scenario, TenantLoad, Traffic
-from ratequota.sim.stats import build_report, report_to_dict
+from ratequota.sim.stats import build_report
 
 GROUP = GroupPolicy(
     "g", capacity=4, tenants=(TenantPolicy("a", guarantee=0), TenantPolicy("b", guarantee=4))

@@ -20,6 +20,7 @@ from ratequota import cli
 from ratequota.errors import ConfigError, PolicyFileError
 from ratequota.policy import GroupPolicy, Policy, TenantPolicy
 from ratequota.sim.fleet import progress_line, run_scenario
+from ratequota.sim.report import render_report
 from ratequota.sim.scenario import Scenario, TenantLoad, Traffic, default_scenario, load_scenario
 from ratequota.sim.stats import (
     Interval,
@@ -33,7 +34,6 @@ from ratequota.sim.stats import (
     level_at,
     percentile,
     reclaim_time,
-    render_report,
     step_function,
 )
 from ratequota.testing import fake_client

@@ -7,6 +7,8 @@ point for the command line is ``add_arguments(parser)`` and ``run(args)``.
 * ``scenario`` — policies plus each tenant's traffic, pure and validated;
 * ``fleet`` — the pods and worker threads that play a scenario and record what happened;
 * ``stats`` — every statistic, computed afterwards from the records;
+* ``measure`` — entitlement from real demand, and every gap split into causes;
+* ``report`` — the report as text and as JSON;
 * ``picture`` — units held per tenant over time (matplotlib);
 * ``command`` — the options and the command itself.
 """

@@ -20,8 +20,8 @@ from ratequota.backends import translate_error
 from ratequota.client import QuotaClient
 from ratequota.sim.fleet import run_scenario
 from ratequota.sim.picture import plot_timeline
+from ratequota.sim.report import render_report, report_to_dict
 from ratequota.sim.scenario import default_scenario, load_scenario
-from ratequota.sim.stats import render_report, report_to_dict
 
 __all__ = ["add_arguments", "client_from_args", "run"]
 
