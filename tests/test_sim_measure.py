@@ -156,7 +156,7 @@ def test_the_four_causes_always_add_up_to_the_gap(requests: list[Request], ttl: 
     for name, gap in gaps.items():
         _assert_adds_up(gap)
         held = math.fsum(
-            r.units * (min(r.end, 10.0) - r.got)
+            r.units * max(0.0, min(r.end, 10.0) - min(r.got, 10.0))
             for r in requests
             if r.tenant == name and r.got is not None
         )
