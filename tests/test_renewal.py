@@ -14,15 +14,15 @@ import time
 
 import pytest
 
-from ratequota.aio import AsyncQuotaClient, async_embedded_backend
-from ratequota.backends import embedded_backend
-from ratequota.client import QuotaClient
-from ratequota.core import QuotaCore
+from ratequota.clients.aio import AsyncQuotaClient, async_embedded_backend
+from ratequota.clients.backends import embedded_backend
+from ratequota.clients.core import QuotaCore
+from ratequota.clients.renewal import RenewalBook, renew_many
+from ratequota.clients.shell import Batch, LeaseBase
+from ratequota.clients.sync import QuotaClient
 from ratequota.decision import LeaseInfo, RenewResult
 from ratequota.errors import AcquireTimeout, BackendUnavailable
 from ratequota.policy import GroupPolicy, Policy, TenantPolicy
-from ratequota.renewal import RenewalBook, renew_many
-from ratequota.shell import Batch, LeaseBase
 
 POLICY = Policy(
     [
@@ -111,8 +111,8 @@ def test_renew_many_sends_one_batch_per_shard() -> None:
     first = flow.send(None)
     assert isinstance(first, Batch)
     assert [c.args[2] for c in first.calls] == ["x1", "x2"]
-    reply = [1, b"renewed", 5000, 0, 1, b"2", 1, 4]
-    second = flow.send([reply, [0, b"lost", 0, 0, 0, b"0", 0, 4]])
+    reply = [1, b"renewed", 5000, 0, 1, b"2", 1, 4, 1000]
+    second = flow.send([reply, [0, b"lost", 0, 0, 0, b"0", 0, 4, 0]])
     assert isinstance(second, Batch) and len(second.calls) == 1
     with pytest.raises(StopIteration) as done:
         flow.throw(BackendUnavailable("s2 down"))
@@ -142,7 +142,7 @@ def test_decorated_handler_lease_is_renewed() -> None:
     quota = QuotaClient(backend=embedded_backend(shared=False), lease_ttl=0.3)
     quota.apply_policy(POLICY)
 
-    @quota.limit(tenant="a", units=1)
+    @quota.limit(tenant=lambda: "a", units=1)
     def slow() -> int:
         time.sleep(1.0)
         return quota.snapshot("g").used

@@ -191,7 +191,7 @@ def test_split_adds_up_on_a_recorded_workload() -> None:
     )
     shared = fake_client()
     try:
-        from ratequota.client import QuotaClient
+        from ratequota.clients.sync import QuotaClient
 
         result = run_scenario(scenario, lambda: QuotaClient(backend=_Shared(shared.backend)))
     finally:

@@ -272,7 +272,7 @@ def test_run_scenario_on_a_private_fake_is_safe() -> None:
     server_client = fake_client()
     server = server_client.backend
     try:
-        from ratequota.client import QuotaClient
+        from ratequota.clients.sync import QuotaClient
 
         result = run_scenario(_tiny(), lambda: QuotaClient(backend=_shared(server)))
     finally:
@@ -385,7 +385,7 @@ def test_simulate_run_takes_a_client_factory(capsys: pytest.CaptureFixture[str])
     import argparse
 
     from ratequota import sim
-    from ratequota.client import QuotaClient
+    from ratequota.clients.sync import QuotaClient
 
     parser = argparse.ArgumentParser()
     cli.add_backend_options(parser)

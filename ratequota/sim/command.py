@@ -16,8 +16,8 @@ from typing import Any
 
 import redis
 
-from ratequota.backends import translate_error
-from ratequota.client import QuotaClient
+from ratequota.clients.backends import translate_error
+from ratequota.clients.sync import QuotaClient
 from ratequota.sim.fleet import run_scenario
 from ratequota.sim.picture import plot_timeline
 from ratequota.sim.report import render_report, report_to_dict

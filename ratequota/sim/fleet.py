@@ -28,7 +28,7 @@ from typing import Any, TextIO
 
 import attrs
 
-from ratequota.client import QuotaClient
+from ratequota.clients.sync import QuotaClient
 from ratequota.clock import SystemClock
 from ratequota.errors import AcquireTimeout, RateQuotaError
 from ratequota.sim.measure import Request
