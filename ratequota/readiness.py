@@ -537,45 +537,6 @@ def read_catalog(backend: Any, keyspace: KeySpace) -> tuple[Any, str | None]:
         return None, _error(exc)
 
 
-# -- the ``ratequota check`` command ----------------------------------------------
-
-
-def add_arguments(parser: Any) -> None:
-    """Options of ``ratequota check`` (the backend options are added by the CLI)."""
-    parser.add_argument(
-        "--group",
-        action="append",
-        dest="groups",
-        metavar="NAME",
-        help="a group this pod serves (repeatable; default: every published group)",
-    )
-    parser.add_argument(
-        "--socket-timeout",
-        type=float,
-        default=1.0,
-        metavar="SECONDS",
-        help="timeout of every Redis call (default: 1.0; keep it under the probe's timeout)",
-    )
-    parser.add_argument(
-        "--allow-degraded",
-        action="store_true",
-        help="stay ready while some shards fail, if the catalog's shard and one other work",
-    )
-
-
-def run(args: Any) -> int:
-    """Print the report as a table; exit 0 when ready, 1 when the pod must not take traffic."""
-    from ratequota.cli import client_from_args
-
-    client = client_from_args(args)
-    try:
-        report = client.check(args.groups, allow_degraded=args.allow_degraded)
-    finally:
-        client.close()
-    print(report.table())
-    return 0 if report.ready else 1
-
-
 async def aread_catalog(backend: Any, keyspace: KeySpace) -> tuple[Any, str | None]:
     """``read_catalog`` for the async client's backends."""
     from ratequota.core import parse_catalog

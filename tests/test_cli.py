@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 
 from ratequota import cli
+from ratequota.cli.operator import policy_to_toml, render_snapshot
 from ratequota.client import QuotaClient
 from ratequota.errors import PolicyFileError
-from ratequota.operator import policy_to_toml, render_snapshot
 from ratequota.policy import GroupPolicy, Policy, TenantPolicy
 from ratequota.tomlpos import locate_field
 
@@ -282,3 +282,48 @@ def test_policy_file_error_is_a_config_error(tmp_path: Path) -> None:
         Policy.from_toml(path)
     assert isinstance(caught.value, ValueError)
     assert str(path) in str(caught.value)
+
+
+def _imports(path: Path) -> set[str]:
+    """Every module ``path`` imports, at any level (function-level imports included)."""
+    import ast
+
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module is not None:
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return names
+
+
+def test_the_library_never_imports_the_command_line() -> None:
+    """The CLI is a tool on top of the library: no library module imports ``ratequota.cli``.
+
+    (``python -m ratequota`` is the command line; the simulation is a tool too and may
+    build its pods with ``client_from_args``.)
+    """
+    package = Path(cli.__file__).parent.parent
+    tools = {package / "cli", package / "sim", package / "simulate.py", package / "__main__.py"}
+    offenders = []
+    for path in sorted(package.rglob("*.py")):
+        if any(path == tool or tool in path.parents for tool in tools):
+            continue
+        if any(
+            name == "ratequota.cli" or name.startswith("ratequota.cli.") for name in _imports(path)
+        ):
+            offenders.append(str(path.relative_to(package)))
+    assert offenders == []
+    assert "ratequota.cli" not in " ".join(_imports(package / "readiness.py"))
+
+
+def test_console_script_points_at_the_cli_package() -> None:
+    """``[project.scripts]`` names a function that exists: ``ratequota.cli:main``."""
+    import tomllib
+
+    project = Path(cli.__file__).parent.parent.parent / "pyproject.toml"
+    target = tomllib.loads(project.read_text())["project"]["scripts"]["ratequota"]
+    module, _, attr = target.partition(":")
+    assert (module, attr) == ("ratequota.cli", "main")
+    assert getattr(cli, attr) is cli.main

@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
+from ratequota.cli.backend import client_from_args
 from ratequota.decision import GroupSnapshot
 from ratequota.errors import ConfigError
 from ratequota.policy import Policy
@@ -135,8 +136,6 @@ def render_snapshot(snap: GroupSnapshot, *, leases: bool = True) -> str:
 
 
 def _apply(args: argparse.Namespace) -> int:
-    from ratequota.cli import client_from_args
-
     policy = Policy.from_toml(args.file)  # PolicyFileError names the file, line and field
     if args.dry_run:
         for group in policy.groups:
@@ -151,8 +150,6 @@ def _apply(args: argparse.Namespace) -> int:
 
 
 def _show(args: argparse.Namespace) -> int:
-    from ratequota.cli import client_from_args
-
     with client_from_args(args) as client:
         policy = client.load_policy()
     if policy is None:
@@ -166,8 +163,6 @@ def _show(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from ratequota.cli import client_from_args
-
     with client_from_args(args) as client:
         policy = client.load_policy()
         group = policy.group(args.group) if policy is not None else None

@@ -13,6 +13,7 @@ import threading
 import time
 import uuid
 
+from ratequota.cli.backend import client_from_args
 from ratequota.client import QuotaClient
 from ratequota.errors import QuotaExceeded
 from ratequota.policy import GroupPolicy, Policy, TenantPolicy
@@ -28,8 +29,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the demonstration; 0 when every invariant held."""
-    from ratequota.cli import client_from_args
-
     client: QuotaClient = client_from_args(args)
     group = f"demo-{uuid.uuid4().hex[:8]}"
     policy = Policy(

@@ -1,0 +1,107 @@
+"""The ``ratequota`` argument parser and entry point.
+
+Each sub-command lives in a module of this package (``operator``, ``check``,
+``demo``) or, for ``simulate``, in the simulation package; each registers its
+parser here through ``COMMANDS``. This module only dispatches and turns a
+``RateQuotaError`` into one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from ratequota.cli import check, demo, operator
+from ratequota.cli.backend import add_backend_options
+from ratequota.errors import RateQuotaError
+
+__all__ = ["COMMANDS", "build_parser", "main"]
+
+if TYPE_CHECKING:
+    SubParsers = argparse._SubParsersAction[argparse.ArgumentParser]
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _demo_command(sub: SubParsers) -> None:
+    parser = sub.add_parser("demo", help="a short demonstration on the embedded default")
+    add_backend_options(parser)
+    demo.add_arguments(parser)
+    parser.set_defaults(handler=demo.run)
+
+
+def _simulation() -> Any:
+    """The simulation's module (``add_arguments``/``run``), imported only when parsing needs it.
+
+    The simulation is a separate tool built on the library; it may live in
+    ``ratequota.sim`` or, before that move, in ``ratequota.simulate``.
+    """
+    for name in ("ratequota.sim", "ratequota.simulate"):
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:
+                raise
+            continue
+        if hasattr(module, "add_arguments") and hasattr(module, "run"):
+            return module
+    raise RuntimeError("the simulation package is missing from this installation")
+
+
+def _simulate_command(sub: SubParsers) -> None:
+    simulation = _simulation()
+    parser = sub.add_parser(
+        "simulate", help="a fleet of pods sharing groups of tenants; prints fairness and safety"
+    )
+    add_backend_options(parser)
+    simulation.add_arguments(parser)
+    parser.set_defaults(handler=simulation.run)
+
+
+def _check_command(sub: SubParsers) -> None:
+    parser = sub.add_parser(
+        "check", help="readiness of every shard; exits non-zero when the pod must not take traffic"
+    )
+    add_backend_options(parser)
+    check.add_arguments(parser)
+    parser.set_defaults(handler=check.run)
+
+
+def _operator_commands(sub: SubParsers) -> None:
+    operator.add_commands(sub, add_backend_options)
+
+
+#: Every sub-command: a function adding its parser (with ``handler`` set).
+COMMANDS: list[Callable[[SubParsers], None]] = [
+    _demo_command,
+    _simulate_command,
+    _operator_commands,
+    _check_command,
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full argument parser."""
+    parser = argparse.ArgumentParser(
+        prog="ratequota", description="Fair, lease-based tenant quota enforced in Redis."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in COMMANDS:
+        add(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``ratequota`` and ``python -m ratequota``."""
+    args = build_parser().parse_args(argv)
+    handler: Handler = args.handler
+    try:
+        return handler(args)
+    except RateQuotaError as exc:
+        print(f"ratequota: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
