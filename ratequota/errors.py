@@ -114,7 +114,10 @@ class PolicyMissing(RateQuotaError):
 
     def __init__(self, group: str) -> None:
         self.group = group
-        super().__init__(f"no policy is published for group {group!r}; call apply_policy first")
+        super().__init__(
+            f"no policy is published for group {group!r}; publish one with "
+            "`ratequota policy apply FILE`"
+        )
 
 
 class SchemaMismatch(RateQuotaError):

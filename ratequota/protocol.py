@@ -101,7 +101,7 @@ def _raise_error_reply(group: str, reason: str, detail: Any) -> None:
         raise SchemaMismatch(group, int(detail), SCHEMA_VERSION)
     if reason == "bad_ttl":
         raise InvalidRequest(
-            "ttl", f"is above group {group!r}'s max_lease_ttl of {int(detail) / 1000:g}s"
+            "ttl", f"is above the max_lease_ttl of group {group!r} ({int(detail) / 1000:g}s)"
         )
     raise AssertionError(f"unexpected script error reply {reason!r}")  # pragma: no cover
 

@@ -12,6 +12,7 @@ import argparse
 import importlib
 import sys
 from collections.abc import Callable, Sequence
+from importlib import metadata
 from typing import TYPE_CHECKING, Any
 
 from ratequota.cli import check, demo, operator
@@ -28,7 +29,7 @@ Handler = Callable[[argparse.Namespace], int]
 
 def _demo_command(sub: SubParsers) -> None:
     parser = sub.add_parser("demo", help="a short demonstration on the embedded default")
-    add_backend_options(parser)
+    add_backend_options(parser, embedded_default=True)
     demo.add_arguments(parser)
     parser.set_defaults(handler=demo.run)
 
@@ -56,7 +57,7 @@ def _simulate_command(sub: SubParsers) -> None:
     parser = sub.add_parser(
         "simulate", help="a fleet of pods sharing groups of tenants; prints fairness and safety"
     )
-    add_backend_options(parser)
+    add_backend_options(parser, embedded_default=True)
     simulation.add_arguments(parser)
     parser.set_defaults(handler=simulation.run)
 
@@ -83,11 +84,22 @@ COMMANDS: list[Callable[[SubParsers], None]] = [
 ]
 
 
+def version() -> str:
+    """The installed distribution's version (the package's own when run from a source tree)."""
+    try:
+        return metadata.version("ratequota")
+    except metadata.PackageNotFoundError:
+        from ratequota import __version__
+
+        return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full argument parser."""
     parser = argparse.ArgumentParser(
         prog="ratequota", description="Fair, lease-based tenant quota enforced in Redis."
     )
+    parser.add_argument("--version", action="version", version=f"ratequota {version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in COMMANDS:
         add(sub)

@@ -1,7 +1,9 @@
 """Operator commands: publish and read the policy, and look inside a live group.
 
-``ratequota policy apply FILE`` validates a TOML policy file and publishes it
-for every pod; ``ratequota policy show`` prints the published policy (as TOML
+``ratequota policy apply FILE`` validates a TOML policy file, prints what
+publishing it changes (``ratequota.cli.diff``) and publishes it for every pod
+(refusing an empty file, and refusing to drop groups without ``--prune``);
+``ratequota policy show`` prints the published policy (as TOML
 that ``policy apply`` accepts back, or JSON); ``ratequota inspect --group G``
 prints one consistent snapshot of a group: per tenant what it holds, its fair
 limit, its waiting demand and what it borrows, and the live leases.
@@ -15,11 +17,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from ratequota.cli.backend import client_from_args
+from ratequota.cli.backend import URL_VARIABLE, client_from_args, has_backend
+from ratequota.cli.diff import PolicyDiff, diff_policies
+from ratequota.cli.output import CommandError, add_json_option, plural, print_json
 from ratequota.decision import GroupSnapshot
 from ratequota.errors import ConfigError
 from ratequota.policy import Policy
@@ -135,28 +140,92 @@ def render_snapshot(snap: GroupSnapshot, *, leases: bool = True) -> str:
     return "\n".join(out)
 
 
+def _refusal(policy: Policy, diff: PolicyDiff, args: argparse.Namespace) -> str | None:
+    """Why publishing must not go ahead (None: it may)."""
+    if not policy.groups:
+        return (
+            f"{args.file} has no groups; publishing it would unpublish every group and "
+            "refuse every tenant. Nothing was published"
+        )
+    removed = diff.of("removed")
+    if removed and not args.prune:
+        names = ", ".join(f"{g.name!r} ({plural(g.tenant_count, 'tenant')})" for g in removed[:5])
+        more = f" and {len(removed) - 5} more" if len(removed) > 5 else ""
+        return (
+            f"{args.file} leaves out {plural(len(removed), 'published group')}: {names}{more}; "
+            "their tenants would be refused from then on. Add them to the file, or pass "
+            "--prune to remove them. Nothing was published"
+        )
+    return None
+
+
 def _apply(args: argparse.Namespace) -> int:
     policy = Policy.from_toml(args.file)  # PolicyFileError names the file, line and field
-    if args.dry_run:
+    if args.dry_run and not has_backend(args):
+        # Validation needs no Redis; without one there is nothing to compare with.
+        if args.json:
+            print_json({"file": args.file, "valid": True, "groups": len(policy.groups)})
+            return 0
         for group in policy.groups:
-            print(f"group {group.name!r}: capacity {group.capacity}, {len(group.tenants)} tenants")
+            print(
+                f"group {group.name!r}: capacity {group.capacity}, "
+                f"{plural(len(group.tenants), 'tenant')}"
+            )
         print(f"{args.file}: valid; nothing published (--dry-run)")
+        print(f"(name a Redis, or set {URL_VARIABLE}, to see what publishing would change)")
         return 0
     with client_from_args(args) as client:
-        versions = client.apply_policy(policy)
-    for name, version in versions.items():
-        print(f"published group {name!r} (policy version {version})")
+        target = str(getattr(client.backend, "description", "redis"))
+        diff = diff_policies(client.load_policy(), policy)
+        refused = _refusal(policy, diff, args)
+        versions = None
+        if refused is None and not args.dry_run:
+            versions = client.apply_policy(policy)
+    if args.json:
+        print_json(
+            {
+                "file": args.file,
+                "target": target,
+                "prefix": args.prefix,
+                "diff": diff.to_dict(),
+                "published": versions,
+            }
+        )
+    else:
+        print(f"{args.file} against the policy published on {target} (prefix {args.prefix!r}):")
+        for line in diff.lines():
+            print(f"  {line}")
+        if versions is not None:
+            for name, version in versions.items():
+                print(f"published group {name!r} (policy version {version})")
+            for gone in diff.of("removed"):
+                print(f"removed group {gone.name!r}")
+        elif refused is None:
+            print(f"{args.file}: valid; nothing published (--dry-run)")
+    if refused is not None:
+        raise CommandError(refused)
     return 0
+
+
+def _nothing_published(args: argparse.Namespace) -> int:
+    """Exit code 1 with the command that publishes a policy (``null`` on stdout for --json)."""
+    if args.json:
+        print_json(None)
+    print(
+        f"ratequota: no policy is published under prefix {args.prefix!r}; "
+        "publish one with `ratequota policy apply FILE`",
+        file=sys.stderr,
+    )
+    return 1
 
 
 def _show(args: argparse.Namespace) -> int:
     with client_from_args(args) as client:
         policy = client.load_policy()
     if policy is None:
-        print("no policy is published (ratequota policy apply FILE publishes one)")
-        return 1
+        return _nothing_published(args)
     if args.json:
-        print(json.dumps(policy.to_dict(), indent=2, ensure_ascii=False))
+        print_json(policy.to_dict())
     else:
         print(policy_to_toml(policy), end="")
     return 0
@@ -165,8 +234,15 @@ def _show(args: argparse.Namespace) -> int:
 def _inspect(args: argparse.Namespace) -> int:
     with client_from_args(args) as client:
         policy = client.load_policy()
-        group = policy.group(args.group) if policy is not None else None
-        names = [t.name for t in group.tenants] if group is not None else []
+        if policy is None:
+            return _nothing_published(args)
+        group = policy.group(args.group)
+        if group is None:
+            raise CommandError(
+                f"group {args.group!r} is not in the published policy "
+                f"(its groups: {', '.join(repr(g.name) for g in policy.groups[:10])})"
+            )
+        names = [t.name for t in group.tenants]
         snap = client.snapshot(args.group, names)
         explanation = None
         if args.tenant is not None:
@@ -175,7 +251,7 @@ def _inspect(args: argparse.Namespace) -> int:
         data = snapshot_to_dict(snap)
         if explanation is not None:
             data["explanation"] = explanation.describe().splitlines()
-        print(json.dumps(data, indent=2, ensure_ascii=False))
+        print_json(data)
     else:
         print(render_snapshot(snap, leases=not args.no_leases))
         if explanation is not None:
@@ -191,19 +267,31 @@ def add_commands(
     """Register ``policy apply``, ``policy show`` and ``inspect``."""
     policy = sub.add_parser("policy", help="publish or read the quota policy")
     actions = policy.add_subparsers(dest="policy_command", required=True)
-    apply = actions.add_parser("apply", help="validate a TOML policy file and publish it")
+    apply = actions.add_parser(
+        "apply", help="validate a TOML policy file, show what changes, and publish it"
+    )
     apply.add_argument("file", metavar="FILE", help="policy file (TOML)")
-    apply.add_argument("--dry-run", action="store_true", help="validate only, publish nothing")
+    apply.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="validate (and, with a Redis named, show what would change); publish nothing",
+    )
+    apply.add_argument(
+        "--prune",
+        action="store_true",
+        help="remove published groups that FILE leaves out (refused otherwise)",
+    )
+    add_json_option(apply, "text")
     add_backend_options(apply)
     apply.set_defaults(handler=_apply)
     show = actions.add_parser("show", help="print the published policy")
-    show.add_argument("--json", action="store_true", help="JSON instead of TOML")
+    add_json_option(show, "TOML")
     add_backend_options(show)
     show.set_defaults(handler=_show)
 
     inspect = sub.add_parser("inspect", help="live per-tenant usage, limits and leases of a group")
     inspect.add_argument("--group", required=True, help="the group to look at")
-    inspect.add_argument("--json", action="store_true", help="JSON instead of a table")
+    add_json_option(inspect)
     inspect.add_argument("--no-leases", action="store_true", help="omit the list of leases")
     inspect.add_argument(
         "--tenant", help="also explain this tenant's limit (and from whom it borrows)"
