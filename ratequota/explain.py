@@ -17,7 +17,7 @@ unguaranteed part of the capacity (``C − ΣG``), reported as ``POOL``.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Literal
 
 import attrs
@@ -28,7 +28,16 @@ from ratequota.errors import InvalidRequest, PolicyMissing, UnknownTenant
 from ratequota.fairness import GroupDecision, Share, decide, group_allocation
 from ratequota.policy import GroupPolicy
 
-__all__ = ["POOL", "Explanation", "Loan", "explain", "explain_flow", "lenders"]
+__all__ = [
+    "POOL",
+    "Explanation",
+    "Loan",
+    "entitlement",
+    "entitlements",
+    "explain",
+    "explain_flow",
+    "lenders",
+]
 
 #: Name of the source "capacity no tenant is guaranteed" among a tenant's lenders.
 POOL = "(unguaranteed capacity)"
@@ -56,6 +65,9 @@ class Explanation:
     ``ceiling`` is ``G + B`` (``inf`` without a borrow limit). ``engine_limit``
     is the limit the Lua engine reported in the snapshot (before the request),
     for comparison (``None`` when the snapshot did not list the tenant).
+    ``entitled`` is the most the tenant may hold now if it asks (see
+    ``entitlement``): what ``describe()``, ``ratequota inspect`` and ``top``
+    call its limit; never below its guarantee.
     """
 
     tenant: str
@@ -78,6 +90,7 @@ class Explanation:
     units: int | None = None
     verdict: GroupDecision | None = None
     engine_limit: float | None = None
+    entitled: float = 0.0
 
     @property
     def admitted(self) -> bool | None:
@@ -108,11 +121,15 @@ class Explanation:
 
     def describe(self) -> str:
         """A few lines for humans: the limit, why, what is borrowed from whom, and the verdict."""
+        ceiling = f", ceiling {self.ceiling:g}" if math.isfinite(self.ceiling) else ""
+        asked = " with this request" if self.units is not None else ""
         lines = [
-            f"tenant {self.tenant!r} in group {self.group!r}: limit {self.limit:g} "
-            f"(lo {self.lo:g}, up {self.up:g}), holds {self.used}, waits for {self.pending}, "
-            f"guarantee {self.guarantee}; group holds {self.group_used} of {self.capacity}",
-            f"limit decided by {self.why_limit()}",
+            f"tenant {self.tenant!r} in group {self.group!r}: limit {self.entitled:g} (the most "
+            f"it may hold now if it asks; guarantee {self.guarantee}{ceiling}); holds "
+            f"{self.used}, waits for {self.pending}; group holds {self.group_used} of "
+            f"{self.capacity}",
+            f"at its demand of {self.demand:g}{asked}: fair share {self.limit:g} (lo {self.lo:g}, "
+            f"up {self.up:g}), decided by {self.why_limit()}",
         ]
         if self.borrowed > 0:
             parts = ", ".join(
@@ -129,7 +146,7 @@ class Explanation:
             elif v.reason == "tenant_limit":
                 lines.append(
                     f"a request for {self.units} units would be refused: {self.used} + "
-                    f"{self.units} is above the limit {self.limit:g}"
+                    f"{self.units} is above its fair share {self.limit:g}"
                 )
             elif v.reason == "group_full":
                 lines.append(
@@ -167,6 +184,41 @@ def lenders(policy: GroupPolicy, shares: Mapping[str, Share], exclude: str) -> d
     if pool > 0:
         offers[POOL] = float(pool)
     return offers
+
+
+def _demand(snapshot: GroupSnapshot) -> dict[str, float]:
+    used, pending = _state(snapshot)
+    demand: dict[str, float] = {}
+    for source in (used, pending):
+        for name, n in source.items():
+            demand[name] = demand.get(name, 0.0) + n
+    return demand
+
+
+def entitlement(snapshot: GroupSnapshot, policy: GroupPolicy, tenant: str) -> float:
+    """The most units ``tenant`` may hold now if it asks: what outputs call its ``limit``.
+
+    The reference rule with the tenant's demand raised to the whole capacity
+    (capped by its ceiling ``G + B``) and everyone else's as the snapshot
+    shows. It is never below the tenant's guarantee (``lo = G`` at that
+    demand), and a request of ``u`` units passes the tenant check exactly
+    when ``used + u`` fits under it (strategy-proofness: asking for more never
+    earns more than one's due). Units others borrow come back to the tenant
+    as their leases end, so it may have to wait for them (``group_full``).
+    """
+    if policy.tenant(tenant) is None:
+        raise UnknownTenant(tenant, policy.name)
+    demand = _demand(snapshot)
+    demand[tenant] = float(policy.capacity)
+    return group_allocation(policy, demand).shares[tenant].limit
+
+
+def entitlements(
+    snapshot: GroupSnapshot, policy: GroupPolicy, tenants: Iterable[str] | None = None
+) -> dict[str, float]:
+    """``entitlement`` of every tenant of ``tenants`` (default: those in the snapshot)."""
+    names = list(snapshot.tenants if tenants is None else tenants)
+    return {name: entitlement(snapshot, policy, name) for name in names}
 
 
 def explain(
@@ -239,6 +291,7 @@ def explain(
         units=units,
         verdict=verdict,
         engine_limit=None if row is None else row.limit,
+        entitled=entitlement(snapshot, policy, tenant),
     )
 
 

@@ -199,7 +199,8 @@ def decode_acquire(
         limit=limit if not (lease and lease.replay) else math.nan,
         group_used=int(reply[6]),
         capacity=capacity,
-        retry_after=int(reply[8]) / 1000.0,
+        # A request that can never fit has nothing to wait for: no retry hint.
+        retry_after=0.0 if reason == "too_large" else int(reply[8]) / 1000.0,
         policy_version=int(reply[9]),
         lease=lease,
     )

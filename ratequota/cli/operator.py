@@ -24,15 +24,16 @@ from typing import TYPE_CHECKING, Any
 
 from ratequota.cli.backend import URL_VARIABLE, client_from_args, has_backend
 from ratequota.cli.diff import PolicyDiff, diff_policies
-from ratequota.cli.output import CommandError, add_json_option, plural, print_json
+from ratequota.cli.output import CommandError, add_json_option, number, plural, print_json
 from ratequota.decision import GroupSnapshot
 from ratequota.errors import ConfigError
-from ratequota.policy import Policy
+from ratequota.explain import entitlement
+from ratequota.policy import GroupPolicy, Policy
 
 if TYPE_CHECKING:
     SubParsers = argparse._SubParsersAction[argparse.ArgumentParser]
 
-__all__ = ["add_commands", "policy_to_toml", "render_snapshot", "snapshot_to_dict"]
+__all__ = ["add_commands", "limits_of", "policy_to_toml", "render_snapshot", "snapshot_to_dict"]
 
 
 def _toml_value(value: object) -> str:
@@ -78,8 +79,23 @@ def policy_to_toml(policy: Policy) -> str:
     return "\n".join(lines)
 
 
-def snapshot_to_dict(snap: GroupSnapshot) -> dict[str, Any]:
-    """A snapshot as plain JSON-ready data."""
+def limits_of(snap: GroupSnapshot, policy: GroupPolicy | None) -> dict[str, float]:
+    """Each tenant's ``limit`` as every output shows it: the most it may hold now if it asks.
+
+    Tenants the policy does not know (strangers of a group that admits them
+    are known through its default tenant) keep the engine's fair limit.
+    """
+    limits = {name: t.limit for name, t in snap.tenants.items()}
+    if policy is not None:
+        for name in snap.tenants:
+            if policy.tenant(name) is not None:
+                limits[name] = entitlement(snap, policy, name)
+    return limits
+
+
+def snapshot_to_dict(snap: GroupSnapshot, policy: GroupPolicy | None = None) -> dict[str, Any]:
+    """A snapshot as plain JSON-ready data (``limit`` as ``limits_of`` defines it)."""
+    limits = limits_of(snap, policy)
     return {
         "group": snap.group,
         "now": snap.now,
@@ -89,10 +105,11 @@ def snapshot_to_dict(snap: GroupSnapshot) -> dict[str, Any]:
         "tenants": {
             name: {
                 "used": t.used,
-                "limit": t.limit,
-                "pending": t.pending,
+                "limit": limits[name],
                 "guarantee": t.guarantee,
+                "pending": t.pending,
                 "borrowed": t.borrowed,
+                "fair_share": t.limit,
             }
             for name, t in snap.tenants.items()
         },
@@ -110,23 +127,27 @@ def snapshot_to_dict(snap: GroupSnapshot) -> dict[str, Any]:
     }
 
 
-def render_snapshot(snap: GroupSnapshot, *, leases: bool = True) -> str:
+def render_snapshot(
+    snap: GroupSnapshot, policy: GroupPolicy | None = None, *, leases: bool = True
+) -> str:
     """A snapshot as the table ``ratequota inspect`` prints."""
+    limits = limits_of(snap, policy)
+    count = len(snap.leases)
+    held = f"{count}+ leases" if snap.leases_truncated else plural(count, "lease")
     out = [
-        f"group {snap.group!r}: {snap.used} of {snap.capacity} units held "
-        f"({len(snap.leases)}{'+' if snap.leases_truncated else ''} "
-        f"lease{'' if len(snap.leases) == 1 and not snap.leases_truncated else 's'}), "
+        f"group {snap.group!r}: {snap.used} of {snap.capacity} units held ({held}), "
         f"policy version {snap.policy_version}",
         "",
     ]
     header = (
-        f"{'tenant':20} {'used':>5} {'limit':>7} {'pending':>7} {'guarantee':>9} {'borrowed':>8}"
+        f"{'tenant':20} {'used':>5} {'limit':>7} {'guarantee':>9} {'pending':>7} {'borrowed':>8}"
     )
     out += [header, "-" * len(header)]
     for name in sorted(snap.tenants):
         t = snap.tenants[name]
         out.append(
-            f"{name:20} {t.used:5d} {t.limit:7.1f} {t.pending:7d} {t.guarantee:9d} {t.borrowed:8d}"
+            f"{name:20} {t.used:5d} {number(limits[name]):>7} {t.guarantee:9d} {t.pending:7d} "
+            f"{t.borrowed:8d}"
         )
     if leases and snap.leases:
         out += ["", f"{'lease':34} {'tenant':20} {'units':>5} {'token':>7} {'expires in':>10}"]
@@ -137,6 +158,7 @@ def render_snapshot(snap: GroupSnapshot, *, leases: bool = True) -> str:
             )
         if snap.leases_truncated:
             out.append("... more leases not listed")
+    out += ["", "limit: the most the tenant may hold now if it asks (never below its guarantee)"]
     return "\n".join(out)
 
 
@@ -248,12 +270,12 @@ def _inspect(args: argparse.Namespace) -> int:
         if args.tenant is not None:
             explanation = client.explain(args.tenant, args.units, group=args.group)
     if args.json:
-        data = snapshot_to_dict(snap)
+        data = snapshot_to_dict(snap, group)
         if explanation is not None:
             data["explanation"] = explanation.describe().splitlines()
         print_json(data)
     else:
-        print(render_snapshot(snap, leases=not args.no_leases))
+        print(render_snapshot(snap, group, leases=not args.no_leases))
         if explanation is not None:
             print("\n" + explanation.describe())
         stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(snap.now))

@@ -14,7 +14,7 @@ from typing import Any
 
 from ratequota.errors import RateQuotaError
 
-__all__ = ["CommandError", "add_json_option", "finite", "plural", "print_json"]
+__all__ = ["CommandError", "add_json_option", "finite", "number", "plural", "print_json"]
 
 
 class CommandError(RateQuotaError):
@@ -24,6 +24,12 @@ class CommandError(RateQuotaError):
 def plural(count: int, noun: str, many: str | None = None) -> str:
     """``1 tenant``, ``2 tenants``, ``0 leases``: the count and the noun agreeing with it."""
     return f"{count} {noun if count == 1 else (many or noun + 's')}"
+
+
+def number(value: float) -> str:
+    """A limit for people: at most two decimals, no trailing zeros (``8``, ``8.04``)."""
+    text = f"{value:.2f}".rstrip("0").rstrip(".")
+    return "0" if text == "-0" else text
 
 
 def finite(value: float | None) -> float | None:
