@@ -317,12 +317,20 @@ def _play(scenario: Scenario, clients: list[QuotaClient], progress: TextIO | Non
 
 
 def plot_timeline(result: RunResult, scenario: Scenario, path: Path) -> bool:
-    """Draw units held per tenant over time to ``path`` (PNG); False when matplotlib is missing.
+    """Draw units held per tenant over time to ``path``; False when it cannot be drawn.
 
+    A ``.svg`` path is drawn by ``ratequota.simsvg`` with no dependency (the
+    default, so the first command a user runs shows its picture); any other
+    is a PNG drawn with matplotlib (the ``plot`` extra), False without it.
     One panel per group: each tenant's units (averaged over short bins), its
     guarantee as a dotted line in the same colour, the group's total as a
     grey area and the capacity as a dashed line.
     """
+    if path.suffix.lower() == ".svg":
+        from ratequota.simsvg import timeline
+
+        path.write_text(timeline(result, scenario), encoding="utf-8")
+        return True
     try:
         import matplotlib
 
@@ -379,9 +387,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, help="random seed of batch durations")
     parser.add_argument(
         "--plot",
-        metavar="PNG",
-        default="ratequota-simulation.png",
-        help="where to draw units held over time (default: ratequota-simulation.png)",
+        metavar="FILE",
+        default="ratequota-simulation.svg",
+        help="where to draw units held over time: .svg needs nothing, .png needs matplotlib "
+        "(default: ratequota-simulation.svg)",
     )
     parser.add_argument("--no-plot", action="store_true", help="do not draw the picture")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -424,7 +433,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"\npicture of units held per tenant over time: {path}")
         else:
             print(
-                "\nno picture drawn: matplotlib is not installed; "
-                "`pip install 'ratequota[plot]'` to get one"
+                f"\nno picture drawn: a PNG needs matplotlib (`pip install 'ratequota[plot]'`); "
+                f"or draw an SVG with no extra: --plot {path.with_suffix('.svg')}"
             )
     return 0 if result.report.safe else 1
