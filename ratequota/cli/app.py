@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from importlib import metadata
 from typing import TYPE_CHECKING, Any
 
-from ratequota.cli import check, demo, operator
+from ratequota.cli import check, demo, operator, top
 from ratequota.cli.backend import add_backend_options
 from ratequota.errors import RateQuotaError
 
@@ -71,6 +71,15 @@ def _check_command(sub: SubParsers) -> None:
     parser.set_defaults(handler=check.run)
 
 
+def _top_command(sub: SubParsers) -> None:
+    parser = sub.add_parser(
+        "top", help="live view of groups: per tenant held, guarantee, limit, borrowed, waiting"
+    )
+    add_backend_options(parser)
+    top.add_arguments(parser)
+    parser.set_defaults(handler=top.run)
+
+
 def _operator_commands(sub: SubParsers) -> None:
     operator.add_commands(sub, add_backend_options)
 
@@ -80,6 +89,7 @@ COMMANDS: list[Callable[[SubParsers], None]] = [
     _demo_command,
     _simulate_command,
     _operator_commands,
+    _top_command,
     _check_command,
 ]
 
