@@ -294,3 +294,14 @@ def test_diff_of_policies_is_exact() -> None:
     assert diff.changed
     assert not diff_policies(new, new).changed
     assert [g.status for g in diff_policies(None, new).groups] == ["added"] * 3
+
+
+def test_demo_never_publishes_over_a_deployments_policy() -> None:
+    """demo publishes a policy of its own: under the rqdemo prefix unless told otherwise.
+
+    With the deployment's prefix, ``ratequota demo --redis <prod>`` would have
+    replaced the published policy with the demo's one group.
+    """
+    assert cli.build_parser().parse_args(["demo"]).prefix == "rqdemo"
+    assert cli.build_parser().parse_args(["simulate"]).prefix == "rqsim"
+    assert cli.build_parser().parse_args(["policy", "show"]).prefix == "rq"

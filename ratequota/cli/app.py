@@ -30,6 +30,8 @@ Handler = Callable[[argparse.Namespace], int]
 def _demo_command(sub: SubParsers) -> None:
     parser = sub.add_parser("demo", help="a short demonstration on the embedded default")
     add_backend_options(parser, embedded_default=True)
+    # The demo publishes its own policy: on a real Redis it must never replace a deployment's.
+    parser.set_defaults(prefix="rqdemo")
     demo.add_arguments(parser)
     parser.set_defaults(handler=demo.run)
 

@@ -43,7 +43,7 @@ def add_backend_options(parser: argparse.ArgumentParser, *, embedded_default: bo
     )
     where.add_argument("--shards", metavar="URL", nargs="+", help="independent Redis shards")
     where.add_argument("--cluster", metavar="URL", help="any node of a Redis Cluster")
-    parser.add_argument("--prefix", default="rq", help="key prefix (default: rq)")
+    parser.add_argument("--prefix", default="rq", help="key prefix (default: %(default)s)")
     parser.set_defaults(embedded_default=embedded_default)
 
 
