@@ -25,8 +25,16 @@ import attrs
 from ratequota.core import Flow, QuotaCore, validate_tenant, validate_units
 from ratequota.decision import GroupSnapshot
 from ratequota.errors import InvalidRequest, PolicyMissing, UnknownTenant
-from ratequota.fairness import GroupDecision, Share, decide, group_allocation
-from ratequota.policy import GroupPolicy
+from ratequota.fairness import (
+    Claim,
+    GroupDecision,
+    Share,
+    claim_for,
+    decide,
+    group_allocation,
+    solve,
+)
+from ratequota.policy import GroupPolicy, TenantPolicy
 
 __all__ = [
     "POOL",
@@ -206,19 +214,52 @@ def entitlement(snapshot: GroupSnapshot, policy: GroupPolicy, tenant: str) -> fl
     earns more than one's due). Units others borrow come back to the tenant
     as their leases end, so it may have to wait for them (``group_full``).
     """
-    if policy.tenant(tenant) is None:
-        raise UnknownTenant(tenant, policy.name)
-    demand = _demand(snapshot)
-    demand[tenant] = float(policy.capacity)
-    return group_allocation(policy, demand).shares[tenant].limit
+    return entitlements(snapshot, policy, [tenant])[tenant]
 
 
 def entitlements(
     snapshot: GroupSnapshot, policy: GroupPolicy, tenants: Iterable[str] | None = None
 ) -> dict[str, float]:
-    """``entitlement`` of every tenant of ``tenants`` (default: those in the snapshot)."""
-    names = list(snapshot.tenants if tenants is None else tenants)
-    return {name: entitlement(snapshot, policy, name) for name in names}
+    """``entitlement`` of each of ``tenants`` (default: every tenant in the snapshot).
+
+    ``group_allocation`` once per active tenant and once per distinct set of
+    idle parameters, with the active tenants' claims built once: a view of a
+    group with thousands of listed, mostly idle tenants stays cheap.
+    """
+    listed = {t.name: t for t in policy.tenants}
+
+    def spec_of(name: str) -> TenantPolicy | None:
+        return listed.get(name) or policy.tenant(name)
+
+    demand = _demand(snapshot)
+    base: dict[str, Claim] = {}
+    for name, d in demand.items():
+        spec = spec_of(name)
+        if d > 0 and spec is not None:
+            base[name] = claim_for(spec, d)
+    base_reserve = math.fsum(c.reserve for c in base.values())
+    total_reserve = policy.reserve
+    capacity = float(policy.capacity)
+    out: dict[str, float] = {}
+    # Idle tenants with the same parameters are entitled to the same limit: solve once each.
+    idle_limits: dict[tuple[float, float, float, float], float] = {}
+    for name in snapshot.tenants if tenants is None else tenants:
+        spec = spec_of(name)
+        if spec is None:
+            raise UnknownTenant(name, policy.name)
+        key = (float(spec.guarantee), float(spec.lendable), spec.ceiling, float(spec.weight))
+        if name not in base and key in idle_limits:
+            out[name] = idle_limits[key]
+            continue
+        claims = dict(base)
+        mine = claims.pop(name, None)
+        reserve = base_reserve - (mine.reserve if mine is not None else 0.0) + spec.reserve
+        claims[name] = claim_for(spec, capacity)
+        idle = max(0.0, total_reserve - reserve)
+        out[name] = solve(capacity, list(claims.values()), idle).shares[name].limit
+        if mine is None:
+            idle_limits[key] = out[name]
+    return out
 
 
 def explain(

@@ -12,6 +12,7 @@ NaN, no retry hint for a request that can never fit, public names only.
 from __future__ import annotations
 
 import asyncio
+import math
 import re
 
 import pytest
@@ -31,8 +32,8 @@ from ratequota import (
     TenantSnapshot,
     UnknownTenant,
 )
-from ratequota.explain import entitlement
-from ratequota.fairness import EPSILON, decide
+from ratequota.explain import entitlement, entitlements
+from ratequota.fairness import EPSILON, decide, group_allocation
 from ratequota.testing import ManualClock, fake_client
 from tests.strategies import allocation_cases
 
@@ -92,8 +93,15 @@ def test_entitlement_is_never_below_the_guarantee(
     policy, demand = case
     used, pending = _split(demand, data)
     snap = _snapshot(policy, used, pending)
+    every = entitlements(snap, policy)
     for tenant in policy.tenants:
-        assert entitlement(snap, policy, tenant.name) >= tenant.guarantee - EPSILON
+        assert every[tenant.name] >= tenant.guarantee - EPSILON
+        # The fast path computes exactly the reference rule at the raised demand.
+        raised = {n: float(used[n] + pending[n]) for n in used}
+        raised[tenant.name] = float(policy.capacity)
+        reference = group_allocation(policy, raised).limit(tenant.name)
+        assert math.isclose(every[tenant.name], reference, rel_tol=1e-9, abs_tol=1e-9)
+        assert entitlement(snap, policy, tenant.name) == every[tenant.name]
 
 
 @given(allocation_cases(max_tenants=8), st.data())

@@ -27,7 +27,7 @@ from ratequota.cli.diff import PolicyDiff, diff_policies
 from ratequota.cli.output import CommandError, add_json_option, number, plural, print_json
 from ratequota.decision import GroupSnapshot
 from ratequota.errors import ConfigError
-from ratequota.explain import entitlement
+from ratequota.explain import entitlements
 from ratequota.policy import GroupPolicy, Policy
 
 if TYPE_CHECKING:
@@ -87,9 +87,8 @@ def limits_of(snap: GroupSnapshot, policy: GroupPolicy | None) -> dict[str, floa
     """
     limits = {name: t.limit for name, t in snap.tenants.items()}
     if policy is not None:
-        for name in snap.tenants:
-            if policy.tenant(name) is not None:
-                limits[name] = entitlement(snap, policy, name)
+        known = [name for name in snap.tenants if policy.tenant(name) is not None]
+        limits.update(entitlements(snap, policy, known))
     return limits
 
 
