@@ -113,7 +113,7 @@ class Decision:
         why = _WHY.get(self.reason, self.reason)
         if self.reason == "tenant_limit" and math.isfinite(self.limit):
             numbers = (
-                f"it holds {self.used} and may hold {self.limit:g} with this request; "
+                f"it holds {self.used}, its fair limit with this request is {self.limit:.4g}; "
                 f"group holds {self.group_used} of {self.capacity}"
             )
         else:
