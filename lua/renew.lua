@@ -1,6 +1,6 @@
 -- renew.lua: extend a live lease and say whether its tenant is above its fair limit (§5).
 --
--- KEYS[1] policy, KEYS[2] demand, KEYS[3] exp, KEYS[4] info, KEYS[5] queue   (one group, one slot)
+-- KEYS[1] policy, KEYS[2] demand, KEYS[3] exp, KEYS[4] info, KEYS[5] queue, KEYS[6] fair
 -- ARGV[1] now_ms    pinned clock in ms, or "" for Redis TIME
 -- ARGV[2] schema    key schema of the caller
 -- ARGV[3] lease_id  the lease to extend
@@ -15,29 +15,34 @@
 
 local now = now_ms(ARGV[1])
 local member, ttl = 'L' .. ARGV[3], tonumber(ARGV[4])
-local policy, err = load_policy(ARGV[2])
-if not policy then return {-1, err[2], 0, 0, 0, '0', 0, err[10]} end
+local ctx, err = open_group(now, ARGV[2], {})
+if not ctx then return {-1, err[2], 0, 0, 0, '0', 0, err[10]} end
+local policy = ctx.policy
 if ttl > policy.ttl then return {-1, 'bad_ttl', 0, 0, 0, '0', 0, policy.ttl} end
 
 local expiry = redis.call('ZSCORE', KEYS[3], member)
 local info = redis.call('HGET', KEYS[4], member)
+purge(ctx, tonumber(ARGV[5]))
 if not expiry or not info or tonumber(expiry) <= now then
-  purge(now, tonumber(ARGV[5]))
+  flush(ctx, KEY_GRACE_MS)
   return {0, 'lost', 0, 0, 0, '0', 0, policy.capacity}
 end
-purge(now, tonumber(ARGV[5]))
 
-local tenant = string.match(info, '^%d+:%d+:(.*)$')
+local _, _, tenant = parse_entry(info)
 local new_expiry = now + ttl
 redis.call('ZADD', KEYS[3], new_expiry, member)
-touch(policy)
+ctx.touch = true
 
-local used, pending, group_used = load_demand()
-local demand, names = active_demand(used, pending)
-local specs = load_specs(names, policy)
-local rows = allocate(policy.capacity, policy.reserve, demand, specs)
-local limit = limit_of(rows, tenant)
-local tenant_used = used[tenant] or 0
-local over = 0
-if specs[tenant] and tenant_used > limit + EPSILON then over = 1 end
-return {1, 'renewed', new_expiry, over, tenant_used, fmt(limit), group_used, policy.capacity}
+-- The level is the group's own: the limit needs no walk.
+local uf, pf = 'u:' .. tenant, 'p:' .. tenant
+load_fields(ctx, {'g', uf, pf})
+local st = fair_state(ctx)
+local tenant_used = units_of(ctx, uf)
+local spec = spec_of(ctx, tenant)
+local limit, over = 0, 0
+if spec then
+  limit = limit_at(st, spec, tenant_used + units_of(ctx, pf))
+  if tenant_used > limit + EPSILON then over = 1 end
+end
+flush(ctx, KEY_GRACE_MS)
+return {1, 'renewed', new_expiry, over, tenant_used, fmt(limit), st.used, policy.capacity}

@@ -126,7 +126,7 @@ def apply_policy_call(keyspace: KeySpace, group: GroupPolicy) -> ScriptCall:
         digest,
         *pairs,
     ]
-    return _call("apply_policy", group.name, [keyspace.group(group.name).policy], args)
+    return _call("apply_policy", group.name, keyspace.group(group.name).all, args)
 
 
 def decode_apply_policy(group: str, reply: Sequence[Any]) -> int:

@@ -2,9 +2,12 @@
 
 Each script in ``lua/`` begins with a header naming its KEYS, ARGV and reply;
 ``ScriptSpec`` parses that header so the argument encoders (and the tests)
-can check every call against it. ``_lib.lua`` holds the functions the group
-scripts share; Redis has no ``require``, so it is prepended to each script
-here, once, and the SHA1 is that of the combined text.
+can check every call against it. The library files hold what the scripts
+share, each one idea: ``_fair.lua`` the rule alone (pure, mirrors
+``ratequota.fairness``), ``_codec.lua`` how values are written in the keys,
+``_state.lua`` the incremental group state, ``_lib.lua`` the lease
+operations. Redis has no ``require``, so they are prepended to each script
+here, once, in that order, and the SHA1 is that of the combined text.
 
 In a wheel the scripts live in ``ratequota/lua`` (hatch copies the top-level
 ``lua/`` there); in a source checkout or an editable install they are read
@@ -34,7 +37,8 @@ SCRIPT_NAMES = (
     "apply_policy",
 )
 
-_LIB = "_lib"
+#: Library files prepended to every script, in dependency order.
+LIBRARY = ("_fair", "_codec", "_state", "_lib")
 _KEY_LINE = re.compile(r"^-- KEYS\[(\d+)\]\s+(\w+)")
 _ARG_LINE = re.compile(r"^-- ARGV\[(\d+)(\.\.)?\]\s+(\S+)")
 
@@ -105,12 +109,12 @@ def parse_header(name: str, text: str) -> tuple[tuple[str, ...], tuple[str, ...]
 def load_scripts() -> dict[str, ScriptSpec]:
     """Read, combine and hash every script once per process."""
     folder = _lua_dir()
-    lib = (folder / f"{_LIB}.lua").read_text(encoding="utf-8")
+    lib = "\n".join((folder / f"{n}.lua").read_text(encoding="utf-8") for n in LIBRARY)
     specs: dict[str, ScriptSpec] = {}
     for name in SCRIPT_NAMES:
         body = (folder / f"{name}.lua").read_text(encoding="utf-8")
         keys, argv, variadic = parse_header(name, body)
-        source = body if name == "apply_policy" else f"{lib}\n{body}"
+        source = f"{lib}\n{body}"
         sha = hashlib.sha1(source.encode("utf-8")).hexdigest()
         specs[name] = ScriptSpec(name, source, sha, keys, argv, variadic)
     return specs

@@ -33,14 +33,16 @@ def test_script_uses_only_declared_arguments(name: str) -> None:
 
 
 def test_group_scripts_share_the_key_layout() -> None:
-    """All group scripts take the same five keys, matching GroupKeys.all."""
+    """All group scripts (apply_policy too: it rebuilds the fair state) take the same six keys,
+    matching GroupKeys.all."""
     from ratequota.keys import KeySpace
 
     layout = KeySpace().group("g").all
-    for name in ("acquire", "release", "renew", "snapshot"):
+    for name in ("acquire", "acquire_many", "release", "release_many", "renew", "snapshot",
+                 "apply_policy"):
         spec = load_scripts()[name]
         assert len(spec.keys) == len(layout)
-        assert list(spec.keys) == ["policy", "demand", "exp", "info", "queue"]
+        assert list(spec.keys) == ["policy", "demand", "exp", "info", "queue", "fair"]
 
 
 def test_header_errors_are_detected() -> None:

@@ -18,6 +18,7 @@ import pytest
 from ratequota.backends import ShardedBackend
 from ratequota.client import QuotaClient
 from ratequota.errors import BackendUnavailable, PolicyMissing
+from ratequota.keys import KeySpace
 from ratequota.policy import GroupPolicy, Policy, TenantPolicy
 from ratequota.routing import Rendezvous
 from tests.conftest import _no_redis
@@ -78,7 +79,7 @@ def _held_on(server: RedisServer, group: str) -> int:
     """Units held in ``group`` according to the demand hash on ``server``."""
     client: Any = server.client()
     try:
-        demand = client.hgetall(f"rq:v1:{{{group}}}:demand")
+        demand = client.hgetall(KeySpace().group(group).demand)
     finally:
         client.close()
     return sum(int(v) for k, v in demand.items() if str(k, "utf-8").startswith("u:"))
