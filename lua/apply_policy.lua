@@ -2,6 +2,8 @@
 -- rebuild the group's fair state for it in the same call.
 --
 -- KEYS[1] policy, KEYS[2] demand, KEYS[3] exp, KEYS[4] info, KEYS[5] queue, KEYS[6] fair
+-- KEYS[7] old_policy, KEYS[8] old_demand, KEYS[9] old_exp, KEYS[10] old_info, KEYS[11] old_queue
+--   (the same group's keys in the previous layout, key schema 1: same hash tag, same slot)
 -- ARGV[1] schema      key schema of the writer
 -- ARGV[2] capacity    integer units
 -- ARGV[3] reserve     sum of G*(1-lendable) over listed tenants (%.17g)
@@ -9,29 +11,73 @@
 -- ARGV[5] default     spec "G|lendable|B|weight|max_units" for unknown tenants
 -- ARGV[6] ttl_ms      the group's max_lease_ttl in ms
 -- ARGV[7] digest      content digest of the group policy (unchanged content: no new version)
--- ARGV[8..] tenant name, spec pairs
+-- ARGV[8] migrate     "1": take the group over from a live previous layout (see below)
+-- ARGV[9..] tenant name, spec pairs
 --
 -- reply: {status, version}
 --   status 1 written (version is the new one), 0 unchanged (same digest; current version),
---   -1 the hash was written by a newer schema (version is that schema).
+--   -1 the hash was written by a newer schema (version is that schema),
+--   -2 a pod of the previous release still serves this group in the previous layout and
+--      migrate was not asked for (version is that layout's schema); nothing was written.
 --
 -- The rebuild reads every active tenant once (O(active tenants), like snapshot): a policy
 -- change moves every tenant's lo, up and weight, so nothing incremental survives it.
+--
+-- Upgrade from key schema 1: every publish leaves the previous layout's policy hash as a
+-- tombstone holding schema = this schema, so pods of the previous release refuse the
+-- group (their scripts answer "schema", their readiness fails) and cannot republish it. With
+-- migrate, the live leases of the previous layout are carried over (units, token, expiry), its
+-- fencing counter too (tokens never go back), waiting registrations are dropped (their callers
+-- retry), and its state keys are deleted: no unit is ever counted in two places, so the two
+-- releases can never both admit against the same capacity.
 
 local schema = tonumber(ARGV[1])
 local old = redis.call('HMGET', KEYS[1], 'schema', 'version', 'fence', 'digest')
 if old[1] and tonumber(old[1]) > schema then return {-1, tonumber(old[1])} end
-if old[4] == ARGV[7] then return {0, tonumber(old[2])} end
+
+local legacy = redis.call('HMGET', KEYS[7], 'schema', 'fence')
+local legacy_live = legacy[1] and tonumber(legacy[1]) < schema
+if legacy_live and ARGV[8] ~= '1' then return {-2, tonumber(legacy[1])} end
+
+local fence = tonumber(old[3]) or 0
+if legacy_live then
+  fence = math.max(fence, tonumber(legacy[2]) or 0)
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local live = redis.call('ZRANGEBYSCORE', KEYS[9], '(' .. now, '+inf', 'WITHSCORES')
+  local held = {}
+  for i = 1, #live, 2 do
+    local member = live[i]
+    if string.sub(member, 1, 1) == 'L' then
+      local info = redis.call('HGET', KEYS[10], member)
+      if info then
+        local units, _, tenant = parse_entry(info)
+        redis.call('ZADD', KEYS[3], live[i + 1], member)
+        redis.call('HSET', KEYS[4], member, info)
+        held[tenant] = (held[tenant] or 0) + units
+      end
+    end
+  end
+  for tenant, units in pairs(held) do redis.call('HINCRBY', KEYS[2], 'u:' .. tenant, units) end
+  redis.call('DEL', KEYS[8], KEYS[9], KEYS[10], KEYS[11])
+end
+if old[4] ~= ARGV[7] or legacy_live or not legacy[1] then
+  redis.call('DEL', KEYS[7])
+  -- C is there only so that the previous release's scripts get past their "no policy" check
+  -- to their schema check (they would otherwise try to restore the group).
+  redis.call('HSET', KEYS[7], 'schema', schema, 'C', 0)
+end
+if old[4] == ARGV[7] and not legacy_live then return {0, tonumber(old[2])} end
 
 local version = (tonumber(old[2]) or 0) + 1
 local header = schema .. '|' .. version .. '|' .. ARGV[2] .. '|' .. ARGV[6] .. '|' .. ARGV[4] ..
   '|' .. ARGV[3] .. '|' .. ARGV[5]
 redis.call('DEL', KEYS[1])
-redis.call('HSET', KEYS[1], 'schema', schema, 'version', version, 'fence', old[3] or 0,
+redis.call('HSET', KEYS[1], 'schema', schema, 'version', version, 'fence', fence,
   'digest', ARGV[7], 'hdr', header)
 -- HSET in chunks: unpack() of a very long list overflows Lua's C stack.
 local specs, batch = {}, {}
-for i = 8, #ARGV, 2 do
+for i = 9, #ARGV, 2 do
   specs[ARGV[i]] = ARGV[i + 1]
   batch[#batch + 1] = 't:' .. ARGV[i]
   batch[#batch + 1] = ARGV[i + 1]
@@ -101,6 +147,5 @@ if #points > 0 then redis.call('ZADD', KEYS[6], unpack(points)) end
 redis.call('HSET', KEYS[2], 'g', pack_state(st))
 redis.call('ZADD', KEYS[6], -1, FAIR_ANCHOR)
 local ttl = policy.ttl + KEY_GRACE_MS
-redis.call('PEXPIRE', KEYS[2], ttl)
-redis.call('PEXPIRE', KEYS[6], ttl)
+for i = 2, 6 do redis.call('PEXPIRE', KEYS[i], ttl) end
 return {1, version}

@@ -33,12 +33,15 @@ import attrs
 
 from ratequota.errors import ConfigError, InvalidRequest, InvalidType
 
-__all__ = ["SCHEMA_VERSION", "GroupKeys", "KeySpace", "escape_tag"]
+__all__ = ["PREVIOUS_SCHEMA", "SCHEMA_VERSION", "GroupKeys", "KeySpace", "escape_tag"]
 
 #: Version of the key layout and script protocol. It is part of every key, and
 #: written into each group's policy so older clients can refuse newer state.
 #: 2: the incremental fair state ("g" in demand, the fair zset, the packed policy header).
 SCHEMA_VERSION = 2
+
+#: The key schema of the previous release, whose pods a rolling update meets.
+PREVIOUS_SCHEMA = 1
 
 #: The tag of the catalog key. Group tags escape '#', so none can equal it.
 _CATALOG_TAG = "#catalog"
@@ -105,6 +108,15 @@ class KeySpace:
         if not isinstance(group, str):
             escape_tag(group)  # raises the ratequota error naming the field
         return _group_keys(self.prefix, self.schema, group)
+
+    def previous_layout(self, group: str) -> list[str]:
+        """The group's policy, demand, exp, info and queue keys in the layout of key schema 1.
+
+        Same prefix and hash tag (so the same slot as the group's keys): ``apply_policy``
+        tombstones that policy, and on request migrates the live leases out of it.
+        """
+        base = f"{self.prefix}:v{PREVIOUS_SCHEMA}:{{{escape_tag(group)}}}:"
+        return [base + name for name in ("policy", "demand", "exp", "info", "queue")]
 
     @property
     def catalog(self) -> str:

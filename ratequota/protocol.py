@@ -27,7 +27,7 @@ from ratequota.decision import (
     RenewResult,
     TenantSnapshot,
 )
-from ratequota.errors import InvalidRequest, PolicyMissing, SchemaMismatch
+from ratequota.errors import InvalidRequest, LegacyLayout, PolicyMissing, SchemaMismatch
 from ratequota.keys import SCHEMA_VERSION, KeySpace
 from ratequota.policy import GroupPolicy, TenantPolicy
 from ratequota.scripts import ScriptSpec, script
@@ -109,8 +109,14 @@ def _raise_error_reply(group: str, reason: str, detail: Any) -> None:
 # -- apply_policy ------------------------------------------------------------
 
 
-def apply_policy_call(keyspace: KeySpace, group: GroupPolicy) -> ScriptCall:
-    """Publish one group's policy; the digest skips a rewrite when nothing changed."""
+def apply_policy_call(
+    keyspace: KeySpace, group: GroupPolicy, *, migrate: bool = False
+) -> ScriptCall:
+    """Publish one group's policy; the digest skips a rewrite when nothing changed.
+
+    ``migrate`` takes the group over from pods of the previous release (key
+    schema 1) still serving it; without it such a group is refused (``LegacyLayout``).
+    """
     pairs: list[Arg] = []
     for tenant in group.tenants:
         pairs += [tenant.name, tenant_spec(tenant)]
@@ -124,14 +130,18 @@ def apply_policy_call(keyspace: KeySpace, group: GroupPolicy) -> ScriptCall:
         tenant_spec(group.default_tenant),
         int(group.max_lease_ttl * 1000),
         digest,
+        "1" if migrate else "0",
         *pairs,
     ]
-    return _call("apply_policy", group.name, keyspace.group(group.name).all, args)
+    keys = [*keyspace.group(group.name).all, *keyspace.previous_layout(group.name)]
+    return _call("apply_policy", group.name, keys, args)
 
 
 def decode_apply_policy(group: str, reply: Sequence[Any]) -> int:
     """The group's policy version after publishing."""
     status, value = int(reply[0]), int(reply[1])
+    if status == -2:
+        raise LegacyLayout(group, value, SCHEMA_VERSION)
     if status < 0:
         raise SchemaMismatch(group, value, SCHEMA_VERSION)
     return value

@@ -105,16 +105,64 @@ def parse_header(name: str, text: str) -> tuple[tuple[str, ...], tuple[str, ...]
     return tuple(keys), tuple(argv), variadic
 
 
+_DEFINITION = re.compile(r"^local (?:function )?([A-Za-z_]\w*)")
+_NAME = re.compile(r"[A-Za-z_]\w*")
+
+
+def library_parts(text: str) -> list[tuple[str, str]]:
+    """The top-level definitions of library text, in order: ``(name, source)`` each.
+
+    A definition starts at a ``local function NAME`` or ``local NAME =`` line at
+    column 0 and runs to the next one; comment lines just above a definition
+    belong to it, the file's opening comment to none.
+    """
+    parts: list[tuple[str, list[str]]] = []
+    pending: list[str] = []
+    for line in text.splitlines():
+        match = _DEFINITION.match(line)
+        if match:
+            parts.append((match.group(1), [*pending, line]))
+            pending = []
+        elif line.startswith("--") and (not parts or not parts[-1][1][-1].strip()):
+            pending.append(line)  # a comment after a blank line: it leads the next definition
+        elif parts:
+            parts[-1][1].extend([*pending, line])
+            pending = []
+        else:
+            pending = []  # the file's opening comment
+    return [(name, "\n".join(lines)) for name, lines in parts]
+
+
+def link(parts: list[tuple[str, str]], body: str) -> str:
+    """The definitions ``body`` uses, directly or through each other, in library order.
+
+    Redis runs a script's whole text on every call, and creating a closure
+    costs about as much as a cheap command: a script carries only the library
+    functions it can reach.
+    """
+    defined = {name: source for name, source in parts}
+    wanted: set[str] = set()
+    todo = [n for n in _NAME.findall(body) if n in defined]
+    while todo:
+        name = todo.pop()
+        if name not in wanted:
+            wanted.add(name)
+            todo.extend(n for n in _NAME.findall(defined[name]) if n in defined)
+    return "\n".join(source for name, source in parts if name in wanted)
+
+
 @functools.cache
 def load_scripts() -> dict[str, ScriptSpec]:
-    """Read, combine and hash every script once per process."""
+    """Read, link and hash every script once per process."""
     folder = _lua_dir()
-    lib = "\n".join((folder / f"{n}.lua").read_text(encoding="utf-8") for n in LIBRARY)
+    parts = library_parts(
+        "\n".join((folder / f"{n}.lua").read_text(encoding="utf-8") for n in LIBRARY)
+    )
     specs: dict[str, ScriptSpec] = {}
     for name in SCRIPT_NAMES:
         body = (folder / f"{name}.lua").read_text(encoding="utf-8")
         keys, argv, variadic = parse_header(name, body)
-        source = f"{lib}\n{body}"
+        source = f"{link(parts, body)}\n{body}"
         sha = hashlib.sha1(source.encode("utf-8")).hexdigest()
         specs[name] = ScriptSpec(name, source, sha, keys, argv, variadic)
     return specs
