@@ -140,7 +140,7 @@ def link(parts: list[tuple[str, str]], body: str) -> str:
     costs about as much as a cheap command: a script carries only the library
     functions it can reach.
     """
-    defined = {name: source for name, source in parts}
+    defined = dict(parts)
     wanted: set[str] = set()
     todo = [n for n in _NAME.findall(body) if n in defined]
     while todo:
