@@ -2,15 +2,26 @@
 --
 -- policy hash  hdr        "schema|version|C|ttl_ms|unknown|reserve|<default spec>"
 --              t:<tenant> spec "G|lendable|B|weight|max_units" (B, max_units may be empty)
--- demand hash  u:<t>, p:<t> units held / waiting; g  the group's fair state (pack_state)
+--              busy, recover, fence  integers (ms, ms, counter), written by the decisions
+-- demand hash  u:<t>, p:<t> units held / waiting; g  the group's fair state (pack_state);
+--              s: sentinel (see _lib.lua, "State loss")
 -- info hash    L<id> "units:token:tenant", P<id> "units:seq:tenant"     (entry)
 -- queue zset   "<len>:<tenant>|<seq, 16 digits>|<units>|<id>"           (queue_member)
--- fair zset    "l|lo|up|w|tenant" at lo/w, "u|lo|up|w|tenant" at up/w  (point_member)
+-- fair zset    "l|lo|up|w|tenant" at lo/w, "u|lo|up|w|tenant" at up/w  (point_member);
+--              "~" at -1: sentinel
+-- exp zset / info hash  also hold the sentinel "s:"
 
 -- Numbers written back: %.17g reads back to the same double and never uses an exponent for
 -- an integer below 2^53.
 local function fmt(x)
   return string.format('%.17g', x)
+end
+
+-- An integer as exact decimal text: Redis's Lua prints 10^14 as "1e+14", which no reader
+-- parses back. Units and capacity are bounded by 2^50 (ratequota.policy.MAX_UNITS), so every
+-- sum the scripts form stays an exact double.
+local function int(x)
+  return string.format('%d', x)
 end
 
 -- Tenant spec "G|lendable|B|weight|max_units"; keep is the never-lent part G(1-l).
@@ -40,14 +51,14 @@ local function parse_entry(info)
 end
 
 local function entry(units, n, tenant)
-  return units .. ':' .. n .. ':' .. tenant
+  return int(units) .. ':' .. int(tonumber(n)) .. ':' .. tenant
 end
 
 -- A waiting request's place in its tenant's queue; the length prefix makes the
 -- tenant part unambiguous whatever characters the name holds.
 local function queue_member(tenant, seq, units, id)
   return string.len(tenant) .. ':' .. tenant .. '|' .. string.format('%016d', tonumber(seq)) ..
-    '|' .. units .. '|' .. id
+    '|' .. int(tonumber(units)) .. '|' .. id
 end
 
 -- A breakpoint of the fair zset; both of a tenant's points carry lo, up and w, so a walk

@@ -1,10 +1,19 @@
 -- _lib.lua: lease operations shared by the group scripts; prepended after _fair.lua,
--- _codec.lua and _state.lua (see ratequota/scripts.py). No KEYS/ARGV/reply header of its
--- own: the keys are listed in _state.lua.
+-- _codec.lua and _state.lua (see ratequota/engine/scripts.py). No KEYS/ARGV/reply header
+-- of its own: the keys are listed in _state.lua.
+--
+-- State loss (docs/design.md, "Recovery"): demand, exp and info each hold a sentinel member
+-- "s:" while the group is in use, and fair its "~", so none of them is ever empty; a key that
+-- is missing while another exists, or all missing while the policy's busy (the latest expiry
+-- ever granted) is still ahead, means Redis lost the group's state with leases possibly live.
+-- The group then recovers until that expiry: renewals re-assert their leases, new work is
+-- refused.
 
 local KEY_GRACE_MS = 120000
 local NEXT_IN_LINE_RETRY_MS = 20
 local QUEUE_PACED = 8
+-- Score of the exp sentinel: above any expiry, so purges never reach it (2^53 - 1).
+local SENTINEL_SCORE = '9007199254740991'
 
 -- Redis time in ms, unless the caller pins the clock (tests and simulations).
 local function now_ms(pinned)
@@ -19,8 +28,8 @@ end
 -- when the group has no policy or one written by a newer schema.
 local function open_group(now, schema, names)
   -- The schema field first: a newer release may write its header differently.
-  local fields = {'schema', 'hdr'}
-  for i, name in ipairs(names) do fields[i + 2] = 't:' .. name end
+  local fields = {'schema', 'hdr', 'busy', 'recover'}
+  for i, name in ipairs(names) do fields[i + 4] = 't:' .. name end
   local raw = redis.call('HMGET', KEYS[1], unpack(fields))
   if not raw[1] then
     return nil, {-1, 'no_policy', 0, 0, 0, '0', 0, 0, 0, 0, 0}
@@ -29,15 +38,84 @@ local function open_group(now, schema, names)
     return nil, {-1, 'schema', 0, 0, 0, '0', 0, 0, 0, tonumber(raw[1]), 0}
   end
   local policy = parse_header(raw[2])
+  policy.busy, policy.recover = tonumber(raw[3]) or 0, tonumber(raw[4]) or 0
   local ctx = open_ctx(now, policy)
   for i, name in ipairs(names) do
     if ctx.specs[name] == nil then
-      local spec = raw[i + 2]
+      local spec = raw[i + 4]
       if not spec and policy.unknown == 'default' then spec = policy.default end
       ctx.specs[name] = spec and parse_spec(spec) or false
     end
   end
   return ctx, nil
+end
+
+-- Records that a lease may live until `expiry` (the policy hash outlives lost state).
+local function mark_busy(policy, expiry)
+  if expiry > policy.busy then
+    redis.call('HSET', KEYS[1], 'busy', int(expiry))
+    policy.busy = expiry
+  end
+end
+
+-- The next fencing token: above every token handed out before, even after Redis lost the
+-- counter. The floor is Redis time in ms x 1000, which grows by 1000 per ms: tokens never go
+-- back across a loss unless the group handed out more than 1000 tokens per ms for longer
+-- than the outage lasted (or the server's clock went back). Exact in doubles until 2255.
+local function next_fence(now)
+  local fence = redis.call('HINCRBY', KEYS[1], 'fence', 1)
+  local floor = now * 1000
+  if fence < floor then
+    redis.call('HSET', KEYS[1], 'fence', int(floor))
+    fence = floor
+  end
+  return fence
+end
+
+-- How many of demand, exp, info and fair still hold their sentinel (4: the state is whole).
+-- HGET/ZSCORE rather than EXISTS: the documented minimal ACL already allows them, and a key
+-- written without a sentinel counts as missing (so state is never trusted unless this
+-- release saw it whole).
+local function sentinels()
+  local present = 0
+  if redis.call('HGET', KEYS[2], 's:') then present = present + 1 end
+  if redis.call('ZSCORE', KEYS[3], 's:') then present = present + 1 end
+  if redis.call('HGET', KEYS[4], 's:') then present = present + 1 end
+  if redis.call('ZSCORE', KEYS[6], FAIR_ANCHOR) then present = present + 1 end
+  return present
+end
+
+-- The end of the recovery window if the group's state is found lost now, or the one already
+-- open (0: none). Read-only (snapshot.lua); see check_state for the rule.
+local function recovery_until(policy, now)
+  if policy.recover > now then return policy.recover end
+  local present = sentinels()
+  if present < 4 and (present > 0 or policy.busy > now) then return policy.busy end
+  return 0
+end
+
+-- Detects lost state and opens the recovery window; writes the sentinels of a fresh group.
+-- Sets policy.recovering. A partial loss (some keys evicted) drops the rest, the fair state
+-- with it: the holders re-assert what is still live, which rebuilds everything consistently.
+local function check_state(ctx)
+  local policy, now = ctx.policy, ctx.now
+  local present = sentinels()
+  if present < 4 then
+    if present > 0 or policy.busy > now then
+      redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6])
+      if policy.busy > policy.recover then
+        redis.call('HSET', KEYS[1], 'recover', int(policy.busy))
+        policy.recover = policy.busy
+      end
+    end
+    redis.call('HSET', KEYS[2], 's:', 0)
+    redis.call('ZADD', KEYS[3], SENTINEL_SCORE, 's:')
+    redis.call('HSET', KEYS[4], 's:', 0)
+    redis.call('ZADD', KEYS[6], -1, FAIR_ANCHOR)
+    ctx.cache, ctx.entries, ctx.st = {}, {}, nil
+    ctx.touch = true
+  end
+  policy.recovering = policy.recover > now
 end
 
 -- The tenant's `n` oldest waiting requests, oldest first, as {units, id} pairs.
@@ -83,8 +161,21 @@ local function acquire_one(ctx, tenant, units, id, ttl, wait, pending_ms)
   local st = fair_state(ctx)
   local tenant_used, tenant_waiting = units_of(ctx, uf), units_of(ctx, pf)
 
-  -- Idempotency: the first attempt committed and its reply was lost.
+  -- A request id is the tenant's: a retry must repeat the original request (same tenant,
+  -- same units) to be answered by it; anything else is refused and changes nothing.
   local known = ctx.entries[lease_member]
+  local wait_info = ctx.entries[wait_member]
+  local already_waiting = wait_info ~= false and wait_info ~= nil
+  local original = known or (already_waiting and wait_info) or nil
+  if original then
+    local u, _, owner = parse_entry(original)
+    if owner ~= tenant or u ~= units then
+      return {0, 'id_mismatch', 0, 0, tenant_used, '0', st.used, policy.capacity, 0,
+              policy.version, 0}
+    end
+  end
+
+  -- Idempotency: the first attempt committed and its reply was lost.
   if known then
     local _, token = parse_entry(known)
     local expiry = redis.call('ZSCORE', KEYS[3], lease_member)
@@ -92,12 +183,16 @@ local function acquire_one(ctx, tenant, units, id, ttl, wait, pending_ms)
             policy.capacity, 0, policy.version, 1}
   end
 
-  local wait_info = ctx.entries[wait_member]
-  local already_waiting = wait_info ~= false and wait_info ~= nil
   local spec = spec_of(ctx, tenant)
   if not spec then
     return {0, 'unknown_tenant', 0, 0, tenant_used, '0', st.used, policy.capacity, 0,
             policy.version, 0}
+  end
+  if units <= math.min(policy.capacity, spec.ceil, spec.max) and policy.recovering then
+    -- Leases granted before the state was lost may still run: admit nothing new until the
+    -- last of them has certainly ended; their holders' renewals re-assert them meanwhile.
+    return {0, 'recovering', 0, 0, tenant_used, '0', st.used, policy.capacity,
+            policy.recover - now, policy.version, 0}
   end
 
   -- The limit with this request's units counted in the demand: the level moves only when
@@ -133,10 +228,10 @@ local function acquire_one(ctx, tenant, units, id, ttl, wait, pending_ms)
     local first = redis.call('ZRANGE', KEYS[3], 0, 0, 'WITHSCORES')
     if first[2] then retry_ms = math.max(1, math.min(retry_ms, tonumber(first[2]) - now)) end
     if wait and reason ~= 'too_large' then
-      redis.call('ZADD', KEYS[3], now + pending_ms, wait_member)
+      redis.call('ZADD', KEYS[3], int(now + pending_ms), wait_member)
       if not already_waiting then
         -- The fencing counter doubles as the arrival sequence: monotonic, kept across policies.
-        local seq = redis.call('HINCRBY', KEYS[1], 'fence', 1)
+        local seq = next_fence(now)
         local info = entry(units, seq, tenant)
         redis.call('HSET', KEYS[4], wait_member, info)
         redis.call('ZADD', KEYS[5], 0, queue_member(tenant, seq, units, id))
@@ -160,7 +255,8 @@ local function acquire_one(ctx, tenant, units, id, ttl, wait, pending_ms)
   end
 
   if already_waiting then
-    -- The registration's own tenant: a reused request id may belong to another one.
+    -- The registration is this request's own (same tenant, same units): its units move from
+    -- waiting to held, the tenant's demand and so the level stay as they are.
     drop_waiting(ctx, id, wait_info)
     add_demand(ctx, tenant, units, 0)
     settle(fair_state(ctx), policy)
@@ -172,51 +268,57 @@ local function acquire_one(ctx, tenant, units, id, ttl, wait, pending_ms)
     write_points(tenant, spec.w, before, after)
   end
 
-  local token = redis.call('HINCRBY', KEYS[1], 'fence', 1)
+  local token = next_fence(now)
   local expiry = now + ttl
   local info = entry(units, token, tenant)
-  redis.call('ZADD', KEYS[3], expiry, lease_member)
+  redis.call('ZADD', KEYS[3], int(expiry), lease_member)
   redis.call('HSET', KEYS[4], lease_member, info)
+  mark_busy(policy, expiry)
   ctx.entries[lease_member] = info
   ctx.touch = true
   return {1, 'admitted', expiry, token, tenant_used + units, fmt(limit), ctx.st.used,
           policy.capacity, 0, policy.version, 0}
 end
 
--- Ends lease `id` (and withdraws a waiting request of that id); release.lua's reply.
-local function release_one(ctx, id)
+-- Ends lease `id` of `tenant` whose fencing token is `token` (text, as stored), and withdraws
+-- a waiting request of that id and tenant; release.lua's reply. An entry of that id owned by
+-- another tenant, or a lease with another token, is left alone: reply "fenced".
+local function release_one(ctx, id, tenant, token)
   local member = 'L' .. id
-  local state, units = 'unknown', 0
   prefetch_entries(ctx, {id})
   local info, wait_info = ctx.entries[member], ctx.entries['P' .. id]
-  local changed = false
   if info then
-    local u, _, tenant = parse_entry(info)
-    units = u
+    local units, held_token, owner = parse_entry(info)
+    if owner ~= tenant or held_token ~= token then return {'fenced', 0} end
     local expiry = tonumber(redis.call('ZSCORE', KEYS[3], member))
-    state = 'released'
+    local state = 'released'
     if expiry <= ctx.now then state = 'expired' end
     redis.call('ZREM', KEYS[3], member)
     redis.call('HDEL', KEYS[4], member)
     ctx.entries[member] = false
     add_demand(ctx, tenant, -units, 0)
-    changed = true
+    settle(fair_state(ctx), ctx.policy)
+    -- A waiting registration under a live lease's id cannot exist (admission drops it).
+    return {state, units}
   end
   -- A caller giving up on a waiting request releases its id: drop the registration.
   if wait_info then
+    local _, _, owner = parse_entry(wait_info)
+    if owner ~= tenant then return {'fenced', 0} end
     drop_waiting(ctx, id, wait_info)
-    changed = true
+    settle(fair_state(ctx), ctx.policy)
   end
-  if changed then settle(fair_state(ctx), ctx.policy) end
-  return {state, units}
+  return {'unknown', 0}
 end
 
 -- Release works whatever the policy says (units must always come back): without a policy
 -- of this schema it still frees the units, and apply_policy rebuilds the fair state.
 local function release_ctx(now, schema)
-  local raw = redis.call('HMGET', KEYS[1], 'schema', 'hdr')
-  if raw[1] and tonumber(raw[1]) <= tonumber(schema) then
-    return open_ctx(now, parse_header(raw[2]))
+  local raw = redis.call('HMGET', KEYS[1], 'schema', 'hdr', 'busy', 'recover')
+  if raw[1] and raw[2] and tonumber(raw[1]) <= tonumber(schema) then
+    local policy = parse_header(raw[2])
+    policy.busy, policy.recover = tonumber(raw[3]) or 0, tonumber(raw[4]) or 0
+    return open_ctx(now, policy)
   end
   return open_ctx(now, nil)
 end

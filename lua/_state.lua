@@ -19,9 +19,10 @@
 -- exactness and the worst case.
 
 local PAGE = 64
--- The fair zset holds this member (score -1, below every breakpoint, never walked) exactly
--- while the group has a fair state: in a Redis Cluster a script whose keys only partly
--- exist is answered TRYAGAIN during a slot migration, for as long as the migration lasts.
+-- The fair zset's sentinel (score -1, below every breakpoint, never walked): like the "s:"
+-- members of demand, exp and info it is there while the group is in use, so a lost key is
+-- seen (_lib.lua, check_state), and in a Redis Cluster no script meets a partly missing
+-- group (answered TRYAGAIN for as long as a slot migration lasts).
 local FAIR_ANCHOR = '~'
 
 -- A call's view of the group: the policy, the clock, and a write-back cache of the demand
@@ -52,7 +53,7 @@ local function units_of(ctx, field)
 end
 
 local function set_units(ctx, field, units)
-  if units > 0 then ctx.cache[field] = units else ctx.cache[field] = false end
+  if units > 0 then ctx.cache[field] = int(units) else ctx.cache[field] = false end
   ctx.dirty[field] = true
 end
 
@@ -60,7 +61,6 @@ end
 local function fair_state(ctx)
   if not ctx.st then
     load_fields(ctx, {'g'})
-    ctx.had_state = ctx.cache['g'] and true or false
     ctx.st = unpack_state(ctx.cache['g'] or nil)
   end
   return ctx.st
@@ -386,17 +386,14 @@ end
 -- every key this call wrote: longer than any lease, so a group that goes idle leaves nothing.
 local function flush(ctx, key_grace_ms)
   if ctx.st_dirty then
-    -- An all-zero state is the one a missing field reads as: delete it, so that a group whose
-    -- leases all ended leaves no key behind.
+    -- An all-zero state is the one a missing field reads as: no field for it.
     local st = ctx.st
     if st.used == 0 and st.lam == 0 and st.bh == 0 and st.bl == 0 and st.wh == 0 and
         st.wl == 0 and st.loh == 0 and st.lol == 0 and st.uph == 0 and st.upl == 0 and
         st.kh == 0 and st.kl == 0 then
       ctx.cache['g'] = false
-      if ctx.had_state then redis.call('ZREM', KEYS[6], FAIR_ANCHOR) end
     else
       ctx.cache['g'] = pack_state(st)
-      if not ctx.had_state then redis.call('ZADD', KEYS[6], -1, FAIR_ANCHOR) end
     end
     ctx.dirty['g'] = true
   end
@@ -414,7 +411,8 @@ local function flush(ctx, key_grace_ms)
   if #del > 0 then redis.call('HDEL', KEYS[2], unpack(del)) end
   ctx.dirty = {}
   if ctx.policy and (ctx.touch or #set > 0) then
-    local ttl = ctx.policy.ttl + key_grace_ms
+    -- Leases granted under a longer max_lease_ttl (lowered since) are covered through busy.
+    local ttl = int(math.max(ctx.policy.ttl, ctx.policy.busy - ctx.now) + key_grace_ms)
     redis.call('PEXPIRE', KEYS[2], ttl)
     redis.call('PEXPIRE', KEYS[3], ttl)
     redis.call('PEXPIRE', KEYS[4], ttl)

@@ -26,6 +26,7 @@ if not ctx then
   for i = 1, count do replies[i] = err end
   return replies
 end
+check_state(ctx)
 purge(ctx, tonumber(ARGV[4]))
 local pending_ms = tonumber(ARGV[3])
 prefetch_entries(ctx, ids)

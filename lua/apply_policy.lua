@@ -1,5 +1,6 @@
--- apply_policy.lua: publish one group's policy atomically, keeping its fencing counter, and
--- rebuild the group's fair state for it in the same call.
+-- apply_policy.lua: publish one group's policy atomically, keeping its fencing counter and
+-- its record of live leases (busy, recover: see _lib.lua), and rebuild the group's fair state
+-- for it in the same call.
 --
 -- KEYS[1] policy, KEYS[2] demand, KEYS[3] exp, KEYS[4] info, KEYS[5] queue, KEYS[6] fair
 -- KEYS[7] old_policy, KEYS[8] old_demand, KEYS[9] old_exp, KEYS[10] old_info, KEYS[11] old_queue
@@ -11,8 +12,12 @@
 -- ARGV[5] default     spec "G|lendable|B|weight|max_units" for unknown tenants
 -- ARGV[6] ttl_ms      the group's max_lease_ttl in ms
 -- ARGV[7] digest      content digest of the group policy (unchanged content: no new version)
--- ARGV[8] migrate     "1": take the group over from a live previous layout (see below)
--- ARGV[9..] tenant name, spec pairs
+-- ARGV[8] now_ms      pinned clock in ms, or "" for Redis TIME
+-- ARGV[9] recover_ms  restoring a lost policy: leases granted before the loss may live this
+--                     long from now (busy >= now + recover_ms, so the group recovers, see
+--                     acquire.lua); "0" when publishing
+-- ARGV[10] migrate    "1": take the group over from a live previous layout (see below)
+-- ARGV[11..] tenant name, spec pairs
 --
 -- reply: {status, version}
 --   status 1 written (version is the new one), 0 unchanged (same digest; current version),
@@ -32,18 +37,25 @@
 -- releases can never both admit against the same capacity.
 
 local schema = tonumber(ARGV[1])
-local old = redis.call('HMGET', KEYS[1], 'schema', 'version', 'fence', 'digest')
+local old = redis.call('HMGET', KEYS[1], 'schema', 'version', 'fence', 'digest', 'busy', 'recover')
 if old[1] and tonumber(old[1]) > schema then return {-1, tonumber(old[1])} end
 
-local legacy = redis.call('HMGET', KEYS[7], 'schema', 'fence')
+local legacy = redis.call('HMGET', KEYS[7], 'schema', 'fence', 'busy')
 local legacy_live = legacy[1] and tonumber(legacy[1]) < schema
-if legacy_live and ARGV[8] ~= '1' then return {-2, tonumber(legacy[1])} end
+if legacy_live and ARGV[10] ~= '1' then return {-2, tonumber(legacy[1])} end
 
+local now = tonumber(ARGV[8])
+if ARGV[8] == '' then
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
 local fence = tonumber(old[3]) or 0
+local busy = tonumber(old[5]) or 0
+local recover_ms = tonumber(ARGV[9])
+if recover_ms > 0 then busy = math.max(busy, now + recover_ms) end
 if legacy_live then
   fence = math.max(fence, tonumber(legacy[2]) or 0)
-  local t = redis.call('TIME')
-  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  busy = math.max(busy, tonumber(legacy[3]) or 0)
   local live = redis.call('ZRANGEBYSCORE', KEYS[9], '(' .. now, '+inf', 'WITHSCORES')
   local held = {}
   for i = 1, #live, 2 do
@@ -58,7 +70,11 @@ if legacy_live then
       end
     end
   end
-  for tenant, units in pairs(held) do redis.call('HINCRBY', KEYS[2], 'u:' .. tenant, units) end
+  for tenant, units in pairs(held) do redis.call('HINCRBY', KEYS[2], 'u:' .. tenant, int(units)) end
+  -- Whole state, as check_state would have written it (the fair anchor comes with the rebuild).
+  redis.call('HSET', KEYS[2], 's:', 0)
+  redis.call('ZADD', KEYS[3], SENTINEL_SCORE, 's:')
+  redis.call('HSET', KEYS[4], 's:', 0)
   redis.call('DEL', KEYS[8], KEYS[9], KEYS[10], KEYS[11])
 end
 if old[4] ~= ARGV[7] or legacy_live or not legacy[1] then
@@ -73,11 +89,11 @@ local version = (tonumber(old[2]) or 0) + 1
 local header = schema .. '|' .. version .. '|' .. ARGV[2] .. '|' .. ARGV[6] .. '|' .. ARGV[4] ..
   '|' .. ARGV[3] .. '|' .. ARGV[5]
 redis.call('DEL', KEYS[1])
-redis.call('HSET', KEYS[1], 'schema', schema, 'version', version, 'fence', fence,
-  'digest', ARGV[7], 'hdr', header)
+redis.call('HSET', KEYS[1], 'schema', schema, 'version', version, 'fence', int(fence),
+  'digest', ARGV[7], 'hdr', header, 'busy', int(busy), 'recover', old[6] or 0)
 -- HSET in chunks: unpack() of a very long list overflows Lua's C stack.
 local specs, batch = {}, {}
-for i = 9, #ARGV, 2 do
+for i = 11, #ARGV, 2 do
   specs[ARGV[i]] = ARGV[i + 1]
   batch[#batch + 1] = 't:' .. ARGV[i]
   batch[#batch + 1] = ARGV[i + 1]

@@ -1,36 +1,81 @@
--- renew.lua: extend a live lease and say whether its tenant is above its fair limit (§5).
+-- renew.lua: extend a live lease, fenced, and say whether its tenant is above its fair limit (§5).
 --
 -- KEYS[1] policy, KEYS[2] demand, KEYS[3] exp, KEYS[4] info, KEYS[5] queue, KEYS[6] fair
--- ARGV[1] now_ms    pinned clock in ms, or "" for Redis TIME
--- ARGV[2] schema    key schema of the caller
--- ARGV[3] lease_id  the lease to extend
--- ARGV[4] ttl_ms    new lifetime from now, <= the policy's max_lease_ttl
--- ARGV[5] purge     most expired entries to drop in this call
+-- ARGV[1] now_ms     pinned clock in ms, or "" for Redis TIME
+-- ARGV[2] schema     key schema of the caller
+-- ARGV[3] lease_id   the lease to extend
+-- ARGV[4] ttl_ms     new lifetime from now; above the policy's max_lease_ttl it is clamped to it
+-- ARGV[5] purge      most expired entries to drop in this call
+-- ARGV[6] tenant     the lease's tenant
+-- ARGV[7] units      the lease's units
+-- ARGV[8] token      the lease's fencing token, decimal
+-- ARGV[9] expiry_ms  the lease's expiry as the holder last learned it (Redis time)
 --
--- reply: {status, reason, expiry_ms, over_limit, tenant_used, limit, group_used, capacity}
---   status 1 renewed (reason "renewed"); 0 lost (reason "lost": expired or unknown lease);
---   -1 error (reason "no_policy" | "schema" | "bad_ttl"). over_limit is 1 when the tenant
---   holds more than its fair limit now: a lender wants its guarantee back. limit is a string.
---   On error the last field is the detail: the newer schema, or the max ttl in ms.
+-- reply: {status, reason, expiry_ms, over_limit, tenant_used, limit, group_used, capacity,
+--         ttl_ms}
+--   status 1: reason "renewed" (the lease was live) or "reasserted" (the group is recovering
+--     from lost state and the lease, live by its last known expiry, was written back with its
+--     id, tenant, units and token, within the capacity and the tenant's ceiling);
+--   status 0: reason "lost" (expired or unknown lease; or, recovering, it no longer fits) or
+--     "fenced" (lease_id names a lease of another tenant, token or units: nothing changed);
+--   status -1: error, reason "no_policy" | "schema" (capacity holds the newer schema).
+--   ttl_ms is the lifetime granted: the asked one, or the group's max_lease_ttl when that is
+--   lower (it was lowered under a held lease). over_limit is 1 when the tenant holds more than
+--   its fair limit now: a lender wants its guarantee back. limit is a string.
+
 
 local now = now_ms(ARGV[1])
-local member, ttl = 'L' .. ARGV[3], tonumber(ARGV[4])
-local ctx, err = open_group(now, ARGV[2], {})
-if not ctx then return {-1, err[2], 0, 0, 0, '0', 0, err[10]} end
+local member, tenant, units, token = 'L' .. ARGV[3], ARGV[6], tonumber(ARGV[7]), ARGV[8]
+local purge_limit = tonumber(ARGV[5])
+local ctx, err = open_group(now, ARGV[2], {tenant})
+if not ctx then return {-1, err[2], 0, 0, 0, '0', 0, err[10], 0} end
 local policy = ctx.policy
-if ttl > policy.ttl then return {-1, 'bad_ttl', 0, 0, 0, '0', 0, policy.ttl} end
+local ttl = math.min(tonumber(ARGV[4]), policy.ttl)
+check_state(ctx)
 
-local expiry = redis.call('ZSCORE', KEYS[3], member)
+local reason = 'renewed'
 local info = redis.call('HGET', KEYS[4], member)
-purge(ctx, tonumber(ARGV[5]))
-if not expiry or not info or tonumber(expiry) <= now then
-  flush(ctx, KEY_GRACE_MS)
-  return {0, 'lost', 0, 0, 0, '0', 0, policy.capacity}
+if info then
+  local held_units, held_token, owner = parse_entry(info)
+  if owner ~= tenant or held_token ~= token or held_units ~= units then
+    purge(ctx, purge_limit)
+    flush(ctx, KEY_GRACE_MS)
+    return {0, 'fenced', 0, 0, 0, '0', 0, policy.capacity, 0}
+  end
+  local expiry = redis.call('ZSCORE', KEYS[3], member)
+  purge(ctx, purge_limit)
+  if not expiry or tonumber(expiry) <= now then
+    flush(ctx, KEY_GRACE_MS)
+    return {0, 'lost', 0, 0, 0, '0', 0, policy.capacity, 0}
+  end
+else
+  purge(ctx, purge_limit)
+  if not policy.recovering or tonumber(ARGV[9]) <= now or not string.match(token, '^%d+$') then
+    flush(ctx, KEY_GRACE_MS)
+    return {0, 'lost', 0, 0, 0, '0', 0, policy.capacity, 0}
+  end
+  -- Re-assert: the lease was granted before the state was lost and is live by its own expiry.
+  -- Everything re-asserted was admitted together once, so it fits again unless the policy
+  -- shrank meanwhile; what no longer fits is lost, never admitted above the capacity.
+  local uf = 'u:' .. tenant
+  load_fields(ctx, {'g', uf, 'p:' .. tenant})
+  local spec = spec_of(ctx, tenant)
+  local st = fair_state(ctx)
+  if not spec or st.used + units > policy.capacity or units_of(ctx, uf) + units > spec.ceil then
+    flush(ctx, KEY_GRACE_MS)
+    return {0, 'lost', 0, 0, 0, '0', 0, policy.capacity, 0}
+  end
+  redis.call('HSET', KEYS[4], member, int(units) .. ':' .. token .. ':' .. tenant)
+  add_demand(ctx, tenant, units, 0)
+  settle(fair_state(ctx), policy)
+  local fence = tonumber(redis.call('HGET', KEYS[1], 'fence')) or 0
+  if fence < tonumber(token) then redis.call('HSET', KEYS[1], 'fence', token) end
+  reason = 'reasserted'
 end
 
-local _, _, tenant = parse_entry(info)
 local new_expiry = now + ttl
-redis.call('ZADD', KEYS[3], new_expiry, member)
+redis.call('ZADD', KEYS[3], int(new_expiry), member)
+mark_busy(policy, new_expiry)
 ctx.touch = true
 
 -- The level is the group's own: the limit needs no walk.
@@ -45,4 +90,4 @@ if spec then
   if tenant_used > limit + EPSILON then over = 1 end
 end
 flush(ctx, KEY_GRACE_MS)
-return {1, 'renewed', new_expiry, over, tenant_used, fmt(limit), st.used, policy.capacity}
+return {1, reason, new_expiry, over, tenant_used, fmt(limit), st.used, policy.capacity, ttl}

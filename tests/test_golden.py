@@ -11,7 +11,7 @@ A deliberate change updates the files (``RATEQUOTA_UPDATE_GOLDEN=1 pytest
 tests/test_golden.py``) and so shows up in review; it must come with a
 schema bump (see docs/deployment.md). Also here: a client meeting state of a
 newer schema refuses with ``SchemaMismatch`` and writes nothing, and every
-argument encoder of ``ratequota.protocol`` matches the header it calls.
+argument encoder of ``ratequota.engine.protocol`` matches the header it calls.
 """
 
 from __future__ import annotations
@@ -23,17 +23,19 @@ import os
 from pathlib import Path
 from typing import Any
 
+import attrs
 import fakeredis
 import pytest
 
-from ratequota import protocol
-from ratequota.backends import embedded_backend
-from ratequota.client import QuotaClient
+from ratequota.clients.backends import embedded_backend
+from ratequota.clients.sync import QuotaClient
+from ratequota.decision import LeaseInfo
+from ratequota.engine import protocol
+from ratequota.engine.keys import SCHEMA_VERSION, KeySpace
+from ratequota.engine.protocol import ScriptCall
+from ratequota.engine.scripts import SCRIPT_NAMES, load_scripts, parse_header, script
 from ratequota.errors import RateQuotaError, SchemaMismatch
-from ratequota.keys import SCHEMA_VERSION, KeySpace
 from ratequota.policy import GroupPolicy, Policy, TenantPolicy
-from ratequota.protocol import ScriptCall
-from ratequota.scripts import SCRIPT_NAMES, load_scripts, parse_header, script
 from ratequota.testing import ManualClock
 from tests.redis_state import dump_keys
 
@@ -138,20 +140,47 @@ def _reply_scenario(conn: Any) -> list[dict[str, Any]]:
     step("no policy", acquire("a", 1, "lease-6", NOW + 6, group="nowhere"))
     step("admit b", acquire("b", 4, "lease-7", NOW + 7))
     step("group full, waiting", acquire("a", 2, "lease-8", NOW + 8, wait=True))
-    step("renew", protocol.renew_call(ks, "g", "lease-1", 30_000, purge=64, now_ms=NOW + 9))
+    step("id mismatch", acquire("a", 2, "lease-1", NOW + 8))
+    lease_1 = LeaseInfo("lease-1", "a", "g", 3, NOW * 1000, (NOW + 30_000) / 1000)
+    lease_7 = LeaseInfo("lease-7", "b", "g", 4, (NOW + 7) * 1000, (NOW + 30_007) / 1000)
+
+    def renew(lease: LeaseInfo, now: int, ttl: int = 30_000) -> ScriptCall:
+        return protocol.renew_call(ks, lease, ttl, purge=64, now_ms=now)
+
+    def release(lease: LeaseInfo, now: int, purge: int = 64) -> ScriptCall:
+        return protocol.release_call(
+            ks, "g", lease.id, tenant=lease.tenant, token=lease.token, purge=purge, now_ms=now
+        )
+
+    step("renew", renew(lease_1, NOW + 9))
+    step("renew clamped", renew(lease_1, NOW + 9, ttl=90_000))
+    step("renew fenced", renew(attrs.evolve(lease_1, token=lease_1.token + 1), NOW + 9))
     step("snapshot", protocol.snapshot_call(ks, "g", tenants=["a", "b", "c"], now_ms=NOW + 10))
-    step("release", protocol.release_call(ks, "g", "lease-1", purge=64, now_ms=NOW + 11))
-    step("release again", protocol.release_call(ks, "g", "lease-1", purge=64, now_ms=NOW + 12))
+    step("release fenced", release(attrs.evolve(lease_1, tenant="b"), NOW + 11))
+    step("release", release(lease_1, NOW + 11))
+    step("release again", release(lease_1, NOW + 12))
     late = NOW + 7 + 30_000 + 1
-    step("release expired", protocol.release_call(ks, "g", "lease-7", purge=0, now_ms=late))
-    step("renew lost", protocol.renew_call(ks, "g", "lease-7", 30_000, purge=64, now_ms=late))
+    step("release expired", release(lease_7, late, purge=0))
+    step("renew lost", renew(lease_7, late))
     step("snapshot later", protocol.snapshot_call(ks, "g", now_ms=late + 1))
     requests = [("a", 1, "lease-9", 30_000, False), ("b", 9, "lease-10", 30_000, True)]
     requests += [("a", 1, "lease-9", 30_000, False), ("stranger", 1, "lease-11", 30_000, False)]
     many = protocol.acquire_many_call(ks, "g", requests, pending_ms=2000, purge=64, now_ms=late + 2)
     step("acquire many", many)
-    ids = ["lease-9", "lease-9", "lease-11", "lease-8"]
-    step("release many", protocol.release_many_call(ks, "g", ids, purge=64, now_ms=late + 3))
+    token_9 = (late + 2) * 1000
+    named = [("lease-9", "a", token_9), ("lease-9", "a", token_9), ("lease-11", "stranger", 0)]
+    named += [("lease-8", "a", 0)]
+    step("release many", protocol.release_many_call(ks, "g", named, purge=64, now_ms=late + 3))
+    # The group's state is lost while lease-12 is live: new work waits, the holder re-asserts.
+    step("admit before loss", acquire("a", 2, "lease-12", late + 4))
+    lease_12 = LeaseInfo("lease-12", "a", "g", 2, (late + 4) * 1000, (late + 30_004) / 1000)
+    group = ks.group("g")
+    conn.delete(group.demand, group.exp, group.info, group.queue)
+    step("snapshot lost", protocol.snapshot_call(ks, "g", now_ms=late + 5))
+    step("recovering", acquire("b", 1, "lease-13", late + 6))
+    step("renew reasserted", renew(lease_12, late + 7))
+    step("snapshot recovering", protocol.snapshot_call(ks, "g", now_ms=late + 8))
+    step("admit after recovery", acquire("b", 1, "lease-14", late + 30_005))
     return steps
 
 
@@ -259,9 +288,9 @@ def test_newer_schema_catalog_is_refused() -> None:
 def test_every_header_parses_and_declares_the_group_keys() -> None:
     """Every lua/*.lua entry script has a header and takes exactly the group's keys (apply_policy
     too, since it rebuilds the fair state, plus the previous layout's keys it tombstones)."""
-    from ratequota import scripts
+    from ratequota.engine import scripts
 
-    folder = Path(inspect.getfile(scripts)).resolve().parent.parent / "lua"
+    folder = Path(inspect.getfile(scripts)).resolve().parents[2] / "lua"
     files = sorted(p.stem for p in folder.glob("*.lua") if not p.stem.startswith("_"))
     assert files == sorted(SCRIPT_NAMES)
     group_keys = len(KeySpace().group("g").all)
@@ -273,16 +302,20 @@ def test_every_header_parses_and_declares_the_group_keys() -> None:
         assert len(keys) == group_keys + extra, name
 
 
-#: One sample call of every encoder in ratequota.protocol.
+#: One sample call of every encoder in ratequota.engine.protocol.
 ENCODERS: dict[str, Any] = {
     "apply_policy_call": lambda ks: protocol.apply_policy_call(ks, POLICY),
     "acquire_call": lambda ks: protocol.acquire_call(
         ks, "g", "a", 1, "id", 1000, wait=True, pending_ms=2000, purge=8, now_ms=NOW
     ),
-    "release_call": lambda ks: protocol.release_call(ks, "g", "id", purge=8),
-    "renew_call": lambda ks: protocol.renew_call(ks, "g", "id", 1000, purge=8, now_ms=NOW),
+    "release_call": lambda ks: protocol.release_call(ks, "g", "id", tenant="a", token=1, purge=8),
+    "renew_call": lambda ks: protocol.renew_call(
+        ks, LeaseInfo("id", "a", "g", 1, 1, NOW / 1000), 1000, purge=8, now_ms=NOW
+    ),
     "snapshot_call": lambda ks: protocol.snapshot_call(ks, "g", tenants=["a", "b"]),
-    "release_many_call": lambda ks: protocol.release_many_call(ks, "g", ["a", "b"], purge=8),
+    "release_many_call": lambda ks: protocol.release_many_call(
+        ks, "g", [("a", "t", 1), ("b", "t", 2)], purge=8
+    ),
     "acquire_many_call": lambda ks: protocol.acquire_many_call(
         ks,
         "g",

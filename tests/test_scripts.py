@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from ratequota.scripts import SCRIPT_NAMES, load_scripts, parse_header
+from ratequota.engine.scripts import SCRIPT_NAMES, load_scripts, parse_header
 
 LUA = Path(__file__).resolve().parent.parent / "lua"
 
@@ -35,7 +35,7 @@ def test_script_uses_only_declared_arguments(name: str) -> None:
 def test_group_scripts_share_the_key_layout() -> None:
     """All group scripts take the same six keys, matching GroupKeys.all; apply_policy (which
     rebuilds the fair state) takes them too, then the previous layout's five."""
-    from ratequota.keys import KeySpace
+    from ratequota.engine.keys import KeySpace
 
     layout = KeySpace().group("g").all
     group_keys = ["policy", "demand", "exp", "info", "queue", "fair"]

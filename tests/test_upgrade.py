@@ -22,13 +22,13 @@ from typing import Any
 import fakeredis
 import pytest
 
-from ratequota.backends import embedded_backend
-from ratequota.client import QuotaClient
+from ratequota.clients.backends import embedded_backend
+from ratequota.clients.readiness import GroupFacts, ShardFacts, evaluate
+from ratequota.clients.sync import QuotaClient
+from ratequota.engine.keys import PREVIOUS_SCHEMA, KeySpace
+from ratequota.engine.protocol import tenant_spec
 from ratequota.errors import LegacyLayout, PolicyMissing
-from ratequota.keys import PREVIOUS_SCHEMA, KeySpace
 from ratequota.policy import GroupPolicy, Policy, TenantPolicy
-from ratequota.protocol import tenant_spec
-from ratequota.readiness import GroupFacts, ShardFacts, evaluate
 from ratequota.testing import ManualClock
 
 SCHEMA1 = Path(__file__).parent / "golden" / "schema1"
@@ -66,6 +66,8 @@ class OldPod:
             tenant_spec(POLICY.default_tenant),
             int(POLICY.max_lease_ttl * 1000),
             "digest-1",
+            self.clock.redis_ms(),
+            0,
             *pairs,
         ]
         return list(self.run("apply_policy", self.keys[:1], args))
@@ -75,11 +77,14 @@ class OldPod:
         args = [now, PREVIOUS_SCHEMA, tenant, units, rid, 30_000, "0", 2000, 64]
         return list(self.run("acquire", self.keys, args))
 
-    def release(self, rid: str) -> list[Any]:
-        return list(self.run("release", self.keys, [self.clock.redis_ms(), 1, rid, 64]))
+    def release(self, rid: str, tenant: str, token: int) -> list[Any]:
+        now = self.clock.redis_ms()
+        return list(self.run("release", self.keys, [now, 1, rid, 64, tenant, str(token)]))
 
-    def renew(self, rid: str) -> list[Any]:
-        return list(self.run("renew", self.keys, [self.clock.redis_ms(), 1, rid, 30_000, 64]))
+    def renew(self, rid: str, tenant: str, units: int, token: int) -> list[Any]:
+        now = self.clock.redis_ms()
+        args = [now, 1, rid, 30_000, 64, tenant, units, str(token), now + 30_000]
+        return list(self.run("renew", self.keys, args))
 
 
 Pods = tuple[OldPod, QuotaClient, Any, fakeredis.FakeServer]
@@ -140,9 +145,9 @@ def test_migration_carries_leases_and_tokens_and_locks_the_old_release_out(
     # The previous release: refused with its own "schema" error, never admitting.
     reply = old.acquire("a", 1, "old-2")
     assert (reply[0], reply[1], int(reply[9])) == (-1, b"schema", 2)
-    assert old.renew("old-1")[1] == b"schema"
+    assert old.renew("old-1", "a", 6, old_token)[1] == b"schema"
     assert old.publish() == [-1, 2]
-    assert old.release("old-1") == [b"unknown", 0]  # freed in the new layout only
+    assert old.release("old-1", "a", old_token) == [b"unknown", 0]  # freed in the new layout only
     assert int(conn.hget(old.keys[0], "schema")) == 2  # what the old pods' readiness reads
     # The lease moved along: the new release frees it once.
     assert new.release(snap.leases[0]).state == "released"

@@ -36,7 +36,7 @@ __all__ = ["SCALE", "FairState", "breakpoints", "exact", "recompute", "side_of"]
 #: Units of one exact sum per unit: 2^60.
 SCALE = 2**60
 
-#: The zset member that marks a group holding a fair state (score -1, never walked).
+#: The fair zset's sentinel, there while the group is in use (score -1, never walked).
 ANCHOR = "~"
 
 

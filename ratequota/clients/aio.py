@@ -3,13 +3,13 @@
 ``AsyncQuotaClient`` has the sync client's API and semantics (``async with
 quota.acquire(...)``, ``try_acquire``, ``release``, ``renew``, ``snapshot``,
 ``apply_policy``, ``load_policy``, the ``limit`` decorator on ``async def``
-handlers). Every decision is taken by ``ratequota.core`` and
-``ratequota.shell``; this module only sends, awaits and sleeps.
+handlers). Every decision is taken by ``ratequota.clients.core`` and
+``ratequota.clients.shell``; this module only sends, awaits and sleeps.
 
 Two things are particular to it:
 
 - concurrent script calls to one shard are pipelined into one round trip by a
-  per-shard batcher (policy in ``ratequota.batching``), and
+  per-shard batcher (policy in ``ratequota.engine.batching``), and
 - held leases are renewed by one background task per client.
 
 A client belongs to the event loop it is first used on (redis.asyncio
@@ -23,15 +23,14 @@ import asyncio
 import contextlib
 import functools
 import inspect
-import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import attrs
 
-from ratequota import shell
-from ratequota.backends import (
+from ratequota.clients import shell
+from ratequota.clients.backends import (
     ClusterRouting,
     _redact,
     _redis_from_url,
@@ -39,17 +38,17 @@ from ratequota.backends import (
     is_noscript,
     translate_error,
 )
-from ratequota.batching import BatchPolicy
-from ratequota.core import AcquireRequest, Flow, Sleep
+from ratequota.clients.core import AcquireRequest, Flow, Sleep
+from ratequota.clients.explain import Explanation, explain_flow
+from ratequota.clients.failure import FailureStats
+from ratequota.clients.readiness import ReadinessReport
+from ratequota.clients.renewal import RenewerBase
 from ratequota.decision import Decision, GroupSnapshot, LeaseInfo, ReleaseResult, RenewResult
+from ratequota.engine.batching import BatchPolicy
+from ratequota.engine.protocol import MERGES, coalesce
+from ratequota.engine.scripts import load_scripts, script
 from ratequota.errors import BackendUnavailable, ConfigError, InvalidType
-from ratequota.explain import Explanation, explain_flow
-from ratequota.failure import FailureStats
 from ratequota.policy import Policy
-from ratequota.protocol import MERGES, coalesce
-from ratequota.readiness import ReadinessReport
-from ratequota.renewal import RenewalBook, renew_many
-from ratequota.scripts import load_scripts, script
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -75,7 +74,7 @@ class AsyncBackend:
     def __init__(
         self, clients: Sequence[Any], description: str, shard_ids: Sequence[str] | None = None
     ) -> None:
-        from ratequota.routing import Rendezvous
+        from ratequota.engine.routing import Rendezvous
 
         self._clients = list(clients)
         self.description = description
@@ -315,34 +314,37 @@ class AsyncAcquisition(shell.AcquisitionBase[AsyncLease]):
                 await asyncio.shield(lease.release())
 
 
-class TaskRenewer:
+class TaskRenewer(RenewerBase):
     """The async client's renewer: one task on the client's loop, started on the first hold."""
 
     def __init__(self, client: AsyncQuotaClient) -> None:
-        core = client.core
-        self._client = client
-        # Real time, not the client's clock: a test's ManualClock expires leases on purpose.
-        self.book = RenewalBook(
-            core.settings.renew_fraction, core.settings.lease_ttl, time.monotonic
-        )
-        self.enabled = core.settings.auto_renew
+        super().__init__(client)
         self._task: asyncio.Task[None] | None = None
         self._wake: asyncio.Event | None = None
 
     def hold(self, lease: shell.LeaseBase) -> None:
-        """Renew ``lease`` in the background until ``drop``."""
+        """Renew ``lease`` until ``drop``."""
         if not self.enabled:
             return
         self.book.hold(lease)
+        if not self.background:
+            return
         if self._task is None or self._task.done():
             self._wake = asyncio.Event()
             self._task = asyncio.ensure_future(self._loop(self._wake))
         assert self._wake is not None
         self._wake.set()
 
-    def drop(self, lease: shell.LeaseBase) -> None:
-        """Stop renewing ``lease``."""
-        self.book.drop(lease)
+    async def renew_due(self) -> int:
+        """Renew every held lease due now; returns how many."""
+        due, _ = self.book.next()
+        if due:
+            try:
+                outcomes = await self._client._run(self._flow(due))
+            except Exception as exc:  # see RenewerBase._failed
+                outcomes = self._failed(due, exc)
+            self._settle(due, outcomes)
+        return len(due)
 
     async def close(self) -> None:
         """Cancel the task and wait for it."""
@@ -355,21 +357,9 @@ class TaskRenewer:
     async def _loop(self, wake: asyncio.Event) -> None:
         while True:
             wake.clear()
-            due, wait = self.book.next()
-            if due:
-                await self._renew(due)
-                continue
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(wake.wait(), wait)
-
-    async def _renew(self, due: list[shell.LeaseBase]) -> None:
-        client = self._client
-        try:
-            outcomes: list[Any] = await client._run(renew_many(client.core, due, client._node_of))
-        except Exception as exc:  # a bug must not kill the renewer: retry these soon
-            outcomes = [ConnectionError(repr(exc))] * len(due)
-        for lease, outcome in zip(due, outcomes, strict=True):
-            self.book.settle(lease, outcome)
+            if not await self.renew_due():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(wake.wait(), self.book.wait())
 
 
 class AsyncQuotaClient(shell.ClientBase):
@@ -408,8 +398,9 @@ class AsyncQuotaClient(shell.ClientBase):
         await self.close()
 
     def stats(self) -> FailureStats:
-        """Counters of the failure policy: fail-open and local admissions, fast failures."""
-        return self.core.failure.stats(self.core.breakers.fast_failures)
+        """Counters: fail-open and local admissions, fast failures, fenced releases/renewals."""
+        stats = self.core.failure.stats(self.core.breakers.fast_failures)
+        return attrs.evolve(stats, fenced_refusals=self.core.fenced_refusals)
 
     # -- driving flows -----------------------------------------------------
 
@@ -459,7 +450,7 @@ class AsyncQuotaClient(shell.ClientBase):
         self, groups: Iterable[str] | None = None, *, allow_degraded: bool = False
     ) -> ReadinessReport:
         """Readiness of every shard: may this pod take traffic? (as ``QuotaClient.check``)."""
-        from ratequota import readiness
+        from ratequota.clients import readiness
 
         keyspace = self.core.keyspace
         catalog, error = await readiness.aread_catalog(self.backend, keyspace)
@@ -511,12 +502,21 @@ class AsyncQuotaClient(shell.ClientBase):
         return AsyncAcquisition(self, self.core.request(tenant, units, **options))
 
     async def release(self, lease: LeaseInfo | AsyncLease) -> ReleaseResult:
-        """End a lease; idempotent, and says whether it was still live."""
+        """End a lease; idempotent, and says whether it was still live.
+
+        Fenced: the release names the lease's tenant and token, so it can only
+        end that very lease (state ``"fenced"`` otherwise, counted in ``stats()``).
+        """
         info = lease.info if isinstance(lease, AsyncLease) else lease
         return await self._run(self.core.release(info))
 
     async def renew(self, lease: LeaseInfo | AsyncLease, ttl: float | None = None) -> RenewResult:
-        """Extend a live lease; reports whether its tenant is above its fair limit."""
+        """Extend a live lease; reports whether its tenant is above its fair limit.
+
+        Fenced like ``release``. A ttl above the group's max_lease_ttl is
+        clamped (``RenewResult.ttl`` says what was granted). While the group
+        recovers from lost Redis state, the renewal re-asserts the lease.
+        """
         info = lease.info if isinstance(lease, AsyncLease) else lease
         return await self._run(self.core.renew(info, ttl))
 
