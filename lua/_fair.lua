@@ -75,16 +75,16 @@ local function side_of(a, b, level, side)
   return 1
 end
 
--- Exact sums of non-negative doubles: a value x counts as floor(x * 2^60) units of 2^-60,
--- held in two integer-valued doubles h (units of 2^-8) and l (units of 2^-60, 0 <= l < 2^52),
--- so every partial sum is exact below 2^45 and a sum never depends on the order of updates.
+-- Exact sums of non-negative doubles: a value x counts as floor(x * 2^52) units of 2^-52,
+-- held in two integer-valued doubles h (whole units) and l (units of 2^-52, 0 <= l < 2^52),
+-- so every partial sum is exact while it stays below 2^53 whole units (8 x the 2^50 bound
+-- on units and capacity), and a sum never depends on the order of the updates that built it.
+-- Only digits below 2^-52 of a term are dropped (weights, G(1-l)), the same way every time.
 local P52 = 4503599627370496
-local P60 = 1152921504606846976
 
 local function exact_add(h, l, x, sign)
-  local y = x * 256
-  local xh = math.floor(y)
-  local xl = math.floor((y - xh) * P52)
+  local xh = math.floor(x)
+  local xl = math.floor((x - xh) * P52)
   if sign > 0 then
     h, l = h + xh, l + xl
     if l >= P52 then h, l = h + 1, l - P52 end
@@ -96,5 +96,5 @@ local function exact_add(h, l, x, sign)
 end
 
 local function exact_value(h, l)
-  return h / 256 + l / P60
+  return h + l / P52
 end

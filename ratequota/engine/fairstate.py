@@ -14,8 +14,9 @@ tenant's terms per change:
   limit is ``λw``);
 * the breakpoints ``lo/w`` and ``up/w`` of every active tenant with ``up > lo``.
 
-Sums are exact: a value ``x`` counts as ``floor(x·2^60)`` units of ``2^-60``
-(Lua holds them in two doubles, here they are plain integers), so the state
+Sums are exact: a value ``x`` counts as ``floor(x·2^52)`` units of ``2^-52``
+(Lua holds them in two doubles, whole units and the rest, here they are plain
+integers), so the state
 never depends on the order of the updates that built it, and a long-running
 group never drifts. This module is that state recomputed from the raw demand:
 the oracle the tests compare the scripts' state with, and a reading aid.
@@ -33,15 +34,15 @@ from ratequota.policy import GroupPolicy
 
 __all__ = ["SCALE", "FairState", "breakpoints", "exact", "recompute", "side_of"]
 
-#: Units of one exact sum per unit: 2^60.
-SCALE = 2**60
+#: Units of one exact sum per unit: 2^52.
+SCALE = 2**52
 
 #: The fair zset's sentinel, there while the group is in use (score -1, never walked).
 ANCHOR = "~"
 
 
 def exact(x: float) -> int:
-    """``x`` in units of ``2^-60``, rounded down: what one term adds to an exact sum."""
+    """``x`` in units of ``2^-52``, rounded down: what one term adds to an exact sum."""
     return math.floor(x * SCALE)
 
 
