@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ratequota.clients.sync import QuotaClient
 from ratequota.engine.protocol import acquire_call, release_call
+from ratequota.engine.scripts import load_scripts
 from ratequota.policy import GroupPolicy, Policy, TenantPolicy
 from tests.servers import RedisServer
 
@@ -132,6 +133,9 @@ def measure(url: str, active: int, idle: int, calls: int, *, contended: bool) ->
         capacity = 2 * LIVE_LEASES + 2 * calls if contended else 10**7
         policy = build_policy(active, idle, capacity)
         quota.apply_policy(Policy([policy]))
+        conn = quota.backend.connection(policy.name)
+        for spec in load_scripts().values():  # the pipelines below send EVALSHA directly
+            conn.script_load(spec.source)
         seeded = populate(quota, policy.name, active, max(LIVE_LEASES, active))
         if contended:
             register_waiting(quota, policy.name, active, max(1, 4 * capacity // active))

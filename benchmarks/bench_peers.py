@@ -66,7 +66,7 @@ def run(url: str, calls: int, rounds: int) -> None:
     item = RateLimitItemPerHour(10**9)
     fixed = FixedWindowRateLimiter(storage)
     moving = MovingWindowRateLimiter(storage)
-    semaphore = SyncSemaphore(name="peers", capacity=10**6, max_sleep=1.0, connection=plain)
+    semaphore = SyncSemaphore(name="peers", capacity=100, max_sleep=1.0, connection=plain)
 
     def acquire_release() -> object:
         decision = quota.try_acquire("t", 1)
