@@ -28,8 +28,8 @@ end
 -- when the group has no policy or one written by a newer schema.
 local function open_group(now, schema, names)
   -- The schema field first: a newer release may write its header differently.
-  local fields = {'schema', 'hdr', 'busy', 'recover'}
-  for i, name in ipairs(names) do fields[i + 4] = 't:' .. name end
+  local fields = {'schema', 'hdr', 'busy', 'recover', 'fence'}
+  for i, name in ipairs(names) do fields[i + 5] = 't:' .. name end
   local raw = redis.call('HMGET', KEYS[1], unpack(fields))
   if not raw[1] then
     return nil, {-1, 'no_policy', 0, 0, 0, '0', 0, 0, 0, 0, 0}
@@ -39,10 +39,11 @@ local function open_group(now, schema, names)
   end
   local policy = parse_header(raw[2])
   policy.busy, policy.recover = tonumber(raw[3]) or 0, tonumber(raw[4]) or 0
+  policy.fence = tonumber(raw[5]) or 0
   local ctx = open_ctx(now, policy)
   for i, name in ipairs(names) do
     if ctx.specs[name] == nil then
-      local spec = raw[i + 4]
+      local spec = raw[i + 5]
       if not spec and policy.unknown == 'default' then spec = policy.default end
       ctx.specs[name] = spec and parse_spec(spec) or false
     end
@@ -50,26 +51,30 @@ local function open_group(now, schema, names)
   return ctx, nil
 end
 
--- Records that a lease may live until `expiry` (the policy hash outlives lost state).
+-- The next fencing token, written back with (when given) a new lease expiry in one HSET:
+-- busy records that a lease may live until then (the policy hash outlives lost state).
+-- A token is above every token handed out before, even after Redis lost the counter: the
+-- floor is Redis time in ms x 1000, which grows by 1000 per ms, so tokens never go back
+-- across a loss unless the group handed out more than 1000 tokens per ms for longer than
+-- the outage lasted (or the server's clock went back). Exact in doubles until 2255.
+local function next_fence(policy, now, expiry)
+  local token = math.max(policy.fence + 1, now * 1000)
+  policy.fence = token
+  if expiry and expiry > policy.busy then
+    policy.busy = expiry
+    redis.call('HSET', KEYS[1], 'fence', int(token), 'busy', int(expiry))
+  else
+    redis.call('HSET', KEYS[1], 'fence', int(token))
+  end
+  return token
+end
+
+-- Records that a lease may live until `expiry` (a renewal: no new token).
 local function mark_busy(policy, expiry)
   if expiry > policy.busy then
     redis.call('HSET', KEYS[1], 'busy', int(expiry))
     policy.busy = expiry
   end
-end
-
--- The next fencing token: above every token handed out before, even after Redis lost the
--- counter. The floor is Redis time in ms x 1000, which grows by 1000 per ms: tokens never go
--- back across a loss unless the group handed out more than 1000 tokens per ms for longer
--- than the outage lasted (or the server's clock went back). Exact in doubles until 2255.
-local function next_fence(now)
-  local fence = redis.call('HINCRBY', KEYS[1], 'fence', 1)
-  local floor = now * 1000
-  if fence < floor then
-    redis.call('HSET', KEYS[1], 'fence', int(floor))
-    fence = floor
-  end
-  return fence
 end
 
 -- How many of demand, exp, info and fair still hold their sentinel (4: the state is whole).
@@ -231,7 +236,7 @@ local function acquire_one(ctx, tenant, units, id, ttl, wait, pending_ms)
       redis.call('ZADD', KEYS[3], int(now + pending_ms), wait_member)
       if not already_waiting then
         -- The fencing counter doubles as the arrival sequence: monotonic, kept across policies.
-        local seq = next_fence(now)
+        local seq = next_fence(policy, now)
         local info = entry(units, seq, tenant)
         redis.call('HSET', KEYS[4], wait_member, info)
         redis.call('ZADD', KEYS[5], 0, queue_member(tenant, seq, units, id))
@@ -268,12 +273,11 @@ local function acquire_one(ctx, tenant, units, id, ttl, wait, pending_ms)
     write_points(tenant, spec.w, before, after)
   end
 
-  local token = next_fence(now)
   local expiry = now + ttl
+  local token = next_fence(policy, now, expiry)
   local info = entry(units, token, tenant)
   redis.call('ZADD', KEYS[3], int(expiry), lease_member)
   redis.call('HSET', KEYS[4], lease_member, info)
-  mark_busy(policy, expiry)
   ctx.entries[lease_member] = info
   ctx.touch = true
   return {1, 'admitted', expiry, token, tenant_used + units, fmt(limit), ctx.st.used,
@@ -314,10 +318,11 @@ end
 -- Release works whatever the policy says (units must always come back): without a policy
 -- of this schema it still frees the units, and apply_policy rebuilds the fair state.
 local function release_ctx(now, schema)
-  local raw = redis.call('HMGET', KEYS[1], 'schema', 'hdr', 'busy', 'recover')
+  local raw = redis.call('HMGET', KEYS[1], 'schema', 'hdr', 'busy', 'recover', 'fence')
   if raw[1] and raw[2] and tonumber(raw[1]) <= tonumber(schema) then
     local policy = parse_header(raw[2])
     policy.busy, policy.recover = tonumber(raw[3]) or 0, tonumber(raw[4]) or 0
+    policy.fence = tonumber(raw[5]) or 0
     return open_ctx(now, policy)
   end
   return open_ctx(now, nil)

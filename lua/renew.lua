@@ -68,8 +68,10 @@ else
   redis.call('HSET', KEYS[4], member, int(units) .. ':' .. token .. ':' .. tenant)
   add_demand(ctx, tenant, units, 0)
   settle(fair_state(ctx), policy)
-  local fence = tonumber(redis.call('HGET', KEYS[1], 'fence')) or 0
-  if fence < tonumber(token) then redis.call('HSET', KEYS[1], 'fence', token) end
+  if policy.fence < tonumber(token) then
+    redis.call('HSET', KEYS[1], 'fence', token)
+    policy.fence = tonumber(token)
+  end
   reason = 'reasserted'
 end
 
