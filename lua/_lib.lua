@@ -376,7 +376,7 @@ local function parse_info(info)
 end
 
 -- Decides one request (§3) and records it; returns acquire.lua's reply (see its header).
-local function acquire_one(ctx, tenant, units, id, ttl, wait, pending_ms)
+local function acquire_one(ctx, tenant, units, id, ttl, wait, pending_ms, shadow)
   local policy, now, used, pending = ctx.policy, ctx.now, ctx.used, ctx.pending
   if ttl > policy.ttl then
     return {-1, 'bad_ttl', 0, 0, 0, '0', 0, policy.capacity, 0, policy.version, policy.ttl}
@@ -444,6 +444,13 @@ local function acquire_one(ctx, tenant, units, id, ttl, wait, pending_ms)
     reason = 'group_full'
   end
 
+  -- Shadow mode: the decision is made in full, and a refusal for the tenant's limit or the
+  -- group's capacity admits anyway (a real lease), answered with that refusal's reason.
+  local shadowed = false
+  if shadow and (reason == 'tenant_limit' or reason == 'group_full') then
+    shadowed, reason = reason, 'admitted'
+  end
+
   if reason ~= 'admitted' then
     local retry_ms = pending_ms
     local first = redis.call('ZRANGE', KEYS[3], 0, 0, 'WITHSCORES')
@@ -491,8 +498,8 @@ local function acquire_one(ctx, tenant, units, id, ttl, wait, pending_ms)
   used[tenant] = tenant_used + units
   ctx.group_used = ctx.group_used + units
   ctx.touch = true
-  return {1, 'admitted', expiry, token, tenant_used + units, fmt(limit), ctx.group_used,
-          policy.capacity, 0, policy.version, 0}
+  return {1, shadowed or 'admitted', expiry, token, tenant_used + units, fmt(limit),
+          ctx.group_used, policy.capacity, 0, policy.version, 0}
 end
 
 -- Ends lease `id` of `tenant` whose fencing token is `token` (text, as stored), and withdraws

@@ -34,6 +34,7 @@ from ratequota.errors import (
     SchemaMismatch,
     UnknownTenant,
 )
+from ratequota.observe import DecisionEvent, Observer
 from ratequota.policy import GroupPolicy, Policy, TenantPolicy
 
 __all__ = [
@@ -46,6 +47,7 @@ __all__ = [
     "BackendUnavailable",
     "ConfigError",
     "Decision",
+    "DecisionEvent",
     "Explanation",
     "FailureStats",
     "GroupPolicy",
@@ -55,6 +57,7 @@ __all__ = [
     "Lease",
     "LeaseInfo",
     "Loan",
+    "Observer",
     "Policy",
     "PolicyFileError",
     "PolicyMissing",

@@ -80,6 +80,11 @@ class Decision:
     ``used`` and ``group_used`` are units held after the decision; ``limit``
     is the tenant's fair limit at that moment; ``retry_after`` is a hint in
     seconds for when trying again may succeed (0 when admitted).
+
+    ``shadow_refused``: admitted only because the group or tenant is in shadow
+    mode (``GroupPolicy.shadow`` / ``TenantPolicy.shadow``); enforcement would
+    have refused it, and ``reason`` says why (``tenant_limit`` or ``group_full``).
+    The lease is real: its units are held in Redis like any other.
     """
 
     admitted: bool
@@ -94,12 +99,19 @@ class Decision:
     retry_after: float = 0.0
     policy_version: int = 0
     lease: LeaseInfo | None = None
+    shadow_refused: bool = False
 
     def __bool__(self) -> bool:
         return self.admitted
 
     def describe(self) -> str:
         """One line for logs and exception messages."""
+        if self.shadow_refused:
+            return (
+                f"admitted {self.units} units for tenant {self.tenant!r} in shadow mode; "
+                f"enforcing would refuse: {_WHY[self.reason]} (tenant {self.used}/"
+                f"{self.limit:g}, group {self.group_used}/{self.capacity})"
+            )
         if self.admitted:
             return (
                 f"admitted {self.units} units for tenant {self.tenant!r} "

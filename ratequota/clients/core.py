@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import random
@@ -54,16 +55,21 @@ from ratequota.errors import (
     InvalidRequest,
     InvalidType,
     PolicyMissing,
+    QuotaExceeded,
     RequestIdConflict,
     RequestTooLarge,
     SchemaMismatch,
     UnknownTenant,
 )
+from ratequota.observe import DecisionEvent, DecisionResult, Observer
 from ratequota.policy import MAX_LEASE_TTL_LIMIT, MAX_UNITS, Policy
 
 __all__ = ["AcquireRequest", "Command", "Flow", "Op", "QuotaCore", "Settings", "Sleep"]
 
 T = TypeVar("T")
+
+#: Shadow-mode admissions are logged here (INFO), one line per admission.
+shadow_log = logging.getLogger("ratequota.shadow")
 
 
 @attrs.frozen
@@ -248,13 +254,29 @@ def validate_request_id(request_id: object) -> str:
 class QuotaCore:
     """Validation, routing and every flow; one instance per client."""
 
-    def __init__(self, settings: Settings | None = None, clock: Clock | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        clock: Clock | None = None,
+        observer: Observer | None = None,
+    ) -> None:
         self.settings = settings or Settings()
         self.clock: Clock = clock or SystemClock()
         self.keyspace = KeySpace(prefix=self.settings.prefix)
         self._catalog = _Catalog.of(None, -math.inf)
+        if observer is not None and not isinstance(observer, Observer):
+            raise ConfigError(
+                "observer", f"must be a ratequota.Observer, got {type(observer).__name__}"
+            )
+        #: Told of every decision, Redis call, held lease... (None: nothing is measured).
+        self.observer = observer
         s = self.settings
-        self.breakers = Breakers(s.breaker_failures, s.breaker_reset, self.clock.monotonic)
+        self.breakers = Breakers(
+            s.breaker_failures,
+            s.breaker_reset,
+            self.clock.monotonic,
+            listener=None if observer is None else observer.breaker,
+        )
         self.failure = FailureState(s.failure_mode, s.local_allowance, s.lease_ttl)
         self._fenced = 0
         self._fenced_lock = threading.Lock()  # guards _fenced only; never held across I/O
@@ -417,9 +439,30 @@ class QuotaCore:
             pending_ms=round(self.settings.pending_ttl * 1000),
             purge=self.settings.purge_limit,
             now_ms=self.clock.redis_ms(),
+            shadow=self.in_shadow(group, tenant),
         )
         reply = yield call
-        return decode_acquire(reply, group=group, tenant=tenant, units=units, lease_id=lease_id)
+        decision = decode_acquire(reply, group=group, tenant=tenant, units=units, lease_id=lease_id)
+        if decision.shadow_refused:
+            shadow_log.info("shadow mode: %s", decision.describe())
+        return decision
+
+    def in_shadow(self, group: str, tenant: str) -> bool:
+        """Is ``tenant`` of ``group`` in shadow mode, by the policy this client last read?
+
+        Shadow mode is set per group or per tenant in the policy: the decision
+        runs in full, but a would-be refusal for the tenant's limit or the
+        group's capacity admits (``Decision.shadow_refused``). A pod picks up
+        a change with its routing, within ``catalog_ttl``.
+        """
+        policy = self._catalog.policy
+        group_policy = None if policy is None else policy.group(group)
+        if group_policy is None:
+            return False
+        if group_policy.shadow:
+            return True
+        tenant_policy = group_policy.tenant(tenant)
+        return tenant_policy is not None and tenant_policy.shadow
 
     def request(
         self,
@@ -445,6 +488,17 @@ class QuotaCore:
 
     def try_acquire(self, request: AcquireRequest) -> Flow[Decision]:
         """Admit now or refuse now; a refusal is a ``Decision``, not an exception."""
+        if self.observer is None:
+            return (yield from self._try_acquire(request))
+        try:
+            decision = yield from self._try_acquire(request)
+        except (BackendUnavailable, UnknownTenant) as exc:
+            self._observe_error(request, exc)
+            raise
+        self._observe(decision)
+        return decision
+
+    def _try_acquire(self, request: AcquireRequest) -> Flow[Decision]:
         r = request
         try:
             return (
@@ -474,6 +528,92 @@ class QuotaCore:
         (§3 step 2) so fair limits account for it; each retry refreshes the
         registration, and giving up withdraws it.
         """
+        if self.observer is None:
+            decision = yield from self._acquire(request)
+        else:
+            started = self.clock.monotonic()
+            try:
+                decision = yield from self._acquire(request)
+            except QuotaExceeded as exc:
+                timed_out = isinstance(exc, AcquireTimeout)
+                waited = self.clock.monotonic() - started
+                self._observe(exc.decision, waited=waited, timed_out=timed_out)
+                raise
+            except (BackendUnavailable, UnknownTenant) as exc:
+                self._observe_error(request, exc, waited=self.clock.monotonic() - started)
+                raise
+            self._observe(decision, waited=self.clock.monotonic() - started)
+        assert decision.lease is not None
+        return decision.lease
+
+    def _observe(
+        self, decision: Decision, *, waited: float | None = None, timed_out: bool = False
+    ) -> None:
+        """Tell the observer an acquire's final outcome (the one place both clients report)."""
+        assert self.observer is not None
+        d = decision
+        result: DecisionResult = "refused"
+        reason: str = d.reason
+        if d.lease is not None and d.lease.synthetic:
+            result = "fallback_admitted"
+            reason = "fail_open" if self.failure.mode == "open" else "local_allowance"
+        elif d.shadow_refused:
+            result = "shadow_admitted"
+        elif d.admitted:
+            result = "admitted"
+        elif timed_out:
+            result = "timed_out"
+        synthetic = result == "fallback_admitted"
+        self.observer.decision(
+            DecisionEvent(
+                group=d.group,
+                tenant=d.tenant,
+                units=d.units,
+                result=result,
+                reason=reason,
+                used=None if synthetic else d.used,
+                limit=d.limit,
+                group_used=None if synthetic else d.group_used,
+                capacity=d.capacity,
+                guarantee=self._guarantee(d.group, d.tenant),
+                waited=waited,
+            )
+        )
+
+    def _observe_error(
+        self,
+        r: AcquireRequest,
+        error: BackendUnavailable | UnknownTenant,
+        *,
+        waited: float | None = None,
+    ) -> None:
+        """Report an acquire that raised: the tenant is unknown, or Redis is unreachable."""
+        assert self.observer is not None
+        if isinstance(error, UnknownTenant):
+            group = error.group or r.group or ""
+            result: DecisionResult = "refused"
+            reason = "unknown_tenant"
+        else:
+            group = r.group or self._catalog.routes.get(r.tenant, "")
+            result, reason = "failed", "backend_unavailable"
+        self.observer.decision(
+            DecisionEvent(
+                group=group,
+                tenant=r.tenant,
+                units=r.units,
+                result=result,
+                reason=reason,
+                waited=waited,
+            )
+        )
+
+    def _guarantee(self, group: str, tenant: str) -> int | None:
+        policy = self._catalog.policy
+        group_policy = None if policy is None else policy.group(group)
+        tenant_policy = None if group_policy is None else group_policy.tenant(tenant)
+        return None if tenant_policy is None else tenant_policy.guarantee
+
+    def _acquire(self, request: AcquireRequest) -> Flow[Decision]:
         r = request
         started = self.clock.monotonic()
         deadline = started + r.timeout
@@ -487,8 +627,7 @@ class QuotaCore:
             except BackendUnavailable as exc:
                 decision = self._fallback(exc, r)
             if decision.admitted:
-                assert decision.lease is not None
-                return decision.lease
+                return decision
             if decision.reason == "too_large":
                 raise RequestTooLarge(decision)
             if decision.reason == "id_mismatch":
