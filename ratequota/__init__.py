@@ -34,7 +34,7 @@ from ratequota.errors import (
     SchemaMismatch,
     UnknownTenant,
 )
-from ratequota.observe import DecisionEvent, Observer
+from ratequota.observe import DecisionEvent, Observer, Observers
 from ratequota.policy import GroupPolicy, Policy, TenantPolicy
 
 __all__ = [
@@ -58,6 +58,7 @@ __all__ = [
     "LeaseInfo",
     "Loan",
     "Observer",
+    "Observers",
     "Policy",
     "PolicyFileError",
     "PolicyMissing",

@@ -33,6 +33,7 @@ from typing import Literal
 import attrs
 
 from ratequota.decision import LeaseInfo
+from ratequota.errors import ConfigError
 
 __all__ = [
     "BreakerStateName",
@@ -40,6 +41,7 @@ __all__ = [
     "DecisionResult",
     "LostCause",
     "Observer",
+    "Observers",
     "RenewalResultName",
 ]
 
@@ -122,3 +124,53 @@ class Observer:
 
     def breaker(self, shard: str, state: BreakerStateName) -> None:
         """The circuit breaker of ``shard`` is now in ``state``."""
+
+
+class Observers(Observer):
+    """Several observers as one (e.g. Prometheus metrics and OpenTelemetry spans).
+
+    Each event goes to every observer, in the order given.
+    """
+
+    def __init__(self, *observers: Observer) -> None:
+        for observer in observers:
+            if not isinstance(observer, Observer):
+                raise ConfigError(
+                    "observers", f"must be ratequota.Observer, got {type(observer).__name__}"
+                )
+        self.observers = observers
+
+    def decision(self, event: DecisionEvent) -> None:
+        """Tell every observer."""
+        for observer in self.observers:
+            observer.decision(event)
+
+    def redis_call(self, shard: str, call: str, seconds: float, ok: bool) -> None:
+        """Tell every observer."""
+        for observer in self.observers:
+            observer.redis_call(shard, call, seconds, ok)
+
+    def lease_held(self, lease: LeaseInfo) -> None:
+        """Tell every observer."""
+        for observer in self.observers:
+            observer.lease_held(lease)
+
+    def lease_ended(self, lease: LeaseInfo) -> None:
+        """Tell every observer."""
+        for observer in self.observers:
+            observer.lease_ended(lease)
+
+    def lease_lost(self, lease: LeaseInfo, cause: LostCause) -> None:
+        """Tell every observer."""
+        for observer in self.observers:
+            observer.lease_lost(lease, cause)
+
+    def renewal(self, lease: LeaseInfo, result: RenewalResultName) -> None:
+        """Tell every observer."""
+        for observer in self.observers:
+            observer.renewal(lease, result)
+
+    def breaker(self, shard: str, state: BreakerStateName) -> None:
+        """Tell every observer."""
+        for observer in self.observers:
+            observer.breaker(shard, state)

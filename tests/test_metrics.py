@@ -484,3 +484,101 @@ def test_decision_event_defaults() -> None:
     """An event without numbers says so: NaN limit, unknown guarantee and wait."""
     event = DecisionEvent("g", "a", 1, "failed", "backend_unavailable")
     assert math.isnan(event.limit) and event.guarantee is None and event.waited is None
+
+
+# -- OpenTelemetry spans -----------------------------------------------------------
+
+
+class FakeSpan:
+    """What a recording span is told."""
+
+    def __init__(self, name: str, start_time: int, attributes: dict[str, Any]) -> None:
+        self.name, self.start, self.attributes = name, start_time, attributes
+        self.end_time: int | None = None
+        self.status: Any = None
+
+    def set_status(self, status: Any) -> None:
+        self.status = status
+
+    def end(self, end_time: int | None = None) -> None:
+        self.end_time = end_time
+
+
+class FakeProvider:
+    """A tracer provider whose tracer keeps every span it starts."""
+
+    def __init__(self) -> None:
+        self.spans: list[FakeSpan] = []
+
+    def get_tracer(self, *args: Any, **kwargs: Any) -> FakeProvider:
+        return self
+
+    def start_span(self, name: str, **kwargs: Any) -> FakeSpan:
+        span = FakeSpan(name, kwargs["start_time"], dict(kwargs["attributes"]))
+        self.spans.append(span)
+        return span
+
+
+def test_decision_spans_alongside_metrics(make_quota: MakeClient) -> None:
+    """One span per decision, as long as the acquire waited; Observers feeds metrics too."""
+    from ratequota.observe import Observers
+    from ratequota.tracing import DecisionSpans
+
+    provider = FakeProvider()
+    m = metrics()
+    spans = DecisionSpans(provider)
+    assert spans.enabled
+    quota = make_quota(POLICY, clock=ManualClock(), observer=Observers(m, spans))
+    assert quota.try_acquire("a", 8).admitted
+    with pytest.raises(AcquireTimeout), quota.acquire("a", 1, timeout=1.5):
+        pass
+    first, second = provider.spans
+    assert first.name == "ratequota.try_acquire" and first.end_time == first.start
+    assert first.attributes["ratequota.result"] == "admitted"
+    assert first.attributes["ratequota.used"] == 8 and first.attributes["ratequota.units"] == 8
+    assert second.name == "ratequota.acquire"
+    assert second.attributes["ratequota.result"] == "timed_out"
+    assert second.attributes["ratequota.reason"] == "tenant_limit"
+    assert second.end_time is not None and second.end_time - second.start >= 1.5e9 - 1e3
+    assert first.status is None and second.status is None  # refusals are answers
+    assert decisions(m, "timed_out", "tenant_limit") == 1
+
+
+def test_decision_spans_mark_failures_and_need_nothing_installed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Redis unreachable: the span's status is an error. Without opentelemetry: a no-op."""
+    from opentelemetry.trace import StatusCode
+
+    from ratequota.tracing import DecisionSpans
+
+    provider = FakeProvider()
+    quota = QuotaClient(dead_url(), socket_timeout=0.2, observer=DecisionSpans(provider))
+    try:
+        with pytest.raises(BackendUnavailable):
+            quota.try_acquire("a", 1, group="g")
+    finally:
+        quota.close()
+    (span,) = provider.spans
+    assert span.attributes["ratequota.result"] == "failed"
+    assert span.status.status_code == StatusCode.ERROR
+
+    real_import = builtins.__import__
+
+    def no_opentelemetry(name: str, *args: Any, **kwargs: Any) -> Any:
+        if name.startswith("opentelemetry"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_opentelemetry)
+    silent = DecisionSpans(FakeProvider())
+    assert not silent.enabled
+    silent.decision(DecisionEvent("g", "a", 1, "failed", "backend_unavailable"))
+
+
+def test_observers_must_be_observers() -> None:
+    """Observers refuses anything else, naming the field."""
+    from ratequota.observe import Observers
+
+    with pytest.raises(ConfigError, match="observers"):
+        Observers(metrics(), object())  # type: ignore[arg-type]
