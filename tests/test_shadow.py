@@ -264,3 +264,23 @@ def test_simulation_safety_checks_leave_shadow_groups_out(shadow: str) -> None:
     report = build_report(scenario, intervals, [], [sample], elapsed=1.0)
     assert report.safe == (shadow != "off")
     assert report.groups[0].over_admission == 2  # still reported, as what enforcing prevents
+
+
+@pytest.mark.parametrize("explicit", [True, False])
+def test_turning_shadow_off_takes_effect_within_catalog_ttl(
+    make_quota: MakeClient, explicit: bool
+) -> None:
+    """A pod that saw shadow mode re-reads the policy by catalog_ttl, also when naming groups."""
+    clock = ManualClock()
+    operator = make_quota(Policy([group_policy("g", shadow="group")]), clock=clock)
+    pod = make_quota(clock=clock, catalog_ttl=5.0)
+    pod.load_policy()
+    group = {"group": "g"} if explicit else {}
+    assert pod.try_acquire("c", 3, **group).admitted
+    assert pod.try_acquire("c", 1, **group).shadow_refused
+    operator.apply_policy(Policy([group_policy("g", shadow="off")]))
+    clock.advance(1.0)
+    assert pod.try_acquire("c", 1, **group).shadow_refused  # within catalog_ttl: as last read
+    clock.advance(5.0)
+    refused = pod.try_acquire("c", 1, **group)
+    assert not refused.admitted and refused.reason == "tenant_limit"

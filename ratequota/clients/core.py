@@ -280,6 +280,8 @@ class QuotaCore:
         self.failure = FailureState(s.failure_mode, s.local_allowance, s.lease_ttl)
         self._fenced = 0
         self._fenced_lock = threading.Lock()  # guards _fenced only; never held across I/O
+        #: The last policy checked for shadow mode, and whether it has any (one assignment).
+        self._shadow_of: tuple[Policy | None, bool] = (None, False)
 
     @property
     def fenced_refusals(self) -> int:
@@ -371,6 +373,8 @@ class QuotaCore:
         policy restored once, then the request is retried.
         """
         name = yield from self.group_of(tenant, group)
+        if group is not None:
+            yield from self._recheck_shadow()
         try:
             decision = yield from self._acquire_once(tenant, units, name, lease_id, ttl_ms, wait)
         except PolicyMissing:
@@ -446,6 +450,25 @@ class QuotaCore:
         if decision.shadow_refused:
             shadow_log.info("shadow mode: %s", decision.describe())
         return decision
+
+    def _recheck_shadow(self) -> Flow[None]:
+        """Re-read a stale policy that has shadow mode somewhere, for calls naming their group.
+
+        Routing re-reads the policy every ``catalog_ttl``, but a call that
+        names its group skips routing: without this, a pod that saw a group in
+        shadow mode would keep admitting above its limits after the operator
+        turned enforcement back on. A policy without shadow mode costs
+        nothing here (a pod that never saw shadow mode enforces, the safe side).
+        """
+        catalog = self._catalog
+        if catalog.policy is None:
+            return
+        if self._shadow_of[0] is not catalog.policy:
+            self._shadow_of = (catalog.policy, _has_shadow(catalog.policy))
+        stale = self.clock.monotonic() - catalog.loaded_at > self.settings.catalog_ttl
+        if self._shadow_of[1] and stale:
+            with contextlib.suppress(BackendUnavailable):  # keep the last policy read
+                yield from self._read_catalog()
 
     def in_shadow(self, group: str, tenant: str) -> bool:
         """Is ``tenant`` of ``group`` in shadow mode, by the policy this client last read?
@@ -747,6 +770,14 @@ class QuotaCore:
     def load_policy(self) -> Flow[Policy | None]:
         """Read the published policy (and route by it from now on)."""
         return (yield from self._read_catalog())
+
+
+def _has_shadow(policy: Policy) -> bool:
+    """True when some group, tenant or default tenant of ``policy`` is in shadow mode."""
+    return any(
+        g.shadow or g.default_tenant.shadow or any(t.shadow for t in g.tenants)
+        for g in policy.groups
+    )
 
 
 def catalog_document(policy: Policy) -> str:
