@@ -20,8 +20,9 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
 from ratequota import AsyncQuotaClient, DecisionEvent, Observer, QuotaClient
-from ratequota.clients.renewal import RenewalBook, renew_many
+from ratequota.clients.renewal import RenewalBook
 from ratequota.clients.shell import LeaseBase
+from ratequota.decision import LeaseInfo
 from ratequota.errors import (
     AcquireTimeout,
     BackendUnavailable,
@@ -316,7 +317,7 @@ def test_lost_leases_are_counted_once_by_cause(make_quota: MakeClient) -> None:
     """A lease that expired under its holder is lost once, whoever notices first."""
     m = metrics()
     clock = ManualClock()
-    quota = make_quota(POLICY, clock=clock, observer=m, lease_ttl=5.0)
+    quota = make_quota(POLICY, clock=clock, observer=m, lease_ttl=5.0, renew_in_background=False)
     with quota.acquire("a", 1) as held:
         clock.advance(6.0)
         assert not held.renew().renewed  # the renewal finds it expired
@@ -336,37 +337,41 @@ def test_lost_leases_are_counted_once_by_cause(make_quota: MakeClient) -> None:
     assert value(m, "ratequota_leases_lost_total", group="g", cause="fenced") == 1
 
 
-def test_renewals_by_result_and_unrenewed_loss(make_quota: MakeClient) -> None:
-    """RenewalBook.settle reports each background renewal's result, and a loss for want of one."""
+def test_renewals_by_result(make_quota: MakeClient) -> None:
+    """The client's renewer reports each renewal's result, and a lease found gone as lost."""
     m = metrics()
     clock = ManualClock()
-    quota = make_quota(POLICY, clock=clock, observer=m, lease_ttl=5.0)
-    now = [0.0]
-    book = RenewalBook(0.5, 5.0, lambda: now[0])
-    decisions_ = [quota.try_acquire("a", 1) for _ in range(2)]
-    leases = [LeaseBase(d.lease, 5.0, observer=m) for d in decisions_ if d.lease is not None]
-    for lease in leases:
-        book.hold(lease)
-    now[0] = 3.0
-    due, _ = book.next()
-    assert len(due) == 2
-    quota.release(leases[1].info)  # taken away behind the holder's back
-    outcomes = quota._run(renew_many(quota.core, due, lambda route: "s"))
-    for lease, outcome in zip(due, outcomes, strict=True):
-        book.settle(lease, outcome)
+    quota = make_quota(POLICY, clock=clock, observer=m, lease_ttl=6.0, renew_in_background=False)
+    with quota.acquire("a", 1), quota.acquire("a", 1) as taken:
+        clock.advance(2.5)  # both due (every third of 6 s)
+        quota.release(taken.info)  # taken away behind the holder's back
+        assert quota.renewer.renew_due() == 2
+        assert taken.lost
     assert value(m, "ratequota_renewals_total", group="g", result="renewed") == 1
     assert value(m, "ratequota_renewals_total", group="g", result="lost") == 1
     assert value(m, "ratequota_leases_lost_total", group="g", cause="expired") == 1
 
-    # Redis unreachable until the lease's lifetime is over: an error, then a loss.
+
+def test_unrenewed_lease_is_lost_by_the_book() -> None:
+    """Redis unreachable until the lease's lifetime is over: an ``error``, then a loss."""
+    m = metrics()
+    now = [0.0]
+    book = RenewalBook(0.5, 5.0, lambda: now[0])
+    held = LeaseBase(LeaseInfo("x", "a", "g", 1, 1, 0.0), 5.0, observer=m)
+    book.hold(held)
+    now[0] = 3.0
+    assert book.next()[0] == [held]
+    book.settle(held, BackendUnavailable("down"))  # retried soon
+    assert not held.lost
     now[0] = 6.0
-    due, _ = book.next()
-    assert due == [leases[0]]
-    now[0] = 30.0
-    book.settle(leases[0], BackendUnavailable("down"))
-    assert value(m, "ratequota_renewals_total", group="g", result="error") == 1
+    assert book.next()[0] == [held]
+    book.settle(held, BackendUnavailable("down"))
+    assert held.lost and len(book) == 0
+    assert value(m, "ratequota_renewals_total", group="g", result="error") == 2
     assert value(m, "ratequota_leases_lost_total", group="g", cause="unrenewed") == 1
-    assert leases[0].lost
+    # A result arriving after the holder dropped the lease is not reported.
+    book.settle(held, BackendUnavailable("down"))
+    assert value(m, "ratequota_renewals_total", group="g", result="error") == 2
 
 
 # -- the exporter itself ---------------------------------------------------------

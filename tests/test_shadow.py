@@ -235,8 +235,8 @@ def test_simulation_safety_checks_leave_shadow_groups_out(shadow: str) -> None:
     The same records (10 units held in a group of capacity 8, and a tenant
     above its G + B) violate the invariants when the group enforces.
     """
-    from ratequota.scenario import Scenario, TenantLoad, Traffic
-    from ratequota.simstats import Interval, Sample, build_report
+    from ratequota.sim.scenario import Scenario, TenantLoad, Traffic
+    from ratequota.sim.stats import Interval, Sample, build_report
 
     group = GroupPolicy(
         "g",
