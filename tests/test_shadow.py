@@ -284,3 +284,25 @@ def test_turning_shadow_off_takes_effect_within_catalog_ttl(
     clock.advance(5.0)
     refused = pod.try_acquire("c", 1, **group)
     assert not refused.admitted and refused.reason == "tenant_limit"
+
+
+def test_default_tenant_in_shadow_mode(make_quota: MakeClient) -> None:
+    """Strangers (the default tenant) in shadow mode; listed tenants of the group still enforced."""
+    group = GroupPolicy(
+        "g",
+        capacity=10,
+        tenants=(TenantPolicy("a", guarantee=3, borrow_limit=0),),
+        unknown_tenants="default",
+        default_tenant=TenantPolicy("*", borrow_limit=2, shadow=True),
+    )
+    other = GroupPolicy("h", capacity=4, tenants=(TenantPolicy("z"),))
+    quota = make_quota(Policy([group, other], default_group="g"), clock=ManualClock())
+    assert quota.try_acquire("stranger", 2).admitted
+    over = quota.try_acquire("stranger", 1)
+    assert over.shadow_refused and over.reason == "tenant_limit"
+    # "z" is listed in h, not in g: charged to g it is g's default tenant, in shadow mode.
+    assert quota.try_acquire("z", 2, group="g").admitted
+    assert quota.try_acquire("z", 1, group="g").shadow_refused
+    assert quota.try_acquire("a", 3).admitted
+    refused = quota.try_acquire("a", 1)
+    assert not refused.admitted and refused.reason == "tenant_limit"

@@ -284,8 +284,8 @@ class QuotaCore:
         self.failure = FailureState(s.failure_mode, s.local_allowance, s.lease_ttl)
         self._fenced = 0
         self._fenced_lock = threading.Lock()  # guards _fenced only; never held across I/O
-        #: The last policy checked for shadow mode, and whether it has any (one assignment).
-        self._shadow_of: tuple[Policy | None, bool] = (None, False)
+        #: Shadow mode of the policy last read, indexed (replaced whole, by one assignment).
+        self._shadow = _ShadowIndex.of(None)
 
     @property
     def fenced_refusals(self) -> int:
@@ -465,14 +465,17 @@ class QuotaCore:
         nothing here (a pod that never saw shadow mode enforces, the safe side).
         """
         catalog = self._catalog
-        if catalog.policy is None:
-            return
-        if self._shadow_of[0] is not catalog.policy:
-            self._shadow_of = (catalog.policy, _has_shadow(catalog.policy))
         stale = self.clock.monotonic() - catalog.loaded_at > self.settings.catalog_ttl
-        if self._shadow_of[1] and stale:
+        if stale and self._shadow_index().any:
             with contextlib.suppress(BackendUnavailable):  # keep the last policy read
                 yield from self._read_catalog()
+
+    def _shadow_index(self) -> _ShadowIndex:
+        policy = self._catalog.policy
+        index = self._shadow
+        if index.policy is not policy:
+            index = self._shadow = _ShadowIndex.of(policy)
+        return index
 
     def in_shadow(self, group: str, tenant: str) -> bool:
         """Is ``tenant`` of ``group`` in shadow mode, by the policy this client last read?
@@ -482,14 +485,13 @@ class QuotaCore:
         group's capacity admits (``Decision.shadow_refused``). A pod picks up
         a change with its routing, within ``catalog_ttl``.
         """
-        policy = self._catalog.policy
-        group_policy = None if policy is None else policy.group(group)
-        if group_policy is None:
+        index = self._shadow_index()
+        if not index.any:
             return False
-        if group_policy.shadow:
+        if group in index.groups or (group, tenant) in index.tenants:
             return True
-        tenant_policy = group_policy.tenant(tenant)
-        return tenant_policy is not None and tenant_policy.shadow
+        # A tenant the group does not list is its default tenant.
+        return group in index.defaults and self._catalog.routes.get(tenant) != group
 
     def request(
         self,
@@ -776,12 +778,29 @@ class QuotaCore:
         return (yield from self._read_catalog())
 
 
-def _has_shadow(policy: Policy) -> bool:
-    """True when some group, tenant or default tenant of ``policy`` is in shadow mode."""
-    return any(
-        g.shadow or g.default_tenant.shadow or any(t.shadow for t in g.tenants)
-        for g in policy.groups
-    )
+@attrs.frozen
+class _ShadowIndex:
+    """Where ``policy`` has shadow mode: whole groups, (group, tenant) pairs, default tenants."""
+
+    policy: Policy | None
+    groups: frozenset[str]
+    tenants: frozenset[tuple[str, str]]
+    defaults: frozenset[str]
+
+    @property
+    def any(self) -> bool:
+        """True when some group, tenant or default tenant is in shadow mode."""
+        return bool(self.groups or self.tenants or self.defaults)
+
+    @classmethod
+    def of(cls, policy: Policy | None) -> _ShadowIndex:
+        groups = () if policy is None else policy.groups
+        return cls(
+            policy,
+            frozenset(g.name for g in groups if g.shadow),
+            frozenset((g.name, t.name) for g in groups for t in g.tenants if t.shadow),
+            frozenset(g.name for g in groups if g.default_tenant.shadow),
+        )
 
 
 def catalog_document(policy: Policy) -> str:
