@@ -6,7 +6,7 @@
 -- ARGV[3] pending_ms  lifetime of a waiting registration unless refreshed by a retry
 -- ARGV[4] purge       most expired entries to drop in this call
 -- ARGV[5..] requests, six values each: tenant, units, lease_id, ttl_ms, wait ("1" or "0"),
---           shadow ("1" or "0": acquire.lua's ARGV[10])
+--           shadow ("1" or "0": acquire.lua's shadow argument)
 --
 -- reply: one acquire.lua reply per request, in order (see acquire.lua's header). Each
 --   request is decided as if it had been sent alone right after the ones before it; the
