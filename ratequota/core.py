@@ -14,15 +14,26 @@ replaced whole by a single assignment.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import random
+import threading
+import time
 from collections.abc import Generator, Iterable, Mapping
 from typing import Any, TypeVar
 
 import attrs
 
+from ratequota.catalog import (
+    HEADER_BYTES,
+    Catalog,
+    CatalogDocument,
+    CatalogHeader,
+    catalog_document,
+    parse_document,
+    parse_header,
+    policy_digest,
+)
 from ratequota.clock import Clock, SystemClock
 from ratequota.decision import (
     Decision,
@@ -39,11 +50,10 @@ from ratequota.errors import (
     InvalidType,
     PolicyMissing,
     RequestTooLarge,
-    SchemaMismatch,
     UnknownTenant,
 )
 from ratequota.failure import FAILURE_MODES, Breakers, FailureMode, FailureState
-from ratequota.keys import SCHEMA_VERSION, KeySpace
+from ratequota.keys import KeySpace
 from ratequota.policy import MAX_LEASE_TTL_LIMIT, Policy
 from ratequota.protocol import (
     ScriptCall,
@@ -59,7 +69,17 @@ from ratequota.protocol import (
     snapshot_call,
 )
 
-__all__ = ["AcquireRequest", "Command", "Flow", "Op", "QuotaCore", "Settings", "Sleep"]
+__all__ = [
+    "AcquireRequest",
+    "Command",
+    "Flow",
+    "Op",
+    "QuotaCore",
+    "Settings",
+    "Sleep",
+    "catalog_document",
+    "parse_catalog",
+]
 
 T = TypeVar("T")
 
@@ -198,20 +218,8 @@ class AcquireRequest:
     timeout: float
 
 
-@attrs.frozen
-class _Catalog:
-    """Tenant-to-group routing as last read from Redis (or set by apply_policy)."""
-
-    policy: Policy | None
-    routes: Mapping[str, str]
-    loaded_at: float
-
-    @classmethod
-    def of(cls, policy: Policy | None, loaded_at: float) -> _Catalog:
-        routes = (
-            {} if policy is None else {t.name: g.name for g in policy.groups for t in g.tenants}
-        )
-        return cls(policy, routes, loaded_at)
+#: The routing catalog a client holds (kept under its old name for the flows below).
+_Catalog = Catalog
 
 
 def validate_tenant(tenant: object, field: str = "tenant") -> str:
@@ -248,7 +256,14 @@ class QuotaCore:
         self.settings = settings or Settings()
         self.clock: Clock = clock or SystemClock()
         self.keyspace = KeySpace(prefix=self.settings.prefix)
-        self._catalog = _Catalog.of(None, -math.inf)
+        self._catalog = Catalog.empty()
+        # Single flight for catalog refreshes: (token, started) of the refresh in flight.
+        # The lock guards this marker only; it is never held across I/O.
+        self._refreshing: tuple[object, float] | None = None
+        self._refresh_lock = threading.Lock()
+        #: Catalog reads and parses performed (for tests, benchmarks and operators).
+        self.catalog_reads = 0
+        self.catalog_parses = 0
         s = self.settings
         self.breakers = Breakers(s.breaker_failures, s.breaker_reset, self.clock.monotonic)
         self.failure = FailureState(s.failure_mode, s.local_allowance, s.lease_ttl)
@@ -282,29 +297,116 @@ class QuotaCore:
 
     def set_policy(self, policy: Policy | None) -> None:
         """Route by ``policy`` from now on (after publishing or reading it)."""
-        self._catalog = _Catalog.of(policy, self.clock.monotonic())
+        self._catalog = Catalog.of(policy, self.clock.monotonic())
 
     def _read_catalog(self) -> Flow[Policy | None]:
-        raw = yield Command(self.keyspace.catalog_route, ("GET", self.keyspace.catalog))
-        policy = parse_catalog(raw)
-        self.set_policy(policy)
-        return policy
+        """Re-read the catalog now (explicitly asked for): the policy to route by.
+
+        A missing catalog key never replaces the policy this pod knows: it
+        means the data was lost, not that the policy was withdrawn (an
+        operator withdraws groups by publishing a policy without them). See
+        ``ratequota.catalog``.
+        """
+        yield from self._refresh()
+        return self._catalog.policy
+
+    def _refresh(self) -> Flow[None]:
+        """Bring the catalog up to date, reading as little as possible.
+
+        First only the document's header (``GETRANGE``): the same digest as the
+        one held means nothing changed, and nothing is fetched, parsed or
+        validated. A missing key keeps the held policy and writes it back
+        (``SET NX``, marked restored). Only a new publication is fetched whole
+        and parsed, once.
+        """
+        key, route = self.keyspace.catalog, self.keyspace.catalog_route
+        held = self._catalog
+        self.catalog_reads += 1
+        head = yield Command(route, ("GETRANGE", key, 0, HEADER_BYTES - 1))
+        now = self.clock.monotonic()
+        if not head:  # the key is missing (a document is never empty)
+            restore = held.document()
+            if restore is not None:
+                # NX: never over a catalog an operator (or another pod) has just written.
+                yield Command(route, ("SET", key, restore, "NX"))
+            self._catalog = held.touched(now)
+            return
+        header = parse_header(head)
+        if header is not None and held.header is not None:
+            if not held.adopts(header) or header.digest == held.header.digest:
+                self._catalog = held.touched(now, header if held.adopts(header) else None)
+                return
+        raw = yield Command(route, ("GET", key))
+        document = self._parse(raw)
+        if document is None:  # deleted between the two reads: as missing
+            self._catalog = held.touched(now)
+        elif held.adopts(document.header):
+            self._catalog = Catalog.of(document.policy, now, document.header)
+        else:
+            self._catalog = held.touched(now)
+
+    def _parse(self, raw: object) -> CatalogDocument | None:
+        """Parse a fetched document, reusing the held policy when the content is the same."""
+        held = self._catalog
+        header = parse_header(raw)
+        if header is not None and held.header is not None and header.digest == held.header.digest:
+            assert held.policy is not None
+            return CatalogDocument(held.policy, header)
+        self.catalog_parses += 1
+        return parse_document(raw)
+
+    def _claim_refresh(self) -> object | None:
+        """A token if this caller may refresh the catalog now (no refresh in flight), else None.
+
+        A refresh that never reported back (its caller vanished) stops
+        counting as in flight after a few socket timeouts.
+        """
+        now = self.clock.monotonic()
+        bound = 4 * self.settings.socket_timeout
+        with self._refresh_lock:
+            current = self._refreshing
+            if current is not None and now - current[1] < bound:
+                return None
+            token = object()
+            self._refreshing = (token, now)
+            return token
+
+    def _end_refresh(self, token: object) -> None:
+        with self._refresh_lock:
+            if self._refreshing is not None and self._refreshing[0] is token:
+                self._refreshing = None
 
     def group_of(self, tenant: str, group: str | None, *, refresh: bool = False) -> Flow[str]:
-        """The group charged for ``tenant``: explicit, routed by the catalog, or the default."""
+        """The group charged for ``tenant``: explicit, routed by the catalog, or the default.
+
+        The catalog is refreshed every ``catalog_ttl`` by one caller at a time
+        (single flight): the others route by the catalog already held instead
+        of waiting or reading it too. Only a client that holds no policy yet,
+        or a caller told to (``refresh``, after the script disagreed with the
+        route), reads it without taking turns.
+        """
         if group is not None:
             return validate_tenant(group, "group")
         catalog = self._catalog
         stale = self.clock.monotonic() - catalog.loaded_at > self.settings.catalog_ttl
-        if refresh or stale:
+        if refresh or (stale and catalog.policy is None):
             try:
-                yield from self._read_catalog()
+                yield from self._refresh()
             except BackendUnavailable:
                 # The catalog's shard is down: route by the last catalog read, so the
                 # groups on the other shards keep working (the next call tries again).
                 if catalog.policy is None:
                     raise
-            catalog = self._catalog
+        elif stale:
+            token = self._claim_refresh()
+            if token is not None:
+                try:
+                    yield from self._refresh()
+                except BackendUnavailable:
+                    pass  # as above: route by the catalog held; the next call tries again
+                finally:
+                    self._end_refresh(token)
+        catalog = self._catalog
         routed = catalog.routes.get(tenant)
         if routed is None and catalog.policy is not None:
             routed = catalog.policy.default_group
@@ -355,25 +457,18 @@ class QuotaCore:
         The published catalog is the authority: if it lists the group, its
         policy is written again (the same content, so every pod restoring it at
         once writes the same thing). If the catalog is gone too, the whole
-        Redis lost its data, and this pod restores the policy it last knew. A
-        catalog that exists but does not list the group means the group was
-        dropped: nothing is restored.
+        Redis lost its data: the catalog refresh writes back the policy this
+        pod knows (``SET NX``) and the group is restored from it. A catalog
+        that exists but does not list the group means the group was dropped:
+        nothing is restored.
         """
-        raw = yield Command(self.keyspace.catalog_route, ("GET", self.keyspace.catalog))
-        published = parse_catalog(raw)
-        source = published if published is not None else self._catalog.policy
+        yield from self._refresh()
+        source = self._catalog.policy
         group_policy = None if source is None else source.group(group)
-        if source is None or group_policy is None:
+        if group_policy is None:
             return False
-        if published is None:
-            # NX: never overwrite a catalog another pod (or an operator) has just written.
-            document = catalog_document(source)
-            yield Command(
-                self.keyspace.catalog_route, ("SET", self.keyspace.catalog, document, "NX")
-            )
         reply = yield apply_policy_call(self.keyspace, group_policy)
         decode_apply_policy(group, reply)
-        self.set_policy(source)
         return True
 
     def _acquire_once(
@@ -541,6 +636,11 @@ class QuotaCore:
         if not isinstance(policy, Policy):
             raise InvalidType("policy", f"must be a Policy, got {type(policy).__name__}")
         previous = yield from self._read_catalog()
+        held = self._catalog.header
+        # Epochs order publications: after the one read, and not before the wall clock,
+        # so a publication after a data loss still outranks what pods restore.
+        epoch = max(0 if held is None else held.epoch + 1, self._wall_ms())
+        header = CatalogHeader(epoch, policy_digest(policy))
         versions: dict[str, int] = {}
         for group in policy.groups:
             reply = yield apply_policy_call(self.keyspace, group)
@@ -549,32 +649,25 @@ class QuotaCore:
             for old in previous.groups:
                 if policy.group(old.name) is None:
                     yield Command(old.name, ("DEL", self.keyspace.group(old.name).policy))
-        yield Command(
-            self.keyspace.catalog_route, ("SET", self.keyspace.catalog, catalog_document(policy))
-        )
-        self.set_policy(policy)
+        document = catalog_document(policy, epoch=header.epoch, digest=header.digest)
+        yield Command(self.keyspace.catalog_route, ("SET", self.keyspace.catalog, document))
+        self._catalog = Catalog.of(policy, self.clock.monotonic(), header)
         return versions
 
     def load_policy(self) -> Flow[Policy | None]:
-        """Read the published policy (and route by it from now on)."""
+        """Re-read the published policy now (and route by it); the held one if Redis lost it."""
         return (yield from self._read_catalog())
 
-
-def catalog_document(policy: Policy) -> str:
-    """The catalog key's value for ``policy`` (read back by ``parse_catalog``)."""
-    return json.dumps({"schema": SCHEMA_VERSION, "policy": policy.to_dict()})
+    def _wall_ms(self) -> int:
+        """Epoch milliseconds: the clock's pinned Redis time, else this machine's wall clock."""
+        pinned = self.clock.redis_ms()
+        return round(time.time() * 1000) if pinned is None else pinned
 
 
 def parse_catalog(raw: object) -> Policy | None:
-    """The policy held by the catalog key's value (None if nothing is published)."""
-    if raw is None:
-        return None
-    text = raw.decode("utf-8") if isinstance(raw, bytes) else str(raw)
-    document = json.loads(text)
-    schema = int(document.get("schema", 0))
-    if schema > SCHEMA_VERSION:
-        raise SchemaMismatch("(catalog)", schema, SCHEMA_VERSION)
-    return Policy.from_dict(document["policy"])
+    """The policy held by the catalog key's value (None if the key is missing)."""
+    document = parse_document(raw)
+    return None if document is None else document.policy
 
 
 def synthetic_renewal(lease: LeaseInfo) -> RenewResult:

@@ -235,9 +235,9 @@ def test_missing_group_policy_is_not_ready(shards: list[RedisServer]) -> None:
 
 #: The ACL rule documented in docs/deployment.md (kept identical by this test).
 MINIMAL_ACL = (
-    "on >secret ~rq:* resetchannels -@all +ping +info +get +set +del +hmget +evalsha +eval "
-    "+script|load +script|exists +time +hget +hgetall +hset +hdel +hincrby +pexpire +zadd +zrem "
-    "+zscore +zrange +zrangebyscore +zrangebylex"
+    "on >secret ~rq:* resetchannels -@all +ping +info +get +getrange +set +del +hmget +evalsha "
+    "+eval +script|load +script|exists +time +hget +hgetall +hset +hdel +hincrby +pexpire +zadd "
+    "+zrem +zscore +zrange +zrangebyscore +zrangebylex"
 )
 
 
