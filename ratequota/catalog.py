@@ -150,7 +150,8 @@ def parse_document(raw: object) -> CatalogDocument | None:
 class Catalog:
     """What a pod routes by: the policy it last read or published, and where it came from.
 
-    ``header`` is None when the pod knows no publication. ``loaded_at`` is the
+    ``header`` is None when the pod knows no publication (or was handed a
+    policy without one, ``QuotaCore.set_policy``). ``loaded_at`` is the
     pod's monotonic time of the last successful refresh (or -inf).
     """
 
@@ -167,8 +168,6 @@ class Catalog:
         routes = (
             {} if policy is None else {t.name: g.name for g in policy.groups for t in g.tenants}
         )
-        if policy is not None and header is None:
-            header = CatalogHeader(0, policy_digest(policy))
         return cls(policy, routes, loaded_at, header)
 
     @classmethod
@@ -193,8 +192,8 @@ class Catalog:
 
     def document(self) -> str | None:
         """This pod's policy as a restoration document (same epoch and digest), if it has one."""
-        if self.policy is None or self.header is None:
+        if self.policy is None:
             return None
-        return catalog_document(
-            self.policy, epoch=self.header.epoch, digest=self.header.digest, restored=True
-        )
+        header = self.header or CatalogHeader(0, policy_digest(self.policy))
+        epoch, digest = header.epoch, header.digest
+        return catalog_document(self.policy, epoch=epoch, digest=digest, restored=True)

@@ -19,7 +19,7 @@ import os
 import random
 import threading
 import time
-from collections.abc import Generator, Iterable, Mapping
+from collections.abc import Generator, Iterable
 from typing import Any, TypeVar
 
 import attrs
@@ -218,10 +218,6 @@ class AcquireRequest:
     timeout: float
 
 
-#: The routing catalog a client holds (kept under its old name for the flows below).
-_Catalog = Catalog
-
-
 def validate_tenant(tenant: object, field: str = "tenant") -> str:
     """A tenant (or group) name: a non-empty ``str``."""
     if not isinstance(tenant, str):
@@ -332,10 +328,12 @@ class QuotaCore:
             self._catalog = held.touched(now)
             return
         header = parse_header(head)
-        if header is not None and held.header is not None:
-            if not held.adopts(header) or header.digest == held.header.digest:
-                self._catalog = held.touched(now, header if held.adopts(header) else None)
-                return
+        if header is not None and not held.adopts(header):
+            self._catalog = held.touched(now)  # an older publication restored: keep ours
+            return
+        if header is not None and held.header is not None and header.digest == held.header.digest:
+            self._catalog = held.touched(now, header)  # the same content: nothing to parse
+            return
         raw = yield Command(route, ("GET", key))
         document = self._parse(raw)
         if document is None:  # deleted between the two reads: as missing
