@@ -37,6 +37,7 @@ from ratequota.backends import (
     _redis_from_url,
     embedded_server,
     is_noscript,
+    scrub,
     translate_error,
 )
 from ratequota.batching import BatchPolicy
@@ -123,7 +124,7 @@ class AsyncClusterBackend(ClusterRouting):
                 socket_connect_timeout=socket_timeout,
             )
         except ValueError as exc:
-            raise ConfigError("cluster", str(exc)) from exc
+            raise ConfigError("cluster", scrub(str(exc), url)) from None
         self.description = f"cluster at {_redact(url)}"
 
     def node_of(self, route: str) -> str:
