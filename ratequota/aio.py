@@ -43,7 +43,7 @@ from ratequota.backends import (
 from ratequota.batching import BatchPolicy
 from ratequota.core import AcquireRequest, Flow, Sleep
 from ratequota.decision import Decision, GroupSnapshot, LeaseInfo, ReleaseResult, RenewResult
-from ratequota.errors import BackendUnavailable, ConfigError, InvalidType
+from ratequota.errors import ConfigError, InvalidType
 from ratequota.explain import Explanation, explain_flow
 from ratequota.failure import FailureStats
 from ratequota.policy import Policy
@@ -300,7 +300,8 @@ class AsyncLease(shell.LeaseBase):
 class AsyncAcquisition(shell.AcquisitionBase[AsyncLease]):
     """``async with quota.acquire(...) as lease``: waits on entry, releases on exit.
 
-    The release is shielded, so a cancelled holder still gives its units back.
+    The release is shielded, so a cancelled holder still gives its units back;
+    a release that fails is counted and logged, never raised (as in the sync client).
     """
 
     def __init__(self, client: AsyncQuotaClient, request: AcquireRequest) -> None:
@@ -312,8 +313,10 @@ class AsyncAcquisition(shell.AcquisitionBase[AsyncLease]):
     async def __aexit__(self, *exc_info: object) -> None:
         lease = self._leaving()
         if lease is not None:
-            with contextlib.suppress(BackendUnavailable):  # as in the sync client
+            try:  # as in the sync client: counted and logged, never raised over the handler
                 await asyncio.shield(lease.release())
+            except shell.RELEASE_ERRORS as exc:
+                self._release_failed(lease, exc)
 
 
 class TaskRenewer:

@@ -12,7 +12,6 @@ daemon thread per client (``ratequota.renewal``).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import inspect
 from collections.abc import Callable, Iterable
@@ -38,7 +37,6 @@ from ratequota.decision import (
     ReleaseResult,
     RenewResult,
 )
-from ratequota.errors import BackendUnavailable
 from ratequota.explain import Explanation, explain_flow
 from ratequota.failure import FailureStats
 from ratequota.policy import Policy
@@ -46,6 +44,7 @@ from ratequota.readiness import ReadinessReport
 from ratequota.renewal import ThreadRenewer
 from ratequota.scripts import load_scripts
 from ratequota.shell import (
+    RELEASE_ERRORS,
     AcquireOptions,
     AcquisitionBase,
     Batch,
@@ -89,8 +88,10 @@ class Lease(LeaseBase):
 class Acquisition(AcquisitionBase[Lease]):
     """``with quota.acquire(...) as lease``: waits on entry, releases on exit, errors included.
 
-    Leaving never raises because Redis is unreachable: the lease then ends by
-    itself at its TTL, and the handler's own outcome is what the caller sees.
+    Leaving never raises because the release failed (Redis unreachable, out of
+    memory, an error reply): the lease then ends by itself at its TTL, the
+    failure is counted and logged, and the handler's own outcome is what the
+    caller sees.
     """
 
     def __init__(self, client: QuotaClient, request: AcquireRequest) -> None:
@@ -102,8 +103,10 @@ class Acquisition(AcquisitionBase[Lease]):
     def __exit__(self, *exc_info: object) -> None:
         lease = self._leaving()
         if lease is not None:
-            with contextlib.suppress(BackendUnavailable):
+            try:
                 lease.release()
+            except RELEASE_ERRORS as exc:
+                self._release_failed(lease, exc)
 
 
 def _one_of_batch(conn: Any, args: tuple[Any, ...]) -> Any:

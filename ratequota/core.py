@@ -530,7 +530,8 @@ class QuotaCore:
             units=r.units,
             group=group,
             lease_id=r.lease_id,
-            now=self.clock.monotonic(),
+            now=self._wall_ms() / 1000,  # epoch seconds, as a real lease's Redis time
+            ttl=r.ttl_ms / 1000,
         )
 
     def acquire(self, request: AcquireRequest) -> Flow[LeaseInfo]:

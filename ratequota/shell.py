@@ -28,11 +28,12 @@ from ratequota.backends import is_noscript, translate_error
 from ratequota.clock import Clock
 from ratequota.core import AcquireRequest, Command, QuotaCore, Settings, Sleep
 from ratequota.decision import LeaseInfo, ReleaseResult, RenewResult
-from ratequota.errors import BackendUnavailable, InvalidType, RateQuotaError
+from ratequota.errors import BackendError, BackendUnavailable, InvalidType, RateQuotaError
 from ratequota.failure import Breakers
 from ratequota.protocol import ScriptCall
 
 __all__ = [
+    "RELEASE_ERRORS",
     "AcquireOptions",
     "AcquisitionBase",
     "Batch",
@@ -62,6 +63,11 @@ REDIS_ERRORS: tuple[type[BaseException], ...] = (
     redis.exceptions.RedisClusterException,
     OSError,
 )
+
+
+#: Errors a release on leaving ``acquire`` absorbs: Redis could not do it (unreachable,
+#: out of memory, an ACL or script error). Anything else is a bug and propagates.
+RELEASE_ERRORS: tuple[type[RateQuotaError], ...] = (BackendUnavailable, BackendError)
 
 
 #: What the ``limit`` decorator reads the tenant and the units from.
@@ -356,6 +362,15 @@ class AcquisitionBase(Generic[L]):
         """The lease to give back on exit, if it is still held."""
         lease, self._lease = self._lease, None
         return lease if lease is not None and not lease.released else None
+
+    def _release_failed(self, lease: L, error: RateQuotaError) -> None:
+        """The release on exit failed (Redis unreachable, out of memory, refused): absorb it.
+
+        Raising here would replace the handler's result, or its own exception,
+        with ours. The lease ends by itself at its expiry; the failure is
+        counted (``stats().release_failures``) and logged.
+        """
+        self._client.core.failure.release_failed(lease.info, error)
 
 
 def handler_arguments(

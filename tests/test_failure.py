@@ -8,8 +8,10 @@ listens on, where every call fails at once with "connection refused".
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import time
+from typing import Any
 
 import pytest
 
@@ -18,7 +20,9 @@ from ratequota.client import QuotaClient
 from ratequota.core import Settings
 from ratequota.errors import BackendUnavailable, ConfigError
 from ratequota.failure import Breakers, CircuitBreaker
-from tests.servers import free_port
+from ratequota.policy import GroupPolicy, Policy, TenantPolicy
+from ratequota.testing import ManualClock, fake_client
+from tests.servers import RedisServer, free_port
 
 
 def state(breaker: CircuitBreaker) -> str:
@@ -207,3 +211,85 @@ def test_async_client_applies_the_same_policy() -> None:
             await closed.close()
 
     asyncio.run(main())
+
+
+# -- leaving acquire when the release fails; synthetic leases on epoch time (issue 9, item 8) --
+
+
+@pytest.mark.real_redis
+def test_leaving_acquire_while_redis_is_out_of_memory_keeps_the_handlers_outcome(
+    real_redis: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Redis refuses the release (OOM): the handler's result and its own exception still reach
+    the caller, sync and async; the failure is counted and logged; the lease expires alone."""
+    policy = Policy([GroupPolicy("g", 10, [TenantPolicy("a")])])
+    admin: Any = real_redis.client()
+
+    def run_sync() -> None:
+        quota = QuotaClient(real_redis.url, auto_renew=False, socket_timeout=2.0)
+        try:
+            quota.apply_policy(policy)
+            with quota.acquire("a", 3, ttl=30) as lease:
+                admin.config_set("maxmemory", 1)
+                result = "handled"
+            assert result == "handled" and not lease.released
+            admin.config_set("maxmemory", 0)
+            with pytest.raises(KeyError, match="the handler's own"), quota.acquire("a", 2, ttl=30):
+                admin.config_set("maxmemory", 1)
+                raise KeyError("the handler's own")
+            admin.config_set("maxmemory", 0)
+            assert quota.stats().release_failures == 2
+            assert quota.snapshot("g").used == 5  # both leases still held: they expire alone
+        finally:
+            admin.config_set("maxmemory", 0)
+            quota.close()
+
+    async def run_async() -> None:
+        quota = AsyncQuotaClient(real_redis.url, auto_renew=False, socket_timeout=2.0)
+        try:
+            async with quota.acquire("a", 1, ttl=30):
+                admin.config_set("maxmemory", 1)
+            admin.config_set("maxmemory", 0)
+            with pytest.raises(KeyError):
+                async with quota.acquire("a", 1, ttl=30):
+                    admin.config_set("maxmemory", 1)
+                    raise KeyError("the handler's own")
+            admin.config_set("maxmemory", 0)
+            assert quota.stats().release_failures == 2
+            assert (await quota.snapshot("g")).used == 7
+        finally:
+            admin.config_set("maxmemory", 0)
+            await quota.close()
+
+    try:
+        with caplog.at_level(logging.WARNING, logger="ratequota"):
+            run_sync()
+            asyncio.run(run_async())
+    finally:
+        admin.config_set("maxmemory", 0)
+        admin.close()
+    failures = [r for r in caplog.records if "ends by itself" in r.getMessage()]
+    assert len(failures) == 4
+
+
+def test_a_synthetic_lease_expires_on_epoch_time_like_a_real_one() -> None:
+    """``expires_at`` of a fail-open lease is epoch seconds (Redis time), not the pod's
+    monotonic clock: with a pinned clock it equals a real lease's expiry exactly."""
+    clock = ManualClock()
+    policy = Policy([GroupPolicy("g", 10, [TenantPolicy("a")])])
+    real = fake_client(policy, clock=clock)
+    down = QuotaClient(dead_url(), socket_timeout=0.2, failure_mode="open", clock=clock)
+    wall = QuotaClient(dead_url(), socket_timeout=0.2, failure_mode="open")
+    try:
+        granted = real.try_acquire("a", 1, ttl=30).lease
+        synthetic = down.try_acquire("a", 1, group="g", ttl=30).lease
+        assert granted is not None and synthetic is not None and synthetic.synthetic
+        assert synthetic.expires_at == granted.expires_at == clock.redis_ms() / 1000 + 30
+        unpinned = wall.try_acquire("a", 1, group="g", ttl=30).lease
+        assert unpinned is not None and unpinned.expires_at > 1.6e9  # after 2020: epoch time
+        with down.acquire("a", 2, group="g", ttl=5, timeout=0) as lease:
+            assert lease.expires_at == clock.redis_ms() / 1000 + 5
+    finally:
+        real.close()
+        down.close()
+        wall.close()
