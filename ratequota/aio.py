@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import functools
 import inspect
+import math
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -40,7 +41,7 @@ from ratequota.backends import (
     scrub,
     translate_error,
 )
-from ratequota.batching import BatchPolicy
+from ratequota.batching import BatchPolicy, round_trip_bound
 from ratequota.core import AcquireRequest, Flow, Sleep
 from ratequota.decision import Decision, GroupSnapshot, LeaseInfo, ReleaseResult, RenewResult
 from ratequota.errors import ConfigError, InvalidType
@@ -187,20 +188,26 @@ class _ShardBatcher:
     ) -> None:
         self._conn = conn
         self._policy = policy
-        self._bound = bound  # backstop per round trip; redis-py's socket timeout fires first
+        # Each call's timeout, counted from its submission (see ``round_trip_bound``).
+        self._bound = bound
         self._pipelines = pipelines
         self._queue: list[tuple[tuple[str, tuple[Any, ...]], asyncio.Future[Any]]] = []
+        self._submitted: dict[asyncio.Future[Any], float] = {}
         self._in_flight = 0
         self._tasks: set[asyncio.Task[None]] = set()
+        self._cleanups: set[asyncio.Future[Any]] = set()  # cancelled calls winding down
 
     def submit(self, call: tuple[str, tuple[Any, ...]]) -> asyncio.Future[Any]:
         """Queue one (method, args) call; the future gets its reply or its exception."""
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self._submitted[future] = loop.time()
         self._queue.append((call, future))
         self._pump()
         return future
 
     def _pump(self) -> None:
+        self._expire_queued()
         if self._pipelines:
             count = self._policy.take(len(self._queue), self._in_flight)
         else:  # a cluster client cannot pipeline EVALSHA: one call per send, a few at once
@@ -212,6 +219,22 @@ class _ShardBatcher:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
+    def _expire_queued(self) -> None:
+        """Fail the queued calls whose timeout passed while they waited: they are never sent."""
+        if not self._queue:
+            return
+        now = asyncio.get_running_loop().time()
+        waiting = []
+        for call, future in self._queue:
+            submitted = self._submitted.get(future, now)
+            if round_trip_bound(submitted, now, self._bound) > 0:
+                waiting.append((call, future))
+                continue
+            self._submitted.pop(future, None)
+            if not future.done():
+                future.set_exception(TimeoutError(_QUEUED_TOO_LONG.format(self._bound)))
+        self._queue = waiting
+
     async def _send(
         self, batch: list[tuple[tuple[str, tuple[Any, ...]], asyncio.Future[Any]]]
     ) -> None:
@@ -219,10 +242,13 @@ class _ShardBatcher:
         # Concurrent acquires (releases) of one group become one acquire_many (release_many)
         # call: one script run pays the clock, policy, purge and demand reads once for all.
         wire, where = coalesce(calls) if len(calls) > 1 else (calls, [(0, None)])
+        oldest = min(self._submitted.pop(future, math.inf) for _, future in batch)
+        # At least a millisecond: the calls were checked unexpired when taken from the queue.
+        bound = max(0.001, round_trip_bound(oldest, asyncio.get_running_loop().time(), self._bound))
         replies: list[Any]
         try:
-            replies = await self._exchange(wire)
-            await self._reload_merged(wire, replies)
+            replies = await self._exchange(wire, bound)
+            await self._reload_merged(wire, replies, bound)
         except BaseException as exc:  # every waiter hears about it, cancellation included
             replies = [exc] * len(wire)
         finally:
@@ -239,21 +265,45 @@ class _ShardBatcher:
                 future.set_result(reply)
         self._pump()
 
-    async def _exchange(self, wire: list[tuple[str, tuple[Any, ...]]]) -> list[Any]:
-        """One round trip; a call's error is its reply, in place (a pipeline's are too)."""
+    async def _exchange(self, wire: list[tuple[str, tuple[Any, ...]]], bound: float) -> list[Any]:
+        """One round trip within ``bound`` seconds; a call's error is its reply, in place.
+
+        The bound, not only redis-py's socket timeout, ends the round trip: a
+        call that queued behind others must not then wait a full timeout more.
+        """
         if len(wire) == 1:
             method, args = wire[0]
             try:
-                return [await asyncio.wait_for(getattr(self._conn, method)(*args), self._bound)]
+                return [await self._bounded(getattr(self._conn, method)(*args), bound)]
             except Exception as exc:
                 return [exc]
         pipe = self._conn.pipeline(transaction=False)
         for method, args in wire:
             getattr(pipe, method)(*args)
-        return list(await asyncio.wait_for(pipe.execute(raise_on_error=False), self._bound))
+        return list(await self._bounded(pipe.execute(raise_on_error=False), bound))
+
+    async def _bounded(self, awaitable: Any, bound: float) -> Any:
+        """``awaitable``'s result within ``bound`` seconds, else ``TimeoutError`` at once.
+
+        Unlike ``asyncio.wait_for`` this does not wait for the cancelled call
+        to finish cleaning up: redis-py drops the connection on cancellation,
+        which against a paused server takes another socket timeout. The
+        clean-up goes on in the background.
+        """
+        task = asyncio.ensure_future(awaitable)
+        try:
+            done, _ = await asyncio.wait({task}, timeout=bound)
+        finally:
+            if not task.done():
+                task.cancel()
+                self._cleanups.add(task)
+                task.add_done_callback(_forget(self._cleanups))
+        if not done:
+            raise TimeoutError(f"no reply from Redis within {bound:.3f}s")
+        return task.result()
 
     async def _reload_merged(
-        self, wire: list[tuple[str, tuple[Any, ...]]], replies: list[Any]
+        self, wire: list[tuple[str, tuple[Any, ...]]], replies: list[Any], bound: float
     ) -> None:
         """NOSCRIPT for a merged call: load its ``_many`` script and send it again, once.
 
@@ -269,9 +319,24 @@ class _ShardBatcher:
         if not again:
             return
         for sha in {wire[i][1][0] for i in again}:
-            await asyncio.wait_for(self._conn.script_load(merged[sha].source), self._bound)
-        for i, reply in zip(again, await self._exchange([wire[i] for i in again]), strict=True):
+            await asyncio.wait_for(self._conn.script_load(merged[sha].source), bound)
+        again_replies = await self._exchange([wire[i] for i in again], bound)
+        for i, reply in zip(again, again_replies, strict=True):
             replies[i] = reply
+
+
+_QUEUED_TOO_LONG = "no reply from Redis within {:.3f}s (queued behind other round trips)"
+
+
+def _forget(cleanups: set[asyncio.Future[Any]]) -> Callable[[asyncio.Future[Any]], None]:
+    """A done-callback dropping a cancelled call, its outcome retrieved (never logged)."""
+
+    def done(task: asyncio.Future[Any]) -> None:
+        cleanups.discard(task)
+        if not task.cancelled():
+            task.exception()
+
+    return done
 
 
 def _fresh(exc: BaseException) -> BaseException:
@@ -394,9 +459,9 @@ class AsyncQuotaClient(shell.ClientBase):
         s = self.core.settings
         self._policy = BatchPolicy(s.batch_size, s.batch_in_flight)
         self._batchers: dict[object, _ShardBatcher] = {}
-        # Backstop per round trip (connect + send + read); never fires while redis-py's
-        # socket timeouts do. A queued call waits at most for the round trips ahead of it.
-        self._call_bound = 3 * s.socket_timeout
+        # Every call's timeout, from its submission to its reply: time queued behind
+        # other round trips counts (see ``batching.round_trip_bound``).
+        self._call_bound = s.socket_timeout
         self.renewer = TaskRenewer(self)
 
     async def close(self) -> None:
