@@ -42,11 +42,11 @@ from ratequota.backends import (
     translate_error,
 )
 from ratequota.batching import BatchPolicy, round_trip_bound
-from ratequota.core import AcquireRequest, Flow, Sleep
+from ratequota.core import AcquireRequest, Compute, Flow, Sleep, Spawn
 from ratequota.decision import Decision, GroupSnapshot, LeaseInfo, ReleaseResult, RenewResult
 from ratequota.errors import ConfigError, InvalidType
 from ratequota.explain import Explanation, explain_flow
-from ratequota.failure import FailureStats
+from ratequota.failure import FailureStats, log
 from ratequota.policy import Policy
 from ratequota.protocol import MERGES, coalesce
 from ratequota.readiness import ReadinessReport
@@ -463,11 +463,24 @@ class AsyncQuotaClient(shell.ClientBase):
         # other round trips counts (see ``batching.round_trip_bound``).
         self._call_bound = s.socket_timeout
         self.renewer = TaskRenewer(self)
+        self._background: set[asyncio.Task[None]] = set()  # spawned flows (catalog refresh)
 
     async def close(self) -> None:
-        """Stop the renewer and close connections."""
+        """Stop the renewer and background work, then close connections."""
         await self.renewer.close()
+        for task in list(self._background):
+            task.cancel()
+        for task in list(self._background):
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         await self.backend.close()
+
+    async def _run_detached(self, flow: Flow[None]) -> None:
+        """Run a spawned flow to its end as a task; a bug is logged, never lost silently."""
+        try:
+            await self._run(flow)
+        except Exception:
+            log.exception("ratequota: a background flow failed")
 
     async def __aenter__(self) -> AsyncQuotaClient:
         await self.load_scripts(strict=False)
@@ -491,6 +504,13 @@ class AsyncQuotaClient(shell.ClientBase):
     async def _perform(self, op: Any) -> Any:
         if isinstance(op, Sleep):
             return await self.core.clock.asleep(op.seconds)
+        if isinstance(op, Compute):
+            return await asyncio.to_thread(op.function)
+        if isinstance(op, Spawn):
+            task = asyncio.ensure_future(self._run_detached(op.flow))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+            return None
         conn = self.backend.connection(op.route)
         if isinstance(op, shell.Batch):
             calls = shell.pipeline_args(op)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
+import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar, cast
@@ -29,7 +30,7 @@ from ratequota.backends import (
     translate_error,
     url_backend,
 )
-from ratequota.core import AcquireRequest, Flow, Sleep
+from ratequota.core import AcquireRequest, Compute, Flow, Sleep, Spawn
 from ratequota.decision import (
     Decision,
     GroupSnapshot,
@@ -38,7 +39,7 @@ from ratequota.decision import (
     RenewResult,
 )
 from ratequota.explain import Explanation, explain_flow
-from ratequota.failure import FailureStats
+from ratequota.failure import FailureStats, log
 from ratequota.policy import Policy
 from ratequota.readiness import ReadinessReport
 from ratequota.renewal import ThreadRenewer
@@ -161,6 +162,13 @@ class QuotaClient(ClientBase):
     def _perform(self, op: Any) -> Any:
         if isinstance(op, Sleep):
             return self.core.clock.sleep(op.seconds)
+        if isinstance(op, Compute):
+            return op.function()
+        if isinstance(op, Spawn):
+            threading.Thread(
+                target=self._run_detached, args=(op.flow,), name="ratequota-catalog", daemon=True
+            ).start()
+            return None
         conn = self.backend.connection(op.route)
         if isinstance(op, Batch):
             if not getattr(self.backend, "pipelines", True):
@@ -171,6 +179,13 @@ class QuotaClient(ClientBase):
             return pipe.execute(raise_on_error=False)
         method, args = wire_call(op)
         return getattr(conn, method)(*args)
+
+    def _run_detached(self, flow: Flow[None]) -> None:
+        """Run a spawned flow to its end in this thread; a bug is logged, never lost silently."""
+        try:
+            self._run(flow)
+        except Exception:
+            log.exception("ratequota: a background flow failed")
 
     def stats(self) -> FailureStats:
         """Counters of the failure policy: fail-open and local admissions, fast failures."""

@@ -19,7 +19,7 @@ import os
 import random
 import threading
 import time
-from collections.abc import Generator, Iterable
+from collections.abc import Callable, Generator, Iterable
 from typing import Any, TypeVar
 
 import attrs
@@ -49,6 +49,7 @@ from ratequota.errors import (
     InvalidRequest,
     InvalidType,
     PolicyMissing,
+    RateQuotaError,
     RequestTooLarge,
     UnknownTenant,
 )
@@ -70,13 +71,16 @@ from ratequota.protocol import (
 )
 
 __all__ = [
+    "LOCAL_OPS",
     "AcquireRequest",
     "Command",
+    "Compute",
     "Flow",
     "Op",
     "QuotaCore",
     "Settings",
     "Sleep",
+    "Spawn",
     "catalog_document",
     "parse_catalog",
 ]
@@ -99,8 +103,34 @@ class Command:
     args: tuple[str | int, ...]
 
 
-Op = ScriptCall | Command | Sleep
+@attrs.frozen
+class Compute:
+    """Run ``function()`` (CPU work, no I/O) and resume with its result.
+
+    The sync client calls it in place; the async client in a worker thread,
+    so parsing a large catalog never stalls its event loop.
+    """
+
+    function: Callable[[], Any]
+
+
+@attrs.frozen
+class Spawn:
+    """Start ``flow`` in the background (a thread, or a task) and resume at once with None.
+
+    The spawned flow runs to its end on its own; its errors are its own
+    business (it must handle them). Used to refresh the catalog without
+    making any caller wait for it.
+    """
+
+    flow: Generator[Any, Any, None]
+
+
+Op = ScriptCall | Command | Sleep | Compute | Spawn
 Flow = Generator[Op, Any, T]
+
+#: Ops performed by the client itself, not sent to Redis (no route, no circuit breaker).
+LOCAL_OPS = (Sleep, Compute, Spawn)
 
 #: Backoff between tries of a waiting acquire: from the first to the last, doubling.
 _FIRST_PAUSE = 0.005
@@ -257,6 +287,10 @@ class QuotaCore:
         # The lock guards this marker only; it is never held across I/O.
         self._refreshing: tuple[object, float] | None = None
         self._refresh_lock = threading.Lock()
+        self._refresh_idle = threading.Event()
+        self._refresh_idle.set()
+        #: The error of the last background refresh that failed (None after a success).
+        self.catalog_error: RateQuotaError | None = None
         #: Catalog reads and parses performed (for tests, benchmarks and operators).
         self.catalog_reads = 0
         self.catalog_parses = 0
@@ -335,7 +369,7 @@ class QuotaCore:
             self._catalog = held.touched(now, header)  # the same content: nothing to parse
             return
         raw = yield Command(route, ("GET", key))
-        document = self._parse(raw)
+        document = yield from self._parse(raw)
         if document is None:  # deleted between the two reads: as missing
             self._catalog = held.touched(now)
         elif held.adopts(document.header):
@@ -343,15 +377,20 @@ class QuotaCore:
         else:
             self._catalog = held.touched(now)
 
-    def _parse(self, raw: object) -> CatalogDocument | None:
-        """Parse a fetched document, reusing the held policy when the content is the same."""
+    def _parse(self, raw: object) -> Flow[CatalogDocument | None]:
+        """Parse a fetched document, reusing the held policy when the content is the same.
+
+        Parsing validates every tenant (seconds for 100,000 of them), so it is
+        a ``Compute`` op: off the async client's event loop.
+        """
         held = self._catalog
         header = parse_header(raw)
         if header is not None and held.header is not None and header.digest == held.header.digest:
             assert held.policy is not None
             return CatalogDocument(held.policy, header)
         self.catalog_parses += 1
-        return parse_document(raw)
+        document: CatalogDocument | None = yield Compute(lambda: parse_document(raw))
+        return document
 
     def _claim_refresh(self) -> object | None:
         """A token if this caller may refresh the catalog now (no refresh in flight), else None.
@@ -367,21 +406,42 @@ class QuotaCore:
                 return None
             token = object()
             self._refreshing = (token, now)
+            self._refresh_idle.clear()
             return token
 
     def _end_refresh(self, token: object) -> None:
         with self._refresh_lock:
             if self._refreshing is not None and self._refreshing[0] is token:
                 self._refreshing = None
+                self._refresh_idle.set()
+
+    def _background_refresh(self, token: object) -> Generator[Any, Any, None]:
+        """The refresh a stale catalog triggers, run beside the requests (``Spawn``).
+
+        Errors stay here: the catalog held is still served, ``catalog_error``
+        says what went wrong, and the next due refresh tries again.
+        """
+        try:
+            yield from self._refresh()
+            self.catalog_error = None
+        except RateQuotaError as exc:
+            self.catalog_error = exc
+        finally:
+            self._end_refresh(token)
+
+    def wait_refreshed(self, timeout: float) -> bool:
+        """Block until no catalog refresh is in flight (at most ``timeout`` s); for tests."""
+        return self._refresh_idle.wait(timeout)
 
     def group_of(self, tenant: str, group: str | None, *, refresh: bool = False) -> Flow[str]:
         """The group charged for ``tenant``: explicit, routed by the catalog, or the default.
 
-        The catalog is refreshed every ``catalog_ttl`` by one caller at a time
-        (single flight): the others route by the catalog already held instead
-        of waiting or reading it too. Only a client that holds no policy yet,
-        or a caller told to (``refresh``, after the script disagreed with the
-        route), reads it without taking turns.
+        The catalog is refreshed every ``catalog_ttl`` in the background, one
+        refresh at a time per client (single flight): every caller, the one
+        that found it stale included, routes by the catalog already held
+        instead of waiting. Only a client that holds no policy yet, or a caller
+        told to (``refresh``, after the script disagreed with the route),
+        reads it in line.
         """
         if group is not None:
             return validate_tenant(group, "group")
@@ -398,12 +458,7 @@ class QuotaCore:
         elif stale:
             token = self._claim_refresh()
             if token is not None:
-                try:
-                    yield from self._refresh()
-                except BackendUnavailable:
-                    pass  # as above: route by the catalog held; the next call tries again
-                finally:
-                    self._end_refresh(token)
+                yield Spawn(self._background_refresh(token))
         catalog = self._catalog
         routed = catalog.routes.get(tenant)
         if routed is None and catalog.policy is not None:
@@ -428,14 +483,23 @@ class QuotaCore:
 
         A group whose policy hash is gone although the policy still lists it
         (its Redis restarted empty, or failed over to an empty replica) gets its
-        policy restored once, then the request is retried.
+        policy restored once, then the request is retried. A group dropped on
+        purpose sends a routed request to the tenant's group in the catalog
+        just re-read.
         """
         name = yield from self.group_of(tenant, group)
         try:
             decision = yield from self._acquire_once(tenant, units, name, lease_id, ttl_ms, wait)
         except PolicyMissing:
             if not (yield from self._restore_policy(name)):
-                raise
+                if group is not None:
+                    raise
+                # Dropped on purpose: the catalog was just re-read, so route again (the
+                # tenant may have moved to another group, or be gone: UnknownTenant).
+                fresh = yield from self.group_of(tenant, None)
+                if fresh == name:
+                    raise
+                name = fresh
             decision = yield from self._acquire_once(tenant, units, name, lease_id, ttl_ms, wait)
         if decision.reason == "unknown_tenant" and group is None:
             # The tenant may have moved to another group since we read the catalog.

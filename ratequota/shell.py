@@ -26,7 +26,7 @@ import redis
 
 from ratequota.backends import is_noscript, translate_error
 from ratequota.clock import Clock
-from ratequota.core import AcquireRequest, Command, QuotaCore, Settings, Sleep
+from ratequota.core import LOCAL_OPS, AcquireRequest, Command, QuotaCore, Settings
 from ratequota.decision import LeaseInfo, ReleaseResult, RenewResult
 from ratequota.errors import BackendError, BackendUnavailable, InvalidType, RateQuotaError
 from ratequota.failure import Breakers
@@ -202,7 +202,7 @@ class Runner(Generic[T]):
                 return
             value = error = None
             self._reloaded, self._partial = False, None
-            if not isinstance(op, Sleep):
+            if not isinstance(op, LOCAL_OPS):
                 error = self._breakers.refuse(self._node_of(op.route), self._where)
             if error is None:
                 self.op = op
@@ -211,7 +211,7 @@ class Runner(Generic[T]):
     def send(self, value: Any) -> None:
         """``op`` succeeded with ``value``."""
         op = self.op
-        if isinstance(op, Sleep):
+        if isinstance(op, LOCAL_OPS):
             self._advance(value, None)
             return
         self._breakers.record(self._node_of(op.route), True)
@@ -257,7 +257,7 @@ class Runner(Generic[T]):
         else:
             self._flow.close()
             raise exc
-        if not isinstance(op, Sleep):
+        if not isinstance(op, LOCAL_OPS):
             ok = not isinstance(error, BackendUnavailable)
             self._breakers.record(self._node_of(op.route), ok)
         self._advance(None, error)

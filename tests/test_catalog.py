@@ -159,6 +159,7 @@ def test_an_unpublished_policy_is_obeyed_not_restored(make_client: MakeClient) -
     clock.advance(TTL + 1)
     with pytest.raises(UnknownTenant):
         pod.try_acquire("a", 1)
+    assert pod.core.wait_refreshed(10)
     assert pod.core.policy == Policy([])
     conn = admin.backend.connection("batch")
     assert not conn.exists(admin.core.keyspace.group("batch").policy)
@@ -175,6 +176,7 @@ def test_a_deleted_catalog_key_is_data_loss(make_client: MakeClient) -> None:
     conn.delete(CATALOG)
     clock.advance(TTL + 1)
     assert pod.try_acquire("a", 1).admitted
+    assert pod.core.wait_refreshed(10)
     header = parse_header(conn.get(CATALOG))
     assert header is not None and header.restored
     assert pod.load_policy() == POLICY
@@ -197,6 +199,8 @@ def test_a_restored_older_publication_never_rolls_a_pod_back(make_client: MakeCl
     assert header is not None and header.restored
     current_clock.advance(TTL + 1)
     assert current.try_acquire("s1", 1).admitted
+    assert current.core.wait_refreshed(10)
+    assert current.core.catalog_reads >= 2  # it did re-read the catalog, and kept its own
     assert current.core.policy == newer
     third = Policy([GroupPolicy("open", 2, [TenantPolicy("s1"), TenantPolicy("a")])])
     admin.apply_policy(third)
@@ -204,6 +208,7 @@ def test_a_restored_older_publication_never_rolls_a_pod_back(make_client: MakeCl
     lagging_clock.advance(TTL + 1)
     current.try_acquire("s1", 1)
     lagging.try_acquire("s1", 1)
+    assert current.core.wait_refreshed(10) and lagging.core.wait_refreshed(10)
     assert current.core.policy == third and lagging.core.policy == third
 
 
@@ -304,8 +309,8 @@ class _GatedConnection:
 
 @pytest.mark.real_redis
 def test_one_refresh_at_a_time_and_nobody_waits_for_it(real_redis: RedisServer) -> None:
-    """Thirty threads find the catalog stale at once: one reads it; the others route by the
-    catalog held and finish while that read is still in flight."""
+    """Thirty threads find the catalog stale at once: one refresh starts, in the background;
+    all thirty route by the catalog held and finish while that read is still in flight."""
     clock = ManualClock()
     admin = QuotaClient(real_redis.url)
     admin.apply_policy(Policy([GroupPolicy("g", 100, [TenantPolicy(f"t{i}") for i in range(30)])]))
@@ -334,13 +339,15 @@ def test_one_refresh_at_a_time_and_nobody_waits_for_it(real_redis: RedisServer) 
         for thread in threads:
             thread.start()
         assert gated.first.wait(10)
-        # Every caller but the refresher finishes while the refresh is held at the gate.
+        # Every caller finishes while the refresh is held at the gate: it runs beside them.
         with done:
-            assert done.wait_for(lambda: len(decisions) == 29, timeout=10), len(decisions)
+            assert done.wait_for(lambda: len(decisions) == 30, timeout=10), len(decisions)
         assert not gate.is_set()
+        assert not pod.core.wait_refreshed(0)  # still in flight
         gate.set()
         for thread in threads:
             thread.join(10)
+        assert pod.core.wait_refreshed(10)
         assert decisions == [True] * 30
         assert _catalog_reads(real_redis) == 1
     finally:
@@ -370,6 +377,7 @@ def test_concurrent_tasks_refresh_once(real_redis: RedisServer) -> None:
                 decisions = await asyncio.gather(
                     *(pod.try_acquire("s1" if i % 2 else "b", 1) for i in range(50))
                 )
+                assert await asyncio.to_thread(pod.core.wait_refreshed, 10)
                 assert _catalog_reads(real_redis) == 1
                 # "open" holds 4; b may borrow all that a (holding 1) leaves of 10.
                 assert sum(d.admitted for d in decisions) == 4 + 9
@@ -416,13 +424,15 @@ def test_a_big_unchanged_catalog_is_never_fetched_or_parsed_again(
     for i in range(5):
         clock.advance(TTL + 1)
         assert pod.try_acquire(f"t{i}-9", 1).admitted
+        assert pod.core.wait_refreshed(30)
     assert len(parses) == 1
     assert pod.core.catalog_reads == 6
     smaller = Policy(groups[:-1])
     admin.apply_policy(smaller)
     assert len(parses) == 1  # the publisher never parses what it wrote
     clock.advance(TTL + 1)
-    assert pod.try_acquire("t0-1", 1).admitted
+    assert pod.try_acquire("t0-1", 1).admitted  # routed by the catalog held meanwhile
+    assert pod.core.wait_refreshed(30)
     assert len(parses) == 2
     assert pod.core.policy == smaller
     with pytest.raises(UnknownTenant):
