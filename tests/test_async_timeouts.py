@@ -17,10 +17,10 @@ from typing import Any
 
 import pytest
 
-from ratequota import aio
-from ratequota.aio import AsyncQuotaClient
-from ratequota.batching import round_trip_bound
-from ratequota.client import QuotaClient
+from ratequota.clients import aio
+from ratequota.clients.aio import AsyncQuotaClient
+from ratequota.clients.sync import QuotaClient
+from ratequota.engine.batching import round_trip_bound
 from ratequota.policy import GroupPolicy, Policy, TenantPolicy
 from tests.conftest import _no_redis
 from tests.servers import RedisServer, redis_server_binary

@@ -24,9 +24,9 @@ from typing import Any
 import pytest
 import redis
 
-from ratequota.aio import AsyncQuotaClient, async_url_backend
-from ratequota.backends import SingleBackend, url_backend
-from ratequota.catalog import (
+from ratequota.clients.aio import AsyncQuotaClient, async_url_backend
+from ratequota.clients.backends import SingleBackend, url_backend
+from ratequota.clients.catalog import (
     HEADER_BYTES,
     Catalog,
     CatalogHeader,
@@ -35,9 +35,9 @@ from ratequota.catalog import (
     parse_header,
     policy_digest,
 )
-from ratequota.client import QuotaClient
+from ratequota.clients.sync import QuotaClient
+from ratequota.engine.keys import SCHEMA_VERSION, KeySpace
 from ratequota.errors import ConfigError, SchemaMismatch, UnknownTenant
-from ratequota.keys import SCHEMA_VERSION, KeySpace
 from ratequota.policy import GroupPolicy, Policy, TenantPolicy
 from ratequota.testing import ManualClock
 from tests.conftest import MakeClient, _no_redis

@@ -15,11 +15,11 @@ from typing import Any
 
 import pytest
 
-from ratequota.aio import AsyncQuotaClient
-from ratequota.client import QuotaClient
-from ratequota.core import Settings
+from ratequota.clients.aio import AsyncQuotaClient
+from ratequota.clients.core import Settings
+from ratequota.clients.failure import Breakers, CircuitBreaker
+from ratequota.clients.sync import QuotaClient
 from ratequota.errors import BackendUnavailable, ConfigError
-from ratequota.failure import Breakers, CircuitBreaker
 from ratequota.policy import GroupPolicy, Policy, TenantPolicy
 from ratequota.testing import ManualClock, fake_client
 from tests.servers import RedisServer, free_port

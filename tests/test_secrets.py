@@ -19,10 +19,10 @@ import redis
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ratequota.aio import AsyncQuotaClient
-from ratequota.backends import redact, scrub
 from ratequota.cli import main
-from ratequota.client import QuotaClient
+from ratequota.clients.aio import AsyncQuotaClient
+from ratequota.clients.backends import redact, scrub
+from ratequota.clients.sync import QuotaClient
 from ratequota.errors import BackendUnavailable, ConfigError
 from ratequota.policy import GroupPolicy, Policy, TenantPolicy
 from tests.conftest import _no_redis

@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 
 import attrs
 
-from ratequota.catalog import (
+from ratequota.clients.catalog import (
     HEADER_BYTES,
     Catalog,
     CatalogDocument,
@@ -34,6 +34,7 @@ from ratequota.catalog import (
     parse_header,
     policy_digest,
 )
+from ratequota.clients.failure import FAILURE_MODES, Breakers, FailureMode, FailureState
 from ratequota.clock import Clock, SystemClock
 from ratequota.decision import (
     Decision,
@@ -42,21 +43,8 @@ from ratequota.decision import (
     ReleaseResult,
     RenewResult,
 )
-from ratequota.errors import (
-    AcquireTimeout,
-    BackendUnavailable,
-    ConfigError,
-    InvalidRequest,
-    InvalidType,
-    PolicyMissing,
-    RateQuotaError,
-    RequestTooLarge,
-    UnknownTenant,
-)
-from ratequota.failure import FAILURE_MODES, Breakers, FailureMode, FailureState
-from ratequota.keys import KeySpace
-from ratequota.policy import MAX_LEASE_TTL_LIMIT, Policy
-from ratequota.protocol import (
+from ratequota.engine.keys import KeySpace
+from ratequota.engine.protocol import (
     ScriptCall,
     acquire_call,
     apply_policy_call,
@@ -69,6 +57,18 @@ from ratequota.protocol import (
     renew_call,
     snapshot_call,
 )
+from ratequota.errors import (
+    AcquireTimeout,
+    BackendUnavailable,
+    ConfigError,
+    InvalidRequest,
+    InvalidType,
+    PolicyMissing,
+    RateQuotaError,
+    RequestTooLarge,
+    UnknownTenant,
+)
+from ratequota.policy import MAX_LEASE_TTL_LIMIT, Policy
 
 __all__ = [
     "LOCAL_OPS",
@@ -191,7 +191,7 @@ class Settings:
     ``catalog_ttl``: how often tenant-to-group routing is re-read.
     ``socket_timeout``: every Redis call's timeout.
 
-    Failure policy (§8, see ``ratequota.failure``): ``failure_mode`` is
+    Failure policy (§8, see ``ratequota.clients.failure``): ``failure_mode`` is
     ``"closed"`` (raise ``BackendUnavailable``), ``"open"`` (admit with a
     synthetic lease, counted) or ``"local"`` (admit up to ``local_allowance``
     units per tenant held locally at once). ``breaker_failures`` consecutive
@@ -335,7 +335,7 @@ class QuotaCore:
         A missing catalog key never replaces the policy this pod knows: it
         means the data was lost, not that the policy was withdrawn (an
         operator withdraws groups by publishing a policy without them). See
-        ``ratequota.catalog``.
+        ``ratequota.clients.catalog``.
         """
         yield from self._refresh()
         return self._catalog.policy

@@ -36,8 +36,8 @@ from collections.abc import Mapping
 
 import attrs
 
+from ratequota.engine.keys import SCHEMA_VERSION
 from ratequota.errors import ConfigError, SchemaMismatch
-from ratequota.keys import SCHEMA_VERSION
 from ratequota.policy import Policy
 
 __all__ = [
