@@ -243,10 +243,11 @@ class _ShardBatcher:
         # call: one script run pays the clock, policy, purge and demand reads once for all.
         wire, where = coalesce(calls) if len(calls) > 1 else (calls, [(0, None)])
         oldest = min(self._submitted.pop(future, math.inf) for _, future in batch)
-        # At least a millisecond: the calls were checked unexpired when taken from the queue.
-        bound = max(0.001, round_trip_bound(oldest, asyncio.get_running_loop().time(), self._bound))
+        bound = round_trip_bound(oldest, asyncio.get_running_loop().time(), self._bound)
         replies: list[Any]
         try:
+            if bound <= 0:  # expired between leaving the queue and now: never sent
+                raise TimeoutError(_QUEUED_TOO_LONG.format(self._bound))
             replies = await self._exchange(wire, bound)
             await self._reload_merged(wire, replies, bound)
         except BaseException as exc:  # every waiter hears about it, cancellation included
