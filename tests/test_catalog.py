@@ -21,6 +21,7 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
+import fakeredis
 import pytest
 import redis
 
@@ -439,3 +440,63 @@ def test_a_big_unchanged_catalog_is_never_fetched_or_parsed_again(
         pod.try_acquire(f"t{len(groups) - 1}-1", 1)
     admin.close()
     pod.close()
+
+
+def test_a_tenant_moved_out_of_a_dropped_group_is_routed_again(make_client: MakeClient) -> None:
+    """The first call after a publication that dropped the tenant's group (and moved the tenant)
+    is routed by the old catalog while the refresh runs beside it: the failed restore re-reads
+    the catalog and the call goes to the tenant's new group."""
+    clock = ManualClock()
+    pod = make_client(POLICY, clock=clock, catalog_ttl=TTL)
+    admin = make_client(clock=ManualClock())
+    moved = Policy([GroupPolicy("open", 4, [TenantPolicy("s1"), TenantPolicy("a")])])
+    admin.apply_policy(moved)  # "batch" dropped, "a" now in "open"
+    clock.advance(TTL + 1)
+    decision = pod.try_acquire("a", 1)
+    assert decision.admitted and decision.group == "open"
+    assert pod.core.wait_refreshed(10)
+    with pytest.raises(UnknownTenant):
+        pod.try_acquire("b", 1)
+
+
+def test_the_async_client_parses_a_new_catalog_off_its_event_loop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Parsing (validating every tenant) is a ``Compute`` op: the async client runs it in a
+    worker thread, never on the event loop's thread."""
+    import threading as _threading
+
+    from ratequota.clients import core
+    from ratequota.clients.aio import async_embedded_backend
+
+    threads: list[int] = []
+    real_parse = core.parse_document
+
+    def recording(raw: object) -> Any:
+        threads.append(_threading.get_ident())
+        return real_parse(raw)
+
+    monkeypatch.setattr(core, "parse_document", recording)
+
+    async def main() -> None:
+        server = fakeredis.FakeServer()
+        admin = AsyncQuotaClient(backend=async_embedded_backend(server=server))
+        await admin.apply_policy(POLICY)
+        clock = ManualClock()
+        pod = AsyncQuotaClient(
+            backend=async_embedded_backend(server=server), clock=clock, catalog_ttl=TTL
+        )
+        try:
+            assert (await pod.try_acquire("a", 1)).admitted  # cold: parsed in line
+            await admin.apply_policy(Policy([*POLICY.groups, GroupPolicy("new", 1)]))
+            clock.advance(TTL + 1)
+            assert (await pod.try_acquire("a", 1)).admitted
+            assert await asyncio.to_thread(pod.core.wait_refreshed, 10)
+            assert pod.core.policy is not None and pod.core.policy.group("new") is not None
+        finally:
+            await pod.close()
+            await admin.close()
+        assert len(threads) == 2
+        assert _threading.get_ident() not in threads
+
+    asyncio.run(main())
