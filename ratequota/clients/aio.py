@@ -23,13 +23,13 @@ import asyncio
 import contextlib
 import functools
 import inspect
-import math
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import attrs
+import redis
 
 from ratequota.clients import shell
 from ratequota.clients.backends import (
@@ -47,7 +47,7 @@ from ratequota.clients.failure import FailureStats, log
 from ratequota.clients.readiness import ReadinessReport
 from ratequota.clients.renewal import RenewalBook, renew_many
 from ratequota.decision import Decision, GroupSnapshot, LeaseInfo, ReleaseResult, RenewResult
-from ratequota.engine.batching import BatchPolicy, round_trip_bound
+from ratequota.engine.batching import BatchPolicy
 from ratequota.engine.protocol import MERGES, coalesce
 from ratequota.engine.scripts import load_scripts, script
 from ratequota.errors import ConfigError, InvalidType
@@ -188,26 +188,21 @@ class _ShardBatcher:
     ) -> None:
         self._conn = conn
         self._policy = policy
-        # Each call's timeout, counted from its submission (see ``round_trip_bound``).
-        self._bound = bound
+        self._bound = bound  # each round trip's timeout, from its send (the socket timeout)
         self._pipelines = pipelines
         self._queue: list[tuple[tuple[str, tuple[Any, ...]], asyncio.Future[Any]]] = []
-        self._submitted: dict[asyncio.Future[Any], float] = {}
         self._in_flight = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self._cleanups: set[asyncio.Future[Any]] = set()  # cancelled calls winding down
 
     def submit(self, call: tuple[str, tuple[Any, ...]]) -> asyncio.Future[Any]:
         """Queue one (method, args) call; the future gets its reply or its exception."""
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Any] = loop.create_future()
-        self._submitted[future] = loop.time()
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._queue.append((call, future))
         self._pump()
         return future
 
     def _pump(self) -> None:
-        self._expire_queued()
         if self._pipelines:
             count = self._policy.take(len(self._queue), self._in_flight)
         else:  # a cluster client cannot pipeline EVALSHA: one call per send, a few at once
@@ -219,21 +214,18 @@ class _ShardBatcher:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    def _expire_queued(self) -> None:
-        """Fail the queued calls whose timeout passed while they waited: they are never sent."""
-        if not self._queue:
-            return
-        now = asyncio.get_running_loop().time()
-        waiting = []
-        for call, future in self._queue:
-            submitted = self._submitted.get(future, now)
-            if round_trip_bound(submitted, now, self._bound) > 0:
-                waiting.append((call, future))
-                continue
-            self._submitted.pop(future, None)
+    def _fail_queued(self) -> None:
+        """A round trip to this shard got no reply in time: fail every call queued behind it.
+
+        They were queued because round trips were in flight, so each has waited
+        less than one socket timeout; sent now, each would wait a full one more
+        on a server that is not answering. They fail at once, never sent (the
+        caller's failure mode applies); new calls try the shard again.
+        """
+        queued, self._queue = self._queue, []
+        for _, future in queued:
             if not future.done():
-                future.set_exception(TimeoutError(_QUEUED_TOO_LONG.format(self._bound)))
-        self._queue = waiting
+                future.set_exception(NoReply(f"{_NO_REPLY} (queued behind a round trip)"))
 
     async def _send(
         self, batch: list[tuple[tuple[str, tuple[Any, ...]], asyncio.Future[Any]]]
@@ -242,18 +234,16 @@ class _ShardBatcher:
         # Concurrent acquires (releases) of one group become one acquire_many (release_many)
         # call: one script run pays the clock, policy, purge and demand reads once for all.
         wire, where = coalesce(calls) if len(calls) > 1 else (calls, [(0, None)])
-        oldest = min(self._submitted.pop(future, math.inf) for _, future in batch)
-        bound = round_trip_bound(oldest, asyncio.get_running_loop().time(), self._bound)
         replies: list[Any]
         try:
-            if bound <= 0:  # expired between leaving the queue and now: never sent
-                raise TimeoutError(_QUEUED_TOO_LONG.format(self._bound))
-            replies = await self._exchange(wire, bound)
-            await self._reload_merged(wire, replies, bound)
+            replies = await self._exchange(wire)
+            await self._reload_merged(wire, replies)
         except BaseException as exc:  # every waiter hears about it, cancellation included
             replies = [exc] * len(wire)
         finally:
             self._in_flight -= 1
+        if any(isinstance(r, (NoReply, redis.exceptions.TimeoutError)) for r in replies):
+            self._fail_queued()
         for (_, future), (index, part) in zip(batch, where, strict=True):
             reply = replies[index]
             if part is not None and not isinstance(reply, BaseException):
@@ -266,25 +256,21 @@ class _ShardBatcher:
                 future.set_result(reply)
         self._pump()
 
-    async def _exchange(self, wire: list[tuple[str, tuple[Any, ...]]], bound: float) -> list[Any]:
-        """One round trip within ``bound`` seconds; a call's error is its reply, in place.
-
-        The bound, not only redis-py's socket timeout, ends the round trip: a
-        call that queued behind others must not then wait a full timeout more.
-        """
+    async def _exchange(self, wire: list[tuple[str, tuple[Any, ...]]]) -> list[Any]:
+        """One round trip, at most one socket timeout; a call's error is its reply, in place."""
         if len(wire) == 1:
             method, args = wire[0]
             try:
-                return [await self._bounded(getattr(self._conn, method)(*args), bound)]
+                return [await self._bounded(getattr(self._conn, method)(*args))]
             except Exception as exc:
                 return [exc]
         pipe = self._conn.pipeline(transaction=False)
         for method, args in wire:
             getattr(pipe, method)(*args)
-        return list(await self._bounded(pipe.execute(raise_on_error=False), bound))
+        return list(await self._bounded(pipe.execute(raise_on_error=False)))
 
-    async def _bounded(self, awaitable: Any, bound: float) -> Any:
-        """``awaitable``'s result within ``bound`` seconds, else ``TimeoutError`` at once.
+    async def _bounded(self, awaitable: Any) -> Any:
+        """``awaitable``'s result within one socket timeout, else ``NoReply`` at once.
 
         Unlike ``asyncio.wait_for`` this does not wait for the cancelled call
         to finish cleaning up: redis-py drops the connection on cancellation,
@@ -293,18 +279,18 @@ class _ShardBatcher:
         """
         task = asyncio.ensure_future(awaitable)
         try:
-            done, _ = await asyncio.wait({task}, timeout=bound)
+            done, _ = await asyncio.wait({task}, timeout=self._bound)
         finally:
             if not task.done():
                 task.cancel()
                 self._cleanups.add(task)
                 task.add_done_callback(_forget(self._cleanups))
         if not done:
-            raise TimeoutError(f"no reply from Redis within {bound:.3f}s")
+            raise NoReply(f"{_NO_REPLY} within {self._bound:.3f}s")
         return task.result()
 
     async def _reload_merged(
-        self, wire: list[tuple[str, tuple[Any, ...]]], replies: list[Any], bound: float
+        self, wire: list[tuple[str, tuple[Any, ...]]], replies: list[Any]
     ) -> None:
         """NOSCRIPT for a merged call: load its ``_many`` script and send it again, once.
 
@@ -320,13 +306,20 @@ class _ShardBatcher:
         if not again:
             return
         for sha in {wire[i][1][0] for i in again}:
-            await asyncio.wait_for(self._conn.script_load(merged[sha].source), bound)
-        again_replies = await self._exchange([wire[i] for i in again], bound)
+            await self._bounded(self._conn.script_load(merged[sha].source))
+        again_replies = await self._exchange([wire[i] for i in again])
         for i, reply in zip(again, again_replies, strict=True):
             replies[i] = reply
 
 
-_QUEUED_TOO_LONG = "no reply from Redis within {:.3f}s (queued behind other round trips)"
+_NO_REPLY = "no reply from Redis"
+
+
+class NoReply(TimeoutError):
+    """A round trip (or the one a call queued behind) got no reply within the socket timeout.
+
+    A ``TimeoutError``, hence an ``OSError``: callers see ``BackendUnavailable``.
+    """
 
 
 def _forget(cleanups: set[asyncio.Future[Any]]) -> Callable[[asyncio.Future[Any]], None]:
@@ -460,8 +453,8 @@ class AsyncQuotaClient(shell.ClientBase):
         s = self.core.settings
         self._policy = BatchPolicy(s.batch_size, s.batch_in_flight)
         self._batchers: dict[object, _ShardBatcher] = {}
-        # Every call's timeout, from its submission to its reply: time queued behind
-        # other round trips counts (see ``batching.round_trip_bound``).
+        # Each round trip's timeout, connection set-up included; a round trip that gets no
+        # reply in time also fails the calls queued behind it (``_ShardBatcher``).
         self._call_bound = s.socket_timeout
         self.renewer = TaskRenewer(self)
         self._background: set[asyncio.Task[None]] = set()  # spawned flows (catalog refresh)

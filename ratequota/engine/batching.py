@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import attrs
 
-__all__ = ["BatchPolicy", "round_trip_bound"]
+__all__ = ["BatchPolicy"]
 
 
 @attrs.frozen
@@ -29,15 +29,3 @@ class BatchPolicy:
         if queued <= 0 or in_flight >= self.max_in_flight:
             return 0
         return min(queued, self.max_batch)
-
-
-def round_trip_bound(oldest_submitted: float, now: float, socket_timeout: float) -> float:
-    """Seconds a round trip may still take so that no call in it exceeds one ``socket_timeout``.
-
-    A call's timeout counts from when its caller submitted it, not from when
-    its pipeline left: time queued behind round trips in flight (which, when
-    the server is paused, each take a full socket timeout) is part of it. The
-    oldest call of a batch sets the bound; 0 means it is already used up and
-    the call fails as a timeout without being sent.
-    """
-    return max(0.0, oldest_submitted + socket_timeout - now)
