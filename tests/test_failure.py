@@ -293,3 +293,21 @@ def test_a_synthetic_lease_expires_on_epoch_time_like_a_real_one() -> None:
         real.close()
         down.close()
         wall.close()
+
+
+def test_the_async_client_gives_synthetic_leases_epoch_expiry_too() -> None:
+    """The async client's fail-open lease: ``expires_at`` on the pinned Redis time, not 0 + TTL."""
+    clock = ManualClock()
+
+    async def main() -> None:
+        down = AsyncQuotaClient(dead_url(), socket_timeout=0.2, failure_mode="open", clock=clock)
+        try:
+            decision = await down.try_acquire("a", 1, group="g", ttl=30)
+            assert decision.lease is not None and decision.lease.synthetic
+            assert decision.lease.expires_at == clock.redis_ms() / 1000 + 30
+            async with down.acquire("a", 1, group="g", ttl=7, timeout=0) as lease:
+                assert lease.expires_at == clock.redis_ms() / 1000 + 7
+        finally:
+            await down.close()
+
+    asyncio.run(main())

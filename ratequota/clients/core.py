@@ -132,6 +132,9 @@ Flow = Generator[Op, Any, T]
 #: Ops performed by the client itself, not sent to Redis (no route, no circuit breaker).
 LOCAL_OPS = (Sleep, Compute, Spawn)
 
+#: Seconds after which a catalog refresh that never reported back stops blocking others.
+_REFRESH_BACKSTOP = 60.0
+
 #: Backoff between tries of a waiting acquire: from the first to the last, doubling.
 _FIRST_PAUSE = 0.005
 _LAST_PAUSE = 0.2
@@ -395,11 +398,13 @@ class QuotaCore:
     def _claim_refresh(self) -> object | None:
         """A token if this caller may refresh the catalog now (no refresh in flight), else None.
 
-        A refresh that never reported back (its caller vanished) stops
-        counting as in flight after a few socket timeouts.
+        A refresh runs to its end (each of its round trips is bounded, and the
+        parse is CPU only), so the marker is only a backstop against one that
+        never reported back (its thread or task died): after a minute plus a
+        few socket timeouts another caller may refresh.
         """
         now = self.clock.monotonic()
-        bound = 4 * self.settings.socket_timeout
+        bound = _REFRESH_BACKSTOP + 4 * self.settings.socket_timeout
         with self._refresh_lock:
             current = self._refreshing
             if current is not None and now - current[1] < bound:
