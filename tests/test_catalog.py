@@ -500,3 +500,36 @@ def test_the_async_client_parses_a_new_catalog_off_its_event_loop(
         assert _threading.get_ident() not in threads
 
     asyncio.run(main())
+
+
+def test_an_old_headerless_catalog_is_not_parsed_again_while_unchanged(
+    make_client: MakeClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A catalog written by an older ratequota (no header) during a rolling update is fetched
+    on each refresh but parsed only when its bytes change."""
+    clock = ManualClock()
+    admin = make_client(POLICY, clock=ManualClock())
+    conn = admin.backend.connection("batch")
+    conn.set(CATALOG, json.dumps({"schema": SCHEMA_VERSION, "policy": POLICY.to_dict()}))
+    pod = make_client(clock=clock, catalog_ttl=TTL)
+    assert pod.try_acquire("a", 1).admitted
+    for _ in range(3):
+        clock.advance(TTL + 1)
+        assert pod.try_acquire("a", 1).admitted
+        assert pod.core.wait_refreshed(10)
+    assert pod.core.catalog_parses == 1 and pod.core.catalog_reads == 4
+
+
+def test_a_refresh_never_undoes_a_publication_made_meanwhile(make_client: MakeClient) -> None:
+    """A refresh that read the old catalog settles after this client published a new one:
+    the publication stays."""
+    clock = ManualClock()
+    pod = make_client(POLICY, clock=clock, catalog_ttl=TTL)
+    flow = pod.core._refresh()
+    op = next(flow)  # the header read, sent before the publication
+    head = pod.backend.connection("batch").execute_command(*op.args)
+    newer = Policy([GroupPolicy("open", 4, [TenantPolicy("s1")])])
+    pod.apply_policy(newer)
+    with pytest.raises(StopIteration):
+        flow.send(head)
+    assert pod.core.policy == newer

@@ -46,6 +46,7 @@ __all__ = [
     "CatalogDocument",
     "CatalogHeader",
     "catalog_document",
+    "header_of",
     "parse_document",
     "parse_header",
     "policy_digest",
@@ -140,10 +141,17 @@ def parse_document(raw: object) -> CatalogDocument | None:
         policy = Policy.from_dict(document["policy"])
     except ConfigError as exc:  # name the catalog, keep the field
         raise ConfigError(f"catalog.{exc.field}", str(exc)[len(exc.field) + 2 :]) from None
+    return CatalogDocument(policy, header_of(data))
+
+
+def header_of(raw: object) -> CatalogHeader:
+    """The header of a whole document; one written before headers existed is keyed by its bytes
+    (epoch 0), so an unchanged old document is still recognised without parsing it."""
+    data = _bytes(raw)
     header = parse_header(data)
-    if header is None:  # written before the header existed: key it by its bytes
+    if header is None:
         header = CatalogHeader(0, hashlib.blake2b(data, digest_size=16).hexdigest())
-    return CatalogDocument(policy, header)
+    return header
 
 
 @attrs.frozen

@@ -30,6 +30,7 @@ from ratequota.clients.catalog import (
     CatalogDocument,
     CatalogHeader,
     catalog_document,
+    header_of,
     parse_document,
     parse_header,
     policy_digest,
@@ -330,7 +331,9 @@ class QuotaCore:
 
     def set_policy(self, policy: Policy | None) -> None:
         """Route by ``policy`` from now on (after publishing or reading it)."""
-        self._catalog = Catalog.of(policy, self.clock.monotonic())
+        catalog = Catalog.of(policy, self.clock.monotonic())
+        with self._refresh_lock:
+            self._catalog = catalog
 
     def _read_catalog(self) -> Flow[Policy | None]:
         """Re-read the catalog now (explicitly asked for): the policy to route by.
@@ -362,34 +365,42 @@ class QuotaCore:
             if restore is not None:
                 # NX: never over a catalog an operator (or another pod) has just written.
                 yield Command(route, ("SET", key, restore, "NX"))
-            self._catalog = held.touched(now)
+            self._settle(held, held.touched(now))
             return
         header = parse_header(head)
         if header is not None and not held.adopts(header):
-            self._catalog = held.touched(now)  # an older publication restored: keep ours
+            self._settle(held, held.touched(now))  # an older publication restored: keep ours
             return
         if header is not None and held.header is not None and header.digest == held.header.digest:
-            self._catalog = held.touched(now, header)  # the same content: nothing to parse
+            self._settle(held, held.touched(now, header))  # the same content: nothing to parse
             return
         raw = yield Command(route, ("GET", key))
-        document = yield from self._parse(raw)
+        document = yield from self._parse(raw, held)
         if document is None:  # deleted between the two reads: as missing
-            self._catalog = held.touched(now)
+            self._settle(held, held.touched(now))
         elif held.adopts(document.header):
-            self._catalog = Catalog.of(document.policy, now, document.header)
+            self._settle(held, Catalog.of(document.policy, now, document.header))
         else:
-            self._catalog = held.touched(now)
+            self._settle(held, held.touched(now))
 
-    def _parse(self, raw: object) -> Flow[CatalogDocument | None]:
+    def _settle(self, held: Catalog, new: Catalog) -> None:
+        """Replace ``held`` by ``new``, unless the catalog changed meanwhile (this client
+        published a policy during the refresh): the newer one stays."""
+        with self._refresh_lock:  # guards the swap only, never I/O
+            if self._catalog is held:
+                self._catalog = new
+
+    def _parse(self, raw: object, held: Catalog) -> Flow[CatalogDocument | None]:
         """Parse a fetched document, reusing the held policy when the content is the same.
 
         Parsing validates every tenant (seconds for 100,000 of them), so it is
         a ``Compute`` op: off the async client's event loop.
         """
-        held = self._catalog
-        header = parse_header(raw)
-        if header is not None and held.header is not None and header.digest == held.header.digest:
-            assert held.policy is not None
+        if raw is None:
+            return None
+        header = header_of(raw)
+        same = held.header is not None and header.digest == held.header.digest
+        if same and held.policy is not None:
             return CatalogDocument(held.policy, header)
         self.catalog_parses += 1
         document: CatalogDocument | None = yield Compute(lambda: parse_document(raw))
@@ -719,7 +730,9 @@ class QuotaCore:
                     yield Command(old.name, ("DEL", self.keyspace.group(old.name).policy))
         document = catalog_document(policy, epoch=header.epoch, digest=header.digest)
         yield Command(self.keyspace.catalog_route, ("SET", self.keyspace.catalog, document))
-        self._catalog = Catalog.of(policy, self.clock.monotonic(), header)
+        published = Catalog.of(policy, self.clock.monotonic(), header)
+        with self._refresh_lock:  # a background refresh finishing now must not undo this
+            self._catalog = published
         return versions
 
     def load_policy(self) -> Flow[Policy | None]:
