@@ -44,10 +44,17 @@ from ratequota.testing import ManualClock
 from tests.conftest import MakeClient, _no_redis
 from tests.servers import RedisServer, redis_server_binary
 
+#: Leases here last at most this long, so the recovery window after a loss is this short.
+RECOVERY = 120.0
 POLICY = Policy(
     [
-        GroupPolicy("batch", 10, [TenantPolicy("a", guarantee=5), TenantPolicy("b", guarantee=5)]),
-        GroupPolicy("open", 4, [TenantPolicy("s1")]),
+        GroupPolicy(
+            "batch",
+            10,
+            [TenantPolicy("a", guarantee=5), TenantPolicy("b", guarantee=5)],
+            max_lease_ttl=RECOVERY,
+        ),
+        GroupPolicy("open", 4, [TenantPolicy("s1")], max_lease_ttl=RECOVERY),
     ]
 )
 CATALOG = KeySpace().catalog
@@ -80,7 +87,8 @@ def _stored(srv: RedisServer) -> dict[str, Any] | None:
 
 @pytest.mark.real_redis
 def test_sync_pods_recover_after_redis_restarts_empty(server: RedisServer) -> None:
-    """Kill Redis, restart it empty, let the catalog refresh run: every call is still served.
+    """Kill Redis, restart it empty, let the catalog refresh run: every call is decided
+    (refused as ``recovering`` during the recovery window, admitted after it).
 
     Before the fix the refresh replaced the known policy with "nothing" and
     every later call raised ``UnknownTenant``, for ever.
@@ -94,16 +102,21 @@ def test_sync_pods_recover_after_redis_restarts_empty(server: RedisServer) -> No
         assert pod.try_acquire("a", 1).admitted  # the pod learns the policy
         server.restart()
         assert _stored(server) is None
+        clock.advance(TTL + 1)  # a refresh is due and finds the catalog key missing
+        for tenant in ("a", "b", "s1"):
+            decision = pod.try_acquire(tenant, 1)
+            assert decision.reason == "recovering", decision  # the policy is back
         for _ in range(3):
-            clock.advance(TTL + 1)  # a refresh is due and finds the catalog key missing
+            clock.advance(RECOVERY + 1)  # past the window; the catalog is stale again too
             for tenant in ("a", "b", "s1"):
                 decision = pod.try_acquire(tenant, 1)
                 assert decision.admitted, decision
+        assert pod.core.wait_refreshed(10)
         stored = _stored(server)
         assert stored is not None and stored["restored"] is True
         assert Policy.from_dict(stored["policy"]) == POLICY
         # A pod started after the loss (knowing nothing) routes by the restored catalog.
-        fresh = QuotaClient(server.url, clock=ManualClock())
+        fresh = QuotaClient(server.url, clock=clock)  # the same (pinned) Redis time
         try:
             assert fresh.try_acquire("b", 1).admitted
         finally:
@@ -136,8 +149,12 @@ def test_async_pods_recover_after_redis_restarts_empty(server: RedisServer) -> N
                 with contextlib.suppress(redis.exceptions.ConnectionError):
                     await pod.backend.connections()[0].ping()
                     break
+            clock.advance(TTL + 1)
+            for tenant in ("a", "b", "s1"):
+                decision = await pod.try_acquire(tenant, 1)
+                assert decision.reason == "recovering", decision
             for _ in range(3):
-                clock.advance(TTL + 1)
+                clock.advance(RECOVERY + 1)
                 for tenant in ("a", "b", "s1"):
                     decision = await pod.try_acquire(tenant, 1)
                     assert decision.admitted, decision
@@ -195,11 +212,11 @@ def test_a_restored_older_publication_never_rolls_a_pod_back(make_client: MakeCl
     conn = admin.backend.connection("batch")
     conn.flushall()
     # The lagging pod has not refreshed yet: its first request restores what it knew.
-    assert lagging.try_acquire("a", 1).admitted
+    assert lagging.try_acquire("a", 1).reason == "recovering"
     header = parse_header(conn.get(CATALOG))
     assert header is not None and header.restored
     current_clock.advance(TTL + 1)
-    assert current.try_acquire("s1", 1).admitted
+    assert current.try_acquire("s1", 1).group == "open"  # decided; recovering
     assert current.core.wait_refreshed(10)
     assert current.core.catalog_reads >= 2  # it did re-read the catalog, and kept its own
     assert current.core.policy == newer

@@ -23,7 +23,6 @@ import asyncio
 import contextlib
 import functools
 import inspect
-import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar, cast
@@ -45,7 +44,7 @@ from ratequota.clients.core import AcquireRequest, Compute, Flow, Sleep, Spawn
 from ratequota.clients.explain import Explanation, explain_flow
 from ratequota.clients.failure import FailureStats, log
 from ratequota.clients.readiness import ReadinessReport
-from ratequota.clients.renewal import RenewalBook, renew_many
+from ratequota.clients.renewal import RenewerBase
 from ratequota.decision import Decision, GroupSnapshot, LeaseInfo, ReleaseResult, RenewResult
 from ratequota.engine.batching import BatchPolicy
 from ratequota.engine.protocol import MERGES, coalesce
@@ -214,6 +213,14 @@ class _ShardBatcher:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
+    async def aclose(self) -> None:
+        """Cancel the round trips still in flight and the clean-ups still winding down."""
+        pending = [t for t in (*self._tasks, *self._cleanups) if not t.done()]
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
+
     def _fail_queued(self) -> None:
         """A round trip to this shard got no reply in time: fail every call queued behind it.
 
@@ -378,34 +385,37 @@ class AsyncAcquisition(shell.AcquisitionBase[AsyncLease]):
                 self._release_failed(lease, exc)
 
 
-class TaskRenewer:
+class TaskRenewer(RenewerBase):
     """The async client's renewer: one task on the client's loop, started on the first hold."""
 
     def __init__(self, client: AsyncQuotaClient) -> None:
-        core = client.core
-        self._client = client
-        # Real time, not the client's clock: a test's ManualClock expires leases on purpose.
-        self.book = RenewalBook(
-            core.settings.renew_fraction, core.settings.lease_ttl, time.monotonic
-        )
-        self.enabled = core.settings.auto_renew
+        super().__init__(client)
         self._task: asyncio.Task[None] | None = None
         self._wake: asyncio.Event | None = None
 
     def hold(self, lease: shell.LeaseBase) -> None:
-        """Renew ``lease`` in the background until ``drop``."""
+        """Renew ``lease`` until ``drop``."""
         if not self.enabled:
             return
         self.book.hold(lease)
+        if not self.background:
+            return
         if self._task is None or self._task.done():
             self._wake = asyncio.Event()
             self._task = asyncio.ensure_future(self._loop(self._wake))
         assert self._wake is not None
         self._wake.set()
 
-    def drop(self, lease: shell.LeaseBase) -> None:
-        """Stop renewing ``lease``."""
-        self.book.drop(lease)
+    async def renew_due(self) -> int:
+        """Renew every held lease due now; returns how many."""
+        due, _ = self.book.next()
+        if due:
+            try:
+                outcomes = await self._client._run(self._flow(due))
+            except Exception as exc:  # see RenewerBase._failed
+                outcomes = self._failed(due, exc)
+            self._settle(due, outcomes)
+        return len(due)
 
     async def close(self) -> None:
         """Cancel the task and wait for it."""
@@ -418,21 +428,9 @@ class TaskRenewer:
     async def _loop(self, wake: asyncio.Event) -> None:
         while True:
             wake.clear()
-            due, wait = self.book.next()
-            if due:
-                await self._renew(due)
-                continue
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(wake.wait(), wait)
-
-    async def _renew(self, due: list[shell.LeaseBase]) -> None:
-        client = self._client
-        try:
-            outcomes: list[Any] = await client._run(renew_many(client.core, due, client._node_of))
-        except Exception as exc:  # a bug must not kill the renewer: retry these soon
-            outcomes = [ConnectionError(repr(exc))] * len(due)
-        for lease, outcome in zip(due, outcomes, strict=True):
-            self.book.settle(lease, outcome)
+            if not await self.renew_due():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(wake.wait(), self.book.wait())
 
 
 class AsyncQuotaClient(shell.ClientBase):
@@ -467,6 +465,8 @@ class AsyncQuotaClient(shell.ClientBase):
         for task in list(self._background):
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        for batcher in list(self._batchers.values()):
+            await batcher.aclose()
         await self.backend.close()
 
     async def _run_detached(self, flow: Flow[None]) -> None:
@@ -484,8 +484,9 @@ class AsyncQuotaClient(shell.ClientBase):
         await self.close()
 
     def stats(self) -> FailureStats:
-        """Counters of the failure policy: fail-open and local admissions, fast failures."""
-        return self.core.failure.stats(self.core.breakers.fast_failures)
+        """Counters: fail-open and local admissions, fast failures, fenced releases/renewals."""
+        stats = self.core.failure.stats(self.core.breakers.fast_failures)
+        return attrs.evolve(stats, fenced_refusals=self.core.fenced_refusals)
 
     # -- driving flows -----------------------------------------------------
 
@@ -587,12 +588,21 @@ class AsyncQuotaClient(shell.ClientBase):
         return AsyncAcquisition(self, self.core.request(tenant, units, **options))
 
     async def release(self, lease: LeaseInfo | AsyncLease) -> ReleaseResult:
-        """End a lease; idempotent, and says whether it was still live."""
+        """End a lease; idempotent, and says whether it was still live.
+
+        Fenced: the release names the lease's tenant and token, so it can only
+        end that very lease (state ``"fenced"`` otherwise, counted in ``stats()``).
+        """
         info = lease.info if isinstance(lease, AsyncLease) else lease
         return await self._run(self.core.release(info))
 
     async def renew(self, lease: LeaseInfo | AsyncLease, ttl: float | None = None) -> RenewResult:
-        """Extend a live lease; reports whether its tenant is above its fair limit."""
+        """Extend a live lease; reports whether its tenant is above its fair limit.
+
+        Fenced like ``release``. A ttl above the group's max_lease_ttl is
+        clamped (``RenewResult.ttl`` says what was granted). While the group
+        recovers from lost Redis state, the renewal re-asserts the lease.
+        """
         info = lease.info if isinstance(lease, AsyncLease) else lease
         return await self._run(self.core.renew(info, ttl))
 

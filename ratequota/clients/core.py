@@ -66,10 +66,11 @@ from ratequota.errors import (
     InvalidType,
     PolicyMissing,
     RateQuotaError,
+    RequestIdConflict,
     RequestTooLarge,
     UnknownTenant,
 )
-from ratequota.policy import MAX_LEASE_TTL_LIMIT, Policy
+from ratequota.policy import MAX_LEASE_TTL_LIMIT, MAX_UNITS, Policy
 
 __all__ = [
     "LOCAL_OPS",
@@ -203,7 +204,10 @@ class Settings:
     one probe call may close it again.
 
     Renewal: with ``auto_renew`` leases held by ``acquire`` and ``limit`` are
-    renewed in the background every ``renew_fraction`` of their TTL.
+    renewed every ``renew_fraction`` of their TTL, measured on the client's
+    clock: by a background thread (task) unless ``renew_in_background`` is
+    False, in which case the holder calls ``quota.renewer.renew_due()`` (tests on
+    a ``ManualClock`` do, so renewal happens exactly when they say).
     ``batch_size`` / ``batch_in_flight``: the async client pipelines up to
     ``batch_size`` concurrent script calls per shard into one round trip, with
     at most ``batch_in_flight`` such round trips per shard at once.
@@ -221,6 +225,7 @@ class Settings:
     breaker_failures: int = attrs.field(default=3, validator=_setting_count)
     breaker_reset: float = attrs.field(default=0.5, validator=_setting_seconds)
     auto_renew: bool = attrs.field(default=True, validator=_setting_flag)
+    renew_in_background: bool = attrs.field(default=True, validator=_setting_flag)
     renew_fraction: float = attrs.field(default=1 / 3, validator=_setting_fraction)
     batch_size: int = attrs.field(default=64, validator=_setting_count)
     batch_in_flight: int = attrs.field(default=2, validator=_setting_count)
@@ -267,6 +272,8 @@ def validate_units(units: object) -> int:
         raise InvalidType("units", f"must be an integer, got {units!r}")
     if units < 1:
         raise InvalidRequest("units", f"must be >= 1, got {units}")
+    if units > MAX_UNITS:
+        raise InvalidRequest("units", f"must be at most 2**50 ({MAX_UNITS}), got {units}")
     return units
 
 
@@ -301,6 +308,20 @@ class QuotaCore:
         s = self.settings
         self.breakers = Breakers(s.breaker_failures, s.breaker_reset, self.clock.monotonic)
         self.failure = FailureState(s.failure_mode, s.local_allowance, s.lease_ttl)
+        self._fenced = 0
+        self._fenced_lock = threading.Lock()  # guards _fenced only; never held across I/O
+
+    @property
+    def fenced_refusals(self) -> int:
+        """Releases and renewals refused because the lease belongs to another tenant or token."""
+        with self._fenced_lock:
+            return self._fenced
+
+    def count_fenced(self, refused: bool) -> None:
+        """Count one release or renewal the scripts refused as fenced."""
+        if refused:
+            with self._fenced_lock:
+                self._fenced += 1
 
     # -- validation ----------------------------------------------------------
 
@@ -463,7 +484,8 @@ class QuotaCore:
             return validate_tenant(group, "group")
         catalog = self._catalog
         stale = self.clock.monotonic() - catalog.loaded_at > self.settings.catalog_ttl
-        if refresh or (stale and catalog.policy is None):
+        fresh = refresh or (stale and catalog.policy is None)  # read in line by this call
+        if fresh:
             try:
                 yield from self._refresh()
             except BackendUnavailable:
@@ -480,7 +502,11 @@ class QuotaCore:
         if routed is None and catalog.policy is not None:
             routed = catalog.policy.default_group
         if routed is None:
-            raise UnknownTenant(tenant)
+            raise UnknownTenant(
+                tenant,
+                published=catalog.policy is not None,
+                catalog_ttl=None if fresh else self.settings.catalog_ttl,
+            )
         return routed
 
     # -- acquire -------------------------------------------------------------
@@ -539,13 +565,22 @@ class QuotaCore:
         pod knows (``SET NX``) and the group is restored from it. A catalog
         that exists but does not list the group means the group was dropped:
         nothing is restored.
+
+        Leases granted before the loss may still be running, and Redis lost
+        the record of them: the restored policy opens the group's recovery
+        window (one ``max_lease_ttl``, the longest any of them can still
+        live), during which holders re-assert their leases by renewing and
+        new work is refused (docs/failure-modes.md).
         """
         yield from self._refresh()
         source = self._catalog.policy
         group_policy = None if source is None else source.group(group)
         if group_policy is None:
             return False
-        reply = yield apply_policy_call(self.keyspace, group_policy)
+        recover_ms = round(group_policy.max_lease_ttl * 1000)
+        reply = yield apply_policy_call(
+            self.keyspace, group_policy, recover_ms=recover_ms, now_ms=self.clock.redis_ms()
+        )
         decode_apply_policy(group, reply)
         return True
 
@@ -576,8 +611,18 @@ class QuotaCore:
         ttl: float | None = None,
         timeout: float | None = None,
         request_id: str | None = None,
+        **unknown: object,
     ) -> AcquireRequest:
-        """Validate an acquire's arguments (before any I/O) into a request."""
+        """Validate an acquire's arguments (before any I/O) into a request.
+
+        A misspelt option is reported by its name and the options that exist,
+        never as a TypeError about this internal method.
+        """
+        if unknown:
+            raise InvalidType(
+                sorted(unknown)[0],
+                "unexpected keyword argument (the options are group, ttl, timeout and request_id)",
+            )
         return AcquireRequest(
             tenant=validate_tenant(tenant),
             units=validate_units(units),
@@ -638,53 +683,76 @@ class QuotaCore:
                 return decision.lease
             if decision.reason == "too_large":
                 raise RequestTooLarge(decision)
+            if decision.reason == "id_mismatch":
+                raise RequestIdConflict(decision)
             now = self.clock.monotonic()
             if now >= deadline:
                 if waiting:
-                    yield from self._withdraw(decision.group, r.lease_id)
+                    yield from self._withdraw(decision.group, r.lease_id, r.tenant)
                 raise AcquireTimeout(decision, now - started)
             yield Sleep(min(deadline - now, _jittered(decision.retry_after, pause)))
             pause = min(pause * 2, _LAST_PAUSE)
 
-    def _withdraw(self, group: str, lease_id: str) -> Flow[None]:
+    def _withdraw(self, group: str, lease_id: str, tenant: str) -> Flow[None]:
         """Best effort: drop a waiting registration (it would expire by itself anyway)."""
         with contextlib.suppress(BackendUnavailable):
-            yield self._release_call(group, lease_id)
+            yield self._release_call(group, lease_id, tenant, 0)
 
     # -- release / renew / snapshot -------------------------------------------
 
-    def _release_call(self, group: str, lease_id: str) -> ScriptCall:
+    def _release_call(self, group: str, lease_id: str, tenant: str, token: int) -> ScriptCall:
         return release_call(
             self.keyspace,
             group,
             lease_id,
+            tenant=tenant,
+            token=token,
             purge=self.settings.purge_limit,
             now_ms=self.clock.redis_ms(),
         )
 
     def release(self, lease: LeaseInfo) -> Flow[ReleaseResult]:
-        """End a lease; safe to call twice (the second reports ``unknown``)."""
+        """End a lease; safe to call twice (the second reports ``unknown``).
+
+        The lease is named by id, tenant and fencing token: a release naming
+        another tenant's lease, or an older holder's token under a reused id,
+        is refused as ``fenced``, changes nothing, and is counted.
+        """
         _check_lease(lease)
         if lease.synthetic:  # granted locally while Redis was down: nothing to tell Redis
             self.failure.give_back(lease)
             return ReleaseResult(state="released", units=lease.units)
-        reply = yield self._release_call(lease.group, lease.id)
-        return decode_release(reply)
+        reply = yield self._release_call(lease.group, lease.id, lease.tenant, lease.token)
+        result = decode_release(reply)
+        self.count_fenced(result.state == "fenced")
+        return result
 
     def renew(self, lease: LeaseInfo, ttl: float | None = None) -> Flow[RenewResult]:
-        """Extend a live lease by ``ttl`` from now (None: the client's lease_ttl)."""
+        """Extend a live lease by ``ttl`` from now (None: the client's lease_ttl).
+
+        Fenced like ``release``. A group whose policy Redis lost gets it
+        restored (which opens its recovery window), then the renewal re-asserts
+        the lease.
+        """
         _check_lease(lease)
         if lease.synthetic:
             return synthetic_renewal(lease)
-        reply = yield self.renew_call(lease, ttl)
-        return decode_renew(reply, group=lease.group)
+        try:
+            reply = yield self.renew_call(lease, ttl)
+            result = decode_renew(reply, group=lease.group)
+        except PolicyMissing:
+            if not (yield from self._restore_policy(lease.group)):
+                raise
+            reply = yield self.renew_call(lease, ttl)
+            result = decode_renew(reply, group=lease.group)
+        self.count_fenced(result.reason == "fenced")
+        return result
 
     def renew_call(self, lease: LeaseInfo, ttl: float | None = None) -> ScriptCall:
         """The renew script call for ``lease`` (also batched by the background renewer)."""
         return renew_call(
             self.keyspace,
-            lease.group,
-            lease.id,
+            lease,
             self.ttl_ms(ttl),
             purge=self.settings.purge_limit,
             now_ms=self.clock.redis_ms(),
@@ -765,8 +833,14 @@ def synthetic_renewal(lease: LeaseInfo) -> RenewResult:
 
 
 def _check_lease(lease: object) -> None:
+    """A lease named by release/renew: the facts the scripts store back on re-assertion."""
     if not isinstance(lease, LeaseInfo):
         raise InvalidType("lease", f"must be a lease, got {type(lease).__name__}")
+    validate_tenant(lease.tenant, "lease.tenant")
+    token = lease.token
+    if isinstance(token, bool) or not isinstance(token, int) or token < 0:
+        raise InvalidRequest("lease.token", f"must be an integer >= 0, got {token!r}")
+    validate_units(lease.units)
 
 
 def _jittered(hint: float, pause: float) -> float:

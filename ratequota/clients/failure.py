@@ -153,6 +153,9 @@ class FailureStats:
     local_units_held: int
     fallback_refusals: int
     fast_failures: int
+    #: Releases and renewals refused because the lease id named another tenant's
+    #: lease or another fencing token (counted by the client, not the failure policy).
+    fenced_refusals: int = 0
     #: Releases on leaving ``acquire`` (or a ``limit`` handler) that failed; those
     #: leases end at their expiry instead.
     release_failures: int = 0

@@ -7,16 +7,20 @@ Each client has one renewer (a daemon thread for ``QuotaClient``, a task for
 leases are renewed together: one pipeline per shard (``renew_many``), so a
 thousand held leases cost one round trip per shard, not a thousand.
 
-A renewal that finds its lease gone marks it ``lost``; one that reports the
-tenant above its fair limit sets ``over_limit``; one that fails (Redis
-unreachable) is retried soon, well before the lease could expire.
+A renewal that finds its lease gone (or fenced: the id now names another
+holder's lease) marks it ``lost``; one that reports the tenant above its fair
+limit sets ``over_limit``; one that fails (Redis unreachable) is retried soon,
+well before the lease could expire. A renewal granted a shorter lifetime than
+asked (the group's ``max_lease_ttl`` was lowered under the lease) schedules the
+next one by what was granted, so the lease never lapses between renewals. A
+renewal meeting a group whose policy Redis lost goes through the client's
+renew flow, which restores the policy and re-asserts the lease.
 """
 
 from __future__ import annotations
 
 import math
 import threading
-import time
 from collections.abc import Callable, Generator, Sequence
 from typing import Any
 
@@ -25,9 +29,9 @@ from ratequota.clients.core import QuotaCore
 from ratequota.clients.shell import Batch, LeaseBase
 from ratequota.decision import RenewResult
 from ratequota.engine.protocol import decode_renew
-from ratequota.errors import RateQuotaError
+from ratequota.errors import PolicyMissing, RateQuotaError
 
-__all__ = ["RenewOutcome", "RenewalBook", "renew_many"]
+__all__ = ["RenewOutcome", "RenewalBook", "RenewerBase", "ThreadRenewer", "renew_many"]
 
 RenewOutcome = RenewResult | RateQuotaError
 
@@ -38,34 +42,59 @@ IDLE_WAIT = 1.0
 
 
 class RenewalBook:
-    """Held leases and when each is due; no I/O, injected clock, safe across threads."""
+    """Held leases and when each is due; no I/O, injected clock, safe across threads.
+
+    The book also knows, on its own clock, when each lease has certainly
+    expired: the time a renewal was sent plus the lifetime it was granted
+    (Redis started that lifetime no earlier than the send). When renewals keep
+    failing (Redis unreachable) past that moment, the lease is marked ``lost``
+    instead of being believed held.
+    """
 
     def __init__(self, fraction: float, default_ttl: float, clock: Callable[[], float]) -> None:
         self.fraction = fraction
         self.default_ttl = default_ttl
         self._clock = clock
         self._due: dict[LeaseBase, float] = {}
-        self._lock = threading.Lock()  # guards _due; never held across I/O
+        self._sent: dict[LeaseBase, float] = {}
+        self._ends: dict[LeaseBase, float] = {}
+        self._lock = threading.Lock()  # guards the dicts; never held across I/O
+
+    def _ttl(self, lease: LeaseBase) -> float:
+        return self.default_ttl if lease.ttl is None else lease.ttl
 
     def _period(self, lease: LeaseBase) -> float:
-        ttl = self.default_ttl if lease.ttl is None else lease.ttl
-        return ttl * self.fraction
+        return self._ttl(lease) * self.fraction
 
     def hold(self, lease: LeaseBase) -> None:
         """Start renewing ``lease`` (synthetic leases have nothing to renew)."""
         if lease.synthetic:
             return
+        now = self._clock()
         with self._lock:
-            self._due[lease] = self._clock() + self._period(lease)
+            self._due[lease] = now + self._period(lease)
+            self._ends[lease] = now + self._ttl(lease)
 
     def drop(self, lease: LeaseBase) -> None:
         """Stop renewing ``lease`` (its holder is done with it)."""
         with self._lock:
-            self._due.pop(lease, None)
+            self._forget(lease)
+
+    def _forget(self, lease: LeaseBase) -> None:
+        self._due.pop(lease, None)
+        self._sent.pop(lease, None)
+        self._ends.pop(lease, None)
 
     def __len__(self) -> int:
         with self._lock:
             return len(self._due)
+
+    def wait(self) -> float:
+        """How long the background loop may sleep before a lease falls due (capped)."""
+        now = self._clock()
+        with self._lock:
+            upcoming = min(self._due.values(), default=math.inf)
+        return max(0.0, min(upcoming - now, IDLE_WAIT))
 
     def next(self) -> tuple[list[LeaseBase], float]:
         """Leases due now (marked in flight), and how long to sleep if there are none."""
@@ -74,6 +103,7 @@ class RenewalBook:
             due = [lease for lease, at in self._due.items() if at <= now]
             for lease in due:
                 self._due[lease] = math.inf  # in flight until settled
+                self._sent[lease] = now
             upcoming = min(self._due.values(), default=math.inf)
         wait = IDLE_WAIT if due or upcoming == math.inf else upcoming - now
         return due, max(0.0, min(wait, IDLE_WAIT))
@@ -85,13 +115,24 @@ class RenewalBook:
             if lease not in self._due:
                 return  # released meanwhile: a "lost" answer would be about a lease we gave back
             if isinstance(outcome, RateQuotaError):
-                self._due[lease] = now + self._period(lease) * _RETRY_FRACTION
+                if now >= self._ends.get(lease, math.inf):
+                    # No renewal got through before the lease's lifetime ran out.
+                    lease.lost = True
+                    self._forget(lease)
+                    return
+                retry = now + self._period(lease) * _RETRY_FRACTION
+                self._due[lease] = min(retry, self._ends.get(lease, math.inf))
                 return
             lease.renewed(outcome)
             if lease.lost:
-                del self._due[lease]
-            else:
-                self._due[lease] = now + self._period(lease)
+                self._forget(lease)
+                return
+            period = self._period(lease)
+            granted = outcome.ttl if outcome.ttl > 0 else self._ttl(lease)
+            # Clamped to a lowered max_lease_ttl: renew within what was granted.
+            period = min(period, granted * self.fraction)
+            self._ends[lease] = self._sent.get(lease, now) + granted
+            self._due[lease] = now + period
 
 
 def renew_many(
@@ -111,7 +152,16 @@ def renew_many(
                 outcomes[i] = exc
             continue
         for i, reply in zip(indices, replies, strict=True):
-            outcomes[i] = _outcome(reply, leases[i].group)
+            outcome = _outcome(reply, leases[i].group)
+            if isinstance(outcome, PolicyMissing):
+                # Redis lost the policy: the single renew flow restores it and re-asserts.
+                try:
+                    outcome = yield from core.renew(leases[i].info, leases[i].ttl)
+                except RateQuotaError as exc:
+                    outcome = exc
+            elif isinstance(outcome, RenewResult):
+                core.count_fenced(outcome.reason == "fenced")
+            outcomes[i] = outcome
     return [o for o in outcomes if o is not None]
 
 
@@ -124,7 +174,43 @@ def _outcome(reply: Any, group: str) -> RenewOutcome:
         return exc
 
 
-class ThreadRenewer:
+class RenewerBase:
+    """What both renewers share: the book on the client's clock, and settling a round.
+
+    Due times are on the client's ``Clock``, so a test on a ``ManualClock``
+    decides when leases fall due (``advance``) and, with ``renew_in_background``
+    off, when they are renewed (``renew_due``): no sleeping, no race with a
+    background thread. The two subclasses differ only in how a round trip is
+    performed (blocking or awaited) and in what runs the background loop.
+    """
+
+    def __init__(self, client: Any) -> None:
+        core: QuotaCore = client.core
+        self._client = client
+        self.book = RenewalBook(
+            core.settings.renew_fraction, core.settings.lease_ttl, core.clock.monotonic
+        )
+        self.enabled = core.settings.auto_renew
+        self.background = core.settings.renew_in_background
+
+    def drop(self, lease: LeaseBase) -> None:
+        """Stop renewing ``lease``."""
+        self.book.drop(lease)
+
+    def _flow(self, due: list[LeaseBase]) -> Generator[Any, Any, list[RenewOutcome]]:
+        return renew_many(self._client.core, due, self._client._node_of)
+
+    def _settle(self, due: list[LeaseBase], outcomes: Sequence[RenewOutcome]) -> None:
+        for lease, outcome in zip(due, outcomes, strict=True):
+            self.book.settle(lease, outcome)
+
+    @staticmethod
+    def _failed(due: list[LeaseBase], exc: BaseException) -> list[RenewOutcome]:
+        """A bug in a round must not kill the renewer: these leases are retried soon."""
+        return [RateQuotaError(f"renewal failed: {exc!r}")] * len(due)
+
+
+class ThreadRenewer(RenewerBase):
     """The sync client's renewer: one daemon thread, started on the first held lease.
 
     The thread sleeps on an event until the next lease is due (at most
@@ -133,23 +219,19 @@ class ThreadRenewer:
     """
 
     def __init__(self, client: Any) -> None:
-        core: QuotaCore = client.core
-        self._client = client
-        # Real time, not the client's clock: a test's ManualClock expires leases on purpose.
-        self.book = RenewalBook(
-            core.settings.renew_fraction, core.settings.lease_ttl, time.monotonic
-        )
-        self.enabled = core.settings.auto_renew
+        super().__init__(client)
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()  # only guards starting the thread
 
     def hold(self, lease: LeaseBase) -> None:
-        """Renew ``lease`` in the background until ``drop``."""
+        """Renew ``lease`` until ``drop``."""
         if not self.enabled or self._stop.is_set():
             return
         self.book.hold(lease)
+        if not self.background:
+            return
         with self._start_lock:
             if self._thread is None:
                 self._thread = threading.Thread(
@@ -158,9 +240,16 @@ class ThreadRenewer:
                 self._thread.start()
         self._wake.set()
 
-    def drop(self, lease: LeaseBase) -> None:
-        """Stop renewing ``lease``."""
-        self.book.drop(lease)
+    def renew_due(self) -> int:
+        """Renew, in the calling thread, every held lease due now; returns how many."""
+        due, _ = self.book.next()
+        if due:
+            try:
+                outcomes = self._client._run(self._flow(due))
+            except Exception as exc:  # see _failed
+                outcomes = self._failed(due, exc)
+            self._settle(due, outcomes)
+        return len(due)
 
     def close(self, timeout: float = 5.0) -> None:
         """Stop the thread (waiting at most ``timeout`` for a renewal in flight)."""
@@ -173,17 +262,5 @@ class ThreadRenewer:
     def _loop(self) -> None:
         while not self._stop.is_set():
             self._wake.clear()
-            due, wait = self.book.next()
-            if due:
-                self._renew(due)
-            else:
-                self._wake.wait(wait)
-
-    def _renew(self, due: list[LeaseBase]) -> None:
-        client = self._client
-        try:
-            outcomes: list[Any] = client._run(renew_many(client.core, due, client._node_of))
-        except Exception as exc:  # a bug must not kill the renewer: retry these soon
-            outcomes = [RateQuotaError(f"renewal failed: {exc!r}")] * len(due)
-        for lease, outcome in zip(due, outcomes, strict=True):
-            self.book.settle(lease, outcome)
+            if not self.renew_due():
+                self._wake.wait(self.book.wait())

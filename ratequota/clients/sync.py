@@ -59,6 +59,7 @@ from ratequota.decision import (
     RenewResult,
 )
 from ratequota.engine.scripts import load_scripts
+from ratequota.errors import InvalidType
 from ratequota.policy import Policy
 
 if TYPE_CHECKING:
@@ -101,6 +102,12 @@ class Acquisition(AcquisitionBase[Lease]):
     def __enter__(self) -> Lease:
         return self._granted(self._client._run(self._acquire_flow()))
 
+    async def __aenter__(self) -> Lease:
+        raise _not_async("quota.acquire(...)")
+
+    async def __aexit__(self, *exc_info: object) -> None:  # pragma: no cover - never entered
+        return None
+
     def __exit__(self, *exc_info: object) -> None:
         lease = self._leaving()
         if lease is not None:
@@ -108,6 +115,15 @@ class Acquisition(AcquisitionBase[Lease]):
                 lease.release()
             except RELEASE_ERRORS as exc:
                 self._release_failed(lease, exc)
+
+
+def _not_async(what: str) -> InvalidType:
+    """The error for ``async with`` on the blocking client: name the one to use instead."""
+    return InvalidType(
+        "async with",
+        f"{what} belongs to the blocking QuotaClient; use `with {what}`, or "
+        "ratequota.AsyncQuotaClient for `async with`",
+    )
 
 
 def _one_of_batch(conn: Any, args: tuple[Any, ...]) -> Any:
@@ -137,8 +153,9 @@ class QuotaClient(ClientBase):
     backend: Backend
 
     def _start(self) -> None:
+        # No I/O here: connections open on first use, and a script missing on a server is
+        # loaded by the first call that meets its NOSCRIPT (or up front by ``with`` / check()).
         self.renewer = ThreadRenewer(self)
-        self.load_scripts(strict=False)
 
     def close(self) -> None:
         """Stop the renewer and close connections; the client cannot be used afterwards."""
@@ -146,10 +163,18 @@ class QuotaClient(ClientBase):
         self.backend.close()
 
     def __enter__(self) -> QuotaClient:
+        """Load the scripts on every server now (an unreachable one is tolerated)."""
+        self.load_scripts(strict=False)
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    async def __aenter__(self) -> QuotaClient:
+        raise _not_async("QuotaClient")
+
+    async def __aexit__(self, *exc: object) -> None:  # pragma: no cover - never entered
+        return None
 
     # -- driving flows -----------------------------------------------------
 
@@ -188,8 +213,9 @@ class QuotaClient(ClientBase):
             log.exception("ratequota: a background flow failed")
 
     def stats(self) -> FailureStats:
-        """Counters of the failure policy: fail-open and local admissions, fast failures."""
-        return self.core.failure.stats(self.core.breakers.fast_failures)
+        """Counters: fail-open and local admissions, fast failures, fenced releases/renewals."""
+        stats = self.core.failure.stats(self.core.breakers.fast_failures)
+        return attrs.evolve(stats, fenced_refusals=self.core.fenced_refusals)
 
     def load_scripts(self, *, strict: bool = True) -> None:
         """Load every script on every server; ``strict=False`` tolerates an unreachable one.
@@ -259,12 +285,21 @@ class QuotaClient(ClientBase):
         return Acquisition(self, self.core.request(tenant, units, **options))
 
     def release(self, lease: LeaseInfo | Lease) -> ReleaseResult:
-        """End a lease; idempotent, and says whether it was still live."""
+        """End a lease; idempotent, and says whether it was still live.
+
+        Fenced: the release names the lease's tenant and token, so it can only
+        end that very lease (state ``"fenced"`` otherwise, counted in ``stats()``).
+        """
         info = lease.info if isinstance(lease, Lease) else lease
         return self._run(self.core.release(info))
 
     def renew(self, lease: LeaseInfo | Lease, ttl: float | None = None) -> RenewResult:
-        """Extend a live lease; reports whether its tenant is above its fair limit."""
+        """Extend a live lease; reports whether its tenant is above its fair limit.
+
+        Fenced like ``release``. A ttl above the group's max_lease_ttl is
+        clamped (``RenewResult.ttl`` says what was granted). While the group
+        recovers from lost Redis state, the renewal re-asserts the lease.
+        """
         info = lease.info if isinstance(lease, Lease) else lease
         return self._run(self.core.renew(info, ttl))
 
