@@ -214,11 +214,18 @@ class _ShardBatcher:
             task.add_done_callback(self._tasks.discard)
 
     async def aclose(self) -> None:
-        """Cancel the round trips still in flight and the clean-ups still winding down."""
-        pending = [t for t in (*self._tasks, *self._cleanups) if not t.done()]
-        for task in pending:
-            task.cancel()
-        if pending:
+        """Cancel the round trips still in flight and the clean-ups still winding down.
+
+        Cancelling a round trip hands its Redis call over to the clean-ups, so
+        this goes round until nothing is left (a few rounds at most), lest a
+        task be destroyed pending when the loop closes.
+        """
+        for _ in range(5):
+            pending = [t for t in (*self._tasks, *self._cleanups) if not t.done()]
+            if not pending:
+                return
+            for task in pending:
+                task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
 
     def _fail_queued(self) -> None:
