@@ -9,9 +9,10 @@ catalog to Redis.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -169,7 +170,12 @@ def _check_group(instance: GroupPolicy, _attr: object, _value: str) -> None:
 def _tenant_tuple(value: Iterable[TenantPolicy]) -> tuple[TenantPolicy, ...]:
     if isinstance(value, (str, bytes, Mapping)):
         raise ConfigError("group.tenants", "must be a sequence of TenantPolicy")
-    return tuple(value)
+    try:
+        return tuple(value)
+    except TypeError:
+        raise ConfigError(
+            "group.tenants", f"must be a sequence of TenantPolicy, got {value!r}"
+        ) from None
 
 
 @attrs.frozen
@@ -256,7 +262,12 @@ def _check_policy(instance: Policy, _attr: object, _value: object) -> None:
 def _group_tuple(value: Iterable[GroupPolicy]) -> tuple[GroupPolicy, ...]:
     if isinstance(value, (str, bytes, Mapping)):
         raise ConfigError("policy.groups", "must be a sequence of GroupPolicy")
-    return tuple(value)
+    try:
+        return tuple(value)
+    except TypeError:
+        raise ConfigError(
+            "policy.groups", f"must be a sequence of GroupPolicy, got {value!r}"
+        ) from None
 
 
 @attrs.frozen
@@ -328,20 +339,25 @@ class Policy:
             tenants = [_tenant_from(f"{where}.tenants[{i}]", t) for i, t in enumerate(tenants_data)]
             extra: dict[str, Any] = {}
             if "default_tenant" in group_data:
-                default_data = dict(group_data["default_tenant"])
-                default_data.setdefault("name", "*")
+                default_data = group_data["default_tenant"]
+                if not isinstance(default_data, Mapping):
+                    raise ConfigError(
+                        f"{where}.default_tenant",
+                        f"must be a table (like {{ weight = 1 }}), got {default_data!r}",
+                    )
+                default_data = {"name": "*", **default_data}
                 extra["default_tenant"] = _tenant_from(f"{where}.default_tenant", default_data)
             for key in ("unknown_tenants", "max_lease_ttl", "shadow"):
                 if key in group_data:
                     extra[key] = group_data[key]
-            groups.append(
-                GroupPolicy(
+            with _positioned(where, "group"):
+                group = GroupPolicy(
                     name=group_data["name"],
                     capacity=group_data["capacity"],
                     tenants=tuple(tenants),
                     **extra,
                 )
-            )
+            groups.append(group)
         return cls(groups=tuple(groups), default_group=data.get("default_group"))
 
     @classmethod
@@ -366,4 +382,30 @@ def _tenant_from(where: str, data: object) -> TenantPolicy:
     _reject_unknown(where, data, {f.name for f in attrs.fields(TenantPolicy)})
     if "name" not in data:
         raise ConfigError(f"{where}.name", "is required")
-    return TenantPolicy(**data)
+    with _positioned(where, "tenant"):
+        return TenantPolicy(**data)
+    raise AssertionError("unreachable")  # pragma: no cover - the with block returns or raises
+
+
+@contextlib.contextmanager
+def _positioned(where: str, kind: str) -> Iterator[None]:
+    """Name a validator's field by its position in the data when its owner cannot be found.
+
+    Validators name fields by owner (``tenant 'a': weight``), which a policy
+    file can be searched for; but not a bad name (``tenant.name``) nor the
+    default tenant (``tenant '*'``). Those get their position instead
+    (``groups[0].default_tenant.weight``), keeping the owner in the message.
+    """
+    try:
+        yield
+    except ConfigError as exc:
+        field = exc.field
+        owner, sep, attribute = field.partition(": ")
+        default = where.endswith(".default_tenant")
+        if sep and not default:
+            raise
+        if not sep:
+            owner, attribute = "", field.removeprefix(f"{kind}.")
+        message = str(exc)[len(field) + 2 :]
+        suffix = f" ({owner})" if owner and not default else ""
+        raise ConfigError(f"{where}.{attribute}", f"{message}{suffix}") from None

@@ -37,13 +37,25 @@ def load_toml(source: str | Path, build: Callable[[dict[str, Any]], T]) -> T:
     """Read ``source``, parse it and ``build`` an object from its data.
 
     Every failure is a ``PolicyFileError`` naming the file, the line where it
-    can be found, and the field: unreadable file, TOML syntax, invalid value.
+    can be found, and the field: unreadable file, bytes that are not UTF-8,
+    TOML syntax, invalid value.
     """
     path = Path(source)
     try:
-        text = path.read_text(encoding="utf-8")
+        data_bytes = path.read_bytes()
     except OSError as exc:
         raise PolicyFileError(str(path), f"cannot read: {exc.strerror}") from exc
+    try:
+        text = data_bytes.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        # TOML files are UTF-8 by definition; say where the first bad byte is.
+        bad_line = data_bytes.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (data_bytes.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise PolicyFileError(
+            f"{path}:{bad_line}",
+            f"not UTF-8: byte 0x{data_bytes[exc.start]:02x} at column {column} "
+            "(TOML files must be UTF-8; re-save the file as UTF-8)",
+        ) from None
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:

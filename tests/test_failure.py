@@ -8,8 +8,10 @@ listens on, where every call fails at once with "connection refused".
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import time
+from typing import Any
 
 import pytest
 
@@ -18,7 +20,9 @@ from ratequota.clients.core import Settings
 from ratequota.clients.failure import Breakers, CircuitBreaker
 from ratequota.clients.sync import QuotaClient
 from ratequota.errors import BackendUnavailable, ConfigError
-from tests.servers import free_port
+from ratequota.policy import GroupPolicy, Policy, TenantPolicy
+from ratequota.testing import ManualClock, fake_client
+from tests.servers import RedisServer, free_port
 
 
 def state(breaker: CircuitBreaker) -> str:
@@ -205,5 +209,112 @@ def test_async_client_applies_the_same_policy() -> None:
         finally:
             await opened.close()
             await closed.close()
+
+    asyncio.run(main())
+
+
+# -- leaving acquire when the release fails; synthetic leases on epoch time (issue 9, item 8) --
+
+
+@pytest.mark.real_redis
+def test_leaving_acquire_when_redis_refuses_the_release_keeps_the_handlers_outcome(
+    real_redis: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Redis answers the release with an error (here NOPERM: the pod's user lost EVALSHA while
+    the handler ran; out of memory answers the same way): the handler's result and its own
+    exception still reach the caller, sync and async; the failure is counted and logged; the
+    lease expires alone. (Releasing only frees memory, so Redis no longer refuses it for OOM.)"""
+    policy = Policy([GroupPolicy("g", 10, [TenantPolicy("a")])])
+    admin: Any = real_redis.client()
+    admin.execute_command("ACL", "SETUSER", "pod", "on", ">pw", "~*", "&*", "+@all")
+    url = f"redis://pod:pw@127.0.0.1:{real_redis.port}/0"
+
+    def refuse(on: bool) -> None:
+        admin.execute_command("ACL", "SETUSER", "pod", "-evalsha" if on else "+evalsha")
+
+    def run_sync() -> None:
+        quota = QuotaClient(url, auto_renew=False, socket_timeout=2.0)
+        try:
+            quota.apply_policy(policy)
+            with quota.acquire("a", 3, ttl=30) as lease:
+                refuse(True)
+                result = "handled"
+            assert result == "handled" and not lease.released
+            refuse(False)
+            with pytest.raises(KeyError, match="the handler's own"), quota.acquire("a", 2, ttl=30):
+                refuse(True)
+                raise KeyError("the handler's own")
+            refuse(False)
+            assert quota.stats().release_failures == 2
+            assert quota.snapshot("g").used == 5  # both leases still held: they expire alone
+        finally:
+            refuse(False)
+            quota.close()
+
+    async def run_async() -> None:
+        quota = AsyncQuotaClient(url, auto_renew=False, socket_timeout=2.0)
+        try:
+            async with quota.acquire("a", 1, ttl=30):
+                refuse(True)
+            refuse(False)
+            with pytest.raises(KeyError):
+                async with quota.acquire("a", 1, ttl=30):
+                    refuse(True)
+                    raise KeyError("the handler's own")
+            refuse(False)
+            assert quota.stats().release_failures == 2
+            assert (await quota.snapshot("g")).used == 7
+        finally:
+            refuse(False)
+            await quota.close()
+
+    try:
+        with caplog.at_level(logging.WARNING, logger="ratequota"):
+            run_sync()
+            asyncio.run(run_async())
+    finally:
+        admin.execute_command("ACL", "DELUSER", "pod")
+        admin.close()
+    failures = [r for r in caplog.records if "ends by itself" in r.getMessage()]
+    assert len(failures) == 4
+
+
+def test_a_synthetic_lease_expires_on_epoch_time_like_a_real_one() -> None:
+    """``expires_at`` of a fail-open lease is epoch seconds (Redis time), not the pod's
+    monotonic clock: with a pinned clock it equals a real lease's expiry exactly."""
+    clock = ManualClock()
+    policy = Policy([GroupPolicy("g", 10, [TenantPolicy("a")])])
+    real = fake_client(policy, clock=clock)
+    down = QuotaClient(dead_url(), socket_timeout=0.2, failure_mode="open", clock=clock)
+    wall = QuotaClient(dead_url(), socket_timeout=0.2, failure_mode="open")
+    try:
+        granted = real.try_acquire("a", 1, ttl=30).lease
+        synthetic = down.try_acquire("a", 1, group="g", ttl=30).lease
+        assert granted is not None and synthetic is not None and synthetic.synthetic
+        assert synthetic.expires_at == granted.expires_at == clock.redis_ms() / 1000 + 30
+        unpinned = wall.try_acquire("a", 1, group="g", ttl=30).lease
+        assert unpinned is not None and unpinned.expires_at > 1.6e9  # after 2020: epoch time
+        with down.acquire("a", 2, group="g", ttl=5, timeout=0) as lease:
+            assert lease.expires_at == clock.redis_ms() / 1000 + 5
+    finally:
+        real.close()
+        down.close()
+        wall.close()
+
+
+def test_the_async_client_gives_synthetic_leases_epoch_expiry_too() -> None:
+    """The async client's fail-open lease: ``expires_at`` on the pinned Redis time, not 0 + TTL."""
+    clock = ManualClock()
+
+    async def main() -> None:
+        down = AsyncQuotaClient(dead_url(), socket_timeout=0.2, failure_mode="open", clock=clock)
+        try:
+            decision = await down.try_acquire("a", 1, group="g", ttl=30)
+            assert decision.lease is not None and decision.lease.synthetic
+            assert decision.lease.expires_at == clock.redis_ms() / 1000 + 30
+            async with down.acquire("a", 1, group="g", ttl=7, timeout=0) as lease:
+                assert lease.expires_at == clock.redis_ms() / 1000 + 7
+        finally:
+            await down.close()
 
     asyncio.run(main())

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import tempfile
 from pathlib import Path
+from typing import Any
 
 import pytest
+import tomllib
+from hypothesis import given
+from hypothesis import strategies as st
 
 from ratequota import ConfigError, GroupPolicy, Policy, PolicyFileError, TenantPolicy
 
@@ -115,6 +122,10 @@ max_units = 6
 """
 
 
+#: The data of ``TOML``, as a policy file parses to.
+TOML_POLICY_DATA: dict[str, Any] = tomllib.loads(TOML)
+
+
 def test_toml_round_trip(tmp_path: Path) -> None:
     """A TOML policy file loads into the same classes, and to_dict/from_dict round-trips."""
     path = tmp_path / "policy.toml"
@@ -154,3 +165,112 @@ def test_missing_policy_file(tmp_path: Path) -> None:
     """A missing file is a PolicyFileError, not a bare OSError."""
     with pytest.raises(PolicyFileError, match="cannot read"):
         Policy.from_toml(tmp_path / "absent.toml")
+
+
+# -- bad files and bad fields never escape as raw tracebacks (issue 9, item 8) ---------------
+
+
+def test_a_policy_file_that_is_not_utf8_names_file_and_line(tmp_path: Path) -> None:
+    """Latin-1 bytes in a policy file: a ``PolicyFileError`` with the line, not a decode crash."""
+    path = tmp_path / "latin1.toml"
+    path.write_bytes(b'[[groups]]\ncapacity = 4\nname = "caf\xe9"\n')
+    with pytest.raises(PolicyFileError) as info:
+        Policy.from_toml(path)
+    assert str(info.value).startswith(f"{path}:3: not UTF-8")
+
+
+@pytest.mark.parametrize(
+    ("body", "line", "field"),
+    [
+        ('default_tenant = "oops"', 4, "groups[0].default_tenant"),
+        ("default_tenant = 5", 4, "groups[0].default_tenant"),
+        ("default_tenant = { weight = -1 }", 4, "groups[0].default_tenant.weight"),
+        ("default_tenant = { guarantee = 1 }", 4, "default_tenant.guarantee"),
+        ("default_tenant = { colour = 1 }", 4, "groups[0].default_tenant.colour"),
+        ("unknown_tenants = [1]", 4, "unknown_tenants"),
+        ('max_lease_ttl = "long"', 4, "max_lease_ttl"),
+        ('tenants = "a"', 4, "groups[0].tenants"),
+        ("[[groups.tenants]]\nname = 5", 5, "groups[0].tenants[0].name"),
+        ("[[groups.tenants]]\nname = 'a'\nweight = nan", 6, "weight"),
+        ("[[groups.tenants]]\nname = 'a'\nguarantee = 1.5", 6, "guarantee"),
+    ],
+)
+def test_bad_fields_name_file_line_and_field(
+    tmp_path: Path, body: str, line: int, field: str
+) -> None:
+    """Every bad value is a ``PolicyFileError`` naming the file, its line and the field."""
+    path = tmp_path / "bad.toml"
+    path.write_text(f'[[groups]]\nname = "g"\ncapacity = 4\n{body}\n', encoding="utf-8")
+    with pytest.raises(PolicyFileError) as info:
+        Policy.from_toml(path)
+    assert str(info.value).startswith(f"{path}:{line}: "), str(info.value)
+    assert field in str(info.value)
+
+
+def test_the_cli_reports_bad_files_without_a_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``ratequota policy apply --dry-run`` on such files: one line, exit 2."""
+    from ratequota.cli import main
+
+    latin = tmp_path / "latin1.toml"
+    latin.write_bytes(b"[[groups]]\nname = '\xff'\ncapacity = 1\n")
+    oops = tmp_path / "oops.toml"
+    oops.write_text('[[groups]]\nname = "g"\ncapacity = 4\ndefault_tenant = "oops"\n')
+    for path in (latin, oops):
+        assert main(["policy", "apply", "--dry-run", str(path)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"ratequota: error: {path}:") and "Traceback" not in err
+
+
+_JUNK = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**70), 2**70),
+    st.floats(),
+    st.text(max_size=5),
+    st.binary(max_size=5),
+    st.lists(st.integers(), max_size=2),
+    st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
+)
+
+
+def _paths(data: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    """Every place in nested dicts and lists a value could be replaced."""
+    found = [prefix] if prefix else []
+    if isinstance(data, dict):
+        for key, value in data.items():
+            found += _paths(value, (*prefix, key))
+    elif isinstance(data, list):
+        for index, value in enumerate(data):
+            found += _paths(value, (*prefix, index))
+    return found
+
+
+@given(data=st.data())
+def test_any_bad_field_is_a_config_error(data: st.DataObject) -> None:
+    """Replace any one field of a valid policy's data (or add an unknown one) with junk:
+    building it either works or raises ``ConfigError`` — never another exception."""
+    document = copy.deepcopy(TOML_POLICY_DATA)
+    paths = _paths(document)
+    path = data.draw(st.sampled_from(paths))
+    junk = data.draw(_JUNK)
+    target: Any = document
+    for step in path[:-1]:
+        target = target[step]
+    if data.draw(st.booleans()) and isinstance(target, dict):
+        target[data.draw(st.text(min_size=1, max_size=4))] = junk
+    else:
+        target[path[-1]] = junk
+    with contextlib.suppress(ConfigError):
+        Policy.from_dict(document)
+
+
+@given(content=st.binary(max_size=200))
+def test_any_file_content_is_a_policy_file_error(content: bytes) -> None:
+    """Arbitrary bytes as a policy file: a policy or a ``PolicyFileError``, nothing else."""
+    with tempfile.TemporaryDirectory() as directory:
+        path = Path(directory) / "policy.toml"
+        path.write_bytes(content)
+        with contextlib.suppress(PolicyFileError):
+            Policy.from_toml(path)

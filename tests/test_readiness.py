@@ -235,9 +235,9 @@ def test_missing_group_policy_is_not_ready(shards: list[RedisServer]) -> None:
 
 #: The ACL rule documented in docs/deployment.md (kept identical by this test).
 MINIMAL_ACL = (
-    "on >secret ~rq:* resetchannels -@all +ping +info +get +set +del +hmget +evalsha +eval "
-    "+script|load +script|exists +time +hget +hgetall +hset +hdel +hincrby +pexpire +zadd +zrem "
-    "+zscore +zrange +zrangebyscore +zrangebylex"
+    "on >secret ~rq:* resetchannels -@all +ping +info +get +getrange +set +del +hmget +evalsha "
+    "+eval +script|load +script|exists +time +hget +hgetall +hset +hdel +hincrby +pexpire +zadd "
+    "+zrem +zscore +zrange +zrangebyscore +zrangebylex"
 )
 
 
@@ -364,3 +364,106 @@ def test_table_of_a_degraded_report() -> None:
     degraded = evaluate([healthy(), down], catalog_present=True, allow_degraded=True)
     assert "degraded: s2: unreachable" in degraded.table()
     assert degraded.table().splitlines()[-1] == "READY"
+
+
+# -- persistence (issue 9): a warning, with what it costs ---------------------------------
+
+
+@pytest.mark.parametrize(
+    ("aof", "save", "expected"),
+    [
+        ("1", "", "aof"),
+        ("0", "3600 1 300 100", "rdb"),
+        ("1", "3600 1", "aof+rdb"),
+        ("0", "", "none"),
+        ("0", None, "unknown"),  # CONFIG GET refused (ACL, managed service)
+        (None, "", "unknown"),  # INFO refused
+        ("1", None, "aof"),
+    ],
+)
+def test_persistence_verdict(aof: str | None, save: str | None, expected: str) -> None:
+    """Only a server known to have neither AOF nor RDB save points is warned about; the pod
+    stays ready either way."""
+    info = dict(INFO) if aof is None else {**INFO, "aof_enabled": aof}
+    report = evaluate([healthy(info=info, save_points=save)], catalog_present=True)
+    assert report.ready
+    assert report.shards[0].persistence == expected
+    warned = [w for w in report.warnings if "no persistence" in w]
+    assert bool(warned) == (expected == "none")
+    if warned:
+        assert "recovery window" in warned[0] and "appendonly yes" in warned[0]
+    assert expected in report.table()
+
+
+@pytest.fixture
+def persistence_servers() -> Iterator[dict[str, RedisServer]]:
+    """Three private servers: no persistence, AOF, RDB save points."""
+    if redis_server_binary() is None:
+        _no_redis()
+    started: dict[str, RedisServer] = {}
+    try:
+        started["none"] = RedisServer().start()
+        started["aof"] = RedisServer(extra_args=("--appendonly", "yes")).start()
+        started["rdb"] = RedisServer(extra_args=("--save", "3600 1")).start()
+        yield started
+    finally:
+        for server in started.values():
+            server.cleanup()
+
+
+@pytest.mark.real_redis
+def test_check_warns_about_a_server_without_persistence(
+    persistence_servers: dict[str, RedisServer],
+) -> None:
+    """Sync and async ``check()`` on real servers: only the one without AOF and RDB is warned
+    about, and the pod stays ready."""
+    import asyncio
+
+    from ratequota.clients.aio import AsyncQuotaClient
+
+    urls = {kind: server.url for kind, server in persistence_servers.items()}
+    for kind, url in urls.items():
+        quota = QuotaClient(url, socket_timeout=2.0)
+        try:
+            quota.apply_policy(POLICY)
+            report = quota.check()
+        finally:
+            quota.close()
+        assert report.ready, report.problems
+        assert report.shards[0].persistence == kind
+        assert any("no persistence" in w for w in report.warnings) == (kind == "none")
+
+        async def acheck(target: str) -> Any:
+            client = AsyncQuotaClient(target, socket_timeout=2.0)
+            try:
+                return await client.check()
+            finally:
+                await client.close()
+
+        areport = asyncio.run(acheck(url))
+        assert areport.ready and areport.shards[0].persistence == kind
+        assert areport.warnings == report.warnings
+
+
+@pytest.mark.real_redis
+def test_persistence_is_unknown_when_config_is_refused(
+    persistence_servers: dict[str, RedisServer],
+) -> None:
+    """The documented ACL has no CONFIG: persistence shows as unknown, with no warning."""
+    server = persistence_servers["none"]
+    admin: Any = server.client()
+    try:
+        admin.execute_command("ACL", "SETUSER", "quota", *MINIMAL_ACL.split())
+    finally:
+        admin.close()
+    publisher = QuotaClient(server.url)
+    publisher.apply_policy(POLICY)
+    publisher.close()
+    quota = QuotaClient(f"redis://quota:secret@127.0.0.1:{server.port}/0", socket_timeout=2.0)
+    try:
+        report = quota.check()
+    finally:
+        quota.close()
+    assert report.ready, report.problems
+    assert report.shards[0].persistence == "unknown"
+    assert not any("no persistence" in w for w in report.warnings)

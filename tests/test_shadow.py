@@ -270,7 +270,11 @@ def test_simulation_safety_checks_leave_shadow_groups_out(shadow: str) -> None:
 def test_turning_shadow_off_takes_effect_within_catalog_ttl(
     make_quota: MakeClient, explicit: bool
 ) -> None:
-    """A pod that saw shadow mode re-reads the policy by catalog_ttl, also when naming groups."""
+    """A pod that saw shadow mode re-reads the policy by catalog_ttl, also when naming groups.
+
+    The call that finds the catalog stale starts one background refresh and is decided on
+    the policy it holds (refreshes are off the request path); once that refresh is done,
+    the pod enforces."""
     clock = ManualClock()
     operator = make_quota(Policy([group_policy("g", shadow="group")]), clock=clock)
     pod = make_quota(clock=clock, catalog_ttl=5.0)
@@ -282,6 +286,8 @@ def test_turning_shadow_off_takes_effect_within_catalog_ttl(
     clock.advance(1.0)
     assert pod.try_acquire("c", 1, **group).shadow_refused  # within catalog_ttl: as last read
     clock.advance(5.0)
+    pod.try_acquire("c", 1, **group)  # finds the catalog stale: refreshes in the background
+    assert pod.core.wait_refreshed(10)
     refused = pod.try_acquire("c", 1, **group)
     assert not refused.admitted and refused.reason == "tenant_limit"
 

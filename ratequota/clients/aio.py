@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import attrs
+import redis
 
 from ratequota.clients import shell
 from ratequota.clients.backends import (
@@ -36,18 +37,19 @@ from ratequota.clients.backends import (
     _redis_from_url,
     embedded_server,
     is_noscript,
+    scrub,
     translate_error,
 )
-from ratequota.clients.core import AcquireRequest, Flow, Sleep
+from ratequota.clients.core import AcquireRequest, Compute, Flow, Sleep, Spawn
 from ratequota.clients.explain import Explanation, explain_flow
-from ratequota.clients.failure import FailureStats
+from ratequota.clients.failure import FailureStats, log
 from ratequota.clients.readiness import ReadinessReport
 from ratequota.clients.renewal import RenewerBase
 from ratequota.decision import Decision, GroupSnapshot, LeaseInfo, ReleaseResult, RenewResult
 from ratequota.engine.batching import BatchPolicy
 from ratequota.engine.protocol import MERGES, coalesce
 from ratequota.engine.scripts import load_scripts, script
-from ratequota.errors import BackendUnavailable, ConfigError, InvalidType
+from ratequota.errors import ConfigError, InvalidType
 from ratequota.policy import Policy
 
 if TYPE_CHECKING:
@@ -122,7 +124,7 @@ class AsyncClusterBackend(ClusterRouting):
                 socket_connect_timeout=socket_timeout,
             )
         except ValueError as exc:
-            raise ConfigError("cluster", str(exc)) from exc
+            raise ConfigError("cluster", scrub(str(exc), url)) from None
         self.description = f"cluster at {_redact(url)}"
 
     def node_of(self, route: str) -> str:
@@ -185,11 +187,12 @@ class _ShardBatcher:
     ) -> None:
         self._conn = conn
         self._policy = policy
-        self._bound = bound  # backstop per round trip; redis-py's socket timeout fires first
+        self._bound = bound  # each round trip's timeout, from its send (the socket timeout)
         self._pipelines = pipelines
         self._queue: list[tuple[tuple[str, tuple[Any, ...]], asyncio.Future[Any]]] = []
         self._in_flight = 0
         self._tasks: set[asyncio.Task[None]] = set()
+        self._cleanups: set[asyncio.Future[Any]] = set()  # cancelled calls winding down
 
     def submit(self, call: tuple[str, tuple[Any, ...]]) -> asyncio.Future[Any]:
         """Queue one (method, args) call; the future gets its reply or its exception."""
@@ -210,6 +213,34 @@ class _ShardBatcher:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
+    async def aclose(self) -> None:
+        """Cancel the round trips still in flight and the clean-ups still winding down.
+
+        Cancelling a round trip hands its Redis call over to the clean-ups, so
+        this goes round until nothing is left (a few rounds at most), lest a
+        task be destroyed pending when the loop closes.
+        """
+        for _ in range(5):
+            pending = [t for t in (*self._tasks, *self._cleanups) if not t.done()]
+            if not pending:
+                return
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+
+    def _fail_queued(self) -> None:
+        """A round trip to this shard got no reply in time: fail every call queued behind it.
+
+        They were queued because round trips were in flight, so each has waited
+        less than one socket timeout; sent now, each would wait a full one more
+        on a server that is not answering. They fail at once, never sent (the
+        caller's failure mode applies); new calls try the shard again.
+        """
+        queued, self._queue = self._queue, []
+        for _, future in queued:
+            if not future.done():
+                future.set_exception(NoReply(f"{_NO_REPLY} (queued behind a round trip)"))
+
     async def _send(
         self, batch: list[tuple[tuple[str, tuple[Any, ...]], asyncio.Future[Any]]]
     ) -> None:
@@ -225,6 +256,8 @@ class _ShardBatcher:
             replies = [exc] * len(wire)
         finally:
             self._in_flight -= 1
+        if any(isinstance(r, (NoReply, redis.exceptions.TimeoutError)) for r in replies):
+            self._fail_queued()
         for (_, future), (index, part) in zip(batch, where, strict=True):
             reply = replies[index]
             if part is not None and not isinstance(reply, BaseException):
@@ -238,17 +271,37 @@ class _ShardBatcher:
         self._pump()
 
     async def _exchange(self, wire: list[tuple[str, tuple[Any, ...]]]) -> list[Any]:
-        """One round trip; a call's error is its reply, in place (a pipeline's are too)."""
+        """One round trip, at most one socket timeout; a call's error is its reply, in place."""
         if len(wire) == 1:
             method, args = wire[0]
             try:
-                return [await asyncio.wait_for(getattr(self._conn, method)(*args), self._bound)]
+                return [await self._bounded(getattr(self._conn, method)(*args))]
             except Exception as exc:
                 return [exc]
         pipe = self._conn.pipeline(transaction=False)
         for method, args in wire:
             getattr(pipe, method)(*args)
-        return list(await asyncio.wait_for(pipe.execute(raise_on_error=False), self._bound))
+        return list(await self._bounded(pipe.execute(raise_on_error=False)))
+
+    async def _bounded(self, awaitable: Any) -> Any:
+        """``awaitable``'s result within one socket timeout, else ``NoReply`` at once.
+
+        Unlike ``asyncio.wait_for`` this does not wait for the cancelled call
+        to finish cleaning up: redis-py drops the connection on cancellation,
+        which against a paused server takes another socket timeout. The
+        clean-up goes on in the background.
+        """
+        task = asyncio.ensure_future(awaitable)
+        try:
+            done, _ = await asyncio.wait({task}, timeout=self._bound)
+        finally:
+            if not task.done():
+                task.cancel()
+                self._cleanups.add(task)
+                task.add_done_callback(_forget(self._cleanups))
+        if not done:
+            raise NoReply(f"{_NO_REPLY} within {self._bound:.3f}s")
+        return task.result()
 
     async def _reload_merged(
         self, wire: list[tuple[str, tuple[Any, ...]]], replies: list[Any]
@@ -267,9 +320,31 @@ class _ShardBatcher:
         if not again:
             return
         for sha in {wire[i][1][0] for i in again}:
-            await asyncio.wait_for(self._conn.script_load(merged[sha].source), self._bound)
-        for i, reply in zip(again, await self._exchange([wire[i] for i in again]), strict=True):
+            await self._bounded(self._conn.script_load(merged[sha].source))
+        again_replies = await self._exchange([wire[i] for i in again])
+        for i, reply in zip(again, again_replies, strict=True):
             replies[i] = reply
+
+
+_NO_REPLY = "no reply from Redis"
+
+
+class NoReply(TimeoutError):
+    """A round trip (or the one a call queued behind) got no reply within the socket timeout.
+
+    A ``TimeoutError``, hence an ``OSError``: callers see ``BackendUnavailable``.
+    """
+
+
+def _forget(cleanups: set[asyncio.Future[Any]]) -> Callable[[asyncio.Future[Any]], None]:
+    """A done-callback dropping a cancelled call, its outcome retrieved (never logged)."""
+
+    def done(task: asyncio.Future[Any]) -> None:
+        cleanups.discard(task)
+        if not task.cancelled():
+            task.exception()
+
+    return done
 
 
 def _fresh(exc: BaseException) -> BaseException:
@@ -298,7 +373,8 @@ class AsyncLease(shell.LeaseBase):
 class AsyncAcquisition(shell.AcquisitionBase[AsyncLease]):
     """``async with quota.acquire(...) as lease``: waits on entry, releases on exit.
 
-    The release is shielded, so a cancelled holder still gives its units back.
+    The release is shielded, so a cancelled holder still gives its units back;
+    a release that fails is counted and logged, never raised (as in the sync client).
     """
 
     def __init__(self, client: AsyncQuotaClient, request: AcquireRequest) -> None:
@@ -310,8 +386,10 @@ class AsyncAcquisition(shell.AcquisitionBase[AsyncLease]):
     async def __aexit__(self, *exc_info: object) -> None:
         lease = self._leaving()
         if lease is not None:
-            with contextlib.suppress(BackendUnavailable):  # as in the sync client
+            try:  # as in the sync client: counted and logged, never raised over the handler
                 await asyncio.shield(lease.release())
+            except shell.RELEASE_ERRORS as exc:
+                self._release_failed(lease, exc)
 
 
 class TaskRenewer(RenewerBase):
@@ -380,15 +458,30 @@ class AsyncQuotaClient(shell.ClientBase):
         s = self.core.settings
         self._policy = BatchPolicy(s.batch_size, s.batch_in_flight)
         self._batchers: dict[object, _ShardBatcher] = {}
-        # Backstop per round trip (connect + send + read); never fires while redis-py's
-        # socket timeouts do. A queued call waits at most for the round trips ahead of it.
-        self._call_bound = 3 * s.socket_timeout
+        # Each round trip's timeout, connection set-up included; a round trip that gets no
+        # reply in time also fails the calls queued behind it (``_ShardBatcher``).
+        self._call_bound = s.socket_timeout
         self.renewer = TaskRenewer(self)
+        self._background: set[asyncio.Task[None]] = set()  # spawned flows (catalog refresh)
 
     async def close(self) -> None:
-        """Stop the renewer and close connections."""
+        """Stop the renewer and background work, then close connections."""
         await self.renewer.close()
+        for task in list(self._background):
+            task.cancel()
+        for task in list(self._background):
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for batcher in list(self._batchers.values()):
+            await batcher.aclose()
         await self.backend.close()
+
+    async def _run_detached(self, flow: Flow[None]) -> None:
+        """Run a spawned flow to its end as a task; a bug is logged, never lost silently."""
+        try:
+            await self._run(flow)
+        except Exception:
+            log.exception("ratequota: a background flow failed")
 
     async def __aenter__(self) -> AsyncQuotaClient:
         await self.load_scripts(strict=False)
@@ -421,6 +514,13 @@ class AsyncQuotaClient(shell.ClientBase):
     async def _perform(self, op: Any) -> Any:
         if isinstance(op, Sleep):
             return await self.core.clock.asleep(op.seconds)
+        if isinstance(op, Compute):
+            return await asyncio.to_thread(op.function)
+        if isinstance(op, Spawn):
+            task = asyncio.ensure_future(self._run_detached(op.flow))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+            return None
         conn = self.backend.connection(op.route)
         if isinstance(op, shell.Batch):
             calls = shell.pipeline_args(op)

@@ -28,6 +28,8 @@ __all__ = [
     "embedded_backend",
     "embedded_server",
     "is_noscript",
+    "redact",
+    "scrub",
     "translate_error",
     "url_backend",
 ]
@@ -103,7 +105,22 @@ def _redis_from_url(url: str, socket_timeout: float, *, aio: bool = False) -> An
         )
         return redis.Redis.from_pool(pool)
     except ValueError as exc:
-        raise ConfigError("url", str(exc)) from exc
+        raise ConfigError("url", f"{scrub(str(exc), url)} in {redact(url)}") from None
+
+
+def scrub(text: str, url: str) -> str:
+    """``text`` with every credential of ``url`` masked (for foreign error messages)."""
+    secrets: list[str] = []
+    rest = url.partition("://")[2]
+    if "@" in rest:
+        secrets.append(rest.rpartition("@")[0].partition(":")[2])
+    for parameter in rest.partition("?")[2].split("&"):
+        name, _, value = parameter.partition("=")
+        if any(word in name.lower() for word in _SECRET_PARAMETERS):
+            secrets.append(value)
+    for secret in sorted(filter(None, secrets), key=len, reverse=True):
+        text = text.replace(secret, "***")
+    return text
 
 
 @functools.cache
@@ -169,14 +186,48 @@ def embedded_server() -> Any:
         return _EMBEDDED_SERVER
 
 
-def _redact(url: str) -> str:
-    """The URL without its password, for messages and reports."""
-    if "@" not in url:
-        return url
-    scheme, _, rest = url.partition("://")
-    creds, _, host = rest.rpartition("@")
-    user = creds.split(":", 1)[0]
-    return f"{scheme}://{user + ':***@' if user else '***@'}{host}"
+#: Query parameters whose values are never shown (``?password=…`` and relatives).
+_SECRET_PARAMETERS = ("password", "passwd", "secret", "token")
+
+
+def redact(url: str) -> str:
+    """The URL without its credentials, for descriptions, shard ids, errors and reports.
+
+    Both places redis-py reads a password from are masked: the user-info part
+    (``redis://user:secret@host`` shows ``user:***@host``; a lone
+    ``redis://secret@host`` shows ``***@host``, since some URLs carry the
+    password there) and query parameters such as ``?password=secret``. Never
+    raises: an unparsable URL is shown by its scheme only.
+    """
+    if not isinstance(url, str):
+        return repr(type(url).__name__)
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return "***" if "@" in url or "password" in url.lower() else url
+    # Credentials first, on the whole remainder: a password may hold '?' or '#' itself
+    # (masking too much is harmless; too little is a leak).
+    shown = ""
+    if "@" in rest:
+        creds, _, rest = rest.rpartition("@")
+        user, colon, _secret = creds.partition(":")
+        user = user.split("/", 1)[0].split("?", 1)[0]
+        shown = f"{user}:***@" if colon and user else "***@"
+    rest, hash_sign, fragment = rest.partition("#")
+    host, question, query = rest.partition("?")
+    if query:
+        query = "&".join(_redact_parameter(p) for p in query.split("&"))
+    return f"{scheme}://{shown}{host}{question}{query}{hash_sign}{'***' if fragment else ''}"
+
+
+def _redact_parameter(parameter: str) -> str:
+    name, equals, _value = parameter.partition("=")
+    if equals and any(word in name.lower() for word in _SECRET_PARAMETERS):
+        return f"{name}=***"
+    return parameter
+
+
+#: The name the rest of the package has used for ``redact``.
+_redact = redact
 
 
 def is_noscript(exc: BaseException) -> bool:
@@ -310,9 +361,10 @@ class ClusterBackend(ClusterRouting):
                 socket_connect_timeout=socket_timeout,
             )
         except ValueError as exc:
-            raise ConfigError("cluster", str(exc)) from exc
+            raise ConfigError("cluster", scrub(str(exc), url)) from None
         except (redis.exceptions.RedisError, redis.exceptions.RedisClusterException) as exc:
-            raise translate_error(exc, _redact(url)) from exc
+            error = translate_error(exc, _redact(url))
+            raise type(error)(scrub(str(error), url)) from None
         self.description = f"cluster at {_redact(url)}"
 
     def nodes(self) -> list[tuple[str, Any]]:

@@ -14,17 +14,28 @@ replaced whole by a single assignment.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import os
 import random
 import threading
-from collections.abc import Generator, Iterable, Mapping
+import time
+from collections.abc import Callable, Generator, Iterable
 from typing import Any, TypeVar
 
 import attrs
 
+from ratequota.clients.catalog import (
+    HEADER_BYTES,
+    Catalog,
+    CatalogDocument,
+    CatalogHeader,
+    catalog_document,
+    header_of,
+    parse_document,
+    parse_header,
+    policy_digest,
+)
 from ratequota.clients.failure import FAILURE_MODES, Breakers, FailureMode, FailureState
 from ratequota.clock import Clock, SystemClock
 from ratequota.decision import (
@@ -34,7 +45,7 @@ from ratequota.decision import (
     ReleaseResult,
     RenewResult,
 )
-from ratequota.engine.keys import SCHEMA_VERSION, KeySpace
+from ratequota.engine.keys import KeySpace
 from ratequota.engine.protocol import (
     ScriptCall,
     acquire_call,
@@ -56,15 +67,28 @@ from ratequota.errors import (
     InvalidType,
     PolicyMissing,
     QuotaExceeded,
+    RateQuotaError,
     RequestIdConflict,
     RequestTooLarge,
-    SchemaMismatch,
     UnknownTenant,
 )
 from ratequota.observe import DecisionEvent, DecisionResult, Observer
 from ratequota.policy import MAX_LEASE_TTL_LIMIT, MAX_UNITS, Policy
 
-__all__ = ["AcquireRequest", "Command", "Flow", "Op", "QuotaCore", "Settings", "Sleep"]
+__all__ = [
+    "LOCAL_OPS",
+    "AcquireRequest",
+    "Command",
+    "Compute",
+    "Flow",
+    "Op",
+    "QuotaCore",
+    "Settings",
+    "Sleep",
+    "Spawn",
+    "catalog_document",
+    "parse_catalog",
+]
 
 T = TypeVar("T")
 
@@ -87,8 +111,37 @@ class Command:
     args: tuple[str | int, ...]
 
 
-Op = ScriptCall | Command | Sleep
+@attrs.frozen
+class Compute:
+    """Run ``function()`` (CPU work, no I/O) and resume with its result.
+
+    The sync client calls it in place; the async client in a worker thread,
+    so parsing a large catalog never stalls its event loop.
+    """
+
+    function: Callable[[], Any]
+
+
+@attrs.frozen
+class Spawn:
+    """Start ``flow`` in the background (a thread, or a task) and resume at once with None.
+
+    The spawned flow runs to its end on its own; its errors are its own
+    business (it must handle them). Used to refresh the catalog without
+    making any caller wait for it.
+    """
+
+    flow: Generator[Any, Any, None]
+
+
+Op = ScriptCall | Command | Sleep | Compute | Spawn
 Flow = Generator[Op, Any, T]
+
+#: Ops performed by the client itself, not sent to Redis (no route, no circuit breaker).
+LOCAL_OPS = (Sleep, Compute, Spawn)
+
+#: Seconds after which a catalog refresh that never reported back stops blocking others.
+_REFRESH_BACKSTOP = 60.0
 
 #: Backoff between tries of a waiting acquire: from the first to the last, doubling.
 _FIRST_PAUSE = 0.005
@@ -210,22 +263,6 @@ class AcquireRequest:
     timeout: float
 
 
-@attrs.frozen
-class _Catalog:
-    """Tenant-to-group routing as last read from Redis (or set by apply_policy)."""
-
-    policy: Policy | None
-    routes: Mapping[str, str]
-    loaded_at: float
-
-    @classmethod
-    def of(cls, policy: Policy | None, loaded_at: float) -> _Catalog:
-        routes = (
-            {} if policy is None else {t.name: g.name for g in policy.groups for t in g.tenants}
-        )
-        return cls(policy, routes, loaded_at)
-
-
 def validate_tenant(tenant: object, field: str = "tenant") -> str:
     """A tenant (or group) name: a non-empty ``str``."""
     if not isinstance(tenant, str):
@@ -267,7 +304,18 @@ class QuotaCore:
         self.settings = settings or Settings()
         self.clock: Clock = clock or SystemClock()
         self.keyspace = KeySpace(prefix=self.settings.prefix)
-        self._catalog = _Catalog.of(None, -math.inf)
+        self._catalog = Catalog.empty()
+        # Single flight for catalog refreshes: (token, started) of the refresh in flight.
+        # The lock guards this marker only; it is never held across I/O.
+        self._refreshing: tuple[object, float] | None = None
+        self._refresh_lock = threading.Lock()
+        self._refresh_idle = threading.Event()
+        self._refresh_idle.set()
+        #: The error of the last background refresh that failed (None after a success).
+        self.catalog_error: RateQuotaError | None = None
+        #: Catalog reads and parses performed (for tests, benchmarks and operators).
+        self.catalog_reads = 0
+        self.catalog_parses = 0
         if observer is not None and not isinstance(observer, Observer):
             raise ConfigError(
                 "observer", f"must be a ratequota.Observer, got {type(observer).__name__}"
@@ -328,30 +376,152 @@ class QuotaCore:
 
     def set_policy(self, policy: Policy | None) -> None:
         """Route by ``policy`` from now on (after publishing or reading it)."""
-        self._catalog = _Catalog.of(policy, self.clock.monotonic())
+        catalog = Catalog.of(policy, self.clock.monotonic())
+        with self._refresh_lock:
+            self._catalog = catalog
 
     def _read_catalog(self) -> Flow[Policy | None]:
-        raw = yield Command(self.keyspace.catalog_route, ("GET", self.keyspace.catalog))
-        policy = parse_catalog(raw)
-        self.set_policy(policy)
-        return policy
+        """Re-read the catalog now (explicitly asked for): the policy to route by.
+
+        A missing catalog key never replaces the policy this pod knows: it
+        means the data was lost, not that the policy was withdrawn (an
+        operator withdraws groups by publishing a policy without them). See
+        ``ratequota.clients.catalog``.
+        """
+        yield from self._refresh()
+        return self._catalog.policy
+
+    def _refresh(self) -> Flow[None]:
+        """Bring the catalog up to date, reading as little as possible.
+
+        First only the document's header (``GETRANGE``): the same digest as the
+        one held means nothing changed, and nothing is fetched, parsed or
+        validated. A missing key keeps the held policy and writes it back
+        (``SET NX``, marked restored). Only a new publication is fetched whole
+        and parsed, once.
+        """
+        key, route = self.keyspace.catalog, self.keyspace.catalog_route
+        held = self._catalog
+        self.catalog_reads += 1
+        head = yield Command(route, ("GETRANGE", key, 0, HEADER_BYTES - 1))
+        now = self.clock.monotonic()
+        if not head:  # the key is missing (a document is never empty)
+            restore = held.document()
+            if restore is not None:
+                # NX: never over a catalog an operator (or another pod) has just written.
+                yield Command(route, ("SET", key, restore, "NX"))
+            self._settle(held, held.touched(now))
+            return
+        header = parse_header(head)
+        if header is not None and not held.adopts(header):
+            self._settle(held, held.touched(now))  # an older publication restored: keep ours
+            return
+        if header is not None and held.header is not None and header.digest == held.header.digest:
+            self._settle(held, held.touched(now, header))  # the same content: nothing to parse
+            return
+        raw = yield Command(route, ("GET", key))
+        document = yield from self._parse(raw, held)
+        if document is None:  # deleted between the two reads: as missing
+            self._settle(held, held.touched(now))
+        elif held.adopts(document.header):
+            self._settle(held, Catalog.of(document.policy, now, document.header))
+        else:
+            self._settle(held, held.touched(now))
+
+    def _settle(self, held: Catalog, new: Catalog) -> None:
+        """Replace ``held`` by ``new``, unless the catalog changed meanwhile (this client
+        published a policy during the refresh): the newer one stays."""
+        with self._refresh_lock:  # guards the swap only, never I/O
+            if self._catalog is held:
+                self._catalog = new
+
+    def _parse(self, raw: object, held: Catalog) -> Flow[CatalogDocument | None]:
+        """Parse a fetched document, reusing the held policy when the content is the same.
+
+        Parsing validates every tenant (seconds for 100,000 of them), so it is
+        a ``Compute`` op: off the async client's event loop.
+        """
+        if raw is None:
+            return None
+        header = header_of(raw)
+        same = held.header is not None and header.digest == held.header.digest
+        if same and held.policy is not None:
+            return CatalogDocument(held.policy, header)
+        self.catalog_parses += 1
+        document: CatalogDocument | None = yield Compute(lambda: parse_document(raw))
+        return document
+
+    def _claim_refresh(self) -> object | None:
+        """A token if this caller may refresh the catalog now (no refresh in flight), else None.
+
+        A refresh runs to its end (each of its round trips is bounded, and the
+        parse is CPU only), so the marker is only a backstop against one that
+        never reported back (its thread or task died): after a minute plus a
+        few socket timeouts another caller may refresh.
+        """
+        now = self.clock.monotonic()
+        bound = _REFRESH_BACKSTOP + 4 * self.settings.socket_timeout
+        with self._refresh_lock:
+            current = self._refreshing
+            if current is not None and now - current[1] < bound:
+                return None
+            token = object()
+            self._refreshing = (token, now)
+            self._refresh_idle.clear()
+            return token
+
+    def _end_refresh(self, token: object) -> None:
+        with self._refresh_lock:
+            if self._refreshing is not None and self._refreshing[0] is token:
+                self._refreshing = None
+                self._refresh_idle.set()
+
+    def _background_refresh(self, token: object) -> Generator[Any, Any, None]:
+        """The refresh a stale catalog triggers, run beside the requests (``Spawn``).
+
+        Errors stay here: the catalog held is still served, ``catalog_error``
+        says what went wrong, and the next due refresh tries again.
+        """
+        try:
+            yield from self._refresh()
+            self.catalog_error = None
+        except RateQuotaError as exc:
+            self.catalog_error = exc
+        finally:
+            self._end_refresh(token)
+
+    def wait_refreshed(self, timeout: float) -> bool:
+        """Block until no catalog refresh is in flight (at most ``timeout`` s); for tests."""
+        return self._refresh_idle.wait(timeout)
 
     def group_of(self, tenant: str, group: str | None, *, refresh: bool = False) -> Flow[str]:
-        """The group charged for ``tenant``: explicit, routed by the catalog, or the default."""
+        """The group charged for ``tenant``: explicit, routed by the catalog, or the default.
+
+        The catalog is refreshed every ``catalog_ttl`` in the background, one
+        refresh at a time per client (single flight): every caller, the one
+        that found it stale included, routes by the catalog already held
+        instead of waiting. Only a client that holds no policy yet, or a caller
+        told to (``refresh``, after the script disagreed with the route),
+        reads it in line.
+        """
         if group is not None:
             return validate_tenant(group, "group")
         catalog = self._catalog
         stale = self.clock.monotonic() - catalog.loaded_at > self.settings.catalog_ttl
-        fresh = refresh or stale
+        fresh = refresh or (stale and catalog.policy is None)  # read in line by this call
         if fresh:
             try:
-                yield from self._read_catalog()
+                yield from self._refresh()
             except BackendUnavailable:
                 # The catalog's shard is down: route by the last catalog read, so the
                 # groups on the other shards keep working (the next call tries again).
                 if catalog.policy is None:
                     raise
-            catalog = self._catalog
+        elif stale:
+            token = self._claim_refresh()
+            if token is not None:
+                yield Spawn(self._background_refresh(token))
+        catalog = self._catalog
         routed = catalog.routes.get(tenant)
         if routed is None and catalog.policy is not None:
             routed = catalog.policy.default_group
@@ -379,7 +549,9 @@ class QuotaCore:
 
         A group whose policy hash is gone although the policy still lists it
         (its Redis restarted empty, or failed over to an empty replica) gets its
-        policy restored once, then the request is retried.
+        policy restored once, then the request is retried. A group dropped on
+        purpose sends a routed request to the tenant's group in the catalog
+        just re-read.
         """
         name = yield from self.group_of(tenant, group)
         if group is not None:
@@ -388,7 +560,14 @@ class QuotaCore:
             decision = yield from self._acquire_once(tenant, units, name, lease_id, ttl_ms, wait)
         except PolicyMissing:
             if not (yield from self._restore_policy(name)):
-                raise
+                if group is not None:
+                    raise
+                # Dropped on purpose: the catalog was just re-read, so route again (the
+                # tenant may have moved to another group, or be gone: UnknownTenant).
+                fresh = yield from self.group_of(tenant, None)
+                if fresh == name:
+                    raise
+                name = fresh
             decision = yield from self._acquire_once(tenant, units, name, lease_id, ttl_ms, wait)
         if decision.reason == "unknown_tenant" and group is None:
             # The tenant may have moved to another group since we read the catalog.
@@ -408,9 +587,10 @@ class QuotaCore:
         The published catalog is the authority: if it lists the group, its
         policy is written again (the same content, so every pod restoring it at
         once writes the same thing). If the catalog is gone too, the whole
-        Redis lost its data, and this pod restores the policy it last knew. A
-        catalog that exists but does not list the group means the group was
-        dropped: nothing is restored.
+        Redis lost its data: the catalog refresh writes back the policy this
+        pod knows (``SET NX``) and the group is restored from it. A catalog
+        that exists but does not list the group means the group was dropped:
+        nothing is restored.
 
         Leases granted before the loss may still be running, and Redis lost
         the record of them: the restored policy opens the group's recovery
@@ -418,24 +598,16 @@ class QuotaCore:
         live), during which holders re-assert their leases by renewing and
         new work is refused (docs/failure-modes.md).
         """
-        raw = yield Command(self.keyspace.catalog_route, ("GET", self.keyspace.catalog))
-        published = parse_catalog(raw)
-        source = published if published is not None else self._catalog.policy
+        yield from self._refresh()
+        source = self._catalog.policy
         group_policy = None if source is None else source.group(group)
-        if source is None or group_policy is None:
+        if group_policy is None:
             return False
-        if published is None:
-            # NX: never overwrite a catalog another pod (or an operator) has just written.
-            document = catalog_document(source)
-            yield Command(
-                self.keyspace.catalog_route, ("SET", self.keyspace.catalog, document, "NX")
-            )
         recover_ms = round(group_policy.max_lease_ttl * 1000)
         reply = yield apply_policy_call(
             self.keyspace, group_policy, recover_ms=recover_ms, now_ms=self.clock.redis_ms()
         )
         decode_apply_policy(group, reply)
-        self.set_policy(source)
         return True
 
     def _acquire_once(
@@ -562,7 +734,8 @@ class QuotaCore:
             units=r.units,
             group=group,
             lease_id=r.lease_id,
-            now=self.clock.monotonic(),
+            now=self._wall_ms() / 1000,  # epoch seconds, as a real lease's Redis time
+            ttl=r.ttl_ms / 1000,
         )
 
     def acquire(self, request: AcquireRequest) -> Flow[LeaseInfo]:
@@ -775,6 +948,11 @@ class QuotaCore:
         if not isinstance(policy, Policy):
             raise InvalidType("policy", f"must be a Policy, got {type(policy).__name__}")
         previous = yield from self._read_catalog()
+        held = self._catalog.header
+        # Epochs order publications: after the one read, and not before the wall clock,
+        # so a publication after a data loss still outranks what pods restore.
+        epoch = max(0 if held is None else held.epoch + 1, self._wall_ms())
+        header = CatalogHeader(epoch, policy_digest(policy))
         versions: dict[str, int] = {}
         for group in policy.groups:
             reply = yield apply_policy_call(self.keyspace, group, migrate=migrate)
@@ -783,15 +961,21 @@ class QuotaCore:
             for old in previous.groups:
                 if policy.group(old.name) is None:
                     yield Command(old.name, ("DEL", self.keyspace.group(old.name).policy))
-        yield Command(
-            self.keyspace.catalog_route, ("SET", self.keyspace.catalog, catalog_document(policy))
-        )
-        self.set_policy(policy)
+        document = catalog_document(policy, epoch=header.epoch, digest=header.digest)
+        yield Command(self.keyspace.catalog_route, ("SET", self.keyspace.catalog, document))
+        published = Catalog.of(policy, self.clock.monotonic(), header)
+        with self._refresh_lock:  # a background refresh finishing now must not undo this
+            self._catalog = published
         return versions
 
     def load_policy(self) -> Flow[Policy | None]:
-        """Read the published policy (and route by it from now on)."""
+        """Re-read the published policy now (and route by it); the held one if Redis lost it."""
         return (yield from self._read_catalog())
+
+    def _wall_ms(self) -> int:
+        """Epoch milliseconds: the clock's pinned Redis time, else this machine's wall clock."""
+        pinned = self.clock.redis_ms()
+        return round(time.time() * 1000) if pinned is None else pinned
 
 
 @attrs.frozen
@@ -819,21 +1003,10 @@ class _ShadowIndex:
         )
 
 
-def catalog_document(policy: Policy) -> str:
-    """The catalog key's value for ``policy`` (read back by ``parse_catalog``)."""
-    return json.dumps({"schema": SCHEMA_VERSION, "policy": policy.to_dict()})
-
-
 def parse_catalog(raw: object) -> Policy | None:
-    """The policy held by the catalog key's value (None if nothing is published)."""
-    if raw is None:
-        return None
-    text = raw.decode("utf-8") if isinstance(raw, bytes) else str(raw)
-    document = json.loads(text)
-    schema = int(document.get("schema", 0))
-    if schema > SCHEMA_VERSION:
-        raise SchemaMismatch("(catalog)", schema, SCHEMA_VERSION)
-    return Policy.from_dict(document["policy"])
+    """The policy held by the catalog key's value (None if the key is missing)."""
+    document = parse_document(raw)
+    return None if document is None else document.policy
 
 
 def synthetic_renewal(lease: LeaseInfo) -> RenewResult:

@@ -13,13 +13,17 @@ Pure state with an injected clock, shared by the sync and async clients:
 - ``FailureState``: applies the client's ``failure_mode`` when an acquire
   meets ``BackendUnavailable``: ``closed`` re-raises, ``open`` admits with a
   clearly marked synthetic lease, ``local`` admits up to ``local_allowance``
-  units per tenant held locally at once, then re-raises. It counts all of it.
+  units per tenant held locally at once, then re-raises. It counts all of it,
+  and the releases on leaving ``acquire`` that failed (Redis unreachable, out
+  of memory, ...): those are logged and counted, never raised over the
+  handler's own outcome, since the lease ends by itself at its expiry.
 
 Locks here guard a few integers and are never held across I/O.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 from collections.abc import Callable
@@ -28,7 +32,10 @@ from typing import Literal
 import attrs
 
 from ratequota.decision import Decision, LeaseInfo
-from ratequota.errors import BackendUnavailable
+from ratequota.errors import BackendUnavailable, RateQuotaError
+
+#: Where ratequota logs what it absorbs instead of raising (failed releases on exit).
+log = logging.getLogger("ratequota")
 
 __all__ = [
     "FAILURE_MODES",
@@ -170,6 +177,9 @@ class FailureStats:
     #: Releases and renewals refused because the lease id named another tenant's
     #: lease or another fencing token (counted by the client, not the failure policy).
     fenced_refusals: int = 0
+    #: Releases on leaving ``acquire`` (or a ``limit`` handler) that failed; those
+    #: leases end at their expiry instead.
+    release_failures: int = 0
 
 
 class FailureState:
@@ -184,6 +194,7 @@ class FailureState:
         self._open_admits = 0
         self._local_admits = 0
         self._refusals = 0
+        self._release_failures = 0
 
     def fallback(
         self,
@@ -194,12 +205,15 @@ class FailureState:
         group: str | None,
         lease_id: str,
         now: float,
+        ttl: float | None = None,
     ) -> Decision:
         """A synthetic admission under fail-open / local allowance, or ``error`` re-raised.
 
         The lease is marked ``synthetic=True``, has fencing token 0 (below any
         real token, so fencing downstream rejects it) and never touches Redis:
-        releasing it only gives back the local allowance.
+        releasing it only gives back the local allowance. ``now`` is epoch
+        seconds, so its ``expires_at`` (``now + ttl``, default the client's
+        ``lease_ttl``) reads like a real lease's, which is Redis time.
         """
         with self._lock:
             if self.mode == "open":
@@ -220,7 +234,7 @@ class FailureState:
             group=group or "",
             units=units,
             token=0,
-            expires_at=now + self.lease_ttl,
+            expires_at=now + (self.lease_ttl if ttl is None else ttl),
             synthetic=True,
         )
         return Decision(
@@ -247,6 +261,24 @@ class FailureState:
             else:
                 self._local.pop(lease.tenant, None)
 
+    def release_failed(self, lease: LeaseInfo, error: RateQuotaError) -> None:
+        """Leaving ``acquire`` could not release ``lease``: count and log it, never raise.
+
+        The handler's result (or its exception) is what its caller must see; the
+        lease ends by itself at ``expires_at`` and its units come back then.
+        """
+        with self._lock:
+            self._release_failures += 1
+        log.warning(
+            "ratequota: releasing lease %s (tenant %r, group %r, %d units) failed: %s; "
+            "it ends by itself at its expiry",
+            lease.id,
+            lease.tenant,
+            lease.group,
+            lease.units,
+            error,
+        )
+
     def stats(self, fast_failures: int) -> FailureStats:
         """The counters, with the breakers' fast-failure count."""
         with self._lock:
@@ -256,4 +288,5 @@ class FailureState:
                 local_units_held=sum(self._local.values()),
                 fallback_refusals=self._refusals,
                 fast_failures=fast_failures,
+                release_failures=self._release_failures,
             )

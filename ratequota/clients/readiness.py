@@ -21,7 +21,9 @@ served group whose policy is missing or written by a newer schema. The
 catalog missing (nothing published) or unreadable makes the whole pod not
 ready. Warnings: ``maxmemory-policy`` ``allkeys-*`` (Redis may evict any
 limiter key, the published policy included) or ``volatile-*`` (it may evict
-live lease state, which carries an expiry), and a slow round trip.
+live lease state, which carries an expiry), a server without persistence
+(no AOF, no RDB save points: a restart forgets every lease, and its groups
+wait out a recovery window), and a slow round trip.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ __all__ = [
     "conclude",
     "evaluate",
     "gather",
+    "persistence_of",
     "read_catalog",
     "served_groups",
 ]
@@ -81,6 +84,8 @@ class ShardFacts:
     time_error: str | None = None
     groups: tuple[GroupFacts, ...] = ()
     holds_catalog: bool = False
+    #: ``CONFIG GET save`` (RDB save points, "" for none); None when it could not be asked.
+    save_points: str | None = None
 
 
 @attrs.frozen
@@ -98,6 +103,8 @@ class ShardReport:
     groups_missing: tuple[str, ...]
     problems: tuple[str, ...]
     warnings: tuple[str, ...]
+    #: ``aof``, ``rdb``, ``aof+rdb``, ``none`` or ``unknown`` (see ``persistence_of``).
+    persistence: str = "unknown"
 
     @property
     def ready(self) -> bool:
@@ -116,7 +123,17 @@ class ReadinessReport:
 
     def table(self) -> str:
         """The report as a fixed-width table, then the problems and warnings."""
-        headers = ("shard", "ok", "latency", "version", "scripts", "TIME", "policies", "maxmemory")
+        headers = (
+            "shard",
+            "ok",
+            "latency",
+            "version",
+            "scripts",
+            "TIME",
+            "policies",
+            "maxmemory",
+            "persistence",
+        )
         rows = [headers]
         for s in self.shards:
             latency = "-" if s.latency_ms is None else f"{s.latency_ms:.1f}ms"
@@ -136,6 +153,7 @@ class ReadinessReport:
                     time_ok,
                     policies,
                     s.maxmemory_policy,
+                    s.persistence if s.reachable else "-",
                 )
             )
         widths = [max(len(str(row[i])) for row in rows) for i in range(len(headers))]
@@ -162,6 +180,37 @@ def served_groups(catalog: Any, groups: Iterable[str] | None) -> list[str]:
 
 def _text(value: Any) -> str:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+def persistence_of(facts: ShardFacts) -> str:
+    """What survives a restart of this server: ``aof``, ``rdb``, ``aof+rdb``, ``none``, ``unknown``.
+
+    AOF comes from ``INFO persistence`` (``aof_enabled``); RDB save points
+    from ``CONFIG GET save``, which managed services and tight ACLs often
+    refuse: then RDB is unknown, and so is the answer unless AOF is on.
+    """
+    aof_flag = facts.info.get("aof_enabled")
+    aof = None if aof_flag is None else _text(aof_flag) == "1"
+    rdb = None if facts.save_points is None else bool(facts.save_points.strip())
+    if aof and rdb:
+        return "aof+rdb"
+    if aof:
+        return "aof"
+    if rdb:
+        return "rdb"
+    if aof is False and rdb is False:
+        return "none"
+    return "unknown"
+
+
+#: Why a server without persistence is worth a warning (shown in the report).
+NO_PERSISTENCE_COST = (
+    "no persistence (appendonly no, no RDB save points): a restart comes back empty. "
+    "Pods restore each group's policy on its first request, but Redis forgets every lease "
+    "held at the crash, so each group on this shard then refuses new work for a recovery "
+    "window of one max_lease_ttl while the holders re-assert their leases; enable "
+    "appendonly yes (or replicas with failover) to avoid it"
+)
 
 
 #: Errors (by redis-py class name) that mean the server answered, and refused.
@@ -220,6 +269,10 @@ def _evaluate_shard(facts: ShardFacts, schema: int, slow_after: float) -> ShardR
             "expiry); use noeviction"
         )
 
+    persistence = persistence_of(facts)
+    if persistence == "none":
+        warnings.append(f"{name}: {NO_PERSISTENCE_COST}")
+
     loaded = sum(1 for ok in facts.scripts.values() if ok)
     scripts = f"{loaded}/{len(facts.scripts)}"
     if facts.reloaded:
@@ -270,6 +323,7 @@ def _evaluate_shard(facts: ShardFacts, schema: int, slow_after: float) -> ShardR
         tuple(missing_groups),
         tuple(problems),
         tuple(warnings),
+        persistence,
     )
 
 
@@ -360,10 +414,16 @@ def _shard_facts(
     info: dict[str, Any] = {}
     info_error = None
     try:
-        for section in ("server", "memory"):
+        for section in ("server", "memory", "persistence"):
             info.update(conn.info(section))
     except Exception as exc:  # INFO may be renamed or refused; not fatal
         info_error = _error(exc)
+
+    save_points: str | None = None
+    try:  # often refused (ACL, managed services): persistence is then partly unknown
+        save_points = _text(conn.config_get("save").get("save", ""))
+    except Exception:
+        save_points = None
 
     specs = load_scripts()
     scripts: dict[str, bool] = {}
@@ -412,6 +472,7 @@ def _shard_facts(
         time_error,
         tuple(facts),
         holds_catalog,
+        save_points,
     )
 
 
@@ -464,10 +525,19 @@ async def _ashard_facts(
     info: dict[str, Any] = {}
     info_error = None
     try:
-        for section in ("server", "memory"):
+        for section in ("server", "memory", "persistence"):
             info.update(await call("INFO", section))
     except Exception as exc:
         info_error = _error(exc)
+
+    save_points: str | None = None
+    try:
+        reply = await call("CONFIG", "GET", "save")
+        if not isinstance(reply, dict):  # a flat [name, value] list
+            reply = dict(zip(reply[::2], reply[1::2], strict=True))
+        save_points = _text(next(iter(reply.values()), ""))
+    except Exception:
+        save_points = None
 
     specs = load_scripts()
     scripts: dict[str, bool] = {}
@@ -515,6 +585,7 @@ async def _ashard_facts(
         time_error,
         tuple(facts),
         holds_catalog,
+        save_points,
     )
 
 

@@ -25,15 +25,22 @@ import attrs
 import redis
 
 from ratequota.clients.backends import is_noscript, translate_error
-from ratequota.clients.core import AcquireRequest, Command, QuotaCore, Settings, Sleep
+from ratequota.clients.core import LOCAL_OPS, AcquireRequest, Command, QuotaCore, Settings
 from ratequota.clients.failure import Breakers
 from ratequota.clock import Clock
 from ratequota.decision import LeaseInfo, ReleaseResult, RenewResult
 from ratequota.engine.protocol import ScriptCall
-from ratequota.errors import BackendUnavailable, InvalidRequest, InvalidType, RateQuotaError
+from ratequota.errors import (
+    BackendError,
+    BackendUnavailable,
+    InvalidRequest,
+    InvalidType,
+    RateQuotaError,
+)
 from ratequota.observe import LostCause, Observer
 
 __all__ = [
+    "RELEASE_ERRORS",
     "AcquireOptions",
     "AcquisitionBase",
     "Batch",
@@ -64,6 +71,11 @@ REDIS_ERRORS: tuple[type[BaseException], ...] = (
     redis.exceptions.RedisClusterException,
     OSError,
 )
+
+
+#: Errors a release on leaving ``acquire`` absorbs: Redis could not do it (unreachable,
+#: out of memory, an ACL or script error). Anything else is a bug and propagates.
+RELEASE_ERRORS: tuple[type[RateQuotaError], ...] = (BackendUnavailable, BackendError)
 
 
 #: What the ``limit`` decorator reads the tenant and the units from.
@@ -217,7 +229,7 @@ class Runner(Generic[T]):
             self.send(value)
 
     def _began(self) -> float | None:
-        if self._observer is None or self._clock is None or isinstance(self.op, Sleep):
+        if self._observer is None or self._clock is None or isinstance(self.op, LOCAL_OPS):
             return None
         return self._clock()
 
@@ -243,7 +255,7 @@ class Runner(Generic[T]):
                 return
             value = error = None
             self._reloaded, self._partial = False, None
-            if not isinstance(op, Sleep):
+            if not isinstance(op, LOCAL_OPS):
                 error = self._breakers.refuse(self._node_of(op.route), self._where)
             if error is None:
                 self.op = op
@@ -252,7 +264,7 @@ class Runner(Generic[T]):
     def send(self, value: Any) -> None:
         """``op`` succeeded with ``value``."""
         op = self.op
-        if isinstance(op, Sleep):
+        if isinstance(op, LOCAL_OPS):
             self._advance(value, None)
             return
         self._breakers.record(self._node_of(op.route), True)
@@ -298,7 +310,7 @@ class Runner(Generic[T]):
         else:
             self._flow.close()
             raise exc
-        if not isinstance(op, Sleep):
+        if not isinstance(op, LOCAL_OPS):
             ok = not isinstance(error, BackendUnavailable)
             self._breakers.record(self._node_of(op.route), ok)
         self._advance(None, error)
@@ -432,6 +444,15 @@ class AcquisitionBase(Generic[L]):
         if lease is not None and lease.observer is not None:
             lease.observer.lease_ended(lease.info)
         return lease if lease is not None and not lease.released else None
+
+    def _release_failed(self, lease: L, error: RateQuotaError) -> None:
+        """The release on exit failed (Redis unreachable, out of memory, refused): absorb it.
+
+        Raising here would replace the handler's result, or its own exception,
+        with ours. The lease ends by itself at its expiry; the failure is
+        counted (``stats().release_failures``) and logged.
+        """
+        self._client.core.failure.release_failed(lease.info, error)
 
 
 def handler_arguments(

@@ -12,9 +12,9 @@ daemon thread per client (``ratequota.clients.renewal``).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import inspect
+import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar, cast
@@ -30,12 +30,13 @@ from ratequota.clients.backends import (
     translate_error,
     url_backend,
 )
-from ratequota.clients.core import AcquireRequest, Flow, Sleep
+from ratequota.clients.core import AcquireRequest, Compute, Flow, Sleep, Spawn
 from ratequota.clients.explain import Explanation, explain_flow
-from ratequota.clients.failure import FailureStats
+from ratequota.clients.failure import FailureStats, log
 from ratequota.clients.readiness import ReadinessReport
 from ratequota.clients.renewal import ThreadRenewer
 from ratequota.clients.shell import (
+    RELEASE_ERRORS,
     AcquireOptions,
     AcquisitionBase,
     Batch,
@@ -58,7 +59,7 @@ from ratequota.decision import (
     RenewResult,
 )
 from ratequota.engine.scripts import load_scripts
-from ratequota.errors import BackendUnavailable, InvalidType
+from ratequota.errors import InvalidType
 from ratequota.policy import Policy
 
 if TYPE_CHECKING:
@@ -89,8 +90,10 @@ class Lease(LeaseBase):
 class Acquisition(AcquisitionBase[Lease]):
     """``with quota.acquire(...) as lease``: waits on entry, releases on exit, errors included.
 
-    Leaving never raises because Redis is unreachable: the lease then ends by
-    itself at its TTL, and the handler's own outcome is what the caller sees.
+    Leaving never raises because the release failed (Redis unreachable, out of
+    memory, an error reply): the lease then ends by itself at its TTL, the
+    failure is counted and logged, and the handler's own outcome is what the
+    caller sees.
     """
 
     def __init__(self, client: QuotaClient, request: AcquireRequest) -> None:
@@ -108,8 +111,10 @@ class Acquisition(AcquisitionBase[Lease]):
     def __exit__(self, *exc_info: object) -> None:
         lease = self._leaving()
         if lease is not None:
-            with contextlib.suppress(BackendUnavailable):
+            try:
                 lease.release()
+            except RELEASE_ERRORS as exc:
+                self._release_failed(lease, exc)
 
 
 def _not_async(what: str) -> InvalidType:
@@ -190,6 +195,13 @@ class QuotaClient(ClientBase):
     def _perform(self, op: Any) -> Any:
         if isinstance(op, Sleep):
             return self.core.clock.sleep(op.seconds)
+        if isinstance(op, Compute):
+            return op.function()
+        if isinstance(op, Spawn):
+            threading.Thread(
+                target=self._run_detached, args=(op.flow,), name="ratequota-catalog", daemon=True
+            ).start()
+            return None
         conn = self.backend.connection(op.route)
         if isinstance(op, Batch):
             if not getattr(self.backend, "pipelines", True):
@@ -200,6 +212,13 @@ class QuotaClient(ClientBase):
             return pipe.execute(raise_on_error=False)
         method, args = wire_call(op)
         return getattr(conn, method)(*args)
+
+    def _run_detached(self, flow: Flow[None]) -> None:
+        """Run a spawned flow to its end in this thread; a bug is logged, never lost silently."""
+        try:
+            self._run(flow)
+        except Exception:
+            log.exception("ratequota: a background flow failed")
 
     def stats(self) -> FailureStats:
         """Counters: fail-open and local admissions, fast failures, fenced releases/renewals."""
