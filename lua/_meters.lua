@@ -80,8 +80,9 @@ local function meter_done(meter, share, g, t, admitted, reason, path, retry, con
           remaining = remaining, reset = reset, contending = contending, group = g, tenant = t}
 end
 
--- One meter's decision for `amount` tokens at `now`; floor is the smallest tag of the other
--- contending borrowers (nil: none). Returns the table built by meter_done.
+-- One meter's decision for `amount` tokens at `now`; floor is the smallest tag of the
+-- contending borrowers, this tenant included if it contends (nil: none). Returns the table
+-- built by meter_done.
 local function meter_decide(meter, share, group, tenant, amount, now, floor)
   local g = meter_group_at(meter, group, now)
   local t = meter_tenant_at(share, tenant, now)

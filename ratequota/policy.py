@@ -288,6 +288,12 @@ def _check_share(where: str, share: TenantMeter, group: MeterPolicy) -> None:
         )
     burst = resolved.burst or 0
     cburst = resolved.cburst or 0
+    # A bucket that never refills would be a one-off allowance whose refusals could never
+    # name a time to retry: a burst needs a rate to refill it.
+    if share.rate == 0 and burst > 0:
+        raise ConfigError(f"{where}.burst", f"must be 0 when the rate is 0, got {burst}")
+    if ceil == 0 and cburst > 0:
+        raise ConfigError(f"{where}.cburst", f"must be 0 when the ceil is 0, got {cburst}")
     if burst > group.burst:
         raise ConfigError(
             f"{where}.burst", f"must be <= the group's burst {group.burst}, got {burst}"

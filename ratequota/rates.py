@@ -273,8 +273,10 @@ def decide(
 ) -> MeterDecision:
     """Admit or refuse ``amount`` tokens of one meter for one tenant at ``now`` (ms).
 
-    ``floor`` is the smallest borrowing tag among the *other* tenants still in
-    contention (None: nobody else is borrowing). The rule is docs/rates.md's:
+    ``floor`` is the smallest borrowing tag among the tenants still in
+    contention, this one included if it is (None: nobody is borrowing). A
+    tenant coming back to borrowing starts at the floor (no credit hoarded
+    while away); a contender keeps its own tag. The rule is docs/rates.md's:
     the rate path first, then the borrowing path.
     """
     g = group_at(meter, group, now)
@@ -454,7 +456,7 @@ class MeterBook:
 
     It keeps what the Redis keys will keep (docs/rates.md, "Integration
     plan"): the group bucket, each tenant's buckets and tag, and when each
-    borrower was last in contention. ``floor_for`` is the O(n) reference of
+    borrower was last in contention. ``floor`` is the O(n) reference of
     what the scripts read from a sorted set in O(log n).
     """
 
@@ -470,12 +472,12 @@ class MeterBook:
         shares = {t.name: share_limits(policy, t, meter) for t in policy.tenants}
         return cls(meter_limits(policy, meter), shares)
 
-    def floor_for(self, tenant: str, now: int) -> float | None:
-        """The smallest tag among the other tenants in contention at ``now``."""
+    def floor(self, now: int) -> float | None:
+        """The smallest tag among the tenants in contention at ``now``."""
         tags = [
             self.tenants[name].tag
             for name, until in self.contending.items()
-            if name != tenant and until > now and name in self.tenants
+            if until > now and name in self.tenants
         ]
         return min(tags) if tags else None
 
@@ -488,7 +490,7 @@ class MeterBook:
             self.tenants.get(tenant),
             amount,
             now,
-            self.floor_for(tenant, now),
+            self.floor(now),
         )
         self.group = decision.group
         self.tenants[tenant] = decision.tenant

@@ -75,7 +75,7 @@ def random_group(rnd: random.Random) -> GroupPolicy:
     for index in range(count):
         own = rnd.randint(0, rate_left) if rnd.random() < 0.7 else 0
         rate_left -= own
-        share_burst = rnd.choice([None, rnd.randint(0, burst_left)])
+        share_burst = rnd.choice([None, rnd.randint(0, burst_left)]) if own else 0
         if share_burst is None:
             share_burst = burst * own // rate
             if share_burst > burst_left:
@@ -84,7 +84,7 @@ def random_group(rnd: random.Random) -> GroupPolicy:
         ceil = rnd.choice([None, own, rnd.randint(own, rate)])
         resolved_ceil = rate if ceil is None else ceil
         low = share_burst
-        cburst = rnd.choice([None, low, rnd.randint(low, burst)])
+        cburst = rnd.choice([None, low, rnd.randint(low, burst)]) if resolved_ceil else 0
         if cburst is None and max(low, burst * resolved_ceil // rate) > burst:
             cburst = burst
         weight = rnd.choice([1.0, 2.0, 3.0, 1e-3, 1e3, rnd.uniform(0.01, 100.0)])
@@ -224,7 +224,7 @@ def run_history(lua: LuaMeters, rnd: random.Random, steps: int) -> int:
         if kind < 0.6 or not leases:
             name = rnd.choice(names)
             amount = rnd.choice([0, 1, 1, 2, rnd.randint(1, max(1, cap_tokens)), cap_tokens + 1])
-            floor = book.floor_for(name, now)
+            floor = book.floor(now)
             share = book.shares[name]
             state = book.tenants.get(name)
             expected = decide(book.meter, share, book.group, state, amount, now, floor)
