@@ -278,14 +278,14 @@ def _check_group_meters(instance: GroupPolicy) -> None:
 
 
 def _check_share(where: str, share: TenantMeter, group: MeterPolicy) -> None:
-    resolved = share.resolved(group)
-    ceil = resolved.ceil if resolved.ceil is not None else group.rate
-    if ceil > group.rate:
-        raise ConfigError(f"{where}.ceil", f"must be <= the group's rate {group.rate}, got {ceil}")
     if share.rate > group.rate:
         raise ConfigError(
             f"{where}.rate", f"must be <= the group's rate {group.rate}, got {share.rate}"
         )
+    resolved = share.resolved(group)
+    ceil = resolved.ceil if resolved.ceil is not None else group.rate
+    if ceil > group.rate:
+        raise ConfigError(f"{where}.ceil", f"must be <= the group's rate {group.rate}, got {ceil}")
     burst = resolved.burst or 0
     cburst = resolved.cburst or 0
     # A bucket that never refills would be a one-off allowance whose refusals could never
