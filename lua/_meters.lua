@@ -81,9 +81,9 @@ local function meter_done(meter, share, g, t, admitted, reason, path, retry, con
 end
 
 -- One meter's decision for `amount` tokens at `now`; floor is the smallest tag of the
--- contending borrowers, this tenant included if it contends (nil: none). Returns the table
--- built by meter_done.
-local function meter_decide(meter, share, group, tenant, amount, now, floor)
+-- contending borrowers, this tenant included if it contends (nil: none); contends says
+-- whether it does. Returns the table built by meter_done.
+local function meter_decide(meter, share, group, tenant, amount, now, floor, contends)
   local g = meter_group_at(meter, group, now)
   local t = meter_tenant_at(share, tenant, now)
   local need = amount * METER_TICKS
@@ -98,12 +98,14 @@ local function meter_decide(meter, share, group, tenant, amount, now, floor)
     t = {own = t.own - need, ceil = t.ceil - need, stamp = t.stamp, tag = t.tag}
     return meter_done(meter, share, g, t, true, 'admitted', 'rate', nil, false)
   end
-  local start = t.tag
-  local lead = 0
-  if floor ~= nil then
-    start = math.max(t.tag, floor)
-    lead = share.weight * (start - floor)
+  local start = 0
+  if contends then
+    start = t.tag
+  elseif floor ~= nil then
+    start = floor
   end
+  local lead = 0
+  if floor ~= nil then lead = share.weight * (start - floor) end
   local ceil_wait = meter_ms_until(t.ceil, need, share.ceil)
   local rate_wait = nil
   if on_rate then rate_wait = meter_later(meter_ms_until(t.own, need, share.rate), ceil_wait) end

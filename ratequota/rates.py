@@ -270,14 +270,17 @@ def decide(
     amount: int,
     now: int,
     floor: float | None = None,
+    contends: bool = False,
 ) -> MeterDecision:
     """Admit or refuse ``amount`` tokens of one meter for one tenant at ``now`` (ms).
 
     ``floor`` is the smallest borrowing tag among the tenants still in
-    contention, this one included if it is (None: nobody is borrowing). A
-    tenant coming back to borrowing starts at the floor (no credit hoarded
-    while away); a contender keeps its own tag. The rule is docs/rates.md's:
-    the rate path first, then the borrowing path.
+    contention, this one included if it ``contends`` (None: nobody does). A
+    contender keeps its own tag; a tenant coming back to borrowing starts at
+    the floor, neither hoarding credit nor paying for what it borrowed before
+    it went away (and with nobody in contention, at 0: tags restart, so they
+    never grow without bound). The rule is docs/rates.md's: the rate path
+    first, then the borrowing path.
     """
     g = group_at(meter, group, now)
     t = tenant_at(share, tenant, now)
@@ -292,7 +295,9 @@ def decide(
         g = GroupBucket(g.level - need, g.stamp)
         t = TenantBuckets(t.own - need, t.ceil - need, t.stamp, t.tag)
         return _done(meter, share, g, t, True, "admitted", "rate", None, False)
-    start = t.tag if floor is None else max(t.tag, floor)
+    # A contender keeps its tag (>= floor, the floor being the least tag of all contenders);
+    # a tenant coming back starts at the floor, or at 0 when nobody contends.
+    start = t.tag if contends else (0.0 if floor is None else floor)
     lead = 0.0 if floor is None else share.weight * (start - floor)
     ceil_wait = ms_until(t.ceil, need, share.ceil)
     rate_wait = _later(ms_until(t.own, need, share.rate), ceil_wait) if on_rate else None
@@ -481,6 +486,10 @@ class MeterBook:
         ]
         return min(tags) if tags else None
 
+    def contends(self, tenant: str, now: int) -> bool:
+        """Whether ``tenant`` is still in contention for the spare at ``now``."""
+        return self.contending.get(tenant, now) > now and tenant in self.tenants
+
     def ask(self, tenant: str, amount: int, now: int) -> MeterDecision:
         """Decide and commit one request (an admission's charge, a refusal's contention)."""
         decision = decide(
@@ -491,6 +500,7 @@ class MeterBook:
             amount,
             now,
             self.floor(now),
+            self.contends(tenant, now),
         )
         self.group = decision.group
         self.tenants[tenant] = decision.tenant

@@ -148,6 +148,7 @@ class LuaMeters:
         amount: int,
         now: int,
         floor: float | None,
+        contends: bool,
     ) -> MeterDecision:
         """``ratequota.rates.decide``, computed by Lua."""
         reply = self._call(
@@ -157,6 +158,7 @@ class LuaMeters:
             amount,
             now,
             "" if floor is None else _num(floor),
+            "1" if contends else "0",
         )
         admitted, reason, path, retry, remaining, reset, contending = reply[:7]
         g, t = _states_from(reply[7:])
@@ -225,10 +227,11 @@ def run_history(lua: LuaMeters, rnd: random.Random, steps: int) -> int:
             name = rnd.choice(names)
             amount = rnd.choice([0, 1, 1, 2, rnd.randint(1, max(1, cap_tokens)), cap_tokens + 1])
             floor = book.floor(now)
+            contends = book.contends(name, now)
             share = book.shares[name]
             state = book.tenants.get(name)
-            expected = decide(book.meter, share, book.group, state, amount, now, floor)
-            got = lua.decide(book.meter, share, book.group, state, amount, now, floor)
+            expected = decide(book.meter, share, book.group, state, amount, now, floor, contends)
+            got = lua.decide(book.meter, share, book.group, state, amount, now, floor, contends)
             assert got == expected, (policy, name, amount, now, floor)
             book.ask(name, amount, now)
             if expected.admitted and expected.path is not None:
@@ -307,12 +310,9 @@ def test_harness_reports_exact_integers_and_tags(meters_lua: LuaMeters) -> None:
     )
     book = MeterBook.for_policy(policy, "tokens")
     for name, amount, now, floor in [("a", big - 1, 10**12, None), ("b", 1, 10**12 + 1, 1e10 / 3)]:
-        want = decide(
-            book.meter, book.shares[name], book.group, book.tenants.get(name), amount, now, floor
-        )
-        got = meters_lua.decide(
-            book.meter, book.shares[name], book.group, book.tenants.get(name), amount, now, floor
-        )
+        args = (book.meter, book.shares[name], book.group, book.tenants.get(name), amount, now)
+        want = decide(*args, floor, False)
+        got = meters_lua.decide(*args, floor, False)
         assert got == want
         book.group, book.tenants[name] = want.group, want.tenant
     assert attrs.asdict(book.tenants["b"])["tag"] == 1e10 / 3 + 1 / 7e-3

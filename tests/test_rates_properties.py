@@ -264,7 +264,8 @@ def test_retry_after_is_exact(
     share = book.shares[name]
     state = book.tenants.get(name)
     floor = book.floor(now)
-    first = decide(book.meter, share, book.group, state, amount, now, floor)
+    contends = book.contends(name, now)
+    first = decide(book.meter, share, book.group, state, amount, now, floor, contends)
     if first.admitted or first.reason == "share":
         return
     if first.reason == "too_large":
@@ -272,8 +273,10 @@ def test_retry_after_is_exact(
         return
     assert first.retry_ms is not None and first.retry_ms > 0
     at = now + first.retry_ms
-    assert decide(book.meter, share, book.group, state, amount, at, floor).admitted
-    assert not decide(book.meter, share, book.group, state, amount, at - 1, floor).admitted
+    # Contention ends CONTEND_MS after the last attempt; it may only end sooner, never begin.
+    assert decide(book.meter, share, book.group, state, amount, at, floor, contends).admitted
+    before = decide(book.meter, share, book.group, state, amount, at - 1, floor, contends)
+    assert not before.admitted
 
 
 Event = tuple[str, int, str, int]  # (kind, lease index, lease id or a wrong one, amount)

@@ -7,7 +7,8 @@
 -- ARGV[1] op: "decide" | "settle" | "reserve"
 -- decide:  ARGV[2..6] meter rate, cap, reserve, floor, quantum; ARGV[7..11] share rate,
 --          ceil, cap, ccap, weight; ARGV[12] group "level:stamp" or ""; ARGV[13] tenant
---          "own:ceil:stamp:tag" or ""; ARGV[14] amount; ARGV[15] now; ARGV[16] floor or ""
+--          "own:ceil:stamp:tag" or ""; ARGV[14] amount; ARGV[15] now; ARGV[16] floor or "";
+--          ARGV[17] contends "1" | "0"
 --   reply: {admitted 0|1, reason, path or "", retry or "", remaining, reset, contending 0|1,
 --           level, stamp, own, ceil, tstamp, tag}
 -- settle:  ARGV[2..16] as decide, with ARGV[14] path ("rate" | "borrow") and ARGV[15] delta,
@@ -49,7 +50,7 @@ if op == 'decide' then
   local floor = nil
   if ARGV[16] ~= '' then floor = tonumber(ARGV[16]) end
   local d = meter_decide(meter, share, group, tenant, tonumber(ARGV[14]), tonumber(ARGV[15]),
-                         floor)
+                         floor, ARGV[17] == '1')
   local reply = {d.admitted and '1' or '0', d.reason, d.path or '',
                  d.retry and i(d.retry) or '', i(d.remaining), i(d.reset),
                  d.contending and '1' or '0'}
