@@ -27,6 +27,7 @@ else:  # pragma: no cover - exercised only on Python 3.10
 
 __all__ = [
     "MAX_METER",
+    "MAX_METERS",
     "MAX_UNITS",
     "GroupPolicy",
     "MeterPolicy",
@@ -76,6 +77,11 @@ def _int_at_least(field: str, value: object, low: int) -> int:
 #: bucket of 2**36 tokens is then 2**36 * 60,000 ~ 4.1e15 ticks and the sum of two such
 #: levels stays below 2**53, where doubles (Lua's numbers) stop being exact integers.
 MAX_METER = 2**36
+
+#: Most meters a group may declare. The enforcing scripts keep one contention set per meter
+#: and must name every key up front (Redis Cluster), so the number is fixed: meter i of the
+#: group's list uses key slot i (docs/rates.md, "Integration plan").
+MAX_METERS = 4
 
 #: How a meter's rates are spelled: tokens per second or per minute.
 Per = Literal["second", "minute"]
@@ -243,6 +249,8 @@ def _check_group_meters(instance: GroupPolicy) -> None:
         if meter.name in meters:
             raise ConfigError(f"{who}: meters", f"meter {meter.name!r} is listed twice")
         meters[meter.name] = meter
+    if len(meters) > MAX_METERS:
+        raise ConfigError(f"{who}: meters", f"at most {MAX_METERS} meters, got {len(meters)}")
     for tenant in (*instance.tenants, instance.default_tenant):
         owner = f"tenant {tenant.name!r}"
         for share in tenant.meters:

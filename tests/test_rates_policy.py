@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 
 from ratequota import ConfigError, GroupPolicy, Policy, PolicyFileError, TenantPolicy
-from ratequota.policy import MAX_METER, MeterPolicy, TenantMeter
+from ratequota.policy import MAX_METER, MAX_METERS, MeterPolicy, TenantMeter
 from ratequota.rates import TICKS_PER_TOKEN, meter_limits, share_limits
 from tests.strategies import group_policies, meter_groups
 
@@ -108,6 +108,10 @@ def test_meters_must_be_declared_by_the_group_and_listed_once() -> None:
         )
     with pytest.raises(ConfigError, match="meters"):
         GroupPolicy("g", 1, meters="tokens")  # type: ignore[arg-type]
+    many = tuple(MeterPolicy(f"m{i}", rate=1, burst=1) for i in range(MAX_METERS + 1))
+    with pytest.raises(ConfigError, match=f"at most {MAX_METERS} meters"):
+        GroupPolicy("g", 1, meters=many)
+    assert GroupPolicy("g", 1, meters=many[:MAX_METERS]).meters == many[:MAX_METERS]
 
 
 @given(meter_groups())
