@@ -348,3 +348,23 @@ def test_settlement_never_loses_or_doubles_tokens(
     assert state.own == start_level + now * book.shares["a"].rate - (finals - sum(estimates)) * T
     level = group_at(book.meter, book.group, now).level
     assert level == start_level + now * book.meter.rate - (finals - sum(estimates)) * T
+
+
+def test_debt_is_repaid_before_the_next_admission_and_bounded() -> None:
+    """A settlement above the estimate leaves a debt: the tenant is refused until its ceiling
+    bucket has repaid it (retry_ms says exactly when); beyond the debt bound it is forgiven."""
+    group = MeterPolicy("tokens", rate=60, burst=10, per="minute", debt=5)
+    tenant = TenantPolicy("a", meters=(TenantMeter("tokens", rate=60, burst=10),))
+    book = MeterBook.for_policy(GroupPolicy("g", 1, (tenant,), meters=(group,)), "tokens")
+    decision = book.ask("a", 10, 0)
+    assert decision.admitted and decision.path == "rate"
+    done = book.settle("a", "rate", 8, 0)  # actual 18: 8 more than the 10 reserved
+    # Each bucket may owe 5 tokens: 3 of the 8 are forgiven, and reported as such.
+    assert done.clipped == (3 * T, 3 * T, 3 * T)
+    assert done.tenant.own == done.tenant.ceil == -5 * T
+    refused = book.ask("a", 1, 0)
+    assert refused.reason == "ceil" and refused.retry_ms == 6_000  # 6 tokens at 1 per second
+    assert not book.ask("a", 1, 5_999).admitted
+    assert book.ask("a", 1, 6_000).admitted
+    refund = book.settle("a", "rate", -100, 6_000)  # far more than fits: the rest overflows
+    assert refund.tenant.own == 10 * T and refund.clipped[0] == -(100 - 10) * T
