@@ -110,9 +110,12 @@ local function meter_decide(meter, share, group, tenant, amount, now, floor, con
   local rate_wait = nil
   if on_rate then rate_wait = meter_later(meter_ms_until(t.own, need, share.rate), ceil_wait) end
   local fair = lead <= meter.quantum
+  local behind = 0
+  if not fair then behind = math.ceil((lead - meter.quantum) * METER_TICKS) end
   local borrow_wait = nil
-  if on_borrow and fair then
-    borrow_wait = meter_later(ceil_wait, meter_ms_until(g.level, meter.reserve + need, meter.rate))
+  if on_borrow then
+    local group_wait = meter_ms_until(g.level - behind, meter.reserve + need, meter.rate)
+    borrow_wait = meter_later(ceil_wait, group_wait)
   end
   if t.ceil < need then
     return meter_done(meter, share, g, t, false, 'ceil', nil,
@@ -122,15 +125,13 @@ local function meter_decide(meter, share, group, tenant, amount, now, floor, con
     return meter_done(meter, share, g, t, false, 'rate', nil, rate_wait, false)
   end
   local contended = {own = t.own, ceil = t.ceil, stamp = t.stamp, tag = start}
+  if not fair then
+    return meter_done(meter, share, g, contended, false, 'share', nil,
+                      meter_sooner(rate_wait, borrow_wait), true)
+  end
   if g.level - need < meter.reserve then
     return meter_done(meter, share, g, contended, false, 'group', nil,
                       meter_sooner(rate_wait, borrow_wait), true)
-  end
-  if not fair then
-    local behind = math.ceil((lead - meter.quantum) * METER_TICKS)
-    local catch_up = meter_ms_until(g.level - behind, meter.reserve + need, meter.rate)
-    return meter_done(meter, share, g, contended, false, 'share', nil,
-                      meter_sooner(rate_wait, catch_up), true)
   end
   g = {level = g.level - need, stamp = g.stamp}
   t = {own = t.own, ceil = t.ceil - need, stamp = t.stamp, tag = start + amount / share.weight}

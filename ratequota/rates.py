@@ -302,9 +302,13 @@ def decide(
     ceil_wait = ms_until(t.ceil, need, share.ceil)
     rate_wait = _later(ms_until(t.own, need, share.rate), ceil_wait) if on_rate else None
     fair = lead <= meter.quantum
+    # Ahead of its share, a borrower waits (as an estimate) until the group bucket has also
+    # given the contenders behind it the tokens it leads them by beyond the quantum.
+    behind = 0 if fair else math.ceil((lead - meter.quantum) * TICKS_PER_TOKEN)
     borrow_wait = None
-    if on_borrow and fair:
-        borrow_wait = _later(ceil_wait, ms_until(g.level, meter.reserve + need, meter.rate))
+    if on_borrow:
+        group_wait = ms_until(g.level - behind, meter.reserve + need, meter.rate)
+        borrow_wait = _later(ceil_wait, group_wait)
     if t.ceil < need:
         return _done(
             meter, share, g, t, False, "ceil", None, _sooner(rate_wait, borrow_wait), False
@@ -313,15 +317,15 @@ def decide(
         # Only the rate path could ever serve it, and the guaranteed bucket is short.
         return _done(meter, share, g, t, False, "rate", None, rate_wait, False)
     contended = TenantBuckets(t.own, t.ceil, t.stamp, start)
+    if not fair:
+        # Checked before the group bucket, so that a "group" refusal is always fair and its
+        # retry_ms exact.
+        wait = _sooner(rate_wait, borrow_wait)
+        return _done(meter, share, g, contended, False, "share", None, wait, True)
     if g.level - need < meter.reserve:
         return _done(
             meter, share, g, contended, False, "group", None, _sooner(rate_wait, borrow_wait), True
         )
-    if not fair:
-        behind = math.ceil((lead - meter.quantum) * TICKS_PER_TOKEN)
-        catch_up = ms_until(g.level - behind, meter.reserve + need, meter.rate)
-        wait = _sooner(rate_wait, catch_up)
-        return _done(meter, share, g, contended, False, "share", None, wait, True)
     g = GroupBucket(g.level - need, g.stamp)
     t = TenantBuckets(t.own, t.ceil - need, t.stamp, start + amount / share.weight)
     return _done(meter, share, g, t, True, "admitted", "borrow", None, True)
