@@ -1,6 +1,6 @@
 -- acquire.lua: admit or refuse a request for units under the group's fair limits (§3, §5).
 --
--- KEYS[1] policy, KEYS[2] demand, KEYS[3] exp, KEYS[4] info, KEYS[5] queue   (one group, one slot)
+-- KEYS[1] policy, KEYS[2] demand, KEYS[3] exp, KEYS[4] info, KEYS[5] queue, KEYS[6] fair
 -- ARGV[1] now_ms      pinned clock in ms, or "" for Redis TIME
 -- ARGV[2] schema      key schema of the caller
 -- ARGV[3] tenant      tenant name
@@ -11,10 +11,16 @@
 -- ARGV[7] wait        "1": on refusal, register the units as pending demand
 -- ARGV[8] pending_ms  lifetime of that registration unless refreshed by a retry
 -- ARGV[9] purge       most expired entries to drop in this call
+-- ARGV[10] shadow     "1": shadow mode for this request. A refusal for "tenant_limit" or
+--                     "group_full" admits instead, exactly like an admission (lease, token,
+--                     units charged), and the reply is status 1 with that refusal's reason.
+--                     Nothing else changes: too_large, unknown_tenant, id_mismatch and
+--                     recovering still refuse. "0" (or absent): enforce.
 --
 -- reply: {status, reason, expiry_ms, token, tenant_used, limit, group_used, capacity,
 --         retry_ms, version, replay}
---   status 1 admitted (reason "admitted"), 0 refused (reason "too_large" | "tenant_limit" |
+--   status 1 admitted (reason "admitted", or in shadow mode the would-be refusal's reason),
+--   0 refused (reason "too_large" | "tenant_limit" |
 --   "group_full" | "unknown_tenant" | "id_mismatch" | "recovering"), -1 error (reason
 --   "no_policy" | "schema" | "bad_ttl").
 --   limit is a string (%.17g); tenant_used/group_used are after the call; replay is 1 when an
@@ -31,12 +37,14 @@
 -- must leave room (in the tenant limit and in the group) for the tenant's oldest waiting
 -- request, so a large batch is not starved by a stream of small ones.
 
-local ctx, err = acquire_begin(now_ms(ARGV[1]), ARGV[2])
+
+local ctx, err = open_group(now_ms(ARGV[1]), ARGV[2], {ARGV[3]})
 if not ctx then return err end
 -- Prepared even for a ttl that acquire_one refuses: one request alone and the same request
 -- inside acquire_many leave the same state.
-acquire_prepare(ctx, tonumber(ARGV[9]))
+check_state(ctx)
+purge(ctx, tonumber(ARGV[9]))
 local reply = acquire_one(ctx, ARGV[3], tonumber(ARGV[4]), ARGV[5], tonumber(ARGV[6]),
-                          ARGV[7] == '1', tonumber(ARGV[8]))
-acquire_finish(ctx)
+                          ARGV[7] == '1', tonumber(ARGV[8]), ARGV[10] == '1')
+flush(ctx, KEY_GRACE_MS)
 return reply

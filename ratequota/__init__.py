@@ -25,6 +25,7 @@ from ratequota.errors import (
     ConfigError,
     InvalidRequest,
     InvalidType,
+    LegacyLayout,
     PolicyFileError,
     PolicyMissing,
     QuotaExceeded,
@@ -34,6 +35,7 @@ from ratequota.errors import (
     SchemaMismatch,
     UnknownTenant,
 )
+from ratequota.observe import DecisionEvent, Observer, Observers
 from ratequota.policy import GroupPolicy, Policy, TenantPolicy
 
 __all__ = [
@@ -46,6 +48,7 @@ __all__ = [
     "BackendUnavailable",
     "ConfigError",
     "Decision",
+    "DecisionEvent",
     "Explanation",
     "FailureStats",
     "GroupPolicy",
@@ -54,7 +57,10 @@ __all__ = [
     "InvalidType",
     "Lease",
     "LeaseInfo",
+    "LegacyLayout",
     "Loan",
+    "Observer",
+    "Observers",
     "Policy",
     "PolicyFileError",
     "PolicyMissing",

@@ -7,6 +7,7 @@ through the client that granted it).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Literal
 
@@ -56,7 +57,10 @@ class LeaseInfo:
 
     ``expires_at`` is Redis time in seconds since the epoch, never the pod's
     clock. ``token`` is the fencing token: strictly increasing per group, so a
-    downstream system can reject a holder whose lease already expired.
+    downstream system can reject a holder whose lease already expired; it stays
+    above every earlier token even when Redis loses its data (it is at least
+    Redis time in ms x 1000), and a lease re-asserted after such a loss keeps
+    its token. Release and renew name the lease by id, tenant and token.
     ``replay`` is true when a retried acquire found its first attempt had
     committed (the units were charged once). ``synthetic`` marks a lease
     granted locally while Redis was unreachable (fail-open or local
@@ -77,9 +81,23 @@ class LeaseInfo:
 class Decision:
     """Admitted or refused, why, and the numbers behind it.
 
-    ``used`` and ``group_used`` are units held after the decision; ``limit``
-    is the tenant's fair limit at that moment; ``retry_after`` is a hint in
-    seconds for when trying again may succeed (0 when admitted).
+    ``used`` and ``group_used`` are units held after the decision.
+    ``limit`` is the tenant's fair limit *at its demand including this
+    request*, as the engine computed it: the threshold ``used + units`` was
+    compared with. It is not what the tenant may hold at most: a tenant asking
+    for less than its guarantee gets a limit near what it asked. On a
+    ``tenant_limit`` refusal it is never below the tenant's guarantee (a
+    tenant asking within its guarantee is never refused for its limit), so
+    that is the only decision whose ``describe()`` shows it. It is NaN for a
+    replayed acquire (the engine did not decide again) and for a synthetic
+    one. ``retry_after`` is a hint in seconds for when trying again may
+    succeed: 0 when admitted, and 0 for ``too_large`` (trying again never
+    helps). See docs/concepts.md, "What limit means".
+
+    ``shadow_refused``: admitted only because the group or tenant is in shadow
+    mode (``GroupPolicy.shadow`` / ``TenantPolicy.shadow``); enforcement would
+    have refused it, and ``reason`` says why (``tenant_limit`` or ``group_full``).
+    The lease is real: its units are held in Redis like any other.
     """
 
     admitted: bool
@@ -94,24 +112,50 @@ class Decision:
     retry_after: float = 0.0
     policy_version: int = 0
     lease: LeaseInfo | None = None
+    shadow_refused: bool = False
 
     def __bool__(self) -> bool:
         return self.admitted
 
     def describe(self) -> str:
-        """One line for logs and exception messages."""
-        if self.admitted:
+        """One line for logs and exception messages; never prints NaN."""
+        units = _units(self.units)
+        if self.shadow_refused:
             return (
-                f"admitted {self.units} units for tenant {self.tenant!r} "
-                f"(tenant {self.used}/{self.limit:g}, group {self.group_used}/{self.capacity})"
+                f"admitted {units} for tenant {self.tenant!r} in shadow mode; enforcing would "
+                f"refuse: {_WHY[self.reason]} (it holds {self.used}, its fair limit with this "
+                f"request is {self.limit:.4g}; group holds {self.group_used} of {self.capacity})"
             )
+        if self.admitted:
+            lease = self.lease
+            if lease is not None and lease.replay:
+                detail = "a retry of an acquire already admitted; charged once"
+            elif lease is not None and lease.synthetic:
+                detail = "granted locally: the quota backend is unavailable"
+            else:
+                detail = f"it holds {self.used}; group holds {self.group_used} of {self.capacity}"
+            return f"admitted {units} for tenant {self.tenant!r} ({detail})"
         why = _WHY.get(self.reason, self.reason)
-        hint = f"; retry in {self.retry_after:.3f}s" if self.retry_after > 0 else ""
-        return (
-            f"refused {self.units} units for tenant {self.tenant!r} in group {self.group!r}: "
-            f"{why} (tenant uses {self.used} of limit {self.limit:g}, group uses "
-            f"{self.group_used} of {self.capacity}){hint}"
+        if self.reason == "tenant_limit" and math.isfinite(self.limit):
+            numbers = (
+                f"it holds {self.used}, its fair limit with this request is {self.limit:.4g}; "
+                f"group holds {self.group_used} of {self.capacity}"
+            )
+        else:
+            numbers = f"group holds {self.group_used} of {self.capacity}; it holds {self.used}"
+        hint = (
+            f"; retry in {self.retry_after:.3f}s"
+            if self.retry_after > 0 and self.reason != "too_large"
+            else ""
         )
+        return (
+            f"refused {units} for tenant {self.tenant!r} in group {self.group!r}: "
+            f"{why} ({numbers}){hint}"
+        )
+
+
+def _units(n: int) -> str:
+    return f"{n} unit" if n == 1 else f"{n} units"
 
 
 @attrs.frozen
@@ -162,7 +206,15 @@ class RenewResult:
 
 @attrs.frozen
 class TenantSnapshot:
-    """One tenant of a group at one moment; ``borrowed`` is what it holds above its guarantee."""
+    """One tenant of a group at one moment, as the engine reports it.
+
+    ``limit`` is the engine's fair limit at the tenant's *current* demand
+    (``used + pending``), ``lo``/``up`` its bounds: an idle tenant shows what
+    it keeps back, not what it could get. What the tenant may hold at most if
+    it asked now — the number ``ratequota inspect`` and ``top`` call
+    ``limit`` — is ``ratequota.clients.explain.entitlements``. ``borrowed`` is what it
+    holds above its guarantee.
+    """
 
     name: str
     used: int
@@ -176,7 +228,12 @@ class TenantSnapshot:
 
 @attrs.frozen
 class GroupSnapshot:
-    """A group at one moment, read by one script call: consistent across tenants."""
+    """A group at one moment, read by one script call: consistent across tenants.
+
+    ``recovering_until`` (Redis time, s; 0 when none) is the end of the group's
+    recovery window after Redis lost its state: until then new work is refused
+    and holders re-assert their leases by renewing (docs/failure-modes.md).
+    """
 
     group: str
     now: float

@@ -14,6 +14,7 @@ The tree::
     ├── UnknownTenant (KeyError)          tenant not in the policy, and the policy refuses strangers
     ├── PolicyMissing                     no policy published for the group
     ├── SchemaMismatch                    the keys were written by a newer ratequota
+    │   └── LegacyLayout                  ... or are still served by an older one
     ├── BackendUnavailable (ConnectionError)  Redis cannot be reached (fail-closed)
     └── BackendError (RuntimeError)       Redis answered with an error we cannot act on
 
@@ -37,6 +38,7 @@ __all__ = [
     "ConfigError",
     "InvalidRequest",
     "InvalidType",
+    "LegacyLayout",
     "PolicyFileError",
     "PolicyMissing",
     "QuotaExceeded",
@@ -108,13 +110,38 @@ class AcquireTimeout(QuotaExceeded, TimeoutError):
 
 
 class UnknownTenant(RateQuotaError, KeyError):
-    """The tenant is not in the policy and the policy refuses unknown tenants."""
+    """The tenant is not in the policy and the policy refuses unknown tenants.
 
-    def __init__(self, tenant: str, group: str | None = None) -> None:
+    ``published`` is false when no policy is published at all (the tenant has
+    no group because there are no groups). ``catalog_ttl`` is set when the
+    refusal came from this client's cached copy of the published policy: a
+    policy published since then becomes visible within that many seconds.
+    """
+
+    def __init__(
+        self,
+        tenant: str,
+        group: str | None = None,
+        *,
+        published: bool = True,
+        catalog_ttl: float | None = None,
+    ) -> None:
         self.tenant = tenant
         self.group = group
-        where = f" of group {group!r}" if group is not None else ""
-        super().__init__(f"tenant {tenant!r} is not in the policy{where}")
+        if not published:
+            message = (
+                f"no policy is published, so tenant {tenant!r} has no group; publish one with "
+                "`ratequota policy apply FILE`"
+            )
+        else:
+            where = f" of group {group!r}" if group is not None else ""
+            message = f"tenant {tenant!r} is not in the policy{where}"
+            if catalog_ttl is not None:
+                message += (
+                    f" (as last read by this client; a policy published since is seen within "
+                    f"catalog_ttl={catalog_ttl:g}s)"
+                )
+        super().__init__(message)
 
     def __str__(self) -> str:  # KeyError would repr() the message otherwise
         return str(self.args[0])
@@ -125,7 +152,10 @@ class PolicyMissing(RateQuotaError):
 
     def __init__(self, group: str) -> None:
         self.group = group
-        super().__init__(f"no policy is published for group {group!r}; call apply_policy first")
+        super().__init__(
+            f"no policy is published for group {group!r}; publish one with "
+            "`ratequota policy apply FILE`"
+        )
 
 
 class SchemaMismatch(RateQuotaError):
@@ -136,6 +166,24 @@ class SchemaMismatch(RateQuotaError):
         super().__init__(
             f"group {group!r} uses key schema {found}, this ratequota supports up to "
             f"{supported}; upgrade ratequota on this pod"
+        )
+
+
+class LegacyLayout(SchemaMismatch):
+    """Pods of the previous release still serve the group in the previous key layout.
+
+    Publishing it in the new layout would let both releases admit against the same
+    capacity, so it is refused until the policy is published with ``migrate=True``
+    (docs/deployment.md, "Upgrading the key schema").
+    """
+
+    def __init__(self, group: str, found: int, supported: int) -> None:
+        self.group = group
+        RateQuotaError.__init__(
+            self,
+            f"group {group!r} is still served in key schema {found} by the previous ratequota "
+            f"release; this one uses schema {supported}: publish the policy with migrate=True "
+            f"to take the group over (pods of the previous release then refuse it)",
         )
 
 

@@ -58,7 +58,7 @@ from ratequota.decision import (
     RenewResult,
 )
 from ratequota.engine.scripts import load_scripts
-from ratequota.errors import BackendUnavailable
+from ratequota.errors import BackendUnavailable, InvalidType
 from ratequota.policy import Policy
 
 if TYPE_CHECKING:
@@ -99,11 +99,26 @@ class Acquisition(AcquisitionBase[Lease]):
     def __enter__(self) -> Lease:
         return self._granted(self._client._run(self._acquire_flow()))
 
+    async def __aenter__(self) -> Lease:
+        raise _not_async("quota.acquire(...)")
+
+    async def __aexit__(self, *exc_info: object) -> None:  # pragma: no cover - never entered
+        return None
+
     def __exit__(self, *exc_info: object) -> None:
         lease = self._leaving()
         if lease is not None:
             with contextlib.suppress(BackendUnavailable):
                 lease.release()
+
+
+def _not_async(what: str) -> InvalidType:
+    """The error for ``async with`` on the blocking client: name the one to use instead."""
+    return InvalidType(
+        "async with",
+        f"{what} belongs to the blocking QuotaClient; use `with {what}`, or "
+        "ratequota.AsyncQuotaClient for `async with`",
+    )
 
 
 def _one_of_batch(conn: Any, args: tuple[Any, ...]) -> Any:
@@ -150,10 +165,24 @@ class QuotaClient(ClientBase):
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    async def __aenter__(self) -> QuotaClient:
+        raise _not_async("QuotaClient")
+
+    async def __aexit__(self, *exc: object) -> None:  # pragma: no cover - never entered
+        return None
+
     # -- driving flows -----------------------------------------------------
 
     def _run(self, flow: Flow[T]) -> T:
-        run = Runner(flow, self.core.breakers, self._node_of, self._where)
+        core = self.core
+        run = Runner(
+            flow,
+            core.breakers,
+            self._node_of,
+            self._where,
+            observer=core.observer,
+            clock=core.clock.monotonic,
+        )
         while run.op is not None:
             run.step(self._perform)
         return run.result()
@@ -216,11 +245,16 @@ class QuotaClient(ClientBase):
 
     # -- policy ------------------------------------------------------------
 
-    def apply_policy(self, policy: Policy | str | Path) -> dict[str, int]:
-        """Publish a policy (or a TOML file of one) for every pod; returns versions per group."""
+    def apply_policy(self, policy: Policy | str | Path, *, migrate: bool = False) -> dict[str, int]:
+        """Publish a policy (or a TOML file of one) for every pod; returns versions per group.
+
+        ``migrate`` takes groups over from pods of the previous release still serving them in
+        the previous key layout (their live leases move along; those pods then refuse the
+        group). Without it such a group raises ``LegacyLayout``: see docs/deployment.md.
+        """
         if isinstance(policy, (str, Path)):
             policy = Policy.from_toml(policy)
-        return self._run(self.core.apply_policy(policy))
+        return self._run(self.core.apply_policy(policy, migrate=migrate))
 
     def load_policy(self) -> Policy | None:
         """The published policy, or None; also refreshes this client's routing."""

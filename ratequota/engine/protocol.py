@@ -29,7 +29,7 @@ from ratequota.decision import (
 )
 from ratequota.engine.keys import SCHEMA_VERSION, KeySpace
 from ratequota.engine.scripts import ScriptSpec, script
-from ratequota.errors import InvalidRequest, PolicyMissing, SchemaMismatch
+from ratequota.errors import InvalidRequest, LegacyLayout, PolicyMissing, SchemaMismatch
 from ratequota.policy import GroupPolicy, TenantPolicy
 
 __all__ = [
@@ -101,7 +101,7 @@ def _raise_error_reply(group: str, reason: str, detail: Any) -> None:
         raise SchemaMismatch(group, int(detail), SCHEMA_VERSION)
     if reason == "bad_ttl":
         raise InvalidRequest(
-            "ttl", f"is above group {group!r}'s max_lease_ttl of {int(detail) / 1000:g}s"
+            "ttl", f"is above the max_lease_ttl of group {group!r} ({int(detail) / 1000:g}s)"
         )
     raise AssertionError(f"unexpected script error reply {reason!r}")  # pragma: no cover
 
@@ -115,11 +115,14 @@ def apply_policy_call(
     *,
     recover_ms: int = 0,
     now_ms: int | None = None,
+    migrate: bool = False,
 ) -> ScriptCall:
     """Publish one group's policy; the digest skips a rewrite when nothing changed.
 
     ``recover_ms`` > 0 restores a policy Redis lost: leases granted before the
     loss may still live that long, so the group enters its recovery window.
+    ``migrate`` takes the group over from pods of the previous release (key
+    schema 1) still serving it; without it such a group is refused (``LegacyLayout``).
     """
     pairs: list[Arg] = []
     for tenant in group.tenants:
@@ -136,14 +139,18 @@ def apply_policy_call(
         digest,
         _clock(now_ms),
         recover_ms,
+        "1" if migrate else "0",
         *pairs,
     ]
-    return _call("apply_policy", group.name, [keyspace.group(group.name).policy], args)
+    keys = [*keyspace.group(group.name).all, *keyspace.previous_layout(group.name)]
+    return _call("apply_policy", group.name, keys, args)
 
 
 def decode_apply_policy(group: str, reply: Sequence[Any]) -> int:
     """The group's policy version after publishing."""
     status, value = int(reply[0]), int(reply[1])
+    if status == -2:
+        raise LegacyLayout(group, value, SCHEMA_VERSION)
     if status < 0:
         raise SchemaMismatch(group, value, SCHEMA_VERSION)
     return value
@@ -164,8 +171,9 @@ def acquire_call(
     pending_ms: int,
     purge: int,
     now_ms: int | None = None,
+    shadow: bool = False,
 ) -> ScriptCall:
-    """Arguments of acquire.lua, in its header's order."""
+    """Arguments of acquire.lua, in its header's order (``shadow``: see its header)."""
     args: list[Arg] = [
         _clock(now_ms),
         keyspace.schema,
@@ -176,6 +184,7 @@ def acquire_call(
         "1" if wait else "0",
         pending_ms,
         purge,
+        "1" if shadow else "0",
     ]
     return _call("acquire", group, keyspace.group(group).all, args)
 
@@ -188,6 +197,8 @@ def decode_acquire(
     if status < 0:
         _raise_error_reply(group, reason, reply[9] if reason == "schema" else reply[10])
     admitted = status == 1
+    # Shadow mode: admitted, and the reason names the refusal enforcement would have made.
+    shadow_refused = admitted and reason in ("tenant_limit", "group_full")
     capacity = int(reply[7])
     lease = None
     if admitted:
@@ -211,9 +222,11 @@ def decode_acquire(
         limit=limit if not (lease and lease.replay) else math.nan,
         group_used=int(reply[6]),
         capacity=capacity,
-        retry_after=int(reply[8]) / 1000.0,
+        # A request that can never fit has nothing to wait for: no retry hint.
+        retry_after=0.0 if reason == "too_large" else int(reply[8]) / 1000.0,
         policy_version=int(reply[9]),
         lease=lease,
+        shadow_refused=shadow_refused,
     )
 
 
@@ -378,16 +391,19 @@ def decode_snapshot(reply: Sequence[Any], *, group: str) -> GroupSnapshot:
 def acquire_many_call(
     keyspace: KeySpace,
     group: str,
-    requests: Sequence[tuple[str, int, str, int, bool]],
+    requests: Sequence[tuple[str, int, str, int, bool] | tuple[str, int, str, int, bool, bool]],
     *,
     pending_ms: int,
     purge: int,
     now_ms: int | None = None,
 ) -> ScriptCall:
-    """Arguments of acquire_many.lua: ``(tenant, units, lease_id, ttl_ms, wait)`` per request."""
+    """Arguments of acquire_many.lua: ``(tenant, units, lease_id, ttl_ms, wait[, shadow])``
+    per request (``shadow`` defaults to False)."""
     flat: list[Arg] = []
-    for tenant, units, lease_id, ttl_ms, wait in requests:
-        flat += [tenant, units, lease_id, ttl_ms, "1" if wait else "0"]
+    for request in requests:
+        tenant, units, lease_id, ttl_ms, wait = request[:5]
+        shadow = len(request) > 5 and bool(request[5])
+        flat += [tenant, units, lease_id, ttl_ms, "1" if wait else "0", "1" if shadow else "0"]
     args: list[Arg] = [_clock(now_ms), keyspace.schema, pending_ms, purge, *flat]
     return _call("acquire_many", group, keyspace.group(group).all, args)
 
@@ -431,7 +447,7 @@ MERGES = (
         "acquire",
         "acquire_many",
         ("now_ms", "schema", "pending_ms", "purge"),
-        ("tenant", "units", "lease_id", "ttl_ms", "wait"),
+        ("tenant", "units", "lease_id", "ttl_ms", "wait", "shadow"),
     ),
     _Merge(
         "release", "release_many", ("now_ms", "schema", "purge"), ("lease_id", "tenant", "token")
