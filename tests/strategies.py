@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from hypothesis import strategies as st
 
 from ratequota.fairness import Claim
-from ratequota.policy import GroupPolicy, TenantPolicy
+from ratequota.policy import GroupPolicy, MeterPolicy, TenantMeter, TenantPolicy
 
 __all__ = [
     "MAX_TENANTS",
@@ -25,6 +25,9 @@ __all__ = [
     "group_policies",
     "guarantee_splits",
     "lendables",
+    "meter_groups",
+    "meter_histories",
+    "meter_steps",
     "weights",
 ]
 
@@ -127,3 +130,74 @@ def claim_cases(draw: st.DrawFn, max_tenants: int = 12) -> tuple[float, list[Cla
 def active(demand: Mapping[str, float]) -> list[str]:
     """Tenants with demand > 0, the ones the rule computes a share for."""
     return [name for name, d in demand.items() if d > 0]
+
+
+#: Weights of a meter share: the policy's bounds and plain ratios.
+meter_weights = st.one_of(
+    st.sampled_from([1.0, 2.0, 3.0, 1e-3, 1e3]),
+    st.floats(min_value=1e-2, max_value=1e2, allow_nan=False, allow_infinity=False),
+)
+
+
+@st.composite
+def meter_groups(draw: st.DrawFn, min_tenants: int = 1, max_tenants: int = 5) -> GroupPolicy:
+    """A group with a ``tokens`` meter; tenant rates and bursts sum up to at most the group's.
+
+    Tenants ``t0``, ``t1``, ...; some have no guaranteed rate (pure borrowers),
+    ceils run from the rate itself to the group's rate, bursts are explicit or
+    defaulted, and the debt bound is 0, small or the default.
+    """
+    rate = draw(st.sampled_from([1, 3, 10, 60, 1_000]) | st.integers(1, 5_000))
+    burst = draw(st.sampled_from([1, 5, 20]) | st.integers(1, 2_000))
+    per = draw(st.sampled_from(["second", "minute"]))
+    debt = draw(st.none() | st.just(0) | st.integers(0, 2 * burst))
+    count = draw(st.integers(min_tenants, max_tenants))
+    rates = draw(guarantee_splits(rate, count))
+    # Tenant bursts below the group's often, so that some of its burst is borrowable.
+    bursts = draw(guarantee_splits(draw(st.integers(0, burst)), count))
+    tenants = []
+    for index in range(count):
+        own = rates[index]
+        ceil = draw(st.one_of(st.none(), st.just(own), st.integers(own, rate)))
+        top = rate if ceil is None else ceil
+        if own == 0:
+            bursts[index] = 0  # a burst needs a rate to refill it
+        cburst = 0 if top == 0 else draw(st.integers(bursts[index], burst))
+        share = TenantMeter(
+            "tokens",
+            rate=own,
+            ceil=top,
+            weight=draw(meter_weights),
+            burst=bursts[index],
+            cburst=cburst,
+        )
+        tenants.append(TenantPolicy(f"t{index}", meters=(share,)))
+    meter = MeterPolicy("tokens", rate=rate, burst=burst, per=per, debt=debt)
+    return GroupPolicy("g", capacity=1, tenants=tuple(tenants), meters=(meter,))
+
+
+#: One request: ms since the previous one, tenant index, tokens asked, and the amount its
+#: settlement adds to the estimate if it is admitted (negative: a refund, 0: settles exact).
+MeterStep = tuple[int, int, int, int]
+
+
+def meter_steps(policy: GroupPolicy, max_steps: int = 60) -> st.SearchStrategy[list[MeterStep]]:
+    """Requests in bursts and after long gaps; settlements above, at and below the estimate."""
+    meter = policy.meter("tokens")
+    assert meter is not None
+    step = st.tuples(
+        st.sampled_from([0, 0, 1, 10, 100, 1_000, 60_000]) | st.integers(0, 120_000),
+        st.integers(0, len(policy.tenants) - 1),
+        st.sampled_from([1, 1, 2]) | st.integers(0, meter.burst + 1),
+        st.sampled_from([0, 0, 0, 1, -1]) | st.integers(-meter.burst, 3 * meter.burst),
+    )
+    return st.lists(step, min_size=1, max_size=max_steps)
+
+
+@st.composite
+def meter_histories(
+    draw: st.DrawFn, min_tenants: int = 1, max_tenants: int = 5, max_steps: int = 60
+) -> tuple[GroupPolicy, list[MeterStep]]:
+    """A group with a ``tokens`` meter and a history of requests against it."""
+    policy = draw(meter_groups(min_tenants, max_tenants))
+    return policy, draw(meter_steps(policy, max_steps))
