@@ -29,7 +29,7 @@ wait out a recovery window), and a slow round trip.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Generator, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -391,22 +391,24 @@ def _error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def _shard_facts(
-    name: str,
-    conn: Any,
-    groups: Sequence[tuple[str, Any]],
-    keyspace: KeySpace,
-    holds_catalog: bool,
-) -> ShardFacts:
-    """Ask one shard everything; ``groups`` are (group, connection routing it) served here."""
+#: One command of a probe, as ``execute_command`` arguments.
+Probe = Generator[tuple[Any, ...], Any, ShardFacts]
+
+
+def _probe(name: str, groups: Sequence[str], keyspace: KeySpace, holds_catalog: bool) -> Probe:
+    """Ask one shard everything, as a generator of commands (both clients drive it).
+
+    Each ``yield`` is one command for this shard; the driver sends back its reply or
+    throws its exception in. ``groups`` are the groups this shard serves.
+    """
     started = time.perf_counter()
     try:
-        conn.ping()
+        yield ("PING",)
     except Exception as exc:  # any failure means unreachable; reported, never raised
         return ShardFacts(
             name,
             error=_error(exc),
-            groups=tuple(GroupFacts(g) for g, _ in groups),
+            groups=tuple(GroupFacts(g) for g in groups),
             holds_catalog=holds_catalog,
         )
     latency = time.perf_counter() - started
@@ -415,13 +417,16 @@ def _shard_facts(
     info_error = None
     try:
         for section in ("server", "memory", "persistence"):
-            info.update(conn.info(section))
+            info.update((yield ("INFO", section)))
     except Exception as exc:  # INFO may be renamed or refused; not fatal
         info_error = _error(exc)
 
     save_points: str | None = None
     try:  # often refused (ACL, managed services): persistence is then partly unknown
-        save_points = _text(conn.config_get("save").get("save", ""))
+        reply = yield ("CONFIG GET", "save")
+        if not isinstance(reply, dict):  # a flat [name, value] list
+            reply = dict(zip(reply[::2], reply[1::2], strict=True))
+        save_points = _text(next(iter(reply.values()), ""))
     except Exception:
         save_points = None
 
@@ -430,35 +435,30 @@ def _shard_facts(
     reloaded: list[str] = []
     script_error = None
     try:
-        exists = conn.script_exists(*(s.sha for s in specs.values()))
+        exists = yield ("SCRIPT EXISTS", *(s.sha for s in specs.values()))
         for (script_name, spec), ok in zip(specs.items(), exists, strict=True):
             if not ok:
-                conn.script_load(spec.source)  # as the client would after NOSCRIPT
+                yield ("SCRIPT LOAD", spec.source)  # as the client would after NOSCRIPT
                 reloaded.append(script_name)
-        exists = conn.script_exists(*(s.sha for s in specs.values()))
+        exists = yield ("SCRIPT EXISTS", *(s.sha for s in specs.values()))
         scripts = {n: bool(ok) for n, ok in zip(specs, exists, strict=True)}
     except Exception as exc:
         script_error = _error(exc)
 
     time_reply, time_error = None, None
     try:
-        time_reply = conn.eval(TIME_SCRIPT, 0)
+        time_reply = yield ("EVAL", TIME_SCRIPT, 0)
     except Exception as exc:
         time_error = _error(exc)
 
     facts: list[GroupFacts] = []
-    if groups:
+    for group in groups:
         try:
-            pipe = groups[0][1].pipeline(transaction=False)
-            for group, _ in groups:
-                pipe.hmget(keyspace.group(group).policy, "schema", "version")
-            for (group, _), reply in zip(groups, pipe.execute(raise_on_error=False), strict=True):
-                if isinstance(reply, Exception):
-                    facts.append(GroupFacts(group, error=_error(reply)))
-                else:
-                    facts.append(GroupFacts(group, reply[0], reply[1]))
+            reply = yield ("HMGET", keyspace.group(group).policy, "schema", "version")
         except Exception as exc:
-            facts = [GroupFacts(g, error=_error(exc)) for g, _ in groups]
+            facts.append(GroupFacts(group, error=_error(exc)))
+        else:
+            facts.append(GroupFacts(group, reply[0], reply[1]))
     return ShardFacts(
         name,
         None,
@@ -474,6 +474,36 @@ def _shard_facts(
         holds_catalog,
         save_points,
     )
+
+
+def _drive(probe: Probe, call: Callable[..., Any]) -> ShardFacts:
+    """Run a probe with a blocking ``call(*args)``."""
+    reply: Any = None
+    error: BaseException | None = None
+    while True:
+        try:
+            args = probe.send(reply) if error is None else probe.throw(error)
+        except StopIteration as stop:
+            return stop.value  # type: ignore[no-any-return]
+        try:
+            reply, error = call(*args), None
+        except Exception as exc:  # handed to the probe, which reports it
+            reply, error = None, exc
+
+
+async def _adrive(probe: Probe, call: Callable[..., Awaitable[Any]]) -> ShardFacts:
+    """Run a probe with an awaitable ``call(*args)``."""
+    reply: Any = None
+    error: BaseException | None = None
+    while True:
+        try:
+            args = probe.send(reply) if error is None else probe.throw(error)
+        except StopIteration as stop:
+            return stop.value  # type: ignore[no-any-return]
+        try:
+            reply, error = await call(*args), None
+        except Exception as exc:  # handed to the probe, which reports it
+            reply, error = None, exc
 
 
 def gather(backend: Any, keyspace: KeySpace, groups: Sequence[str]) -> list[ShardFacts]:
@@ -486,107 +516,26 @@ def gather(backend: Any, keyspace: KeySpace, groups: Sequence[str]) -> list[Shar
         conns = {id(c): name for name, c in nodes}
         node_of = lambda route: conns[id(backend.connection(route))]  # noqa: E731
     catalog_node = node_of(keyspace.catalog_route)
-    by_node: dict[str, list[tuple[str, Any]]] = {name: [] for name, _ in nodes}
-    for group in groups:
-        by_node.setdefault(node_of(group), []).append((group, backend.connection(group)))
+    by_node = _groups_by_node([name for name, _ in nodes], node_of, groups)
     with ThreadPoolExecutor(max_workers=max(1, len(nodes))) as pool:
         futures = [
-            pool.submit(_shard_facts, name, conn, by_node[name], keyspace, name == catalog_node)
+            pool.submit(
+                _drive,
+                _probe(name, by_node[name], keyspace, name == catalog_node),
+                conn.execute_command,
+            )
             for name, conn in nodes
         ]
         return [f.result() for f in futures]
 
 
-# -- gathering for the async client ----------------------------------------------------
-
-
-async def _ashard_facts(
-    name: str,
-    call: Any,
-    groups: Sequence[tuple[str, Any]],
-    keyspace: KeySpace,
-    holds_catalog: bool,
-) -> ShardFacts:
-    """``_shard_facts`` with awaits; ``call(*args)`` runs one command on this shard."""
-    import asyncio
-
-    started = time.perf_counter()
-    try:
-        await call("PING")
-    except Exception as exc:  # unreachable: reported, never raised
-        return ShardFacts(
-            name,
-            error=_error(exc),
-            groups=tuple(GroupFacts(g) for g, _ in groups),
-            holds_catalog=holds_catalog,
-        )
-    latency = time.perf_counter() - started
-
-    info: dict[str, Any] = {}
-    info_error = None
-    try:
-        for section in ("server", "memory", "persistence"):
-            info.update(await call("INFO", section))
-    except Exception as exc:
-        info_error = _error(exc)
-
-    save_points: str | None = None
-    try:
-        reply = await call("CONFIG", "GET", "save")
-        if not isinstance(reply, dict):  # a flat [name, value] list
-            reply = dict(zip(reply[::2], reply[1::2], strict=True))
-        save_points = _text(next(iter(reply.values()), ""))
-    except Exception:
-        save_points = None
-
-    specs = load_scripts()
-    scripts: dict[str, bool] = {}
-    reloaded: list[str] = []
-    script_error = None
-    try:
-        exists = await call("SCRIPT EXISTS", *(s.sha for s in specs.values()))
-        for (script_name, spec), ok in zip(specs.items(), exists, strict=True):
-            if not ok:
-                await call("SCRIPT LOAD", spec.source)
-                reloaded.append(script_name)
-        exists = await call("SCRIPT EXISTS", *(s.sha for s in specs.values()))
-        scripts = {n: bool(ok) for n, ok in zip(specs, exists, strict=True)}
-    except Exception as exc:
-        script_error = _error(exc)
-
-    time_reply, time_error = None, None
-    try:
-        time_reply = await call("EVAL", TIME_SCRIPT, 0)
-    except Exception as exc:
-        time_error = _error(exc)
-
-    async def policy_of(group: str, conn: Any) -> GroupFacts:
-        try:
-            reply = await conn.execute_command(
-                "HMGET", keyspace.group(group).policy, "schema", "version"
-            )
-        except Exception as exc:
-            return GroupFacts(group, error=_error(exc))
-        return GroupFacts(group, reply[0], reply[1])
-
-    facts: list[GroupFacts] = []
-    for start in range(0, len(groups), 32):  # a few at a time: bounded connections
-        facts += await asyncio.gather(*(policy_of(g, c) for g, c in groups[start : start + 32]))
-    return ShardFacts(
-        name,
-        None,
-        latency,
-        info,
-        info_error,
-        scripts,
-        tuple(reloaded),
-        script_error,
-        time_reply,
-        time_error,
-        tuple(facts),
-        holds_catalog,
-        save_points,
-    )
+def _groups_by_node(
+    names: Sequence[str], node_of: Callable[[str], str], groups: Sequence[str]
+) -> dict[str, list[str]]:
+    by_node: dict[str, list[str]] = {name: [] for name in names}
+    for group in groups:
+        by_node.setdefault(node_of(group), []).append(group)
+    return by_node
 
 
 async def agather(backend: Any, keyspace: KeySpace, groups: Sequence[str]) -> list[ShardFacts]:
@@ -608,13 +557,11 @@ async def agather(backend: Any, keyspace: KeySpace, groups: Sequence[str]) -> li
         names = [backend.description] if routing is None else list(routing.shard_ids)
         nodes = [(n, c.execute_command) for n, c in zip(names, conns, strict=True)]
     catalog_node = backend.node_of(keyspace.catalog_route)
-    by_node: dict[str, list[tuple[str, Any]]] = {name: [] for name, _ in nodes}
-    for group in groups:
-        by_node.setdefault(backend.node_of(group), []).append((group, backend.connection(group)))
+    by_node = _groups_by_node([name for name, _ in nodes], backend.node_of, groups)
     return list(
         await asyncio.gather(
             *(
-                _ashard_facts(name, call, by_node[name], keyspace, name == catalog_node)
+                _adrive(_probe(name, by_node[name], keyspace, name == catalog_node), call)
                 for name, call in nodes
             )
         )
