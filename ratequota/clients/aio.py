@@ -498,15 +498,7 @@ class AsyncQuotaClient(shell.ClientBase):
     # -- driving flows -----------------------------------------------------
 
     async def _run(self, flow: Flow[T]) -> T:
-        core = self.core
-        run = shell.Runner(
-            flow,
-            core.breakers,
-            self._node_of,
-            self._where,
-            observer=core.observer,
-            clock=core.clock.monotonic,
-        )
+        run = self._runner(flow)
         while run.op is not None:
             await run.astep(self._perform)
         return run.result()

@@ -476,34 +476,49 @@ def _probe(name: str, groups: Sequence[str], keyspace: KeySpace, holds_catalog: 
     )
 
 
+class _Stepper:
+    """Where a probe stands: the command it waits on (``args``), or its ``result``."""
+
+    def __init__(self, probe: Probe) -> None:
+        self._probe = probe
+        self.result: ShardFacts | None = None
+        self.args: tuple[Any, ...] | None = None
+        self.feed(None, None)
+
+    def feed(self, reply: Any, error: BaseException | None) -> None:
+        """The reply to ``args`` (or the exception it raised); moves to the next command."""
+        try:
+            self.args = self._probe.send(reply) if error is None else self._probe.throw(error)
+        except StopIteration as stop:
+            self.args, self.result = None, stop.value
+
+
 def _drive(probe: Probe, call: Callable[..., Any]) -> ShardFacts:
     """Run a probe with a blocking ``call(*args)``."""
-    reply: Any = None
-    error: BaseException | None = None
-    while True:
+    step = _Stepper(probe)
+    while step.args is not None:
         try:
-            args = probe.send(reply) if error is None else probe.throw(error)
-        except StopIteration as stop:
-            return stop.value  # type: ignore[no-any-return]
-        try:
-            reply, error = call(*args), None
+            reply = call(*step.args)
         except Exception as exc:  # handed to the probe, which reports it
-            reply, error = None, exc
+            step.feed(None, exc)
+        else:
+            step.feed(reply, None)
+    assert step.result is not None
+    return step.result
 
 
 async def _adrive(probe: Probe, call: Callable[..., Awaitable[Any]]) -> ShardFacts:
     """Run a probe with an awaitable ``call(*args)``."""
-    reply: Any = None
-    error: BaseException | None = None
-    while True:
+    step = _Stepper(probe)
+    while step.args is not None:
         try:
-            args = probe.send(reply) if error is None else probe.throw(error)
-        except StopIteration as stop:
-            return stop.value  # type: ignore[no-any-return]
-        try:
-            reply, error = await call(*args), None
+            reply = await call(*step.args)
         except Exception as exc:  # handed to the probe, which reports it
-            reply, error = None, exc
+            step.feed(None, exc)
+        else:
+            step.feed(reply, None)
+    assert step.result is not None
+    return step.result
 
 
 def gather(backend: Any, keyspace: KeySpace, groups: Sequence[str]) -> list[ShardFacts]:

@@ -547,6 +547,18 @@ class ClientBase:
     def _start(self) -> None:
         """The client's own set-up, once the backend is known."""
 
+    def _runner(self, flow: Generator[Any, Any, T]) -> Runner[T]:
+        """A runner for ``flow`` with this client's breakers, routing, observer and clock."""
+        core = self.core
+        return Runner(
+            flow,
+            core.breakers,
+            self._node_of,
+            self._where,
+            observer=core.observer,
+            clock=core.clock.monotonic,
+        )
+
     @classmethod
     def from_url(cls, url: str, **options: Any) -> Self:
         """A client on one Redis server, e.g. ``redis://localhost:6379/0``."""

@@ -42,7 +42,6 @@ from ratequota.clients.shell import (
     Batch,
     ClientBase,
     LeaseBase,
-    Runner,
     TenantSpec,
     TryOptions,
     UnitsSpec,
@@ -179,15 +178,7 @@ class QuotaClient(ClientBase):
     # -- driving flows -----------------------------------------------------
 
     def _run(self, flow: Flow[T]) -> T:
-        core = self.core
-        run = Runner(
-            flow,
-            core.breakers,
-            self._node_of,
-            self._where,
-            observer=core.observer,
-            clock=core.clock.monotonic,
-        )
+        run = self._runner(flow)
         while run.op is not None:
             run.step(self._perform)
         return run.result()
