@@ -33,7 +33,9 @@ What is checked (``Violation.kind``):
   ``key_without_ttl`` — a state key was left without an expiry;
   ``stray_lease`` — the final snapshot lists a lease nobody could hold.
 * ``foreign_error`` — a call raised something that is not a ratequota error;
-  ``exit_raised`` — leaving ``acquire``'s block raised.
+  ``exit_raised`` — leaving ``acquire``'s block raised; ``pod_hung`` — a pod
+  still ran long after the stop time; ``pod_crashed`` — a pod exited with an
+  error status (not a pod the driver killed).
 """
 
 from __future__ import annotations
@@ -549,6 +551,16 @@ def check_run(run_dir: Path, options: CheckOptions | None = None) -> Report:
     faults = [r for r in driver if r.get("kind") == "fault"]
     snapshots = [r for r in driver if r.get("kind") == "snapshot"]
     report = check(calls, policies, faults, snapshots, options)
+    exits = [r for r in driver if r.get("kind") == "pod_exit"]
+    for r in exits:
+        if r.get("hung"):
+            detail = f"pod {r['pod']} still ran 20 s after the stop time; SIGKILLed"
+            report.violations.append(Violation("pod_hung", "", _ms(r["wall"]), detail))
+        elif r.get("returncode") != 0:
+            detail = f"pod {r['pod']} exited with status {r.get('returncode')}"
+            report.violations.append(Violation("pod_crashed", "", _ms(r["wall"]), detail))
+    report.figures["pods_hung"] = sum(1 for r in exits if r.get("hung"))
+    report.figures["violations"] = dict(report.kinds())
     report.figures["duration_s"] = round(
         max((r["wall"] for r in driver if "wall" in r), default=0.0)
         - min((r["wall"] for r in driver if "wall" in r), default=0.0),
