@@ -104,6 +104,14 @@ class Lease:
     release_start_ms: int | None = None
     released_ack_ms: int | None = None  # pod clock when "released" was reported
     gone_at_ms: int | None = None  # start of a renew/release that found it gone
+    #: A renewal that got no answer may still have run (a timeout under a paused server):
+    #: from then on the expiry is only known to be at least its start plus its TTL.
+    uncertain_ms: int | None = None
+
+    def live_until(self, wall_ms: int) -> int:
+        """Until when the lease is surely live, as known at ``wall_ms`` (pod clock)."""
+        known = self.expiry_known_before(wall_ms)
+        return known if self.uncertain_ms is None else min(known, self.uncertain_ms)
 
     def expiry_known_before(self, wall_ms: int) -> int:
         """The expiry last reported before ``wall_ms`` (pod clock).
@@ -122,7 +130,7 @@ class Lease:
         lease was valid without a gap until the expiry reported last.
         """
         end = sorted(self.expiries)[-1][1]
-        for cut in (self.release_start_ms, self.gone_at_ms):
+        for cut in (self.release_start_ms, self.gone_at_ms, self.uncertain_ms):
             if cut is not None:
                 end = min(end, cut)
         return end
@@ -164,17 +172,15 @@ class _Bounds:
 
     def at(self, group: str, t_ms: int) -> tuple[int, dict[str, int]]:
         """Capacity and ceilings in force at ``t_ms``; while a change is applied, the larger."""
-        capacity, ceilings = 0, {}
         current: dict[str, Any] | None = None
         for start, end, spec in self.changes:
             if start > t_ms:
                 break
             if end >= t_ms and current is not None:  # being applied: old and new both hold
-                capacity, ceilings = _merge(current, spec, group)
-                return capacity, ceilings
+                return _merge(current, spec, group)
             current = spec
         if current is None:
-            return capacity, ceilings
+            return 0, {}
         g = current.get(group)
         if g is None:
             return 0, {}
@@ -253,6 +259,9 @@ def build_leases(calls: list[dict[str, Any]]) -> dict[str, Lease]:
                 lease.released_ack_ms = _ms(c["wall_end"])
             if c.get("outcome") == "ok" and c.get("state") != "released":
                 lease.gone_at_ms = start if lease.gone_at_ms is None else lease.gone_at_ms
+        elif c.get("outcome") == "error":
+            cut = start + int(c.get("ttl_ms", 0))
+            lease.uncertain_ms = cut if lease.uncertain_ms is None else min(lease.uncertain_ms, cut)
         elif c.get("outcome") == "ok":
             if c.get("renewed"):
                 lease.expiries.append((_ms(c["wall_end"]), int(c["new_expiry_ms"])))
@@ -424,7 +433,8 @@ def _check_releases(
     """Releases and renewals agree with the expiries the library reported."""
     for lease in leases.values():
         start = lease.release_start_ms
-        if lease.kind == "try" and lease.released_ack_ms is not None and start is not None:
+        exact = lease.kind == "try" and lease.uncertain_ms is None
+        if exact and lease.released_ack_ms is not None and start is not None:
             expiry = lease.expiry_known_before(start)
             if start > expiry + opts.clock_slack_ms:
                 report.violations.append(
@@ -437,7 +447,7 @@ def _check_releases(
                 )
         gone = lease.gone_at_ms
         if gone is not None:
-            expiry = lease.expiry_known_before(gone)
+            expiry = lease.live_until(gone)
             if gone + opts.clock_slack_ms < expiry:
                 lost = _losses_at(windows, gone) > 0
                 kind = "vanished_after_state_loss" if lost else "lease_vanished"
@@ -475,7 +485,8 @@ def _check_snapshots(
             int(x["units"]) for x in listed.values()
         ):
             kind = "vanished_after_state_loss" if lossy else "accounting"
-            detail = f"snapshot used {snap['used']} but its leases hold {sum(int(x['units']) for x in listed.values())}"
+            held = sum(int(x["units"]) for x in listed.values())
+            detail = f"snapshot used {snap['used']} but its leases hold {held}"
             report.violations.append(Violation(kind, group, now, detail))
         for lease in leases.values():
             if lease.group != group:
@@ -485,7 +496,8 @@ def _check_snapshots(
                 and lease.released_ack_ms + opts.clock_slack_ms < start
             ):
                 if lease.id in listed:
-                    detail = f"{lease.id} released (acknowledged at {lease.released_ack_ms}) but listed at {now}"
+                    acked = lease.released_ack_ms
+                    detail = f"{lease.id} released (acknowledged at {acked}) but listed at {now}"
                     report.violations.append(Violation("release_not_reflected", group, now, detail))
                 continue
             surely_live = (
@@ -494,13 +506,11 @@ def _check_snapshots(
                     lease.release_start_ms is None
                     or lease.release_start_ms > end + opts.clock_slack_ms
                 )
-                and lease.expiry_known_before(start) > now + opts.clock_slack_ms
+                and lease.live_until(start) > now + opts.clock_slack_ms
             )
             if surely_live and lease.id not in listed and not snap.get("truncated"):
                 kind = "vanished_after_state_loss" if lossy else "lease_vanished"
-                detail = (
-                    f"{lease.id} live until {lease.expiry_known_before(start)} missing at {now}"
-                )
+                detail = f"{lease.id} live until {lease.live_until(start)} missing at {now}"
                 report.violations.append(Violation(kind, group, now, detail))
         if snap.get("final"):
             for lease_id in listed:

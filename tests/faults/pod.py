@@ -1,23 +1,28 @@
-"""One pod of a fault run: a separate process running a random workload through ratequota's public API.
+"""One pod of a fault run: a process running a random workload through ratequota's public API.
 
 ``python -m tests.faults.pod --config run.json --name p0 --mode sync --seed 7 --history p0.jsonl``
 
-Several workers (threads of one ``QuotaClient`` with ``--mode sync``, tasks of
-one ``AsyncQuotaClient`` with ``--mode async``) each loop until the run's stop
-time: ``try_acquire`` (leases kept, renewed and released explicitly, some
-abandoned to expire, some released late on purpose), ``acquire`` with a
-deadline held in a ``with`` block (renewed in the background, sometimes
-explicitly too) and ``release``/``renew`` of held leases. Every call becomes
-one record (see ``records``): what was asked, what the library answered, the
-Redis times it reported, and the local clocks around it. Request ids are
-chosen here (``<pod>.<worker>.<seq>``), so the checker can tell whose a lease
-in a snapshot is even when the call that made it never returned.
+Several workers (threads sharing one ``QuotaClient`` with ``--mode sync``,
+tasks sharing one ``AsyncQuotaClient`` with ``--mode async``) loop until the
+run's stop time: ``try_acquire`` (leases kept, renewed and released
+explicitly, some abandoned to expire and released late on purpose), and
+``acquire`` with a deadline, held in a ``with`` block (renewed in the
+background, sometimes explicitly too). Every call becomes one record (see
+``records``): what was asked, what the library answered, the Redis times it
+reported, and the local clocks around it. Request ids are chosen here
+(``<pod>.<worker>.<seq>``), so the checker can tell whose a lease in a
+snapshot is even when the call that made it never returned.
+
+The workload is written once, as generators that yield the calls they need
+(``Call``) and receive the outcome; ``drive_sync`` and ``drive_async`` only
+perform them — the same split as the library's own sans-I/O core.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -25,7 +30,8 @@ import signal
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Generator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +39,12 @@ import ratequota
 from ratequota import AsyncQuotaClient, LeaseInfo, QuotaClient
 from tests.faults.records import JsonlWriter
 
-__all__ = ["PodConfig", "Worker", "main"]
+__all__ = ["Call", "PodConfig", "Worker", "drive_async", "drive_sync", "main"]
+
+
+def _pair(raw: Any) -> tuple[float, float]:
+    low, high = raw
+    return float(low), float(high)
 
 
 class PodConfig:
@@ -45,12 +56,30 @@ class PodConfig:
         self.client_options: dict[str, Any] = dict(raw["client_options"])
         self.tenants: dict[str, int] = dict(raw["tenants"])  # tenant -> most units per request
         self.workers: int = int(raw["workers"])
-        self.ttl_range: tuple[float, float] = tuple(raw["ttl_range"])  # type: ignore[assignment]
-        self.timeout_range: tuple[float, float] = tuple(raw["timeout_range"])  # type: ignore[assignment]
-        self.hold_range: tuple[float, float] = tuple(raw["hold_range"])  # type: ignore[assignment]
-        self.think_range: tuple[float, float] = tuple(raw["think_range"])  # type: ignore[assignment]
+        self.ttl_range = _pair(raw["ttl_range"])
+        self.timeout_range = _pair(raw["timeout_range"])
+        self.hold_range = _pair(raw["hold_range"])
+        self.think_range = _pair(raw["think_range"])
         self.stop_at_wall: float = float(raw["stop_at_wall"])
         self.max_held: int = int(raw.get("max_held", 3))
+
+
+@dataclass(frozen=True)
+class Call:
+    """One thing a workload needs done; the drivers map ``name`` to a client call.
+
+    ``try_acquire``, ``release``, ``renew`` call the client; ``enter`` opens
+    ``acquire(...)`` as a context manager (the result is the held lease),
+    ``lease_renew`` / ``lease_release`` call the held lease's own methods,
+    ``exit`` leaves the block, ``sleep`` waits.
+    """
+
+    name: str
+    args: tuple[Any, ...] = ()
+    kwargs: tuple[tuple[str, Any], ...] = ()
+
+
+Flow = Generator[Call, Any, None]
 
 
 def _error_name(exc: BaseException) -> str:
@@ -59,27 +88,31 @@ def _error_name(exc: BaseException) -> str:
     return name if isinstance(exc, ratequota.RateQuotaError) else f"foreign:{name}"
 
 
-def lease_fields(info: LeaseInfo, ttl_ms: int | None) -> dict[str, Any]:
+def _ms(seconds: float) -> int:
+    return round(seconds * 1000)
+
+
+def lease_fields(info: LeaseInfo, ttl_ms: int | None = None) -> dict[str, Any]:
     """What a record keeps of a lease: ids, token, units, and Redis times as reported."""
-    expiry_ms = round(info.expires_at * 1000)
     fields: dict[str, Any] = {
         "lease_id": info.id,
         "tenant": info.tenant,
         "group": info.group,
         "units": info.units,
         "token": info.token,
-        "expiry_ms": expiry_ms,
-        "replay": info.replay,
-        "synthetic": info.synthetic,
+        "expiry_ms": _ms(info.expires_at),
     }
-    if ttl_ms is not None and not info.replay and not info.synthetic:
-        # The script sets expiry = its TIME + ttl, so this is the admission's Redis time.
-        fields["admit_ms"] = expiry_ms - ttl_ms
+    if ttl_ms is not None:
+        fields["replay"] = info.replay
+        fields["synthetic"] = info.synthetic
+        if not info.replay and not info.synthetic:
+            # The script sets expiry = its TIME + ttl: this is the admission's Redis time.
+            fields["admit_ms"] = fields["expiry_ms"] - ttl_ms
     return fields
 
 
 class Worker:
-    """One worker's random choices and records; the sync and async loops only perform them."""
+    """One worker: its random choices, its held leases, and the flows that record each call."""
 
     def __init__(self, pod: str, index: int, seed: int, config: PodConfig, out: JsonlWriter):
         self.pod = pod
@@ -88,10 +121,12 @@ class Worker:
         self.config = config
         self.out = out
         self.seq = 0
-        #: try_acquire leases held: (info, last expiry in ms reported, ttl in s)
+        #: try_acquire leases held, with the expiry (ms) last reported
         self.held: list[tuple[LeaseInfo, int]] = []
-        #: abandoned leases, released again later (after their expiry) on purpose
+        #: abandoned leases, released again after their expiry on purpose
         self.abandoned: list[tuple[LeaseInfo, int]] = []
+
+    # -- choices -----------------------------------------------------------------------------------
 
     def next_id(self) -> str:
         """A request id naming the pod, the worker and the call."""
@@ -114,19 +149,21 @@ class Worker:
         return "acquire"
 
     def request(self) -> tuple[str, int, float]:
-        """A tenant, units and ttl (s) for a new acquire."""
+        """A tenant, units and a TTL (s) for a new acquire."""
         tenant = self.rng.choice(sorted(self.config.tenants))
         units = self.rng.randint(1, self.config.tenants[tenant])
         ttl = round(self.rng.uniform(*self.config.ttl_range), 3)
         return tenant, units, ttl
 
     def think(self) -> float:
-        """Pause between operations (keeps the machine usable)."""
+        """Pause between operations (keeps a shared machine usable)."""
         return self.rng.uniform(*self.config.think_range)
 
     def stopping(self) -> bool:
         """True once the run's stop time has passed."""
         return time.time() >= self.config.stop_at_wall
+
+    # -- records -----------------------------------------------------------------------------------
 
     def begin(self, op: str, **fields: Any) -> dict[str, Any]:
         """A record for a call about to start (clocks read last, right before the call)."""
@@ -145,17 +182,57 @@ class Worker:
 
     def failed(self, record: dict[str, Any], exc: BaseException) -> None:
         """Close a record for a call that raised."""
-        fields: dict[str, Any] = {
-            "outcome": "error",
-            "error": _error_name(exc),
-            "message": str(exc),
-        }
+        fields: dict[str, Any] = {"outcome": "error", "error": _error_name(exc)}
+        fields["message"] = str(exc)
         if not isinstance(exc, ratequota.RateQuotaError):
-            fields["traceback"] = traceback.format_exc()
+            fields["traceback"] = "".join(traceback.format_exception(exc))
         self.end(record, **fields)
 
-    def decided(self, record: dict[str, Any], decision: ratequota.Decision, ttl_ms: int) -> None:
-        """Close a try_acquire record and keep an admitted lease."""
+    # -- flows -------------------------------------------------------------------------------------
+
+    def step(self, op: str) -> Flow:
+        """The flow of one operation chosen by ``choose``."""
+        if op == "try_acquire":
+            yield from self.try_acquire()
+        elif op == "release":
+            info, expiry_ms = self.held.pop(self.rng.randrange(len(self.held)))
+            yield from self.release(info, expiry_ms, "explicit")
+        elif op == "release_stale":
+            info, expiry_ms = self.abandoned.pop(0)
+            if time.time() * 1000 > expiry_ms + 50:
+                yield from self.release(info, expiry_ms, "stale")
+            else:
+                self.abandoned.append((info, expiry_ms))
+        elif op == "abandon":
+            info, expiry_ms = self.held.pop(self.rng.randrange(len(self.held)))
+            self.abandoned.append((info, expiry_ms))
+            fields = lease_fields(info) | {"expiry_ms": expiry_ms}
+            self.out.write({"kind": "abandon", "pod": self.pod, **fields})
+        elif op == "renew":
+            yield from self.renew()
+        else:
+            yield from self.acquire()
+
+    def finish(self) -> Flow:
+        """At the stop time: give back every try_acquire lease still held."""
+        while self.held:
+            info, expiry_ms = self.held.pop()
+            yield from self.release(info, expiry_ms, "final")
+
+    def try_acquire(self) -> Flow:
+        """``try_acquire``; an admitted lease is kept for a later release or renewal."""
+        tenant, units, ttl = self.request()
+        rid, ttl_ms = self.next_id(), _ms(ttl)
+        record = self.begin(
+            "try_acquire", tenant=tenant, units=units, request_id=rid, ttl_ms=ttl_ms, deadline_s=0.0
+        )
+        try:
+            decision = yield Call(
+                "try_acquire", (tenant, units), (("ttl", ttl), ("request_id", rid))
+            )
+        except ratequota.RateQuotaError as exc:
+            self.failed(record, exc)
+            return
         fields: dict[str, Any] = {
             "outcome": "admitted" if decision.admitted else "refused",
             "reason": decision.reason,
@@ -170,161 +247,164 @@ class Worker:
         if decision.lease is not None and not decision.lease.synthetic:
             self.held.append((decision.lease, fields["expiry_ms"]))
 
-    def pick_held(self) -> tuple[LeaseInfo, int]:
-        """Remove and return a random held lease."""
-        return self.held.pop(self.rng.randrange(len(self.held)))
-
-
-def _lease_record(info: LeaseInfo, expiry_ms: int) -> dict[str, Any]:
-    return {
-        "lease_id": info.id,
-        "tenant": info.tenant,
-        "group": info.group,
-        "units": info.units,
-        "token": info.token,
-        "expiry_ms": expiry_ms,
-    }
-
-
-# -- sync -------------------------------------------------------------------------------------
-
-
-def run_sync_worker(worker: Worker, quota: QuotaClient, stop: threading.Event) -> None:
-    """The worker's loop on a sync client, until the stop time or a stop signal."""
-    while not worker.stopping() and not stop.is_set():
-        op = worker.choose()
+    def release(self, info: LeaseInfo, expiry_ms: int, via: str) -> Flow:
+        """``release`` of a try_acquire lease."""
+        fields = lease_fields(info) | {"expiry_ms": expiry_ms}
+        record = self.begin("release", via=via, deadline_s=0.0, **fields)
         try:
-            sync_step(worker, quota, op)
-        except Exception as exc:  # a bug in the pod or the library; recorded, the loop goes on
-            worker.failed(worker.begin("step", step=op), exc)
-        stop.wait(worker.think())
-    for info, expiry_ms in worker.held:
-        _sync_release(worker, quota, info, expiry_ms, "final")
-    worker.held.clear()
-
-
-def _sync_release(w: Worker, quota: QuotaClient, info: LeaseInfo, expiry_ms: int, via: str) -> None:
-    record = w.begin("release", via=via, **_lease_record(info, expiry_ms))
-    try:
-        result = quota.release(info)
-    except ratequota.RateQuotaError as exc:
-        w.failed(record, exc)
-    else:
-        w.end(record, outcome="ok", state=result.state, freed=result.units, deadline_s=0.0)
-
-
-def sync_step(w: Worker, quota: QuotaClient, op: str) -> None:
-    """Perform one operation with the sync client and record it."""
-    if op == "try_acquire":
-        tenant, units, ttl = w.request()
-        rid = w.next_id()
-        record = w.begin(
-            op, tenant=tenant, units=units, request_id=rid, ttl_ms=round(ttl * 1000), deadline_s=0.0
-        )
-        try:
-            decision = quota.try_acquire(tenant, units, ttl=ttl, request_id=rid)
+            result = yield Call("release", (info,))
         except ratequota.RateQuotaError as exc:
-            w.failed(record, exc)
+            self.failed(record, exc)
         else:
-            w.decided(record, decision, round(ttl * 1000))
-    elif op == "release":
-        info, expiry_ms = w.pick_held()
-        _sync_release(w, quota, info, expiry_ms, "explicit")
-    elif op == "release_stale":
-        info, expiry_ms = w.abandoned.pop(0)
-        if time.time() * 1000 > expiry_ms + 50:
-            _sync_release(w, quota, info, expiry_ms, "stale")
-        else:
-            w.abandoned.append((info, expiry_ms))
-    elif op == "abandon":
-        info, expiry_ms = w.pick_held()
-        w.abandoned.append((info, expiry_ms))
-        w.out.write({"kind": "abandon", "pod": w.pod, **_lease_record(info, expiry_ms)})
-    elif op == "renew":
-        index = w.rng.randrange(len(w.held))
-        info, expiry_ms = w.held[index]
-        ttl = round(w.rng.uniform(*w.config.ttl_range), 3)
-        record = w.begin(
-            op, ttl_ms=round(ttl * 1000), deadline_s=0.0, **_lease_record(info, expiry_ms)
-        )
+            self.end(record, outcome="ok", state=result.state, freed=result.units)
+
+    def renew(self) -> Flow:
+        """``renew`` of a held try_acquire lease, with a new random TTL."""
+        index = self.rng.randrange(len(self.held))
+        info, expiry_ms = self.held[index]
+        ttl = round(self.rng.uniform(*self.config.ttl_range), 3)
+        fields = lease_fields(info) | {"expiry_ms": expiry_ms}
+        record = self.begin("renew", ttl_ms=_ms(ttl), deadline_s=0.0, **fields)
         try:
-            result = quota.renew(info, ttl)
+            result = yield Call("renew", (info, ttl))
         except ratequota.RateQuotaError as exc:
-            w.failed(record, exc)
+            self.failed(record, exc)
             return
-        new_expiry = round(result.expires_at * 1000)
-        w.end(record, outcome="ok", renewed=result.renewed, new_expiry_ms=new_expiry)
+        new_expiry = _ms(result.expires_at)
+        self.end(record, outcome="ok", renewed=result.renewed, new_expiry_ms=new_expiry)
         if result.renewed:
-            w.held[index] = (info, new_expiry)
+            self.held[self.held.index((info, expiry_ms))] = (info, new_expiry)
         else:
-            w.held.pop(index)
-    elif op == "acquire":
-        _sync_acquire(w, quota)
+            self.held.remove((info, expiry_ms))
 
+    def acquire(self) -> Flow:
+        """``acquire`` with a deadline, held in its block for a while, released inside it.
 
-def _sync_acquire(w: Worker, quota: QuotaClient) -> None:
-    tenant, units, ttl = w.request()
-    timeout = round(w.rng.uniform(*w.config.timeout_range), 3)
-    hold = w.rng.uniform(*w.config.hold_range)
-    renew_inside = w.rng.random() < 0.3
-    rid = w.next_id()
-    ttl_ms = round(ttl * 1000)
-    record = w.begin(
-        "acquire", tenant=tenant, units=units, request_id=rid, ttl_ms=ttl_ms, deadline_s=timeout
-    )
-    exit_record: dict[str, Any] | None = None
-    try:
-        with quota.acquire(tenant, units, ttl=ttl, timeout=timeout, request_id=rid) as lease:
-            w.end(record, outcome="admitted", reason="admitted", **lease_fields(lease.info, ttl_ms))
-            record = {}
-            if renew_inside:
-                time.sleep(hold / 2)
-                r = w.begin(
-                    "renew",
-                    ttl_ms=ttl_ms,
-                    deadline_s=0.0,
-                    via="context",
-                    **_lease_record(lease.info, round(lease.expires_at * 1000)),
-                )
-                try:
-                    result = lease.renew(ttl)
-                except ratequota.RateQuotaError as exc:
-                    w.failed(r, exc)
-                else:
-                    w.end(
-                        r,
-                        outcome="ok",
-                        renewed=result.renewed,
-                        new_expiry_ms=round(result.expires_at * 1000),
-                    )
-                time.sleep(hold / 2)
-            else:
-                time.sleep(hold)
-            # Background renewals moved the expiry: the record keeps the last one reported.
-            r = w.begin(
-                "release",
-                via="context",
-                lost=lease.lost,
-                **_lease_record(lease.info, round(lease.expires_at * 1000)),
-            )
+        The explicit release inside the block is recorded with its result;
+        leaving the block afterwards must then do nothing and raise nothing.
+        """
+        tenant, units, ttl = self.request()
+        timeout = round(self.rng.uniform(*self.config.timeout_range), 3)
+        hold = self.rng.uniform(*self.config.hold_range)
+        renew_inside = self.rng.random() < 0.3
+        rid, ttl_ms = self.next_id(), _ms(ttl)
+        options = (("ttl", ttl), ("timeout", timeout), ("request_id", rid))
+        record = self.begin(
+            "acquire", tenant=tenant, units=units, request_id=rid, ttl_ms=ttl_ms, deadline_s=timeout
+        )
+        try:
+            lease = yield Call("enter", (tenant, units), options)
+        except ratequota.AcquireTimeout as exc:
+            self.end(record, outcome="refused", reason="timeout", error=_error_name(exc))
+            return
+        except ratequota.RateQuotaError as exc:
+            self.failed(record, exc)
+            return
+        self.end(record, outcome="admitted", reason="admitted", **lease_fields(lease.info, ttl_ms))
+        if renew_inside:
+            yield Call("sleep", (hold / 2,))
+            fields = lease_fields(lease.info)
+            r = self.begin("renew", ttl_ms=ttl_ms, deadline_s=0.0, via="context", **fields)
             try:
-                released = lease.release()
+                renewed = yield Call("lease_renew", (lease, ttl))
             except ratequota.RateQuotaError as exc:
-                w.failed(r, exc)
+                self.failed(r, exc)
             else:
-                w.end(r, outcome="ok", state=released.state, freed=released.units, deadline_s=0.0)
-            exit_record = w.begin("exit", lease_id=rid, deadline_s=0.0)
-    except ratequota.RateQuotaError as exc:
-        if record:
-            reason = "timeout" if isinstance(exc, ratequota.AcquireTimeout) else None
-            w.failed(record, exc) if reason is None else w.end(
-                record, outcome="refused", reason=reason, error=_error_name(exc)
-            )
-        else:  # leaving the with block raised: the handler's own outcome would be lost
-            w.failed(exit_record or w.begin("exit", lease_id=rid, deadline_s=0.0), exc)
-        return
-    if exit_record is not None:
-        w.end(exit_record, outcome="ok")
+                self.end(
+                    r,
+                    outcome="ok",
+                    renewed=renewed.renewed,
+                    new_expiry_ms=_ms(renewed.expires_at),
+                )
+            yield Call("sleep", (hold / 2,))
+        else:
+            yield Call("sleep", (hold,))
+        # Background renewals moved the expiry: the record keeps the last one the lease knows.
+        fields = lease_fields(lease.info)
+        r = self.begin("release", via="context", lost=lease.lost, deadline_s=0.0, **fields)
+        try:
+            released = yield Call("lease_release", (lease,))
+        except ratequota.RateQuotaError as exc:
+            self.failed(r, exc)
+        else:
+            self.end(r, outcome="ok", state=released.state, freed=released.units)
+        r = self.begin("exit", lease_id=rid, group=lease.group, deadline_s=0.0)
+        try:
+            yield Call("exit", (lease,))
+        except ratequota.RateQuotaError as exc:
+            self.failed(r, exc)
+        else:
+            self.end(r, outcome="ok")
+
+
+# -- performing the flows ---------------------------------------------------------------------
+
+
+def drive_sync(flow: Flow, quota: QuotaClient, held: dict[int, ratequota.Acquisition]) -> None:
+    """Run ``flow`` with blocking calls on a sync client."""
+    value: Any = None
+    error: BaseException | None = None
+    while True:
+        try:
+            call = flow.send(value) if error is None else flow.throw(error)
+        except StopIteration:
+            return
+        kwargs = dict(call.kwargs)
+        value, error = None, None
+        try:
+            if call.name == "sleep":
+                time.sleep(call.args[0])
+            elif call.name == "enter":
+                acquisition = quota.acquire(*call.args, **kwargs)
+                value = acquisition.__enter__()
+                held[id(value)] = acquisition
+            elif call.name == "exit":
+                held.pop(id(call.args[0])).__exit__(None, None, None)
+            elif call.name == "lease_renew":
+                value = call.args[0].renew(*call.args[1:])
+            elif call.name == "lease_release":
+                value = call.args[0].release()
+            else:
+                value = getattr(quota, call.name)(*call.args, **kwargs)
+        except Exception as exc:
+            error = exc
+
+
+async def drive_async(
+    flow: Flow, quota: AsyncQuotaClient, held: dict[int, ratequota.AsyncAcquisition]
+) -> None:
+    """Run ``flow`` with awaited calls on an async client (mirrors ``drive_sync``)."""
+    value: Any = None
+    error: BaseException | None = None
+    while True:
+        try:
+            call = flow.send(value) if error is None else flow.throw(error)
+        except StopIteration:
+            return
+        kwargs = dict(call.kwargs)
+        value, error = None, None
+        try:
+            if call.name == "sleep":
+                await asyncio.sleep(call.args[0])
+            elif call.name == "enter":
+                acquisition = quota.acquire(*call.args, **kwargs)
+                value = await acquisition.__aenter__()
+                held[id(value)] = acquisition
+            elif call.name == "exit":
+                await held.pop(id(call.args[0])).__aexit__(None, None, None)
+            elif call.name == "lease_renew":
+                value = await call.args[0].renew(*call.args[1:])
+            elif call.name == "lease_release":
+                value = await call.args[0].release()
+            else:
+                value = await getattr(quota, call.name)(*call.args, **kwargs)
+        except Exception as exc:
+            error = exc
+
+
+def _step_failed(worker: Worker, op: str, exc: BaseException) -> None:
+    """A flow raised past its own handling: a bug in the pod or the library, recorded."""
+    worker.failed(worker.begin("step", step=op), exc)
 
 
 def run_sync(config: PodConfig, name: str, seed: int, out: JsonlWriter) -> None:
@@ -332,161 +412,25 @@ def run_sync(config: PodConfig, name: str, seed: int, out: JsonlWriter) -> None:
     quota = QuotaClient.sharded(config.urls, shard_ids=config.shard_ids, **config.client_options)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
+
+    def loop(worker: Worker) -> None:
+        held: dict[int, ratequota.Acquisition] = {}
+        while not worker.stopping() and not stop.is_set():
+            op = worker.choose()
+            try:
+                drive_sync(worker.step(op), quota, held)
+            except Exception as exc:
+                _step_failed(worker, op, exc)
+            stop.wait(worker.think())
+        drive_sync(worker.finish(), quota, held)
+
     workers = [Worker(name, i, seed, config, out) for i in range(config.workers)]
-    threads = [
-        threading.Thread(target=run_sync_worker, args=(w, quota, stop), daemon=True)
-        for w in workers
-    ]
+    threads = [threading.Thread(target=loop, args=(w,), daemon=True) for w in workers]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     quota.close()
-
-
-# -- async ------------------------------------------------------------------------------------
-
-
-async def run_async_worker(worker: Worker, quota: AsyncQuotaClient, stop: asyncio.Event) -> None:
-    """The worker's loop on an async client, until the stop time or a stop signal."""
-    while not worker.stopping() and not stop.is_set():
-        op = worker.choose()
-        try:
-            await async_step(worker, quota, op)
-        except Exception as exc:  # a bug in the pod or the library; recorded, the loop goes on
-            worker.failed(worker.begin("step", step=op), exc)
-        try:
-            await asyncio.wait_for(stop.wait(), worker.think())
-        except asyncio.TimeoutError:
-            pass
-    for info, expiry_ms in worker.held:
-        await _async_release(worker, quota, info, expiry_ms, "final")
-    worker.held.clear()
-
-
-async def _async_release(
-    w: Worker, quota: AsyncQuotaClient, info: LeaseInfo, expiry_ms: int, via: str
-) -> None:
-    record = w.begin("release", via=via, **_lease_record(info, expiry_ms))
-    try:
-        result = await quota.release(info)
-    except ratequota.RateQuotaError as exc:
-        w.failed(record, exc)
-    else:
-        w.end(record, outcome="ok", state=result.state, freed=result.units, deadline_s=0.0)
-
-
-async def async_step(w: Worker, quota: AsyncQuotaClient, op: str) -> None:
-    """Perform one operation with the async client and record it (mirrors ``sync_step``)."""
-    if op == "try_acquire":
-        tenant, units, ttl = w.request()
-        rid = w.next_id()
-        record = w.begin(
-            op, tenant=tenant, units=units, request_id=rid, ttl_ms=round(ttl * 1000), deadline_s=0.0
-        )
-        try:
-            decision = await quota.try_acquire(tenant, units, ttl=ttl, request_id=rid)
-        except ratequota.RateQuotaError as exc:
-            w.failed(record, exc)
-        else:
-            w.decided(record, decision, round(ttl * 1000))
-    elif op == "release":
-        info, expiry_ms = w.pick_held()
-        await _async_release(w, quota, info, expiry_ms, "explicit")
-    elif op == "release_stale":
-        info, expiry_ms = w.abandoned.pop(0)
-        if time.time() * 1000 > expiry_ms + 50:
-            await _async_release(w, quota, info, expiry_ms, "stale")
-        else:
-            w.abandoned.append((info, expiry_ms))
-    elif op == "abandon":
-        info, expiry_ms = w.pick_held()
-        w.abandoned.append((info, expiry_ms))
-        w.out.write({"kind": "abandon", "pod": w.pod, **_lease_record(info, expiry_ms)})
-    elif op == "renew":
-        index = w.rng.randrange(len(w.held))
-        info, expiry_ms = w.held[index]
-        ttl = round(w.rng.uniform(*w.config.ttl_range), 3)
-        record = w.begin(
-            op, ttl_ms=round(ttl * 1000), deadline_s=0.0, **_lease_record(info, expiry_ms)
-        )
-        try:
-            result = await quota.renew(info, ttl)
-        except ratequota.RateQuotaError as exc:
-            w.failed(record, exc)
-            return
-        new_expiry = round(result.expires_at * 1000)
-        w.end(record, outcome="ok", renewed=result.renewed, new_expiry_ms=new_expiry)
-        if result.renewed:
-            w.held[index] = (info, new_expiry)
-        else:
-            w.held.pop(index)
-    elif op == "acquire":
-        await _async_acquire(w, quota)
-
-
-async def _async_acquire(w: Worker, quota: AsyncQuotaClient) -> None:
-    tenant, units, ttl = w.request()
-    timeout = round(w.rng.uniform(*w.config.timeout_range), 3)
-    hold = w.rng.uniform(*w.config.hold_range)
-    renew_inside = w.rng.random() < 0.3
-    rid = w.next_id()
-    ttl_ms = round(ttl * 1000)
-    record = w.begin(
-        "acquire", tenant=tenant, units=units, request_id=rid, ttl_ms=ttl_ms, deadline_s=timeout
-    )
-    exit_record: dict[str, Any] | None = None
-    try:
-        async with quota.acquire(tenant, units, ttl=ttl, timeout=timeout, request_id=rid) as lease:
-            w.end(record, outcome="admitted", reason="admitted", **lease_fields(lease.info, ttl_ms))
-            record = {}
-            if renew_inside:
-                await asyncio.sleep(hold / 2)
-                r = w.begin(
-                    "renew",
-                    ttl_ms=ttl_ms,
-                    deadline_s=0.0,
-                    via="context",
-                    **_lease_record(lease.info, round(lease.expires_at * 1000)),
-                )
-                try:
-                    result = await lease.renew(ttl)
-                except ratequota.RateQuotaError as exc:
-                    w.failed(r, exc)
-                else:
-                    w.end(
-                        r,
-                        outcome="ok",
-                        renewed=result.renewed,
-                        new_expiry_ms=round(result.expires_at * 1000),
-                    )
-                await asyncio.sleep(hold / 2)
-            else:
-                await asyncio.sleep(hold)
-            r = w.begin(
-                "release",
-                via="context",
-                lost=lease.lost,
-                **_lease_record(lease.info, round(lease.expires_at * 1000)),
-            )
-            try:
-                released = await lease.release()
-            except ratequota.RateQuotaError as exc:
-                w.failed(r, exc)
-            else:
-                w.end(r, outcome="ok", state=released.state, freed=released.units, deadline_s=0.0)
-            exit_record = w.begin("exit", lease_id=rid, deadline_s=0.0)
-    except ratequota.RateQuotaError as exc:
-        if record:
-            reason = "timeout" if isinstance(exc, ratequota.AcquireTimeout) else None
-            w.failed(record, exc) if reason is None else w.end(
-                record, outcome="refused", reason=reason, error=_error_name(exc)
-            )
-        else:
-            w.failed(exit_record or w.begin("exit", lease_id=rid, deadline_s=0.0), exc)
-        return
-    if exit_record is not None:
-        w.end(exit_record, outcome="ok")
 
 
 async def run_async(config: PodConfig, name: str, seed: int, out: JsonlWriter) -> None:
@@ -496,8 +440,21 @@ async def run_async(config: PodConfig, name: str, seed: int, out: JsonlWriter) -
     )
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+
+    async def loop(worker: Worker) -> None:
+        held: dict[int, ratequota.AsyncAcquisition] = {}
+        while not worker.stopping() and not stop.is_set():
+            op = worker.choose()
+            try:
+                await drive_async(worker.step(op), quota, held)
+            except Exception as exc:
+                _step_failed(worker, op, exc)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), worker.think())
+        await drive_async(worker.finish(), quota, held)
+
     workers = [Worker(name, i, seed, config, out) for i in range(config.workers)]
-    await asyncio.gather(*(run_async_worker(w, quota, stop) for w in workers))
+    await asyncio.gather(*(loop(w) for w in workers))
     await quota.close()
 
 
@@ -512,23 +469,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     config = PodConfig(json.loads(args.config.read_text(encoding="utf-8")))
     out = JsonlWriter(args.history)
-    out.write(
-        {
-            "kind": "start",
-            "pod": args.name,
-            "mode": args.mode,
-            "pid": os.getpid(),
-            "wall": time.time(),
-            "mono": time.monotonic(),
-        }
-    )
-    runner: Callable[[], Any]
+    out.write({"kind": "start", "pod": args.name, "mode": args.mode, "pid": os.getpid()})
     if args.mode == "sync":
-        runner = lambda: run_sync(config, args.name, args.seed, out)  # noqa: E731
+        run_sync(config, args.name, args.seed, out)
     else:
-        runner = lambda: asyncio.run(run_async(config, args.name, args.seed, out))  # noqa: E731
-    runner()
-    out.write({"kind": "stop", "pod": args.name, "wall": time.time(), "mono": time.monotonic()})
+        asyncio.run(run_async(config, args.name, args.seed, out))
+    out.write({"kind": "stop", "pod": args.name})
     out.close()
     return 0
 

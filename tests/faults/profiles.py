@@ -11,8 +11,10 @@ fix is merged:
   Redis restarts empty (catalog fix) and leases re-asserted after state loss
   without over-admission (leases fix); until then over-admission and tokens
   going back are reported in their own categories.
-* ``exit-oom`` — leaving ``acquire`` while Redis refuses writes must not
-  raise (issue 9, item 8).
+* ``recovery`` — adds no fault but makes the checks strict: an overshoot,
+  a token going back or a lease vanishing after a state loss fails the run
+  (until then they are reported apart). Enable with ``state-loss`` once the
+  leases fix is merged.
 """
 
 from __future__ import annotations
@@ -35,7 +37,6 @@ MAIN_FAULTS = (
 #: Flag -> the faults it adds.
 FLAGS: dict[str, tuple[str, ...]] = {
     "state-loss": ("redis_restart_empty", "maxmemory_evict"),
-    "exit-oom": (),
     "recovery": (),
 }
 

@@ -353,3 +353,22 @@ def test_check_run_reads_a_run_directory(tmp_path: Path) -> None:
     calls = [admit("x", 100, units=3), admit("y", 200, units=3, token=2, tenant="b")]
     (tmp_path / "pods" / "p0.jsonl").write_text("".join(json.dumps(r) + "\n" for r in calls))
     assert kinds(check_run(tmp_path)) == {"over_capacity": 1}
+
+
+def test_a_call_without_an_answer_may_have_run() -> None:
+    """A timed-out release or renewal may still run in Redis later: never a false overshoot.
+
+    A paused server keeps the request in its socket buffer and runs it when it
+    resumes, after the pod has given up; the units may then be free (release)
+    or the expiry shortened (renewal with a shorter TTL) without the pod knowing.
+    """
+    timed_out = call("release", 200, 450, outcome="error", error="BackendUnavailable", lease_id="x")
+    freed = [admit("x", 100, units=4, ttl=5000), timed_out, admit("y", 500, units=4, token=2)]
+    assert run(freed).violations == []
+    renew_lost = call(
+        "renew", 200, 450, outcome="error", error="BackendUnavailable", lease_id="x", ttl_ms=100
+    )
+    shortened = [admit("x", 100, units=4, ttl=5000), renew_lost, admit("y", 500, units=4, token=2)]
+    assert run(shortened).violations == []
+    gone = [admit("x", 100, ttl=5000), renew_lost, renew("x", 600, None)]
+    assert run(gone).violations == []

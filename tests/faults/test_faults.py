@@ -23,7 +23,7 @@ pytestmark = [pytest.mark.real_redis, pytest.mark.slow]
 
 
 def test_no_violation_under_faults() -> None:
-    """Every enabled fault is injected, work gets done, and no property the profile counts breaks."""
+    """Every enabled fault is injected, work gets done, and no property that counts breaks."""
     if redis_server_binary() is None:
         _no_redis()
     profile = profiles.from_environment()

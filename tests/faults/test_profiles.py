@@ -1,0 +1,42 @@
+"""Profiles are chosen by environment variables, and a typo there fails loudly."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.faults import profiles
+
+
+def test_the_default_is_the_short_profile_with_main_faults_only() -> None:
+    """No variable set: the short profile, fixed seed, only faults main handles."""
+    profile = profiles.from_environment({})
+    assert profile.name == "short"
+    assert profile.seed == profiles.SHORT.seed
+    assert profile.faults == profiles.MAIN_FAULTS
+    assert not profile.flags
+
+
+def test_long_profile_seed_and_flags_are_read() -> None:
+    """RATEQUOTA_FAULTS, RATEQUOTA_FAULTS_SEED and RATEQUOTA_FAULTS_FLAGS."""
+    env = {
+        "RATEQUOTA_FAULTS": "long",
+        "RATEQUOTA_FAULTS_SEED": "7",
+        "RATEQUOTA_FAULTS_FLAGS": "state-loss, recovery",
+    }
+    profile = profiles.from_environment(env)
+    assert (profile.name, profile.seed) == ("long", 7)
+    assert set(profiles.FLAGS["state-loss"]) <= set(profile.faults)
+    assert profile.flags == {"state-loss", "recovery"}
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"RATEQUOTA_FAULTS": "medium"}, "RATEQUOTA_FAULTS"),
+        ({"RATEQUOTA_FAULTS_FLAGS": "state_loss"}, "unknown"),
+    ],
+)
+def test_a_bad_variable_is_refused(env: dict[str, str], message: str) -> None:
+    """An unknown profile or flag raises instead of silently running something else."""
+    with pytest.raises(ValueError, match=message):
+        profiles.from_environment(env)
