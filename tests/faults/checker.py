@@ -104,6 +104,7 @@ class Lease:
     release_start_ms: int | None = None
     released_ack_ms: int | None = None  # pod clock when "released" was reported
     gone_at_ms: int | None = None  # start of a renew/release that found it gone
+    gone_reported_ms: int | None = None  # and when its answer came back
     #: A renewal that got no answer may still have run (a timeout under a paused server):
     #: from then on the expiry is only known to be at least its start plus its TTL.
     uncertain_ms: int | None = None
@@ -258,19 +259,26 @@ def build_leases(calls: list[dict[str, Any]]) -> dict[str, Lease]:
             if c.get("outcome") == "ok" and c.get("state") == "released":
                 lease.released_ack_ms = _ms(c["wall_end"])
             if c.get("outcome") == "ok" and c.get("state") != "released":
-                lease.gone_at_ms = start if lease.gone_at_ms is None else lease.gone_at_ms
+                _gone(lease, c)
         elif c.get("outcome") == "error":
             cut = start + int(c.get("ttl_ms", 0))
             lease.uncertain_ms = cut if lease.uncertain_ms is None else min(lease.uncertain_ms, cut)
         elif c.get("outcome") == "ok":
             if c.get("renewed"):
                 lease.expiries.append((_ms(c["wall_end"]), int(c["new_expiry_ms"])))
-            elif lease.gone_at_ms is None:
-                lease.gone_at_ms = start
+            else:
+                _gone(lease, c)
         if c["op"] == "release" and c.get("via") == "context":
             # The context manager's lease may have been renewed in the background.
             lease.expiries.append((_ms(c["wall_start"]), int(c["expiry_ms"])))
     return leases
+
+
+def _gone(lease: Lease, call: Mapping[str, Any]) -> None:
+    """The first call that found the lease gone (expired or unknown)."""
+    if lease.gone_at_ms is None:
+        lease.gone_at_ms = _ms(call["wall_start"])
+        lease.gone_reported_ms = _ms(call["wall_end"])
 
 
 # -- the checks -----------------------------------------------------------------------------------
@@ -445,10 +453,11 @@ def _check_releases(
                         f"{lease.id} reported released at {start}, expired at {expiry}",
                     )
                 )
-        gone = lease.gone_at_ms
-        if gone is not None:
+        gone, answered = lease.gone_at_ms, lease.gone_reported_ms
+        if gone is not None and answered is not None:
+            # Redis decided somewhere between the call's start and its answer.
             expiry = lease.live_until(gone)
-            if gone + opts.clock_slack_ms < expiry:
+            if answered + opts.clock_slack_ms < expiry:
                 lost = _losses_at(windows, gone) > 0
                 kind = "vanished_after_state_loss" if lost else "lease_vanished"
                 detail = f"{lease.id} reported gone at {gone}, but it expires at {expiry}"

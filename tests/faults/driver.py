@@ -1,6 +1,7 @@
 """The fault driver: real redis-servers, pod processes, faults on a seeded schedule, snapshots.
 
-``python -m tests.faults.driver [--profile short|long] [--seed N] [--flags state-loss] [--dir D]``
+``python -m tests.faults.driver [--profile short|long] [--topology shards|cluster] [--seed N]
+[--flags state-loss] [--dir D]``
 
 One run:
 
@@ -37,15 +38,17 @@ import time
 from pathlib import Path
 from typing import Any
 
+from redis.crc import key_slot
+
 from ratequota import GroupPolicy, Policy, QuotaClient, RateQuotaError, TenantPolicy
-from ratequota.backends import ShardedBackend
+from ratequota.backends import ClusterBackend, ShardedBackend
 from ratequota.keys import KeySpace
 from ratequota.routing import Rendezvous
 from ratequota.testing import ManualClock
 from tests.faults import checker, profiles
 from tests.faults.profiles import Profile
 from tests.faults.records import JsonlWriter
-from tests.servers import RedisServer
+from tests.servers import RedisCluster, RedisServer
 
 __all__ = ["Run", "main", "run_profile"]
 
@@ -133,6 +136,105 @@ def policy_record(policy: Policy) -> dict[str, Any]:
     return groups
 
 
+class Shards:
+    """Two independent redis-servers used as shards ``s0`` (AOF, fsync always) and ``s1`` (none)."""
+
+    name = "shards"
+
+    def __init__(self) -> None:
+        self.servers: dict[str, RedisServer] = {
+            "s0": RedisServer(extra_args=("--appendonly", "yes", "--appendfsync", "always")),
+            "s1": RedisServer(),
+        }
+
+    def start(self) -> None:
+        """Start both servers."""
+        for server in self.servers.values():
+            server.start()
+
+    @property
+    def urls(self) -> list[str]:
+        """Shard URLs in ``SHARDS`` order."""
+        return [self.servers[s].url for s in SHARDS]
+
+    def client(self, clock: ManualClock | None = None, **options: Any) -> QuotaClient:
+        """A driver-side client with the pods' placement (``clock`` pins Redis time)."""
+        timeout = options.setdefault("socket_timeout", 2.0)
+        if clock is None:
+            return QuotaClient.sharded(self.urls, shard_ids=list(SHARDS), **options)
+        backend = ShardedBackend(self.urls, socket_timeout=timeout, shard_ids=list(SHARDS))
+        return QuotaClient(backend=backend, clock=clock, **options)
+
+    def pod_target(self) -> dict[str, Any]:
+        """How pods connect."""
+        return {"topology": self.name, "urls": self.urls, "shard_ids": list(SHARDS)}
+
+    def targets(self) -> dict[str, RedisServer]:
+        """Servers a pause, a SCRIPT FLUSH or memory pressure may hit, by name."""
+        return dict(self.servers)
+
+    def nodes(self) -> list[RedisServer]:
+        """Every server, for the scan of keys without an expiry."""
+        return list(self.servers.values())
+
+    def cleanup(self) -> None:
+        """Stop every server by PID and remove its directory."""
+        for server in self.servers.values():
+            server.cleanup()
+
+
+class Cluster:
+    """A 3-master Redis Cluster; a failover promotes a fresh replica of a group's master."""
+
+    name = "cluster"
+
+    def __init__(self) -> None:
+        self.cluster = RedisCluster(masters=3)
+        self.keyspace = KeySpace()
+
+    def start(self) -> None:
+        """Start the nodes and create the cluster."""
+        self.cluster.start()
+
+    def client(self, clock: ManualClock | None = None, **options: Any) -> QuotaClient:
+        """A driver-side cluster client (``clock`` pins Redis time)."""
+        timeout = options.setdefault("socket_timeout", 2.0)
+        if clock is None:
+            return QuotaClient.cluster(self.cluster.url, **options)
+        backend = ClusterBackend(self.cluster.url, socket_timeout=timeout)
+        return QuotaClient(backend=backend, clock=clock, **options)
+
+    def pod_target(self) -> dict[str, Any]:
+        """How pods connect: any node's URL."""
+        return {"topology": self.name, "urls": [self.cluster.url], "shard_ids": []}
+
+    def owner(self, group: str) -> RedisServer:
+        """The master serving ``group``'s slot now."""
+        return self.cluster.owner(key_slot(self.keyspace.group(group).policy.encode()))
+
+    def targets(self) -> dict[str, RedisServer]:
+        """The masters serving the run's groups, by port."""
+        return {str(node.port): node for node in (self.owner(g) for g in group_names())}
+
+    def failover(self, group: str) -> dict[str, Any]:
+        """Add a replica to ``group``'s master and promote it (CLUSTER FAILOVER, no data lost)."""
+        master = self.owner(group)
+        replica = self.cluster.add_replica(master)
+        self.cluster.failover(replica)
+        return {"group": group, "old_master": master.port, "new_master": replica.port}
+
+    def nodes(self) -> list[RedisServer]:
+        """Every node (replicas hold the same keys and expiries)."""
+        return list(self.cluster.nodes)
+
+    def cleanup(self) -> None:
+        """Stop every node by PID and remove its directory."""
+        self.cluster.cleanup()
+
+
+Topology = Shards | Cluster
+
+
 class Run:
     """One fault run in ``workdir``; ``execute`` does it all and cleans up."""
 
@@ -142,10 +244,7 @@ class Run:
         (workdir / "pods").mkdir(parents=True, exist_ok=True)
         self.out = JsonlWriter(workdir / "driver.jsonl")
         self.rng = random.Random(profile.seed)
-        self.servers: dict[str, RedisServer] = {
-            "s0": RedisServer(extra_args=("--appendonly", "yes", "--appendfsync", "always")),
-            "s1": RedisServer(),
-        }
+        self.topology: Topology = Cluster() if profile.topology == "cluster" else Shards()
         self.pods: dict[str, subprocess.Popen[bytes]] = {}
         self.pod_modes: dict[str, str] = {}
         self.policies = policies()
@@ -156,15 +255,9 @@ class Run:
 
     # -- set-up ----------------------------------------------------------------------------------
 
-    @property
-    def urls(self) -> list[str]:
-        """Shard URLs in ``SHARDS`` order."""
-        return [self.servers[s].url for s in SHARDS]
-
     def client(self, **options: Any) -> QuotaClient:
         """A driver-side client (the same placement as the pods')."""
-        options.setdefault("socket_timeout", 2.0)
-        return QuotaClient.sharded(self.urls, shard_ids=list(SHARDS), **options)
+        return self.topology.client(**options)
 
     def record(self, kind: str, **fields: Any) -> None:
         """One driver record, stamped with the host clock."""
@@ -200,8 +293,9 @@ class Run:
     def fault(self, name: str, config: Path, quota: QuotaClient) -> None:
         """Inject one fault and record its window."""
         rng = self.rng
-        server_id = rng.choice(SHARDS)
-        server = self.servers[server_id]
+        targets = self.topology.targets()
+        server_id = rng.choice(sorted(targets))
+        server = targets[server_id]
         start = time.time()
         detail: dict[str, Any] = {}
         state_loss = False
@@ -225,9 +319,10 @@ class Run:
                 server.resume()
             detail = {"seconds": seconds}
         elif name in ("redis_restart_aof", "redis_restart_empty"):
+            assert isinstance(self.topology, Shards), "restarts are faults of the shard topology"
             server_id = "s0" if name == "redis_restart_aof" else "s1"
             state_loss = name == "redis_restart_empty"
-            self.servers[server_id].restart()
+            self.topology.servers[server_id].restart()
         elif name == "script_flush":
             with contextlib.closing(server.client()) as admin:
                 admin.script_flush()
@@ -235,6 +330,10 @@ class Run:
             self.policy_index = 1 - self.policy_index
             self.apply_policy(quota, self.policies[self.policy_index], "fault")
             server_id = ""
+        elif name == "cluster_failover":
+            assert isinstance(self.topology, Cluster), "a failover needs the cluster topology"
+            detail = self.topology.failover(rng.choice(group_names()))
+            server_id = str(detail["old_master"])
         elif name in ("maxmemory_noeviction", "maxmemory_evict"):
             evict = name == "maxmemory_evict"
             state_loss = evict
@@ -255,6 +354,7 @@ class Run:
         """A small ``maxmemory`` filled with junk keys (each with an expiry), held, then undone."""
         admin: Any = server.client()
         junk = 0
+        tag = self._local_tag(admin)
         try:
             used = int(admin.info("memory")["used_memory"])
             limit = used + 512 * 1024
@@ -264,7 +364,7 @@ class Run:
             for _ in range(64):  # bounded: at most 64 * 32 * 4 KB
                 pipe = admin.pipeline(transaction=False)
                 for _ in range(32):
-                    pipe.set(f"junk:{junk}", value, ex=60)
+                    pipe.set(f"junk:{tag}:{junk}", value, ex=60)
                     junk += 1
                 replies = pipe.execute(raise_on_error=False)
                 if any(isinstance(r, Exception) for r in replies):
@@ -272,11 +372,27 @@ class Run:
             time.sleep(hold)
         finally:
             for start in range(0, junk, 500):
-                admin.delete(*[f"junk:{i}" for i in range(start, min(junk, start + 500))])
+                admin.delete(*[f"junk:{tag}:{i}" for i in range(start, min(junk, start + 500))])
             admin.config_set("maxmemory", 0)
             admin.config_set("maxmemory-policy", "noeviction")
             admin.close()
         return {"junk_keys": junk, "hold": hold, "maxmemory": limit}
+
+    def _local_tag(self, admin: Any) -> str:
+        """A hash tag this server serves (in a cluster it refuses keys of other slots)."""
+        if not isinstance(self.topology, Cluster):
+            return "{junk}"
+        port = int(admin.connection_pool.connection_kwargs["port"])
+        mine = [
+            (int(start), int(end))
+            for start, end, primary, *_ in admin.execute_command("CLUSTER", "SLOTS")
+            if int(primary[1]) == port
+        ]
+        for i in range(100_000):
+            slot = key_slot(f"junk{i}".encode())
+            if any(a <= slot <= b for a, b in mine):
+                return f"{{junk{i}}}"
+        raise RuntimeError("no hash tag found for this node")
 
     # -- snapshots -------------------------------------------------------------------------------
 
@@ -329,8 +445,7 @@ class Run:
         finally:
             quota.close()
         later = round(time.time() * 1000 + (MAX_LEASE_TTL + 60) * 1000)
-        backend = ShardedBackend(self.urls, socket_timeout=2.0, shard_ids=list(SHARDS))
-        pinned = QuotaClient(backend=backend, clock=ManualClock(start_ms=later), catalog_ttl=3600.0)
+        pinned = self.topology.client(clock=ManualClock(start_ms=later), catalog_ttl=3600.0)
         try:
             for group in group_names():
                 self.snapshot(pinned, group, pinned=True, keys_without_ttl=self._keys_without_ttl())
@@ -340,8 +455,10 @@ class Run:
     def _keys_without_ttl(self) -> list[str]:
         keep = {self.keyspace.catalog} | {self.keyspace.group(g).policy for g in group_names()}
         missing = []
-        for server in self.servers.values():
+        for server in self.topology.nodes():
             with contextlib.closing(server.client()) as admin:
+                if admin.info("replication").get("role") != "master":
+                    continue  # a replica redirects reads; its master is scanned
                 for key in admin.scan_iter(match=f"{self.keyspace.prefix}:*", count=500):
                     name = key.decode()
                     if name not in keep and admin.ttl(key) == -1:
@@ -355,16 +472,22 @@ class Run:
         p = self.profile
         snapshots: threading.Thread | None = None
         try:
-            for server in self.servers.values():
-                server.start()
+            self.topology.start()
             self._record_clocks()
             quota = self.client()
             self.apply_policy(quota, self.policies[0], "initial")
             self.stop_at = time.time() + p.duration
             config = self.dir / "run.json"
             config.write_text(json.dumps(self._pod_config()), encoding="utf-8")
-            self.record("run", profile=p.name, seed=p.seed, faults=list(p.faults),
-                        flags=sorted(p.flags), stop_at=self.stop_at)  # fmt: skip
+            self.record(
+                "run",
+                profile=p.name,
+                topology=p.topology,
+                seed=p.seed,
+                faults=list(p.faults),
+                flags=sorted(p.flags),
+                stop_at=self.stop_at,
+            )
             for i in range(p.pods):
                 self.start_pod(f"p{i}", "sync" if i % 2 == 0 else "async", config)
             snapshots = threading.Thread(target=self._snapshot_loop, daemon=True)
@@ -383,16 +506,14 @@ class Run:
                     process.kill()
                     process.wait(timeout=10)
                     self.record("pod_exit", pod=name, returncode=process.returncode, hung=True)
-            for server in self.servers.values():
-                server.cleanup()
+            self.topology.cleanup()
             self.out.close()
         return self.dir
 
     def _pod_config(self) -> dict[str, Any]:
         p = self.profile
         return {
-            "urls": self.urls,
-            "shard_ids": list(SHARDS),
+            **self.topology.pod_target(),
             "client_options": {"socket_timeout": p.socket_timeout, "catalog_ttl": 1.0},
             "tenants": {t: u for group in TENANTS for t, u in group.items()},
             "workers": p.workers,
@@ -404,7 +525,7 @@ class Run:
         }
 
     def _record_clocks(self) -> None:
-        for name, server in self.servers.items():
+        for name, server in self.topology.targets().items():
             with contextlib.closing(server.client()) as admin:
                 before = time.time()
                 seconds, micros = admin.time()
@@ -485,6 +606,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", choices=("short", "long"), default=None)
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--flags", default=None, help=f"comma-separated: {sorted(profiles.FLAGS)}")
+    parser.add_argument("--topology", choices=("shards", "cluster"), default="shards")
     parser.add_argument("--dir", type=Path, default=None)
     args = parser.parse_args(argv)
     env = dict(os.environ)
@@ -494,7 +616,7 @@ def main(argv: list[str] | None = None) -> int:
         env["RATEQUOTA_FAULTS_SEED"] = str(args.seed)
     if args.flags is not None:
         env["RATEQUOTA_FAULTS_FLAGS"] = args.flags
-    profile = profiles.from_environment(env)
+    profile = profiles.from_environment(env, args.topology)
     directory, report = run_profile(profile, args.dir)
     print(f"run directory: {directory}")
     print(report.summary())

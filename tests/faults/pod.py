@@ -51,6 +51,7 @@ class PodConfig:
     """The run's settings every pod reads from the driver's JSON file."""
 
     def __init__(self, raw: dict[str, Any]) -> None:
+        self.topology: str = str(raw.get("topology", "shards"))
         self.urls: list[str] = list(raw["urls"])
         self.shard_ids: list[str] = list(raw["shard_ids"])
         self.client_options: dict[str, Any] = dict(raw["client_options"])
@@ -409,7 +410,11 @@ def _step_failed(worker: Worker, op: str, exc: BaseException) -> None:
 
 def run_sync(config: PodConfig, name: str, seed: int, out: JsonlWriter) -> None:
     """A sync pod: one ``QuotaClient`` shared by ``config.workers`` threads."""
-    quota = QuotaClient.sharded(config.urls, shard_ids=config.shard_ids, **config.client_options)
+    quota = (
+        QuotaClient.cluster(config.urls[0], **config.client_options)
+        if config.topology == "cluster"
+        else QuotaClient.sharded(config.urls, shard_ids=config.shard_ids, **config.client_options)
+    )
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
 
@@ -435,8 +440,12 @@ def run_sync(config: PodConfig, name: str, seed: int, out: JsonlWriter) -> None:
 
 async def run_async(config: PodConfig, name: str, seed: int, out: JsonlWriter) -> None:
     """An async pod: one ``AsyncQuotaClient`` shared by ``config.workers`` tasks."""
-    quota = AsyncQuotaClient.sharded(
-        config.urls, shard_ids=config.shard_ids, **config.client_options
+    quota = (
+        AsyncQuotaClient.cluster(config.urls[0], **config.client_options)
+        if config.topology == "cluster"
+        else AsyncQuotaClient.sharded(
+            config.urls, shard_ids=config.shard_ids, **config.client_options
+        )
     )
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)

@@ -11,6 +11,10 @@ fix is merged:
   Redis restarts empty (catalog fix) and leases re-asserted after state loss
   without over-admission (leases fix); until then over-admission and tokens
   going back are reported in their own categories.
+* ``oom`` — ``maxmemory`` with ``noeviction``: writes are refused. Leaving
+  ``acquire``'s block while the release is refused raises ``BackendError``
+  on main (issue 9, item 8: the handler's result is lost), reproduced by the
+  cluster run with the default seed.
 * ``recovery`` — adds no fault but makes the checks strict: an overshoot,
   a token going back or a lease vanishing after a state loss fails the run
   (until then they are reported apart). Enable with ``state-loss`` once the
@@ -31,14 +35,17 @@ MAIN_FAULTS = (
     "redis_restart_aof",
     "script_flush",
     "policy_change",
-    "maxmemory_noeviction",
 )
 
 #: Flag -> the faults it adds.
 FLAGS: dict[str, tuple[str, ...]] = {
     "state-loss": ("redis_restart_empty", "maxmemory_evict"),
     "recovery": (),
+    "oom": ("maxmemory_noeviction",),
 }
+
+#: Faults only the shard topology can inject (a cluster node is not restarted here).
+SHARD_ONLY = frozenset({"redis_restart_aof", "redis_restart_empty"})
 
 
 @dataclass(frozen=True)
@@ -61,6 +68,7 @@ class Profile:
     think_range: tuple[float, float] = (0.01, 0.04)
     snapshot_every: float = 0.5
     settle: float = 3.0
+    topology: str = "shards"
 
     @property
     def margin_s(self) -> float:
@@ -96,14 +104,41 @@ LONG = Profile(
 )
 
 
-def from_environment(environ: dict[str, str] | None = None) -> Profile:
+#: The cluster run: faults of a Redis Cluster (restarts are the shard run's).
+CLUSTER_FAULTS = (
+    "pod_kill",
+    "redis_pause",
+    "script_flush",
+    "policy_change",
+    "cluster_failover",
+)
+
+SHORT_CLUSTER = replace(
+    SHORT,
+    duration=25.0,
+    pods=3,
+    faults=CLUSTER_FAULTS,
+    max_faults=6,
+    fault_gap=(1.0, 2.0),
+    topology="cluster",
+)
+
+LONG_CLUSTER = replace(
+    LONG, faults=CLUSTER_FAULTS, max_faults=40, fault_gap=(2.0, 5.0), topology="cluster"
+)
+
+
+def from_environment(environ: dict[str, str] | None = None, topology: str = "shards") -> Profile:
     """The profile chosen by ``RATEQUOTA_FAULTS`` (short|long), ``RATEQUOTA_FAULTS_SEED``,
     ``RATEQUOTA_FAULTS_FLAGS`` (comma-separated, see ``FLAGS``)."""
     env = os.environ if environ is None else environ
     name = env.get("RATEQUOTA_FAULTS", "short")
     if name not in ("short", "long"):
         raise ValueError(f"RATEQUOTA_FAULTS must be 'short' or 'long', got {name!r}")
-    profile = SHORT if name == "short" else LONG
+    if topology == "cluster":
+        profile = SHORT_CLUSTER if name == "short" else LONG_CLUSTER
+    else:
+        profile = SHORT if name == "short" else LONG
     seed = env.get("RATEQUOTA_FAULTS_SEED")
     if seed:
         profile = replace(profile, seed=int(seed))
@@ -120,5 +155,10 @@ def from_environment(environ: dict[str, str] | None = None) -> Profile:
 
 def with_flags(profile: Profile, flags: frozenset[str]) -> Profile:
     """``profile`` with the faults of ``flags`` added."""
-    extra = tuple(f for flag in sorted(flags) for f in FLAGS[flag] if f not in profile.faults)
+    extra = tuple(
+        f
+        for flag in sorted(flags)
+        for f in FLAGS[flag]
+        if f not in profile.faults and not (profile.topology == "cluster" and f in SHARD_ONLY)
+    )
     return replace(profile, faults=profile.faults + extra, flags=profile.flags | flags)

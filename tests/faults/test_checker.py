@@ -372,3 +372,11 @@ def test_a_call_without_an_answer_may_have_run() -> None:
     assert run(shortened).violations == []
     gone = [admit("x", 100, ttl=5000), renew_lost, renew("x", 600, None)]
     assert run(gone).violations == []
+
+
+def test_gone_is_judged_by_when_the_answer_came() -> None:
+    """A slow release (redirected after a failover) may run after the expiry: not a vanish."""
+    slow = call("release", 900, 1200, outcome="ok", lease_id="x", via="explicit", state="expired")
+    assert run([admit("x", 100, ttl=1000), slow]).violations == []
+    quick = call("release", 900, 905, outcome="ok", lease_id="x", via="explicit", state="expired")
+    assert kinds(run([admit("x", 100, ttl=1000), quick])) == {"lease_vanished": 1}

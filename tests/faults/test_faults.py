@@ -1,7 +1,8 @@
 """The fault harness as a test: pods under injected faults, checked by the independent checker.
 
-By default the short profile runs (about a minute on two cores, fixed seed)
-with the faults today's library handles (``profiles.MAIN_FAULTS``).
+By default the short profile runs (about 40 s on two shards and 25 s on a
+three-node cluster, fixed seed) with the faults today's library handles
+(``profiles.MAIN_FAULTS``, ``profiles.CLUSTER_FAULTS``).
 ``RATEQUOTA_FAULTS=long`` runs the long profile, ``RATEQUOTA_FAULTS_SEED``
 picks another seed, and ``RATEQUOTA_FAULTS_FLAGS`` adds the faults and strict
 checks that wait for fixes on other branches (see ``profiles``). A failure
@@ -22,11 +23,17 @@ from tests.servers import redis_server_binary
 pytestmark = [pytest.mark.real_redis, pytest.mark.slow]
 
 
-def test_no_violation_under_faults() -> None:
-    """Every enabled fault is injected, work gets done, and no property that counts breaks."""
-    if redis_server_binary() is None:
+@pytest.mark.parametrize("topology", ["shards", "cluster"])
+def test_no_violation_under_faults(topology: str) -> None:
+    """Every enabled fault is injected, work gets done, and no property that counts breaks.
+
+    ``shards``: two servers, one with AOF; pod kills, pauses, restarts,
+    SCRIPT FLUSH, policy changes. ``cluster``: three masters; the same
+    without restarts, plus failovers to a freshly added replica.
+    """
+    if redis_server_binary() is None or shutil.which("redis-cli") is None:
         _no_redis()
-    profile = profiles.from_environment()
+    profile = profiles.from_environment(topology=topology)
     directory, report = driver.run_profile(profile)
     summary = f"seed {profile.seed}, run directory {directory}\n{report.summary()}"
     print(summary)
@@ -34,6 +41,6 @@ def test_no_violation_under_faults() -> None:
     assert not hard, summary
     injected = set(report.figures["faults"])
     assert injected == set(profile.faults), summary
-    assert report.figures["admissions"] > 100, summary
+    assert report.figures["admissions"] > 50, summary
     assert report.figures["pods_hung"] == 0, summary
     shutil.rmtree(directory, ignore_errors=True)
