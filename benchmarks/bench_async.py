@@ -25,8 +25,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ratequota.aio import AsyncQuotaClient
-from ratequota.backends import _redis_from_url
+from ratequota.clients.aio import AsyncQuotaClient
+from ratequota.clients.backends import _redis_from_url
 from ratequota.policy import GroupPolicy, Policy, TenantPolicy
 from tests.servers import RedisServer
 

@@ -28,9 +28,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ratequota.client import QuotaClient
+from ratequota.clients.sync import QuotaClient
+from ratequota.engine.protocol import acquire_call, release_call
 from ratequota.policy import GroupPolicy, Policy, TenantPolicy
-from ratequota.protocol import acquire_call, release_call
 from tests.servers import RedisServer
 
 LIVE_LEASES = 10_000

@@ -4,9 +4,12 @@ This module only re-exports; the work lives in modules named for what they
 hold (``policy``, ``fairness``, ``core``, ``client``, ...).
 """
 
-from ratequota.aio import AsyncAcquisition, AsyncLease, AsyncQuotaClient
-from ratequota.client import Acquisition, Lease, QuotaClient
-from ratequota.core import Settings
+from ratequota.clients.aio import AsyncAcquisition, AsyncLease, AsyncQuotaClient
+from ratequota.clients.core import Settings
+from ratequota.clients.explain import Explanation, Loan, explain
+from ratequota.clients.failure import FailureStats
+from ratequota.clients.readiness import ReadinessReport, ShardReport
+from ratequota.clients.sync import Acquisition, Lease, QuotaClient
 from ratequota.decision import (
     Decision,
     GroupSnapshot,
@@ -30,10 +33,7 @@ from ratequota.errors import (
     SchemaMismatch,
     UnknownTenant,
 )
-from ratequota.explain import Explanation, Loan, explain
-from ratequota.failure import FailureStats
 from ratequota.policy import GroupPolicy, Policy, TenantPolicy
-from ratequota.readiness import ReadinessReport, ShardReport
 
 __all__ = [
     "AcquireTimeout",

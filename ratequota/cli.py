@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from ratequota.client import QuotaClient
+from ratequota.clients.sync import QuotaClient
 from ratequota.errors import RateQuotaError
 
 __all__ = ["add_backend_options", "client_from_args", "main"]
@@ -63,7 +63,7 @@ def _simulate_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
 
 
 def _check_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    from ratequota.readiness import add_arguments, run
+    from ratequota.clients.readiness import add_arguments, run
 
     parser = sub.add_parser(
         "check", help="readiness of every shard; exits non-zero when the pod must not take traffic"

@@ -1,6 +1,6 @@
 """What the engine answers: decisions, leases, renewals, releases and snapshots.
 
-These are plain data, decoded from script replies by ``ratequota.protocol``;
+These are plain data, decoded from script replies by ``ratequota.engine.protocol``;
 the clients add behaviour (a ``Lease`` knows how to renew and release itself
 through the client that granted it).
 """

@@ -13,7 +13,7 @@ import threading
 import time
 import uuid
 
-from ratequota.client import QuotaClient
+from ratequota.clients.sync import QuotaClient
 from ratequota.errors import QuotaExceeded
 from ratequota.policy import GroupPolicy, Policy, TenantPolicy
 

@@ -31,8 +31,8 @@ from typing import Any, TextIO
 import attrs
 import redis
 
-from ratequota.backends import translate_error
-from ratequota.client import QuotaClient
+from ratequota.clients.backends import translate_error
+from ratequota.clients.sync import QuotaClient
 from ratequota.errors import AcquireTimeout, RateQuotaError
 from ratequota.scenario import Scenario, TenantLoad, default_scenario, load_scenario
 from ratequota.simstats import (

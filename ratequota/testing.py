@@ -12,8 +12,8 @@ import asyncio
 import threading
 from typing import Any
 
-from ratequota.backends import embedded_backend
-from ratequota.client import QuotaClient
+from ratequota.clients.backends import embedded_backend
+from ratequota.clients.sync import QuotaClient
 from ratequota.policy import Policy
 
 __all__ = ["ManualClock", "fake_client"]

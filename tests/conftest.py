@@ -15,11 +15,14 @@ from typing import Any
 
 import fakeredis
 import pytest
+import redis
 from hypothesis import HealthCheck, settings
 
-from ratequota import QuotaClient
-from ratequota.backends import SingleBackend, embedded_backend, url_backend
+from ratequota import AsyncQuotaClient, QuotaClient
+from ratequota.clients.aio import async_embedded_backend, async_url_backend
+from ratequota.clients.backends import embedded_backend, url_backend
 from ratequota.policy import Policy
+from tests.bridge import AsyncBridge
 from tests.servers import RedisCluster, RedisServer, redis_server_binary
 
 # Hypothesis: "ci" is the default and keeps the suite within its time budget;
@@ -99,35 +102,81 @@ def backend_kind(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
-@pytest.fixture
-def make_client(backend_kind: str, request: pytest.FixtureRequest) -> Iterator[MakeClient]:
-    """A factory of clients that share one fresh backend (like pods on one Redis)."""
-    clients: list[QuotaClient] = []
+@pytest.fixture(params=["sync", "async"])
+def client_kind(request: pytest.FixtureRequest) -> str:
+    """Which client a behavioural test drives: ``QuotaClient`` or a bridged ``AsyncQuotaClient``."""
+    return str(request.param)
+
+
+def _client_factory(
+    backend_kind: str, client_kind: str, request: pytest.FixtureRequest
+) -> tuple[Callable[..., Any], Callable[[], None]]:
+    """``make(policy, **options)`` building clients of one kind on one fresh backend."""
+    clients: list[Any] = []
     if backend_kind == "real":
         server: RedisServer = request.getfixturevalue("real_redis")
         url = server.url
 
-        def new_backend(timeout: float) -> SingleBackend:
+        def new_backend(timeout: float) -> Any:
+            if client_kind == "async":
+                return async_url_backend(url, socket_timeout=timeout)
             return url_backend(url, socket_timeout=timeout)
 
+        def new_raw() -> redis.Redis:
+            return redis.Redis.from_url(url)
+
     else:
-        server = fakeredis.FakeServer()
+        fake = fakeredis.FakeServer()
 
-        def new_backend(timeout: float) -> SingleBackend:
-            return embedded_backend(server=server)
+        def new_backend(timeout: float) -> Any:
+            if client_kind == "async":
+                return async_embedded_backend(server=fake)
+            return embedded_backend(server=fake)
 
-    def make(policy: Policy | None = None, **options: Any) -> QuotaClient:
-        timeout = options.get("socket_timeout", 5.0)
-        options.setdefault("socket_timeout", timeout)
-        client = QuotaClient(backend=new_backend(timeout), **options)
+        def new_raw() -> redis.Redis:
+            return fakeredis.FakeRedis(server=fake)
+
+    def make(policy: Policy | None = None, **options: Any) -> Any:
+        timeout = options.setdefault("socket_timeout", 5.0)
+        client: Any
+        if client_kind == "async":
+            client = AsyncBridge(
+                lambda: AsyncQuotaClient(backend=new_backend(timeout), **options), new_raw()
+            )
+        else:
+            client = QuotaClient(backend=new_backend(timeout), **options)
         clients.append(client)
         if policy is not None:
             client.apply_policy(policy)
         return client
 
+    def close_all() -> None:
+        for client in clients:
+            client.close()
+
+    return make, close_all
+
+
+@pytest.fixture
+def make_client(backend_kind: str, request: pytest.FixtureRequest) -> Iterator[MakeClient]:
+    """A factory of sync clients that share one fresh backend (like pods on one Redis)."""
+    make, close_all = _client_factory(backend_kind, "sync", request)
     yield make
-    for client in clients:
-        client.close()
+    close_all()
+
+
+@pytest.fixture
+def make_quota(
+    backend_kind: str, client_kind: str, request: pytest.FixtureRequest
+) -> Iterator[MakeClient]:
+    """Like ``make_client``, for both clients: the async one through ``tests.bridge``.
+
+    A behavioural test written once against the sync API runs four times: sync
+    and async, on fakeredis and on a real redis-server.
+    """
+    make, close_all = _client_factory(backend_kind, client_kind, request)
+    yield make
+    close_all()
 
 
 @pytest.fixture(scope="session")

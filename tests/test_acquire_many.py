@@ -15,12 +15,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ratequota import protocol
-from ratequota.aio import AsyncQuotaClient
-from ratequota.keys import KeySpace
+from ratequota.clients.aio import AsyncQuotaClient
+from ratequota.clients.shell import wire_call
+from ratequota.engine import protocol
+from ratequota.engine.keys import KeySpace
+from ratequota.engine.scripts import load_scripts
 from ratequota.policy import GroupPolicy, Policy, TenantPolicy
-from ratequota.scripts import load_scripts
-from ratequota.shell import wire_call
 from tests.redis_state import dump_keys
 from tests.servers import RedisServer
 

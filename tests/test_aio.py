@@ -14,10 +14,10 @@ from typing import Any
 import fakeredis
 import pytest
 
-from ratequota.aio import AsyncQuotaClient, async_embedded_backend, async_url_backend
-from ratequota.backends import embedded_backend
-from ratequota.batching import BatchPolicy
-from ratequota.client import QuotaClient
+from ratequota.clients.aio import AsyncQuotaClient, async_embedded_backend, async_url_backend
+from ratequota.clients.backends import embedded_backend
+from ratequota.clients.sync import QuotaClient
+from ratequota.engine.batching import BatchPolicy
 from ratequota.errors import AcquireTimeout, InvalidRequest, InvalidType, RequestTooLarge
 from ratequota.policy import GroupPolicy, Policy, TenantPolicy
 from tests.servers import RedisServer

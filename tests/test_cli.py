@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from ratequota import cli
-from ratequota.client import QuotaClient
+from ratequota.clients.sync import QuotaClient
 from ratequota.errors import PolicyFileError
 from ratequota.operator import policy_to_toml, render_snapshot
 from ratequota.policy import GroupPolicy, Policy, TenantPolicy

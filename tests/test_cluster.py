@@ -20,11 +20,11 @@ import pytest
 import redis
 from redis.crc import key_slot
 
-from ratequota.client import QuotaClient
+from ratequota.clients.sync import QuotaClient
+from ratequota.engine.keys import KeySpace
+from ratequota.engine.scripts import load_scripts
 from ratequota.errors import BackendUnavailable
-from ratequota.keys import KeySpace
 from ratequota.policy import GroupPolicy, Policy, TenantPolicy
-from ratequota.scripts import load_scripts
 from tests.servers import RedisCluster
 
 pytestmark = pytest.mark.real_redis
@@ -329,8 +329,8 @@ def test_batched_renewal_works_on_a_cluster(redis_cluster: RedisCluster) -> None
     redis-py's cluster pipeline refuses EVALSHA, so cluster batches go call by
     call; scripts are flushed first so the batch's NOSCRIPT reload runs too.
     """
+    from ratequota.clients.renewal import renew_many
     from ratequota.decision import RenewResult
-    from ratequota.renewal import renew_many
 
     prefix = _prefix()
     groups = [f"r{i}" for i in range(9)]
@@ -353,9 +353,9 @@ def test_async_client_on_a_cluster(redis_cluster: RedisCluster) -> None:
     Every lease is released at the end (no unit lost or doubled) and the
     async batch path (renewals) works although the cluster cannot pipeline.
     """
-    from ratequota.aio import AsyncQuotaClient
+    from ratequota.clients.aio import AsyncQuotaClient
+    from ratequota.clients.renewal import renew_many
     from ratequota.decision import RenewResult
-    from ratequota.renewal import renew_many
 
     prefix = _prefix()
     groups = [f"a{i}" for i in range(9)]
@@ -430,7 +430,7 @@ def test_a_timed_out_cluster_call_is_not_replayed(redis_cluster: RedisCluster) -
 
 def test_check_on_a_cluster_sync_and_async(redis_cluster: RedisCluster) -> None:
     """Both clients' readiness checks report every primary, with policies found on their nodes."""
-    from ratequota.aio import AsyncQuotaClient
+    from ratequota.clients.aio import AsyncQuotaClient
 
     prefix = _prefix()
     groups = [f"c{i}" for i in range(12)]

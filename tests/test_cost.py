@@ -15,7 +15,7 @@ import re
 import pytest
 import redis
 
-from ratequota.client import QuotaClient
+from ratequota.clients.sync import QuotaClient
 from ratequota.policy import GroupPolicy, Policy, TenantPolicy
 from tests.conftest import MakeClient
 from tests.servers import RedisServer

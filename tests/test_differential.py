@@ -22,8 +22,8 @@ import random
 import attrs
 import pytest
 
-from ratequota.backends import SingleBackend, embedded_backend, url_backend
-from ratequota.client import QuotaClient
+from ratequota.clients.backends import SingleBackend, embedded_backend, url_backend
+from ratequota.clients.sync import QuotaClient
 from ratequota.decision import Decision, LeaseInfo
 from ratequota.errors import UnknownTenant
 from ratequota.fairness import EPSILON, GroupDecision, decide, group_allocation

@@ -1,85 +1,142 @@
-"""The documentation build (docs/build.py): links and anchors resolve, pages render.
+"""The documentation: a strict site build, links out of docs/, and every Python example run.
 
-The real pages are checked on every run, so a renamed heading or a missing
-page fails the suite rather than leaving a dead link; the checker and the
-renderer are also tested on small pages made here.
+``mkdocs build --strict`` (the same build as the ``docs`` extra) fails on a link
+to a missing page or heading; links that leave docs/ for repository files are
+checked here. Every ```python block of README.md and docs/ is executed by
+pytest-examples on the embedded default, so an example cannot rot; a block that
+needs a real deployment (host names) is fenced ``{.python .no-run}`` and shown only.
 """
 
 from __future__ import annotations
 
-import importlib.util
+import re
+import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from types import ModuleType
+from typing import Any
 
 import pytest
+from pytest_examples import CodeExample, EvalExample, find_examples
 
-BUILD = Path(__file__).resolve().parent.parent / "docs" / "build.py"
+from ratequota import GroupPolicy, Policy, TenantPolicy
+from ratequota.testing import fake_client
 
-
-@pytest.fixture(scope="module")
-def build() -> ModuleType:
-    """docs/build.py, imported as a module."""
-    spec = importlib.util.spec_from_file_location("docs_build", BUILD)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["docs_build"] = module
-    spec.loader.exec_module(module)
-    return module
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = ROOT / "docs"
+PAGES = [ROOT / "README.md", *sorted(DOCS.glob("*.md"))]
+_LINK = re.compile(r"(?<!!)\[[^\]]*\]\(([^)\s#]+)(#[^)\s]*)?\)")
+_FENCE = re.compile(r"^\s*(```|~~~)")
 
 
-def test_every_docs_link_and_anchor_resolves(build: ModuleType) -> None:
-    """No page of docs/ links to a missing page, file or heading."""
-    problems = build.check(build.pages())
-    assert not problems, "\n".join(str(p) for p in problems)
-
-
-def test_docs_pages_render(build: ModuleType, tmp_path: Path) -> None:
-    """The build writes an HTML page per Markdown page, with anchors and nav links."""
-    build.write_site(build.pages(), tmp_path)
-    written = sorted(p.name for p in tmp_path.glob("*.html"))
-    assert written == sorted(f"{p.stem}.html" for p in build.pages())
-    cli = (tmp_path / "cli.html").read_text()
-    assert '<h2 id="policy-apply">policy apply</h2>' in cli
-    assert '<a href="simulate.html">' in cli
-
-
-def test_checker_finds_missing_pages_and_anchors(build: ModuleType, tmp_path: Path) -> None:
-    """A link to a missing page or heading is reported with file and line; code is ignored."""
-    good = tmp_path / "a.md"
-    good.write_text("# Title\n\n## Two words `here`\n\n## Two words here\n")
-    bad = tmp_path / "b.md"
-    bad.write_text(
-        "# B\n[ok](a.md#two-words-here)\n[dup](a.md#two-words-here-1)\n"
-        "[gone](c.md)\n[nohead](a.md#nope)\n```\n[in code](x.md)\n```\n[self](#b)\n"
+def test_site_builds_strictly(tmp_path: Path) -> None:
+    """mkdocs --strict: no missing page, no missing anchor, every page in the nav."""
+    done = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "-q", "-d", str(tmp_path / "site")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
     )
-    problems = build.check([good, bad])
-    assert [(p.line, p.message) for p in problems] == [
-        (4, "link to missing file 'c.md'"),
-        (5, "no heading #nope in a.md"),
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert (tmp_path / "site" / "architecture" / "index.html").exists()
+
+
+def _outside_links(page: Path) -> Iterator[tuple[int, str]]:
+    """Relative links of ``page`` (outside code blocks) that mkdocs does not check."""
+    in_code = False
+    for number, line in enumerate(page.read_text(encoding="utf-8").splitlines(), 1):
+        if _FENCE.match(line):
+            in_code = not in_code
+            continue
+        if in_code:
+            continue
+        for match in _LINK.finditer(line.replace("``", "")):
+            target = match.group(1)
+            if "://" in target or target.startswith("mailto:"):
+                continue
+            if page.parent == DOCS and not target.startswith(".."):
+                continue  # a page of the site: mkdocs checks it
+            yield number, target
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
+def test_links_to_repository_files_resolve(page: Path) -> None:
+    """A link from README.md, or from docs/ to a file outside it, names a file that exists."""
+    missing = [
+        f"{page.name}:{line}: {target}"
+        for line, target in _outside_links(page)
+        if not (page.parent / target).resolve().exists()
     ]
+    assert missing == []
 
 
-def test_inline_rendering(build: ModuleType) -> None:
-    """Code spans are escaped, page links become .html, repository files are reached from _build."""
-    html = build.inline(
-        "[`x<y`](cli.md#check), **b**, *e*, [f](../README.md), [w](https://a.b/c.md)"
+class _Done:
+    """What the examples' ``run_batch`` returns: ignorable, and awaitable in async examples."""
+
+    def __await__(self) -> Iterator[None]:
+        return iter(())
+
+
+def run_batch(*args: Any, **kwargs: Any) -> _Done:
+    """The examples' stand-in for the user's batch."""
+    return _Done()
+
+
+EXAMPLE_POLICY = Policy(
+    [
+        GroupPolicy(
+            "acme",
+            capacity=24,
+            tenants=[
+                TenantPolicy("acme-prod", guarantee=12, lendable=1 / 3, borrow_limit=4),
+                TenantPolicy("acme-dev", guarantee=12, lendable=1 / 3, borrow_limit=4),
+            ],
+        ),
+        GroupPolicy("shared", capacity=16, tenants=[TenantPolicy("tenant-a", guarantee=4)]),
+    ]
+)
+
+
+def _runnable(example: CodeExample) -> bool:
+    return example.prefix.startswith("python") or (
+        example.prefix.startswith("{") and ".no-run" not in example.prefix
     )
-    assert '<a href="cli.html#check"><code>x&lt;y</code></a>' in html
-    assert "<strong>b</strong>" in html
-    assert "<em>e</em>" in html
-    assert '<a href="../../README.md">f</a>' in html
-    assert '<a href="https://a.b/c.md">w</a>' in html
 
 
-def test_render_blocks(build: ModuleType) -> None:
-    """Headings get GitHub anchors; lists nest one level; tables and fenced code render."""
-    page = build.render(
-        "## A `b` c\n\n1. one\n   cont\n   * sub\n2. two\n\n| x | y |\n|---|---|\n| 1 | 2 |\n\n"
-        "```python\nif a < b: pass\n```\n"
-    )
-    assert '<h2 id="a-b-c">A <code>b</code> c</h2>' in page
-    assert "<ol><li>one cont<ul><li>sub</li></ul></li><li>two</li></ol>" in page
-    assert "<th>x</th>" in page
-    assert "<td>2</td>" in page
-    assert '<pre><code class="language-python">if a &lt; b: pass</code></pre>' in page
+EXAMPLES = [e for e in find_examples(*map(str, PAGES)) if _runnable(e)]
+
+
+def _page_file(path: Path, name: str) -> str | None:
+    """The page's fenced block whose first line is ``# <name>`` (a file the examples read)."""
+    block: list[str] | None = None
+    for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
+        if _FENCE.match(line):
+            if block is None:
+                block = []
+                continue
+            if block and block[0] == f"# {name}\n":
+                return "".join(block)
+            block = None
+        elif block is not None:
+            block.append(line)
+    return None
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=str)
+def test_python_example_runs(
+    example: CodeExample, eval_example: EvalExample, tmp_path: Path, monkeypatch: Any
+) -> None:
+    """Each example runs as written, with ``quota``, ``policy`` and ``run_batch`` predefined."""
+    toml = _page_file(example.path, "policy.toml")
+    if toml is not None:
+        (tmp_path / "policy.toml").write_text(toml, encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    quota = fake_client(EXAMPLE_POLICY)
+    try:
+        eval_example.run(
+            example,
+            module_globals={"quota": quota, "policy": EXAMPLE_POLICY, "run_batch": run_batch},
+        )
+    finally:
+        quota.close()

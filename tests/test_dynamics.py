@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from ratequota.client import QuotaClient
+from ratequota.clients.sync import QuotaClient
 from ratequota.decision import Decision, LeaseInfo
 from ratequota.policy import GroupPolicy, Policy, TenantPolicy
 from ratequota.testing import ManualClock

@@ -22,8 +22,8 @@ from typing import Any
 
 import pytest
 
-from ratequota.aio import AsyncQuotaClient
-from ratequota.client import QuotaClient
+from ratequota.clients.aio import AsyncQuotaClient
+from ratequota.clients.sync import QuotaClient
 
 uvicorn = pytest.importorskip("uvicorn")
 

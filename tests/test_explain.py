@@ -9,9 +9,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from ratequota.clients.explain import POOL, explain
 from ratequota.decision import GroupSnapshot, TenantSnapshot
 from ratequota.errors import UnknownTenant
-from ratequota.explain import POOL, explain
 from ratequota.fairness import decide
 from ratequota.policy import GroupPolicy, Policy, TenantPolicy
 from tests.conftest import MakeClient
@@ -157,7 +157,7 @@ def test_async_client_explains_the_same() -> None:
     """``AsyncQuotaClient.explain`` drives the same flow: same limit, same verdict."""
     import asyncio
 
-    from ratequota.aio import AsyncQuotaClient, async_embedded_backend
+    from ratequota.clients.aio import AsyncQuotaClient, async_embedded_backend
 
     async def main() -> None:
         quota = AsyncQuotaClient(backend=async_embedded_backend(shared=False))

@@ -16,10 +16,10 @@ from typing import Any
 import pytest
 from redis.crc import key_slot
 
-from ratequota.client import QuotaClient
-from ratequota.keys import KeySpace
+from ratequota.clients.sync import QuotaClient
+from ratequota.engine.keys import KeySpace
+from ratequota.engine.scripts import load_scripts
 from ratequota.policy import GroupPolicy, Policy, TenantPolicy
-from ratequota.scripts import load_scripts
 from tests.conftest import _no_redis
 from tests.servers import RedisCluster, redis_server_binary
 

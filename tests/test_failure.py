@@ -13,11 +13,11 @@ import time
 
 import pytest
 
-from ratequota.aio import AsyncQuotaClient
-from ratequota.client import QuotaClient
-from ratequota.core import Settings
+from ratequota.clients.aio import AsyncQuotaClient
+from ratequota.clients.core import Settings
+from ratequota.clients.failure import Breakers, CircuitBreaker
+from ratequota.clients.sync import QuotaClient
 from ratequota.errors import BackendUnavailable, ConfigError
-from ratequota.failure import Breakers, CircuitBreaker
 from tests.servers import free_port
 
 

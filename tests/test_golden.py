@@ -11,7 +11,7 @@ A deliberate change updates the files (``RATEQUOTA_UPDATE_GOLDEN=1 pytest
 tests/test_golden.py``) and so shows up in review; it must come with a
 schema bump (see docs/deployment.md). Also here: a client meeting state of a
 newer schema refuses with ``SchemaMismatch`` and writes nothing, and every
-argument encoder of ``ratequota.protocol`` matches the header it calls.
+argument encoder of ``ratequota.engine.protocol`` matches the header it calls.
 """
 
 from __future__ import annotations
@@ -26,14 +26,14 @@ from typing import Any
 import fakeredis
 import pytest
 
-from ratequota import protocol
-from ratequota.backends import embedded_backend
-from ratequota.client import QuotaClient
+from ratequota.clients.backends import embedded_backend
+from ratequota.clients.sync import QuotaClient
+from ratequota.engine import protocol
+from ratequota.engine.keys import SCHEMA_VERSION, KeySpace
+from ratequota.engine.protocol import ScriptCall
+from ratequota.engine.scripts import SCRIPT_NAMES, load_scripts, parse_header, script
 from ratequota.errors import RateQuotaError, SchemaMismatch
-from ratequota.keys import SCHEMA_VERSION, KeySpace
 from ratequota.policy import GroupPolicy, Policy, TenantPolicy
-from ratequota.protocol import ScriptCall
-from ratequota.scripts import SCRIPT_NAMES, load_scripts, parse_header, script
 from ratequota.testing import ManualClock
 from tests.redis_state import dump_keys
 
@@ -258,9 +258,9 @@ def test_newer_schema_catalog_is_refused() -> None:
 
 def test_every_header_parses_and_declares_the_group_keys() -> None:
     """Every lua/*.lua entry script has a header; group scripts take exactly the group's keys."""
-    from ratequota import scripts
+    from ratequota.engine import scripts
 
-    folder = Path(inspect.getfile(scripts)).resolve().parent.parent / "lua"
+    folder = Path(inspect.getfile(scripts)).resolve().parents[2] / "lua"
     files = sorted(p.stem for p in folder.glob("*.lua") if not p.stem.startswith("_"))
     assert files == sorted(SCRIPT_NAMES)
     group_keys = len(KeySpace().group("g").all)
@@ -270,7 +270,7 @@ def test_every_header_parses_and_declares_the_group_keys() -> None:
         assert len(keys) == (1 if name == "apply_policy" else group_keys), name
 
 
-#: One sample call of every encoder in ratequota.protocol.
+#: One sample call of every encoder in ratequota.engine.protocol.
 ENCODERS: dict[str, Any] = {
     "apply_policy_call": lambda ks: protocol.apply_policy_call(ks, POLICY),
     "acquire_call": lambda ks: protocol.acquire_call(

@@ -18,10 +18,10 @@ from collections import Counter
 import pytest
 import redis
 
-from ratequota.client import QuotaClient
+from ratequota.clients.sync import QuotaClient
 from ratequota.decision import LeaseInfo
+from ratequota.engine.keys import GroupKeys
 from ratequota.errors import QuotaExceeded
-from ratequota.keys import GroupKeys
 from ratequota.policy import GroupPolicy, Policy, TenantPolicy
 from tests.servers import RedisServer
 

@@ -6,7 +6,7 @@ The clock is pinned with ``ManualClock`` so expiry is exact and tests never slee
 from __future__ import annotations
 
 import asyncio
-import threading
+from collections.abc import Callable
 
 import pytest
 
@@ -22,6 +22,7 @@ from ratequota import (
     UnknownTenant,
 )
 from ratequota.testing import ManualClock
+from tests.bridge import raw_connection
 from tests.conftest import MakeClient
 
 POLICY = Policy(
@@ -43,7 +44,7 @@ POLICY = Policy(
 
 def expiring_keys_ok(client: object) -> list[str]:
     """Keys of the client's prefix with no expiry, other than policies and the catalog."""
-    conn = client.backend.connection("x")  # type: ignore[attr-defined]
+    conn = raw_connection(client)
     bad = []
     for key in conn.scan_iter(match="rq:*"):
         name = key.decode()
@@ -54,9 +55,9 @@ def expiring_keys_ok(client: object) -> list[str]:
     return bad
 
 
-def test_try_acquire_admits_then_refuses_with_numbers(make_client: MakeClient) -> None:
+def test_try_acquire_admits_then_refuses_with_numbers(make_quota: MakeClient) -> None:
     """A refusal says why and gives used / limit / capacity; an admission carries a lease."""
-    quota = make_client(POLICY, clock=ManualClock())
+    quota = make_quota(POLICY, clock=ManualClock())
     first = quota.try_acquire("a", 8)
     assert first.admitted and first.lease is not None
     assert (first.used, first.group_used, first.capacity) == (8, 8, 10)
@@ -72,9 +73,9 @@ def test_try_acquire_admits_then_refuses_with_numbers(make_client: MakeClient) -
     assert quota.snapshot("batch").used == 2
 
 
-def test_group_full_and_too_large(make_client: MakeClient) -> None:
+def test_group_full_and_too_large(make_quota: MakeClient) -> None:
     """Requests above min(C, G+B, max_units) are too large; a full group says group_full."""
-    quota = make_client(POLICY, clock=ManualClock())
+    quota = make_quota(POLICY, clock=ManualClock())
     assert quota.try_acquire("a", 9).reason == "too_large"  # G+B = 8
     assert quota.try_acquire("b", 5).reason == "too_large"  # max_units = 4
     with pytest.raises(RequestTooLarge), quota.acquire("a", 9, timeout=1):
@@ -85,9 +86,9 @@ def test_group_full_and_too_large(make_client: MakeClient) -> None:
     assert full.group == "open"
 
 
-def test_context_manager_releases_on_exception(make_client: MakeClient) -> None:
+def test_context_manager_releases_on_exception(make_quota: MakeClient) -> None:
     """The lease is released when the block raises, and the exception propagates."""
-    quota = make_client(POLICY, clock=ManualClock())
+    quota = make_quota(POLICY, clock=ManualClock())
     with pytest.raises(RuntimeError, match="boom"), quota.acquire("a", 4) as lease:
         assert lease.units == 4 and lease.token >= 1
         raise RuntimeError("boom")
@@ -95,10 +96,10 @@ def test_context_manager_releases_on_exception(make_client: MakeClient) -> None:
     assert expiring_keys_ok(quota) == []
 
 
-def test_expiry_returns_a_dead_holders_units(make_client: MakeClient) -> None:
+def test_expiry_returns_a_dead_holders_units(make_quota: MakeClient) -> None:
     """A holder that stops renewing loses its units at expiry (Redis time), and they come back."""
     clock = ManualClock()
-    quota = make_client(POLICY, clock=clock)
+    quota = make_quota(POLICY, clock=clock)
     dead = quota.try_acquire("a", 8, ttl=30)
     assert dead.admitted and dead.lease is not None
     assert not quota.try_acquire("a", 1).admitted
@@ -110,10 +111,10 @@ def test_expiry_returns_a_dead_holders_units(make_client: MakeClient) -> None:
     assert result.state == "unknown" and not result.was_live
 
 
-def test_release_of_an_overrun_lease_reports_expired(make_client: MakeClient) -> None:
+def test_release_of_an_overrun_lease_reports_expired(make_quota: MakeClient) -> None:
     """Releasing after the TTL (before any purge) says the holder overran its lease."""
     clock = ManualClock()
-    quota = make_client(POLICY, clock=clock)
+    quota = make_quota(POLICY, clock=clock)
     decision = quota.try_acquire("a", 2, ttl=5)
     assert decision.lease is not None
     clock.advance(6)
@@ -122,9 +123,9 @@ def test_release_of_an_overrun_lease_reports_expired(make_client: MakeClient) ->
     assert quota.snapshot("batch").used == 0
 
 
-def test_retried_acquire_is_charged_once(make_client: MakeClient) -> None:
+def test_retried_acquire_is_charged_once(make_quota: MakeClient) -> None:
     """A retry with the same request id returns the same lease instead of charging twice."""
-    quota = make_client(POLICY, clock=ManualClock())
+    quota = make_quota(POLICY, clock=ManualClock())
     first = quota.try_acquire("a", 3, request_id="req-1")
     again = quota.try_acquire("a", 3, request_id="req-1")
     assert first.lease is not None and again.lease is not None
@@ -134,9 +135,9 @@ def test_retried_acquire_is_charged_once(make_client: MakeClient) -> None:
     assert quota.snapshot("batch").used == 3
 
 
-def test_release_twice_is_harmless(make_client: MakeClient) -> None:
+def test_release_twice_is_harmless(make_quota: MakeClient) -> None:
     """The second release reports the lease unknown and frees nothing more."""
-    quota = make_client(POLICY, clock=ManualClock())
+    quota = make_quota(POLICY, clock=ManualClock())
     d1 = quota.try_acquire("a", 3)
     d2 = quota.try_acquire("a", 2)
     assert d1.lease and d2.lease
@@ -146,10 +147,10 @@ def test_release_twice_is_harmless(make_client: MakeClient) -> None:
     assert quota.snapshot("batch").used == 2
 
 
-def test_fencing_tokens_strictly_increase(make_client: MakeClient) -> None:
+def test_fencing_tokens_strictly_increase(make_quota: MakeClient) -> None:
     """Tokens grow with every grant of a group, across clients and policy updates."""
-    quota = make_client(POLICY, clock=ManualClock())
-    other = make_client()
+    quota = make_quota(POLICY, clock=ManualClock())
+    other = make_quota()
     tokens = []
     for i in range(20):
         client = quota if i % 2 else other
@@ -164,10 +165,10 @@ def test_fencing_tokens_strictly_increase(make_client: MakeClient) -> None:
     assert tokens == sorted(tokens) and len(set(tokens)) == len(tokens)
 
 
-def test_renew_extends_and_hints_over_limit(make_client: MakeClient) -> None:
+def test_renew_extends_and_hints_over_limit(make_quota: MakeClient) -> None:
     """Renew moves the expiry; when a lender comes back the borrower's renewal says over_limit."""
     clock = ManualClock()
-    quota = make_client(POLICY, clock=clock)
+    quota = make_quota(POLICY, clock=clock)
     with quota.acquire("a", 8, ttl=10) as lease:  # a borrows 3 of b's guarantee
         clock.advance(8)
         result = lease.renew(ttl=10)
@@ -179,10 +180,10 @@ def test_renew_extends_and_hints_over_limit(make_client: MakeClient) -> None:
     assert quota.snapshot("batch").used == 2
 
 
-def test_renew_reports_lender_wants_capacity_back(make_client: MakeClient) -> None:
+def test_renew_reports_lender_wants_capacity_back(make_quota: MakeClient) -> None:
     """A borrower above its fair limit is told so on renewal (a lender is waiting)."""
     clock = ManualClock()
-    quota = make_client(POLICY, clock=clock)
+    quota = make_quota(POLICY, clock=clock)
     borrowed = quota.try_acquire("a", 8)
     assert borrowed.lease is not None
     # b asks for 4 within its guarantee and waits: group has only 2 free.
@@ -199,26 +200,26 @@ def test_renew_reports_lender_wants_capacity_back(make_client: MakeClient) -> No
     assert not quota.try_acquire("a", 1).admitted  # a borrows nothing more
 
 
-def test_renew_of_a_lost_lease(make_client: MakeClient) -> None:
+def test_renew_of_a_lost_lease(make_quota: MakeClient) -> None:
     """Renewing an expired lease fails and marks the lease lost."""
     clock = ManualClock()
-    quota = make_client(POLICY, clock=clock)
+    quota = make_quota(POLICY, clock=clock)
     with quota.acquire("a", 2, ttl=5) as lease:
         clock.advance(6)
         result = lease.renew()
         assert not result.renewed and lease.lost
 
 
-def test_ttl_above_the_policys_maximum(make_client: MakeClient) -> None:
+def test_ttl_above_the_policys_maximum(make_quota: MakeClient) -> None:
     """A lease longer than the group's max_lease_ttl is refused, naming ttl."""
-    quota = make_client(POLICY, clock=ManualClock())
+    quota = make_quota(POLICY, clock=ManualClock())
     with pytest.raises(InvalidRequest, match="ttl"):
         quota.try_acquire("a", 1, ttl=301)
 
 
-def test_unknown_tenants(make_client: MakeClient) -> None:
+def test_unknown_tenants(make_quota: MakeClient) -> None:
     """Unknown tenants are refused unless routed to a group that admits strangers."""
-    quota = make_client(Policy([GroupPolicy("g", 5, [TenantPolicy("a")])]), clock=ManualClock())
+    quota = make_quota(Policy([GroupPolicy("g", 5, [TenantPolicy("a")])]), clock=ManualClock())
     with pytest.raises(UnknownTenant, match="stranger"):
         quota.try_acquire("stranger", 1)
     with pytest.raises(UnknownTenant):
@@ -226,17 +227,17 @@ def test_unknown_tenants(make_client: MakeClient) -> None:
     assert isinstance(UnknownTenant("x"), KeyError)
 
 
-def test_no_policy_published(make_client: MakeClient) -> None:
+def test_no_policy_published(make_quota: MakeClient) -> None:
     """A group without a published policy raises PolicyMissing."""
-    quota = make_client(clock=ManualClock())
+    quota = make_quota(clock=ManualClock())
     with pytest.raises(PolicyMissing, match="nowhere"):
         quota.try_acquire("a", 1, group="nowhere")
 
 
-def test_policy_versions_and_atomic_switch(make_client: MakeClient) -> None:
+def test_policy_versions_and_atomic_switch(make_quota: MakeClient) -> None:
     """Publishing bumps the version only when the content changes; other pods see it at once."""
-    pod1 = make_client(clock=ManualClock())
-    pod2 = make_client(clock=ManualClock())
+    pod1 = make_quota(clock=ManualClock())
+    pod2 = make_quota(clock=ManualClock())
     assert pod1.apply_policy(POLICY) == {"batch": 1, "open": 1}
     assert pod1.apply_policy(POLICY) == {"batch": 1, "open": 1}
     assert pod2.load_policy() == POLICY
@@ -254,36 +255,60 @@ def test_policy_versions_and_atomic_switch(make_client: MakeClient) -> None:
         pod2.try_acquire("s1", 1, group="open")
 
 
-def test_policy_from_toml_path(make_client: MakeClient, tmp_path: object) -> None:
+def test_policy_from_toml_path(make_quota: MakeClient, tmp_path: object) -> None:
     """apply_policy accepts a path to a TOML file."""
     from pathlib import Path
 
     path = Path(str(tmp_path)) / "p.toml"
     path.write_text('[[groups]]\nname = "g"\ncapacity = 3\n[[groups.tenants]]\nname = "t"\n')
-    quota = make_client(clock=ManualClock())
+    quota = make_quota(clock=ManualClock())
     assert quota.apply_policy(path) == {"g": 1}
     assert quota.try_acquire("t", 3).admitted
 
 
-def test_waiting_acquire_gets_in_when_units_free(make_client: MakeClient) -> None:
+class ReleaseOnFirstSleep(ManualClock):
+    """A ManualClock that runs ``action`` (once) when the client first sleeps between tries."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.action: Callable[[], object] | None = None
+
+    def _take(self) -> Callable[[], object] | None:
+        action, self.action = self.action, None
+        return action
+
+    def sleep(self, seconds: float) -> None:
+        super().sleep(seconds)
+        action = self._take()
+        if action is not None:
+            action()
+
+    async def asleep(self, seconds: float) -> None:
+        await super().asleep(seconds)
+        action = self._take()
+        if action is not None:
+            # Off the loop: a bridged client's blocking call needs the loop to be free.
+            await asyncio.to_thread(action)
+
+
+def test_waiting_acquire_gets_in_when_units_free(make_quota: MakeClient) -> None:
     """acquire(timeout=...) waits, and is admitted as soon as another holder releases."""
-    quota = make_client(POLICY)
+    clock = ReleaseOnFirstSleep()
+    quota = make_quota(POLICY, clock=clock)
     holder = quota.try_acquire("a", 8)
     assert holder.lease is not None
-    timer = threading.Timer(0.2, quota.release, args=(holder.lease,))
-    timer.start()
-    try:
-        with quota.acquire("a", 8, timeout=5) as lease:
-            assert lease.units == 8
-    finally:
-        timer.cancel()
+    clock.action = lambda: quota.release(holder.lease)
+    with quota.acquire("a", 8, timeout=5) as lease:
+        assert lease.units == 8
+        assert clock.action is None  # admitted only after the release
+        assert clock.monotonic() < 5
     assert quota.snapshot("batch").used == 0
     assert quota.snapshot("batch").tenants == {}
 
 
-def test_timeout_zero_never_waits(make_client: MakeClient) -> None:
+def test_timeout_zero_never_waits(make_quota: MakeClient) -> None:
     """timeout=0 tries once and raises AcquireTimeout, registering no pending demand."""
-    quota = make_client(POLICY, clock=ManualClock())
+    quota = make_quota(POLICY, clock=ManualClock())
     assert quota.try_acquire("a", 8).admitted
     with pytest.raises(AcquireTimeout) as info, quota.acquire("a", 1, timeout=0):
         pass
@@ -292,10 +317,10 @@ def test_timeout_zero_never_waits(make_client: MakeClient) -> None:
     assert quota.snapshot("batch").tenants["a"].pending == 0
 
 
-def test_giving_up_withdraws_pending_demand(make_client: MakeClient) -> None:
+def test_giving_up_withdraws_pending_demand(make_quota: MakeClient) -> None:
     """A waiting acquire that times out removes its pending registration at once."""
     clock = ManualClock()
-    quota = make_client(POLICY, clock=clock)
+    quota = make_quota(POLICY, clock=clock)
     assert quota.try_acquire("a", 8).admitted
     with pytest.raises(AcquireTimeout), quota.acquire("b", 4, timeout=1):
         pass
@@ -332,10 +357,10 @@ def test_decorator_sync_and_async(make_client: MakeClient) -> None:
         handle(Request("b", list(range(5))))
 
 
-def test_no_key_is_left_without_expiry(make_client: MakeClient) -> None:
+def test_no_key_is_left_without_expiry(make_quota: MakeClient) -> None:
     """After mixed traffic, every key but the policy and catalog has an expiry; idle keys vanish."""
     clock = ManualClock()
-    quota = make_client(POLICY, clock=clock)
+    quota = make_quota(POLICY, clock=clock)
     leases = [quota.try_acquire(t, 1).lease for t in ("a", "b", "a", "x")]
     with pytest.raises(AcquireTimeout), quota.acquire("a", 8, timeout=0.5):
         pass
@@ -343,17 +368,17 @@ def test_no_key_is_left_without_expiry(make_client: MakeClient) -> None:
     for lease in leases:
         if lease is not None:
             quota.release(lease)
-    conn = quota.backend.connection("x")
+    conn = raw_connection(quota)
     left = sorted(k.decode() for k in conn.scan_iter(match="rq:*"))
     assert all(k.endswith((":policy", ":catalog")) for k in left), left
 
 
-def test_a_lost_policy_is_restored_from_the_catalog(make_client: MakeClient) -> None:
+def test_a_lost_policy_is_restored_from_the_catalog(make_quota: MakeClient) -> None:
     """A group's policy hash gone (its shard restarted empty) while the catalog still lists
     the group: the next call republishes it from the catalog and succeeds."""
-    publisher = make_client(POLICY, clock=ManualClock())
-    pod = make_client(clock=ManualClock())  # never read the policy itself
-    conn = pod.backend.connection("batch")
+    publisher = make_quota(POLICY, clock=ManualClock())
+    pod = make_quota(clock=ManualClock())  # never read the policy itself
+    conn = raw_connection(pod)
     conn.delete(pod.core.keyspace.group("batch").policy)
     decision = pod.try_acquire("a", 2, group="batch")
     assert decision.admitted
@@ -361,27 +386,27 @@ def test_a_lost_policy_is_restored_from_the_catalog(make_client: MakeClient) -> 
     assert publisher.try_acquire("b", 1).admitted
 
 
-def test_after_total_data_loss_a_pod_restores_what_it_knew(make_client: MakeClient) -> None:
+def test_after_total_data_loss_a_pod_restores_what_it_knew(make_quota: MakeClient) -> None:
     """Redis lost everything (restart without persistence): a pod that knows the policy
     republishes the catalog (never over a newer one) and the group, then serves."""
-    pod = make_client(POLICY, clock=ManualClock())
-    conn = pod.backend.connection("batch")
+    pod = make_quota(POLICY, clock=ManualClock())
+    conn = raw_connection(pod)
     conn.flushall()
     assert pod.try_acquire("a", 2).admitted
     assert pod.load_policy() == POLICY
-    stranger = make_client(clock=ManualClock())  # knows no policy: cannot restore anything
+    stranger = make_quota(clock=ManualClock())  # knows no policy: cannot restore anything
     conn.flushall()
     with pytest.raises(PolicyMissing):
         stranger.try_acquire("a", 1, group="batch")
 
 
-def test_a_dropped_group_is_not_resurrected(make_client: MakeClient) -> None:
+def test_a_dropped_group_is_not_resurrected(make_quota: MakeClient) -> None:
     """A group removed from the published policy stays removed, even for a pod whose cached
     policy still has it."""
-    old_pod = make_client(POLICY, clock=ManualClock())
-    admin = make_client(clock=ManualClock())
+    old_pod = make_quota(POLICY, clock=ManualClock())
+    admin = make_quota(clock=ManualClock())
     admin.apply_policy(Policy([POLICY.groups[0]]))  # "open" dropped
     with pytest.raises(PolicyMissing):
         old_pod.try_acquire("s1", 1, group="open")
-    conn = admin.backend.connection("open")
+    conn = raw_connection(admin)
     assert not conn.exists(admin.core.keyspace.group("open").policy)

@@ -15,10 +15,10 @@ from typing import Any
 import pytest
 
 from ratequota.cli import main
-from ratequota.client import QuotaClient
+from ratequota.clients.readiness import GroupFacts, ShardFacts, evaluate, served_groups
+from ratequota.clients.sync import QuotaClient
+from ratequota.engine.scripts import SCRIPT_NAMES
 from ratequota.policy import GroupPolicy, Policy, TenantPolicy
-from ratequota.readiness import GroupFacts, ShardFacts, evaluate, served_groups
-from ratequota.scripts import SCRIPT_NAMES
 from tests.conftest import _no_redis
 from tests.servers import RedisServer, redis_server_binary
 
@@ -314,7 +314,7 @@ def test_async_check_on_shards(shards: list[RedisServer]) -> None:
     """``AsyncQuotaClient.check`` gives the same verdicts: ready, then a killed shard named."""
     import asyncio
 
-    from ratequota.aio import AsyncQuotaClient
+    from ratequota.clients.aio import AsyncQuotaClient
 
     async def scenario() -> None:
         quota = AsyncQuotaClient.sharded(_urls(shards), socket_timeout=0.5)

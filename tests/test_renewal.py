@@ -14,15 +14,15 @@ import time
 
 import pytest
 
-from ratequota.aio import AsyncQuotaClient, async_embedded_backend
-from ratequota.backends import embedded_backend
-from ratequota.client import QuotaClient
-from ratequota.core import QuotaCore
+from ratequota.clients.aio import AsyncQuotaClient, async_embedded_backend
+from ratequota.clients.backends import embedded_backend
+from ratequota.clients.core import QuotaCore
+from ratequota.clients.renewal import RenewalBook, renew_many
+from ratequota.clients.shell import Batch, LeaseBase
+from ratequota.clients.sync import QuotaClient
 from ratequota.decision import LeaseInfo, RenewResult
 from ratequota.errors import AcquireTimeout, BackendUnavailable
 from ratequota.policy import GroupPolicy, Policy, TenantPolicy
-from ratequota.renewal import RenewalBook, renew_many
-from ratequota.shell import Batch, LeaseBase
 
 POLICY = Policy(
     [

@@ -14,9 +14,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 from redis.crc import key_slot
 
+from ratequota.engine.keys import KeySpace, escape_tag
+from ratequota.engine.routing import Rendezvous, shard_score
 from ratequota.errors import ConfigError, InvalidRequest
-from ratequota.keys import KeySpace, escape_tag
-from ratequota.routing import Rendezvous, shard_score
 
 SHARDS = [f"redis://shard-{i}.quota.internal:6379/0" for i in range(7)]
 NAMES = [f"group-{i}" for i in range(10_000)]

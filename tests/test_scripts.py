@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from ratequota.scripts import SCRIPT_NAMES, load_scripts, parse_header
+from ratequota.engine.scripts import SCRIPT_NAMES, load_scripts, parse_header
 
 LUA = Path(__file__).resolve().parent.parent / "lua"
 
@@ -34,7 +34,7 @@ def test_script_uses_only_declared_arguments(name: str) -> None:
 
 def test_group_scripts_share_the_key_layout() -> None:
     """All group scripts take the same five keys, matching GroupKeys.all."""
-    from ratequota.keys import KeySpace
+    from ratequota.engine.keys import KeySpace
 
     layout = KeySpace().group("g").all
     for name in ("acquire", "release", "renew", "snapshot"):

@@ -15,11 +15,11 @@ from typing import Any
 
 import pytest
 
-from ratequota.backends import ShardedBackend
-from ratequota.client import QuotaClient
+from ratequota.clients.backends import ShardedBackend
+from ratequota.clients.sync import QuotaClient
+from ratequota.engine.routing import Rendezvous
 from ratequota.errors import BackendUnavailable, PolicyMissing
 from ratequota.policy import GroupPolicy, Policy, TenantPolicy
-from ratequota.routing import Rendezvous
 from tests.conftest import _no_redis
 from tests.servers import RedisServer, redis_server_binary
 

@@ -272,7 +272,7 @@ def test_run_scenario_on_a_private_fake_is_safe() -> None:
     server_client = fake_client()
     server = server_client.backend
     try:
-        from ratequota.client import QuotaClient
+        from ratequota.clients.sync import QuotaClient
 
         result = run_scenario(_tiny(), lambda: QuotaClient(backend=_shared(server)))
     finally:

@@ -14,9 +14,9 @@ import time
 
 import pytest
 
-from ratequota.aio import AsyncQuotaClient, async_embedded_backend
-from ratequota.backends import url_backend
-from ratequota.client import QuotaClient
+from ratequota.clients.aio import AsyncQuotaClient, async_embedded_backend
+from ratequota.clients.backends import url_backend
+from ratequota.clients.sync import QuotaClient
 from ratequota.errors import AcquireTimeout
 from ratequota.policy import GroupPolicy, Policy, TenantPolicy
 from ratequota.testing import ManualClock, fake_client

@@ -32,7 +32,7 @@ import os
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from ratequota.aio import AsyncQuotaClient
+from ratequota.clients.aio import AsyncQuotaClient
 from ratequota.errors import (
     AcquireTimeout,
     BackendUnavailable,

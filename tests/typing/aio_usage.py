@@ -6,10 +6,10 @@ that breaks users, mypy fails on this file.
 
 from __future__ import annotations
 
-from ratequota.aio import AsyncLease, AsyncQuotaClient
-from ratequota.client import QuotaClient
+from ratequota.clients.aio import AsyncLease, AsyncQuotaClient
+from ratequota.clients.failure import FailureStats
+from ratequota.clients.sync import QuotaClient
 from ratequota.decision import Decision, GroupSnapshot, ReleaseResult, RenewResult
-from ratequota.failure import FailureStats
 from ratequota.policy import GroupPolicy, Policy, TenantPolicy
 
 

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from ratequota.aio import AsyncQuotaClient
-from ratequota.client import QuotaClient
-from ratequota.readiness import ReadinessReport, ShardReport
-from ratequota.routing import Rendezvous
+from ratequota.clients.aio import AsyncQuotaClient
+from ratequota.clients.readiness import ReadinessReport, ShardReport
+from ratequota.clients.sync import QuotaClient
+from ratequota.engine.routing import Rendezvous
 
 
 def sharded_and_cluster() -> None:

@@ -69,7 +69,7 @@ def _lua_dir() -> Path:
     packaged = resources.files("ratequota") / "lua"
     if packaged.is_dir():
         return Path(str(packaged))
-    source_tree = Path(__file__).resolve().parent.parent / "lua"
+    source_tree = Path(__file__).resolve().parents[2] / "lua"
     if source_tree.is_dir():
         return source_tree
     raise FileNotFoundError("ratequota's Lua scripts are missing from this installation")

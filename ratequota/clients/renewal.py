@@ -20,12 +20,12 @@ import time
 from collections.abc import Callable, Generator, Sequence
 from typing import Any
 
-from ratequota.backends import translate_error
-from ratequota.core import QuotaCore
+from ratequota.clients.backends import translate_error
+from ratequota.clients.core import QuotaCore
+from ratequota.clients.shell import Batch, LeaseBase
 from ratequota.decision import RenewResult
+from ratequota.engine.protocol import decode_renew
 from ratequota.errors import RateQuotaError
-from ratequota.protocol import decode_renew
-from ratequota.shell import Batch, LeaseBase
 
 __all__ = ["RenewOutcome", "RenewalBook", "renew_many"]
 

@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 
 import attrs
 
+from ratequota.clients.failure import FAILURE_MODES, Breakers, FailureMode, FailureState
 from ratequota.clock import Clock, SystemClock
 from ratequota.decision import (
     Decision,
@@ -31,21 +32,8 @@ from ratequota.decision import (
     ReleaseResult,
     RenewResult,
 )
-from ratequota.errors import (
-    AcquireTimeout,
-    BackendUnavailable,
-    ConfigError,
-    InvalidRequest,
-    InvalidType,
-    PolicyMissing,
-    RequestTooLarge,
-    SchemaMismatch,
-    UnknownTenant,
-)
-from ratequota.failure import FAILURE_MODES, Breakers, FailureMode, FailureState
-from ratequota.keys import SCHEMA_VERSION, KeySpace
-from ratequota.policy import MAX_LEASE_TTL_LIMIT, Policy
-from ratequota.protocol import (
+from ratequota.engine.keys import SCHEMA_VERSION, KeySpace
+from ratequota.engine.protocol import (
     ScriptCall,
     acquire_call,
     apply_policy_call,
@@ -58,6 +46,18 @@ from ratequota.protocol import (
     renew_call,
     snapshot_call,
 )
+from ratequota.errors import (
+    AcquireTimeout,
+    BackendUnavailable,
+    ConfigError,
+    InvalidRequest,
+    InvalidType,
+    PolicyMissing,
+    RequestTooLarge,
+    SchemaMismatch,
+    UnknownTenant,
+)
+from ratequota.policy import MAX_LEASE_TTL_LIMIT, Policy
 
 __all__ = ["AcquireRequest", "Command", "Flow", "Op", "QuotaCore", "Settings", "Sleep"]
 
@@ -141,7 +141,7 @@ class Settings:
     ``catalog_ttl``: how often tenant-to-group routing is re-read.
     ``socket_timeout``: every Redis call's timeout.
 
-    Failure policy (§8, see ``ratequota.failure``): ``failure_mode`` is
+    Failure policy (§8, see ``ratequota.clients.failure``): ``failure_mode`` is
     ``"closed"`` (raise ``BackendUnavailable``), ``"open"`` (admit with a
     synthetic lease, counted) or ``"local"`` (admit up to ``local_allowance``
     units per tenant held locally at once). ``breaker_failures`` consecutive

@@ -3,13 +3,13 @@
 ``AsyncQuotaClient`` has the sync client's API and semantics (``async with
 quota.acquire(...)``, ``try_acquire``, ``release``, ``renew``, ``snapshot``,
 ``apply_policy``, ``load_policy``, the ``limit`` decorator on ``async def``
-handlers). Every decision is taken by ``ratequota.core`` and
-``ratequota.shell``; this module only sends, awaits and sleeps.
+handlers). Every decision is taken by ``ratequota.clients.core`` and
+``ratequota.clients.shell``; this module only sends, awaits and sleeps.
 
 Two things are particular to it:
 
 - concurrent script calls to one shard are pipelined into one round trip by a
-  per-shard batcher (policy in ``ratequota.batching``), and
+  per-shard batcher (policy in ``ratequota.engine.batching``), and
 - held leases are renewed by one background task per client.
 
 A client belongs to the event loop it is first used on (redis.asyncio
@@ -30,8 +30,8 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import attrs
 
-from ratequota import shell
-from ratequota.backends import (
+from ratequota.clients import shell
+from ratequota.clients.backends import (
     ClusterRouting,
     _redact,
     _redis_from_url,
@@ -39,17 +39,17 @@ from ratequota.backends import (
     is_noscript,
     translate_error,
 )
-from ratequota.batching import BatchPolicy
-from ratequota.core import AcquireRequest, Flow, Sleep
+from ratequota.clients.core import AcquireRequest, Flow, Sleep
+from ratequota.clients.explain import Explanation, explain_flow
+from ratequota.clients.failure import FailureStats
+from ratequota.clients.readiness import ReadinessReport
+from ratequota.clients.renewal import RenewalBook, renew_many
 from ratequota.decision import Decision, GroupSnapshot, LeaseInfo, ReleaseResult, RenewResult
+from ratequota.engine.batching import BatchPolicy
+from ratequota.engine.protocol import MERGES, coalesce
+from ratequota.engine.scripts import load_scripts, script
 from ratequota.errors import BackendUnavailable, ConfigError, InvalidType
-from ratequota.explain import Explanation, explain_flow
-from ratequota.failure import FailureStats
 from ratequota.policy import Policy
-from ratequota.protocol import MERGES, coalesce
-from ratequota.readiness import ReadinessReport
-from ratequota.renewal import RenewalBook, renew_many
-from ratequota.scripts import load_scripts, script
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -75,7 +75,7 @@ class AsyncBackend:
     def __init__(
         self, clients: Sequence[Any], description: str, shard_ids: Sequence[str] | None = None
     ) -> None:
-        from ratequota.routing import Rendezvous
+        from ratequota.engine.routing import Rendezvous
 
         self._clients = list(clients)
         self.description = description
@@ -459,7 +459,7 @@ class AsyncQuotaClient(shell.ClientBase):
         self, groups: Iterable[str] | None = None, *, allow_degraded: bool = False
     ) -> ReadinessReport:
         """Readiness of every shard: may this pod take traffic? (as ``QuotaClient.check``)."""
-        from ratequota import readiness
+        from ratequota.clients import readiness
 
         keyspace = self.core.keyspace
         catalog, error = await readiness.aread_catalog(self.backend, keyspace)

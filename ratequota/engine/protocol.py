@@ -27,10 +27,10 @@ from ratequota.decision import (
     RenewResult,
     TenantSnapshot,
 )
+from ratequota.engine.keys import SCHEMA_VERSION, KeySpace
+from ratequota.engine.scripts import ScriptSpec, script
 from ratequota.errors import InvalidRequest, PolicyMissing, SchemaMismatch
-from ratequota.keys import SCHEMA_VERSION, KeySpace
 from ratequota.policy import GroupPolicy, TenantPolicy
-from ratequota.scripts import ScriptSpec, script
 
 __all__ = [
     "ScriptCall",

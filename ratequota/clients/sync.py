@@ -1,12 +1,12 @@
 """The synchronous client: a thin shell that performs the core's flows with redis-py.
 
-All decisions live in ``ratequota.core`` and ``ratequota.shell``; this module
+All decisions live in ``ratequota.clients.core`` and ``ratequota.clients.shell``; this module
 only sends, receives and sleeps. It is safe to share one client between
 threads: redis-py's pool hands each thread its own connection (waiting at
 most ``socket_timeout`` for a free one), and the few locks behind it (circuit
 breakers, failure counters, the renewal schedule) guard plain data and are
 never held across a network call or a sleep. Held leases are renewed by one
-daemon thread per client (``ratequota.renewal``).
+daemon thread per client (``ratequota.clients.renewal``).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 import attrs
 import redis
 
-from ratequota.backends import (
+from ratequota.clients.backends import (
     Backend,
     ClusterBackend,
     ShardedBackend,
@@ -30,22 +30,12 @@ from ratequota.backends import (
     translate_error,
     url_backend,
 )
-from ratequota.core import AcquireRequest, Flow, Sleep
-from ratequota.decision import (
-    Decision,
-    GroupSnapshot,
-    LeaseInfo,
-    ReleaseResult,
-    RenewResult,
-)
-from ratequota.errors import BackendUnavailable
-from ratequota.explain import Explanation, explain_flow
-from ratequota.failure import FailureStats
-from ratequota.policy import Policy
-from ratequota.readiness import ReadinessReport
-from ratequota.renewal import ThreadRenewer
-from ratequota.scripts import load_scripts
-from ratequota.shell import (
+from ratequota.clients.core import AcquireRequest, Flow, Sleep
+from ratequota.clients.explain import Explanation, explain_flow
+from ratequota.clients.failure import FailureStats
+from ratequota.clients.readiness import ReadinessReport
+from ratequota.clients.renewal import ThreadRenewer
+from ratequota.clients.shell import (
     AcquireOptions,
     AcquisitionBase,
     Batch,
@@ -60,6 +50,16 @@ from ratequota.shell import (
     pipeline_args,
     wire_call,
 )
+from ratequota.decision import (
+    Decision,
+    GroupSnapshot,
+    LeaseInfo,
+    ReleaseResult,
+    RenewResult,
+)
+from ratequota.engine.scripts import load_scripts
+from ratequota.errors import BackendUnavailable
+from ratequota.policy import Policy
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -190,13 +190,13 @@ class QuotaClient(ClientBase):
     def check(
         self, groups: Iterable[str] | None = None, *, allow_degraded: bool = False
     ) -> ReadinessReport:
-        """Readiness of every shard: may this pod take traffic? (see ``ratequota.readiness``).
+        """Readiness of every shard: may this pod take traffic? (see ``clients.readiness``).
 
         ``groups`` are the groups this pod serves (default: every published
         group). Missing scripts are loaded on the way, as a NOSCRIPT would.
         Never raises for an unreachable shard: that is reported.
         """
-        from ratequota import readiness
+        from ratequota.clients import readiness
 
         keyspace = self.core.keyspace
         catalog, error = readiness.read_catalog(self.backend, keyspace)
@@ -260,7 +260,7 @@ class QuotaClient(ClientBase):
         """Why ``tenant`` has its limit now, and whether ``units`` more would be admitted.
 
         Reads one snapshot; the rule is replayed by the pure reference
-        (``ratequota.explain``): bounds, the deciding bound, borrowing and lenders.
+        (``ratequota.clients.explain``): bounds, the deciding bound, borrowing and lenders.
         """
         return self._run(explain_flow(self.core, tenant, units, group=group))
 

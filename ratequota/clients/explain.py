@@ -22,7 +22,7 @@ from typing import Literal
 
 import attrs
 
-from ratequota.core import Flow, QuotaCore, validate_tenant, validate_units
+from ratequota.clients.core import Flow, QuotaCore, validate_tenant, validate_units
 from ratequota.decision import GroupSnapshot
 from ratequota.errors import InvalidRequest, PolicyMissing, UnknownTenant
 from ratequota.fairness import GroupDecision, Share, decide, group_allocation

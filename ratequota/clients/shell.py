@@ -24,13 +24,13 @@ from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypedDict, TypeVar
 import attrs
 import redis
 
-from ratequota.backends import is_noscript, translate_error
+from ratequota.clients.backends import is_noscript, translate_error
+from ratequota.clients.core import AcquireRequest, Command, QuotaCore, Settings, Sleep
+from ratequota.clients.failure import Breakers
 from ratequota.clock import Clock
-from ratequota.core import AcquireRequest, Command, QuotaCore, Settings, Sleep
 from ratequota.decision import LeaseInfo, ReleaseResult, RenewResult
+from ratequota.engine.protocol import ScriptCall
 from ratequota.errors import BackendUnavailable, InvalidType, RateQuotaError
-from ratequota.failure import Breakers
-from ratequota.protocol import ScriptCall
 
 __all__ = [
     "AcquireOptions",

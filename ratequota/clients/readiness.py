@@ -33,9 +33,9 @@ from typing import Any
 
 import attrs
 
+from ratequota.engine.keys import SCHEMA_VERSION, KeySpace
+from ratequota.engine.scripts import load_scripts
 from ratequota.errors import RateQuotaError
-from ratequota.keys import SCHEMA_VERSION, KeySpace
-from ratequota.scripts import load_scripts
 
 __all__ = [
     "GroupFacts",
@@ -526,7 +526,7 @@ async def agather(backend: Any, keyspace: KeySpace, groups: Sequence[str]) -> li
 
 def read_catalog(backend: Any, keyspace: KeySpace) -> tuple[Any, str | None]:
     """(published policy or None, error text or None) from the catalog's shard."""
-    from ratequota.core import parse_catalog
+    from ratequota.clients.core import parse_catalog
 
     try:
         raw = backend.connection(keyspace.catalog_route).get(keyspace.catalog)
@@ -578,7 +578,7 @@ def run(args: Any) -> int:
 
 async def aread_catalog(backend: Any, keyspace: KeySpace) -> tuple[Any, str | None]:
     """``read_catalog`` for the async client's backends."""
-    from ratequota.core import parse_catalog
+    from ratequota.clients.core import parse_catalog
 
     try:
         raw = await backend.connection(keyspace.catalog_route).get(keyspace.catalog)

@@ -217,7 +217,7 @@ class ShardedBackend:
         socket_timeout: float,
         shard_ids: Sequence[str] | None = None,
     ) -> None:
-        from ratequota.routing import Rendezvous
+        from ratequota.engine.routing import Rendezvous
 
         if isinstance(urls, str) or not urls:
             raise ConfigError("shards", "must be a non-empty list of redis:// URLs")
@@ -278,7 +278,7 @@ class ClusterRouting:
 
     def _primary_of(self, route: str) -> str:
         """Name of the primary owning ``route``'s slot, as the client last saw the topology."""
-        from ratequota.keys import KeySpace, escape_tag
+        from ratequota.engine.keys import KeySpace, escape_tag
 
         catalog = KeySpace().catalog_route
         tag = catalog if route == catalog else escape_tag(route)

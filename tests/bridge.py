@@ -1,0 +1,154 @@
+"""The sync client's API over an ``AsyncQuotaClient``, so one behavioural test runs on both clients.
+
+An ``AsyncBridge`` owns an event loop on a thread of its own and runs the async
+client there; every call from the test blocks on the coroutine's result. The
+test body is written once against the sync API (``try_acquire``, ``with
+acquire(...) as lease``, ``lease.release()``, ...) and the ``make_quota``
+fixture hands it either a ``QuotaClient`` or a bridged ``AsyncQuotaClient``:
+whatever the sync client is tested for, the async one is tested for too.
+
+The bridge adds no logic: it forwards arguments unchanged, so argument errors
+are raised by the async client itself, synchronously where it raises them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable, Coroutine, Iterable
+from typing import Any, TypeVar
+
+import redis
+
+from ratequota import AsyncAcquisition, AsyncLease, AsyncQuotaClient
+from ratequota.decision import LeaseInfo
+
+T = TypeVar("T")
+
+#: Longest a bridged call may take before the test fails (a hang is a bug, not a wait).
+CALL_DEADLINE = 60.0
+
+
+class AsyncBridge:
+    """An ``AsyncQuotaClient`` driven from synchronous test code."""
+
+    def __init__(self, build: Callable[[], AsyncQuotaClient], raw: redis.Redis) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._thread.start()
+
+        async def construct() -> AsyncQuotaClient:
+            return build()
+
+        self.client = self.wait(construct())
+        #: A plain sync connection to the same server, for tests that inspect keys.
+        self.raw = raw
+
+    def wait(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run ``coro`` on the bridge's loop and return its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(CALL_DEADLINE)
+
+    def close(self) -> None:
+        """Close the client, then stop the loop and its thread."""
+        try:
+            self.wait(self.client.close())
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(CALL_DEADLINE)
+            self._loop.close()
+            self.raw.close()
+
+    # -- the sync client's API ---------------------------------------------
+
+    @property
+    def core(self) -> Any:
+        """The client's sans-I/O core (settings, clock, breakers)."""
+        return self.client.core
+
+    def _run(self, flow: Any) -> Any:
+        """Drive one core flow (tests that step the core directly)."""
+        return self.wait(self.client._run(flow))
+
+    def stats(self) -> Any:
+        """``AsyncQuotaClient.stats`` (not a coroutine)."""
+        return self.client.stats()
+
+    def apply_policy(self, policy: Any) -> dict[str, int]:
+        """``await apply_policy``."""
+        return self.wait(self.client.apply_policy(policy))
+
+    def load_policy(self) -> Any:
+        """``await load_policy``."""
+        return self.wait(self.client.load_policy())
+
+    def try_acquire(self, tenant: Any, units: Any = 1, **options: Any) -> Any:
+        """``await try_acquire``; an admitted lease stays a plain ``LeaseInfo``."""
+        return self.wait(self.client.try_acquire(tenant, units, **options))
+
+    def acquire(self, tenant: Any, units: Any = 1, **options: Any) -> BridgedAcquisition:
+        """``acquire`` validates here, as the sync client does; waiting happens on entry."""
+        return BridgedAcquisition(self, self.client.acquire(tenant, units, **options))
+
+    def release(self, lease: Any) -> Any:
+        """``await release``."""
+        return self.wait(self.client.release(_unwrap(lease)))
+
+    def renew(self, lease: Any, ttl: float | None = None) -> Any:
+        """``await renew``."""
+        return self.wait(self.client.renew(_unwrap(lease), ttl))
+
+    def snapshot(self, group: str, tenants: Iterable[str] = ()) -> Any:
+        """``await snapshot``."""
+        return self.wait(self.client.snapshot(group, tenants))
+
+    def explain(self, tenant: Any, units: Any = None, **options: Any) -> Any:
+        """``await explain``."""
+        return self.wait(self.client.explain(tenant, units, **options))
+
+    def check(self, groups: Any = None, **options: Any) -> Any:
+        """``await check``."""
+        return self.wait(self.client.check(groups, **options))
+
+
+class BridgedAcquisition:
+    """``with bridge.acquire(...) as lease`` over ``async with``."""
+
+    def __init__(self, bridge: AsyncBridge, acquisition: AsyncAcquisition) -> None:
+        self._bridge = bridge
+        self._acquisition = acquisition
+
+    def __enter__(self) -> BridgedLease:
+        return BridgedLease(self._bridge, self._bridge.wait(self._acquisition.__aenter__()))
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self._bridge.wait(self._acquisition.__aexit__(*exc_info))
+
+
+class BridgedLease:
+    """An ``AsyncLease`` whose ``renew``/``release`` block; every other attribute is the lease's."""
+
+    def __init__(self, bridge: AsyncBridge, lease: AsyncLease) -> None:
+        self._bridge = bridge
+        self.lease = lease
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.lease, name)
+
+    def renew(self, ttl: float | None = None) -> Any:
+        """``await lease.renew``."""
+        return self._bridge.wait(self.lease.renew(ttl))
+
+    def release(self) -> Any:
+        """``await lease.release``."""
+        return self._bridge.wait(self.lease.release())
+
+
+def _unwrap(lease: Any) -> LeaseInfo | AsyncLease:
+    return lease.lease if isinstance(lease, BridgedLease) else lease
+
+
+def raw_connection(quota: Any) -> redis.Redis:
+    """A sync connection to the server a test client (sync or bridged) talks to."""
+    if isinstance(quota, AsyncBridge):
+        return quota.raw
+    return quota.backend.connection("x")  # type: ignore[no-any-return]
