@@ -41,9 +41,9 @@ from typing import Any
 from redis.crc import key_slot
 
 from ratequota import GroupPolicy, Policy, QuotaClient, RateQuotaError, TenantPolicy
-from ratequota.backends import ClusterBackend, ShardedBackend
-from ratequota.keys import KeySpace
-from ratequota.routing import Rendezvous
+from ratequota.clients.backends import ClusterBackend, ShardedBackend
+from ratequota.engine.keys import KeySpace
+from ratequota.engine.routing import Rendezvous
 from ratequota.testing import ManualClock
 from tests.faults import checker, profiles
 from tests.faults.profiles import Profile
