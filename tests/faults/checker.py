@@ -32,6 +32,11 @@ What is checked (``Violation.kind``):
   still counts units or pending demand, or lists a lease;
   ``key_without_ttl`` — a state key was left without an expiry;
   ``stray_lease`` — the final snapshot lists a lease nobody could hold.
+* ``known_tenant_refused`` — a call raised ``UnknownTenant`` for a tenant
+  every policy in force lists (``unknown_after_state_loss`` inside a
+  state-loss window);
+  ``replay_mismatch`` — a retried request id was answered with a lease of
+  another tenant, or of other units, than the original.
 * ``foreign_error`` — a call raised something that is not a ratequota error;
   ``exit_raised`` — leaving ``acquire``'s block raised; ``pod_hung`` — a pod
   still ran long after the stop time; ``pod_crashed`` — a pod exited with an
@@ -54,7 +59,12 @@ __all__ = ["CheckOptions", "Lease", "Report", "Violation", "check", "check_run"]
 
 #: Kinds reported separately because a fix on another branch addresses them.
 STATE_LOSS_KINDS = frozenset(
-    {"state_loss_overshoot", "token_after_state_loss", "vanished_after_state_loss"}
+    {
+        "state_loss_overshoot",
+        "token_after_state_loss",
+        "vanished_after_state_loss",
+        "unknown_after_state_loss",
+    }
 )
 
 
@@ -187,6 +197,21 @@ class _Bounds:
             return 0, {}
         return int(g["capacity"]), {t: int(s["ceiling"]) for t, s in g["tenants"].items()}
 
+    def knows(self, tenant: str, t_ms: int) -> bool:
+        """True if every policy in force at ``t_ms`` (two while one is applied) lists ``tenant``."""
+        current: dict[str, Any] | None = None
+        for start, end, spec in self.changes:
+            if start > t_ms:
+                break
+            if end >= t_ms and current is not None and not _knows(current, tenant):
+                return False
+            current = spec
+        return current is not None and _knows(current, tenant)
+
+
+def _knows(spec: Mapping[str, Any], tenant: str) -> bool:
+    return any(tenant in g["tenants"] for g in spec.values())
+
 
 def _merge(
     old: Mapping[str, Any], new: Mapping[str, Any], group: str
@@ -228,31 +253,40 @@ def _ms(seconds: float) -> int:
     return int(seconds * 1000)
 
 
-def build_leases(calls: list[dict[str, Any]]) -> dict[str, Lease]:
-    """Every admitted lease and what its renewals and releases reported, by lease id."""
-    leases: dict[str, Lease] = {}
+def build_leases(calls: list[dict[str, Any]]) -> dict[str, list[Lease]]:
+    """Every admitted lease and what its renewals and releases reported, by lease id.
+
+    One id may name several leases in turn (a retry after the first lease
+    ended is admitted afresh); a renewal or release belongs to the latest
+    lease of its id that the pod knew of when the call started.
+    """
+    leases: dict[str, list[Lease]] = defaultdict(list)
     for c in sorted(calls, key=lambda c: c["wall_end"]):
         op = c["op"]
         if op in ("try_acquire", "acquire") and c.get("outcome") == "admitted":
             if c.get("synthetic") or c.get("replay") or "admit_ms" not in c:
                 continue  # synthetic: no units in Redis; replay: the lease is already known
-            leases[c["lease_id"]] = Lease(
-                id=c["lease_id"],
-                pod=c["pod"],
-                tenant=c["tenant"],
-                group=c["group"],
-                units=int(c["units"]),
-                token=int(c["token"]),
-                admit_ms=int(c["admit_ms"]),
-                known_at_ms=_ms(c["wall_end"]),
-                expiries=[(_ms(c["wall_end"]), int(c["expiry_ms"]))],
-                kind="try" if op == "try_acquire" else "context",
+            leases[c["lease_id"]].append(
+                Lease(
+                    id=c["lease_id"],
+                    pod=c["pod"],
+                    tenant=c["tenant"],
+                    group=c["group"],
+                    units=int(c["units"]),
+                    token=int(c["token"]),
+                    admit_ms=int(c["admit_ms"]),
+                    known_at_ms=_ms(c["wall_end"]),
+                    expiries=[(_ms(c["wall_end"]), int(c["expiry_ms"]))],
+                    kind="try" if op == "try_acquire" else "context",
+                )
             )
     for c in sorted(calls, key=lambda c: c["wall_start"]):
-        lease = leases.get(c.get("lease_id", ""))
-        if lease is None or c["op"] not in ("renew", "release"):
+        if c["op"] not in ("renew", "release"):
             continue
         start = _ms(c["wall_start"])
+        lease = lease_at(leases, c.get("lease_id", ""), start)
+        if lease is None:
+            continue
         if c["op"] == "release":
             if lease.release_start_ms is None:
                 lease.release_start_ms = start
@@ -272,6 +306,12 @@ def build_leases(calls: list[dict[str, Any]]) -> dict[str, Lease]:
             # The context manager's lease may have been renewed in the background.
             lease.expiries.append((_ms(c["wall_start"]), int(c["expiry_ms"])))
     return leases
+
+
+def lease_at(leases: Mapping[str, list[Lease]], lease_id: str, wall_ms: int) -> Lease | None:
+    """The latest lease named ``lease_id`` that was known by ``wall_ms`` (pod clock)."""
+    known = [x for x in leases.get(lease_id, ()) if x.known_at_ms <= wall_ms]
+    return known[-1] if known else None
 
 
 def _gone(lease: Lease, call: Mapping[str, Any]) -> None:
@@ -296,9 +336,10 @@ def check(
     report = Report()
     bounds = _Bounds([(_ms(p["wall_start"]), _ms(p["wall_end"]), p["groups"]) for p in policies])
     windows = _loss_windows(faults, opts.loss_window_ms)
-    leases = build_leases(calls)
+    named = build_leases(calls)
+    leases = [x for same_id in named.values() for x in same_id]
     by_group: dict[str, list[Lease]] = defaultdict(list)
-    for lease in leases.values():
+    for lease in leases:
         by_group[lease.group].append(lease)
     max_over = 0
     for group, group_leases in sorted(by_group.items()):
@@ -307,8 +348,9 @@ def check(
         )
         _check_tokens(group, group_leases, windows, report)
     _check_releases(leases, windows, opts, report)
+    _check_replays(named, calls, report)
     _check_snapshots(leases, calls, snapshots, windows, opts, report)
-    _check_calls(calls, opts, report)
+    _check_calls(calls, bounds, windows, opts, report)
     admitted = [c for c in calls if c.get("outcome") == "admitted"]
     report.figures.update(
         {
@@ -432,14 +474,35 @@ def _token_violation(
     report.violations.append(Violation(kind, group, later.admit_ms, detail))
 
 
+def _check_replays(
+    named: Mapping[str, list[Lease]], calls: list[dict[str, Any]], report: Report
+) -> None:
+    """A replayed acquire returns the original lease: same tenant, units and token."""
+    for c in calls:
+        if c.get("outcome") != "admitted" or not c.get("replay"):
+            continue
+        start = _ms(c["wall_start"])
+        original = lease_at(named, c["lease_id"], start)
+        if original is None:
+            continue  # the first attempt's answer was lost: nothing to compare with
+        asked = (c["tenant"], int(c["units"]), int(c["token"]))
+        if asked != (original.tenant, original.units, original.token):
+            detail = (
+                f"{c['lease_id']} replayed as tenant {c['tenant']!r}, {c['units']} units, token "
+                f"{c['token']}; the lease is {original.tenant!r}'s, {original.units} units, "
+                f"token {original.token}"
+            )
+            report.violations.append(Violation("replay_mismatch", original.group, start, detail))
+
+
 def _check_releases(
-    leases: Mapping[str, Lease],
+    leases: list[Lease],
     windows: list[tuple[int, int, str]],
     opts: CheckOptions,
     report: Report,
 ) -> None:
     """Releases and renewals agree with the expiries the library reported."""
-    for lease in leases.values():
+    for lease in leases:
         start = lease.release_start_ms
         exact = lease.kind == "try" and lease.uncertain_ms is None
         if exact and lease.released_ack_ms is not None and start is not None:
@@ -465,7 +528,7 @@ def _check_releases(
 
 
 def _check_snapshots(
-    leases: Mapping[str, Lease],
+    leases: list[Lease],
     calls: list[dict[str, Any]],
     snapshots: list[dict[str, Any]],
     windows: list[tuple[int, int, str]],
@@ -474,6 +537,7 @@ def _check_snapshots(
 ) -> None:
     """Snapshots reflect acknowledged releases, list every surely-live lease, add up."""
     requested = {c.get("request_id") for c in calls}
+    known = {x.id for x in leases}
     killed_or_failed = {c["pod"] for c in calls if c.get("killed")}
     for snap in snapshots:
         group = snap["group"]
@@ -497,14 +561,16 @@ def _check_snapshots(
             held = sum(int(x["units"]) for x in listed.values())
             detail = f"snapshot used {snap['used']} but its leases hold {held}"
             report.violations.append(Violation(kind, group, now, detail))
-        for lease in leases.values():
+        for lease in leases:
             if lease.group != group:
                 continue
+            entry = listed.get(lease.id)
+            shown = entry is not None and int(entry["token"]) == lease.token
             if (
                 lease.released_ack_ms is not None
                 and lease.released_ack_ms + opts.clock_slack_ms < start
             ):
-                if lease.id in listed:
+                if shown:
                     acked = lease.released_ack_ms
                     detail = f"{lease.id} released (acknowledged at {acked}) but listed at {now}"
                     report.violations.append(Violation("release_not_reflected", group, now, detail))
@@ -517,24 +583,35 @@ def _check_snapshots(
                 )
                 and lease.live_until(start) > now + opts.clock_slack_ms
             )
-            if surely_live and lease.id not in listed and not snap.get("truncated"):
+            if surely_live and not shown and not snap.get("truncated"):
                 kind = "vanished_after_state_loss" if lossy else "lease_vanished"
                 detail = f"{lease.id} live until {lease.live_until(start)} missing at {now}"
                 report.violations.append(Violation(kind, group, now, detail))
         if snap.get("final"):
             for lease_id in listed:
-                if lease_id not in leases and lease_id not in requested:
+                if lease_id not in known and lease_id not in requested:
                     pod = lease_id.split(".", 1)[0]
                     if pod not in killed_or_failed:
                         detail = f"{lease_id} listed at the end, but no pod asked for it"
                         report.violations.append(Violation("stray_lease", group, now, detail))
 
 
-def _check_calls(calls: list[dict[str, Any]], opts: CheckOptions, report: Report) -> None:
-    """Deadlines, foreign errors, and leaving ``acquire`` without raising."""
+def _check_calls(
+    calls: list[dict[str, Any]],
+    bounds: _Bounds,
+    windows: list[tuple[int, int, str]],
+    opts: CheckOptions,
+    report: Report,
+) -> None:
+    """Deadlines, foreign errors, leaving ``acquire`` without raising, known tenants served."""
     for c in calls:
         at = _ms(c["wall_start"])
         group = str(c.get("group", ""))
+        if c.get("error") == "UnknownTenant" and bounds.knows(str(c.get("tenant")), at):
+            lost = _losses_at(windows, at) > 0
+            kind = "unknown_after_state_loss" if lost else "known_tenant_refused"
+            detail = f"{c['op']} of {c.get('tenant')!r}: {c.get('message', '')}"
+            report.violations.append(Violation(kind, group, at, detail))
         if "deadline_s" in c and _lateness(c) > opts.margin_s:
             detail = (
                 f"{c['op']} {c.get('request_id') or c.get('lease_id')} took "

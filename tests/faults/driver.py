@@ -361,7 +361,9 @@ class Run:
             admin.config_set("maxmemory-policy", "allkeys-lru" if evict else "noeviction")
             admin.config_set("maxmemory", limit)
             value = "x" * 4096
-            for _ in range(64):  # bounded: at most 64 * 32 * 4 KB
+            # Bounded: twice the headroom when evicting (each write evicts something), until
+            # the first refusal otherwise (at most 64 * 32 * 4 KB).
+            for _ in range(8 if evict else 64):
                 pipe = admin.pipeline(transaction=False)
                 for _ in range(32):
                     pipe.set(f"junk:{tag}:{junk}", value, ex=60)
@@ -516,6 +518,10 @@ class Run:
             **self.topology.pod_target(),
             "client_options": {"socket_timeout": p.socket_timeout, "catalog_ttl": 1.0},
             "tenants": {t: u for group in TENANTS for t, u in group.items()},
+            "groups": {
+                t: g for g, group in zip(group_names(), TENANTS, strict=True) for t in group
+            },
+            "foreign_replays": "tenant-ids" in p.flags,
             "workers": p.workers,
             "ttl_range": list(p.ttl_range),
             "timeout_range": list(p.timeout_range),

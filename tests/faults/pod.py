@@ -63,6 +63,9 @@ class PodConfig:
         self.think_range = _pair(raw["think_range"])
         self.stop_at_wall: float = float(raw["stop_at_wall"])
         self.max_held: int = int(raw.get("max_held", 3))
+        self.groups: dict[str, str] = dict(raw.get("groups", {}))  # tenant -> group
+        #: retry a held lease's id as another tenant, or with other units (must be refused)
+        self.foreign_replays: bool = bool(raw.get("foreign_replays", False))
 
 
 @dataclass(frozen=True)
@@ -137,12 +140,14 @@ class Worker:
     def choose(self) -> str:
         """The next operation."""
         roll = self.rng.random()
-        if self.held and roll < 0.25:
+        if self.held and roll < 0.22:
             return "release"
-        if self.held and roll < 0.40:
+        if self.held and roll < 0.36:
             return "renew"
-        if self.held and roll < 0.44:
+        if self.held and roll < 0.40:
             return "abandon"
+        if self.held and roll < 0.44:
+            return "replay"
         if self.abandoned and roll < 0.48:
             return "release_stale"
         if len(self.held) < self.config.max_held and roll < 0.75:
@@ -211,6 +216,8 @@ class Worker:
             self.out.write({"kind": "abandon", "pod": self.pod, **fields})
         elif op == "renew":
             yield from self.renew()
+        elif op == "replay":
+            yield from self.replay()
         else:
             yield from self.acquire()
 
@@ -247,6 +254,54 @@ class Worker:
         self.end(record, **fields)
         if decision.lease is not None and not decision.lease.synthetic:
             self.held.append((decision.lease, fields["expiry_ms"]))
+
+    def replay(self) -> Flow:
+        """``try_acquire`` again with a held lease's request id: the retry of a lost answer.
+
+        The same tenant and units must get the same lease back (``replay``).
+        With ``foreign_replays`` the id is sometimes retried by another tenant
+        of the group or with other units, which must be refused.
+        """
+        index = self.rng.randrange(len(self.held))
+        info, expiry_ms = self.held[index]
+        if expiry_ms < time.time() * 1000 + 300:
+            return  # may have expired: a retry would be a new lease, not a replay
+        tenant, units = info.tenant, info.units
+        if self.config.foreign_replays and self.rng.random() < 0.5:
+            mates = [t for t, g in self.config.groups.items() if g == info.group and t != tenant]
+            if mates and self.rng.random() < 0.5:
+                tenant = self.rng.choice(sorted(mates))
+            else:
+                units += 1
+        ttl = round(self.rng.uniform(*self.config.ttl_range), 3)
+        record = self.begin(
+            "try_acquire",
+            via="replay",
+            tenant=tenant,
+            units=units,
+            request_id=info.id,
+            ttl_ms=_ms(ttl),
+            deadline_s=0.0,
+        )
+        try:
+            decision = yield Call(
+                "try_acquire", (tenant, units), (("ttl", ttl), ("request_id", info.id))
+            )
+        except ratequota.RateQuotaError as exc:
+            self.failed(record, exc)
+            return
+        fields: dict[str, Any] = {
+            "outcome": "admitted" if decision.admitted else "refused",
+            "reason": decision.reason,
+            "group": decision.group,
+        }
+        if decision.lease is not None:
+            fields.update(lease_fields(decision.lease, _ms(ttl)))
+        self.end(record, **fields)
+        lease = decision.lease
+        if lease is not None and not lease.replay and not lease.synthetic:
+            # The first lease had ended after all: this is a new one under the same id.
+            self.held[index] = (lease, fields["expiry_ms"])
 
     def release(self, info: LeaseInfo, expiry_ms: int, via: str) -> Flow:
         """``release`` of a try_acquire lease."""

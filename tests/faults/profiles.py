@@ -19,6 +19,11 @@ fix is merged:
   deadline plus one socket timeout (the documented promise) instead of the
   wider margin today's async client needs (issue 9, item 8: its backstop is
   three socket timeouts per round trip).
+* ``tenant-ids`` — adds no fault; pods sometimes retry a held lease's
+  request id as another tenant of the group or with more units. Today that
+  is "admitted" as a replay of the other tenant's lease (issue 9, item 2);
+  the checker reports it as ``replay_mismatch``. Same-tenant, same-units
+  replays run in every profile.
 * ``recovery`` — adds no fault but makes the checks strict: an overshoot,
   a token going back or a lease vanishing after a state loss fails the run
   (until then they are reported apart). Enable with ``state-loss`` once the
@@ -47,6 +52,7 @@ FLAGS: dict[str, tuple[str, ...]] = {
     "recovery": (),
     "oom": ("maxmemory_noeviction",),
     "strict-deadline": (),
+    "tenant-ids": (),
 }
 
 #: Faults only the shard topology can inject (a cluster node is not restarted here).

@@ -19,6 +19,8 @@ from tests.faults.checker import CheckOptions, Report, check, check_run
 from tests.faults.records import JsonlWriter, read_jsonl
 
 T0 = 1_800_000_000_000  # ms
+#: Tokens of the leases of ``clean_history``, as snapshots list them.
+TOKENS = {"x": 1, "y": 2, "z": 3}
 
 
 def policy(
@@ -105,7 +107,7 @@ def snapshot(
         "pending": 0,
         "truncated": False,
         "leases": [
-            {"id": k, "tenant": "a", "units": u, "token": 0, "expiry_ms": 0}
+            {"id": k, "tenant": "a", "units": u, "token": TOKENS.get(k, 0), "expiry_ms": 0}
             for k, u in leases.items()
         ],
         **flags,
@@ -380,3 +382,52 @@ def test_gone_is_judged_by_when_the_answer_came() -> None:
     assert run([admit("x", 100, ttl=1000), slow]).violations == []
     quick = call("release", 900, 905, outcome="ok", lease_id="x", via="explicit", state="expired")
     assert kinds(run([admit("x", 100, ttl=1000), quick])) == {"lease_vanished": 1}
+
+
+def test_a_replay_must_return_the_original_lease() -> None:
+    """A retry with the same id gets the same lease; another tenant's or other units are refused.
+
+    Issue 9 item 2: request ids were scoped to the group, so tenant B retrying
+    tenant A's id was "admitted" as a replay of A's lease without being charged.
+    """
+
+    def replay(tenant: str, units: int, token: int) -> dict[str, Any]:
+        return call(
+            "try_acquire", 150, 151, outcome="admitted", request_id="x", lease_id="x",
+            tenant=tenant, units=units, token=token, ttl_ms=1000, replay=True,
+            expiry_ms=T0 + 1100,
+        )  # fmt: skip
+
+    original = admit("x", 100, units=2, token=7)
+    assert run([original, replay("a", 2, 7)]).violations == []
+    assert kinds(run([original, replay("b", 2, 7)])) == {"replay_mismatch": 1}
+    assert kinds(run([original, replay("a", 3, 7)])) == {"replay_mismatch": 1}
+
+
+def test_one_id_may_name_a_new_lease_after_the_first_ended() -> None:
+    """Calls on a reused id belong to the latest lease of that id known when they started."""
+    calls = [
+        admit("x", 100, units=2, token=1, ttl=200),
+        admit("x", 400, units=2, token=5),
+        renew("x", 500, 1500),
+        release("x", 600),
+    ]
+    later = snapshot(550, {"x": 2})
+    later["leases"][0]["token"] = 5  # the second lease, not the first
+    report = run(calls, snapshots=[later])
+    assert report.violations == [], report.summary()
+    earlier = snapshot(550, {"x": 2})
+    assert kinds(run(calls, snapshots=[earlier])) == {"lease_vanished": 1}
+    assert report.figures["leases"] == 2
+
+
+def test_a_known_tenant_refused_as_unknown_is_reported() -> None:
+    """Issue 9 item 1: after an empty restart pods answered UnknownTenant for ever."""
+    refused = call(
+        "try_acquire", 5000, 5001, outcome="error", error="UnknownTenant", tenant="a",
+        request_id="q",
+    )  # fmt: skip
+    assert kinds(run([refused])) == {"known_tenant_refused": 1}
+    assert kinds(run([refused], faults=[state_loss(4500, 4600)])) == {"unknown_after_state_loss": 1}
+    stranger = dict(refused, tenant="zed")
+    assert run([stranger]).violations == []
