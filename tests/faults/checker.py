@@ -656,6 +656,9 @@ def check_run(run_dir: Path, options: CheckOptions | None = None) -> Report:
             detail = f"pod {r['pod']} exited with status {r.get('returncode')}"
             report.violations.append(Violation("pod_crashed", "", _ms(r["wall"]), detail))
     report.figures["pods_hung"] = sum(1 for r in exits if r.get("hung"))
+    report.figures["fault_errors"] = [
+        f"{r['fault']}: {r['error']}" for r in driver if r.get("kind") == "fault_error"
+    ]
     report.figures["violations"] = dict(report.kinds())
     report.figures["duration_s"] = round(
         max((r["wall"] for r in driver if "wall" in r), default=0.0)

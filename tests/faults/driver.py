@@ -557,7 +557,11 @@ class Run:
             if not order:  # every enabled fault once per round, in a seeded order
                 order = list(p.faults)
                 self.rng.shuffle(order)
-            self.fault(order.pop(), config, quota)
+            name = order.pop()
+            try:
+                self.fault(name, config, quota)
+            except Exception as exc:  # the harness's own machinery (e.g. a failover timing out)
+                self.record("fault_error", fault=name, error=repr(exc))
             count += 1
             next_at = time.time() + self.rng.uniform(*p.fault_gap)
         time.sleep(max(0.0, self.stop_at - time.time()))
