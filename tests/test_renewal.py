@@ -142,7 +142,7 @@ def test_decorated_handler_lease_is_renewed() -> None:
     quota = QuotaClient(backend=embedded_backend(shared=False), lease_ttl=0.3)
     quota.apply_policy(POLICY)
 
-    @quota.limit(tenant="a", units=1)
+    @quota.limit(tenant=lambda: "a", units=1)
     def slow() -> int:
         time.sleep(1.0)
         return quota.snapshot("g").used

@@ -230,6 +230,7 @@ def test_hundreds_of_threads_and_tasks_never_hang_and_leak_nothing(
     admin.apply_policy(POLICY)
     proxy = LatencyProxy(real_redis.port).start()
     quota = QuotaClient(proxy.url, socket_timeout=SOCKET_TIMEOUT, lease_ttl=5.0)
+    quota.load_scripts()  # as a pod does at start-up (its readiness probe), before traffic
     tally = Tally()
     end = time.monotonic() + RUN_SECONDS
     results: dict[str, Any] = {}

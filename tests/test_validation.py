@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Sequence
 from typing import Any
 
 import pytest
 
 from ratequota import (
+    AsyncQuotaClient,
     ConfigError,
     InvalidRequest,
     InvalidType,
     QuotaClient,
     RateQuotaError,
+    Settings,
 )
 from ratequota.decision import LeaseInfo
+from ratequota.testing import ManualClock
 
 
 class UntouchableBackend:
@@ -136,3 +140,58 @@ def test_apply_policy_needs_a_policy(client: QuotaClient) -> None:
     """apply_policy refuses what is not a Policy (or a path) before any I/O."""
     with pytest.raises(InvalidType, match="policy"):
         client.apply_policy({"groups": []})  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("kind", [QuotaClient, AsyncQuotaClient])
+def test_limit_refuses_a_string_naming_no_parameter(kind: type[Any]) -> None:
+    """``limit(tenant="tenat")`` is a typo, not a tenant called "tenat": refused at decoration."""
+    quota = kind(backend=UntouchableBackend())
+
+    async def handler(tenant: str, units: int) -> None:
+        """A handler whose parameters are tenant and units."""
+
+    with pytest.raises(InvalidRequest) as info:
+        quota.limit(tenant="tenat", units="units")(handler)
+    assert info.value.field == "tenant"
+    assert "'tenat'" in str(info.value) and "tenant, units" in str(info.value)
+    with pytest.raises(InvalidRequest) as info:
+        quota.limit(tenant="tenant", units="count")(handler)
+    assert info.value.field == "units"
+    quota.limit(tenant=lambda *a, **k: "fixed", units=2)(handler)  # constants: a callable, an int
+
+
+@pytest.mark.parametrize("kind", [QuotaClient, AsyncQuotaClient])
+def test_topology_constructors_take_the_constructors_options(kind: type[Any]) -> None:
+    """sharded() and cluster() accept settings= and clock= like the constructor, and refuse both."""
+    settings = Settings(socket_timeout=0.5, lease_ttl=7)
+    clock = ManualClock()
+    urls = ["redis://127.0.0.1:1/0", "redis://127.0.0.1:2/0"]
+    quota = kind.sharded(urls, settings=settings, clock=clock)
+    assert quota.core.settings == settings and quota.core.clock is clock
+    assert kind.sharded(urls, lease_ttl=7).core.settings.lease_ttl == 7
+    with pytest.raises(InvalidType) as info:
+        kind.sharded(urls, settings=settings, lease_ttl=3)
+    assert info.value.field == "settings"
+    with pytest.raises(InvalidType) as info:
+        kind.cluster("redis://127.0.0.1:1", settings=settings, lease_ttl=3)
+    assert info.value.field == "settings"
+
+
+def test_constructing_a_client_does_no_io() -> None:
+    """A client connects lazily: building one opens no connection (a pod starts while Redis
+    is still coming up, and a constructor never blocks)."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        listener.setblocking(False)
+        port = listener.getsockname()[1]
+        url = f"redis://127.0.0.1:{port}/0"
+        clients = [
+            QuotaClient.from_url(url),
+            QuotaClient.sharded([url, url + "?x=1"]),
+            AsyncQuotaClient.from_url(url),
+        ]
+        with pytest.raises(BlockingIOError):
+            listener.accept()  # nobody connected
+        clients[0].close()
+        clients[1].close()

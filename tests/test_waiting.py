@@ -2,25 +2,24 @@
 
 Most tests pin time with ``ManualClock`` (sleeps advance it), so "never
 busy-loops" and "never sleeps past the deadline" are exact statements about
-the sleeps the flow asked for. The starvation test runs several real clients
-against a real redis-server for a bounded time.
+the sleeps the flow asked for. The starvation and queue tests drive the tries
+step by step on both clients and both backends, so they state the order exactly.
 """
 
 from __future__ import annotations
 
 import asyncio
-import threading
-import time
+import random
+from typing import Any
 
 import pytest
 
 from ratequota.clients.aio import AsyncQuotaClient, async_embedded_backend
-from ratequota.clients.backends import url_backend
-from ratequota.clients.sync import QuotaClient
+from ratequota.decision import Decision
 from ratequota.errors import AcquireTimeout
 from ratequota.policy import GroupPolicy, Policy, TenantPolicy
 from ratequota.testing import ManualClock, fake_client
-from tests.servers import RedisServer
+from tests.conftest import MakeClient
 
 POLICY = Policy([GroupPolicy("g", capacity=4, tenants=[TenantPolicy("a", guarantee=4)])])
 
@@ -126,86 +125,78 @@ def test_async_wait_has_the_same_bounds() -> None:
     asyncio.run(main())
 
 
-@pytest.mark.real_redis
-def test_large_batch_is_not_starved_by_a_stream_of_small_ones(real_redis: RedisServer) -> None:
-    """An 8-unit request gets in within bounded time while 1-unit requests keep arriving.
+def _try_waiting(quota: Any, tenant: str, units: int, request_id: str) -> Decision:
+    """One try of a waiting acquire (what ``acquire(timeout=...)`` does between its sleeps):
+    admitted, or refused and registered (or kept) as waiting under ``request_id``."""
+    ttl_ms = quota.core.ttl_ms(None)
+    return quota._run(  # type: ignore[no-any-return]
+        quota.core.attempt(tenant, units, None, request_id, ttl_ms, wait=True)
+    )
 
-    Three clients (pods) stream 1-unit acquires of the same tenant, each held
-    briefly, so without FIFO waiting the group would never have 8 units free
-    at once. The big request must be admitted well within its timeout.
+
+def _wait_once(quota: Any, tenant: str, units: int, request_id: str) -> bool:
+    """``_try_waiting``: was it admitted?"""
+    return bool(_try_waiting(quota, tenant, units, request_id).admitted)
+
+
+def test_large_batch_is_not_starved_by_a_stream_of_small_ones(make_quota: MakeClient) -> None:
+    """While an 8-unit request of a tenant waits, its 1-unit requests leave room for it.
+
+    Without first-in-first-out waiting the group (8 units, all of tenant a) would
+    never have 8 units free at once while small leases keep coming and going.
+    Driven step by step, on both clients and both backends: from the moment the
+    big request is registered, small requests are only admitted into room the big
+    one cannot use yet, and it gets in as soon as the units held at its
+    registration are released.
     """
     policy = Policy([GroupPolicy("g", capacity=8, tenants=[TenantPolicy("a", guarantee=8)])])
-    clients = [
-        QuotaClient(backend=url_backend(real_redis.url, socket_timeout=2.0)) for _ in range(4)
-    ]
-    clients[0].apply_policy(policy)
-    stop = threading.Event()
-    small_admitted = [0]
-
-    def stream(quota: QuotaClient) -> None:
-        deadline = time.monotonic() + 8.0
-        while not stop.is_set() and time.monotonic() < deadline:
-            try:
-                with quota.acquire("a", 1, timeout=0.5):
-                    small_admitted[0] += 1
-                    time.sleep(0.02)
-            except AcquireTimeout:
-                pass
-
-    streamers = [
-        threading.Thread(target=stream, args=(clients[i % 3],), daemon=True) for i in range(9)
-    ]
-    for thread in streamers:
-        thread.start()
-    try:
-        time.sleep(0.3)  # the stream is flowing
-        started = time.monotonic()
-        with clients[3].acquire("a", 8, timeout=5.0) as lease:
-            waited = time.monotonic() - started
-            assert lease.units == 8
-    finally:
-        stop.set()
-        for thread in streamers:
-            thread.join(5)
-        for quota in clients:
-            quota.close()
-    assert not any(t.is_alive() for t in streamers)
-    assert small_admitted[0] > 10
-    print(f"8-unit request waited {waited:.3f}s; {small_admitted[0]} small leases meanwhile")
-    assert waited < 5.0
+    quota = make_quota(policy, clock=ManualClock())
+    held = [quota.try_acquire("a", 1).lease for _ in range(5)]
+    assert not _wait_once(quota, "a", 8, "big")  # 3 free: the big one waits, first in line
+    for _ in range(10):  # the stream goes on: none of it may take the room the big one needs
+        assert not quota.try_acquire("a", 1).admitted
+    rng = random.Random(7)
+    rng.shuffle(held)
+    while held:
+        quota.release(held.pop())
+        assert quota.try_acquire("a", 1).admitted is False
+        if held:
+            assert not _wait_once(quota, "a", 8, "big")
+    assert _wait_once(quota, "a", 8, "big")
+    snap = quota.snapshot("g")
+    assert snap.used == 8 and snap.tenants["a"].pending == 0
 
 
-@pytest.mark.real_redis
-def test_a_long_queue_of_one_tenant_drains_in_order(real_redis: RedisServer) -> None:
-    """40 two-unit waiters at a limit of 3 all get in, one after another, in bounded time.
+def test_a_long_queue_of_one_tenant_drains_in_order(make_quota: MakeClient) -> None:
+    """16 two-unit waiters at a limit of 3 all get in, one at a time, in arrival order.
 
-    Only one fits at a time, so each admission waits for the previous release:
-    the front of the tenant's queue is told to retry soon (paced by its place in
-    line), so the queue drains at the pace of the holds, not of the backoff cap.
-    The bound is generous; it catches a queue that stalls, not a slow machine.
+    Each round releases the holder and lets every waiter retry in a random order:
+    exactly the oldest waiter is admitted, so the queue neither stalls nor lets a
+    later arrival overtake. (The pacing of retries is tested with ``CountingClock``.)
     """
-    quota = QuotaClient(backend=url_backend(real_redis.url, socket_timeout=5.0))
-    quota.apply_policy(Policy([GroupPolicy("q", capacity=3, tenants=[TenantPolicy("a", 3)])]))
-    admitted: list[int] = []
-    errors: list[BaseException] = []
-
-    def waiter(number: int) -> None:
-        try:
-            with quota.acquire("a", 2, timeout=30):
-                admitted.append(number)
-                time.sleep(0.005)
-        except BaseException as exc:  # collected and asserted below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=waiter, args=(n,)) for n in range(40)]
-    started = time.monotonic()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=40)
-    elapsed = time.monotonic() - started
-    assert errors == []
-    assert sorted(admitted) == list(range(40))
-    assert elapsed < 20, f"the queue took {elapsed:.1f}s to drain"
+    quota = make_quota(
+        Policy([GroupPolicy("q", capacity=3, tenants=[TenantPolicy("a", 3)])]),
+        clock=ManualClock(),
+    )
+    first = quota.try_acquire("a", 2)
+    assert first.lease is not None
+    waiting = [f"w{n:02d}" for n in range(16)]
+    for request_id in waiting:
+        assert not _wait_once(quota, "a", 2, request_id)
+    holder = first.lease
+    rng = random.Random(11)
+    admitted: list[str] = []
+    while waiting:
+        quota.release(holder)
+        order = waiting[:]
+        rng.shuffle(order)
+        decisions = {rid: _try_waiting(quota, "a", 2, rid) for rid in order}
+        won = [rid for rid in order if decisions[rid].admitted]
+        assert won == [waiting[0]], (won, waiting[0])
+        lease = decisions[won[0]].lease
+        assert lease is not None
+        holder = lease
+        admitted.append(waiting.pop(0))
+    quota.release(holder)
+    assert admitted == sorted(admitted) and len(admitted) == 16
     assert quota.snapshot("q").used == 0
-    quota.close()

@@ -30,7 +30,7 @@ from ratequota.clients.failure import Breakers
 from ratequota.clock import Clock
 from ratequota.decision import LeaseInfo, ReleaseResult, RenewResult
 from ratequota.engine.protocol import ScriptCall
-from ratequota.errors import BackendUnavailable, InvalidType, RateQuotaError
+from ratequota.errors import BackendUnavailable, InvalidRequest, InvalidType, RateQuotaError
 
 __all__ = [
     "AcquireOptions",
@@ -364,8 +364,10 @@ def handler_arguments(
     """How the ``limit`` decorator reads (tenant, units) from one call of ``handler``.
 
     Each spec is a callable receiving the handler's arguments, the name of one
-    of its parameters, or a constant (a ``tenant`` string naming no parameter
-    is a fixed tenant name). Bad specs are reported at decoration time.
+    of its parameters, or (for ``units``) a constant. A string that names no
+    parameter is an error at decoration time, never a tenant of that name: a
+    misspelt ``tenant="tenat"`` would otherwise charge a tenant called "tenat".
+    A fixed tenant is a callable (``tenant=lambda *a, **k: "acme"``).
     """
     signature = inspect.signature(handler)
     get_tenant = _argument_getter(tenant, "tenant", signature)
@@ -376,11 +378,14 @@ def handler_arguments(
 def _argument_getter(spec: object, name: str, signature: inspect.Signature) -> Callable[..., Any]:
     if callable(spec):
         return spec
-    if isinstance(spec, str) and name == "tenant" and spec not in signature.parameters:
-        return lambda *a, **k: spec  # a fixed tenant name
     if isinstance(spec, str):
         if spec not in signature.parameters:
-            raise InvalidType(name, f"names no parameter of the handler: {spec!r}")
+            known = ", ".join(signature.parameters) or "none"
+            raise InvalidRequest(
+                name,
+                f"{spec!r} names no parameter of the handler (its parameters: {known}); "
+                f"for a fixed {name}, pass a callable such as lambda *args, **kwargs: {spec!r}",
+            )
 
         def from_parameter(*args: Any, **kwargs: Any) -> Any:
             bound = signature.bind(*args, **kwargs)
@@ -447,27 +452,41 @@ class ClientBase:
 
     @classmethod
     def sharded(
-        cls, urls: Iterable[str], *, shard_ids: Iterable[str] | None = None, **options: Any
+        cls,
+        urls: Iterable[str],
+        *,
+        shard_ids: Iterable[str] | None = None,
+        settings: Settings | None = None,
+        clock: Clock | None = None,
+        **options: Any,
     ) -> Self:
         """A client on independent Redis shards; each group lives on one (rendezvous hashing).
 
         ``shard_ids`` name the shards for placement (default: the URLs without
         passwords); keep them stable and every pod and release agrees on where
-        each group lives.
+        each group lives. Other options are the constructor's.
         """
-        settings = Settings(**options)
+        core = make_core(settings, clock, options)
         backend = cls.sharded_backend(
             list(urls),
-            socket_timeout=settings.socket_timeout,
+            socket_timeout=core.settings.socket_timeout,
             shard_ids=None if shard_ids is None else list(shard_ids),
         )
-        return cls(backend=backend, settings=settings)
+        return cls(backend=backend, settings=core.settings, clock=clock)
 
     @classmethod
-    def cluster(cls, url: str, **options: Any) -> Self:
-        """A client on a Redis Cluster, given any node's URL; the hash tag places each group."""
-        settings = Settings(**options)
-        return cls(
-            backend=cls.cluster_backend(url, socket_timeout=settings.socket_timeout),
-            settings=settings,
-        )
+    def cluster(
+        cls,
+        url: str,
+        *,
+        settings: Settings | None = None,
+        clock: Clock | None = None,
+        **options: Any,
+    ) -> Self:
+        """A client on a Redis Cluster, given any node's URL; the hash tag places each group.
+
+        Options are the constructor's (``settings=`` or its fields, ``clock=``).
+        """
+        core = make_core(settings, clock, options)
+        backend = cls.cluster_backend(url, socket_timeout=core.settings.socket_timeout)
+        return cls(backend=backend, settings=core.settings, clock=clock)

@@ -133,8 +133,9 @@ class QuotaClient(ClientBase):
     backend: Backend
 
     def _start(self) -> None:
+        # No I/O here: connections open on first use, and a script missing on a server is
+        # loaded by the first call that meets its NOSCRIPT (or up front by ``with`` / check()).
         self.renewer = ThreadRenewer(self)
-        self.load_scripts(strict=False)
 
     def close(self) -> None:
         """Stop the renewer and close connections; the client cannot be used afterwards."""
@@ -142,6 +143,8 @@ class QuotaClient(ClientBase):
         self.backend.close()
 
     def __enter__(self) -> QuotaClient:
+        """Load the scripts on every server now (an unreachable one is tolerated)."""
+        self.load_scripts(strict=False)
         return self
 
     def __exit__(self, *exc: object) -> None:
