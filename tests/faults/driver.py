@@ -41,7 +41,6 @@ from typing import Any
 from redis.crc import key_slot
 
 from ratequota import GroupPolicy, Policy, QuotaClient, RateQuotaError, TenantPolicy
-from ratequota.clients.backends import ClusterBackend, ShardedBackend
 from ratequota.engine.keys import KeySpace
 from ratequota.engine.routing import Rendezvous
 from ratequota.testing import ManualClock
@@ -159,11 +158,8 @@ class Shards:
 
     def client(self, clock: ManualClock | None = None, **options: Any) -> QuotaClient:
         """A driver-side client with the pods' placement (``clock`` pins Redis time)."""
-        timeout = options.setdefault("socket_timeout", 2.0)
-        if clock is None:
-            return QuotaClient.sharded(self.urls, shard_ids=list(SHARDS), **options)
-        backend = ShardedBackend(self.urls, socket_timeout=timeout, shard_ids=list(SHARDS))
-        return QuotaClient(backend=backend, clock=clock, **options)
+        options.setdefault("socket_timeout", 2.0)
+        return QuotaClient.sharded(self.urls, shard_ids=list(SHARDS), clock=clock, **options)
 
     def pod_target(self) -> dict[str, Any]:
         """How pods connect."""
@@ -198,11 +194,8 @@ class Cluster:
 
     def client(self, clock: ManualClock | None = None, **options: Any) -> QuotaClient:
         """A driver-side cluster client (``clock`` pins Redis time)."""
-        timeout = options.setdefault("socket_timeout", 2.0)
-        if clock is None:
-            return QuotaClient.cluster(self.cluster.url, **options)
-        backend = ClusterBackend(self.cluster.url, socket_timeout=timeout)
-        return QuotaClient(backend=backend, clock=clock, **options)
+        options.setdefault("socket_timeout", 2.0)
+        return QuotaClient.cluster(self.cluster.url, clock=clock, **options)
 
     def pod_target(self) -> dict[str, Any]:
         """How pods connect: any node's URL."""
