@@ -57,16 +57,6 @@ from tests.faults.records import read_jsonl
 
 __all__ = ["CheckOptions", "Lease", "Report", "Violation", "check", "check_run"]
 
-#: Kinds reported separately because a fix on another branch addresses them.
-STATE_LOSS_KINDS = frozenset(
-    {
-        "state_loss_overshoot",
-        "token_after_state_loss",
-        "vanished_after_state_loss",
-        "unknown_after_state_loss",
-    }
-)
-
 
 @dataclass(frozen=True)
 class CheckOptions:

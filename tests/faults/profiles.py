@@ -24,10 +24,13 @@ fix is merged:
   is "admitted" as a replay of the other tenant's lease (issue 9, item 2);
   the checker reports it as ``replay_mismatch``. Same-tenant, same-units
   replays run in every profile.
-* ``recovery`` — adds no fault but makes the checks strict: an overshoot,
-  a token going back or a lease vanishing after a state loss fails the run
-  (until then they are reported apart). Enable with ``state-loss`` once the
-  leases fix is merged.
+* ``catalog`` — adds no fault; ``UnknownTenant`` for a listed tenant fails
+  the run even right after a state loss (outside that window it always
+  does). Enable with ``state-loss`` once the catalog fix is merged.
+* ``recovery`` — adds no fault; after a state loss an overshoot of the
+  capacity or a ceiling, or a fencing token going back, fails the run (until
+  then they are reported apart). Enable with ``state-loss`` once the leases
+  fix is merged.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ MAIN_FAULTS = (
 FLAGS: dict[str, tuple[str, ...]] = {
     "state-loss": ("redis_restart_empty", "maxmemory_evict"),
     "recovery": (),
+    "catalog": (),
     "oom": ("maxmemory_noeviction",),
     "strict-deadline": (),
     "tenant-ids": (),

@@ -40,3 +40,15 @@ def test_a_bad_variable_is_refused(env: dict[str, str], message: str) -> None:
     """An unknown profile or flag raises instead of silently running something else."""
     with pytest.raises(ValueError, match=message):
         profiles.from_environment(env)
+
+
+def test_flags_of_merged_fixes_make_state_loss_checks_strict() -> None:
+    """``recovery`` and ``catalog`` turn reported state-loss kinds into failures."""
+    from tests.faults import driver
+
+    plain = profiles.from_environment({"RATEQUOTA_FAULTS_FLAGS": "state-loss"})
+    assert {"token_after_state_loss", "unknown_after_state_loss"} <= driver.allowed_kinds(plain)
+    assert driver.check_options(plain).state_loss_bound is None
+    strict = profiles.from_environment({"RATEQUOTA_FAULTS_FLAGS": "state-loss,recovery,catalog"})
+    assert driver.allowed_kinds(strict) == {"vanished_after_state_loss", "state_loss_overshoot"}
+    assert driver.check_options(strict).state_loss_bound == 0
