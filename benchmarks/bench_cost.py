@@ -46,11 +46,15 @@ def build_policy(active: int, idle: int, capacity: int = 10**7) -> GroupPolicy:
     return GroupPolicy("cost", capacity=capacity, tenants=tuple(tenants), max_lease_ttl=3600.0)
 
 
-def populate(quota: QuotaClient, group: str, active: int, leases: int) -> list[str]:
-    """``leases`` live leases spread over ``active`` tenants, pipelined; returns their ids."""
+def populate(
+    quota: QuotaClient, group: str, active: int, leases: int
+) -> list[tuple[str, str, int]]:
+    """``leases`` live leases spread over ``active`` tenants, pipelined; returns
+    ``(lease id, tenant, fencing token)`` of each (release names all three)."""
     conn = quota.backend.connection(group)
     keyspace = quota.core.keyspace
-    ids = []
+    ids: list[tuple[str, str]] = []
+    replies: list[Any] = []
     pipe = conn.pipeline(transaction=False)
     for i in range(leases):
         call = acquire_call(
@@ -65,19 +69,21 @@ def populate(quota: QuotaClient, group: str, active: int, leases: int) -> list[s
             purge=64,
         )
         pipe.evalsha(call.script.sha, len(call.keys), *call.keys, *call.args)
-        ids.append(f"seed{i}")
+        ids.append((f"seed{i}", f"a{i % active}"))
         if len(pipe) >= 1000:
-            pipe.execute()
-    pipe.execute()
-    return ids
+            replies += pipe.execute()
+    replies += pipe.execute()
+    return [(i, t, int(reply[3])) for (i, t), reply in zip(ids, replies, strict=True)]
 
 
-def release_all(quota: QuotaClient, group: str, ids: list[str]) -> None:
-    """Release leases by id, pipelined."""
+def release_all(quota: QuotaClient, group: str, leases: list[tuple[str, str, int]]) -> None:
+    """Release leases by id, tenant and token, pipelined."""
     conn = quota.backend.connection(group)
     pipe = conn.pipeline(transaction=False)
-    for lease_id in ids:
-        call = release_call(quota.core.keyspace, group, lease_id, purge=64)
+    for lease_id, tenant, token in leases:
+        call = release_call(
+            quota.core.keyspace, group, lease_id, tenant=tenant, token=token, purge=64
+        )
         pipe.evalsha(call.script.sha, len(call.keys), *call.keys, *call.args)
         if len(pipe) >= 1000:
             pipe.execute()

@@ -2,18 +2,39 @@
 --
 -- Not a script of its own: it has no KEYS/ARGV/reply header. Every group
 -- script receives the same five keys (see ratequota/keys.py):
---   KEYS[1] policy  hash  C, reserve, unknown, default, ttl, schema, version, fence, t:<tenant>
---   KEYS[2] demand  hash  u:<tenant> units held, p:<tenant> units waiting
---   KEYS[3] exp     zset  L<lease id> / P<request id> -> expiry, ms of Redis time
---   KEYS[4] info    hash  L<id> -> "units:token:tenant", P<id> -> "units:seq:tenant"
+--   KEYS[1] policy  hash  C, reserve, unknown, default, ttl, schema, version, fence, t:<tenant>,
+--                         busy (latest lease expiry ever granted, ms), recover (end of the
+--                         recovery window, ms); no expiry, so it outlives lost state
+--   KEYS[2] demand  hash  u:<tenant> units held, p:<tenant> units waiting, s: sentinel (0)
+--   KEYS[3] exp     zset  L<lease id> / P<request id> -> expiry, ms of Redis time;
+--                         s: sentinel (score SENTINEL_SCORE, never purged)
+--   KEYS[4] info    hash  L<id> -> "units:token:tenant", P<id> -> "units:seq:tenant", s: sentinel
 --   KEYS[5] queue   zset  waiting requests in arrival order per tenant (all scores 0,
 --                         members "<len>:<tenant>|<seq, 16 digits>|<units>|<id>", read by lex range)
 -- The fairness rule below mirrors ratequota/fairness.py step for step.
+--
+-- Integers (units, tokens, ms) always go to Redis and into strings through int(), never
+-- through Lua's number-to-string conversion: Redis's Lua prints 10^14 as "1e+14", which no
+-- reader parses back. Units and capacity are bounded by 2^50 (ratequota.policy.MAX_UNITS), so
+-- every sum the scripts form stays an exact double.
+--
+-- State loss (docs/design.md, "Recovery"): demand, exp and info each hold a sentinel member
+-- "s:" while the group is in use, so none of them is ever empty; a key that is missing while
+-- another exists, or all three missing while the policy's busy (the latest expiry ever
+-- granted) is still ahead, means Redis lost the group's state with leases possibly live. The
+-- group then recovers until that expiry: renewals re-assert their leases, new work is refused.
 
 local EPSILON = 1e-9
 local KEY_GRACE_MS = 120000
 local NEXT_IN_LINE_RETRY_MS = 20
 local QUEUE_PACED = 8
+-- Score of the exp sentinel: above any expiry, so purges never reach it (2^53 - 1).
+local SENTINEL_SCORE = '9007199254740991'
+
+-- An integer as exact decimal text (never "1e+14").
+local function int(x)
+  return string.format('%d', x)
+end
 
 -- Redis time in ms, unless the caller pins the clock (tests and simulations).
 local function now_ms(pinned)
@@ -39,7 +60,7 @@ end
 -- tenant part unambiguous whatever characters the name holds.
 local function queue_member(tenant, seq, units, id)
   return string.len(tenant) .. ':' .. tenant .. '|' .. string.format('%016d', tonumber(seq)) ..
-    '|' .. units .. '|' .. id
+    '|' .. int(tonumber(units)) .. '|' .. id
 end
 
 -- The tenant's `n` oldest waiting requests, oldest first, as {units, id} pairs.
@@ -59,7 +80,7 @@ end
 -- Removes a waiting registration (admitted, withdrawn): demand, queue, expiry, info.
 local function drop_waiting(id, info)
   local u, seq, tenant = string.match(info, '^(%d+):(%d+):(.*)$')
-  if redis.call('HINCRBY', KEYS[2], 'p:' .. tenant, -tonumber(u)) <= 0 then
+  if redis.call('HINCRBY', KEYS[2], 'p:' .. tenant, int(-tonumber(u))) <= 0 then
     redis.call('HDEL', KEYS[2], 'p:' .. tenant)
   end
   redis.call('ZREM', KEYS[5], queue_member(tenant, seq, u, id))
@@ -84,7 +105,7 @@ local function purge(now, limit)
         field, units = 'p:' .. tenant, tonumber(u)
         redis.call('ZREM', KEYS[5], queue_member(tenant, seq, u, string.sub(member, 2)))
       end
-      if redis.call('HINCRBY', KEYS[2], field, -units) <= 0 then
+      if redis.call('HINCRBY', KEYS[2], field, int(-units)) <= 0 then
         redis.call('HDEL', KEYS[2], field)
       end
     end
@@ -104,9 +125,9 @@ local function load_demand()
     if kind == 'u' then
       used[tenant] = units
       total = total + units
-    else
+    elseif kind == 'p' then
       pending[tenant] = units
-    end
+    end  -- 's': the sentinel
   end
   return used, pending, total
 end
@@ -188,7 +209,8 @@ end
 
 -- The policy header, or nil plus an error reply.
 local function load_policy(schema)
-  local p = redis.call('HMGET', KEYS[1], 'C', 'reserve', 'unknown', 'default', 'ttl', 'schema', 'version')
+  local p = redis.call('HMGET', KEYS[1], 'C', 'reserve', 'unknown', 'default', 'ttl', 'schema',
+    'version', 'busy', 'recover')
   if not p[1] then
     return nil, {-1, 'no_policy', 0, 0, 0, '0', 0, 0, 0, 0, 0}
   end
@@ -198,14 +220,16 @@ local function load_policy(schema)
   return {
     capacity = tonumber(p[1]), reserve = tonumber(p[2]), unknown = p[3], default = p[4],
     ttl = tonumber(p[5]), version = tonumber(p[7]),
+    busy = tonumber(p[8]) or 0, recover = tonumber(p[9]) or 0,
   }, nil
 end
 
 -- Gives every expiring key of the group a lifetime longer than any lease.
 -- The queue only gains members on the waiting path, which passes with_queue;
 -- elsewhere members are only removed, and an existing key keeps its expiry.
-local function touch(policy, with_queue)
-  local ttl = policy.ttl + KEY_GRACE_MS
+-- Leases granted under a longer max_lease_ttl (lowered since) are covered through busy.
+local function touch(policy, with_queue, now)
+  local ttl = int(math.max(policy.ttl, policy.busy - now) + KEY_GRACE_MS)
   redis.call('PEXPIRE', KEYS[2], ttl)
   redis.call('PEXPIRE', KEYS[3], ttl)
   redis.call('PEXPIRE', KEYS[4], ttl)
@@ -214,6 +238,70 @@ end
 
 local function fmt(x)
   return string.format('%.17g', x)
+end
+
+-- Records that a lease may live until `expiry` (the policy hash outlives lost state).
+local function mark_busy(policy, expiry)
+  if expiry > policy.busy then
+    redis.call('HSET', KEYS[1], 'busy', int(expiry))
+    policy.busy = expiry
+  end
+end
+
+-- The next fencing token: above every token handed out before, even after Redis lost the
+-- counter. The floor is Redis time in ms x 1000, which grows by 1000 per ms: tokens never go
+-- back across a loss unless the group handed out more than 1000 tokens per ms for longer
+-- than the outage lasted (or the server's clock went back). Exact in doubles until 2255.
+local function next_fence(now)
+  local fence = redis.call('HINCRBY', KEYS[1], 'fence', 1)
+  local floor = now * 1000
+  if fence < floor then
+    redis.call('HSET', KEYS[1], 'fence', int(floor))
+    fence = floor
+  end
+  return fence
+end
+
+-- How many of demand, exp and info still hold their sentinel (3: the state is whole).
+-- HGET/ZSCORE rather than EXISTS: the documented minimal ACL already allows them, and a key an
+-- older release created without a sentinel counts as missing (so state is never trusted
+-- unless this release saw it whole).
+local function sentinels()
+  local present = 0
+  if redis.call('HGET', KEYS[2], 's:') then present = present + 1 end
+  if redis.call('ZSCORE', KEYS[3], 's:') then present = present + 1 end
+  if redis.call('HGET', KEYS[4], 's:') then present = present + 1 end
+  return present
+end
+
+-- The end of the recovery window if the group's state is found lost now, or the one already
+-- open (0: none). Read-only (snapshot.lua); see check_state for the rule.
+local function recovery_until(policy, now)
+  if policy.recover > now then return policy.recover end
+  local present = sentinels()
+  if present < 3 and (present > 0 or policy.busy > now) then return policy.busy end
+  return 0
+end
+
+-- Detects lost state and opens the recovery window; writes the sentinels of a fresh group.
+-- Sets policy.recovering. A partial loss (some keys evicted) drops the rest: the holders
+-- re-assert what is still live, which rebuilds demand, exp and info consistently.
+local function check_state(policy, now)
+  local present = sentinels()
+  if present < 3 then
+    if present > 0 or policy.busy > now then
+      redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[5])
+      if policy.busy > policy.recover then
+        redis.call('HSET', KEYS[1], 'recover', int(policy.busy))
+        policy.recover = policy.busy
+      end
+    end
+    redis.call('HSET', KEYS[2], 's:', 0)
+    redis.call('ZADD', KEYS[3], SENTINEL_SCORE, 's:')
+    redis.call('HSET', KEYS[4], 's:', 0)
+    touch(policy, false, now)
+  end
+  policy.recovering = policy.recover > now
 end
 
 -- Demand of every tenant with units held or waiting (the active set).
@@ -244,8 +332,9 @@ local function acquire_begin(now, schema)
           touch_queue = false}, nil
 end
 
--- Purges expired entries and loads the demand, once per script call.
+-- Checks for lost state, purges expired entries and loads the demand, once per script call.
 local function acquire_prepare(ctx, purge_limit)
+  check_state(ctx.policy, ctx.now)
   purge(ctx.now, purge_limit)
   ctx.used, ctx.pending, ctx.group_used = load_demand()
 end
@@ -277,7 +366,13 @@ end
 
 -- Refreshes the expiry of the keys written by the decisions of this call.
 local function acquire_finish(ctx)
-  if ctx.touch then touch(ctx.policy, ctx.touch_queue) end
+  if ctx.touch then touch(ctx.policy, ctx.touch_queue, ctx.now) end
+end
+
+-- "units:token-or-seq:tenant" of an info entry, parsed.
+local function parse_info(info)
+  local u, n, owner = string.match(info, '^(%d+):(%d+):(.*)$')
+  return tonumber(u), n, owner
 end
 
 -- Decides one request (§3) and records it; returns acquire.lua's reply (see its header).
@@ -288,18 +383,30 @@ local function acquire_one(ctx, tenant, units, id, ttl, wait, pending_ms)
   end
   local lease_member, wait_member = 'L' .. id, 'P' .. id
   prefetch_entries(ctx, {id})
+  local tenant_used = used[tenant] or 0
+
+  -- A request id is the tenant's: a retry must repeat the original request (same tenant,
+  -- same units) to be answered by it; anything else is refused and changes nothing.
+  local known = ctx.entries[lease_member]
+  local wait_info = ctx.entries[wait_member]
+  local already_waiting = wait_info ~= false and wait_info ~= nil
+  local original = known or (already_waiting and wait_info) or nil
+  if original then
+    local u, _, owner = parse_info(original)
+    if owner ~= tenant or u ~= units then
+      return {0, 'id_mismatch', 0, 0, tenant_used, '0', ctx.group_used, policy.capacity, 0,
+              policy.version, 0}
+    end
+  end
 
   -- Idempotency: the first attempt committed and its reply was lost.
-  local known = ctx.entries[lease_member]
   if known then
-    local _, token = string.match(known, '^(%d+):(%d+):')
+    local _, token = parse_info(known)
     local expiry = redis.call('ZSCORE', KEYS[3], lease_member)
-    return {1, 'admitted', tonumber(expiry), tonumber(token), used[tenant] or 0, '0',
+    return {1, 'admitted', tonumber(expiry), tonumber(token), tenant_used, '0',
             ctx.group_used, policy.capacity, 0, policy.version, 1}
   end
 
-  local wait_info = ctx.entries[wait_member]
-  local already_waiting = wait_info ~= false and wait_info ~= nil
   local demand, names = active_demand(used, pending)
   if not already_waiting then demand[tenant] = (demand[tenant] or 0) + units end
   if not demand[tenant] then demand[tenant] = 0 end
@@ -307,10 +414,16 @@ local function acquire_one(ctx, tenant, units, id, ttl, wait, pending_ms)
 
   ensure_specs(ctx, names)
   local spec = ctx.specs[tenant]
-  local tenant_used = used[tenant] or 0
   if not spec then
     return {0, 'unknown_tenant', 0, 0, tenant_used, '0', ctx.group_used, policy.capacity, 0,
             policy.version, 0}
+  end
+
+  if units <= math.min(policy.capacity, spec.ceil, spec.max) and policy.recovering then
+    -- Leases granted before the state was lost may still run: admit nothing new until the
+    -- last of them has certainly ended; their holders' renewals re-assert them meanwhile.
+    return {0, 'recovering', 0, 0, tenant_used, '0', ctx.group_used, policy.capacity,
+            policy.recover - now, policy.version, 0}
   end
 
   local rows = allocate(policy.capacity, policy.reserve, demand, ctx.specs)
@@ -336,13 +449,13 @@ local function acquire_one(ctx, tenant, units, id, ttl, wait, pending_ms)
     local first = redis.call('ZRANGE', KEYS[3], 0, 0, 'WITHSCORES')
     if first[2] then retry_ms = math.max(1, math.min(retry_ms, tonumber(first[2]) - now)) end
     if wait and reason ~= 'too_large' then
-      redis.call('ZADD', KEYS[3], now + pending_ms, wait_member)
+      redis.call('ZADD', KEYS[3], int(now + pending_ms), wait_member)
       if not already_waiting then
         -- The fencing counter doubles as the arrival sequence: monotonic, kept across policies.
-        local seq = redis.call('HINCRBY', KEYS[1], 'fence', 1)
-        local info = units .. ':' .. seq .. ':' .. tenant
+        local seq = next_fence(now)
+        local info = int(units) .. ':' .. int(seq) .. ':' .. tenant
         redis.call('HSET', KEYS[4], wait_member, info)
-        redis.call('HINCRBY', KEYS[2], 'p:' .. tenant, units)
+        redis.call('HINCRBY', KEYS[2], 'p:' .. tenant, int(units))
         redis.call('ZADD', KEYS[5], 0, queue_member(tenant, seq, units, id))
         ctx.entries[wait_member] = info
         pending[tenant] = (pending[tenant] or 0) + units
@@ -362,19 +475,18 @@ local function acquire_one(ctx, tenant, units, id, ttl, wait, pending_ms)
 
   if already_waiting then
     drop_waiting(id, wait_info)
-    -- The registration's own tenant: a reused request id may belong to another one.
-    local waited, _, owner = string.match(wait_info, '^(%d+):(%d+):(.*)$')
-    pending[owner] = (pending[owner] or 0) - tonumber(waited)
-    if pending[owner] <= 0 then pending[owner] = nil end
+    pending[tenant] = (pending[tenant] or 0) - units
+    if pending[tenant] <= 0 then pending[tenant] = nil end
     ctx.entries[wait_member] = false
   end
 
-  local token = redis.call('HINCRBY', KEYS[1], 'fence', 1)
+  local token = next_fence(now)
   local expiry = now + ttl
-  local info = units .. ':' .. token .. ':' .. tenant
-  redis.call('ZADD', KEYS[3], expiry, lease_member)
+  local info = int(units) .. ':' .. int(token) .. ':' .. tenant
+  redis.call('ZADD', KEYS[3], int(expiry), lease_member)
   redis.call('HSET', KEYS[4], lease_member, info)
-  redis.call('HINCRBY', KEYS[2], 'u:' .. tenant, units)
+  redis.call('HINCRBY', KEYS[2], 'u:' .. tenant, int(units))
+  mark_busy(policy, expiry)
   ctx.entries[lease_member] = info
   used[tenant] = tenant_used + units
   ctx.group_used = ctx.group_used + units
@@ -383,25 +495,32 @@ local function acquire_one(ctx, tenant, units, id, ttl, wait, pending_ms)
           policy.capacity, 0, policy.version, 0}
 end
 
--- Ends lease `id` (and withdraws a waiting request of that id); release.lua's reply.
-local function release_one(now, id)
+-- Ends lease `id` of `tenant` whose fencing token is `token` (text, as stored), and withdraws
+-- a waiting request of that id and tenant; release.lua's reply. An entry of that id owned by
+-- another tenant, or a lease with another token, is left alone: reply "fenced".
+local function release_one(now, id, tenant, token)
   local member = 'L' .. id
-  local state, units = 'unknown', 0
   local entries = redis.call('HMGET', KEYS[4], member, 'P' .. id)
   local info, wait_info = entries[1], entries[2]
   if info then
-    local u, _, tenant = string.match(info, '^(%d+):(%d+):(.*)$')
-    units = tonumber(u)
+    local units, held_token, owner = parse_info(info)
+    if owner ~= tenant or held_token ~= token then return {'fenced', 0} end
     local expiry = tonumber(redis.call('ZSCORE', KEYS[3], member))
-    state = 'released'
+    local state = 'released'
     if expiry <= now then state = 'expired' end
-    if redis.call('HINCRBY', KEYS[2], 'u:' .. tenant, -units) <= 0 then
+    if redis.call('HINCRBY', KEYS[2], 'u:' .. tenant, int(-units)) <= 0 then
       redis.call('HDEL', KEYS[2], 'u:' .. tenant)
     end
     redis.call('ZREM', KEYS[3], member)
     redis.call('HDEL', KEYS[4], member)
+    -- A waiting registration under a live lease's id cannot exist (admission drops it).
+    return {state, units}
   end
   -- A caller giving up on a waiting request releases its id: drop the registration.
-  if wait_info then drop_waiting(id, wait_info) end
-  return {state, units}
+  if wait_info then
+    local _, _, owner = parse_info(wait_info)
+    if owner ~= tenant then return {'fenced', 0} end
+    drop_waiting(id, wait_info)
+  end
+  return {'unknown', 0}
 end

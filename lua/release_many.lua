@@ -4,16 +4,16 @@
 -- ARGV[1] now_ms    pinned clock in ms, or "" for Redis TIME
 -- ARGV[2] schema    key schema of the caller
 -- ARGV[3] purge     most expired entries to drop after each release (as release.lua does)
--- ARGV[4..] lease ids, one per release
+-- ARGV[4..] leases    three values per release: lease_id, tenant, token
 --
--- reply: one release.lua reply per lease id, in order (see release.lua's header); each release
+-- reply: one release.lua reply per release, in order (see release.lua's header); each release
 --   behaves exactly as if it had been sent alone right after the ones before it.
 
 local now = now_ms(ARGV[1])
 local purge_limit = tonumber(ARGV[3])
 local replies = {}
-for i = 4, #ARGV do
-  replies[#replies + 1] = release_one(now, ARGV[i])
+for i = 4, #ARGV, 3 do
+  replies[#replies + 1] = release_one(now, ARGV[i], ARGV[i + 1], ARGV[i + 2])
   purge(now, purge_limit)
 end
 return replies

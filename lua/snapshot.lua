@@ -6,7 +6,8 @@
 -- ARGV[3] max_leases  most live leases to list
 -- ARGV[4..] tenant names to report even when idle
 --
--- reply: {status, reason, now, capacity, group_used, version, level, tenants, leases, truncated}
+-- reply: {status, reason, now, capacity, group_used, version, level, tenants, leases, truncated,
+--         recovering_until}
 --   status 1 ok (reason "ok"), -1 error (reason "no_policy" | "schema"; then capacity holds
 --   the newer schema).
 --   tenants: flat list of 7-tuples {name, used, pending, limit, lo, up, guarantee}; numbers
@@ -14,10 +15,12 @@
 --     a tenant without a spec (refused stranger) has limit, lo, up and guarantee 0.
 --   leases: flat list of 5-tuples {lease_id, tenant, units, token, expiry_ms}.
 --   truncated: 1 when more live leases exist than listed.
+--   recovering_until: end of the group's recovery window in ms (0: none). Also reported when
+--     the loss is visible but no writing call has found it yet (this script writes nothing).
 
 local now = now_ms(ARGV[1])
 local policy, err = load_policy(ARGV[2])
-if not policy then return {-1, err[2], now, err[10], 0, 0, '0', {}, {}, 0} end
+if not policy then return {-1, err[2], now, err[10], 0, 0, '0', {}, {}, 0, 0} end
 
 local used, pending, group_used = load_demand()
 -- Discount entries that have expired but not been purged: a read must not write.
@@ -85,4 +88,4 @@ for _, member in ipairs(live) do
   end
 end
 return {1, 'ok', now, policy.capacity, group_used, policy.version, fmt(level), tenants, leases,
-        truncated}
+        truncated, recovery_until(policy, now)}

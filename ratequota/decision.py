@@ -28,6 +28,8 @@ Reason = Literal[
     "tenant_limit",
     "group_full",
     "unknown_tenant",
+    "id_mismatch",
+    "recovering",
     "backend_unavailable",
 ]
 
@@ -36,6 +38,14 @@ _WHY = {
     "tenant_limit": "the tenant is at its fair limit",
     "group_full": "the group's capacity is in use",
     "unknown_tenant": "the tenant is not in the policy",
+    "id_mismatch": (
+        "the request id names a lease or waiting request of another tenant or another "
+        "number of units"
+    ),
+    "recovering": (
+        "Redis lost the group's state while leases may still be live; new work waits until "
+        "they have certainly ended"
+    ),
     "backend_unavailable": "the quota backend is unavailable",
 }
 
@@ -108,12 +118,15 @@ class Decision:
 class ReleaseResult:
     """Outcome of a release: ``was_live`` is false when the lease had expired or was gone.
 
-    ``state`` tells the two apart: ``"expired"`` means the holder overran its
+    ``state`` tells the cases apart: ``"expired"`` means the holder overran its
     TTL (its units may already have been granted to someone else),
-    ``"unknown"`` that the lease was released before or purged after expiry.
+    ``"unknown"`` that the lease was released before or purged after expiry,
+    ``"fenced"`` that the lease id now names a lease of another tenant or with
+    another fencing token: the release was refused and changed nothing (the
+    caller's own lease is certainly gone).
     """
 
-    state: Literal["released", "expired", "unknown"]
+    state: Literal["released", "expired", "unknown", "fenced"]
     units: int
 
     @property
@@ -128,6 +141,12 @@ class RenewResult:
 
     ``over_limit`` is the hint that a lender wants its capacity back: the
     tenant holds more than its fair limit now, so it should not start more.
+    ``reason``: ``"renewed"``; ``"reasserted"`` (Redis had lost the group's
+    state and the lease was written back with its id and token, see
+    docs/failure-modes.md); ``"lost"`` (expired or gone: stop trusting the
+    token); ``"fenced"`` (the id names another tenant's lease or another
+    token: refused, nothing changed). ``ttl`` is the lifetime granted in
+    seconds: lower than asked when the group's max_lease_ttl was lowered.
     """
 
     renewed: bool
@@ -137,6 +156,8 @@ class RenewResult:
     limit: float
     group_used: int
     capacity: int
+    reason: Literal["renewed", "reasserted", "lost", "fenced"] = "renewed"
+    ttl: float = 0.0
 
 
 @attrs.frozen
@@ -166,3 +187,9 @@ class GroupSnapshot:
     tenants: Mapping[str, TenantSnapshot]
     leases: tuple[LeaseInfo, ...]
     leases_truncated: bool
+    recovering_until: float = 0.0
+
+    @property
+    def recovering(self) -> bool:
+        """True while the group refuses new work after Redis lost its state."""
+        return self.recovering_until > self.now

@@ -9,6 +9,7 @@ The tree::
     │   └── InvalidType (TypeError)       ... of the wrong type (units="3")
     ├── QuotaExceeded                     a refusal, carrying the Decision
     │   ├── RequestTooLarge               can never succeed under this policy
+    │   ├── RequestIdConflict (ValueError) the request id names another tenant's or size's request
     │   └── AcquireTimeout (TimeoutError) waited until the deadline, still refused
     ├── UnknownTenant (KeyError)          tenant not in the policy, and the policy refuses strangers
     ├── PolicyMissing                     no policy published for the group
@@ -40,6 +41,7 @@ __all__ = [
     "PolicyMissing",
     "QuotaExceeded",
     "RateQuotaError",
+    "RequestIdConflict",
     "RequestTooLarge",
     "SchemaMismatch",
     "UnknownTenant",
@@ -84,6 +86,15 @@ class QuotaExceeded(RateQuotaError):
 
 class RequestTooLarge(QuotaExceeded, ValueError):
     """The request asks for more units than the policy can ever grant this tenant."""
+
+
+class RequestIdConflict(QuotaExceeded, ValueError):
+    """The request id names a lease or waiting request of another tenant or another size.
+
+    Request ids are scoped to their tenant: a retry is answered by the original
+    only when it repeats it exactly (same tenant, same units). Anything else
+    was refused without charging or registering anything; use a fresh id.
+    """
 
 
 class AcquireTimeout(QuotaExceeded, TimeoutError):

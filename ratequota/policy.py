@@ -24,13 +24,20 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised only on Python 3.10
     pass
 
-__all__ = ["GroupPolicy", "Policy", "TenantPolicy", "UnknownTenants"]
+__all__ = ["MAX_UNITS", "GroupPolicy", "Policy", "TenantPolicy", "UnknownTenants"]
 
 UnknownTenants = Literal["refuse", "default"]
 
 #: Longest lease a policy may allow. Group keys expire this long after the
 #: last write, so the bound is what keeps abandoned state from living forever.
 MAX_LEASE_TTL_LIMIT = 7 * 24 * 3600.0
+
+#: Largest number of units a capacity, guarantee, borrow limit, max_units or
+#: request may name: 2**50 (about 1.1e15). The Lua scripts hold numbers as
+#: doubles, exact up to 2**53; 2**50 leaves room for the sums they form (units
+#: held + units asked + the reserve of the oldest waiting request, or a few
+#: large waiting requests), so every one of them stays an exact integer.
+MAX_UNITS = 2**50
 
 
 def _name(field: str, value: object) -> str:
@@ -46,6 +53,8 @@ def _int_at_least(field: str, value: object, low: int) -> int:
         raise ConfigError(field, f"must be an integer, got {value!r}")
     if value < low:
         raise ConfigError(field, f"must be >= {low}, got {value}")
+    if value > MAX_UNITS:
+        raise ConfigError(field, f"must be at most 2**50 ({MAX_UNITS}), got {value}")
     return value
 
 

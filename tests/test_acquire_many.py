@@ -109,25 +109,45 @@ def test_a_batch_decides_like_its_requests_one_by_one(
     assert _state(together) == _state(one_by_one)
 
 
+release = st.tuples(
+    st.sampled_from([f"sid-{i}" for i in range(8)] + ["nope"]),
+    st.sampled_from(["a", "b", "c", "stranger"]),
+    st.sampled_from(["right", "wrong", "zero"]),  # the lease's own token, another, or 0
+)
+
+
+def _token(conn: Any, lease_id: str, choice: str) -> int:
+    """The fencing token a release names: the lease's own (0 if none), one above it, or 0."""
+    info = conn.hget(KeySpace().group("g").info, "L" + lease_id)
+    own = int(info.split(b":")[1]) if info else 0
+    return {"right": own, "wrong": own + 1, "zero": 0}[choice]
+
+
 @given(
     setup=st.lists(request, max_size=8),
-    ids=st.lists(st.sampled_from([f"sid-{i}" for i in range(8)] + ["nope"]), min_size=1),
+    releases=st.lists(release, min_size=1),
     later=st.sampled_from([0, 1_000, 40_000]),
 )
 def test_a_release_batch_is_like_its_releases_one_by_one(
-    setup: list[tuple[str, int, str, int, bool]], ids: list[str], later: int
+    setup: list[tuple[str, int, str, int, bool]], releases: list[tuple[str, str, str]], later: int
 ) -> None:
     """release_many: same replies and state as the releases sent one after another,
-    including repeated ids, unknown ids, waiting requests and leases expired by ``later``."""
+    including repeated ids, unknown ids, waiting requests, leases expired by ``later``, and
+    fenced releases (another tenant, another token)."""
     ks = KeySpace()
     one_by_one, together = _fresh_conn(), _fresh_conn()
     _prepare(one_by_one, setup)
     _prepare(together, setup)
     now = NOW + later
+    named = [(i, t, _token(one_by_one, i, choice)) for i, t, choice in releases]
     expected = [
-        _run(one_by_one, protocol.release_call(ks, "g", i, purge=2, now_ms=now)) for i in ids
+        _run(
+            one_by_one,
+            protocol.release_call(ks, "g", i, tenant=t, token=k, purge=2, now_ms=now),
+        )
+        for i, t, k in named
     ]
-    got = _run(together, protocol.release_many_call(ks, "g", ids, purge=2, now_ms=now))
+    got = _run(together, protocol.release_many_call(ks, "g", named, purge=2, now_ms=now))
     assert got == expected
     assert _state(together) == _state(one_by_one)
 
@@ -142,13 +162,15 @@ def test_coalescing_merges_only_compatible_calls() -> None:
         )
         return wire_call(call)
 
-    release = wire_call(protocol.release_call(ks, "g", "x", purge=64))
+    release = wire_call(protocol.release_call(ks, "g", "x", tenant="a", token=1, purge=64))
     calls = [acquire("g", "1"), release, acquire("h", "2"), acquire("g", "3"), acquire("g", "4", 1)]
     wire, where = protocol.coalesce(calls)
     many = load_scripts()["acquire_many"].sha
     assert [w[1][0] == many for w in wire] == [True, False, False, False]
     assert where == [(0, 0), (1, None), (2, None), (0, 1), (3, None)]
-    releases = [wire_call(protocol.release_call(ks, "g", i, purge=64)) for i in "abc"]
+    releases = [
+        wire_call(protocol.release_call(ks, "g", i, tenant="a", token=1, purge=64)) for i in "abc"
+    ]
     wire, where = protocol.coalesce([*releases, acquire("g", "5")])
     assert wire[0][1][0] == load_scripts()["release_many"].sha
     assert where == [(0, 0), (0, 1), (0, 2), (1, None)]
@@ -187,10 +209,13 @@ def test_async_client_coalesces_concurrent_acquires(real_redis: RedisServer) -> 
 
 def test_a_request_id_reused_by_another_tenant_is_handled() -> None:
     """Found by the nightly profile: b reusing the id of a's waiting request once crashed the
-    script. The admission withdraws a's registration (by its own tenant) and both paths agree."""
+    script. Request ids are the tenant's now: b's reuse is refused (``id_mismatch``), a's
+    registration stays, b cannot withdraw it (``fenced``), and both paths agree."""
     setup = [("a", 4, "id-1", 1000, False), ("a", 4, "id-4", 1000, True)]
     batch = [("b", 1, "sid-4", 1000, False), ("a", 1, "sid-4", 1000, False)]
     test_a_batch_decides_like_its_requests_one_by_one.hypothesis.inner_test(setup, batch)  # type: ignore[attr-defined]
     test_a_release_batch_is_like_its_releases_one_by_one.hypothesis.inner_test(  # type: ignore[attr-defined]
-        [*setup, ("b", 1, "id-4", 1000, False)], ["sid-0", "sid-4"], 0
+        [*setup, ("b", 1, "id-4", 1000, False)],
+        [("sid-0", "a", "right"), ("sid-4", "b", "zero"), ("sid-4", "a", "zero")],
+        0,
     )

@@ -426,7 +426,10 @@ def test_a_timed_out_cluster_call_is_not_replayed(redis_cluster: RedisCluster) -
     )
     quota = _client(redis_cluster, prefix, socket_timeout=0.3)
     try:
-        quota.load_scripts()  # else the paused call would meet NOSCRIPT when the node resumes
+        # Loaded up front (by a client with a roomy timeout), else the paused call would
+        # meet NOSCRIPT when the node resumes.
+        with _client(redis_cluster, prefix):
+            pass
         quota.apply_policy(_policy([group]))
         calls = _evalsha_calls(node)
         node.pause()

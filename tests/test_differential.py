@@ -1,13 +1,19 @@
 """The Lua engine against the pure reference (DESIGN §3): same decisions, same limits.
 
 Random policies and random sequences of acquire, waiting acquire (pending
-demand), retry, replay, release, withdraw, renew and expiry are replayed on
-fakeredis and on a real redis-server. The test keeps its own model of the
-group (leases and waiting registrations with their expiry) and, after every
-step, asserts that the script's decision equals ``ratequota.fairness.decide``
-on the model's state and that every tenant's limit in a snapshot equals
-``group_allocation`` (within 1e-6). Time is a ``ManualClock`` pinning the
-Redis time the scripts see, so expiry is deterministic.
+demand), retry, replay, mismatched replay (another tenant or other units under
+a used request id), release, withdraw, renew (some above the group's
+max_lease_ttl: clamped), fenced release and renew (another tenant or token),
+loss of the group's state (its keys deleted, as an eviction or an empty
+restart does) and expiry are replayed on fakeredis and on a real
+redis-server. The test keeps its own model of the group (leases and waiting
+registrations with their expiry and token; the recovery window and the leases
+its holders may re-assert) and, after every step, asserts that the script's
+decision equals ``ratequota.fairness.decide`` on the model's state (or the
+model's ``id_mismatch`` / ``recovering`` refusal), that tokens only grow, and
+that every tenant's limit in a snapshot equals ``group_allocation`` (within
+1e-6). Time is a ``ManualClock`` pinning the Redis time the scripts see, so
+expiry is deterministic.
 
 Steps per backend: ``RATEQUOTA_DIFF_STEPS``, else 2,000 (20,000 with
 ``RATEQUOTA_HYPOTHESIS_PROFILE=nightly``).
@@ -77,6 +83,8 @@ def random_policy(rnd: random.Random, name: str) -> GroupPolicy:
         tenants=tuple(tenants),
         unknown_tenants=unknown,
         default_tenant=default,
+        # Short enough that recovery windows after a lost state end within a run.
+        max_lease_ttl=rnd.choice([30.0, 60.0, 600.0]),
     )
 
 
@@ -88,6 +96,7 @@ class Entry:
     units: int
     expiry: int
     order: int = 0
+    token: int = 0
 
 
 @attrs.define
@@ -104,6 +113,32 @@ class Model:
     leases: dict[str, Entry] = attrs.Factory(dict)
     waiting: dict[str, Entry] = attrs.Factory(dict)
     registrations: int = 0
+    #: Latest expiry ever granted (the policy hash's busy), the recovery window's end, whether
+    #: the state was deleted and no writing call has found out yet, and the leases that were
+    #: live when it was lost (their holders may re-assert them).
+    busy: int = 0
+    recover: int = 0
+    undetected: bool = False
+    lost: dict[str, Entry] = attrs.Factory(dict)
+    top_token: int = 0
+
+    def lose_state(self) -> None:
+        """The group's keys are gone; its policy hash (busy, fence) survives."""
+        live = {k: e for k, e in self.leases.items() if e.expiry > self.now}
+        self.lost = {**{k: e for k, e in self.lost.items() if e.expiry > self.now}, **live}
+        self.leases, self.waiting = {}, {}
+        self.undetected = True
+
+    def detect(self) -> None:
+        """What a writing call (acquire, renew) does first: find the loss, open the window."""
+        if self.undetected and self.busy > self.now:
+            self.recover = max(self.recover, self.busy)
+        self.undetected = False
+
+    @property
+    def recovering(self) -> bool:
+        """True while new work is refused."""
+        return self.recover > self.now
 
     def purge(self) -> None:
         """Drop expired entries, as every mutating script does first (or last)."""
@@ -176,28 +211,48 @@ class Replay:
     def acquire(self, tenant: str, units: int, rid: str, *, wait: bool) -> None:
         """One acquire round trip, checked against the reference."""
         ttl_ms = self.rnd.choice([1000, 3000, 10_000, 30_000])
-        self.model.purge()
-        replay = rid in self.model.leases
-        expected = self.model.reference(tenant, units, rid)
+        model = self.model
+        model.detect()
+        model.purge()
+        replay = rid in model.leases
+        original = model.leases.get(rid) or model.waiting.get(rid)
+        mismatch = original is not None and (original.tenant, original.units) != (tenant, units)
+        expected = model.reference(tenant, units, rid)
         self.log.append(f"acquire {tenant} {units} {rid} wait={wait} -> expect {expected}")
         flow = self.client.core.attempt(tenant, units, self.policy.name, rid, ttl_ms, wait=wait)
         try:
             got: Decision = self.client._run(flow)
         except UnknownTenant:
-            assert expected.reason == "unknown_tenant", self.trace()
+            assert not mismatch and expected.reason == "unknown_tenant", self.trace()
+            return
+        if mismatch:  # refused, nothing charged, nothing registered
+            assert (got.admitted, got.reason) == (False, "id_mismatch"), self.trace(got)
+            assert got.group_used == sum(model.used().values()), self.trace(got)
             return
         if replay:
             assert got.admitted, self.trace(got)
             assert got.lease is not None, self.trace(got)
             assert got.lease.replay, self.trace(got)
+            assert got.lease.token == model.leases[rid].token, self.trace(got)
+            return
+        if model.recovering and expected.reason != "too_large":
+            assert (got.admitted, got.reason) == (False, "recovering"), self.trace(got)
+            assert got.retry_after == (model.recover - model.now) / 1000, self.trace(got)
             return
         assert (got.admitted, got.reason) == (expected.admitted, expected.reason), self.trace(got)
         assert math.isclose(got.limit, expected.limit, rel_tol=1e-9, abs_tol=1e-6), self.trace(got)
         held = expected.group_used + (units if got.admitted else 0)
         assert got.group_used == held, self.trace(got)
         if got.admitted:
-            self.model.waiting.pop(rid, None)
-            self.model.leases[rid] = Entry(tenant, units, self.model.now + ttl_ms)
+            assert got.lease is not None
+            # Tokens only grow, across a loss of the state too; at least now_ms x 1000.
+            assert got.lease.token > model.top_token, self.trace(got)
+            assert got.lease.token >= model.now * 1000, self.trace(got)
+            model.top_token = got.lease.token
+            model.waiting.pop(rid, None)
+            expiry = model.now + ttl_ms
+            model.leases[rid] = Entry(tenant, units, expiry, token=got.lease.token)
+            model.busy = max(model.busy, expiry)
             self.admitted_ids.append(rid)
         elif wait and got.reason != "too_large":
             entry = self.model.waiting.get(rid)
@@ -207,37 +262,99 @@ class Replay:
                 self.model.waiting[rid] = entry
             entry.expiry = self.model.now + round(PENDING_TTL * 1000)
 
-    def release(self, rid: str) -> None:
-        """Release a lease (or withdraw a waiting request) and check the reported state."""
-        entry = self.model.leases.pop(rid, None)
+    def held_as(self, rid: str, entry: Entry | None, *, forge: bool = False) -> LeaseInfo:
+        """The lease a holder names: its own facts, or (``forge``) another tenant or token."""
+        if entry is None:
+            return LeaseInfo(rid, "?", self.policy.name, 1, 0, 0.0)
+        tenant, token = entry.tenant, entry.token
+        if forge:
+            if self.rnd.random() < 0.5:
+                tenant = entry.tenant + "-other"
+            else:
+                token = entry.token + self.rnd.choice([-1, 1])
+        return LeaseInfo(rid, tenant, self.policy.name, entry.units, token, entry.expiry / 1000)
+
+    def release(self, rid: str, *, forge: bool = False) -> None:
+        """Release a lease (or withdraw a waiting request) and check the reported state; a
+        forged release (another tenant or token) is refused as fenced and changes nothing."""
+        model = self.model
+        entry = model.leases.get(rid)
+        holder = entry or model.waiting.get(rid) or model.lost.get(rid)
+        info = self.held_as(rid, holder, forge=forge)
         expected = ("unknown", 0)
-        if entry is not None:
-            expected = ("expired" if entry.expiry <= self.model.now else "released", entry.units)
-        self.model.waiting.pop(rid, None)
-        self.model.purge()
-        self.log.append(f"release {rid} -> expect {expected}")
-        info = LeaseInfo(rid, entry.tenant if entry else "?", self.policy.name, 1, 0, 0.0)
+        if entry is not None and forge:
+            expected = ("fenced", 0)
+        elif entry is not None:
+            model.leases.pop(rid)
+            expected = ("expired" if entry.expiry <= model.now else "released", entry.units)
+        else:
+            model.waiting.pop(rid, None)
+        model.purge()
+        self.log.append(f"release {rid} forge={forge} -> expect {expected}")
+        fenced_before = self.client.stats().fenced_refusals
         got = self.client.release(info)
         assert (got.state, got.units) == expected, self.trace(got)
+        counted = self.client.stats().fenced_refusals - fenced_before
+        assert counted == (1 if got.state == "fenced" else 0), self.trace(got)
 
-    def renew(self, rid: str) -> None:
-        """Renew a lease: lost if expired, else the over-limit hint of the reference."""
-        ttl = self.rnd.choice([1.0, 5.0, 30.0])
-        entry = self.model.leases.get(rid)
-        live = entry is not None and entry.expiry > self.model.now
-        self.model.purge()
-        self.log.append(f"renew {rid} live={live}")
-        info = LeaseInfo(rid, entry.tenant if entry else "?", self.policy.name, 1, 0, 0.0)
-        got = self.client.renew(info, ttl)
-        assert got.renewed == live, self.trace(got)
-        if entry is None or not live:
+    def renew(self, rid: str, *, forge: bool = False) -> None:
+        """Renew a lease: lost if expired, fenced if forged, re-asserted while the group
+        recovers, clamped to max_lease_ttl, else the over-limit hint of the reference."""
+        model = self.model
+        ttl = self.rnd.choice([1.0, 5.0, 30.0, 30.0, 4000.0])  # 4000 s: above max_lease_ttl
+        model.detect()
+        entry = model.leases.get(rid)
+        live = entry is not None and entry.expiry > model.now
+        claim = entry if entry is not None else model.lost.get(rid)
+        reassert = (
+            entry is None
+            and claim is not None
+            and not forge
+            and model.recovering
+            and claim.expiry > model.now
+            and self.fits(claim)
+        )
+        model.purge()
+        self.log.append(f"renew {rid} live={live} forge={forge} reassert={reassert}")
+        got = self.client.renew(self.held_as(rid, claim, forge=forge), ttl)
+        if forge and entry is not None:
+            assert (got.renewed, got.reason) == (False, "fenced"), self.trace(got)
             return
-        entry.expiry = self.model.now + round(ttl * 1000)
-        limit = self.model.limits([entry.tenant])[entry.tenant][0]
-        used = self.model.used().get(entry.tenant, 0)
+        assert got.renewed == (live or reassert), self.trace(got)
+        if not got.renewed:
+            assert got.reason == "lost", self.trace(got)
+            return
+        assert claim is not None
+        assert got.reason == ("reasserted" if reassert else "renewed"), self.trace(got)
+        granted = min(ttl, self.policy.max_lease_ttl)
+        assert got.ttl == granted, self.trace(got)
+        claim.expiry = model.now + round(granted * 1000)
+        model.busy = max(model.busy, claim.expiry)
+        if reassert:
+            model.leases[rid] = model.lost.pop(rid)
+        limit = model.limits([claim.tenant])[claim.tenant][0]
+        used = model.used().get(claim.tenant, 0)
         assert got.used == used, self.trace(got)
         assert math.isclose(got.limit, limit, rel_tol=1e-9, abs_tol=1e-6), self.trace(got)
         assert got.over_limit == (used > limit + EPSILON), self.trace(got)
+
+    def fits(self, claim: Entry) -> bool:
+        """A re-asserted lease must fit in the capacity and its tenant's ceiling."""
+        used = self.model.used()
+        spec = self.policy.tenant(claim.tenant)
+        if spec is None:
+            return False
+        group_ok = sum(used.values()) + claim.units <= self.policy.capacity
+        return group_ok and used.get(claim.tenant, 0) + claim.units <= spec.ceiling
+
+    def lose_state(self) -> None:
+        """Delete the group's state keys (eviction, or a restart that kept the policy)."""
+        keys = self.client.core.keyspace.group(self.policy.name)
+        self.client.backend.connection(self.policy.name).delete(
+            keys.demand, keys.exp, keys.info, keys.queue
+        )
+        self.model.lose_state()
+        self.log.append(f"lose state; live leases {sorted(self.model.lost)}")
 
     def advance(self) -> None:
         """Move the pinned Redis time (sometimes exactly onto an expiry)."""
@@ -301,12 +418,28 @@ class Replay:
             rid = rnd.choice(sorted(model.leases))
             entry = model.leases[rid]
             self.acquire(entry.tenant, entry.units, rid, wait=False)
-        elif roll < 0.76 and (model.leases or self.admitted_ids):
+        elif roll < 0.63 and (model.leases or model.waiting):
+            # A used id under another tenant or other units: refused, nothing changes.
+            rid = rnd.choice(sorted({**model.leases, **model.waiting}))
+            entry = model.leases.get(rid) or model.waiting[rid]
+            if rnd.random() < 0.5:
+                self.acquire(rnd.choice(self.names), entry.units + 1, rid, wait=rnd.random() < 0.5)
+            else:
+                other = [n for n in self.names if n != entry.tenant] or [entry.tenant]
+                self.acquire(rnd.choice(other), entry.units, rid, wait=False)
+        elif roll < 0.74 and (model.leases or self.admitted_ids):
             self.release(rnd.choice(self.lease_pool()))
+        elif roll < 0.76 and model.leases:
+            self.release(rnd.choice(sorted(model.leases)), forge=True)
         elif roll < 0.79 and model.waiting:
             self.release(rnd.choice(sorted(model.waiting)))
-        elif roll < 0.88 and (model.leases or self.admitted_ids):
-            self.renew(rnd.choice(self.lease_pool()))
+        elif roll < 0.86 and (model.leases or self.admitted_ids or model.lost):
+            pool = self.lease_pool() + sorted(model.lost) * 3
+            self.renew(rnd.choice(pool or sorted(model.lost)))
+        elif roll < 0.88 and model.leases:
+            self.renew(rnd.choice(sorted(model.leases)), forge=True)
+        elif roll < 0.883:
+            self.lose_state()
         else:
             self.advance()
         self.check_snapshot()

@@ -23,11 +23,13 @@ import os
 from pathlib import Path
 from typing import Any
 
+import attrs
 import fakeredis
 import pytest
 
 from ratequota.clients.backends import embedded_backend
 from ratequota.clients.sync import QuotaClient
+from ratequota.decision import LeaseInfo
 from ratequota.engine import protocol
 from ratequota.engine.keys import SCHEMA_VERSION, KeySpace
 from ratequota.engine.protocol import ScriptCall
@@ -138,20 +140,47 @@ def _reply_scenario(conn: Any) -> list[dict[str, Any]]:
     step("no policy", acquire("a", 1, "lease-6", NOW + 6, group="nowhere"))
     step("admit b", acquire("b", 4, "lease-7", NOW + 7))
     step("group full, waiting", acquire("a", 2, "lease-8", NOW + 8, wait=True))
-    step("renew", protocol.renew_call(ks, "g", "lease-1", 30_000, purge=64, now_ms=NOW + 9))
+    step("id mismatch", acquire("a", 2, "lease-1", NOW + 8))
+    lease_1 = LeaseInfo("lease-1", "a", "g", 3, NOW * 1000, (NOW + 30_000) / 1000)
+    lease_7 = LeaseInfo("lease-7", "b", "g", 4, (NOW + 7) * 1000, (NOW + 30_007) / 1000)
+
+    def renew(lease: LeaseInfo, now: int, ttl: int = 30_000) -> ScriptCall:
+        return protocol.renew_call(ks, lease, ttl, purge=64, now_ms=now)
+
+    def release(lease: LeaseInfo, now: int, purge: int = 64) -> ScriptCall:
+        return protocol.release_call(
+            ks, "g", lease.id, tenant=lease.tenant, token=lease.token, purge=purge, now_ms=now
+        )
+
+    step("renew", renew(lease_1, NOW + 9))
+    step("renew clamped", renew(lease_1, NOW + 9, ttl=90_000))
+    step("renew fenced", renew(attrs.evolve(lease_1, token=lease_1.token + 1), NOW + 9))
     step("snapshot", protocol.snapshot_call(ks, "g", tenants=["a", "b", "c"], now_ms=NOW + 10))
-    step("release", protocol.release_call(ks, "g", "lease-1", purge=64, now_ms=NOW + 11))
-    step("release again", protocol.release_call(ks, "g", "lease-1", purge=64, now_ms=NOW + 12))
+    step("release fenced", release(attrs.evolve(lease_1, tenant="b"), NOW + 11))
+    step("release", release(lease_1, NOW + 11))
+    step("release again", release(lease_1, NOW + 12))
     late = NOW + 7 + 30_000 + 1
-    step("release expired", protocol.release_call(ks, "g", "lease-7", purge=0, now_ms=late))
-    step("renew lost", protocol.renew_call(ks, "g", "lease-7", 30_000, purge=64, now_ms=late))
+    step("release expired", release(lease_7, late, purge=0))
+    step("renew lost", renew(lease_7, late))
     step("snapshot later", protocol.snapshot_call(ks, "g", now_ms=late + 1))
     requests = [("a", 1, "lease-9", 30_000, False), ("b", 9, "lease-10", 30_000, True)]
     requests += [("a", 1, "lease-9", 30_000, False), ("stranger", 1, "lease-11", 30_000, False)]
     many = protocol.acquire_many_call(ks, "g", requests, pending_ms=2000, purge=64, now_ms=late + 2)
     step("acquire many", many)
-    ids = ["lease-9", "lease-9", "lease-11", "lease-8"]
-    step("release many", protocol.release_many_call(ks, "g", ids, purge=64, now_ms=late + 3))
+    token_9 = (late + 2) * 1000
+    named = [("lease-9", "a", token_9), ("lease-9", "a", token_9), ("lease-11", "stranger", 0)]
+    named += [("lease-8", "a", 0)]
+    step("release many", protocol.release_many_call(ks, "g", named, purge=64, now_ms=late + 3))
+    # The group's state is lost while lease-12 is live: new work waits, the holder re-asserts.
+    step("admit before loss", acquire("a", 2, "lease-12", late + 4))
+    lease_12 = LeaseInfo("lease-12", "a", "g", 2, (late + 4) * 1000, (late + 30_004) / 1000)
+    group = ks.group("g")
+    conn.delete(group.demand, group.exp, group.info, group.queue)
+    step("snapshot lost", protocol.snapshot_call(ks, "g", now_ms=late + 5))
+    step("recovering", acquire("b", 1, "lease-13", late + 6))
+    step("renew reasserted", renew(lease_12, late + 7))
+    step("snapshot recovering", protocol.snapshot_call(ks, "g", now_ms=late + 8))
+    step("admit after recovery", acquire("b", 1, "lease-14", late + 30_005))
     return steps
 
 
@@ -276,10 +305,14 @@ ENCODERS: dict[str, Any] = {
     "acquire_call": lambda ks: protocol.acquire_call(
         ks, "g", "a", 1, "id", 1000, wait=True, pending_ms=2000, purge=8, now_ms=NOW
     ),
-    "release_call": lambda ks: protocol.release_call(ks, "g", "id", purge=8),
-    "renew_call": lambda ks: protocol.renew_call(ks, "g", "id", 1000, purge=8, now_ms=NOW),
+    "release_call": lambda ks: protocol.release_call(ks, "g", "id", tenant="a", token=1, purge=8),
+    "renew_call": lambda ks: protocol.renew_call(
+        ks, LeaseInfo("id", "a", "g", 1, 1, NOW / 1000), 1000, purge=8, now_ms=NOW
+    ),
     "snapshot_call": lambda ks: protocol.snapshot_call(ks, "g", tenants=["a", "b"]),
-    "release_many_call": lambda ks: protocol.release_many_call(ks, "g", ["a", "b"], purge=8),
+    "release_many_call": lambda ks: protocol.release_many_call(
+        ks, "g", [("a", "t", 1), ("b", "t", 2)], purge=8
+    ),
     "acquire_many_call": lambda ks: protocol.acquire_many_call(
         ks,
         "g",

@@ -358,7 +358,9 @@ def test_decorator_sync_and_async(make_client: MakeClient) -> None:
 
 
 def test_no_key_is_left_without_expiry(make_quota: MakeClient) -> None:
-    """After mixed traffic, every key but the policy and catalog has an expiry; idle keys vanish."""
+    """After mixed traffic, every key but the policy and catalog has an expiry; an idle group
+    keeps only its state sentinels (docs/design.md, "Recovery"), which expire by themselves
+    within max_lease_ttl plus the grace."""
     clock = ManualClock()
     quota = make_quota(POLICY, clock=clock)
     leases = [quota.try_acquire(t, 1).lease for t in ("a", "b", "a", "x")]
@@ -369,29 +371,48 @@ def test_no_key_is_left_without_expiry(make_quota: MakeClient) -> None:
         if lease is not None:
             quota.release(lease)
     conn = raw_connection(quota)
-    left = sorted(k.decode() for k in conn.scan_iter(match="rq:*"))
-    assert all(k.endswith((":policy", ":catalog")) for k in left), left
+    assert expiring_keys_ok(quota) == []
+    longest = (max(g.max_lease_ttl for g in POLICY.groups) + 120) * 1000
+    for key in conn.scan_iter(match="rq:*"):
+        name = key.decode()
+        if name.endswith((":policy", ":catalog")):
+            continue
+        assert 0 < conn.pttl(key) <= longest, name
+        assert not name.endswith(":queue"), name  # no waiting request is left
+        members = conn.zrange(key, 0, -1) if name.endswith(":exp") else conn.hkeys(key)
+        assert members == [b"s:"], (name, members)
 
 
 def test_a_lost_policy_is_restored_from_the_catalog(make_quota: MakeClient) -> None:
     """A group's policy hash gone (its shard restarted empty) while the catalog still lists
-    the group: the next call republishes it from the catalog and succeeds."""
-    publisher = make_quota(POLICY, clock=ManualClock())
-    pod = make_quota(clock=ManualClock())  # never read the policy itself
+    the group: the next call republishes it from the catalog. Redis lost the record of the
+    group's leases with it, so the group recovers for one max_lease_ttl (new work refused),
+    then serves."""
+    clock = ManualClock()
+    publisher = make_quota(POLICY, clock=clock)
+    pod = make_quota(clock=clock)  # never read the policy itself
     conn = raw_connection(pod)
     conn.delete(pod.core.keyspace.group("batch").policy)
     decision = pod.try_acquire("a", 2, group="batch")
-    assert decision.admitted
+    assert decision.reason == "recovering"
+    window = POLICY.group("batch").max_lease_ttl  # type: ignore[union-attr]
+    assert decision.retry_after == pytest.approx(window)
     assert conn.exists(pod.core.keyspace.group("batch").policy)
+    clock.advance(window)
+    assert pod.try_acquire("a", 2, group="batch").admitted
     assert publisher.try_acquire("b", 1).admitted
 
 
 def test_after_total_data_loss_a_pod_restores_what_it_knew(make_quota: MakeClient) -> None:
     """Redis lost everything (restart without persistence): a pod that knows the policy
-    republishes the catalog (never over a newer one) and the group, then serves."""
-    pod = make_quota(POLICY, clock=ManualClock())
+    republishes the catalog (never over a newer one) and the group, then serves once the
+    recovery window has passed."""
+    clock = ManualClock()
+    pod = make_quota(POLICY, clock=clock)
     conn = raw_connection(pod)
     conn.flushall()
+    assert pod.try_acquire("a", 2).reason == "recovering"
+    clock.advance(POLICY.group("batch").max_lease_ttl)  # type: ignore[union-attr]
     assert pod.try_acquire("a", 2).admitted
     assert pod.load_policy() == POLICY
     stranger = make_quota(clock=ManualClock())  # knows no policy: cannot restore anything

@@ -111,8 +111,8 @@ def test_renew_many_sends_one_batch_per_shard() -> None:
     first = flow.send(None)
     assert isinstance(first, Batch)
     assert [c.args[2] for c in first.calls] == ["x1", "x2"]
-    reply = [1, b"renewed", 5000, 0, 1, b"2", 1, 4]
-    second = flow.send([reply, [0, b"lost", 0, 0, 0, b"0", 0, 4]])
+    reply = [1, b"renewed", 5000, 0, 1, b"2", 1, 4, 1000]
+    second = flow.send([reply, [0, b"lost", 0, 0, 0, b"0", 0, 4, 0]])
     assert isinstance(second, Batch) and len(second.calls) == 1
     with pytest.raises(StopIteration) as done:
         flow.throw(BackendUnavailable("s2 down"))

@@ -20,6 +20,7 @@ from ratequota.clients.sync import QuotaClient
 from ratequota.engine.routing import Rendezvous
 from ratequota.errors import BackendUnavailable, PolicyMissing
 from ratequota.policy import GroupPolicy, Policy, TenantPolicy
+from ratequota.testing import ManualClock
 from tests.conftest import _no_redis
 from tests.servers import RedisServer, redis_server_binary
 
@@ -179,11 +180,19 @@ def test_killed_and_restarted_shard(shards: list[RedisServer]) -> None:
     without waiting: the shard's circuit breaker opens) and the other shards
     keep serving. Nothing is persisted, so after the restart the shard is
     empty: the first call restores its groups' policy (core._restore_policy),
-    leases granted before the crash are gone (releasing one reports
-    ``unknown``, never an error), and every lease granted after the restart
-    is accounted exactly once.
+    which opens the group's recovery window: new work is refused as
+    ``recovering`` while the holders of leases granted before the crash
+    re-assert them by renewing; after the window (driven on a ManualClock
+    pinning the Redis time the scripts see), every lease granted after the
+    restart is accounted exactly once.
     """
-    pod_a, pod_b = _client(shards, breaker_reset=0.2), _client(shards, breaker_reset=0.2)
+    clock = ManualClock()
+
+    def pod() -> QuotaClient:
+        backend = ShardedBackend([s.url for s in shards], socket_timeout=2.0)
+        return QuotaClient(backend=backend, clock=clock, catalog_ttl=3600.0, breaker_reset=0.2)
+
+    pod_a, pod_b = pod(), pod()
     try:
         pod_a.apply_policy(POLICY)
         victim = _shard_of(shards, GROUPS[0])
@@ -202,16 +211,23 @@ def test_killed_and_restarted_shard(shards: list[RedisServer]) -> None:
             pod_b.release(lease)
 
         victim.start()  # same port, empty, no scripts loaded
-        time.sleep(0.3)  # the shard's circuit breaker lets a probe through after breaker_reset
+        clock.advance(0.3)  # the shard's circuit breaker lets a probe through after breaker_reset
         # The first call restores the lost group policy: from the catalog, or, if the catalog
         # was on the same shard and is gone too, from the policy pod_a last published.
         restored = pod_a.try_acquire(f"t-{down[0]}", 1, group=down[0])
-        assert restored.admitted and restored.lease is not None
-        pod_a.release(restored.lease)
-
+        assert restored.reason == "recovering"
+        window = POLICY.groups[0].max_lease_ttl
+        assert 0 < restored.retry_after <= window
+        for lease in before:  # the holders re-assert what they hold; nothing new gets in
+            assert lease is not None
+            assert pod_b.renew(lease).reason == "reasserted"
+        for g in down:
+            assert _held_on(victim, g) == 2
+            assert pod_a.try_acquire(f"u-{g}", 1, group=g).reason == "recovering"
+        clock.advance(window)  # the window is over; the re-asserted leases have expired too
         for lease in before:
             assert lease is not None
-            assert pod_b.release(lease).state == "unknown"
+            assert pod_b.release(lease).state in ("expired", "unknown")
         after = []
         for g in down:
             for pod in (pod_a, pod_b):
@@ -248,7 +264,10 @@ def test_a_timed_out_script_call_is_not_replayed(shards: list[RedisServer]) -> N
     """
     quota = _client(shards, socket_timeout=0.3)
     try:
-        quota.load_scripts()  # else the paused call would meet NOSCRIPT when the server resumes
+        # Loaded up front (by a client with a roomy timeout), else the paused call would
+        # meet NOSCRIPT when the server resumes.
+        with _client(shards):
+            pass
         quota.apply_policy(POLICY)
         group = GROUPS[1]
         server = _shard_of(shards, group)

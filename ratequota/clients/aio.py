@@ -408,8 +408,9 @@ class AsyncQuotaClient(shell.ClientBase):
         await self.close()
 
     def stats(self) -> FailureStats:
-        """Counters of the failure policy: fail-open and local admissions, fast failures."""
-        return self.core.failure.stats(self.core.breakers.fast_failures)
+        """Counters: fail-open and local admissions, fast failures, fenced releases/renewals."""
+        stats = self.core.failure.stats(self.core.breakers.fast_failures)
+        return attrs.evolve(stats, fenced_refusals=self.core.fenced_refusals)
 
     # -- driving flows -----------------------------------------------------
 
@@ -504,12 +505,21 @@ class AsyncQuotaClient(shell.ClientBase):
         return AsyncAcquisition(self, self.core.request(tenant, units, **options))
 
     async def release(self, lease: LeaseInfo | AsyncLease) -> ReleaseResult:
-        """End a lease; idempotent, and says whether it was still live."""
+        """End a lease; idempotent, and says whether it was still live.
+
+        Fenced: the release names the lease's tenant and token, so it can only
+        end that very lease (state ``"fenced"`` otherwise, counted in ``stats()``).
+        """
         info = lease.info if isinstance(lease, AsyncLease) else lease
         return await self._run(self.core.release(info))
 
     async def renew(self, lease: LeaseInfo | AsyncLease, ttl: float | None = None) -> RenewResult:
-        """Extend a live lease; reports whether its tenant is above its fair limit."""
+        """Extend a live lease; reports whether its tenant is above its fair limit.
+
+        Fenced like ``release``. A ttl above the group's max_lease_ttl is
+        clamped (``RenewResult.ttl`` says what was granted). While the group
+        recovers from lost Redis state, the renewal re-asserts the lease.
+        """
         info = lease.info if isinstance(lease, AsyncLease) else lease
         return await self._run(self.core.renew(info, ttl))
 

@@ -18,6 +18,7 @@ import json
 import math
 import os
 import random
+import threading
 from collections.abc import Generator, Iterable, Mapping
 from typing import Any, TypeVar
 
@@ -53,11 +54,12 @@ from ratequota.errors import (
     InvalidRequest,
     InvalidType,
     PolicyMissing,
+    RequestIdConflict,
     RequestTooLarge,
     SchemaMismatch,
     UnknownTenant,
 )
-from ratequota.policy import MAX_LEASE_TTL_LIMIT, Policy
+from ratequota.policy import MAX_LEASE_TTL_LIMIT, MAX_UNITS, Policy
 
 __all__ = ["AcquireRequest", "Command", "Flow", "Op", "QuotaCore", "Settings", "Sleep"]
 
@@ -229,6 +231,8 @@ def validate_units(units: object) -> int:
         raise InvalidType("units", f"must be an integer, got {units!r}")
     if units < 1:
         raise InvalidRequest("units", f"must be >= 1, got {units}")
+    if units > MAX_UNITS:
+        raise InvalidRequest("units", f"must be at most 2**50 ({MAX_UNITS}), got {units}")
     return units
 
 
@@ -252,6 +256,20 @@ class QuotaCore:
         s = self.settings
         self.breakers = Breakers(s.breaker_failures, s.breaker_reset, self.clock.monotonic)
         self.failure = FailureState(s.failure_mode, s.local_allowance, s.lease_ttl)
+        self._fenced = 0
+        self._fenced_lock = threading.Lock()  # guards _fenced only; never held across I/O
+
+    @property
+    def fenced_refusals(self) -> int:
+        """Releases and renewals refused because the lease belongs to another tenant or token."""
+        with self._fenced_lock:
+            return self._fenced
+
+    def count_fenced(self, refused: bool) -> None:
+        """Count one release or renewal the scripts refused as fenced."""
+        if refused:
+            with self._fenced_lock:
+                self._fenced += 1
 
     # -- validation ----------------------------------------------------------
 
@@ -358,6 +376,12 @@ class QuotaCore:
         Redis lost its data, and this pod restores the policy it last knew. A
         catalog that exists but does not list the group means the group was
         dropped: nothing is restored.
+
+        Leases granted before the loss may still be running, and Redis lost
+        the record of them: the restored policy opens the group's recovery
+        window (one ``max_lease_ttl``, the longest any of them can still
+        live), during which holders re-assert their leases by renewing and
+        new work is refused (docs/failure-modes.md).
         """
         raw = yield Command(self.keyspace.catalog_route, ("GET", self.keyspace.catalog))
         published = parse_catalog(raw)
@@ -371,7 +395,10 @@ class QuotaCore:
             yield Command(
                 self.keyspace.catalog_route, ("SET", self.keyspace.catalog, document, "NX")
             )
-        reply = yield apply_policy_call(self.keyspace, group_policy)
+        recover_ms = round(group_policy.max_lease_ttl * 1000)
+        reply = yield apply_policy_call(
+            self.keyspace, group_policy, recover_ms=recover_ms, now_ms=self.clock.redis_ms()
+        )
         decode_apply_policy(group, reply)
         self.set_policy(source)
         return True
@@ -464,53 +491,76 @@ class QuotaCore:
                 return decision.lease
             if decision.reason == "too_large":
                 raise RequestTooLarge(decision)
+            if decision.reason == "id_mismatch":
+                raise RequestIdConflict(decision)
             now = self.clock.monotonic()
             if now >= deadline:
                 if waiting:
-                    yield from self._withdraw(decision.group, r.lease_id)
+                    yield from self._withdraw(decision.group, r.lease_id, r.tenant)
                 raise AcquireTimeout(decision, now - started)
             yield Sleep(min(deadline - now, _jittered(decision.retry_after, pause)))
             pause = min(pause * 2, _LAST_PAUSE)
 
-    def _withdraw(self, group: str, lease_id: str) -> Flow[None]:
+    def _withdraw(self, group: str, lease_id: str, tenant: str) -> Flow[None]:
         """Best effort: drop a waiting registration (it would expire by itself anyway)."""
         with contextlib.suppress(BackendUnavailable):
-            yield self._release_call(group, lease_id)
+            yield self._release_call(group, lease_id, tenant, 0)
 
     # -- release / renew / snapshot -------------------------------------------
 
-    def _release_call(self, group: str, lease_id: str) -> ScriptCall:
+    def _release_call(self, group: str, lease_id: str, tenant: str, token: int) -> ScriptCall:
         return release_call(
             self.keyspace,
             group,
             lease_id,
+            tenant=tenant,
+            token=token,
             purge=self.settings.purge_limit,
             now_ms=self.clock.redis_ms(),
         )
 
     def release(self, lease: LeaseInfo) -> Flow[ReleaseResult]:
-        """End a lease; safe to call twice (the second reports ``unknown``)."""
+        """End a lease; safe to call twice (the second reports ``unknown``).
+
+        The lease is named by id, tenant and fencing token: a release naming
+        another tenant's lease, or an older holder's token under a reused id,
+        is refused as ``fenced``, changes nothing, and is counted.
+        """
         _check_lease(lease)
         if lease.synthetic:  # granted locally while Redis was down: nothing to tell Redis
             self.failure.give_back(lease)
             return ReleaseResult(state="released", units=lease.units)
-        reply = yield self._release_call(lease.group, lease.id)
-        return decode_release(reply)
+        reply = yield self._release_call(lease.group, lease.id, lease.tenant, lease.token)
+        result = decode_release(reply)
+        self.count_fenced(result.state == "fenced")
+        return result
 
     def renew(self, lease: LeaseInfo, ttl: float | None = None) -> Flow[RenewResult]:
-        """Extend a live lease by ``ttl`` from now (None: the client's lease_ttl)."""
+        """Extend a live lease by ``ttl`` from now (None: the client's lease_ttl).
+
+        Fenced like ``release``. A group whose policy Redis lost gets it
+        restored (which opens its recovery window), then the renewal re-asserts
+        the lease.
+        """
         _check_lease(lease)
         if lease.synthetic:
             return synthetic_renewal(lease)
-        reply = yield self.renew_call(lease, ttl)
-        return decode_renew(reply, group=lease.group)
+        try:
+            reply = yield self.renew_call(lease, ttl)
+            result = decode_renew(reply, group=lease.group)
+        except PolicyMissing:
+            if not (yield from self._restore_policy(lease.group)):
+                raise
+            reply = yield self.renew_call(lease, ttl)
+            result = decode_renew(reply, group=lease.group)
+        self.count_fenced(result.reason == "fenced")
+        return result
 
     def renew_call(self, lease: LeaseInfo, ttl: float | None = None) -> ScriptCall:
         """The renew script call for ``lease`` (also batched by the background renewer)."""
         return renew_call(
             self.keyspace,
-            lease.group,
-            lease.id,
+            lease,
             self.ttl_ms(ttl),
             purge=self.settings.purge_limit,
             now_ms=self.clock.redis_ms(),
@@ -591,8 +641,14 @@ def synthetic_renewal(lease: LeaseInfo) -> RenewResult:
 
 
 def _check_lease(lease: object) -> None:
+    """A lease named by release/renew: the facts the scripts store back on re-assertion."""
     if not isinstance(lease, LeaseInfo):
         raise InvalidType("lease", f"must be a lease, got {type(lease).__name__}")
+    validate_tenant(lease.tenant, "lease.tenant")
+    token = lease.token
+    if isinstance(token, bool) or not isinstance(token, int) or token < 0:
+        raise InvalidRequest("lease.token", f"must be an integer >= 0, got {token!r}")
+    validate_units(lease.units)
 
 
 def _jittered(hint: float, pause: float) -> float:

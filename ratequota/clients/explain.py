@@ -56,6 +56,9 @@ class Explanation:
     ``ceiling`` is ``G + B`` (``inf`` without a borrow limit). ``engine_limit``
     is the limit the Lua engine reported in the snapshot (before the request),
     for comparison (``None`` when the snapshot did not list the tenant).
+    ``recovering_until`` (Redis time, s) is set while the group recovers from
+    lost Redis state: the engine then refuses every new request whatever the
+    fair limits say, so ``admitted`` is False (docs/failure-modes.md).
     """
 
     tenant: str
@@ -78,11 +81,14 @@ class Explanation:
     units: int | None = None
     verdict: GroupDecision | None = None
     engine_limit: float | None = None
+    recovering_until: float = 0.0
 
     @property
     def admitted(self) -> bool | None:
         """Whether the request would be admitted now (None when no request was given)."""
-        return None if self.verdict is None else self.verdict.admitted
+        if self.verdict is None:
+            return None
+        return self.verdict.admitted and not self.recovering_until
 
     def why_limit(self) -> str:
         """One sentence on which term decided the limit."""
@@ -120,9 +126,17 @@ class Explanation:
                 for loan in self.loans
             )
             lines.append(f"borrows {self.borrowed:g} above its guarantee: {parts or 'nobody'}")
+        if self.recovering_until:
+            lines.append(
+                "the group is recovering from lost Redis state until "
+                f"{self.recovering_until:.3f} (Redis time): holders re-assert their leases, "
+                "new requests are refused"
+            )
         if self.verdict is not None and self.units is not None:
             v = self.verdict
-            if v.admitted:
+            if self.recovering_until and v.reason != "too_large":
+                lines.append(f"a request for {self.units} units would be refused (recovering)")
+            elif v.admitted:
                 lines.append(f"a request for {self.units} units would be admitted")
             elif v.reason == "too_large":
                 lines.append(f"a request for {self.units} units can never fit (too large)")
@@ -239,6 +253,7 @@ def explain(
         units=units,
         verdict=verdict,
         engine_limit=None if row is None else row.limit,
+        recovering_until=snapshot.recovering_until if snapshot.recovering else 0.0,
     )
 
 

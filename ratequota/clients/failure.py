@@ -146,6 +146,9 @@ class FailureStats:
     local_units_held: int
     fallback_refusals: int
     fast_failures: int
+    #: Releases and renewals refused because the lease id named another tenant's
+    #: lease or another fencing token (counted by the client, not the failure policy).
+    fenced_refusals: int = 0
 
 
 class FailureState:

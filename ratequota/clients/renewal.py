@@ -7,9 +7,14 @@ Each client has one renewer (a daemon thread for ``QuotaClient``, a task for
 leases are renewed together: one pipeline per shard (``renew_many``), so a
 thousand held leases cost one round trip per shard, not a thousand.
 
-A renewal that finds its lease gone marks it ``lost``; one that reports the
-tenant above its fair limit sets ``over_limit``; one that fails (Redis
-unreachable) is retried soon, well before the lease could expire.
+A renewal that finds its lease gone (or fenced: the id now names another
+holder's lease) marks it ``lost``; one that reports the tenant above its fair
+limit sets ``over_limit``; one that fails (Redis unreachable) is retried soon,
+well before the lease could expire. A renewal granted a shorter lifetime than
+asked (the group's ``max_lease_ttl`` was lowered under the lease) schedules the
+next one by what was granted, so the lease never lapses between renewals. A
+renewal meeting a group whose policy Redis lost goes through the client's
+renew flow, which restores the policy and re-asserts the lease.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from ratequota.clients.core import QuotaCore
 from ratequota.clients.shell import Batch, LeaseBase
 from ratequota.decision import RenewResult
 from ratequota.engine.protocol import decode_renew
-from ratequota.errors import RateQuotaError
+from ratequota.errors import PolicyMissing, RateQuotaError
 
 __all__ = ["RenewOutcome", "RenewalBook", "renew_many"]
 
@@ -38,30 +43,48 @@ IDLE_WAIT = 1.0
 
 
 class RenewalBook:
-    """Held leases and when each is due; no I/O, injected clock, safe across threads."""
+    """Held leases and when each is due; no I/O, injected clock, safe across threads.
+
+    The book also knows, on its own clock, when each lease has certainly
+    expired: the time a renewal was sent plus the lifetime it was granted
+    (Redis started that lifetime no earlier than the send). When renewals keep
+    failing (Redis unreachable) past that moment, the lease is marked ``lost``
+    instead of being believed held.
+    """
 
     def __init__(self, fraction: float, default_ttl: float, clock: Callable[[], float]) -> None:
         self.fraction = fraction
         self.default_ttl = default_ttl
         self._clock = clock
         self._due: dict[LeaseBase, float] = {}
-        self._lock = threading.Lock()  # guards _due; never held across I/O
+        self._sent: dict[LeaseBase, float] = {}
+        self._ends: dict[LeaseBase, float] = {}
+        self._lock = threading.Lock()  # guards the dicts; never held across I/O
+
+    def _ttl(self, lease: LeaseBase) -> float:
+        return self.default_ttl if lease.ttl is None else lease.ttl
 
     def _period(self, lease: LeaseBase) -> float:
-        ttl = self.default_ttl if lease.ttl is None else lease.ttl
-        return ttl * self.fraction
+        return self._ttl(lease) * self.fraction
 
     def hold(self, lease: LeaseBase) -> None:
         """Start renewing ``lease`` (synthetic leases have nothing to renew)."""
         if lease.synthetic:
             return
+        now = self._clock()
         with self._lock:
-            self._due[lease] = self._clock() + self._period(lease)
+            self._due[lease] = now + self._period(lease)
+            self._ends[lease] = now + self._ttl(lease)
 
     def drop(self, lease: LeaseBase) -> None:
         """Stop renewing ``lease`` (its holder is done with it)."""
         with self._lock:
-            self._due.pop(lease, None)
+            self._forget(lease)
+
+    def _forget(self, lease: LeaseBase) -> None:
+        self._due.pop(lease, None)
+        self._sent.pop(lease, None)
+        self._ends.pop(lease, None)
 
     def __len__(self) -> int:
         with self._lock:
@@ -74,6 +97,7 @@ class RenewalBook:
             due = [lease for lease, at in self._due.items() if at <= now]
             for lease in due:
                 self._due[lease] = math.inf  # in flight until settled
+                self._sent[lease] = now
             upcoming = min(self._due.values(), default=math.inf)
         wait = IDLE_WAIT if due or upcoming == math.inf else upcoming - now
         return due, max(0.0, min(wait, IDLE_WAIT))
@@ -85,13 +109,24 @@ class RenewalBook:
             if lease not in self._due:
                 return  # released meanwhile: a "lost" answer would be about a lease we gave back
             if isinstance(outcome, RateQuotaError):
-                self._due[lease] = now + self._period(lease) * _RETRY_FRACTION
+                if now >= self._ends.get(lease, math.inf):
+                    # No renewal got through before the lease's lifetime ran out.
+                    lease.lost = True
+                    self._forget(lease)
+                    return
+                retry = now + self._period(lease) * _RETRY_FRACTION
+                self._due[lease] = min(retry, self._ends.get(lease, math.inf))
                 return
             lease.renewed(outcome)
             if lease.lost:
-                del self._due[lease]
-            else:
-                self._due[lease] = now + self._period(lease)
+                self._forget(lease)
+                return
+            period = self._period(lease)
+            granted = outcome.ttl if outcome.ttl > 0 else self._ttl(lease)
+            # Clamped to a lowered max_lease_ttl: renew within what was granted.
+            period = min(period, granted * self.fraction)
+            self._ends[lease] = self._sent.get(lease, now) + granted
+            self._due[lease] = now + period
 
 
 def renew_many(
@@ -111,7 +146,16 @@ def renew_many(
                 outcomes[i] = exc
             continue
         for i, reply in zip(indices, replies, strict=True):
-            outcomes[i] = _outcome(reply, leases[i].group)
+            outcome = _outcome(reply, leases[i].group)
+            if isinstance(outcome, PolicyMissing):
+                # Redis lost the policy: the single renew flow restores it and re-asserts.
+                try:
+                    outcome = yield from core.renew(leases[i].info, leases[i].ttl)
+                except RateQuotaError as exc:
+                    outcome = exc
+            elif isinstance(outcome, RenewResult):
+                core.count_fenced(outcome.reason == "fenced")
+            outcomes[i] = outcome
     return [o for o in outcomes if o is not None]
 
 

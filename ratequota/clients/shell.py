@@ -264,7 +264,10 @@ class LeaseBase:
     ``over_limit`` is the last renewal's hint that a lender wants capacity
     back (finish soon, start nothing more); ``lost`` becomes true when a
     renewal or release finds the lease had already expired (the holder overran
-    its TTL and its units may be reused: stop trusting ``token``).
+    its TTL and its units may be reused: stop trusting ``token``) or was
+    fenced (its id now names a newer lease). Release and renew name the
+    lease's tenant and token, so a lease object only ever ends or extends
+    its own lease.
     ``synthetic`` leases were granted locally while Redis was unreachable.
     """
 
@@ -321,7 +324,7 @@ class LeaseBase:
     def ended(self, result: ReleaseResult) -> ReleaseResult:
         """Record the release's outcome."""
         self.released = True
-        if result.state == "expired":
+        if result.state in ("expired", "fenced"):
             self.lost = True
         return result
 

@@ -173,8 +173,9 @@ class QuotaClient(ClientBase):
         return getattr(conn, method)(*args)
 
     def stats(self) -> FailureStats:
-        """Counters of the failure policy: fail-open and local admissions, fast failures."""
-        return self.core.failure.stats(self.core.breakers.fast_failures)
+        """Counters: fail-open and local admissions, fast failures, fenced releases/renewals."""
+        stats = self.core.failure.stats(self.core.breakers.fast_failures)
+        return attrs.evolve(stats, fenced_refusals=self.core.fenced_refusals)
 
     def load_scripts(self, *, strict: bool = True) -> None:
         """Load every script on every server; ``strict=False`` tolerates an unreachable one.
@@ -244,12 +245,21 @@ class QuotaClient(ClientBase):
         return Acquisition(self, self.core.request(tenant, units, **options))
 
     def release(self, lease: LeaseInfo | Lease) -> ReleaseResult:
-        """End a lease; idempotent, and says whether it was still live."""
+        """End a lease; idempotent, and says whether it was still live.
+
+        Fenced: the release names the lease's tenant and token, so it can only
+        end that very lease (state ``"fenced"`` otherwise, counted in ``stats()``).
+        """
         info = lease.info if isinstance(lease, Lease) else lease
         return self._run(self.core.release(info))
 
     def renew(self, lease: LeaseInfo | Lease, ttl: float | None = None) -> RenewResult:
-        """Extend a live lease; reports whether its tenant is above its fair limit."""
+        """Extend a live lease; reports whether its tenant is above its fair limit.
+
+        Fenced like ``release``. A ttl above the group's max_lease_ttl is
+        clamped (``RenewResult.ttl`` says what was granted). While the group
+        recovers from lost Redis state, the renewal re-asserts the lease.
+        """
         info = lease.info if isinstance(lease, Lease) else lease
         return self._run(self.core.renew(info, ttl))
 

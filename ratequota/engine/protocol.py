@@ -109,8 +109,18 @@ def _raise_error_reply(group: str, reason: str, detail: Any) -> None:
 # -- apply_policy ------------------------------------------------------------
 
 
-def apply_policy_call(keyspace: KeySpace, group: GroupPolicy) -> ScriptCall:
-    """Publish one group's policy; the digest skips a rewrite when nothing changed."""
+def apply_policy_call(
+    keyspace: KeySpace,
+    group: GroupPolicy,
+    *,
+    recover_ms: int = 0,
+    now_ms: int | None = None,
+) -> ScriptCall:
+    """Publish one group's policy; the digest skips a rewrite when nothing changed.
+
+    ``recover_ms`` > 0 restores a policy Redis lost: leases granted before the
+    loss may still live that long, so the group enters its recovery window.
+    """
     pairs: list[Arg] = []
     for tenant in group.tenants:
         pairs += [tenant.name, tenant_spec(tenant)]
@@ -124,6 +134,8 @@ def apply_policy_call(keyspace: KeySpace, group: GroupPolicy) -> ScriptCall:
         tenant_spec(group.default_tenant),
         int(group.max_lease_ttl * 1000),
         digest,
+        _clock(now_ms),
+        recover_ms,
         *pairs,
     ]
     return _call("apply_policy", group.name, [keyspace.group(group.name).policy], args)
@@ -211,6 +223,8 @@ _REASONS: dict[str, Reason] = {
     "tenant_limit": "tenant_limit",
     "group_full": "group_full",
     "unknown_tenant": "unknown_tenant",
+    "id_mismatch": "id_mismatch",
+    "recovering": "recovering",
 }
 
 
@@ -225,33 +239,55 @@ def _reason(text: str) -> Reason:
 
 
 def release_call(
-    keyspace: KeySpace, group: str, lease_id: str, *, purge: int, now_ms: int | None = None
+    keyspace: KeySpace,
+    group: str,
+    lease_id: str,
+    *,
+    tenant: str,
+    token: int,
+    purge: int,
+    now_ms: int | None = None,
 ) -> ScriptCall:
-    """Arguments of release.lua."""
-    args: list[Arg] = [_clock(now_ms), keyspace.schema, lease_id, purge]
+    """Arguments of release.lua: the lease is named by id, tenant and fencing token.
+
+    ``token`` 0 withdraws a waiting request (which has no token yet).
+    """
+    args: list[Arg] = [_clock(now_ms), keyspace.schema, lease_id, purge, tenant, str(token)]
     return _call("release", group, keyspace.group(group).all, args)
 
 
 def decode_release(reply: Sequence[Any]) -> ReleaseResult:
     """A ``ReleaseResult`` from release.lua's reply."""
     state = _text(reply[0])
-    if state not in ("released", "expired", "unknown"):  # pragma: no cover
+    if state not in ("released", "expired", "unknown", "fenced"):  # pragma: no cover
         raise AssertionError(f"unexpected release state {state!r}")
     return ReleaseResult(state=state, units=int(reply[1]))  # type: ignore[arg-type]
 
 
 def renew_call(
     keyspace: KeySpace,
-    group: str,
-    lease_id: str,
+    lease: LeaseInfo,
     ttl_ms: int,
     *,
     purge: int,
     now_ms: int | None = None,
 ) -> ScriptCall:
-    """Arguments of renew.lua."""
-    args: list[Arg] = [_clock(now_ms), keyspace.schema, lease_id, ttl_ms, purge]
-    return _call("renew", group, keyspace.group(group).all, args)
+    """Arguments of renew.lua: the whole lease, so a recovering group can re-assert it."""
+    args: list[Arg] = [
+        _clock(now_ms),
+        keyspace.schema,
+        lease.id,
+        ttl_ms,
+        purge,
+        lease.tenant,
+        lease.units,
+        str(lease.token),
+        round(lease.expires_at * 1000),
+    ]
+    return _call("renew", lease.group, keyspace.group(lease.group).all, args)
+
+
+_RENEW_REASONS = ("renewed", "reasserted", "lost", "fenced")
 
 
 def decode_renew(reply: Sequence[Any], *, group: str) -> RenewResult:
@@ -259,8 +295,12 @@ def decode_renew(reply: Sequence[Any], *, group: str) -> RenewResult:
     status, reason = int(reply[0]), _text(reply[1])
     if status < 0:
         _raise_error_reply(group, reason, reply[7])
+    if reason not in _RENEW_REASONS:  # pragma: no cover - a script/client version skew
+        raise AssertionError(f"unexpected renew reason {reason!r}")
     return RenewResult(
         renewed=status == 1,
+        reason=reason,  # type: ignore[arg-type]
+        ttl=int(reply[8]) / 1000.0,
         expires_at=int(reply[2]) / 1000.0,
         over_limit=int(reply[3]) == 1,
         used=int(reply[4]),
@@ -328,6 +368,7 @@ def decode_snapshot(reply: Sequence[Any], *, group: str) -> GroupSnapshot:
         tenants=tenants,
         leases=leases,
         leases_truncated=int(reply[9]) == 1,
+        recovering_until=int(reply[10]) / 1000.0,
     )
 
 
@@ -354,13 +395,16 @@ def acquire_many_call(
 def release_many_call(
     keyspace: KeySpace,
     group: str,
-    lease_ids: Sequence[str],
+    leases: Sequence[tuple[str, str, int]],
     *,
     purge: int,
     now_ms: int | None = None,
 ) -> ScriptCall:
-    """Arguments of release_many.lua: one lease id per release."""
-    args: list[Arg] = [_clock(now_ms), keyspace.schema, purge, *lease_ids]
+    """Arguments of release_many.lua: ``(lease_id, tenant, token)`` per release."""
+    flat: list[Arg] = []
+    for lease_id, tenant, token in leases:
+        flat += [lease_id, tenant, str(token)]
+    args: list[Arg] = [_clock(now_ms), keyspace.schema, purge, *flat]
     return _call("release_many", group, keyspace.group(group).all, args)
 
 
@@ -389,7 +433,9 @@ MERGES = (
         ("now_ms", "schema", "pending_ms", "purge"),
         ("tenant", "units", "lease_id", "ttl_ms", "wait"),
     ),
-    _Merge("release", "release_many", ("now_ms", "schema", "purge"), ("lease_id",)),
+    _Merge(
+        "release", "release_many", ("now_ms", "schema", "purge"), ("lease_id", "tenant", "token")
+    ),
 )
 
 
