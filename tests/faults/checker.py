@@ -36,7 +36,9 @@ What is checked (``Violation.kind``):
   every policy in force lists (``unknown_after_state_loss`` inside a
   state-loss window);
   ``replay_mismatch`` — a retried request id was answered with a lease of
-  another tenant, or of other units, than the original.
+  another tenant, or of other units, than the original;
+  ``forgery_accepted`` — a release or renewal naming a lease's id with
+  another tenant or token was applied.
 * ``foreign_error`` — a call raised something that is not a ratequota error;
   ``exit_raised`` — leaving ``acquire``'s block raised; ``pod_hung`` — a pod
   still ran long after the stop time; ``pod_crashed`` — a pod exited with an
@@ -611,6 +613,13 @@ def _check_calls(
         if str(c.get("error", "")).startswith("foreign:"):
             detail = f"{c['op']} raised {c['error']}: {c.get('message', '')}"
             report.violations.append(Violation("foreign_error", group, at, detail))
+        forged = c["op"] in ("forged_release", "forged_renew") and c.get("outcome") == "ok"
+        if forged and (c.get("state") == "released" or c.get("renewed")):
+            detail = (
+                f"{c['op']} of {c.get('lease_id')} as tenant {c.get('tenant')!r}, token "
+                f"{c.get('token')} (the lease's: {c.get('true_token')}) was accepted"
+            )
+            report.violations.append(Violation("forgery_accepted", group, at, detail))
         if c["op"] == "exit" and c.get("outcome") == "error":
             detail = f"leaving acquire {c.get('lease_id')} raised {c['error']}: {c.get('message')}"
             report.violations.append(Violation("exit_raised", group, at, detail))

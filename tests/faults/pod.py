@@ -65,7 +65,7 @@ class PodConfig:
         self.max_held: int = int(raw.get("max_held", 3))
         self.groups: dict[str, str] = dict(raw.get("groups", {}))  # tenant -> group
         #: retry a held lease's id as another tenant, or with other units (must be refused)
-        self.foreign_replays: bool = bool(raw.get("foreign_replays", False))
+        self.foreign_replays: bool = bool(raw.get("foreign_replays", True))
 
 
 @dataclass(frozen=True)
@@ -146,8 +146,10 @@ class Worker:
             return "renew"
         if self.held and roll < 0.40:
             return "abandon"
-        if self.held and roll < 0.44:
+        if self.held and roll < 0.43:
             return "replay"
+        if self.held and roll < 0.45:
+            return "forge"
         if self.abandoned and roll < 0.48:
             return "release_stale"
         if len(self.held) < self.config.max_held and roll < 0.75:
@@ -218,6 +220,8 @@ class Worker:
             yield from self.renew()
         elif op == "replay":
             yield from self.replay()
+        elif op == "forge":
+            yield from self.forge()
         else:
             yield from self.acquire()
 
@@ -303,6 +307,49 @@ class Worker:
             # The first lease had ended after all: this is a new one under the same id.
             self.held[index] = (lease, fields["expiry_ms"])
 
+    def forge(self) -> Flow:
+        """Release or renew a held lease under a wrong token or tenant: must change nothing.
+
+        Anyone who can read a snapshot knows lease ids; release and renew are
+        fenced by tenant and token. The real lease stays held (snapshots
+        must still list it, its holder's calls must still work).
+        """
+        info, expiry_ms = self.held[self.rng.randrange(len(self.held))]
+        mates = [t for t, g in self.config.groups.items() if g == info.group and t != info.tenant]
+        if mates and self.rng.random() < 0.5:
+            forged = LeaseInfo(
+                id=info.id,
+                tenant=self.rng.choice(sorted(mates)),
+                group=info.group,
+                units=info.units,
+                token=info.token,
+                expires_at=info.expires_at,
+            )
+        else:
+            forged = LeaseInfo(
+                id=info.id,
+                tenant=info.tenant,
+                group=info.group,
+                units=info.units,
+                token=info.token + self.rng.choice((-1, 1)),
+                expires_at=info.expires_at,
+            )
+        op = self.rng.choice(("forged_release", "forged_renew"))
+        fields = lease_fields(forged) | {"expiry_ms": expiry_ms, "true_token": info.token}
+        record = self.begin(op, deadline_s=0.0, **fields)
+        try:
+            if op == "forged_release":
+                result = yield Call("release", (forged,))
+            else:
+                result = yield Call("renew", (forged, 1.0))
+        except ratequota.RateQuotaError as exc:
+            self.failed(record, exc)
+            return
+        if op == "forged_release":
+            self.end(record, outcome="ok", state=result.state, freed=result.units)
+        else:
+            self.end(record, outcome="ok", renewed=result.renewed, reason=result.reason)
+
     def release(self, info: LeaseInfo, expiry_ms: int, via: str) -> Flow:
         """``release`` of a try_acquire lease."""
         fields = lease_fields(info) | {"expiry_ms": expiry_ms}
@@ -327,7 +374,13 @@ class Worker:
             self.failed(record, exc)
             return
         new_expiry = _ms(result.expires_at)
-        self.end(record, outcome="ok", renewed=result.renewed, new_expiry_ms=new_expiry)
+        self.end(
+            record,
+            outcome="ok",
+            renewed=result.renewed,
+            reason=result.reason,
+            new_expiry_ms=new_expiry,
+        )
         if result.renewed:
             self.held[self.held.index((info, expiry_ms))] = (info, new_expiry)
         else:
@@ -370,6 +423,7 @@ class Worker:
                     r,
                     outcome="ok",
                     renewed=renewed.renewed,
+                    reason=renewed.reason,
                     new_expiry_ms=_ms(renewed.expires_at),
                 )
             yield Call("sleep", (hold / 2,))

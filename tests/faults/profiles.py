@@ -1,36 +1,33 @@
 """What a fault run does: how long, how many pods, which faults, and which checks are strict.
 
-Faults fall in two sets. ``MAIN_FAULTS`` are handled by today's library:
-they run in the short profile that ``pytest`` runs by default. The others
-need fixes that live on other branches; each is behind a flag named for the
-fix (``RATEQUOTA_FAULTS_FLAGS=state-loss``) and joins the defaults once the
-fix is merged:
+Faults fall in two sets. ``MAIN_FAULTS`` (``CLUSTER_FAULTS``) are handled by
+today's main: they run in the short profile that ``pytest`` runs by default.
+The others need fixes that live on other branches; each is behind a flag
+named for what it adds (``RATEQUOTA_FAULTS_FLAGS=state-loss,catalog``) and
+joins the defaults once its fix is merged:
 
 * ``state-loss`` — SIGKILL + restart of a Redis without persistence, and
-  ``maxmemory`` with ``allkeys-lru`` eviction. Needs pods that recover after
-  Redis restarts empty (catalog fix) and leases re-asserted after state loss
-  without over-admission (leases fix); until then over-admission and tokens
-  going back are reported in their own categories.
+  ``maxmemory`` with ``allkeys-lru`` eviction. The leases fix (merged) keeps
+  them from over-admitting; what still fails on main is the catalog: pods
+  answer ``UnknownTenant`` for listed tenants after the catalog was lost,
+  until a policy is published again (issue 9, item 1).
+* ``catalog`` — adds no fault; ``UnknownTenant`` for a listed tenant fails
+  the run even right after a state loss (outside that window it always
+  does). Enable with ``state-loss`` once the catalog fix is merged.
 * ``oom`` — ``maxmemory`` with ``noeviction``: writes are refused. Leaving
-  ``acquire``'s block while the release is refused raises ``BackendError``
-  on main (issue 9, item 8: the handler's result is lost), reproduced by the
-  cluster run with the default seed.
+  ``acquire``'s block while its release is refused raises ``BackendError``
+  (issue 9, item 8: the handler's result is lost); it needs a release inside
+  the pressure window, so not every run shows it.
 * ``strict-deadline`` — adds no fault; a call must return within its
   deadline plus one socket timeout (the documented promise) instead of the
   wider margin today's async client needs (issue 9, item 8: its backstop is
   three socket timeouts per round trip).
-* ``tenant-ids`` — adds no fault; pods sometimes retry a held lease's
-  request id as another tenant of the group or with more units. Today that
-  is "admitted" as a replay of the other tenant's lease (issue 9, item 2);
-  the checker reports it as ``replay_mismatch``. Same-tenant, same-units
-  replays run in every profile.
-* ``catalog`` — adds no fault; ``UnknownTenant`` for a listed tenant fails
-  the run even right after a state loss (outside that window it always
-  does). Enable with ``state-loss`` once the catalog fix is merged.
-* ``recovery`` — adds no fault; after a state loss an overshoot of the
-  capacity or a ceiling, or a fencing token going back, fails the run (until
-  then they are reported apart). Enable with ``state-loss`` once the leases
-  fix is merged.
+
+Merged fixes whose checks are always strict: no overshoot after a state loss
+(bound 0: the recovery window), fencing tokens never going back, request ids
+scoped to their tenant (pods retry held ids as other tenants and with other
+units, which must be refused), fenced release and renew (pods send forged
+ones, which must change nothing).
 """
 
 from __future__ import annotations
@@ -52,11 +49,9 @@ MAIN_FAULTS = (
 #: Flag -> the faults it adds.
 FLAGS: dict[str, tuple[str, ...]] = {
     "state-loss": ("redis_restart_empty", "maxmemory_evict"),
-    "recovery": (),
     "catalog": (),
     "oom": ("maxmemory_noeviction",),
     "strict-deadline": (),
-    "tenant-ids": (),
 }
 
 #: Faults only the shard topology can inject (a cluster node is not restarted here).

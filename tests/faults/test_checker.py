@@ -431,3 +431,19 @@ def test_a_known_tenant_refused_as_unknown_is_reported() -> None:
     assert kinds(run([refused], faults=[state_loss(4500, 4600)])) == {"unknown_after_state_loss": 1}
     stranger = dict(refused, tenant="zed")
     assert run([stranger]).violations == []
+
+
+def test_an_accepted_forgery_is_reported() -> None:
+    """Issue 9 item 3: release and renew checked only the lease id."""
+    forged = call(
+        "forged_release", 300, 301, outcome="ok", lease_id="x", tenant="b", token=1,
+        true_token=1, state="released",
+    )  # fmt: skip
+    refused = dict(forged, state="fenced")
+    assert kinds(run([admit("x", 100), forged])) == {"forgery_accepted": 1}
+    assert run([admit("x", 100), refused]).violations == []
+    renewed = call(
+        "forged_renew", 300, 301, outcome="ok", lease_id="x", tenant="a", token=2,
+        true_token=1, renewed=True,
+    )  # fmt: skip
+    assert kinds(run([admit("x", 100), renewed])) == {"forgery_accepted": 1}

@@ -21,12 +21,12 @@ def test_long_profile_seed_and_flags_are_read() -> None:
     env = {
         "RATEQUOTA_FAULTS": "long",
         "RATEQUOTA_FAULTS_SEED": "7",
-        "RATEQUOTA_FAULTS_FLAGS": "state-loss, recovery",
+        "RATEQUOTA_FAULTS_FLAGS": "state-loss, catalog",
     }
     profile = profiles.from_environment(env)
     assert (profile.name, profile.seed) == ("long", 7)
     assert set(profiles.FLAGS["state-loss"]) <= set(profile.faults)
-    assert profile.flags == {"state-loss", "recovery"}
+    assert profile.flags == {"state-loss", "catalog"}
 
 
 @pytest.mark.parametrize(
@@ -42,13 +42,17 @@ def test_a_bad_variable_is_refused(env: dict[str, str], message: str) -> None:
         profiles.from_environment(env)
 
 
-def test_flags_of_merged_fixes_make_state_loss_checks_strict() -> None:
-    """``recovery`` and ``catalog`` turn reported state-loss kinds into failures."""
+def test_state_loss_checks_are_strict_and_catalog_makes_them_stricter() -> None:
+    """``catalog`` turns UnknownTenant after a state loss into a failure; overshoot never passes.
+
+    The leases fix is merged: after a state loss no overshoot is allowed (the
+    bound is 0) and tokens never go back, in every profile.
+    """
     from tests.faults import driver
 
     plain = profiles.from_environment({"RATEQUOTA_FAULTS_FLAGS": "state-loss"})
-    assert {"token_after_state_loss", "unknown_after_state_loss"} <= driver.allowed_kinds(plain)
-    assert driver.check_options(plain).state_loss_bound is None
-    strict = profiles.from_environment({"RATEQUOTA_FAULTS_FLAGS": "state-loss,recovery,catalog"})
+    assert "unknown_after_state_loss" in driver.allowed_kinds(plain)
+    assert "token_after_state_loss" not in driver.allowed_kinds(plain)
+    assert driver.check_options(plain).state_loss_bound == 0
+    strict = profiles.from_environment({"RATEQUOTA_FAULTS_FLAGS": "state-loss,catalog"})
     assert driver.allowed_kinds(strict) == {"vanished_after_state_loss", "state_loss_overshoot"}
-    assert driver.check_options(strict).state_loss_bound == 0
