@@ -349,7 +349,17 @@ def check(
             "calls": len(calls),
             "admissions": len(admitted),
             "leases": len(leases),
-            "refusals": sum(1 for c in calls if c.get("outcome") == "refused"),
+            "refusals": dict(
+                Counter(str(c.get("reason")) for c in calls if c.get("outcome") == "refused")
+            ),
+            "renewals": dict(
+                Counter(
+                    str(c.get("reason", "renewed" if c.get("renewed") else "lost"))
+                    for c in calls
+                    if c["op"] == "renew" and c.get("outcome") == "ok"
+                )
+            ),
+            "forged_calls": sum(1 for c in calls if c["op"].startswith("forged_")),
             "errors": dict(Counter(c["error"] for c in calls if c.get("outcome") == "error")),
             "faults": dict(Counter(f["fault"] for f in faults)),
             "max_overshoot_units": max_over,

@@ -146,11 +146,11 @@ class Worker:
             return "renew"
         if self.held and roll < 0.40:
             return "abandon"
-        if self.held and roll < 0.43:
+        if self.held and roll < 0.44:
             return "replay"
-        if self.held and roll < 0.45:
+        if self.held and roll < 0.48:
             return "forge"
-        if self.abandoned and roll < 0.48:
+        if self.abandoned and roll < 0.51:
             return "release_stale"
         if len(self.held) < self.config.max_held and roll < 0.75:
             return "try_acquire"
