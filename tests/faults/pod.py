@@ -125,6 +125,7 @@ class Worker:
         self.config = config
         self.out = out
         self.seq = 0
+        self.calls = 0
         #: try_acquire leases held, with the expiry (ms) last reported
         self.held: list[tuple[LeaseInfo, int]] = []
         #: abandoned leases, released again after their expiry on purpose
@@ -174,9 +175,21 @@ class Worker:
     # -- records -----------------------------------------------------------------------------------
 
     def begin(self, op: str, **fields: Any) -> dict[str, Any]:
-        """A record for a call about to start (clocks read last, right before the call)."""
+        """A record for a call about to start, announced by an ``intent`` line written now.
+
+        If the pod is killed before the call's own record is written, the
+        intent tells the checker that the call may have run (a release that
+        reached Redis, say). Clocks are read last, right before the call.
+        """
+        self.calls += 1
+        call_id = f"{self.pod}.{self.index}#{self.calls}"
         record: dict[str, Any] = {"kind": "call", "op": op, "pod": self.pod, "worker": self.index}
         record.update(fields)
+        record["call"] = call_id
+        intent = {k: v for k, v in record.items() if k != "deadline_s"}
+        intent["kind"] = "intent"
+        intent["wall_start"] = time.time()
+        self.out.write(intent)
         record["mono_start"] = time.monotonic()
         record["wall_start"] = time.time()
         return record

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from tests.faults.checker import CheckOptions, Report, check, check_run
+from tests.faults.checker import CheckOptions, Report, check, check_run, complete_calls
 from tests.faults.records import JsonlWriter, read_jsonl
 
 T0 = 1_800_000_000_000  # ms
@@ -447,3 +447,20 @@ def test_an_accepted_forgery_is_reported() -> None:
         true_token=1, renewed=True,
     )  # fmt: skip
     assert kinds(run([admit("x", 100), renewed])) == {"forgery_accepted": 1}
+
+
+def test_a_killed_pod_may_have_released_in_its_last_call() -> None:
+    """The release a SIGKILLed pod sent may have run: its intent ends the lease's validity.
+
+    Without the intent the checker would count the lease until its expiry
+    and report an overshoot that never happened.
+    """
+    intent = {
+        "kind": "intent", "op": "release", "pod": "p0", "worker": 0, "call": "p0.0#9",
+        "lease_id": "x", "wall_start": (T0 + 200) / 1000,
+    }  # fmt: skip
+    history = [admit("x", 100, units=4, ttl=5000), admit("y", 300, units=4, token=2, tenant="b")]
+    assert kinds(run(history)) == {"over_capacity": 1}
+    assert run(complete_calls([*history, intent])).violations == []
+    answered = dict(release("x", 200), call="p0.0#9")
+    assert len(complete_calls([*history, intent, answered])) == 3
