@@ -69,6 +69,11 @@ class AsyncBridge:
         """Drive one core flow (tests that step the core directly)."""
         return self.wait(self.client._run(flow))
 
+    @property
+    def renewer(self) -> BridgedRenewer:
+        """The client's renewer, with a blocking ``renew_due``."""
+        return BridgedRenewer(self, self.client.renewer)
+
     def stats(self) -> Any:
         """``AsyncQuotaClient.stats`` (not a coroutine)."""
         return self.client.stats()
@@ -108,6 +113,19 @@ class AsyncBridge:
     def check(self, groups: Any = None, **options: Any) -> Any:
         """``await check``."""
         return self.wait(self.client.check(groups, **options))
+
+
+class BridgedRenewer:
+    """A ``TaskRenewer`` whose ``renew_due`` blocks; ``book`` is the renewer's own."""
+
+    def __init__(self, bridge: AsyncBridge, renewer: Any) -> None:
+        self._bridge = bridge
+        self.book = renewer.book
+        self._renewer = renewer
+
+    def renew_due(self) -> int:
+        """``await renewer.renew_due()``."""
+        return self._bridge.wait(self._renewer.renew_due())  # type: ignore[no-any-return]
 
 
 class BridgedAcquisition:

@@ -1,28 +1,28 @@
 """Background renewal: the pure schedule, the batched round trip, and renewal in action.
 
 The schedule (``RenewalBook``) is tested with a hand-moved clock. The
-renewers are tested with short real TTLs (a few hundred ms): a lease held for
-several TTLs must stay live, one taken away must be reported lost, and a
-borrower must hear that a lender wants its capacity back.
+renewers run on the client's clock: on a ``ManualClock`` with background renewal
+off, the test decides when leases fall due and when they are renewed, on both
+clients and both backends. A lease held for several TTLs must stay live, one
+taken away must be reported lost, and a borrower must hear that a lender wants
+its capacity back.
 """
 
 from __future__ import annotations
 
-import asyncio
-import threading
-import time
+import contextlib
+from typing import Any
 
 import pytest
 
-from ratequota.clients.aio import AsyncQuotaClient, async_embedded_backend
-from ratequota.clients.backends import embedded_backend
 from ratequota.clients.core import QuotaCore
 from ratequota.clients.renewal import RenewalBook, renew_many
 from ratequota.clients.shell import Batch, LeaseBase
-from ratequota.clients.sync import QuotaClient
 from ratequota.decision import LeaseInfo, RenewResult
-from ratequota.errors import AcquireTimeout, BackendUnavailable
+from ratequota.errors import BackendUnavailable
 from ratequota.policy import GroupPolicy, Policy, TenantPolicy
+from ratequota.testing import ManualClock
+from tests.conftest import MakeClient
 
 POLICY = Policy(
     [
@@ -122,88 +122,85 @@ def test_renew_many_sends_one_batch_per_shard() -> None:
     assert isinstance(outcomes[2], RenewResult) and not outcomes[2].renewed
 
 
-def test_sync_lease_outlives_its_ttl_while_held_and_renewal_stops_after() -> None:
+def _renewing(make: MakeClient, policy: Policy = POLICY) -> tuple[Any, ManualClock]:
+    """A client whose held leases are renewed when the test says (``renew_due``), on a
+    ManualClock: renewal is exact, and nothing sleeps."""
+    clock = ManualClock()
+    return make(policy, clock=clock, lease_ttl=3.0, renew_in_background=False), clock
+
+
+def test_held_lease_outlives_its_ttl_while_renewed_and_renewal_stops_after(
+    make_quota: MakeClient,
+) -> None:
     """Held 4× its TTL, the lease stays live; after exit the renewer holds nothing."""
-    quota = QuotaClient(backend=embedded_backend(shared=False), lease_ttl=0.3)
-    quota.apply_policy(POLICY)
+    quota, clock = _renewing(make_quota)
     with quota.acquire("a", 2) as held:
         first_expiry = held.expires_at
-        time.sleep(1.2)
+        assert quota.renewer.renew_due() == 0  # not due before a third of the TTL
+        for _ in range(12):
+            clock.advance(1.0)
+            assert quota.renewer.renew_due() == 1
+        assert clock.monotonic() == 12.0  # four TTLs
         assert not held.lost
-        assert held.expires_at > first_expiry
+        assert held.expires_at == first_expiry + 12.0
         assert quota.snapshot("g").used == 2
     assert len(quota.renewer.book) == 0
+    clock.advance(1.0)
+    assert quota.renewer.renew_due() == 0
     assert quota.snapshot("g").used == 0
-    quota.close()
 
 
-def test_decorated_handler_lease_is_renewed() -> None:
+def test_many_held_leases_are_renewed_in_one_round(make_quota: MakeClient) -> None:
+    """Every lease due at once is renewed in the same round (one batch per shard)."""
+    quota, clock = _renewing(make_quota)
+    with contextlib.ExitStack() as stack:
+        held = [stack.enter_context(quota.acquire("a", 1)) for _ in range(2)]
+        held += [stack.enter_context(quota.acquire("b", 1)) for _ in range(2)]
+        clock.advance(1.0)
+        assert quota.renewer.renew_due() == 4
+        clock.advance(2.5)  # past the first TTL: alive only because they were renewed
+        assert quota.snapshot("g").used == 4
+        assert not any(lease.lost for lease in held)
+    assert quota.snapshot("g").used == 0
+
+
+def test_decorated_handler_lease_is_renewed(make_client: MakeClient) -> None:
     """The ``limit`` decorator holds a renewed lease for as long as the handler runs."""
-    quota = QuotaClient(backend=embedded_backend(shared=False), lease_ttl=0.3)
-    quota.apply_policy(POLICY)
+    quota, clock = _renewing(make_client)
 
     @quota.limit(tenant=lambda: "a", units=1)
     def slow() -> int:
-        time.sleep(1.0)
-        return quota.snapshot("g").used
+        for _ in range(6):
+            clock.advance(1.0)
+            quota.renewer.renew_due()
+        return int(quota.snapshot("g").used)
 
     assert slow() == 1
     assert quota.snapshot("g").used == 0
-    quota.close()
 
 
-def test_lost_lease_is_reported() -> None:
-    """A lease taken away behind the holder's back (here: released by id) is marked lost."""
-    quota = QuotaClient(backend=embedded_backend(shared=False), lease_ttl=0.3)
-    quota.apply_policy(POLICY)
+def test_lost_lease_is_reported(make_quota: MakeClient) -> None:
+    """A lease taken away behind the holder's back (here: released) is marked lost."""
+    quota, clock = _renewing(make_quota)
     with quota.acquire("a", 1) as held:
         quota.release(held.info)
-        deadline = time.monotonic() + 3
-        while not held.lost and time.monotonic() < deadline:
-            time.sleep(0.02)
+        assert not held.lost
+        clock.advance(1.0)
+        assert quota.renewer.renew_due() == 1
         assert held.lost
-    quota.close()
-
-
-def test_borrower_hears_that_the_lender_wants_capacity_back() -> None:
-    """While a lender waits for its guarantee, the borrower's renewals say over_limit."""
-    quota = QuotaClient(backend=embedded_backend(shared=False), lease_ttl=0.3)
-    quota.apply_policy(POLICY)
-    with quota.acquire("a", 4) as borrower:
-        lender = threading.Thread(target=_wait_for_guarantee, args=(quota,), daemon=True)
-        lender.start()
-        deadline = time.monotonic() + 3
-        while not borrower.over_limit and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert borrower.over_limit
-    lender.join(5)
-    quota.close()
-
-
-def _wait_for_guarantee(quota: QuotaClient) -> None:
-    try:
-        with quota.acquire("b", 2, timeout=1.0):
-            pass
-    except AcquireTimeout:
-        pass
-
-
-def test_async_lease_is_renewed_by_one_task_and_released() -> None:
-    """The async client's renewer task keeps many held leases live with batched renewals."""
-
-    async def main() -> None:
-        quota = AsyncQuotaClient(backend=async_embedded_backend(shared=False), lease_ttl=0.3)
-        await quota.apply_policy(POLICY)
-
-        async def hold() -> bool:
-            async with quota.acquire("a", 1) as held:
-                await asyncio.sleep(1.0)
-                return held.lost
-
-        lost = await asyncio.gather(*(hold() for _ in range(4)))
-        assert lost == [False] * 4
-        assert (await quota.snapshot("g")).used == 0
         assert len(quota.renewer.book) == 0
-        await quota.close()
 
-    asyncio.run(main())
+
+def test_borrower_hears_that_the_lender_wants_capacity_back(make_quota: MakeClient) -> None:
+    """While a lender waits for its guarantee, the borrower's renewals say over_limit."""
+    quota, clock = _renewing(make_quota)
+    with quota.acquire("a", 4) as borrower:
+        clock.advance(1.0)
+        assert quota.renewer.renew_due() == 1
+        assert not borrower.over_limit
+        ttl_ms = quota.core.ttl_ms(None)
+        waiting = quota._run(quota.core.attempt("b", 2, None, "lender", ttl_ms, wait=True))
+        assert not waiting.admitted  # registered as waiting for its guarantee
+        clock.advance(1.0)
+        assert quota.renewer.renew_due() == 1
+        assert borrower.over_limit

@@ -23,7 +23,6 @@ import asyncio
 import contextlib
 import functools
 import inspect
-import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar, cast
@@ -43,7 +42,7 @@ from ratequota.clients.core import AcquireRequest, Flow, Sleep
 from ratequota.clients.explain import Explanation, explain_flow
 from ratequota.clients.failure import FailureStats
 from ratequota.clients.readiness import ReadinessReport
-from ratequota.clients.renewal import RenewalBook, renew_many
+from ratequota.clients.renewal import RenewerBase
 from ratequota.decision import Decision, GroupSnapshot, LeaseInfo, ReleaseResult, RenewResult
 from ratequota.engine.batching import BatchPolicy
 from ratequota.engine.protocol import MERGES, coalesce
@@ -315,34 +314,37 @@ class AsyncAcquisition(shell.AcquisitionBase[AsyncLease]):
                 await asyncio.shield(lease.release())
 
 
-class TaskRenewer:
+class TaskRenewer(RenewerBase):
     """The async client's renewer: one task on the client's loop, started on the first hold."""
 
     def __init__(self, client: AsyncQuotaClient) -> None:
-        core = client.core
-        self._client = client
-        # Real time, not the client's clock: a test's ManualClock expires leases on purpose.
-        self.book = RenewalBook(
-            core.settings.renew_fraction, core.settings.lease_ttl, time.monotonic
-        )
-        self.enabled = core.settings.auto_renew
+        super().__init__(client)
         self._task: asyncio.Task[None] | None = None
         self._wake: asyncio.Event | None = None
 
     def hold(self, lease: shell.LeaseBase) -> None:
-        """Renew ``lease`` in the background until ``drop``."""
+        """Renew ``lease`` until ``drop``."""
         if not self.enabled:
             return
         self.book.hold(lease)
+        if not self.background:
+            return
         if self._task is None or self._task.done():
             self._wake = asyncio.Event()
             self._task = asyncio.ensure_future(self._loop(self._wake))
         assert self._wake is not None
         self._wake.set()
 
-    def drop(self, lease: shell.LeaseBase) -> None:
-        """Stop renewing ``lease``."""
-        self.book.drop(lease)
+    async def renew_due(self) -> int:
+        """Renew every held lease due now; returns how many."""
+        due, _ = self.book.next()
+        if due:
+            try:
+                outcomes = await self._client._run(self._flow(due))
+            except Exception as exc:  # see RenewerBase._failed
+                outcomes = self._failed(due, exc)
+            self._settle(due, outcomes)
+        return len(due)
 
     async def close(self) -> None:
         """Cancel the task and wait for it."""
@@ -355,21 +357,9 @@ class TaskRenewer:
     async def _loop(self, wake: asyncio.Event) -> None:
         while True:
             wake.clear()
-            due, wait = self.book.next()
-            if due:
-                await self._renew(due)
-                continue
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(wake.wait(), wait)
-
-    async def _renew(self, due: list[shell.LeaseBase]) -> None:
-        client = self._client
-        try:
-            outcomes: list[Any] = await client._run(renew_many(client.core, due, client._node_of))
-        except Exception as exc:  # a bug must not kill the renewer: retry these soon
-            outcomes = [ConnectionError(repr(exc))] * len(due)
-        for lease, outcome in zip(due, outcomes, strict=True):
-            self.book.settle(lease, outcome)
+            if not await self.renew_due():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(wake.wait(), self.book.wait())
 
 
 class AsyncQuotaClient(shell.ClientBase):

@@ -151,7 +151,10 @@ class Settings:
     one probe call may close it again.
 
     Renewal: with ``auto_renew`` leases held by ``acquire`` and ``limit`` are
-    renewed in the background every ``renew_fraction`` of their TTL.
+    renewed every ``renew_fraction`` of their TTL, measured on the client's
+    clock: by a background thread (task) unless ``renew_in_background`` is
+    False, in which case the holder calls ``quota.renewer.renew_due()`` (tests on
+    a ``ManualClock`` do, so renewal happens exactly when they say).
     ``batch_size`` / ``batch_in_flight``: the async client pipelines up to
     ``batch_size`` concurrent script calls per shard into one round trip, with
     at most ``batch_in_flight`` such round trips per shard at once.
@@ -169,6 +172,7 @@ class Settings:
     breaker_failures: int = attrs.field(default=3, validator=_setting_count)
     breaker_reset: float = attrs.field(default=0.5, validator=_setting_seconds)
     auto_renew: bool = attrs.field(default=True, validator=_setting_flag)
+    renew_in_background: bool = attrs.field(default=True, validator=_setting_flag)
     renew_fraction: float = attrs.field(default=1 / 3, validator=_setting_fraction)
     batch_size: int = attrs.field(default=64, validator=_setting_count)
     batch_in_flight: int = attrs.field(default=2, validator=_setting_count)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import math
 import threading
-import time
 from collections.abc import Callable, Generator, Sequence
 from typing import Any
 
@@ -32,7 +31,7 @@ from ratequota.decision import RenewResult
 from ratequota.engine.protocol import decode_renew
 from ratequota.errors import PolicyMissing, RateQuotaError
 
-__all__ = ["RenewOutcome", "RenewalBook", "renew_many"]
+__all__ = ["RenewOutcome", "RenewalBook", "RenewerBase", "ThreadRenewer", "renew_many"]
 
 RenewOutcome = RenewResult | RateQuotaError
 
@@ -89,6 +88,13 @@ class RenewalBook:
     def __len__(self) -> int:
         with self._lock:
             return len(self._due)
+
+    def wait(self) -> float:
+        """How long the background loop may sleep before a lease falls due (capped)."""
+        now = self._clock()
+        with self._lock:
+            upcoming = min(self._due.values(), default=math.inf)
+        return max(0.0, min(upcoming - now, IDLE_WAIT))
 
     def next(self) -> tuple[list[LeaseBase], float]:
         """Leases due now (marked in flight), and how long to sleep if there are none."""
@@ -168,7 +174,43 @@ def _outcome(reply: Any, group: str) -> RenewOutcome:
         return exc
 
 
-class ThreadRenewer:
+class RenewerBase:
+    """What both renewers share: the book on the client's clock, and settling a round.
+
+    Due times are on the client's ``Clock``, so a test on a ``ManualClock``
+    decides when leases fall due (``advance``) and, with ``renew_in_background``
+    off, when they are renewed (``renew_due``): no sleeping, no race with a
+    background thread. The two subclasses differ only in how a round trip is
+    performed (blocking or awaited) and in what runs the background loop.
+    """
+
+    def __init__(self, client: Any) -> None:
+        core: QuotaCore = client.core
+        self._client = client
+        self.book = RenewalBook(
+            core.settings.renew_fraction, core.settings.lease_ttl, core.clock.monotonic
+        )
+        self.enabled = core.settings.auto_renew
+        self.background = core.settings.renew_in_background
+
+    def drop(self, lease: LeaseBase) -> None:
+        """Stop renewing ``lease``."""
+        self.book.drop(lease)
+
+    def _flow(self, due: list[LeaseBase]) -> Generator[Any, Any, list[RenewOutcome]]:
+        return renew_many(self._client.core, due, self._client._node_of)
+
+    def _settle(self, due: list[LeaseBase], outcomes: Sequence[RenewOutcome]) -> None:
+        for lease, outcome in zip(due, outcomes, strict=True):
+            self.book.settle(lease, outcome)
+
+    @staticmethod
+    def _failed(due: list[LeaseBase], exc: BaseException) -> list[RenewOutcome]:
+        """A bug in a round must not kill the renewer: these leases are retried soon."""
+        return [RateQuotaError(f"renewal failed: {exc!r}")] * len(due)
+
+
+class ThreadRenewer(RenewerBase):
     """The sync client's renewer: one daemon thread, started on the first held lease.
 
     The thread sleeps on an event until the next lease is due (at most
@@ -177,23 +219,19 @@ class ThreadRenewer:
     """
 
     def __init__(self, client: Any) -> None:
-        core: QuotaCore = client.core
-        self._client = client
-        # Real time, not the client's clock: a test's ManualClock expires leases on purpose.
-        self.book = RenewalBook(
-            core.settings.renew_fraction, core.settings.lease_ttl, time.monotonic
-        )
-        self.enabled = core.settings.auto_renew
+        super().__init__(client)
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()  # only guards starting the thread
 
     def hold(self, lease: LeaseBase) -> None:
-        """Renew ``lease`` in the background until ``drop``."""
+        """Renew ``lease`` until ``drop``."""
         if not self.enabled or self._stop.is_set():
             return
         self.book.hold(lease)
+        if not self.background:
+            return
         with self._start_lock:
             if self._thread is None:
                 self._thread = threading.Thread(
@@ -202,9 +240,16 @@ class ThreadRenewer:
                 self._thread.start()
         self._wake.set()
 
-    def drop(self, lease: LeaseBase) -> None:
-        """Stop renewing ``lease``."""
-        self.book.drop(lease)
+    def renew_due(self) -> int:
+        """Renew, in the calling thread, every held lease due now; returns how many."""
+        due, _ = self.book.next()
+        if due:
+            try:
+                outcomes = self._client._run(self._flow(due))
+            except Exception as exc:  # see _failed
+                outcomes = self._failed(due, exc)
+            self._settle(due, outcomes)
+        return len(due)
 
     def close(self, timeout: float = 5.0) -> None:
         """Stop the thread (waiting at most ``timeout`` for a renewal in flight)."""
@@ -217,17 +262,5 @@ class ThreadRenewer:
     def _loop(self) -> None:
         while not self._stop.is_set():
             self._wake.clear()
-            due, wait = self.book.next()
-            if due:
-                self._renew(due)
-            else:
-                self._wake.wait(wait)
-
-    def _renew(self, due: list[LeaseBase]) -> None:
-        client = self._client
-        try:
-            outcomes: list[Any] = client._run(renew_many(client.core, due, client._node_of))
-        except Exception as exc:  # a bug must not kill the renewer: retry these soon
-            outcomes = [RateQuotaError(f"renewal failed: {exc!r}")] * len(due)
-        for lease, outcome in zip(due, outcomes, strict=True):
-            self.book.settle(lease, outcome)
+            if not self.renew_due():
+                self._wake.wait(self.book.wait())
