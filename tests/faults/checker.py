@@ -14,9 +14,9 @@ What is checked (``Violation.kind``):
   validity ends at the *start* of its release call, so a lease is never
   counted longer than it surely lived: a reported overshoot is real.
   Inside a state-loss window (a Redis restart without persistence, eviction)
-  the library cannot know the leases it lost; there the overshoot is reported
-  as ``state_loss_overshoot`` and only a breach of ``state_loss_bound`` (units
-  per loss) is a violation.
+  an overshoot is also reported as ``state_loss_overshoot``; it counts as a
+  violation beyond ``state_loss_bound`` units per loss (0 since the library
+  has a recovery window; None only reports).
 * ``token_order`` — fencing tokens strictly increase per group in admission
   order (and never repeat). Pairs separated by a state loss are reported as
   ``token_after_state_loss``.

@@ -1,7 +1,7 @@
 """The fault driver: real redis-servers, pod processes, faults on a seeded schedule, snapshots.
 
 ``python -m tests.faults.driver [--profile short|long] [--topology shards|cluster] [--seed N]
-[--flags state-loss] [--dir D]``
+[--flags eviction,catalog] [--dir D]``
 
 One run:
 

@@ -3,17 +3,18 @@
 Faults fall in two sets. ``MAIN_FAULTS`` (``CLUSTER_FAULTS``) are handled by
 today's main: they run in the short profile that ``pytest`` runs by default.
 The others need fixes that live on other branches; each is behind a flag
-named for what it adds (``RATEQUOTA_FAULTS_FLAGS=state-loss,catalog``) and
+named for what it adds (``RATEQUOTA_FAULTS_FLAGS=eviction,catalog``) and
 joins the defaults once its fix is merged:
 
-* ``state-loss`` — SIGKILL + restart of a Redis without persistence, and
-  ``maxmemory`` with ``allkeys-lru`` eviction. The leases fix (merged) keeps
-  them from over-admitting; what still fails on main is the catalog: pods
-  answer ``UnknownTenant`` for listed tenants after the catalog was lost,
-  until a policy is published again (issue 9, item 1).
+* ``eviction`` — ``maxmemory`` with ``allkeys-lru``: junk keys evict group
+  state, policies, and the catalog when it lives on that server. The leases
+  fix (merged) keeps a group from over-admitting after losing its state;
+  what still fails on main is the catalog: once it is evicted, pods answer
+  ``UnknownTenant`` for every listed tenant until a policy is published
+  again (issue 9, item 1).
 * ``catalog`` — adds no fault; ``UnknownTenant`` for a listed tenant fails
   the run even right after a state loss (outside that window it always
-  does). Enable with ``state-loss`` once the catalog fix is merged.
+  does). Enable with ``eviction`` once the catalog fix is merged.
 * ``oom`` — ``maxmemory`` with ``noeviction``: writes are refused. Leaving
   ``acquire``'s block while its release is refused raises ``BackendError``
   (issue 9, item 8: the handler's result is lost); it needs a release inside
@@ -24,7 +25,8 @@ joins the defaults once its fix is merged:
   three socket timeouts per round trip).
 
 Merged fixes whose checks are always strict: no overshoot after a state loss
-(bound 0: the recovery window), fencing tokens never going back, request ids
+(bound 0: the recovery window; ``redis_restart_empty`` runs by default, the
+catalog surviving on the AOF shard), fencing tokens never going back, request ids
 scoped to their tenant (pods retry held ids as other tenants and with other
 units, which must be refused), fenced release and renew (pods send forged
 ones, which must change nothing).
@@ -42,13 +44,14 @@ MAIN_FAULTS = (
     "pod_kill",
     "redis_pause",
     "redis_restart_aof",
+    "redis_restart_empty",
     "script_flush",
     "policy_change",
 )
 
 #: Flag -> the faults it adds.
 FLAGS: dict[str, tuple[str, ...]] = {
-    "state-loss": ("redis_restart_empty", "maxmemory_evict"),
+    "eviction": ("maxmemory_evict",),
     "catalog": (),
     "oom": ("maxmemory_noeviction",),
     "strict-deadline": (),

@@ -21,12 +21,12 @@ def test_long_profile_seed_and_flags_are_read() -> None:
     env = {
         "RATEQUOTA_FAULTS": "long",
         "RATEQUOTA_FAULTS_SEED": "7",
-        "RATEQUOTA_FAULTS_FLAGS": "state-loss, catalog",
+        "RATEQUOTA_FAULTS_FLAGS": "eviction, catalog",
     }
     profile = profiles.from_environment(env)
     assert (profile.name, profile.seed) == ("long", 7)
-    assert set(profiles.FLAGS["state-loss"]) <= set(profile.faults)
-    assert profile.flags == {"state-loss", "catalog"}
+    assert set(profiles.FLAGS["eviction"]) <= set(profile.faults)
+    assert profile.flags == {"eviction", "catalog"}
 
 
 @pytest.mark.parametrize(
@@ -50,9 +50,9 @@ def test_state_loss_checks_are_strict_and_catalog_makes_them_stricter() -> None:
     """
     from tests.faults import driver
 
-    plain = profiles.from_environment({"RATEQUOTA_FAULTS_FLAGS": "state-loss"})
+    plain = profiles.from_environment({"RATEQUOTA_FAULTS_FLAGS": "eviction"})
     assert "unknown_after_state_loss" in driver.allowed_kinds(plain)
     assert "token_after_state_loss" not in driver.allowed_kinds(plain)
     assert driver.check_options(plain).state_loss_bound == 0
-    strict = profiles.from_environment({"RATEQUOTA_FAULTS_FLAGS": "state-loss,catalog"})
+    strict = profiles.from_environment({"RATEQUOTA_FAULTS_FLAGS": "eviction,catalog"})
     assert driver.allowed_kinds(strict) == {"vanished_after_state_loss", "state_loss_overshoot"}
