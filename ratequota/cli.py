@@ -52,7 +52,7 @@ def _demo_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 
 
 def _simulate_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    from ratequota.simulate import add_arguments, run
+    from ratequota.sim import add_arguments, run
 
     parser = sub.add_parser(
         "simulate", help="a fleet of pods sharing groups of tenants; prints fairness and safety"

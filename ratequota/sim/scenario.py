@@ -126,6 +126,27 @@ class Traffic:
             return 0
         return self.concurrency
 
+    def active_until(self, index: int, fraction: float) -> float:
+        """Fraction of the run at which slot ``index`` (0-based), active at ``fraction``, stops.
+
+        1.0 when it stays active to the end. A worker waits for a lease no
+        longer than this: a burst's extra requests end with the burst.
+        """
+        for point in self.changes():
+            if point > fraction and index >= self.concurrency_at(point):
+                return point
+        return 1.0
+
+    def next_active(self, index: int, fraction: float) -> float:
+        """Fraction of the run at which slot ``index``, idle at ``fraction``, is next active.
+
+        1.0 when it never is again: an idle worker sleeps until then instead of polling.
+        """
+        for point in self.changes():
+            if point > fraction and index < self.concurrency_at(point):
+                return point
+        return 1.0
+
     def changes(self) -> list[float]:
         """Fractions of the run where the concurrency may change (sorted, within [0, 1])."""
         points = {0.0, self.start, self.stop}
@@ -239,18 +260,18 @@ def default_scenario() -> Scenario:
             "search",
             48,
             [
-                (TenantPolicy("web", guarantee=16, weight=2), Traffic(steady, 10, 2, 0.6)),
+                (TenantPolicy("web", guarantee=16, weight=2), Traffic(steady, 10, 2, 1.2)),
                 (
                     TenantPolicy("research", guarantee=16),
-                    Traffic(lender, 4, 4, 1.0, idle_from=0.25, idle_until=0.55),
+                    Traffic(lender, 4, 4, 1.6, idle_from=0.25, idle_until=0.55),
                 ),
                 (
                     TenantPolicy("batch", guarantee=8, borrow_limit=16),
-                    Traffic(bursty, 12, 2, 0.8, low=1, period=0.2, duty=0.5),
+                    Traffic(bursty, 8, 2, 0.6, low=1, period=0.5, duty=0.5),
                 ),
                 (
                     TenantPolicy("adhoc", guarantee=0, weight=0.5, borrow_limit=16),
-                    Traffic(steady, 8, 2, 0.6),
+                    Traffic(steady, 6, 2, 0.6),
                 ),
             ],
         ),
@@ -258,11 +279,11 @@ def default_scenario() -> Scenario:
             "chat",
             32,
             [
-                (TenantPolicy("prod", guarantee=20, lendable=0.5), Traffic(steady, 6, 2, 0.5)),
-                (TenantPolicy("eval", guarantee=8, borrow_limit=16), Traffic(steady, 10, 2, 0.7)),
+                (TenantPolicy("prod", guarantee=20, lendable=0.5), Traffic(steady, 6, 2, 1.0)),
+                (TenantPolicy("eval", guarantee=8, borrow_limit=16), Traffic(steady, 8, 2, 0.8)),
                 (
                     TenantPolicy("staging", guarantee=4),
-                    Traffic(bursty, 6, 2, 0.5, period=0.25, duty=0.4),
+                    Traffic(bursty, 6, 2, 0.5, period=0.5, duty=0.5),
                 ),
             ],
         ),
@@ -270,8 +291,8 @@ def default_scenario() -> Scenario:
             "embed",
             16,
             [
-                (TenantPolicy("alpha", guarantee=4, weight=3), Traffic(steady, 12, 1, 0.5)),
-                (TenantPolicy("beta", guarantee=4, weight=1), Traffic(steady, 12, 1, 0.5)),
+                (TenantPolicy("alpha", guarantee=4, weight=3), Traffic(steady, 13, 1, 1.0)),
+                (TenantPolicy("beta", guarantee=4, weight=1), Traffic(steady, 5, 1, 1.0)),
             ],
         ),
     ]

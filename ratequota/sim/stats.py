@@ -2,10 +2,12 @@
 
 The simulation's threads only record what happened — a lease held from
 ``start`` to ``end`` (``Interval``), a request decided after waiting
-(``Outcome``), a group snapshot taken (``Sample``) — and everything printed
-is computed here afterwards: units held over time, peaks, borrowed
-unit-seconds, percentiles of waiting, how long a returning lender took to get
-its guarantee back, utilisation, Jain's fairness index and the safety checks.
+(``Outcome``), a group snapshot taken (``Sample``) — and every figure is
+computed here afterwards (``ratequota.sim.report`` prints them): units held
+over time, peaks, borrowed unit-seconds, percentiles of waiting, how long a
+returning lender took to get its guarantee back, utilisation, Jain's fairness
+index, each tenant's entitlement (``ratequota.sim.measure``) and the safety
+checks.
 Times are seconds since the start of the run.
 
 Two independent safety checks:
@@ -27,7 +29,8 @@ import attrs
 
 from ratequota.fairness import group_allocation
 from ratequota.policy import GroupPolicy
-from ratequota.scenario import Scenario
+from ratequota.sim.measure import Gap, Request, measure_group
+from ratequota.sim.scenario import Scenario
 
 __all__ = [
     "GroupReport",
@@ -44,7 +47,6 @@ __all__ = [
     "level_at",
     "percentile",
     "reclaim_time",
-    "render_report",
     "step_function",
 ]
 
@@ -212,11 +214,18 @@ def expected_limits(
 
 @attrs.frozen
 class TenantReport:
-    """What one tenant asked for and got."""
+    """What one tenant asked for and got.
+
+    ``fair_limit``: with a measure (``gap``), the units owed averaged over the
+    run (entitlement / duration); without one, the mean reference limit for
+    the scenario's intended demand. ``share_of_entitlement``: got / owed.
+    """
 
     tenant: str
     group: str
     guarantee: int
+    weight: float
+    pattern: str
     fair_limit: float
     live_limit: float
     peak_units: int
@@ -228,6 +237,7 @@ class TenantReport:
     share_of_entitlement: float
     reclaim_seconds: float | None
     is_lender: bool
+    gap: Gap | None = None
 
 
 @attrs.frozen
@@ -263,6 +273,8 @@ class Report:
     lost_leases: int
     left_over_units: int
     problems: tuple[str, ...]
+    pending_ttl: float = 2.0
+    round_trip: float = math.nan
 
     @property
     def max_over_admission(self) -> int:
@@ -298,10 +310,20 @@ def build_report(
     elapsed: float,
     backend: str = "embedded fakeredis",
     script_calls: int = 0,
+    round_trip: float = math.nan,
     lost_leases: int = 0,
     left_over_units: int = 0,
+    requests: Sequence[Request] | None = None,
+    pending_ttl: float = 2.0,
+    bin_width: float = 0.0,
 ) -> Report:
-    """Compute every statistic of a run from what its threads recorded."""
+    """Compute every statistic of a run from what its threads recorded.
+
+    With ``requests`` (every request the workers made) each tenant's
+    entitlement comes from the demand it really had (``ratequota.sim.measure``),
+    with its gap split into causes; without them, from the demand the
+    scenario intends (``expected_limits``), as a rough guide.
+    """
     until = max(elapsed, 1e-9)
     tenants: list[TenantReport] = []
     groups: list[GroupReport] = []
@@ -330,6 +352,17 @@ def build_report(
         group_over = max(0, peak(group_steps) - group.capacity)
         interval_over = max(interval_over, group_over)
         expected = expected_limits(group, scenario)
+        gaps: dict[str, Gap] = {}
+        if requests is not None:
+            gaps = measure_group(
+                group,
+                [rq for rq in requests if rq.group == group.name],
+                {load.tenant: load.traffic.units for load in loads},
+                {load.tenant: load.traffic.hold * 1.5 for load in loads},
+                until=until,
+                pending_ttl=pending_ttl,
+                bin_width=bin_width,
+            )
         shares: list[float] = []
         demanded = 0.0
         for load in loads:
@@ -342,6 +375,10 @@ def build_report(
             entitled = math.fsum(min(d, lim) * dt for _, d, lim in grid)
             demanded += math.fsum(d * dt for _, d, _ in grid)
             active_limits = [lim for _, d, lim in grid if d > 0]
+            gap = gaps.get(load.tenant)
+            if gap is not None:
+                entitled = gap.entitled
+                active_limits = [entitled / until]
             share = held / entitled if entitled > 0 else math.nan
             if entitled > 0:
                 shares.append(share)
@@ -367,6 +404,8 @@ def build_report(
                     tenant=load.tenant,
                     group=group.name,
                     guarantee=policy.guarantee,
+                    weight=policy.weight,
+                    pattern=load.traffic.pattern,
                     fair_limit=_mean(active_limits),
                     live_limit=percentile(live, 50),
                     peak_units=peak(steps),
@@ -378,6 +417,7 @@ def build_report(
                     share_of_entitlement=share,
                     reclaim_seconds=reclaim,
                     is_lender=is_lender,
+                    gap=gap,
                 )
             )
         used = integral(group_steps, until)
@@ -421,82 +461,6 @@ def build_report(
         lost_leases=lost_leases,
         left_over_units=left_over_units,
         problems=tuple(problems),
+        pending_ttl=pending_ttl,
+        round_trip=round_trip,
     )
-
-
-def _num(value: float, spec: str = ".1f", *, none: str = "-") -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return none
-    return format(value, spec)
-
-
-def _ms(seconds: float) -> str:
-    return "-" if math.isnan(seconds) else f"{seconds * 1000:.0f}"
-
-
-def render_report(report: Report) -> str:
-    """The report as the text ``ratequota simulate`` prints."""
-    out: list[str] = []
-    out.append(
-        f"scenario {report.scenario!r} on {report.backend}: {report.pods} pods, "
-        f"{report.duration:.1f} s"
-    )
-    out.append("")
-    header = (
-        f"{'group':8} {'tenant':10} {'G':>4} {'fair':>6} {'live':>6} {'peak':>5} "
-        f"{'admitted':>8} {'refused':>7} {'p50 ms':>7} {'p99 ms':>7} {'borrowed':>9} "
-        f"{'got/fair':>8} {'reclaim':>8}"
-    )
-    out.append(header)
-    out.append("-" * len(header))
-    for t in report.tenants:
-        if t.is_lender:
-            reclaim = "never" if t.reclaim_seconds is None else f"{t.reclaim_seconds:.2f}s"
-        else:
-            reclaim = ""
-        out.append(
-            f"{t.group:8} {t.tenant:10} {t.guarantee:4d} {_num(t.fair_limit):>6} "
-            f"{_num(t.live_limit):>6} {t.peak_units:5d} {t.admitted:8d} {t.refused:7d} "
-            f"{_ms(t.wait_p50):>7} {_ms(t.wait_p99):>7} {t.borrowed_unit_seconds:9.1f} "
-            f"{_num(t.share_of_entitlement, '.2f'):>8} {reclaim:>8}"
-        )
-    out.append("")
-    out.append(
-        "fair: mean fair limit while active (reference rule, intended demand); live: median "
-        "limit Redis reported;"
-    )
-    out.append(
-        "borrowed: unit-seconds held above the guarantee; got/fair: unit-seconds held / fair "
-        "entitlement;"
-    )
-    out.append("reclaim: how long the returning lender took to hold its guarantee again.")
-    out.append("")
-    gheader = f"{'group':8} {'C':>4} {'peak':>5} {'util':>6} {'util/asked':>10} {'Jain':>6}"
-    out.append(gheader)
-    out.append("-" * len(gheader))
-    for g in report.groups:
-        out.append(
-            f"{g.group:8} {g.capacity:4d} {g.peak_units:5d} {g.utilisation:6.0%} "
-            f"{_num(g.utilisation_of_demand * 100, '.0f') + '%':>10} {_num(g.jain, '.3f'):>6}"
-        )
-    out.append("")
-    out.append(
-        f"max over-admission seen: {report.max_over_admission} units "
-        f"({report.samples} snapshots: {report.sampled_over_admission}; every instant of "
-        f"client-held leases: {report.interval_over_admission})"
-    )
-    out.append(
-        f"decisions: {report.decisions} requests, {report.decisions_per_second:.0f}/s "
-        f"({report.script_calls} script calls, {report.script_calls_per_second:.0f}/s)"
-    )
-    if report.lost_leases:
-        out.append(
-            f"leases that expired before release (holder overran its TTL): {report.lost_leases}"
-        )
-    if report.problems:
-        out.append("")
-        out.append("SAFETY INVARIANT VIOLATED:")
-        out += [f"  - {p}" for p in report.problems]
-    else:
-        out.append("safety invariants: all held")
-    return "\n".join(out)

@@ -2,13 +2,13 @@
 
 Every pod is a ``QuotaClient`` on the same backend (for the embedded default,
 clients of one process share one in-process server, as pods share a Redis).
-Each tenant's traffic (``ratequota.scenario``) is played by worker threads
+Each tenant's traffic (``ratequota.sim.scenario``) is played by worker threads
 spread over the pods: a worker that is active in the schedule acquires its
 units (waiting up to the scenario's timeout, its demand registered as
 pending), holds them for the batch's duration, releases them, and records
 what happened. The main thread samples a snapshot of every group and draws a
 progress bar on stderr. All statistics are computed afterwards from the
-records by ``ratequota.simstats``; the threads stay thin.
+records by ``ratequota.sim.stats``; the threads stay thin.
 
 The run exits non-zero when a safety invariant was violated: units held above
 a group's capacity (seen by a snapshot, or by the client-side intervals at any
@@ -18,55 +18,75 @@ units left held after every lease was released.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
+import math
 import random
-import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any, TextIO
 
 import attrs
-import redis
 
-from ratequota.clients.backends import translate_error
 from ratequota.clients.sync import QuotaClient
+from ratequota.clock import SystemClock
 from ratequota.errors import AcquireTimeout, RateQuotaError
-from ratequota.scenario import Scenario, TenantLoad, default_scenario, load_scenario
-from ratequota.simstats import (
+from ratequota.sim.measure import Request
+from ratequota.sim.scenario import Scenario, TenantLoad
+from ratequota.sim.stats import (
     Interval,
     Outcome,
     Report,
     Sample,
-    binned_average,
     build_report,
-    render_report,
-    step_function,
 )
 
 __all__ = [
     "CountingBackend",
     "Recorder",
     "RunResult",
-    "add_arguments",
-    "plot_timeline",
-    "run",
+    "progress_line",
     "run_scenario",
 ]
 
-#: How often a worker whose tenant is idle in the schedule checks again.
-_IDLE_POLL = 0.05
+#: Shortest sleep of a worker whose slot is idle in the schedule (it sleeps until the slot
+#: is next active, but never spins).
+_IDLE_POLL = 0.005
+
+
+class Pacing:
+    """A running estimate of the script round trip, shared by every simulated pod.
+
+    A waiting client that retries faster than the server answers only
+    lengthens the queue in front of it: on a saturated backend (the embedded
+    fakeredis runs every script on one Python thread's share of a core) each
+    retry pause is stretched to at least ``factor`` round trips, as a client
+    backing off from a slow server would. On a real Redis, where a round trip
+    is well under a millisecond, this changes nothing.
+    """
+
+    def __init__(self, factor: float = 2.0) -> None:
+        self.factor = factor
+        self.round_trip = 0.0  # exponentially weighted; updates race benignly under the GIL
+
+    def observe(self, seconds: float) -> None:
+        """Fold one call's duration into the estimate."""
+        self.round_trip += 0.05 * (seconds - self.round_trip)
+
+    def pause(self, seconds: float) -> float:
+        """The pause to take instead of ``seconds``."""
+        return max(seconds, self.factor * self.round_trip)
 
 
 class CountingBackend:
     """Wraps a backend so every script call (EVALSHA) is counted; everything else passes through."""
 
-    def __init__(self, inner: Any) -> None:
+    def __init__(self, inner: Any, pacing: Pacing | None = None) -> None:
         self._inner = inner
+        self.pacing = pacing
         self.description = getattr(inner, "description", "redis")
         self.calls = 0  # += under the GIL from many threads; an estimate is all we need
+        self.seconds = 0.0  # time spent in those calls, round trip included
 
     def connection(self, route: str) -> Any:
         """The inner connection, wrapped to count ``evalsha``."""
@@ -91,7 +111,14 @@ class _CountingConnection:
 
     def evalsha(self, *args: Any) -> Any:
         self._owner.calls += 1
-        return self._conn.evalsha(*args)
+        began = time.monotonic()
+        try:
+            return self._conn.evalsha(*args)
+        finally:
+            spent = time.monotonic() - began
+            self._owner.seconds += spent
+            if self._owner.pacing is not None:
+                self._owner.pacing.observe(spent)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._conn, name)
@@ -103,6 +130,7 @@ class Recorder:
 
     intervals: list[Interval] = attrs.Factory(list)
     outcomes: list[Outcome] = attrs.Factory(list)
+    requests: list[Request] = attrs.Factory(list)
     lost: int = 0
     errors: list[str] = attrs.Factory(list)
 
@@ -114,6 +142,31 @@ class RunResult:
     report: Report
     intervals: tuple[Interval, ...]
     samples: tuple[Sample, ...]
+    requests: tuple[Request, ...] = ()
+
+
+class RecordingClock(SystemClock):
+    """The system clock, noting when a watched thread's waiting acquire pauses between tries.
+
+    The client pauses only after a refused try, and a refused waiting try
+    registers (or refreshes) the request as pending demand in Redis: these
+    moments tell the measure what demand Redis saw (``ratequota.sim.measure``).
+    """
+
+    def __init__(self, pacing: Pacing | None = None) -> None:
+        self._local = threading.local()
+        self._pacing = pacing
+
+    def watch(self, into: list[float] | None) -> None:
+        """Append the time of every pause of the calling thread to ``into`` (None: stop)."""
+        self._local.into = into
+
+    def sleep(self, seconds: float) -> None:
+        """Note the pause, then sleep (at least a few round trips, see ``Pacing``)."""
+        into = getattr(self._local, "into", None)
+        if into is not None:
+            into.append(time.monotonic())
+        time.sleep(seconds if self._pacing is None else self._pacing.pause(seconds))
 
 
 def _worker(
@@ -125,18 +178,29 @@ def _worker(
     stop: threading.Event,
     record: Recorder,
 ) -> None:
-    """One slot of one tenant: acquire, hold, release while the schedule says it is active."""
+    """One slot of one tenant: acquire, hold, release while the schedule says it is active.
+
+    A request waits at most until its slot stops being active in the
+    schedule (the end of a burst, a lender going idle): a tenant's demand is
+    what its schedule says, not requests left waiting from an earlier phase.
+    """
     rng = random.Random(f"{scenario.seed}:{load.tenant}:{index}")
     traffic = load.traffic
+    clock = client.core.clock
     while not stop.is_set():
         now = time.monotonic() - started
         if index >= traffic.concurrency_at(now / scenario.duration):
-            stop.wait(_IDLE_POLL)
+            wake = scenario.duration * traffic.next_active(index, now / scenario.duration)
+            stop.wait(max(_IDLE_POLL, wake - now))
             continue
         asked = time.monotonic()
-        # Never wait past the end of the run; a wait cut short by the end is not a refusal.
-        remaining = scenario.duration - (asked - started)
+        # Never wait past the end of the run or of the slot's active phase; a wait cut
+        # short by either is not a refusal.
+        remaining = scenario.duration * traffic.active_until(index, now / scenario.duration) - now
         timeout = min(scenario.acquire_timeout, max(0.0, remaining))
+        refusals: list[float] = []
+        if isinstance(clock, RecordingClock):
+            clock.watch(refusals)
         try:
             acquisition = client.acquire(
                 load.tenant,
@@ -147,15 +211,30 @@ def _worker(
             )
             lease = acquisition.__enter__()
         except AcquireTimeout:
+            gave_up = time.monotonic()
             if timeout >= scenario.acquire_timeout:
                 record.outcomes.append(
-                    Outcome(load.tenant, asked - started, time.monotonic() - asked, False)
+                    Outcome(load.tenant, asked - started, gave_up - asked, False)
                 )
+            record.requests.append(
+                Request(
+                    load.tenant,
+                    load.group,
+                    traffic.units,
+                    asked - started,
+                    gave_up - started,
+                    None,
+                    tuple(r - started for r in refusals),
+                )
+            )
             continue
         except RateQuotaError as exc:
             record.errors.append(f"{load.tenant}: {exc}")
             stop.wait(0.2)
             continue
+        finally:
+            if isinstance(clock, RecordingClock):
+                clock.watch(None)
         got = time.monotonic()
         record.outcomes.append(Outcome(load.tenant, asked - started, got - asked, True))
         stop.wait(traffic.hold * rng.uniform(0.5, 1.5))
@@ -169,6 +248,17 @@ def _worker(
         else:
             record.intervals.append(
                 Interval(load.tenant, load.group, traffic.units, got - started, end - started)
+            )
+            record.requests.append(
+                Request(
+                    load.tenant,
+                    load.group,
+                    traffic.units,
+                    asked - started,
+                    end - started,
+                    got - started,
+                    tuple(r - started for r in refusals),
+                )
             )
 
 
@@ -217,10 +307,12 @@ def run_scenario(
     ``BackendUnavailable`` when the backend cannot be reached at start.
     """
     clients: list[QuotaClient] = []
+    pacing = Pacing()
     try:
         for _ in range(scenario.pods):
             client = make_client()
-            client.backend = CountingBackend(client.backend)
+            client.backend = CountingBackend(client.backend, pacing)
+            client.core.clock = RecordingClock(pacing)
             clients.append(client)
         clients[0].apply_policy(scenario.policy)
         for client in clients[1:]:
@@ -289,8 +381,10 @@ def _play(scenario: Scenario, clients: list[QuotaClient], progress: TextIO | Non
     stuck = sum(1 for t in threads if t.is_alive())
     left = sum(sampler.snapshot(g.name).used for g in scenario.policy.groups)
     intervals = [iv for r in recorders for iv in r.intervals]
+    requests = [rq for r in recorders for rq in r.requests]
     outcomes = [o for r in recorders for o in r.outcomes]
     calls = sum(getattr(c.backend, "calls", 0) for c in clients)
+    call_seconds = sum(getattr(c.backend, "seconds", 0.0) for c in clients)
     report = build_report(
         scenario,
         intervals,
@@ -299,8 +393,12 @@ def _play(scenario: Scenario, clients: list[QuotaClient], progress: TextIO | Non
         elapsed=elapsed,
         backend=getattr(sampler.backend, "description", "redis"),
         script_calls=calls,
+        round_trip=call_seconds / calls if calls else math.nan,
         lost_leases=sum(r.lost for r in recorders),
         left_over_units=left if not stuck else 0,
+        requests=requests,
+        pending_ttl=sampler.core.settings.pending_ttl,
+        bin_width=max(0.1, scenario.duration / 150),
     )
     errors = [e for r in recorders for e in r.errors]
     problems = list(report.problems)
@@ -310,121 +408,4 @@ def _play(scenario: Scenario, clients: list[QuotaClient], progress: TextIO | Non
         problems.append(f"{len(errors)} unexpected errors, the first: {errors[0]}")
     if problems != list(report.problems):
         report = attrs.evolve(report, problems=tuple(problems))
-    return RunResult(report, tuple(intervals), tuple(samples))
-
-
-# -- the picture -----------------------------------------------------------------
-
-
-def plot_timeline(result: RunResult, scenario: Scenario, path: Path) -> bool:
-    """Draw units held per tenant over time to ``path`` (PNG); False when matplotlib is missing.
-
-    One panel per group: each tenant's units (averaged over short bins), its
-    guarantee as a dotted line in the same colour, the group's total as a
-    grey area and the capacity as a dashed line.
-    """
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    until = min(result.report.duration, scenario.duration)
-    width = max(0.1, until / 150)
-    groups = [g for g in scenario.policy.groups if scenario.group_loads(g.name)]
-    fig, axes = plt.subplots(
-        len(groups), 1, figsize=(10, 2.8 * len(groups)), sharex=True, squeeze=False
-    )
-    for ax, group in zip(axes[:, 0], groups, strict=False):
-        mine = [iv for iv in result.intervals if iv.group == group.name]
-        times, total = binned_average(step_function(mine), until, width)
-        ax.fill_between(times, total, color="0.88", label="group total", step="mid")
-        for load in scenario.group_loads(group.name):
-            steps = step_function(iv for iv in mine if iv.tenant == load.tenant)
-            times, held = binned_average(steps, until, width)
-            line = ax.plot(times, held, label=load.tenant, linewidth=1.4)[0]
-            policy = group.tenant(load.tenant)
-            if policy is not None and policy.guarantee:
-                ax.axhline(policy.guarantee, color=line.get_color(), linestyle=":", linewidth=1)
-        ax.axhline(group.capacity, color="black", linestyle="--", linewidth=0.8, label="capacity")
-        ax.set_title(
-            f"group {group.name}: capacity {group.capacity}; dotted lines are guarantees",
-            fontsize=10,
-        )
-        ax.set_ylabel("units held")
-        ax.set_xlim(0, until)
-        ax.set_ylim(0, group.capacity * 1.25)
-        ax.legend(loc="upper left", fontsize=8, ncol=6, frameon=False)
-    axes[-1, 0].set_xlabel(f"seconds (units averaged over {width:.2f} s bins)")
-    fig.suptitle(f"ratequota simulate: {scenario.name}, {scenario.pods} pods", fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return True
-
-
-# -- the command -----------------------------------------------------------------
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``ratequota simulate``."""
-    parser.add_argument(
-        "--scenario", metavar="FILE", help="a scenario TOML file (default: built in)"
-    )
-    parser.add_argument(
-        "--duration", type=float, help="seconds to run (default: the scenario's, 20)"
-    )
-    parser.add_argument("--pods", type=int, help="pods (clients) to simulate (default 60)")
-    parser.add_argument("--seed", type=int, help="random seed of batch durations")
-    parser.add_argument(
-        "--plot",
-        metavar="PNG",
-        default="ratequota-simulation.png",
-        help="where to draw units held over time (default: ratequota-simulation.png)",
-    )
-    parser.add_argument("--no-plot", action="store_true", help="do not draw the picture")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    # Simulated traffic must never land on a deployment's real keys.
-    for action in parser._actions:
-        if action.dest == "prefix":
-            action.default = "rqsim"
-            action.help = "key prefix (default: rqsim, apart from a deployment's keys)"
-
-
-def run(args: argparse.Namespace) -> int:
-    """Run the simulation the arguments describe; 0 when every invariant held, 1 otherwise."""
-    from ratequota.cli import client_from_args
-
-    scenario = load_scenario(args.scenario) if args.scenario else default_scenario()
-    scenario = scenario.with_overrides(duration=args.duration, pods=args.pods, seed=args.seed)
-    first = client_from_args(args)
-    try:
-        for conn in first.backend.connections():
-            conn.ping()
-    except redis.exceptions.RedisError as exc:
-        first.close()
-        raise translate_error(exc, getattr(first.backend, "description", "redis")) from exc
-    pool = [first]
-
-    def make_client() -> QuotaClient:
-        return pool.pop() if pool else client_from_args(args)
-
-    print(
-        f"simulating {scenario.pods} pods, {len(scenario.loads)} tenants in "
-        f"{len(scenario.policy.groups)} groups, {scenario.workers()} request slots, "
-        f"for {scenario.duration:g} s ...",
-        file=sys.stderr,
-    )
-    result = run_scenario(scenario, make_client, progress=None if args.quiet else sys.stderr)
-    print(render_report(result.report))
-    if not args.no_plot:
-        path = Path(args.plot)
-        if plot_timeline(result, scenario, path):
-            print(f"\npicture of units held per tenant over time: {path}")
-        else:
-            print(
-                "\nno picture drawn: matplotlib is not installed; "
-                "`pip install 'ratequota[plot]'` to get one"
-            )
-    return 0 if result.report.safe else 1
+    return RunResult(report, tuple(intervals), tuple(samples), tuple(requests))

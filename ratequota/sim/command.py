@@ -1,0 +1,121 @@
+"""``ratequota simulate``: its options, and the command that runs a scenario and reports.
+
+The command line (``ratequota.cli``) only registers this command; the
+simulation builds its own clients from the backend options, so the library
+and the command line never import the simulation back (no import cycle).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from ratequota.clients.backends import translate_error
+from ratequota.clients.sync import QuotaClient
+from ratequota.sim.fleet import run_scenario
+from ratequota.sim.picture import plot_timeline
+from ratequota.sim.report import render_report, report_to_dict
+from ratequota.sim.scenario import default_scenario, load_scenario
+
+__all__ = ["add_arguments", "client_from_args", "run"]
+
+ClientFactory = Callable[[argparse.Namespace], QuotaClient]
+
+
+def client_from_args(args: argparse.Namespace) -> QuotaClient:
+    """A client for the backend options (``--redis``/``--shards``/``--cluster``, ``--prefix``).
+
+    The embedded default when none is given. Kept here, not imported from the
+    command line, so that the simulation depends on the library only.
+    """
+    options: dict[str, Any] = {"prefix": getattr(args, "prefix", None) or "rqsim"}
+    if getattr(args, "socket_timeout", None) is not None:
+        options["socket_timeout"] = args.socket_timeout
+    if getattr(args, "shards", None):
+        return QuotaClient.sharded(args.shards, **options)
+    if getattr(args, "cluster", None):
+        return QuotaClient.cluster(args.cluster, **options)
+    return QuotaClient(getattr(args, "redis", None), **options)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``ratequota simulate``."""
+    parser.add_argument(
+        "--scenario", metavar="FILE", help="a scenario TOML file (default: built in)"
+    )
+    parser.add_argument(
+        "--duration", type=float, help="seconds to run (default: the scenario's, 20)"
+    )
+    parser.add_argument("--pods", type=int, help="pods (clients) to simulate (default 60)")
+    parser.add_argument("--seed", type=int, help="random seed of batch durations")
+    parser.add_argument(
+        "--plot",
+        metavar="PNG",
+        default="ratequota-simulation.png",
+        help="where to draw units held over time (default: ratequota-simulation.png)",
+    )
+    parser.add_argument("--no-plot", action="store_true", help="do not draw the picture")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="print the report as JSON (entitlements and the split of every gap included)",
+    )
+    # Simulated traffic must never land on a deployment's real keys.
+    for action in parser._actions:
+        if action.dest == "prefix":
+            action.default = "rqsim"
+            action.help = "key prefix (default: rqsim, apart from a deployment's keys)"
+
+
+def run(args: argparse.Namespace, make_client: ClientFactory | None = None) -> int:
+    """Run the simulation the arguments describe; 0 when every invariant held, 1 otherwise.
+
+    ``make_client`` builds one pod's client from the arguments; by default
+    ``client_from_args`` (a caller such as the command line may pass its own).
+    """
+    factory = make_client or client_from_args
+    scenario = load_scenario(args.scenario) if args.scenario else default_scenario()
+    scenario = scenario.with_overrides(duration=args.duration, pods=args.pods, seed=args.seed)
+    first = factory(args)
+    try:
+        for conn in first.backend.connections():
+            conn.ping()
+    except redis.exceptions.RedisError as exc:
+        first.close()
+        raise translate_error(exc, getattr(first.backend, "description", "redis")) from exc
+    pool = [first]
+
+    def next_pod() -> QuotaClient:
+        return pool.pop() if pool else factory(args)
+
+    print(
+        f"simulating {scenario.pods} pods, {len(scenario.loads)} tenants in "
+        f"{len(scenario.policy.groups)} groups, {scenario.workers()} request slots, "
+        f"for {scenario.duration:g} s ...",
+        file=sys.stderr,
+    )
+    result = run_scenario(scenario, next_pod, progress=None if args.quiet else sys.stderr)
+    if args.json:
+        print(json.dumps(report_to_dict(result.report), indent=2))
+    else:
+        print(render_report(result.report))
+    if not args.no_plot:
+        path = Path(args.plot)
+        drawn = plot_timeline(result, scenario, path)
+        if args.json:
+            pass  # stdout carries the JSON document alone
+        elif drawn:
+            print(f"\npicture of units held per tenant over time: {path}")
+        else:
+            print(
+                "\nno picture drawn: matplotlib is not installed; "
+                "`pip install 'ratequota[plot]'` to get one"
+            )
+    return 0 if result.report.safe else 1

@@ -1,0 +1,85 @@
+"""The picture of a simulation run: units held per tenant over time (needs matplotlib)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ratequota.sim.fleet import RunResult
+from ratequota.sim.scenario import Scenario
+from ratequota.sim.stats import binned_average, step_function
+
+__all__ = ["plot_timeline"]
+
+
+def plot_timeline(result: RunResult, scenario: Scenario, path: Path) -> bool:
+    """Draw units held against units owed per tenant over time to ``path`` (PNG).
+
+    One panel per group. For every tenant: the units it held (solid) and the
+    units the reference rule entitled it to from the demand its clients
+    really had (dashed, same colour), both averaged over short bins; its
+    guarantee and weight in the legend. Guarantees are dotted lines labelled
+    at the right edge with every tenant that has that guarantee, so tenants
+    with equal guarantees are told apart. The group's total is a grey area,
+    the capacity a dashed black line. False when matplotlib is missing.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    until = min(result.report.duration, scenario.duration)
+    width = max(0.1, until / 150)
+    gaps = {t.tenant: t.gap for t in result.report.tenants if t.gap is not None}
+    groups = [g for g in scenario.policy.groups if scenario.group_loads(g.name)]
+    fig, axes = plt.subplots(
+        len(groups), 1, figsize=(11, 3.2 * len(groups)), sharex=True, squeeze=False
+    )
+    for ax, group in zip(axes[:, 0], groups, strict=False):
+        mine = [iv for iv in result.intervals if iv.group == group.name]
+        times, total = binned_average(step_function(mine), until, width)
+        ax.fill_between(times, total, color="0.9", label="group total", step="mid")
+        guarantees: dict[int, list[str]] = {}
+        for load in scenario.group_loads(group.name):
+            policy = group.tenant(load.tenant)
+            assert policy is not None
+            gap = gaps.get(load.tenant)
+            share = "" if gap is None else f", got/owed {gap.share:.2f}"
+            label = f"{load.tenant} (G {policy.guarantee}, w {policy.weight:g}{share})"
+            if gap is not None and gap.times:
+                line = ax.plot(gap.times, gap.held, label=label, linewidth=1.4)[0]
+                ax.plot(gap.times, gap.owed, color=line.get_color(), linestyle="--", linewidth=1)
+            else:
+                steps = step_function(iv for iv in mine if iv.tenant == load.tenant)
+                times, held = binned_average(steps, until, width)
+                line = ax.plot(times, held, label=label, linewidth=1.4)[0]
+            if policy.guarantee:
+                guarantees.setdefault(policy.guarantee, []).append(load.tenant)
+                ax.axhline(policy.guarantee, color=line.get_color(), linestyle=":", linewidth=1)
+        for level, names in guarantees.items():
+            ax.annotate(
+                f"G {level}: {', '.join(names)}",
+                xy=(1.0, level),
+                xycoords=("axes fraction", "data"),
+                xytext=(4, 0),
+                textcoords="offset points",
+                fontsize=7,
+                va="center",
+            )
+        ax.axhline(group.capacity, color="black", linestyle="--", linewidth=0.8, label="capacity")
+        ax.set_title(
+            f"group {group.name}: capacity {group.capacity}; solid: units held, dashed: units "
+            "owed by the rule, dotted: guarantees",
+            fontsize=9,
+        )
+        ax.set_ylabel("units")
+        ax.set_xlim(0, until)
+        ax.set_ylim(0, group.capacity * 1.3)
+        ax.legend(loc="upper left", fontsize=7, ncol=3, frameon=False)
+    axes[-1, 0].set_xlabel(f"seconds (units averaged over {width:.2f} s bins)")
+    fig.suptitle(f"ratequota simulate: {scenario.name}, {scenario.pods} pods", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
