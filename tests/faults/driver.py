@@ -486,7 +486,7 @@ class Run:
                 stop_at=self.stop_at,
             )
             for i in range(p.pods):
-                self.start_pod(f"p{i}", "sync" if i % 2 == 0 else "async", config)
+                self.start_pod(f"p{i}", p.modes[i % len(p.modes)], config)
             snapshots = threading.Thread(target=self._snapshot_loop, daemon=True)
             snapshots.start()
             self._inject(config, quota)

@@ -19,6 +19,13 @@ joins the defaults once its fix is merged:
   ``acquire``'s block while its release is refused raises ``BackendError``
   (issue 9, item 8: the handler's result is lost); it needs a release inside
   the pressure window, so not every run shows it.
+* ``async-cluster`` — async pods in the cluster run too (the cluster run has
+  sync pods only by default). Under load, a command of redis-py's asyncio
+  cluster client cancelled by the client's backstop leaves a connection that
+  a concurrent command then writes to: ``AttributeError: 'NoneType' object
+  has no attribute 'writelines'`` escapes ``AsyncQuotaClient.acquire``
+  instead of a ratequota error (found by this harness; no fix on any branch
+  yet).
 * ``strict-deadline`` — adds no fault; a call must return within its
   deadline plus one socket timeout (the documented promise) instead of the
   wider margin today's async client needs (issue 9, item 8: its backstop is
@@ -55,6 +62,7 @@ FLAGS: dict[str, tuple[str, ...]] = {
     "catalog": (),
     "oom": ("maxmemory_noeviction",),
     "strict-deadline": (),
+    "async-cluster": (),
 }
 
 #: Faults only the shard topology can inject (a cluster node is not restarted here).
@@ -82,6 +90,8 @@ class Profile:
     snapshot_every: float = 0.5
     settle: float = 3.0
     topology: str = "shards"
+    #: pod modes, assigned in turn
+    modes: tuple[str, ...] = ("sync", "async")
 
     @property
     def margin_s(self) -> float:
@@ -138,10 +148,16 @@ SHORT_CLUSTER = replace(
     max_faults=6,
     fault_gap=(1.0, 2.0),
     topology="cluster",
+    modes=("sync",),
 )
 
 LONG_CLUSTER = replace(
-    LONG, faults=CLUSTER_FAULTS, max_faults=40, fault_gap=(2.0, 5.0), topology="cluster"
+    LONG,
+    faults=CLUSTER_FAULTS,
+    max_faults=40,
+    fault_gap=(2.0, 5.0),
+    topology="cluster",
+    modes=("sync",),
 )
 
 
@@ -171,7 +187,9 @@ def from_environment(environ: dict[str, str] | None = None, topology: str = "sha
 
 
 def with_flags(profile: Profile, flags: frozenset[str]) -> Profile:
-    """``profile`` with the faults of ``flags`` added."""
+    """``profile`` with the faults of ``flags`` added (and async pods, for ``async-cluster``)."""
+    if "async-cluster" in flags and "async" not in profile.modes:
+        profile = replace(profile, modes=(*profile.modes, "async"))
     extra = tuple(
         f
         for flag in sorted(flags)

@@ -27,8 +27,9 @@ pytestmark = [pytest.mark.real_redis, pytest.mark.slow]
 def test_no_violation_under_faults(topology: str) -> None:
     """Every enabled fault is injected, work gets done, and no property that counts breaks.
 
-    ``shards``: two servers, one with AOF; pod kills, pauses, restarts,
-    SCRIPT FLUSH, policy changes. ``cluster``: three masters; the same
+    ``shards``: two servers, one with AOF; sync and async pods; pod kills,
+    pauses, restarts (from the AOF, and empty: the recovery window), SCRIPT
+    FLUSH, policy changes. ``cluster``: three masters and sync pods; the same
     without restarts, plus failovers to a freshly added replica.
     """
     if redis_server_binary() is None or shutil.which("redis-cli") is None:

@@ -56,3 +56,11 @@ def test_state_loss_checks_are_strict_and_catalog_makes_them_stricter() -> None:
     assert driver.check_options(plain).state_loss_bound == 0
     strict = profiles.from_environment({"RATEQUOTA_FAULTS_FLAGS": "eviction,catalog"})
     assert driver.allowed_kinds(strict) == {"vanished_after_state_loss", "state_loss_overshoot"}
+
+
+def test_async_cluster_adds_async_pods_to_the_cluster_run() -> None:
+    """The cluster run has sync pods unless ``async-cluster`` is set; the shard run has both."""
+    assert profiles.from_environment({}, topology="cluster").modes == ("sync",)
+    flagged = profiles.from_environment({"RATEQUOTA_FAULTS_FLAGS": "async-cluster"}, "cluster")
+    assert flagged.modes == ("sync", "async")
+    assert profiles.from_environment({}).modes == ("sync", "async")
