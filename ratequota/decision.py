@@ -7,6 +7,7 @@ through the client that granted it).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Literal
 
@@ -77,9 +78,18 @@ class LeaseInfo:
 class Decision:
     """Admitted or refused, why, and the numbers behind it.
 
-    ``used`` and ``group_used`` are units held after the decision; ``limit``
-    is the tenant's fair limit at that moment; ``retry_after`` is a hint in
-    seconds for when trying again may succeed (0 when admitted).
+    ``used`` and ``group_used`` are units held after the decision.
+    ``limit`` is the tenant's fair limit *at its demand including this
+    request*, as the engine computed it: the threshold ``used + units`` was
+    compared with. It is not what the tenant may hold at most: a tenant asking
+    for less than its guarantee gets a limit near what it asked. On a
+    ``tenant_limit`` refusal it is never below the tenant's guarantee (a
+    tenant asking within its guarantee is never refused for its limit), so
+    that is the only decision whose ``describe()`` shows it. It is NaN for a
+    replayed acquire (the engine did not decide again) and for a synthetic
+    one. ``retry_after`` is a hint in seconds for when trying again may
+    succeed: 0 when admitted, and 0 for ``too_large`` (trying again never
+    helps). See docs/concepts.md, "What limit means".
     """
 
     admitted: bool
@@ -99,19 +109,38 @@ class Decision:
         return self.admitted
 
     def describe(self) -> str:
-        """One line for logs and exception messages."""
+        """One line for logs and exception messages; never prints NaN."""
+        units = _units(self.units)
         if self.admitted:
-            return (
-                f"admitted {self.units} units for tenant {self.tenant!r} "
-                f"(tenant {self.used}/{self.limit:g}, group {self.group_used}/{self.capacity})"
-            )
+            lease = self.lease
+            if lease is not None and lease.replay:
+                detail = "a retry of an acquire already admitted; charged once"
+            elif lease is not None and lease.synthetic:
+                detail = "granted locally: the quota backend is unavailable"
+            else:
+                detail = f"it holds {self.used}; group holds {self.group_used} of {self.capacity}"
+            return f"admitted {units} for tenant {self.tenant!r} ({detail})"
         why = _WHY.get(self.reason, self.reason)
-        hint = f"; retry in {self.retry_after:.3f}s" if self.retry_after > 0 else ""
-        return (
-            f"refused {self.units} units for tenant {self.tenant!r} in group {self.group!r}: "
-            f"{why} (tenant uses {self.used} of limit {self.limit:g}, group uses "
-            f"{self.group_used} of {self.capacity}){hint}"
+        if self.reason == "tenant_limit" and math.isfinite(self.limit):
+            numbers = (
+                f"it holds {self.used}, its fair limit with this request is {self.limit:.4g}; "
+                f"group holds {self.group_used} of {self.capacity}"
+            )
+        else:
+            numbers = f"group holds {self.group_used} of {self.capacity}; it holds {self.used}"
+        hint = (
+            f"; retry in {self.retry_after:.3f}s"
+            if self.retry_after > 0 and self.reason != "too_large"
+            else ""
         )
+        return (
+            f"refused {units} for tenant {self.tenant!r} in group {self.group!r}: "
+            f"{why} ({numbers}){hint}"
+        )
+
+
+def _units(n: int) -> str:
+    return f"{n} unit" if n == 1 else f"{n} units"
 
 
 @attrs.frozen
@@ -162,7 +191,15 @@ class RenewResult:
 
 @attrs.frozen
 class TenantSnapshot:
-    """One tenant of a group at one moment; ``borrowed`` is what it holds above its guarantee."""
+    """One tenant of a group at one moment, as the engine reports it.
+
+    ``limit`` is the engine's fair limit at the tenant's *current* demand
+    (``used + pending``), ``lo``/``up`` its bounds: an idle tenant shows what
+    it keeps back, not what it could get. What the tenant may hold at most if
+    it asked now — the number ``ratequota inspect`` and ``top`` call
+    ``limit`` — is ``ratequota.clients.explain.entitlements``. ``borrowed`` is what it
+    holds above its guarantee.
+    """
 
     name: str
     used: int

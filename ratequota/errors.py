@@ -108,13 +108,38 @@ class AcquireTimeout(QuotaExceeded, TimeoutError):
 
 
 class UnknownTenant(RateQuotaError, KeyError):
-    """The tenant is not in the policy and the policy refuses unknown tenants."""
+    """The tenant is not in the policy and the policy refuses unknown tenants.
 
-    def __init__(self, tenant: str, group: str | None = None) -> None:
+    ``published`` is false when no policy is published at all (the tenant has
+    no group because there are no groups). ``catalog_ttl`` is set when the
+    refusal came from this client's cached copy of the published policy: a
+    policy published since then becomes visible within that many seconds.
+    """
+
+    def __init__(
+        self,
+        tenant: str,
+        group: str | None = None,
+        *,
+        published: bool = True,
+        catalog_ttl: float | None = None,
+    ) -> None:
         self.tenant = tenant
         self.group = group
-        where = f" of group {group!r}" if group is not None else ""
-        super().__init__(f"tenant {tenant!r} is not in the policy{where}")
+        if not published:
+            message = (
+                f"no policy is published, so tenant {tenant!r} has no group; publish one with "
+                "`ratequota policy apply FILE`"
+            )
+        else:
+            where = f" of group {group!r}" if group is not None else ""
+            message = f"tenant {tenant!r} is not in the policy{where}"
+            if catalog_ttl is not None:
+                message += (
+                    f" (as last read by this client; a policy published since is seen within "
+                    f"catalog_ttl={catalog_ttl:g}s)"
+                )
+        super().__init__(message)
 
     def __str__(self) -> str:  # KeyError would repr() the message otherwise
         return str(self.args[0])
@@ -125,7 +150,10 @@ class PolicyMissing(RateQuotaError):
 
     def __init__(self, group: str) -> None:
         self.group = group
-        super().__init__(f"no policy is published for group {group!r}; call apply_policy first")
+        super().__init__(
+            f"no policy is published for group {group!r}; publish one with "
+            "`ratequota policy apply FILE`"
+        )
 
 
 class SchemaMismatch(RateQuotaError):

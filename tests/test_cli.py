@@ -1,9 +1,9 @@
 """The operator command line: ``policy apply``, ``policy show`` and ``inspect``.
 
-Commands are called through ``cli.main([...])`` on the embedded default
-(each test under its own key prefix, so tests never see each other's state),
-once against a real redis-server, and once as ``python -m ratequota`` in a
-subprocess to prove the entry point works outside pytest.
+Commands are called through ``cli.main([...])`` against the suite's real
+redis-server (the command line refuses the embedded store for commands that
+touch a deployment's keys), and as ``python -m ratequota`` in a subprocess to
+prove the entry point works outside pytest.
 """
 
 from __future__ import annotations
@@ -17,11 +17,13 @@ from pathlib import Path
 import pytest
 
 from ratequota import cli
+from ratequota.cli.backend import URL_VARIABLE, has_backend
+from ratequota.cli.operator import policy_to_toml, render_snapshot
 from ratequota.clients.sync import QuotaClient
 from ratequota.errors import PolicyFileError
-from ratequota.operator import policy_to_toml, render_snapshot
 from ratequota.policy import GroupPolicy, Policy, TenantPolicy
 from ratequota.tomlpos import locate_field
+from tests.servers import RedisServer
 
 POLICY = """\
 # Two groups of the staging region.
@@ -52,8 +54,14 @@ guarantee = 8
 
 @pytest.fixture
 def prefix() -> str:
-    """A key prefix of this test alone on the process-wide embedded server."""
+    """A key prefix of this test alone."""
     return f"clitest-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+def url(real_redis: RedisServer) -> str:
+    """The URL of the session's real redis-server, emptied for this test."""
+    return real_redis.url
 
 
 @pytest.fixture
@@ -64,48 +72,73 @@ def policy_file(tmp_path: Path) -> Path:
     return path
 
 
+@pytest.mark.real_redis
 def test_apply_then_show_round_trips(
-    policy_file: Path, prefix: str, capsys: pytest.CaptureFixture[str], tmp_path: Path
+    policy_file: Path, url: str, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
     """A published policy is shown as TOML that reads back to the same policy."""
-    assert cli.main(["policy", "apply", str(policy_file), "--prefix", prefix]) == 0
+    assert cli.main(["policy", "apply", str(policy_file), "--redis", url]) == 0
     out = capsys.readouterr().out
+    assert "group 'search': added (capacity 24, 2 tenants)" in out
+    assert "group 'chat': added (capacity 8, 1 tenant)" in out
     assert "published group 'search'" in out
     assert "published group 'chat'" in out
-    assert cli.main(["policy", "show", "--prefix", prefix]) == 0
+    assert cli.main(["policy", "show", "--redis", url]) == 0
     shown = tmp_path / "shown.toml"
     shown.write_text(capsys.readouterr().out)
     assert Policy.from_toml(shown) == Policy.from_toml(policy_file)
-    assert cli.main(["policy", "show", "--json", "--prefix", prefix]) == 0
+    assert cli.main(["policy", "show", "--json", "--redis", url]) == 0
     data = json.loads(capsys.readouterr().out)
     assert [g["name"] for g in data["groups"]] == ["search", "chat"]
 
 
-def test_show_without_a_policy(prefix: str, capsys: pytest.CaptureFixture[str]) -> None:
-    """Showing before anything is published says so and exits 1."""
-    assert cli.main(["policy", "show", "--prefix", prefix]) == 1
-    assert "no policy is published" in capsys.readouterr().out
+@pytest.mark.real_redis
+def test_show_without_a_policy(url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """Showing before anything is published says how to publish, and exits 1."""
+    assert cli.main(["policy", "show", "--redis", url]) == 1
+    err = capsys.readouterr().err
+    assert "no policy is published" in err
+    assert "`ratequota policy apply FILE`" in err
+    assert cli.main(["policy", "show", "--json", "--redis", url]) == 1
+    assert json.loads(capsys.readouterr().out) is None
 
 
-def test_apply_dry_run_publishes_nothing(
-    policy_file: Path, prefix: str, capsys: pytest.CaptureFixture[str]
+def test_apply_dry_run_without_redis_only_validates(
+    policy_file: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """--dry-run validates the file and leaves the backend untouched."""
-    assert cli.main(["policy", "apply", "--dry-run", str(policy_file), "--prefix", prefix]) == 0
-    assert "valid; nothing published" in capsys.readouterr().out
-    assert cli.main(["policy", "show", "--prefix", prefix]) == 1
+    """--dry-run validates the file without any Redis (and says a Redis would show the diff)."""
+    monkeypatch.delenv(URL_VARIABLE, raising=False)
+    assert cli.main(["policy", "apply", "--dry-run", str(policy_file)]) == 0
+    out = capsys.readouterr().out
+    assert "valid; nothing published" in out
+    assert "group 'chat': capacity 8, 1 tenant\n" in out  # not "1 tenants"
+    assert "group 'search': capacity 24, 2 tenants\n" in out
 
 
+@pytest.mark.real_redis
+def test_apply_dry_run_with_redis_shows_the_diff_and_publishes_nothing(
+    policy_file: Path, url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--dry-run with a Redis named prints what would change, and leaves Redis untouched."""
+    assert cli.main(["policy", "apply", "--dry-run", str(policy_file), "--redis", url]) == 0
+    out = capsys.readouterr().out
+    assert "nothing is published yet" in out
+    assert "groups: 2 added, 0 changed, 0 removed, 0 unchanged" in out
+    assert "valid; nothing published" in out
+    assert cli.main(["policy", "show", "--redis", url]) == 1
+
+
+@pytest.mark.real_redis
 def test_inspect_shows_live_usage_and_leases(
-    policy_file: Path, prefix: str, capsys: pytest.CaptureFixture[str]
+    policy_file: Path, url: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """inspect lists every tenant's used/limit/pending/borrowed and the live leases."""
-    assert cli.main(["policy", "apply", str(policy_file), "--prefix", prefix]) == 0
-    client = QuotaClient(prefix=prefix)  # the embedded server, like another pod
+    assert cli.main(["policy", "apply", str(policy_file), "--redis", url]) == 0
+    client = QuotaClient.from_url(url)  # another pod
     try:
         with client.acquire("batch", 6, ttl=30) as lease:
             capsys.readouterr()
-            assert cli.main(["inspect", "--group", "search", "--prefix", prefix]) == 0
+            assert cli.main(["inspect", "--group", "search", "--redis", url]) == 0
             out = capsys.readouterr().out
             assert "6 of 24 units held" in out
             batch_row = next(line for line in out.splitlines() if line.startswith("batch "))
@@ -114,7 +147,7 @@ def test_inspect_shows_live_usage_and_leases(
             assert batch_row.split()[-1] == "2"
             assert any(line.startswith("web ") for line in out.splitlines())
             assert lease.id in out
-            assert cli.main(["inspect", "--group", "search", "--json", "--prefix", prefix]) == 0
+            assert cli.main(["inspect", "--group", "search", "--json", "--redis", url]) == 0
             data = json.loads(capsys.readouterr().out)
             assert data["tenants"]["batch"]["borrowed"] == 2
             assert data["leases"][0]["token"] == lease.token
@@ -122,13 +155,14 @@ def test_inspect_shows_live_usage_and_leases(
         client.close()
 
 
+@pytest.mark.real_redis
 def test_inspect_explains_a_tenant(
-    policy_file: Path, prefix: str, capsys: pytest.CaptureFixture[str]
+    policy_file: Path, url: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """--tenant adds why the tenant has its limit; --units whether a request would fit."""
-    assert cli.main(["policy", "apply", str(policy_file), "--prefix", prefix]) == 0
+    assert cli.main(["policy", "apply", str(policy_file), "--redis", url]) == 0
     capsys.readouterr()
-    args = ["inspect", "--group", "search", "--prefix", prefix, "--tenant", "batch"]
+    args = ["inspect", "--group", "search", "--redis", url, "--tenant", "batch"]
     assert cli.main([*args, "--units", "13"]) == 0
     out = capsys.readouterr().out
     assert "tenant 'batch' in group 'search'" in out
@@ -138,25 +172,35 @@ def test_inspect_explains_a_tenant(
     assert any("would be admitted" in line for line in data["explanation"])
 
 
+@pytest.mark.real_redis
 def test_inspect_unknown_group_is_a_clear_error(
-    prefix: str, capsys: pytest.CaptureFixture[str]
+    policy_file: Path, url: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """A group without a published policy is reported, not a traceback."""
-    assert cli.main(["inspect", "--group", "nope", "--prefix", prefix]) == 2
+    """A group the published policy lacks is named, with the groups it has; no traceback."""
+    assert cli.main(["inspect", "--group", "nope", "--redis", url]) == 1  # nothing published
+    assert "`ratequota policy apply FILE`" in capsys.readouterr().err
+    assert cli.main(["policy", "apply", str(policy_file), "--redis", url]) == 0
+    assert cli.main(["inspect", "--group", "nope", "--redis", url]) == 2
     err = capsys.readouterr().err
-    assert "nope" in err
+    assert "group 'nope' is not in the published policy" in err
+    assert "'search'" in err
     assert "Traceback" not in err
 
 
-@pytest.mark.parametrize("command", [["policy", "show"], ["inspect", "--group", "g"]])
+@pytest.mark.parametrize("command", [["policy", "show"], ["inspect", "--group", "g"], ["check"]])
 def test_unreachable_server_is_a_clear_error(
     command: list[str], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """Every command reports an unreachable Redis in one line and exits 2."""
-    assert cli.main([*command, "--redis", "redis://127.0.0.1:1/0"]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("ratequota: error:")
-    assert "unavailable" in err
+    """Every command reports an unreachable Redis (check as its verdict) and exits non-zero."""
+    code = cli.main([*command, "--redis", "redis://127.0.0.1:1/0"])
+    captured = capsys.readouterr()
+    if command == ["check"]:
+        assert code == 1
+        assert "unreachable" in captured.out
+        return
+    assert code == 2
+    assert captured.err.startswith("ratequota: error:")
+    assert "unavailable" in captured.err
 
 
 def test_apply_unreachable_server(policy_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -240,16 +284,70 @@ def test_render_snapshot_without_leases() -> None:
 
 
 @pytest.mark.real_redis
-def test_operator_commands_on_real_redis(  # type: ignore[no-untyped-def]
-    real_redis, policy_file: Path, capsys: pytest.CaptureFixture[str]
+def test_commands_find_redis_through_the_environment(
+    url: str,
+    policy_file: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """apply, show and inspect work the same against a real redis-server."""
-    url = real_redis.url
-    assert cli.main(["policy", "apply", str(policy_file), "--redis", url]) == 0
-    assert cli.main(["policy", "show", "--redis", url]) == 0
+    """With RATEQUOTA_URL set, apply, show, inspect and check need no backend option."""
+    monkeypatch.setenv(URL_VARIABLE, url)
+    assert cli.main(["policy", "apply", str(policy_file)]) == 0
+    assert url in capsys.readouterr().out  # the target is named before publishing
+    assert cli.main(["policy", "show"]) == 0
     assert 'name = "search"' in capsys.readouterr().out
-    assert cli.main(["inspect", "--group", "chat", "--redis", url]) == 0
+    assert cli.main(["inspect", "--group", "chat"]) == 0
     assert "0 of 8 units held" in capsys.readouterr().out
+    assert cli.main(["check"]) == 0
+    assert "READY" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["policy", "apply", "FILE"],
+        ["policy", "show"],
+        ["inspect", "--group", "search"],
+        ["check"],
+    ],
+)
+def test_commands_touching_redis_refuse_the_embedded_store(
+    command: list[str],
+    policy_file: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Without --redis/--shards/--cluster or RATEQUOTA_URL: one clear error, exit 2.
+
+    On main these ran on a throw-away in-process store: ``policy apply`` said
+    "published" and the next ``policy show`` found nothing.
+    """
+    monkeypatch.delenv(URL_VARIABLE, raising=False)
+    argv = [str(policy_file) if arg == "FILE" else arg for arg in command]
+    assert cli.main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.count("\n") == 1
+    for named in ("--redis", "--shards", "--cluster", URL_VARIABLE):
+        assert named in captured.err
+
+
+@pytest.mark.parametrize("command", [["demo"], ["simulate"]])
+def test_demo_and_simulate_stay_in_process_whatever_the_environment(
+    command: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """demo and simulate default to the embedded store and ignore RATEQUOTA_URL.
+
+    Simulated traffic must never reach a real Redis because a variable was left set.
+    """
+    monkeypatch.setenv(URL_VARIABLE, "redis://127.0.0.1:1/0")
+    args = cli.build_parser().parse_args(command)
+    client = cli.client_from_args(args)
+    try:
+        assert not has_backend(args)
+        assert client.backend.description == "embedded fakeredis"  # type: ignore[attr-defined]
+    finally:
+        client.close()
 
 
 def test_python_dash_m_entry_point(policy_file: Path) -> None:
@@ -282,3 +380,50 @@ def test_policy_file_error_is_a_config_error(tmp_path: Path) -> None:
         Policy.from_toml(path)
     assert isinstance(caught.value, ValueError)
     assert str(path) in str(caught.value)
+
+
+def _imports(path: Path) -> set[str]:
+    """Every module ``path`` imports, at any level (function-level imports included)."""
+    import ast
+
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module is not None:
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return names
+
+
+def test_the_library_never_imports_the_command_line() -> None:
+    """The CLI is a tool on top of the library: no library module imports ``ratequota.cli``.
+
+    (``python -m ratequota`` is the command line. The simulation is a tool too, but it
+    gets its pods' client factory from the command line as an argument: it imports the
+    library only.)
+    """
+    package = Path(cli.__file__).parent.parent
+    tools = {package / "cli", package / "__main__.py"}
+    offenders = []
+    for path in sorted(package.rglob("*.py")):
+        if any(path == tool or tool in path.parents for tool in tools):
+            continue
+        if any(
+            name == "ratequota.cli" or name.startswith("ratequota.cli.") for name in _imports(path)
+        ):
+            offenders.append(str(path.relative_to(package)))
+    assert offenders == []
+    readiness = _imports(package / "clients" / "readiness.py")
+    assert not any(n == "ratequota.cli" or n.startswith("ratequota.cli.") for n in readiness)
+
+
+def test_console_script_points_at_the_cli_package() -> None:
+    """``[project.scripts]`` names a function that exists: ``ratequota.cli:main``."""
+    import tomllib
+
+    project = Path(cli.__file__).parent.parent.parent / "pyproject.toml"
+    target = tomllib.loads(project.read_text())["project"]["scripts"]["ratequota"]
+    module, _, attr = target.partition(":")
+    assert (module, attr) == ("ratequota.cli", "main")
+    assert getattr(cli, attr) is cli.main

@@ -22,14 +22,18 @@ from typing import Any
 
 import pytest
 
-from ratequota.clients.aio import AsyncQuotaClient
-from ratequota.clients.sync import QuotaClient
+from ratequota import AsyncQuotaClient, QuotaClient
 
 uvicorn = pytest.importorskip("uvicorn")
 
 from examples.inference_service.app import create_app  # noqa: E402
 
 POLICY = Path(__file__).resolve().parent.parent / "examples" / "inference_service" / "policy.toml"
+
+
+def _not_json(constant: str) -> Any:
+    """NaN and Infinity are not JSON; the service must never send them."""
+    raise AssertionError(f"the service sent {constant}, which is not JSON")
 
 
 class Service:
@@ -48,7 +52,7 @@ class Service:
             payload = raw if raw is not None else (None if body is None else json.dumps(body))
             conn.request(method, path, body=payload, headers={"content-type": "application/json"})
             response = conn.getresponse()
-            data = json.loads(response.read() or b"null")
+            data = json.loads(response.read() or b"null", parse_constant=_not_json)
             headers = {k.lower(): v for k, v in response.getheaders()}
             return response.status, data, headers
         finally:
@@ -132,9 +136,15 @@ def test_over_share_is_refused_with_429_and_retry_after(service: Service) -> Non
 
 def test_impossible_and_malformed_requests(service: Service) -> None:
     """Batches that can never fit get 413; malformed bodies 400; unknown routes 404."""
-    status, body, _ = service.call("POST", "/v1/batches", {"tenant": "globex", "items": ["i"] * 9})
+    status, body, headers = service.call(
+        "POST", "/v1/batches", {"tenant": "globex", "items": ["i"] * 9}
+    )
     assert status == 413
     assert body["reason"] == "too_large"
+    # Trying again never helps: no Retry-After, no retry hint in the body or the message.
+    assert "retry-after" not in headers
+    assert "retry_after" not in body
+    assert "retry" not in body["error"]
     assert service.call("POST", "/v1/batches", raw=b"{nope")[0] == 400
     assert service.call("POST", "/v1/batches", {"tenant": "acme", "items": []})[0] == 400
     assert service.call("GET", "/v1/batches")[0] == 405
@@ -149,3 +159,33 @@ def test_strangers_borrow_through_the_default_tenant(service: Service) -> None:
     assert len(body["results"]) == 4
     status, _, _ = service.call("POST", "/v1/batches", {"tenant": "initech", "items": ["z"] * 5})
     assert status == 413  # borrow_limit 4 for strangers
+
+
+def test_quota_limits_are_never_below_guarantees(service: Service) -> None:
+    """An idle tenant's ``limit`` is what it may hold if it asks: at least its guarantee.
+
+    On main the endpoint showed the engine's limit at zero demand: ``0.0`` for
+    an idle tenant guaranteed 8.
+    """
+    status, quota, _ = service.call("GET", "/v1/quota/inference")
+    assert status == 200
+    acme, globex = quota["tenants"]["acme"], quota["tenants"]["globex"]
+    assert acme["guarantee"] == 8
+    assert acme["limit"] >= 8
+    assert globex["limit"] == 8  # G + B = 4 + 4: its ceiling, nobody else asking
+    peer = QuotaClient(prefix=service.prefix)
+    try:
+        with peer.acquire("globex", 8, ttl=30):  # globex borrows 4 of acme's idle guarantee
+            _, busy, _ = service.call("GET", "/v1/quota/inference")
+    finally:
+        peer.close()
+    assert busy["tenants"]["globex"]["borrowed"] == 4
+    assert busy["tenants"]["acme"]["limit"] >= 8  # borrowed units come back to acme
+
+
+def test_unknown_group_names_the_command_that_publishes(service: Service) -> None:
+    """The 404 of a group without a policy tells the operator what to run, not a Python call."""
+    status, body, _ = service.call("GET", "/v1/quota/nowhere")
+    assert status == 404
+    assert "ratequota policy apply" in body["error"]
+    assert "apply_policy" not in body["error"]

@@ -71,7 +71,7 @@ def test_refusals_say_why() -> None:
     over = explain(snap, policy, "a", 1)
     assert over.verdict is not None
     assert over.verdict.reason == "tenant_limit"
-    assert "above the limit 16" in over.describe()
+    assert "above its fair share 16" in over.describe()
     full = explain(snapshot_of(policy, {"a": 14, "b": 10}), policy, "b", 2)
     assert full.verdict is not None
     assert full.verdict.reason == "group_full"

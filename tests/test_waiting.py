@@ -64,7 +64,7 @@ def test_wait_is_bounded_jittered_and_ends_exactly_at_the_deadline() -> None:
     assert info.value.waited == pytest.approx(2.0)
     assert "waiting 2.000s" in str(info.value)
     assert info.value.decision.reason in ("tenant_limit", "group_full")
-    assert "refused 1 units" in str(info.value)
+    assert "refused 1 unit for" in str(info.value)  # not "1 units"
     quota.close()
 
 

@@ -10,10 +10,11 @@ A plain ASGI application (no web framework) serving:
   deadline, 413 when the batch can never fit, 404 for an unknown tenant, 503
   when the quota backend is down (fail-closed), 400 for a malformed body.
 * ``GET /v1/quota/{group}`` — the group's live usage (what ``ratequota
-  inspect`` shows), as JSON.
+  inspect`` shows), as JSON; each tenant's ``limit`` is the most it may hold
+  now if it asks, never below its ``guarantee``.
 * ``GET /healthz`` — 200 while the process runs.
 
-Run it (with the embedded quota backend, or ``RATEQUOTA_REDIS_URL``)::
+Run it (with the embedded quota backend, or ``RATEQUOTA_URL`` naming a Redis)::
 
     pip install uvicorn
     RATEQUOTA_POLICY=examples/inference_service/policy.toml \\
@@ -32,15 +33,16 @@ import os
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from ratequota.clients.aio import AsyncQuotaClient
-from ratequota.errors import (
+from ratequota import (
     AcquireTimeout,
+    AsyncQuotaClient,
     BackendUnavailable,
     PolicyMissing,
     QuotaExceeded,
     RateQuotaError,
     RequestTooLarge,
     UnknownTenant,
+    explain,
 )
 
 Scope = MutableMapping[str, Any]
@@ -108,7 +110,7 @@ def create_app(
         except BadRequest as exc:
             return 400, {"error": str(exc)}, {}
         except RequestTooLarge as exc:
-            return 413, refusal(exc), {}
+            return 413, refusal(exc), {}  # no Retry-After: trying again never helps
         except (AcquireTimeout, QuotaExceeded) as exc:
             retry = max(1, round(exc.decision.retry_after + 0.5))
             return 429, refusal(exc), {"retry-after": str(retry)}
@@ -121,16 +123,24 @@ def create_app(
         try:
             policy = await quota.load_policy()
             listed = policy.group(group) if policy is not None else None
-            names = [t.name for t in listed.tenants] if listed is not None else []
-            snap = await quota.snapshot(group, names)  # idle tenants are listed too
+            if listed is None:
+                raise PolicyMissing(group)
+            snap = await quota.snapshot(group, [t.name for t in listed.tenants])
         except PolicyMissing as exc:
             return 404, {"error": str(exc)}, {}
         except BackendUnavailable as exc:
             return 503, {"error": str(exc)}, {}
-        tenants = {
-            name: {"used": t.used, "limit": t.limit, "pending": t.pending, "borrowed": t.borrowed}
-            for name, t in snap.tenants.items()
-        }
+        tenants = {}
+        for name, t in snap.tenants.items():
+            # "limit": the most the tenant may hold now if it asks; never below its guarantee.
+            limit = explain(snap, listed, name).entitled
+            tenants[name] = {
+                "used": t.used,
+                "limit": round(limit, 3),
+                "guarantee": t.guarantee,
+                "pending": t.pending,
+                "borrowed": t.borrowed,
+            }
         body = {"group": group, "capacity": snap.capacity, "used": snap.used, "tenants": tenants}
         return 200, body, {}
 
@@ -174,16 +184,25 @@ def create_app(
 
 
 def refusal(exc: QuotaExceeded) -> dict[str, Any]:
-    """The body of a refused batch: why, and the numbers behind it."""
+    """The body of a refused batch: why, and the numbers behind it.
+
+    ``limit`` is given only for ``tenant_limit``, where it is the fair limit
+    the request did not fit under (never below the tenant's guarantee);
+    ``retry_after`` only when waiting can help (not for ``too_large``).
+    """
     d = exc.decision
-    return {
+    body: dict[str, Any] = {
         "error": str(exc),
         "reason": d.reason,
         "used": d.used,
-        "limit": d.limit,
+        "group_used": d.group_used,
         "capacity": d.capacity,
-        "retry_after": d.retry_after,
     }
+    if d.reason == "tenant_limit":
+        body["limit"] = round(d.limit, 3)
+    if d.reason != "too_large":
+        body["retry_after"] = d.retry_after
+    return body
 
 
 async def read_body(receive: Receive) -> bytes:
@@ -216,6 +235,6 @@ async def respond(
 
 #: The application ``uvicorn examples.inference_service.app:app`` serves.
 app = create_app(
-    AsyncQuotaClient(os.environ.get("RATEQUOTA_REDIS_URL")),
+    AsyncQuotaClient(os.environ.get("RATEQUOTA_URL") or os.environ.get("RATEQUOTA_REDIS_URL")),
     policy_file=os.environ.get("RATEQUOTA_POLICY"),
 )

@@ -318,7 +318,8 @@ class QuotaCore:
             return validate_tenant(group, "group")
         catalog = self._catalog
         stale = self.clock.monotonic() - catalog.loaded_at > self.settings.catalog_ttl
-        if refresh or stale:
+        fresh = refresh or stale
+        if fresh:
             try:
                 yield from self._read_catalog()
             except BackendUnavailable:
@@ -331,7 +332,11 @@ class QuotaCore:
         if routed is None and catalog.policy is not None:
             routed = catalog.policy.default_group
         if routed is None:
-            raise UnknownTenant(tenant)
+            raise UnknownTenant(
+                tenant,
+                published=catalog.policy is not None,
+                catalog_ttl=None if fresh else self.settings.catalog_ttl,
+            )
         return routed
 
     # -- acquire -------------------------------------------------------------
@@ -434,8 +439,18 @@ class QuotaCore:
         ttl: float | None = None,
         timeout: float | None = None,
         request_id: str | None = None,
+        **unknown: object,
     ) -> AcquireRequest:
-        """Validate an acquire's arguments (before any I/O) into a request."""
+        """Validate an acquire's arguments (before any I/O) into a request.
+
+        A misspelt option is reported by its name and the options that exist,
+        never as a TypeError about this internal method.
+        """
+        if unknown:
+            raise InvalidType(
+                sorted(unknown)[0],
+                "unexpected keyword argument (the options are group, ttl, timeout and request_id)",
+            )
         return AcquireRequest(
             tenant=validate_tenant(tenant),
             units=validate_units(units),

@@ -17,7 +17,7 @@ unguaranteed part of the capacity (``C − ΣG``), reported as ``POOL``.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Literal
 
 import attrs
@@ -25,10 +25,27 @@ import attrs
 from ratequota.clients.core import Flow, QuotaCore, validate_tenant, validate_units
 from ratequota.decision import GroupSnapshot
 from ratequota.errors import InvalidRequest, PolicyMissing, UnknownTenant
-from ratequota.fairness import GroupDecision, Share, decide, group_allocation
-from ratequota.policy import GroupPolicy
+from ratequota.fairness import (
+    Claim,
+    GroupDecision,
+    Share,
+    claim_for,
+    decide,
+    group_allocation,
+    solve,
+)
+from ratequota.policy import GroupPolicy, TenantPolicy
 
-__all__ = ["POOL", "Explanation", "Loan", "explain", "explain_flow", "lenders"]
+__all__ = [
+    "POOL",
+    "Explanation",
+    "Loan",
+    "entitlement",
+    "entitlements",
+    "explain",
+    "explain_flow",
+    "lenders",
+]
 
 #: Name of the source "capacity no tenant is guaranteed" among a tenant's lenders.
 POOL = "(unguaranteed capacity)"
@@ -59,6 +76,9 @@ class Explanation:
     ``recovering_until`` (Redis time, s) is set while the group recovers from
     lost Redis state: the engine then refuses every new request whatever the
     fair limits say, so ``admitted`` is False (docs/failure-modes.md).
+    ``entitled`` is the most the tenant may hold now if it asks (see
+    ``entitlement``): what ``describe()``, ``ratequota inspect`` and ``top``
+    call its limit; never below its guarantee.
     """
 
     tenant: str
@@ -82,6 +102,7 @@ class Explanation:
     verdict: GroupDecision | None = None
     engine_limit: float | None = None
     recovering_until: float = 0.0
+    entitled: float = 0.0
 
     @property
     def admitted(self) -> bool | None:
@@ -114,11 +135,15 @@ class Explanation:
 
     def describe(self) -> str:
         """A few lines for humans: the limit, why, what is borrowed from whom, and the verdict."""
+        ceiling = f", ceiling {self.ceiling:g}" if math.isfinite(self.ceiling) else ""
+        asked = " with this request" if self.units is not None else ""
         lines = [
-            f"tenant {self.tenant!r} in group {self.group!r}: limit {self.limit:g} "
-            f"(lo {self.lo:g}, up {self.up:g}), holds {self.used}, waits for {self.pending}, "
-            f"guarantee {self.guarantee}; group holds {self.group_used} of {self.capacity}",
-            f"limit decided by {self.why_limit()}",
+            f"tenant {self.tenant!r} in group {self.group!r}: limit {self.entitled:g} (the most "
+            f"it may hold now if it asks; guarantee {self.guarantee}{ceiling}); holds "
+            f"{self.used}, waits for {self.pending}; group holds {self.group_used} of "
+            f"{self.capacity}",
+            f"at its demand of {self.demand:g}{asked}: fair share {self.limit:g} (lo {self.lo:g}, "
+            f"up {self.up:g}), decided by {self.why_limit()}",
         ]
         if self.borrowed > 0:
             parts = ", ".join(
@@ -143,7 +168,7 @@ class Explanation:
             elif v.reason == "tenant_limit":
                 lines.append(
                     f"a request for {self.units} units would be refused: {self.used} + "
-                    f"{self.units} is above the limit {self.limit:g}"
+                    f"{self.units} is above its fair share {self.limit:g}"
                 )
             elif v.reason == "group_full":
                 lines.append(
@@ -181,6 +206,74 @@ def lenders(policy: GroupPolicy, shares: Mapping[str, Share], exclude: str) -> d
     if pool > 0:
         offers[POOL] = float(pool)
     return offers
+
+
+def _demand(snapshot: GroupSnapshot) -> dict[str, float]:
+    used, pending = _state(snapshot)
+    demand: dict[str, float] = {}
+    for source in (used, pending):
+        for name, n in source.items():
+            demand[name] = demand.get(name, 0.0) + n
+    return demand
+
+
+def entitlement(snapshot: GroupSnapshot, policy: GroupPolicy, tenant: str) -> float:
+    """The most units ``tenant`` may hold now if it asks: what outputs call its ``limit``.
+
+    The reference rule with the tenant's demand raised to the whole capacity
+    (capped by its ceiling ``G + B``) and everyone else's as the snapshot
+    shows. It is never below the tenant's guarantee (``lo = G`` at that
+    demand), and a request of ``u`` units passes the tenant check exactly
+    when ``used + u`` fits under it (strategy-proofness: asking for more never
+    earns more than one's due). Units others borrow come back to the tenant
+    as their leases end, so it may have to wait for them (``group_full``).
+    """
+    return entitlements(snapshot, policy, [tenant])[tenant]
+
+
+def entitlements(
+    snapshot: GroupSnapshot, policy: GroupPolicy, tenants: Iterable[str] | None = None
+) -> dict[str, float]:
+    """``entitlement`` of each of ``tenants`` (default: every tenant in the snapshot).
+
+    ``group_allocation`` once per active tenant and once per distinct set of
+    idle parameters, with the active tenants' claims built once: a view of a
+    group with thousands of listed, mostly idle tenants stays cheap.
+    """
+    listed = {t.name: t for t in policy.tenants}
+
+    def spec_of(name: str) -> TenantPolicy | None:
+        return listed.get(name) or policy.tenant(name)
+
+    demand = _demand(snapshot)
+    base: dict[str, Claim] = {}
+    for name, d in demand.items():
+        spec = spec_of(name)
+        if d > 0 and spec is not None:
+            base[name] = claim_for(spec, d)
+    base_reserve = math.fsum(c.reserve for c in base.values())
+    total_reserve = policy.reserve
+    capacity = float(policy.capacity)
+    out: dict[str, float] = {}
+    # Idle tenants with the same parameters are entitled to the same limit: solve once each.
+    idle_limits: dict[tuple[float, float, float, float], float] = {}
+    for name in snapshot.tenants if tenants is None else tenants:
+        spec = spec_of(name)
+        if spec is None:
+            raise UnknownTenant(name, policy.name)
+        key = (float(spec.guarantee), float(spec.lendable), spec.ceiling, float(spec.weight))
+        if name not in base and key in idle_limits:
+            out[name] = idle_limits[key]
+            continue
+        claims = dict(base)
+        mine = claims.pop(name, None)
+        reserve = base_reserve - (mine.reserve if mine is not None else 0.0) + spec.reserve
+        claims[name] = claim_for(spec, capacity)
+        idle = max(0.0, total_reserve - reserve)
+        out[name] = solve(capacity, list(claims.values()), idle).shares[name].limit
+        if mine is None:
+            idle_limits[key] = out[name]
+    return out
 
 
 def explain(
@@ -254,6 +347,7 @@ def explain(
         verdict=verdict,
         engine_limit=None if row is None else row.limit,
         recovering_until=snapshot.recovering_until if snapshot.recovering else 0.0,
+        entitled=entitlement(snapshot, policy, tenant),
     )
 
 

@@ -164,6 +164,24 @@ def _text(value: Any) -> str:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
+#: Errors (by redis-py class name) that mean the server answered, and refused.
+_ANSWERED = ("ResponseError", "AuthenticationError", "AuthorizationError", "NoPermissionError")
+
+
+def _connection_problem(error: str) -> str:
+    """``unreachable: ...`` unless the server answered; then what it answered.
+
+    A server that answers "DB index is out of range" or refuses a password is
+    reachable: saying otherwise sends the operator to the network instead of
+    the URL.
+    """
+    if "DB index is out of range" in error:
+        return f"the database number in the URL does not exist on this server: {error}"
+    if error.split(":", 1)[0] in _ANSWERED:
+        return f"refused the connection: {error}"
+    return f"unreachable: {error}"
+
+
 def _evaluate_shard(facts: ShardFacts, schema: int, slow_after: float) -> ShardReport:
     problems: list[str] = []
     warnings: list[str] = []
@@ -179,7 +197,10 @@ def _evaluate_shard(facts: ShardFacts, schema: int, slow_after: float) -> ShardR
             "-",
             len(facts.groups),
             (),
-            (f"{name}: unreachable: {facts.error}",),
+            (
+                f"{name}{' (holds the routing catalog)' if facts.holds_catalog else ''}: "
+                f"{_connection_problem(facts.error)}",
+            ),
             (),
         )
     latency_ms = None if facts.latency is None else facts.latency * 1000
@@ -272,10 +293,15 @@ def evaluate(
     problems = [p for r in reports for p in r.problems]
     warnings = [w for r in reports for w in r.warnings]
     general: list[str] = []
-    if catalog_error is not None:
+    # The catalog's shard failing to connect is one problem, reported once (on the shard).
+    catalog_down = any(f.holds_catalog and f.error is not None for f in shards)
+    if catalog_error is not None and not catalog_down:
         general.append(f"routing catalog unreadable: {catalog_error}")
-    elif not catalog_present:
-        general.append("no policy is published (routing catalog missing); run apply_policy")
+    elif catalog_error is None and not catalog_present:
+        general.append(
+            "no policy is published (routing catalog missing): publish one with "
+            "`ratequota policy apply FILE`"
+        )
     if not shards:
         general.append("no shard configured")
     if allow_degraded:
@@ -535,45 +561,6 @@ def read_catalog(backend: Any, keyspace: KeySpace) -> tuple[Any, str | None]:
         return None, str(exc)
     except Exception as exc:  # unreachable, refused by ACL, ...: reported, never raised
         return None, _error(exc)
-
-
-# -- the ``ratequota check`` command ----------------------------------------------
-
-
-def add_arguments(parser: Any) -> None:
-    """Options of ``ratequota check`` (the backend options are added by the CLI)."""
-    parser.add_argument(
-        "--group",
-        action="append",
-        dest="groups",
-        metavar="NAME",
-        help="a group this pod serves (repeatable; default: every published group)",
-    )
-    parser.add_argument(
-        "--socket-timeout",
-        type=float,
-        default=1.0,
-        metavar="SECONDS",
-        help="timeout of every Redis call (default: 1.0; keep it under the probe's timeout)",
-    )
-    parser.add_argument(
-        "--allow-degraded",
-        action="store_true",
-        help="stay ready while some shards fail, if the catalog's shard and one other work",
-    )
-
-
-def run(args: Any) -> int:
-    """Print the report as a table; exit 0 when ready, 1 when the pod must not take traffic."""
-    from ratequota.cli import client_from_args
-
-    client = client_from_args(args)
-    try:
-        report = client.check(args.groups, allow_degraded=args.allow_degraded)
-    finally:
-        client.close()
-    print(report.table())
-    return 0 if report.ready else 1
 
 
 async def aread_catalog(backend: Any, keyspace: KeySpace) -> tuple[Any, str | None]:

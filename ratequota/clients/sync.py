@@ -58,7 +58,7 @@ from ratequota.decision import (
     RenewResult,
 )
 from ratequota.engine.scripts import load_scripts
-from ratequota.errors import BackendUnavailable
+from ratequota.errors import BackendUnavailable, InvalidType
 from ratequota.policy import Policy
 
 if TYPE_CHECKING:
@@ -99,11 +99,26 @@ class Acquisition(AcquisitionBase[Lease]):
     def __enter__(self) -> Lease:
         return self._granted(self._client._run(self._acquire_flow()))
 
+    async def __aenter__(self) -> Lease:
+        raise _not_async("quota.acquire(...)")
+
+    async def __aexit__(self, *exc_info: object) -> None:  # pragma: no cover - never entered
+        return None
+
     def __exit__(self, *exc_info: object) -> None:
         lease = self._leaving()
         if lease is not None:
             with contextlib.suppress(BackendUnavailable):
                 lease.release()
+
+
+def _not_async(what: str) -> InvalidType:
+    """The error for ``async with`` on the blocking client: name the one to use instead."""
+    return InvalidType(
+        "async with",
+        f"{what} belongs to the blocking QuotaClient; use `with {what}`, or "
+        "ratequota.AsyncQuotaClient for `async with`",
+    )
 
 
 def _one_of_batch(conn: Any, args: tuple[Any, ...]) -> Any:
@@ -149,6 +164,12 @@ class QuotaClient(ClientBase):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    async def __aenter__(self) -> QuotaClient:
+        raise _not_async("QuotaClient")
+
+    async def __aexit__(self, *exc: object) -> None:  # pragma: no cover - never entered
+        return None
 
     # -- driving flows -----------------------------------------------------
 

@@ -101,7 +101,7 @@ def _raise_error_reply(group: str, reason: str, detail: Any) -> None:
         raise SchemaMismatch(group, int(detail), SCHEMA_VERSION)
     if reason == "bad_ttl":
         raise InvalidRequest(
-            "ttl", f"is above group {group!r}'s max_lease_ttl of {int(detail) / 1000:g}s"
+            "ttl", f"is above the max_lease_ttl of group {group!r} ({int(detail) / 1000:g}s)"
         )
     raise AssertionError(f"unexpected script error reply {reason!r}")  # pragma: no cover
 
@@ -211,7 +211,8 @@ def decode_acquire(
         limit=limit if not (lease and lease.replay) else math.nan,
         group_used=int(reply[6]),
         capacity=capacity,
-        retry_after=int(reply[8]) / 1000.0,
+        # A request that can never fit has nothing to wait for: no retry hint.
+        retry_after=0.0 if reason == "too_large" else int(reply[8]) / 1000.0,
         policy_version=int(reply[9]),
         lease=lease,
     )

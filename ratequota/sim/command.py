@@ -12,7 +12,6 @@ import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import redis
 
@@ -23,25 +22,9 @@ from ratequota.sim.picture import plot_timeline
 from ratequota.sim.report import render_report, report_to_dict
 from ratequota.sim.scenario import default_scenario, load_scenario
 
-__all__ = ["add_arguments", "client_from_args", "run"]
+__all__ = ["add_arguments", "run"]
 
 ClientFactory = Callable[[argparse.Namespace], QuotaClient]
-
-
-def client_from_args(args: argparse.Namespace) -> QuotaClient:
-    """A client for the backend options (``--redis``/``--shards``/``--cluster``, ``--prefix``).
-
-    The embedded default when none is given. Kept here, not imported from the
-    command line, so that the simulation depends on the library only.
-    """
-    options: dict[str, Any] = {"prefix": getattr(args, "prefix", None) or "rqsim"}
-    if getattr(args, "socket_timeout", None) is not None:
-        options["socket_timeout"] = args.socket_timeout
-    if getattr(args, "shards", None):
-        return QuotaClient.sharded(args.shards, **options)
-    if getattr(args, "cluster", None):
-        return QuotaClient.cluster(args.cluster, **options)
-    return QuotaClient(getattr(args, "redis", None), **options)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -56,9 +39,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, help="random seed of batch durations")
     parser.add_argument(
         "--plot",
-        metavar="PNG",
-        default="ratequota-simulation.png",
-        help="where to draw units held over time (default: ratequota-simulation.png)",
+        metavar="FILE",
+        default="ratequota-simulation.svg",
+        help="where to draw units held over time: .svg (default: ratequota-simulation.svg, "
+        "no dependency) or .png (the plot extra, matplotlib)",
     )
     parser.add_argument("--no-plot", action="store_true", help="do not draw the picture")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -74,13 +58,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             action.help = "key prefix (default: rqsim, apart from a deployment's keys)"
 
 
-def run(args: argparse.Namespace, make_client: ClientFactory | None = None) -> int:
+def run(args: argparse.Namespace, make_client: ClientFactory) -> int:
     """Run the simulation the arguments describe; 0 when every invariant held, 1 otherwise.
 
-    ``make_client`` builds one pod's client from the arguments; by default
-    ``client_from_args`` (a caller such as the command line may pass its own).
+    ``make_client`` builds one pod's client from the arguments (the command
+    line passes its ``client_from_args``, so the simulation itself depends on
+    the library only and parses no backend options of its own).
     """
-    factory = make_client or client_from_args
+    factory = make_client
     scenario = load_scenario(args.scenario) if args.scenario else default_scenario()
     scenario = scenario.with_overrides(duration=args.duration, pods=args.pods, seed=args.seed)
     first = factory(args)
@@ -115,7 +100,7 @@ def run(args: argparse.Namespace, make_client: ClientFactory | None = None) -> i
             print(f"\npicture of units held per tenant over time: {path}")
         else:
             print(
-                "\nno picture drawn: matplotlib is not installed; "
-                "`pip install 'ratequota[plot]'` to get one"
+                "\nno picture drawn: a PNG needs matplotlib (`pip install 'ratequota[plot]'`); "
+                f"--plot {path.with_suffix('.svg')} draws one with no dependency"
             )
     return 0 if result.report.safe else 1

@@ -1,4 +1,9 @@
-"""The picture of a simulation run: units held per tenant over time (needs matplotlib)."""
+"""The picture of a simulation run: units held per tenant over time.
+
+An ``.svg`` path is drawn by ``ratequota.sim.svg`` with no dependency (the
+default, so the first command a user runs shows its picture); any other path
+is a PNG drawn with matplotlib (the ``plot`` extra).
+"""
 
 from __future__ import annotations
 
@@ -12,7 +17,7 @@ __all__ = ["plot_timeline"]
 
 
 def plot_timeline(result: RunResult, scenario: Scenario, path: Path) -> bool:
-    """Draw units held against units owed per tenant over time to ``path`` (PNG).
+    """Draw units held against units owed per tenant over time to ``path`` (SVG or PNG).
 
     One panel per group. For every tenant: the units it held (solid) and the
     units the reference rule entitled it to from the demand its clients
@@ -20,8 +25,14 @@ def plot_timeline(result: RunResult, scenario: Scenario, path: Path) -> bool:
     guarantee and weight in the legend. Guarantees are dotted lines labelled
     at the right edge with every tenant that has that guarantee, so tenants
     with equal guarantees are told apart. The group's total is a grey area,
-    the capacity a dashed black line. False when matplotlib is missing.
+    the capacity a dashed black line. False when a PNG is asked for and
+    matplotlib is missing.
     """
+    if path.suffix.lower() == ".svg":
+        from ratequota.sim.svg import timeline
+
+        path.write_text(timeline(result, scenario), encoding="utf-8")
+        return True
     try:
         import matplotlib
 

@@ -13,6 +13,8 @@ import threading
 import time
 import uuid
 
+from ratequota.cli.backend import client_from_args
+from ratequota.cli.output import add_json_option, plural, print_json
 from ratequota.clients.sync import QuotaClient
 from ratequota.errors import QuotaExceeded
 from ratequota.policy import GroupPolicy, Policy, TenantPolicy
@@ -24,12 +26,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``ratequota demo``."""
     parser.add_argument("--seconds", type=float, default=3.0, help="how long to run (default 3)")
     parser.add_argument("--workers", type=int, default=8, help="threads per tenant (default 8)")
+    add_json_option(parser, "text")
 
 
 def run(args: argparse.Namespace) -> int:
     """Run the demonstration; 0 when every invariant held."""
-    from ratequota.cli import client_from_args
-
     client: QuotaClient = client_from_args(args)
     group = f"demo-{uuid.uuid4().hex[:8]}"
     policy = Policy(
@@ -45,8 +46,9 @@ def run(args: argparse.Namespace) -> int:
         )
     )
     client.apply_policy(policy)
-    print(f"group {group}: capacity 24; lender and borrower each guaranteed 12 (8 never lent),")
-    print("each may borrow 4 above its guarantee.\n")
+    say = (lambda text="": None) if args.json else print
+    say(f"group {group}: capacity 24; lender and borrower each guaranteed 12 (8 never lent),")
+    say("each may borrow 4 above its guarantee.\n")
     stop = threading.Event()
     lender_active = threading.Event()
     held = {"lender": 0, "borrower": 0}
@@ -89,24 +91,37 @@ def run(args: argparse.Namespace) -> int:
     time.sleep(half)
     snap = client.snapshot(group, ["lender", "borrower"])
     borrower = snap.tenants["borrower"]
-    print(f"lender idle:    borrower holds {borrower.used:2d} (limit {borrower.limit:g})")
+    phases = {"lender idle": {"borrower": borrower.used}}
+    say(f"lender idle:    borrower holds {borrower.used:2d} units")
     lender_active.set()
     time.sleep(half)
     snap = client.snapshot(group, ["lender", "borrower"])
+    phases["lender back"] = {name: snap.tenants[name].used for name in ("lender", "borrower")}
     for name in ("lender", "borrower"):
-        t = snap.tenants[name]
-        print(f"lender back:    {name:8s} holds {t.used:2d} (limit {t.limit:g})")
+        say(f"lender back:    {name:8s} holds {snap.tenants[name].used:2d} units")
     stop.set()
     for thread in threads:
         thread.join(timeout=5)
-    print()
+    say()
     for name in ("lender", "borrower"):
-        print(
-            f"{name:8s}: {admitted[name]:5d} batches admitted, {refused[name]:4d} timed out, "
-            f"peak {peak[name]} units"
+        say(
+            f"{name:8s}: {plural(admitted[name], 'batch', 'batches')} admitted, "
+            f"{refused[name]} timed out, peak {plural(peak[name], 'unit')}"
         )
-    print(f"group peak {peak['group']} of 24 units; over-admission: {len(violations)}")
+    say(f"group peak {peak['group']} of 24 units; over-admission: {len(violations)}")
     left = client.snapshot(group).used
-    print(f"units still held after the run: {left}")
+    say(f"units still held after the run: {left}")
     client.close()
+    if args.json:
+        print_json(
+            {
+                "group": group,
+                "held": phases,
+                "admitted": admitted,
+                "timed_out": refused,
+                "peak": peak,
+                "violations": violations,
+                "left_over_units": left,
+            }
+        )
     return 1 if violations or left else 0
