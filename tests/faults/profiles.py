@@ -99,13 +99,14 @@ class Profile:
 
         Today: two round trips (a stale catalog's re-read, then the script),
         each bounded by the async client's backstop of three socket timeouts,
-        plus one second for a pod descheduled on a busy machine. With the
+        plus 1.5 s for a pod descheduled on a busy machine (the suite shares
+        two cores with other work; calls took up to 1.3 s there). With the
         ``strict-deadline`` flag: the documented promise, one socket timeout,
         plus half a second of scheduling slack.
         """
         if "strict-deadline" in self.flags:
             return self.socket_timeout + 0.5
-        return 2 * 3 * self.socket_timeout + 1.0
+        return 2 * 3 * self.socket_timeout + 1.5
 
 
 SHORT = Profile(
