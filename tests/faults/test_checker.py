@@ -173,10 +173,13 @@ def test_a_clean_history_has_no_violation() -> None:
 
 
 def test_over_capacity_is_reported() -> None:
-    """Three leases of 2 units live at once on capacity 4."""
-    calls = [*clean_history(), admit("w", 250, units=2, token=9, tenant="b")]
-    calls = [c for c in calls if c.get("lease_id") != "w" or c["op"] != "release"]
-    report = run([c for c in calls if not (c["op"] == "try_acquire" and c["lease_id"] == "z")])
+    """Three leases of 2 units live at once on capacity 4 (each tenant within its ceiling)."""
+    calls = [
+        admit("x", 100, units=2, token=1),
+        admit("y", 200, units=2, token=2, tenant="b"),
+        admit("w", 250, units=2, token=3, tenant="b"),
+    ]
+    report = run(calls)
     assert kinds(report) == {"over_capacity": 1}
     assert report.figures["max_overshoot_units"] == 2
 
