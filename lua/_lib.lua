@@ -210,7 +210,7 @@ end
 -- The policy header, or nil plus an error reply.
 local function load_policy(schema)
   local p = redis.call('HMGET', KEYS[1], 'C', 'reserve', 'unknown', 'default', 'ttl', 'schema',
-    'version', 'busy', 'recover')
+    'version', 'busy', 'recover', 'fence')
   if not p[1] then
     return nil, {-1, 'no_policy', 0, 0, 0, '0', 0, 0, 0, 0, 0}
   end
@@ -220,7 +220,7 @@ local function load_policy(schema)
   return {
     capacity = tonumber(p[1]), reserve = tonumber(p[2]), unknown = p[3], default = p[4],
     ttl = tonumber(p[5]), version = tonumber(p[7]),
-    busy = tonumber(p[8]) or 0, recover = tonumber(p[9]) or 0,
+    busy = tonumber(p[8]) or 0, recover = tonumber(p[9]) or 0, fence = tonumber(p[10]) or 0,
   }, nil
 end
 
@@ -240,26 +240,30 @@ local function fmt(x)
   return string.format('%.17g', x)
 end
 
--- Records that a lease may live until `expiry` (the policy hash outlives lost state).
+-- The next fencing token, written back with (when given) a new lease expiry in one HSET:
+-- busy records that a lease may live until then (the policy hash outlives lost state).
+-- A token is above every token handed out before, even after Redis lost the counter: the
+-- floor is Redis time in ms x 1000, which grows by 1000 per ms, so tokens never go back
+-- across a loss unless the group handed out more than 1000 tokens per ms for longer than
+-- the outage lasted (or the server's clock went back). Exact in doubles until 2255.
+local function next_fence(policy, now, expiry)
+  local token = math.max(policy.fence + 1, now * 1000)
+  policy.fence = token
+  if expiry and expiry > policy.busy then
+    policy.busy = expiry
+    redis.call('HSET', KEYS[1], 'fence', int(token), 'busy', int(expiry))
+  else
+    redis.call('HSET', KEYS[1], 'fence', int(token))
+  end
+  return token
+end
+
+-- Records that a lease may live until `expiry` (a renewal: no new token).
 local function mark_busy(policy, expiry)
   if expiry > policy.busy then
     redis.call('HSET', KEYS[1], 'busy', int(expiry))
     policy.busy = expiry
   end
-end
-
--- The next fencing token: above every token handed out before, even after Redis lost the
--- counter. The floor is Redis time in ms x 1000, which grows by 1000 per ms: tokens never go
--- back across a loss unless the group handed out more than 1000 tokens per ms for longer
--- than the outage lasted (or the server's clock went back). Exact in doubles until 2255.
-local function next_fence(now)
-  local fence = redis.call('HINCRBY', KEYS[1], 'fence', 1)
-  local floor = now * 1000
-  if fence < floor then
-    redis.call('HSET', KEYS[1], 'fence', int(floor))
-    fence = floor
-  end
-  return fence
 end
 
 -- How many of demand, exp and info still hold their sentinel (3: the state is whole).
@@ -452,7 +456,7 @@ local function acquire_one(ctx, tenant, units, id, ttl, wait, pending_ms)
       redis.call('ZADD', KEYS[3], int(now + pending_ms), wait_member)
       if not already_waiting then
         -- The fencing counter doubles as the arrival sequence: monotonic, kept across policies.
-        local seq = next_fence(now)
+        local seq = next_fence(policy, now)
         local info = int(units) .. ':' .. int(seq) .. ':' .. tenant
         redis.call('HSET', KEYS[4], wait_member, info)
         redis.call('HINCRBY', KEYS[2], 'p:' .. tenant, int(units))
@@ -480,13 +484,12 @@ local function acquire_one(ctx, tenant, units, id, ttl, wait, pending_ms)
     ctx.entries[wait_member] = false
   end
 
-  local token = next_fence(now)
   local expiry = now + ttl
+  local token = next_fence(policy, now, expiry)
   local info = int(units) .. ':' .. int(token) .. ':' .. tenant
   redis.call('ZADD', KEYS[3], int(expiry), lease_member)
   redis.call('HSET', KEYS[4], lease_member, info)
   redis.call('HINCRBY', KEYS[2], 'u:' .. tenant, int(units))
-  mark_busy(policy, expiry)
   ctx.entries[lease_member] = info
   used[tenant] = tenant_used + units
   ctx.group_used = ctx.group_used + units

@@ -60,8 +60,10 @@ else
   end
   redis.call('HSET', KEYS[4], member, int(units) .. ':' .. token .. ':' .. tenant)
   redis.call('HINCRBY', KEYS[2], 'u:' .. tenant, int(units))
-  local fence = tonumber(redis.call('HGET', KEYS[1], 'fence')) or 0
-  if fence < tonumber(token) then redis.call('HSET', KEYS[1], 'fence', token) end
+  if policy.fence < tonumber(token) then
+    redis.call('HSET', KEYS[1], 'fence', token)
+    policy.fence = tonumber(token)
+  end
   reason = 'reasserted'
 end
 

@@ -57,7 +57,10 @@ class LeaseInfo:
 
     ``expires_at`` is Redis time in seconds since the epoch, never the pod's
     clock. ``token`` is the fencing token: strictly increasing per group, so a
-    downstream system can reject a holder whose lease already expired.
+    downstream system can reject a holder whose lease already expired; it stays
+    above every earlier token even when Redis loses its data (it is at least
+    Redis time in ms x 1000), and a lease re-asserted after such a loss keeps
+    its token. Release and renew name the lease by id, tenant and token.
     ``replay`` is true when a retried acquire found its first attempt had
     committed (the units were charged once). ``synthetic`` marks a lease
     granted locally while Redis was unreachable (fail-open or local
@@ -213,7 +216,12 @@ class TenantSnapshot:
 
 @attrs.frozen
 class GroupSnapshot:
-    """A group at one moment, read by one script call: consistent across tenants."""
+    """A group at one moment, read by one script call: consistent across tenants.
+
+    ``recovering_until`` (Redis time, s; 0 when none) is the end of the group's
+    recovery window after Redis lost its state: until then new work is refused
+    and holders re-assert their leases by renewing (docs/failure-modes.md).
+    """
 
     group: str
     now: float

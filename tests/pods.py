@@ -35,16 +35,17 @@ class Pod:
 
     def run(self, value: Any) -> Any:
         """The value of a client call: awaited on the pod's loop when it is a coroutine."""
-        if inspect.isawaitable(value):
-            assert self.loop is not None
+        if self.kind == "async":
+            assert self.loop is not None and inspect.isawaitable(value)
             return self.loop.run_until_complete(value)  # type: ignore[arg-type]
         return value
 
     def hold(self, tenant: str, units: int, **options: Any) -> Any:
         """Enter ``acquire(...)`` and return the held lease (a ``Lease`` or ``AsyncLease``)."""
         acquisition = self.client.acquire(tenant, units, **options)
-        enter = getattr(acquisition, "__aenter__", None) or acquisition.__enter__
-        return self.run(enter())
+        if self.kind == "async":
+            return self.run(acquisition.__aenter__())
+        return acquisition.__enter__()
 
     def close(self) -> None:
         """Close the client (and the pod's loop)."""

@@ -10,6 +10,7 @@ from ratequota.clients.aio import AsyncLease, AsyncQuotaClient
 from ratequota.clients.failure import FailureStats
 from ratequota.clients.sync import QuotaClient
 from ratequota.decision import Decision, GroupSnapshot, ReleaseResult, RenewResult
+from ratequota.errors import RequestIdConflict
 from ratequota.policy import GroupPolicy, Policy, TenantPolicy
 
 
@@ -25,14 +26,26 @@ async def async_usage() -> None:
         held: AsyncLease = lease
         renewed: RenewResult = await lease.renew(ttl=10.0)
         hints: tuple[bool, bool, bool] = (lease.over_limit, lease.lost, lease.synthetic)
-        del held, renewed, hints
+        granted: tuple[str, float] = (renewed.reason, renewed.ttl)
+        del held, renewed, hints, granted
     decision: Decision = await quota.try_acquire("a", 1, request_id="req-1", group="g")
     if decision.lease is not None:
         released: ReleaseResult = await quota.release(decision.lease)
         del released
     snapshot: GroupSnapshot = await quota.snapshot("g")
     stats: FailureStats = quota.stats()
-    del snapshot, stats
+    recovery: tuple[bool, float, int] = (
+        snapshot.recovering,
+        snapshot.recovering_until,
+        stats.fenced_refusals,
+    )
+    try:  # req-1 was used with 1 unit above: another size under it is refused
+        async with quota.acquire("a", 2, request_id="req-1"):
+            pass
+    except RequestIdConflict as conflict:
+        refused: Decision = conflict.decision
+        del refused
+    del snapshot, stats, recovery
 
     @quota.limit(tenant=lambda job: str(job), units=1, timeout=0.5)
     async def handle(job: object) -> int:
