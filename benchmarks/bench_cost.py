@@ -3,6 +3,7 @@
 Usage (from the repository root)::
 
     .venv/bin/python benchmarks/bench_cost.py [--url redis://127.0.0.1:PORT/0] [--calls N]
+        [--active 10,100,1000,10000]
 
 Without ``--url`` it starts its own redis-server on a free loopback port and
 stops it afterwards. Each scenario publishes one group, makes ``active``
@@ -17,6 +18,10 @@ is admitted and the fair level needs no search), and *contended*, where every
 active tenant also has a large waiting request registered, so demand exceeds
 the capacity and each acquire solves the full fix-point (most are refused:
 the decision costs the same, minus the writes).
+
+Beside them, in the same run and on the same server, the µs per call of a
+trivial ``EVALSHA "return 1"``: every figure is also printed as a multiple of
+it, and the larger groups as a multiple of the 10-tenant figure (DESIGN §10).
 """
 
 from __future__ import annotations
@@ -30,12 +35,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ratequota.clients.sync import QuotaClient
 from ratequota.engine.protocol import acquire_call, release_call
+from ratequota.engine.scripts import load_scripts
 from ratequota.policy import GroupPolicy, Policy, TenantPolicy
 from tests.servers import RedisServer
 
 LIVE_LEASES = 10_000
 IDLE_TENANTS = 10_000
-SCENARIOS: list[tuple[int, int]] = [(10, 0), (100, 0), (1000, 0), (10, IDLE_TENANTS)]
+ACTIVE = (10, 100, 1000, 10_000)
 
 
 def build_policy(active: int, idle: int, capacity: int = 10**7) -> GroupPolicy:
@@ -50,7 +56,10 @@ def populate(
     quota: QuotaClient, group: str, active: int, leases: int
 ) -> list[tuple[str, str, int]]:
     """``leases`` live leases spread over ``active`` tenants, pipelined; returns
-    ``(lease id, tenant, fencing token)`` of each (release names all three)."""
+    ``(lease id, tenant, fencing token)`` of each (release names all three).
+
+    Every active tenant holds at least one lease (10,000 active tenants: one each).
+    """
     conn = quota.backend.connection(group)
     keyspace = quota.core.keyspace
     ids: list[tuple[str, str]] = []
@@ -124,7 +133,10 @@ def measure(url: str, active: int, idle: int, calls: int, *, contended: bool) ->
         capacity = 2 * LIVE_LEASES + 2 * calls if contended else 10**7
         policy = build_policy(active, idle, capacity)
         quota.apply_policy(Policy([policy]))
-        seeded = populate(quota, policy.name, active, LIVE_LEASES)
+        conn = quota.backend.connection(policy.name)
+        for spec in load_scripts().values():  # the pipelines below send EVALSHA directly
+            conn.script_load(spec.source)
+        seeded = populate(quota, policy.name, active, max(LIVE_LEASES, active))
         if contended:
             register_waiting(quota, policy.name, active, max(1, 4 * capacity // active))
         conn = quota.backend.connection(policy.name)
@@ -147,27 +159,61 @@ def measure(url: str, active: int, idle: int, calls: int, *, contended: bool) ->
         quota.close()
 
 
+def trivial_usec(url: str, calls: int) -> float:
+    """Redis-side µs per call of ``EVALSHA "return 1"``, measured the same way."""
+    quota = QuotaClient.from_url(url, prefix="trivial", socket_timeout=30.0)
+    try:
+        conn = quota.backend.connection("trivial")
+        sha = conn.script_load("return 1")
+        for _ in range(50):
+            conn.evalsha(sha, 0)
+        conn.config_resetstat()
+        for _ in range(calls):
+            conn.evalsha(sha, 0)
+        counted, usec = evalsha_stats(conn)
+        assert counted == calls, (counted, calls)
+        return usec
+    finally:
+        quota.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run every scenario and print a table."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--url", help="an existing Redis (default: start one)")
     parser.add_argument("--calls", type=int, default=2000, help="measured acquires per scenario")
+    parser.add_argument(
+        "--active",
+        default=",".join(str(n) for n in ACTIVE),
+        help="comma-separated active-tenant counts (default %(default)s)",
+    )
     args = parser.parse_args(argv)
+    actives = [int(n) for n in args.active.split(",")]
+    scenarios = [(n, 0) for n in actives] + [(actives[0], IDLE_TENANTS)]
     server = None
     url = args.url
     if url is None:
         server = RedisServer().start()
         url = server.url
     try:
+        trivial = trivial_usec(url, args.calls)
         print("Redis-side µs per acquire (INFO commandstats, evalsha usec_per_call)")
+        print(f'trivial EVALSHA "return 1": {trivial:.2f} µs per call\n')
         print(
-            f"{'active tenants':>15} {'idle tenants':>13} {'live leases':>12} "
-            f"{'spare':>9} {'contended':>10}"
+            f"{'active':>7} {'idle':>6} {'live leases':>12} {'spare':>8} {'x trivial':>10} "
+            f"{'x first':>8} {'contended':>10} {'x trivial':>10} {'x first':>8}"
         )
-        for active, idle in SCENARIOS:
+        first: tuple[float, float] | None = None
+        for active, idle in scenarios:
             spare, live = measure(url, active, idle, args.calls, contended=False)
             tight, _ = measure(url, active, idle, args.calls, contended=True)
-            print(f"{active:>15} {idle:>13} {live:>12} {spare:>9.1f} {tight:>10.1f}")
+            if first is None:
+                first = (spare, tight)
+            print(
+                f"{active:>7} {idle:>6} {live:>12} {spare:>8.1f} {spare / trivial:>9.1f}x "
+                f"{spare / first[0]:>7.2f}x {tight:>10.1f} {tight / trivial:>9.1f}x "
+                f"{tight / first[0]:>7.2f}x"
+            )
     finally:
         if server is not None:
             server.cleanup()

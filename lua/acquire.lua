@@ -1,6 +1,6 @@
 -- acquire.lua: admit or refuse a request for units under the group's fair limits (§3, §5).
 --
--- KEYS[1] policy, KEYS[2] demand, KEYS[3] exp, KEYS[4] info, KEYS[5] queue   (one group, one slot)
+-- KEYS[1] policy, KEYS[2] demand, KEYS[3] exp, KEYS[4] info, KEYS[5] queue, KEYS[6] fair
 -- ARGV[1] now_ms      pinned clock in ms, or "" for Redis TIME
 -- ARGV[2] schema      key schema of the caller
 -- ARGV[3] tenant      tenant name
@@ -31,12 +31,14 @@
 -- must leave room (in the tenant limit and in the group) for the tenant's oldest waiting
 -- request, so a large batch is not starved by a stream of small ones.
 
-local ctx, err = acquire_begin(now_ms(ARGV[1]), ARGV[2])
+
+local ctx, err = open_group(now_ms(ARGV[1]), ARGV[2], {ARGV[3]})
 if not ctx then return err end
 -- Prepared even for a ttl that acquire_one refuses: one request alone and the same request
 -- inside acquire_many leave the same state.
-acquire_prepare(ctx, tonumber(ARGV[9]))
+check_state(ctx)
+purge(ctx, tonumber(ARGV[9]))
 local reply = acquire_one(ctx, ARGV[3], tonumber(ARGV[4]), ARGV[5], tonumber(ARGV[6]),
                           ARGV[7] == '1', tonumber(ARGV[8]))
-acquire_finish(ctx)
+flush(ctx, KEY_GRACE_MS)
 return reply

@@ -1,6 +1,6 @@
 -- acquire_many.lua: decide several acquire requests of one group in one call, in order.
 --
--- KEYS[1] policy, KEYS[2] demand, KEYS[3] exp, KEYS[4] info, KEYS[5] queue   (one group, one slot)
+-- KEYS[1] policy, KEYS[2] demand, KEYS[3] exp, KEYS[4] info, KEYS[5] queue, KEYS[6] fair
 -- ARGV[1] now_ms      pinned clock in ms, or "" for Redis TIME
 -- ARGV[2] schema      key schema of the caller
 -- ARGV[3] pending_ms  lifetime of a waiting registration unless refreshed by a retry
@@ -9,25 +9,32 @@
 --
 -- reply: one acquire.lua reply per request, in order (see acquire.lua's header). Each
 --   request is decided as if it had been sent alone right after the ones before it; the
---   fixed work (clock, policy, purge, demand, tenant specs) is done once for all of them.
+--   fixed work (clock, policy, purge, tenant specs, demand) is done once for all of them.
 --   When the policy is missing or of a newer schema, every request gets that error reply.
 
-local ctx, err = acquire_begin(now_ms(ARGV[1]), ARGV[2])
 local count = (#ARGV - 4) / 5
+local names, ids, fields = {}, {}, {'g'}
+for i = 1, count do
+  local base = 4 + (i - 1) * 5
+  names[i], ids[i] = ARGV[base + 1], ARGV[base + 3]
+  fields[#fields + 1] = 'u:' .. names[i]
+  fields[#fields + 1] = 'p:' .. names[i]
+end
+local ctx, err = open_group(now_ms(ARGV[1]), ARGV[2], names)
 local replies = {}
 if not ctx then
   for i = 1, count do replies[i] = err end
   return replies
 end
-acquire_prepare(ctx, tonumber(ARGV[4]))
+check_state(ctx)
+purge(ctx, tonumber(ARGV[4]))
 local pending_ms = tonumber(ARGV[3])
-local ids = {}
-for i = 1, count do ids[i] = ARGV[4 + (i - 1) * 5 + 3] end
 prefetch_entries(ctx, ids)
+load_fields(ctx, fields)
 for i = 1, count do
   local base = 4 + (i - 1) * 5
   replies[i] = acquire_one(ctx, ARGV[base + 1], tonumber(ARGV[base + 2]), ARGV[base + 3],
                            tonumber(ARGV[base + 4]), ARGV[base + 5] == '1', pending_ms)
 end
-acquire_finish(ctx)
+flush(ctx, KEY_GRACE_MS)
 return replies

@@ -1,6 +1,6 @@
 -- release.lua: end a lease and credit its units back; idempotent and fenced (§5).
 --
--- KEYS[1] policy, KEYS[2] demand, KEYS[3] exp, KEYS[4] info, KEYS[5] queue   (one group, one slot)
+-- KEYS[1] policy, KEYS[2] demand, KEYS[3] exp, KEYS[4] info, KEYS[5] queue, KEYS[6] fair
 -- ARGV[1] now_ms    pinned clock in ms, or "" for Redis TIME
 -- ARGV[2] schema    key schema of the caller
 -- ARGV[3] lease_id  the lease to end (also withdraws a waiting request of that id)
@@ -16,7 +16,9 @@
 --                     waiting request of another tenant): nothing was changed.
 --   units: units freed by this call (0 for "unknown" and "fenced").
 
-local now = now_ms(ARGV[1])
-local reply = release_one(now, ARGV[3], ARGV[5], ARGV[6])
-purge(now, tonumber(ARGV[4]))
+
+local ctx = release_ctx(now_ms(ARGV[1]), ARGV[2])
+local reply = release_one(ctx, ARGV[3], ARGV[5], ARGV[6])
+purge(ctx, tonumber(ARGV[4]))
+flush(ctx, KEY_GRACE_MS)
 return reply

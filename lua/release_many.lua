@@ -1,6 +1,6 @@
 -- release_many.lua: end several leases of one group in one call, in order.
 --
--- KEYS[1] policy, KEYS[2] demand, KEYS[3] exp, KEYS[4] info, KEYS[5] queue   (one group, one slot)
+-- KEYS[1] policy, KEYS[2] demand, KEYS[3] exp, KEYS[4] info, KEYS[5] queue, KEYS[6] fair
 -- ARGV[1] now_ms    pinned clock in ms, or "" for Redis TIME
 -- ARGV[2] schema    key schema of the caller
 -- ARGV[3] purge     most expired entries to drop after each release (as release.lua does)
@@ -9,11 +9,16 @@
 -- reply: one release.lua reply per release, in order (see release.lua's header); each release
 --   behaves exactly as if it had been sent alone right after the ones before it.
 
-local now = now_ms(ARGV[1])
+
+local ctx = release_ctx(now_ms(ARGV[1]), ARGV[2])
 local purge_limit = tonumber(ARGV[3])
+local ids = {}
+for i = 4, #ARGV, 3 do ids[#ids + 1] = ARGV[i] end
+prefetch_entries(ctx, ids)
 local replies = {}
 for i = 4, #ARGV, 3 do
-  replies[#replies + 1] = release_one(now, ARGV[i], ARGV[i + 1], ARGV[i + 2])
-  purge(now, purge_limit)
+  replies[#replies + 1] = release_one(ctx, ARGV[i], ARGV[i + 1], ARGV[i + 2])
+  purge(ctx, purge_limit)
 end
+flush(ctx, KEY_GRACE_MS)
 return replies

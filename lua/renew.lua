@@ -1,6 +1,6 @@
 -- renew.lua: extend a live lease, fenced, and say whether its tenant is above its fair limit (§5).
 --
--- KEYS[1] policy, KEYS[2] demand, KEYS[3] exp, KEYS[4] info, KEYS[5] queue   (one group, one slot)
+-- KEYS[1] policy, KEYS[2] demand, KEYS[3] exp, KEYS[4] info, KEYS[5] queue, KEYS[6] fair
 -- ARGV[1] now_ms     pinned clock in ms, or "" for Redis TIME
 -- ARGV[2] schema     key schema of the caller
 -- ARGV[3] lease_id   the lease to extend
@@ -23,43 +23,51 @@
 --   lower (it was lowered under a held lease). over_limit is 1 when the tenant holds more than
 --   its fair limit now: a lender wants its guarantee back. limit is a string.
 
+
 local now = now_ms(ARGV[1])
 local member, tenant, units, token = 'L' .. ARGV[3], ARGV[6], tonumber(ARGV[7]), ARGV[8]
 local purge_limit = tonumber(ARGV[5])
-local policy, err = load_policy(ARGV[2])
-if not policy then return {-1, err[2], 0, 0, 0, '0', 0, err[10], 0} end
+local ctx, err = open_group(now, ARGV[2], {tenant})
+if not ctx then return {-1, err[2], 0, 0, 0, '0', 0, err[10], 0} end
+local policy = ctx.policy
 local ttl = math.min(tonumber(ARGV[4]), policy.ttl)
-check_state(policy, now)
+check_state(ctx)
 
 local reason = 'renewed'
 local info = redis.call('HGET', KEYS[4], member)
 if info then
-  local held_units, held_token, owner = parse_info(info)
+  local held_units, held_token, owner = parse_entry(info)
   if owner ~= tenant or held_token ~= token or held_units ~= units then
-    purge(now, purge_limit)
+    purge(ctx, purge_limit)
+    flush(ctx, KEY_GRACE_MS)
     return {0, 'fenced', 0, 0, 0, '0', 0, policy.capacity, 0}
   end
   local expiry = redis.call('ZSCORE', KEYS[3], member)
+  purge(ctx, purge_limit)
   if not expiry or tonumber(expiry) <= now then
-    purge(now, purge_limit)
+    flush(ctx, KEY_GRACE_MS)
     return {0, 'lost', 0, 0, 0, '0', 0, policy.capacity, 0}
   end
-  purge(now, purge_limit)
 else
-  purge(now, purge_limit)
+  purge(ctx, purge_limit)
   if not policy.recovering or tonumber(ARGV[9]) <= now or not string.match(token, '^%d+$') then
+    flush(ctx, KEY_GRACE_MS)
     return {0, 'lost', 0, 0, 0, '0', 0, policy.capacity, 0}
   end
   -- Re-assert: the lease was granted before the state was lost and is live by its own expiry.
   -- Everything re-asserted was admitted together once, so it fits again unless the policy
   -- shrank meanwhile; what no longer fits is lost, never admitted above the capacity.
-  local used, _, group_used = load_demand()
-  local spec = load_specs({tenant}, policy)[tenant]
-  if not spec or group_used + units > policy.capacity or (used[tenant] or 0) + units > spec.ceil then
+  local uf = 'u:' .. tenant
+  load_fields(ctx, {'g', uf, 'p:' .. tenant})
+  local spec = spec_of(ctx, tenant)
+  local st = fair_state(ctx)
+  if not spec or st.used + units > policy.capacity or units_of(ctx, uf) + units > spec.ceil then
+    flush(ctx, KEY_GRACE_MS)
     return {0, 'lost', 0, 0, 0, '0', 0, policy.capacity, 0}
   end
   redis.call('HSET', KEYS[4], member, int(units) .. ':' .. token .. ':' .. tenant)
-  redis.call('HINCRBY', KEYS[2], 'u:' .. tenant, int(units))
+  add_demand(ctx, tenant, units, 0)
+  settle(fair_state(ctx), policy)
   if policy.fence < tonumber(token) then
     redis.call('HSET', KEYS[1], 'fence', token)
     policy.fence = tonumber(token)
@@ -70,14 +78,18 @@ end
 local new_expiry = now + ttl
 redis.call('ZADD', KEYS[3], int(new_expiry), member)
 mark_busy(policy, new_expiry)
-touch(policy, false, now)
+ctx.touch = true
 
-local used, pending, group_used = load_demand()
-local demand, names = active_demand(used, pending)
-local specs = load_specs(names, policy)
-local rows = allocate(policy.capacity, policy.reserve, demand, specs)
-local limit = limit_of(rows, tenant)
-local tenant_used = used[tenant] or 0
-local over = 0
-if specs[tenant] and tenant_used > limit + EPSILON then over = 1 end
-return {1, reason, new_expiry, over, tenant_used, fmt(limit), group_used, policy.capacity, ttl}
+-- The level is the group's own: the limit needs no walk.
+local uf, pf = 'u:' .. tenant, 'p:' .. tenant
+load_fields(ctx, {'g', uf, pf})
+local st = fair_state(ctx)
+local tenant_used = units_of(ctx, uf)
+local spec = spec_of(ctx, tenant)
+local limit, over = 0, 0
+if spec then
+  limit = limit_at(st, spec, tenant_used + units_of(ctx, pf))
+  if tenant_used > limit + EPSILON then over = 1 end
+end
+flush(ctx, KEY_GRACE_MS)
+return {1, reason, new_expiry, over, tenant_used, fmt(limit), st.used, policy.capacity, ttl}

@@ -14,6 +14,7 @@ The tree::
     ├── UnknownTenant (KeyError)          tenant not in the policy, and the policy refuses strangers
     ├── PolicyMissing                     no policy published for the group
     ├── SchemaMismatch                    the keys were written by a newer ratequota
+    │   └── LegacyLayout                  ... or are still served by an older one
     ├── BackendUnavailable (ConnectionError)  Redis cannot be reached (fail-closed)
     └── BackendError (RuntimeError)       Redis answered with an error we cannot act on
 
@@ -37,6 +38,7 @@ __all__ = [
     "ConfigError",
     "InvalidRequest",
     "InvalidType",
+    "LegacyLayout",
     "PolicyFileError",
     "PolicyMissing",
     "QuotaExceeded",
@@ -164,6 +166,24 @@ class SchemaMismatch(RateQuotaError):
         super().__init__(
             f"group {group!r} uses key schema {found}, this ratequota supports up to "
             f"{supported}; upgrade ratequota on this pod"
+        )
+
+
+class LegacyLayout(SchemaMismatch):
+    """Pods of the previous release still serve the group in the previous key layout.
+
+    Publishing it in the new layout would let both releases admit against the same
+    capacity, so it is refused until the policy is published with ``migrate=True``
+    (docs/deployment.md, "Upgrading the key schema").
+    """
+
+    def __init__(self, group: str, found: int, supported: int) -> None:
+        self.group = group
+        RateQuotaError.__init__(
+            self,
+            f"group {group!r} is still served in key schema {found} by the previous ratequota "
+            f"release; this one uses schema {supported}: publish the policy with migrate=True "
+            f"to take the group over (pods of the previous release then refuse it)",
         )
 
 

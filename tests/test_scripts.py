@@ -33,14 +33,18 @@ def test_script_uses_only_declared_arguments(name: str) -> None:
 
 
 def test_group_scripts_share_the_key_layout() -> None:
-    """All group scripts take the same five keys, matching GroupKeys.all."""
+    """All group scripts take the same six keys, matching GroupKeys.all; apply_policy (which
+    rebuilds the fair state) takes them too, then the previous layout's five."""
     from ratequota.engine.keys import KeySpace
 
     layout = KeySpace().group("g").all
-    for name in ("acquire", "release", "renew", "snapshot"):
+    group_keys = ["policy", "demand", "exp", "info", "queue", "fair"]
+    for name in ("acquire", "acquire_many", "release", "release_many", "renew", "snapshot"):
         spec = load_scripts()[name]
         assert len(spec.keys) == len(layout)
-        assert list(spec.keys) == ["policy", "demand", "exp", "info", "queue"]
+        assert list(spec.keys) == group_keys
+    previous = ["old_policy", "old_demand", "old_exp", "old_info", "old_queue"]
+    assert list(load_scripts()["apply_policy"].keys) == group_keys + previous
 
 
 def test_header_errors_are_detected() -> None:

@@ -17,6 +17,7 @@ import pytest
 
 from ratequota.clients.backends import ShardedBackend
 from ratequota.clients.sync import QuotaClient
+from ratequota.engine.keys import KeySpace
 from ratequota.engine.routing import Rendezvous
 from ratequota.errors import BackendUnavailable, PolicyMissing
 from ratequota.policy import GroupPolicy, Policy, TenantPolicy
@@ -79,7 +80,7 @@ def _held_on(server: RedisServer, group: str) -> int:
     """Units held in ``group`` according to the demand hash on ``server``."""
     client: Any = server.client()
     try:
-        demand = client.hgetall(f"rq:v1:{{{group}}}:demand")
+        demand = client.hgetall(KeySpace().group(group).demand)
     finally:
         client.close()
     return sum(int(v) for k, v in demand.items() if str(k, "utf-8").startswith("u:"))

@@ -466,11 +466,18 @@ class AsyncQuotaClient(shell.ClientBase):
 
     # -- policy ------------------------------------------------------------
 
-    async def apply_policy(self, policy: Policy | str | Path) -> dict[str, int]:
-        """Publish a policy (or a TOML file of one) for every pod; returns versions per group."""
+    async def apply_policy(
+        self, policy: Policy | str | Path, *, migrate: bool = False
+    ) -> dict[str, int]:
+        """Publish a policy (or a TOML file of one) for every pod; returns versions per group.
+
+        ``migrate`` takes groups over from pods of the previous release still serving them in
+        the previous key layout (their live leases move along; those pods then refuse the
+        group). Without it such a group raises ``LegacyLayout``: see docs/deployment.md.
+        """
         if isinstance(policy, (str, Path)):
             policy = Policy.from_toml(policy)
-        return await self._run(self.core.apply_policy(policy))
+        return await self._run(self.core.apply_policy(policy, migrate=migrate))
 
     async def load_policy(self) -> Policy | None:
         """The published policy, or None; also refreshes this client's routing."""

@@ -601,18 +601,19 @@ class QuotaCore:
 
     # -- policy ----------------------------------------------------------------
 
-    def apply_policy(self, policy: Policy) -> Flow[dict[str, int]]:
+    def apply_policy(self, policy: Policy, *, migrate: bool = False) -> Flow[dict[str, int]]:
         """Publish every group's policy, then the routing catalog; returns versions.
 
         Each group switches atomically (one script). Groups dropped from the
         policy lose their policy hash, so their tenants are refused from then on.
+        ``migrate``: take groups over from the previous release's key layout.
         """
         if not isinstance(policy, Policy):
             raise InvalidType("policy", f"must be a Policy, got {type(policy).__name__}")
         previous = yield from self._read_catalog()
         versions: dict[str, int] = {}
         for group in policy.groups:
-            reply = yield apply_policy_call(self.keyspace, group)
+            reply = yield apply_policy_call(self.keyspace, group, migrate=migrate)
             versions[group.name] = decode_apply_policy(group.name, reply)
         if previous is not None:
             for old in previous.groups:

@@ -9,12 +9,17 @@ hash fields), so they need no escaping at all.
 
 Layout for prefix ``rq`` and group ``g``::
 
-    rq:v1:{g}:policy   hash  published policy and fencing counter (no expiry)
-    rq:v1:{g}:demand   hash  "u:<tenant>" units held, "p:<tenant>" units waiting
-    rq:v1:{g}:exp      zset  "L<lease id>"/"P<request id>" -> expiry (ms, Redis time)
-    rq:v1:{g}:info     hash  "L<id>" -> "units:token:tenant", "P<id>" -> "units:seq:tenant"
-    rq:v1:{g}:queue    zset  waiting requests per tenant in arrival order (lex-ordered members)
-    rq:v1:{catalog}:catalog  string  the whole policy as JSON, for routing tenants
+    rq:v2:{g}:policy   hash  published policy (header, tenant specs) and fencing counter
+                             (no expiry)
+    rq:v2:{g}:demand   hash  "u:<tenant>" units held, "p:<tenant>" units waiting,
+                             "g" the group's incremental fair state
+    rq:v2:{g}:exp      zset  "L<lease id>"/"P<request id>" -> expiry (ms, Redis time)
+    rq:v2:{g}:info     hash  "L<id>" -> "units:token:tenant", "P<id>" -> "units:seq:tenant"
+    rq:v2:{g}:queue    zset  waiting requests per tenant in arrival order (lex-ordered members)
+    rq:v2:{g}:fair     zset  breakpoints lo/w and up/w of the active tenants
+    rq:v2:{catalog}:catalog  string  the whole policy as JSON, for routing tenants
+
+``lua/_codec.lua`` says how each value is written.
 
 Every key but the policy is given an expiry on every write, longer than the
 longest lease the policy allows: a group that goes idle leaves nothing behind.
@@ -28,11 +33,15 @@ import attrs
 
 from ratequota.errors import ConfigError, InvalidRequest, InvalidType
 
-__all__ = ["SCHEMA_VERSION", "GroupKeys", "KeySpace", "escape_tag"]
+__all__ = ["PREVIOUS_SCHEMA", "SCHEMA_VERSION", "GroupKeys", "KeySpace", "escape_tag"]
 
 #: Version of the key layout and script protocol. It is part of every key, and
 #: written into each group's policy so older clients can refuse newer state.
-SCHEMA_VERSION = 1
+#: 2: the incremental fair state ("g" in demand, the fair zset, the packed policy header).
+SCHEMA_VERSION = 2
+
+#: The key schema of the previous release, whose pods a rolling update meets.
+PREVIOUS_SCHEMA = 1
 
 #: The tag of the catalog key. Group tags escape '#', so none can equal it.
 _CATALOG_TAG = "#catalog"
@@ -51,23 +60,24 @@ def escape_tag(name: str) -> str:
 
 @attrs.frozen
 class GroupKeys:
-    """The five keys of one group, in the order every script receives them."""
+    """The six keys of one group, in the order every script receives them."""
 
     policy: str
     demand: str
     exp: str
     info: str
     queue: str
+    fair: str
 
     @property
     def all(self) -> list[str]:
-        """KEYS[1..5] of every group script."""
-        return [self.policy, self.demand, self.exp, self.info, self.queue]
+        """KEYS[1..6] of every group script."""
+        return [self.policy, self.demand, self.exp, self.info, self.queue, self.fair]
 
     @property
     def expiring(self) -> list[str]:
         """The keys that carry an expiry (everything but the policy)."""
-        return [self.demand, self.exp, self.info, self.queue]
+        return [self.demand, self.exp, self.info, self.queue, self.fair]
 
 
 def _check_prefix(_instance: object, _attr: object, value: object) -> None:
@@ -81,7 +91,9 @@ def _check_prefix(_instance: object, _attr: object, value: object) -> None:
 def _group_keys(prefix: str, schema: int, group: str) -> GroupKeys:
     """Key names are built on every call of the hot path: remember the recent groups'."""
     base = f"{prefix}:v{schema}:{{{escape_tag(group)}}}:"
-    return GroupKeys(base + "policy", base + "demand", base + "exp", base + "info", base + "queue")
+    return GroupKeys(
+        base + "policy", base + "demand", base + "exp", base + "info", base + "queue", base + "fair"
+    )
 
 
 @attrs.frozen
@@ -96,6 +108,15 @@ class KeySpace:
         if not isinstance(group, str):
             escape_tag(group)  # raises the ratequota error naming the field
         return _group_keys(self.prefix, self.schema, group)
+
+    def previous_layout(self, group: str) -> list[str]:
+        """The group's policy, demand, exp, info and queue keys in the layout of key schema 1.
+
+        Same prefix and hash tag (so the same slot as the group's keys): ``apply_policy``
+        tombstones that policy, and on request migrates the live leases out of it.
+        """
+        base = f"{self.prefix}:v{PREVIOUS_SCHEMA}:{{{escape_tag(group)}}}:"
+        return [base + name for name in ("policy", "demand", "exp", "info", "queue")]
 
     @property
     def catalog(self) -> str:

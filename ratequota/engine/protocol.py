@@ -29,7 +29,7 @@ from ratequota.decision import (
 )
 from ratequota.engine.keys import SCHEMA_VERSION, KeySpace
 from ratequota.engine.scripts import ScriptSpec, script
-from ratequota.errors import InvalidRequest, PolicyMissing, SchemaMismatch
+from ratequota.errors import InvalidRequest, LegacyLayout, PolicyMissing, SchemaMismatch
 from ratequota.policy import GroupPolicy, TenantPolicy
 
 __all__ = [
@@ -115,11 +115,14 @@ def apply_policy_call(
     *,
     recover_ms: int = 0,
     now_ms: int | None = None,
+    migrate: bool = False,
 ) -> ScriptCall:
     """Publish one group's policy; the digest skips a rewrite when nothing changed.
 
     ``recover_ms`` > 0 restores a policy Redis lost: leases granted before the
     loss may still live that long, so the group enters its recovery window.
+    ``migrate`` takes the group over from pods of the previous release (key
+    schema 1) still serving it; without it such a group is refused (``LegacyLayout``).
     """
     pairs: list[Arg] = []
     for tenant in group.tenants:
@@ -136,14 +139,18 @@ def apply_policy_call(
         digest,
         _clock(now_ms),
         recover_ms,
+        "1" if migrate else "0",
         *pairs,
     ]
-    return _call("apply_policy", group.name, [keyspace.group(group.name).policy], args)
+    keys = [*keyspace.group(group.name).all, *keyspace.previous_layout(group.name)]
+    return _call("apply_policy", group.name, keys, args)
 
 
 def decode_apply_policy(group: str, reply: Sequence[Any]) -> int:
     """The group's policy version after publishing."""
     status, value = int(reply[0]), int(reply[1])
+    if status == -2:
+        raise LegacyLayout(group, value, SCHEMA_VERSION)
     if status < 0:
         raise SchemaMismatch(group, value, SCHEMA_VERSION)
     return value

@@ -2,9 +2,12 @@
 
 Each script in ``lua/`` begins with a header naming its KEYS, ARGV and reply;
 ``ScriptSpec`` parses that header so the argument encoders (and the tests)
-can check every call against it. ``_lib.lua`` holds the functions the group
-scripts share; Redis has no ``require``, so it is prepended to each script
-here, once, and the SHA1 is that of the combined text.
+can check every call against it. The library files hold what the scripts
+share, each one idea: ``_fair.lua`` the rule alone (pure, mirrors
+``ratequota.fairness``), ``_codec.lua`` how values are written in the keys,
+``_state.lua`` the incremental group state, ``_lib.lua`` the lease
+operations. Redis has no ``require``, so they are prepended to each script
+here, once, in that order, and the SHA1 is that of the combined text.
 
 In a wheel the scripts live in ``ratequota/lua`` (hatch copies the top-level
 ``lua/`` there); in a source checkout or an editable install they are read
@@ -34,7 +37,8 @@ SCRIPT_NAMES = (
     "apply_policy",
 )
 
-_LIB = "_lib"
+#: Library files prepended to every script, in dependency order.
+LIBRARY = ("_fair", "_codec", "_state", "_lib")
 _KEY_LINE = re.compile(r"^-- KEYS\[(\d+)\]\s+(\w+)")
 _ARG_LINE = re.compile(r"^-- ARGV\[(\d+)(\.\.)?\]\s+(\S+)")
 
@@ -101,16 +105,64 @@ def parse_header(name: str, text: str) -> tuple[tuple[str, ...], tuple[str, ...]
     return tuple(keys), tuple(argv), variadic
 
 
+_DEFINITION = re.compile(r"^local (?:function )?([A-Za-z_]\w*)")
+_NAME = re.compile(r"[A-Za-z_]\w*")
+
+
+def library_parts(text: str) -> list[tuple[str, str]]:
+    """The top-level definitions of library text, in order: ``(name, source)`` each.
+
+    A definition starts at a ``local function NAME`` or ``local NAME =`` line at
+    column 0 and runs to the next one; comment lines just above a definition
+    belong to it, the file's opening comment to none.
+    """
+    parts: list[tuple[str, list[str]]] = []
+    pending: list[str] = []
+    for line in text.splitlines():
+        match = _DEFINITION.match(line)
+        if match:
+            parts.append((match.group(1), [*pending, line]))
+            pending = []
+        elif line.startswith("--") and (not parts or not parts[-1][1][-1].strip()):
+            pending.append(line)  # a comment after a blank line: it leads the next definition
+        elif parts:
+            parts[-1][1].extend([*pending, line])
+            pending = []
+        else:
+            pending = []  # the file's opening comment
+    return [(name, "\n".join(lines)) for name, lines in parts]
+
+
+def link(parts: list[tuple[str, str]], body: str) -> str:
+    """The definitions ``body`` uses, directly or through each other, in library order.
+
+    Redis runs a script's whole text on every call, and creating a closure
+    costs about as much as a cheap command: a script carries only the library
+    functions it can reach.
+    """
+    defined = dict(parts)
+    wanted: set[str] = set()
+    todo = [n for n in _NAME.findall(body) if n in defined]
+    while todo:
+        name = todo.pop()
+        if name not in wanted:
+            wanted.add(name)
+            todo.extend(n for n in _NAME.findall(defined[name]) if n in defined)
+    return "\n".join(source for name, source in parts if name in wanted)
+
+
 @functools.cache
 def load_scripts() -> dict[str, ScriptSpec]:
-    """Read, combine and hash every script once per process."""
+    """Read, link and hash every script once per process."""
     folder = _lua_dir()
-    lib = (folder / f"{_LIB}.lua").read_text(encoding="utf-8")
+    parts = library_parts(
+        "\n".join((folder / f"{n}.lua").read_text(encoding="utf-8") for n in LIBRARY)
+    )
     specs: dict[str, ScriptSpec] = {}
     for name in SCRIPT_NAMES:
         body = (folder / f"{name}.lua").read_text(encoding="utf-8")
         keys, argv, variadic = parse_header(name, body)
-        source = body if name == "apply_policy" else f"{lib}\n{body}"
+        source = f"{link(parts, body)}\n{body}"
         sha = hashlib.sha1(source.encode("utf-8")).hexdigest()
         specs[name] = ScriptSpec(name, source, sha, keys, argv, variadic)
     return specs

@@ -1,0 +1,96 @@
+-- _codec.lua: how values are written in a group's keys, in one place (no redis.call).
+--
+-- policy hash  hdr        "schema|version|C|ttl_ms|unknown|reserve|<default spec>"
+--              t:<tenant> spec "G|lendable|B|weight|max_units" (B, max_units may be empty)
+--              busy, recover, fence  integers (ms, ms, counter), written by the decisions
+-- demand hash  u:<t>, p:<t> units held / waiting; g  the group's fair state (pack_state);
+--              s: sentinel (see _lib.lua, "State loss")
+-- info hash    L<id> "units:token:tenant", P<id> "units:seq:tenant"     (entry)
+-- queue zset   "<len>:<tenant>|<seq, 16 digits>|<units>|<id>"           (queue_member)
+-- fair zset    "l|lo|up|w|tenant" at lo/w, "u|lo|up|w|tenant" at up/w  (point_member);
+--              "~" at -1: sentinel
+-- exp zset / info hash  also hold the sentinel "s:"
+
+-- Numbers written back: %.17g reads back to the same double and never uses an exponent for
+-- an integer below 2^53.
+local function fmt(x)
+  return string.format('%.17g', x)
+end
+
+-- An integer as exact decimal text: Redis's Lua prints 10^14 as "1e+14", which no reader
+-- parses back. Units and capacity are bounded by 2^50 (ratequota.policy.MAX_UNITS), so every
+-- sum the scripts form stays an exact double.
+local function int(x)
+  return string.format('%d', x)
+end
+
+-- Tenant spec "G|lendable|B|weight|max_units"; keep is the never-lent part G(1-l).
+local function parse_spec(spec)
+  local g, l, b, w, m = string.match(spec, '^([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)$')
+  local guarantee, lendable = tonumber(g), tonumber(l)
+  local ceiling = math.huge
+  if b ~= '' then ceiling = guarantee + tonumber(b) end
+  local max_units = math.huge
+  if m ~= '' then max_units = tonumber(m) end
+  return {g = guarantee, l = lendable, ceil = ceiling, w = tonumber(w), max = max_units,
+          keep = guarantee * (1 - lendable)}
+end
+
+-- The policy header, one field so that it and a tenant's spec are one HMGET.
+local function parse_header(hdr)
+  local schema, version, c, ttl, unknown, reserve, default =
+    string.match(hdr, '^(%d+)|(%d+)|(%d+)|(%d+)|(%a+)|([^|]+)|(.*)$')
+  return {schema = tonumber(schema), version = tonumber(version), capacity = tonumber(c),
+          ttl = tonumber(ttl), unknown = unknown, reserve = tonumber(reserve), default = default}
+end
+
+-- A lease ("units:token:tenant") or waiting ("units:seq:tenant") entry.
+local function parse_entry(info)
+  local u, n, tenant = string.match(info, '^(%d+):(%d+):(.*)$')
+  return tonumber(u), n, tenant
+end
+
+local function entry(units, n, tenant)
+  return int(units) .. ':' .. int(tonumber(n)) .. ':' .. tenant
+end
+
+-- A waiting request's place in its tenant's queue; the length prefix makes the
+-- tenant part unambiguous whatever characters the name holds.
+local function queue_member(tenant, seq, units, id)
+  return string.len(tenant) .. ':' .. tenant .. '|' .. string.format('%016d', tonumber(seq)) ..
+    '|' .. int(tonumber(units)) .. '|' .. id
+end
+
+-- A breakpoint of the fair zset; both of a tenant's points carry lo, up and w, so a walk
+-- that crosses one needs no other read.
+local function point_member(kind, lo, up, w, tenant)
+  return kind .. '|' .. fmt(lo) .. '|' .. fmt(up) .. '|' .. fmt(w) .. '|' .. tenant
+end
+
+local function parse_point(member)
+  local kind, lo, up, w, tenant = string.match(member, '^(.)|([^|]*)|([^|]*)|([^|]*)|(.*)$')
+  return kind, tonumber(lo), tonumber(up), tonumber(w), tenant
+end
+
+-- The group's fair state (see _state.lua): level, then the exact sums as (h, l) pairs —
+-- base, slope, Σlo, Σup, active reserve — then units held by the group.
+-- A level of INF (every tenant at its ceiling) is written as -1: Lua 5.3+ cannot read 'inf'.
+local function pack_state(st)
+  local lam = st.lam
+  if lam == math.huge then lam = -1 end
+  return fmt(lam) .. '|' .. fmt(st.bh) .. '|' .. fmt(st.bl) .. '|' .. fmt(st.wh) .. '|' ..
+    fmt(st.wl) .. '|' .. fmt(st.loh) .. '|' .. fmt(st.lol) .. '|' .. fmt(st.uph) .. '|' ..
+    fmt(st.upl) .. '|' .. fmt(st.kh) .. '|' .. fmt(st.kl) .. '|' .. fmt(st.used)
+end
+
+local function unpack_state(text)
+  if not text then
+    return {lam = 0, bh = 0, bl = 0, wh = 0, wl = 0, loh = 0, lol = 0, uph = 0, upl = 0,
+            kh = 0, kl = 0, used = 0}
+  end
+  local f = {}
+  for part in string.gmatch(text, '[^|]+') do f[#f + 1] = tonumber(part) end
+  if f[1] < 0 then f[1] = math.huge end
+  return {lam = f[1], bh = f[2], bl = f[3], wh = f[4], wl = f[5], loh = f[6], lol = f[7],
+          uph = f[8], upl = f[9], kh = f[10], kl = f[11], used = f[12]}
+end

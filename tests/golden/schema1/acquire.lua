@@ -1,0 +1,42 @@
+-- acquire.lua: admit or refuse a request for units under the group's fair limits (§3, §5).
+--
+-- KEYS[1] policy, KEYS[2] demand, KEYS[3] exp, KEYS[4] info, KEYS[5] queue   (one group, one slot)
+-- ARGV[1] now_ms      pinned clock in ms, or "" for Redis TIME
+-- ARGV[2] schema      key schema of the caller
+-- ARGV[3] tenant      tenant name
+-- ARGV[4] units       integer >= 1
+-- ARGV[5] lease_id    request id, the tenant's: a retry with the same id, tenant and units
+--                     returns the same lease (or keeps the same waiting registration)
+-- ARGV[6] ttl_ms      lease lifetime, <= the policy's max_lease_ttl
+-- ARGV[7] wait        "1": on refusal, register the units as pending demand
+-- ARGV[8] pending_ms  lifetime of that registration unless refreshed by a retry
+-- ARGV[9] purge       most expired entries to drop in this call
+--
+-- reply: {status, reason, expiry_ms, token, tenant_used, limit, group_used, capacity,
+--         retry_ms, version, replay}
+--   status 1 admitted (reason "admitted"), 0 refused (reason "too_large" | "tenant_limit" |
+--   "group_full" | "unknown_tenant" | "id_mismatch" | "recovering"), -1 error (reason
+--   "no_policy" | "schema" | "bad_ttl").
+--   limit is a string (%.17g); tenant_used/group_used are after the call; replay is 1 when an
+--   earlier attempt with the same lease_id had already been admitted. retry_ms is a hint; for
+--   the first QUEUE_PACED waiting requests of the tenant it grows with their place in line.
+--   token: fencing token, above every token of the group handed out before (even across a
+--   loss of Redis data: at least now_ms x 1000).
+--   "id_mismatch": lease_id names a lease or waiting request of another tenant or another
+--   number of units; nothing is charged or registered. "recovering": the group's state was
+--   lost while leases may still be live; new work is refused until the recovery window ends
+--   (retry_ms is the time left) while holders re-assert their leases (renew.lua).
+--
+-- Waiting requests of one tenant are served in arrival order: any other request of that tenant
+-- must leave room (in the tenant limit and in the group) for the tenant's oldest waiting
+-- request, so a large batch is not starved by a stream of small ones.
+
+local ctx, err = acquire_begin(now_ms(ARGV[1]), ARGV[2])
+if not ctx then return err end
+-- Prepared even for a ttl that acquire_one refuses: one request alone and the same request
+-- inside acquire_many leave the same state.
+acquire_prepare(ctx, tonumber(ARGV[9]))
+local reply = acquire_one(ctx, ARGV[3], tonumber(ARGV[4]), ARGV[5], tonumber(ARGV[6]),
+                          ARGV[7] == '1', tonumber(ARGV[8]))
+acquire_finish(ctx)
+return reply

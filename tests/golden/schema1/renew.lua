@@ -1,0 +1,83 @@
+-- renew.lua: extend a live lease, fenced, and say whether its tenant is above its fair limit (§5).
+--
+-- KEYS[1] policy, KEYS[2] demand, KEYS[3] exp, KEYS[4] info, KEYS[5] queue   (one group, one slot)
+-- ARGV[1] now_ms     pinned clock in ms, or "" for Redis TIME
+-- ARGV[2] schema     key schema of the caller
+-- ARGV[3] lease_id   the lease to extend
+-- ARGV[4] ttl_ms     new lifetime from now; above the policy's max_lease_ttl it is clamped to it
+-- ARGV[5] purge      most expired entries to drop in this call
+-- ARGV[6] tenant     the lease's tenant
+-- ARGV[7] units      the lease's units
+-- ARGV[8] token      the lease's fencing token, decimal
+-- ARGV[9] expiry_ms  the lease's expiry as the holder last learned it (Redis time)
+--
+-- reply: {status, reason, expiry_ms, over_limit, tenant_used, limit, group_used, capacity,
+--         ttl_ms}
+--   status 1: reason "renewed" (the lease was live) or "reasserted" (the group is recovering
+--     from lost state and the lease, live by its last known expiry, was written back with its
+--     id, tenant, units and token, within the capacity and the tenant's ceiling);
+--   status 0: reason "lost" (expired or unknown lease; or, recovering, it no longer fits) or
+--     "fenced" (lease_id names a lease of another tenant, token or units: nothing changed);
+--   status -1: error, reason "no_policy" | "schema" (capacity holds the newer schema).
+--   ttl_ms is the lifetime granted: the asked one, or the group's max_lease_ttl when that is
+--   lower (it was lowered under a held lease). over_limit is 1 when the tenant holds more than
+--   its fair limit now: a lender wants its guarantee back. limit is a string.
+
+local now = now_ms(ARGV[1])
+local member, tenant, units, token = 'L' .. ARGV[3], ARGV[6], tonumber(ARGV[7]), ARGV[8]
+local purge_limit = tonumber(ARGV[5])
+local policy, err = load_policy(ARGV[2])
+if not policy then return {-1, err[2], 0, 0, 0, '0', 0, err[10], 0} end
+local ttl = math.min(tonumber(ARGV[4]), policy.ttl)
+check_state(policy, now)
+
+local reason = 'renewed'
+local info = redis.call('HGET', KEYS[4], member)
+if info then
+  local held_units, held_token, owner = parse_info(info)
+  if owner ~= tenant or held_token ~= token or held_units ~= units then
+    purge(now, purge_limit)
+    return {0, 'fenced', 0, 0, 0, '0', 0, policy.capacity, 0}
+  end
+  local expiry = redis.call('ZSCORE', KEYS[3], member)
+  if not expiry or tonumber(expiry) <= now then
+    purge(now, purge_limit)
+    return {0, 'lost', 0, 0, 0, '0', 0, policy.capacity, 0}
+  end
+  purge(now, purge_limit)
+else
+  purge(now, purge_limit)
+  if not policy.recovering or tonumber(ARGV[9]) <= now or not string.match(token, '^%d+$') then
+    return {0, 'lost', 0, 0, 0, '0', 0, policy.capacity, 0}
+  end
+  -- Re-assert: the lease was granted before the state was lost and is live by its own expiry.
+  -- Everything re-asserted was admitted together once, so it fits again unless the policy
+  -- shrank meanwhile; what no longer fits is lost, never admitted above the capacity.
+  local used, _, group_used = load_demand()
+  local spec = load_specs({tenant}, policy)[tenant]
+  if not spec or group_used + units > policy.capacity or (used[tenant] or 0) + units > spec.ceil then
+    return {0, 'lost', 0, 0, 0, '0', 0, policy.capacity, 0}
+  end
+  redis.call('HSET', KEYS[4], member, int(units) .. ':' .. token .. ':' .. tenant)
+  redis.call('HINCRBY', KEYS[2], 'u:' .. tenant, int(units))
+  if policy.fence < tonumber(token) then
+    redis.call('HSET', KEYS[1], 'fence', token)
+    policy.fence = tonumber(token)
+  end
+  reason = 'reasserted'
+end
+
+local new_expiry = now + ttl
+redis.call('ZADD', KEYS[3], int(new_expiry), member)
+mark_busy(policy, new_expiry)
+touch(policy, false, now)
+
+local used, pending, group_used = load_demand()
+local demand, names = active_demand(used, pending)
+local specs = load_specs(names, policy)
+local rows = allocate(policy.capacity, policy.reserve, demand, specs)
+local limit = limit_of(rows, tenant)
+local tenant_used = used[tenant] or 0
+local over = 0
+if specs[tenant] and tenant_used > limit + EPSILON then over = 1 end
+return {1, reason, new_expiry, over, tenant_used, fmt(limit), group_used, policy.capacity, ttl}
