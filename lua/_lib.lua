@@ -154,7 +154,7 @@ local function limit_at(st, spec, d)
 end
 
 -- Decides one request (§3) and records it; returns acquire.lua's reply (see its header).
-local function acquire_one(ctx, tenant, units, id, ttl, wait, pending_ms)
+local function acquire_one(ctx, tenant, units, id, ttl, wait, pending_ms, shadow)
   local policy, now = ctx.policy, ctx.now
   if ttl > policy.ttl then
     return {-1, 'bad_ttl', 0, 0, 0, '0', 0, policy.capacity, 0, policy.version, policy.ttl}
@@ -228,6 +228,13 @@ local function acquire_one(ctx, tenant, units, id, ttl, wait, pending_ms)
     reason = 'group_full'
   end
 
+  -- Shadow mode: the decision is made in full, and a refusal for the tenant's limit or the
+  -- group's capacity admits anyway (a real lease), answered with that refusal's reason.
+  local shadowed = false
+  if shadow and (reason == 'tenant_limit' or reason == 'group_full') then
+    shadowed, reason = reason, 'admitted'
+  end
+
   if reason ~= 'admitted' then
     local retry_ms = pending_ms
     local first = redis.call('ZRANGE', KEYS[3], 0, 0, 'WITHSCORES')
@@ -280,8 +287,8 @@ local function acquire_one(ctx, tenant, units, id, ttl, wait, pending_ms)
   redis.call('HSET', KEYS[4], lease_member, info)
   ctx.entries[lease_member] = info
   ctx.touch = true
-  return {1, 'admitted', expiry, token, tenant_used + units, fmt(limit), ctx.st.used,
-          policy.capacity, 0, policy.version, 0}
+  return {1, shadowed or 'admitted', expiry, token, tenant_used + units, fmt(limit),
+          ctx.st.used, policy.capacity, 0, policy.version, 0}
 end
 
 -- Ends lease `id` of `tenant` whose fencing token is `token` (text, as stored), and withdraws

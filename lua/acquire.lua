@@ -11,10 +11,16 @@
 -- ARGV[7] wait        "1": on refusal, register the units as pending demand
 -- ARGV[8] pending_ms  lifetime of that registration unless refreshed by a retry
 -- ARGV[9] purge       most expired entries to drop in this call
+-- ARGV[10] shadow     "1": shadow mode for this request. A refusal for "tenant_limit" or
+--                     "group_full" admits instead, exactly like an admission (lease, token,
+--                     units charged), and the reply is status 1 with that refusal's reason.
+--                     Nothing else changes: too_large, unknown_tenant, id_mismatch and
+--                     recovering still refuse. "0" (or absent): enforce.
 --
 -- reply: {status, reason, expiry_ms, token, tenant_used, limit, group_used, capacity,
 --         retry_ms, version, replay}
---   status 1 admitted (reason "admitted"), 0 refused (reason "too_large" | "tenant_limit" |
+--   status 1 admitted (reason "admitted", or in shadow mode the would-be refusal's reason),
+--   0 refused (reason "too_large" | "tenant_limit" |
 --   "group_full" | "unknown_tenant" | "id_mismatch" | "recovering"), -1 error (reason
 --   "no_policy" | "schema" | "bad_ttl").
 --   limit is a string (%.17g); tenant_used/group_used are after the call; replay is 1 when an
@@ -39,6 +45,6 @@ if not ctx then return err end
 check_state(ctx)
 purge(ctx, tonumber(ARGV[9]))
 local reply = acquire_one(ctx, ARGV[3], tonumber(ARGV[4]), ARGV[5], tonumber(ARGV[6]),
-                          ARGV[7] == '1', tonumber(ARGV[8]))
+                          ARGV[7] == '1', tonumber(ARGV[8]), ARGV[10] == '1')
 flush(ctx, KEY_GRACE_MS)
 return reply

@@ -5,17 +5,18 @@
 -- ARGV[2] schema      key schema of the caller
 -- ARGV[3] pending_ms  lifetime of a waiting registration unless refreshed by a retry
 -- ARGV[4] purge       most expired entries to drop in this call
--- ARGV[5..] requests, five values each: tenant, units, lease_id, ttl_ms, wait ("1" or "0")
+-- ARGV[5..] requests, six values each: tenant, units, lease_id, ttl_ms, wait ("1" or "0"),
+--           shadow ("1" or "0": acquire.lua's shadow argument)
 --
 -- reply: one acquire.lua reply per request, in order (see acquire.lua's header). Each
 --   request is decided as if it had been sent alone right after the ones before it; the
 --   fixed work (clock, policy, purge, tenant specs, demand) is done once for all of them.
 --   When the policy is missing or of a newer schema, every request gets that error reply.
 
-local count = (#ARGV - 4) / 5
+local count = (#ARGV - 4) / 6
 local names, ids, fields = {}, {}, {'g'}
 for i = 1, count do
-  local base = 4 + (i - 1) * 5
+  local base = 4 + (i - 1) * 6
   names[i], ids[i] = ARGV[base + 1], ARGV[base + 3]
   fields[#fields + 1] = 'u:' .. names[i]
   fields[#fields + 1] = 'p:' .. names[i]
@@ -32,9 +33,10 @@ local pending_ms = tonumber(ARGV[3])
 prefetch_entries(ctx, ids)
 load_fields(ctx, fields)
 for i = 1, count do
-  local base = 4 + (i - 1) * 5
+  local base = 4 + (i - 1) * 6
   replies[i] = acquire_one(ctx, ARGV[base + 1], tonumber(ARGV[base + 2]), ARGV[base + 3],
-                           tonumber(ARGV[base + 4]), ARGV[base + 5] == '1', pending_ms)
+                           tonumber(ARGV[base + 4]), ARGV[base + 5] == '1', pending_ms,
+                           ARGV[base + 6] == '1')
 end
 flush(ctx, KEY_GRACE_MS)
 return replies

@@ -35,6 +35,7 @@ from ratequota.errors import (
     SchemaMismatch,
     UnknownTenant,
 )
+from ratequota.observe import DecisionEvent, Observer, Observers
 from ratequota.policy import GroupPolicy, Policy, TenantPolicy
 
 __all__ = [
@@ -47,6 +48,7 @@ __all__ = [
     "BackendUnavailable",
     "ConfigError",
     "Decision",
+    "DecisionEvent",
     "Explanation",
     "FailureStats",
     "GroupPolicy",
@@ -57,6 +59,8 @@ __all__ = [
     "LeaseInfo",
     "LegacyLayout",
     "Loan",
+    "Observer",
+    "Observers",
     "Policy",
     "PolicyFileError",
     "PolicyMissing",

@@ -93,6 +93,11 @@ class Decision:
     one. ``retry_after`` is a hint in seconds for when trying again may
     succeed: 0 when admitted, and 0 for ``too_large`` (trying again never
     helps). See docs/concepts.md, "What limit means".
+
+    ``shadow_refused``: admitted only because the group or tenant is in shadow
+    mode (``GroupPolicy.shadow`` / ``TenantPolicy.shadow``); enforcement would
+    have refused it, and ``reason`` says why (``tenant_limit`` or ``group_full``).
+    The lease is real: its units are held in Redis like any other.
     """
 
     admitted: bool
@@ -107,6 +112,7 @@ class Decision:
     retry_after: float = 0.0
     policy_version: int = 0
     lease: LeaseInfo | None = None
+    shadow_refused: bool = False
 
     def __bool__(self) -> bool:
         return self.admitted
@@ -114,6 +120,12 @@ class Decision:
     def describe(self) -> str:
         """One line for logs and exception messages; never prints NaN."""
         units = _units(self.units)
+        if self.shadow_refused:
+            return (
+                f"admitted {units} for tenant {self.tenant!r} in shadow mode; enforcing would "
+                f"refuse: {_WHY[self.reason]} (it holds {self.used}, its fair limit with this "
+                f"request is {self.limit:.4g}; group holds {self.group_used} of {self.capacity})"
+            )
         if self.admitted:
             lease = self.lease
             if lease is not None and lease.replay:

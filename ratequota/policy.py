@@ -77,6 +77,12 @@ def _check_tenant(instance: TenantPolicy, _attr: object, _value: str) -> None:
         raise ConfigError(f"{who}: weight", f"must be a finite number > 0, got {weight}")
     if instance.max_units is not None:
         _int_at_least(f"{who}: max_units", instance.max_units, 1)
+    _flag(f"{who}: shadow", instance.shadow)
+
+
+def _flag(field: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise ConfigError(field, f"must be true or false, got {value!r}")
 
 
 @attrs.frozen
@@ -87,7 +93,9 @@ class TenantPolicy:
     is the fraction of its *unused* guarantee others may borrow (the rest is
     kept idle for it); ``borrow_limit`` caps what it may hold above its
     guarantee (None: up to the capacity); ``weight`` sets its share of spare
-    capacity; ``max_units`` caps a single request.
+    capacity; ``max_units`` caps a single request. ``shadow``: the tenant's
+    requests are decided in full but never refused for its limit or the
+    group's capacity; such admissions are flagged and counted (docs/metrics.md).
     """
 
     name: str = attrs.field(validator=_check_tenant)
@@ -96,6 +104,7 @@ class TenantPolicy:
     borrow_limit: int | None = None
     weight: float = 1.0
     max_units: int | None = None
+    shadow: bool = False
 
     @property
     def reserve(self) -> float:
@@ -154,6 +163,7 @@ def _check_group(instance: GroupPolicy, _attr: object, _value: str) -> None:
         raise ConfigError(
             f"{who}: max_lease_ttl", f"must be within [1, {MAX_LEASE_TTL_LIMIT:g}] s, got {ttl}"
         )
+    _flag(f"{who}: shadow", instance.shadow)
 
 
 def _tenant_tuple(value: Iterable[TenantPolicy]) -> tuple[TenantPolicy, ...]:
@@ -170,6 +180,9 @@ class GroupPolicy:
     list: ``"refuse"`` raises ``UnknownTenant``, ``"default"`` treats it as
     ``default_tenant`` (which has no guarantee: strangers only borrow).
     ``max_lease_ttl`` bounds lease length, and so how long idle keys live.
+    ``shadow``: every tenant of the group is in shadow mode (see
+    ``TenantPolicy.shadow``): a way to roll out a policy and watch what it
+    would refuse before it does.
     """
 
     name: str = attrs.field(validator=_check_group)
@@ -178,6 +191,7 @@ class GroupPolicy:
     unknown_tenants: UnknownTenants = "refuse"
     default_tenant: TenantPolicy = TenantPolicy("*")
     max_lease_ttl: float = 3600.0
+    shadow: bool = False
 
     def tenant(self, name: str) -> TenantPolicy | None:
         """The policy of ``name``: listed, the default for strangers, or None if refused."""
@@ -208,6 +222,8 @@ class GroupPolicy:
             out["default_tenant"] = default
         if self.max_lease_ttl != 3600.0:
             out["max_lease_ttl"] = self.max_lease_ttl
+        if self.shadow:
+            out["shadow"] = True
         return out
 
 
@@ -300,6 +316,7 @@ class Policy:
                     "unknown_tenants",
                     "default_tenant",
                     "max_lease_ttl",
+                    "shadow",
                 },
             )
             for required in ("name", "capacity"):
@@ -314,7 +331,7 @@ class Policy:
                 default_data = dict(group_data["default_tenant"])
                 default_data.setdefault("name", "*")
                 extra["default_tenant"] = _tenant_from(f"{where}.default_tenant", default_data)
-            for key in ("unknown_tenants", "max_lease_ttl"):
+            for key in ("unknown_tenants", "max_lease_ttl", "shadow"):
                 if key in group_data:
                     extra[key] = group_data[key]
             groups.append(

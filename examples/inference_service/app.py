@@ -13,10 +13,11 @@ A plain ASGI application (no web framework) serving:
   inspect`` shows), as JSON; each tenant's ``limit`` is the most it may hold
   now if it asks, never below its ``guarantee``.
 * ``GET /healthz`` — 200 while the process runs.
+* ``GET /metrics`` — the quota client's Prometheus metrics (docs/metrics.md).
 
 Run it (with the embedded quota backend, or ``RATEQUOTA_URL`` naming a Redis)::
 
-    pip install uvicorn
+    pip install uvicorn 'ratequota[metrics]'
     RATEQUOTA_POLICY=examples/inference_service/policy.toml \\
         uvicorn examples.inference_service.app:app --port 8000
     curl -s localhost:8000/v1/batches -d '{"tenant": "acme", "items": ["a", "b"]}'
@@ -33,6 +34,8 @@ import os
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
 from ratequota import (
     AcquireTimeout,
     AsyncQuotaClient,
@@ -44,6 +47,7 @@ from ratequota import (
     UnknownTenant,
     explain,
 )
+from ratequota.metrics import PrometheusMetrics
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -92,9 +96,17 @@ async def run_model(items: list[str]) -> list[dict[str, Any]]:
 
 
 def create_app(
-    quota: AsyncQuotaClient, *, timeout: float = 2.0, policy_file: str | None = None
+    quota: AsyncQuotaClient,
+    *,
+    timeout: float = 2.0,
+    policy_file: str | None = None,
+    metrics: CollectorRegistry | None = None,
 ) -> ASGIApp:
-    """The service, enforcing quota through ``quota``; ``policy_file`` is published at start-up."""
+    """The service, enforcing quota through ``quota``; ``policy_file`` is published at start-up.
+
+    ``metrics``: the registry served at ``GET /metrics`` (the one the client's
+    ``PrometheusMetrics`` observer writes to).
+    """
 
     @quota.limit(
         tenant=lambda batch: batch.tenant, units=lambda batch: len(batch.items), timeout=timeout
@@ -158,6 +170,8 @@ def create_app(
             await respond(send, *(await batches(receive)))
         elif path.startswith("/v1/quota/") and method == "GET":
             await respond(send, *(await quota_of(path.removeprefix("/v1/quota/"))))
+        elif path == "/metrics" and method == "GET" and metrics is not None:
+            await respond_metrics(send, metrics)
         elif path == "/healthz":
             await respond(send, 200, {"ok": True})
         else:
@@ -233,8 +247,25 @@ async def respond(
     await send({"type": "http.response.body", "body": payload})
 
 
+async def respond_metrics(send: Send, registry: CollectorRegistry) -> None:
+    """Send the registry's metrics in Prometheus' text format (what a scrape reads)."""
+    payload = generate_latest(registry)
+    raw = [
+        (b"content-type", CONTENT_TYPE_LATEST.encode()),
+        (b"content-length", str(len(payload)).encode()),
+    ]
+    await send({"type": "http.response.start", "status": 200, "headers": raw})
+    await send({"type": "http.response.body", "body": payload})
+
+
+#: The metrics of the service's quota client, served at ``GET /metrics``.
+METRICS = PrometheusMetrics(CollectorRegistry())
+
 #: The application ``uvicorn examples.inference_service.app:app`` serves.
 app = create_app(
-    AsyncQuotaClient(os.environ.get("RATEQUOTA_URL") or os.environ.get("RATEQUOTA_REDIS_URL")),
+    AsyncQuotaClient(
+        os.environ.get("RATEQUOTA_URL") or os.environ.get("RATEQUOTA_REDIS_URL"), observer=METRICS
+    ),
     policy_file=os.environ.get("RATEQUOTA_POLICY"),
+    metrics=METRICS.registry,
 )

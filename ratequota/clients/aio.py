@@ -405,7 +405,15 @@ class AsyncQuotaClient(shell.ClientBase):
     # -- driving flows -----------------------------------------------------
 
     async def _run(self, flow: Flow[T]) -> T:
-        run = shell.Runner(flow, self.core.breakers, self._node_of, self._where)
+        core = self.core
+        run = shell.Runner(
+            flow,
+            core.breakers,
+            self._node_of,
+            self._where,
+            observer=core.observer,
+            clock=core.clock.monotonic,
+        )
         while run.op is not None:
             await run.astep(self._perform)
         return run.result()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import random
@@ -54,16 +55,21 @@ from ratequota.errors import (
     InvalidRequest,
     InvalidType,
     PolicyMissing,
+    QuotaExceeded,
     RequestIdConflict,
     RequestTooLarge,
     SchemaMismatch,
     UnknownTenant,
 )
+from ratequota.observe import DecisionEvent, DecisionResult, Observer
 from ratequota.policy import MAX_LEASE_TTL_LIMIT, MAX_UNITS, Policy
 
 __all__ = ["AcquireRequest", "Command", "Flow", "Op", "QuotaCore", "Settings", "Sleep"]
 
 T = TypeVar("T")
+
+#: Shadow-mode admissions are logged here (INFO), one line per admission.
+shadow_log = logging.getLogger("ratequota.shadow")
 
 
 @attrs.frozen
@@ -252,16 +258,34 @@ def validate_request_id(request_id: object) -> str:
 class QuotaCore:
     """Validation, routing and every flow; one instance per client."""
 
-    def __init__(self, settings: Settings | None = None, clock: Clock | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        clock: Clock | None = None,
+        observer: Observer | None = None,
+    ) -> None:
         self.settings = settings or Settings()
         self.clock: Clock = clock or SystemClock()
         self.keyspace = KeySpace(prefix=self.settings.prefix)
         self._catalog = _Catalog.of(None, -math.inf)
+        if observer is not None and not isinstance(observer, Observer):
+            raise ConfigError(
+                "observer", f"must be a ratequota.Observer, got {type(observer).__name__}"
+            )
+        #: Told of every decision, Redis call, held lease... (None: nothing is measured).
+        self.observer = observer
         s = self.settings
-        self.breakers = Breakers(s.breaker_failures, s.breaker_reset, self.clock.monotonic)
+        self.breakers = Breakers(
+            s.breaker_failures,
+            s.breaker_reset,
+            self.clock.monotonic,
+            listener=None if observer is None else observer.breaker,
+        )
         self.failure = FailureState(s.failure_mode, s.local_allowance, s.lease_ttl)
         self._fenced = 0
         self._fenced_lock = threading.Lock()  # guards _fenced only; never held across I/O
+        #: Shadow mode of the policy last read, indexed (replaced whole, by one assignment).
+        self._shadow = _ShadowIndex.of(None)
 
     @property
     def fenced_refusals(self) -> int:
@@ -358,6 +382,8 @@ class QuotaCore:
         policy restored once, then the request is retried.
         """
         name = yield from self.group_of(tenant, group)
+        if group is not None:
+            yield from self._recheck_shadow()
         try:
             decision = yield from self._acquire_once(tenant, units, name, lease_id, ttl_ms, wait)
         except PolicyMissing:
@@ -426,9 +452,51 @@ class QuotaCore:
             pending_ms=round(self.settings.pending_ttl * 1000),
             purge=self.settings.purge_limit,
             now_ms=self.clock.redis_ms(),
+            shadow=self.in_shadow(group, tenant),
         )
         reply = yield call
-        return decode_acquire(reply, group=group, tenant=tenant, units=units, lease_id=lease_id)
+        decision = decode_acquire(reply, group=group, tenant=tenant, units=units, lease_id=lease_id)
+        if decision.shadow_refused:
+            shadow_log.info("shadow mode: %s", decision.describe())
+        return decision
+
+    def _recheck_shadow(self) -> Flow[None]:
+        """Re-read a stale policy that has shadow mode somewhere, for calls naming their group.
+
+        Routing re-reads the policy every ``catalog_ttl``, but a call that
+        names its group skips routing: without this, a pod that saw a group in
+        shadow mode would keep admitting above its limits after the operator
+        turned enforcement back on. A policy without shadow mode costs
+        nothing here (a pod that never saw shadow mode enforces, the safe side).
+        """
+        catalog = self._catalog
+        stale = self.clock.monotonic() - catalog.loaded_at > self.settings.catalog_ttl
+        if stale and self._shadow_index().any:
+            with contextlib.suppress(BackendUnavailable):  # keep the last policy read
+                yield from self._read_catalog()
+
+    def _shadow_index(self) -> _ShadowIndex:
+        policy = self._catalog.policy
+        index = self._shadow
+        if index.policy is not policy:
+            index = self._shadow = _ShadowIndex.of(policy)
+        return index
+
+    def in_shadow(self, group: str, tenant: str) -> bool:
+        """Is ``tenant`` of ``group`` in shadow mode, by the policy this client last read?
+
+        Shadow mode is set per group or per tenant in the policy: the decision
+        runs in full, but a would-be refusal for the tenant's limit or the
+        group's capacity admits (``Decision.shadow_refused``). A pod picks up
+        a change with its routing, within ``catalog_ttl``.
+        """
+        index = self._shadow_index()
+        if not index.any:
+            return False
+        if group in index.groups or (group, tenant) in index.tenants:
+            return True
+        # A tenant the group does not list is its default tenant.
+        return group in index.defaults and self._catalog.routes.get(tenant) != group
 
     def request(
         self,
@@ -464,6 +532,17 @@ class QuotaCore:
 
     def try_acquire(self, request: AcquireRequest) -> Flow[Decision]:
         """Admit now or refuse now; a refusal is a ``Decision``, not an exception."""
+        if self.observer is None:
+            return (yield from self._try_acquire(request))
+        try:
+            decision = yield from self._try_acquire(request)
+        except (BackendUnavailable, UnknownTenant) as exc:
+            self._observe_error(request, exc)
+            raise
+        self._observe(decision)
+        return decision
+
+    def _try_acquire(self, request: AcquireRequest) -> Flow[Decision]:
         r = request
         try:
             return (
@@ -493,6 +572,92 @@ class QuotaCore:
         (§3 step 2) so fair limits account for it; each retry refreshes the
         registration, and giving up withdraws it.
         """
+        if self.observer is None:
+            decision = yield from self._acquire(request)
+        else:
+            started = self.clock.monotonic()
+            try:
+                decision = yield from self._acquire(request)
+            except QuotaExceeded as exc:
+                timed_out = isinstance(exc, AcquireTimeout)
+                waited = self.clock.monotonic() - started
+                self._observe(exc.decision, waited=waited, timed_out=timed_out)
+                raise
+            except (BackendUnavailable, UnknownTenant) as exc:
+                self._observe_error(request, exc, waited=self.clock.monotonic() - started)
+                raise
+            self._observe(decision, waited=self.clock.monotonic() - started)
+        assert decision.lease is not None
+        return decision.lease
+
+    def _observe(
+        self, decision: Decision, *, waited: float | None = None, timed_out: bool = False
+    ) -> None:
+        """Tell the observer an acquire's final outcome (the one place both clients report)."""
+        assert self.observer is not None
+        d = decision
+        result: DecisionResult = "refused"
+        reason: str = d.reason
+        if d.lease is not None and d.lease.synthetic:
+            result = "fallback_admitted"
+            reason = "fail_open" if self.failure.mode == "open" else "local_allowance"
+        elif d.shadow_refused:
+            result = "shadow_admitted"
+        elif d.admitted:
+            result = "admitted"
+        elif timed_out:
+            result = "timed_out"
+        synthetic = result == "fallback_admitted"
+        self.observer.decision(
+            DecisionEvent(
+                group=d.group,
+                tenant=d.tenant,
+                units=d.units,
+                result=result,
+                reason=reason,
+                used=None if synthetic else d.used,
+                limit=d.limit,
+                group_used=None if synthetic else d.group_used,
+                capacity=d.capacity,
+                guarantee=self._guarantee(d.group, d.tenant),
+                waited=waited,
+            )
+        )
+
+    def _observe_error(
+        self,
+        r: AcquireRequest,
+        error: BackendUnavailable | UnknownTenant,
+        *,
+        waited: float | None = None,
+    ) -> None:
+        """Report an acquire that raised: the tenant is unknown, or Redis is unreachable."""
+        assert self.observer is not None
+        if isinstance(error, UnknownTenant):
+            group = error.group or r.group or ""
+            result: DecisionResult = "refused"
+            reason = "unknown_tenant"
+        else:
+            group = r.group or self._catalog.routes.get(r.tenant, "")
+            result, reason = "failed", "backend_unavailable"
+        self.observer.decision(
+            DecisionEvent(
+                group=group,
+                tenant=r.tenant,
+                units=r.units,
+                result=result,
+                reason=reason,
+                waited=waited,
+            )
+        )
+
+    def _guarantee(self, group: str, tenant: str) -> int | None:
+        policy = self._catalog.policy
+        group_policy = None if policy is None else policy.group(group)
+        tenant_policy = None if group_policy is None else group_policy.tenant(tenant)
+        return None if tenant_policy is None else tenant_policy.guarantee
+
+    def _acquire(self, request: AcquireRequest) -> Flow[Decision]:
         r = request
         started = self.clock.monotonic()
         deadline = started + r.timeout
@@ -506,8 +671,7 @@ class QuotaCore:
             except BackendUnavailable as exc:
                 decision = self._fallback(exc, r)
             if decision.admitted:
-                assert decision.lease is not None
-                return decision.lease
+                return decision
             if decision.reason == "too_large":
                 raise RequestTooLarge(decision)
             if decision.reason == "id_mismatch":
@@ -628,6 +792,31 @@ class QuotaCore:
     def load_policy(self) -> Flow[Policy | None]:
         """Read the published policy (and route by it from now on)."""
         return (yield from self._read_catalog())
+
+
+@attrs.frozen
+class _ShadowIndex:
+    """Where ``policy`` has shadow mode: whole groups, (group, tenant) pairs, default tenants."""
+
+    policy: Policy | None
+    groups: frozenset[str]
+    tenants: frozenset[tuple[str, str]]
+    defaults: frozenset[str]
+
+    @property
+    def any(self) -> bool:
+        """True when some group, tenant or default tenant is in shadow mode."""
+        return bool(self.groups or self.tenants or self.defaults)
+
+    @classmethod
+    def of(cls, policy: Policy | None) -> _ShadowIndex:
+        groups = () if policy is None else policy.groups
+        return cls(
+            policy,
+            frozenset(g.name for g in groups if g.shadow),
+            frozenset((g.name, t.name) for g in groups for t in g.tenants if t.shadow),
+            frozenset(g.name for g in groups if g.default_tenant.shadow),
+        )
 
 
 def catalog_document(policy: Policy) -> str:

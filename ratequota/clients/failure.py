@@ -94,12 +94,23 @@ class CircuitBreaker:
 
 
 class Breakers:
-    """One ``CircuitBreaker`` per shard key, created on first use; safe across threads."""
+    """One ``CircuitBreaker`` per shard key, created on first use; safe across threads.
 
-    def __init__(self, failures: int, reset: float, clock: Callable[[], float]) -> None:
+    ``listener`` (the client's observer) hears every change of a shard's
+    state, called after the lock is released.
+    """
+
+    def __init__(
+        self,
+        failures: int,
+        reset: float,
+        clock: Callable[[], float],
+        listener: Callable[[str, BreakerState], None] | None = None,
+    ) -> None:
         self._failures, self._reset, self._clock = failures, reset, clock
         self._by_shard: dict[object, CircuitBreaker] = {}
         self._lock = threading.Lock()  # guards the state machines; never held across I/O
+        self._listener = listener
         self.fast_failures = 0
 
     def _breaker(self, shard: object) -> CircuitBreaker:
@@ -113,10 +124,16 @@ class Breakers:
         """The error to fail fast with when ``shard``'s breaker is open, else None."""
         with self._lock:
             breaker = self._breaker(shard)
-            if breaker.allow():
-                return None
-            self.fast_failures += 1
-            wait = breaker.retry_in()
+            before = breaker.state
+            allowed = breaker.allow()
+            after = breaker.state
+            if not allowed:
+                self.fast_failures += 1
+                wait = breaker.retry_in()
+        if after != before and self._listener is not None:
+            self._listener(str(shard), after)
+        if allowed:
+            return None
         return BackendUnavailable(
             f"Redis at {where} is unavailable (circuit open after repeated failures; "
             f"next probe in {wait:.3f}s)"
@@ -126,10 +143,14 @@ class Breakers:
         """Report how a call to ``shard`` went."""
         with self._lock:
             breaker = self._breaker(shard)
+            before = breaker.state
             if ok:
                 breaker.success()
             else:
                 breaker.failure()
+            after = breaker.state
+        if after != before and self._listener is not None:
+            self._listener(str(shard), after)
 
     def states(self) -> dict[object, BreakerState]:
         """Each known shard's breaker state, for health checks and tests."""

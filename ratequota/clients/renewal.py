@@ -30,6 +30,7 @@ from ratequota.clients.shell import Batch, LeaseBase
 from ratequota.decision import RenewResult
 from ratequota.engine.protocol import decode_renew
 from ratequota.errors import PolicyMissing, RateQuotaError
+from ratequota.observe import LostCause
 
 __all__ = ["RenewOutcome", "RenewalBook", "RenewerBase", "ThreadRenewer", "renew_many"]
 
@@ -109,30 +110,49 @@ class RenewalBook:
         return due, max(0.0, min(wait, IDLE_WAIT))
 
     def settle(self, lease: LeaseBase, outcome: RenewOutcome) -> None:
-        """Apply a renewal's outcome to a lease still held, and schedule the next one."""
-        now = self._clock()
+        """Apply a renewal's outcome to a lease still held, and schedule the next one.
+
+        The lease's observer hears the renewal's result (and a loss) after the
+        book's lock is released.
+        """
         with self._lock:
-            if lease not in self._due:
-                return  # released meanwhile: a "lost" answer would be about a lease we gave back
-            if isinstance(outcome, RateQuotaError):
-                if now >= self._ends.get(lease, math.inf):
-                    # No renewal got through before the lease's lifetime ran out.
-                    lease.lost = True
-                    self._forget(lease)
-                    return
-                retry = now + self._period(lease) * _RETRY_FRACTION
-                self._due[lease] = min(retry, self._ends.get(lease, math.inf))
-                return
-            lease.renewed(outcome)
-            if lease.lost:
+            settled, lost = self._apply(lease, outcome)
+        observer = lease.observer
+        if not settled or observer is None:
+            return
+        observer.renewal(
+            lease.info, "error" if isinstance(outcome, RateQuotaError) else outcome.reason
+        )
+        if lost is not None:
+            observer.lease_lost(lease.info, lost)
+
+    def _apply(self, lease: LeaseBase, outcome: RenewOutcome) -> tuple[bool, LostCause | None]:
+        """``settle`` under the lock: was the lease still held, and how it was lost if it now is."""
+        now = self._clock()
+        if lease not in self._due:
+            # Released meanwhile: a "lost" answer would be about a lease we gave back.
+            return False, None
+        if isinstance(outcome, RateQuotaError):
+            if now >= self._ends.get(lease, math.inf):
+                # No renewal got through before the lease's lifetime ran out.
+                newly = not lease.lost
+                lease.lost = True
                 self._forget(lease)
-                return
-            period = self._period(lease)
-            granted = outcome.ttl if outcome.ttl > 0 else self._ttl(lease)
-            # Clamped to a lowered max_lease_ttl: renew within what was granted.
-            period = min(period, granted * self.fraction)
-            self._ends[lease] = self._sent.get(lease, now) + granted
-            self._due[lease] = now + period
+                return True, "unrenewed" if newly else None
+            retry = now + self._period(lease) * _RETRY_FRACTION
+            self._due[lease] = min(retry, self._ends.get(lease, math.inf))
+            return True, None
+        cause = lease.record_renewal(outcome)
+        if lease.lost:
+            self._forget(lease)
+            return True, cause
+        period = self._period(lease)
+        granted = outcome.ttl if outcome.ttl > 0 else self._ttl(lease)
+        # Clamped to a lowered max_lease_ttl: renew within what was granted.
+        period = min(period, granted * self.fraction)
+        self._ends[lease] = self._sent.get(lease, now) + granted
+        self._due[lease] = now + period
+        return True, None
 
 
 def renew_many(

@@ -31,6 +31,7 @@ from ratequota.clock import Clock
 from ratequota.decision import LeaseInfo, ReleaseResult, RenewResult
 from ratequota.engine.protocol import ScriptCall
 from ratequota.errors import BackendUnavailable, InvalidRequest, InvalidType, RateQuotaError
+from ratequota.observe import LostCause, Observer
 
 __all__ = [
     "AcquireOptions",
@@ -44,6 +45,7 @@ __all__ = [
     "TryOptions",
     "UnitsSpec",
     "WaitOptions",
+    "call_name",
     "handler_arguments",
     "make_core",
     "node_lookup",
@@ -97,11 +99,16 @@ class AcquireOptions(WaitOptions, total=False):
     request_id: str | None
 
 
-def make_core(settings: Settings | None, clock: Clock | None, options: dict[str, Any]) -> QuotaCore:
+def make_core(
+    settings: Settings | None,
+    clock: Clock | None,
+    options: dict[str, Any],
+    observer: Observer | None = None,
+) -> QuotaCore:
     """The core of a new client, from ``settings`` or from ``Settings`` fields given as options."""
     if settings is not None and options:
         raise InvalidType("settings", "pass either settings=... or its fields, not both")
-    return QuotaCore(settings or Settings(**options), clock)
+    return QuotaCore(settings or Settings(**options), clock, observer)
 
 
 @attrs.frozen
@@ -134,6 +141,20 @@ def wire_call(op: ScriptCall | Command | LoadScript) -> tuple[str, tuple[Any, ..
     return "evalsha", (op.script.sha, len(op.keys), *op.keys, *op.args)
 
 
+def call_name(op: ScriptCall | Command | LoadScript | Batch) -> str:
+    """How a Redis call is labelled in metrics: its script, its command, or ``script_load``.
+
+    A pipelined ``Batch`` is one round trip, named by the script of its calls.
+    """
+    if isinstance(op, ScriptCall):
+        return op.script.name
+    if isinstance(op, Command):
+        return str(op.args[0]).lower()
+    if isinstance(op, LoadScript):
+        return "script_load"
+    return op.calls[0].script.name if op.calls else "pipeline"
+
+
 def pipeline_args(batch: Batch) -> list[tuple[Any, ...]]:
     """The EVALSHA arguments of each call of a batch, in order."""
     return [wire_call(call)[1] for call in batch.calls]
@@ -144,6 +165,8 @@ class Runner(Generic[T]):
 
     The shell's whole loop: ``while run.op is not None: run.step(perform)``
     (``await run.astep(perform)`` in the async client), then ``run.result()``.
+    With an ``observer``, every perform but a sleep is timed on ``clock`` and
+    reported as one Redis call (the one place both clients are measured).
     """
 
     def __init__(
@@ -152,11 +175,16 @@ class Runner(Generic[T]):
         breakers: Breakers,
         node_of: Callable[[str], object],
         where: str,
+        *,
+        observer: Observer | None = None,
+        clock: Callable[[], float] | None = None,
     ) -> None:
         self._flow = flow
         self._breakers = breakers
         self._node_of = node_of
         self._where = where
+        self._observer = observer
+        self._clock = clock
         self.op: Any = None
         self._result: Any = None
         self._reloaded = False
@@ -166,21 +194,40 @@ class Runner(Generic[T]):
 
     def step(self, perform: Callable[[Any], Any]) -> None:
         """Perform ``op`` with a blocking ``perform`` and feed the outcome to the flow."""
+        op, began = self.op, self._began()
         try:
-            value = perform(self.op)
+            value = perform(op)
         except Exception as exc:  # translated into a ratequota error, or re-raised if a bug
+            self._timed(op, began, is_noscript(exc))
             self.throw(exc)
         else:
+            self._timed(op, began, True)
             self.send(value)
 
     async def astep(self, perform: Callable[[Any], Awaitable[Any]]) -> None:
         """``step`` for an awaitable ``perform``."""
+        op, began = self.op, self._began()
         try:
-            value = await perform(self.op)
+            value = await perform(op)
         except Exception as exc:
+            self._timed(op, began, is_noscript(exc))
             self.throw(exc)
         else:
+            self._timed(op, began, True)
             self.send(value)
+
+    def _began(self) -> float | None:
+        if self._observer is None or self._clock is None or isinstance(self.op, Sleep):
+            return None
+        return self._clock()
+
+    def _timed(self, op: Any, began: float | None, ok: bool) -> None:
+        """Report one round trip; a NOSCRIPT reply is not an error (the script loads, once)."""
+        if began is None:
+            return
+        assert self._observer is not None and self._clock is not None
+        seconds = max(0.0, self._clock() - began)
+        self._observer.redis_call(str(self._node_of(op.route)), call_name(op), seconds, ok)
 
     def result(self) -> T:
         """The flow's return value, once ``op`` is None."""
@@ -276,6 +323,8 @@ class LeaseBase:
     over_limit: bool = False
     lost: bool = False
     released: bool = False
+    #: The client's observer, told once when the lease is found lost.
+    observer: Observer | None = attrs.field(default=None, kw_only=True, repr=False)
 
     @property
     def id(self) -> str:
@@ -314,19 +363,36 @@ class LeaseBase:
 
     def renewed(self, result: RenewResult) -> RenewResult:
         """Record a renewal's outcome."""
+        cause = self.record_renewal(result)
+        if cause is not None and self.observer is not None:
+            self.observer.lease_lost(self.info, cause)
+        return result
+
+    def record_renewal(self, result: RenewResult) -> LostCause | None:
+        """``renewed`` without telling the observer: how the lease was lost, if it just was."""
         if result.renewed:
             self.info = attrs.evolve(self.info, expires_at=result.expires_at)
             self.over_limit = result.over_limit
-        else:
-            self.lost = True
-        return result
+            return None
+        cause: LostCause = "fenced" if result.reason == "fenced" else "expired"
+        newly = not self.lost
+        self.lost = True
+        return cause if newly else None
 
     def ended(self, result: ReleaseResult) -> ReleaseResult:
         """Record the release's outcome."""
         self.released = True
-        if result.state in ("expired", "fenced"):
-            self.lost = True
+        if result.state == "expired":
+            self.mark_lost("expired")
+        elif result.state == "fenced":
+            self.mark_lost("fenced")
         return result
+
+    def mark_lost(self, cause: LostCause) -> None:
+        """The lease is gone (``cause`` says how); the observer hears it once per lease."""
+        if not self.lost and self.observer is not None:
+            self.observer.lease_lost(self.info, cause)
+        self.lost = True
 
 
 L = TypeVar("L", bound=LeaseBase)
@@ -350,14 +416,21 @@ class AcquisitionBase(Generic[L]):
         return self._client.core.acquire(self._request)  # type: ignore[no-any-return]
 
     def _granted(self, info: LeaseInfo) -> L:
-        lease = self._make_lease(info, self._request.ttl_ms / 1000, client=self._client)
+        observer = self._client.core.observer
+        lease = self._make_lease(
+            info, self._request.ttl_ms / 1000, client=self._client, observer=observer
+        )
         self._client.renewer.hold(lease)
         self._lease = lease
+        if observer is not None:
+            observer.lease_held(info)
         return lease
 
     def _leaving(self) -> L | None:
         """The lease to give back on exit, if it is still held."""
         lease, self._lease = self._lease, None
+        if lease is not None and lease.observer is not None:
+            lease.observer.lease_ended(lease.info)
         return lease if lease is not None and not lease.released else None
 
 
@@ -428,10 +501,15 @@ class ClientBase:
         backend: Any = None,
         settings: Settings | None = None,
         clock: Clock | None = None,
+        observer: Observer | None = None,
         **options: Any,
     ) -> None:
-        """Connect to ``url`` (or the embedded default); ``options`` are ``Settings`` fields."""
-        self.core = make_core(settings, clock, options)
+        """Connect to ``url`` (or the embedded default); ``options`` are ``Settings`` fields.
+
+        ``observer`` (e.g. ``ratequota.metrics.PrometheusMetrics``) is told of
+        every decision, Redis call, held and lost lease (``ratequota.observe``).
+        """
+        self.core = make_core(settings, clock, options, observer)
         if backend is None:
             timeout = self.core.settings.socket_timeout
             kind = type(self)
@@ -461,6 +539,7 @@ class ClientBase:
         shard_ids: Iterable[str] | None = None,
         settings: Settings | None = None,
         clock: Clock | None = None,
+        observer: Observer | None = None,
         **options: Any,
     ) -> Self:
         """A client on independent Redis shards; each group lives on one (rendezvous hashing).
@@ -475,7 +554,7 @@ class ClientBase:
             socket_timeout=core.settings.socket_timeout,
             shard_ids=None if shard_ids is None else list(shard_ids),
         )
-        return cls(backend=backend, settings=core.settings, clock=clock)
+        return cls(backend=backend, settings=core.settings, clock=clock, observer=observer)
 
     @classmethod
     def cluster(
@@ -484,6 +563,7 @@ class ClientBase:
         *,
         settings: Settings | None = None,
         clock: Clock | None = None,
+        observer: Observer | None = None,
         **options: Any,
     ) -> Self:
         """A client on a Redis Cluster, given any node's URL; the hash tag places each group.
@@ -492,4 +572,4 @@ class ClientBase:
         """
         core = make_core(settings, clock, options)
         backend = cls.cluster_backend(url, socket_timeout=core.settings.socket_timeout)
-        return cls(backend=backend, settings=core.settings, clock=clock)
+        return cls(backend=backend, settings=core.settings, clock=clock, observer=observer)

@@ -174,7 +174,15 @@ class QuotaClient(ClientBase):
     # -- driving flows -----------------------------------------------------
 
     def _run(self, flow: Flow[T]) -> T:
-        run = Runner(flow, self.core.breakers, self._node_of, self._where)
+        core = self.core
+        run = Runner(
+            flow,
+            core.breakers,
+            self._node_of,
+            self._where,
+            observer=core.observer,
+            clock=core.clock.monotonic,
+        )
         while run.op is not None:
             run.step(self._perform)
         return run.result()

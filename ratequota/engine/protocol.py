@@ -171,8 +171,9 @@ def acquire_call(
     pending_ms: int,
     purge: int,
     now_ms: int | None = None,
+    shadow: bool = False,
 ) -> ScriptCall:
-    """Arguments of acquire.lua, in its header's order."""
+    """Arguments of acquire.lua, in its header's order (``shadow``: see its header)."""
     args: list[Arg] = [
         _clock(now_ms),
         keyspace.schema,
@@ -183,6 +184,7 @@ def acquire_call(
         "1" if wait else "0",
         pending_ms,
         purge,
+        "1" if shadow else "0",
     ]
     return _call("acquire", group, keyspace.group(group).all, args)
 
@@ -195,6 +197,8 @@ def decode_acquire(
     if status < 0:
         _raise_error_reply(group, reason, reply[9] if reason == "schema" else reply[10])
     admitted = status == 1
+    # Shadow mode: admitted, and the reason names the refusal enforcement would have made.
+    shadow_refused = admitted and reason in ("tenant_limit", "group_full")
     capacity = int(reply[7])
     lease = None
     if admitted:
@@ -222,6 +226,7 @@ def decode_acquire(
         retry_after=0.0 if reason == "too_large" else int(reply[8]) / 1000.0,
         policy_version=int(reply[9]),
         lease=lease,
+        shadow_refused=shadow_refused,
     )
 
 
@@ -386,16 +391,19 @@ def decode_snapshot(reply: Sequence[Any], *, group: str) -> GroupSnapshot:
 def acquire_many_call(
     keyspace: KeySpace,
     group: str,
-    requests: Sequence[tuple[str, int, str, int, bool]],
+    requests: Sequence[tuple[str, int, str, int, bool] | tuple[str, int, str, int, bool, bool]],
     *,
     pending_ms: int,
     purge: int,
     now_ms: int | None = None,
 ) -> ScriptCall:
-    """Arguments of acquire_many.lua: ``(tenant, units, lease_id, ttl_ms, wait)`` per request."""
+    """Arguments of acquire_many.lua: ``(tenant, units, lease_id, ttl_ms, wait[, shadow])``
+    per request (``shadow`` defaults to False)."""
     flat: list[Arg] = []
-    for tenant, units, lease_id, ttl_ms, wait in requests:
-        flat += [tenant, units, lease_id, ttl_ms, "1" if wait else "0"]
+    for request in requests:
+        tenant, units, lease_id, ttl_ms, wait = request[:5]
+        shadow = len(request) > 5 and bool(request[5])
+        flat += [tenant, units, lease_id, ttl_ms, "1" if wait else "0", "1" if shadow else "0"]
     args: list[Arg] = [_clock(now_ms), keyspace.schema, pending_ms, purge, *flat]
     return _call("acquire_many", group, keyspace.group(group).all, args)
 
@@ -439,7 +447,7 @@ MERGES = (
         "acquire",
         "acquire_many",
         ("now_ms", "schema", "pending_ms", "purge"),
-        ("tenant", "units", "lease_id", "ttl_ms", "wait"),
+        ("tenant", "units", "lease_id", "ttl_ms", "wait", "shadow"),
     ),
     _Merge(
         "release", "release_many", ("now_ms", "schema", "purge"), ("lease_id", "tenant", "token")

@@ -88,6 +88,14 @@ class Sample:
 Steps = list[tuple[float, int]]
 
 
+def _has_shadow(group: GroupPolicy) -> bool:
+    """True when shadow mode may take ``group`` above its capacity (docs/metrics.md):
+    the group is in shadow mode, or one of its tenants (or its default tenant) is.
+    Such groups are left out of the capacity checks; their ``over_admission``
+    is still reported, as what enforcement would have prevented."""
+    return group.shadow or group.default_tenant.shadow or any(t.shadow for t in group.tenants)
+
+
 def step_function(intervals: Iterable[Interval]) -> Steps:
     """Units held over time as ``(time, level)`` steps, level holding until the next time.
 
@@ -336,12 +344,15 @@ def build_report(
         group = scenario.policy.group(sample.group)
         if group is None:
             continue
-        sampled_over = max(sampled_over, sample.used - sample.capacity)
+        if not _has_shadow(group):
+            sampled_over = max(sampled_over, sample.used - sample.capacity)
         if sum(sample.tenant_used.values()) != sample.used or sample.lease_units != sample.used:
             inconsistent += 1
         for name, units in sample.tenant_used.items():
             policy = group.tenant(name)
-            if policy is not None and units > policy.ceiling:
+            if policy is None or group.shadow or policy.shadow:
+                continue  # shadow mode admits above the limits on purpose
+            if units > policy.ceiling:
                 tenant_over = max(tenant_over, units - int(policy.ceiling))
     for group in scenario.policy.groups:
         loads = scenario.group_loads(group.name)
@@ -350,7 +361,8 @@ def build_report(
         mine = [iv for iv in intervals if iv.group == group.name]
         group_steps = step_function(mine)
         group_over = max(0, peak(group_steps) - group.capacity)
-        interval_over = max(interval_over, group_over)
+        if not _has_shadow(group):
+            interval_over = max(interval_over, group_over)
         expected = expected_limits(group, scenario)
         gaps: dict[str, Gap] = {}
         if requests is not None:
