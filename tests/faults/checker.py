@@ -38,7 +38,8 @@ What is checked (``Violation.kind``):
   ``replay_mismatch`` — a retried request id was answered with a lease of
   another tenant, or of other units, than the original;
   ``forgery_accepted`` — a release or renewal naming a lease's id with
-  another tenant or token was applied.
+  another tenant or token was applied (``forgery_after_state_loss`` in a
+  state-loss window, where a renewal re-asserts a lease Redis forgot).
 * ``foreign_error`` — a call raised something that is not a ratequota error;
   ``exit_raised`` — leaving ``acquire``'s block raised; ``pod_hung`` — a pod
   still ran long after the stop time; ``pod_crashed`` — a pod exited with an
@@ -629,7 +630,9 @@ def _check_calls(
                 f"{c['op']} of {c.get('lease_id')} as tenant {c.get('tenant')!r}, token "
                 f"{c.get('token')} (the lease's: {c.get('true_token')}) was accepted"
             )
-            report.violations.append(Violation("forgery_accepted", group, at, detail))
+            lost = _losses_at(windows, at) > 0
+            kind = "forgery_after_state_loss" if lost else "forgery_accepted"
+            report.violations.append(Violation(kind, group, at, detail))
         if c["op"] == "exit" and c.get("outcome") == "error" and c["error"] != "unfinished":
             detail = f"leaving acquire {c.get('lease_id')} raised {c['error']}: {c.get('message')}"
             report.violations.append(Violation("exit_raised", group, at, detail))

@@ -613,6 +613,8 @@ def allowed_kinds(profile: Profile) -> frozenset[str]:
     empty).
     """
     allowed = {"vanished_after_state_loss", "state_loss_overshoot"}
+    if "fenced-reassert" not in profile.flags:
+        allowed.add("forgery_after_state_loss")
     if "catalog" not in profile.flags:
         allowed.add("unknown_after_state_loss")
     return frozenset(allowed)

@@ -450,6 +450,8 @@ def test_an_accepted_forgery_is_reported() -> None:
         true_token=1, renewed=True,
     )  # fmt: skip
     assert kinds(run([admit("x", 100), renewed])) == {"forgery_accepted": 1}
+    lossy = run([admit("x", 100), renewed], faults=[state_loss(250, 260)])
+    assert kinds(lossy) == {"forgery_after_state_loss": 1}
 
 
 def test_a_killed_pod_may_have_released_in_its_last_call() -> None:

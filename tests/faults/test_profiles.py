@@ -54,7 +54,9 @@ def test_state_loss_checks_are_strict_and_catalog_makes_them_stricter() -> None:
     assert "unknown_after_state_loss" in driver.allowed_kinds(plain)
     assert "token_after_state_loss" not in driver.allowed_kinds(plain)
     assert driver.check_options(plain).state_loss_bound == 0
-    strict = profiles.from_environment({"RATEQUOTA_FAULTS_FLAGS": "eviction,catalog"})
+    strict = profiles.from_environment(
+        {"RATEQUOTA_FAULTS_FLAGS": "eviction,catalog,fenced-reassert"}
+    )
     assert driver.allowed_kinds(strict) == {"vanished_after_state_loss", "state_loss_overshoot"}
 
 
