@@ -524,6 +524,7 @@ class Run:
             "groups": {
                 t: g for g, group in zip(group_names(), TENANTS, strict=True) for t in group
             },
+            "forged_renewals": "fenced-reassert" in p.flags,
             "workers": p.workers,
             "ttl_range": list(p.ttl_range),
             "timeout_range": list(p.timeout_range),

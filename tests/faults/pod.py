@@ -66,6 +66,8 @@ class PodConfig:
         self.groups: dict[str, str] = dict(raw.get("groups", {}))  # tenant -> group
         #: retry a held lease's id as another tenant, or with other units (must be refused)
         self.foreign_replays: bool = bool(raw.get("foreign_replays", True))
+        #: forged renewals too (they can hijack a lost lease during a recovery window)
+        self.forged_renewals: bool = bool(raw.get("forged_renewals", False))
 
 
 @dataclass(frozen=True)
@@ -347,7 +349,12 @@ class Worker:
                 token=info.token + self.rng.choice((-1, 1)),
                 expires_at=info.expires_at,
             )
-        op = self.rng.choice(("forged_release", "forged_renew"))
+        ops = (
+            ("forged_release", "forged_renew")
+            if self.config.forged_renewals
+            else ("forged_release",)
+        )
+        op = self.rng.choice(ops)
         fields = lease_fields(forged) | {"expiry_ms": expiry_ms, "true_token": info.token}
         record = self.begin(op, deadline_s=0.0, **fields)
         try:

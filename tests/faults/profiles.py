@@ -26,10 +26,11 @@ joins the defaults once its fix is merged:
   has no attribute 'writelines'`` escapes ``AsyncQuotaClient.acquire``
   instead of a ratequota error (found by this harness; no fix on any branch
   yet).
-* ``fenced-reassert`` — adds no fault; a forged renewal accepted inside a
-  state-loss window fails the run. Today a renewal naming a lost lease's id
-  with a wrong token (or another tenant) re-asserts the lease under the
-  forged token during the recovery window, and the real holder's next
+* ``fenced-reassert`` — pods also send forged renewals (by default only
+  forged releases), and one accepted inside a state-loss window fails the
+  run. Today a renewal naming a lost lease's id with a wrong token (or
+  another tenant) re-asserts the lease under the forged token during the
+  recovery window, and the real holder's next
   renewal is refused as ``lost`` (found by this harness; no fix yet).
 * ``strict-deadline`` — adds no fault; a call must return within its
   deadline plus one socket timeout (the documented promise) instead of the
