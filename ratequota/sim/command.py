@@ -13,6 +13,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import attrs
 import redis
 
 from ratequota.clients.backends import translate_error
@@ -21,6 +22,7 @@ from ratequota.sim.fleet import run_scenario
 from ratequota.sim.picture import plot_timeline
 from ratequota.sim.report import render_report, report_to_dict
 from ratequota.sim.scenario import default_scenario, load_scenario
+from ratequota.sim.shadow import ShadowTally, in_shadow
 
 __all__ = ["add_arguments", "run"]
 
@@ -45,6 +47,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "no dependency) or .png (the plot extra, matplotlib)",
     )
     parser.add_argument("--no-plot", action="store_true", help="do not draw the picture")
+    parser.add_argument(
+        "--shadow",
+        action="store_true",
+        help="every group in shadow mode: admit all, report what enforcing would have refused",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument(
         "--json",
@@ -86,11 +93,21 @@ def run(args: argparse.Namespace, make_client: ClientFactory) -> int:
         f"for {scenario.duration:g} s ...",
         file=sys.stderr,
     )
-    result = run_scenario(scenario, next_pod, progress=None if args.quiet else sys.stderr)
+    tally = ShadowTally() if args.shadow else None
+    if tally is not None:
+        scenario = attrs.evolve(scenario, policy=in_shadow(scenario.policy))
+    result = run_scenario(
+        scenario, next_pod, progress=None if args.quiet else sys.stderr, observer=tally
+    )
     if args.json:
-        print(json.dumps(report_to_dict(result.report), indent=2))
+        document = report_to_dict(result.report)
+        if tally is not None:
+            document["shadow"] = tally.to_dict()
+        print(json.dumps(document, indent=2))
     else:
         print(render_report(result.report))
+        if tally is not None:
+            print("\n" + tally.render())
     if not args.no_plot:
         path = Path(args.plot)
         drawn = plot_timeline(result, scenario, path)

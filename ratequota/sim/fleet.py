@@ -31,6 +31,7 @@ import attrs
 from ratequota.clients.sync import QuotaClient
 from ratequota.clock import SystemClock
 from ratequota.errors import AcquireTimeout, RateQuotaError
+from ratequota.observe import Observer
 from ratequota.sim.measure import Request
 from ratequota.sim.scenario import Scenario, TenantLoad
 from ratequota.sim.stats import (
@@ -300,10 +301,12 @@ def run_scenario(
     make_client: Callable[[], QuotaClient],
     *,
     progress: TextIO | None = None,
+    observer: Observer | None = None,
 ) -> RunResult:
     """Play ``scenario`` with one client per pod from ``make_client``; report what happened.
 
-    Publishes the scenario's policy first (through the first pod). Raises
+    Publishes the scenario's policy first (through the first pod); ``observer``
+    hears every pod's decisions (``--shadow`` counts with it). Raises
     ``BackendUnavailable`` when the backend cannot be reached at start.
     """
     clients: list[QuotaClient] = []
@@ -313,6 +316,8 @@ def run_scenario(
             client = make_client()
             client.backend = CountingBackend(client.backend, pacing)
             client.core.clock = RecordingClock(pacing)
+            if observer is not None:
+                client.core.observer = observer
             clients.append(client)
         clients[0].apply_policy(scenario.policy)
         for client in clients[1:]:
