@@ -12,9 +12,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import socket
-import threading
-import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
@@ -33,6 +30,7 @@ from ratequota.metrics import PrometheusMetrics
 uvicorn = pytest.importorskip("uvicorn")
 
 from examples.inference_service.app import create_app  # noqa: E402
+from tests.test_example_service import serve  # noqa: E402
 
 POLICY = Path(__file__).resolve().parent.parent / "examples" / "inference_service" / "policy.toml"
 
@@ -82,25 +80,8 @@ def service() -> Iterator[Service]:
     metrics = PrometheusMetrics(CollectorRegistry())
     quota = AsyncQuotaClient(prefix=prefix, observer=metrics)
     app = create_app(quota, timeout=0.5, policy_file=str(POLICY), metrics=metrics.registry)
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    config = uvicorn.Config(app, lifespan="on", log_level="warning", access_log=False)
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            pytest.fail("the example service did not start within 10 s")
-        time.sleep(0.02)
-    try:
+    with serve(app) as port:
         yield Service(port, prefix)
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        sock.close()
 
 
 def test_metrics_count_the_answers_given(service: Service) -> None:

@@ -9,6 +9,7 @@ module, so a sync ``QuotaClient`` in the test sees the same state.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import socket
@@ -59,11 +60,9 @@ class Service:
             conn.close()
 
 
-@pytest.fixture(scope="module")
-def service() -> Iterator[Service]:
-    """The example app under uvicorn on 127.0.0.1 (free port), stopped by flag afterwards."""
-    prefix = f"example-{uuid.uuid4().hex[:8]}"
-    app = create_app(AsyncQuotaClient(prefix=prefix), timeout=0.5, policy_file=str(POLICY))
+@contextlib.contextmanager
+def serve(app: Any) -> Iterator[int]:
+    """Run ``app`` under uvicorn on 127.0.0.1 (a free port) until the block ends; the port."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
@@ -73,16 +72,25 @@ def service() -> Iterator[Service]:
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 10
-    while not server.started:
+    while not server.started:  # polls the server's own flag; the bound only stops a hang
         if time.monotonic() > deadline or not thread.is_alive():
             pytest.fail("the example service did not start within 10 s")
         time.sleep(0.02)
     try:
-        yield Service(port, prefix)
+        yield port
     finally:
         server.should_exit = True
         thread.join(timeout=10)
         sock.close()
+
+
+@pytest.fixture(scope="module")
+def service() -> Iterator[Service]:
+    """The example app under uvicorn on 127.0.0.1 (free port), stopped by flag afterwards."""
+    prefix = f"example-{uuid.uuid4().hex[:8]}"
+    app = create_app(AsyncQuotaClient(prefix=prefix), timeout=0.5, policy_file=str(POLICY))
+    with serve(app) as port:
+        yield Service(port, prefix)
 
 
 def test_batch_is_served_under_a_lease(service: Service) -> None:
