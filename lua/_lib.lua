@@ -154,7 +154,7 @@ local function limit_at(st, spec, d)
 end
 
 -- Decides one request (§3) and records it; returns acquire.lua's reply (see its header).
-local function acquire_one(ctx, tenant, units, id, ttl, wait, pending_ms, shadow)
+local function acquire_one(ctx, tenant, units, id, ttl, wait, pending_ms, shadow, amounts)
   local policy, now = ctx.policy, ctx.now
   if ttl > policy.ttl then
     return {-1, 'bad_ttl', 0, 0, 0, '0', 0, policy.capacity, 0, policy.version, policy.ttl}
@@ -192,6 +192,11 @@ local function acquire_one(ctx, tenant, units, id, ttl, wait, pending_ms, shadow
   if not spec then
     return {0, 'unknown_tenant', 0, 0, tenant_used, '0', st.used, policy.capacity, 0,
             policy.version, 0}
+  end
+  local metered = amounts ~= nil and #amounts > 0
+  if metered then  -- rate meters (_metered.lua): every name must be one of the policy's
+    local bad = meter_unknown(ctx, tenant, amounts)
+    if bad then return {-1, 'bad_meter', 0, 0, 0, '0', 0, policy.capacity, 0, policy.version, bad} end
   end
   if units <= math.min(policy.capacity, spec.ceil, spec.max) and policy.recovering then
     -- Leases granted before the state was lost may still run: admit nothing new until the
@@ -266,6 +271,19 @@ local function acquire_one(ctx, tenant, units, id, ttl, wait, pending_ms, shadow
             policy.version, 0}
   end
 
+  -- Rate meters decide with the lease, all or nothing (docs/rates.md): a refusing meter
+  -- refuses the lease and writes only its contention mark; in shadow mode it admits.
+  local meter_rows, meter_record = nil, nil
+  if metered then
+    local ok, rows, record, retry = meter_gate(ctx, tenant, amounts, shadow)
+    if not ok and not shadow then
+      return {0, 'meter', 0, 0, tenant_used, fmt(limit), st.used, policy.capacity, retry,
+              policy.version, 0, rows}
+    end
+    if not ok then shadowed = shadowed or 'meter' end
+    meter_rows, meter_record = rows, record
+  end
+
   if already_waiting then
     -- The registration is this request's own (same tenant, same units): its units move from
     -- waiting to held, the tenant's demand and so the level stay as they are.
@@ -287,8 +305,9 @@ local function acquire_one(ctx, tenant, units, id, ttl, wait, pending_ms, shadow
   redis.call('HSET', KEYS[4], lease_member, info)
   ctx.entries[lease_member] = info
   ctx.touch = true
+  if meter_record then redis.call('HSET', KEYS[4], 'R' .. id, meter_record) end
   return {1, shadowed or 'admitted', expiry, token, tenant_used + units, fmt(limit),
-          ctx.st.used, policy.capacity, 0, policy.version, 0}
+          ctx.st.used, policy.capacity, 0, policy.version, 0, meter_rows}
 end
 
 -- Ends lease `id` of `tenant` whose fencing token is `token` (text, as stored), and withdraws
@@ -305,7 +324,7 @@ local function release_one(ctx, id, tenant, token)
     local state = 'released'
     if expiry <= ctx.now then state = 'expired' end
     redis.call('ZREM', KEYS[3], member)
-    redis.call('HDEL', KEYS[4], member)
+    redis.call('HDEL', KEYS[4], member, 'R' .. id)  -- R: its meter reservations, if any
     ctx.entries[member] = false
     add_demand(ctx, tenant, -units, 0)
     settle(fair_state(ctx), ctx.policy)

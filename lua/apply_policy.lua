@@ -17,7 +17,11 @@
 --                     long from now (busy >= now + recover_ms, so the group recovers, see
 --                     acquire.lua); "0" when publishing
 -- ARGV[10] migrate    "1": take the group over from a live previous layout (see below)
--- ARGV[11..] tenant name, spec pairs
+-- ARGV[11] meters      the group's rate meters "name|rate|cap|reserve|floor|quantum|window;..."
+--                     in slot order (ratequota.rates.meter_limits, ticks), or "" for none
+-- ARGV[12] shares     the rate-meter shares of tenants the policy does not list
+--                     ("rate|ceil|cap|ccap|weight;..." per slot), or ""
+-- ARGV[13..] tenant name, spec, meter shares ("" without meters) triples
 --
 -- reply: {status, version}
 --   status 1 written (version is the new one), 0 unchanged (same digest; current version),
@@ -93,10 +97,16 @@ redis.call('HSET', KEYS[1], 'schema', schema, 'version', version, 'fence', int(f
   'digest', ARGV[7], 'hdr', header, 'busy', int(busy), 'recover', old[6] or 0)
 -- HSET in chunks: unpack() of a very long list overflows Lua's C stack.
 local specs, batch = {}, {}
-for i = 11, #ARGV, 2 do
+-- Rate meters (_metered.lua): written only when the policy has some.
+if ARGV[11] ~= '' then redis.call('HSET', KEYS[1], 'meters', ARGV[11], 'md', ARGV[12]) end
+for i = 13, #ARGV, 3 do
   specs[ARGV[i]] = ARGV[i + 1]
   batch[#batch + 1] = 't:' .. ARGV[i]
   batch[#batch + 1] = ARGV[i + 1]
+  if ARGV[i + 2] ~= '' then
+    batch[#batch + 1] = 'ms:' .. ARGV[i]
+    batch[#batch + 1] = ARGV[i + 2]
+  end
   if #batch >= 1000 then
     redis.call('HSET', KEYS[1], unpack(batch))
     batch = {}

@@ -33,16 +33,24 @@ def test_script_uses_only_declared_arguments(name: str) -> None:
 
 
 def test_group_scripts_share_the_key_layout() -> None:
-    """All group scripts take the same six keys, matching GroupKeys.all; apply_policy (which
-    rebuilds the fair state) takes them too, then the previous layout's five."""
+    """All group scripts take the same six keys, matching GroupKeys.all; those that decide or
+    settle rate meters take the meters' contention sets after them (GroupKeys.metered);
+    apply_policy (which rebuilds the fair state) takes the six, then the previous layout's five."""
     from ratequota.engine.keys import KeySpace
+    from ratequota.policy import MAX_METERS
 
     layout = KeySpace().group("g").all
     group_keys = ["policy", "demand", "exp", "info", "queue", "fair"]
-    for name in ("acquire", "acquire_many", "release", "release_many", "renew", "snapshot"):
+    for name in ("release", "release_many", "renew", "snapshot"):
         spec = load_scripts()[name]
         assert len(spec.keys) == len(layout)
         assert list(spec.keys) == group_keys
+    contention = [f"contend{i}" for i in range(1, MAX_METERS + 1)]
+    assert len(KeySpace().group("g").contention) == MAX_METERS
+    for name in ("acquire", "acquire_many", "settle"):
+        spec = load_scripts()[name]
+        assert len(spec.keys) == len(KeySpace().group("g").metered)
+        assert list(spec.keys) == group_keys + contention
     previous = ["old_policy", "old_demand", "old_exp", "old_info", "old_queue"]
     assert list(load_scripts()["apply_policy"].keys) == group_keys + previous
 

@@ -13,7 +13,7 @@ import functools
 import hashlib
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -22,12 +22,20 @@ from ratequota.decision import (
     Decision,
     GroupSnapshot,
     LeaseInfo,
+    MeterSettlement,
     Reason,
     ReleaseResult,
     RenewResult,
     TenantSnapshot,
 )
 from ratequota.engine.keys import SCHEMA_VERSION, KeySpace
+from ratequota.engine.meterwire import (
+    decode_meter_rows,
+    decode_settle_rows,
+    encode_amounts,
+    meters_field,
+    shares_field,
+)
 from ratequota.engine.scripts import ScriptSpec, script
 from ratequota.errors import InvalidRequest, LegacyLayout, PolicyMissing, SchemaMismatch
 from ratequota.policy import GroupPolicy, TenantPolicy
@@ -42,10 +50,12 @@ __all__ = [
     "decode_apply_policy",
     "decode_release",
     "decode_renew",
+    "decode_settle",
     "decode_snapshot",
     "release_call",
     "release_many_call",
     "renew_call",
+    "settle_call",
     "snapshot_call",
     "tenant_spec",
 ]
@@ -103,6 +113,8 @@ def _raise_error_reply(group: str, reason: str, detail: Any) -> None:
         raise InvalidRequest(
             "ttl", f"is above the max_lease_ttl of group {group!r} ({int(detail) / 1000:g}s)"
         )
+    if reason == "bad_meter":
+        raise InvalidRequest(_text(detail), f"group {group!r} has no rate meter of that name")
     raise AssertionError(f"unexpected script error reply {reason!r}")  # pragma: no cover
 
 
@@ -124,9 +136,11 @@ def apply_policy_call(
     ``migrate`` takes the group over from pods of the previous release (key
     schema 1) still serving it; without it such a group is refused (``LegacyLayout``).
     """
-    pairs: list[Arg] = []
+    metered = bool(group.meters)
+    triples: list[Arg] = []
     for tenant in group.tenants:
-        pairs += [tenant.name, tenant_spec(tenant)]
+        shares = shares_field(group, tenant) if metered else ""
+        triples += [tenant.name, tenant_spec(tenant), shares]
     content = json.dumps(group.to_dict(), sort_keys=True).encode("utf-8")
     digest = hashlib.sha256(content).hexdigest()[:32]
     args: list[Arg] = [
@@ -140,7 +154,9 @@ def apply_policy_call(
         _clock(now_ms),
         recover_ms,
         "1" if migrate else "0",
-        *pairs,
+        meters_field(group),
+        shares_field(group, group.default_tenant) if metered else "",
+        *triples,
     ]
     keys = [*keyspace.group(group.name).all, *keyspace.previous_layout(group.name)]
     return _call("apply_policy", group.name, keys, args)
@@ -172,8 +188,12 @@ def acquire_call(
     purge: int,
     now_ms: int | None = None,
     shadow: bool = False,
+    meters: Mapping[str, int] | None = None,
 ) -> ScriptCall:
-    """Arguments of acquire.lua, in its header's order (``shadow``: see its header)."""
+    """Arguments of acquire.lua, in its header's order (``shadow``, ``meters``: see its header).
+
+    ``meters`` are amounts already checked by ``meterwire.check_amounts``.
+    """
     args: list[Arg] = [
         _clock(now_ms),
         keyspace.schema,
@@ -185,12 +205,19 @@ def acquire_call(
         pending_ms,
         purge,
         "1" if shadow else "0",
+        encode_amounts(meters or {}),
     ]
-    return _call("acquire", group, keyspace.group(group).all, args)
+    return _call("acquire", group, keyspace.group(group).metered, args)
 
 
 def decode_acquire(
-    reply: Sequence[Any], *, group: str, tenant: str, units: int, lease_id: str
+    reply: Sequence[Any],
+    *,
+    group: str,
+    tenant: str,
+    units: int,
+    lease_id: str,
+    meters: Mapping[str, int] | None = None,
 ) -> Decision:
     """A ``Decision`` from acquire.lua's reply (see its header)."""
     status, reason = int(reply[0]), _text(reply[1])
@@ -198,7 +225,8 @@ def decode_acquire(
         _raise_error_reply(group, reason, reply[9] if reason == "schema" else reply[10])
     admitted = status == 1
     # Shadow mode: admitted, and the reason names the refusal enforcement would have made.
-    shadow_refused = admitted and reason in ("tenant_limit", "group_full")
+    shadow_refused = admitted and reason in ("tenant_limit", "group_full", "meter")
+    rates = decode_meter_rows(reply[11], meters or {}) if len(reply) > 11 else ()
     capacity = int(reply[7])
     lease = None
     if admitted:
@@ -222,11 +250,13 @@ def decode_acquire(
         limit=limit if not (lease and lease.replay) else math.nan,
         group_used=int(reply[6]),
         capacity=capacity,
-        # A request that can never fit has nothing to wait for: no retry hint.
-        retry_after=0.0 if reason == "too_large" else int(reply[8]) / 1000.0,
+        # A request that can never fit has nothing to wait for: no retry hint (-1: a meter's
+        # amount can never pass).
+        retry_after=0.0 if reason == "too_large" else max(0, int(reply[8])) / 1000.0,
         policy_version=int(reply[9]),
         lease=lease,
         shadow_refused=shadow_refused,
+        meters=rates,
     )
 
 
@@ -238,6 +268,7 @@ _REASONS: dict[str, Reason] = {
     "unknown_tenant": "unknown_tenant",
     "id_mismatch": "id_mismatch",
     "recovering": "recovering",
+    "meter": "meter",
 }
 
 
@@ -323,6 +354,33 @@ def decode_renew(reply: Sequence[Any], *, group: str) -> RenewResult:
     )
 
 
+def settle_call(
+    keyspace: KeySpace,
+    lease: LeaseInfo,
+    actuals: Mapping[str, int],
+    *,
+    now_ms: int | None = None,
+) -> ScriptCall:
+    """Arguments of settle.lua: the lease (id, tenant, token) and the checked actual amounts."""
+    args: list[Arg] = [
+        _clock(now_ms),
+        keyspace.schema,
+        lease.tenant,
+        lease.id,
+        str(lease.token),
+        encode_amounts(actuals),
+    ]
+    return _call("settle", lease.group, keyspace.group(lease.group).metered, args)
+
+
+def decode_settle(reply: Sequence[Any], *, group: str) -> tuple[MeterSettlement, ...]:
+    """One ``MeterSettlement`` per meter settled, from settle.lua's reply."""
+    status, reason = int(reply[0]), _text(reply[1])
+    if status < 0:
+        _raise_error_reply(group, reason, reply[2])
+    return decode_settle_rows(reply[2])
+
+
 # -- snapshot ----------------------------------------------------------------
 
 
@@ -391,21 +449,23 @@ def decode_snapshot(reply: Sequence[Any], *, group: str) -> GroupSnapshot:
 def acquire_many_call(
     keyspace: KeySpace,
     group: str,
-    requests: Sequence[tuple[str, int, str, int, bool] | tuple[str, int, str, int, bool, bool]],
+    requests: Sequence[tuple[Any, ...]],
     *,
     pending_ms: int,
     purge: int,
     now_ms: int | None = None,
 ) -> ScriptCall:
-    """Arguments of acquire_many.lua: ``(tenant, units, lease_id, ttl_ms, wait[, shadow])``
-    per request (``shadow`` defaults to False)."""
+    """Arguments of acquire_many.lua: ``(tenant, units, lease_id, ttl_ms, wait[, shadow[,
+    meters]])`` per request (``shadow`` defaults to False, ``meters`` to none)."""
     flat: list[Arg] = []
     for request in requests:
         tenant, units, lease_id, ttl_ms, wait = request[:5]
         shadow = len(request) > 5 and bool(request[5])
+        amounts: Mapping[str, int] = request[6] if len(request) > 6 else {}
         flat += [tenant, units, lease_id, ttl_ms, "1" if wait else "0", "1" if shadow else "0"]
+        flat.append(encode_amounts(amounts or {}))
     args: list[Arg] = [_clock(now_ms), keyspace.schema, pending_ms, purge, *flat]
-    return _call("acquire_many", group, keyspace.group(group).all, args)
+    return _call("acquire_many", group, keyspace.group(group).metered, args)
 
 
 def release_many_call(
@@ -447,7 +507,7 @@ MERGES = (
         "acquire",
         "acquire_many",
         ("now_ms", "schema", "pending_ms", "purge"),
-        ("tenant", "units", "lease_id", "ttl_ms", "wait", "shadow"),
+        ("tenant", "units", "lease_id", "ttl_ms", "wait", "shadow", "meters"),
     ),
     _Merge(
         "release", "release_many", ("now_ms", "schema", "purge"), ("lease_id", "tenant", "token")

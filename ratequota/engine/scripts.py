@@ -5,9 +5,11 @@ Each script in ``lua/`` begins with a header naming its KEYS, ARGV and reply;
 can check every call against it. The library files hold what the scripts
 share, each one idea: ``_fair.lua`` the rule alone (pure, mirrors
 ``ratequota.fairness``), ``_codec.lua`` how values are written in the keys,
-``_state.lua`` the incremental group state, ``_lib.lua`` the lease
-operations. Redis has no ``require``, so they are prepended to each script
-here, once, in that order, and the SHA1 is that of the combined text.
+``_state.lua`` the incremental group state, ``_meters.lua`` the rate-meter
+arithmetic (pure, mirrors ``ratequota.rates``), ``_metered.lua`` the meters
+kept in a group's keys, ``_lib.lua`` the lease operations. Redis has no
+``require``, so they are prepended to each script here, once, in that order,
+and the SHA1 is that of the combined text.
 
 In a wheel the scripts live in ``ratequota/lua`` (hatch copies the top-level
 ``lua/`` there); in a source checkout or an editable install they are read
@@ -35,10 +37,11 @@ SCRIPT_NAMES = (
     "renew",
     "snapshot",
     "apply_policy",
+    "settle",
 )
 
 #: Library files prepended to every script, in dependency order.
-LIBRARY = ("_fair", "_codec", "_state", "_lib")
+LIBRARY = ("_fair", "_codec", "_state", "_meters", "_metered", "_lib")
 _KEY_LINE = re.compile(r"^-- KEYS\[(\d+)\]\s+(\w+)")
 _ARG_LINE = re.compile(r"^-- ARGV\[(\d+)(\.\.)?\]\s+(\S+)")
 
