@@ -36,12 +36,24 @@ local function meter_fields(text)
   return f
 end
 
--- The group's meters by name ({slot, limits}) and the share table of `tenant` (by slot), read
--- once per call and tenant; nil when the policy has no meters or does not know the tenant.
+local function meter_parse_shares(text)
+  local shares = {}
+  for part in string.gmatch(text, '[^;]+') do
+    local f = meter_fields(part)
+    shares[#shares + 1] = {rate = tonumber(f[1]), ceil = tonumber(f[2]), cap = tonumber(f[3]),
+      ccap = tonumber(f[4]), weight = tonumber(f[5])}
+  end
+  return shares
+end
+
+-- The group's meters by name ({slot, limits, window}) and the share table of `tenant` (by
+-- slot), read once per call and tenant (the first read is one HMGET for both); nil when the
+-- policy has no meters or does not know the tenant.
 local function meter_policy(ctx, tenant)
+  local shares = ctx.meter_shares and ctx.meter_shares[tenant]
   if ctx.meters == nil then
     ctx.meters, ctx.meter_shares = false, {}
-    local raw = redis.call('HMGET', KEYS[1], 'meters', 'md')
+    local raw = redis.call('HMGET', KEYS[1], 'meters', 'md', 'ms:' .. tenant)
     if raw[1] and raw[1] ~= '' then
       ctx.meters = {}
       local slot = 0
@@ -53,24 +65,17 @@ local function meter_policy(ctx, tenant)
           window = tonumber(f[7])}
       end
       ctx.meter_default = raw[2]
+      shares = raw[3] and meter_parse_shares(raw[3]) or nil
+      if shares then ctx.meter_shares[tenant] = shares end
     end
   end
   if not ctx.meters then return nil, nil end
-  local shares = ctx.meter_shares[tenant]
   if shares == nil then
     local text = redis.call('HGET', KEYS[1], 'ms:' .. tenant)
     if not text and ctx.policy and ctx.policy.unknown == 'default' then
       text = ctx.meter_default
     end
-    shares = false
-    if text then
-      shares = {}
-      for part in string.gmatch(text, '[^;]+') do
-        local f = meter_fields(part)
-        shares[#shares + 1] = {rate = tonumber(f[1]), ceil = tonumber(f[2]), cap = tonumber(f[3]),
-          ccap = tonumber(f[4]), weight = tonumber(f[5])}
-      end
-    end
+    shares = text and meter_parse_shares(text) or false
     ctx.meter_shares[tenant] = shares
   end
   return ctx.meters, shares or nil
@@ -121,7 +126,8 @@ local function meter_put_tenant(ctx, slot, name, tenant, t, till)
   ctx.dirty[f] = true
   if till > ctx.now then
     redis.call('ZADD', KEYS[6 + slot], fmt(t.tag), tenant)
-    ctx.meter_touch = true
+    ctx.meter_touch = ctx.meter_touch or {}
+    ctx.meter_touch[slot] = true
   end
 end
 
@@ -144,13 +150,25 @@ end
 -- retry of the refusing meters (-1: one can never pass).
 local function meter_gate(ctx, tenant, amounts, shadow)
   local meters, shares = meter_policy(ctx, tenant)
-  local items = {}
+  local items, fields = {}, {}
+  for _, a in ipairs(amounts) do
+    fields[#fields + 1] = 'mg:' .. a.name
+    fields[#fields + 1] = 'mu:' .. a.name .. ':' .. tenant
+  end
+  load_fields(ctx, fields)  -- every meter's states in one HMGET
   for i, a in ipairs(amounts) do
     local m = meters[a.name]  -- checked by meter_unknown
+    local share = shares[m.slot]
     local g = meter_group_state(ctx, a.name)
     local t, till = meter_tenant_state(ctx, a.name, tenant)
-    local floor = meter_floor_of(ctx, m.slot, a.name)
-    local d = meter_decide(m.limits, shares[m.slot], g, t, a.amount, ctx.now, floor,
+    -- The floor matters only off the rate path: skip the read when the guarantee serves it.
+    local floor = nil
+    local need = a.amount * METER_TICKS
+    local at = meter_tenant_at(share, t, ctx.now)
+    if need > 0 and not (need <= share.cap and at.own >= need and at.ceil >= need) then
+      floor = meter_floor_of(ctx, m.slot, a.name)
+    end
+    local d = meter_decide(m.limits, share, g, t, a.amount, ctx.now, floor,
                            t ~= nil and till > ctx.now)
     items[i] = {a = a, m = m, share = shares[m.slot], d = d, till = till}
   end
@@ -200,7 +218,7 @@ end
 local function meter_expire(ctx, key_grace_ms)
   if not ctx.meter_touch then return end
   local ttl = int(math.max(ctx.policy.ttl, ctx.policy.busy - ctx.now) + key_grace_ms)
-  for slot = 1, #KEYS - 6 do redis.call('PEXPIRE', KEYS[6 + slot], ttl) end
+  for slot, _ in pairs(ctx.meter_touch) do redis.call('PEXPIRE', KEYS[6 + slot], ttl) end
 end
 
 -- Settles the reservations of lease `id` (named by tenant and fencing token) at the actual
