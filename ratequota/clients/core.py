@@ -18,20 +18,20 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
-import os
 import random
 import threading
 from collections.abc import Iterable
+from typing import Any
 
-from ratequota.clients.failure import Breakers, FailureState
+from ratequota.clients.failure import Breakers, FailureState, synthetic_renewal
+from ratequota.clients.reports import decision_event, error_event
 from ratequota.clients.requests import (
     AcquireRequest,
+    acquire_request,
     check_lease,
-    positive_seconds,
-    validate_request_id,
+    lease_ttl_ms,
+    new_request_id,
     validate_tenant,
-    validate_units,
 )
 from ratequota.clients.router import Router
 from ratequota.clients.settings import FIRST_PAUSE, LAST_PAUSE, Settings
@@ -53,17 +53,15 @@ from ratequota.errors import (
     BackendUnavailable,
     ConfigError,
     InvalidRequest,
-    InvalidType,
     PolicyMissing,
     QuotaExceeded,
     RequestIdConflict,
     RequestTooLarge,
     UnknownTenant,
 )
-from ratequota.observe import DecisionEvent, DecisionResult, Observer
-from ratequota.policy import MAX_LEASE_TTL_LIMIT
+from ratequota.observe import Observer
 
-__all__ = ["QuotaCore", "synthetic_renewal"]
+__all__ = ["QuotaCore"]
 
 #: Shadow-mode admissions are logged here (INFO), one line per admission.
 shadow_log = logging.getLogger("ratequota.shadow")
@@ -112,21 +110,9 @@ class QuotaCore(Router):
 
     def ttl_ms(self, ttl: float | None) -> int:
         """Lease lifetime in ms from seconds (None: the client's default)."""
-        seconds = self.settings.lease_ttl if ttl is None else positive_seconds("ttl", ttl)
-        if seconds > MAX_LEASE_TTL_LIMIT:
-            raise InvalidRequest("ttl", f"must be at most {MAX_LEASE_TTL_LIMIT:g}s")
-        return max(1, round(seconds * 1000))
+        return lease_ttl_ms(self.settings, ttl)
 
-    def timeout_seconds(self, timeout: float | None) -> float:
-        """How long a waiting acquire may wait (None: the client's default)."""
-        if timeout is None:
-            return self.settings.timeout
-        return positive_seconds("timeout", timeout, allow_zero=True)
-
-    @staticmethod
-    def new_request_id() -> str:
-        """A fresh request id: random, so concurrent pods never collide."""
-        return os.urandom(16).hex()
+    new_request_id = staticmethod(new_request_id)
 
     # -- acquire -------------------------------------------------------------
 
@@ -198,37 +184,9 @@ class QuotaCore(Router):
             shadow_log.info("shadow mode: %s", decision.describe())
         return decision
 
-    def request(
-        self,
-        tenant: str,
-        units: int,
-        *,
-        group: str | None = None,
-        ttl: float | None = None,
-        timeout: float | None = None,
-        request_id: str | None = None,
-        **unknown: object,
-    ) -> AcquireRequest:
-        """Validate an acquire's arguments (before any I/O) into a request.
-
-        A misspelt option is reported by its name and the options that exist,
-        never as a TypeError about this internal method.
-        """
-        if unknown:
-            raise InvalidType(
-                sorted(unknown)[0],
-                "unexpected keyword argument (the options are group, ttl, timeout and request_id)",
-            )
-        return AcquireRequest(
-            tenant=validate_tenant(tenant),
-            units=validate_units(units),
-            group=None if group is None else validate_tenant(group, "group"),
-            lease_id=self.new_request_id()
-            if request_id is None
-            else validate_request_id(request_id),
-            ttl_ms=self.ttl_ms(ttl),
-            timeout=self.timeout_seconds(timeout),
-        )
+    def request(self, tenant: str, units: int, **options: Any) -> AcquireRequest:
+        """Validate an acquire's arguments (before any I/O) into a request."""
+        return acquire_request(self.settings, tenant, units, **options)
 
     def try_acquire(self, request: AcquireRequest) -> Flow[Decision]:
         """Admit now or refuse now; a refusal is a ``Decision``, not an exception."""
@@ -296,34 +254,14 @@ class QuotaCore(Router):
     ) -> None:
         """Tell the observer an acquire's final outcome (the one place both clients report)."""
         assert self.observer is not None
-        d = decision
-        result: DecisionResult = "refused"
-        reason: str = d.reason
-        if d.lease is not None and d.lease.synthetic:
-            result = "fallback_admitted"
-            reason = "fail_open" if self.failure.mode == "open" else "local_allowance"
-        elif d.shadow_refused:
-            result = "shadow_admitted"
-        elif d.admitted:
-            result = "admitted"
-        elif timed_out:
-            result = "timed_out"
-        synthetic = result == "fallback_admitted"
-        self.observer.decision(
-            DecisionEvent(
-                group=d.group,
-                tenant=d.tenant,
-                units=d.units,
-                result=result,
-                reason=reason,
-                used=None if synthetic else d.used,
-                limit=d.limit,
-                group_used=None if synthetic else d.group_used,
-                capacity=d.capacity,
-                guarantee=self._guarantee(d.group, d.tenant),
-                waited=waited,
-            )
+        event = decision_event(
+            decision,
+            failure_mode=self.failure.mode,
+            policy=self._catalog.policy,
+            waited=waited,
+            timed_out=timed_out,
         )
+        self.observer.decision(event)
 
     def _observe_error(
         self,
@@ -334,29 +272,8 @@ class QuotaCore(Router):
     ) -> None:
         """Report an acquire that raised: the tenant is unknown, or Redis is unreachable."""
         assert self.observer is not None
-        if isinstance(error, UnknownTenant):
-            group = error.group or r.group or ""
-            result: DecisionResult = "refused"
-            reason = "unknown_tenant"
-        else:
-            group = r.group or self._catalog.routes.get(r.tenant, "")
-            result, reason = "failed", "backend_unavailable"
-        self.observer.decision(
-            DecisionEvent(
-                group=group,
-                tenant=r.tenant,
-                units=r.units,
-                result=result,
-                reason=reason,
-                waited=waited,
-            )
-        )
-
-    def _guarantee(self, group: str, tenant: str) -> int | None:
-        policy = self._catalog.policy
-        group_policy = None if policy is None else policy.group(group)
-        tenant_policy = None if group_policy is None else group_policy.tenant(tenant)
-        return None if tenant_policy is None else tenant_policy.guarantee
+        event = error_event(r, error, routes=self._catalog.routes, waited=waited)
+        self.observer.decision(event)
 
     def _acquire(self, request: AcquireRequest) -> Flow[Decision]:
         r = request
@@ -463,19 +380,6 @@ class QuotaCore(Router):
         )
         reply = yield call
         return decode_snapshot(reply, group=group)
-
-
-def synthetic_renewal(lease: LeaseInfo) -> RenewResult:
-    """Renewing a synthetic lease: nothing to extend in Redis, never over a limit."""
-    return RenewResult(
-        renewed=True,
-        expires_at=lease.expires_at,
-        over_limit=False,
-        used=lease.units,
-        limit=math.nan,
-        group_used=0,
-        capacity=0,
-    )
 
 
 def _jittered(hint: float, pause: float) -> float:

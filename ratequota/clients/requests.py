@@ -6,32 +6,26 @@ half-way through a flow (and never as a Redis error).
 
 from __future__ import annotations
 
-import math
+import os
 
 import attrs
 
+from ratequota.clients.settings import Settings, positive_seconds
 from ratequota.decision import LeaseInfo
 from ratequota.errors import InvalidRequest, InvalidType
-from ratequota.policy import MAX_UNITS
+from ratequota.policy import MAX_LEASE_TTL_LIMIT, MAX_UNITS
 
 __all__ = [
     "AcquireRequest",
+    "acquire_request",
     "check_lease",
-    "positive_seconds",
+    "lease_ttl_ms",
+    "new_request_id",
     "validate_request_id",
     "validate_tenant",
     "validate_units",
+    "wait_seconds",
 ]
-
-
-def positive_seconds(field: str, value: object, *, allow_zero: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise InvalidType(field, f"must be a number of seconds, got {value!r}")
-    seconds = float(value)
-    if not math.isfinite(seconds) or seconds < 0 or (seconds == 0 and not allow_zero):
-        low = ">= 0" if allow_zero else "> 0"
-        raise InvalidRequest(field, f"must be a finite number of seconds {low}, got {value!r}")
-    return seconds
 
 
 @attrs.frozen
@@ -84,3 +78,55 @@ def check_lease(lease: object) -> None:
     if isinstance(token, bool) or not isinstance(token, int) or token < 0:
         raise InvalidRequest("lease.token", f"must be an integer >= 0, got {token!r}")
     validate_units(lease.units)
+
+
+def lease_ttl_ms(settings: Settings, ttl: float | None, /) -> int:
+    """Lease lifetime in ms from seconds (None: the client's default)."""
+    seconds = settings.lease_ttl if ttl is None else positive_seconds("ttl", ttl)
+    if seconds > MAX_LEASE_TTL_LIMIT:
+        raise InvalidRequest("ttl", f"must be at most {MAX_LEASE_TTL_LIMIT:g}s")
+    return max(1, round(seconds * 1000))
+
+
+def wait_seconds(settings: Settings, timeout: float | None, /) -> float:
+    """How long a waiting acquire may wait (None: the client's default)."""
+    if timeout is None:
+        return settings.timeout
+    return positive_seconds("timeout", timeout, allow_zero=True)
+
+
+def new_request_id() -> str:
+    """A fresh request id: random, so concurrent pods never collide."""
+    return os.urandom(16).hex()
+
+
+def acquire_request(
+    settings: Settings,
+    tenant: str,
+    units: int,
+    /,
+    *,
+    group: str | None = None,
+    ttl: float | None = None,
+    timeout: float | None = None,
+    request_id: str | None = None,
+    **unknown: object,
+) -> AcquireRequest:
+    """Validate an acquire's arguments (before any I/O) into a request.
+
+    A misspelt option is reported by its name and the options that exist,
+    never as a TypeError about this internal function.
+    """
+    if unknown:
+        raise InvalidType(
+            sorted(unknown)[0],
+            "unexpected keyword argument (the options are group, ttl, timeout and request_id)",
+        )
+    return AcquireRequest(
+        tenant=validate_tenant(tenant),
+        units=validate_units(units),
+        group=None if group is None else validate_tenant(group, "group"),
+        lease_id=new_request_id() if request_id is None else validate_request_id(request_id),
+        ttl_ms=lease_ttl_ms(settings, ttl),
+        timeout=wait_seconds(settings, timeout),
+    )

@@ -2,18 +2,30 @@
 
 from __future__ import annotations
 
+import math
+
 import attrs
 
 from ratequota.clients.failure import FAILURE_MODES, FailureMode
-from ratequota.clients.requests import positive_seconds
-from ratequota.errors import ConfigError, InvalidRequest
+from ratequota.errors import ConfigError, InvalidRequest, InvalidType
 from ratequota.policy import MAX_LEASE_TTL_LIMIT
 
-__all__ = ["FIRST_PAUSE", "LAST_PAUSE", "Settings"]
+__all__ = ["FIRST_PAUSE", "LAST_PAUSE", "Settings", "positive_seconds"]
 
 #: Backoff between tries of a waiting acquire: from the first to the last, doubling.
 FIRST_PAUSE = 0.005
 LAST_PAUSE = 0.2
+
+
+def positive_seconds(field: str, value: object, *, allow_zero: bool = False) -> float:
+    """``value`` as seconds: a finite number > 0 (>= 0 with ``allow_zero``)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidType(field, f"must be a number of seconds, got {value!r}")
+    seconds = float(value)
+    if not math.isfinite(seconds) or seconds < 0 or (seconds == 0 and not allow_zero):
+        low = ">= 0" if allow_zero else "> 0"
+        raise InvalidRequest(field, f"must be a finite number of seconds {low}, got {value!r}")
+    return seconds
 
 
 def _setting_seconds(_instance: object, attribute: attrs.Attribute[float], value: object) -> None:
