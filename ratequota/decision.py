@@ -185,6 +185,11 @@ class Decision:
     shadow_refused: bool = False
     meters: tuple[MeterResult, ...] = ()
 
+    @property
+    def never_fits(self) -> bool:
+        """Refused for good: the units, or a meter's amount, exceed what can ever be held."""
+        return self.reason == "too_large" or any(m.reason == "too_large" for m in self.meters)
+
     def meter(self, name: str) -> MeterResult | None:
         """This decision's result on rate meter ``name`` (None: the request named no such meter)."""
         for result in self.meters:

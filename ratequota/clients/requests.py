@@ -7,11 +7,13 @@ half-way through a flow (and never as a Redis error).
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 
 import attrs
 
 from ratequota.clients.settings import Settings, positive_seconds
 from ratequota.decision import LeaseInfo
+from ratequota.engine.meterwire import check_amounts
 from ratequota.errors import InvalidRequest, InvalidType
 from ratequota.policy import MAX_LEASE_TTL_LIMIT, MAX_UNITS
 
@@ -20,6 +22,7 @@ __all__ = [
     "acquire_request",
     "check_lease",
     "lease_ttl_ms",
+    "meter_amounts",
     "new_request_id",
     "validate_request_id",
     "validate_tenant",
@@ -38,6 +41,8 @@ class AcquireRequest:
     lease_id: str
     ttl_ms: int
     timeout: float
+    #: Rate-meter amounts by meter name (docs/rates.md), decided with the lease.
+    meters: Mapping[str, int] = attrs.field(factory=dict)
 
 
 def validate_tenant(tenant: object, field: str = "tenant") -> str:
@@ -80,6 +85,24 @@ def check_lease(lease: object) -> None:
     validate_units(lease.units)
 
 
+def meter_amounts(
+    tokens: object = None, requests: object = None, meters: Mapping[str, object] | None = None
+) -> dict[str, int]:
+    """The rate-meter amounts of a call: ``tokens=``, ``requests=`` and any other ``meters=``.
+
+    Checked here (integers from 0 to 2**36, meter names as policies spell
+    them), so a bad amount never reaches Redis; naming one meter twice is an
+    error too.
+    """
+    named: dict[str, object] = dict(meters or {})
+    for name, value in (("tokens", tokens), ("requests", requests)):
+        if value is not None:
+            if name in named:
+                raise InvalidRequest(name, f"given twice (as {name}= and in meters=)")
+            named[name] = value
+    return check_amounts(named)
+
+
 def lease_ttl_ms(settings: Settings, ttl: float | None, /) -> int:
     """Lease lifetime in ms from seconds (None: the client's default)."""
     seconds = settings.lease_ttl if ttl is None else positive_seconds("ttl", ttl)
@@ -110,6 +133,9 @@ def acquire_request(
     ttl: float | None = None,
     timeout: float | None = None,
     request_id: str | None = None,
+    tokens: int | None = None,
+    requests: int | None = None,
+    meters: Mapping[str, int] | None = None,
     **unknown: object,
 ) -> AcquireRequest:
     """Validate an acquire's arguments (before any I/O) into a request.
@@ -120,7 +146,8 @@ def acquire_request(
     if unknown:
         raise InvalidType(
             sorted(unknown)[0],
-            "unexpected keyword argument (the options are group, ttl, timeout and request_id)",
+            "unexpected keyword argument (the options are group, ttl, timeout, request_id, "
+            "tokens, requests and meters)",
         )
     return AcquireRequest(
         tenant=validate_tenant(tenant),
@@ -129,4 +156,5 @@ def acquire_request(
         lease_id=new_request_id() if request_id is None else validate_request_id(request_id),
         ttl_ms=lease_ttl_ms(settings, ttl),
         timeout=wait_seconds(settings, timeout),
+        meters=meter_amounts(tokens, requests, meters),
     )

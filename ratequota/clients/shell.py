@@ -15,7 +15,7 @@ No lock is taken here; ``Breakers`` guard their few integers themselves.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Generator, Iterable
+from collections.abc import Callable, Generator, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypedDict, TypeVar
 
 import attrs
@@ -65,6 +65,16 @@ TenantSpec = Callable[..., str] | str
 UnitsSpec = Callable[..., int] | str | int
 
 
+class MeterOptions(TypedDict, total=False):
+    """Rate-meter amounts of a call (docs/rates.md): ``tokens``, ``requests``, or any meter
+    by name in ``meters``. At acquire they are the estimates decided with the lease; at
+    ``settle`` and ``release`` the actual amounts used."""
+
+    tokens: int | None
+    requests: int | None
+    meters: Mapping[str, int] | None
+
+
 class WaitOptions(TypedDict, total=False):
     """Keyword options of ``acquire`` and ``limit`` in both clients.
 
@@ -78,19 +88,28 @@ class WaitOptions(TypedDict, total=False):
     timeout: float | None
 
 
-class TryOptions(TypedDict, total=False):
+class TryOptions(MeterOptions, total=False):
     """Keyword options of ``try_acquire``: ``group`` and ``ttl`` as for ``acquire``,
-    ``request_id`` to make a retried call idempotent (the lease id)."""
+    ``request_id`` to make a retried call idempotent (the lease id), meter amounts."""
 
     group: str | None
     ttl: float | None
     request_id: str | None
 
 
-class AcquireOptions(WaitOptions, total=False):
-    """Keyword options of ``acquire``: ``WaitOptions`` plus ``request_id``."""
+class AcquireOptions(WaitOptions, MeterOptions, total=False):
+    """Keyword options of ``acquire``: ``WaitOptions``, ``request_id`` and meter amounts."""
 
     request_id: str | None
+
+
+class LimitOptions(WaitOptions, total=False):
+    """Keyword options of ``limit``: ``WaitOptions`` and meter amounts, each (like ``units``)
+    a constant, a parameter name of the handler, or a callable of its arguments."""
+
+    tokens: UnitsSpec | None
+    requests: UnitsSpec | None
+    meters: Mapping[str, UnitsSpec] | None
 
 
 def make_core(
@@ -259,6 +278,23 @@ def handler_arguments(
     get_tenant = _argument_getter(tenant, "tenant", signature)
     get_units = _argument_getter(units, "units", signature)
     return lambda *a, **k: (get_tenant(*a, **k), get_units(*a, **k))
+
+
+def meter_arguments(
+    handler: Callable[..., Any], options: Mapping[str, Any]
+) -> tuple[dict[str, Any], Callable[..., dict[str, Any]]]:
+    """How ``limit`` reads meter amounts from one call: (the other options, a function of the
+    handler's arguments giving ``meters=``). Specs are read like ``units``'s."""
+    rest = {k: v for k, v in options.items() if k not in ("tokens", "requests", "meters")}
+    specs: dict[str, object] = dict(options.get("meters") or {})
+    for name in ("tokens", "requests"):
+        if options.get(name) is not None:
+            specs[name] = options[name]
+    signature = inspect.signature(handler)
+    getters = {name: _argument_getter(spec, name, signature) for name, spec in specs.items()}
+    if not getters:
+        return rest, lambda *a, **k: {}
+    return rest, lambda *a, **k: {"meters": {n: get(*a, **k) for n, get in getters.items()}}
 
 
 def _argument_getter(spec: object, name: str, signature: inspect.Signature) -> Callable[..., Any]:
