@@ -54,6 +54,26 @@ _WHY = {
     "meter": "a rate meter refused",
 }
 
+
+@attrs.frozen
+class MeterSettlement:
+    """How one meter of a lease settled (``ratequota.rates.settle_reservation``).
+
+    ``outcome``: ``settled`` (``delta`` = actual − estimate tokens was charged,
+    once), ``replay`` (the same amount again: nothing), ``conflict`` (another
+    amount after the first: nothing), ``closed`` (the lease ended and keeps its
+    estimate), ``mismatch`` (another tenant's lease or token), ``unreserved``
+    (the lease reserved nothing on that meter). ``clipped`` (tokens) is what
+    the debt bound forgave (> 0) or a full bucket could not take back (< 0),
+    on the ceiling bucket.
+    """
+
+    name: str
+    outcome: Literal["settled", "replay", "conflict", "closed", "mismatch", "unreserved"]
+    delta: int = 0
+    clipped: float = 0.0
+
+
 #: Why one rate meter refused (docs/rates.md, "The rule").
 _METER_WHY = {
     "too_large": "larger than its buckets can ever hold",
@@ -97,25 +117,6 @@ class MeterResult:
 
 
 @attrs.frozen
-class MeterSettlement:
-    """How one meter of a lease settled (``ratequota.rates.settle_reservation``).
-
-    ``outcome``: ``settled`` (``delta`` = actual − estimate tokens was charged,
-    once), ``replay`` (the same amount again: nothing), ``conflict`` (another
-    amount after the first: nothing), ``closed`` (the lease ended and keeps its
-    estimate), ``mismatch`` (another tenant's lease or token), ``unreserved``
-    (the lease reserved nothing on that meter). ``clipped`` (tokens) is what
-    the debt bound forgave (> 0) or a full bucket could not take back (< 0),
-    on the ceiling bucket.
-    """
-
-    name: str
-    outcome: Literal["settled", "replay", "conflict", "closed", "mismatch", "unreserved"]
-    delta: int = 0
-    clipped: float = 0.0
-
-
-@attrs.frozen
 class LeaseInfo:
     """The facts of a granted lease: who holds how many units, until when, with which token.
 
@@ -139,6 +140,9 @@ class LeaseInfo:
     expires_at: float
     replay: bool = False
     synthetic: bool = False
+    #: The rate meters decided with this lease at admission (``Decision.meters``): what the
+    #: RateLimit headers of an admitted request show. Not part of the lease's identity.
+    meters: tuple[MeterResult, ...] = attrs.field(default=(), eq=False, repr=False)
 
 
 @attrs.frozen

@@ -33,6 +33,7 @@ __all__ = [
     "decision_headers",
     "go_duration",
     "headers",
+    "meter_headers",
     "meter_view",
     "openai_headers",
     "ratelimit",
@@ -88,6 +89,11 @@ def result_view(result: MeterResult) -> MeterView:
     )
 
 
+def meter_headers(results: Iterable[MeterResult]) -> dict[str, str]:
+    """The headers of some meters' results (an admitted lease's ``meters``, for instance)."""
+    return headers(result_view(m) for m in results)
+
+
 def decision_headers(decision: Decision) -> dict[str, str]:
     """Every header for a decision: its meters' fields, and ``Retry-After`` on any refusal.
 
@@ -95,7 +101,7 @@ def decision_headers(decision: Decision) -> dict[str, str]:
     carries its own hint as ``Retry-After`` too; a request that can never
     pass (too large) gets none. Shadow-mode admissions render as admissions.
     """
-    out = headers(result_view(m) for m in decision.meters)
+    out = meter_headers(decision.meters)
     refused = not decision.admitted and not decision.never_fits
     if refused and "Retry-After" not in out and decision.retry_after > 0:
         out["Retry-After"] = str(max(1, _seconds(round(decision.retry_after * 1000))))

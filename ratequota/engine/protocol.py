@@ -226,6 +226,7 @@ def decode_acquire(
             token=int(reply[3]),
             expires_at=int(reply[2]) / 1000.0,
             replay=int(reply[10]) == 1,
+            meters=rates,
         )
     limit = _num(reply[5])
     return Decision(
