@@ -31,7 +31,7 @@ local FAIR_ANCHOR = '~'
 -- hash, so that a batch of decisions reads each field once and writes it once.
 local function open_ctx(now, policy)
   return {now = now, policy = policy, cache = {}, dirty = {}, specs = {}, entries = {},
-          st = nil, st_dirty = false, touch = false, touch_queue = false}
+          st = nil, st_dirty = false, touch = false, touch_queue = false, whole = false}
 end
 
 -- Loads the demand-hash fields not cached yet, in one HMGET.
@@ -387,7 +387,7 @@ local function purge(ctx, limit)
   redis.call('ZREM', KEYS[3], unpack(dead))
   redis.call('HDEL', KEYS[4], unpack(dead))
   load_specs(ctx, names)
-  local fields = {}
+  local fields = {'g'}
   for _, name in ipairs(names) do
     fields[#fields + 1] = 'u:' .. name
     fields[#fields + 1] = 'p:' .. name
@@ -428,11 +428,18 @@ local function flush(ctx, key_grace_ms)
   ctx.dirty = {}
   if ctx.policy and (ctx.touch or #set > 0) then
     -- Leases granted under a longer max_lease_ttl (lowered since) are covered through busy.
-    local ttl = int(math.max(ctx.policy.ttl, ctx.policy.busy - ctx.now) + key_grace_ms)
-    redis.call('PEXPIRE', KEYS[2], ttl)
-    redis.call('PEXPIRE', KEYS[3], ttl)
-    redis.call('PEXPIRE', KEYS[4], ttl)
-    redis.call('PEXPIRE', KEYS[6], ttl)
-    if ctx.touch_queue then redis.call('PEXPIRE', KEYS[5], ttl) end
+    local ttl = math.max(ctx.policy.ttl, ctx.policy.busy - ctx.now) + key_grace_ms
+    -- demand, exp, info and fair always get their expiry together, so when this call saw all
+    -- four whole (check_state) one PTTL tells whether theirs still covers `ttl` but for a
+    -- slack of half the grace: the keys then still outlive every lease by that much, and a
+    -- busy group refreshes them about once per half grace instead of on every call.
+    local ms = int(ttl)
+    if not ctx.whole or redis.call('PTTL', KEYS[2]) < ttl - key_grace_ms / 2 then
+      redis.call('PEXPIRE', KEYS[2], ms)
+      redis.call('PEXPIRE', KEYS[3], ms)
+      redis.call('PEXPIRE', KEYS[4], ms)
+      redis.call('PEXPIRE', KEYS[6], ms)
+    end
+    if ctx.touch_queue then redis.call('PEXPIRE', KEYS[5], ms) end
   end
 end
