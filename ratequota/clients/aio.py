@@ -36,7 +36,6 @@ from ratequota.clients.backends import (
     _redact,
     _redis_from_url,
     embedded_server,
-    is_noscript,
     scrub,
     translate_error,
 )
@@ -46,11 +45,12 @@ from ratequota.clients.readiness import ReadinessReport
 from ratequota.clients.renewal import RenewerBase
 from ratequota.clients.requests import AcquireRequest
 from ratequota.clients.runner import REDIS_ERRORS
+from ratequota.clients.scripting import Load, exchange
 from ratequota.decision import Decision, GroupSnapshot, LeaseInfo, ReleaseResult, RenewResult
 from ratequota.engine.batching import BatchPolicy
+from ratequota.engine.coalesce import coalesce
 from ratequota.engine.ops import Batch, Compute, Flow, Sleep, Spawn, pipeline_args, wire_call
-from ratequota.engine.protocol import MERGES, coalesce
-from ratequota.engine.scripts import load_scripts, script
+from ratequota.engine.scripts import load_scripts
 from ratequota.errors import ConfigError, InvalidType
 from ratequota.policy import Policy
 
@@ -191,15 +191,15 @@ class _ShardBatcher:
         self._policy = policy
         self._bound = bound  # each round trip's timeout, from its send (the socket timeout)
         self._pipelines = pipelines
-        self._queue: list[tuple[tuple[str, tuple[Any, ...]], asyncio.Future[Any]]] = []
+        self._queue: list[tuple[Any, asyncio.Future[Any]]] = []
         self._in_flight = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self._cleanups: set[asyncio.Future[Any]] = set()  # cancelled calls winding down
 
-    def submit(self, call: tuple[str, tuple[Any, ...]]) -> asyncio.Future[Any]:
-        """Queue one (method, args) call; the future gets its reply or its exception."""
+    def submit(self, op: Any) -> asyncio.Future[Any]:
+        """Queue one wire op; the future gets its reply or its exception."""
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._queue.append((call, future))
+        self._queue.append((op, future))
         self._pump()
         return future
 
@@ -243,17 +243,14 @@ class _ShardBatcher:
             if not future.done():
                 future.set_exception(NoReply(f"{_NO_REPLY} (queued behind a round trip)"))
 
-    async def _send(
-        self, batch: list[tuple[tuple[str, tuple[Any, ...]], asyncio.Future[Any]]]
-    ) -> None:
-        calls = [call for call, _ in batch]
+    async def _send(self, batch: list[tuple[Any, asyncio.Future[Any]]]) -> None:
+        ops = [op for op, _ in batch]
         # Concurrent acquires (releases) of one group become one acquire_many (release_many)
         # call: one script run pays the clock, policy, purge and demand reads once for all.
-        wire, where = coalesce(calls) if len(calls) > 1 else (calls, [(0, None)])
+        wire, where = coalesce(ops) if len(ops) > 1 else (ops, [(0, None)])
         replies: list[Any]
         try:
-            replies = await self._exchange(wire)
-            await self._reload_merged(wire, replies)
+            replies = await self._round(wire)
         except BaseException as exc:  # every waiter hears about it, cancellation included
             replies = [exc] * len(wire)
         finally:
@@ -271,6 +268,34 @@ class _ShardBatcher:
             else:
                 future.set_result(reply)
         self._pump()
+
+    async def _round(self, wire: list[Any]) -> list[Any]:
+        """Send ``wire`` through the script exchange: NOSCRIPT loads and re-sends once.
+
+        The merged calls' callers never sent the ``_many`` script themselves, so
+        the reload happens here, for every call of the round trip alike. A load
+        or re-send that fails is the reply of the calls that needed it only.
+        """
+        run = exchange(wire)
+        request = next(run)
+        first = True
+        while True:
+            try:
+                if isinstance(request, Load):
+                    reply = await self._bounded(self._conn.script_load(request.source))
+                else:
+                    reply = await self._exchange([wire_call(op) for op in request.calls])
+            except Exception as exc:
+                if first:
+                    raise  # the first send: every call fails with it
+                step = functools.partial(run.throw, exc)
+            else:
+                step = functools.partial(run.send, reply)
+            first = False
+            try:
+                request = step()
+            except StopIteration as stop:
+                return list(stop.value)
 
     async def _exchange(self, wire: list[tuple[str, tuple[Any, ...]]]) -> list[Any]:
         """One round trip, at most one socket timeout; a call's error is its reply, in place."""
@@ -304,28 +329,6 @@ class _ShardBatcher:
         if not done:
             raise NoReply(f"{_NO_REPLY} within {self._bound:.3f}s")
         return task.result()
-
-    async def _reload_merged(
-        self, wire: list[tuple[str, tuple[Any, ...]]], replies: list[Any]
-    ) -> None:
-        """NOSCRIPT for a merged call: load its ``_many`` script and send it again, once.
-
-        The callers never sent the merged script themselves, so their own NOSCRIPT
-        rule (which reloads the script they did send) cannot recover it.
-        """
-        merged = {script(m.many).sha: script(m.many) for m in MERGES}
-        again = [
-            i
-            for i, ((_, args), reply) in enumerate(zip(wire, replies, strict=True))
-            if args and args[0] in merged and is_noscript(reply)
-        ]
-        if not again:
-            return
-        for sha in {wire[i][1][0] for i in again}:
-            await self._bounded(self._conn.script_load(merged[sha].source))
-        again_replies = await self._exchange([wire[i] for i in again])
-        for i, reply in zip(again, again_replies, strict=True):
-            replies[i] = reply
 
 
 _NO_REPLY = "no reply from Redis"
@@ -526,7 +529,7 @@ class AsyncQuotaClient(shell.ClientBase):
                 return replies
             return await _pipelined(conn, calls)
         # Each round trip is bounded in the batcher; a cancelled caller just drops its future.
-        return await self._batcher(op.route, conn).submit(wire_call(op))
+        return await self._batcher(op.route, conn).submit(op)
 
     def _batcher(self, route: str, conn: Any) -> _ShardBatcher:
         node = self._node_of(route)

@@ -9,14 +9,11 @@ for the error replies every script shares.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import math
 from collections.abc import Sequence
 from typing import Any
-
-import attrs
 
 from ratequota.decision import (
     Decision,
@@ -27,9 +24,10 @@ from ratequota.decision import (
     RenewResult,
     TenantSnapshot,
 )
+from ratequota.engine.coalesce import merged_args
 from ratequota.engine.keys import SCHEMA_VERSION, KeySpace
 from ratequota.engine.ops import Arg, ScriptCall
-from ratequota.engine.scripts import script
+from ratequota.engine.ops import script_call as _call
 from ratequota.errors import InvalidRequest, LegacyLayout, PolicyMissing, SchemaMismatch
 from ratequota.policy import GroupPolicy, TenantPolicy
 
@@ -37,7 +35,6 @@ __all__ = [
     "acquire_call",
     "acquire_many_call",
     "apply_policy_call",
-    "coalesce",
     "decode_acquire",
     "decode_apply_policy",
     "decode_release",
@@ -49,12 +46,6 @@ __all__ = [
     "snapshot_call",
     "tenant_spec",
 ]
-
-
-def _call(name: str, route: str, keys: Sequence[str], args: Sequence[Arg]) -> ScriptCall:
-    spec = script(name)
-    spec.check_call(len(keys), len(args))
-    return ScriptCall(spec, route, tuple(keys), tuple(args))
 
 
 def _text(value: Any) -> str:
@@ -373,7 +364,7 @@ def decode_snapshot(reply: Sequence[Any], *, group: str) -> GroupSnapshot:
     )
 
 
-# -- coalescing: several calls of one group in one script call -------------------
+# -- several calls of one group in one script call ----------------------------------
 
 
 def acquire_many_call(
@@ -386,14 +377,25 @@ def acquire_many_call(
     now_ms: int | None = None,
 ) -> ScriptCall:
     """Arguments of acquire_many.lua: ``(tenant, units, lease_id, ttl_ms, wait[, shadow])``
-    per request (``shadow`` defaults to False)."""
-    flat: list[Arg] = []
-    for request in requests:
-        tenant, units, lease_id, ttl_ms, wait = request[:5]
-        shadow = len(request) > 5 and bool(request[5])
-        flat += [tenant, units, lease_id, ttl_ms, "1" if wait else "0", "1" if shadow else "0"]
-    args: list[Arg] = [_clock(now_ms), keyspace.schema, pending_ms, purge, *flat]
-    return _call("acquire_many", group, keyspace.group(group).all, args)
+    per request (``shadow`` defaults to False).
+
+    Built from one ``acquire_call`` per request, merged as the async client's
+    coalescing merges concurrent acquires (``ratequota.engine.coalesce``).
+    """
+    calls = [
+        acquire_call(
+            keyspace,
+            group,
+            *request[:4],
+            wait=bool(request[4]),
+            pending_ms=pending_ms,
+            purge=purge,
+            now_ms=now_ms,
+            shadow=len(request) > 5 and bool(request[5]),
+        )
+        for request in requests
+    ]
+    return _call("acquire_many", group, keyspace.group(group).all, merged_args(calls))
 
 
 def release_many_call(
@@ -405,109 +407,10 @@ def release_many_call(
     now_ms: int | None = None,
 ) -> ScriptCall:
     """Arguments of release_many.lua: ``(lease_id, tenant, token)`` per release."""
-    flat: list[Arg] = []
-    for lease_id, tenant, token in leases:
-        flat += [lease_id, tenant, str(token)]
-    args: list[Arg] = [_clock(now_ms), keyspace.schema, purge, *flat]
-    return _call("release_many", group, keyspace.group(group).all, args)
-
-
-WireCall = tuple[str, tuple[Any, ...]]
-
-
-@attrs.frozen
-class _Merge:
-    """How calls of one script merge into its ``_many`` sibling.
-
-    ``shared`` arguments must be equal for calls to merge and lead the merged
-    call's ARGV; ``each`` are the per-call arguments that follow, call by call.
-    """
-
-    single: str
-    many: str
-    shared: tuple[str, ...]
-    each: tuple[str, ...]
-
-
-#: Read against the scripts' headers: the names are ARGV names of the single script.
-MERGES = (
-    _Merge(
-        "acquire",
-        "acquire_many",
-        ("now_ms", "schema", "pending_ms", "purge"),
-        ("tenant", "units", "lease_id", "ttl_ms", "wait", "shadow"),
-    ),
-    _Merge(
-        "release", "release_many", ("now_ms", "schema", "purge"), ("lease_id", "tenant", "token")
-    ),
-)
-
-
-@attrs.frozen
-class _Plan:
-    """A merge resolved against the loaded scripts: SHAs and argument positions."""
-
-    merge: _Merge
-    single_sha: str
-    keys_end: int  # wire arguments [2:keys_end] are the keys
-    shared: tuple[int, ...]
-    each: tuple[int, ...]
-
-
-@functools.cache
-def _plans() -> dict[str, _Plan]:
-    plans = {}
-    for merge in MERGES:
-        spec = script(merge.single)
-        first_arg = 2 + len(spec.keys)  # after the SHA and the key count
-        plans[spec.sha] = _Plan(
-            merge,
-            spec.sha,
-            first_arg,
-            tuple(first_arg + spec.argv.index(n) for n in merge.shared),
-            tuple(first_arg + spec.argv.index(n) for n in merge.each),
+    calls = [
+        release_call(
+            keyspace, group, lease_id, tenant=tenant, token=token, purge=purge, now_ms=now_ms
         )
-    return plans
-
-
-def coalesce(calls: Sequence[WireCall]) -> tuple[list[WireCall], list[tuple[int, int | None]]]:
-    """Merge the acquires (and the releases) of one group queued together into one call each.
-
-    Returns the wire calls to send, in order, and for every input call where
-    its reply is: ``(index of the wire call, index inside that call's list of
-    replies)``, the second None when the call is sent unchanged. Calls merge
-    only with calls of the same script, group and shared arguments, and only
-    two or more; the ``_many`` scripts decide them in order, exactly as if
-    they had been sent one after another.
-    """
-    plans = _plans()
-    buckets: dict[tuple[Any, ...], list[int]] = {}
-    for index, (method, args) in enumerate(calls):
-        plan = plans.get(args[0]) if method == "evalsha" and args else None
-        if plan is not None:
-            # The first key names the group (all its keys derive from it).
-            key = (plan.single_sha, args[2], *[args[i] for i in plan.shared])
-            buckets.setdefault(key, []).append(index)
-    merged = {members[0]: members for members in buckets.values() if len(members) > 1}
-    if not merged:
-        return list(calls), [(i, None) for i in range(len(calls))]
-    absorbed = {i for members in merged.values() for i in members[1:]}
-    wire: list[WireCall] = []
-    where: list[tuple[int, int | None]] = [(0, None)] * len(calls)
-    for index, call in enumerate(calls):
-        if index in absorbed:
-            continue
-        if index not in merged:
-            wire.append(call)
-            where[index] = (len(wire) - 1, None)
-            continue
-        members = merged[index]
-        args = call[1]
-        plan = plans[args[0]]
-        keys = args[2 : plan.keys_end]
-        each = [calls[m][1][i] for m in members for i in plan.each]
-        many = _call(plan.merge.many, "", keys, [*(args[i] for i in plan.shared), *each])
-        wire.append(("evalsha", (many.script.sha, len(keys), *keys, *many.args)))
-        for position, member in enumerate(members):
-            where[member] = (len(wire) - 1, position)
-    return wire, where
+        for lease_id, tenant, token in leases
+    ]
+    return _call("release_many", group, keyspace.group(group).all, merged_args(calls))
