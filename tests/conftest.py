@@ -19,7 +19,7 @@ import redis
 from hypothesis import HealthCheck, settings
 
 from ratequota import AsyncQuotaClient, QuotaClient
-from ratequota.clients.aio import async_embedded_backend, async_url_backend
+from ratequota.clients.async_backends import async_embedded_backend, async_url_backend
 from ratequota.clients.backends import embedded_backend, url_backend
 from ratequota.policy import Policy
 from tests.bridge import AsyncBridge

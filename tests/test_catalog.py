@@ -25,7 +25,8 @@ import fakeredis
 import pytest
 import redis
 
-from ratequota.clients.aio import AsyncQuotaClient, async_url_backend
+from ratequota.clients.aio import AsyncQuotaClient
+from ratequota.clients.async_backends import async_url_backend
 from ratequota.clients.backends import SingleBackend, url_backend
 from ratequota.clients.catalog import (
     HEADER_BYTES,
@@ -484,7 +485,7 @@ def test_the_async_client_parses_a_new_catalog_off_its_event_loop(
     import threading as _threading
 
     from ratequota.clients import router as core
-    from ratequota.clients.aio import async_embedded_backend
+    from ratequota.clients.async_backends import async_embedded_backend
 
     threads: list[int] = []
     real_parse = core.parse_document

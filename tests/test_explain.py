@@ -157,7 +157,8 @@ def test_async_client_explains_the_same() -> None:
     """``AsyncQuotaClient.explain`` drives the same flow: same limit, same verdict."""
     import asyncio
 
-    from ratequota.clients.aio import AsyncQuotaClient, async_embedded_backend
+    from ratequota.clients.aio import AsyncQuotaClient
+    from ratequota.clients.async_backends import async_embedded_backend
 
     async def main() -> None:
         quota = AsyncQuotaClient(backend=async_embedded_backend(shared=False))
