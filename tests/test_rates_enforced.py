@@ -29,7 +29,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ratequota.decision import Decision, LeaseInfo
-from ratequota.engine import protocol
+from ratequota.engine import protocol, replies
 from ratequota.engine.keys import KeySpace
 from ratequota.engine.scripts import load_scripts
 from ratequota.policy import GroupPolicy, MeterPolicy, TenantMeter, TenantPolicy
@@ -69,7 +69,7 @@ class Scripts:
             purge=64, now_ms=now, meters=amounts,
         )  # fmt: skip
         reply = self.run(call)
-        return protocol.decode_acquire(
+        return replies.decode_acquire(
             reply, group=self.policy.name, tenant=tenant, units=1, lease_id=lease_id, meters=amounts
         )
 
@@ -171,7 +171,7 @@ def test_a_refusing_meter_charges_nothing_else_and_holds_no_lease() -> None:
     assert second.used == 1  # only the first lease's unit
     ghost = LeaseInfo("id2", "a", "g", 1, 1, 0.0)
     reply = scripts.run(protocol.settle_call(KS, ghost, {"tokens": 5}, now_ms=START))
-    assert [s.outcome for s in protocol.decode_settle(reply, group="g")] == ["closed"]
+    assert [s.outcome for s in replies.decode_settle(reply, group="g")] == ["closed"]
 
 
 Event = tuple[str, int, int, int]  # (kind, lease index, amount, ms)
@@ -231,7 +231,7 @@ def test_settlement_through_the_scripts_never_loses_or_doubles(
         if kind == "wrong_token":
             lease = attrs.evolve(lease, token=lease.token + 1)
         reply = scripts.run(protocol.settle_call(KS, lease, {"tokens": amount}, now_ms=now))
-        (got,) = protocol.decode_settle(reply, group="g")
+        (got,) = replies.decode_settle(reply, group="g")
         if got.outcome == "settled":
             assert index not in finals and index not in ended and kind != "wrong_token"
             finals[index] = amount

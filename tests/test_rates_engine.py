@@ -33,7 +33,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ratequota.decision import LeaseInfo
-from ratequota.engine import protocol
+from ratequota.engine import protocol, replies
 from ratequota.engine.keys import KeySpace
 from ratequota.engine.scripts import load_scripts
 from ratequota.metered import MeteredGroup
@@ -131,7 +131,7 @@ class Replay:
             assert status == 1 and int(reply[10]) == 1 and len(reply) == 11, reply
             return
         ok, decisions = self.model.decide(tenant, amounts, self.now, shadow=shadow)
-        got = protocol.decode_acquire(
+        got = replies.decode_acquire(
             reply, group="g", tenant=tenant, units=1, lease_id=lease_id, meters=amounts
         )
         assert len(got.meters) == len(amounts)
@@ -180,7 +180,7 @@ class Replay:
                     [estimate, estimate, 0, max(0, estimate - 1), self.rnd.randint(0, top)]
                 )
         reply = _run(self.conn, protocol.settle_call(KS, lease, actuals, now_ms=self.now))
-        got = protocol.decode_settle(reply, group="g")
+        got = replies.decode_settle(reply, group="g")
         want = self.model.settle(lease_id, lease.tenant, lease.token, actuals, self.now)
         assert len(got) == len(want)
         raw = list(reply[2])
@@ -198,7 +198,7 @@ class Replay:
             KS, "g", lease.id, tenant=lease.tenant, token=lease.token, purge=10_000,
             now_ms=self.now,
         )  # fmt: skip
-        state = protocol.decode_release(_run(self.conn, call)).state
+        state = replies.decode_release(_run(self.conn, call)).state
         assert state in ("released", "expired")
         del self.leases[lease.id]
         self.model.end(lease.id)

@@ -17,7 +17,8 @@ from ratequota.clients.requests import check_lease
 from ratequota.decision import LeaseInfo, MeterSettlement
 from ratequota.engine.meterwire import check_amounts
 from ratequota.engine.ops import Flow
-from ratequota.engine.protocol import decode_settle, settle_call
+from ratequota.engine.protocol import settle_call
+from ratequota.engine.replies import decode_settle
 from ratequota.errors import InvalidRequest
 
 if TYPE_CHECKING:

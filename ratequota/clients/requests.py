@@ -1,4 +1,4 @@
-"""The arguments of a client call, validated before any I/O.
+"""The arguments of a client call, validated before any I/O, and the options' types.
 
 A bad argument fails here with a ``ratequota`` error naming the field, never
 half-way through a flow (and never as a Redis error).
@@ -6,8 +6,10 @@ half-way through a flow (and never as a Redis error).
 
 from __future__ import annotations
 
+import inspect
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import Any, TypedDict
 
 import attrs
 
@@ -18,11 +20,20 @@ from ratequota.errors import InvalidRequest, InvalidType
 from ratequota.policy import MAX_LEASE_TTL_LIMIT, MAX_UNITS
 
 __all__ = [
+    "AcquireOptions",
     "AcquireRequest",
+    "LimitOptions",
+    "MeterOptions",
+    "TenantSpec",
+    "TryOptions",
+    "UnitsSpec",
+    "WaitOptions",
     "acquire_request",
     "check_lease",
+    "handler_arguments",
     "lease_ttl_ms",
     "meter_amounts",
+    "meter_arguments",
     "new_request_id",
     "validate_request_id",
     "validate_tenant",
@@ -158,3 +169,110 @@ def acquire_request(
         timeout=wait_seconds(settings, timeout),
         meters=meter_amounts(tokens, requests, meters),
     )
+
+
+#: What the ``limit`` decorator reads the tenant and the units from.
+TenantSpec = Callable[..., str] | str
+UnitsSpec = Callable[..., int] | str | int
+
+
+class MeterOptions(TypedDict, total=False):
+    """Rate-meter amounts of a call (docs/rates.md): ``tokens``, ``requests``, or any meter
+    by name in ``meters``. At acquire they are the estimates decided with the lease; at
+    ``settle`` and ``release`` the actual amounts used."""
+
+    tokens: int | None
+    requests: int | None
+    meters: Mapping[str, int] | None
+
+
+class WaitOptions(TypedDict, total=False):
+    """Keyword options of ``acquire`` and ``limit`` in both clients.
+
+    ``group``: charge this group instead of the tenant's routed one; ``ttl``:
+    lease lifetime in seconds (default ``Settings.lease_ttl``); ``timeout``:
+    how long to wait (default ``Settings.timeout``; 0 never waits).
+    """
+
+    group: str | None
+    ttl: float | None
+    timeout: float | None
+
+
+class TryOptions(MeterOptions, total=False):
+    """Keyword options of ``try_acquire``: ``group`` and ``ttl`` as for ``acquire``,
+    ``request_id`` to make a retried call idempotent (the lease id), meter amounts."""
+
+    group: str | None
+    ttl: float | None
+    request_id: str | None
+
+
+class AcquireOptions(WaitOptions, MeterOptions, total=False):
+    """Keyword options of ``acquire``: ``WaitOptions``, ``request_id`` and meter amounts."""
+
+    request_id: str | None
+
+
+class LimitOptions(WaitOptions, total=False):
+    """Keyword options of ``limit``: ``WaitOptions`` and meter amounts, each (like ``units``)
+    a constant, a parameter name of the handler, or a callable of its arguments."""
+
+    tokens: UnitsSpec | None
+    requests: UnitsSpec | None
+    meters: Mapping[str, UnitsSpec] | None
+
+
+def handler_arguments(
+    handler: Callable[..., Any], tenant: object, units: object
+) -> Callable[..., tuple[Any, Any]]:
+    """How the ``limit`` decorator reads (tenant, units) from one call of ``handler``.
+
+    Each spec is a callable receiving the handler's arguments, the name of one
+    of its parameters, or (for ``units``) a constant. A string that names no
+    parameter is an error at decoration time, never a tenant of that name: a
+    misspelt ``tenant="tenat"`` would otherwise charge a tenant called "tenat".
+    A fixed tenant is a callable (``tenant=lambda *a, **k: "acme"``).
+    """
+    signature = inspect.signature(handler)
+    get_tenant = _argument_getter(tenant, "tenant", signature)
+    get_units = _argument_getter(units, "units", signature)
+    return lambda *a, **k: (get_tenant(*a, **k), get_units(*a, **k))
+
+
+def meter_arguments(
+    handler: Callable[..., Any], options: Mapping[str, Any]
+) -> tuple[dict[str, Any], Callable[..., dict[str, Any]]]:
+    """How ``limit`` reads meter amounts from one call: (the other options, a function of the
+    handler's arguments giving ``meters=``). Specs are read like ``units``'s."""
+    rest = {k: v for k, v in options.items() if k not in ("tokens", "requests", "meters")}
+    specs: dict[str, object] = dict(options.get("meters") or {})
+    for name in ("tokens", "requests"):
+        if options.get(name) is not None:
+            specs[name] = options[name]
+    signature = inspect.signature(handler)
+    getters = {name: _argument_getter(spec, name, signature) for name, spec in specs.items()}
+    if not getters:
+        return rest, lambda *a, **k: {}
+    return rest, lambda *a, **k: {"meters": {n: get(*a, **k) for n, get in getters.items()}}
+
+
+def _argument_getter(spec: object, name: str, signature: inspect.Signature) -> Callable[..., Any]:
+    if callable(spec):
+        return spec
+    if isinstance(spec, str):
+        if spec not in signature.parameters:
+            known = ", ".join(signature.parameters) or "none"
+            raise InvalidRequest(
+                name,
+                f"{spec!r} names no parameter of the handler (its parameters: {known}); "
+                f"for a fixed {name}, pass a callable such as lambda *args, **kwargs: {spec!r}",
+            )
+
+        def from_parameter(*args: Any, **kwargs: Any) -> Any:
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            return bound.arguments[spec]
+
+        return from_parameter
+    return lambda *a, **k: spec

@@ -6,7 +6,6 @@ they have in common lives here, once:
 
 - ``LeaseBase``: a held lease's bookkeeping (renewal results, loss, release).
 - ``AcquisitionBase``: the bookkeeping of ``acquire``'s context manager.
-- ``handler_arguments``: how the ``limit`` decorator reads tenant and units.
 - ``ClientBase``: construction and the topology constructors.
 
 No lock is taken here; ``Breakers`` guard their few integers themselves.
@@ -14,13 +13,14 @@ No lock is taken here; ``Breakers`` guard their few integers themselves.
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import Callable, Generator, Iterable, Mapping
-from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypedDict, TypeVar
+from collections.abc import Callable, Generator, Iterable
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
 import attrs
 
+from ratequota.clients import probes
 from ratequota.clients.core import QuotaCore
+from ratequota.clients.readiness import ReadinessReport
 from ratequota.clients.requests import AcquireRequest
 from ratequota.clients.runner import Runner
 from ratequota.clients.settings import Settings
@@ -29,7 +29,6 @@ from ratequota.decision import LeaseInfo, MeterResult, ReleaseResult, RenewResul
 from ratequota.errors import (
     BackendError,
     BackendUnavailable,
-    InvalidRequest,
     InvalidType,
     RateQuotaError,
 )
@@ -37,15 +36,9 @@ from ratequota.observe import LostCause, Observer
 
 __all__ = [
     "RELEASE_ERRORS",
-    "AcquireOptions",
     "AcquisitionBase",
     "ClientBase",
     "LeaseBase",
-    "TenantSpec",
-    "TryOptions",
-    "UnitsSpec",
-    "WaitOptions",
-    "handler_arguments",
     "make_core",
     "node_lookup",
 ]
@@ -58,58 +51,6 @@ T = TypeVar("T")
 #: Errors a release on leaving ``acquire`` absorbs: Redis could not do it (unreachable,
 #: out of memory, an ACL or script error). Anything else is a bug and propagates.
 RELEASE_ERRORS: tuple[type[RateQuotaError], ...] = (BackendUnavailable, BackendError)
-
-
-#: What the ``limit`` decorator reads the tenant and the units from.
-TenantSpec = Callable[..., str] | str
-UnitsSpec = Callable[..., int] | str | int
-
-
-class MeterOptions(TypedDict, total=False):
-    """Rate-meter amounts of a call (docs/rates.md): ``tokens``, ``requests``, or any meter
-    by name in ``meters``. At acquire they are the estimates decided with the lease; at
-    ``settle`` and ``release`` the actual amounts used."""
-
-    tokens: int | None
-    requests: int | None
-    meters: Mapping[str, int] | None
-
-
-class WaitOptions(TypedDict, total=False):
-    """Keyword options of ``acquire`` and ``limit`` in both clients.
-
-    ``group``: charge this group instead of the tenant's routed one; ``ttl``:
-    lease lifetime in seconds (default ``Settings.lease_ttl``); ``timeout``:
-    how long to wait (default ``Settings.timeout``; 0 never waits).
-    """
-
-    group: str | None
-    ttl: float | None
-    timeout: float | None
-
-
-class TryOptions(MeterOptions, total=False):
-    """Keyword options of ``try_acquire``: ``group`` and ``ttl`` as for ``acquire``,
-    ``request_id`` to make a retried call idempotent (the lease id), meter amounts."""
-
-    group: str | None
-    ttl: float | None
-    request_id: str | None
-
-
-class AcquireOptions(WaitOptions, MeterOptions, total=False):
-    """Keyword options of ``acquire``: ``WaitOptions``, ``request_id`` and meter amounts."""
-
-    request_id: str | None
-
-
-class LimitOptions(WaitOptions, total=False):
-    """Keyword options of ``limit``: ``WaitOptions`` and meter amounts, each (like ``units``)
-    a constant, a parameter name of the handler, or a callable of its arguments."""
-
-    tokens: UnitsSpec | None
-    requests: UnitsSpec | None
-    meters: Mapping[str, UnitsSpec] | None
 
 
 def make_core(
@@ -268,61 +209,6 @@ class AcquisitionBase(Generic[L]):
         self._client.core.failure.release_failed(lease.info, error)
 
 
-def handler_arguments(
-    handler: Callable[..., Any], tenant: object, units: object
-) -> Callable[..., tuple[Any, Any]]:
-    """How the ``limit`` decorator reads (tenant, units) from one call of ``handler``.
-
-    Each spec is a callable receiving the handler's arguments, the name of one
-    of its parameters, or (for ``units``) a constant. A string that names no
-    parameter is an error at decoration time, never a tenant of that name: a
-    misspelt ``tenant="tenat"`` would otherwise charge a tenant called "tenat".
-    A fixed tenant is a callable (``tenant=lambda *a, **k: "acme"``).
-    """
-    signature = inspect.signature(handler)
-    get_tenant = _argument_getter(tenant, "tenant", signature)
-    get_units = _argument_getter(units, "units", signature)
-    return lambda *a, **k: (get_tenant(*a, **k), get_units(*a, **k))
-
-
-def meter_arguments(
-    handler: Callable[..., Any], options: Mapping[str, Any]
-) -> tuple[dict[str, Any], Callable[..., dict[str, Any]]]:
-    """How ``limit`` reads meter amounts from one call: (the other options, a function of the
-    handler's arguments giving ``meters=``). Specs are read like ``units``'s."""
-    rest = {k: v for k, v in options.items() if k not in ("tokens", "requests", "meters")}
-    specs: dict[str, object] = dict(options.get("meters") or {})
-    for name in ("tokens", "requests"):
-        if options.get(name) is not None:
-            specs[name] = options[name]
-    signature = inspect.signature(handler)
-    getters = {name: _argument_getter(spec, name, signature) for name, spec in specs.items()}
-    if not getters:
-        return rest, lambda *a, **k: {}
-    return rest, lambda *a, **k: {"meters": {n: get(*a, **k) for n, get in getters.items()}}
-
-
-def _argument_getter(spec: object, name: str, signature: inspect.Signature) -> Callable[..., Any]:
-    if callable(spec):
-        return spec
-    if isinstance(spec, str):
-        if spec not in signature.parameters:
-            known = ", ".join(signature.parameters) or "none"
-            raise InvalidRequest(
-                name,
-                f"{spec!r} names no parameter of the handler (its parameters: {known}); "
-                f"for a fixed {name}, pass a callable such as lambda *args, **kwargs: {spec!r}",
-            )
-
-        def from_parameter(*args: Any, **kwargs: Any) -> Any:
-            bound = signature.bind(*args, **kwargs)
-            bound.apply_defaults()
-            return bound.arguments[spec]
-
-        return from_parameter
-    return lambda *a, **k: spec
-
-
 def node_lookup(backend: object) -> Callable[[str], object]:
     """The shard key of a route, for per-shard breakers (one key if the backend has one shard)."""
     node_of = getattr(backend, "node_of", None)
@@ -387,6 +273,29 @@ class ClientBase:
             self._where,
             observer=core.observer,
             clock=core.clock.monotonic,
+        )
+
+    def _load_rounds(self, strict: bool) -> probes.Rounds[None]:
+        """``load_scripts`` of either client, as rounds its driver runs."""
+        return probes.load_everywhere(self.backend.connections(), self._where, strict=strict)
+
+    def _check_rounds(
+        self,
+        nodes: list[tuple[str, Callable[..., Any]]],
+        node_of: Callable[[str], str],
+        groups: Iterable[str] | None,
+        allow_degraded: bool,
+    ) -> probes.Rounds[ReadinessReport]:
+        """``check()`` of either client, as rounds its driver runs."""
+        keyspace = self.core.keyspace
+        return probes.check(
+            nodes,
+            node_of,
+            self.backend.connection(keyspace.catalog_route).execute_command,
+            keyspace,
+            groups,
+            socket_timeout=self.core.settings.socket_timeout,
+            allow_degraded=allow_degraded,
         )
 
     @classmethod
