@@ -283,3 +283,34 @@ def test_weighted_borrowers_share_the_spare_1_2_3_on_real_redis(real_redis: Redi
     for weight in (1, 2, 3):
         expected = total * weight / 6
         assert abs(got[f"w{weight}"] - expected) <= 0.05 * expected, got
+
+
+def test_a_refused_lease_decides_and_charges_no_meter() -> None:
+    """The lease is decided first: refused for the tenant's limit (or too large), the request
+    reports no meter, charges none, and marks no contention."""
+    policy = GroupPolicy(
+        "g",
+        2,
+        (TenantPolicy("a", guarantee=1, borrow_limit=0), TenantPolicy("b", guarantee=1)),
+        meters=(MeterPolicy("tokens", rate=10, burst=10),),
+    )
+    scripts = Scripts(_fake(), policy)
+    held = scripts.acquire("a", {"tokens": 1}, START)
+    assert held.admitted
+    level = scripts.group_level("tokens", START)
+    contention = KS.group("g").contention[0]
+    marks = scripts.conn.zrange(contention, 0, -1, withscores=True)
+    for units in (1, 5):  # over its limit; larger than the group
+        scripts.count += 1
+        call = protocol.acquire_call(
+            KS, "g", "a", units, f"x{units}", 60_000, wait=False, pending_ms=1000, purge=64,
+            now_ms=START, meters={"tokens": 3},
+        )  # fmt: skip
+        reply = scripts.run(call)
+        refused = replies.decode_acquire(
+            reply, group="g", tenant="a", units=units, lease_id="x", meters={"tokens": 3}
+        )
+        assert not refused.admitted and refused.reason in ("tenant_limit", "too_large")
+        assert refused.meters == ()
+    assert scripts.group_level("tokens", START) == level
+    assert scripts.conn.zrange(contention, 0, -1, withscores=True) == marks
