@@ -8,7 +8,8 @@ clock argument (``now_ms``), never the wall clock:
 
 * over any interval of length T a tenant is admitted at most ceil·T + cburst
   and the group at most rate·T + burst;
-* a tenant asking within its own rate is never refused on that meter;
+* a tenant asking within its own rate is never refused on that meter, and borrowers take
+  only what the others leave unused;
 * a request refused by one meter charges no other meter and holds no lease
   (all or nothing);
 * settlement never loses or doubles tokens, whatever the order of settle,
@@ -33,7 +34,15 @@ from ratequota.engine import protocol, replies
 from ratequota.engine.keys import KeySpace
 from ratequota.engine.scripts import load_scripts
 from ratequota.policy import GroupPolicy, MeterPolicy, TenantMeter, TenantPolicy
-from ratequota.rates import TICKS_PER_TOKEN, GroupBucket, group_at, meter_limits, share_limits
+from ratequota.rates import (
+    TICKS_PER_TOKEN,
+    GroupBucket,
+    TenantBuckets,
+    group_at,
+    meter_limits,
+    share_limits,
+    tenant_at,
+)
 from tests.servers import RedisServer
 from tests.strategies import MeterStep, meter_histories
 
@@ -121,6 +130,36 @@ def test_scripts_admit_within_ceil_and_group_rate_over_any_interval(
         for last, _, ticks in admitted[i:]:
             total += ticks
             assert total <= limits.rate * (last - first) + limits.cap
+
+
+@settings(max_examples=15)
+@given(meter_histories(min_tenants=2, max_steps=30))
+def test_scripts_borrow_only_what_others_leave_unused(
+    case: tuple[GroupPolicy, list[MeterStep]],
+) -> None:
+    """After every borrow the scripts admit, the group bucket as stored still holds every
+    tenant's unspent guaranteed tokens (their buckets as stored, refilled to now)."""
+    policy, steps = case
+    policy = attrs.evolve(policy, capacity=10**6)
+    scripts = Scripts(_fake(), policy)
+    names = [t.name for t in policy.tenants]
+    shares = {t.name: share_limits(policy, t, "tokens") for t in policy.tenants}
+    demand = KS.group("g").demand
+    now = START
+    for dt, index, amount, _extra in steps:
+        now += dt
+        result = scripts.acquire(names[index], {"tokens": amount}, now).meter("tokens")
+        if result is None or result.path != "borrow":
+            continue
+        claims = 0
+        for name, share in shares.items():
+            raw = scripts.conn.hget(demand, f"mu:tokens:{name}")
+            state = None
+            if raw is not None:
+                own, ceil, stamp, tag, _until = raw.decode().split(":")
+                state = TenantBuckets(int(own), int(ceil), int(stamp), float(tag))
+            claims += max(0, tenant_at(share, state, now).own)
+        assert scripts.group_level("tokens", now) >= claims
 
 
 def test_scripts_never_refuse_a_tenant_within_its_own_rate() -> None:
