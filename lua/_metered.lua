@@ -224,7 +224,8 @@ end
 -- Settles the reservations of lease `id` (named by tenant and fencing token) at the actual
 -- amounts; returns settle.lua's rows (see its header).
 local function meter_settle_lease(ctx, tenant, id, token, actuals)
-  local info = redis.call('HGET', KEYS[4], 'L' .. id)
+  local both = redis.call('HMGET', KEYS[4], 'L' .. id, 'R' .. id)  -- the lease, its reservations
+  local info = both[1]
   local state = 'open'
   if not info then
     state = 'closed'
@@ -239,7 +240,7 @@ local function meter_settle_lease(ctx, tenant, id, token, actuals)
   end
   local records, order = {}, {}
   if state == 'open' then
-    local text = redis.call('HGET', KEYS[4], 'R' .. id) or ''
+    local text = both[2] or ''
     for part in string.gmatch(text, '[^;]+') do
       local name, path, estimate, final = string.match(part, '^([^:]+):([^:]+):([^:]+):(.*)$')
       local final_n = nil
