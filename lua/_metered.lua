@@ -194,7 +194,9 @@ local function meter_gate(ctx, tenant, amounts, shadow)
       meter_put_group(ctx, name, g)
       meter_put_tenant(ctx, slot, name, tenant, t, till)
       path = 'borrow'
-    elseif d.contending then
+    elseif not d.admitted and d.contending then
+      -- A refused borrower still contends (its tag is where it starts); a meter that would
+      -- have admitted writes nothing when another refused.
       meter_put_tenant(ctx, slot, name, tenant, d.tenant, till)
     end
     record[#record + 1] = name .. ':' .. path .. ':' .. int(it.a.amount) .. ':'

@@ -109,8 +109,12 @@ class MeteredGroup:
                     book.meter, book.shares[tenant], d.group, d.tenant, "borrow", amount, now
                 )
                 book.group, book.tenants[tenant] = done.group, done.tenant
-            elif d.contending:
+            elif not d.admitted and d.contending:
+                # A refused borrower still contends, from where it starts; a meter that would
+                # have admitted writes nothing when another refused.
                 book.tenants[tenant] = d.tenant
+            else:
+                continue
             if d.contending:
                 book.contending[tenant] = now + CONTEND_MS
         return ok, decisions

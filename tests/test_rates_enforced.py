@@ -200,6 +200,8 @@ def test_a_refusing_meter_charges_nothing_else_and_holds_no_lease() -> None:
     first = scripts.acquire("a", {"tokens": 100, "requests": 1}, START)
     assert first.admitted
     level = scripts.group_level("tokens", START)
+    demand = KS.group("g").demand
+    own = scripts.conn.hget(demand, "mu:tokens:a")  # a borrower: its ceiling bucket and tag
     second = scripts.acquire("a", {"tokens": 100, "requests": 1}, START)
     assert not second.admitted and second.reason == "meter"
     tokens, requests = second.meter("tokens"), second.meter("requests")
@@ -207,6 +209,7 @@ def test_a_refusing_meter_charges_nothing_else_and_holds_no_lease() -> None:
     assert requests is not None and requests.reason == "ceil" and requests.retry_after == 1.0
     assert second.retry_after == 1.0
     assert scripts.group_level("tokens", START) == level
+    assert scripts.conn.hget(demand, "mu:tokens:a") == own
     assert second.used == 1  # only the first lease's unit
     ghost = LeaseInfo("id2", "a", "g", 1, 1, 0.0)
     reply = scripts.run(protocol.settle_call(KS, ghost, {"tokens": 5}, now_ms=START))
