@@ -13,7 +13,13 @@ from typing import Any, TextIO
 import attrs
 
 from ratequota.cli.backend import client_from_args
-from ratequota.cli.output import add_json_option, print_json, rich_table, terminal_console
+from ratequota.cli.output import (
+    add_groups_option,
+    add_json_option,
+    print_json,
+    rich_table,
+    terminal_console,
+)
 from ratequota.clients.readiness import ReadinessReport
 
 __all__ = ["add_arguments", "run", "show"]
@@ -21,13 +27,7 @@ __all__ = ["add_arguments", "run", "show"]
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``ratequota check`` (the backend options are added by the CLI)."""
-    parser.add_argument(
-        "--group",
-        action="append",
-        dest="groups",
-        metavar="NAME",
-        help="a group this pod serves (repeatable; default: every published group)",
-    )
+    add_groups_option(parser, "a group this pod serves")
     parser.add_argument(
         "--socket-timeout",
         type=float,

@@ -19,6 +19,7 @@ from ratequota.errors import RateQuotaError
 
 __all__ = [
     "CommandError",
+    "add_groups_option",
     "add_json_option",
     "finite",
     "number",
@@ -55,6 +56,17 @@ def add_json_option(parser: argparse.ArgumentParser, what: str = "a table") -> N
     """``--json``: one JSON document on stdout instead of text, for scripts."""
     parser.add_argument(
         "--json", action="store_true", help=f"print one JSON document instead of {what}"
+    )
+
+
+def add_groups_option(parser: argparse.ArgumentParser, which: str) -> None:
+    """``--group NAME`` (repeatable) into ``args.groups``; none means every published group."""
+    parser.add_argument(
+        "--group",
+        action="append",
+        dest="groups",
+        metavar="NAME",
+        help=f"{which} (repeatable; default: every published group)",
     )
 
 

@@ -34,6 +34,7 @@ from ratequota.cli.backend import client_from_args
 from ratequota.cli.operator import limits_of
 from ratequota.cli.output import (
     CommandError,
+    add_groups_option,
     add_json_option,
     number,
     plural,
@@ -225,13 +226,7 @@ def _wait(fd: int | None, seconds: float) -> bool:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``ratequota top`` (the backend options are added by the CLI)."""
-    parser.add_argument(
-        "--group",
-        action="append",
-        dest="groups",
-        metavar="NAME",
-        help="a group to watch (repeatable; default: every published group)",
-    )
+    add_groups_option(parser, "a group to watch")
     parser.add_argument(
         "--interval", type=float, default=2.0, metavar="SECONDS", help="refresh period (default 2)"
     )
