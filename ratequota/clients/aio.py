@@ -40,7 +40,7 @@ from ratequota.clients.async_backends import (
 )
 from ratequota.clients.batcher import SOLO_IN_FLIGHT, ShardBatcher
 from ratequota.clients.explain import Explanation, explain_flow
-from ratequota.clients.failure import FailureStats, log
+from ratequota.clients.failure import log
 from ratequota.clients.readiness import ReadinessReport
 from ratequota.clients.renewal import RenewerBase
 from ratequota.decision import Decision, GroupSnapshot, LeaseInfo, ReleaseResult, RenewResult
@@ -193,11 +193,6 @@ class AsyncQuotaClient(shell.ClientBase):
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
-
-    def stats(self) -> FailureStats:
-        """Counters: fail-open and local admissions, fast failures, fenced releases/renewals."""
-        stats = self.core.failure.stats(self.core.breakers.fast_failures)
-        return attrs.evolve(stats, fenced_refusals=self.core.fenced_refusals)
 
     # -- driving flows -----------------------------------------------------
 
