@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 import attrs
 import redis
 
-from ratequota.clients import probes, shell
+from ratequota.clients import probes, requests, shell
 from ratequota.clients.async_backends import (
     AsyncBackend,
     AsyncClusterBackend,
@@ -40,22 +40,10 @@ from ratequota.clients.async_backends import (
 )
 from ratequota.clients.batcher import SOLO_IN_FLIGHT, ShardBatcher
 from ratequota.clients.explain import Explanation, explain_flow
-from ratequota.clients.failure import FailureStats, log
+from ratequota.clients.failure import log
 from ratequota.clients.metering import settle_flow
 from ratequota.clients.readiness import ReadinessReport
 from ratequota.clients.renewal import RenewerBase
-from ratequota.clients.requests import (
-    AcquireOptions,
-    AcquireRequest,
-    LimitOptions,
-    MeterOptions,
-    TenantSpec,
-    TryOptions,
-    UnitsSpec,
-    handler_arguments,
-    meter_amounts,
-    meter_arguments,
-)
 from ratequota.decision import (
     Decision,
     GroupSnapshot,
@@ -88,7 +76,7 @@ class AsyncLease(shell.LeaseBase):
         """Extend the lease by ``ttl`` seconds from now; marks it lost if it had expired."""
         return self.renewed(await self._client.renew(self.info, ttl))
 
-    async def release(self, **actuals: Unpack[MeterOptions]) -> ReleaseResult:
+    async def release(self, **actuals: Unpack[requests.MeterOptions]) -> ReleaseResult:
         """Give the units back (and stop renewing); harmless when called twice.
 
         Meter amounts (``tokens=actual``) settle the lease first (``settle``).
@@ -96,7 +84,7 @@ class AsyncLease(shell.LeaseBase):
         self._client.renewer.drop(self)
         return self.ended(await self._client.release(self.info, **actuals))
 
-    async def settle(self, **actuals: Unpack[MeterOptions]) -> tuple[MeterSettlement, ...]:
+    async def settle(self, **actuals: Unpack[requests.MeterOptions]) -> tuple[MeterSettlement, ...]:
         """Charge the rate meters what the work really used (``tokens=actual``), once."""
         return await self._client.settle(self.info, **actuals)
 
@@ -108,7 +96,7 @@ class AsyncAcquisition(shell.AcquisitionBase[AsyncLease]):
     a release that fails is counted and logged, never raised (as in the sync client).
     """
 
-    def __init__(self, client: AsyncQuotaClient, request: AcquireRequest) -> None:
+    def __init__(self, client: AsyncQuotaClient, request: requests.AcquireRequest) -> None:
         super().__init__(client, request, AsyncLease)
 
     async def __aenter__(self) -> AsyncLease:
@@ -221,11 +209,6 @@ class AsyncQuotaClient(shell.ClientBase):
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    def stats(self) -> FailureStats:
-        """Counters: fail-open and local admissions, fast failures, fenced releases/renewals."""
-        stats = self.core.failure.stats(self.core.breakers.fast_failures)
-        return attrs.evolve(stats, fenced_refusals=self.core.fenced_refusals)
-
     # -- driving flows -----------------------------------------------------
 
     async def _run(self, flow: Flow[T]) -> T:
@@ -300,13 +283,13 @@ class AsyncQuotaClient(shell.ClientBase):
     # -- leases ------------------------------------------------------------
 
     async def try_acquire(
-        self, tenant: str, units: int = 1, **options: Unpack[TryOptions]
+        self, tenant: str, units: int = 1, **options: Unpack[requests.TryOptions]
     ) -> Decision:
-        """Decide now, never wait (options: ``TryOptions``); release an admitted lease."""
+        """Decide now, never wait (options: ``requests.TryOptions``); release an admitted lease."""
         return await self._run(self.core.try_acquire(self.core.request(tenant, units, **options)))
 
     def acquire(
-        self, tenant: str, units: int = 1, **options: Unpack[AcquireOptions]
+        self, tenant: str, units: int = 1, **options: Unpack[requests.AcquireOptions]
     ) -> AsyncAcquisition:
         """``async with``: waits up to ``timeout`` on entry, releases on exit, renews between.
 
@@ -316,7 +299,7 @@ class AsyncQuotaClient(shell.ClientBase):
         return AsyncAcquisition(self, self.core.request(tenant, units, **options))
 
     async def release(
-        self, lease: LeaseInfo | AsyncLease, **actuals: Unpack[MeterOptions]
+        self, lease: LeaseInfo | AsyncLease, **actuals: Unpack[requests.MeterOptions]
     ) -> ReleaseResult:
         """End a lease; idempotent, and says whether it was still live.
 
@@ -325,14 +308,14 @@ class AsyncQuotaClient(shell.ClientBase):
         Meter amounts (``tokens=actual``) settle the lease first (``settle``).
         """
         info = lease.info if isinstance(lease, AsyncLease) else lease
-        return await self._run(self.core.release(info, meter_amounts(**actuals)))
+        return await self._run(self.core.release(info, requests.meter_amounts(**actuals)))
 
     async def settle(
-        self, lease: LeaseInfo | AsyncLease, **actuals: Unpack[MeterOptions]
+        self, lease: LeaseInfo | AsyncLease, **actuals: Unpack[requests.MeterOptions]
     ) -> tuple[MeterSettlement, ...]:
         """Reserve, then settle: charge the actual amounts a lease used (``QuotaClient.settle``)."""
         info = lease.info if isinstance(lease, AsyncLease) else lease
-        return await self._run(settle_flow(self.core, info, meter_amounts(**actuals)))
+        return await self._run(settle_flow(self.core, info, requests.meter_amounts(**actuals)))
 
     async def renew(self, lease: LeaseInfo | AsyncLease, ttl: float | None = None) -> RenewResult:
         """Extend a live lease; reports whether its tenant is above its fair limit.
@@ -357,9 +340,9 @@ class AsyncQuotaClient(shell.ClientBase):
     def limit(
         self,
         *,
-        tenant: TenantSpec,
-        units: UnitsSpec = 1,
-        **options: Unpack[LimitOptions],
+        tenant: requests.TenantSpec,
+        units: requests.UnitsSpec = 1,
+        **options: Unpack[requests.LimitOptions],
     ) -> Callable[[F], F]:
         """Decorate an ``async def`` handler so each call holds a (renewed) lease while it runs.
 
@@ -371,8 +354,8 @@ class AsyncQuotaClient(shell.ClientBase):
         def decorate(handler: F) -> F:
             if not inspect.iscoroutinefunction(handler):
                 raise InvalidType("handler", "AsyncQuotaClient.limit needs an async def handler")
-            arguments = handler_arguments(handler, tenant, units)
-            rest, amounts = meter_arguments(handler, options)
+            arguments = requests.handler_arguments(handler, tenant, units)
+            rest, amounts = requests.meter_arguments(handler, options)
 
             @functools.wraps(handler)
             async def wrapper(*args: Any, **kwargs: Any) -> Any:
