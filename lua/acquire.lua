@@ -2,7 +2,8 @@
 --
 -- KEYS[1] policy, KEYS[2] demand, KEYS[3] exp, KEYS[4] info, KEYS[5] queue, KEYS[6] fair
 -- KEYS[7] contend1, KEYS[8] contend2, KEYS[9] contend3, KEYS[10] contend4
---   (rate meters' contention sets, one per meter slot: _metered.lua)
+--   (rate meters' contention sets, one per meter slot: _metered.lua), passed only when
+--   ARGV[11] names meters: a call without meters names exactly the six group keys
 -- ARGV[1] now_ms      pinned clock in ms, or "" for Redis TIME
 -- ARGV[2] schema      key schema of the caller
 -- ARGV[3] tenant      tenant name

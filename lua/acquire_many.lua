@@ -2,6 +2,7 @@
 --
 -- KEYS[1] policy, KEYS[2] demand, KEYS[3] exp, KEYS[4] info, KEYS[5] queue, KEYS[6] fair
 -- KEYS[7] contend1, KEYS[8] contend2, KEYS[9] contend3, KEYS[10] contend4
+--   (passed only when a request names meters, see acquire.lua)
 -- ARGV[1] now_ms      pinned clock in ms, or "" for Redis TIME
 -- ARGV[2] schema      key schema of the caller
 -- ARGV[3] pending_ms  lifetime of a waiting registration unless refreshed by a retry

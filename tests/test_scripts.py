@@ -59,3 +59,28 @@ def test_header_errors_are_detected() -> None:
     """A header with KEYS out of order is rejected (the parser is strict)."""
     with pytest.raises(ValueError, match="out of order"):
         parse_header("bad", "-- KEYS[2] x\n-- reply: nothing\n")
+
+
+def test_only_metered_calls_name_the_contention_keys() -> None:
+    """An acquire without meters names the six group keys it always did (a Redis Cluster refuses
+    a script naming a missing key while the slot migrates); one naming meters adds the four
+    contention sets. Any other key count is a bug."""
+    from ratequota.engine import protocol
+    from ratequota.engine.keys import KeySpace
+
+    ks = KeySpace()
+
+    def acquire(**meters: int) -> protocol.ScriptCall:
+        return protocol.acquire_call(
+            ks, "g", "a", 1, "id", 1000, wait=False, pending_ms=1, purge=1, meters=meters
+        )
+
+    assert list(acquire().keys) == ks.group("g").all
+    assert list(acquire(tokens=5).keys) == ks.group("g").metered
+    many = [("a", 1, "x", 1000, False), ("b", 1, "y", 1000, False, False, {"tokens": 1})]
+    assert len(protocol.acquire_many_call(ks, "g", many[:1], pending_ms=1, purge=1).keys) == 6
+    assert len(protocol.acquire_many_call(ks, "g", many, pending_ms=1, purge=1).keys) == 10
+    spec = load_scripts()["acquire"]
+    assert spec.required_keys == 6
+    with pytest.raises(AssertionError, match="keys given"):
+        spec.check_call(8, len(spec.argv))

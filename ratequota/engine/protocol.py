@@ -130,7 +130,8 @@ def acquire_call(
         "1" if shadow else "0",
         encode_amounts(meters or {}),
     ]
-    return _call("acquire", group, keyspace.group(group).metered, args)
+    keys = keyspace.group(group)
+    return _call("acquire", group, keys.metered if meters else keys.all, args)
 
 
 # -- release / renew ---------------------------------------------------------
@@ -244,7 +245,9 @@ def acquire_many_call(
         )
         for request in requests
     ]
-    return _call("acquire_many", group, keyspace.group(group).metered, merged_args(calls))
+    keys = keyspace.group(group)
+    metered = any(len(call.keys) > len(keys.all) for call in calls)
+    return _call("acquire_many", group, keys.metered if metered else keys.all, merged_args(calls))
 
 
 def release_many_call(

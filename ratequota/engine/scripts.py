@@ -61,9 +61,20 @@ class ScriptSpec:
     argv: tuple[str, ...]
     variadic: bool
 
+    @property
+    def required_keys(self) -> int:
+        """How many leading keys every call passes: the rate meters' contention sets
+        (``contend1..4``) close the list and are passed only by calls that name meters, so a
+        call without meters touches exactly the group keys it always did (in a Redis Cluster,
+        a script naming a key that does not exist is refused while its slot migrates)."""
+        for index, key in enumerate(self.keys):
+            if key.startswith("contend"):
+                return index
+        return len(self.keys)
+
     def check_call(self, n_keys: int, n_args: int) -> None:
         """Raise ``AssertionError`` if a call does not match the header (a bug, not bad input)."""
-        if n_keys != len(self.keys):
+        if n_keys not in (len(self.keys), self.required_keys):
             raise AssertionError(
                 f"{self.name}: {n_keys} keys given, header declares {len(self.keys)}"
             )
