@@ -23,10 +23,11 @@ Beside them, in the same run and on the same server, the µs per call of a
 trivial ``EVALSHA "return 1"``: every figure is also printed as a multiple of
 it, and the larger groups as a multiple of the 10-tenant figure (DESIGN §10).
 
-``--meters`` measures instead one decision with two rate meters (``tokens``
-and ``requests``, docs/rates.md) and a lease beside the lease-only decision,
-in the same group (10 active tenants, 10,000 live leases, spare capacity and
-rate), in interleaved rounds: still one script call, and what the meters add.
+``--meters`` measures instead decisions with rate meters (docs/rates.md)
+beside the lease-only decision, in the same group (10 active tenants, 10,000
+live leases, spare capacity and rate), in interleaved rounds: one ``tokens``
+meter on the tenant's own rate, the same borrowing, and ``tokens`` with
+``requests`` (``METERED_CASES``): still one script call, and what meters add.
 """
 
 from __future__ import annotations
@@ -182,8 +183,18 @@ def metered_policy(active: int) -> GroupPolicy:
     return GroupPolicy("cost", 10**7, tuple(tenants), max_lease_ttl=3600.0, meters=meters)
 
 
-def measure_meters(url: str, calls: int, rounds: int = 5) -> tuple[float, float, int]:
-    """Redis-side µs per acquire without and with two meters (medians of ``rounds``
+#: The ``--meters`` decisions: a label, which of the 10 tenants ask (odd ones have a guaranteed
+#: token rate, even ones only borrow), and the amounts each acquire names.
+METERED_CASES: tuple[tuple[str, tuple[int, ...], dict[str, int]], ...] = (
+    ("lease", tuple(range(10)), {}),
+    ("lease + tokens (own rate)", (1, 3, 5, 7, 9), {"tokens": 700}),
+    ("lease + tokens (borrowing)", (0, 2, 4, 6, 8), {"tokens": 700}),
+    ("lease + tokens + requests", tuple(range(10)), {"tokens": 700, "requests": 1}),
+)
+
+
+def measure_meters(url: str, calls: int, rounds: int = 5) -> tuple[list[float], int]:
+    """Redis-side µs per acquire of each of ``METERED_CASES`` (medians of ``rounds``
     interleaved rounds of ``calls`` each), and the live leases during the run."""
     quota = QuotaClient.from_url(url, prefix="costm", socket_timeout=30.0)
     try:
@@ -195,17 +206,17 @@ def measure_meters(url: str, calls: int, rounds: int = 5) -> tuple[float, float,
         call = apply_policy_call(keyspace, policy)
         conn.evalsha(call.script.sha, len(call.keys), *call.keys, *call.args)
         seeded = populate(quota, policy.name, 10, LIVE_LEASES)
-        plain: list[float] = []
-        metered: list[float] = []
+        results: list[list[float]] = [[] for _ in METERED_CASES]
         count = 0
         for _ in range(rounds):
-            for amounts, out in (({}, plain), ({"tokens": 700, "requests": 1}, metered)):
+            for (_label, tenants, amounts), out in zip(METERED_CASES, results, strict=True):
                 for i in range(50 + calls):
                     if i == 50:  # the first 50 warm up, outside the measurement
                         conn.config_resetstat()
                     count += 1
+                    tenant = f"a{tenants[i % len(tenants)]}"
                     one = acquire_call(
-                        keyspace, policy.name, f"a{i % 10}", 1, f"m{count}", 1000,
+                        keyspace, policy.name, tenant, 1, f"m{count}", 1000,
                         wait=False, pending_ms=2000, purge=64, meters=amounts,
                     )  # fmt: skip
                     reply = conn.evalsha(one.script.sha, len(one.keys), *one.keys, *one.args)
@@ -215,7 +226,7 @@ def measure_meters(url: str, calls: int, rounds: int = 5) -> tuple[float, float,
                 out.append(usec)
         live = quota.snapshot(policy.name, []).used
         release_all(quota, policy.name, seeded)
-        return sorted(plain)[rounds // 2], sorted(metered)[rounds // 2], live
+        return [sorted(r)[rounds // 2] for r in results], live
     finally:
         quota.close()
 
@@ -294,12 +305,12 @@ def main_meters(url: str | None, calls: int) -> int:
         url = server.url
     try:
         trivial = trivial_usec(url, calls)
-        plain, metered, live = measure_meters(url, calls)
+        usecs, live = measure_meters(url, calls)
         print("Redis-side µs per acquire (INFO commandstats, evalsha usec_per_call, medians)")
         print(f'trivial EVALSHA "return 1": {trivial:.2f} µs; {live} live leases, 10 tenants\n')
         print(f"{'decision':<28} {'µs':>8} {'x trivial':>10} {'x lease':>8}")
-        for name, usec in (("lease", plain), ("lease + tokens + requests", metered)):
-            print(f"{name:<28} {usec:>8.1f} {usec / trivial:>9.1f}x {usec / plain:>7.2f}x")
+        for (name, _, _), usec in zip(METERED_CASES, usecs, strict=True):
+            print(f"{name:<28} {usec:>8.1f} {usec / trivial:>9.1f}x {usec / usecs[0]:>7.2f}x")
     finally:
         if server is not None:
             server.cleanup()

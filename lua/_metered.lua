@@ -14,9 +14,12 @@
 --   info hash    R<id>  "meter:path:estimate:final;..." the lease's reservations (final
 --                       empty until settled); deleted with the lease (release, purge)
 --   KEYS[6 + i]  zset   contention of meter slot i: tenant -> tag of borrowers; a member
---                       whose until has passed is dropped when it reaches the head
+--                       whose until has passed is dropped when it reaches the head. The
+--                       sentinel "~" at +inf (apply_policy.lua) keeps the set in existence:
+--                       it is the head only when nobody contends.
 --
--- A missing state is a full bucket (_meters.lua), so all of it may expire with the group.
+-- A missing state is a full bucket (_meters.lua), so all of it may expire with the group; the
+-- contention sets do not expire (their members are dropped as they end, the sentinel stays).
 
 local METER_CONTEND_MS = 2000
 
@@ -126,8 +129,6 @@ local function meter_put_tenant(ctx, slot, name, tenant, t, till)
   ctx.dirty[f] = true
   if till > ctx.now then
     redis.call('ZADD', KEYS[6 + slot], fmt(t.tag), tenant)
-    ctx.meter_touch = ctx.meter_touch or {}
-    ctx.meter_touch[slot] = true
   end
 end
 
@@ -137,7 +138,7 @@ local function meter_floor_of(ctx, slot, name)
   local key = KEYS[6 + slot]
   while true do
     local head = redis.call('ZRANGE', key, 0, 0)
-    if not head[1] then return nil end
+    if not head[1] or head[1] == '~' then return nil end
     local t, till = meter_tenant_state(ctx, name, head[1])
     if t and till > ctx.now then return t.tag end
     redis.call('ZREM', key, head[1])
@@ -214,13 +215,6 @@ local function meter_gate(ctx, tenant, amounts, shadow)
     rows[#rows + 1] = it.m.window
   end
   return all, rows, table.concat(record, ';'), retry
-end
-
--- The contention sets written by this call live as long as the group's other keys.
-local function meter_expire(ctx, key_grace_ms)
-  if not ctx.meter_touch then return end
-  local ttl = int(math.max(ctx.policy.ttl, ctx.policy.busy - ctx.now) + key_grace_ms)
-  for slot, _ in pairs(ctx.meter_touch) do redis.call('PEXPIRE', KEYS[6 + slot], ttl) end
 end
 
 -- Settles the reservations of lease `id` (named by tenant and fencing token) at the actual

@@ -63,5 +63,4 @@ local reply = acquire_one(ctx, ARGV[3], tonumber(ARGV[4]), ARGV[5], tonumber(ARG
                           ARGV[7] == '1', tonumber(ARGV[8]), ARGV[10] == '1',
                           meter_amounts(ARGV[11]))
 flush(ctx, KEY_GRACE_MS)
-meter_expire(ctx, KEY_GRACE_MS)
 return reply

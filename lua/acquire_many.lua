@@ -41,5 +41,4 @@ for i = 1, count do
                            ARGV[base + 6] == '1', meter_amounts(ARGV[base + 7]))
 end
 flush(ctx, KEY_GRACE_MS)
-meter_expire(ctx, KEY_GRACE_MS)
 return replies

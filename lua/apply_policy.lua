@@ -5,6 +5,8 @@
 -- KEYS[1] policy, KEYS[2] demand, KEYS[3] exp, KEYS[4] info, KEYS[5] queue, KEYS[6] fair
 -- KEYS[7] old_policy, KEYS[8] old_demand, KEYS[9] old_exp, KEYS[10] old_info, KEYS[11] old_queue
 --   (the same group's keys in the previous layout, key schema 1: same hash tag, same slot)
+-- KEYS[12] contend1, KEYS[13] contend2, KEYS[14] contend3, KEYS[15] contend4
+--   (the rate meters' contention sets: a metered group's hold a sentinel, see below)
 -- ARGV[1] schema      key schema of the writer
 -- ARGV[2] capacity    integer units
 -- ARGV[3] reserve     sum of G*(1-lendable) over listed tenants (%.17g)
@@ -43,6 +45,18 @@
 local schema = tonumber(ARGV[1])
 local old = redis.call('HMGET', KEYS[1], 'schema', 'version', 'fence', 'digest', 'busy', 'recover')
 if old[1] and tonumber(old[1]) > schema then return {-1, tonumber(old[1])} end
+
+-- A metered group's contention sets always exist, holding the sentinel "~" above every tag
+-- and no expiry (like the policy hash): a metered acquire names them, and a Redis Cluster
+-- refuses a script naming a missing key while its slot migrates. Without meters: none.
+if ARGV[11] ~= '' then
+  for i = 12, 15 do
+    redis.call('ZADD', KEYS[i], '+inf', '~')
+    redis.call('PERSIST', KEYS[i])
+  end
+else
+  redis.call('DEL', KEYS[12], KEYS[13], KEYS[14], KEYS[15])
+end
 
 local legacy = redis.call('HMGET', KEYS[7], 'schema', 'fence', 'busy')
 local legacy_live = legacy[1] and tonumber(legacy[1]) < schema

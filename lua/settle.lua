@@ -27,5 +27,4 @@ local ctx, err = open_group(now_ms(ARGV[1]), ARGV[2], {})
 if not ctx then return {-1, err[2], err[10]} end
 local rows = meter_settle_lease(ctx, ARGV[3], ARGV[4], ARGV[5], meter_amounts(ARGV[6]))
 flush(ctx, KEY_GRACE_MS)
-meter_expire(ctx, KEY_GRACE_MS)
 return {1, 'ok', rows}

@@ -331,9 +331,10 @@ def test_every_header_parses_and_declares_the_group_keys() -> None:
         assert argv, name
         # apply_policy also takes the previous layout's keys (tombstone, migration); the
         # scripts that decide or settle rate meters take their contention sets.
-        extra = len(KeySpace().previous_layout("g")) if name == "apply_policy" else 0
+        contention = len(KeySpace().group("g").contention)
+        extra = len(KeySpace().previous_layout("g")) + contention if name == "apply_policy" else 0
         if name in ("acquire", "acquire_many", "settle"):
-            extra = len(KeySpace().group("g").contention)
+            extra = contention
         assert len(keys) == group_keys + extra, name
 
 

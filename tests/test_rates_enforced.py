@@ -356,3 +356,22 @@ def test_a_refused_lease_decides_and_charges_no_meter() -> None:
         assert refused.meters == ()
     assert scripts.group_level("tokens", START) == level
     assert scripts.conn.zrange(contention, 0, -1, withscores=True) == marks
+
+
+def test_a_metered_group_keeps_its_contention_sets_in_existence() -> None:
+    """Publishing meters writes each contention set with the sentinel "~" and no expiry (a Redis
+    Cluster refuses a script naming a missing key while the slot migrates); the sentinel is never
+    a contender; publishing the group without meters removes them."""
+    meter = MeterPolicy("tokens", rate=10, burst=10)
+    policy = GroupPolicy("g", 4, (TenantPolicy("a"),), meters=(meter,))
+    scripts = Scripts(_fake(), policy)
+    keys = KS.group("g").contention
+    for key in keys:
+        assert scripts.conn.zrange(key, 0, -1) == [b"~"]
+        assert scripts.conn.pttl(key) == -1
+    first = scripts.acquire("a", {"tokens": 4}, START).meter("tokens")
+    assert first is not None and first.path == "borrow"  # nobody contended: the sentinel isn't
+    assert scripts.conn.zrange(keys[0], 0, -1) == [b"a", b"~"]
+    assert scripts.conn.pttl(keys[0]) == -1
+    scripts.run(protocol.apply_policy_call(KS, attrs.evolve(policy, meters=())))
+    assert not any(scripts.conn.exists(key) for key in keys)

@@ -35,7 +35,8 @@ def test_script_uses_only_declared_arguments(name: str) -> None:
 def test_group_scripts_share_the_key_layout() -> None:
     """All group scripts take the same six keys, matching GroupKeys.all; those that decide or
     settle rate meters take the meters' contention sets after them (GroupKeys.metered);
-    apply_policy (which rebuilds the fair state) takes the six, then the previous layout's five."""
+    apply_policy (which rebuilds the fair state) takes the six, then the previous layout's five,
+    then the contention sets (it keeps a metered group's in existence)."""
     from ratequota.engine.keys import KeySpace
     from ratequota.policy import MAX_METERS
 
@@ -52,7 +53,8 @@ def test_group_scripts_share_the_key_layout() -> None:
         assert len(spec.keys) == len(KeySpace().group("g").metered)
         assert list(spec.keys) == group_keys + contention
     previous = ["old_policy", "old_demand", "old_exp", "old_info", "old_queue"]
-    assert list(load_scripts()["apply_policy"].keys) == group_keys + previous
+    apply_keys = list(load_scripts()["apply_policy"].keys)
+    assert apply_keys == group_keys + previous + contention
 
 
 def test_header_errors_are_detected() -> None:

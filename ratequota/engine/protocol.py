@@ -91,7 +91,8 @@ def apply_policy_call(
         shares_field(group, group.default_tenant) if metered else "",
         *triples,
     ]
-    keys = [*keyspace.group(group.name).all, *keyspace.previous_layout(group.name)]
+    group_keys = keyspace.group(group.name)
+    keys = [*group_keys.all, *keyspace.previous_layout(group.name), *group_keys.contention]
     return _call("apply_policy", group.name, keys, args)
 
 
