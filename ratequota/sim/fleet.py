@@ -32,6 +32,7 @@ from ratequota.clients.sync import QuotaClient
 from ratequota.clock import SystemClock
 from ratequota.errors import AcquireTimeout, RateQuotaError
 from ratequota.observe import Observer
+from ratequota.sim.embedded import compile_once, fake_servers
 from ratequota.sim.measure import Request
 from ratequota.sim.scenario import Scenario, TenantLoad
 from ratequota.sim.stats import (
@@ -322,6 +323,10 @@ def run_scenario(
         clients[0].apply_policy(scenario.policy)
         for client in clients[1:]:
             client.load_policy()
+        # The embedded store compiles each script once, as Redis does (see sim.embedded).
+        for client in clients:
+            for server in fake_servers(client.backend.connections()):
+                compile_once(server)
         return _play(scenario, clients, progress)
     finally:
         for client in clients:
