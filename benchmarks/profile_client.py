@@ -127,7 +127,8 @@ async def async_cpu(url: str, calls: int) -> None:
         best_acquire = min(best_acquire, await async_cpu_us(acquire, calls, rounds=1))
         best_release = min(best_release, await async_cpu_us(release, calls, rounds=1))
     print("\nasync client CPU per awaited call, one caller (process time, best of 5 rounds)")
-    cpu_table([("bare EVALSHA", bare), ("try_acquire", best_acquire), ("release", best_release)], bare)
+    rows = [("bare EVALSHA", bare), ("try_acquire", best_acquire), ("release", best_release)]
+    cpu_table(rows, bare)
     await raw.aclose()
     await client.close()
 
