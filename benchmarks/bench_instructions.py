@@ -36,6 +36,7 @@ import redis
 
 import ratequota.engine.scripts as scripts
 from ratequota import GroupPolicy, Policy, QuotaClient, TenantPolicy
+from ratequota.engine.protocol import acquire_call
 from tests.servers import free_port
 
 TENANTS = 10
@@ -121,11 +122,48 @@ class CallgrindServer:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+def contended(server: CallgrindServer, active: int, calls: int) -> int:
+    """Instructions for ``calls`` acquires in a group of ``active`` tenants that each hold a
+    lease and wait with a request far above the capacity (the level is a walked one; most
+    acquires are refused, after the same decision work)."""
+    quota = QuotaClient.from_url(server.url, prefix="irc", socket_timeout=600.0)
+    tenants = [TenantPolicy(f"a{i}", weight=1.0 + i % 3) for i in range(active)]
+    capacity = 2 * active
+    policy = GroupPolicy("irc", capacity=capacity, tenants=tuple(tenants), max_lease_ttl=3600.0)
+    quota.apply_policy(Policy([policy]))
+    conn = quota.backend.connection("irc")
+    keyspace = quota.core.keyspace
+    pipe = conn.pipeline(transaction=False)
+    for i in range(active):
+        for lease_id, units, wait in ((f"h{i}", 1, False), (f"w{i}", 4 * capacity, True)):
+            call = acquire_call(
+                keyspace,
+                "irc",
+                f"a{i}",
+                units,
+                lease_id,
+                3_600_000,
+                wait=wait,
+                pending_ms=3_600_000,
+                purge=64,
+            )
+            pipe.evalsha(call.script.sha, len(call.keys), *call.keys, *call.args)
+    pipe.execute()
+    total = server.instructions(
+        lambda: [quota.try_acquire(f"a{i % active}", 1) for i in range(calls)]
+    )
+    quota.close()
+    return total
+
+
 def main(argv: list[str] | None = None) -> int:
     """Measure and print instructions per call."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--calls", type=int, default=200, help="calls per measure")
     parser.add_argument("--lua-dir", type=Path, help="a folder holding another version's lua/")
+    parser.add_argument(
+        "--contended", type=int, default=0, help="also a contended group of this many tenants"
+    )
     args = parser.parse_args(argv)
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
         print("valgrind (with callgrind_control) is not installed", file=sys.stderr)
@@ -161,10 +199,13 @@ def main(argv: list[str] | None = None) -> int:
         released = server.instructions(release)
         quota.close()
         per = [trivial / calls, acquired / calls, released / calls]
+        names: tuple[str, ...] = ("trivial EVALSHA", "acquire (admitted)", "release")
+        if args.contended:
+            per.append(contended(server, args.contended, calls) / calls)
+            names += (f"acquire, {args.contended} contended",)
         print(f"instructions inside redis-server per call ({calls} calls, {TENANTS} tenants)")
-        names = ("trivial EVALSHA", "acquire (admitted)", "release")
         for label, value in zip(names, per, strict=True):
-            print(f"  {label:<20} {value / 1000:8.1f}k  {value / per[0]:5.1f}x trivial")
+            print(f"  {label:<26} {value / 1000:8.1f}k  {value / per[0]:5.1f}x trivial")
     finally:
         server.stop()
     return 0
