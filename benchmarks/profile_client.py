@@ -34,6 +34,8 @@ from typing import Any
 
 import redis.asyncio
 
+from ratequota.engine.protocol import acquire_call
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ratequota import AsyncQuotaClient, GroupPolicy, Policy, QuotaClient, TenantPolicy
@@ -78,7 +80,7 @@ async def async_cpu_us(fn: Callable[[], Awaitable[object]], calls: int, rounds: 
 def cpu_table(rows: list[tuple[str, float]], bare: float) -> None:
     """Print client CPU per call and the part above a bare EVALSHA."""
     for label, us in rows:
-        print(f"  {label:<28} {us:7.1f} µs CPU   over a bare EVALSHA {us - bare:+7.1f} µs")
+        print(f"  {label:<30} {us:7.1f} µs CPU   over a bare EVALSHA {us - bare:+7.1f} µs")
 
 
 def sync_cpu(url: str, calls: int) -> None:
@@ -102,6 +104,30 @@ def sync_cpu(url: str, calls: int) -> None:
         best_acquire = min(best_acquire, cpu_us(acquire, calls, rounds=1))
         best_release = min(best_release, cpu_us(release, calls, rounds=1))
     rows += [("try_acquire", best_acquire), ("release", best_release)]
+
+    # The same EVALSHA round trip with acquire's keys and arguments (a trivial script): what
+    # redis-py spends on the arguments alone.
+    call = acquire_call(
+        quota.core.keyspace,
+        "prof",
+        "t",
+        1,
+        "0123456789abcdef",
+        60_000,
+        wait=False,
+        pending_ms=1000,
+        purge=64,
+    )
+    wide = cpu_us(lambda: conn.evalsha(sha, len(call.keys), *call.keys, *call.args), calls)
+    rows.append(("EVALSHA, acquire's arguments", wide))
+
+    # try_acquire with the round trip replaced by a canned reply: ratequota's own work.
+    reply = quota.backend.connection("prof").evalsha(
+        call.script.sha, len(call.keys), *call.keys, *call.args
+    )
+    conn.evalsha = lambda *_: reply  # type: ignore[method-assign]
+    rows.append(("try_acquire, Redis stubbed", cpu_us(lambda: quota.try_acquire("t", 1), calls)))
+    del conn.evalsha
     print("\nsync client CPU per call (process time, best of 5 rounds)")
     cpu_table(rows, bare)
     quota.close()
