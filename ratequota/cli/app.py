@@ -12,7 +12,7 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 from importlib import metadata
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ratequota.cli import check, demo, operator, top
 from ratequota.cli.backend import add_backend_options, client_from_args
@@ -47,22 +47,16 @@ def _simulate_command(sub: SubParsers) -> None:
     parser.set_defaults(handler=lambda args: sim.run(args, client_from_args))
 
 
-def _check_command(sub: SubParsers) -> None:
-    parser = sub.add_parser(
-        "check", help="readiness of every shard; exits non-zero when the pod must not take traffic"
-    )
-    add_backend_options(parser)
-    check.add_arguments(parser)
-    parser.set_defaults(handler=check.run)
+def _deployment_command(name: str, summary: str, module: Any) -> Callable[[SubParsers], None]:
+    """A sub-command on a deployment's Redis; ``module`` has ``add_arguments`` and ``run``."""
 
+    def add(sub: SubParsers) -> None:
+        parser = sub.add_parser(name, help=summary)
+        add_backend_options(parser)
+        module.add_arguments(parser)
+        parser.set_defaults(handler=module.run)
 
-def _top_command(sub: SubParsers) -> None:
-    parser = sub.add_parser(
-        "top", help="live view of groups: per tenant held, guarantee, limit, borrowed, waiting"
-    )
-    add_backend_options(parser)
-    top.add_arguments(parser)
-    parser.set_defaults(handler=top.run)
+    return add
 
 
 def _operator_commands(sub: SubParsers) -> None:
@@ -74,8 +68,14 @@ COMMANDS: list[Callable[[SubParsers], None]] = [
     _demo_command,
     _simulate_command,
     _operator_commands,
-    _top_command,
-    _check_command,
+    _deployment_command(
+        "top", "live view of groups: per tenant held, guarantee, limit, borrowed, waiting", top
+    ),
+    _deployment_command(
+        "check",
+        "readiness of every shard; exits non-zero when the pod must not take traffic",
+        check,
+    ),
 ]
 
 
