@@ -23,6 +23,7 @@ from ratequota.engine.routing import Rendezvous
 from ratequota.errors import BackendError, BackendUnavailable, ConfigError, RateQuotaError
 
 __all__ = [
+    "CALL_ERRORS",
     "Backend",
     "ClusterBackend",
     "ShardedBackend",
@@ -33,6 +34,7 @@ __all__ = [
     "embedded_server",
     "fake_server",
     "is_noscript",
+    "pipelined",
     "redact",
     "scrub",
     "translate_error",
@@ -208,6 +210,22 @@ def embedded_server() -> Any:
 
 #: The name the rest of the package has used for ``redact``.
 _redact = redact
+
+
+#: A call's own error reply (the script failed or was refused): a batch answers it in
+#: place, as a pipeline does; any other error (the connection) fails the whole batch.
+CALL_ERRORS: tuple[type[Exception], ...] = (redis.exceptions.ResponseError,)
+
+
+def pipelined(conn: Any, calls: Sequence[tuple[Any, ...]]) -> Any:
+    """Send script calls on one pipeline (no transaction), error replies in place.
+
+    Returns the replies, or for a ``redis.asyncio`` connection what to await for them.
+    """
+    pipe = conn.pipeline(transaction=False)
+    for args in calls:
+        pipe.evalsha(*args)
+    return pipe.execute(raise_on_error=False)
 
 
 def is_noscript(exc: BaseException) -> bool:

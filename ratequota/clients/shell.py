@@ -22,7 +22,7 @@ from ratequota.clients import probes
 from ratequota.clients.core import QuotaCore
 from ratequota.clients.failure import FailureStats
 from ratequota.clients.readiness import ReadinessReport
-from ratequota.clients.requests import AcquireRequest
+from ratequota.clients.requests import AcquireRequest, TenantSpec, UnitsSpec, handler_arguments
 from ratequota.clients.runner import Runner
 from ratequota.clients.settings import Settings
 from ratequota.clock import Clock
@@ -270,6 +270,24 @@ class ClientBase:
             observer=core.observer,
             clock=core.clock.monotonic,
         )
+
+    def _acquisition_of(
+        self, handler: Callable[..., Any], tenant: TenantSpec, units: UnitsSpec, options: Any
+    ) -> Callable[..., Any]:
+        """What ``limit`` enters around each call of ``handler``: this client's ``acquire``.
+
+        ``tenant`` and ``units`` are read from the call's arguments
+        (``requests.handler_arguments``, which also rejects a misspelled name
+        at decoration time); the shells add only ``with`` or ``async with``.
+        """
+        arguments = handler_arguments(handler, tenant, units)
+        acquire = self.acquire  # type: ignore[attr-defined]
+
+        def acquisition(*args: Any, **kwargs: Any) -> Any:
+            who, how_many = arguments(*args, **kwargs)
+            return acquire(who, how_many, **options)
+
+        return acquisition
 
     def stats(self) -> FailureStats:
         """Counters: fail-open and local admissions, fast failures, fenced releases/renewals."""

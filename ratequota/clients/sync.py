@@ -20,14 +20,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import attrs
-import redis
 
 from ratequota.clients import probes
 from ratequota.clients.backends import (
+    CALL_ERRORS,
     Backend,
     ClusterBackend,
     ShardedBackend,
     embedded_backend,
+    pipelined,
     url_backend,
 )
 from ratequota.clients.explain import Explanation, explain_flow
@@ -41,7 +42,6 @@ from ratequota.clients.requests import (
     TryOptions,
     UnitsSpec,
     WaitOptions,
-    handler_arguments,
 )
 from ratequota.clients.shell import RELEASE_ERRORS, AcquisitionBase, ClientBase, LeaseBase
 from ratequota.decision import (
@@ -127,7 +127,7 @@ def _one_of_batch(conn: Any, args: tuple[Any, ...]) -> Any:
     """
     try:
         return conn.evalsha(*args)
-    except redis.exceptions.ResponseError as exc:
+    except CALL_ERRORS as exc:
         return exc
 
 
@@ -191,10 +191,7 @@ class QuotaClient(ClientBase):
         if isinstance(op, Batch):
             if not getattr(self.backend, "pipelines", True):
                 return [_one_of_batch(conn, args) for args in pipeline_args(op)]
-            pipe = conn.pipeline(transaction=False)
-            for args in pipeline_args(op):
-                pipe.evalsha(*args)
-            return pipe.execute(raise_on_error=False)
+            return pipelined(conn, pipeline_args(op))
         method, args = wire_call(op)
         return getattr(conn, method)(*args)
 
@@ -305,11 +302,7 @@ class QuotaClient(ClientBase):
         """
 
         def decorate(handler: F) -> F:
-            arguments = handler_arguments(handler, tenant, units)
-
-            def acquisition(*args: Any, **kwargs: Any) -> Acquisition:
-                who, how_many = arguments(*args, **kwargs)
-                return self.acquire(who, how_many, **options)
+            acquisition = self._acquisition_of(handler, tenant, units, options)
 
             if inspect.iscoroutinefunction(handler):
 
