@@ -245,15 +245,8 @@ class AsyncQuotaClient(shell.ClientBase):
     async def apply_policy(
         self, policy: Policy | str | Path, *, migrate: bool = False
     ) -> dict[str, int]:
-        """Publish a policy (or a TOML file of one) for every pod; returns versions per group.
-
-        ``migrate`` takes groups over from pods of the previous release still serving them in
-        the previous key layout (their live leases move along; those pods then refuse the
-        group). Without it such a group raises ``LegacyLayout``: see docs/deployment.md.
-        """
-        if isinstance(policy, (str, Path)):
-            policy = Policy.from_toml(policy)
-        return await self._run(self.core.apply_policy(policy, migrate=migrate))
+        """Publish a policy (or a TOML file of one) for every pod; as ``QuotaClient``'s."""
+        return await self._run(self._publish(policy, migrate))
 
     async def load_policy(self) -> Policy | None:
         """The published policy, or None; also refreshes this client's routing."""

@@ -14,6 +14,7 @@ No lock is taken here; ``Breakers`` guard their few integers themselves.
 from __future__ import annotations
 
 from collections.abc import Callable, Generator, Iterable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
 import attrs
@@ -27,6 +28,7 @@ from ratequota.clients.runner import Runner
 from ratequota.clients.settings import Settings
 from ratequota.clock import Clock
 from ratequota.decision import LeaseInfo, ReleaseResult, RenewResult
+from ratequota.engine.ops import Flow
 from ratequota.errors import (
     BackendError,
     BackendUnavailable,
@@ -34,6 +36,7 @@ from ratequota.errors import (
     RateQuotaError,
 )
 from ratequota.observe import LostCause, Observer
+from ratequota.policy import Policy
 
 __all__ = [
     "RELEASE_ERRORS",
@@ -270,6 +273,12 @@ class ClientBase:
             observer=core.observer,
             clock=core.clock.monotonic,
         )
+
+    def _publish(self, policy: Policy | str | Path, migrate: bool) -> Flow[dict[str, int]]:
+        """``apply_policy`` of either client as a flow; a path is read as a TOML policy file."""
+        if isinstance(policy, (str, Path)):
+            policy = Policy.from_toml(policy)
+        return self.core.apply_policy(policy, migrate=migrate)
 
     def _acquisition_of(
         self, handler: Callable[..., Any], tenant: TenantSpec, units: UnitsSpec, options: Any

@@ -231,9 +231,7 @@ class QuotaClient(ClientBase):
         the previous key layout (their live leases move along; those pods then refuse the
         group). Without it such a group raises ``LegacyLayout``: see docs/deployment.md.
         """
-        if isinstance(policy, (str, Path)):
-            policy = Policy.from_toml(policy)
-        return self._run(self.core.apply_policy(policy, migrate=migrate))
+        return self._run(self._publish(policy, migrate))
 
     def load_policy(self) -> Policy | None:
         """The published policy, or None; also refreshes this client's routing."""
