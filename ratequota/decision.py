@@ -57,7 +57,7 @@ _WHY = {
 
 @attrs.frozen
 class MeterSettlement:
-    """How one meter of a lease settled (``ratequota.rates.settle_reservation``).
+    """How one meter of a lease settled (``ratequota.settlement.settle_reservation``).
 
     ``outcome``: ``settled`` (``delta`` = actual − estimate tokens was charged,
     once), ``replay`` (the same amount again: nothing), ``conflict`` (another
