@@ -284,7 +284,8 @@ local function acquire_one(ctx, tenant, units, id, ttl, wait, pending_ms, shadow
   local token = next_fence(policy, now, expiry)
   local info = entry(units, token, tenant)
   redis.call('ZADD', KEYS[3], int(expiry), lease_member)
-  redis.call('HSET', KEYS[4], lease_member, info)
+  -- S<id>: the admission time, for the ledger's unit·ms when the lease ends.
+  redis.call('HSET', KEYS[4], lease_member, info, 'S' .. id, int(now))
   ctx.entries[lease_member] = info
   ctx.touch = true
   return {1, shadowed or 'admitted', expiry, token, tenant_used + units, fmt(limit),
@@ -304,8 +305,9 @@ local function release_one(ctx, id, tenant, token)
     local expiry = tonumber(redis.call('ZSCORE', KEYS[3], member))
     local state = 'released'
     if expiry <= ctx.now then state = 'expired' end
+    ledger_released(ctx, id, owner, units, expiry)
     redis.call('ZREM', KEYS[3], member)
-    redis.call('HDEL', KEYS[4], member)
+    redis.call('HDEL', KEYS[4], member, 'S' .. id)
     ctx.entries[member] = false
     add_demand(ctx, tenant, -units, 0)
     settle(fair_state(ctx), ctx.policy)
@@ -333,4 +335,18 @@ local function release_ctx(now, schema)
     return open_ctx(now, policy)
   end
   return open_ctx(now, nil)
+end
+
+-- acquire_one, its decision counted in the ledger (_ledger.lua): a refusal as rf:<reason>
+-- (not again for a request already registered as waiting), a shadow admission as sh:<reason>.
+local function ledger_acquire(ctx, tenant, units, id, ttl, wait, pending_ms, shadow)
+  prefetch_entries(ctx, {id})
+  local registered = ctx.entries['P' .. id]
+  local reply = acquire_one(ctx, tenant, units, id, ttl, wait, pending_ms, shadow)
+  if reply[1] == 0 and not registered then
+    ledger_note(ctx, tenant, 'rf:' .. reply[2], 1)
+  elseif reply[1] == 1 and reply[2] ~= 'admitted' then
+    ledger_note(ctx, tenant, 'sh:' .. reply[2], 1)
+  end
+  return reply
 end

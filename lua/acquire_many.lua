@@ -1,6 +1,8 @@
 -- acquire_many.lua: decide several acquire requests of one group in one call, in order.
 --
 -- KEYS[1] policy, KEYS[2] demand, KEYS[3] exp, KEYS[4] info, KEYS[5] queue, KEYS[6] fair
+-- KEYS[7] ledger, KEYS[8] ledger_alt  the usage ledger's hour keys (always the last two keys;
+--   see _ledger.lua)
 -- ARGV[1] now_ms      pinned clock in ms, or "" for Redis TIME
 -- ARGV[2] schema      key schema of the caller
 -- ARGV[3] pending_ms  lifetime of a waiting registration unless refreshed by a retry
@@ -34,9 +36,9 @@ prefetch_entries(ctx, ids)
 load_fields(ctx, fields)
 for i = 1, count do
   local base = 4 + (i - 1) * 6
-  replies[i] = acquire_one(ctx, ARGV[base + 1], tonumber(ARGV[base + 2]), ARGV[base + 3],
-                           tonumber(ARGV[base + 4]), ARGV[base + 5] == '1', pending_ms,
-                           ARGV[base + 6] == '1')
+  replies[i] = ledger_acquire(ctx, ARGV[base + 1], tonumber(ARGV[base + 2]), ARGV[base + 3],
+                              tonumber(ARGV[base + 4]), ARGV[base + 5] == '1', pending_ms,
+                              ARGV[base + 6] == '1')
 end
 flush(ctx, KEY_GRACE_MS)
 return replies

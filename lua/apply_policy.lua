@@ -17,7 +17,9 @@
 --                     long from now (busy >= now + recover_ms, so the group recovers, see
 --                     acquire.lua); "0" when publishing
 -- ARGV[10] migrate    "1": take the group over from a live previous layout (see below)
--- ARGV[11..] tenant name, spec pairs
+-- ARGV[11] usage_retention_ms  how long each hour of the usage ledger is kept after it ends
+--                     (field led_ttl, read by _ledger.lua)
+-- ARGV[12..] tenant name, spec pairs
 --
 -- reply: {status, version}
 --   status 1 written (version is the new one), 0 unchanged (same digest; current version),
@@ -90,10 +92,11 @@ local header = schema .. '|' .. version .. '|' .. ARGV[2] .. '|' .. ARGV[6] .. '
   '|' .. ARGV[3] .. '|' .. ARGV[5]
 redis.call('DEL', KEYS[1])
 redis.call('HSET', KEYS[1], 'schema', schema, 'version', version, 'fence', int(fence),
-  'digest', ARGV[7], 'hdr', header, 'busy', int(busy), 'recover', old[6] or 0)
+  'digest', ARGV[7], 'hdr', header, 'busy', int(busy), 'recover', old[6] or 0,
+  'led_ttl', ARGV[11])
 -- HSET in chunks: unpack() of a very long list overflows Lua's C stack.
 local specs, batch = {}, {}
-for i = 11, #ARGV, 2 do
+for i = 12, #ARGV, 2 do
   specs[ARGV[i]] = ARGV[i + 1]
   batch[#batch + 1] = 't:' .. ARGV[i]
   batch[#batch + 1] = ARGV[i + 1]

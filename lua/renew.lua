@@ -1,6 +1,8 @@
 -- renew.lua: extend a live lease, fenced, and say whether its tenant is above its fair limit (§5).
 --
 -- KEYS[1] policy, KEYS[2] demand, KEYS[3] exp, KEYS[4] info, KEYS[5] queue, KEYS[6] fair
+-- KEYS[7] ledger, KEYS[8] ledger_alt  the usage ledger's hour keys (always the last two keys;
+--   see _ledger.lua)
 -- ARGV[1] now_ms     pinned clock in ms, or "" for Redis TIME
 -- ARGV[2] schema     key schema of the caller
 -- ARGV[3] lease_id   the lease to extend
@@ -65,7 +67,9 @@ else
     flush(ctx, KEY_GRACE_MS)
     return {0, 'lost', 0, 0, 0, '0', 0, policy.capacity, 0}
   end
-  redis.call('HSET', KEYS[4], member, int(units) .. ':' .. token .. ':' .. tenant)
+  -- The ledger counts a re-asserted lease from now: its admission time was lost with it.
+  redis.call('HSET', KEYS[4], member, int(units) .. ':' .. token .. ':' .. tenant,
+    'S' .. ARGV[3], int(now))
   add_demand(ctx, tenant, units, 0)
   settle(fair_state(ctx), policy)
   if policy.fence < tonumber(token) then

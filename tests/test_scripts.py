@@ -33,16 +33,19 @@ def test_script_uses_only_declared_arguments(name: str) -> None:
 
 
 def test_group_scripts_share_the_key_layout() -> None:
-    """All group scripts take the same six keys, matching GroupKeys.all; apply_policy (which
-    rebuilds the fair state) takes them too, then the previous layout's five."""
+    """All group scripts take the same six keys, matching GroupKeys.all; the scripts that end
+    or refuse leases then the usage ledger's two hours (always last: _ledger.lua finds them
+    there); apply_policy (which rebuilds the fair state) takes the six, then the previous
+    layout's five."""
     from ratequota.engine.keys import KeySpace
 
     layout = KeySpace().group("g").all
     group_keys = ["policy", "demand", "exp", "info", "queue", "fair"]
+    ledger = ["ledger", "ledger_alt"]
     for name in ("acquire", "acquire_many", "release", "release_many", "renew", "snapshot"):
         spec = load_scripts()[name]
-        assert len(spec.keys) == len(layout)
-        assert list(spec.keys) == group_keys
+        assert list(spec.keys[: len(layout)]) == group_keys
+        assert list(spec.keys) == group_keys + ([] if name == "snapshot" else ledger)
     previous = ["old_policy", "old_demand", "old_exp", "old_info", "old_queue"]
     assert list(load_scripts()["apply_policy"].keys) == group_keys + previous
 

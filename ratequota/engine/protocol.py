@@ -13,6 +13,7 @@ import functools
 import hashlib
 import json
 import math
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -28,6 +29,7 @@ from ratequota.decision import (
     TenantSnapshot,
 )
 from ratequota.engine.keys import SCHEMA_VERSION, KeySpace
+from ratequota.engine.ledger import ledger_keys
 from ratequota.engine.scripts import ScriptSpec, script
 from ratequota.errors import InvalidRequest, LegacyLayout, PolicyMissing, SchemaMismatch
 from ratequota.policy import GroupPolicy, TenantPolicy
@@ -79,6 +81,17 @@ def _num(value: Any) -> float:
 
 def _clock(now_ms: int | None) -> Arg:
     return "" if now_ms is None else now_ms
+
+
+def _lease_keys(keyspace: KeySpace, group: str, now_ms: int | None) -> list[str]:
+    """The group's keys and the two ledger hours (see ``ratequota.engine.ledger``).
+
+    The hours are named from the pinned clock, else this machine's wall clock:
+    the script files under the hour of Redis time among the two, so a few
+    seconds of skew at an hour boundary cost nothing.
+    """
+    at_ms = now_ms if now_ms is not None else int(time.time() * 1000)
+    return [*keyspace.group(group).all, *ledger_keys(keyspace, group, at_ms)]
 
 
 def tenant_spec(tenant: TenantPolicy) -> str:
@@ -140,6 +153,7 @@ def apply_policy_call(
         _clock(now_ms),
         recover_ms,
         "1" if migrate else "0",
+        round(group.usage_retention * 1000),
         *pairs,
     ]
     keys = [*keyspace.group(group.name).all, *keyspace.previous_layout(group.name)]
@@ -186,7 +200,7 @@ def acquire_call(
         purge,
         "1" if shadow else "0",
     ]
-    return _call("acquire", group, keyspace.group(group).all, args)
+    return _call("acquire", group, _lease_keys(keyspace, group, now_ms), args)
 
 
 def decode_acquire(
@@ -266,7 +280,7 @@ def release_call(
     ``token`` 0 withdraws a waiting request (which has no token yet).
     """
     args: list[Arg] = [_clock(now_ms), keyspace.schema, lease_id, purge, tenant, str(token)]
-    return _call("release", group, keyspace.group(group).all, args)
+    return _call("release", group, _lease_keys(keyspace, group, now_ms), args)
 
 
 def decode_release(reply: Sequence[Any]) -> ReleaseResult:
@@ -297,7 +311,7 @@ def renew_call(
         str(lease.token),
         round(lease.expires_at * 1000),
     ]
-    return _call("renew", lease.group, keyspace.group(lease.group).all, args)
+    return _call("renew", lease.group, _lease_keys(keyspace, lease.group, now_ms), args)
 
 
 _RENEW_REASONS = ("renewed", "reasserted", "lost", "fenced")
@@ -405,7 +419,7 @@ def acquire_many_call(
         shadow = len(request) > 5 and bool(request[5])
         flat += [tenant, units, lease_id, ttl_ms, "1" if wait else "0", "1" if shadow else "0"]
     args: list[Arg] = [_clock(now_ms), keyspace.schema, pending_ms, purge, *flat]
-    return _call("acquire_many", group, keyspace.group(group).all, args)
+    return _call("acquire_many", group, _lease_keys(keyspace, group, now_ms), args)
 
 
 def release_many_call(
@@ -421,7 +435,7 @@ def release_many_call(
     for lease_id, tenant, token in leases:
         flat += [lease_id, tenant, str(token)]
     args: list[Arg] = [_clock(now_ms), keyspace.schema, purge, *flat]
-    return _call("release_many", group, keyspace.group(group).all, args)
+    return _call("release_many", group, _lease_keys(keyspace, group, now_ms), args)
 
 
 WireCall = tuple[str, tuple[Any, ...]]

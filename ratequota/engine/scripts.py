@@ -5,9 +5,10 @@ Each script in ``lua/`` begins with a header naming its KEYS, ARGV and reply;
 can check every call against it. The library files hold what the scripts
 share, each one idea: ``_fair.lua`` the rule alone (pure, mirrors
 ``ratequota.fairness``), ``_codec.lua`` how values are written in the keys,
-``_state.lua`` the incremental group state, ``_lib.lua`` the lease
-operations. Redis has no ``require``, so they are prepended to each script
-here, once, in that order, and the SHA1 is that of the combined text.
+``_ledger.lua`` the usage ledger, ``_state.lua`` the incremental group
+state, ``_lib.lua`` the lease operations. Redis has no ``require``, so they
+are prepended to each script here, once, in that order, and the SHA1 is that
+of the combined text.
 
 In a wheel the scripts live in ``ratequota/lua`` (hatch copies the top-level
 ``lua/`` there); in a source checkout or an editable install they are read
@@ -38,7 +39,7 @@ SCRIPT_NAMES = (
 )
 
 #: Library files prepended to every script, in dependency order.
-LIBRARY = ("_fair", "_codec", "_state", "_lib")
+LIBRARY = ("_fair", "_codec", "_ledger", "_state", "_lib")
 _KEY_LINE = re.compile(r"^-- KEYS\[(\d+)\]\s+(\w+)")
 _ARG_LINE = re.compile(r"^-- ARGV\[(\d+)(\.\.)?\]\s+(\S+)")
 

@@ -1,0 +1,145 @@
+"""The usage ledger's hours, keys and fields: pure, no Redis import (docs/usage.md).
+
+The scripts that end or refuse leases write one hash per group and hour,
+``{g}:led:<hour>``, with fields ``<tenant>|<counter>`` (``lua/_ledger.lua``).
+A script may only touch the keys it is given, and the client cannot know
+Redis' clock, so every such call names *two* hours: the one of the caller's
+clock and the neighbouring hour nearest to it. The script files under the
+hour of its own time; a caller less than half an hour off names it at every
+hour boundary.
+
+Reading is the reverse: the hours between ``since`` and ``until`` are read
+whole and their fields decoded into one ``UsageRow`` per tenant and hour.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import attrs
+
+from ratequota.engine.keys import KeySpace
+
+__all__ = [
+    "HOUR_MS",
+    "UsageRow",
+    "hours_between",
+    "ledger_hours",
+    "ledger_keys",
+    "parse_hour",
+    "usage_rows",
+]
+
+#: One ledger hash per hour of epoch ms.
+HOUR_MS = 3_600_000
+
+
+def ledger_hours(at_ms: int) -> tuple[int, int]:
+    """The hour of ``at_ms`` and the neighbouring hour nearest to it."""
+    hour, into = divmod(at_ms, HOUR_MS)
+    return hour, (hour - 1 if into < HOUR_MS // 2 else hour + 1)
+
+
+def ledger_keys(keyspace: KeySpace, group: str, at_ms: int) -> list[str]:
+    """The two ledger keys a lease-ending script is given, for a caller whose clock reads
+    ``at_ms``."""
+    return [keyspace.ledger(group, hour) for hour in ledger_hours(at_ms)]
+
+
+def hours_between(since_ms: int, until_ms: int) -> list[int]:
+    """The hours that hold some of ``[since_ms, until_ms)``, oldest first."""
+    if until_ms <= since_ms:
+        return []
+    return list(range(since_ms // HOUR_MS, (until_ms - 1) // HOUR_MS + 1))
+
+
+def parse_hour(key: str) -> int:
+    """The hour a ledger key names."""
+    return int(key.rsplit(":", 1)[1])
+
+
+@attrs.frozen
+class UsageRow:
+    """What one tenant used in one hour of a group.
+
+    ``unit_seconds`` is the units × seconds held by the leases that *ended*
+    in that hour (released, or expired and purged), ``leases`` how many they
+    were. ``tokens_reserved`` / ``tokens_settled`` are written by the rate
+    meters (0 until a group's meters write them). ``refusals`` counts
+    refused requests by reason; ``shadow_refusals`` what shadow mode
+    admitted but enforcing would have refused, by reason.
+    """
+
+    group: str
+    tenant: str
+    hour: int
+    unit_seconds: float = 0.0
+    leases: int = 0
+    tokens_reserved: int = 0
+    tokens_settled: int = 0
+    refusals: Mapping[str, int] = attrs.field(factory=dict)
+    shadow_refusals: Mapping[str, int] = attrs.field(factory=dict)
+
+    @property
+    def start(self) -> float:
+        """The hour's start, epoch seconds."""
+        return self.hour * HOUR_MS / 1000.0
+
+    @property
+    def refused(self) -> int:
+        """Refusals of every reason."""
+        return sum(self.refusals.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for JSON."""
+        return {
+            "group": self.group,
+            "tenant": self.tenant,
+            "hour": self.hour,
+            "start": self.start,
+            "unit_seconds": self.unit_seconds,
+            "leases": self.leases,
+            "tokens_reserved": self.tokens_reserved,
+            "tokens_settled": self.tokens_settled,
+            "refusals": dict(sorted(self.refusals.items())),
+            "shadow_refusals": dict(sorted(self.shadow_refusals.items())),
+        }
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def _rows_of_hour(group: str, hour: int, fields: Mapping[Any, Any]) -> list[UsageRow]:
+    counters: dict[str, dict[str, int]] = {}
+    for raw_field, raw_value in fields.items():
+        tenant, _, counter = _text(raw_field).rpartition("|")
+        counters.setdefault(tenant, {})[counter] = int(_text(raw_value))
+    rows = []
+    for tenant in sorted(counters):
+        c = counters[tenant]
+        rows.append(
+            UsageRow(
+                group=group,
+                tenant=tenant,
+                hour=hour,
+                unit_seconds=c.get("us", 0) / 1000.0,
+                leases=c.get("rq", 0),
+                tokens_reserved=c.get("tr", 0),
+                tokens_settled=c.get("ts", 0),
+                refusals={k[3:]: v for k, v in c.items() if k.startswith("rf:") and v},
+                shadow_refusals={k[3:]: v for k, v in c.items() if k.startswith("sh:") and v},
+            )
+        )
+    return rows
+
+
+def usage_rows(
+    group: str, hours: Sequence[int], hashes: Iterable[Mapping[Any, Any]]
+) -> list[UsageRow]:
+    """Rows, by hour then tenant, from the ledger hashes of ``hours`` (as HGETALL answers)."""
+    rows: list[UsageRow] = []
+    for hour, fields in zip(hours, hashes, strict=True):
+        rows.extend(_rows_of_hour(group, hour, fields or {}))
+    return rows
