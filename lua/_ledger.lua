@@ -17,7 +17,7 @@
 --     rf:<reason>  refusals (acquire's reasons); a registered waiting request is counted once
 --     sh:<reason>  would-be refusals admitted in shadow mode
 --   Expiry: the end of its hour plus the group's retention (policy hash field led_ttl, ms;
---   default 7 days).
+--   default 7 days), set by the write that creates a field.
 -- info hash  S<id>  the lease's admission time (ms), written beside L<id> and dropped with it.
 
 local HOUR_MS = 3600000
@@ -37,7 +37,8 @@ end
 
 -- Sets the expiry of ledger hash `key` of `hour` at time `now`: the end of the hour plus the
 -- group's retention. Relative (PEXPIRE), like every expiry the scripts set: a pinned clock
--- is not the server's.
+-- is not the server's. Called when a write created a field (HINCRBY answered the amount:
+-- every amount is positive), so always when the key is created, and not on every write.
 local function ledger_expire(key, hour, now)
   local retention = tonumber(redis.call('HGET', KEYS[1], 'led_ttl')) or DEFAULT_RETENTION_MS
   redis.call('PEXPIRE', key, int(math.max(1, (hour + 1) * HOUR_MS + retention - now)))
@@ -47,8 +48,9 @@ end
 -- without a ctx; with one, ledger_note batches the call's counts into one write).
 local function ledger_add(now, tenant, counter, amount)
   local key, hour = ledger_key(now)
-  redis.call('HINCRBY', key, tenant .. '|' .. counter, int(amount))
-  ledger_expire(key, hour, now)
+  if redis.call('HINCRBY', key, tenant .. '|' .. counter, int(amount)) == amount then
+    ledger_expire(key, hour, now)
+  end
 end
 
 -- Adds `amount` to a counter of `tenant`, written once at the end of the call (ledger_flush).
@@ -105,8 +107,9 @@ local function ledger_flush(ctx)
   if not led then return end
   ctx.led = nil
   local key, hour = ledger_key(ctx.now)
+  local created = false
   for field, amount in pairs(led) do
-    if amount ~= 0 then redis.call('HINCRBY', key, field, int(amount)) end
+    if redis.call('HINCRBY', key, field, int(amount)) == amount then created = true end
   end
-  ledger_expire(key, hour, ctx.now)
+  if created then ledger_expire(key, hour, ctx.now) end
 end

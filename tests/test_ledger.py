@@ -429,3 +429,65 @@ def test_ledger_add_writes_one_counter_at_once() -> None:
     assert _hours(conn) == {NOW // HOUR_MS: {b"we|ird|tr": b"1234"}}
     (row,) = usage_rows("g", [NOW // HOUR_MS], [conn.hgetall(keys[-2])])
     assert (row.tenant, row.tokens_reserved) == ("we|ird", 1234)
+
+
+@pytest.mark.real_redis
+@pytest.mark.parametrize(("tenants", "bound"), [(8, 160), (32, 160), (200, 400)])
+def test_a_tenant_hour_costs_what_docs_usage_says(
+    real_redis: RedisServer, tenants: int, bound: int
+) -> None:
+    """MEMORY USAGE of one hour written by the scripts (a lease released and a refusal per
+    tenant, 12-character names): at most the bytes per tenant-hour docs/usage.md states
+    (listpack up to hash-max-listpack-entries fields, hashtable beyond)."""
+    conn = real_redis.client()
+    try:
+        _load(conn)
+        keyspace = KeySpace()
+        group = GroupPolicy("g", capacity=tenants, unknown_tenants="default", max_lease_ttl=60.0)
+        conn.evalsha(*_wire(protocol.apply_policy_call(keyspace, group, now_ms=NOW)))
+        for i in range(tenants):
+            tenant = f"tenant-{i:05d}"
+            call = protocol.acquire_call(
+                keyspace,
+                "g",
+                tenant,
+                1,
+                tenant,
+                60_000,
+                wait=False,
+                pending_ms=2000,
+                purge=8,
+                now_ms=NOW,
+            )
+            token = int(conn.evalsha(*_wire(call))[3])
+            conn.evalsha(
+                *_wire(
+                    protocol.release_call(
+                        keyspace,
+                        "g",
+                        tenant,
+                        tenant=tenant,
+                        token=token,
+                        purge=8,
+                        now_ms=NOW + 1234,
+                    )
+                )
+            )
+            refused = protocol.acquire_call(
+                keyspace,
+                "g",
+                tenant,
+                tenants + 1,
+                "big",
+                60_000,
+                wait=False,
+                pending_ms=2000,
+                purge=8,
+                now_ms=NOW,
+            )
+            conn.evalsha(*_wire(refused))
+        key = keyspace.ledger("g", NOW // HOUR_MS)
+        assert conn.hlen(key) == 3 * tenants
+        assert int(conn.memory_usage(key, samples=0)) <= bound * tenants
+    finally:
+        conn.close()
