@@ -5,10 +5,10 @@ hold (``policy``, ``fairness``, ``core``, ``client``, ...).
 """
 
 from ratequota.clients.aio import AsyncAcquisition, AsyncLease, AsyncQuotaClient
-from ratequota.clients.core import Settings
 from ratequota.clients.explain import Explanation, Loan, explain
 from ratequota.clients.failure import FailureStats
 from ratequota.clients.readiness import ReadinessReport, ShardReport
+from ratequota.clients.settings import Settings
 from ratequota.clients.sync import Acquisition, Lease, QuotaClient
 from ratequota.decision import (
     Decision,

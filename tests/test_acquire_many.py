@@ -16,9 +16,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from ratequota.clients.aio import AsyncQuotaClient
-from ratequota.clients.shell import wire_call
 from ratequota.engine import protocol
 from ratequota.engine.keys import KeySpace
+from ratequota.engine.ops import wire_call
 from ratequota.engine.scripts import load_scripts
 from ratequota.policy import GroupPolicy, Policy, TenantPolicy
 from tests.redis_state import dump_keys

@@ -483,7 +483,7 @@ def test_the_async_client_parses_a_new_catalog_off_its_event_loop(
     worker thread, never on the event loop's thread."""
     import threading as _threading
 
-    from ratequota.clients import core
+    from ratequota.clients import router as core
     from ratequota.clients.aio import async_embedded_backend
 
     threads: list[int] = []

@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 
 from ratequota.clients.aio import AsyncQuotaClient
-from ratequota.clients.core import Settings
 from ratequota.clients.failure import Breakers, CircuitBreaker
+from ratequota.clients.settings import Settings
 from ratequota.clients.sync import QuotaClient
 from ratequota.errors import BackendUnavailable, ConfigError
 from ratequota.policy import GroupPolicy, Policy, TenantPolicy

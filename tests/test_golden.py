@@ -32,7 +32,7 @@ from ratequota.clients.sync import QuotaClient
 from ratequota.decision import LeaseInfo
 from ratequota.engine import protocol
 from ratequota.engine.keys import SCHEMA_VERSION, KeySpace
-from ratequota.engine.protocol import ScriptCall
+from ratequota.engine.ops import ScriptCall
 from ratequota.engine.scripts import SCRIPT_NAMES, load_scripts, parse_header, script
 from ratequota.errors import RateQuotaError, SchemaMismatch
 from ratequota.policy import GroupPolicy, Policy, TenantPolicy

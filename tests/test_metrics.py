@@ -467,7 +467,7 @@ def test_observer_must_be_an_observer() -> None:
 def test_no_observer_means_no_events_and_no_timing() -> None:
     """Without an observer the Runner never reads the clock for timing (zero cost)."""
     from ratequota.clients.core import QuotaCore
-    from ratequota.clients.shell import Runner
+    from ratequota.clients.runner import Runner
 
     reads = []
 

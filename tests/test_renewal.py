@@ -17,8 +17,9 @@ import pytest
 
 from ratequota.clients.core import QuotaCore
 from ratequota.clients.renewal import RenewalBook, renew_many
-from ratequota.clients.shell import Batch, LeaseBase
+from ratequota.clients.shell import LeaseBase
 from ratequota.decision import LeaseInfo, RenewResult
+from ratequota.engine.ops import Batch
 from ratequota.errors import BackendUnavailable
 from ratequota.policy import GroupPolicy, Policy, TenantPolicy
 from ratequota.testing import ManualClock

@@ -40,13 +40,15 @@ from ratequota.clients.backends import (
     scrub,
     translate_error,
 )
-from ratequota.clients.core import AcquireRequest, Compute, Flow, Sleep, Spawn
 from ratequota.clients.explain import Explanation, explain_flow
 from ratequota.clients.failure import FailureStats, log
 from ratequota.clients.readiness import ReadinessReport
 from ratequota.clients.renewal import RenewerBase
+from ratequota.clients.requests import AcquireRequest
+from ratequota.clients.runner import REDIS_ERRORS
 from ratequota.decision import Decision, GroupSnapshot, LeaseInfo, ReleaseResult, RenewResult
 from ratequota.engine.batching import BatchPolicy
+from ratequota.engine.ops import Batch, Compute, Flow, Sleep, Spawn, pipeline_args, wire_call
 from ratequota.engine.protocol import MERGES, coalesce
 from ratequota.engine.scripts import load_scripts, script
 from ratequota.errors import ConfigError, InvalidType
@@ -514,8 +516,8 @@ class AsyncQuotaClient(shell.ClientBase):
             task.add_done_callback(self._background.discard)
             return None
         conn = self.backend.connection(op.route)
-        if isinstance(op, shell.Batch):
-            calls = shell.pipeline_args(op)
+        if isinstance(op, Batch):
+            calls = pipeline_args(op)
             if not getattr(self.backend, "pipelines", True):  # a cluster client
                 replies: list[Any] = []
                 for start in range(0, len(calls), _SOLO_IN_FLIGHT):
@@ -524,7 +526,7 @@ class AsyncQuotaClient(shell.ClientBase):
                 return replies
             return await _pipelined(conn, calls)
         # Each round trip is bounded in the batcher; a cancelled caller just drops its future.
-        return await self._batcher(op.route, conn).submit(shell.wire_call(op))
+        return await self._batcher(op.route, conn).submit(wire_call(op))
 
     def _batcher(self, route: str, conn: Any) -> _ShardBatcher:
         node = self._node_of(route)
@@ -542,7 +544,7 @@ class AsyncQuotaClient(shell.ClientBase):
             try:
                 for spec in load_scripts().values():
                     await conn.script_load(spec.source)
-            except shell.REDIS_ERRORS as exc:
+            except REDIS_ERRORS as exc:
                 if strict:
                     raise translate_error(exc, self._where) from exc
 

@@ -7,51 +7,40 @@ neither holds any logic of its own (the httpcore/h11 "sans-I/O" pattern).
 Errors met while performing an operation are thrown back into the flow, so
 decisions such as "retry once after a stale route" live here too.
 
-Nothing here takes a lock: the only mutable state is the routing catalog,
-replaced whole by a single assignment.
+The op types a flow yields are in ``ratequota.engine.ops``, the one runner
+that steps a flow in ``ratequota.clients.runner``. Routing and the policy
+(catalog refresh, restore, publish, shadow mode) are ``Router``'s, which
+``QuotaCore`` extends; ``Settings`` and argument validation have modules of
+their own. No lock here is ever held across I/O.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import math
-import os
 import random
 import threading
-import time
-from collections.abc import Callable, Generator, Iterable
-from typing import Any, TypeVar
+from collections.abc import Iterable
+from typing import Any
 
-import attrs
-
-from ratequota.clients.catalog import (
-    HEADER_BYTES,
-    Catalog,
-    CatalogDocument,
-    CatalogHeader,
-    catalog_document,
-    header_of,
-    parse_document,
-    parse_header,
-    policy_digest,
+from ratequota.clients.failure import Breakers, FailureState, synthetic_renewal
+from ratequota.clients.reports import decision_event, error_event
+from ratequota.clients.requests import (
+    AcquireRequest,
+    acquire_request,
+    check_lease,
+    lease_ttl_ms,
+    new_request_id,
+    validate_tenant,
 )
-from ratequota.clients.failure import FAILURE_MODES, Breakers, FailureMode, FailureState
+from ratequota.clients.router import Router
+from ratequota.clients.settings import FIRST_PAUSE, LAST_PAUSE, Settings
 from ratequota.clock import Clock, SystemClock
-from ratequota.decision import (
-    Decision,
-    GroupSnapshot,
-    LeaseInfo,
-    ReleaseResult,
-    RenewResult,
-)
-from ratequota.engine.keys import KeySpace
+from ratequota.decision import Decision, GroupSnapshot, LeaseInfo, ReleaseResult, RenewResult
+from ratequota.engine.ops import Flow, ScriptCall, Sleep
 from ratequota.engine.protocol import (
-    ScriptCall,
     acquire_call,
-    apply_policy_call,
     decode_acquire,
-    decode_apply_policy,
     decode_release,
     decode_renew,
     decode_snapshot,
@@ -64,236 +53,22 @@ from ratequota.errors import (
     BackendUnavailable,
     ConfigError,
     InvalidRequest,
-    InvalidType,
     PolicyMissing,
     QuotaExceeded,
-    RateQuotaError,
     RequestIdConflict,
     RequestTooLarge,
     UnknownTenant,
 )
-from ratequota.observe import DecisionEvent, DecisionResult, Observer
-from ratequota.policy import MAX_LEASE_TTL_LIMIT, MAX_UNITS, Policy
+from ratequota.observe import Observer
 
-__all__ = [
-    "LOCAL_OPS",
-    "AcquireRequest",
-    "Command",
-    "Compute",
-    "Flow",
-    "Op",
-    "QuotaCore",
-    "Settings",
-    "Sleep",
-    "Spawn",
-    "catalog_document",
-    "parse_catalog",
-]
-
-T = TypeVar("T")
+__all__ = ["QuotaCore"]
 
 #: Shadow-mode admissions are logged here (INFO), one line per admission.
 shadow_log = logging.getLogger("ratequota.shadow")
 
 
-@attrs.frozen
-class Sleep:
-    """Wait ``seconds`` before resuming the flow (always bounded by a deadline)."""
-
-    seconds: float
-
-
-@attrs.frozen
-class Command:
-    """A plain Redis command on the shard that ``route`` maps to."""
-
-    route: str
-    args: tuple[str | int, ...]
-
-
-@attrs.frozen
-class Compute:
-    """Run ``function()`` (CPU work, no I/O) and resume with its result.
-
-    The sync client calls it in place; the async client in a worker thread,
-    so parsing a large catalog never stalls its event loop.
-    """
-
-    function: Callable[[], Any]
-
-
-@attrs.frozen
-class Spawn:
-    """Start ``flow`` in the background (a thread, or a task) and resume at once with None.
-
-    The spawned flow runs to its end on its own; its errors are its own
-    business (it must handle them). Used to refresh the catalog without
-    making any caller wait for it.
-    """
-
-    flow: Generator[Any, Any, None]
-
-
-Op = ScriptCall | Command | Sleep | Compute | Spawn
-Flow = Generator[Op, Any, T]
-
-#: Ops performed by the client itself, not sent to Redis (no route, no circuit breaker).
-LOCAL_OPS = (Sleep, Compute, Spawn)
-
-#: Seconds after which a catalog refresh that never reported back stops blocking others.
-_REFRESH_BACKSTOP = 60.0
-
-#: Backoff between tries of a waiting acquire: from the first to the last, doubling.
-_FIRST_PAUSE = 0.005
-_LAST_PAUSE = 0.2
-
-
-def _positive_seconds(field: str, value: object, *, allow_zero: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise InvalidType(field, f"must be a number of seconds, got {value!r}")
-    seconds = float(value)
-    if not math.isfinite(seconds) or seconds < 0 or (seconds == 0 and not allow_zero):
-        low = ">= 0" if allow_zero else "> 0"
-        raise InvalidRequest(field, f"must be a finite number of seconds {low}, got {value!r}")
-    return seconds
-
-
-def _setting_seconds(_instance: object, attribute: attrs.Attribute[float], value: object) -> None:
-    try:
-        _positive_seconds(attribute.name, value)
-    except InvalidRequest as exc:
-        raise ConfigError(attribute.name, str(exc).split(": ", 1)[1]) from None
-
-
-def _setting_count(_instance: object, attribute: attrs.Attribute[int], value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(attribute.name, f"must be an integer >= 1, got {value!r}")
-
-
-def _setting_mode(_instance: object, attribute: attrs.Attribute[str], value: object) -> None:
-    if value not in FAILURE_MODES:
-        raise ConfigError(attribute.name, f"must be one of {FAILURE_MODES}, got {value!r}")
-
-
-def _setting_allowance(_instance: object, attribute: attrs.Attribute[int], value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ConfigError(attribute.name, f"must be an integer >= 0, got {value!r}")
-
-
-def _setting_flag(_instance: object, attribute: attrs.Attribute[bool], value: object) -> None:
-    if not isinstance(value, bool):
-        raise ConfigError(attribute.name, f"must be True or False, got {value!r}")
-
-
-def _setting_fraction(_instance: object, attribute: attrs.Attribute[float], value: object) -> None:
-    ok = not isinstance(value, bool) and isinstance(value, (int, float))
-    if not ok or not 0.05 <= float(value) <= 0.9:  # type: ignore[arg-type]
-        raise ConfigError(attribute.name, f"must be a number from 0.05 to 0.9, got {value!r}")
-
-
-@attrs.frozen
-class Settings:
-    """Per-client settings; every one has a safe default.
-
-    ``lease_ttl``: lifetime of a lease unless renewed. ``timeout``: how long
-    ``acquire`` waits by default. ``pending_ttl``: how long a refused, waiting
-    request keeps its demand registered without retrying. ``purge_limit``:
-    most expired entries one call cleans up (bounds each script's work).
-    ``catalog_ttl``: how often tenant-to-group routing is re-read.
-    ``socket_timeout``: every Redis call's timeout.
-
-    Failure policy (§8, see ``ratequota.clients.failure``): ``failure_mode`` is
-    ``"closed"`` (raise ``BackendUnavailable``), ``"open"`` (admit with a
-    synthetic lease, counted) or ``"local"`` (admit up to ``local_allowance``
-    units per tenant held locally at once). ``breaker_failures`` consecutive
-    failures open a shard's circuit breaker; after ``breaker_reset`` seconds
-    one probe call may close it again.
-
-    Renewal: with ``auto_renew`` leases held by ``acquire`` and ``limit`` are
-    renewed every ``renew_fraction`` of their TTL, measured on the client's
-    clock: by a background thread (task) unless ``renew_in_background`` is
-    False, in which case the holder calls ``quota.renewer.renew_due()`` (tests on
-    a ``ManualClock`` do, so renewal happens exactly when they say).
-    ``batch_size`` / ``batch_in_flight``: the async client pipelines up to
-    ``batch_size`` concurrent script calls per shard into one round trip, with
-    at most ``batch_in_flight`` such round trips per shard at once.
-    """
-
-    prefix: str = "rq"
-    lease_ttl: float = attrs.field(default=60.0, validator=_setting_seconds)
-    timeout: float = attrs.field(default=10.0, validator=_setting_seconds)
-    pending_ttl: float = attrs.field(default=2.0, validator=_setting_seconds)
-    purge_limit: int = attrs.field(default=64, validator=_setting_count)
-    catalog_ttl: float = attrs.field(default=5.0, validator=_setting_seconds)
-    socket_timeout: float = attrs.field(default=1.0, validator=_setting_seconds)
-    failure_mode: FailureMode = attrs.field(default="closed", validator=_setting_mode)
-    local_allowance: int = attrs.field(default=0, validator=_setting_allowance)
-    breaker_failures: int = attrs.field(default=3, validator=_setting_count)
-    breaker_reset: float = attrs.field(default=0.5, validator=_setting_seconds)
-    auto_renew: bool = attrs.field(default=True, validator=_setting_flag)
-    renew_in_background: bool = attrs.field(default=True, validator=_setting_flag)
-    renew_fraction: float = attrs.field(default=1 / 3, validator=_setting_fraction)
-    batch_size: int = attrs.field(default=64, validator=_setting_count)
-    batch_in_flight: int = attrs.field(default=2, validator=_setting_count)
-
-    def __attrs_post_init__(self) -> None:
-        if self.pending_ttl < 2 * _LAST_PAUSE:
-            raise ConfigError(
-                "pending_ttl", f"must be at least {2 * _LAST_PAUSE}s, longer than a retry pause"
-            )
-        if self.lease_ttl > MAX_LEASE_TTL_LIMIT:
-            raise ConfigError("lease_ttl", f"must be at most {MAX_LEASE_TTL_LIMIT:g}s")
-        # Scripts unpack() these many values at once; Lua's C stack holds a few thousand.
-        for name in ("purge_limit", "batch_size"):
-            if getattr(self, name) > 1000:
-                raise ConfigError(name, f"must be at most 1000, got {getattr(self, name)}")
-        if self.failure_mode == "local" and self.local_allowance < 1:
-            raise ConfigError("local_allowance", "must be >= 1 when failure_mode is 'local'")
-
-
-@attrs.frozen
-class AcquireRequest:
-    """A validated acquire: what to ask for, under which id, for how long, waiting how long."""
-
-    tenant: str
-    units: int
-    group: str | None
-    lease_id: str
-    ttl_ms: int
-    timeout: float
-
-
-def validate_tenant(tenant: object, field: str = "tenant") -> str:
-    """A tenant (or group) name: a non-empty ``str``."""
-    if not isinstance(tenant, str):
-        raise InvalidType(field, f"must be a string, got {type(tenant).__name__}")
-    if not tenant:
-        raise InvalidRequest(field, "must not be empty")
-    return tenant
-
-
-def validate_units(units: object) -> int:
-    """Units of a request: an ``int`` (not bool, not float, not str) >= 1."""
-    if isinstance(units, bool) or not isinstance(units, int):
-        raise InvalidType("units", f"must be an integer, got {units!r}")
-    if units < 1:
-        raise InvalidRequest("units", f"must be >= 1, got {units}")
-    if units > MAX_UNITS:
-        raise InvalidRequest("units", f"must be at most 2**50 ({MAX_UNITS}), got {units}")
-    return units
-
-
-def validate_request_id(request_id: object) -> str:
-    """A caller-chosen request id, used as the lease id (idempotent retries)."""
-    if not isinstance(request_id, str):
-        raise InvalidType("request_id", f"must be a string, got {type(request_id).__name__}")
-    if not request_id or len(request_id) > 200:
-        raise InvalidRequest("request_id", "must be 1 to 200 characters")
-    return request_id
-
-
-class QuotaCore:
-    """Validation, routing and every flow; one instance per client."""
+class QuotaCore(Router):
+    """Validation and every lease flow (routing comes from ``Router``); one per client."""
 
     def __init__(
         self,
@@ -301,21 +76,7 @@ class QuotaCore:
         clock: Clock | None = None,
         observer: Observer | None = None,
     ) -> None:
-        self.settings = settings or Settings()
-        self.clock: Clock = clock or SystemClock()
-        self.keyspace = KeySpace(prefix=self.settings.prefix)
-        self._catalog = Catalog.empty()
-        # Single flight for catalog refreshes: (token, started) of the refresh in flight.
-        # The lock guards this marker only; it is never held across I/O.
-        self._refreshing: tuple[object, float] | None = None
-        self._refresh_lock = threading.Lock()
-        self._refresh_idle = threading.Event()
-        self._refresh_idle.set()
-        #: The error of the last background refresh that failed (None after a success).
-        self.catalog_error: RateQuotaError | None = None
-        #: Catalog reads and parses performed (for tests, benchmarks and operators).
-        self.catalog_reads = 0
-        self.catalog_parses = 0
+        super().__init__(settings or Settings(), clock or SystemClock())
         if observer is not None and not isinstance(observer, Observer):
             raise ConfigError(
                 "observer", f"must be a ratequota.Observer, got {type(observer).__name__}"
@@ -332,8 +93,6 @@ class QuotaCore:
         self.failure = FailureState(s.failure_mode, s.local_allowance, s.lease_ttl)
         self._fenced = 0
         self._fenced_lock = threading.Lock()  # guards _fenced only; never held across I/O
-        #: Shadow mode of the policy last read, indexed (replaced whole, by one assignment).
-        self._shadow = _ShadowIndex.of(None)
 
     @property
     def fenced_refusals(self) -> int:
@@ -351,187 +110,9 @@ class QuotaCore:
 
     def ttl_ms(self, ttl: float | None) -> int:
         """Lease lifetime in ms from seconds (None: the client's default)."""
-        seconds = self.settings.lease_ttl if ttl is None else _positive_seconds("ttl", ttl)
-        if seconds > MAX_LEASE_TTL_LIMIT:
-            raise InvalidRequest("ttl", f"must be at most {MAX_LEASE_TTL_LIMIT:g}s")
-        return max(1, round(seconds * 1000))
+        return lease_ttl_ms(self.settings, ttl)
 
-    def timeout_seconds(self, timeout: float | None) -> float:
-        """How long a waiting acquire may wait (None: the client's default)."""
-        if timeout is None:
-            return self.settings.timeout
-        return _positive_seconds("timeout", timeout, allow_zero=True)
-
-    @staticmethod
-    def new_request_id() -> str:
-        """A fresh request id: random, so concurrent pods never collide."""
-        return os.urandom(16).hex()
-
-    # -- routing -------------------------------------------------------------
-
-    @property
-    def policy(self) -> Policy | None:
-        """The policy this client last read or published, if any."""
-        return self._catalog.policy
-
-    def set_policy(self, policy: Policy | None) -> None:
-        """Route by ``policy`` from now on (after publishing or reading it)."""
-        catalog = Catalog.of(policy, self.clock.monotonic())
-        with self._refresh_lock:
-            self._catalog = catalog
-
-    def _read_catalog(self) -> Flow[Policy | None]:
-        """Re-read the catalog now (explicitly asked for): the policy to route by.
-
-        A missing catalog key never replaces the policy this pod knows: it
-        means the data was lost, not that the policy was withdrawn (an
-        operator withdraws groups by publishing a policy without them). See
-        ``ratequota.clients.catalog``.
-        """
-        yield from self._refresh()
-        return self._catalog.policy
-
-    def _refresh(self) -> Flow[None]:
-        """Bring the catalog up to date, reading as little as possible.
-
-        First only the document's header (``GETRANGE``): the same digest as the
-        one held means nothing changed, and nothing is fetched, parsed or
-        validated. A missing key keeps the held policy and writes it back
-        (``SET NX``, marked restored). Only a new publication is fetched whole
-        and parsed, once.
-        """
-        key, route = self.keyspace.catalog, self.keyspace.catalog_route
-        held = self._catalog
-        self.catalog_reads += 1
-        head = yield Command(route, ("GETRANGE", key, 0, HEADER_BYTES - 1))
-        now = self.clock.monotonic()
-        if not head:  # the key is missing (a document is never empty)
-            restore = held.document()
-            if restore is not None:
-                # NX: never over a catalog an operator (or another pod) has just written.
-                yield Command(route, ("SET", key, restore, "NX"))
-            self._settle(held, held.touched(now))
-            return
-        header = parse_header(head)
-        if header is not None and not held.adopts(header):
-            self._settle(held, held.touched(now))  # an older publication restored: keep ours
-            return
-        if header is not None and held.header is not None and header.digest == held.header.digest:
-            self._settle(held, held.touched(now, header))  # the same content: nothing to parse
-            return
-        raw = yield Command(route, ("GET", key))
-        document = yield from self._parse(raw, held)
-        if document is None:  # deleted between the two reads: as missing
-            self._settle(held, held.touched(now))
-        elif held.adopts(document.header):
-            self._settle(held, Catalog.of(document.policy, now, document.header))
-        else:
-            self._settle(held, held.touched(now))
-
-    def _settle(self, held: Catalog, new: Catalog) -> None:
-        """Replace ``held`` by ``new``, unless the catalog changed meanwhile (this client
-        published a policy during the refresh): the newer one stays."""
-        with self._refresh_lock:  # guards the swap only, never I/O
-            if self._catalog is held:
-                self._catalog = new
-
-    def _parse(self, raw: object, held: Catalog) -> Flow[CatalogDocument | None]:
-        """Parse a fetched document, reusing the held policy when the content is the same.
-
-        Parsing validates every tenant (seconds for 100,000 of them), so it is
-        a ``Compute`` op: off the async client's event loop.
-        """
-        if raw is None:
-            return None
-        header = header_of(raw)
-        same = held.header is not None and header.digest == held.header.digest
-        if same and held.policy is not None:
-            return CatalogDocument(held.policy, header)
-        self.catalog_parses += 1
-        document: CatalogDocument | None = yield Compute(lambda: parse_document(raw))
-        return document
-
-    def _claim_refresh(self) -> object | None:
-        """A token if this caller may refresh the catalog now (no refresh in flight), else None.
-
-        A refresh runs to its end (each of its round trips is bounded, and the
-        parse is CPU only), so the marker is only a backstop against one that
-        never reported back (its thread or task died): after a minute plus a
-        few socket timeouts another caller may refresh.
-        """
-        now = self.clock.monotonic()
-        bound = _REFRESH_BACKSTOP + 4 * self.settings.socket_timeout
-        with self._refresh_lock:
-            current = self._refreshing
-            if current is not None and now - current[1] < bound:
-                return None
-            token = object()
-            self._refreshing = (token, now)
-            self._refresh_idle.clear()
-            return token
-
-    def _end_refresh(self, token: object) -> None:
-        with self._refresh_lock:
-            if self._refreshing is not None and self._refreshing[0] is token:
-                self._refreshing = None
-                self._refresh_idle.set()
-
-    def _background_refresh(self, token: object) -> Generator[Any, Any, None]:
-        """The refresh a stale catalog triggers, run beside the requests (``Spawn``).
-
-        Errors stay here: the catalog held is still served, ``catalog_error``
-        says what went wrong, and the next due refresh tries again.
-        """
-        try:
-            yield from self._refresh()
-            self.catalog_error = None
-        except RateQuotaError as exc:
-            self.catalog_error = exc
-        finally:
-            self._end_refresh(token)
-
-    def wait_refreshed(self, timeout: float) -> bool:
-        """Block until no catalog refresh is in flight (at most ``timeout`` s); for tests."""
-        return self._refresh_idle.wait(timeout)
-
-    def group_of(self, tenant: str, group: str | None, *, refresh: bool = False) -> Flow[str]:
-        """The group charged for ``tenant``: explicit, routed by the catalog, or the default.
-
-        The catalog is refreshed every ``catalog_ttl`` in the background, one
-        refresh at a time per client (single flight): every caller, the one
-        that found it stale included, routes by the catalog already held
-        instead of waiting. Only a client that holds no policy yet, or a caller
-        told to (``refresh``, after the script disagreed with the route),
-        reads it in line.
-        """
-        if group is not None:
-            return validate_tenant(group, "group")
-        catalog = self._catalog
-        stale = self.clock.monotonic() - catalog.loaded_at > self.settings.catalog_ttl
-        fresh = refresh or (stale and catalog.policy is None)  # read in line by this call
-        if fresh:
-            try:
-                yield from self._refresh()
-            except BackendUnavailable:
-                # The catalog's shard is down: route by the last catalog read, so the
-                # groups on the other shards keep working (the next call tries again).
-                if catalog.policy is None:
-                    raise
-        elif stale:
-            token = self._claim_refresh()
-            if token is not None:
-                yield Spawn(self._background_refresh(token))
-        catalog = self._catalog
-        routed = catalog.routes.get(tenant)
-        if routed is None and catalog.policy is not None:
-            routed = catalog.policy.default_group
-        if routed is None:
-            raise UnknownTenant(
-                tenant,
-                published=catalog.policy is not None,
-                catalog_ttl=None if fresh else self.settings.catalog_ttl,
-            )
-        return routed
+    new_request_id = staticmethod(new_request_id)
 
     # -- acquire -------------------------------------------------------------
 
@@ -581,35 +162,6 @@ class QuotaCore:
             raise UnknownTenant(tenant, name)
         return decision
 
-    def _restore_policy(self, group: str) -> Flow[bool]:
-        """Republish ``group``'s policy after Redis lost it; False when it was removed on purpose.
-
-        The published catalog is the authority: if it lists the group, its
-        policy is written again (the same content, so every pod restoring it at
-        once writes the same thing). If the catalog is gone too, the whole
-        Redis lost its data: the catalog refresh writes back the policy this
-        pod knows (``SET NX``) and the group is restored from it. A catalog
-        that exists but does not list the group means the group was dropped:
-        nothing is restored.
-
-        Leases granted before the loss may still be running, and Redis lost
-        the record of them: the restored policy opens the group's recovery
-        window (one ``max_lease_ttl``, the longest any of them can still
-        live), during which holders re-assert their leases by renewing and
-        new work is refused (docs/failure-modes.md).
-        """
-        yield from self._refresh()
-        source = self._catalog.policy
-        group_policy = None if source is None else source.group(group)
-        if group_policy is None:
-            return False
-        recover_ms = round(group_policy.max_lease_ttl * 1000)
-        reply = yield apply_policy_call(
-            self.keyspace, group_policy, recover_ms=recover_ms, now_ms=self.clock.redis_ms()
-        )
-        decode_apply_policy(group, reply)
-        return True
-
     def _acquire_once(
         self, tenant: str, units: int, group: str, lease_id: str, ttl_ms: int, wait: bool
     ) -> Flow[Decision]:
@@ -632,75 +184,9 @@ class QuotaCore:
             shadow_log.info("shadow mode: %s", decision.describe())
         return decision
 
-    def _recheck_shadow(self) -> Flow[None]:
-        """Re-read a stale policy that has shadow mode somewhere, for calls naming their group.
-
-        Routing re-reads the policy every ``catalog_ttl``, but a call that
-        names its group skips routing: without this, a pod that saw a group in
-        shadow mode would keep admitting above its limits after the operator
-        turned enforcement back on. A policy without shadow mode costs
-        nothing here (a pod that never saw shadow mode enforces, the safe side).
-        """
-        catalog = self._catalog
-        stale = self.clock.monotonic() - catalog.loaded_at > self.settings.catalog_ttl
-        if stale and self._shadow_index().any:
-            with contextlib.suppress(BackendUnavailable):  # keep the last policy read
-                yield from self._read_catalog()
-
-    def _shadow_index(self) -> _ShadowIndex:
-        policy = self._catalog.policy
-        index = self._shadow
-        if index.policy is not policy:
-            index = self._shadow = _ShadowIndex.of(policy)
-        return index
-
-    def in_shadow(self, group: str, tenant: str) -> bool:
-        """Is ``tenant`` of ``group`` in shadow mode, by the policy this client last read?
-
-        Shadow mode is set per group or per tenant in the policy: the decision
-        runs in full, but a would-be refusal for the tenant's limit or the
-        group's capacity admits (``Decision.shadow_refused``). A pod picks up
-        a change with its routing, within ``catalog_ttl``.
-        """
-        index = self._shadow_index()
-        if not index.any:
-            return False
-        if group in index.groups or (group, tenant) in index.tenants:
-            return True
-        # A tenant the group does not list is its default tenant.
-        return group in index.defaults and self._catalog.routes.get(tenant) != group
-
-    def request(
-        self,
-        tenant: str,
-        units: int,
-        *,
-        group: str | None = None,
-        ttl: float | None = None,
-        timeout: float | None = None,
-        request_id: str | None = None,
-        **unknown: object,
-    ) -> AcquireRequest:
-        """Validate an acquire's arguments (before any I/O) into a request.
-
-        A misspelt option is reported by its name and the options that exist,
-        never as a TypeError about this internal method.
-        """
-        if unknown:
-            raise InvalidType(
-                sorted(unknown)[0],
-                "unexpected keyword argument (the options are group, ttl, timeout and request_id)",
-            )
-        return AcquireRequest(
-            tenant=validate_tenant(tenant),
-            units=validate_units(units),
-            group=None if group is None else validate_tenant(group, "group"),
-            lease_id=self.new_request_id()
-            if request_id is None
-            else validate_request_id(request_id),
-            ttl_ms=self.ttl_ms(ttl),
-            timeout=self.timeout_seconds(timeout),
-        )
+    def request(self, tenant: str, units: int, **options: Any) -> AcquireRequest:
+        """Validate an acquire's arguments (before any I/O) into a request."""
+        return acquire_request(self.settings, tenant, units, **options)
 
     def try_acquire(self, request: AcquireRequest) -> Flow[Decision]:
         """Admit now or refuse now; a refusal is a ``Decision``, not an exception."""
@@ -768,34 +254,14 @@ class QuotaCore:
     ) -> None:
         """Tell the observer an acquire's final outcome (the one place both clients report)."""
         assert self.observer is not None
-        d = decision
-        result: DecisionResult = "refused"
-        reason: str = d.reason
-        if d.lease is not None and d.lease.synthetic:
-            result = "fallback_admitted"
-            reason = "fail_open" if self.failure.mode == "open" else "local_allowance"
-        elif d.shadow_refused:
-            result = "shadow_admitted"
-        elif d.admitted:
-            result = "admitted"
-        elif timed_out:
-            result = "timed_out"
-        synthetic = result == "fallback_admitted"
-        self.observer.decision(
-            DecisionEvent(
-                group=d.group,
-                tenant=d.tenant,
-                units=d.units,
-                result=result,
-                reason=reason,
-                used=None if synthetic else d.used,
-                limit=d.limit,
-                group_used=None if synthetic else d.group_used,
-                capacity=d.capacity,
-                guarantee=self._guarantee(d.group, d.tenant),
-                waited=waited,
-            )
+        event = decision_event(
+            decision,
+            failure_mode=self.failure.mode,
+            policy=self._catalog.policy,
+            waited=waited,
+            timed_out=timed_out,
         )
+        self.observer.decision(event)
 
     def _observe_error(
         self,
@@ -806,35 +272,14 @@ class QuotaCore:
     ) -> None:
         """Report an acquire that raised: the tenant is unknown, or Redis is unreachable."""
         assert self.observer is not None
-        if isinstance(error, UnknownTenant):
-            group = error.group or r.group or ""
-            result: DecisionResult = "refused"
-            reason = "unknown_tenant"
-        else:
-            group = r.group or self._catalog.routes.get(r.tenant, "")
-            result, reason = "failed", "backend_unavailable"
-        self.observer.decision(
-            DecisionEvent(
-                group=group,
-                tenant=r.tenant,
-                units=r.units,
-                result=result,
-                reason=reason,
-                waited=waited,
-            )
-        )
-
-    def _guarantee(self, group: str, tenant: str) -> int | None:
-        policy = self._catalog.policy
-        group_policy = None if policy is None else policy.group(group)
-        tenant_policy = None if group_policy is None else group_policy.tenant(tenant)
-        return None if tenant_policy is None else tenant_policy.guarantee
+        event = error_event(r, error, routes=self._catalog.routes, waited=waited)
+        self.observer.decision(event)
 
     def _acquire(self, request: AcquireRequest) -> Flow[Decision]:
         r = request
         started = self.clock.monotonic()
         deadline = started + r.timeout
-        pause = _FIRST_PAUSE
+        pause = FIRST_PAUSE
         waiting = r.timeout > 0
         while True:
             try:
@@ -855,7 +300,7 @@ class QuotaCore:
                     yield from self._withdraw(decision.group, r.lease_id, r.tenant)
                 raise AcquireTimeout(decision, now - started)
             yield Sleep(min(deadline - now, _jittered(decision.retry_after, pause)))
-            pause = min(pause * 2, _LAST_PAUSE)
+            pause = min(pause * 2, LAST_PAUSE)
 
     def _withdraw(self, group: str, lease_id: str, tenant: str) -> Flow[None]:
         """Best effort: drop a waiting registration (it would expire by itself anyway)."""
@@ -882,7 +327,7 @@ class QuotaCore:
         another tenant's lease, or an older holder's token under a reused id,
         is refused as ``fenced``, changes nothing, and is counted.
         """
-        _check_lease(lease)
+        check_lease(lease)
         if lease.synthetic:  # granted locally while Redis was down: nothing to tell Redis
             self.failure.give_back(lease)
             return ReleaseResult(state="released", units=lease.units)
@@ -898,7 +343,7 @@ class QuotaCore:
         restored (which opens its recovery window), then the renewal re-asserts
         the lease.
         """
-        _check_lease(lease)
+        check_lease(lease)
         if lease.synthetic:
             return synthetic_renewal(lease)
         try:
@@ -935,110 +380,6 @@ class QuotaCore:
         )
         reply = yield call
         return decode_snapshot(reply, group=group)
-
-    # -- policy ----------------------------------------------------------------
-
-    def apply_policy(self, policy: Policy, *, migrate: bool = False) -> Flow[dict[str, int]]:
-        """Publish every group's policy, then the routing catalog; returns versions.
-
-        Each group switches atomically (one script). Groups dropped from the
-        policy lose their policy hash, so their tenants are refused from then on.
-        ``migrate``: take groups over from the previous release's key layout.
-        """
-        if not isinstance(policy, Policy):
-            raise InvalidType("policy", f"must be a Policy, got {type(policy).__name__}")
-        for group in policy.groups:
-            if group.meters or any(t.meters for t in group.tenants):
-                # Publishing them would look like a limit that nothing enforces.
-                raise ConfigError(
-                    f"group {group.name!r}: meters",
-                    "rate meters are validated but not yet enforced by the acquire script; "
-                    "remove them before publishing (docs/rates.md, 'Integration plan')",
-                )
-        previous = yield from self._read_catalog()
-        held = self._catalog.header
-        # Epochs order publications: after the one read, and not before the wall clock,
-        # so a publication after a data loss still outranks what pods restore.
-        epoch = max(0 if held is None else held.epoch + 1, self._wall_ms())
-        header = CatalogHeader(epoch, policy_digest(policy))
-        versions: dict[str, int] = {}
-        for group in policy.groups:
-            reply = yield apply_policy_call(self.keyspace, group, migrate=migrate)
-            versions[group.name] = decode_apply_policy(group.name, reply)
-        if previous is not None:
-            for old in previous.groups:
-                if policy.group(old.name) is None:
-                    yield Command(old.name, ("DEL", self.keyspace.group(old.name).policy))
-        document = catalog_document(policy, epoch=header.epoch, digest=header.digest)
-        yield Command(self.keyspace.catalog_route, ("SET", self.keyspace.catalog, document))
-        published = Catalog.of(policy, self.clock.monotonic(), header)
-        with self._refresh_lock:  # a background refresh finishing now must not undo this
-            self._catalog = published
-        return versions
-
-    def load_policy(self) -> Flow[Policy | None]:
-        """Re-read the published policy now (and route by it); the held one if Redis lost it."""
-        return (yield from self._read_catalog())
-
-    def _wall_ms(self) -> int:
-        """Epoch milliseconds: the clock's pinned Redis time, else this machine's wall clock."""
-        pinned = self.clock.redis_ms()
-        return round(time.time() * 1000) if pinned is None else pinned
-
-
-@attrs.frozen
-class _ShadowIndex:
-    """Where ``policy`` has shadow mode: whole groups, (group, tenant) pairs, default tenants."""
-
-    policy: Policy | None
-    groups: frozenset[str]
-    tenants: frozenset[tuple[str, str]]
-    defaults: frozenset[str]
-
-    @property
-    def any(self) -> bool:
-        """True when some group, tenant or default tenant is in shadow mode."""
-        return bool(self.groups or self.tenants or self.defaults)
-
-    @classmethod
-    def of(cls, policy: Policy | None) -> _ShadowIndex:
-        groups = () if policy is None else policy.groups
-        return cls(
-            policy,
-            frozenset(g.name for g in groups if g.shadow),
-            frozenset((g.name, t.name) for g in groups for t in g.tenants if t.shadow),
-            frozenset(g.name for g in groups if g.default_tenant.shadow),
-        )
-
-
-def parse_catalog(raw: object) -> Policy | None:
-    """The policy held by the catalog key's value (None if the key is missing)."""
-    document = parse_document(raw)
-    return None if document is None else document.policy
-
-
-def synthetic_renewal(lease: LeaseInfo) -> RenewResult:
-    """Renewing a synthetic lease: nothing to extend in Redis, never over a limit."""
-    return RenewResult(
-        renewed=True,
-        expires_at=lease.expires_at,
-        over_limit=False,
-        used=lease.units,
-        limit=math.nan,
-        group_used=0,
-        capacity=0,
-    )
-
-
-def _check_lease(lease: object) -> None:
-    """A lease named by release/renew: the facts the scripts store back on re-assertion."""
-    if not isinstance(lease, LeaseInfo):
-        raise InvalidType("lease", f"must be a lease, got {type(lease).__name__}")
-    validate_tenant(lease.tenant, "lease.tenant")
-    token = lease.token
-    if isinstance(token, bool) or not isinstance(token, int) or token < 0:
-        raise InvalidRequest("lease.token", f"must be an integer >= 0, got {token!r}")
-    validate_units(lease.units)
 
 
 def _jittered(hint: float, pause: float) -> float:

@@ -22,8 +22,10 @@ from typing import Literal
 
 import attrs
 
-from ratequota.clients.core import Flow, QuotaCore, validate_tenant, validate_units
+from ratequota.clients.core import QuotaCore
+from ratequota.clients.requests import validate_tenant, validate_units
 from ratequota.decision import GroupSnapshot
+from ratequota.engine.ops import Flow
 from ratequota.errors import InvalidRequest, PolicyMissing, UnknownTenant
 from ratequota.fairness import (
     Claim,

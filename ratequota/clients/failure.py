@@ -31,7 +31,7 @@ from typing import Literal
 
 import attrs
 
-from ratequota.decision import Decision, LeaseInfo
+from ratequota.decision import Decision, LeaseInfo, RenewResult
 from ratequota.errors import BackendUnavailable, RateQuotaError
 
 #: Where ratequota logs what it absorbs instead of raising (failed releases on exit).
@@ -45,6 +45,7 @@ __all__ = [
     "FailureMode",
     "FailureState",
     "FailureStats",
+    "synthetic_renewal",
 ]
 
 FailureMode = Literal["closed", "open", "local"]
@@ -290,3 +291,16 @@ class FailureState:
                 fast_failures=fast_failures,
                 release_failures=self._release_failures,
             )
+
+
+def synthetic_renewal(lease: LeaseInfo) -> RenewResult:
+    """Renewing a synthetic lease: nothing to extend in Redis, never over a limit."""
+    return RenewResult(
+        renewed=True,
+        expires_at=lease.expires_at,
+        over_limit=False,
+        used=lease.units,
+        limit=math.nan,
+        group_used=0,
+        capacity=0,
+    )

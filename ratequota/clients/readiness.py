@@ -585,7 +585,7 @@ async def agather(backend: Any, keyspace: KeySpace, groups: Sequence[str]) -> li
 
 def read_catalog(backend: Any, keyspace: KeySpace) -> tuple[Any, str | None]:
     """(published policy or None, error text or None) from the catalog's shard."""
-    from ratequota.clients.core import parse_catalog
+    from ratequota.clients.router import parse_catalog
 
     try:
         raw = backend.connection(keyspace.catalog_route).get(keyspace.catalog)
@@ -598,7 +598,7 @@ def read_catalog(backend: Any, keyspace: KeySpace) -> tuple[Any, str | None]:
 
 async def aread_catalog(backend: Any, keyspace: KeySpace) -> tuple[Any, str | None]:
     """``read_catalog`` for the async client's backends."""
-    from ratequota.clients.core import parse_catalog
+    from ratequota.clients.router import parse_catalog
 
     try:
         raw = await backend.connection(keyspace.catalog_route).get(keyspace.catalog)

@@ -26,8 +26,9 @@ from typing import Any
 
 from ratequota.clients.backends import translate_error
 from ratequota.clients.core import QuotaCore
-from ratequota.clients.shell import Batch, LeaseBase
+from ratequota.clients.shell import LeaseBase
 from ratequota.decision import RenewResult
+from ratequota.engine.ops import Batch
 from ratequota.engine.protocol import decode_renew
 from ratequota.errors import PolicyMissing, RateQuotaError
 from ratequota.observe import LostCause

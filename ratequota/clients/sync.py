@@ -30,16 +30,15 @@ from ratequota.clients.backends import (
     translate_error,
     url_backend,
 )
-from ratequota.clients.core import AcquireRequest, Compute, Flow, Sleep, Spawn
 from ratequota.clients.explain import Explanation, explain_flow
 from ratequota.clients.failure import FailureStats, log
 from ratequota.clients.readiness import ReadinessReport
 from ratequota.clients.renewal import ThreadRenewer
+from ratequota.clients.requests import AcquireRequest
 from ratequota.clients.shell import (
     RELEASE_ERRORS,
     AcquireOptions,
     AcquisitionBase,
-    Batch,
     ClientBase,
     LeaseBase,
     TenantSpec,
@@ -47,8 +46,6 @@ from ratequota.clients.shell import (
     UnitsSpec,
     WaitOptions,
     handler_arguments,
-    pipeline_args,
-    wire_call,
 )
 from ratequota.decision import (
     Decision,
@@ -57,6 +54,7 @@ from ratequota.decision import (
     ReleaseResult,
     RenewResult,
 )
+from ratequota.engine.ops import Batch, Compute, Flow, Sleep, Spawn, pipeline_args, wire_call
 from ratequota.engine.scripts import load_scripts
 from ratequota.errors import InvalidType
 from ratequota.policy import Policy

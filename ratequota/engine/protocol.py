@@ -30,12 +30,12 @@ from ratequota.decision import (
 )
 from ratequota.engine.keys import SCHEMA_VERSION, KeySpace
 from ratequota.engine.ledger import ledger_keys
-from ratequota.engine.scripts import ScriptSpec, script
+from ratequota.engine.ops import Arg, ScriptCall
+from ratequota.engine.scripts import script
 from ratequota.errors import InvalidRequest, LegacyLayout, PolicyMissing, SchemaMismatch
 from ratequota.policy import GroupPolicy, TenantPolicy
 
 __all__ = [
-    "ScriptCall",
     "acquire_call",
     "acquire_many_call",
     "apply_policy_call",
@@ -51,18 +51,6 @@ __all__ = [
     "snapshot_call",
     "tenant_spec",
 ]
-
-Arg = str | int | float
-
-
-@attrs.frozen
-class ScriptCall:
-    """One script invocation, routed by ``route`` (the group name)."""
-
-    script: ScriptSpec
-    route: str
-    keys: tuple[str, ...]
-    args: tuple[Arg, ...]
 
 
 def _call(name: str, route: str, keys: Sequence[str], args: Sequence[Arg]) -> ScriptCall:

@@ -1,0 +1,132 @@
+"""The arguments of a client call, validated before any I/O.
+
+A bad argument fails here with a ``ratequota`` error naming the field, never
+half-way through a flow (and never as a Redis error).
+"""
+
+from __future__ import annotations
+
+import os
+
+import attrs
+
+from ratequota.clients.settings import Settings, positive_seconds
+from ratequota.decision import LeaseInfo
+from ratequota.errors import InvalidRequest, InvalidType
+from ratequota.policy import MAX_LEASE_TTL_LIMIT, MAX_UNITS
+
+__all__ = [
+    "AcquireRequest",
+    "acquire_request",
+    "check_lease",
+    "lease_ttl_ms",
+    "new_request_id",
+    "validate_request_id",
+    "validate_tenant",
+    "validate_units",
+    "wait_seconds",
+]
+
+
+@attrs.frozen
+class AcquireRequest:
+    """A validated acquire: what to ask for, under which id, for how long, waiting how long."""
+
+    tenant: str
+    units: int
+    group: str | None
+    lease_id: str
+    ttl_ms: int
+    timeout: float
+
+
+def validate_tenant(tenant: object, field: str = "tenant") -> str:
+    """A tenant (or group) name: a non-empty ``str``."""
+    if not isinstance(tenant, str):
+        raise InvalidType(field, f"must be a string, got {type(tenant).__name__}")
+    if not tenant:
+        raise InvalidRequest(field, "must not be empty")
+    return tenant
+
+
+def validate_units(units: object) -> int:
+    """Units of a request: an ``int`` (not bool, not float, not str) >= 1."""
+    if isinstance(units, bool) or not isinstance(units, int):
+        raise InvalidType("units", f"must be an integer, got {units!r}")
+    if units < 1:
+        raise InvalidRequest("units", f"must be >= 1, got {units}")
+    if units > MAX_UNITS:
+        raise InvalidRequest("units", f"must be at most 2**50 ({MAX_UNITS}), got {units}")
+    return units
+
+
+def validate_request_id(request_id: object) -> str:
+    """A caller-chosen request id, used as the lease id (idempotent retries)."""
+    if not isinstance(request_id, str):
+        raise InvalidType("request_id", f"must be a string, got {type(request_id).__name__}")
+    if not request_id or len(request_id) > 200:
+        raise InvalidRequest("request_id", "must be 1 to 200 characters")
+    return request_id
+
+
+def check_lease(lease: object) -> None:
+    """A lease named by release/renew: the facts the scripts store back on re-assertion."""
+    if not isinstance(lease, LeaseInfo):
+        raise InvalidType("lease", f"must be a lease, got {type(lease).__name__}")
+    validate_tenant(lease.tenant, "lease.tenant")
+    token = lease.token
+    if isinstance(token, bool) or not isinstance(token, int) or token < 0:
+        raise InvalidRequest("lease.token", f"must be an integer >= 0, got {token!r}")
+    validate_units(lease.units)
+
+
+def lease_ttl_ms(settings: Settings, ttl: float | None, /) -> int:
+    """Lease lifetime in ms from seconds (None: the client's default)."""
+    seconds = settings.lease_ttl if ttl is None else positive_seconds("ttl", ttl)
+    if seconds > MAX_LEASE_TTL_LIMIT:
+        raise InvalidRequest("ttl", f"must be at most {MAX_LEASE_TTL_LIMIT:g}s")
+    return max(1, round(seconds * 1000))
+
+
+def wait_seconds(settings: Settings, timeout: float | None, /) -> float:
+    """How long a waiting acquire may wait (None: the client's default)."""
+    if timeout is None:
+        return settings.timeout
+    return positive_seconds("timeout", timeout, allow_zero=True)
+
+
+def new_request_id() -> str:
+    """A fresh request id: random, so concurrent pods never collide."""
+    return os.urandom(16).hex()
+
+
+def acquire_request(
+    settings: Settings,
+    tenant: str,
+    units: int,
+    /,
+    *,
+    group: str | None = None,
+    ttl: float | None = None,
+    timeout: float | None = None,
+    request_id: str | None = None,
+    **unknown: object,
+) -> AcquireRequest:
+    """Validate an acquire's arguments (before any I/O) into a request.
+
+    A misspelt option is reported by its name and the options that exist,
+    never as a TypeError about this internal function.
+    """
+    if unknown:
+        raise InvalidType(
+            sorted(unknown)[0],
+            "unexpected keyword argument (the options are group, ttl, timeout and request_id)",
+        )
+    return AcquireRequest(
+        tenant=validate_tenant(tenant),
+        units=validate_units(units),
+        group=None if group is None else validate_tenant(group, "group"),
+        lease_id=new_request_id() if request_id is None else validate_request_id(request_id),
+        ttl_ms=lease_ttl_ms(settings, ttl),
+        timeout=wait_seconds(settings, timeout),
+    )

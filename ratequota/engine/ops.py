@@ -1,0 +1,144 @@
+"""Every operation a flow yields, in one place: data only, no I/O.
+
+A client decision is a *flow* (a generator, see ``ratequota.clients.core``)
+that yields these ops and is resumed with their result. The wire ops
+(``ScriptCall``, ``Command``, ``LoadScript``, ``Batch``) go to the Redis shard
+their ``route`` maps to; the local ops (``Sleep``, ``Compute``, ``Spawn``) are
+performed by the client itself. They live in the engine because the engine's
+encoders build ``ScriptCall``s; the one runner that steps a flow is
+``ratequota.clients.runner``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Generator
+from typing import Any, TypeVar
+
+import attrs
+
+from ratequota.engine.scripts import ScriptSpec
+
+__all__ = [
+    "LOCAL_OPS",
+    "Arg",
+    "Batch",
+    "Command",
+    "Compute",
+    "Flow",
+    "LoadScript",
+    "Op",
+    "ScriptCall",
+    "Sleep",
+    "Spawn",
+    "call_name",
+    "pipeline_args",
+    "wire_call",
+]
+
+T = TypeVar("T")
+
+Arg = str | int | float
+
+
+@attrs.frozen
+class ScriptCall:
+    """One script invocation, routed by ``route`` (the group name)."""
+
+    script: ScriptSpec
+    route: str
+    keys: tuple[str, ...]
+    args: tuple[Arg, ...]
+
+
+@attrs.frozen
+class Sleep:
+    """Wait ``seconds`` before resuming the flow (always bounded by a deadline)."""
+
+    seconds: float
+
+
+@attrs.frozen
+class Command:
+    """A plain Redis command on the shard that ``route`` maps to."""
+
+    route: str
+    args: tuple[str | int, ...]
+
+
+@attrs.frozen
+class Compute:
+    """Run ``function()`` (CPU work, no I/O) and resume with its result.
+
+    The sync client calls it in place; the async client in a worker thread,
+    so parsing a large catalog never stalls its event loop.
+    """
+
+    function: Callable[[], Any]
+
+
+@attrs.frozen
+class Spawn:
+    """Start ``flow`` in the background (a thread, or a task) and resume at once with None.
+
+    The spawned flow runs to its end on its own; its errors are its own
+    business (it must handle them). Used to refresh the catalog without
+    making any caller wait for it.
+    """
+
+    flow: Generator[Any, Any, None]
+
+
+Op = ScriptCall | Command | Sleep | Compute | Spawn
+Flow = Generator[Op, Any, T]
+
+#: Ops performed by the client itself, not sent to Redis (no route, no circuit breaker).
+LOCAL_OPS = (Sleep, Compute, Spawn)
+
+
+@attrs.frozen
+class LoadScript:
+    """``SCRIPT LOAD source`` on the shard of ``route``, then perform ``then``."""
+
+    route: str
+    source: str
+    then: Any
+
+
+@attrs.frozen
+class Batch:
+    """Several script calls to the shard of ``route``, pipelined in one round trip.
+
+    The reply is a list with one entry per call: its reply, or the exception
+    it raised (the other calls are unaffected).
+    """
+
+    route: str
+    calls: tuple[ScriptCall, ...]
+
+
+def wire_call(op: ScriptCall | Command | LoadScript) -> tuple[str, tuple[Any, ...]]:
+    """The redis-py method and arguments performing ``op``."""
+    if isinstance(op, Command):
+        return "execute_command", op.args
+    if isinstance(op, LoadScript):
+        return "script_load", (op.source,)
+    return "evalsha", (op.script.sha, len(op.keys), *op.keys, *op.args)
+
+
+def call_name(op: ScriptCall | Command | LoadScript | Batch) -> str:
+    """How a Redis call is labelled in metrics: its script, its command, or ``script_load``.
+
+    A pipelined ``Batch`` is one round trip, named by the script of its calls.
+    """
+    if isinstance(op, ScriptCall):
+        return op.script.name
+    if isinstance(op, Command):
+        return str(op.args[0]).lower()
+    if isinstance(op, LoadScript):
+        return "script_load"
+    return op.calls[0].script.name if op.calls else "pipeline"
+
+
+def pipeline_args(batch: Batch) -> list[tuple[Any, ...]]:
+    """The EVALSHA arguments of each call of a batch, in order."""
+    return [wire_call(call)[1] for call in batch.calls]
