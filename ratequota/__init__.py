@@ -17,6 +17,7 @@ from ratequota.decision import (
     ReleaseResult,
     RenewResult,
     TenantSnapshot,
+    UsageRow,
 )
 from ratequota.errors import (
     AcquireTimeout,
@@ -78,6 +79,7 @@ __all__ = [
     "TenantPolicy",
     "TenantSnapshot",
     "UnknownTenant",
+    "UsageRow",
     "explain",
 ]
 

@@ -46,7 +46,15 @@ from ratequota.clients.readiness import ReadinessReport
 from ratequota.clients.renewal import RenewerBase
 from ratequota.clients.requests import AcquireRequest
 from ratequota.clients.runner import REDIS_ERRORS
-from ratequota.decision import Decision, GroupSnapshot, LeaseInfo, ReleaseResult, RenewResult
+from ratequota.clients.usage import When, usage_flow
+from ratequota.decision import (
+    Decision,
+    GroupSnapshot,
+    LeaseInfo,
+    ReleaseResult,
+    RenewResult,
+    UsageRow,
+)
 from ratequota.engine.batching import BatchPolicy
 from ratequota.engine.ops import Batch, Compute, Flow, Sleep, Spawn, pipeline_args, wire_call
 from ratequota.engine.protocol import MERGES, coalesce
@@ -625,6 +633,12 @@ class AsyncQuotaClient(shell.ClientBase):
     async def snapshot(self, group: str, tenants: Iterable[str] = ()) -> GroupSnapshot:
         """Per-tenant used/limit/pending/borrowed and the group's totals, at one moment."""
         return await self._run(self.core.snapshot(group, tenants))
+
+    async def usage(
+        self, group: str, *, since: When | None = None, until: When | None = None
+    ) -> list[UsageRow]:
+        """What each tenant of ``group`` used, per hour (as ``QuotaClient.usage``)."""
+        return await self._run(usage_flow(self.core, group, since, until))
 
     async def explain(
         self, tenant: str, units: int | None = None, *, group: str | None = None

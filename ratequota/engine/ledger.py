@@ -17,13 +17,11 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-import attrs
-
+from ratequota.decision import UsageRow
 from ratequota.engine.keys import KeySpace
 
 __all__ = [
     "HOUR_MS",
-    "UsageRow",
     "hours_between",
     "ledger_hours",
     "ledger_keys",
@@ -57,54 +55,6 @@ def hours_between(since_ms: int, until_ms: int) -> list[int]:
 def parse_hour(key: str) -> int:
     """The hour a ledger key names."""
     return int(key.rsplit(":", 1)[1])
-
-
-@attrs.frozen
-class UsageRow:
-    """What one tenant used in one hour of a group.
-
-    ``unit_seconds`` is the units × seconds held by the leases that *ended*
-    in that hour (released, or expired and purged), ``leases`` how many they
-    were. ``tokens_reserved`` / ``tokens_settled`` are written by the rate
-    meters (0 until a group's meters write them). ``refusals`` counts
-    refused requests by reason; ``shadow_refusals`` what shadow mode
-    admitted but enforcing would have refused, by reason.
-    """
-
-    group: str
-    tenant: str
-    hour: int
-    unit_seconds: float = 0.0
-    leases: int = 0
-    tokens_reserved: int = 0
-    tokens_settled: int = 0
-    refusals: Mapping[str, int] = attrs.field(factory=dict)
-    shadow_refusals: Mapping[str, int] = attrs.field(factory=dict)
-
-    @property
-    def start(self) -> float:
-        """The hour's start, epoch seconds."""
-        return self.hour * HOUR_MS / 1000.0
-
-    @property
-    def refused(self) -> int:
-        """Refusals of every reason."""
-        return sum(self.refusals.values())
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain data for JSON."""
-        return {
-            "group": self.group,
-            "tenant": self.tenant,
-            "hour": self.hour,
-            "start": self.start,
-            "unit_seconds": self.unit_seconds,
-            "leases": self.leases,
-            "tokens_reserved": self.tokens_reserved,
-            "tokens_settled": self.tokens_settled,
-            "refusals": dict(sorted(self.refusals.items())),
-            "shadow_refusals": dict(sorted(self.shadow_refusals.items())),
-        }
 
 
 def _text(value: Any) -> str:
