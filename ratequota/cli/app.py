@@ -1,7 +1,7 @@
 """The ``ratequota`` argument parser and entry point.
 
 Each sub-command lives in a module of this package (``operator``, ``check``,
-``demo``) or, for ``simulate``, in the simulation package; each registers its
+``demo``, ``top``, ``usage``) or, for ``simulate``, in the simulation package; each registers its
 parser here through ``COMMANDS``. This module only dispatches and turns a
 ``RateQuotaError`` into one line on stderr and exit code 2.
 """
@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from importlib import metadata
 from typing import TYPE_CHECKING
 
-from ratequota.cli import check, demo, operator, top
+from ratequota.cli import check, demo, operator, top, usage
 from ratequota.cli.backend import add_backend_options, client_from_args
 from ratequota.errors import RateQuotaError
 
@@ -65,6 +65,15 @@ def _top_command(sub: SubParsers) -> None:
     parser.set_defaults(handler=top.run)
 
 
+def _usage_command(sub: SubParsers) -> None:
+    parser = sub.add_parser(
+        "usage", help="per tenant and hour: unit-seconds held, leases, refusals (the ledger)"
+    )
+    add_backend_options(parser)
+    usage.add_arguments(parser)
+    parser.set_defaults(handler=usage.run)
+
+
 def _operator_commands(sub: SubParsers) -> None:
     operator.add_commands(sub, add_backend_options)
 
@@ -75,6 +84,7 @@ COMMANDS: list[Callable[[SubParsers], None]] = [
     _simulate_command,
     _operator_commands,
     _top_command,
+    _usage_command,
     _check_command,
 ]
 
