@@ -3,9 +3,17 @@
 Every refresh reads the published policy and one snapshot per group (a
 read-only script call each) and shows, per tenant: units held, guarantee,
 limit (the most it may hold now if it asks, ``ratequota.clients.explain.entitlement``),
-units borrowed above the guarantee, and units waiting. Refusals per second
-are not shown: the engine keeps no refusal counter in Redis, so no pod can
-see another pod's refusals (waiting units are the visible sign of refusals).
+units borrowed above the guarantee, units waiting, and refusals per second.
+
+Refusals come from the usage ledger (docs/usage.md), where the refusing
+script counts them per tenant, hour and reason, whichever pod refused: each
+refresh reads the last two hours of each group, and the rate is the growth
+of those counters since the previous refresh over the Redis time between the
+two snapshots (an hour boundary between refreshes loses nothing: each hour
+is compared with itself). The first frame has no earlier one: it shows
+``-``, and JSON gives ``null`` and, always, the counts of the current hour
+so far by reason (``refused_this_hour``), so ``--once --json`` reports
+cumulative counts and ``--count N`` rates between frames.
 
 Plain text, no curses: on a terminal each refresh clears the screen with
 two ANSI codes and redraws, so it works over SSH and in any emulator; keys
@@ -18,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime as dt
 import os
 import select
 import shutil
@@ -33,7 +42,8 @@ from ratequota.cli.backend import client_from_args
 from ratequota.cli.operator import limits_of
 from ratequota.cli.output import CommandError, add_json_option, number, plural
 from ratequota.clients.sync import QuotaClient
-from ratequota.decision import GroupSnapshot
+from ratequota.decision import GroupSnapshot, UsageRow
+from ratequota.engine.ledger import HOUR_MS
 
 __all__ = ["GroupView", "add_arguments", "frame_to_dict", "gather", "render", "run"]
 
@@ -43,14 +53,56 @@ CLEAR = "\x1b[H\x1b[2J"
 
 @attrs.frozen
 class GroupView:
-    """One group at one refresh: its snapshot and each tenant's limit."""
+    """One group at one refresh: its snapshot, each tenant's limit, and its refusals.
+
+    ``refused`` holds each tenant's refusal counts per ledger hour (the last two
+    hours), ``this_hour`` the current hour's by reason; ``rates`` the refusals
+    per second since ``previous`` (None for the first frame).
+    """
 
     snapshot: GroupSnapshot
     limits: dict[str, float]
+    refused: dict[str, dict[int, int]] = attrs.field(factory=dict)
+    this_hour: dict[str, dict[str, int]] = attrs.field(factory=dict)
+    rates: dict[str, float | None] = attrs.field(factory=dict)
+    group_rate: float | None = None
 
 
-def gather(client: QuotaClient, groups: Sequence[str] | None) -> list[GroupView]:
-    """One view per group (default: every published group), in the policy's order."""
+def _refusals(
+    rows: Sequence[UsageRow], hour: int
+) -> tuple[dict[str, dict[int, int]], dict[str, dict[str, int]]]:
+    by_hour: dict[str, dict[int, int]] = {}
+    current: dict[str, dict[str, int]] = {}
+    for row in rows:
+        by_hour.setdefault(row.tenant, {})[row.hour] = row.refused
+        if row.hour == hour and row.refusals:
+            current[row.tenant] = dict(sorted(row.refusals.items()))
+    return by_hour, current
+
+
+def _growth(now: dict[int, int], before: dict[int, int]) -> int:
+    """Refusals counted since ``before``: each hour compared with itself."""
+    return sum(max(0, n - before.get(hour, 0)) for hour, n in now.items())
+
+
+def _rates(
+    view: GroupView, previous: GroupView | None
+) -> tuple[dict[str, float | None], float | None]:
+    elapsed = 0.0 if previous is None else view.snapshot.now - previous.snapshot.now
+    names = set(view.snapshot.tenants) | set(view.refused)
+    if previous is None or elapsed <= 0:
+        return dict.fromkeys(names), None
+    grown = {t: _growth(view.refused.get(t, {}), previous.refused.get(t, {})) for t in names}
+    return {t: n / elapsed for t, n in grown.items()}, sum(grown.values()) / elapsed
+
+
+def gather(
+    client: QuotaClient,
+    groups: Sequence[str] | None,
+    previous: Sequence[GroupView] = (),
+) -> list[GroupView]:
+    """One view per group (default: every published group), in the policy's order; refusal
+    rates against ``previous`` (the last frame's views), when given."""
     policy = client.load_policy()
     if policy is None:
         raise CommandError(
@@ -58,14 +110,24 @@ def gather(client: QuotaClient, groups: Sequence[str] | None) -> list[GroupView]
             "with `ratequota policy apply FILE`"
         )
     names = list(groups) if groups else [g.name for g in policy.groups]
+    before = {v.snapshot.group: v for v in previous}
     views = []
     for name in names:
         group = policy.group(name)
         if group is None:
             raise CommandError(f"group {name!r} is not in the published policy")
         snap = client.snapshot(name, [t.name for t in group.tenants])
-        views.append(GroupView(snap, limits_of(snap, group)))
+        rows = client.usage(name, since=dt.timedelta(hours=1))
+        refused, this_hour = _refusals(rows, int(snap.now * 1000) // HOUR_MS)
+        view = GroupView(snap, limits_of(snap, group), refused, this_hour)
+        rates, total = _rates(view, before.get(name))
+        views.append(attrs.evolve(view, rates=rates, group_rate=total))
     return views
+
+
+def _rate(value: float | None) -> str:
+    """A rate for the table: ``-`` before there is one."""
+    return "-" if value is None else number(value)
 
 
 def _rows(view: GroupView) -> list[str]:
@@ -79,6 +141,7 @@ def render(views: Sequence[GroupView], width: int = 100) -> str:
     lines: list[str] = []
     header = (
         f"{'tenant':24} {'held':>6} {'guarantee':>9} {'limit':>8} {'borrowed':>8} {'waiting':>7}"
+        f" {'refused/s':>9}"
     )
     for view in views:
         snap = view.snapshot
@@ -86,21 +149,21 @@ def render(views: Sequence[GroupView], width: int = 100) -> str:
         waiting = sum(t.pending for t in snap.tenants.values())
         lines.append(
             f"group {snap.group!r}: {snap.used}/{snap.capacity} units held ({share:.0%}), "
-            f"{plural(waiting, 'unit')} waiting, {plural(len(snap.tenants), 'tenant')}, "
-            f"policy v{snap.policy_version}"
+            f"{plural(waiting, 'unit')} waiting, {_rate(view.group_rate)} refused/s, "
+            f"{plural(len(snap.tenants), 'tenant')}, policy v{snap.policy_version}"
         )
         lines += [header, "-" * len(header)]
         for name in _rows(view):
             t = snap.tenants[name]
             lines.append(
                 f"{name[:24]:24} {t.used:6d} {t.guarantee:9d} {number(view.limits[name]):>8} "
-                f"{t.borrowed:8d} {t.pending:7d}"
+                f"{t.borrowed:8d} {t.pending:7d} {_rate(view.rates.get(name)):>9}"
             )
         lines.append("")
     stamp = max((v.snapshot.now for v in views), default=time.time())
     lines.append(
         f"at {time.strftime('%H:%M:%S', time.gmtime(stamp))} UTC (Redis time); limit: the most "
-        "a tenant may hold now if it asks"
+        "a tenant may hold now if it asks; refused/s: since the last refresh"
     )
     return "\n".join(line[:width] for line in lines)
 
@@ -115,6 +178,7 @@ def frame_to_dict(views: Sequence[GroupView]) -> dict[str, Any]:
                 "capacity": v.snapshot.capacity,
                 "held": v.snapshot.used,
                 "policy_version": v.snapshot.policy_version,
+                "refusals_per_s": v.group_rate,
                 "tenants": {
                     name: {
                         "held": t.used,
@@ -122,6 +186,8 @@ def frame_to_dict(views: Sequence[GroupView]) -> dict[str, Any]:
                         "limit": v.limits[name],
                         "borrowed": t.borrowed,
                         "waiting": t.pending,
+                        "refusals_per_s": v.rates.get(name),
+                        "refused_this_hour": v.this_hour.get(name, {}),
                     }
                     for name, t in v.snapshot.tenants.items()
                 },
@@ -199,8 +265,9 @@ def run(args: argparse.Namespace) -> int:
     live = out.isatty() and not args.json and not args.once
     with client_from_args(args) as client, _keys(sys.stdin) as fd:
         shown = 0
+        views: list[GroupView] = []
         while True:
-            views = gather(client, args.groups)
+            views = gather(client, args.groups, views)
             if args.json:
                 out.write(json_line(views) + "\n")
             else:
