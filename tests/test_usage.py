@@ -99,3 +99,24 @@ def test_usage_rejects_bad_windows(make_quota: MakeClient) -> None:
     with pytest.raises(InvalidType, match="group"):
         quota.usage(3)
     assert quota.usage("nowhere") == []
+
+
+def test_usage_retention_is_a_validated_group_setting(tmp_path: object) -> None:
+    """usage_retention: seconds in [0, 366 days], 7 days by default (then absent from the
+    policy's JSON, so existing digests do not change); read from TOML; a bad value names the
+    field."""
+    from pathlib import Path
+
+    from ratequota import ConfigError
+
+    group = GroupPolicy("g", capacity=1)
+    assert group.usage_retention == 7 * 24 * 3600.0
+    assert "usage_retention" not in group.to_dict()
+    assert GroupPolicy("g", 1, usage_retention=60.0).to_dict()["usage_retention"] == 60.0
+    for bad in (-1.0, 367 * 24 * 3600.0, float("nan"), True, "1d"):
+        with pytest.raises(ConfigError, match="usage_retention"):
+            GroupPolicy("g", capacity=1, usage_retention=bad)  # type: ignore[arg-type]
+    path = Path(str(tmp_path)) / "p.toml"
+    path.write_text('[[groups]]\nname = "g"\ncapacity = 2\nusage_retention = 86400\n')
+    loaded = Policy.from_toml(path).group("g")
+    assert loaded is not None and loaded.usage_retention == 86400
