@@ -119,6 +119,8 @@ local function check_state(ctx)
     redis.call('ZADD', KEYS[6], -1, FAIR_ANCHOR)
     ctx.cache, ctx.entries, ctx.st = {}, {}, nil
     ctx.touch = true
+  else
+    ctx.whole = true  -- the four keys existed, each with the expiry flush last gave them all
   end
   policy.recovering = policy.recover > now
 end
@@ -302,6 +304,7 @@ local function release_one(ctx, id, tenant, token)
   if info then
     local units, held_token, owner = parse_entry(info)
     if owner ~= tenant or held_token ~= token then return {'fenced', 0} end
+    load_fields(ctx, {'g', 'u:' .. tenant, 'p:' .. tenant})
     local expiry = tonumber(redis.call('ZSCORE', KEYS[3], member))
     local state = 'released'
     if expiry <= ctx.now then state = 'expired' end
@@ -318,6 +321,7 @@ local function release_one(ctx, id, tenant, token)
   if wait_info then
     local _, _, owner = parse_entry(wait_info)
     if owner ~= tenant then return {'fenced', 0} end
+    load_fields(ctx, {'g', 'u:' .. tenant, 'p:' .. tenant})
     drop_waiting(ctx, id, wait_info)
     settle(fair_state(ctx), ctx.policy)
   end
@@ -326,13 +330,25 @@ end
 
 -- Release works whatever the policy says (units must always come back): without a policy
 -- of this schema it still frees the units, and apply_policy rebuilds the fair state.
-local function release_ctx(now, schema)
-  local raw = redis.call('HMGET', KEYS[1], 'schema', 'hdr', 'busy', 'recover', 'fence')
+-- `tenant` (optional): whose spec to read in the same HMGET as the header.
+local function release_ctx(now, schema, tenant)
+  local raw
+  if tenant then
+    raw = redis.call('HMGET', KEYS[1], 'schema', 'hdr', 'busy', 'recover', 'fence', 't:' .. tenant)
+  else
+    raw = redis.call('HMGET', KEYS[1], 'schema', 'hdr', 'busy', 'recover', 'fence')
+  end
   if raw[1] and raw[2] and tonumber(raw[1]) <= tonumber(schema) then
     local policy = parse_header(raw[2])
     policy.busy, policy.recover = tonumber(raw[3]) or 0, tonumber(raw[4]) or 0
     policy.fence = tonumber(raw[5]) or 0
-    return open_ctx(now, policy)
+    local ctx = open_ctx(now, policy)
+    if tenant then
+      local spec = raw[6]
+      if not spec and policy.unknown == 'default' then spec = policy.default end
+      ctx.specs[tenant] = spec and parse_spec(spec) or false
+    end
+    return ctx
   end
   return open_ctx(now, nil)
 end

@@ -19,6 +19,8 @@
 -- exactness and the worst case.
 
 local PAGE = 64
+-- The first page of a walk: most walks stop before the first score they meet.
+local FIRST_PAGE = 4
 -- The fair zset's sentinel (score -1, below every breakpoint, never walked): like the "s:"
 -- members of demand, exp and info it is there while the group is in use, so a lost key is
 -- seen (_lib.lua, check_state), and in a Redis Cluster no script meets a partly missing
@@ -29,7 +31,7 @@ local FAIR_ANCHOR = '~'
 -- hash, so that a batch of decisions reads each field once and writes it once.
 local function open_ctx(now, policy)
   return {now = now, policy = policy, cache = {}, dirty = {}, specs = {}, entries = {},
-          st = nil, st_dirty = false, touch = false, touch_queue = false}
+          st = nil, st_dirty = false, touch = false, touch_queue = false, whole = false}
 end
 
 -- Loads the demand-hash fields not cached yet, in one HMGET.
@@ -152,21 +154,24 @@ end
 -- Replaces a tenant's points in the fair zset.
 local function write_points(tenant, w, before, after)
   if before and after and before.lo == after.lo and before.up == after.up then return end
-  local old, new = points_of(tenant, w, before), points_of(tenant, w, after)
-  if #old > 0 then
-    redis.call('ZREM', KEYS[6], point_member('l', old[1].lo, old[1].up, w, tenant),
-      point_member('u', old[1].lo, old[1].up, w, tenant))
+  if before and before.up > before.lo then
+    redis.call('ZREM', KEYS[6], point_members(before.lo, before.up, w, tenant))
   end
-  if #new > 0 then
-    redis.call('ZADD', KEYS[6], fmt(new[1].score), point_member('l', new[1].lo, new[1].up, w, tenant),
-      fmt(new[2].score), point_member('u', new[1].lo, new[1].up, w, tenant))
+  if after and after.up > after.lo then
+    local l, u = point_members(after.lo, after.up, w, tenant)
+    redis.call('ZADD', KEYS[6], fmt(after.lo / w), l, fmt(after.up / w), u)
   end
 end
 
 -- Breakpoints from `pos` (inclusive) upwards (dir 1) or downwards (-1): the zset's, except
 -- those of the tenant `ov` overrides, merged with `ov`'s own points (a decision not written).
+-- Lazy: members are fetched in pages (a small first one: most walks stop at the first score)
+-- and parsed one at a time as the walk reaches them, so a level that stays below a score
+-- shared by many tenants reads one member of it, not all of them. peek() returns the next
+-- point without consuming it, pop() consumes it.
 local function point_stream(pos, dir, ov)
-  local buf, bi, offset, exhausted = {}, 1, 0, false
+  local raw, ri, offset, exhausted, limit = {}, 1, 0, false, FIRST_PAGE
+  local head = nil  -- the next stored point, parsed (false: none left)
   local vp, vi = {}, 1
   if ov then
     for _, p in ipairs(ov.pts) do
@@ -176,53 +181,60 @@ local function point_stream(pos, dir, ov)
   end
   local from = '+inf'
   if pos ~= INF then from = fmt(pos) end
-  local function fill()
-    local members
-    if dir > 0 then
-      members = redis.call('ZRANGEBYSCORE', KEYS[6], from, '+inf', 'LIMIT', offset, PAGE)
-    else
-      members = redis.call('ZREVRANGEBYSCORE', KEYS[6], from, 0, 'LIMIT', offset, PAGE)
-    end
-    offset = offset + #members
-    exhausted = #members < PAGE
-    buf, bi = {}, 1
-    for _, m in ipairs(members) do
-      local kind, lo, up, w, tenant = parse_point(m)
-      if not (ov and tenant == ov.tenant) then
-        local score = up / w
-        if kind == 'l' then score = lo / w end
-        buf[#buf + 1] = {score = score, lo = lo, up = up, w = w, tenant = tenant}
+  local function stored()
+    while true do
+      if ri > #raw then
+        if exhausted then return false end
+        if dir > 0 then
+          raw = redis.call('ZRANGEBYSCORE', KEYS[6], from, '+inf', 'LIMIT', offset, limit)
+        else
+          raw = redis.call('ZREVRANGEBYSCORE', KEYS[6], from, 0, 'LIMIT', offset, limit)
+        end
+        offset, ri = offset + #raw, 1
+        exhausted, limit = #raw < limit, PAGE
+      else
+        local kind, lo, up, w, tenant = parse_point(raw[ri])
+        ri = ri + 1
+        if not (ov and tenant == ov.tenant) then
+          local score = up / w
+          if kind == 'l' then score = lo / w end
+          return {score = score, lo = lo, up = up, w = w, tenant = tenant}
+        end
       end
     end
   end
-  return function()
-    while bi > #buf and not exhausted do fill() end
-    local r, v = buf[bi], vp[vi]
+  local stream = {}
+  function stream.peek()
+    if head == nil then head = stored() end
+    local r, v = head or nil, vp[vi]
     if v and (not r or (dir > 0 and v.score < r.score) or (dir < 0 and v.score > r.score)) then
-      vi = vi + 1
-      return v
+      return v, true
     end
-    if r then bi = bi + 1 end
-    return r
+    return r, false
   end
+  function stream.pop()
+    local p, virtual = stream.peek()
+    if virtual then vi = vi + 1 elseif p then head = nil end
+    return p
+  end
+  return stream
 end
 
--- The next breakpoints sharing one score, and that score (nil when none are left).
-local function next_group(nextp, ahead)
-  local first = ahead.p or nextp()
-  ahead.p = nil
-  if not first then return nil, nil end
+-- The score of the next breakpoints (nil when none are left), without reading past the first.
+local function next_score(stream)
+  local p = stream.peek()
+  return p and p.score
+end
+
+-- Consumes the next breakpoints sharing one score.
+local function take_group(stream)
+  local first = stream.pop()
   local group = {first}
   while true do
-    local p = nextp()
-    if not p then break end
-    if p.score ~= first.score then
-      ahead.p = p
-      break
-    end
-    group[#group + 1] = p
+    local p = stream.peek()
+    if not p or p.score ~= first.score then return group end
+    group[#group + 1] = stream.pop()
   end
-  return first.score, group
 end
 
 -- Moves the tenants of one breakpoint group at `x` from one side of x to another.
@@ -242,15 +254,17 @@ local function reclass(st, group, x, from_side, to_side)
 end
 
 -- From the state at its level, finds the smallest level whose sum of limits reaches
--- `target`, crossing only the breakpoints in between, and leaves the state there.
+-- `target`, crossing only the breakpoints in between, and leaves the state there. A group of
+-- breakpoints is read only when the level reaches it (crossed, or stopped at its score).
 local function walk(st, target, ov)
   local lam = st.lam
   local base = exact_value(st.bh, st.bl)
   if lam ~= INF and base + lam * exact_value(st.wh, st.wl) < target then
-    local nextp, ahead, pos, at_pos = point_stream(lam, 1, ov), {}, lam, nil
+    local s, pos, at_pos = point_stream(lam, 1, ov), lam, nil
     while true do
-      local x, group = next_group(nextp, ahead)
+      local x = next_score(s)
       if x ~= nil and x == pos then
+        local group = take_group(s)
         reclass(st, group, pos, 0, 1)
         at_pos = group
       else
@@ -263,20 +277,22 @@ local function walk(st, target, ov)
             if at_pos then reclass(st, at_pos, pos, 1, 0) end
           elseif x ~= nil and level >= x then
             level = x
-            reclass(st, group, x, -1, 0)
+            reclass(st, take_group(s), x, -1, 0)
           end
           st.lam = level
           return
         end
+        local group = take_group(s)
         reclass(st, group, x, -1, 1)
         pos, at_pos = x, group
       end
     end
   end
-  local nextp, ahead, pos, at_pos = point_stream(lam, -1, ov), {}, lam, nil
+  local s, pos, at_pos = point_stream(lam, -1, ov), lam, nil
   while true do
-    local x, group = next_group(nextp, ahead)
+    local x = next_score(s)
     if x ~= nil and x == pos then
+      local group = take_group(s)
       reclass(st, group, pos, 0, -1)
       at_pos = group
     else
@@ -290,7 +306,7 @@ local function walk(st, target, ov)
           if at_pos then reclass(st, at_pos, pos, -1, 0) end
         elseif level <= low then
           level = low
-          if x ~= nil then reclass(st, group, x, 1, 0) end
+          if x ~= nil then reclass(st, take_group(s), x, 1, 0) end
         end
         st.lam = level
         return
@@ -299,6 +315,7 @@ local function walk(st, target, ov)
         st.lam, st.bh, st.bl, st.wh, st.wl = 0, st.loh, st.lol, 0, 0
         return
       end
+      local group = take_group(s)
       reclass(st, group, x, 1, -1)
       pos, at_pos = x, group
     end
@@ -321,9 +338,8 @@ local function settle(st, policy, ov)
 end
 
 local function copy_state(st)
-  local c = {}
-  for k, v in pairs(st) do c[k] = v end
-  return c
+  return {lam = st.lam, bh = st.bh, bl = st.bl, wh = st.wh, wl = st.wl, loh = st.loh,
+          lol = st.lol, uph = st.uph, upl = st.upl, kh = st.kh, kl = st.kl, used = st.used}
 end
 
 -- Applies units held (du) and waiting (dp) to a tenant and to the fair state, committed.
@@ -372,7 +388,7 @@ local function purge(ctx, limit)
   redis.call('ZREM', KEYS[3], unpack(dead))
   redis.call('HDEL', KEYS[4], unpack(dead))
   load_specs(ctx, names)
-  local fields = {}
+  local fields = {'g'}
   for _, name in ipairs(names) do
     fields[#fields + 1] = 'u:' .. name
     fields[#fields + 1] = 'p:' .. name
@@ -414,11 +430,18 @@ local function flush(ctx, key_grace_ms)
   ctx.dirty = {}
   if ctx.policy and (ctx.touch or #set > 0) then
     -- Leases granted under a longer max_lease_ttl (lowered since) are covered through busy.
-    local ttl = int(math.max(ctx.policy.ttl, ctx.policy.busy - ctx.now) + key_grace_ms)
-    redis.call('PEXPIRE', KEYS[2], ttl)
-    redis.call('PEXPIRE', KEYS[3], ttl)
-    redis.call('PEXPIRE', KEYS[4], ttl)
-    redis.call('PEXPIRE', KEYS[6], ttl)
-    if ctx.touch_queue then redis.call('PEXPIRE', KEYS[5], ttl) end
+    local ttl = math.max(ctx.policy.ttl, ctx.policy.busy - ctx.now) + key_grace_ms
+    -- demand, exp, info and fair always get their expiry together, so when this call saw all
+    -- four whole (check_state) one PTTL tells whether theirs still covers `ttl` but for a
+    -- slack of half the grace: the keys then still outlive every lease by that much, and a
+    -- busy group refreshes them about once per half grace instead of on every call.
+    local ms = int(ttl)
+    if not ctx.whole or redis.call('PTTL', KEYS[2]) < ttl - key_grace_ms / 2 then
+      redis.call('PEXPIRE', KEYS[2], ms)
+      redis.call('PEXPIRE', KEYS[3], ms)
+      redis.call('PEXPIRE', KEYS[4], ms)
+      redis.call('PEXPIRE', KEYS[6], ms)
+    end
+    if ctx.touch_queue then redis.call('PEXPIRE', KEYS[5], ms) end
   end
 end

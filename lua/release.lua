@@ -19,7 +19,7 @@
 --   units: units freed by this call (0 for "unknown" and "fenced").
 
 
-local ctx = release_ctx(now_ms(ARGV[1]), ARGV[2])
+local ctx = release_ctx(now_ms(ARGV[1]), ARGV[2], ARGV[5])
 local reply = release_one(ctx, ARGV[3], ARGV[5], ARGV[6])
 purge(ctx, tonumber(ARGV[4]))
 flush(ctx, KEY_GRACE_MS)

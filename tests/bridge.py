@@ -1,11 +1,12 @@
-"""The sync client's API over an ``AsyncQuotaClient``, so one behavioural test runs on both clients.
+"""One way to run a behavioural test on both clients: ``Quotas`` and the ``AsyncBridge``.
 
-An ``AsyncBridge`` owns an event loop on a thread of its own and runs the async
-client there; every call from the test blocks on the coroutine's result. The
-test body is written once against the sync API (``try_acquire``, ``with
-acquire(...) as lease``, ``lease.release()``, ...) and the ``make_quota``
-fixture hands it either a ``QuotaClient`` or a bridged ``AsyncQuotaClient``:
-whatever the sync client is tested for, the async one is tested for too.
+The test body is written once against the sync API (``try_acquire``, ``with
+acquire(...) as lease``, ``lease.release()``, ...). ``Quotas`` (behind the
+``make_quota`` fixture) makes the clients of one test, all on one Redis like
+the pods of a deployment: ``QuotaClient``s, or ``AsyncQuotaClient``s behind an
+``AsyncBridge``, which owns an event loop on a thread of its own and runs the
+async client there, every call from the test blocking on the coroutine's
+result. Whatever the sync client is tested for, the async one is tested for too.
 
 The bridge adds no logic: it forwards arguments unchanged, so argument errors
 are raised by the async client itself, synchronously where it raises them.
@@ -18,10 +19,15 @@ import threading
 from collections.abc import Callable, Coroutine, Iterable
 from typing import Any, TypeVar
 
+import fakeredis
 import redis
 
-from ratequota import AsyncAcquisition, AsyncLease, AsyncQuotaClient
+from ratequota import AsyncAcquisition, AsyncLease, AsyncQuotaClient, QuotaClient
+from ratequota.clients.async_backends import async_embedded_backend, async_url_backend
+from ratequota.clients.backends import embedded_backend, url_backend
 from ratequota.decision import LeaseInfo
+from ratequota.policy import Policy
+from tests.servers import RedisServer
 
 T = TypeVar("T")
 
@@ -64,6 +70,11 @@ class AsyncBridge:
     def core(self) -> Any:
         """The client's sans-I/O core (settings, clock, breakers)."""
         return self.client.core
+
+    @property
+    def _node_of(self) -> Any:
+        """The client's route -> shard lookup (tests that step a renewal flow directly)."""
+        return self.client._node_of
 
     def _run(self, flow: Any) -> Any:
         """Drive one core flow (tests that step the core directly)."""
@@ -174,3 +185,59 @@ def raw_connection(quota: Any) -> redis.Redis:
     if isinstance(quota, AsyncBridge):
         return quota.raw
     return quota.backend.connection("x")  # type: ignore[no-any-return]
+
+
+def hold(quota: Any, tenant: str, units: int, **options: Any) -> Any:
+    """Enter ``acquire(...)`` and return the held lease (left for the test to release)."""
+    return quota.acquire(tenant, units, **options).__enter__()
+
+
+class Quotas:
+    """Makes the clients of one test, of one kind, all on one Redis (like pods on one server).
+
+    ``kind`` is ``"sync"`` (``QuotaClient``) or ``"async"`` (an ``AsyncQuotaClient``
+    behind an ``AsyncBridge``); ``server`` is a real redis-server, or None for a
+    fresh fakeredis server of this ``Quotas`` alone.
+    """
+
+    def __init__(self, kind: str, server: RedisServer | None = None) -> None:
+        self.kind = kind
+        self.server = server
+        self._fake = fakeredis.FakeServer()
+        self._clients: list[Any] = []
+
+    def __call__(self, policy: Policy | None = None, **options: Any) -> Any:
+        """A new client on the shared Redis, with ``policy`` published if given."""
+        timeout = options.setdefault("socket_timeout", 5.0)
+        client: Any
+        if self.kind == "async":
+            client = AsyncBridge(
+                lambda: AsyncQuotaClient(backend=self._backend(timeout), **options), self.conn()
+            )
+        else:
+            client = QuotaClient(backend=self._backend(timeout), **options)
+        self._clients.append(client)
+        if policy is not None:
+            client.apply_policy(policy)
+        return client
+
+    def _backend(self, timeout: float) -> Any:
+        url = None if self.server is None else self.server.url
+        if self.kind == "async":
+            if url is None:
+                return async_embedded_backend(server=self._fake)
+            return async_url_backend(url, socket_timeout=timeout)
+        if url is None:
+            return embedded_backend(server=self._fake)
+        return url_backend(url, socket_timeout=timeout)
+
+    def conn(self) -> redis.Redis:
+        """A new plain connection to the shared Redis (to inspect or damage it); close it."""
+        if self.server is None:
+            return fakeredis.FakeRedis(server=self._fake)
+        return redis.Redis.from_url(self.server.url)
+
+    def close(self) -> None:
+        """Close every client made."""
+        for client in self._clients:
+            client.close()

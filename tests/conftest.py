@@ -10,19 +10,12 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Iterator
 
-import fakeredis
 import pytest
-import redis
 from hypothesis import HealthCheck, settings
 
-from ratequota import AsyncQuotaClient, QuotaClient
-from ratequota.clients.aio import async_embedded_backend, async_url_backend
-from ratequota.clients.backends import embedded_backend, url_backend
-from ratequota.policy import Policy
-from tests.bridge import AsyncBridge
+from tests.bridge import Quotas
 from tests.servers import RedisCluster, RedisServer, redis_server_binary
 
 # Hypothesis: "ci" is the default and keeps the suite within its time budget;
@@ -93,7 +86,8 @@ def real_redis(redis_server: RedisServer) -> RedisServer:
     return redis_server
 
 
-MakeClient = Callable[..., QuotaClient]
+#: The ``make_client`` / ``make_quota`` fixtures: call it for a client on the test's Redis.
+MakeClient = Quotas
 
 
 @pytest.fixture(params=["fake", pytest.param("real", marks=pytest.mark.real_redis)])
@@ -108,61 +102,17 @@ def client_kind(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
-def _client_factory(
-    backend_kind: str, client_kind: str, request: pytest.FixtureRequest
-) -> tuple[Callable[..., Any], Callable[[], None]]:
-    """``make(policy, **options)`` building clients of one kind on one fresh backend."""
-    clients: list[Any] = []
-    if backend_kind == "real":
-        server: RedisServer = request.getfixturevalue("real_redis")
-        url = server.url
-
-        def new_backend(timeout: float) -> Any:
-            if client_kind == "async":
-                return async_url_backend(url, socket_timeout=timeout)
-            return url_backend(url, socket_timeout=timeout)
-
-        def new_raw() -> redis.Redis:
-            return redis.Redis.from_url(url)
-
-    else:
-        fake = fakeredis.FakeServer()
-
-        def new_backend(timeout: float) -> Any:
-            if client_kind == "async":
-                return async_embedded_backend(server=fake)
-            return embedded_backend(server=fake)
-
-        def new_raw() -> redis.Redis:
-            return fakeredis.FakeRedis(server=fake)
-
-    def make(policy: Policy | None = None, **options: Any) -> Any:
-        timeout = options.setdefault("socket_timeout", 5.0)
-        client: Any
-        if client_kind == "async":
-            client = AsyncBridge(
-                lambda: AsyncQuotaClient(backend=new_backend(timeout), **options), new_raw()
-            )
-        else:
-            client = QuotaClient(backend=new_backend(timeout), **options)
-        clients.append(client)
-        if policy is not None:
-            client.apply_policy(policy)
-        return client
-
-    def close_all() -> None:
-        for client in clients:
-            client.close()
-
-    return make, close_all
+def _quotas(backend_kind: str, client_kind: str, request: pytest.FixtureRequest) -> Quotas:
+    server = request.getfixturevalue("real_redis") if backend_kind == "real" else None
+    return Quotas(client_kind, server)
 
 
 @pytest.fixture
 def make_client(backend_kind: str, request: pytest.FixtureRequest) -> Iterator[MakeClient]:
     """A factory of sync clients that share one fresh backend (like pods on one Redis)."""
-    make, close_all = _client_factory(backend_kind, "sync", request)
-    yield make
-    close_all()
+    quotas = _quotas(backend_kind, "sync", request)
+    yield quotas
+    quotas.close()
 
 
 @pytest.fixture
@@ -174,9 +124,9 @@ def make_quota(
     A behavioural test written once against the sync API runs four times: sync
     and async, on fakeredis and on a real redis-server.
     """
-    make, close_all = _client_factory(backend_kind, client_kind, request)
-    yield make
-    close_all()
+    quotas = _quotas(backend_kind, client_kind, request)
+    yield quotas
+    quotas.close()
 
 
 @pytest.fixture(scope="session")

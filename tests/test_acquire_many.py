@@ -17,8 +17,9 @@ from hypothesis import strategies as st
 
 from ratequota.clients.aio import AsyncQuotaClient
 from ratequota.engine import protocol
+from ratequota.engine.coalesce import coalesce
 from ratequota.engine.keys import KeySpace
-from ratequota.engine.ops import wire_call
+from ratequota.engine.ops import ScriptCall
 from ratequota.engine.scripts import load_scripts
 from ratequota.policy import GroupPolicy, Policy, TenantPolicy
 from tests.redis_state import dump_keys
@@ -156,24 +157,42 @@ def test_coalescing_merges_only_compatible_calls() -> None:
     """Acquires of one group merge; other groups, other scripts and lone calls pass through."""
     ks = KeySpace()
 
-    def acquire(group: str, lease: str, purge: int = 64) -> tuple[str, tuple[Any, ...]]:
-        call = protocol.acquire_call(
+    def acquire(group: str, lease: str, purge: int = 64) -> ScriptCall:
+        return protocol.acquire_call(
             ks, group, "a", 1, lease, 1000, wait=False, pending_ms=2000, purge=purge
         )
-        return wire_call(call)
 
-    release = wire_call(protocol.release_call(ks, "g", "x", tenant="a", token=1, purge=64))
+    release = protocol.release_call(ks, "g", "x", tenant="a", token=1, purge=64)
     calls = [acquire("g", "1"), release, acquire("h", "2"), acquire("g", "3"), acquire("g", "4", 1)]
-    wire, where = protocol.coalesce(calls)
+    wire, where = coalesce(calls)
     many = load_scripts()["acquire_many"].sha
-    assert [w[1][0] == many for w in wire] == [True, False, False, False]
+    assert [w.script.sha == many for w in wire] == [True, False, False, False]
     assert where == [(0, 0), (1, None), (2, None), (0, 1), (3, None)]
-    releases = [
-        wire_call(protocol.release_call(ks, "g", i, tenant="a", token=1, purge=64)) for i in "abc"
-    ]
-    wire, where = protocol.coalesce([*releases, acquire("g", "5")])
-    assert wire[0][1][0] == load_scripts()["release_many"].sha
+    releases = [protocol.release_call(ks, "g", i, tenant="a", token=1, purge=64) for i in "abc"]
+    wire, where = coalesce([*releases, acquire("g", "5")])
+    assert wire[0].script.sha == load_scripts()["release_many"].sha
     assert where == [(0, 0), (0, 1), (0, 2), (1, None)]
+
+
+def test_coalescing_is_built_on_the_many_encoders() -> None:
+    """A coalesced batch is exactly the call ``acquire_many_call`` / ``release_many_call`` make."""
+    ks = KeySpace()
+    requests = [("a", 1, "id-1", 1000, False), ("b", 2, "id-2", 500, True)]
+    singles = [
+        protocol.acquire_call(ks, "g", t, u, i, ttl, wait=w, pending_ms=2000, purge=64, now_ms=NOW)
+        for t, u, i, ttl, w in requests
+    ]
+    wire, _ = coalesce(singles)
+    assert wire == [
+        protocol.acquire_many_call(ks, "g", requests, pending_ms=2000, purge=64, now_ms=NOW)
+    ]
+    named = [("id-1", "a", 7), ("id-2", "b", 8)]
+    singles = [
+        protocol.release_call(ks, "g", i, tenant=t, token=k, purge=8, now_ms=NOW)
+        for i, t, k in named
+    ]
+    wire, _ = coalesce(singles)
+    assert wire == [protocol.release_many_call(ks, "g", named, purge=8, now_ms=NOW)]
 
 
 @pytest.mark.real_redis

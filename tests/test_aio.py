@@ -14,7 +14,8 @@ from typing import Any
 import fakeredis
 import pytest
 
-from ratequota.clients.aio import AsyncQuotaClient, async_embedded_backend, async_url_backend
+from ratequota.clients.aio import AsyncQuotaClient
+from ratequota.clients.async_backends import async_embedded_backend, async_url_backend
 from ratequota.clients.backends import embedded_backend
 from ratequota.clients.sync import QuotaClient
 from ratequota.engine.batching import BatchPolicy

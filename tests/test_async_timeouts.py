@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from ratequota.clients import aio
+from ratequota.clients import batcher as batching
 from ratequota.clients.aio import AsyncQuotaClient
 from ratequota.clients.sync import QuotaClient
 from ratequota.engine.batching import BatchPolicy
@@ -45,8 +45,8 @@ def test_a_timed_out_round_trip_does_not_wait_for_the_clean_up() -> None:
                 await released.wait()  # a clean-up that outlives the timeout
                 raise
 
-        batcher = aio._ShardBatcher(None, BatchPolicy(), bound=0.01)
-        with pytest.raises(aio.NoReply) as caught:
+        batcher = batching.ShardBatcher(None, BatchPolicy(), bound=0.01)
+        with pytest.raises(batching.NoReply) as caught:
             await batcher._bounded(call())
         assert isinstance(caught.value, TimeoutError)
         (cleanup,) = batcher._cleanups
@@ -81,13 +81,13 @@ def test_calls_queued_behind_a_timed_out_round_trip_fail_without_being_sent(
     trip times out and the nineteen calls queued behind it fail at once, never sent. Before,
     each of them was sent in turn and waited a socket timeout of its own."""
     sent: list[int] = []
-    original_exchange = aio._ShardBatcher._exchange
+    original_exchange = batching.ShardBatcher._exchange
 
     async def exchange(self: Any, wire: list[Any]) -> list[Any]:
         sent.append(len(wire))
         return await original_exchange(self, wire)  # type: ignore[no-any-return]
 
-    monkeypatch.setattr(aio._ShardBatcher, "_exchange", exchange)
+    monkeypatch.setattr(batching.ShardBatcher, "_exchange", exchange)
 
     async def main() -> list[Any]:
         quota = AsyncQuotaClient(

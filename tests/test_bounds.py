@@ -15,9 +15,8 @@ from ratequota.engine.keys import KeySpace
 from ratequota.errors import AcquireTimeout, ConfigError, InvalidRequest
 from ratequota.policy import MAX_UNITS, GroupPolicy, Policy, TenantPolicy
 from ratequota.testing import ManualClock
-from tests.pods import Pods, make_pod
-
-__all__ = ["make_pod"]  # the fixture, imported for pytest
+from tests.bridge import hold
+from tests.conftest import MakeClient
 
 BIG = Policy(
     [
@@ -56,55 +55,55 @@ def test_policy_numbers_above_the_bound_are_refused(field: str, make: object) ->
     assert "2**50" in str(caught.value)
 
 
-def test_requests_above_the_bound_never_touch_redis(make_pod: Pods) -> None:
+def test_requests_above_the_bound_never_touch_redis(make_quota: MakeClient) -> None:
     """2**61 units (and 2**50 + 1) raise ``InvalidRequest`` naming ``units`` before any
     script runs: nothing is written, nothing is left half done."""
-    pod = make_pod(BIG, clock=ManualClock())
-    conn = make_pod.conn()
+    pod = make_quota(BIG, clock=ManualClock(), auto_renew=False)
+    conn = make_quota.conn()
     before = sorted(conn.keys("*"))
     for units in (2**61, MAX_UNITS + 1):
         with pytest.raises(InvalidRequest, match="units"):
-            pod.run(pod.client.try_acquire("m", units))
+            pod.try_acquire("m", units)
         with pytest.raises(InvalidRequest, match="units"):
-            pod.hold("m", units)
+            hold(pod, "m", units)
     assert sorted(conn.keys("*")) == before
     conn.close()
 
 
-def test_big_leases_are_exact_through_expiry_and_purge(make_pod: Pods) -> None:
+def test_big_leases_are_exact_through_expiry_and_purge(make_quota: MakeClient) -> None:
     """The issue's repro on both clients: 10**14 units on a capacity of 10**15 are charged,
     stored and credited back exactly, also when the lease expires and is purged by a later
     call, which used to wedge the group."""
     clock = ManualClock()
-    pod = make_pod(BIG, clock=clock)
-    first = pod.run(pod.client.try_acquire("a", 10**14, ttl=1.0))
+    pod = make_quota(BIG, clock=clock, auto_renew=False)
+    first = pod.try_acquire("a", 10**14, ttl=1.0)
     assert first.admitted and first.used == 10**14
-    info = make_pod.conn().hget(KeySpace().group("big").info, "L" + first.lease.id)
+    info = make_quota.conn().hget(KeySpace().group("big").info, "L" + first.lease.id)
     assert info.startswith(b"100000000000000:")  # never "1e+14:..."
     clock.advance(2)  # expired: the next call purges it
-    second = pod.run(pod.client.try_acquire("b", 6 * 10**14 - 1, ttl=10.0))
+    second = pod.try_acquire("b", 6 * 10**14 - 1, ttl=10.0)
     assert second.admitted and second.group_used == 6 * 10**14 - 1
-    snap = pod.run(pod.client.snapshot("big", ["a", "b"]))
+    snap = pod.snapshot("big", ["a", "b"])
     assert (snap.used, snap.tenants["b"].used) == (6 * 10**14 - 1, 6 * 10**14 - 1)
-    held = pod.run(pod.client.try_acquire("a", 4 * 10**14 + 1, ttl=10.0))
+    held = pod.try_acquire("a", 4 * 10**14 + 1, ttl=10.0)
     assert (held.admitted, held.reason, held.capacity) == (True, "admitted", 10**15)
-    assert pod.run(pod.client.snapshot("big")).used == 10**15
-    result = pod.run(pod.client.release(second.lease))
+    assert pod.snapshot("big").used == 10**15
+    result = pod.release(second.lease)
     assert (result.state, result.units) == ("released", 6 * 10**14 - 1)
-    assert pod.run(pod.client.release(held.lease)).units == 4 * 10**14 + 1
-    assert pod.run(pod.client.snapshot("big")).used == 0
+    assert pod.release(held.lease).units == 4 * 10**14 + 1
+    assert pod.snapshot("big").used == 0
 
 
-def test_the_largest_request_waits_and_renews_exactly(make_pod: Pods) -> None:
+def test_the_largest_request_waits_and_renews_exactly(make_quota: MakeClient) -> None:
     """2**50 units, the bound itself: a waiting request registers and withdraws its pending
     demand exactly, and the granted lease renews and releases exactly."""
     clock = ManualClock()
-    pod = make_pod(BIG, clock=clock)
-    lease = pod.hold("m", MAX_UNITS, ttl=10.0)
+    pod = make_quota(BIG, clock=clock, auto_renew=False)
+    lease = hold(pod, "m", MAX_UNITS, ttl=10.0)
     with pytest.raises(AcquireTimeout):
-        pod.hold("m", MAX_UNITS, timeout=0.5)
-    snap = pod.run(pod.client.snapshot("max", ["m"]))
+        hold(pod, "m", MAX_UNITS, timeout=0.5)
+    snap = pod.snapshot("max", ["m"])
     assert (snap.used, snap.tenants["m"].pending) == (MAX_UNITS, 0)
-    renewed = pod.run(lease.renew(10.0))
+    renewed = lease.renew(10.0)
     assert renewed.renewed and renewed.used == MAX_UNITS and renewed.limit == MAX_UNITS
-    assert pod.run(lease.release()).units == MAX_UNITS
+    assert lease.release().units == MAX_UNITS

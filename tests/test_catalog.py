@@ -25,7 +25,8 @@ import fakeredis
 import pytest
 import redis
 
-from ratequota.clients.aio import AsyncQuotaClient, async_url_backend
+from ratequota.clients.aio import AsyncQuotaClient
+from ratequota.clients.async_backends import async_url_backend
 from ratequota.clients.backends import SingleBackend, url_backend
 from ratequota.clients.catalog import (
     HEADER_BYTES,
@@ -41,6 +42,7 @@ from ratequota.engine.keys import SCHEMA_VERSION, KeySpace
 from ratequota.errors import ConfigError, SchemaMismatch, UnknownTenant
 from ratequota.policy import GroupPolicy, Policy, TenantPolicy
 from ratequota.testing import ManualClock
+from tests.bridge import raw_connection
 from tests.conftest import MakeClient, _no_redis
 from tests.servers import RedisServer, redis_server_binary
 
@@ -167,11 +169,11 @@ def test_async_pods_recover_after_redis_restarts_empty(server: RedisServer) -> N
     assert stored is not None and Policy.from_dict(stored["policy"]) == POLICY
 
 
-def test_an_unpublished_policy_is_obeyed_not_restored(make_client: MakeClient) -> None:
+def test_an_unpublished_policy_is_obeyed_not_restored(make_quota: MakeClient) -> None:
     """An operator's empty publication is a tombstone: the pod forgets, nothing comes back."""
     clock = ManualClock()
-    pod = make_client(clock=clock, catalog_ttl=TTL)
-    admin = make_client(POLICY, clock=ManualClock())
+    pod = make_quota(clock=clock, catalog_ttl=TTL)
+    admin = make_quota(POLICY, clock=ManualClock())
     assert pod.try_acquire("a", 1).admitted
     admin.apply_policy(Policy([]))
     clock.advance(TTL + 1)
@@ -179,18 +181,18 @@ def test_an_unpublished_policy_is_obeyed_not_restored(make_client: MakeClient) -
         pod.try_acquire("a", 1)
     assert pod.core.wait_refreshed(10)
     assert pod.core.policy == Policy([])
-    conn = admin.backend.connection("batch")
+    conn = raw_connection(admin)
     assert not conn.exists(admin.core.keyspace.group("batch").policy)
     assert json.loads(conn.get(CATALOG))["policy"] == {"groups": []}
     with pytest.raises(UnknownTenant):
         pod.try_acquire("s1", 1)
 
 
-def test_a_deleted_catalog_key_is_data_loss(make_client: MakeClient) -> None:
+def test_a_deleted_catalog_key_is_data_loss(make_quota: MakeClient) -> None:
     """A catalog key that vanished (evicted, flushed, deleted by hand) is restored, not obeyed."""
     clock = ManualClock()
-    pod = make_client(POLICY, clock=clock, catalog_ttl=TTL)
-    conn = pod.backend.connection("batch")
+    pod = make_quota(POLICY, clock=clock, catalog_ttl=TTL)
+    conn = raw_connection(pod)
     conn.delete(CATALOG)
     clock.advance(TTL + 1)
     assert pod.try_acquire("a", 1).admitted
@@ -200,16 +202,16 @@ def test_a_deleted_catalog_key_is_data_loss(make_client: MakeClient) -> None:
     assert pod.load_policy() == POLICY
 
 
-def test_a_restored_older_publication_never_rolls_a_pod_back(make_client: MakeClient) -> None:
+def test_a_restored_older_publication_never_rolls_a_pod_back(make_quota: MakeClient) -> None:
     """A lagging pod restores the policy it knew after a loss; pods that read a newer
     publication keep theirs. An operator's next publication wins everywhere."""
     lagging_clock, current_clock = ManualClock(), ManualClock()
-    lagging = make_client(POLICY, clock=lagging_clock, catalog_ttl=TTL)
+    lagging = make_quota(POLICY, clock=lagging_clock, catalog_ttl=TTL)
     newer = Policy([POLICY.groups[0], GroupPolicy("open", 8, [TenantPolicy("s1")])])
-    admin = make_client(newer, clock=ManualClock(start_ms=1_800_000_000_000 + 1000))
-    current = make_client(clock=current_clock, catalog_ttl=TTL)
+    admin = make_quota(newer, clock=ManualClock(start_ms=1_800_000_000_000 + 1000))
+    current = make_quota(clock=current_clock, catalog_ttl=TTL)
     assert current.load_policy() == newer
-    conn = admin.backend.connection("batch")
+    conn = raw_connection(admin)
     conn.flushall()
     # The lagging pod has not refreshed yet: its first request restores what it knew.
     assert lagging.try_acquire("a", 1).reason == "recovering"
@@ -459,13 +461,13 @@ def test_a_big_unchanged_catalog_is_never_fetched_or_parsed_again(
     pod.close()
 
 
-def test_a_tenant_moved_out_of_a_dropped_group_is_routed_again(make_client: MakeClient) -> None:
+def test_a_tenant_moved_out_of_a_dropped_group_is_routed_again(make_quota: MakeClient) -> None:
     """The first call after a publication that dropped the tenant's group (and moved the tenant)
     is routed by the old catalog while the refresh runs beside it: the failed restore re-reads
     the catalog and the call goes to the tenant's new group."""
     clock = ManualClock()
-    pod = make_client(POLICY, clock=clock, catalog_ttl=TTL)
-    admin = make_client(clock=ManualClock())
+    pod = make_quota(POLICY, clock=clock, catalog_ttl=TTL)
+    admin = make_quota(clock=ManualClock())
     moved = Policy([GroupPolicy("open", 4, [TenantPolicy("s1"), TenantPolicy("a")])])
     admin.apply_policy(moved)  # "batch" dropped, "a" now in "open"
     clock.advance(TTL + 1)
@@ -484,7 +486,7 @@ def test_the_async_client_parses_a_new_catalog_off_its_event_loop(
     import threading as _threading
 
     from ratequota.clients import router as core
-    from ratequota.clients.aio import async_embedded_backend
+    from ratequota.clients.async_backends import async_embedded_backend
 
     threads: list[int] = []
     real_parse = core.parse_document

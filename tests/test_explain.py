@@ -136,9 +136,9 @@ def test_explanation_agrees_with_decide(policy: GroupPolicy, data: st.DataObject
         assert all(loan.lender != who and loan.available > 0 for loan in got.loans)
 
 
-def test_client_explain_uses_one_snapshot_and_the_catalog(make_client: MakeClient) -> None:
-    """``QuotaClient.explain`` reads the group and policy from Redis; its limit is the engine's."""
-    client = make_client(Policy([worked()]))
+def test_client_explain_uses_one_snapshot_and_the_catalog(make_quota: MakeClient) -> None:
+    """``explain`` (both clients) reads group and policy from Redis; its limit is the engine's."""
+    client = make_quota(Policy([worked()]))
     lease = client.try_acquire("a", 16).lease
     assert lease is not None
     why = client.explain("a")
@@ -149,7 +149,7 @@ def test_client_explain_uses_one_snapshot_and_the_catalog(make_client: MakeClien
     assert why.borrowed == 4
     assert client.explain("a", 1).admitted is False
     # A client that has not read the catalog yet loads the published policy.
-    assert make_client().explain("b", 8).admitted is True
+    assert make_quota().explain("b", 8).admitted is True
     client.release(lease)
 
 
@@ -157,7 +157,8 @@ def test_async_client_explains_the_same() -> None:
     """``AsyncQuotaClient.explain`` drives the same flow: same limit, same verdict."""
     import asyncio
 
-    from ratequota.clients.aio import AsyncQuotaClient, async_embedded_backend
+    from ratequota.clients.aio import AsyncQuotaClient
+    from ratequota.clients.async_backends import async_embedded_backend
 
     async def main() -> None:
         quota = AsyncQuotaClient(backend=async_embedded_backend(shared=False))

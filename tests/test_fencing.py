@@ -2,7 +2,7 @@
 renew name the lease's tenant and fencing token, and renewals survive a lowered max_lease_ttl.
 
 Every test runs on the sync and the async client, on fakeredis and on a real redis-server
-(``tests.pods``), with time driven by a ``ManualClock`` pinning the Redis time the scripts see.
+(``tests.bridge``), with time driven by a ``ManualClock`` pinning the Redis time the scripts see.
 """
 
 from __future__ import annotations
@@ -16,9 +16,8 @@ from ratequota.decision import LeaseInfo, RenewResult
 from ratequota.errors import BackendUnavailable, InvalidRequest, RequestIdConflict
 from ratequota.policy import GroupPolicy, Policy, TenantPolicy
 from ratequota.testing import ManualClock
-from tests.pods import Pods, make_pod
-
-__all__ = ["make_pod"]  # the fixture, imported for pytest
+from tests.bridge import hold
+from tests.conftest import MakeClient
 
 POLICY = Policy(
     [
@@ -32,148 +31,148 @@ POLICY = Policy(
 )
 
 
-def test_another_tenant_reusing_a_request_id_is_refused(make_pod: Pods) -> None:
+def test_another_tenant_reusing_a_request_id_is_refused(make_quota: MakeClient) -> None:
     """The issue's repro: B reusing A's request id was admitted as a replay of A's lease and then
     got 5 more units (15 running on a capacity of 10). Now B's reuse is refused as
     ``id_mismatch`` (never admitted, never charged), B cannot end A's lease, and the group
     never holds more than its capacity."""
-    pod = make_pod(POLICY, clock=ManualClock())
-    first = pod.run(pod.client.try_acquire("a", 5, request_id="job-1"))
+    pod = make_quota(POLICY, clock=ManualClock(), auto_renew=False)
+    first = pod.try_acquire("a", 5, request_id="job-1")
     assert first.admitted and first.lease is not None
-    stolen = pod.run(pod.client.try_acquire("b", 5, request_id="job-1"))
+    stolen = pod.try_acquire("b", 5, request_id="job-1")
     assert (stolen.admitted, stolen.reason, stolen.lease) == (False, "id_mismatch", None)
     assert "another tenant" in stolen.describe()
-    snap = pod.run(pod.client.snapshot("g", ["b"]))
+    snap = pod.snapshot("g", ["b"])
     assert (snap.used, snap.tenants["b"].used) == (5, 0)
     # B naming A's id (with any token it can guess) frees nothing.
     for token in (0, first.lease.token):
         guess = LeaseInfo("job-1", "b", "g", 5, token, first.lease.expires_at)
-        assert pod.run(pod.client.release(guess)).state == "fenced"
-    assert pod.run(pod.client.snapshot("g")).used == 5
-    other = pod.run(pod.client.try_acquire("b", 5))
+        assert pod.release(guess).state == "fenced"
+    assert pod.snapshot("g").used == 5
+    other = pod.try_acquire("b", 5)
     assert other.admitted
-    assert pod.run(pod.client.snapshot("g")).used == 10
-    assert not pod.run(pod.client.try_acquire("b", 1)).admitted
+    assert pod.snapshot("g").used == 10
+    assert not pod.try_acquire("b", 1).admitted
 
 
-def test_a_retry_with_other_units_is_refused_and_not_charged(make_pod: Pods) -> None:
+def test_a_retry_with_other_units_is_refused_and_not_charged(make_quota: MakeClient) -> None:
     """A retry of one id with more units (1, then 5) was granted 5 and charged 1; now it is
     refused and the original lease stays as it was. The exact retry is still a replay."""
-    pod = make_pod(POLICY, clock=ManualClock())
-    first = pod.run(pod.client.try_acquire("a", 1, request_id="job-2"))
+    pod = make_quota(POLICY, clock=ManualClock(), auto_renew=False)
+    first = pod.try_acquire("a", 1, request_id="job-2")
     assert first.lease is not None
-    bigger = pod.run(pod.client.try_acquire("a", 5, request_id="job-2"))
+    bigger = pod.try_acquire("a", 5, request_id="job-2")
     assert (bigger.admitted, bigger.reason) == (False, "id_mismatch")
-    assert pod.run(pod.client.snapshot("g")).used == 1
-    again = pod.run(pod.client.try_acquire("a", 1, request_id="job-2"))
+    assert pod.snapshot("g").used == 1
+    again = pod.try_acquire("a", 1, request_id="job-2")
     assert again.admitted and again.lease is not None and again.lease.replay
     assert again.lease.token == first.lease.token
-    assert pod.run(pod.client.snapshot("g")).used == 1
+    assert pod.snapshot("g").used == 1
 
 
-def test_waiting_acquire_with_a_conflicting_id_raises_at_once(make_pod: Pods) -> None:
+def test_waiting_acquire_with_a_conflicting_id_raises_at_once(make_quota: MakeClient) -> None:
     """``acquire`` does not wait on a request id that can never be answered: it raises
     ``RequestIdConflict`` (a ``ValueError``) without charging anything."""
     clock = ManualClock()
-    pod = make_pod(POLICY, clock=clock)
-    assert pod.run(pod.client.try_acquire("a", 2, request_id="job-3")).admitted
+    pod = make_quota(POLICY, clock=clock, auto_renew=False)
+    assert pod.try_acquire("a", 2, request_id="job-3").admitted
     with pytest.raises(RequestIdConflict) as caught:
-        pod.hold("b", 2, request_id="job-3", timeout=5.0)
+        hold(pod, "b", 2, request_id="job-3", timeout=5.0)
     assert isinstance(caught.value, ValueError)
     assert caught.value.decision.reason == "id_mismatch"
     assert clock.monotonic() == 0.0  # refused at once, no waiting
-    assert pod.run(pod.client.snapshot("g")).used == 2
+    assert pod.snapshot("g").used == 2
 
 
-def test_release_and_renew_name_tenant_and_token(make_pod: Pods) -> None:
+def test_release_and_renew_name_tenant_and_token(make_quota: MakeClient) -> None:
     """Release and renew of a lease id with another tenant or another token are refused as
     ``fenced``, change nothing, and are counted in ``stats()``; the holder's own lease object
     still renews and releases (the public API is unchanged)."""
     clock = ManualClock()
-    pod = make_pod(POLICY, clock=clock)
-    lease = pod.hold("a", 3)
+    pod = make_quota(POLICY, clock=clock, auto_renew=False)
+    lease = hold(pod, "a", 3)
     forged = [
         attrs.evolve(lease.info, tenant="b"),
         attrs.evolve(lease.info, token=lease.token + 1),
         attrs.evolve(lease.info, token=lease.token - 1),
     ]
     for info in forged:
-        renewal = pod.run(pod.client.renew(info, 30.0))
+        renewal = pod.renew(info, 30.0)
         assert (renewal.renewed, renewal.reason) == (False, "fenced")
-        assert pod.run(pod.client.release(info)).state == "fenced"
+        assert pod.release(info).state == "fenced"
     # A renewal carries the units too (a recovering group re-inserts the lease from them).
     other_units = attrs.evolve(lease.info, units=lease.units + 1)
-    assert pod.run(pod.client.renew(other_units, 30.0)).reason == "fenced"
+    assert pod.renew(other_units, 30.0).reason == "fenced"
     refused = 2 * len(forged) + 1
-    assert pod.client.stats().fenced_refusals == refused
-    snap = pod.run(pod.client.snapshot("g"))
+    assert pod.stats().fenced_refusals == refused
+    snap = pod.snapshot("g")
     assert snap.used == 3
     (listed,) = snap.leases
     assert listed.expires_at == lease.expires_at  # the forged renewals extended nothing
     clock.advance(10)
-    renewed = pod.run(lease.renew(30.0))
+    renewed = lease.renew(30.0)
     assert renewed.reason == "renewed" and not lease.lost
     assert lease.expires_at == pytest.approx(clock.redis_ms() / 1000 + 30)
-    assert pod.run(lease.release()).state == "released"
-    assert pod.run(pod.client.snapshot("g")).used == 0
-    assert pod.client.stats().fenced_refusals == refused
+    assert lease.release().state == "released"
+    assert pod.snapshot("g").used == 0
+    assert pod.stats().fenced_refusals == refused
 
 
-def test_an_overrun_holder_cannot_end_the_next_lease_of_its_id(make_pod: Pods) -> None:
+def test_an_overrun_holder_cannot_end_the_next_lease_of_its_id(make_quota: MakeClient) -> None:
     """A holder overran its TTL and a retry of the same request id was granted a new lease
     (a new token). The old holder's release is fenced: it frees nothing and its lease object
     is marked ``lost``; the new lease is untouched."""
     clock = ManualClock()
-    pod = make_pod(POLICY, clock=clock)
-    old = pod.hold("a", 2, request_id="job-4", ttl=1.0)
+    pod = make_quota(POLICY, clock=clock, auto_renew=False)
+    old = hold(pod, "a", 2, request_id="job-4", ttl=1.0)
     clock.advance(2)
-    new = pod.run(pod.client.try_acquire("a", 2, request_id="job-4"))
+    new = pod.try_acquire("a", 2, request_id="job-4")
     assert new.admitted and new.lease is not None and not new.lease.replay
     assert new.lease.token > old.token
-    result = pod.run(old.release())
+    result = old.release()
     assert result.state == "fenced" and old.lost
-    renewal = pod.run(pod.client.renew(old.info, 10.0))
+    renewal = pod.renew(old.info, 10.0)
     assert renewal.reason == "fenced"
-    assert pod.run(pod.client.snapshot("g")).used == 2
-    assert pod.run(pod.client.release(new.lease)).state == "released"
+    assert pod.snapshot("g").used == 2
+    assert pod.release(new.lease).state == "released"
 
 
-def test_withdrawing_a_waiting_request_is_the_tenants(make_pod: Pods) -> None:
+def test_withdrawing_a_waiting_request_is_the_tenants(make_quota: MakeClient) -> None:
     """A waiting request registered by ``a`` cannot be withdrawn by ``b`` naming its id."""
     clock = ManualClock()
-    pod = make_pod(POLICY, clock=clock)
-    core = pod.client.core
-    assert pod.run(pod.client.try_acquire("b", 5)).admitted
-    assert pod.run(pod.client.try_acquire("a", 5)).admitted
-    waiting = pod.run(pod.client._run(core.attempt("a", 2, "g", "w-1", 10_000, wait=True)))
+    pod = make_quota(POLICY, clock=clock, auto_renew=False)
+    core = pod.core
+    assert pod.try_acquire("b", 5).admitted
+    assert pod.try_acquire("a", 5).admitted
+    waiting = pod._run(core.attempt("a", 2, "g", "w-1", 10_000, wait=True))
     assert waiting.reason in ("tenant_limit", "group_full")
-    assert pod.run(pod.client.snapshot("g")).tenants["a"].pending == 2
+    assert pod.snapshot("g").tenants["a"].pending == 2
     by_b = LeaseInfo("w-1", "b", "g", 2, 0, 0.0)
-    assert pod.run(pod.client.release(by_b)).state == "fenced"
-    assert pod.run(pod.client.snapshot("g")).tenants["a"].pending == 2
+    assert pod.release(by_b).state == "fenced"
+    assert pod.snapshot("g").tenants["a"].pending == 2
     by_a = LeaseInfo("w-1", "a", "g", 2, 0, 0.0)
-    assert pod.run(pod.client.release(by_a)).state == "unknown"  # withdrawn
-    assert pod.run(pod.client.snapshot("g")).tenants["a"].pending == 0
+    assert pod.release(by_a).state == "unknown"  # withdrawn
+    assert pod.snapshot("g").tenants["a"].pending == 0
 
 
-def test_renewal_is_clamped_to_a_lowered_max_lease_ttl(make_pod: Pods) -> None:
+def test_renewal_is_clamped_to_a_lowered_max_lease_ttl(make_quota: MakeClient) -> None:
     """``max_lease_ttl`` lowered under a held lease: renewals asking for more used to fail with
     ``bad_ttl`` (retried as transient until the lease silently expired and another tenant was
     admitted). Now they are granted the new maximum, the holder learns the real expiry, and
     renewing at a third of what was granted keeps the lease and the units."""
     clock = ManualClock()
-    pod = make_pod(POLICY, clock=clock)
-    lease = pod.hold("a", 5, ttl=60.0)
+    pod = make_quota(POLICY, clock=clock, auto_renew=False)
+    lease = hold(pod, "a", 5, ttl=60.0)
     lower = Policy([attrs.evolve(POLICY.groups[0], max_lease_ttl=3.0)])
-    pod.run(pod.client.apply_policy(lower))
+    pod.apply_policy(lower)
     for _ in range(30):  # 30 s: ten times the new maximum
-        result = pod.run(lease.renew())
+        result = lease.renew()
         assert (result.renewed, result.ttl) == (True, 3.0)
         assert lease.expires_at == pytest.approx(clock.redis_ms() / 1000 + 3.0)
         clock.advance(1.0)
-        assert not pod.run(pod.client.try_acquire("b", 10, ttl=1.0)).admitted  # a holds 5
+        assert not pod.try_acquire("b", 10, ttl=1.0).admitted  # a holds 5
         assert not lease.lost
-    assert pod.run(pod.client.snapshot("g")).used == 5
+    assert pod.snapshot("g").used == 5
 
 
 def test_the_renewer_schedules_by_the_granted_ttl() -> None:
@@ -228,18 +227,18 @@ def _renewal(*, ttl: float = 60.0, renewed: bool = True, reason: str = "renewed"
     ],
 )
 def test_a_malformed_lease_is_refused_before_redis(
-    make_pod: Pods, field: str, change: dict[str, object]
+    make_quota: MakeClient, field: str, change: dict[str, object]
 ) -> None:
     """Release and renew store nothing they did not validate: a lease with a negative token,
     no tenant or no units raises ``InvalidRequest`` naming the field, for both clients."""
-    pod = make_pod(POLICY, clock=ManualClock())
-    decision = pod.run(pod.client.try_acquire("a", 1))
+    pod = make_quota(POLICY, clock=ManualClock(), auto_renew=False)
+    decision = pod.try_acquire("a", 1)
     bad = attrs.evolve(decision.lease, **change)
     with pytest.raises(InvalidRequest, match=field):
-        pod.run(pod.client.release(bad))
+        pod.release(bad)
     with pytest.raises(InvalidRequest, match=field):
-        pod.run(pod.client.renew(bad))
-    assert pod.run(pod.client.snapshot("g")).used == 1
+        pod.renew(bad)
+    assert pod.snapshot("g").used == 1
 
 
 def test_a_lease_whose_renewals_all_fail_is_lost_when_its_lifetime_ends() -> None:

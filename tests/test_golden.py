@@ -30,7 +30,7 @@ import pytest
 from ratequota.clients.backends import embedded_backend
 from ratequota.clients.sync import QuotaClient
 from ratequota.decision import LeaseInfo
-from ratequota.engine import protocol
+from ratequota.engine import protocol, replies
 from ratequota.engine.keys import SCHEMA_VERSION, KeySpace
 from ratequota.engine.ops import ScriptCall
 from ratequota.engine.scripts import SCRIPT_NAMES, load_scripts, parse_header, script
@@ -207,18 +207,18 @@ def test_pinned_replies_still_decode() -> None:
     """The decoders of this release understand every pinned reply (an older script's output)."""
     golden = json.loads((GOLDEN / "replies.json").read_text(encoding="utf-8"))
     decoders: dict[str, Any] = {
-        "acquire": lambda r: protocol.decode_acquire(
+        "acquire": lambda r: replies.decode_acquire(
             r, group="g", tenant="a", units=1, lease_id="x"
         ),
-        "release": protocol.decode_release,
-        "renew": lambda r: protocol.decode_renew(r, group="g"),
-        "snapshot": lambda r: protocol.decode_snapshot(r, group="g"),
-        "apply_policy": lambda r: protocol.decode_apply_policy("g", r),
+        "release": replies.decode_release,
+        "renew": lambda r: replies.decode_renew(r, group="g"),
+        "snapshot": lambda r: replies.decode_snapshot(r, group="g"),
+        "apply_policy": lambda r: replies.decode_apply_policy("g", r),
         # A list of acquire replies, one per request.
         "acquire_many": lambda r: [
-            protocol.decode_acquire(x, group="g", tenant="a", units=1, lease_id="x") for x in r
+            replies.decode_acquire(x, group="g", tenant="a", units=1, lease_id="x") for x in r
         ],
-        "release_many": lambda r: [protocol.decode_release(x) for x in r],
+        "release_many": lambda r: [replies.decode_release(x) for x in r],
     }
     for entry in golden:
         decode = decoders[entry["script"]]

@@ -238,8 +238,9 @@ def _play(conn: Any, history: list[tuple[Any, ...]]) -> Ledger:
         elif kind == "advance":
             model.now += step[1] if step[1] >= 0 else HOUR_MS - model.now % HOUR_MS
         elif kind == "release_many":
-            picked = [model.pick(i) for i in step[1]]
-            model.release_many([x for x in picked if x is not None])
+            picked = [x for x in (model.pick(i) for i in step[1]) if x is not None]
+            if picked:
+                model.release_many(picked)
         else:
             lease = model.pick(step[1])
             if lease is None:

@@ -26,11 +26,9 @@ from ratequota.engine.keys import KeySpace
 from ratequota.errors import BackendUnavailable, PolicyMissing
 from ratequota.policy import GroupPolicy, Policy, TenantPolicy
 from ratequota.testing import ManualClock
-from tests.conftest import _no_redis
-from tests.pods import Pod, Pods, make_pod
+from tests.bridge import Quotas, hold
+from tests.conftest import MakeClient, _no_redis
 from tests.servers import RedisServer, redis_server_binary
-
-__all__ = ["make_pod"]  # the fixture, imported for pytest
 
 WINDOW = 30.0
 POLICY = Policy(
@@ -45,7 +43,7 @@ POLICY = Policy(
 )
 
 
-def _lose_state(pods: Pods, *which: str) -> None:
+def _lose_state(pods: Quotas, *which: str) -> None:
     """Delete the group's state keys, as an eviction under allkeys-* would (policy kept)."""
     group = KeySpace().group("g")
     names = {"demand": group.demand, "exp": group.exp, "info": group.info, "queue": group.queue}
@@ -54,148 +52,149 @@ def _lose_state(pods: Pods, *which: str) -> None:
     conn.close()
 
 
-def _used(pod: Pod) -> int:
-    return int(pod.run(pod.client.snapshot("g")).used)
+def _used(pod: Any) -> int:
+    return int(pod.snapshot("g").used)
 
 
-def _hold_capacity(pod: Pod) -> tuple[Any, Any]:
-    a = pod.hold("a", 6, ttl=20.0)
-    b = pod.hold("b", 4, ttl=20.0)
+def _hold_capacity(pod: Any) -> tuple[Any, Any]:
+    a = hold(pod, "a", 6, ttl=20.0)
+    b = hold(pod, "b", 4, ttl=20.0)
     assert _used(pod) == 10
     return a, b
 
 
 @pytest.mark.parametrize("lost", [(), ("demand",), ("exp", "info")])
-def test_evicted_state_recovers_without_over_admission(make_pod: Pods, lost: tuple[str]) -> None:
+def test_evicted_state_recovers_without_over_admission(
+    make_quota: MakeClient, lost: tuple[str]
+) -> None:
     """The state keys (all, or only some: a partial eviction) vanish while 10 of 10 units are
     held. Before this fix the group admitted a full capacity on top (demand gone) or leaked.
     Now new work is refused until the last lease granted before the loss has certainly ended,
     the holders re-assert theirs by renewing, and the group serves afterwards."""
     clock = ManualClock()
-    pod = make_pod(POLICY, clock=clock)
+    pod = make_quota(POLICY, clock=clock, auto_renew=False)
     a, b = _hold_capacity(pod)
     busy_until = max(a.expires_at, b.expires_at)
-    _lose_state(make_pod, *lost)
+    _lose_state(make_quota, *lost)
     clock.advance(1)
-    refused = pod.run(pod.client.try_acquire("b", 1, ttl=5.0))
+    refused = pod.try_acquire("b", 1, ttl=5.0)
     assert (refused.admitted, refused.reason) == (False, "recovering")
     assert refused.retry_after == pytest.approx(busy_until - clock.redis_ms() / 1000)
-    snap = pod.run(pod.client.snapshot("g"))
+    snap = pod.snapshot("g")
     assert snap.recovering and snap.recovering_until == pytest.approx(busy_until)
     for lease in (a, b):
-        result = pod.run(lease.renew(10.0))
+        result = lease.renew(10.0)
         assert (result.renewed, result.reason) == (True, "reasserted")
     assert _used(pod) == 10
-    listed = {x.id: x for x in pod.run(pod.client.snapshot("g")).leases}
+    listed = {x.id: x for x in pod.snapshot("g").leases}
     assert listed[a.id].token == a.token and listed[b.id].token == b.token
-    assert pod.run(a.renew(25.0)).reason == "renewed"
+    assert a.renew(25.0).reason == "renewed"
     # Until the window ends nothing new gets in, even with units free.
-    assert pod.run(b.release()).state == "released"
-    assert pod.run(pod.client.try_acquire("b", 1, ttl=5.0)).reason == "recovering"
+    assert b.release().state == "released"
+    assert pod.try_acquire("b", 1, ttl=5.0).reason == "recovering"
     clock.advance(busy_until - clock.redis_ms() / 1000 - 1)
-    assert pod.run(a.renew(10.0)).reason == "renewed"  # a keeps its 6 units past the window
+    assert a.renew(10.0).reason == "renewed"  # a keeps its 6 units past the window
     clock.advance(1)
-    assert not pod.run(pod.client.snapshot("g")).recovering
-    later = pod.run(pod.client.try_acquire("b", 4, ttl=5.0))
+    assert not pod.snapshot("g").recovering
+    later = pod.try_acquire("b", 4, ttl=5.0)
     assert later.admitted and later.lease is not None
     assert later.lease.token > a.token
-    assert not pod.run(pod.client.try_acquire("b", 1, ttl=5.0)).admitted  # a's 6 + b's 4
+    assert not pod.try_acquire("b", 1, ttl=5.0).admitted  # a's 6 + b's 4
     assert _used(pod) == 10
 
 
-def test_only_live_leases_within_capacity_are_reasserted(make_pod: Pods) -> None:
+def test_only_live_leases_within_capacity_are_reasserted(make_quota: MakeClient) -> None:
     """A re-assertion is no blank cheque: a lease already expired by its own last known expiry
     is lost, and so is one that would push the group above its capacity."""
     clock = ManualClock()
-    pod = make_pod(POLICY, clock=clock)
+    pod = make_quota(POLICY, clock=clock, auto_renew=False)
     a, b = _hold_capacity(pod)
-    _lose_state(make_pod)
+    _lose_state(make_quota)
     clock.advance(2)
     expired = attrs.evolve(a.info, expires_at=clock.redis_ms() / 1000 - 0.001)
-    assert pod.run(pod.client.renew(expired, 5.0)).reason == "lost"
-    assert pod.run(b.renew(5.0)).reason == "reasserted"
+    assert pod.renew(expired, 5.0).reason == "lost"
+    assert b.renew(5.0).reason == "reasserted"
     # A made-up lease of 7 units would not fit next to b's 4.
     forged = LeaseInfo("made-up", "a", "g", 7, 1, clock.redis_ms() / 1000 + 5)
-    assert pod.run(pod.client.renew(forged, 5.0)).reason == "lost"
-    assert pod.run(a.renew(5.0)).reason == "reasserted"
+    assert pod.renew(forged, 5.0).reason == "lost"
+    assert a.renew(5.0).reason == "reasserted"
     assert _used(pod) == 10
 
 
-def test_flushall_pod_restores_policy_and_tokens_never_go_back(make_pod: Pods) -> None:
+def test_flushall_pod_restores_policy_and_tokens_never_go_back(make_quota: MakeClient) -> None:
     """Redis restarted empty (FLUSHALL): the pod that knew the policy restores it and the
     restore opens the recovery window (one max_lease_ttl: Redis forgot when the last lease
     ends). The holder's renewal itself restores the policy and re-asserts its lease; every
     token handed out afterwards is above every token handed out before."""
     clock = ManualClock()
-    pod = make_pod(POLICY, clock=clock)
-    a = pod.hold("a", 6, ttl=20.0)
-    conn = make_pod.conn()
+    pod = make_quota(POLICY, clock=clock, auto_renew=False)
+    a = hold(pod, "a", 6, ttl=20.0)
+    conn = make_quota.conn()
     conn.flushall()
     conn.close()
     clock.advance(1)
-    assert pod.run(a.renew(20.0)).reason == "reasserted"
-    refused = pod.run(pod.client.try_acquire("b", 4, ttl=5.0))
+    assert a.renew(20.0).reason == "reasserted"
+    refused = pod.try_acquire("b", 4, ttl=5.0)
     assert refused.reason == "recovering"
     assert refused.retry_after == pytest.approx(WINDOW)
     assert _used(pod) == 6
     for _ in range(3):  # the holder keeps renewing through the window
         clock.advance(9.5)
-        assert pod.run(a.renew(20.0)).reason == "renewed"
-    assert pod.run(pod.client.try_acquire("b", 4, ttl=5.0)).reason == "recovering"
+        assert a.renew(20.0).reason == "renewed"
+    assert pod.try_acquire("b", 4, ttl=5.0).reason == "recovering"
     clock.advance(WINDOW + 1 - 28.5)
-    fresh = pod.run(pod.client.try_acquire("b", 4, ttl=5.0))
+    fresh = pod.try_acquire("b", 4, ttl=5.0)
     assert fresh.admitted and fresh.lease is not None
     assert fresh.lease.token > a.token
-    assert not pod.run(pod.client.try_acquire("b", 1, ttl=5.0)).admitted
+    assert not pod.try_acquire("b", 1, ttl=5.0).admitted
     assert _used(pod) == 10
 
 
-def test_tokens_stay_above_the_old_ones_after_a_total_loss(make_pod: Pods) -> None:
+def test_tokens_stay_above_the_old_ones_after_a_total_loss(make_quota: MakeClient) -> None:
     """Item 7's second half: after FLUSHALL the fencing counter restarted at 1, the very tokens
     old holders carried. Tokens now have a floor of Redis time in ms x 1000."""
     clock = ManualClock()
-    pod = make_pod(POLICY, clock=clock)
+    pod = make_quota(POLICY, clock=clock, auto_renew=False)
     tokens = []
     for _ in range(3):
-        decision = pod.run(pod.client.try_acquire("a", 1, ttl=1.0))
+        decision = pod.try_acquire("a", 1, ttl=1.0)
         assert decision.lease is not None
         tokens.append(decision.lease.token)
-    conn = make_pod.conn()
+    conn = make_quota.conn()
     conn.flushall()
     conn.close()
     clock.advance(0.001)
-    pod.run(pod.client.try_acquire("a", 1, ttl=1.0))  # restores the policy: recovering
+    pod.try_acquire("a", 1, ttl=1.0)  # restores the policy: recovering
     clock.advance(WINDOW)
-    after = pod.run(pod.client.try_acquire("a", 1, ttl=1.0))
+    after = pod.try_acquire("a", 1, ttl=1.0)
     assert after.lease is not None
     assert after.lease.token > max(tokens)
     assert tokens == sorted(set(tokens))
 
 
-def test_the_background_renewer_restores_a_lost_policy(make_pod: Pods) -> None:
+def test_the_background_renewer_restores_a_lost_policy(make_quota: MakeClient) -> None:
     """The renewer's batched renewal meets ``no_policy`` after an empty restart: it goes
     through the renew flow, which restores the policy and re-asserts the lease."""
     clock = ManualClock()
-    pod = make_pod(POLICY, clock=clock)
-    a = pod.hold("a", 6, ttl=20.0)
-    conn = make_pod.conn()
+    pod = make_quota(POLICY, clock=clock, auto_renew=False)
+    a = hold(pod, "a", 6, ttl=20.0)
+    conn = make_quota.conn()
     conn.flushall()
     conn.close()
-    client = pod.client
-    (outcome,) = pod.run(client._run(renew_many(client.core, [a], client._node_of)))
+    (outcome,) = pod._run(renew_many(pod.core, [a], pod._node_of))
     assert outcome.reason == "reasserted"
     assert _used(pod) == 6
-    assert pod.run(client.try_acquire("b", 1, ttl=5.0)).reason == "recovering"
+    assert pod.try_acquire("b", 1, ttl=5.0).reason == "recovering"
 
 
-def test_explain_says_the_group_is_recovering(make_pod: Pods) -> None:
+def test_explain_says_the_group_is_recovering(make_quota: MakeClient) -> None:
     """``explain`` reports the recovery window: its verdict must not promise an admission the
     engine refuses."""
     clock = ManualClock()
-    pod = make_pod(POLICY, clock=clock)
-    pod.hold("a", 2, ttl=20.0)
-    _lose_state(make_pod)
-    explanation = pod.run(pod.client.explain("b", 1))
+    pod = make_quota(POLICY, clock=clock, auto_renew=False)
+    hold(pod, "a", 2, ttl=20.0)
+    _lose_state(make_quota)
+    explanation = pod.explain("b", 1)
     assert explanation.admitted is False
     assert explanation.recovering_until > 0
     assert "would be refused (recovering)" in explanation.describe()
@@ -223,30 +222,30 @@ def test_restart_without_persistence_recovers_on_both_clients(own_server: RedisS
     work is admitted once the window has passed. The clock is pinned at the real time, so the
     token floor is Redis-time-like."""
     clock = ManualClock(start_ms=int(time.time() * 1000))
-    pods = Pods("sync", own_server)
-    apods = Pods("async", own_server)
+    pods = Quotas("sync", own_server)
+    apods = Quotas("async", own_server)
     try:
-        sync_pod = pods(POLICY, clock=clock, breaker_reset=0.2)
-        async_pod = apods(clock=clock, breaker_reset=0.2)
-        a = sync_pod.hold("a", 6, ttl=20.0)
-        b = async_pod.hold("b", 4, ttl=20.0)
+        sync_pod = pods(POLICY, clock=clock, breaker_reset=0.2, auto_renew=False)
+        async_pod = apods(clock=clock, breaker_reset=0.2, auto_renew=False)
+        a = hold(sync_pod, "a", 6, ttl=20.0)
+        b = hold(async_pod, "b", 4, ttl=20.0)
         own_server.kill()
         own_server.start()  # same port, empty
         for pod in (sync_pod, async_pod):
             # The first call on a pooled connection meets the closed socket (as a renewer's
             # would, and retries): reconnect once.
             with pytest.raises((BackendUnavailable, PolicyMissing)):
-                pod.run(pod.client.snapshot("g"))
+                pod.snapshot("g")
         clock.advance(0.3)  # past breaker_reset, should a breaker have opened
-        assert async_pod.run(b.renew(20.0)).reason == "reasserted"
-        assert sync_pod.run(a.renew(20.0)).reason == "reasserted"
+        assert b.renew(20.0).reason == "reasserted"
+        assert a.renew(20.0).reason == "reasserted"
         for pod in (sync_pod, async_pod):
-            assert pod.run(pod.client.try_acquire("b", 1, ttl=5.0)).reason == "recovering"
+            assert pod.try_acquire("b", 1, ttl=5.0).reason == "recovering"
             assert _used(pod) == 10
         clock.advance(WINDOW)
-        for lease, pod in ((a, sync_pod), (b, async_pod)):
-            assert pod.run(lease.release()).state in ("expired", "unknown")
-        fresh = async_pod.run(async_pod.client.try_acquire("a", 10, ttl=5.0))
+        for lease in (a, b):  # a held through the sync pod, b through the async one
+            assert lease.release().state in ("expired", "unknown")
+        fresh = async_pod.try_acquire("a", 10, ttl=5.0)
         assert fresh.admitted and fresh.lease is not None
         assert fresh.lease.token > max(a.token, b.token)
         assert _used(sync_pod) == 10

@@ -14,7 +14,8 @@ from typing import Any
 
 import pytest
 
-from ratequota.clients.aio import AsyncQuotaClient, async_embedded_backend
+from ratequota.clients.aio import AsyncQuotaClient
+from ratequota.clients.async_backends import async_embedded_backend
 from ratequota.decision import Decision
 from ratequota.errors import AcquireTimeout
 from ratequota.policy import GroupPolicy, Policy, TenantPolicy

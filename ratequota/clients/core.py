@@ -38,15 +38,12 @@ from ratequota.clients.settings import FIRST_PAUSE, LAST_PAUSE, Settings
 from ratequota.clock import Clock, SystemClock
 from ratequota.decision import Decision, GroupSnapshot, LeaseInfo, ReleaseResult, RenewResult
 from ratequota.engine.ops import Flow, ScriptCall, Sleep
-from ratequota.engine.protocol import (
-    acquire_call,
+from ratequota.engine.protocol import acquire_call, release_call, renew_call, snapshot_call
+from ratequota.engine.replies import (
     decode_acquire,
     decode_release,
     decode_renew,
     decode_snapshot,
-    release_call,
-    renew_call,
-    snapshot_call,
 )
 from ratequota.errors import (
     AcquireTimeout,

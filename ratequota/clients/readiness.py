@@ -2,7 +2,8 @@
 
 Two halves, kept apart on purpose:
 
-- ``gather`` (thin I/O): asks every shard (every cluster primary) a few
+- the probes (``ratequota.clients.probes``, written once without I/O, run
+  by either client): ask every shard (every cluster primary) a few
   questions — PING and its round trip, ``INFO`` (server version,
   ``maxmemory_policy``), ``SCRIPT EXISTS`` for every script (loading any that
   are missing, as the client would on NOSCRIPT), a tiny script calling
@@ -13,7 +14,7 @@ Two halves, kept apart on purpose:
   ``ShardReport`` per shard with its problems (the pod must not take
   traffic) and warnings (it may, but an operator should look), and an
   overall ``ready`` flag. Being pure, every verdict is unit-tested without
-  Redis, and the async client can reuse it with its own gathering.
+  Redis.
 
 What makes a shard not ready: unreachable; scripts that cannot be loaded
 (an ACL without ``SCRIPT``/``EVALSHA``); ``TIME`` refused inside scripts; a
@@ -28,34 +29,24 @@ wait out a recovery window), and a slow round trip.
 
 from __future__ import annotations
 
-import time
-from collections.abc import Awaitable, Callable, Generator, Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import attrs
 
-from ratequota.engine.keys import SCHEMA_VERSION, KeySpace
-from ratequota.engine.scripts import load_scripts
-from ratequota.errors import RateQuotaError
+from ratequota.engine.keys import SCHEMA_VERSION
 
 __all__ = [
     "GroupFacts",
     "ReadinessReport",
     "ShardFacts",
     "ShardReport",
-    "agather",
-    "aread_catalog",
+    "as_text",
     "conclude",
     "evaluate",
-    "gather",
     "persistence_of",
-    "read_catalog",
     "served_groups",
 ]
-
-#: The script the check runs to prove ``TIME`` may be called from Lua.
-TIME_SCRIPT = "return redis.call('TIME')"
 
 
 @attrs.frozen
@@ -178,7 +169,8 @@ def served_groups(catalog: Any, groups: Iterable[str] | None) -> list[str]:
     return [g.name for g in catalog.groups]
 
 
-def _text(value: Any) -> str:
+def as_text(value: Any) -> str:
+    """A reply value as text (bytes decoded, invalid UTF-8 replaced)."""
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
@@ -190,7 +182,7 @@ def persistence_of(facts: ShardFacts) -> str:
     refuse: then RDB is unknown, and so is the answer unless AOF is on.
     """
     aof_flag = facts.info.get("aof_enabled")
-    aof = None if aof_flag is None else _text(aof_flag) == "1"
+    aof = None if aof_flag is None else as_text(aof_flag) == "1"
     rdb = None if facts.save_points is None else bool(facts.save_points.strip())
     if aof and rdb:
         return "aof+rdb"
@@ -256,8 +248,8 @@ def _evaluate_shard(facts: ShardFacts, schema: int, slow_after: float) -> ShardR
     if facts.latency is not None and facts.latency > slow_after:
         warnings.append(f"{name}: round trip {latency_ms:.0f}ms is slow")
 
-    version = _text(facts.info.get("redis_version", "unknown"))
-    policy = _text(facts.info.get("maxmemory_policy", "unknown"))
+    version = as_text(facts.info.get("redis_version", "unknown"))
+    policy = as_text(facts.info.get("maxmemory_policy", "unknown"))
     if policy.startswith("allkeys-"):
         warnings.append(
             f"{name}: maxmemory-policy {policy} may evict any limiter key, published policies "
@@ -300,9 +292,9 @@ def _evaluate_shard(facts: ShardFacts, schema: int, slow_after: float) -> ShardR
             missing_groups.append(group.group)
         elif group.schema is None:
             missing_groups.append(group.group)
-        elif int(_text(group.schema)) > schema:
+        elif int(as_text(group.schema)) > schema:
             problems.append(
-                f"{name}: group {group.group!r} was written by key schema {_text(group.schema)}, "
+                f"{name}: group {group.group!r} was written by key schema {as_text(group.schema)}, "
                 f"this ratequota supports {schema}: upgrade this pod"
             )
             missing_groups.append(group.group)
@@ -366,9 +358,6 @@ def evaluate(
     return ReadinessReport(reports, tuple(general + problems), tuple(warnings), ready)
 
 
-# -- gathering (thin I/O) -------------------------------------------------------
-
-
 def conclude(
     facts: Sequence[ShardFacts],
     catalog: Any,
@@ -385,225 +374,3 @@ def conclude(
         slow_after=socket_timeout / 4,
         allow_degraded=allow_degraded,
     )
-
-
-def _error(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"
-
-
-#: One command of a probe, as ``execute_command`` arguments.
-Probe = Generator[tuple[Any, ...], Any, ShardFacts]
-
-
-def _probe(name: str, groups: Sequence[str], keyspace: KeySpace, holds_catalog: bool) -> Probe:
-    """Ask one shard everything, as a generator of commands (both clients drive it).
-
-    Each ``yield`` is one command for this shard; the driver sends back its reply or
-    throws its exception in. ``groups`` are the groups this shard serves.
-    """
-    started = time.perf_counter()
-    try:
-        yield ("PING",)
-    except Exception as exc:  # any failure means unreachable; reported, never raised
-        return ShardFacts(
-            name,
-            error=_error(exc),
-            groups=tuple(GroupFacts(g) for g in groups),
-            holds_catalog=holds_catalog,
-        )
-    latency = time.perf_counter() - started
-
-    info: dict[str, Any] = {}
-    info_error = None
-    try:
-        for section in ("server", "memory", "persistence"):
-            info.update((yield ("INFO", section)))
-    except Exception as exc:  # INFO may be renamed or refused; not fatal
-        info_error = _error(exc)
-
-    save_points: str | None = None
-    try:  # often refused (ACL, managed services): persistence is then partly unknown
-        reply = yield ("CONFIG GET", "save")
-        if not isinstance(reply, dict):  # a flat [name, value] list
-            reply = dict(zip(reply[::2], reply[1::2], strict=True))
-        save_points = _text(next(iter(reply.values()), ""))
-    except Exception:
-        save_points = None
-
-    specs = load_scripts()
-    scripts: dict[str, bool] = {}
-    reloaded: list[str] = []
-    script_error = None
-    try:
-        exists = yield ("SCRIPT EXISTS", *(s.sha for s in specs.values()))
-        for (script_name, spec), ok in zip(specs.items(), exists, strict=True):
-            if not ok:
-                yield ("SCRIPT LOAD", spec.source)  # as the client would after NOSCRIPT
-                reloaded.append(script_name)
-        exists = yield ("SCRIPT EXISTS", *(s.sha for s in specs.values()))
-        scripts = {n: bool(ok) for n, ok in zip(specs, exists, strict=True)}
-    except Exception as exc:
-        script_error = _error(exc)
-
-    time_reply, time_error = None, None
-    try:
-        time_reply = yield ("EVAL", TIME_SCRIPT, 0)
-    except Exception as exc:
-        time_error = _error(exc)
-
-    facts: list[GroupFacts] = []
-    for group in groups:
-        try:
-            reply = yield ("HMGET", keyspace.group(group).policy, "schema", "version")
-        except Exception as exc:
-            facts.append(GroupFacts(group, error=_error(exc)))
-        else:
-            facts.append(GroupFacts(group, reply[0], reply[1]))
-    return ShardFacts(
-        name,
-        None,
-        latency,
-        info,
-        info_error,
-        scripts,
-        tuple(reloaded),
-        script_error,
-        time_reply,
-        time_error,
-        tuple(facts),
-        holds_catalog,
-        save_points,
-    )
-
-
-class _Stepper:
-    """Where a probe stands: the command it waits on (``args``), or its ``result``."""
-
-    def __init__(self, probe: Probe) -> None:
-        self._probe = probe
-        self.result: ShardFacts | None = None
-        self.args: tuple[Any, ...] | None = None
-        self.feed(None, None)
-
-    def feed(self, reply: Any, error: BaseException | None) -> None:
-        """The reply to ``args`` (or the exception it raised); moves to the next command."""
-        try:
-            self.args = self._probe.send(reply) if error is None else self._probe.throw(error)
-        except StopIteration as stop:
-            self.args, self.result = None, stop.value
-
-
-def _drive(probe: Probe, call: Callable[..., Any]) -> ShardFacts:
-    """Run a probe with a blocking ``call(*args)``."""
-    step = _Stepper(probe)
-    while step.args is not None:
-        try:
-            reply = call(*step.args)
-        except Exception as exc:  # handed to the probe, which reports it
-            step.feed(None, exc)
-        else:
-            step.feed(reply, None)
-    assert step.result is not None
-    return step.result
-
-
-async def _adrive(probe: Probe, call: Callable[..., Awaitable[Any]]) -> ShardFacts:
-    """Run a probe with an awaitable ``call(*args)``."""
-    step = _Stepper(probe)
-    while step.args is not None:
-        try:
-            reply = await call(*step.args)
-        except Exception as exc:  # handed to the probe, which reports it
-            step.feed(None, exc)
-        else:
-            step.feed(reply, None)
-    assert step.result is not None
-    return step.result
-
-
-def gather(backend: Any, keyspace: KeySpace, groups: Sequence[str]) -> list[ShardFacts]:
-    """Facts from every shard of ``backend`` (in parallel: one slow shard costs one timeout)."""
-    if hasattr(backend, "nodes") and hasattr(backend, "node_of"):
-        nodes: list[tuple[str, Any]] = list(backend.nodes())
-        node_of = backend.node_of
-    else:  # a custom backend knowing only its connections: one "shard" per connection
-        nodes = [(f"redis-{i}", c) for i, c in enumerate(backend.connections())]
-        conns = {id(c): name for name, c in nodes}
-        node_of = lambda route: conns[id(backend.connection(route))]  # noqa: E731
-    catalog_node = node_of(keyspace.catalog_route)
-    by_node = _groups_by_node([name for name, _ in nodes], node_of, groups)
-    with ThreadPoolExecutor(max_workers=max(1, len(nodes))) as pool:
-        futures = [
-            pool.submit(
-                _drive,
-                _probe(name, by_node[name], keyspace, name == catalog_node),
-                conn.execute_command,
-            )
-            for name, conn in nodes
-        ]
-        return [f.result() for f in futures]
-
-
-def _groups_by_node(
-    names: Sequence[str], node_of: Callable[[str], str], groups: Sequence[str]
-) -> dict[str, list[str]]:
-    by_node: dict[str, list[str]] = {name: [] for name in names}
-    for group in groups:
-        by_node.setdefault(node_of(group), []).append(group)
-    return by_node
-
-
-async def agather(backend: Any, keyspace: KeySpace, groups: Sequence[str]) -> list[ShardFacts]:
-    """``gather`` for the async client's backends (shards concurrently)."""
-    import asyncio
-
-    cluster = getattr(backend, "cluster", None)
-    nodes: list[tuple[str, Any]]
-    if cluster is not None:  # a Redis Cluster: one entry per primary, commands aimed at it
-        await cluster.initialize()
-
-        def aimed(node: Any) -> Any:
-            return lambda *args: cluster.execute_command(*args, target_nodes=node)
-
-        nodes = [(node.name, aimed(node)) for node in cluster.get_primaries()]
-    else:
-        conns = list(backend.connections())
-        routing = getattr(backend, "routing", None)  # shards: ids in the order of connections
-        names = [backend.description] if routing is None else list(routing.shard_ids)
-        nodes = [(n, c.execute_command) for n, c in zip(names, conns, strict=True)]
-    catalog_node = backend.node_of(keyspace.catalog_route)
-    by_node = _groups_by_node([name for name, _ in nodes], backend.node_of, groups)
-    return list(
-        await asyncio.gather(
-            *(
-                _adrive(_probe(name, by_node[name], keyspace, name == catalog_node), call)
-                for name, call in nodes
-            )
-        )
-    )
-
-
-def read_catalog(backend: Any, keyspace: KeySpace) -> tuple[Any, str | None]:
-    """(published policy or None, error text or None) from the catalog's shard."""
-    from ratequota.clients.router import parse_catalog
-
-    try:
-        raw = backend.connection(keyspace.catalog_route).get(keyspace.catalog)
-        return parse_catalog(raw), None
-    except RateQuotaError as exc:
-        return None, str(exc)
-    except Exception as exc:  # unreachable, refused by ACL, ...: reported, never raised
-        return None, _error(exc)
-
-
-async def aread_catalog(backend: Any, keyspace: KeySpace) -> tuple[Any, str | None]:
-    """``read_catalog`` for the async client's backends."""
-    from ratequota.clients.router import parse_catalog
-
-    try:
-        raw = await backend.connection(keyspace.catalog_route).get(keyspace.catalog)
-        return parse_catalog(raw), None
-    except RateQuotaError as exc:
-        return None, str(exc)
-    except Exception as exc:
-        return None, _error(exc)

@@ -29,7 +29,7 @@ from ratequota.clients.core import QuotaCore
 from ratequota.clients.shell import LeaseBase
 from ratequota.decision import RenewResult
 from ratequota.engine.ops import Batch
-from ratequota.engine.protocol import decode_renew
+from ratequota.engine.replies import decode_renew
 from ratequota.errors import PolicyMissing, RateQuotaError
 from ratequota.observe import LostCause
 

@@ -1,4 +1,4 @@
-"""The arguments of a client call, validated before any I/O.
+"""The arguments of a client call, validated before any I/O, and the options' types.
 
 A bad argument fails here with a ``ratequota`` error naming the field, never
 half-way through a flow (and never as a Redis error).
@@ -6,7 +6,10 @@ half-way through a flow (and never as a Redis error).
 
 from __future__ import annotations
 
+import inspect
 import os
+from collections.abc import Callable
+from typing import Any, TypedDict
 
 import attrs
 
@@ -16,9 +19,15 @@ from ratequota.errors import InvalidRequest, InvalidType
 from ratequota.policy import MAX_LEASE_TTL_LIMIT, MAX_UNITS
 
 __all__ = [
+    "AcquireOptions",
     "AcquireRequest",
+    "TenantSpec",
+    "TryOptions",
+    "UnitsSpec",
+    "WaitOptions",
     "acquire_request",
     "check_lease",
+    "handler_arguments",
     "lease_ttl_ms",
     "new_request_id",
     "validate_request_id",
@@ -130,3 +139,74 @@ def acquire_request(
         ttl_ms=lease_ttl_ms(settings, ttl),
         timeout=wait_seconds(settings, timeout),
     )
+
+
+#: What the ``limit`` decorator reads the tenant and the units from.
+TenantSpec = Callable[..., str] | str
+UnitsSpec = Callable[..., int] | str | int
+
+
+class WaitOptions(TypedDict, total=False):
+    """Keyword options of ``acquire`` and ``limit`` in both clients.
+
+    ``group``: charge this group instead of the tenant's routed one; ``ttl``:
+    lease lifetime in seconds (default ``Settings.lease_ttl``); ``timeout``:
+    how long to wait (default ``Settings.timeout``; 0 never waits).
+    """
+
+    group: str | None
+    ttl: float | None
+    timeout: float | None
+
+
+class TryOptions(TypedDict, total=False):
+    """Keyword options of ``try_acquire``: ``group`` and ``ttl`` as for ``acquire``,
+    ``request_id`` to make a retried call idempotent (the lease id)."""
+
+    group: str | None
+    ttl: float | None
+    request_id: str | None
+
+
+class AcquireOptions(WaitOptions, total=False):
+    """Keyword options of ``acquire``: ``WaitOptions`` plus ``request_id``."""
+
+    request_id: str | None
+
+
+def handler_arguments(
+    handler: Callable[..., Any], tenant: object, units: object
+) -> Callable[..., tuple[Any, Any]]:
+    """How the ``limit`` decorator reads (tenant, units) from one call of ``handler``.
+
+    Each spec is a callable receiving the handler's arguments, the name of one
+    of its parameters, or (for ``units``) a constant. A string that names no
+    parameter is an error at decoration time, never a tenant of that name: a
+    misspelt ``tenant="tenat"`` would otherwise charge a tenant called "tenat".
+    A fixed tenant is a callable (``tenant=lambda *a, **k: "acme"``).
+    """
+    signature = inspect.signature(handler)
+    get_tenant = _argument_getter(tenant, "tenant", signature)
+    get_units = _argument_getter(units, "units", signature)
+    return lambda *a, **k: (get_tenant(*a, **k), get_units(*a, **k))
+
+
+def _argument_getter(spec: object, name: str, signature: inspect.Signature) -> Callable[..., Any]:
+    if callable(spec):
+        return spec
+    if isinstance(spec, str):
+        if spec not in signature.parameters:
+            known = ", ".join(signature.parameters) or "none"
+            raise InvalidRequest(
+                name,
+                f"{spec!r} names no parameter of the handler (its parameters: {known}); "
+                f"for a fixed {name}, pass a callable such as lambda *args, **kwargs: {spec!r}",
+            )
+
+        def from_parameter(*args: Any, **kwargs: Any) -> Any:
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            return bound.arguments[spec]
+
+        return from_parameter
+    return lambda *a, **k: spec

@@ -36,7 +36,8 @@ from ratequota.clients.settings import Settings
 from ratequota.clock import Clock
 from ratequota.engine.keys import KeySpace
 from ratequota.engine.ops import Command, Compute, Flow, Spawn
-from ratequota.engine.protocol import apply_policy_call, decode_apply_policy
+from ratequota.engine.protocol import apply_policy_call
+from ratequota.engine.replies import decode_apply_policy
 from ratequota.errors import (
     BackendUnavailable,
     ConfigError,

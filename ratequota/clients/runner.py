@@ -1,8 +1,8 @@
 """``Runner``: steps one flow, the one place between a flow's ops and a client's I/O.
 
-It applies the per-shard circuit breaker before each wire op, the NOSCRIPT
-rule (load the script and retry exactly once: the script certainly did not
-run), merges a pipelined batch's partial replies, and translates redis-py
+It applies the per-shard circuit breaker before each wire op, runs script
+calls and batches through the one script exchange (``clients.scripting``:
+NOSCRIPT loads the script and retries exactly once), and translates redis-py
 errors into ``ratequota`` errors thrown back into the flow. The op types it
 steps are in ``ratequota.engine.ops``.
 """
@@ -10,12 +10,13 @@ steps are in ``ratequota.engine.ops``.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Generator
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar, cast
 
 import redis
 
 from ratequota.clients.backends import is_noscript, translate_error
 from ratequota.clients.failure import Breakers
+from ratequota.clients.scripting import Exchange, Load, Send, exchange
 from ratequota.engine.ops import LOCAL_OPS, Batch, LoadScript, ScriptCall, call_name
 from ratequota.errors import BackendUnavailable, RateQuotaError
 from ratequota.observe import Observer
@@ -59,9 +60,9 @@ class Runner(Generic[T]):
         self._clock = clock
         self.op: Any = None
         self._result: Any = None
-        self._reloaded = False
-        self._partial: list[Any] | None = None
-        self._missing: list[int] = []
+        #: The script exchange of the flow's current ScriptCall or Batch (``clients.scripting``).
+        self._exchange: Exchange | None = None
+        self._single = False
         self._advance(None, None)
 
     def step(self, perform: Callable[[Any], Any]) -> None:
@@ -114,12 +115,46 @@ class Runner(Generic[T]):
                 self.op, self._result = None, stop.value
                 return
             value = error = None
-            self._reloaded, self._partial = False, None
+            self._exchange = None
             if not isinstance(op, LOCAL_OPS):
                 error = self._breakers.refuse(self._node_of(op.route), self._where)
             if error is None:
-                self.op = op
+                self._start(op)
                 return
+
+    def _start(self, op: Any) -> None:
+        """Perform ``op`` next; a script call (or a batch of them) goes through an exchange."""
+        if not isinstance(op, (ScriptCall, Batch)):
+            self.op = op
+            return
+        self._single = isinstance(op, ScriptCall)
+        self._route = op.route
+        self._exchange = exchange((op,) if isinstance(op, ScriptCall) else op.calls)
+        self._request(next(self._exchange))
+
+    def _request(self, request: Send | Load) -> None:
+        """The op performing the exchange's ``request``."""
+        if isinstance(request, Load):
+            self.op = LoadScript(self._route, request.source)
+        elif self._single:
+            self.op = request.calls[0]
+        else:
+            self.op = Batch(self._route, cast(tuple[ScriptCall, ...], request.calls))
+
+    def _resume(self, reply: Any) -> None:
+        """Feed the exchange; when it is done, hand its replies to the flow."""
+        assert self._exchange is not None
+        try:
+            self._request(self._exchange.send(reply))
+        except StopIteration as stop:
+            replies: list[Any] = stop.value
+            self._exchange = None
+            if not self._single:
+                self._advance(replies, None)
+            elif isinstance(replies[0], BaseException):
+                self._fail(replies[0])  # NOSCRIPT again after loading: an error like any other
+            else:
+                self._advance(replies[0], None)
 
     def send(self, value: Any) -> None:
         """``op`` succeeded with ``value``."""
@@ -128,40 +163,26 @@ class Runner(Generic[T]):
             self._advance(value, None)
             return
         self._breakers.record(self._node_of(op.route), True)
-        if isinstance(op, LoadScript):
-            self.op = op.then
-            return
-        if isinstance(op, Batch):
-            value = self._batch_reply(op, list(value))
-            if value is None:
-                return
-        self._advance(value, None)
-
-    def _batch_reply(self, op: Batch, replies: list[Any]) -> list[Any] | None:
-        """Merge a batch's replies; on NOSCRIPT load once and re-send only those calls."""
-        if self._partial is not None:
-            merged = self._partial
-            for index, reply in zip(self._missing, replies, strict=True):
-                merged[index] = reply
-            return merged
-        missing = [i for i, r in enumerate(replies) if is_noscript(r)]
-        if not missing:
-            return replies
-        self._partial, self._missing = replies, missing
-        retry: Batch | LoadScript = Batch(op.route, tuple(op.calls[i] for i in missing))
-        for source in {op.calls[i].script.source for i in missing}:
-            retry = LoadScript(op.route, source, retry)
-        self.op = retry
-        return None
+        if self._exchange is None:
+            self._advance(value, None)
+        elif isinstance(op, ScriptCall):
+            self._resume([value])
+        elif isinstance(op, Batch):
+            self._resume(list(value))
+        else:
+            self._resume(value)
 
     def throw(self, exc: BaseException) -> None:
         """``op`` raised ``exc``; anything not from Redis is re-raised (a bug, not an outage)."""
-        op = self.op
-        if isinstance(op, ScriptCall) and is_noscript(exc) and not self._reloaded:
-            # Restart, failover or SCRIPT FLUSH: load and retry exactly once.
-            self._reloaded = True
-            self.op = LoadScript(op.route, op.script.source, op)
+        if self._exchange is not None and isinstance(self.op, ScriptCall) and is_noscript(exc):
+            # Restart, failover or SCRIPT FLUSH: the exchange loads it and retries exactly once.
+            self._resume([exc])
             return
+        self._fail(exc)
+
+    def _fail(self, exc: BaseException) -> None:
+        op = self.op
+        self._exchange = None
         if isinstance(exc, RateQuotaError):
             error: RateQuotaError = exc
         elif isinstance(exc, REDIS_ERRORS):

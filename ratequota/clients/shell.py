@@ -6,7 +6,6 @@ they have in common lives here, once:
 
 - ``LeaseBase``: a held lease's bookkeeping (renewal results, loss, release).
 - ``AcquisitionBase``: the bookkeeping of ``acquire``'s context manager.
-- ``handler_arguments``: how the ``limit`` decorator reads tenant and units.
 - ``ClientBase``: construction and the topology constructors.
 
 No lock is taken here; ``Breakers`` guard their few integers themselves.
@@ -14,13 +13,14 @@ No lock is taken here; ``Breakers`` guard their few integers themselves.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Generator, Iterable
-from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypedDict, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
 import attrs
 
+from ratequota.clients import probes
 from ratequota.clients.core import QuotaCore
+from ratequota.clients.readiness import ReadinessReport
 from ratequota.clients.requests import AcquireRequest
 from ratequota.clients.runner import Runner
 from ratequota.clients.settings import Settings
@@ -29,7 +29,6 @@ from ratequota.decision import LeaseInfo, ReleaseResult, RenewResult
 from ratequota.errors import (
     BackendError,
     BackendUnavailable,
-    InvalidRequest,
     InvalidType,
     RateQuotaError,
 )
@@ -37,15 +36,9 @@ from ratequota.observe import LostCause, Observer
 
 __all__ = [
     "RELEASE_ERRORS",
-    "AcquireOptions",
     "AcquisitionBase",
     "ClientBase",
     "LeaseBase",
-    "TenantSpec",
-    "TryOptions",
-    "UnitsSpec",
-    "WaitOptions",
-    "handler_arguments",
     "make_core",
     "node_lookup",
 ]
@@ -58,39 +51,6 @@ T = TypeVar("T")
 #: Errors a release on leaving ``acquire`` absorbs: Redis could not do it (unreachable,
 #: out of memory, an ACL or script error). Anything else is a bug and propagates.
 RELEASE_ERRORS: tuple[type[RateQuotaError], ...] = (BackendUnavailable, BackendError)
-
-
-#: What the ``limit`` decorator reads the tenant and the units from.
-TenantSpec = Callable[..., str] | str
-UnitsSpec = Callable[..., int] | str | int
-
-
-class WaitOptions(TypedDict, total=False):
-    """Keyword options of ``acquire`` and ``limit`` in both clients.
-
-    ``group``: charge this group instead of the tenant's routed one; ``ttl``:
-    lease lifetime in seconds (default ``Settings.lease_ttl``); ``timeout``:
-    how long to wait (default ``Settings.timeout``; 0 never waits).
-    """
-
-    group: str | None
-    ttl: float | None
-    timeout: float | None
-
-
-class TryOptions(TypedDict, total=False):
-    """Keyword options of ``try_acquire``: ``group`` and ``ttl`` as for ``acquire``,
-    ``request_id`` to make a retried call idempotent (the lease id)."""
-
-    group: str | None
-    ttl: float | None
-    request_id: str | None
-
-
-class AcquireOptions(WaitOptions, total=False):
-    """Keyword options of ``acquire``: ``WaitOptions`` plus ``request_id``."""
-
-    request_id: str | None
 
 
 def make_core(
@@ -244,44 +204,6 @@ class AcquisitionBase(Generic[L]):
         self._client.core.failure.release_failed(lease.info, error)
 
 
-def handler_arguments(
-    handler: Callable[..., Any], tenant: object, units: object
-) -> Callable[..., tuple[Any, Any]]:
-    """How the ``limit`` decorator reads (tenant, units) from one call of ``handler``.
-
-    Each spec is a callable receiving the handler's arguments, the name of one
-    of its parameters, or (for ``units``) a constant. A string that names no
-    parameter is an error at decoration time, never a tenant of that name: a
-    misspelt ``tenant="tenat"`` would otherwise charge a tenant called "tenat".
-    A fixed tenant is a callable (``tenant=lambda *a, **k: "acme"``).
-    """
-    signature = inspect.signature(handler)
-    get_tenant = _argument_getter(tenant, "tenant", signature)
-    get_units = _argument_getter(units, "units", signature)
-    return lambda *a, **k: (get_tenant(*a, **k), get_units(*a, **k))
-
-
-def _argument_getter(spec: object, name: str, signature: inspect.Signature) -> Callable[..., Any]:
-    if callable(spec):
-        return spec
-    if isinstance(spec, str):
-        if spec not in signature.parameters:
-            known = ", ".join(signature.parameters) or "none"
-            raise InvalidRequest(
-                name,
-                f"{spec!r} names no parameter of the handler (its parameters: {known}); "
-                f"for a fixed {name}, pass a callable such as lambda *args, **kwargs: {spec!r}",
-            )
-
-        def from_parameter(*args: Any, **kwargs: Any) -> Any:
-            bound = signature.bind(*args, **kwargs)
-            bound.apply_defaults()
-            return bound.arguments[spec]
-
-        return from_parameter
-    return lambda *a, **k: spec
-
-
 def node_lookup(backend: object) -> Callable[[str], object]:
     """The shard key of a route, for per-shard breakers (one key if the backend has one shard)."""
     node_of = getattr(backend, "node_of", None)
@@ -346,6 +268,29 @@ class ClientBase:
             self._where,
             observer=core.observer,
             clock=core.clock.monotonic,
+        )
+
+    def _load_rounds(self, strict: bool) -> probes.Rounds[None]:
+        """``load_scripts`` of either client, as rounds its driver runs."""
+        return probes.load_everywhere(self.backend.connections(), self._where, strict=strict)
+
+    def _check_rounds(
+        self,
+        nodes: list[tuple[str, Callable[..., Any]]],
+        node_of: Callable[[str], str],
+        groups: Iterable[str] | None,
+        allow_degraded: bool,
+    ) -> probes.Rounds[ReadinessReport]:
+        """``check()`` of either client, as rounds its driver runs."""
+        keyspace = self.core.keyspace
+        return probes.check(
+            nodes,
+            node_of,
+            self.backend.connection(keyspace.catalog_route).execute_command,
+            keyspace,
+            groups,
+            socket_timeout=self.core.settings.socket_timeout,
+            allow_degraded=allow_degraded,
         )
 
     @classmethod

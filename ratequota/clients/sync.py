@@ -22,31 +22,28 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 import attrs
 import redis
 
+from ratequota.clients import probes
 from ratequota.clients.backends import (
     Backend,
     ClusterBackend,
     ShardedBackend,
     embedded_backend,
-    translate_error,
     url_backend,
 )
 from ratequota.clients.explain import Explanation, explain_flow
 from ratequota.clients.failure import FailureStats, log
 from ratequota.clients.readiness import ReadinessReport
 from ratequota.clients.renewal import ThreadRenewer
-from ratequota.clients.requests import AcquireRequest
-from ratequota.clients.shell import (
-    RELEASE_ERRORS,
+from ratequota.clients.requests import (
     AcquireOptions,
-    AcquisitionBase,
-    ClientBase,
-    LeaseBase,
+    AcquireRequest,
     TenantSpec,
     TryOptions,
     UnitsSpec,
     WaitOptions,
     handler_arguments,
 )
+from ratequota.clients.shell import RELEASE_ERRORS, AcquisitionBase, ClientBase, LeaseBase
 from ratequota.clients.usage import When, usage_flow
 from ratequota.decision import (
     Decision,
@@ -57,7 +54,6 @@ from ratequota.decision import (
     UsageRow,
 )
 from ratequota.engine.ops import Batch, Compute, Flow, Sleep, Spawn, pipeline_args, wire_call
-from ratequota.engine.scripts import load_scripts
 from ratequota.errors import InvalidType
 from ratequota.policy import Policy
 
@@ -222,13 +218,7 @@ class QuotaClient(ClientBase):
         At start-up a server that is down is not fatal: the first call after
         it comes back loads the scripts through the NOSCRIPT path.
         """
-        for conn in self.backend.connections():
-            try:
-                for spec in load_scripts().values():
-                    conn.script_load(spec.source)
-            except redis.exceptions.RedisError as exc:
-                if strict:
-                    raise translate_error(exc, "redis") from exc
+        probes.run(self._load_rounds(strict))
 
     def check(
         self, groups: Iterable[str] | None = None, *, allow_degraded: bool = False
@@ -239,19 +229,8 @@ class QuotaClient(ClientBase):
         group). Missing scripts are loaded on the way, as a NOSCRIPT would.
         Never raises for an unreachable shard: that is reported.
         """
-        from ratequota.clients import readiness
-
-        keyspace = self.core.keyspace
-        catalog, error = readiness.read_catalog(self.backend, keyspace)
-        served = readiness.served_groups(catalog, groups)
-        facts = readiness.gather(self.backend, keyspace, served)
-        return readiness.conclude(
-            facts,
-            catalog,
-            error,
-            socket_timeout=self.core.settings.socket_timeout,
-            allow_degraded=allow_degraded,
-        )
+        nodes, node_of = probes.targets(self.backend)
+        return probes.run(self._check_rounds(nodes, node_of, groups, allow_degraded))
 
     # -- policy ------------------------------------------------------------
 

@@ -11,12 +11,12 @@ encoders build ``ScriptCall``s; the one runner that steps a flow is
 
 from __future__ import annotations
 
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Sequence
 from typing import Any, TypeVar
 
 import attrs
 
-from ratequota.engine.scripts import ScriptSpec
+from ratequota.engine.scripts import ScriptSpec, script
 
 __all__ = [
     "LOCAL_OPS",
@@ -32,6 +32,7 @@ __all__ = [
     "Spawn",
     "call_name",
     "pipeline_args",
+    "script_call",
     "wire_call",
 ]
 
@@ -48,6 +49,13 @@ class ScriptCall:
     route: str
     keys: tuple[str, ...]
     args: tuple[Arg, ...]
+
+
+def script_call(name: str, route: str, keys: Sequence[str], args: Sequence[Arg]) -> ScriptCall:
+    """A call of script ``name``, checked against its header (a mismatch is a bug: it asserts)."""
+    spec = script(name)
+    spec.check_call(len(keys), len(args))
+    return ScriptCall(spec, route, tuple(keys), tuple(args))
 
 
 @attrs.frozen
@@ -97,11 +105,10 @@ LOCAL_OPS = (Sleep, Compute, Spawn)
 
 @attrs.frozen
 class LoadScript:
-    """``SCRIPT LOAD source`` on the shard of ``route``, then perform ``then``."""
+    """``SCRIPT LOAD source`` on the shard of ``route`` (NOSCRIPT: see ``clients.scripting``)."""
 
     route: str
     source: str
-    then: Any
 
 
 @attrs.frozen

@@ -1,0 +1,210 @@
+"""The async client's per-shard batcher: concurrent calls of many tasks in one round trip.
+
+When to send is ``ratequota.engine.batching``'s policy; which calls merge is
+``ratequota.engine.coalesce``'s; NOSCRIPT is ``ratequota.clients.scripting``'s.
+This module only queues, sends, bounds each round trip by the socket timeout
+and hands every caller its reply.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import redis
+
+from ratequota.clients.scripting import Load, exchange
+from ratequota.engine.batching import BatchPolicy
+from ratequota.engine.coalesce import coalesce
+from ratequota.engine.ops import wire_call
+
+__all__ = ["SOLO_IN_FLIGHT", "NoReply", "ShardBatcher"]
+
+
+#: Calls in flight per node when a cluster client cannot pipeline; well under
+#: redis-py's per-node connection limit (100), which fails rather than waits.
+SOLO_IN_FLIGHT = 32
+
+
+class ShardBatcher:
+    """Pipelines the concurrent commands of many tasks to one shard (see ``BatchPolicy``).
+
+    It also bounds the connections a client opens to a shard at
+    ``max_in_flight``: hundreds of tasks never exhaust the pool.
+    """
+
+    def __init__(
+        self, conn: Any, policy: BatchPolicy, *, pipelines: bool = True, bound: float = 60.0
+    ) -> None:
+        self._conn = conn
+        self._policy = policy
+        self._bound = bound  # each round trip's timeout, from its send (the socket timeout)
+        self._pipelines = pipelines
+        self._queue: list[tuple[Any, asyncio.Future[Any]]] = []
+        self._in_flight = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._cleanups: set[asyncio.Future[Any]] = set()  # cancelled calls winding down
+
+    def submit(self, op: Any) -> asyncio.Future[Any]:
+        """Queue one wire op; the future gets its reply or its exception."""
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._queue.append((op, future))
+        self._pump()
+        return future
+
+    def _pump(self) -> None:
+        if self._pipelines:
+            count = self._policy.take(len(self._queue), self._in_flight)
+        else:  # a cluster client cannot pipeline EVALSHA: one call per send, a few at once
+            count = 1 if self._queue and self._in_flight < SOLO_IN_FLIGHT else 0
+        if count:
+            batch, self._queue = self._queue[:count], self._queue[count:]
+            self._in_flight += 1
+            task = asyncio.ensure_future(self._send(batch))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def aclose(self) -> None:
+        """Cancel the round trips still in flight and the clean-ups still winding down.
+
+        Cancelling a round trip hands its Redis call over to the clean-ups, so
+        this goes round until nothing is left (a few rounds at most), lest a
+        task be destroyed pending when the loop closes.
+        """
+        for _ in range(5):
+            pending = [t for t in (*self._tasks, *self._cleanups) if not t.done()]
+            if not pending:
+                return
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+
+    def _fail_queued(self) -> None:
+        """A round trip to this shard got no reply in time: fail every call queued behind it.
+
+        They were queued because round trips were in flight, so each has waited
+        less than one socket timeout; sent now, each would wait a full one more
+        on a server that is not answering. They fail at once, never sent (the
+        caller's failure mode applies); new calls try the shard again.
+        """
+        queued, self._queue = self._queue, []
+        for _, future in queued:
+            if not future.done():
+                future.set_exception(NoReply(f"{_NO_REPLY} (queued behind a round trip)"))
+
+    async def _send(self, batch: list[tuple[Any, asyncio.Future[Any]]]) -> None:
+        ops = [op for op, _ in batch]
+        # Concurrent acquires (releases) of one group become one acquire_many (release_many)
+        # call: one script run pays the clock, policy, purge and demand reads once for all.
+        wire, where = coalesce(ops) if len(ops) > 1 else (ops, [(0, None)])
+        replies: list[Any]
+        try:
+            replies = await self._round(wire)
+        except BaseException as exc:  # every waiter hears about it, cancellation included
+            replies = [exc] * len(wire)
+        finally:
+            self._in_flight -= 1
+        if any(isinstance(r, (NoReply, redis.exceptions.TimeoutError)) for r in replies):
+            self._fail_queued()
+        for (_, future), (index, part) in zip(batch, where, strict=True):
+            reply = replies[index]
+            if part is not None and not isinstance(reply, BaseException):
+                reply = reply[part]
+            if future.done():  # its caller was cancelled
+                continue
+            if isinstance(reply, BaseException):
+                future.set_exception(_fresh(reply))
+            else:
+                future.set_result(reply)
+        self._pump()
+
+    async def _round(self, wire: list[Any]) -> list[Any]:
+        """Send ``wire`` through the script exchange: NOSCRIPT loads and re-sends once.
+
+        The merged calls' callers never sent the ``_many`` script themselves, so
+        the reload happens here, for every call of the round trip alike. A load
+        or re-send that fails is the reply of the calls that needed it only.
+        """
+        run = exchange(wire)
+        request = next(run)
+        first = True
+        while True:
+            try:
+                if isinstance(request, Load):
+                    reply = await self._bounded(self._conn.script_load(request.source))
+                else:
+                    reply = await self._exchange([wire_call(op) for op in request.calls])
+            except Exception as exc:
+                if first:
+                    raise  # the first send: every call fails with it
+                step = functools.partial(run.throw, exc)
+            else:
+                step = functools.partial(run.send, reply)
+            first = False
+            try:
+                request = step()
+            except StopIteration as stop:
+                return list(stop.value)
+
+    async def _exchange(self, wire: list[tuple[str, tuple[Any, ...]]]) -> list[Any]:
+        """One round trip, at most one socket timeout; a call's error is its reply, in place."""
+        if len(wire) == 1:
+            method, args = wire[0]
+            try:
+                return [await self._bounded(getattr(self._conn, method)(*args))]
+            except Exception as exc:
+                return [exc]
+        pipe = self._conn.pipeline(transaction=False)
+        for method, args in wire:
+            getattr(pipe, method)(*args)
+        return list(await self._bounded(pipe.execute(raise_on_error=False)))
+
+    async def _bounded(self, awaitable: Any) -> Any:
+        """``awaitable``'s result within one socket timeout, else ``NoReply`` at once.
+
+        Unlike ``asyncio.wait_for`` this does not wait for the cancelled call
+        to finish cleaning up: redis-py drops the connection on cancellation,
+        which against a paused server takes another socket timeout. The
+        clean-up goes on in the background.
+        """
+        task = asyncio.ensure_future(awaitable)
+        try:
+            done, _ = await asyncio.wait({task}, timeout=self._bound)
+        finally:
+            if not task.done():
+                task.cancel()
+                self._cleanups.add(task)
+                task.add_done_callback(_forget(self._cleanups))
+        if not done:
+            raise NoReply(f"{_NO_REPLY} within {self._bound:.3f}s")
+        return task.result()
+
+
+_NO_REPLY = "no reply from Redis"
+
+
+class NoReply(TimeoutError):
+    """A round trip (or the one a call queued behind) got no reply within the socket timeout.
+
+    A ``TimeoutError``, hence an ``OSError``: callers see ``BackendUnavailable``.
+    """
+
+
+def _forget(cleanups: set[asyncio.Future[Any]]) -> Callable[[asyncio.Future[Any]], None]:
+    """A done-callback dropping a cancelled call, its outcome retrieved (never logged)."""
+
+    def done(task: asyncio.Future[Any]) -> None:
+        cleanups.discard(task)
+        if not task.cancelled():
+            task.exception()
+
+    return done
+
+
+def _fresh(exc: BaseException) -> BaseException:
+    """A cancellation of the batch task is an outage for the callers, not their cancellation."""
+    if isinstance(exc, asyncio.CancelledError):
+        return ConnectionError("the batch was cancelled (client closing)")
+    return exc

@@ -1,0 +1,199 @@
+"""Reply decoding for every script: pure, no Redis import.
+
+Decoders turn a script's raw reply (bytes from redis-py, or str from a
+decoding connection), laid out as its header's ``reply:`` block says, into
+the named types of ``ratequota.decision``, raising the matching
+``ratequota`` error for the error replies the scripts share.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+from ratequota.decision import (
+    Decision,
+    GroupSnapshot,
+    LeaseInfo,
+    Reason,
+    ReleaseResult,
+    RenewResult,
+    TenantSnapshot,
+)
+from ratequota.engine.keys import SCHEMA_VERSION
+from ratequota.errors import InvalidRequest, LegacyLayout, PolicyMissing, SchemaMismatch
+
+__all__ = [
+    "decode_acquire",
+    "decode_apply_policy",
+    "decode_release",
+    "decode_renew",
+    "decode_snapshot",
+]
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def _num(value: Any) -> float:
+    return float(_text(value))
+
+
+def _raise_error_reply(group: str, reason: str, detail: Any) -> None:
+    if reason == "no_policy":
+        raise PolicyMissing(group)
+    if reason == "schema":
+        raise SchemaMismatch(group, int(detail), SCHEMA_VERSION)
+    if reason == "bad_ttl":
+        raise InvalidRequest(
+            "ttl", f"is above the max_lease_ttl of group {group!r} ({int(detail) / 1000:g}s)"
+        )
+    raise AssertionError(f"unexpected script error reply {reason!r}")  # pragma: no cover
+
+
+def decode_apply_policy(group: str, reply: Sequence[Any]) -> int:
+    """The group's policy version after publishing."""
+    status, value = int(reply[0]), int(reply[1])
+    if status == -2:
+        raise LegacyLayout(group, value, SCHEMA_VERSION)
+    if status < 0:
+        raise SchemaMismatch(group, value, SCHEMA_VERSION)
+    return value
+
+
+def decode_acquire(
+    reply: Sequence[Any], *, group: str, tenant: str, units: int, lease_id: str
+) -> Decision:
+    """A ``Decision`` from acquire.lua's reply (see its header)."""
+    status, reason = int(reply[0]), _text(reply[1])
+    if status < 0:
+        _raise_error_reply(group, reason, reply[9] if reason == "schema" else reply[10])
+    admitted = status == 1
+    # Shadow mode: admitted, and the reason names the refusal enforcement would have made.
+    shadow_refused = admitted and reason in ("tenant_limit", "group_full")
+    capacity = int(reply[7])
+    lease = None
+    if admitted:
+        lease = LeaseInfo(
+            id=lease_id,
+            tenant=tenant,
+            group=group,
+            units=units,
+            token=int(reply[3]),
+            expires_at=int(reply[2]) / 1000.0,
+            replay=int(reply[10]) == 1,
+        )
+    limit = _num(reply[5])
+    return Decision(
+        admitted=admitted,
+        reason=_reason(reason),
+        tenant=tenant,
+        group=group,
+        units=units,
+        used=int(reply[4]),
+        limit=limit if not (lease and lease.replay) else math.nan,
+        group_used=int(reply[6]),
+        capacity=capacity,
+        # A request that can never fit has nothing to wait for: no retry hint.
+        retry_after=0.0 if reason == "too_large" else int(reply[8]) / 1000.0,
+        policy_version=int(reply[9]),
+        lease=lease,
+        shadow_refused=shadow_refused,
+    )
+
+
+_REASONS: dict[str, Reason] = {
+    "admitted": "admitted",
+    "too_large": "too_large",
+    "tenant_limit": "tenant_limit",
+    "group_full": "group_full",
+    "unknown_tenant": "unknown_tenant",
+    "id_mismatch": "id_mismatch",
+    "recovering": "recovering",
+}
+
+
+def _reason(text: str) -> Reason:
+    try:
+        return _REASONS[text]
+    except KeyError:  # pragma: no cover - a script/client version skew
+        raise AssertionError(f"unknown refusal reason {text!r}") from None
+
+
+def decode_release(reply: Sequence[Any]) -> ReleaseResult:
+    """A ``ReleaseResult`` from release.lua's reply."""
+    state = _text(reply[0])
+    if state not in ("released", "expired", "unknown", "fenced"):  # pragma: no cover
+        raise AssertionError(f"unexpected release state {state!r}")
+    return ReleaseResult(state=state, units=int(reply[1]))  # type: ignore[arg-type]
+
+
+_RENEW_REASONS = ("renewed", "reasserted", "lost", "fenced")
+
+
+def decode_renew(reply: Sequence[Any], *, group: str) -> RenewResult:
+    """A ``RenewResult`` from renew.lua's reply."""
+    status, reason = int(reply[0]), _text(reply[1])
+    if status < 0:
+        _raise_error_reply(group, reason, reply[7])
+    if reason not in _RENEW_REASONS:  # pragma: no cover - a script/client version skew
+        raise AssertionError(f"unexpected renew reason {reason!r}")
+    return RenewResult(
+        renewed=status == 1,
+        reason=reason,  # type: ignore[arg-type]
+        ttl=int(reply[8]) / 1000.0,
+        expires_at=int(reply[2]) / 1000.0,
+        over_limit=int(reply[3]) == 1,
+        used=int(reply[4]),
+        limit=_num(reply[5]),
+        group_used=int(reply[6]),
+        capacity=int(reply[7]),
+    )
+
+
+def decode_snapshot(reply: Sequence[Any], *, group: str) -> GroupSnapshot:
+    """A ``GroupSnapshot`` from snapshot.lua's reply."""
+    status, reason = int(reply[0]), _text(reply[1])
+    if status < 0:
+        _raise_error_reply(group, reason, reply[3])
+    rows = list(reply[7])
+    tenants: dict[str, TenantSnapshot] = {}
+    for i in range(0, len(rows), 7):
+        name = _text(rows[i])
+        used, guarantee = int(rows[i + 1]), int(rows[i + 6])
+        tenants[name] = TenantSnapshot(
+            name=name,
+            used=used,
+            pending=int(rows[i + 2]),
+            limit=_num(rows[i + 3]),
+            lo=_num(rows[i + 4]),
+            up=_num(rows[i + 5]),
+            guarantee=guarantee,
+            borrowed=max(0, used - guarantee),
+        )
+    flat = list(reply[8])
+    leases = tuple(
+        LeaseInfo(
+            id=_text(flat[i]),
+            tenant=_text(flat[i + 1]),
+            group=group,
+            units=int(flat[i + 2]),
+            token=int(flat[i + 3]),
+            expires_at=int(flat[i + 4]) / 1000.0,
+        )
+        for i in range(0, len(flat), 5)
+    )
+    return GroupSnapshot(
+        group=group,
+        now=int(reply[2]) / 1000.0,
+        capacity=int(reply[3]),
+        used=int(reply[4]),
+        policy_version=int(reply[5]),
+        level=_num(reply[6]),
+        tenants=tenants,
+        leases=leases,
+        leases_truncated=int(reply[9]) == 1,
+        recovering_until=int(reply[10]) / 1000.0,
+    )
