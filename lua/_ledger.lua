@@ -75,10 +75,13 @@ local function ledger_ended(ctx, tenant, units, start, expiry)
   end
 end
 
--- Lease `id` of `tenant` ended by release (expiry: its score in exp). The caller drops S<id>
--- with L<id>.
+-- Lease `id` of `tenant` ended by release (expiry: its score in exp). Its admission time
+-- was read with its entry (prefetch_entries); the caller drops S<id> with L<id>.
 local function ledger_released(ctx, id, tenant, units, expiry)
-  ledger_ended(ctx, tenant, units, tonumber(redis.call('HGET', KEYS[4], 'S' .. id)), expiry)
+  local start = ctx.entries['S' .. id]
+  if start == nil then start = redis.call('HGET', KEYS[4], 'S' .. id) end
+  ctx.entries['S' .. id] = false
+  ledger_ended(ctx, tenant, units, start and tonumber(start) or nil, expiry)
 end
 
 -- Expired leases `dead` (exp members, some "P" waiting registrations) whose info entries are

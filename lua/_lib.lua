@@ -289,6 +289,7 @@ local function acquire_one(ctx, tenant, units, id, ttl, wait, pending_ms, shadow
   -- S<id>: the admission time, for the ledger's unit·ms when the lease ends.
   redis.call('HSET', KEYS[4], lease_member, info, 'S' .. id, int(now))
   ctx.entries[lease_member] = info
+  ctx.entries['S' .. id] = int(now)
   ctx.touch = true
   return {1, shadowed or 'admitted', expiry, token, tenant_used + units, fmt(limit),
           ctx.st.used, policy.capacity, 0, policy.version, 0}
