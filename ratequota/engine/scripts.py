@@ -108,6 +108,13 @@ def parse_header(name: str, text: str) -> tuple[tuple[str, ...], tuple[str, ...]
 
 _DEFINITION = re.compile(r"^local (?:function )?([A-Za-z_]\w*)")
 _NAME = re.compile(r"[A-Za-z_]\w*")
+# A Lua comment to the end of its line (the scripts hold no "--" inside a string).
+_COMMENT = re.compile(r"--.*$", re.MULTILINE)
+
+
+def _names(text: str) -> list[str]:
+    """The identifiers ``text`` uses in code: a name in a comment links nothing."""
+    return _NAME.findall(_COMMENT.sub("", text))
 
 
 def library_parts(text: str) -> list[tuple[str, str]]:
@@ -143,12 +150,12 @@ def link(parts: list[tuple[str, str]], body: str) -> str:
     """
     defined = dict(parts)
     wanted: set[str] = set()
-    todo = [n for n in _NAME.findall(body) if n in defined]
+    todo = [n for n in _names(body) if n in defined]
     while todo:
         name = todo.pop()
         if name not in wanted:
             wanted.add(name)
-            todo.extend(n for n in _NAME.findall(defined[name]) if n in defined)
+            todo.extend(n for n in _names(defined[name]) if n in defined)
     return "\n".join(source for name, source in parts if name in wanted)
 
 
