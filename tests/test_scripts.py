@@ -54,3 +54,21 @@ def test_header_errors_are_detected() -> None:
     """A header with KEYS out of order is rejected (the parser is strict)."""
     with pytest.raises(ValueError, match="out of order"):
         parse_header("bad", "-- KEYS[2] x\n-- reply: nothing\n")
+
+
+def test_a_name_in_a_comment_links_nothing() -> None:
+    """Only code pulls a library definition into a script: a comment naming a function (a
+    file's opening comment, a trailing remark) does not, so scripts carry no dead closures."""
+    from ratequota.engine.scripts import library_parts, link
+
+    library = (
+        "local function used()\n  return 1  -- unlike unused()\nend\n"
+        "-- the next file: see unused and also_unused\n"
+        "local function unused()\n  return also_unused()\nend\n"
+        "local function also_unused()\n  return 2\nend\n"
+    )
+    linked = link(library_parts(library), "-- calls unused()\nreturn used()")
+    assert "function used" in linked
+    assert "function unused" not in linked and "function also_unused" not in linked
+    release = load_scripts()["release"].source
+    assert "function acquire_one" not in release
