@@ -18,10 +18,9 @@
 --     sh:<reason>  would-be refusals admitted in shadow mode
 --   Expiry: the end of its hour plus the group's retention (policy hash field led_ttl, ms;
 --   default 7 days), set by the write that creates a field.
--- info hash  S<id>  the lease's admission time (ms), written beside L<id> and dropped with it.
 
 -- Fewer, larger functions on purpose: Redis creates every function of a script as a closure
--- on each call, so the ledger adds five to release and acquire (hour constants inlined).
+-- on each call, so the ledger adds four to release and acquire (hour constants inlined).
 
 -- Adds `amount` to a counter of `tenant`, written once at the end of the call (ledger_flush).
 local function ledger_note(ctx, tenant, counter, amount)
@@ -35,43 +34,28 @@ local function ledger_note(ctx, tenant, counter, amount)
   led[field] = (led[field] or 0) + amount
 end
 
--- A lease of `units` admitted at `start` (nil: unknown, e.g. admitted by an older release)
--- and living until `expiry` ended at `now`: one lease, min(now, expiry) - start unit·ms.
-local function ledger_ended(ctx, tenant, units, start, expiry)
+-- A lease of `units` whose fencing token is `token` (text or number) and that lived until
+-- `expiry` ended at ctx.now: one lease, and min(now, expiry) - admitted unit·ms. The token
+-- gives the admission time: it is max(previous token + 1, admission ms x 1000) (next_fence),
+-- so floor(token / 1000) is the admission ms unless the group handed out more than 1000
+-- tokens in one ms or Redis time went back; then it is later, and the lease is counted short
+-- by that much (docs/usage.md). No admission time is stored: nothing to write, to drop with
+-- the entry, or to lose, and leases admitted by older releases carry it too.
+local function ledger_ended(ctx, tenant, units, token, expiry)
   ledger_note(ctx, tenant, 'rq', 1)
-  if start then
-    local held = math.min(ctx.now, expiry) - start
-    if held > 0 then ledger_note(ctx, tenant, 'us', units * held) end
-  end
+  local held = math.min(ctx.now, expiry) - math.floor(tonumber(token) / 1000)
+  if held > 0 then ledger_note(ctx, tenant, 'us', units * held) end
 end
 
--- Lease `id` of `tenant` ended by release (expiry: its score in exp). Its admission time
--- was read with its entry (prefetch_entries); the caller drops S<id> with L<id>.
-local function ledger_released(ctx, id, tenant, units, expiry)
-  local start = ctx.entries['S' .. id]
-  if start == nil then start = redis.call('HGET', KEYS[4], 'S' .. id) end
-  ctx.entries['S' .. id] = false
-  ledger_ended(ctx, tenant, units, start and tonumber(start) or nil, expiry)
-end
-
--- Expired leases `dead` (exp members, some "P" waiting registrations) whose info entries are
--- `infos`, about to be dropped by purge: each lease ended at its expiry.
+-- Expired leases among `dead` (exp members, some "P" waiting registrations) whose info
+-- entries are `infos`, about to be dropped by purge: each lease ended at its expiry.
 local function ledger_purged(ctx, dead, infos)
-  local fields, leases = {}, {}
   for i, member in ipairs(dead) do
     if infos[i] and string.sub(member, 1, 1) == 'L' then
-      fields[#fields + 1] = 'S' .. string.sub(member, 2)
-      leases[#leases + 1] = i
+      local units, token, tenant = parse_entry(infos[i])
+      ledger_ended(ctx, tenant, units, token, tonumber(redis.call('ZSCORE', KEYS[3], member)))
     end
   end
-  if #fields == 0 then return end
-  local starts = redis.call('HMGET', KEYS[4], unpack(fields))
-  for j, i in ipairs(leases) do
-    local units, _, tenant = parse_entry(infos[i])
-    local expiry = tonumber(redis.call('ZSCORE', KEYS[3], dead[i]))
-    ledger_ended(ctx, tenant, units, tonumber(starts[j]), expiry)
-  end
-  redis.call('HDEL', KEYS[4], unpack(fields))
 end
 
 -- Writes the call's notes to the declared ledger key of its hour (see above), and sets the

@@ -286,10 +286,8 @@ local function acquire_one(ctx, tenant, units, id, ttl, wait, pending_ms, shadow
   local token = next_fence(policy, now, expiry)
   local info = entry(units, token, tenant)
   redis.call('ZADD', KEYS[3], int(expiry), lease_member)
-  -- S<id>: the admission time, for the ledger's unit·ms when the lease ends.
-  redis.call('HSET', KEYS[4], lease_member, info, 'S' .. id, int(now))
+  redis.call('HSET', KEYS[4], lease_member, info)
   ctx.entries[lease_member] = info
-  ctx.entries['S' .. id] = int(now)
   ctx.touch = true
   return {1, shadowed or 'admitted', expiry, token, tenant_used + units, fmt(limit),
           ctx.st.used, policy.capacity, 0, policy.version, 0}
@@ -309,9 +307,9 @@ local function release_one(ctx, id, tenant, token)
     local expiry = tonumber(redis.call('ZSCORE', KEYS[3], member))
     local state = 'released'
     if expiry <= ctx.now then state = 'expired' end
-    ledger_released(ctx, id, owner, units, expiry)
+    ledger_ended(ctx, owner, units, held_token, expiry)
     redis.call('ZREM', KEYS[3], member)
-    redis.call('HDEL', KEYS[4], member, 'S' .. id)
+    redis.call('HDEL', KEYS[4], member)
     ctx.entries[member] = false
     add_demand(ctx, tenant, -units, 0)
     settle(fair_state(ctx), ctx.policy)

@@ -96,15 +96,13 @@ local function spec_of(ctx, name)
   return ctx.specs[name]
 end
 
--- Loads, in one HMGET, the info entries (and lease admission times) of the given ids not seen
--- yet.
+-- Loads, in one HMGET, the info entries of the given ids not seen yet.
 local function prefetch_entries(ctx, ids)
   local fields = {}
   for _, id in ipairs(ids) do
     if ctx.entries['L' .. id] == nil then
       fields[#fields + 1] = 'L' .. id
       fields[#fields + 1] = 'P' .. id
-      fields[#fields + 1] = 'S' .. id  -- the lease's admission time, for the ledger
     end
   end
   if #fields == 0 then return end

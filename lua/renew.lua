@@ -67,9 +67,7 @@ else
     flush(ctx, KEY_GRACE_MS)
     return {0, 'lost', 0, 0, 0, '0', 0, policy.capacity, 0}
   end
-  -- The ledger counts a re-asserted lease from now: its admission time was lost with it.
-  redis.call('HSET', KEYS[4], member, int(units) .. ':' .. token .. ':' .. tenant,
-    'S' .. ARGV[3], int(now))
+  redis.call('HSET', KEYS[4], member, int(units) .. ':' .. token .. ':' .. tenant)
   add_demand(ctx, tenant, units, 0)
   settle(fair_state(ctx), policy)
   if policy.fence < tonumber(token) then
