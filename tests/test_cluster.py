@@ -269,11 +269,30 @@ def test_live_slot_migration_loses_and_doubles_nothing(redis_cluster: RedisClust
 
 
 def test_unreachable_cluster_is_backend_unavailable() -> None:
-    """A cluster URL where nothing listens raises ``BackendUnavailable``, not a redis-py error."""
+    """Nothing listens at the URL: the client is built (no I/O in a constructor), and the
+    first call raises ``BackendUnavailable``, not a redis-py error."""
     from tests.servers import free_port
 
-    with pytest.raises(BackendUnavailable):
-        QuotaClient.cluster(f"redis://127.0.0.1:{free_port()}", socket_timeout=0.5)
+    quota = QuotaClient.cluster(f"redis://127.0.0.1:{free_port()}", socket_timeout=0.5)
+    try:
+        with pytest.raises(BackendUnavailable):
+            quota.try_acquire("a", units=1)
+    finally:
+        quota.close()
+
+
+def test_a_cluster_client_connects_on_first_use(redis_cluster: RedisCluster) -> None:
+    """Building the client discovers nothing: a pod that starts while its seed node is paused
+    starts anyway (the fault harness saw pods die in the constructor), and the first call
+    connects."""
+    quota = _client(redis_cluster, _prefix())
+    try:
+        assert quota.backend._client is None  # type: ignore[attr-defined]
+        quota.apply_policy(_policy(["g"]))
+        assert quota.try_acquire("g/a", units=1).admitted
+        assert quota.backend._client is not None  # type: ignore[attr-defined]
+    finally:
+        quota.close()
 
 
 def test_cluster_client_never_retries_a_timeout(redis_cluster: RedisCluster) -> None:

@@ -1,7 +1,7 @@
 """How the rule behaves over time: a lender reclaims its guarantee.
 
 Reclaim (invariant 13), stepped deterministically with a ``ManualClock`` on
-every backend: while a lender waits within its guarantee, the borrower gets
+every backend and both clients: while a lender waits within its guarantee, the borrower gets
 nothing new and the lender is admitted exactly when enough borrowed units
 have been released. (Shares over time under real contention are checked by
 the simulation, ``tests/test_simulate.py``, from its measured entitlements;
@@ -10,22 +10,23 @@ this file keeps no wall-clock test.)
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
-from ratequota.clients.sync import QuotaClient
 from ratequota.decision import Decision, LeaseInfo
 from ratequota.policy import GroupPolicy, Policy, TenantPolicy
 from ratequota.testing import ManualClock
 from tests.conftest import MakeClient
 
 
-def attempt(client: QuotaClient, tenant: str, units: int, rid: str, *, wait: bool) -> Decision:
+def attempt(client: Any, tenant: str, units: int, rid: str, *, wait: bool) -> Decision:
     """One acquire round trip in group ``g`` (``wait`` registers/refreshes pending demand)."""
     flow = client.core.attempt(tenant, units, "g", rid, 60_000, wait=wait)
     return client._run(flow)
 
 
-def test_reclaim_lender_waits_only_for_released_borrowed_units(make_client: MakeClient) -> None:
+def test_reclaim_lender_waits_only_for_released_borrowed_units(make_quota: MakeClient) -> None:
     """Invariant 13: the borrower saturates the group; the lender asks within its guarantee.
 
     From then on the borrower is refused (it is above its new limit), and the
@@ -40,7 +41,7 @@ def test_reclaim_lender_waits_only_for_released_borrowed_units(make_client: Make
         ),
     )
     clock = ManualClock()
-    client = make_client(Policy([policy]), clock=clock, pending_ttl=5.0)
+    client = make_quota(Policy([policy]), clock=clock, pending_ttl=5.0)
     borrowed: list[LeaseInfo] = []
     for i in range(10):
         decision = attempt(client, "borrower", 1, f"b{i}", wait=False)

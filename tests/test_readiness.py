@@ -236,8 +236,8 @@ def test_missing_group_policy_is_not_ready(shards: list[RedisServer]) -> None:
 #: The ACL rule documented in docs/deployment.md (kept identical by this test).
 MINIMAL_ACL = (
     "on >secret ~rq:* resetchannels -@all +ping +info +get +getrange +set +del +hmget +evalsha "
-    "+eval +script|load +script|exists +time +hget +hgetall +hset +hdel +hincrby +pexpire +zadd "
-    "+zrem +zscore +zrange +zrangebyscore +zrangebylex"
+    "+eval +script|load +script|exists +time +hget +hgetall +hset +hdel +hincrby +pexpire +pttl "
+    "+zadd +zrem +zscore +zrange +zrangebyscore +zrangebylex"
 )
 
 

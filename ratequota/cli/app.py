@@ -12,7 +12,7 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 from importlib import metadata
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ratequota.cli import check, demo, operator, top, usage
 from ratequota.cli.backend import add_backend_options, client_from_args
@@ -47,31 +47,16 @@ def _simulate_command(sub: SubParsers) -> None:
     parser.set_defaults(handler=lambda args: sim.run(args, client_from_args))
 
 
-def _check_command(sub: SubParsers) -> None:
-    parser = sub.add_parser(
-        "check", help="readiness of every shard; exits non-zero when the pod must not take traffic"
-    )
-    add_backend_options(parser)
-    check.add_arguments(parser)
-    parser.set_defaults(handler=check.run)
+def _deployment_command(name: str, summary: str, module: Any) -> Callable[[SubParsers], None]:
+    """A sub-command on a deployment's Redis; ``module`` has ``add_arguments`` and ``run``."""
 
+    def add(sub: SubParsers) -> None:
+        parser = sub.add_parser(name, help=summary)
+        add_backend_options(parser)
+        module.add_arguments(parser)
+        parser.set_defaults(handler=module.run)
 
-def _top_command(sub: SubParsers) -> None:
-    parser = sub.add_parser(
-        "top", help="live view of groups: per tenant held, guarantee, limit, borrowed, waiting"
-    )
-    add_backend_options(parser)
-    top.add_arguments(parser)
-    parser.set_defaults(handler=top.run)
-
-
-def _usage_command(sub: SubParsers) -> None:
-    parser = sub.add_parser(
-        "usage", help="per tenant and hour: unit-seconds held, leases, refusals (the ledger)"
-    )
-    add_backend_options(parser)
-    usage.add_arguments(parser)
-    parser.set_defaults(handler=usage.run)
+    return add
 
 
 def _operator_commands(sub: SubParsers) -> None:
@@ -83,9 +68,17 @@ COMMANDS: list[Callable[[SubParsers], None]] = [
     _demo_command,
     _simulate_command,
     _operator_commands,
-    _top_command,
-    _usage_command,
-    _check_command,
+    _deployment_command(
+        "top", "live view of groups: per tenant held, guarantee, limit, borrowed, waiting", top
+    ),
+    _deployment_command(
+        "usage", "per tenant and hour: unit-seconds held, leases, refusals (the ledger)", usage
+    ),
+    _deployment_command(
+        "check",
+        "readiness of every shard; exits non-zero when the pod must not take traffic",
+        check,
+    ),
 ]
 
 

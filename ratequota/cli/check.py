@@ -7,26 +7,27 @@ The checking itself is the library's (``QuotaClient.check``, built on
 from __future__ import annotations
 
 import argparse
-from typing import Any
+import sys
+from typing import Any, TextIO
 
 import attrs
 
 from ratequota.cli.backend import client_from_args
-from ratequota.cli.output import add_json_option, print_json
+from ratequota.cli.output import (
+    add_groups_option,
+    add_json_option,
+    print_json,
+    rich_table,
+    terminal_console,
+)
 from ratequota.clients.readiness import ReadinessReport
 
-__all__ = ["add_arguments", "run"]
+__all__ = ["add_arguments", "run", "show"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``ratequota check`` (the backend options are added by the CLI)."""
-    parser.add_argument(
-        "--group",
-        action="append",
-        dest="groups",
-        metavar="NAME",
-        help="a group this pod serves (repeatable; default: every published group)",
-    )
+    add_groups_option(parser, "a group this pod serves")
     parser.add_argument(
         "--socket-timeout",
         type=float,
@@ -85,5 +86,20 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print_json(report_to_dict(report))
     else:
-        print(report.table())
+        show(report, sys.stdout)
     return 0 if report.ready else 1
+
+
+def show(report: ReadinessReport, stream: TextIO) -> None:
+    """The report as a table: drawn by ``rich`` on a terminal (the ``cli`` extra), else plain."""
+    console = terminal_console(stream)
+    if console is None:
+        stream.write(report.table() + "\n")
+        return
+    from rich.text import Text
+
+    console.print(rich_table(report.COLUMNS, report.rows()))
+    *notes, verdict = report.notes()
+    for line in notes:
+        console.print(Text(line))
+    console.print(Text(verdict, style="bold green" if report.ready else "bold red"))

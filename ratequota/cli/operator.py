@@ -243,9 +243,12 @@ def _nothing_published(args: argparse.Namespace) -> int:
 def _show(args: argparse.Namespace) -> int:
     with client_from_args(args) as client:
         policy = client.load_policy()
-    if policy is None:
-        return _nothing_published(args)
-    if args.json:
+    return _nothing_published(args) if policy is None else _print_policy(policy, args.json)
+
+
+def _print_policy(policy: Policy, as_json: bool) -> int:
+    """The published policy as JSON, or as the TOML file that would publish it."""
+    if as_json:
         print_json(policy.to_dict())
     else:
         print(policy_to_toml(policy), end="")

@@ -1,8 +1,10 @@
-"""What every command prints the same way: plurals, JSON documents, and usage errors.
+"""What every command prints the same way: plurals, JSON documents, tables, usage errors.
 
 Kept apart from the commands so that wording rules (``1 tenant``, ``2
-tenants``) and the JSON conventions (one document on stdout, UTF-8, no
-``NaN``) are decided once.
+tenants``), the JSON conventions (one document on stdout, UTF-8, no
+``NaN``) and how tables look are decided once. Tables are drawn by ``rich``
+(the ``cli`` extra) on a terminal; piped, or without ``rich``, every command
+prints the same plain text as ever, which scripts and the tests read.
 """
 
 from __future__ import annotations
@@ -10,11 +12,22 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from typing import Any
+from collections.abc import Collection, Iterable, Sequence
+from typing import Any, TextIO
 
 from ratequota.errors import RateQuotaError
 
-__all__ = ["CommandError", "add_json_option", "finite", "number", "plural", "print_json"]
+__all__ = [
+    "CommandError",
+    "add_groups_option",
+    "add_json_option",
+    "finite",
+    "number",
+    "plural",
+    "print_json",
+    "rich_table",
+    "terminal_console",
+]
 
 
 class CommandError(RateQuotaError):
@@ -46,6 +59,51 @@ def add_json_option(parser: argparse.ArgumentParser, what: str = "a table") -> N
     )
 
 
+def add_groups_option(parser: argparse.ArgumentParser, which: str) -> None:
+    """``--group NAME`` (repeatable) into ``args.groups``; none means every published group."""
+    parser.add_argument(
+        "--group",
+        action="append",
+        dest="groups",
+        metavar="NAME",
+        help=f"{which} (repeatable; default: every published group)",
+    )
+
+
 def print_json(data: Any) -> None:
     """One JSON document on stdout; refuses NaN and infinity (they are not JSON)."""
     print(json.dumps(data, indent=2, ensure_ascii=False, allow_nan=False))
+
+
+def terminal_console(stream: TextIO) -> Any | None:
+    """A ``rich`` console writing to ``stream`` when it is a terminal and ``rich`` is installed.
+
+    None means plain text: ``stream`` is piped or a file (scripts, probes, CI
+    logs), or the ``cli`` extra is not installed.
+    """
+    isatty = getattr(stream, "isatty", None)
+    if not (callable(isatty) and isatty()):
+        return None
+    try:
+        from rich.console import Console
+    except ImportError:
+        return None
+    return Console(file=stream, highlight=False)
+
+
+def rich_table(
+    headers: Sequence[str], rows: Iterable[Sequence[str]], *, numeric: Collection[str] = ()
+) -> Any:
+    """A borderless ``rich`` table, the ``numeric`` columns right-aligned, fitted to the terminal.
+
+    Unstyled cells and headers: each line is as wide on screen as it is long,
+    starts with its first cell, and splits on whitespace as the plain text does.
+    """
+    from rich.table import Table
+
+    table = Table(box=None, pad_edge=False, header_style="")
+    for header in headers:
+        table.add_column(header, justify="right" if header in numeric else "left", no_wrap=True)
+    for row in rows:
+        table.add_row(*row)
+    return table

@@ -15,10 +15,11 @@ is compared with itself). The first frame has no earlier one: it shows
 so far by reason (``refused_this_hour``), so ``--once --json`` reports
 cumulative counts and ``--count N`` rates between frames.
 
-Plain text, no curses: on a terminal each refresh clears the screen with
-two ANSI codes and redraws, so it works over SSH and in any emulator; keys
-are read in cbreak mode (``q`` quits, space or ``r`` refreshes now). Piped,
-it prints one frame after another. ``--once`` prints one frame; with
+No curses: on a terminal each refresh clears the screen with two ANSI codes
+and redraws (the tables drawn by ``rich`` when the ``cli`` extra is
+installed), so it works over SSH and in any emulator; keys are read in
+cbreak mode (``q`` quits, space or ``r`` refreshes now). Piped, it prints
+one plain-text frame after another. ``--once`` prints one frame; with
 ``--json`` each frame is one JSON document on its own line.
 """
 
@@ -40,12 +41,28 @@ import attrs
 
 from ratequota.cli.backend import client_from_args
 from ratequota.cli.operator import limits_of
-from ratequota.cli.output import CommandError, add_json_option, number, plural
+from ratequota.cli.output import (
+    CommandError,
+    add_groups_option,
+    add_json_option,
+    number,
+    plural,
+    rich_table,
+    terminal_console,
+)
 from ratequota.clients.sync import QuotaClient
 from ratequota.decision import GroupSnapshot, UsageRow
 from ratequota.engine.ledger import HOUR_MS
 
-__all__ = ["GroupView", "add_arguments", "frame_to_dict", "gather", "render", "run"]
+__all__ = [
+    "GroupView",
+    "add_arguments",
+    "frame_to_dict",
+    "gather",
+    "render",
+    "render_rich",
+    "run",
+]
 
 #: Clear the screen and move the cursor home.
 CLEAR = "\x1b[H\x1b[2J"
@@ -125,15 +142,56 @@ def gather(
     return views
 
 
+def _rows(view: GroupView) -> list[str]:
+    snap = view.snapshot
+    order = sorted(snap.tenants.values(), key=lambda t: (-t.used, -t.pending, t.name))
+    return [t.name for t in order]
+
+
+#: The columns of a group's table.
+COLUMNS = ("tenant", "held", "guarantee", "limit", "borrowed", "waiting", "refused/s")
+
+
 def _rate(value: float | None) -> str:
     """A rate for the table: ``-`` before there is one."""
     return "-" if value is None else number(value)
 
 
-def _rows(view: GroupView) -> list[str]:
+def _title(view: GroupView) -> str:
     snap = view.snapshot
-    order = sorted(snap.tenants.values(), key=lambda t: (-t.used, -t.pending, t.name))
-    return [t.name for t in order]
+    share = snap.used / snap.capacity if snap.capacity else 0.0
+    waiting = sum(t.pending for t in snap.tenants.values())
+    return (
+        f"group {snap.group!r}: {snap.used}/{snap.capacity} units held ({share:.0%}), "
+        f"{plural(waiting, 'unit')} waiting, {_rate(view.group_rate)} refused/s, "
+        f"{plural(len(snap.tenants), 'tenant')}, policy v{snap.policy_version}"
+    )
+
+
+def _cells(view: GroupView) -> list[tuple[str, ...]]:
+    """One row per tenant, busiest first: the ``COLUMNS`` as text (names cut to 24)."""
+    snap = view.snapshot
+    return [
+        (
+            name[:24],
+            str(t.used),
+            str(t.guarantee),
+            number(view.limits[name]),
+            str(t.borrowed),
+            str(t.pending),
+            _rate(view.rates.get(name)),
+        )
+        for name in _rows(view)
+        for t in (snap.tenants[name],)
+    ]
+
+
+def _footer(views: Sequence[GroupView]) -> str:
+    stamp = max((v.snapshot.now for v in views), default=time.time())
+    return (
+        f"at {time.strftime('%H:%M:%S', time.gmtime(stamp))} UTC (Redis time); limit: the most "
+        "a tenant may hold now if it asks; refused/s: since the last refresh"
+    )
 
 
 def render(views: Sequence[GroupView], width: int = 100) -> str:
@@ -144,28 +202,28 @@ def render(views: Sequence[GroupView], width: int = 100) -> str:
         f" {'refused/s':>9}"
     )
     for view in views:
-        snap = view.snapshot
-        share = snap.used / snap.capacity if snap.capacity else 0.0
-        waiting = sum(t.pending for t in snap.tenants.values())
-        lines.append(
-            f"group {snap.group!r}: {snap.used}/{snap.capacity} units held ({share:.0%}), "
-            f"{plural(waiting, 'unit')} waiting, {_rate(view.group_rate)} refused/s, "
-            f"{plural(len(snap.tenants), 'tenant')}, policy v{snap.policy_version}"
-        )
-        lines += [header, "-" * len(header)]
-        for name in _rows(view):
-            t = snap.tenants[name]
+        lines += [_title(view), header, "-" * len(header)]
+        for name, held, guarantee, limit, borrowed, waiting, refused in _cells(view):
             lines.append(
-                f"{name[:24]:24} {t.used:6d} {t.guarantee:9d} {number(view.limits[name]):>8} "
-                f"{t.borrowed:8d} {t.pending:7d} {_rate(view.rates.get(name)):>9}"
+                f"{name:24} {held:>6} {guarantee:>9} {limit:>8} {borrowed:>8} {waiting:>7}"
+                f" {refused:>9}"
             )
         lines.append("")
-    stamp = max((v.snapshot.now for v in views), default=time.time())
-    lines.append(
-        f"at {time.strftime('%H:%M:%S', time.gmtime(stamp))} UTC (Redis time); limit: the most "
-        "a tenant may hold now if it asks; refused/s: since the last refresh"
-    )
+    lines.append(_footer(views))
     return "\n".join(line[:width] for line in lines)
+
+
+def render_rich(views: Sequence[GroupView]) -> list[Any]:
+    """One frame as ``rich`` renderables (a terminal with the ``cli`` extra): the same
+    titles, rows and footer as ``render``, each group's rows in a table."""
+    from rich.text import Text
+
+    parts: list[Any] = []
+    for view in views:
+        table = rich_table(COLUMNS, _cells(view), numeric=COLUMNS[1:])
+        parts += [Text(_title(view)), table, Text("")]
+    parts.append(Text(_footer(views)))
+    return parts
 
 
 def frame_to_dict(views: Sequence[GroupView]) -> dict[str, Any]:
@@ -237,13 +295,7 @@ def _wait(fd: int | None, seconds: float) -> bool:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``ratequota top`` (the backend options are added by the CLI)."""
-    parser.add_argument(
-        "--group",
-        action="append",
-        dest="groups",
-        metavar="NAME",
-        help="a group to watch (repeatable; default: every published group)",
-    )
+    add_groups_option(parser, "a group to watch")
     parser.add_argument(
         "--interval", type=float, default=2.0, metavar="SECONDS", help="refresh period (default 2)"
     )
@@ -263,6 +315,7 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError(f"--count must be at least 1, got {frames}")
     out = sys.stdout
     live = out.isatty() and not args.json and not args.once
+    console = terminal_console(out) if live else None
     with client_from_args(args) as client, _keys(sys.stdin) as fd:
         shown = 0
         views: list[GroupView] = []
@@ -270,6 +323,12 @@ def run(args: argparse.Namespace) -> int:
             views = gather(client, args.groups, views)
             if args.json:
                 out.write(json_line(views) + "\n")
+            elif console is not None:  # a terminal, and the cli extra: rich tables
+                out.write(CLEAR)
+                out.flush()
+                for part in render_rich(views):
+                    console.print(part)
+                out.write("q quits, space refreshes now\n")
             else:
                 width = shutil.get_terminal_size((100, 40)).columns if live else 10_000
                 out.write((CLEAR if live else "") + render(views, width) + "\n")

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 import attrs
 import redis
 
-from ratequota.clients import probes, shell
+from ratequota.clients import probes, requests, shell
 from ratequota.clients.async_backends import (
     AsyncBackend,
     AsyncClusterBackend,
@@ -40,18 +40,9 @@ from ratequota.clients.async_backends import (
 )
 from ratequota.clients.batcher import SOLO_IN_FLIGHT, ShardBatcher
 from ratequota.clients.explain import Explanation, explain_flow
-from ratequota.clients.failure import FailureStats, log
+from ratequota.clients.failure import log
 from ratequota.clients.readiness import ReadinessReport
 from ratequota.clients.renewal import RenewerBase
-from ratequota.clients.requests import (
-    AcquireOptions,
-    AcquireRequest,
-    TenantSpec,
-    TryOptions,
-    UnitsSpec,
-    WaitOptions,
-    handler_arguments,
-)
 from ratequota.clients.usage import When, usage_flow
 from ratequota.decision import (
     Decision,
@@ -98,7 +89,7 @@ class AsyncAcquisition(shell.AcquisitionBase[AsyncLease]):
     a release that fails is counted and logged, never raised (as in the sync client).
     """
 
-    def __init__(self, client: AsyncQuotaClient, request: AcquireRequest) -> None:
+    def __init__(self, client: AsyncQuotaClient, request: requests.AcquireRequest) -> None:
         super().__init__(client, request, AsyncLease)
 
     async def __aenter__(self) -> AsyncLease:
@@ -211,11 +202,6 @@ class AsyncQuotaClient(shell.ClientBase):
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    def stats(self) -> FailureStats:
-        """Counters: fail-open and local admissions, fast failures, fenced releases/renewals."""
-        stats = self.core.failure.stats(self.core.breakers.fast_failures)
-        return attrs.evolve(stats, fenced_refusals=self.core.fenced_refusals)
-
     # -- driving flows -----------------------------------------------------
 
     async def _run(self, flow: Flow[T]) -> T:
@@ -290,13 +276,13 @@ class AsyncQuotaClient(shell.ClientBase):
     # -- leases ------------------------------------------------------------
 
     async def try_acquire(
-        self, tenant: str, units: int = 1, **options: Unpack[TryOptions]
+        self, tenant: str, units: int = 1, **options: Unpack[requests.TryOptions]
     ) -> Decision:
-        """Decide now, never wait (options: ``TryOptions``); release an admitted lease."""
+        """Decide now, never wait (options: ``requests.TryOptions``); release an admitted lease."""
         return await self._run(self.core.try_acquire(self.core.request(tenant, units, **options)))
 
     def acquire(
-        self, tenant: str, units: int = 1, **options: Unpack[AcquireOptions]
+        self, tenant: str, units: int = 1, **options: Unpack[requests.AcquireOptions]
     ) -> AsyncAcquisition:
         """``async with``: waits up to ``timeout`` on entry, releases on exit, renews between.
 
@@ -343,9 +329,9 @@ class AsyncQuotaClient(shell.ClientBase):
     def limit(
         self,
         *,
-        tenant: TenantSpec,
-        units: UnitsSpec = 1,
-        **options: Unpack[WaitOptions],
+        tenant: requests.TenantSpec,
+        units: requests.UnitsSpec = 1,
+        **options: Unpack[requests.WaitOptions],
     ) -> Callable[[F], F]:
         """Decorate an ``async def`` handler so each call holds a (renewed) lease while it runs.
 
@@ -356,7 +342,7 @@ class AsyncQuotaClient(shell.ClientBase):
         def decorate(handler: F) -> F:
             if not inspect.iscoroutinefunction(handler):
                 raise InvalidType("handler", "AsyncQuotaClient.limit needs an async def handler")
-            arguments = handler_arguments(handler, tenant, units)
+            arguments = requests.handler_arguments(handler, tenant, units)
 
             @functools.wraps(handler)
             async def wrapper(*args: Any, **kwargs: Any) -> Any:

@@ -138,7 +138,7 @@ def _hiredis_async_connection_class() -> Any:
 
     if not HIREDIS_AVAILABLE:
         return Connection
-    serializer = HiredisRespSerializer()
+    serializer = HiredisRespSerializer()  # type: ignore[no-untyped-call]
 
     class HiredisPackingConnection(Connection):
         def pack_command(self, *args: Any) -> list[bytes]:
@@ -349,23 +349,58 @@ class ClusterBackend(ClusterRouting):
     """
 
     def __init__(self, url: str, *, socket_timeout: float) -> None:
-        from redis.cluster import RedisCluster
+        from redis.connection import parse_url
 
         if not isinstance(url, str) or not url:
             raise ConfigError("cluster", f"must be a redis:// URL of a cluster node, got {url!r}")
         try:
-            self._cluster = RedisCluster(
-                url=url,
-                retry=no_retry(),
-                socket_timeout=socket_timeout,
-                socket_connect_timeout=socket_timeout,
-            )
+            parse_url(url)  # type: ignore[no-untyped-call]
         except ValueError as exc:
             raise ConfigError("cluster", scrub(str(exc), url)) from None
-        except (redis.exceptions.RedisError, redis.exceptions.RedisClusterException) as exc:
-            error = translate_error(exc, _redact(url))
-            raise type(error)(scrub(str(error), url)) from None
+        self._url = url
+        self._socket_timeout = socket_timeout
+        self._client: Any = None
+        self._lock = threading.Lock()
         self.description = f"cluster at {_redact(url)}"
+
+    @property
+    def _cluster(self) -> Any:
+        """The cluster client, connected on first use.
+
+        redis-py's cluster client discovers the topology in its constructor;
+        doing that here keeps the client's constructor free of I/O, so a pod
+        that starts while a node is down or paused starts anyway and its first
+        call gets the ``BackendUnavailable`` its failure mode handles. Threads
+        that race here may each connect; one client is kept and the other
+        closed (the lock guards only the assignment, never the network).
+        """
+        client = self._client
+        if client is not None:
+            return client
+        client = self._connect()
+        with self._lock:
+            kept = self._client
+            if kept is None:
+                self._client = kept = client
+        if kept is not client:
+            self._close_client(client)
+        return kept
+
+    def _connect(self) -> Any:
+        from redis.cluster import RedisCluster
+
+        try:
+            return RedisCluster(
+                url=self._url,
+                retry=no_retry(),
+                socket_timeout=self._socket_timeout,
+                socket_connect_timeout=self._socket_timeout,
+            )
+        except ValueError as exc:
+            raise ConfigError("cluster", scrub(str(exc), self._url)) from None
+        except (redis.exceptions.RedisError, redis.exceptions.RedisClusterException) as exc:
+            error = translate_error(exc, _redact(self._url))
+            raise type(error)(scrub(str(error), self._url)) from None
 
     def nodes(self) -> list[tuple[str, Any]]:
         """(node name, direct connection) of every primary, for per-node checks."""
@@ -379,10 +414,17 @@ class ClusterBackend(ClusterRouting):
         return self._primary_of(route)
 
     def close(self) -> None:
-        """Close every node's pool."""
-        self._cluster.close()
+        """Close every node's pool (nothing to do if it never connected)."""
+        with self._lock:
+            client, self._client = self._client, None
+        if client is not None:
+            self._close_client(client)
+
+    @staticmethod
+    def _close_client(client: Any) -> None:
+        client.close()
         # RedisCluster.close() leaves the node pools it was given open (redis-py
         # closes only pools it created itself): disconnect them explicitly.
-        for node in list(self._cluster.nodes_manager.nodes_cache.values()):
+        for node in list(client.nodes_manager.nodes_cache.values()):
             if node.redis_connection is not None:
                 node.redis_connection.connection_pool.disconnect()

@@ -15,7 +15,7 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable, Generator, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from ratequota.clients.backends import translate_error
 from ratequota.clients.readiness import (
@@ -229,69 +229,69 @@ async def atargets(
     return [(node.name, aimed(node)) for node in cluster.get_primaries()], backend.node_of
 
 
-def drive(commands: Commands[R], call: Callable[..., Any]) -> R:
-    """Run one probe with a blocking ``call(*args)``."""
+async def _drive(call: Callable[..., Awaitable[Any]], commands: Commands[Any]) -> Any:
+    """Run one probe: its result, or the exception it raised (the round's owner decides).
+
+    Written once, as a coroutine: the async client awaits it; the sync client
+    runs it with ``_complete`` on a blocking ``call`` that never suspends.
+    """
     reply: Any = None
     error: Exception | None = None
-    while True:
-        try:
-            args = commands.send(reply) if error is None else commands.throw(error)
-        except StopIteration as stop:
-            return stop.value  # type: ignore[no-any-return]
-        try:
-            reply, error = call(*args), None
-        except Exception as exc:  # handed to the probe, which reports it (or raises)
-            reply, error = None, exc
-
-
-async def adrive(commands: Commands[R], call: Callable[..., Awaitable[Any]]) -> R:
-    """Run one probe with an awaitable ``call(*args)``."""
-    reply: Any = None
-    error: Exception | None = None
-    while True:
-        try:
-            args = commands.send(reply) if error is None else commands.throw(error)
-        except StopIteration as stop:
-            return stop.value  # type: ignore[no-any-return]
-        try:
-            reply, error = await call(*args), None
-        except Exception as exc:
-            reply, error = None, exc
-
-
-def _outcome(call: Callable[..., Any], commands: Commands[Any]) -> Any:
     try:
-        return drive(commands, call)
-    except Exception as exc:  # the round's owner decides
-        return exc
-
-
-async def _aoutcome(call: Callable[..., Awaitable[Any]], commands: Commands[Any]) -> Any:
-    try:
-        return await adrive(commands, call)
+        while True:
+            try:
+                args = commands.send(reply) if error is None else commands.throw(error)
+            except StopIteration as stop:
+                return stop.value
+            try:
+                reply, error = await call(*args), None
+            except Exception as exc:  # handed to the probe, which reports it (or raises)
+                reply, error = None, exc
     except Exception as exc:
         return exc
 
 
+def _blocking(call: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
+    """``call`` as a coroutine function that completes without ever suspending."""
+
+    async def done_at_once(*args: Any) -> Any:
+        return call(*args)
+
+    return done_at_once
+
+
+def _complete(job: Job) -> Any:
+    """Run ``_drive`` for a blocking job to its end, in this thread, with no event loop."""
+    call, commands = job
+    coroutine = _drive(_blocking(call), commands)
+    try:
+        coroutine.send(None)
+    except StopIteration as stop:
+        return stop.value
+    coroutine.close()
+    raise AssertionError("a blocking probe suspended")  # pragma: no cover - a bug
+
+
+def _next_round(rounds: Rounds[Any], results: Any) -> tuple[list[Job] | None, Any]:
+    """(the next round, None), or (None, the result) once ``rounds`` is done."""
+    try:
+        return rounds.send(results), None
+    except StopIteration as stop:
+        return None, stop.value
+
+
 def run(rounds: Rounds[R]) -> R:
     """Run every round with threads (one slow shard costs one timeout, not one each)."""
-    results: Any = None
-    while True:
-        try:
-            jobs = rounds.send(results)
-        except StopIteration as stop:
-            return stop.value  # type: ignore[no-any-return]
+    jobs, result = _next_round(rounds, None)
+    while jobs is not None:
         with ThreadPoolExecutor(max_workers=max(1, len(jobs))) as pool:
-            futures = [pool.submit(_outcome, call, commands) for call, commands in jobs]
-            results = [f.result() for f in futures]
+            jobs, result = _next_round(rounds, list(pool.map(_complete, jobs)))
+    return cast(R, result)
 
 
 async def arun(rounds: Rounds[R]) -> R:
     """Run every round with tasks (shards concurrently)."""
-    results: Any = None
-    while True:
-        try:
-            jobs = rounds.send(results)
-        except StopIteration as stop:
-            return stop.value  # type: ignore[no-any-return]
-        results = list(await asyncio.gather(*(_aoutcome(c, p) for c, p in jobs)))
+    jobs, result = _next_round(rounds, None)
+    while jobs is not None:
+        jobs, result = _next_round(rounds, list(await asyncio.gather(*(_drive(*j) for j in jobs))))
+    return cast(R, result)

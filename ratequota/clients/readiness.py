@@ -112,20 +112,22 @@ class ReadinessReport:
     warnings: tuple[str, ...]
     ready: bool
 
-    def table(self) -> str:
-        """The report as a fixed-width table, then the problems and warnings."""
-        headers = (
-            "shard",
-            "ok",
-            "latency",
-            "version",
-            "scripts",
-            "TIME",
-            "policies",
-            "maxmemory",
-            "persistence",
-        )
-        rows = [headers]
+    #: The columns of ``rows``.
+    COLUMNS = (
+        "shard",
+        "ok",
+        "latency",
+        "version",
+        "scripts",
+        "TIME",
+        "policies",
+        "maxmemory",
+        "persistence",
+    )
+
+    def rows(self) -> list[tuple[str, ...]]:
+        """One row of text per shard, in ``COLUMNS`` order."""
+        rows: list[tuple[str, ...]] = []
         for s in self.shards:
             latency = "-" if s.latency_ms is None else f"{s.latency_ms:.1f}ms"
             time_ok = {True: "yes", False: "NO", None: "-"}[s.time_in_scripts]
@@ -147,17 +149,26 @@ class ReadinessReport:
                     s.persistence if s.reachable else "-",
                 )
             )
-        widths = [max(len(str(row[i])) for row in rows) for i in range(len(headers))]
+        return rows
+
+    def notes(self) -> list[str]:
+        """The lines under the table: problems, warnings, then the verdict."""
+        # Problems a ready report still has were tolerated (allow_degraded).
+        label = "degraded" if self.ready else "problem"
+        lines = [f"{label}: {p}" for p in self.problems]
+        lines += [f"warning: {w}" for w in self.warnings]
+        lines.append("READY" if self.ready else "NOT READY")
+        return lines
+
+    def table(self) -> str:
+        """The report as a fixed-width table, then the problems and warnings."""
+        rows = [self.COLUMNS, *self.rows()]
+        widths = [max(len(str(row[i])) for row in rows) for i in range(len(self.COLUMNS))]
         lines = [
             "  ".join(str(v).ljust(w) for v, w in zip(row, widths, strict=True)).rstrip()
             for row in rows
         ]
-        # Problems a ready report still has were tolerated (allow_degraded).
-        label = "degraded" if self.ready else "problem"
-        lines += [f"{label}: {p}" for p in self.problems]
-        lines += [f"warning: {w}" for w in self.warnings]
-        lines.append("READY" if self.ready else "NOT READY")
-        return "\n".join(lines)
+        return "\n".join(lines + self.notes())
 
 
 def served_groups(catalog: Any, groups: Iterable[str] | None) -> list[str]:

@@ -62,7 +62,8 @@ class Runner(Generic[T]):
         self._result: Any = None
         #: The script exchange of the flow's current ScriptCall or Batch (``clients.scripting``).
         self._exchange: Exchange | None = None
-        self._single = False
+        self._single = False  # the exchange stands for one ScriptCall (not a Batch)
+        self._route = ""  # where the exchange's calls and loads go
         self._advance(None, None)
 
     def step(self, perform: Callable[[Any], Any]) -> None:

@@ -20,6 +20,7 @@ import attrs
 
 from ratequota.clients import probes
 from ratequota.clients.core import QuotaCore
+from ratequota.clients.failure import FailureStats
 from ratequota.clients.readiness import ReadinessReport
 from ratequota.clients.requests import AcquireRequest
 from ratequota.clients.runner import Runner
@@ -269,6 +270,11 @@ class ClientBase:
             observer=core.observer,
             clock=core.clock.monotonic,
         )
+
+    def stats(self) -> FailureStats:
+        """Counters: fail-open and local admissions, fast failures, fenced releases/renewals."""
+        stats = self.core.failure.stats(self.core.breakers.fast_failures)
+        return attrs.evolve(stats, fenced_refusals=self.core.fenced_refusals)
 
     def _load_rounds(self, strict: bool) -> probes.Rounds[None]:
         """``load_scripts`` of either client, as rounds its driver runs."""

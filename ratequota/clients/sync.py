@@ -31,7 +31,7 @@ from ratequota.clients.backends import (
     url_backend,
 )
 from ratequota.clients.explain import Explanation, explain_flow
-from ratequota.clients.failure import FailureStats, log
+from ratequota.clients.failure import log
 from ratequota.clients.readiness import ReadinessReport
 from ratequota.clients.renewal import ThreadRenewer
 from ratequota.clients.requests import (
@@ -206,11 +206,6 @@ class QuotaClient(ClientBase):
             self._run(flow)
         except Exception:
             log.exception("ratequota: a background flow failed")
-
-    def stats(self) -> FailureStats:
-        """Counters: fail-open and local admissions, fast failures, fenced releases/renewals."""
-        stats = self.core.failure.stats(self.core.breakers.fast_failures)
-        return attrs.evolve(stats, fenced_refusals=self.core.fenced_refusals)
 
     def load_scripts(self, *, strict: bool = True) -> None:
         """Load every script on every server; ``strict=False`` tolerates an unreachable one.
