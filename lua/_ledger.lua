@@ -16,11 +16,12 @@
 --     tr, ts       tokens reserved / settled (written by the meters through ledger_add)
 --     rf:<reason>  refusals (acquire's reasons); a registered waiting request is counted once
 --     sh:<reason>  would-be refusals admitted in shadow mode
+--     ~            a placeholder: both declared keys always exist (see ledger_flush)
 --   Expiry: the end of its hour plus the group's retention (policy hash field led_ttl, ms;
 --   default 7 days), set by the write that creates a field.
 
 -- Fewer, larger functions on purpose: Redis creates every function of a script as a closure
--- on each call, so the ledger adds four to release and acquire (hour constants inlined).
+-- on each call; the ledger adds six to release and acquire (hour constants inlined).
 
 -- Adds `amount` to a counter of `tenant`, written once at the end of the call (ledger_flush).
 local function ledger_note(ctx, tenant, counter, amount)
@@ -58,35 +59,60 @@ local function ledger_purged(ctx, dead, infos)
   end
 end
 
--- Writes the call's notes to the declared ledger key of its hour (see above), and sets the
--- key's expiry — the end of the hour plus the group's retention (led_ttl, default 7 days) —
--- when a write created a field (HINCRBY answered the amount: every amount is positive), so
--- always when the key is created, not on every write. Relative (PEXPIRE), like every expiry
--- the scripts set: a pinned clock is not the server's.
-local function ledger_flush(ctx)
-  local led = ctx.led
-  if not led then return end
-  ctx.led = nil
-  local now, key, hour = ctx.now, KEYS[#KEYS - 1], 0
+-- The expiry a declared ledger key takes at time `now`: the end of its hour plus the group's
+-- retention (led_ttl, default 7 days). Relative (PEXPIRE), like every expiry the scripts set:
+-- a pinned clock is not the server's.
+local function ledger_ttl(key, now)
+  local hour = tonumber(string.match(key, ':led:(%d+)$'))
+  local retention = tonumber(redis.call('HGET', KEYS[1], 'led_ttl')) or 604800000
+  return int(math.max(1, (hour + 1) * 3600000 + retention - now))
+end
+
+-- Adds the counts `led` (field -> amount > 0) to the declared ledger key of the hour of `now`
+-- (see above), setting the key's expiry when a write created a field (HINCRBY answered the
+-- amount), so always when the key is created, not on every write.
+local function ledger_write(now, led)
+  local key, b = KEYS[#KEYS - 1], KEYS[#KEYS]
   local want = math.floor(now / 3600000)
   local ha = tonumber(string.match(key, ':led:(%d+)$'))
-  local hb = tonumber(string.match(KEYS[#KEYS], ':led:(%d+)$'))
-  hour = ha
-  if want ~= ha and (want == hb or math.abs(want - hb) < math.abs(want - ha)) then
-    key, hour = KEYS[#KEYS], hb
-  end
+  local hb = tonumber(string.match(b, ':led:(%d+)$'))
+  if want ~= ha and (want == hb or math.abs(want - hb) < math.abs(want - ha)) then key = b end
   local created = false
   for field, amount in pairs(led) do
     if redis.call('HINCRBY', key, field, int(amount)) == amount then created = true end
   end
-  if created then
-    local retention = tonumber(redis.call('HGET', KEYS[1], 'led_ttl')) or 604800000
-    redis.call('PEXPIRE', key, int(math.max(1, (hour + 1) * 3600000 + retention - now)))
-  end
+  if created then redis.call('PEXPIRE', key, ledger_ttl(key, now)) end
 end
 
 -- Adds `amount` (> 0) to counter `counter` of `tenant` at time `now`, written at once (for
 -- callers without a ctx; with one, ledger_note batches the call's counts into one write).
 local function ledger_add(now, tenant, counter, amount)
-  ledger_flush({now = now, led = {[tenant .. '|' .. counter] = amount}})
+  ledger_write(now, {[tenant .. '|' .. counter] = amount})
+end
+
+-- Writes the call's notes, then makes sure both declared ledger keys exist (a field "~"):
+-- while a Redis Cluster slot migrates, a script whose declared keys exist only in part is
+-- refused (TRYAGAIN) for as long as the migration lasts, and the neighbouring hour's key
+-- usually holds no data. The pair last made sure of is remembered in the policy hash
+-- (led_ok, read with the header), so this costs nothing until the pair changes, twice an
+-- hour. Called by flush, at the end of every script that takes the ledger keys.
+local function ledger_flush(ctx)
+  if ctx.led then
+    ledger_write(ctx.now, ctx.led)
+    ctx.led = nil
+  end
+  local a, b = KEYS[#KEYS - 1], KEYS[#KEYS]
+  local pair = string.match(a, ':led:(%d+)$') .. ':' .. string.match(b, ':led:(%d+)$')
+  local policy = ctx.policy
+  if policy and policy.led_ok == pair then return end
+  for _, key in ipairs({a, b}) do
+    -- HINCRBY (not HSETNX, which the documented minimal ACL does not grant): 1 when created.
+    if redis.call('HINCRBY', key, '~', 1) == 1 then
+      redis.call('PEXPIRE', key, ledger_ttl(key, ctx.now))
+    end
+  end
+  if policy then
+    redis.call('HSET', KEYS[1], 'led_ok', pair)
+    policy.led_ok = pair
+  end
 end

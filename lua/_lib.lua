@@ -28,8 +28,8 @@ end
 -- when the group has no policy or one written by a newer schema.
 local function open_group(now, schema, names)
   -- The schema field first: a newer release may write its header differently.
-  local fields = {'schema', 'hdr', 'busy', 'recover', 'fence'}
-  for i, name in ipairs(names) do fields[i + 5] = 't:' .. name end
+  local fields = {'schema', 'hdr', 'busy', 'recover', 'fence', 'led_ok'}
+  for i, name in ipairs(names) do fields[i + 6] = 't:' .. name end
   local raw = redis.call('HMGET', KEYS[1], unpack(fields))
   if not raw[1] then
     return nil, {-1, 'no_policy', 0, 0, 0, '0', 0, 0, 0, 0, 0}
@@ -39,11 +39,11 @@ local function open_group(now, schema, names)
   end
   local policy = parse_header(raw[2])
   policy.busy, policy.recover = tonumber(raw[3]) or 0, tonumber(raw[4]) or 0
-  policy.fence = tonumber(raw[5]) or 0
+  policy.fence, policy.led_ok = tonumber(raw[5]) or 0, raw[6]
   local ctx = open_ctx(now, policy)
   for i, name in ipairs(names) do
     if ctx.specs[name] == nil then
-      local spec = raw[i + 5]
+      local spec = raw[i + 6]
       if not spec and policy.unknown == 'default' then spec = policy.default end
       ctx.specs[name] = spec and parse_spec(spec) or false
     end
@@ -333,17 +333,18 @@ end
 local function release_ctx(now, schema, tenant)
   local raw
   if tenant then
-    raw = redis.call('HMGET', KEYS[1], 'schema', 'hdr', 'busy', 'recover', 'fence', 't:' .. tenant)
+    raw = redis.call('HMGET', KEYS[1], 'schema', 'hdr', 'busy', 'recover', 'fence', 'led_ok',
+      't:' .. tenant)
   else
-    raw = redis.call('HMGET', KEYS[1], 'schema', 'hdr', 'busy', 'recover', 'fence')
+    raw = redis.call('HMGET', KEYS[1], 'schema', 'hdr', 'busy', 'recover', 'fence', 'led_ok')
   end
   if raw[1] and raw[2] and tonumber(raw[1]) <= tonumber(schema) then
     local policy = parse_header(raw[2])
     policy.busy, policy.recover = tonumber(raw[3]) or 0, tonumber(raw[4]) or 0
-    policy.fence = tonumber(raw[5]) or 0
+    policy.fence, policy.led_ok = tonumber(raw[5]) or 0, raw[6]
     local ctx = open_ctx(now, policy)
     if tenant then
-      local spec = raw[6]
+      local spec = raw[7]
       if not spec and policy.unknown == 'default' then spec = policy.default end
       ctx.specs[tenant] = spec and parse_spec(spec) or false
     end

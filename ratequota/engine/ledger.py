@@ -64,7 +64,9 @@ def _text(value: Any) -> str:
 def _rows_of_hour(group: str, hour: int, fields: Mapping[Any, Any]) -> list[UsageRow]:
     counters: dict[str, dict[str, int]] = {}
     for raw_field, raw_value in fields.items():
-        tenant, _, counter = _text(raw_field).rpartition("|")
+        tenant, bar, counter = _text(raw_field).rpartition("|")
+        if not bar:  # "~": the placeholder that keeps the hour's key in existence
+            continue
         counters.setdefault(tenant, {})[counter] = int(_text(raw_value))
     rows = []
     for tenant in sorted(counters):
