@@ -22,6 +22,12 @@ the decision costs the same, minus the writes).
 Beside them, in the same run and on the same server, the µs per call of a
 trivial ``EVALSHA "return 1"``: every figure is also printed as a multiple of
 it, and the larger groups as a multiple of the 10-tenant figure (DESIGN §10).
+
+``--meters`` measures instead decisions with rate meters (docs/rates.md)
+beside the lease-only decision, in the same group (10 active tenants, 10,000
+live leases, spare capacity and rate), in interleaved rounds: one ``tokens``
+meter on the tenant's own rate, the same borrowing, and ``tokens`` with
+``requests`` (``METERED_CASES``): still one script call, and what meters add.
 """
 
 from __future__ import annotations
@@ -34,9 +40,9 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ratequota.clients.sync import QuotaClient
-from ratequota.engine.protocol import acquire_call, release_call
+from ratequota.engine.protocol import acquire_call, apply_policy_call, release_call
 from ratequota.engine.scripts import load_scripts
-from ratequota.policy import GroupPolicy, Policy, TenantPolicy
+from ratequota.policy import GroupPolicy, MeterPolicy, Policy, TenantMeter, TenantPolicy
 from tests.servers import RedisServer
 
 LIVE_LEASES = 10_000
@@ -159,6 +165,72 @@ def measure(url: str, active: int, idle: int, calls: int, *, contended: bool) ->
         quota.close()
 
 
+def metered_policy(active: int) -> GroupPolicy:
+    """``build_policy``'s group with a ``tokens`` and a ``requests`` meter that never refuse
+    here: half the tenants ask within a guaranteed rate, the others borrow."""
+    tenants = [
+        TenantPolicy(
+            f"a{i}",
+            weight=1.0 + i % 3,
+            meters=(TenantMeter("tokens", rate=10**6 if i % 2 else 0, weight=1.0 + i % 3),),
+        )
+        for i in range(active)
+    ]
+    meters = (
+        MeterPolicy("tokens", rate=10**8, burst=10**8),
+        MeterPolicy("requests", rate=10**6, burst=10**6),
+    )
+    return GroupPolicy("cost", 10**7, tuple(tenants), max_lease_ttl=3600.0, meters=meters)
+
+
+#: The ``--meters`` decisions: a label, which of the 10 tenants ask (odd ones have a guaranteed
+#: token rate, even ones only borrow), and the amounts each acquire names.
+METERED_CASES: tuple[tuple[str, tuple[int, ...], dict[str, int]], ...] = (
+    ("lease", tuple(range(10)), {}),
+    ("lease + tokens (own rate)", (1, 3, 5, 7, 9), {"tokens": 700}),
+    ("lease + tokens (borrowing)", (0, 2, 4, 6, 8), {"tokens": 700}),
+    ("lease + tokens + requests", tuple(range(10)), {"tokens": 700, "requests": 1}),
+)
+
+
+def measure_meters(url: str, calls: int, rounds: int = 5) -> tuple[list[float], int]:
+    """Redis-side µs per acquire of each of ``METERED_CASES`` (medians of ``rounds``
+    interleaved rounds of ``calls`` each), and the live leases during the run."""
+    quota = QuotaClient.from_url(url, prefix="costm", socket_timeout=30.0)
+    try:
+        policy = metered_policy(10)
+        conn = quota.backend.connection(policy.name)
+        for spec in load_scripts().values():
+            conn.script_load(spec.source)
+        keyspace = quota.core.keyspace
+        call = apply_policy_call(keyspace, policy)
+        conn.evalsha(call.script.sha, len(call.keys), *call.keys, *call.args)
+        seeded = populate(quota, policy.name, 10, LIVE_LEASES)
+        results: list[list[float]] = [[] for _ in METERED_CASES]
+        count = 0
+        for _ in range(rounds):
+            for (_label, tenants, amounts), out in zip(METERED_CASES, results, strict=True):
+                for i in range(50 + calls):
+                    if i == 50:  # the first 50 warm up, outside the measurement
+                        conn.config_resetstat()
+                    count += 1
+                    tenant = f"a{tenants[i % len(tenants)]}"
+                    one = acquire_call(
+                        keyspace, policy.name, tenant, 1, f"m{count}", 1000,
+                        wait=False, pending_ms=2000, purge=64, meters=amounts,
+                    )  # fmt: skip
+                    reply = conn.evalsha(one.script.sha, len(one.keys), *one.keys, *one.args)
+                    assert int(reply[0]) == 1, reply
+                counted, usec = evalsha_stats(conn)
+                assert counted == calls, (counted, calls)
+                out.append(usec)
+        live = quota.snapshot(policy.name, []).used
+        release_all(quota, policy.name, seeded)
+        return [sorted(r)[rounds // 2] for r in results], live
+    finally:
+        quota.close()
+
+
 def trivial_usec(url: str, calls: int) -> float:
     """Redis-side µs per call of ``EVALSHA "return 1"``, measured the same way."""
     quota = QuotaClient.from_url(url, prefix="trivial", socket_timeout=30.0)
@@ -187,7 +259,12 @@ def main(argv: list[str] | None = None) -> int:
         default=",".join(str(n) for n in ACTIVE),
         help="comma-separated active-tenant counts (default %(default)s)",
     )
+    parser.add_argument(
+        "--meters", action="store_true", help="a lease with two rate meters beside a lease alone"
+    )
     args = parser.parse_args(argv)
+    if args.meters:
+        return main_meters(args.url, args.calls)
     actives = [int(n) for n in args.active.split(",")]
     scenarios = [(n, 0) for n in actives] + [(actives[0], IDLE_TENANTS)]
     server = None
@@ -214,6 +291,26 @@ def main(argv: list[str] | None = None) -> int:
                 f"{spare / first[0]:>7.2f}x {tight:>10.1f} {tight / trivial:>9.1f}x "
                 f"{tight / first[0]:>7.2f}x"
             )
+    finally:
+        if server is not None:
+            server.cleanup()
+    return 0
+
+
+def main_meters(url: str | None, calls: int) -> int:
+    """The ``--meters`` table: one decision with and without two meters, same group, same run."""
+    server = None
+    if url is None:
+        server = RedisServer().start()
+        url = server.url
+    try:
+        trivial = trivial_usec(url, calls)
+        usecs, live = measure_meters(url, calls)
+        print("Redis-side µs per acquire (INFO commandstats, evalsha usec_per_call, medians)")
+        print(f'trivial EVALSHA "return 1": {trivial:.2f} µs; {live} live leases, 10 tenants\n')
+        print(f"{'decision':<28} {'µs':>8} {'x trivial':>10} {'x lease':>8}")
+        for (name, _, _), usec in zip(METERED_CASES, usecs, strict=True):
+            print(f"{name:<28} {usec:>8.1f} {usec / trivial:>9.1f}x {usec / usecs[0]:>7.2f}x")
     finally:
         if server is not None:
             server.cleanup()

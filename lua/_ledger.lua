@@ -3,8 +3,8 @@
 -- and flush call it; ledger_acquire, which wraps acquire_one, ends _lib.lua). No
 -- KEYS/ARGV/reply header of its own.
 --
--- The ledger keys are always the LAST TWO KEYS of a script that ends or refuses leases
--- (acquire, acquire_many, release, release_many, renew): the hour of the caller's clock and
+-- The ledger keys are KEYS[7] and KEYS[8] of every script that ends, refuses or settles leases
+-- (acquire, acquire_many, release, release_many, renew, settle): the hour of the caller's clock and
 -- the hour next to it that is nearest that clock. The script files under the hour of its own
 -- time (Redis TIME, or the pinned clock), so a caller whose clock is less than half an hour
 -- off still names the right key at every hour boundary; beyond that, the nearest named hour.
@@ -72,7 +72,7 @@ end
 -- (see above), setting the key's expiry when a write created a field (HINCRBY answered the
 -- amount), so always when the key is created, not on every write.
 local function ledger_write(now, led)
-  local key, b = KEYS[#KEYS - 1], KEYS[#KEYS]
+  local key, b = KEYS[7], KEYS[8]
   local want = math.floor(now / 3600000)
   local ha = tonumber(string.match(key, ':led:(%d+)$'))
   local hb = tonumber(string.match(b, ':led:(%d+)$'))
@@ -101,7 +101,7 @@ local function ledger_flush(ctx)
     ledger_write(ctx.now, ctx.led)
     ctx.led = nil
   end
-  local a, b = KEYS[#KEYS - 1], KEYS[#KEYS]
+  local a, b = KEYS[7], KEYS[8]
   local pair = string.match(a, ':led:(%d+)$') .. ':' .. string.match(b, ':led:(%d+)$')
   local policy = ctx.policy
   if policy and policy.led_ok == pair then return end

@@ -156,7 +156,7 @@ local function limit_at(st, spec, d)
 end
 
 -- Decides one request (§3) and records it; returns acquire.lua's reply (see its header).
-local function acquire_one(ctx, tenant, units, id, ttl, wait, pending_ms, shadow)
+local function acquire_one(ctx, tenant, units, id, ttl, wait, pending_ms, shadow, amounts)
   local policy, now = ctx.policy, ctx.now
   if ttl > policy.ttl then
     return {-1, 'bad_ttl', 0, 0, 0, '0', 0, policy.capacity, 0, policy.version, policy.ttl}
@@ -194,6 +194,11 @@ local function acquire_one(ctx, tenant, units, id, ttl, wait, pending_ms, shadow
   if not spec then
     return {0, 'unknown_tenant', 0, 0, tenant_used, '0', st.used, policy.capacity, 0,
             policy.version, 0}
+  end
+  local metered = amounts ~= nil and #amounts > 0
+  if metered then  -- rate meters (_metered.lua): every name must be one of the policy's
+    local bad = meter_unknown(ctx, tenant, amounts)
+    if bad then return {-1, 'bad_meter', 0, 0, 0, '0', 0, policy.capacity, 0, policy.version, bad} end
   end
   if units <= math.min(policy.capacity, spec.ceil, spec.max) and policy.recovering then
     -- Leases granted before the state was lost may still run: admit nothing new until the
@@ -268,6 +273,19 @@ local function acquire_one(ctx, tenant, units, id, ttl, wait, pending_ms, shadow
             policy.version, 0}
   end
 
+  -- Rate meters decide with the lease, all or nothing (docs/rates.md): a refusing meter
+  -- refuses the lease and writes only its contention mark; in shadow mode it admits.
+  local meter_rows, meter_record = nil, nil
+  if metered then
+    local ok, rows, record, retry = meter_gate(ctx, tenant, amounts, shadow)
+    if not ok and not shadow then
+      return {0, 'meter', 0, 0, tenant_used, fmt(limit), st.used, policy.capacity, retry,
+              policy.version, 0, rows}
+    end
+    if not ok then shadowed = shadowed or 'meter' end
+    meter_rows, meter_record = rows, record
+  end
+
   if already_waiting then
     -- The registration is this request's own (same tenant, same units): its units move from
     -- waiting to held, the tenant's demand and so the level stay as they are.
@@ -289,8 +307,9 @@ local function acquire_one(ctx, tenant, units, id, ttl, wait, pending_ms, shadow
   redis.call('HSET', KEYS[4], lease_member, info)
   ctx.entries[lease_member] = info
   ctx.touch = true
+  if meter_record then redis.call('HSET', KEYS[4], 'R' .. id, meter_record) end
   return {1, shadowed or 'admitted', expiry, token, tenant_used + units, fmt(limit),
-          ctx.st.used, policy.capacity, 0, policy.version, 0}
+          ctx.st.used, policy.capacity, 0, policy.version, 0, meter_rows}
 end
 
 -- Ends lease `id` of `tenant` whose fencing token is `token` (text, as stored), and withdraws
@@ -309,7 +328,7 @@ local function release_one(ctx, id, tenant, token)
     if expiry <= ctx.now then state = 'expired' end
     ledger_ended(ctx, owner, units, held_token, expiry)
     redis.call('ZREM', KEYS[3], member)
-    redis.call('HDEL', KEYS[4], member)
+    redis.call('HDEL', KEYS[4], member, 'R' .. id)  -- R: its meter reservations, if any
     ctx.entries[member] = false
     add_demand(ctx, tenant, -units, 0)
     settle(fair_state(ctx), ctx.policy)
@@ -355,10 +374,10 @@ end
 
 -- acquire_one, its decision counted in the ledger (_ledger.lua): a refusal as rf:<reason>
 -- (not again for a request already registered as waiting), a shadow admission as sh:<reason>.
-local function ledger_acquire(ctx, tenant, units, id, ttl, wait, pending_ms, shadow)
+local function ledger_acquire(ctx, tenant, units, id, ttl, wait, pending_ms, shadow, amounts)
   prefetch_entries(ctx, {id})
   local registered = ctx.entries['P' .. id]
-  local reply = acquire_one(ctx, tenant, units, id, ttl, wait, pending_ms, shadow)
+  local reply = acquire_one(ctx, tenant, units, id, ttl, wait, pending_ms, shadow, amounts)
   if reply[1] == 0 and not registered then
     ledger_note(ctx, tenant, 'rf:' .. reply[2], 1)
   elseif reply[1] == 1 and reply[2] ~= 'admitted' then

@@ -386,7 +386,13 @@ local function purge(ctx, limit)
   end
   ledger_purged(ctx, dead, infos)
   redis.call('ZREM', KEYS[3], unpack(dead))
-  redis.call('HDEL', KEYS[4], unpack(dead))
+  -- A lease's meter reservations (R<id>, _metered.lua) go with it, in the same HDEL.
+  local gone = {}
+  for _, member in ipairs(dead) do
+    gone[#gone + 1] = member
+    if string.sub(member, 1, 1) == 'L' then gone[#gone + 1] = 'R' .. string.sub(member, 2) end
+  end
+  redis.call('HDEL', KEYS[4], unpack(gone))
   load_specs(ctx, names)
   local fields = {'g'}
   for _, name in ipairs(names) do

@@ -1,24 +1,25 @@
 -- acquire_many.lua: decide several acquire requests of one group in one call, in order.
 --
 -- KEYS[1] policy, KEYS[2] demand, KEYS[3] exp, KEYS[4] info, KEYS[5] queue, KEYS[6] fair
--- KEYS[7] ledger, KEYS[8] ledger_alt  the usage ledger's hour keys (always the last two keys;
---   see _ledger.lua)
+-- KEYS[7] ledger, KEYS[8] ledger_alt  the usage ledger's hour keys (see _ledger.lua)
+-- KEYS[9] contend1, KEYS[10] contend2, KEYS[11] contend3, KEYS[12] contend4
+--   (passed only when a request names meters, see acquire.lua)
 -- ARGV[1] now_ms      pinned clock in ms, or "" for Redis TIME
 -- ARGV[2] schema      key schema of the caller
 -- ARGV[3] pending_ms  lifetime of a waiting registration unless refreshed by a retry
 -- ARGV[4] purge       most expired entries to drop in this call
--- ARGV[5..] requests, six values each: tenant, units, lease_id, ttl_ms, wait ("1" or "0"),
---           shadow ("1" or "0": acquire.lua's shadow argument)
+-- ARGV[5..] requests, seven values each: tenant, units, lease_id, ttl_ms, wait ("1" or "0"),
+--           shadow ("1" or "0": acquire.lua's shadow argument), meters (acquire.lua's)
 --
 -- reply: one acquire.lua reply per request, in order (see acquire.lua's header). Each
 --   request is decided as if it had been sent alone right after the ones before it; the
 --   fixed work (clock, policy, purge, tenant specs, demand) is done once for all of them.
 --   When the policy is missing or of a newer schema, every request gets that error reply.
 
-local count = (#ARGV - 4) / 6
+local count = (#ARGV - 4) / 7
 local names, ids, fields = {}, {}, {'g'}
 for i = 1, count do
-  local base = 4 + (i - 1) * 6
+  local base = 4 + (i - 1) * 7
   names[i], ids[i] = ARGV[base + 1], ARGV[base + 3]
   fields[#fields + 1] = 'u:' .. names[i]
   fields[#fields + 1] = 'p:' .. names[i]
@@ -35,10 +36,10 @@ local pending_ms = tonumber(ARGV[3])
 prefetch_entries(ctx, ids)
 load_fields(ctx, fields)
 for i = 1, count do
-  local base = 4 + (i - 1) * 6
+  local base = 4 + (i - 1) * 7
   replies[i] = ledger_acquire(ctx, ARGV[base + 1], tonumber(ARGV[base + 2]), ARGV[base + 3],
                               tonumber(ARGV[base + 4]), ARGV[base + 5] == '1', pending_ms,
-                              ARGV[base + 6] == '1')
+                              ARGV[base + 6] == '1', meter_amounts(ARGV[base + 7]))
 end
 flush(ctx, KEY_GRACE_MS)
 return replies

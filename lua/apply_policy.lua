@@ -5,6 +5,8 @@
 -- KEYS[1] policy, KEYS[2] demand, KEYS[3] exp, KEYS[4] info, KEYS[5] queue, KEYS[6] fair
 -- KEYS[7] old_policy, KEYS[8] old_demand, KEYS[9] old_exp, KEYS[10] old_info, KEYS[11] old_queue
 --   (the same group's keys in the previous layout, key schema 1: same hash tag, same slot)
+-- KEYS[12] contend1, KEYS[13] contend2, KEYS[14] contend3, KEYS[15] contend4
+--   (the rate meters' contention sets: a metered group's hold a sentinel, see below)
 -- ARGV[1] schema      key schema of the writer
 -- ARGV[2] capacity    integer units
 -- ARGV[3] reserve     sum of G*(1-lendable) over listed tenants (%.17g)
@@ -17,9 +19,13 @@
 --                     long from now (busy >= now + recover_ms, so the group recovers, see
 --                     acquire.lua); "0" when publishing
 -- ARGV[10] migrate    "1": take the group over from a live previous layout (see below)
--- ARGV[11] usage_retention_ms  how long each hour of the usage ledger is kept after it ends
+-- ARGV[11] meters      the group's rate meters "name|rate|cap|reserve|floor|quantum|window;..."
+--                     in slot order (ratequota.rates.meter_limits, ticks), or "" for none
+-- ARGV[12] shares     the rate-meter shares of tenants the policy does not list
+--                     ("rate|ceil|cap|ccap|weight;..." per slot), or ""
+-- ARGV[13] usage_retention_ms  how long each hour of the usage ledger is kept after it ends
 --                     (field led_ttl, read by _ledger.lua)
--- ARGV[12..] tenant name, spec pairs
+-- ARGV[14..] tenant name, spec, meter shares ("" without meters) triples
 --
 -- reply: {status, version}
 --   status 1 written (version is the new one), 0 unchanged (same digest; current version),
@@ -41,6 +47,18 @@
 local schema = tonumber(ARGV[1])
 local old = redis.call('HMGET', KEYS[1], 'schema', 'version', 'fence', 'digest', 'busy', 'recover')
 if old[1] and tonumber(old[1]) > schema then return {-1, tonumber(old[1])} end
+
+-- A metered group's contention sets always exist, holding the sentinel "~" above every tag
+-- and no expiry (like the policy hash): a metered acquire names them, and a Redis Cluster
+-- refuses a script naming a missing key while its slot migrates. Without meters: none.
+if ARGV[11] ~= '' then
+  for i = 12, 15 do
+    redis.call('ZADD', KEYS[i], '+inf', '~')
+    redis.call('PERSIST', KEYS[i])
+  end
+else
+  redis.call('DEL', KEYS[12], KEYS[13], KEYS[14], KEYS[15])
+end
 
 local legacy = redis.call('HMGET', KEYS[7], 'schema', 'fence', 'busy')
 local legacy_live = legacy[1] and tonumber(legacy[1]) < schema
@@ -93,13 +111,19 @@ local header = schema .. '|' .. version .. '|' .. ARGV[2] .. '|' .. ARGV[6] .. '
 redis.call('DEL', KEYS[1])
 redis.call('HSET', KEYS[1], 'schema', schema, 'version', version, 'fence', int(fence),
   'digest', ARGV[7], 'hdr', header, 'busy', int(busy), 'recover', old[6] or 0,
-  'led_ttl', ARGV[11])
+  'led_ttl', ARGV[13])
 -- HSET in chunks: unpack() of a very long list overflows Lua's C stack.
 local specs, batch = {}, {}
-for i = 12, #ARGV, 2 do
+-- Rate meters (_metered.lua): written only when the policy has some.
+if ARGV[11] ~= '' then redis.call('HSET', KEYS[1], 'meters', ARGV[11], 'md', ARGV[12]) end
+for i = 14, #ARGV, 3 do
   specs[ARGV[i]] = ARGV[i + 1]
   batch[#batch + 1] = 't:' .. ARGV[i]
   batch[#batch + 1] = ARGV[i + 1]
+  if ARGV[i + 2] ~= '' then
+    batch[#batch + 1] = 'ms:' .. ARGV[i]
+    batch[#batch + 1] = ARGV[i + 2]
+  end
   if #batch >= 1000 then
     redis.call('HSET', KEYS[1], unpack(batch))
     batch = {}

@@ -17,6 +17,8 @@ __all__ = [
     "Decision",
     "GroupSnapshot",
     "LeaseInfo",
+    "MeterResult",
+    "MeterSettlement",
     "Reason",
     "ReleaseResult",
     "RenewResult",
@@ -33,6 +35,7 @@ Reason = Literal[
     "id_mismatch",
     "recovering",
     "backend_unavailable",
+    "meter",
 ]
 
 _WHY = {
@@ -49,7 +52,69 @@ _WHY = {
         "they have certainly ended"
     ),
     "backend_unavailable": "the quota backend is unavailable",
+    "meter": "a rate meter refused",
 }
+
+
+@attrs.frozen
+class MeterSettlement:
+    """How one meter of a lease settled (``ratequota.rates.settle_reservation``).
+
+    ``outcome``: ``settled`` (``delta`` = actual − estimate tokens was charged,
+    once), ``replay`` (the same amount again: nothing), ``conflict`` (another
+    amount after the first: nothing), ``closed`` (the lease ended and keeps its
+    estimate), ``mismatch`` (another tenant's lease or token), ``unreserved``
+    (the lease reserved nothing on that meter). ``clipped`` (tokens) is what
+    the debt bound forgave (> 0) or a full bucket could not take back (< 0),
+    on the ceiling bucket.
+    """
+
+    name: str
+    outcome: Literal["settled", "replay", "conflict", "closed", "mismatch", "unreserved"]
+    delta: int = 0
+    clipped: float = 0.0
+
+
+#: Why one rate meter refused (docs/rates.md, "The rule").
+_METER_WHY = {
+    "too_large": "larger than its buckets can ever hold",
+    "ceil": "at its ceiling (or repaying a debt)",
+    "rate": "above its own rate and too large to borrow",
+    "group": "no spare rate in the group now",
+    "share": "other borrowers of the spare come first",
+}
+
+
+@attrs.frozen
+class MeterResult:
+    """One rate meter's part of a decision (docs/rates.md), as the acquire script decided it.
+
+    ``reason`` is ``"admitted"`` or why the meter refused (``too_large``,
+    ``ceil``, ``rate``, ``group``, ``share``); ``retry_after`` (s) when the same
+    amount would pass if nothing else happened, computed from the buckets (None:
+    admitted, or never). ``remaining`` is what the tenant could take now,
+    ``reset`` (s) until its ceiling bucket is full again, ``limit`` its ceil in
+    tokens per ``window`` seconds: the numbers the RateLimit headers carry.
+    ``path`` is how it was admitted: ``"rate"`` (its guarantee) or
+    ``"borrow"`` (spare rate), None for a zero amount or a refusal.
+    """
+
+    name: str
+    amount: int
+    admitted: bool
+    reason: str
+    retry_after: float | None
+    remaining: int
+    reset: float
+    limit: int
+    window: int
+    path: str | None = None
+
+    def describe(self) -> str:
+        """Why it refused, in words (empty when admitted)."""
+        if self.admitted:
+            return ""
+        return f"meter {self.name!r}: {_METER_WHY.get(self.reason, self.reason)}"
 
 
 @attrs.frozen
@@ -76,6 +141,9 @@ class LeaseInfo:
     expires_at: float
     replay: bool = False
     synthetic: bool = False
+    #: The rate meters decided with this lease at admission (``Decision.meters``): what the
+    #: RateLimit headers of an admitted request show. Not part of the lease's identity.
+    meters: tuple[MeterResult, ...] = attrs.field(default=(), eq=False, repr=False)
 
 
 @attrs.frozen
@@ -97,8 +165,14 @@ class Decision:
 
     ``shadow_refused``: admitted only because the group or tenant is in shadow
     mode (``GroupPolicy.shadow`` / ``TenantPolicy.shadow``); enforcement would
-    have refused it, and ``reason`` says why (``tenant_limit`` or ``group_full``).
-    The lease is real: its units are held in Redis like any other.
+    have refused it, and ``reason`` says why (``tenant_limit``, ``group_full``
+    or ``meter``). The lease is real: its units are held in Redis like any other.
+
+    ``meters``: one ``MeterResult`` per rate meter the request named
+    (``tokens=...``), decided with the lease, all or nothing: a ``meter``
+    refusal names them, and its ``retry_after`` is the longest wait of the
+    refusing meters. Empty when the request named none, or when the lease
+    itself was refused first.
     """
 
     admitted: bool
@@ -114,6 +188,19 @@ class Decision:
     policy_version: int = 0
     lease: LeaseInfo | None = None
     shadow_refused: bool = False
+    meters: tuple[MeterResult, ...] = ()
+
+    @property
+    def never_fits(self) -> bool:
+        """Refused for good: the units, or a meter's amount, exceed what can ever be held."""
+        return self.reason == "too_large" or any(m.reason == "too_large" for m in self.meters)
+
+    def meter(self, name: str) -> MeterResult | None:
+        """This decision's result on rate meter ``name`` (None: the request named no such meter)."""
+        for result in self.meters:
+            if result.name == name:
+                return result
+        return None
 
     def __bool__(self) -> bool:
         return self.admitted
@@ -121,6 +208,15 @@ class Decision:
     def describe(self) -> str:
         """One line for logs and exception messages; never prints NaN."""
         units = _units(self.units)
+        if self.reason == "meter":
+            refusing = "; ".join(m.describe() for m in self.meters if not m.admitted)
+            verb = "admitted" if self.admitted else "refused"
+            mode = " in shadow mode (enforcing would refuse)" if self.admitted else ""
+            hint = f"; retry in {self.retry_after:.3f}s" if self.retry_after > 0 else ""
+            return (
+                f"{verb} {units} for tenant {self.tenant!r} in group {self.group!r}{mode}: "
+                f"{refusing}{hint}"
+            )
         if self.shadow_refused:
             return (
                 f"admitted {units} for tenant {self.tenant!r} in shadow mode; enforcing would "

@@ -86,7 +86,7 @@ MAX_METER = 2**36
 
 #: Most meters a group may declare. The enforcing scripts keep one contention set per meter
 #: and must name every key up front (Redis Cluster), so the number is fixed: meter i of the
-#: group's list uses key slot i (docs/rates.md, "Integration plan").
+#: group's list uses key slot i (lua/_metered.lua, KEYS[6 + i]).
 MAX_METERS = 4
 
 #: How a meter's rates are spelled: tokens per second or per minute.

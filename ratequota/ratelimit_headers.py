@@ -14,7 +14,8 @@ Two families are rendered from the same numbers:
 plus ``Retry-After`` (whole seconds, rounded up) when a meter refused and its
 bucket can name a time. The numbers are the tenant's: its ceil is the limit
 (what it may reach), ``remaining`` what it could take now, ``reset`` when its
-ceiling bucket is full again — all taken from ``ratequota.rates.decide``.
+ceiling bucket is full again — all taken from ``ratequota.rates.decide``, as
+the acquire script returns them in ``Decision.meters`` (``decision_headers``).
 """
 
 from __future__ import annotations
@@ -23,17 +24,21 @@ from collections.abc import Iterable
 
 import attrs
 
+from ratequota.decision import Decision, MeterResult
 from ratequota.policy import MeterPolicy, TenantMeter
 from ratequota.rates import MeterDecision
 
 __all__ = [
     "MeterView",
+    "decision_headers",
     "go_duration",
     "headers",
+    "meter_headers",
     "meter_view",
     "openai_headers",
     "ratelimit",
     "ratelimit_policy",
+    "result_view",
     "retry_after",
 ]
 
@@ -69,6 +74,38 @@ def meter_view(spec: MeterPolicy, share: TenantMeter, decision: MeterDecision) -
         retry_ms=decision.retry_ms,
         refused=not decision.admitted,
     )
+
+
+def result_view(result: MeterResult) -> MeterView:
+    """The view of one meter of a ``Decision`` (as the acquire script decided it)."""
+    return MeterView(
+        name=result.name,
+        limit=result.limit,
+        window=result.window,
+        remaining=result.remaining,
+        reset_ms=round(result.reset * 1000),
+        retry_ms=None if result.retry_after is None else round(result.retry_after * 1000),
+        refused=not result.admitted,
+    )
+
+
+def meter_headers(results: Iterable[MeterResult]) -> dict[str, str]:
+    """The headers of some meters' results (an admitted lease's ``meters``, for instance)."""
+    return headers(result_view(m) for m in results)
+
+
+def decision_headers(decision: Decision) -> dict[str, str]:
+    """Every header for a decision: its meters' fields, and ``Retry-After`` on any refusal.
+
+    A refusal of the lease itself (the tenant's limit, the group's capacity)
+    carries its own hint as ``Retry-After`` too; a request that can never
+    pass (too large) gets none. Shadow-mode admissions render as admissions.
+    """
+    out = meter_headers(decision.meters)
+    refused = not decision.admitted and not decision.never_fits
+    if refused and "Retry-After" not in out and decision.retry_after > 0:
+        out["Retry-After"] = str(max(1, _seconds(round(decision.retry_after * 1000))))
+    return out
 
 
 def _seconds(ms: int) -> int:

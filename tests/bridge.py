@@ -105,9 +105,13 @@ class AsyncBridge:
         """``acquire`` validates here, as the sync client does; waiting happens on entry."""
         return BridgedAcquisition(self, self.client.acquire(tenant, units, **options))
 
-    def release(self, lease: Any) -> Any:
+    def release(self, lease: Any, **actuals: Any) -> Any:
         """``await release``."""
-        return self.wait(self.client.release(_unwrap(lease)))
+        return self.wait(self.client.release(_unwrap(lease), **actuals))
+
+    def settle(self, lease: Any, **actuals: Any) -> Any:
+        """``await settle``."""
+        return self.wait(self.client.settle(_unwrap(lease), **actuals))
 
     def renew(self, lease: Any, ttl: float | None = None) -> Any:
         """``await renew``."""
@@ -171,9 +175,13 @@ class BridgedLease:
         """``await lease.renew``."""
         return self._bridge.wait(self.lease.renew(ttl))
 
-    def release(self) -> Any:
+    def release(self, **actuals: Any) -> Any:
         """``await lease.release``."""
-        return self._bridge.wait(self.lease.release())
+        return self._bridge.wait(self.lease.release(**actuals))
+
+    def settle(self, **actuals: Any) -> Any:
+        """``await lease.settle``."""
+        return self._bridge.wait(self.lease.settle(**actuals))
 
 
 def _unwrap(lease: Any) -> LeaseInfo | AsyncLease:

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import re
 
+import attrs
 import pytest
 import redis
 
 from ratequota.clients.sync import QuotaClient
-from ratequota.policy import GroupPolicy, Policy, TenantPolicy
+from ratequota.policy import GroupPolicy, MeterPolicy, Policy, TenantPolicy
+from ratequota.testing import ManualClock
 from tests.conftest import MakeClient
 from tests.servers import RedisServer
 
@@ -34,16 +36,26 @@ def group_policy(name: str, active: int, idle: int) -> GroupPolicy:
     return GroupPolicy(name, capacity=100_000, tenants=tuple(tenants))
 
 
-def script_work(server: RedisServer, name: str, active: int, idle: int) -> list[tuple[str, int]]:
-    """Commands (name, argument count) one acquire's script issues, read from MONITOR."""
-    client = QuotaClient.from_url(server.url, socket_timeout=10.0)
+def script_work(
+    server: RedisServer, name: str, active: int, idle: int, **meters: int
+) -> list[tuple[str, int]]:
+    """Commands (name, argument count) one acquire's script issues, read from MONITOR.
+
+    With ``meters`` (amounts by meter name) the group has those rate meters, every active
+    tenant borrows on them (so all contend for the spare), and the acquire names them too.
+    """
+    client = QuotaClient.from_url(server.url, socket_timeout=10.0, clock=ManualClock())
     plain = redis.Redis(port=server.port, socket_timeout=10.0)
     try:
-        client.apply_policy(Policy([group_policy(name, active, idle)]))
+        policy = group_policy(name, active, idle)
+        if meters:
+            spec = tuple(MeterPolicy(m, rate=10**9, burst=10**9) for m in meters)
+            policy = attrs.evolve(policy, meters=spec)
+        client.apply_policy(Policy([policy]))
         for i in range(active):  # every active tenant holds a lease
-            assert client.try_acquire(f"a{i}", 2, group=name).admitted
+            assert client.try_acquire(f"a{i}", 2, group=name, meters=meters).admitted
         with plain.monitor() as monitor:  # type: ignore[no-untyped-call]
-            decision = client.try_acquire("a0", 1, group=name)
+            decision = client.try_acquire("a0", 1, group=name, meters=meters)
             assert decision.admitted
             plain.echo("end-of-acquire")  # a fence: MONITOR lists commands in order
             issued: list[tuple[str, int]] = []
@@ -76,6 +88,16 @@ def test_acquire_work_ignores_idle_and_active_tenants(real_redis: RedisServer) -
     busier = script_work(real_redis, "busy", active=400, idle=0)
     assert busier == lean
     assert not {name for name, _ in lean} & {"hgetall", "hkeys", "hvals", "zrange"}
+
+
+def test_metered_acquire_work_ignores_how_many_borrowers_contend(real_redis: RedisServer) -> None:
+    """With two rate meters, 10 or 200 tenants contending for the spare add no command and no
+    argument: the floor of the contention set is one ZRANGE of its head, the rest O(1)."""
+    lean = script_work(real_redis, "mlean", active=10, idle=0, tokens=5, requests=1)
+    busier = script_work(real_redis, "mbusy", active=200, idle=0, tokens=5, requests=1)
+    assert busier == lean
+    assert lean.count(("zrange", 4)) == 2  # ZRANGE key 0 0: one head per meter
+    assert not {name for name, _ in lean} & {"hgetall", "hkeys", "hvals"}
 
 
 def test_thousands_of_active_tenants_fit_in_one_call(make_client: MakeClient) -> None:

@@ -1,6 +1,7 @@
 """The Lua engine against the pure reference (DESIGN §3): same decisions, same limits.
 
-Random policies and random sequences of acquire, waiting acquire (pending
+Random policies (half of them with a rate meter that always admits, which
+metered acquires name) and random sequences of acquire, waiting acquire (pending
 demand), retry, replay, mismatched replay (another tenant or other units under
 a used request id), release, withdraw, renew (some above the group's
 max_lease_ttl: clamped), fenced release and renew (another tenant or token),
@@ -33,7 +34,14 @@ from ratequota.clients.sync import QuotaClient
 from ratequota.decision import Decision, LeaseInfo
 from ratequota.errors import UnknownTenant
 from ratequota.fairness import EPSILON, GroupDecision, decide, group_allocation
-from ratequota.policy import GroupPolicy, Policy, TenantPolicy, UnknownTenants
+from ratequota.policy import (
+    MAX_METER,
+    GroupPolicy,
+    MeterPolicy,
+    Policy,
+    TenantPolicy,
+    UnknownTenants,
+)
 from ratequota.testing import ManualClock
 from tests.conftest import MakeClient
 from tests.servers import RedisServer
@@ -85,6 +93,11 @@ def random_policy(rnd: random.Random, name: str) -> GroupPolicy:
         default_tenant=default,
         # Short enough that recovery windows after a lost state end within a run.
         max_lease_ttl=rnd.choice([30.0, 60.0, 600.0]),
+        # A rate meter that always admits: metered acquires must decide their leases exactly
+        # as unmetered ones (tests/test_rates_engine.py holds the meters' own decisions).
+        meters=(MeterPolicy("tokens", rate=MAX_METER, burst=MAX_METER),)
+        if rnd.random() < 0.5
+        else (),
     )
 
 
@@ -225,7 +238,10 @@ class Replay:
         mismatch = original is not None and (original.tenant, original.units) != (tenant, units)
         expected = model.reference(tenant, units, rid)
         self.log.append(f"acquire {tenant} {units} {rid} wait={wait} -> expect {expected}")
-        flow = self.client.core.attempt(tenant, units, self.policy.name, rid, ttl_ms, wait=wait)
+        amounts = {"tokens": self.rnd.randint(0, 10**6)} if self.policy.meters else None
+        flow = self.client.core.attempt(
+            tenant, units, self.policy.name, rid, ttl_ms, wait=wait, meters=amounts
+        )
         try:
             got: Decision = self.client._run(flow)
         except UnknownTenant:
@@ -249,6 +265,8 @@ class Replay:
         assert math.isclose(got.limit, expected.limit, rel_tol=1e-9, abs_tol=1e-6), self.trace(got)
         held = expected.group_used + (units if got.admitted else 0)
         assert got.group_used == held, self.trace(got)
+        # The meter is decided only with an admitted lease, and always admits here.
+        assert [m.admitted for m in got.meters] == ([True] if amounts and got.admitted else [])
         if got.admitted:
             assert got.lease is not None
             # Tokens only grow, across a loss of the state too; at least now_ms x 1000.

@@ -142,6 +142,41 @@ def test_over_share_is_refused_with_429_and_retry_after(service: Service) -> Non
     assert int(headers["retry-after"]) >= 1
 
 
+def test_admission_carries_the_rate_headers(service: Service) -> None:
+    """A served batch answers with the IETF and OpenAI-style rate headers of its meters."""
+    status, _, headers = service.call("POST", "/v1/batches", {"tenant": "acme", "items": ["a"]})
+    assert status == 200
+    assert headers["ratelimit-policy"] == '"tokens";q=60000;w=60, "requests";q=50;w=1'
+    assert headers["ratelimit"].startswith('"tokens";r=')
+    assert int(headers["x-ratelimit-remaining-tokens"]) > 0
+    assert headers["x-ratelimit-limit-requests"] == "3000"  # per minute, as OpenAI's
+    assert "retry-after" not in headers
+
+
+def test_a_spent_meter_is_refused_with_429_and_retry_after(service: Service) -> None:
+    """globex only borrows tokens: once another pod took the spare, its batch (an estimate of
+    2,000 tokens) waits, then gets 429 naming the meter, with Retry-After from the bucket."""
+    peer = QuotaClient(prefix=service.prefix)
+    leases = []
+    try:
+        for _ in range(5):  # the borrowable 10,000 tokens, in three pieces
+            decision = peer.try_acquire("globex", 1, tokens=3000)
+            if decision.lease is not None:
+                leases.append(decision.lease)
+        assert len(leases) == 3
+        status, body, headers = service.call(
+            "POST", "/v1/batches", {"tenant": "globex", "items": ["a", "b", "c", "d"]}
+        )
+    finally:
+        for lease in leases:
+            peer.release(lease)
+        peer.close()
+    assert status == 429
+    assert body["reason"] == "meter" and "tokens" in body["meters"]
+    assert int(headers["retry-after"]) >= 1
+    assert headers["ratelimit"].startswith('"tokens";r=')
+
+
 def test_impossible_and_malformed_requests(service: Service) -> None:
     """Batches that can never fit get 413; malformed bodies 400; unknown routes 404."""
     status, body, headers = service.call(

@@ -35,7 +35,7 @@ from ratequota.engine.keys import SCHEMA_VERSION, KeySpace
 from ratequota.engine.ops import ScriptCall
 from ratequota.engine.scripts import SCRIPT_NAMES, load_scripts, parse_header, script
 from ratequota.errors import RateQuotaError, SchemaMismatch
-from ratequota.policy import GroupPolicy, Policy, TenantPolicy
+from ratequota.policy import GroupPolicy, MeterPolicy, Policy, TenantMeter, TenantPolicy
 from ratequota.testing import ManualClock
 from tests.redis_state import dump_keys
 
@@ -149,7 +149,13 @@ def _reply_scenario(conn: Any) -> list[dict[str, Any]]:
 
     def release(lease: LeaseInfo, now: int, purge: int = 64) -> ScriptCall:
         return protocol.release_call(
-            ks, "g", lease.id, tenant=lease.tenant, token=lease.token, purge=purge, now_ms=now
+            ks,
+            lease.group,
+            lease.id,
+            tenant=lease.tenant,
+            token=lease.token,
+            purge=purge,
+            now_ms=now,
         )
 
     step("renew", renew(lease_1, NOW + 9))
@@ -181,7 +187,32 @@ def _reply_scenario(conn: Any) -> list[dict[str, Any]]:
     step("renew reasserted", renew(lease_12, late + 7))
     step("snapshot recovering", protocol.snapshot_call(ks, "g", now_ms=late + 8))
     step("admit after recovery", acquire("b", 1, "lease-14", late + 30_005))
+    # Rate meters (docs/rates.md): decided with the lease, settled after.
+    step("publish metered", protocol.apply_policy_call(ks, METERED))
+    tokens = {"tokens": 30}
+    step("metered admit", acquire("a", 1, "lease-15", NOW, group="m", meters=tokens))
+    step("metered refusal", acquire("a", 1, "lease-16", NOW + 1, group="m", meters=tokens))
+    step("bad meter", acquire("a", 1, "lease-17", NOW + 1, group="m", meters={"watts": 1}))
+    lease_15 = LeaseInfo("lease-15", "a", "m", 1, NOW * 1000, (NOW + 30_000) / 1000)
+    step("settle", protocol.settle_call(ks, lease_15, {"tokens": 20}, now_ms=NOW + 2))
+    step("settle replay", protocol.settle_call(ks, lease_15, {"tokens": 20}, now_ms=NOW + 3))
+    forged = attrs.evolve(lease_15, token=1)
+    step("settle mismatch", protocol.settle_call(ks, forged, {"tokens": 5}, now_ms=NOW + 3))
+    step("metered release", release(lease_15, NOW + 4))
+    step("settle closed", protocol.settle_call(ks, lease_15, {"tokens": 5}, now_ms=NOW + 5))
     return steps
+
+
+METERED = GroupPolicy(
+    "m",
+    capacity=4,
+    tenants=[
+        TenantPolicy("a", guarantee=2, meters=(TenantMeter("tokens", rate=10, ceil=40),)),
+        TenantPolicy("b", guarantee=2),
+    ],
+    meters=(MeterPolicy("tokens", rate=50, burst=40),),
+    max_lease_ttl=60.0,
+)
 
 
 def test_script_replies_are_pinned() -> None:
@@ -219,6 +250,7 @@ def test_pinned_replies_still_decode() -> None:
             replies.decode_acquire(x, group="g", tenant="a", units=1, lease_id="x") for x in r
         ],
         "release_many": lambda r: [replies.decode_release(x) for x in r],
+        "settle": lambda r: replies.decode_settle(r, group="g"),
     }
     for entry in golden:
         decode = decoders[entry["script"]]
@@ -298,9 +330,14 @@ def test_every_header_parses_and_declares_the_group_keys() -> None:
         keys, argv, _ = parse_header(name, (folder / f"{name}.lua").read_text(encoding="utf-8"))
         assert argv, name
         # apply_policy also takes the previous layout's keys (tombstone, migration); the
-        # scripts that end or refuse leases the usage ledger's two hours.
-        extra = len(KeySpace().previous_layout("g")) if name == "apply_policy" else 0
-        extra += 0 if name in ("apply_policy", "snapshot") else 2
+        # scripts that end, refuse or settle leases the usage ledger's two hours; those that
+        # decide or settle rate meters their contention sets.
+        contention = len(KeySpace().group("g").contention)
+        extra = len(KeySpace().previous_layout("g")) + contention if name == "apply_policy" else 0
+        if name in ("release", "release_many", "renew"):
+            extra = 2
+        if name in ("acquire", "acquire_many", "settle"):
+            extra = 2 + contention
         assert len(keys) == group_keys + extra, name
 
 
@@ -315,6 +352,9 @@ ENCODERS: dict[str, Any] = {
         ks, LeaseInfo("id", "a", "g", 1, 1, NOW / 1000), 1000, purge=8, now_ms=NOW
     ),
     "snapshot_call": lambda ks: protocol.snapshot_call(ks, "g", tenants=["a", "b"]),
+    "settle_call": lambda ks: protocol.settle_call(
+        ks, LeaseInfo("id", "a", "g", 1, 1, NOW / 1000), {"tokens": 5}, now_ms=NOW
+    ),
     "release_many_call": lambda ks: protocol.release_many_call(
         ks, "g", [("a", "t", 1), ("b", "t", 2)], purge=8
     ),
@@ -344,7 +384,8 @@ def test_every_encoder_matches_its_script_header() -> None:
         for make in ENCODERS.values():
             call = make(keyspace)
             call.script.check_call(len(call.keys), len(call.args))
-            assert len(call.keys) == len(call.script.keys)
+            # The meters' contention sets are passed only by calls that name meters.
+            assert len(call.keys) in (len(call.script.keys), call.script.required_keys)
 
 
 def test_every_call_site_in_protocol_names_a_real_script() -> None:

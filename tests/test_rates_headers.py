@@ -112,3 +112,24 @@ def test_fields_are_structured_field_lists() -> None:
     assert ratelimit(views) == '"tokens";r=12;t=3'
     assert openai_headers(views)["x-ratelimit-limit-tokens"] == "90000"
     assert headers([]) == {}
+
+
+def test_a_decision_renders_its_meters_and_retry_after() -> None:
+    """``decision_headers`` renders what the acquire script answered: limit, remaining and reset
+    per meter, and Retry-After from the longest refusing meter (or the lease's own hint)."""
+    from ratequota.decision import Decision, MeterResult
+    from ratequota.ratelimit_headers import decision_headers
+
+    tokens = MeterResult("tokens", 500, True, "admitted", None, 1200, 4.5, 6000, 60, "borrow")
+    requests = MeterResult("requests", 1, False, "ceil", 2.2, 0, 3.0, 10, 1)
+    base = Decision(False, "meter", "a", "g", 1, 0, 1.0, 0, 4, 2.2, meters=(tokens, requests))
+    out = decision_headers(base)
+    assert out["RateLimit-Policy"] == '"tokens";q=6000;w=60, "requests";q=10;w=1'
+    assert out["RateLimit"] == '"tokens";r=1200;t=5, "requests";r=0;t=3'
+    assert out["x-ratelimit-limit-requests"] == "600"
+    assert out["x-ratelimit-reset-tokens"] == "4.5s"
+    assert out["Retry-After"] == "3"
+    lease_only = Decision(False, "tenant_limit", "a", "g", 1, 2, 2.0, 4, 4, 0.3)
+    assert decision_headers(lease_only) == {"Retry-After": "1"}
+    never = Decision(False, "too_large", "a", "g", 9, 0, 1.0, 0, 4, 0.0)
+    assert decision_headers(never) == {}

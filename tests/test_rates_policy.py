@@ -5,12 +5,27 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import attrs
 import pytest
 from hypothesis import given
 
-from ratequota import ConfigError, GroupPolicy, Policy, PolicyFileError, TenantPolicy
+from ratequota import (
+    ConfigError,
+    GroupPolicy,
+    InvalidRequest,
+    InvalidType,
+    Policy,
+    PolicyFileError,
+    QuotaExceeded,
+    RequestTooLarge,
+    TenantPolicy,
+)
+from ratequota.decision import Decision
 from ratequota.policy import MAX_METER, MAX_METERS, MeterPolicy, TenantMeter
 from ratequota.rates import TICKS_PER_TOKEN, meter_limits, share_limits
+from ratequota.testing import ManualClock
+from tests.conftest import MakeClient
+from tests.servers import RedisServer
 from tests.strategies import group_policies, meter_groups
 
 TOKENS = MeterPolicy("tokens", rate=1_000, burst=2_000, per="minute")
@@ -213,15 +228,144 @@ def test_toml_errors_name_file_line_and_field(
     assert field in message
 
 
-def test_a_policy_with_meters_is_not_published_until_they_are_enforced() -> None:
-    """Meters are validated but the acquire script does not enforce them yet: publishing such a
-    policy is refused, naming the group's meters, before anything touches Redis."""
-    from ratequota import QuotaClient
+def metered_policy() -> Policy:
+    """Tenant ``a`` guaranteed 100 tokens/s (ceil 200), ``b`` a pure borrower; 5 requests/s."""
+    tokens = MeterPolicy("tokens", rate=300, burst=300)
+    requests = MeterPolicy("requests", rate=5, burst=5)
+    a = TenantPolicy("a", meters=(TenantMeter("tokens", rate=100, ceil=200, burst=100),))
+    b = TenantPolicy("b")
+    return Policy([GroupPolicy("g", capacity=8, tenants=(a, b), meters=(tokens, requests))])
+
+
+def test_a_policy_with_meters_is_published_and_enforced(make_quota: MakeClient) -> None:
+    """Publishing a metered policy works, and acquire decides every named meter with the lease:
+    all or nothing, the refusal naming the meter, its retry from the bucket (both clients,
+    fakeredis and real Redis, time pinned by a ManualClock)."""
+    clock = ManualClock()
+    quota = make_quota(metered_policy(), clock=clock)
+    first = quota.try_acquire("a", 1, tokens=150, requests=1)
+    assert first.admitted and first.lease is not None
+    tokens = first.meter("tokens")
+    assert tokens is not None and tokens.path == "borrow"  # above its own burst of 100
+    assert (tokens.limit, tokens.window, tokens.remaining) == (200, 1, 50)
+    second = quota.try_acquire("a", 1, tokens=100)
+    assert not second.admitted and second.reason == "meter"
+    refusal = second.meter("tokens")
+    assert refusal is not None and refusal.reason == "ceil"
+    assert refusal.retry_after == second.retry_after == 0.25  # 50 tokens at 200/s
+    assert second.used == 1  # the refused request holds nothing
+    assert "meter 'tokens'" in second.describe()
+    clock.advance(0.25)
+    assert quota.try_acquire("a", 1, tokens=100).admitted
+    quota.release(first.lease)
+
+
+def test_meter_amounts_are_checked_before_redis(make_quota: MakeClient) -> None:
+    """A bad amount fails with a ratequota error naming it; a meter the group lacks too."""
+    quota = make_quota(metered_policy())
+    with pytest.raises(InvalidType, match="tokens"):
+        quota.try_acquire("a", 1, tokens="many")
+    with pytest.raises(InvalidRequest, match="tokens"):
+        quota.try_acquire("a", 1, tokens=-1)
+    with pytest.raises(InvalidRequest, match="given twice"):
+        quota.try_acquire("a", 1, tokens=1, meters={"tokens": 2})
+    with pytest.raises(InvalidRequest, match="no rate meter"):
+        quota.try_acquire("a", 1, meters={"watts": 1})
+
+
+def test_unbounded_meter_amount_raises_too_large_at_once(make_client: MakeClient) -> None:
+    """An amount above every bucket can never pass: acquire raises RequestTooLarge at once."""
+    quota = make_client(metered_policy())
+    with pytest.raises(RequestTooLarge), quota.acquire("a", 1, tokens=10_000, timeout=5.0):
+        pass  # pragma: no cover
+
+
+def test_settle_refunds_once_and_unsettled_keeps_its_estimate(make_quota: MakeClient) -> None:
+    """settle(tokens=actual) charges the difference once (replay and conflict charge nothing);
+    release(tokens=...) settles first; a settlement after the lease ended is ``closed``."""
+    clock = ManualClock()
+    quota = make_quota(metered_policy(), clock=clock)
+    lease = quota.try_acquire("b", 1, tokens=180).lease  # 200 of the 300 are borrowable
+    assert lease is not None
+    assert not quota.try_acquire("b", 1, tokens=150).admitted  # the spare is spent
+    (done,) = quota.settle(lease, tokens=30)
+    assert (done.name, done.outcome, done.delta) == ("tokens", "settled", -150)
+    assert [s.outcome for s in quota.settle(lease, tokens=30)] == ["replay"]
+    assert [s.outcome for s in quota.settle(lease, tokens=99)] == ["conflict"]
+    assert [s.outcome for s in quota.settle(lease, requests=1)] == ["unreserved"]
+    again = quota.try_acquire("b", 1, tokens=150)
+    assert again.admitted and again.lease is not None  # the refund came back
+    assert quota.release(again.lease, tokens=150).state == "released"
+    assert [s.outcome for s in quota.settle(again.lease, tokens=1)] == ["closed"]
+    with quota.acquire("b", 1, tokens=0) as held:
+        assert [s.outcome for s in held.settle(tokens=5)] == ["settled"]
+
+
+def test_bad_amounts_never_reach_redis() -> None:
+    """Amounts are checked before any I/O: a client whose backend fails on use raises the
+    ratequota error naming the meter, for acquire and for settle alike."""
+    from ratequota import LeaseInfo, QuotaClient
     from tests.test_validation import UntouchableBackend
 
-    metered = Policy([GroupPolicy("g", capacity=4, meters=(TOKENS,))])
     quota = QuotaClient(backend=UntouchableBackend())
-    with pytest.raises(ConfigError) as info:
-        quota.apply_policy(metered)
-    assert info.value.field == "group 'g': meters"
-    assert "not yet enforced" in str(info.value)
+    with pytest.raises(InvalidRequest, match="tokens"):
+        quota.try_acquire("a", 1, group="g", tokens=2**40)
+    with pytest.raises(InvalidRequest, match="not a meter name"):
+        quota.try_acquire("a", 1, group="g", meters={"Tokens!": 1})
+    lease = LeaseInfo("id", "a", "g", 1, 1, 0.0)
+    with pytest.raises(InvalidType, match="tokens"):
+        quota.settle(lease, tokens=1.5)  # type: ignore[arg-type]
+    with pytest.raises(InvalidRequest, match="at least one meter"):
+        quota.settle(lease)
+
+
+def test_shadow_mode_admits_a_meter_refusal_and_says_so(make_quota: MakeClient) -> None:
+    """In shadow mode a meter refusal admits (charged as a borrow would be), reason "meter"."""
+    group = metered_policy().groups[0]
+    quota = make_quota(Policy([attrs.evolve(group, shadow=True)]))
+    assert quota.try_acquire("b", 1, requests=5).reason == "admitted"
+    shadowed = quota.try_acquire("b", 1, requests=5)
+    assert shadowed.admitted and shadowed.shadow_refused and shadowed.reason == "meter"
+    result = shadowed.meter("requests")
+    assert result is not None and result.reason == "ceil" and not result.admitted
+    assert "shadow mode" in shadowed.describe()
+
+
+def test_limit_reads_meter_estimates_from_the_handler(make_client: MakeClient) -> None:
+    """``limit(tokens="estimate")`` charges each call the estimate its argument names."""
+    clock = ManualClock()
+    quota = make_client(metered_policy(), clock=clock)
+    seen: list[int] = []
+
+    @quota.limit(tenant="tenant", tokens="estimate", requests=1, timeout=0)
+    def handler(tenant: str, estimate: int) -> int:
+        seen.append(estimate)
+        return estimate
+
+    assert handler("b", 150) == 150
+    with pytest.raises(QuotaExceeded) as info:
+        handler("b", 150)  # 50 left of what b may borrow now
+    assert info.value.decision.reason == "meter"
+    assert seen == [150]
+
+
+def test_concurrent_async_acquires_carry_their_meters(real_redis: RedisServer) -> None:
+    """Concurrent acquires of the async client (which may merge them into one acquire_many
+    call) each keep their own meter amounts and results; the spare is never overdrawn."""
+    import asyncio
+
+    from ratequota import AsyncQuotaClient
+
+    async def run() -> list[Decision]:
+        quota = AsyncQuotaClient.from_url(real_redis.url)
+        try:
+            await quota.apply_policy(metered_policy())
+            asks = [quota.try_acquire("b", 1, tokens=60, requests=1) for _ in range(5)]
+            return list(await asyncio.gather(*asks))
+        finally:
+            await quota.close()
+
+    decisions = asyncio.run(run())
+    assert [d.admitted for d in decisions].count(True) == 3  # 200 borrowable: 3 × 60
+    for d in decisions:
+        assert {m.name for m in d.meters} == {"tokens", "requests"}

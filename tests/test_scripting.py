@@ -89,3 +89,50 @@ def test_loading_every_script_and_only_the_missing_ones() -> None:
     with pytest.raises(StopIteration) as done:
         probe.send([1] * len(specs))
     assert done.value.value == (dict.fromkeys(specs, True), ["renew"])
+
+
+def test_the_async_batcher_reloads_through_the_same_exchange() -> None:
+    """A round trip of the async batcher: NOSCRIPT loads and re-sends through ``exchange``;
+    when the load fails, only the call that needed it fails, the others keep their replies."""
+    import asyncio
+
+    from ratequota.clients.batcher import ShardBatcher
+    from ratequota.engine.batching import BatchPolicy
+
+    acquire_sha = load_scripts()["acquire"].sha
+    loads: list[str] = []
+
+    def reply(args: tuple[Any, ...]) -> Any:
+        return NOSCRIPT if args[0] == acquire_sha else "released"
+
+    class Pipeline:
+        def __init__(self) -> None:
+            self.calls: list[tuple[Any, ...]] = []
+
+        def evalsha(self, *args: Any) -> None:
+            self.calls.append(args)
+
+        async def execute(self, raise_on_error: bool) -> list[Any]:
+            return [reply(args) for args in self.calls]
+
+    class Connection:
+        async def evalsha(self, *args: Any) -> Any:
+            return reply(args)
+
+        def pipeline(self, transaction: bool) -> Pipeline:
+            return Pipeline()
+
+        async def script_load(self, source: str) -> str:
+            loads.append(source)
+            raise ConnectionError("the shard went away")
+
+    async def main() -> list[Any]:
+        batcher = ShardBatcher(Connection(), BatchPolicy(max_in_flight=1), bound=5.0)
+        first = batcher.submit(_release("x"))  # sent at once, alone
+        queued = [batcher.submit(_acquire("1")), batcher.submit(_release("y"))]  # one pipeline
+        return list(await asyncio.gather(first, *queued, return_exceptions=True))
+
+    first, acquired, released = asyncio.run(main())
+    assert first == "released" and released == "released"
+    assert isinstance(acquired, ConnectionError)
+    assert loads == [load_scripts()["acquire"].source]  # loaded once, for the one call

@@ -167,8 +167,9 @@ def test_the_four_causes_always_add_up_to_the_gap(requests: list[Request], ttl: 
 
 def test_split_adds_up_on_a_recorded_workload() -> None:
     """A workload recorded from a real (short) run of the simulation on the embedded
-    default: every tenant's four causes add up to its whole gap, the report carries the
-    same numbers in JSON, and no reclaim episode outlasts the longest batch."""
+    default, in driven time so the recording is the same on any machine: every tenant's
+    four causes add up to its whole gap, the report carries the same numbers in JSON, and
+    no reclaim episode outlasts the longest batch."""
     from ratequota.sim.fleet import run_scenario
     from ratequota.testing import fake_client
 
@@ -193,7 +194,9 @@ def test_split_adds_up_on_a_recorded_workload() -> None:
     try:
         from ratequota.clients.sync import QuotaClient
 
-        result = run_scenario(scenario, lambda: QuotaClient(backend=_Shared(shared.backend)))
+        result = run_scenario(
+            scenario, lambda: QuotaClient(backend=_Shared(shared.backend)), driven=True
+        )
     finally:
         shared.close()
     assert result.requests, "the run recorded no request"
@@ -214,7 +217,7 @@ def test_split_adds_up_on_a_recorded_workload() -> None:
         assert gap is not None
         _assert_adds_up(gap)
         assert gap.entitled > 0
-        assert gap.longest_reclaim <= gap.reclaim_bound + 0.2  # one sample of slack
+        assert 0 < gap.longest_reclaim <= gap.reclaim_bound
         row = rows[tenant.tenant]
         assert row["gap_unit_seconds"] == pytest.approx(gap.gap)
         assert math.fsum(row["gap_parts"].values()) == pytest.approx(gap.gap, abs=1e-9)

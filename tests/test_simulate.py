@@ -17,6 +17,7 @@ import attrs
 import pytest
 
 from ratequota import cli
+from ratequota.clients.sync import QuotaClient
 from ratequota.errors import ConfigError, PolicyFileError
 from ratequota.policy import GroupPolicy, Policy, TenantPolicy
 from ratequota.sim.fleet import progress_line, run_scenario
@@ -434,16 +435,17 @@ def test_default_region_is_fair_in_practice_on_real_redis(
 ) -> None:  # type: ignore[no-untyped-def]
     """The default scenario, shortened to 8 s on a real redis-server, judged from `--json`.
 
-    Every tenant with steady demand gets 0.9-1.1 of its entitlement (computed from the
-    demand its clients really had); for the bursty tenant and the returning lender the
-    part of the gap not due to reclaim lag or granularity stays under 10 % and no reclaim
-    episode outlasts the longest batch; each tenant's four causes add up to its gap; and
-    Jain's index over the shares is at least 0.98 in every group.
+    Played in driven time (`--driven`), so the run is the same on a loaded machine as on
+    an idle one. Every tenant with steady demand gets 0.9-1.1 of its entitlement
+    (computed from the demand its clients really had); for the bursty tenants and the
+    returning lender the part of the gap not due to reclaim lag or granularity stays under
+    5 %, and no reclaim episode outlasts the longest batch; each tenant's four causes add
+    up to its gap; and Jain's index over the shares is at least 0.98 in every group.
     """
     import json
 
     args = ["simulate", "--redis", real_redis.url, "--duration", "8", "--quiet", "--no-plot"]
-    code = cli.main([*args, "--json"])
+    code = cli.main([*args, "--driven", "--json"])
     out = capsys.readouterr().out
     assert code == 0, out
     report = json.loads(out)
@@ -461,6 +463,66 @@ def test_default_region_is_fair_in_practice_on_real_redis(
             assert 0.9 <= t["got_over_entitled"] <= 1.1, table
         else:
             residual = parts["unseen"] + parts["unexplained"]
-            assert residual <= 0.1 * t["entitled_unit_seconds"], table
+            assert residual <= 0.05 * t["entitled_unit_seconds"], table
     for group in report["groups"]:
         assert group["jain"] >= 0.98, (group, table)
+
+
+def _driven(scenario: Scenario, url: str | None = None) -> dict[str, object]:
+    """A driven run of ``scenario`` on a private fake server (or on ``url``), its JSON
+    report without the backend's name."""
+    from ratequota.sim.report import report_to_dict
+
+    shared = None if url else fake_client()
+
+    def make() -> QuotaClient:
+        if shared is None:
+            return QuotaClient(url, prefix="rqsim")
+        return QuotaClient(backend=_shared(shared.backend))
+
+    try:
+        result = run_scenario(scenario, make, driven=True)
+    finally:
+        if shared is not None:
+            shared.close()
+    data = report_to_dict(result.report)
+    data.pop("backend")
+    return data
+
+
+def test_driven_runs_repeat_exactly() -> None:
+    """Two driven runs of one scenario give the same report to the last digit: pods take
+    turns in virtual time, so neither thread scheduling nor the machine's load matters."""
+    scenario = attrs.evolve(_tiny(duration=2.0), pods=3)
+    runs = [_driven(scenario), _driven(scenario)]
+    assert runs[0] == runs[1]
+    assert runs[0]["safe"] and runs[0]["round_trip_seconds"] == pytest.approx(0.001, rel=0.05)
+    assert runs[0]["duration"] == pytest.approx(2.0)
+
+
+def test_driven_run_keeps_the_global_random_state() -> None:
+    """A driven run seeds the clients' retry jitter for itself and restores the caller's
+    random state afterwards."""
+    import random
+
+    random.seed(1234)
+    expected = random.random()
+    random.seed(1234)
+    _driven(attrs.evolve(_tiny(duration=0.5), pods=2))
+    assert random.random() == expected
+
+
+@pytest.mark.real_redis
+def test_driven_run_is_the_same_on_real_redis_and_embedded(real_redis) -> None:  # type: ignore[no-untyped-def]
+    """End to end, the Lua on a real redis-server and on the embedded fakeredis decide
+    alike: a driven run of the lender scenario gives the same report on both."""
+    scenario = load_scenario(EXAMPLES / "lender-returns.toml").with_overrides(duration=3.0, pods=4)
+    real_redis.client().flushall()
+    assert _driven(scenario, url=real_redis.url) == _driven(scenario)
+
+
+def test_latency_must_not_be_negative(capsys: pytest.CaptureFixture[str]) -> None:
+    """`--latency` below zero is refused before anything runs."""
+    code = cli.main(["simulate", "--driven", "--latency", "-1", "--duration", "1", "--quiet"])
+    assert code == 2
+    assert "--latency" in capsys.readouterr().err

@@ -4,9 +4,13 @@ A plain ASGI application (no web framework) serving:
 
 * ``POST /v1/batches`` — body ``{"tenant": "acme", "items": ["...", ...]}``.
   Each item is one inference unit; the handler holds a lease of
-  ``len(items)`` units while the (simulated) model runs, through the
-  ``AsyncQuotaClient.limit`` decorator. Answers 200 with the results, 429
-  with ``Retry-After`` when the tenant is over its fair share at the
+  ``len(items)`` units while the (simulated) model runs, with the group's
+  rate meters decided in the same call: one request, and an *estimate* of
+  ``TOKENS_PER_ITEM`` tokens per item, settled at the tokens really produced
+  once the model ran (reserve, then settle: docs/rates.md). Answers 200 with
+  the results and the rate headers (``RateLimit-Policy``, ``RateLimit``,
+  ``x-ratelimit-*``), 429 with ``Retry-After`` (and the rate headers when a
+  meter refused) when the tenant is over its fair share or its rate at the
   deadline, 413 when the batch can never fit, 404 for an unknown tenant, 503
   when the quota backend is down (fail-closed), 400 for a malformed body.
 * ``GET /v1/quota/{group}`` — the group's live usage (what ``ratequota
@@ -48,6 +52,7 @@ from ratequota import (
     explain,
 )
 from ratequota.metrics import PrometheusMetrics
+from ratequota.ratelimit_headers import decision_headers, meter_headers
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -57,6 +62,8 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 #: Seconds of "GPU time" per item of a batch (the model is simulated).
 SECONDS_PER_ITEM = 0.005
+#: Tokens reserved per item at admission; the batch settles at what it produced.
+TOKENS_PER_ITEM = 500
 #: Largest body accepted, in bytes.
 MAX_BODY = 1 << 20
 
@@ -108,24 +115,31 @@ def create_app(
     ``PrometheusMetrics`` observer writes to).
     """
 
-    @quota.limit(
-        tenant=lambda batch: batch.tenant, units=lambda batch: len(batch.items), timeout=timeout
-    )
-    async def handle_batch(batch: Batch) -> dict[str, Any]:
+    async def handle_batch(batch: Batch) -> tuple[dict[str, Any], dict[str, str]]:
         # Runs only while a lease of len(items) units is held; released on return or error.
-        return {"tenant": batch.tenant, "results": await run_model(batch.items)}
+        # The tokens are an estimate at admission, settled at what the model produced.
+        estimate = TOKENS_PER_ITEM * len(batch.items)
+        held = quota.acquire(
+            batch.tenant, len(batch.items), timeout=timeout, tokens=estimate, requests=1
+        )
+        async with held as lease:
+            results = await run_model(batch.items)
+            await lease.settle(tokens=sum(r["tokens"] for r in results))
+        return {"tenant": batch.tenant, "results": results}, meter_headers(lease.meters)
 
     async def batches(receive: Receive) -> tuple[int, dict[str, Any], dict[str, str]]:
         try:
             batch = Batch.parse(await read_body(receive))
-            return 200, await handle_batch(batch), {}
+            return 200, *(await handle_batch(batch))
         except BadRequest as exc:
             return 400, {"error": str(exc)}, {}
         except RequestTooLarge as exc:
             return 413, refusal(exc), {}  # no Retry-After: trying again never helps
         except (AcquireTimeout, QuotaExceeded) as exc:
-            retry = max(1, round(exc.decision.retry_after + 0.5))
-            return 429, refusal(exc), {"retry-after": str(retry)}
+            # Retry-After from the refusal (a meter's from its bucket), and the rate headers.
+            headers = decision_headers(exc.decision)
+            headers.setdefault("Retry-After", "1")
+            return 429, refusal(exc), headers
         except UnknownTenant as exc:
             return 404, {"error": str(exc)}, {}
         except BackendUnavailable as exc:
@@ -214,6 +228,8 @@ def refusal(exc: QuotaExceeded) -> dict[str, Any]:
     }
     if d.reason == "tenant_limit":
         body["limit"] = round(d.limit, 3)
+    if d.reason == "meter":
+        body["meters"] = {m.name: m.reason for m in d.meters if not m.admitted}
     if d.reason != "too_large":
         body["retry_after"] = d.retry_after
     return body

@@ -41,6 +41,7 @@ from ratequota.clients.async_backends import (
 from ratequota.clients.batcher import SOLO_IN_FLIGHT, ShardBatcher
 from ratequota.clients.explain import Explanation, explain_flow
 from ratequota.clients.failure import log
+from ratequota.clients.metering import settle_flow
 from ratequota.clients.readiness import ReadinessReport
 from ratequota.clients.renewal import RenewerBase
 from ratequota.clients.usage import When, usage_flow
@@ -48,6 +49,7 @@ from ratequota.decision import (
     Decision,
     GroupSnapshot,
     LeaseInfo,
+    MeterSettlement,
     ReleaseResult,
     RenewResult,
     UsageRow,
@@ -76,10 +78,17 @@ class AsyncLease(shell.LeaseBase):
         """Extend the lease by ``ttl`` seconds from now; marks it lost if it had expired."""
         return self.renewed(await self._client.renew(self.info, ttl))
 
-    async def release(self) -> ReleaseResult:
-        """Give the units back (and stop renewing); harmless when called twice."""
+    async def release(self, **actuals: Unpack[requests.MeterOptions]) -> ReleaseResult:
+        """Give the units back (and stop renewing); harmless when called twice.
+
+        Meter amounts (``tokens=actual``) settle the lease first (``settle``).
+        """
         self._client.renewer.drop(self)
-        return self.ended(await self._client.release(self.info))
+        return self.ended(await self._client.release(self.info, **actuals))
+
+    async def settle(self, **actuals: Unpack[requests.MeterOptions]) -> tuple[MeterSettlement, ...]:
+        """Charge the rate meters what the work really used (``tokens=actual``), once."""
+        return await self._client.settle(self.info, **actuals)
 
 
 class AsyncAcquisition(shell.AcquisitionBase[AsyncLease]):
@@ -291,14 +300,24 @@ class AsyncQuotaClient(shell.ClientBase):
         """
         return AsyncAcquisition(self, self.core.request(tenant, units, **options))
 
-    async def release(self, lease: LeaseInfo | AsyncLease) -> ReleaseResult:
+    async def release(
+        self, lease: LeaseInfo | AsyncLease, **actuals: Unpack[requests.MeterOptions]
+    ) -> ReleaseResult:
         """End a lease; idempotent, and says whether it was still live.
 
         Fenced: the release names the lease's tenant and token, so it can only
         end that very lease (state ``"fenced"`` otherwise, counted in ``stats()``).
+        Meter amounts (``tokens=actual``) settle the lease first (``settle``).
         """
         info = lease.info if isinstance(lease, AsyncLease) else lease
-        return await self._run(self.core.release(info))
+        return await self._run(self.core.release(info, requests.meter_amounts(**actuals)))
+
+    async def settle(
+        self, lease: LeaseInfo | AsyncLease, **actuals: Unpack[requests.MeterOptions]
+    ) -> tuple[MeterSettlement, ...]:
+        """Reserve, then settle: charge the actual amounts a lease used (``QuotaClient.settle``)."""
+        info = lease.info if isinstance(lease, AsyncLease) else lease
+        return await self._run(settle_flow(self.core, info, requests.meter_amounts(**actuals)))
 
     async def renew(self, lease: LeaseInfo | AsyncLease, ttl: float | None = None) -> RenewResult:
         """Extend a live lease; reports whether its tenant is above its fair limit.
@@ -331,23 +350,25 @@ class AsyncQuotaClient(shell.ClientBase):
         *,
         tenant: requests.TenantSpec,
         units: requests.UnitsSpec = 1,
-        **options: Unpack[requests.WaitOptions],
+        **options: Unpack[requests.LimitOptions],
     ) -> Callable[[F], F]:
         """Decorate an ``async def`` handler so each call holds a (renewed) lease while it runs.
 
-        ``tenant`` and ``units`` are callables receiving the handler's
-        arguments, names of its parameters, or constants.
+        ``tenant`` and ``units`` (and meter estimates such as ``tokens``) are
+        callables receiving the handler's arguments, names of its parameters,
+        or constants.
         """
 
         def decorate(handler: F) -> F:
             if not inspect.iscoroutinefunction(handler):
                 raise InvalidType("handler", "AsyncQuotaClient.limit needs an async def handler")
             arguments = requests.handler_arguments(handler, tenant, units)
+            rest, amounts = requests.meter_arguments(handler, options)
 
             @functools.wraps(handler)
             async def wrapper(*args: Any, **kwargs: Any) -> Any:
                 who, how_many = arguments(*args, **kwargs)
-                async with self.acquire(who, how_many, **options):
+                async with self.acquire(who, how_many, **rest, **amounts(*args, **kwargs)):
                     return await handler(*args, **kwargs)
 
             return cast(F, wrapper)

@@ -20,10 +20,11 @@ import contextlib
 import logging
 import random
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from ratequota.clients.failure import Breakers, FailureState, synthetic_renewal
+from ratequota.clients.metering import settle_flow
 from ratequota.clients.reports import decision_event, error_event
 from ratequota.clients.requests import (
     AcquireRequest,
@@ -122,20 +123,26 @@ class QuotaCore(Router):
         ttl_ms: int,
         *,
         wait: bool,
+        meters: Mapping[str, int] | None = None,
     ) -> Flow[Decision]:
         """One acquire round trip; re-routes once if the catalog was stale.
 
-        A group whose policy hash is gone although the policy still lists it
-        (its Redis restarted empty, or failed over to an empty replica) gets its
+        ``meters``: rate-meter amounts decided with the lease (docs/rates.md). A
+        group whose policy hash is gone although the policy still lists it (its
+        Redis restarted empty, or failed over to an empty replica) gets its
         policy restored once, then the request is retried. A group dropped on
         purpose sends a routed request to the tenant's group in the catalog
         just re-read.
         """
+
+        def once(name: str) -> Flow[Decision]:
+            return self._acquire_once(tenant, units, name, lease_id, ttl_ms, wait, meters)
+
         name = yield from self.group_of(tenant, group)
         if group is not None:
             yield from self._recheck_shadow()
         try:
-            decision = yield from self._acquire_once(tenant, units, name, lease_id, ttl_ms, wait)
+            decision = yield from once(name)
         except PolicyMissing:
             if not (yield from self._restore_policy(name)):
                 if group is not None:
@@ -146,21 +153,26 @@ class QuotaCore(Router):
                 if fresh == name:
                     raise
                 name = fresh
-            decision = yield from self._acquire_once(tenant, units, name, lease_id, ttl_ms, wait)
+            decision = yield from once(name)
         if decision.reason == "unknown_tenant" and group is None:
             # The tenant may have moved to another group since we read the catalog.
             fresh = yield from self.group_of(tenant, None, refresh=True)
             if fresh != name:
                 name = fresh
-                decision = yield from self._acquire_once(
-                    tenant, units, name, lease_id, ttl_ms, wait
-                )
+                decision = yield from once(name)
         if decision.reason == "unknown_tenant":
             raise UnknownTenant(tenant, name)
         return decision
 
     def _acquire_once(
-        self, tenant: str, units: int, group: str, lease_id: str, ttl_ms: int, wait: bool
+        self,
+        tenant: str,
+        units: int,
+        group: str,
+        lease_id: str,
+        ttl_ms: int,
+        wait: bool,
+        meters: Mapping[str, int] | None = None,
     ) -> Flow[Decision]:
         call = acquire_call(
             self.keyspace,
@@ -174,9 +186,12 @@ class QuotaCore(Router):
             purge=self.settings.purge_limit,
             now_ms=self.clock.redis_ms(),
             shadow=self.in_shadow(group, tenant),
+            meters=meters,
         )
         reply = yield call
-        decision = decode_acquire(reply, group=group, tenant=tenant, units=units, lease_id=lease_id)
+        decision = decode_acquire(
+            reply, group=group, tenant=tenant, units=units, lease_id=lease_id, meters=meters
+        )
         if decision.shadow_refused:
             shadow_log.info("shadow mode: %s", decision.describe())
         return decision
@@ -202,7 +217,7 @@ class QuotaCore(Router):
         try:
             return (
                 yield from self.attempt(
-                    r.tenant, r.units, r.group, r.lease_id, r.ttl_ms, wait=False
+                    r.tenant, r.units, r.group, r.lease_id, r.ttl_ms, wait=False, meters=r.meters
                 )
             )
         except BackendUnavailable as exc:
@@ -281,13 +296,13 @@ class QuotaCore(Router):
         while True:
             try:
                 decision = yield from self.attempt(
-                    r.tenant, r.units, r.group, r.lease_id, r.ttl_ms, wait=waiting
+                    r.tenant, r.units, r.group, r.lease_id, r.ttl_ms, wait=waiting, meters=r.meters
                 )
             except BackendUnavailable as exc:
                 decision = self._fallback(exc, r)
             if decision.admitted:
                 return decision
-            if decision.reason == "too_large":
+            if decision.never_fits:
                 raise RequestTooLarge(decision)
             if decision.reason == "id_mismatch":
                 raise RequestIdConflict(decision)
@@ -317,14 +332,19 @@ class QuotaCore(Router):
             now_ms=self.clock.redis_ms(),
         )
 
-    def release(self, lease: LeaseInfo) -> Flow[ReleaseResult]:
+    def release(
+        self, lease: LeaseInfo, actuals: Mapping[str, int] | None = None
+    ) -> Flow[ReleaseResult]:
         """End a lease; safe to call twice (the second reports ``unknown``).
 
         The lease is named by id, tenant and fencing token: a release naming
         another tenant's lease, or an older holder's token under a reused id,
-        is refused as ``fenced``, changes nothing, and is counted.
+        is refused as ``fenced``, changes nothing, and is counted. ``actuals``
+        (checked amounts) settle the lease's rate meters first (``settle``).
         """
         check_lease(lease)
+        if actuals:
+            yield from settle_flow(self, lease, actuals)
         if lease.synthetic:  # granted locally while Redis was down: nothing to tell Redis
             self.failure.give_back(lease)
             return ReleaseResult(state="released", units=lease.units)

@@ -8,19 +8,22 @@ from __future__ import annotations
 
 import inspect
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, TypedDict
 
 import attrs
 
 from ratequota.clients.settings import Settings, positive_seconds
 from ratequota.decision import LeaseInfo
+from ratequota.engine.meterwire import check_amounts
 from ratequota.errors import InvalidRequest, InvalidType
 from ratequota.policy import MAX_LEASE_TTL_LIMIT, MAX_UNITS
 
 __all__ = [
     "AcquireOptions",
     "AcquireRequest",
+    "LimitOptions",
+    "MeterOptions",
     "TenantSpec",
     "TryOptions",
     "UnitsSpec",
@@ -29,6 +32,8 @@ __all__ = [
     "check_lease",
     "handler_arguments",
     "lease_ttl_ms",
+    "meter_amounts",
+    "meter_arguments",
     "new_request_id",
     "validate_request_id",
     "validate_tenant",
@@ -47,6 +52,8 @@ class AcquireRequest:
     lease_id: str
     ttl_ms: int
     timeout: float
+    #: Rate-meter amounts by meter name (docs/rates.md), decided with the lease.
+    meters: Mapping[str, int] = attrs.field(factory=dict)
 
 
 def validate_tenant(tenant: object, field: str = "tenant") -> str:
@@ -89,6 +96,24 @@ def check_lease(lease: object) -> None:
     validate_units(lease.units)
 
 
+def meter_amounts(
+    tokens: object = None, requests: object = None, meters: Mapping[str, object] | None = None
+) -> dict[str, int]:
+    """The rate-meter amounts of a call: ``tokens=``, ``requests=`` and any other ``meters=``.
+
+    Checked here (integers from 0 to 2**36, meter names as policies spell
+    them), so a bad amount never reaches Redis; naming one meter twice is an
+    error too.
+    """
+    named: dict[str, object] = dict(meters or {})
+    for name, value in (("tokens", tokens), ("requests", requests)):
+        if value is not None:
+            if name in named:
+                raise InvalidRequest(name, f"given twice (as {name}= and in meters=)")
+            named[name] = value
+    return check_amounts(named)
+
+
 def lease_ttl_ms(settings: Settings, ttl: float | None, /) -> int:
     """Lease lifetime in ms from seconds (None: the client's default)."""
     seconds = settings.lease_ttl if ttl is None else positive_seconds("ttl", ttl)
@@ -119,6 +144,9 @@ def acquire_request(
     ttl: float | None = None,
     timeout: float | None = None,
     request_id: str | None = None,
+    tokens: int | None = None,
+    requests: int | None = None,
+    meters: Mapping[str, int] | None = None,
     **unknown: object,
 ) -> AcquireRequest:
     """Validate an acquire's arguments (before any I/O) into a request.
@@ -129,7 +157,8 @@ def acquire_request(
     if unknown:
         raise InvalidType(
             sorted(unknown)[0],
-            "unexpected keyword argument (the options are group, ttl, timeout and request_id)",
+            "unexpected keyword argument (the options are group, ttl, timeout, request_id, "
+            "tokens, requests and meters)",
         )
     return AcquireRequest(
         tenant=validate_tenant(tenant),
@@ -138,12 +167,23 @@ def acquire_request(
         lease_id=new_request_id() if request_id is None else validate_request_id(request_id),
         ttl_ms=lease_ttl_ms(settings, ttl),
         timeout=wait_seconds(settings, timeout),
+        meters=meter_amounts(tokens, requests, meters),
     )
 
 
 #: What the ``limit`` decorator reads the tenant and the units from.
 TenantSpec = Callable[..., str] | str
 UnitsSpec = Callable[..., int] | str | int
+
+
+class MeterOptions(TypedDict, total=False):
+    """Rate-meter amounts of a call (docs/rates.md): ``tokens``, ``requests``, or any meter
+    by name in ``meters``. At acquire they are the estimates decided with the lease; at
+    ``settle`` and ``release`` the actual amounts used."""
+
+    tokens: int | None
+    requests: int | None
+    meters: Mapping[str, int] | None
 
 
 class WaitOptions(TypedDict, total=False):
@@ -159,19 +199,28 @@ class WaitOptions(TypedDict, total=False):
     timeout: float | None
 
 
-class TryOptions(TypedDict, total=False):
+class TryOptions(MeterOptions, total=False):
     """Keyword options of ``try_acquire``: ``group`` and ``ttl`` as for ``acquire``,
-    ``request_id`` to make a retried call idempotent (the lease id)."""
+    ``request_id`` to make a retried call idempotent (the lease id), meter amounts."""
 
     group: str | None
     ttl: float | None
     request_id: str | None
 
 
-class AcquireOptions(WaitOptions, total=False):
-    """Keyword options of ``acquire``: ``WaitOptions`` plus ``request_id``."""
+class AcquireOptions(WaitOptions, MeterOptions, total=False):
+    """Keyword options of ``acquire``: ``WaitOptions``, ``request_id`` and meter amounts."""
 
     request_id: str | None
+
+
+class LimitOptions(WaitOptions, total=False):
+    """Keyword options of ``limit``: ``WaitOptions`` and meter amounts, each (like ``units``)
+    a constant, a parameter name of the handler, or a callable of its arguments."""
+
+    tokens: UnitsSpec | None
+    requests: UnitsSpec | None
+    meters: Mapping[str, UnitsSpec] | None
 
 
 def handler_arguments(
@@ -189,6 +238,23 @@ def handler_arguments(
     get_tenant = _argument_getter(tenant, "tenant", signature)
     get_units = _argument_getter(units, "units", signature)
     return lambda *a, **k: (get_tenant(*a, **k), get_units(*a, **k))
+
+
+def meter_arguments(
+    handler: Callable[..., Any], options: Mapping[str, Any]
+) -> tuple[dict[str, Any], Callable[..., dict[str, Any]]]:
+    """How ``limit`` reads meter amounts from one call: (the other options, a function of the
+    handler's arguments giving ``meters=``). Specs are read like ``units``'s."""
+    rest = {k: v for k, v in options.items() if k not in ("tokens", "requests", "meters")}
+    specs: dict[str, object] = dict(options.get("meters") or {})
+    for name in ("tokens", "requests"):
+        if options.get(name) is not None:
+            specs[name] = options[name]
+    signature = inspect.signature(handler)
+    getters = {name: _argument_getter(spec, name, signature) for name, spec in specs.items()}
+    if not getters:
+        return rest, lambda *a, **k: {}
+    return rest, lambda *a, **k: {"meters": {n: get(*a, **k) for n, get in getters.items()}}
 
 
 def _argument_getter(spec: object, name: str, signature: inspect.Signature) -> Callable[..., Any]:

@@ -40,7 +40,6 @@ from ratequota.engine.protocol import apply_policy_call
 from ratequota.engine.replies import decode_apply_policy
 from ratequota.errors import (
     BackendUnavailable,
-    ConfigError,
     InvalidType,
     RateQuotaError,
     UnknownTenant,
@@ -319,14 +318,6 @@ class Router:
         """
         if not isinstance(policy, Policy):
             raise InvalidType("policy", f"must be a Policy, got {type(policy).__name__}")
-        for group in policy.groups:
-            if group.meters or any(t.meters for t in group.tenants):
-                # Publishing them would look like a limit that nothing enforces.
-                raise ConfigError(
-                    f"group {group.name!r}: meters",
-                    "rate meters are validated but not yet enforced by the acquire script; "
-                    "remove them before publishing (docs/rates.md, 'Integration plan')",
-                )
         previous = yield from self._read_catalog()
         held = self._catalog.header
         # Epochs order publications: after the one read, and not before the wall clock,

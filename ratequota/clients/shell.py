@@ -26,7 +26,7 @@ from ratequota.clients.requests import AcquireRequest
 from ratequota.clients.runner import Runner
 from ratequota.clients.settings import Settings
 from ratequota.clock import Clock
-from ratequota.decision import LeaseInfo, ReleaseResult, RenewResult
+from ratequota.decision import LeaseInfo, MeterResult, ReleaseResult, RenewResult
 from ratequota.errors import (
     BackendError,
     BackendUnavailable,
@@ -117,6 +117,11 @@ class LeaseBase:
     def expires_at(self) -> float:
         """Expiry in Redis time (seconds since the epoch), as of the last renewal."""
         return self.info.expires_at
+
+    @property
+    def meters(self) -> tuple[MeterResult, ...]:
+        """The rate meters decided with this lease at admission (see ``Decision.meters``)."""
+        return self.info.meters
 
     @property
     def synthetic(self) -> bool:

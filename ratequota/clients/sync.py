@@ -32,16 +32,20 @@ from ratequota.clients.backends import (
 )
 from ratequota.clients.explain import Explanation, explain_flow
 from ratequota.clients.failure import log
+from ratequota.clients.metering import settle_flow
 from ratequota.clients.readiness import ReadinessReport
 from ratequota.clients.renewal import ThreadRenewer
 from ratequota.clients.requests import (
     AcquireOptions,
     AcquireRequest,
+    LimitOptions,
+    MeterOptions,
     TenantSpec,
     TryOptions,
     UnitsSpec,
-    WaitOptions,
     handler_arguments,
+    meter_amounts,
+    meter_arguments,
 )
 from ratequota.clients.shell import RELEASE_ERRORS, AcquisitionBase, ClientBase, LeaseBase
 from ratequota.clients.usage import When, usage_flow
@@ -49,6 +53,7 @@ from ratequota.decision import (
     Decision,
     GroupSnapshot,
     LeaseInfo,
+    MeterSettlement,
     ReleaseResult,
     RenewResult,
     UsageRow,
@@ -76,10 +81,17 @@ class Lease(LeaseBase):
         """Extend the lease by ``ttl`` seconds from now; marks it lost if it had expired."""
         return self.renewed(self._client.renew(self.info, ttl))
 
-    def release(self) -> ReleaseResult:
-        """Give the units back (and stop renewing); harmless when called twice."""
+    def release(self, **actuals: Unpack[MeterOptions]) -> ReleaseResult:
+        """Give the units back (and stop renewing); harmless when called twice.
+
+        Meter amounts (``tokens=actual``) settle the lease first (``settle``).
+        """
         self._client.renewer.drop(self)
-        return self.ended(self._client.release(self.info))
+        return self.ended(self._client.release(self.info, **actuals))
+
+    def settle(self, **actuals: Unpack[MeterOptions]) -> tuple[MeterSettlement, ...]:
+        """Charge the rate meters what the work really used (``tokens=actual``), once."""
+        return self._client.settle(self.info, **actuals)
 
 
 class Acquisition(AcquisitionBase[Lease]):
@@ -262,14 +274,30 @@ class QuotaClient(ClientBase):
         """
         return Acquisition(self, self.core.request(tenant, units, **options))
 
-    def release(self, lease: LeaseInfo | Lease) -> ReleaseResult:
+    def release(self, lease: LeaseInfo | Lease, **actuals: Unpack[MeterOptions]) -> ReleaseResult:
         """End a lease; idempotent, and says whether it was still live.
 
         Fenced: the release names the lease's tenant and token, so it can only
         end that very lease (state ``"fenced"`` otherwise, counted in ``stats()``).
+        Meter amounts (``tokens=actual``) settle the lease first (``settle``).
         """
         info = lease.info if isinstance(lease, Lease) else lease
-        return self._run(self.core.release(info))
+        return self._run(self.core.release(info, meter_amounts(**actuals)))
+
+    def settle(
+        self, lease: LeaseInfo | Lease, **actuals: Unpack[MeterOptions]
+    ) -> tuple[MeterSettlement, ...]:
+        """Reserve, then settle (docs/rates.md): charge the actual amounts a lease used.
+
+        ``tokens=actual`` (or ``requests=``, or ``meters={name: actual}``)
+        charges ``actual - estimate`` to the buckets the admission charged: a
+        refund, or a debt repaid before the tenant's next admission. Exactly
+        once per lease and meter: a repeat answers ``replay`` (or ``conflict``
+        for another amount), a lease that ended answers ``closed`` and keeps
+        its estimate. Amounts are checked before Redis is touched.
+        """
+        info = lease.info if isinstance(lease, Lease) else lease
+        return self._run(settle_flow(self.core, info, meter_amounts(**actuals)))
 
     def renew(self, lease: LeaseInfo | Lease, ttl: float | None = None) -> RenewResult:
         """Extend a live lease; reports whether its tenant is above its fair limit.
@@ -307,22 +335,23 @@ class QuotaClient(ClientBase):
         return self._run(explain_flow(self.core, tenant, units, group=group))
 
     def limit(
-        self, *, tenant: TenantSpec, units: UnitsSpec = 1, **options: Unpack[WaitOptions]
+        self, *, tenant: TenantSpec, units: UnitsSpec = 1, **options: Unpack[LimitOptions]
     ) -> Callable[[F], F]:
         """Decorate a handler so each call holds a lease while it runs.
 
-        ``tenant`` and ``units`` are callables receiving the handler's
-        arguments, names of its parameters, or constants. ``async def``
-        handlers are supported: the blocking acquire runs in a worker thread
-        so the event loop never blocks.
+        ``tenant`` and ``units`` (and meter estimates such as ``tokens``) are
+        callables receiving the handler's arguments, names of its parameters,
+        or constants. ``async def`` handlers are supported: the blocking
+        acquire runs in a worker thread so the event loop never blocks.
         """
 
         def decorate(handler: F) -> F:
             arguments = handler_arguments(handler, tenant, units)
+            rest, amounts = meter_arguments(handler, options)
 
             def acquisition(*args: Any, **kwargs: Any) -> Acquisition:
                 who, how_many = arguments(*args, **kwargs)
-                return self.acquire(who, how_many, **options)
+                return self.acquire(who, how_many, **rest, **amounts(*args, **kwargs))
 
             if inspect.iscoroutinefunction(handler):
 

@@ -41,7 +41,7 @@ MERGES = (
         "acquire",
         "acquire_many",
         ("now_ms", "schema", "pending_ms", "purge"),
-        ("tenant", "units", "lease_id", "ttl_ms", "wait", "shadow"),
+        ("tenant", "units", "lease_id", "ttl_ms", "wait", "shadow", "meters"),
     ),
     Merge(
         "release", "release_many", ("now_ms", "schema", "purge"), ("lease_id", "tenant", "token")

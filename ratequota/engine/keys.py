@@ -19,6 +19,7 @@ Layout for prefix ``rq`` and group ``g``::
     rq:v2:{g}:fair     zset  breakpoints lo/w and up/w of the active tenants
     rq:v2:{g}:led:<h>  hash  the usage ledger of hour h (ms // 3,600,000): "<tenant>|<counter>"
                              (expires its group's retention after the hour ends)
+    rq:v2:{g}:contend1..4  zset  rate meters: borrowers contending for the spare, by tag
     rq:v2:{catalog}:catalog  string  the whole policy as JSON, for routing tenants
 
 ``lua/_codec.lua`` says how each value is written.
@@ -75,6 +76,21 @@ class GroupKeys:
     def all(self) -> list[str]:
         """KEYS[1..6] of every group script."""
         return [self.policy, self.demand, self.exp, self.info, self.queue, self.fair]
+
+    @property
+    def contention(self) -> list[str]:
+        """One zset per rate-meter slot (``MAX_METERS``): the borrowers contending for the spare.
+
+        Passed to every script that decides or settles meters (KEYS[7..10]), used or not:
+        Redis Cluster wants every key named up front, and they share the group's hash tag.
+        """
+        base = self.policy[: -len("policy")]
+        return [f"{base}contend{i}" for i in range(1, 5)]
+
+    @property
+    def metered(self) -> list[str]:
+        """KEYS[1..10] of the scripts that decide or settle rate meters."""
+        return [*self.all, *self.contention]
 
     @property
     def expiring(self) -> list[str]:

@@ -11,12 +11,14 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from ratequota.decision import LeaseInfo
 from ratequota.engine.coalesce import merged_args
 from ratequota.engine.keys import KeySpace
 from ratequota.engine.ledger import ledger_keys
+from ratequota.engine.meterwire import encode_amounts, meters_field, shares_field
 from ratequota.engine.ops import Arg, ScriptCall
 from ratequota.engine.ops import script_call as _call
 from ratequota.policy import GroupPolicy, TenantPolicy
@@ -28,6 +30,7 @@ __all__ = [
     "release_call",
     "release_many_call",
     "renew_call",
+    "settle_call",
     "snapshot_call",
     "tenant_spec",
 ]
@@ -37,15 +40,19 @@ def _clock(now_ms: int | None) -> Arg:
     return "" if now_ms is None else now_ms
 
 
-def _lease_keys(keyspace: KeySpace, group: str, now_ms: int | None) -> list[str]:
-    """The group's keys and the two ledger hours (see ``ratequota.engine.ledger``).
+def _lease_keys(
+    keyspace: KeySpace, group: str, now_ms: int | None, metered: bool = False
+) -> list[str]:
+    """The group's keys, the two ledger hours (see ``ratequota.engine.ledger``) and, for a
+    call that names rate meters, their contention sets.
 
     The hours are named from the pinned clock, else this machine's wall clock:
     the script files under the hour of Redis time among the two, so a few
     seconds of skew at an hour boundary cost nothing.
     """
     at_ms = now_ms if now_ms is not None else int(time.time() * 1000)
-    return [*keyspace.group(group).all, *ledger_keys(keyspace, group, at_ms)]
+    keys = keyspace.group(group)
+    return [*keys.all, *ledger_keys(keyspace, group, at_ms), *(keys.contention if metered else ())]
 
 
 def tenant_spec(tenant: TenantPolicy) -> str:
@@ -79,9 +86,11 @@ def apply_policy_call(
     ``migrate`` takes the group over from pods of the previous release (key
     schema 1) still serving it; without it such a group is refused (``LegacyLayout``).
     """
-    pairs: list[Arg] = []
+    metered = bool(group.meters)
+    triples: list[Arg] = []
     for tenant in group.tenants:
-        pairs += [tenant.name, tenant_spec(tenant)]
+        shares = shares_field(group, tenant) if metered else ""
+        triples += [tenant.name, tenant_spec(tenant), shares]
     content = json.dumps(group.to_dict(), sort_keys=True).encode("utf-8")
     digest = hashlib.sha256(content).hexdigest()[:32]
     args: list[Arg] = [
@@ -95,10 +104,13 @@ def apply_policy_call(
         _clock(now_ms),
         recover_ms,
         "1" if migrate else "0",
+        meters_field(group),
+        shares_field(group, group.default_tenant) if metered else "",
         round(group.usage_retention * 1000),
-        *pairs,
+        *triples,
     ]
-    keys = [*keyspace.group(group.name).all, *keyspace.previous_layout(group.name)]
+    group_keys = keyspace.group(group.name)
+    keys = [*group_keys.all, *keyspace.previous_layout(group.name), *group_keys.contention]
     return _call("apply_policy", group.name, keys, args)
 
 
@@ -118,8 +130,12 @@ def acquire_call(
     purge: int,
     now_ms: int | None = None,
     shadow: bool = False,
+    meters: Mapping[str, int] | None = None,
 ) -> ScriptCall:
-    """Arguments of acquire.lua, in its header's order (``shadow``: see its header)."""
+    """Arguments of acquire.lua, in its header's order (``shadow``, ``meters``: see its header).
+
+    ``meters`` are amounts already checked by ``meterwire.check_amounts``.
+    """
     args: list[Arg] = [
         _clock(now_ms),
         keyspace.schema,
@@ -131,8 +147,9 @@ def acquire_call(
         pending_ms,
         purge,
         "1" if shadow else "0",
+        encode_amounts(meters or {}),
     ]
-    return _call("acquire", group, _lease_keys(keyspace, group, now_ms), args)
+    return _call("acquire", group, _lease_keys(keyspace, group, now_ms, bool(meters)), args)
 
 
 # -- release / renew ---------------------------------------------------------
@@ -179,6 +196,25 @@ def renew_call(
     return _call("renew", lease.group, _lease_keys(keyspace, lease.group, now_ms), args)
 
 
+def settle_call(
+    keyspace: KeySpace,
+    lease: LeaseInfo,
+    actuals: Mapping[str, int],
+    *,
+    now_ms: int | None = None,
+) -> ScriptCall:
+    """Arguments of settle.lua: the lease (id, tenant, token) and the checked actual amounts."""
+    args: list[Arg] = [
+        _clock(now_ms),
+        keyspace.schema,
+        lease.tenant,
+        lease.id,
+        str(lease.token),
+        encode_amounts(actuals),
+    ]
+    return _call("settle", lease.group, _lease_keys(keyspace, lease.group, now_ms, True), args)
+
+
 # -- snapshot ----------------------------------------------------------------
 
 
@@ -201,14 +237,14 @@ def snapshot_call(
 def acquire_many_call(
     keyspace: KeySpace,
     group: str,
-    requests: Sequence[tuple[str, int, str, int, bool] | tuple[str, int, str, int, bool, bool]],
+    requests: Sequence[tuple[Any, ...]],
     *,
     pending_ms: int,
     purge: int,
     now_ms: int | None = None,
 ) -> ScriptCall:
-    """Arguments of acquire_many.lua: ``(tenant, units, lease_id, ttl_ms, wait[, shadow])``
-    per request (``shadow`` defaults to False).
+    """Arguments of acquire_many.lua: ``(tenant, units, lease_id, ttl_ms, wait[, shadow[,
+    meters]])`` per request (``shadow`` defaults to False, ``meters`` to none).
 
     Built from one ``acquire_call`` per request, merged as the async client's
     coalescing merges concurrent acquires (``ratequota.engine.coalesce``).
@@ -223,10 +259,14 @@ def acquire_many_call(
             purge=purge,
             now_ms=now_ms,
             shadow=len(request) > 5 and bool(request[5]),
+            meters=request[6] if len(request) > 6 else None,
         )
         for request in requests
     ]
-    return _call("acquire_many", group, _lease_keys(keyspace, group, now_ms), merged_args(calls))
+    metered = any(len(call.keys) > call.script.required_keys for call in calls)
+    return _call(
+        "acquire_many", group, _lease_keys(keyspace, group, now_ms, metered), merged_args(calls)
+    )
 
 
 def release_many_call(

@@ -9,19 +9,21 @@ the named types of ``ratequota.decision``, raising the matching
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ratequota.decision import (
     Decision,
     GroupSnapshot,
     LeaseInfo,
+    MeterSettlement,
     Reason,
     ReleaseResult,
     RenewResult,
     TenantSnapshot,
 )
 from ratequota.engine.keys import SCHEMA_VERSION
+from ratequota.engine.meterwire import decode_meter_rows, decode_settle_rows
 from ratequota.errors import InvalidRequest, LegacyLayout, PolicyMissing, SchemaMismatch
 
 __all__ = [
@@ -29,6 +31,7 @@ __all__ = [
     "decode_apply_policy",
     "decode_release",
     "decode_renew",
+    "decode_settle",
     "decode_snapshot",
 ]
 
@@ -50,6 +53,8 @@ def _raise_error_reply(group: str, reason: str, detail: Any) -> None:
         raise InvalidRequest(
             "ttl", f"is above the max_lease_ttl of group {group!r} ({int(detail) / 1000:g}s)"
         )
+    if reason == "bad_meter":
+        raise InvalidRequest(_text(detail), f"group {group!r} has no rate meter of that name")
     raise AssertionError(f"unexpected script error reply {reason!r}")  # pragma: no cover
 
 
@@ -64,7 +69,13 @@ def decode_apply_policy(group: str, reply: Sequence[Any]) -> int:
 
 
 def decode_acquire(
-    reply: Sequence[Any], *, group: str, tenant: str, units: int, lease_id: str
+    reply: Sequence[Any],
+    *,
+    group: str,
+    tenant: str,
+    units: int,
+    lease_id: str,
+    meters: Mapping[str, int] | None = None,
 ) -> Decision:
     """A ``Decision`` from acquire.lua's reply (see its header)."""
     status, reason = int(reply[0]), _text(reply[1])
@@ -72,7 +83,8 @@ def decode_acquire(
         _raise_error_reply(group, reason, reply[9] if reason == "schema" else reply[10])
     admitted = status == 1
     # Shadow mode: admitted, and the reason names the refusal enforcement would have made.
-    shadow_refused = admitted and reason in ("tenant_limit", "group_full")
+    shadow_refused = admitted and reason in ("tenant_limit", "group_full", "meter")
+    rates = decode_meter_rows(reply[11], meters or {}) if len(reply) > 11 else ()
     capacity = int(reply[7])
     lease = None
     if admitted:
@@ -84,6 +96,7 @@ def decode_acquire(
             token=int(reply[3]),
             expires_at=int(reply[2]) / 1000.0,
             replay=int(reply[10]) == 1,
+            meters=rates,
         )
     limit = _num(reply[5])
     return Decision(
@@ -96,11 +109,13 @@ def decode_acquire(
         limit=limit if not (lease and lease.replay) else math.nan,
         group_used=int(reply[6]),
         capacity=capacity,
-        # A request that can never fit has nothing to wait for: no retry hint.
-        retry_after=0.0 if reason == "too_large" else int(reply[8]) / 1000.0,
+        # A request that can never fit has nothing to wait for: no retry hint (-1: a meter's
+        # amount can never pass).
+        retry_after=0.0 if reason == "too_large" else max(0, int(reply[8])) / 1000.0,
         policy_version=int(reply[9]),
         lease=lease,
         shadow_refused=shadow_refused,
+        meters=rates,
     )
 
 
@@ -112,6 +127,7 @@ _REASONS: dict[str, Reason] = {
     "unknown_tenant": "unknown_tenant",
     "id_mismatch": "id_mismatch",
     "recovering": "recovering",
+    "meter": "meter",
 }
 
 
@@ -197,3 +213,11 @@ def decode_snapshot(reply: Sequence[Any], *, group: str) -> GroupSnapshot:
         leases_truncated=int(reply[9]) == 1,
         recovering_until=int(reply[10]) / 1000.0,
     )
+
+
+def decode_settle(reply: Sequence[Any], *, group: str) -> tuple[MeterSettlement, ...]:
+    """One ``MeterSettlement`` per meter settled, from settle.lua's reply."""
+    status, reason = int(reply[0]), _text(reply[1])
+    if status < 0:
+        _raise_error_reply(group, reason, reply[2])
+    return decode_settle_rows(reply[2])

@@ -6,9 +6,11 @@ can check every call against it. The library files hold what the scripts
 share, each one idea: ``_fair.lua`` the rule alone (pure, mirrors
 ``ratequota.fairness``), ``_codec.lua`` how values are written in the keys,
 ``_ledger.lua`` the usage ledger, ``_state.lua`` the incremental group
-state, ``_lib.lua`` the lease operations. Redis has no ``require``, so they
-are prepended to each script here, once, in that order, and the SHA1 is that
-of the combined text.
+state, ``_meters.lua`` the rate-meter arithmetic (pure, mirrors
+``ratequota.rates``), ``_metered.lua`` the meters kept in a group's keys,
+``_lib.lua`` the lease operations. Redis has no ``require``, so they are
+prepended to each script here, once, in that order, and the SHA1 is that of
+the combined text.
 
 In a wheel the scripts live in ``ratequota/lua`` (hatch copies the top-level
 ``lua/`` there); in a source checkout or an editable install they are read
@@ -36,10 +38,11 @@ SCRIPT_NAMES = (
     "renew",
     "snapshot",
     "apply_policy",
+    "settle",
 )
 
 #: Library files prepended to every script, in dependency order.
-LIBRARY = ("_fair", "_codec", "_ledger", "_state", "_lib")
+LIBRARY = ("_fair", "_codec", "_ledger", "_state", "_meters", "_metered", "_lib")
 _KEY_LINE = re.compile(r"^-- KEYS\[(\d+)\]\s+(\w+)")
 _ARG_LINE = re.compile(r"^-- ARGV\[(\d+)(\.\.)?\]\s+(\S+)")
 
@@ -59,9 +62,20 @@ class ScriptSpec:
     argv: tuple[str, ...]
     variadic: bool
 
+    @property
+    def required_keys(self) -> int:
+        """How many leading keys every call passes: the rate meters' contention sets
+        (``contend1..4``) close the list and are passed only by calls that name meters, so a
+        call without meters touches exactly the group keys it always did (in a Redis Cluster,
+        a script naming a key that does not exist is refused while its slot migrates)."""
+        for index, key in enumerate(self.keys):
+            if key.startswith("contend"):
+                return index
+        return len(self.keys)
+
     def check_call(self, n_keys: int, n_args: int) -> None:
         """Raise ``AssertionError`` if a call does not match the header (a bug, not bad input)."""
-        if n_keys != len(self.keys):
+        if n_keys not in (len(self.keys), self.required_keys):
             raise AssertionError(
                 f"{self.name}: {n_keys} keys given, header declares {len(self.keys)}"
             )

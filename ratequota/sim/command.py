@@ -18,6 +18,7 @@ import redis
 
 from ratequota.clients.backends import translate_error
 from ratequota.clients.sync import QuotaClient
+from ratequota.errors import ConfigError
 from ratequota.sim.fleet import run_scenario
 from ratequota.sim.picture import plot_timeline
 from ratequota.sim.report import render_report, report_to_dict
@@ -51,6 +52,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--shadow",
         action="store_true",
         help="every group in shadow mode: admit all, report what enforcing would have refused",
+    )
+    parser.add_argument(
+        "--driven",
+        action="store_true",
+        help="play the scenario in driven (virtual) time: pods take turns, every round trip "
+        "takes --latency, and the same seed gives the same run on any machine",
+    )
+    parser.add_argument(
+        "--latency",
+        type=float,
+        default=1.0,
+        metavar="MS",
+        help="with --driven: the virtual round trip of a script call, in ms (default 1)",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument(
@@ -90,14 +104,21 @@ def run(args: argparse.Namespace, make_client: ClientFactory) -> int:
     print(
         f"simulating {scenario.pods} pods, {len(scenario.loads)} tenants in "
         f"{len(scenario.policy.groups)} groups, {scenario.workers()} request slots, "
-        f"for {scenario.duration:g} s ...",
+        f"for {scenario.duration:g} s{' of driven time' if args.driven else ''} ...",
         file=sys.stderr,
     )
     tally = ShadowTally() if args.shadow else None
     if tally is not None:
         scenario = attrs.evolve(scenario, policy=in_shadow(scenario.policy))
+    if args.latency < 0 or args.latency != args.latency:
+        raise ConfigError("--latency", f"must be >= 0 ms, got {args.latency}")
     result = run_scenario(
-        scenario, next_pod, progress=None if args.quiet else sys.stderr, observer=tally
+        scenario,
+        next_pod,
+        progress=None if args.quiet else sys.stderr,
+        observer=tally,
+        driven=args.driven,
+        latency=args.latency / 1000,
     )
     if args.json:
         document = report_to_dict(result.report)

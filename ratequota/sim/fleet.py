@@ -10,6 +10,10 @@ what happened. The main thread samples a snapshot of every group and draws a
 progress bar on stderr. All statistics are computed afterwards from the
 records by ``ratequota.sim.stats``; the threads stay thin.
 
+Time comes from ``ratequota.sim.timing``: the wall clock, or driven time in
+which the threads take turns on a virtual clock, so a run is the same on any
+machine (``simulate --driven``).
+
 The run exits non-zero when a safety invariant was violated: units held above
 a group's capacity (seen by a snapshot, or by the client-side intervals at any
 instant), a tenant above ``G + B``, snapshots whose leases do not add up, or
@@ -23,15 +27,15 @@ import math
 import random
 import threading
 import time
-from collections.abc import Callable, Sequence
-from typing import Any, TextIO
+from collections.abc import Callable
+from typing import TextIO
 
 import attrs
 
 from ratequota.clients.sync import QuotaClient
-from ratequota.clock import SystemClock
 from ratequota.errors import AcquireTimeout, RateQuotaError
 from ratequota.observe import Observer
+from ratequota.sim.embedded import compile_once, fake_servers
 from ratequota.sim.measure import Request
 from ratequota.sim.scenario import Scenario, TenantLoad
 from ratequota.sim.stats import (
@@ -41,6 +45,7 @@ from ratequota.sim.stats import (
     Sample,
     build_report,
 )
+from ratequota.sim.timing import CountingBackend, DrivenTime, PodClock, WallTime
 
 __all__ = [
     "CountingBackend",
@@ -53,76 +58,6 @@ __all__ = [
 #: Shortest sleep of a worker whose slot is idle in the schedule (it sleeps until the slot
 #: is next active, but never spins).
 _IDLE_POLL = 0.005
-
-
-class Pacing:
-    """A running estimate of the script round trip, shared by every simulated pod.
-
-    A waiting client that retries faster than the server answers only
-    lengthens the queue in front of it: on a saturated backend (the embedded
-    fakeredis runs every script on one Python thread's share of a core) each
-    retry pause is stretched to at least ``factor`` round trips, as a client
-    backing off from a slow server would. On a real Redis, where a round trip
-    is well under a millisecond, this changes nothing.
-    """
-
-    def __init__(self, factor: float = 2.0) -> None:
-        self.factor = factor
-        self.round_trip = 0.0  # exponentially weighted; updates race benignly under the GIL
-
-    def observe(self, seconds: float) -> None:
-        """Fold one call's duration into the estimate."""
-        self.round_trip += 0.05 * (seconds - self.round_trip)
-
-    def pause(self, seconds: float) -> float:
-        """The pause to take instead of ``seconds``."""
-        return max(seconds, self.factor * self.round_trip)
-
-
-class CountingBackend:
-    """Wraps a backend so every script call (EVALSHA) is counted; everything else passes through."""
-
-    def __init__(self, inner: Any, pacing: Pacing | None = None) -> None:
-        self._inner = inner
-        self.pacing = pacing
-        self.description = getattr(inner, "description", "redis")
-        self.calls = 0  # += under the GIL from many threads; an estimate is all we need
-        self.seconds = 0.0  # time spent in those calls, round trip included
-
-    def connection(self, route: str) -> Any:
-        """The inner connection, wrapped to count ``evalsha``."""
-        return _CountingConnection(self._inner.connection(route), self)
-
-    def connections(self) -> Sequence[Any]:
-        """The inner backend's connections."""
-        return self._inner.connections()  # type: ignore[no-any-return]
-
-    def close(self) -> None:
-        """Close the inner backend."""
-        self._inner.close()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
-
-
-class _CountingConnection:
-    def __init__(self, conn: Any, owner: CountingBackend) -> None:
-        self._conn = conn
-        self._owner = owner
-
-    def evalsha(self, *args: Any) -> Any:
-        self._owner.calls += 1
-        began = time.monotonic()
-        try:
-            return self._conn.evalsha(*args)
-        finally:
-            spent = time.monotonic() - began
-            self._owner.seconds += spent
-            if self._owner.pacing is not None:
-                self._owner.pacing.observe(spent)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._conn, name)
 
 
 @attrs.define
@@ -146,37 +81,13 @@ class RunResult:
     requests: tuple[Request, ...] = ()
 
 
-class RecordingClock(SystemClock):
-    """The system clock, noting when a watched thread's waiting acquire pauses between tries.
-
-    The client pauses only after a refused try, and a refused waiting try
-    registers (or refreshes) the request as pending demand in Redis: these
-    moments tell the measure what demand Redis saw (``ratequota.sim.measure``).
-    """
-
-    def __init__(self, pacing: Pacing | None = None) -> None:
-        self._local = threading.local()
-        self._pacing = pacing
-
-    def watch(self, into: list[float] | None) -> None:
-        """Append the time of every pause of the calling thread to ``into`` (None: stop)."""
-        self._local.into = into
-
-    def sleep(self, seconds: float) -> None:
-        """Note the pause, then sleep (at least a few round trips, see ``Pacing``)."""
-        into = getattr(self._local, "into", None)
-        if into is not None:
-            into.append(time.monotonic())
-        time.sleep(seconds if self._pacing is None else self._pacing.pause(seconds))
-
-
 def _worker(
     client: QuotaClient,
     load: TenantLoad,
     index: int,
     scenario: Scenario,
-    started: float,
-    stop: threading.Event,
+    timebase: WallTime | DrivenTime,
+    token: int,
     record: Recorder,
 ) -> None:
     """One slot of one tenant: acquire, hold, release while the schedule says it is active.
@@ -185,23 +96,43 @@ def _worker(
     schedule (the end of a burst, a lender going idle): a tenant's demand is
     what its schedule says, not requests left waiting from an earlier phase.
     """
+    timebase.begin(token)
+    try:
+        _serve(client, load, index, scenario, timebase, record)
+    finally:
+        timebase.leave()
+
+
+def _serve(
+    client: QuotaClient,
+    load: TenantLoad,
+    index: int,
+    scenario: Scenario,
+    timebase: WallTime | DrivenTime,
+    record: Recorder,
+) -> None:
     rng = random.Random(f"{scenario.seed}:{load.tenant}:{index}")
     traffic = load.traffic
     clock = client.core.clock
-    while not stop.is_set():
-        now = time.monotonic() - started
+    stop = timebase.stop
+    count = 0
+    while not stop.is_set() and timebase.now() < scenario.duration:
+        now = timebase.now()
         if index >= traffic.concurrency_at(now / scenario.duration):
             wake = scenario.duration * traffic.next_active(index, now / scenario.duration)
-            stop.wait(max(_IDLE_POLL, wake - now))
+            timebase.wait(max(_IDLE_POLL, wake - now))
             continue
-        asked = time.monotonic()
+        asked = now
         # Never wait past the end of the run or of the slot's active phase; a wait cut
         # short by either is not a refusal.
         remaining = scenario.duration * traffic.active_until(index, now / scenario.duration) - now
         timeout = min(scenario.acquire_timeout, max(0.0, remaining))
         refusals: list[float] = []
-        if isinstance(clock, RecordingClock):
+        if isinstance(clock, PodClock):
             clock.watch(refusals)
+        count += 1
+        # Driven runs name their requests, so the same run makes the same keys.
+        request_id = f"sim-{load.tenant}-{index}-{count}" if timebase.driven else None
         try:
             acquisition = client.acquire(
                 load.tenant,
@@ -209,37 +140,30 @@ def _worker(
                 group=load.group,
                 ttl=scenario.lease_ttl,
                 timeout=timeout,
+                request_id=request_id,
             )
             lease = acquisition.__enter__()
         except AcquireTimeout:
-            gave_up = time.monotonic()
+            gave_up = timebase.now()
             if timeout >= scenario.acquire_timeout:
-                record.outcomes.append(
-                    Outcome(load.tenant, asked - started, gave_up - asked, False)
-                )
+                record.outcomes.append(Outcome(load.tenant, asked, gave_up - asked, False))
             record.requests.append(
                 Request(
-                    load.tenant,
-                    load.group,
-                    traffic.units,
-                    asked - started,
-                    gave_up - started,
-                    None,
-                    tuple(r - started for r in refusals),
+                    load.tenant, load.group, traffic.units, asked, gave_up, None, tuple(refusals)
                 )
             )
             continue
         except RateQuotaError as exc:
             record.errors.append(f"{load.tenant}: {exc}")
-            stop.wait(0.2)
+            timebase.wait(0.2)
             continue
         finally:
-            if isinstance(clock, RecordingClock):
+            if isinstance(clock, PodClock):
                 clock.watch(None)
-        got = time.monotonic()
-        record.outcomes.append(Outcome(load.tenant, asked - started, got - asked, True))
-        stop.wait(traffic.hold * rng.uniform(0.5, 1.5))
-        end = time.monotonic()
+        got = timebase.now()
+        record.outcomes.append(Outcome(load.tenant, asked, got - asked, True))
+        timebase.wait(traffic.hold * rng.uniform(0.5, 1.5))
+        end = timebase.now()
         try:
             lease.release()
         except RateQuotaError as exc:
@@ -247,23 +171,13 @@ def _worker(
         if lease.lost:
             record.lost += 1  # its units may have been reused: not a client-side holding
         else:
-            record.intervals.append(
-                Interval(load.tenant, load.group, traffic.units, got - started, end - started)
-            )
+            record.intervals.append(Interval(load.tenant, load.group, traffic.units, got, end))
             record.requests.append(
-                Request(
-                    load.tenant,
-                    load.group,
-                    traffic.units,
-                    asked - started,
-                    end - started,
-                    got - started,
-                    tuple(r - started for r in refusals),
-                )
+                Request(load.tenant, load.group, traffic.units, asked, end, got, tuple(refusals))
             )
 
 
-def _sample(client: QuotaClient, scenario: Scenario, started: float) -> list[Sample]:
+def _sample(client: QuotaClient, scenario: Scenario, at: float) -> list[Sample]:
     samples = []
     for group in scenario.policy.groups:
         names = [t.name for t in group.tenants]
@@ -271,7 +185,7 @@ def _sample(client: QuotaClient, scenario: Scenario, started: float) -> list[Sam
         samples.append(
             Sample(
                 group=group.name,
-                at=time.monotonic() - started,
+                at=at,
                 capacity=snap.capacity,
                 used=snap.used,
                 tenant_used={n: t.used for n, t in snap.tenants.items()},
@@ -302,38 +216,65 @@ def run_scenario(
     *,
     progress: TextIO | None = None,
     observer: Observer | None = None,
+    driven: bool = False,
+    latency: float = 0.001,
 ) -> RunResult:
     """Play ``scenario`` with one client per pod from ``make_client``; report what happened.
 
     Publishes the scenario's policy first (through the first pod); ``observer``
-    hears every pod's decisions (``--shadow`` counts with it). Raises
+    hears every pod's decisions (``--shadow`` counts with it). ``driven``
+    plays it in driven time, every round trip taking ``latency`` virtual
+    seconds (``ratequota.sim.timing``): the same run on any machine. Raises
     ``BackendUnavailable`` when the backend cannot be reached at start.
     """
+    stop = threading.Event()
+    timebase: WallTime | DrivenTime = DrivenTime(stop, latency) if driven else WallTime(stop)
     clients: list[QuotaClient] = []
-    pacing = Pacing()
+    state = random.getstate()
     try:
         for _ in range(scenario.pods):
             client = make_client()
-            client.backend = CountingBackend(client.backend, pacing)
-            client.core.clock = RecordingClock(pacing)
+            client.backend = CountingBackend(client.backend, timebase)
+            client.core.clock = PodClock(timebase)
+            if driven:
+                # Renewals happen in the sampler's turns (a background thread would run
+                # outside driven time).
+                client.renewer.background = False
             if observer is not None:
                 client.core.observer = observer
             clients.append(client)
+        # Every script loaded first, so no call meets NOSCRIPT (a driven run then makes the
+        # same calls whether or not the server has seen the scripts before).
+        for client in clients:
+            client.load_scripts(strict=False)
         clients[0].apply_policy(scenario.policy)
         for client in clients[1:]:
             client.load_policy()
-        return _play(scenario, clients, progress)
+        # The embedded store compiles each script once, as Redis does (see sim.embedded).
+        for client in clients:
+            for server in fake_servers(client.backend.connections()):
+                compile_once(server)
+        if driven:
+            random.seed(f"{scenario.seed}:retry-jitter")  # the clients' pauses are jittered
+        return _play(scenario, clients, timebase, progress)
     finally:
+        if driven:
+            random.setstate(state)
         for client in clients:
             with contextlib.suppress(Exception):
                 client.close()
 
 
-def _play(scenario: Scenario, clients: list[QuotaClient], progress: TextIO | None) -> RunResult:
-    stop = threading.Event()
+def _play(
+    scenario: Scenario,
+    clients: list[QuotaClient],
+    timebase: WallTime | DrivenTime,
+    progress: TextIO | None,
+) -> RunResult:
+    stop = timebase.stop
     recorders: list[Recorder] = []
     threads: list[threading.Thread] = []
-    started = time.monotonic()
+    me = timebase.enroll()
     slot = 0
     for load in scenario.loads:
         for index in range(load.traffic.concurrency):
@@ -341,10 +282,11 @@ def _play(scenario: Scenario, clients: list[QuotaClient], progress: TextIO | Non
             recorders.append(recorder)
             pod = clients[slot % len(clients)]
             slot += 1
+            token = timebase.enroll()
             threads.append(
                 threading.Thread(
                     target=_worker,
-                    args=(pod, load, index, scenario, started, stop, recorder),
+                    args=(pod, load, index, scenario, timebase, token, recorder),
                     name=f"pod{slot % len(clients)}-{load.tenant}-{index}",
                     daemon=True,
                 )
@@ -355,12 +297,16 @@ def _play(scenario: Scenario, clients: list[QuotaClient], progress: TextIO | Non
     sampler = clients[0]
     last_draw = -1.0
     tty = progress is not None and progress.isatty()
+    timebase.begin(me)
     try:
         while True:
-            elapsed = time.monotonic() - started
+            elapsed = timebase.now()
             if elapsed >= scenario.duration:
                 break
-            samples += _sample(sampler, scenario, started)
+            samples += _sample(sampler, scenario, elapsed)
+            if timebase.driven:
+                for client in clients:
+                    client.renewer.renew_due()
             if progress is not None and (
                 tty or elapsed - last_draw >= max(1.0, scenario.duration / 10)
             ):
@@ -370,10 +316,11 @@ def _play(scenario: Scenario, clients: list[QuotaClient], progress: TextIO | Non
                 progress.write(f"\r{line}" if tty else f"{line}\n")
                 progress.flush()
                 last_draw = elapsed
-            stop.wait(min(scenario.sample_interval, max(0.0, scenario.duration - elapsed)))
+            timebase.wait(min(scenario.sample_interval, max(0.0, scenario.duration - elapsed)))
     finally:
         stop.set()
-        elapsed = time.monotonic() - started
+        elapsed = min(timebase.now(), scenario.duration) if timebase.driven else timebase.now()
+        timebase.leave()
         deadline = time.monotonic() + scenario.acquire_timeout + 10.0
         for thread in threads:
             thread.join(timeout=max(0.0, deadline - time.monotonic()))

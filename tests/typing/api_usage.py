@@ -11,12 +11,15 @@ from ratequota import (
     GroupPolicy,
     GroupSnapshot,
     Lease,
+    MeterResult,
+    MeterSettlement,
     Policy,
     QuotaClient,
     ReleaseResult,
     RenewResult,
     TenantPolicy,
 )
+from ratequota.ratelimit_headers import decision_headers
 from ratequota.testing import ManualClock, fake_client
 
 
@@ -49,7 +52,31 @@ def sync_usage() -> None:
 
     result: str = handle("a", 2)
     del result
+    rate_meter_usage(quota)
     remote.close()
+
+
+def rate_meter_usage(quota: QuotaClient) -> None:
+    """Rate meters: estimates at admission, the actual amount settled after (docs/rates.md)."""
+    decision: Decision = quota.try_acquire("a", 1, tokens=1200, requests=1)
+    result: MeterResult | None = decision.meter("tokens")
+    if result is not None and result.retry_after is not None:
+        wait: float = result.retry_after
+        del wait
+    headers: dict[str, str] = decision_headers(decision)
+    del headers
+    if decision.lease is not None:
+        done: tuple[MeterSettlement, ...] = quota.settle(decision.lease, tokens=950)
+        assert done[0].outcome in ("settled", "replay")
+        quota.release(decision.lease, meters={"tokens": 950})
+    with quota.acquire("a", 1, tokens=500, timeout=1.0) as lease:
+        lease.settle(tokens=420)
+
+    @quota.limit(tenant="tenant", tokens="estimate", requests=1)
+    def generate(tenant: str, estimate: int) -> int:
+        return estimate
+
+    del generate
 
 
 def testing_usage() -> None:
@@ -68,9 +95,11 @@ async def async_usage() -> None:
     async with quota.acquire("a", units=1, timeout=0.5) as lease:
         token: int = lease.token
         del token
-    decision: Decision = await quota.try_acquire("a", 2)
+    decision: Decision = await quota.try_acquire("a", 2, tokens=300)
     if decision.lease is not None:
-        await quota.release(decision.lease)
+        settled: tuple[MeterSettlement, ...] = await quota.settle(decision.lease, tokens=200)
+        del settled
+        await quota.release(decision.lease, tokens=200)
 
     @quota.limit(tenant="tenant", units="n")
     async def handle(tenant: str, n: int) -> int:
