@@ -201,6 +201,10 @@ local function meter_gate(ctx, tenant, amounts, shadow)
       meter_put_tenant(ctx, slot, name, tenant, d.tenant, till)
     end
     record[#record + 1] = name .. ':' .. path .. ':' .. int(it.a.amount) .. ':'
+    -- The ledger's tokens reserved: the estimate charged at admission (docs/usage.md).
+    if name == 'tokens' and (all or shadow) then
+      ledger_note(ctx, tenant, 'tr', it.a.amount)
+    end
     local r = d.retry
     if r == nil then r = -1 end
     rows[#rows + 1] = name
@@ -258,6 +262,9 @@ local function meter_settle_lease(ctx, tenant, id, token, actuals)
         outcome = out
         if d ~= nil then
           records[a.name], changed, delta = new, true, d
+          -- The ledger's tokens settled: the actual amount, once per lease (the first
+          -- settlement; a replay or a conflict charges nothing and counts nothing).
+          if a.name == 'tokens' then ledger_note(ctx, tenant, 'ts', a.amount) end
           local meters, shares = meter_policy(ctx, tenant)
           local m = meters and meters[a.name]
           if m and shares and shares[m.slot] then

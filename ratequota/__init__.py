@@ -42,7 +42,7 @@ from ratequota.errors import (
     UnknownTenant,
 )
 from ratequota.observe import DecisionEvent, Observer, Observers
-from ratequota.policy import GroupPolicy, Policy, TenantPolicy
+from ratequota.policy import GroupPolicy, MeterPolicy, Policy, TenantMeter, TenantPolicy
 
 __all__ = [
     "AcquireTimeout",
@@ -65,6 +65,7 @@ __all__ = [
     "LeaseInfo",
     "LegacyLayout",
     "Loan",
+    "MeterPolicy",
     "MeterResult",
     "MeterSettlement",
     "Observer",
@@ -83,6 +84,7 @@ __all__ = [
     "SchemaMismatch",
     "Settings",
     "ShardReport",
+    "TenantMeter",
     "TenantPolicy",
     "TenantSnapshot",
     "UnknownTenant",

@@ -357,8 +357,10 @@ class UsageRow:
 
     ``unit_seconds`` is the units × seconds held by the leases that *ended*
     in that hour (released, or expired and purged), ``leases`` how many they
-    were. ``tokens_reserved`` / ``tokens_settled`` are written by the rate
-    meters (0 until a group's meters write them). ``refusals`` counts
+    were. ``tokens_reserved`` is the estimates admitted leases charged on the
+    group's ``tokens`` meter; ``tokens_settled`` the actual amounts of their
+    first settlements (an unsettled lease keeps its estimate and adds
+    nothing here). ``refusals`` counts
     refused requests by reason; ``shadow_refusals`` what shadow mode
     admitted but enforcing would have refused, by reason.
     """

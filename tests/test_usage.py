@@ -11,7 +11,16 @@ import datetime as dt
 
 import pytest
 
-from ratequota import GroupPolicy, InvalidRequest, InvalidType, Policy, TenantPolicy, UsageRow
+from ratequota import (
+    GroupPolicy,
+    InvalidRequest,
+    InvalidType,
+    MeterPolicy,
+    Policy,
+    TenantMeter,
+    TenantPolicy,
+    UsageRow,
+)
 from ratequota.engine.ledger import HOUR_MS
 from ratequota.testing import ManualClock
 from tests.conftest import MakeClient
@@ -84,6 +93,43 @@ def test_usage_counts_shadow_admissions_apart(make_quota: MakeClient) -> None:
     assert row.shadow_refusals == {"tenant_limit": 1}
     assert row.refusals == {}
     assert (row.leases, row.unit_seconds) == (2, 4.0)
+
+
+TOKENS = Policy(
+    [
+        GroupPolicy(
+            "m",
+            capacity=8,
+            tenants=(TenantPolicy("t", meters=(TenantMeter("tokens", rate=1_000, burst=1_000),)),),
+            meters=(MeterPolicy("tokens", rate=1_000, burst=1_000, per="minute"),),
+        )
+    ]
+)
+
+
+def test_usage_counts_tokens_reserved_at_admission_and_settled_once(
+    make_quota: MakeClient,
+) -> None:
+    """``tokens_reserved`` is the estimate an admitted lease charged; ``tokens_settled`` the
+    actual amount of its first settlement (a replay, a conflicting amount, a refused request
+    and a settlement after the lease ended count nothing)."""
+    clock = ManualClock(START)
+    quota = make_quota(TOKENS, clock=clock)
+    first = quota.try_acquire("t", 1, ttl=60, tokens=400).lease
+    second = quota.try_acquire("t", 1, ttl=60, tokens=300).lease
+    assert first is not None and second is not None
+    refused = quota.try_acquire("t", 1, ttl=60, tokens=900)
+    assert not refused.admitted and refused.reason == "meter"
+    assert [s.outcome for s in quota.settle(first, tokens=250)] == ["settled"]
+    assert [s.outcome for s in quota.settle(first, tokens=250)] == ["replay"]
+    assert [s.outcome for s in quota.settle(first, tokens=999)] == ["conflict"]
+    quota.release(second)
+    assert [s.outcome for s in quota.settle(second, tokens=10)] == ["closed"]
+
+    (row,) = quota.usage("m", since=dt.timedelta(hours=1))
+    assert (row.tokens_reserved, row.tokens_settled) == (700, 250)
+    assert row.leases == 1  # the second lease ended; the first still runs
+    assert row.refusals == {"meter": 1}
 
 
 def test_usage_rejects_bad_windows(make_quota: MakeClient) -> None:
