@@ -31,6 +31,7 @@ from ratequota.fairness import group_allocation
 from ratequota.policy import GroupPolicy
 from ratequota.sim.measure import Gap, Request, measure_group
 from ratequota.sim.scenario import Scenario
+from ratequota.sim.tokens import GroupTokens, SettlementTotals, TokenReport
 
 __all__ = [
     "GroupReport",
@@ -283,6 +284,10 @@ class Report:
     problems: tuple[str, ...]
     pending_ttl: float = 2.0
     round_trip: float = math.nan
+    #: Token meters (``ratequota.sim.tokens``): per tenant and group, and the settlement.
+    tokens: tuple[TokenReport, ...] = ()
+    token_groups: tuple[GroupTokens, ...] = ()
+    settlement: SettlementTotals | None = None
 
     @property
     def max_over_admission(self) -> int:
