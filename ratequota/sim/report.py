@@ -56,6 +56,12 @@ def _render_gaps(report: Report) -> list[str]:
         "longest stretch of"
     )
     out.append("reclaim lag / its bound, the group's longest batch (leases are never preempted).")
+    if report.tokens:
+        out.append(
+            "owed counts units only: in a group with rate meters, a batch a meter held back "
+            "lands in unexpl. (see the"
+        )
+        out.append("refused tries by meter below).")
     return out
 
 
