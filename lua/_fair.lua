@@ -84,7 +84,8 @@ local P52 = 4503599627370496
 
 local function exact_add(h, l, x, sign)
   local xh = math.floor(x)
-  local xl = math.floor((x - xh) * P52)
+  local xl = 0
+  if xh ~= x then xl = math.floor((x - xh) * P52) end  -- whole terms (most) have no fraction
   if sign > 0 then
     h, l = h + xh, l + xl
     if l >= P52 then h, l = h + 1, l - P52 end

@@ -322,7 +322,7 @@ local function release_one(ctx, id, tenant, token)
   if info then
     local units, held_token, owner = parse_entry(info)
     if owner ~= tenant or held_token ~= token then return {'fenced', 0} end
-    load_fields(ctx, {'g', 'u:' .. tenant, 'p:' .. tenant})
+    load_fields(ctx, {'g', 'u:' .. tenant, 'p:' .. tenant, 's:'})
     local expiry = tonumber(redis.call('ZSCORE', KEYS[3], member))
     local state = 'released'
     if expiry <= ctx.now then state = 'expired' end
@@ -338,7 +338,7 @@ local function release_one(ctx, id, tenant, token)
   if wait_info then
     local _, _, owner = parse_entry(wait_info)
     if owner ~= tenant then return {'fenced', 0} end
-    load_fields(ctx, {'g', 'u:' .. tenant, 'p:' .. tenant})
+    load_fields(ctx, {'g', 'u:' .. tenant, 'p:' .. tenant, 's:'})
     drop_waiting(ctx, id, wait_info)
     settle(fair_state(ctx), ctx.policy)
   end

@@ -440,6 +440,12 @@ local function flush(ctx, key_grace_ms)
     -- slack of half the grace: the keys then still outlive every lease by that much, and a
     -- busy group refreshes them about once per half grace instead of on every call.
     local ms = int(ttl)
+    if not ctx.whole and ctx.cache['s:'] and redis.call('ZSCORE', KEYS[6], FAIR_ANCHOR) then
+      -- A release saw demand's sentinel before writing, and fair's is still there: both keys
+      -- existed (sentinels are written only with a refresh of all four), and exp and info,
+      -- which a release only shrinks, either still exist with that expiry or are gone.
+      ctx.whole = true
+    end
     if not ctx.whole or redis.call('PTTL', KEYS[2]) < ttl - key_grace_ms / 2 then
       redis.call('PEXPIRE', KEYS[2], ms)
       redis.call('PEXPIRE', KEYS[3], ms)

@@ -1,7 +1,10 @@
 """ratequota: fair, lease-based tenant quota for batch inference, enforced in Redis.
 
 This module only re-exports; the work lives in modules named for what they
-hold (``policy``, ``fairness``, ``core``, ``client``, ...).
+hold (``policy``, ``fairness``, the ``clients`` and ``engine`` subpackages, ...),
+which are private. Users import from here, or from the public modules
+``ratequota.metrics``, ``ratequota.tracing``, ``ratequota.testing`` and
+``ratequota.ratelimit_headers`` (tests/test_exported_members.py holds the examples to that).
 """
 
 from ratequota.clients.aio import AsyncAcquisition, AsyncLease, AsyncQuotaClient

@@ -29,6 +29,8 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any
 
+import attrs
+
 from ratequota.decision import LeaseInfo
 from ratequota.errors import ConfigError
 from ratequota.observe import (
@@ -42,7 +44,15 @@ from ratequota.observe import (
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
 
-__all__ = ["CALL_BUCKETS", "METRIC_NAMES", "WAIT_BUCKETS", "PrometheusMetrics"]
+__all__ = [
+    "CALL_BUCKETS",
+    "FAMILIES",
+    "METRIC_NAMES",
+    "TENANT_ONLY",
+    "WAIT_BUCKETS",
+    "Family",
+    "PrometheusMetrics",
+]
 
 #: Seconds an ``acquire`` waited: from an immediate answer to a long queue.
 WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -51,30 +61,144 @@ CALL_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
 
 _BREAKER_STATES: tuple[BreakerStateName, ...] = ("closed", "half_open", "open")
 
+#: Where the optional ``tenant`` label goes: appended with ``tenant_labels=True``.
+_TENANT = "+tenant"
+
+
+@attrs.frozen
+class Family:
+    """One metric family: the attribute holding it, its type, name, help and labels.
+
+    ``labels`` ending in ``+tenant`` gain a ``tenant`` label with
+    ``tenant_labels=True``; a ``tenant_only`` family exists only then.
+    """
+
+    attribute: str
+    kind: str  # "counter", "gauge" or "histogram"
+    name: str  # as registered (a counter with its ``_total`` suffix)
+    help: str
+    labels: tuple[str, ...]
+    buckets: tuple[float, ...] | None = None
+    tenant_only: bool = False
+
+    @property
+    def family(self) -> str:
+        """The name as Prometheus reports the family (a counter without ``_total``)."""
+        return self.name.removesuffix("_total") if self.kind == "counter" else self.name
+
+
+#: Every metric family ``PrometheusMetrics`` exports, in the order it registers them.
+FAMILIES = (
+    Family(
+        "decisions",
+        "counter",
+        "ratequota_decisions_total",
+        "Final outcomes of try_acquire and acquire, by result and reason.",
+        ("group", "result", "reason", _TENANT),
+    ),
+    Family(
+        "wait",
+        "histogram",
+        "ratequota_acquire_wait_seconds",
+        "Seconds acquire waited, from its call to its outcome.",
+        ("group", "result"),
+        WAIT_BUCKETS,
+    ),
+    Family(
+        "call_duration",
+        "histogram",
+        "ratequota_redis_call_duration_seconds",
+        "Seconds of one Redis round trip, by shard and script or command.",
+        ("shard", "call"),
+        CALL_BUCKETS,
+    ),
+    Family(
+        "call_errors",
+        "counter",
+        "ratequota_redis_call_errors_total",
+        "Redis round trips that raised (timeout, refused connection, error reply).",
+        ("shard", "call"),
+    ),
+    Family(
+        "leases_held",
+        "gauge",
+        "ratequota_leases_held",
+        "Leases held now by acquire and limit on this client.",
+        ("group", _TENANT),
+    ),
+    Family(
+        "units_held",
+        "gauge",
+        "ratequota_units_held",
+        "Units of the leases held now by acquire and limit on this client.",
+        ("group", _TENANT),
+    ),
+    Family(
+        "group_used",
+        "gauge",
+        "ratequota_group_used_units",
+        "Units the whole group held, as of this client's last decision for it.",
+        ("group",),
+    ),
+    Family(
+        "group_capacity",
+        "gauge",
+        "ratequota_group_capacity_units",
+        "The group's capacity, as of this client's last decision for it.",
+        ("group",),
+    ),
+    Family(
+        "breaker_state",
+        "gauge",
+        "ratequota_circuit_breaker_state",
+        "1 for the current state of each shard's circuit breaker, 0 for the others.",
+        ("shard", "state"),
+    ),
+    Family(
+        "leases_lost",
+        "counter",
+        "ratequota_leases_lost_total",
+        "Held leases found gone: expired, fenced, or not renewed within their lifetime.",
+        ("group", "cause"),
+    ),
+    Family(
+        "renewals",
+        "counter",
+        "ratequota_renewals_total",
+        "Background lease renewals, by result.",
+        ("group", "result"),
+    ),
+    Family(
+        "current_limit",
+        "gauge",
+        "ratequota_tenant_current_limit_units",
+        "The tenant's fair limit, as of this client's last decision for it.",
+        ("group", "tenant"),
+        tenant_only=True,
+    ),
+    Family(
+        "nominal_limit",
+        "gauge",
+        "ratequota_tenant_nominal_limit_units",
+        "The tenant's guarantee by the policy (what it always gets when it asks).",
+        ("group", "tenant"),
+        tenant_only=True,
+    ),
+    Family(
+        "borrowed",
+        "gauge",
+        "ratequota_tenant_borrowed_units",
+        "Units the tenant held above its guarantee, as of its last decision.",
+        ("group", "tenant"),
+        tenant_only=True,
+    ),
+)
+
 #: Every metric family ``PrometheusMetrics`` exports, as Prometheus names it
 #: (counters without their ``_total`` suffix, as in the exposition's TYPE line).
 #: The per-tenant families exist only with ``tenant_labels=True``.
-METRIC_NAMES = {
-    "ratequota_decisions": "counter",
-    "ratequota_acquire_wait_seconds": "histogram",
-    "ratequota_redis_call_duration_seconds": "histogram",
-    "ratequota_redis_call_errors": "counter",
-    "ratequota_leases_held": "gauge",
-    "ratequota_units_held": "gauge",
-    "ratequota_group_used_units": "gauge",
-    "ratequota_group_capacity_units": "gauge",
-    "ratequota_tenant_current_limit_units": "gauge",
-    "ratequota_tenant_nominal_limit_units": "gauge",
-    "ratequota_tenant_borrowed_units": "gauge",
-    "ratequota_circuit_breaker_state": "gauge",
-    "ratequota_leases_lost": "counter",
-    "ratequota_renewals": "counter",
-}
-TENANT_ONLY = (
-    "ratequota_tenant_current_limit_units",
-    "ratequota_tenant_nominal_limit_units",
-    "ratequota_tenant_borrowed_units",
-)
+METRIC_NAMES = {f.family: f.kind for f in FAMILIES}
+TENANT_ONLY = tuple(f.family for f in FAMILIES if f.tenant_only)
 
 
 def _prometheus() -> Any:
@@ -99,6 +223,22 @@ class PrometheusMetrics(Observer):
     docstring); off by default because tenants are unbounded in number.
     """
 
+    # One attribute per family of ``FAMILIES`` (prometheus_client objects, untyped).
+    decisions: Any
+    wait: Any
+    call_duration: Any
+    call_errors: Any
+    leases_held: Any
+    units_held: Any
+    group_used: Any
+    group_capacity: Any
+    breaker_state: Any
+    leases_lost: Any
+    renewals: Any
+    current_limit: Any
+    nominal_limit: Any
+    borrowed: Any
+
     def __init__(
         self, registry: CollectorRegistry | None = None, *, tenant_labels: bool = False
     ) -> None:
@@ -111,105 +251,29 @@ class PrometheusMetrics(Observer):
                 "registry", f"must be a prometheus_client CollectorRegistry, got {registry!r}"
             )
         self.tenant_labels = tenant_labels
-        tenant = ("tenant",) if tenant_labels else ()
-        reg = self.registry
+        self.current_limit = self.nominal_limit = self.borrowed = None
         try:
-            self.decisions = prom.Counter(
-                "ratequota_decisions_total",
-                "Final outcomes of try_acquire and acquire, by result and reason.",
-                ("group", "result", "reason", *tenant),
-                registry=reg,
-            )
-            self.wait = prom.Histogram(
-                "ratequota_acquire_wait_seconds",
-                "Seconds acquire waited, from its call to its outcome.",
-                ("group", "result"),
-                buckets=WAIT_BUCKETS,
-                registry=reg,
-            )
-            self.call_duration = prom.Histogram(
-                "ratequota_redis_call_duration_seconds",
-                "Seconds of one Redis round trip, by shard and script or command.",
-                ("shard", "call"),
-                buckets=CALL_BUCKETS,
-                registry=reg,
-            )
-            self.call_errors = prom.Counter(
-                "ratequota_redis_call_errors_total",
-                "Redis round trips that raised (timeout, refused connection, error reply).",
-                ("shard", "call"),
-                registry=reg,
-            )
-            self.leases_held = prom.Gauge(
-                "ratequota_leases_held",
-                "Leases held now by acquire and limit on this client.",
-                ("group", *tenant),
-                registry=reg,
-            )
-            self.units_held = prom.Gauge(
-                "ratequota_units_held",
-                "Units of the leases held now by acquire and limit on this client.",
-                ("group", *tenant),
-                registry=reg,
-            )
-            self.group_used = prom.Gauge(
-                "ratequota_group_used_units",
-                "Units the whole group held, as of this client's last decision for it.",
-                ("group",),
-                registry=reg,
-            )
-            self.group_capacity = prom.Gauge(
-                "ratequota_group_capacity_units",
-                "The group's capacity, as of this client's last decision for it.",
-                ("group",),
-                registry=reg,
-            )
-            self.breaker_state = prom.Gauge(
-                "ratequota_circuit_breaker_state",
-                "1 for the current state of each shard's circuit breaker, 0 for the others.",
-                ("shard", "state"),
-                registry=reg,
-            )
-            self.leases_lost = prom.Counter(
-                "ratequota_leases_lost_total",
-                "Held leases found gone: expired, fenced, or not renewed within their lifetime.",
-                ("group", "cause"),
-                registry=reg,
-            )
-            self.renewals = prom.Counter(
-                "ratequota_renewals_total",
-                "Background lease renewals, by result.",
-                ("group", "result"),
-                registry=reg,
-            )
-            self.current_limit: Any = None
-            self.nominal_limit: Any = None
-            self.borrowed: Any = None
-            if tenant_labels:
-                self.current_limit = prom.Gauge(
-                    "ratequota_tenant_current_limit_units",
-                    "The tenant's fair limit, as of this client's last decision for it.",
-                    ("group", "tenant"),
-                    registry=reg,
-                )
-                self.nominal_limit = prom.Gauge(
-                    "ratequota_tenant_nominal_limit_units",
-                    "The tenant's guarantee by the policy (what it always gets when it asks).",
-                    ("group", "tenant"),
-                    registry=reg,
-                )
-                self.borrowed = prom.Gauge(
-                    "ratequota_tenant_borrowed_units",
-                    "Units the tenant held above its guarantee, as of its last decision.",
-                    ("group", "tenant"),
-                    registry=reg,
-                )
+            for family in FAMILIES:
+                if family.tenant_only and not tenant_labels:
+                    continue
+                setattr(self, family.attribute, self._register(prom, family))
         except ValueError as exc:  # "Duplicated timeseries in CollectorRegistry"
             raise ConfigError(
                 "registry",
                 "already holds ratequota metrics: share one PrometheusMetrics between clients, "
                 f"or give each its own registry ({exc})",
             ) from None
+
+    def _register(self, prom: Any, family: Family) -> Any:
+        """Register ``family`` in this instance's registry."""
+        labels = [n for n in family.labels if n != _TENANT]
+        if _TENANT in family.labels and self.tenant_labels:
+            labels.append("tenant")
+        kind = {"counter": prom.Counter, "gauge": prom.Gauge, "histogram": prom.Histogram}
+        extra = {} if family.buckets is None else {"buckets": family.buckets}
+        return kind[family.kind](
+            family.name, family.help, tuple(labels), registry=self.registry, **extra
+        )
 
     def _who(self, group: str, tenant: str) -> tuple[str, ...]:
         return (group, tenant) if self.tenant_labels else (group,)

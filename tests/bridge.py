@@ -15,6 +15,8 @@ are raised by the async client itself, synchronously where it raises them.
 from __future__ import annotations
 
 import asyncio
+import functools
+import inspect
 import threading
 from collections.abc import Callable, Coroutine, Iterable
 from typing import Any, TypeVar
@@ -129,6 +131,42 @@ class AsyncBridge:
         """``await check``."""
         return self.wait(self.client.check(groups, **options))
 
+    def limit(self, **options: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        """``AsyncQuotaClient.limit`` around a test's handler, called as the test wrote it.
+
+        The handler runs on a worker thread (an ``async def`` one on a loop of
+        its own there), so its body may call this bridge; the decorator's
+        arguments are checked now, as the client checks them.
+        """
+        decorate = self.client.limit(**options)
+
+        def bridged(handler: Callable[..., Any]) -> Callable[..., Any]:
+            is_async = inspect.iscoroutinefunction(handler)
+
+            @functools.wraps(handler)
+            async def on_a_thread(*args: Any, **kwargs: Any) -> Any:
+                if is_async:
+                    return await asyncio.to_thread(asyncio.run, handler(*args, **kwargs))
+                return await asyncio.to_thread(handler, *args, **kwargs)
+
+            limited = decorate(on_a_thread)
+            if is_async:
+
+                @functools.wraps(handler)
+                async def awaited(*args: Any, **kwargs: Any) -> Any:
+                    future = asyncio.run_coroutine_threadsafe(limited(*args, **kwargs), self._loop)
+                    return await asyncio.wrap_future(future)
+
+                return awaited
+
+            @functools.wraps(handler)
+            def called(*args: Any, **kwargs: Any) -> Any:
+                return self.wait(limited(*args, **kwargs))
+
+            return called
+
+        return bridged
+
 
 class BridgedRenewer:
     """A ``TaskRenewer`` whose ``renew_due`` blocks; ``book`` is the renewer's own."""
@@ -223,6 +261,16 @@ class Quotas:
         self._clients.append(client)
         if policy is not None:
             client.apply_policy(policy)
+        return client
+
+    def at(self, url: str, **options: Any) -> Any:
+        """A client of this kind on ``url`` (say, one nothing listens on), closed at the end."""
+        client: Any
+        if self.kind == "async":
+            client = AsyncBridge(lambda: AsyncQuotaClient(url, **options), self.conn())
+        else:
+            client = QuotaClient(url, **options)
+        self._clients.append(client)
         return client
 
     def _backend(self, timeout: float) -> Any:

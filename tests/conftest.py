@@ -129,6 +129,18 @@ def make_quota(
     quotas.close()
 
 
+@pytest.fixture
+def make_kind(client_kind: str) -> Iterator[MakeClient]:
+    """Clients of the test's kind (sync, or async bridged) on any URL: ``make_kind.at(url)``.
+
+    For tests of a Redis that is not there (a port nothing listens on), where
+    the fake/real parametrization of ``make_quota`` would test nothing more.
+    """
+    quotas = Quotas(client_kind)
+    yield quotas
+    quotas.close()
+
+
 @pytest.fixture(scope="session")
 def redis_cluster() -> Iterator[RedisCluster]:
     """A real 3-master Redis Cluster for the session, stopped by PID at the end."""

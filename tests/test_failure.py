@@ -7,21 +7,18 @@ listens on, where every call fails at once with "connection refused".
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
-import time
 from typing import Any
 
 import pytest
 
-from ratequota.clients.aio import AsyncQuotaClient
 from ratequota.clients.failure import Breakers, CircuitBreaker
 from ratequota.clients.settings import Settings
-from ratequota.clients.sync import QuotaClient
 from ratequota.errors import BackendUnavailable, ConfigError
 from ratequota.policy import GroupPolicy, Policy, TenantPolicy
 from ratequota.testing import ManualClock, fake_client
+from tests.conftest import MakeClient
 from tests.servers import RedisServer, free_port
 
 
@@ -139,78 +136,48 @@ def dead_url() -> str:
     return f"redis://127.0.0.1:{free_port()}/0"
 
 
-def test_fail_closed_raises_backend_unavailable_then_fails_fast() -> None:
-    """Default policy: a clear error; once the breaker opens, calls stop touching the network."""
-    quota = QuotaClient(dead_url(), socket_timeout=0.2, breaker_failures=2, breaker_reset=5.0)
-    try:
-        for _ in range(2):
-            with pytest.raises(BackendUnavailable, match="unavailable"):
-                quota.try_acquire("a", 1, group="g")
-        with pytest.raises(BackendUnavailable, match="circuit open"):
+def test_fail_closed_raises_backend_unavailable_then_fails_fast(make_kind: MakeClient) -> None:
+    """Default policy: a clear error; once the breaker opens, calls stop touching the network
+    (the fast failure is counted: it never reached a socket). Both clients."""
+    quota = make_kind.at(dead_url(), socket_timeout=0.2, breaker_failures=2, breaker_reset=5.0)
+    for _ in range(2):
+        with pytest.raises(BackendUnavailable, match="unavailable"):
             quota.try_acquire("a", 1, group="g")
-        assert quota.stats().fast_failures == 1
-        assert quota.stats().fallback_refusals == 3
-    finally:
-        quota.close()
+    with pytest.raises(BackendUnavailable, match="circuit open"):
+        quota.try_acquire("a", 1, group="g")
+    assert quota.stats().fast_failures == 1
+    assert quota.stats().fallback_refusals == 3
 
 
-def test_fail_open_admits_with_a_marked_synthetic_lease() -> None:
+def test_fail_open_admits_with_a_marked_synthetic_lease(make_kind: MakeClient) -> None:
     """fail_open admits, counts it, and the lease says it is synthetic (token 0, no Redis)."""
-    quota = QuotaClient(dead_url(), socket_timeout=0.2, failure_mode="open")
-    try:
-        decision = quota.try_acquire("a", 3, group="g")
-        assert decision.admitted and decision.reason == "backend_unavailable"
-        assert decision.lease is not None and decision.lease.synthetic
-        assert decision.lease.token == 0
-        with quota.acquire("a", 2, group="g", timeout=1) as lease:
-            assert lease.synthetic
-            assert lease.renew().renewed
-        assert quota.release(decision.lease).was_live
-        assert quota.stats().fail_open_admits == 2
-    finally:
-        quota.close()
+    quota = make_kind.at(dead_url(), socket_timeout=0.2, failure_mode="open")
+    decision = quota.try_acquire("a", 3, group="g")
+    assert decision.admitted and decision.reason == "backend_unavailable"
+    assert decision.lease is not None and decision.lease.synthetic
+    assert decision.lease.token == 0
+    with quota.acquire("a", 2, group="g", timeout=1) as lease:
+        assert lease.synthetic
+        assert lease.renew().renewed
+    assert quota.release(decision.lease).was_live
+    assert quota.stats().fail_open_admits == 2
 
 
-def test_local_allowance_is_bounded_per_tenant_and_given_back() -> None:
+def test_local_allowance_is_bounded_per_tenant_and_given_back(make_kind: MakeClient) -> None:
     """Local mode admits up to N units per tenant at once while Redis is down, then refuses."""
-    quota = QuotaClient(dead_url(), socket_timeout=0.2, failure_mode="local", local_allowance=4)
-    try:
-        first = quota.try_acquire("a", 3, group="g")
-        assert first.admitted and first.lease is not None and first.lease.synthetic
-        with pytest.raises(BackendUnavailable):
-            quota.try_acquire("a", 2, group="g")
-        other = quota.try_acquire("b", 4, group="g")  # per tenant: b has its own allowance
-        assert other.admitted
-        quota.release(first.lease)
-        again = quota.try_acquire("a", 4, group="g")
-        assert again.admitted
-        stats = quota.stats()
-        assert stats.local_admits == 3 and stats.local_units_held == 8
-        assert stats.fallback_refusals == 1
-    finally:
-        quota.close()
-
-
-def test_async_client_applies_the_same_policy() -> None:
-    """The async client shares the failure policy: fail-open admits, fail-closed raises fast."""
-
-    async def main() -> None:
-        opened = AsyncQuotaClient(dead_url(), socket_timeout=0.2, failure_mode="open")
-        closed = AsyncQuotaClient(dead_url(), socket_timeout=0.2, breaker_failures=1)
-        try:
-            async with opened.acquire("a", 2, group="g", timeout=1) as lease:
-                assert lease.synthetic
-            with pytest.raises(BackendUnavailable):
-                await closed.try_acquire("a", 1, group="g")
-            started = time.monotonic()
-            with pytest.raises(BackendUnavailable, match="circuit open"):
-                await closed.try_acquire("a", 1, group="g")
-            assert time.monotonic() - started < 0.2
-        finally:
-            await opened.close()
-            await closed.close()
-
-    asyncio.run(main())
+    quota = make_kind.at(dead_url(), socket_timeout=0.2, failure_mode="local", local_allowance=4)
+    first = quota.try_acquire("a", 3, group="g")
+    assert first.admitted and first.lease is not None and first.lease.synthetic
+    with pytest.raises(BackendUnavailable):
+        quota.try_acquire("a", 2, group="g")
+    other = quota.try_acquire("b", 4, group="g")  # per tenant: b has its own allowance
+    assert other.admitted
+    quota.release(first.lease)
+    again = quota.try_acquire("a", 4, group="g")
+    assert again.admitted
+    stats = quota.stats()
+    assert stats.local_admits == 3 and stats.local_units_held == 8
+    assert stats.fallback_refusals == 1
 
 
 # -- leaving acquire when the release fails; synthetic leases on epoch time (issue 9, item 8) --
@@ -218,11 +185,11 @@ def test_async_client_applies_the_same_policy() -> None:
 
 @pytest.mark.real_redis
 def test_leaving_acquire_when_redis_refuses_the_release_keeps_the_handlers_outcome(
-    real_redis: RedisServer, caplog: pytest.LogCaptureFixture
+    real_redis: RedisServer, make_kind: MakeClient, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Redis answers the release with an error (here NOPERM: the pod's user lost EVALSHA while
     the handler ran; out of memory answers the same way): the handler's result and its own
-    exception still reach the caller, sync and async; the failure is counted and logged; the
+    exception still reach the caller, on both clients; the failure is counted and logged; the
     lease expires alone. (Releasing only frees memory, so Redis no longer refuses it for OOM.)"""
     policy = Policy([GroupPolicy("g", 10, [TenantPolicy("a")])])
     admin: Any = real_redis.client()
@@ -232,9 +199,9 @@ def test_leaving_acquire_when_redis_refuses_the_release_keeps_the_handlers_outco
     def refuse(on: bool) -> None:
         admin.execute_command("ACL", "SETUSER", "pod", "-evalsha" if on else "+evalsha")
 
-    def run_sync() -> None:
-        quota = QuotaClient(url, auto_renew=False, socket_timeout=2.0)
-        try:
+    quota = make_kind.at(url, auto_renew=False, socket_timeout=2.0)
+    try:
+        with caplog.at_level(logging.WARNING, logger="ratequota"):
             quota.apply_policy(policy)
             with quota.acquire("a", 3, ttl=30) as lease:
                 refuse(True)
@@ -247,46 +214,22 @@ def test_leaving_acquire_when_redis_refuses_the_release_keeps_the_handlers_outco
             refuse(False)
             assert quota.stats().release_failures == 2
             assert quota.snapshot("g").used == 5  # both leases still held: they expire alone
-        finally:
-            refuse(False)
-            quota.close()
-
-    async def run_async() -> None:
-        quota = AsyncQuotaClient(url, auto_renew=False, socket_timeout=2.0)
-        try:
-            async with quota.acquire("a", 1, ttl=30):
-                refuse(True)
-            refuse(False)
-            with pytest.raises(KeyError):
-                async with quota.acquire("a", 1, ttl=30):
-                    refuse(True)
-                    raise KeyError("the handler's own")
-            refuse(False)
-            assert quota.stats().release_failures == 2
-            assert (await quota.snapshot("g")).used == 7
-        finally:
-            refuse(False)
-            await quota.close()
-
-    try:
-        with caplog.at_level(logging.WARNING, logger="ratequota"):
-            run_sync()
-            asyncio.run(run_async())
     finally:
+        refuse(False)
         admin.execute_command("ACL", "DELUSER", "pod")
         admin.close()
     failures = [r for r in caplog.records if "ends by itself" in r.getMessage()]
-    assert len(failures) == 4
+    assert len(failures) == 2
 
 
-def test_a_synthetic_lease_expires_on_epoch_time_like_a_real_one() -> None:
+def test_a_synthetic_lease_expires_on_epoch_time_like_a_real_one(make_kind: MakeClient) -> None:
     """``expires_at`` of a fail-open lease is epoch seconds (Redis time), not the pod's
-    monotonic clock: with a pinned clock it equals a real lease's expiry exactly."""
+    monotonic clock: with a pinned clock it equals a real lease's expiry exactly. Both clients."""
     clock = ManualClock()
     policy = Policy([GroupPolicy("g", 10, [TenantPolicy("a")])])
     real = fake_client(policy, clock=clock)
-    down = QuotaClient(dead_url(), socket_timeout=0.2, failure_mode="open", clock=clock)
-    wall = QuotaClient(dead_url(), socket_timeout=0.2, failure_mode="open")
+    down = make_kind.at(dead_url(), socket_timeout=0.2, failure_mode="open", clock=clock)
+    wall = make_kind.at(dead_url(), socket_timeout=0.2, failure_mode="open")
     try:
         granted = real.try_acquire("a", 1, ttl=30).lease
         synthetic = down.try_acquire("a", 1, group="g", ttl=30).lease
@@ -298,23 +241,3 @@ def test_a_synthetic_lease_expires_on_epoch_time_like_a_real_one() -> None:
             assert lease.expires_at == clock.redis_ms() / 1000 + 5
     finally:
         real.close()
-        down.close()
-        wall.close()
-
-
-def test_the_async_client_gives_synthetic_leases_epoch_expiry_too() -> None:
-    """The async client's fail-open lease: ``expires_at`` on the pinned Redis time, not 0 + TTL."""
-    clock = ManualClock()
-
-    async def main() -> None:
-        down = AsyncQuotaClient(dead_url(), socket_timeout=0.2, failure_mode="open", clock=clock)
-        try:
-            decision = await down.try_acquire("a", 1, group="g", ttl=30)
-            assert decision.lease is not None and decision.lease.synthetic
-            assert decision.lease.expires_at == clock.redis_ms() / 1000 + 30
-            async with down.acquire("a", 1, group="g", ttl=7, timeout=0) as lease:
-                assert lease.expires_at == clock.redis_ms() / 1000 + 7
-        finally:
-            await down.close()
-
-    asyncio.run(main())

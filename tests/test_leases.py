@@ -328,9 +328,10 @@ def test_giving_up_withdraws_pending_demand(make_quota: MakeClient) -> None:
     assert snap.tenants["b"].pending == 0
 
 
-def test_decorator_sync_and_async(make_client: MakeClient) -> None:
-    """@limit takes tenant and units from the handler's arguments, for def and async def."""
-    quota = make_client(POLICY, clock=ManualClock())
+def test_decorator_sync_and_async(make_quota: MakeClient) -> None:
+    """@limit takes tenant and units from the handler's arguments, for def and async def
+    handlers (on the async client through the bridge, which runs each on a thread)."""
+    quota = make_quota(POLICY, clock=ManualClock())
     seen: list[int] = []
 
     class Request:

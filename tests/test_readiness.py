@@ -19,7 +19,7 @@ from ratequota.clients.readiness import GroupFacts, ShardFacts, evaluate, served
 from ratequota.clients.sync import QuotaClient
 from ratequota.engine.scripts import SCRIPT_NAMES
 from ratequota.policy import GroupPolicy, Policy, TenantPolicy
-from tests.conftest import _no_redis
+from tests.conftest import MakeClient, _no_redis
 from tests.servers import RedisServer, redis_server_binary
 
 ALL_LOADED = dict.fromkeys(SCRIPT_NAMES, True)
@@ -125,11 +125,10 @@ def test_served_groups() -> None:
     assert served_groups(None, None) == []
 
 
-def test_check_on_the_embedded_backend() -> None:
-    """``check()`` works on fakeredis too (no INFO there: version unknown, not a failure)."""
-    from ratequota.testing import fake_client
-
-    quota = fake_client(Policy([GroupPolicy("g", 2, [TenantPolicy("t")])]))
+def test_check_on_the_embedded_backend(make_kind: MakeClient) -> None:
+    """``check()`` works on fakeredis too (no INFO there: version unknown, not a failure),
+    from either client."""
+    quota = make_kind(Policy([GroupPolicy("g", 2, [TenantPolicy("t")])]))
     report = quota.check()
     assert report.ready, report.problems
     assert report.shards[0].version == "unknown"

@@ -38,9 +38,9 @@ def test_worked_vector_in_the_reference() -> None:
     assert allocation.shares["borrower"].bound == "up"  # capped at G + B
 
 
-def test_worked_vector_in_lua(make_client: MakeClient) -> None:
+def test_worked_vector_in_lua(make_quota: MakeClient) -> None:
     """The script reaches the same limits: the borrower is admitted to 16, the lender keeps 8."""
-    quota = make_client(Policy([VECTOR_GROUP]), clock=ManualClock())
+    quota = make_quota(Policy([VECTOR_GROUP]), clock=ManualClock())
     for _ in range(6):
         assert quota.try_acquire("lender", 1).admitted
     admitted = 0
@@ -84,7 +84,7 @@ CASES = [
 
 
 @pytest.mark.parametrize("case", range(len(CASES)))
-def test_lua_matches_reference_on_fixed_states(make_client: MakeClient, case: int) -> None:
+def test_lua_matches_reference_on_fixed_states(make_quota: MakeClient, case: int) -> None:
     """Build a state with real leases and waiting requests, then compare one decision."""
     capacity, specs, used, pending, (tenant, units) = CASES[case]
     group = GroupPolicy(
@@ -95,7 +95,7 @@ def test_lua_matches_reference_on_fixed_states(make_client: MakeClient, case: in
             for n, g, lend, b, w in specs
         ],
     )
-    quota = make_client(Policy([group]), clock=ManualClock())
+    quota = make_quota(Policy([group]), clock=ManualClock())
     for name, units_held in used.items():
         for _ in range(units_held):
             # Build the state unit by unit through the group's only path in: acquire.

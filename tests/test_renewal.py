@@ -165,9 +165,9 @@ def test_many_held_leases_are_renewed_in_one_round(make_quota: MakeClient) -> No
     assert quota.snapshot("g").used == 0
 
 
-def test_decorated_handler_lease_is_renewed(make_client: MakeClient) -> None:
+def test_decorated_handler_lease_is_renewed(make_quota: MakeClient) -> None:
     """The ``limit`` decorator holds a renewed lease for as long as the handler runs."""
-    quota, clock = _renewing(make_client)
+    quota, clock = _renewing(make_quota)
 
     @quota.limit(tenant=lambda: "a", units=1)
     def slow() -> int:

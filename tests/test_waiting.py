@@ -2,20 +2,18 @@
 
 Most tests pin time with ``ManualClock`` (sleeps advance it), so "never
 busy-loops" and "never sleeps past the deadline" are exact statements about
-the sleeps the flow asked for. The starvation and queue tests drive the tries
-step by step on both clients and both backends, so they state the order exactly.
+the sleeps the flow asked for. The bounds, the starvation and the queue
+tests run on both clients and both backends; the latter drive the tries step
+by step, so they state the order exactly.
 """
 
 from __future__ import annotations
 
-import asyncio
 import random
 from typing import Any
 
 import pytest
 
-from ratequota.clients.aio import AsyncQuotaClient
-from ratequota.clients.async_backends import async_embedded_backend
 from ratequota.decision import Decision
 from ratequota.errors import AcquireTimeout
 from ratequota.policy import GroupPolicy, Policy, TenantPolicy
@@ -43,15 +41,15 @@ class CountingClock(ManualClock):
         await super().asleep(seconds)
 
 
-def test_wait_is_bounded_jittered_and_ends_exactly_at_the_deadline() -> None:
+def test_wait_is_bounded_jittered_and_ends_exactly_at_the_deadline(make_quota: MakeClient) -> None:
     """A refused acquire retries a bounded number of times and gives up at the deadline.
 
     Never busy-loops (every pause > 0, few tries), never sleeps past the
     deadline (total sleep equals the timeout), and the error says how long it
-    waited and why it was last refused.
+    waited and why it was last refused. Both clients drive the same flow.
     """
     clock = CountingClock()
-    quota = fake_client(POLICY, clock=clock)
+    quota = make_quota(POLICY, clock=clock)
     blocker = quota.try_acquire("a", 4)
     assert blocker.admitted
     with pytest.raises(AcquireTimeout) as info, quota.acquire("a", 1, timeout=2.0):
@@ -66,19 +64,17 @@ def test_wait_is_bounded_jittered_and_ends_exactly_at_the_deadline() -> None:
     assert "waiting 2.000s" in str(info.value)
     assert info.value.decision.reason in ("tenant_limit", "group_full")
     assert "refused 1 unit for" in str(info.value)  # not "1 units"
-    quota.close()
 
 
-def test_timeout_zero_never_waits() -> None:
-    """``timeout=0`` tries once and raises at once: no sleep at all."""
+def test_timeout_zero_never_waits(make_quota: MakeClient) -> None:
+    """``timeout=0`` tries once and raises at once: no sleep at all (both clients)."""
     clock = CountingClock()
-    quota = fake_client(POLICY, clock=clock)
+    quota = make_quota(POLICY, clock=clock)
     quota.try_acquire("a", 4)
     with pytest.raises(AcquireTimeout), quota.acquire("a", 1, timeout=0):
         pass
     assert clock.sleeps == []
     assert clock.monotonic() == 0
-    quota.close()
 
 
 def test_waiter_is_admitted_when_units_come_back() -> None:
@@ -100,30 +96,6 @@ def test_waiter_is_admitted_when_units_come_back() -> None:
         assert lease.units == 2
     assert len(clock.sleeps) == 3
     quota.close()
-
-
-def test_async_wait_has_the_same_bounds() -> None:
-    """The async client drives the same flow: bounded tries, exact deadline, same error."""
-
-    async def main() -> None:
-        clock = CountingClock()
-        quota = AsyncQuotaClient(backend=async_embedded_backend(shared=False), clock=clock)
-        await quota.apply_policy(POLICY)
-        await quota.try_acquire("a", 4)
-        with pytest.raises(AcquireTimeout) as info:
-            async with quota.acquire("a", 1, timeout=1.5):
-                pass
-        assert sum(clock.sleeps) == pytest.approx(1.5)
-        assert 0 < len(clock.sleeps) <= 1.5 / 0.01 + 10  # next-in-line pace, as above
-        assert info.value.waited == pytest.approx(1.5)
-        clock.sleeps.clear()
-        with pytest.raises(AcquireTimeout):
-            async with quota.acquire("a", 1, timeout=0):
-                pass
-        assert clock.sleeps == []
-        await quota.close()
-
-    asyncio.run(main())
 
 
 def _try_waiting(quota: Any, tenant: str, units: int, request_id: str) -> Decision:

@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import attrs
-import redis
 
 from ratequota.clients import probes, requests, shell
 from ratequota.clients.async_backends import (
@@ -38,6 +37,7 @@ from ratequota.clients.async_backends import (
     async_sharded_backend,
     async_url_backend,
 )
+from ratequota.clients.backends import CALL_ERRORS, pipelined
 from ratequota.clients.batcher import SOLO_IN_FLIGHT, ShardBatcher
 from ratequota.clients.explain import Explanation, explain_flow
 from ratequota.clients.failure import log
@@ -119,13 +119,7 @@ class TaskRenewer(RenewerBase):
         self._task: asyncio.Task[None] | None = None
         self._wake: asyncio.Event | None = None
 
-    def hold(self, lease: shell.LeaseBase) -> None:
-        """Renew ``lease`` until ``drop``."""
-        if not self.enabled:
-            return
-        self.book.hold(lease)
-        if not self.background:
-            return
+    def _wake_loop(self) -> None:
         if self._task is None or self._task.done():
             self._wake = asyncio.Event()
             self._task = asyncio.ensure_future(self._loop(self._wake))
@@ -134,7 +128,7 @@ class TaskRenewer(RenewerBase):
 
     async def renew_due(self) -> int:
         """Renew every held lease due now; returns how many."""
-        due, _ = self.book.next()
+        due = self._due()
         if due:
             try:
                 outcomes = await self._client._run(self._flow(due))
@@ -236,7 +230,7 @@ class AsyncQuotaClient(shell.ClientBase):
                     chunk = calls[start : start + SOLO_IN_FLIGHT]
                     replies += await asyncio.gather(*(_one_of_batch(conn, a) for a in chunk))
                 return replies
-            return await _pipelined(conn, calls)
+            return cast(list[Any], await pipelined(conn, calls))
         # Each round trip is bounded in the batcher; a cancelled caller just drops its future.
         return await self._batcher(op.route, conn).submit(op)
 
@@ -266,15 +260,8 @@ class AsyncQuotaClient(shell.ClientBase):
     async def apply_policy(
         self, policy: Policy | str | Path, *, migrate: bool = False
     ) -> dict[str, int]:
-        """Publish a policy (or a TOML file of one) for every pod; returns versions per group.
-
-        ``migrate`` takes groups over from pods of the previous release still serving them in
-        the previous key layout (their live leases move along; those pods then refuse the
-        group). Without it such a group raises ``LegacyLayout``: see docs/deployment.md.
-        """
-        if isinstance(policy, (str, Path)):
-            policy = Policy.from_toml(policy)
-        return await self._run(self.core.apply_policy(policy, migrate=migrate))
+        """Publish a policy (or a TOML file of one) for every pod; as ``QuotaClient``'s."""
+        return await self._run(self._publish(policy, migrate))
 
     async def load_policy(self) -> Policy | None:
         """The published policy, or None; also refreshes this client's routing."""
@@ -354,13 +341,11 @@ class AsyncQuotaClient(shell.ClientBase):
         def decorate(handler: F) -> F:
             if not inspect.iscoroutinefunction(handler):
                 raise InvalidType("handler", "AsyncQuotaClient.limit needs an async def handler")
-            arguments = requests.handler_arguments(handler, tenant, units)
-            rest, amounts = requests.meter_arguments(handler, options)
+            acquisition = self._acquisition_of(handler, tenant, units, options)
 
             @functools.wraps(handler)
             async def wrapper(*args: Any, **kwargs: Any) -> Any:
-                who, how_many = arguments(*args, **kwargs)
-                async with self.acquire(who, how_many, **rest, **amounts(*args, **kwargs)):
+                async with acquisition(*args, **kwargs):
                     return await handler(*args, **kwargs)
 
             return cast(F, wrapper)
@@ -373,12 +358,5 @@ async def _one_of_batch(conn: Any, args: tuple[Any, ...]) -> Any:
 
     try:
         return await conn.evalsha(*args)
-    except redis.exceptions.ResponseError as exc:
+    except CALL_ERRORS as exc:
         return exc
-
-
-async def _pipelined(conn: Any, calls: list[tuple[Any, ...]]) -> list[Any]:
-    pipe = conn.pipeline(transaction=False)
-    for args in calls:
-        pipe.evalsha(*args)
-    return cast(list[Any], await pipe.execute(raise_on_error=False))

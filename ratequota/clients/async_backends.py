@@ -11,12 +11,14 @@ from collections.abc import Sequence
 from typing import Any
 
 from ratequota.clients.backends import (
+    EMBEDDED,
     ClusterRouting,
-    _redact,
+    Shards,
     _redis_from_url,
-    embedded_server,
-    scrub,
+    cluster_url,
+    fake_server,
 )
+from ratequota.clients.urls import placement_ids, redact, scrub
 from ratequota.errors import ConfigError
 
 __all__ = [
@@ -28,37 +30,8 @@ __all__ = [
 ]
 
 
-class AsyncBackend:
-    """Async connections by route: one server, or shards placed by rendezvous hashing."""
-
-    def __init__(
-        self, clients: Sequence[Any], description: str, shard_ids: Sequence[str] | None = None
-    ) -> None:
-        from ratequota.engine.routing import Rendezvous
-
-        self._clients = list(clients)
-        self.description = description
-        self.routing = None if shard_ids is None else Rendezvous(shard_ids)
-
-    def connection(self, route: str) -> Any:
-        """The connection serving ``route`` (a group name or the catalog's route)."""
-        if self.routing is None:
-            return self._clients[0]
-        return self._clients[self.routing.index(route)]
-
-    def connections(self) -> Sequence[Any]:
-        """Every shard's connection."""
-        return list(self._clients)
-
-    def node_of(self, route: str) -> str:
-        """The id of the shard serving ``route`` (the circuit breakers' key)."""
-        return self.description if self.routing is None else self.routing.shard(route)
-
-    def nodes(self) -> list[tuple[str, Any]]:
-        """(shard id, connection) of every shard, for per-shard checks."""
-        if self.routing is None:
-            return [(self.description, self._clients[0])]
-        return list(zip(self.routing.shard_ids, self._clients, strict=True))
+class AsyncBackend(Shards):
+    """Async connections by route: one server, or shards placed as the sync client places them."""
 
     async def close(self) -> None:
         """Close every pool."""
@@ -78,18 +51,16 @@ class AsyncClusterBackend(ClusterRouting):
         from redis.asyncio.retry import Retry as AsyncRetry
         from redis.backoff import NoBackoff
 
-        if not isinstance(url, str) or not url:
-            raise ConfigError("cluster", f"must be a redis:// URL of a cluster node, got {url!r}")
         try:
             self._cluster = RedisCluster.from_url(
-                url,
+                cluster_url(url),
                 retry=AsyncRetry(NoBackoff(), 0),
                 socket_timeout=socket_timeout,
                 socket_connect_timeout=socket_timeout,
             )
         except ValueError as exc:
             raise ConfigError("cluster", scrub(str(exc), url)) from None
-        self.description = f"cluster at {_redact(url)}"
+        self.description = f"cluster at {redact(url)}"
 
     def node_of(self, route: str) -> str:
         """The primary owning ``route``'s slot, once the topology is known (the breakers' key)."""
@@ -105,18 +76,14 @@ class AsyncClusterBackend(ClusterRouting):
 
 def async_url_backend(url: str, *, socket_timeout: float) -> AsyncBackend:
     """An async backend on one Redis URL; timeouts on every call, no automatic replay."""
-    return AsyncBackend([_redis_from_url(url, socket_timeout, aio=True)], _redact(url))
+    return AsyncBackend([_redis_from_url(url, socket_timeout, aio=True)], redact(url))
 
 
 def async_sharded_backend(
     urls: Sequence[str], *, socket_timeout: float, shard_ids: Sequence[str] | None = None
 ) -> AsyncBackend:
     """Independent shards, placed exactly as ``QuotaClient.sharded`` places them."""
-    if isinstance(urls, str) or not urls:
-        raise ConfigError("shards", "must be a non-empty list of redis:// URLs")
-    ids = [_redact(u) for u in urls] if shard_ids is None else list(shard_ids)
-    if len(ids) != len(urls):
-        raise ConfigError("shard_ids", "needs one id per shard URL")
+    ids = placement_ids(urls, shard_ids)
     clients = [_redis_from_url(u, socket_timeout, aio=True) for u in urls]
     return AsyncBackend(clients, f"{len(urls)} shards", ids)
 
@@ -126,9 +93,7 @@ def async_embedded_backend(*, shared: bool = True, server: Any = None) -> AsyncB
 
     Sync and async embedded clients of one process therefore see the same state.
     """
-    import fakeredis
     import fakeredis.aioredis
 
-    if server is None:
-        server = embedded_server() if shared else fakeredis.FakeServer()
-    return AsyncBackend([fakeredis.aioredis.FakeRedis(server=server)], "embedded fakeredis")
+    client = fakeredis.aioredis.FakeRedis(server=fake_server(shared, server))
+    return AsyncBackend([client], EMBEDDED)

@@ -18,16 +18,23 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from ratequota.clients.urls import placement_ids, redact, scrub
+from ratequota.engine.routing import Rendezvous
 from ratequota.errors import BackendError, BackendUnavailable, ConfigError, RateQuotaError
 
 __all__ = [
+    "CALL_ERRORS",
     "Backend",
     "ClusterBackend",
     "ShardedBackend",
+    "Shards",
     "SingleBackend",
+    "cluster_url",
     "embedded_backend",
     "embedded_server",
+    "fake_server",
     "is_noscript",
+    "pipelined",
     "redact",
     "scrub",
     "translate_error",
@@ -48,32 +55,51 @@ class Backend(Protocol):
         """Release sockets."""
 
 
-class SingleBackend:
+class Shards:
+    """Connections by route, for either client: one server, or shards by rendezvous hashing.
+
+    Placement is decided here once, so the sync and async clients put every
+    group on the same shard; subclasses add only how their connections close
+    (blocking or awaited).
+    """
+
+    def __init__(
+        self, clients: Sequence[Any], description: str, ids: Sequence[str] | None = None
+    ) -> None:
+        self._clients = list(clients)
+        self.description = description
+        self.routing = None if ids is None else Rendezvous(ids)
+
+    def connection(self, route: str) -> Any:
+        """The connection serving ``route`` (a group name, or the catalog's route)."""
+        if self.routing is None:
+            return self._clients[0]
+        return self._clients[self.routing.index(route)]
+
+    def connections(self) -> Sequence[Any]:
+        """Every distinct connection, in the order of the URLs."""
+        return list(self._clients)
+
+    def nodes(self) -> list[tuple[str, Any]]:
+        """(shard id, connection) of every shard, for per-shard checks."""
+        if self.routing is None:
+            return [(self.description, self._clients[0])]
+        return list(zip(self.routing.shard_ids, self._clients, strict=True))
+
+    def node_of(self, route: str) -> str:
+        """The id of the shard serving ``route`` (the circuit breakers' key)."""
+        return self.description if self.routing is None else self.routing.shard(route)
+
+
+class SingleBackend(Shards):
     """One Redis (real or fake) serves every group."""
 
     def __init__(self, client: Any, description: str) -> None:
-        self._client = client
-        self.description = description
-
-    def connection(self, route: str) -> Any:
-        """The one connection."""
-        return self._client
-
-    def connections(self) -> Sequence[Any]:
-        """The one connection, in a list."""
-        return [self._client]
-
-    def nodes(self) -> list[tuple[str, Any]]:
-        """(description, connection) of the one server, for per-shard checks."""
-        return [(self.description, self._client)]
-
-    def node_of(self, route: str) -> str:
-        """The one server's description."""
-        return self.description
+        super().__init__([client], description)
 
     def close(self) -> None:
         """Close the connection pool."""
-        self._client.close()
+        self._clients[0].close()
 
 
 def _redis_from_url(url: str, socket_timeout: float, *, aio: bool = False) -> Any:
@@ -106,21 +132,6 @@ def _redis_from_url(url: str, socket_timeout: float, *, aio: bool = False) -> An
         return redis.Redis.from_pool(pool)
     except ValueError as exc:
         raise ConfigError("url", f"{scrub(str(exc), url)} in {redact(url)}") from None
-
-
-def scrub(text: str, url: str) -> str:
-    """``text`` with every credential of ``url`` masked (for foreign error messages)."""
-    secrets: list[str] = []
-    rest = url.partition("://")[2]
-    if "@" in rest:
-        secrets.append(rest.rpartition("@")[0].partition(":")[2])
-    for parameter in rest.partition("?")[2].split("&"):
-        name, _, value = parameter.partition("=")
-        if any(word in name.lower() for word in _SECRET_PARAMETERS):
-            secrets.append(value)
-    for secret in sorted(filter(None, secrets), key=len, reverse=True):
-        text = text.replace(secret, "***")
-    return text
 
 
 @functools.cache
@@ -170,9 +181,20 @@ def embedded_backend(*, shared: bool = True, server: Any = None) -> SingleBacken
     """
     import fakeredis
 
-    if server is None:
-        server = embedded_server() if shared else fakeredis.FakeServer()
-    return SingleBackend(fakeredis.FakeRedis(server=server), "embedded fakeredis")
+    return SingleBackend(fakeredis.FakeRedis(server=fake_server(shared, server)), EMBEDDED)
+
+
+#: The embedded store's description (both clients').
+EMBEDDED = "embedded fakeredis"
+
+
+def fake_server(shared: bool, server: Any) -> Any:
+    """The ``fakeredis.FakeServer`` an embedded backend of either client uses."""
+    import fakeredis
+
+    if server is not None:
+        return server
+    return embedded_server() if shared else fakeredis.FakeServer()
 
 
 def embedded_server() -> Any:
@@ -186,48 +208,24 @@ def embedded_server() -> Any:
         return _EMBEDDED_SERVER
 
 
-#: Query parameters whose values are never shown (``?password=…`` and relatives).
-_SECRET_PARAMETERS = ("password", "passwd", "secret", "token")
-
-
-def redact(url: str) -> str:
-    """The URL without its credentials, for descriptions, shard ids, errors and reports.
-
-    Both places redis-py reads a password from are masked: the user-info part
-    (``redis://user:secret@host`` shows ``user:***@host``; a lone
-    ``redis://secret@host`` shows ``***@host``, since some URLs carry the
-    password there) and query parameters such as ``?password=secret``. Never
-    raises: an unparsable URL is shown by its scheme only.
-    """
-    if not isinstance(url, str):
-        return repr(type(url).__name__)
-    scheme, sep, rest = url.partition("://")
-    if not sep:
-        return "***" if "@" in url or "password" in url.lower() else url
-    # Credentials first, on the whole remainder: a password may hold '?' or '#' itself
-    # (masking too much is harmless; too little is a leak).
-    shown = ""
-    if "@" in rest:
-        creds, _, rest = rest.rpartition("@")
-        user, colon, _secret = creds.partition(":")
-        user = user.split("/", 1)[0].split("?", 1)[0]
-        shown = f"{user}:***@" if colon and user else "***@"
-    rest, hash_sign, fragment = rest.partition("#")
-    host, question, query = rest.partition("?")
-    if query:
-        query = "&".join(_redact_parameter(p) for p in query.split("&"))
-    return f"{scheme}://{shown}{host}{question}{query}{hash_sign}{'***' if fragment else ''}"
-
-
-def _redact_parameter(parameter: str) -> str:
-    name, equals, _value = parameter.partition("=")
-    if equals and any(word in name.lower() for word in _SECRET_PARAMETERS):
-        return f"{name}=***"
-    return parameter
-
-
 #: The name the rest of the package has used for ``redact``.
 _redact = redact
+
+
+#: A call's own error reply (the script failed or was refused): a batch answers it in
+#: place, as a pipeline does; any other error (the connection) fails the whole batch.
+CALL_ERRORS: tuple[type[Exception], ...] = (redis.exceptions.ResponseError,)
+
+
+def pipelined(conn: Any, calls: Sequence[tuple[Any, ...]]) -> Any:
+    """Send script calls on one pipeline (no transaction), error replies in place.
+
+    Returns the replies, or for a ``redis.asyncio`` connection what to await for them.
+    """
+    pipe = conn.pipeline(transaction=False)
+    for args in calls:
+        pipe.evalsha(*args)
+    return pipe.execute(raise_on_error=False)
 
 
 def is_noscript(exc: BaseException) -> bool:
@@ -254,7 +252,7 @@ def translate_error(exc: BaseException, where: str) -> RateQuotaError:
     return BackendError(f"Redis at {where} answered with an error: {exc}")
 
 
-class ShardedBackend:
+class ShardedBackend(Shards):
     """Independent Redis servers; each group lives on the one rendezvous hashing picks.
 
     Shard ids default to the redacted URLs, so the order of the list does not
@@ -268,37 +266,21 @@ class ShardedBackend:
         socket_timeout: float,
         shard_ids: Sequence[str] | None = None,
     ) -> None:
-        from ratequota.engine.routing import Rendezvous
-
-        if isinstance(urls, str) or not urls:
-            raise ConfigError("shards", "must be a non-empty list of redis:// URLs")
-        ids = [_redact(u) for u in urls] if shard_ids is None else list(shard_ids)
-        if len(ids) != len(urls):
-            raise ConfigError("shard_ids", "needs one id per shard URL")
-        self.routing = Rendezvous(ids)
-        self._clients = [_redis_from_url(u, socket_timeout) for u in urls]
-        self.description = f"{len(urls)} shards"
-
-    def connection(self, route: str) -> Any:
-        """The shard serving ``route`` (a group name, or the catalog's route)."""
-        return self._clients[self.routing.index(route)]
-
-    def connections(self) -> Sequence[Any]:
-        """Every shard's connection, in the order of the URLs."""
-        return list(self._clients)
-
-    def nodes(self) -> list[tuple[str, Any]]:
-        """(shard id, connection) of every shard, for per-shard checks."""
-        return list(zip(self.routing.shard_ids, self._clients, strict=True))
-
-    def node_of(self, route: str) -> str:
-        """The id of the shard serving ``route``."""
-        return self.routing.shard(route)
+        ids = placement_ids(urls, shard_ids)
+        clients = [_redis_from_url(u, socket_timeout) for u in urls]
+        super().__init__(clients, f"{len(urls)} shards", ids)
 
     def close(self) -> None:
         """Close every shard's pool."""
         for client in self._clients:
             client.close()
+
+
+def cluster_url(url: object) -> str:
+    """``url`` if it can name a cluster node (both cluster backends start from one)."""
+    if not isinstance(url, str) or not url:
+        raise ConfigError("cluster", f"must be a redis:// URL of a cluster node, got {url!r}")
+    return url
 
 
 class ClusterRouting:
@@ -351,10 +333,8 @@ class ClusterBackend(ClusterRouting):
     def __init__(self, url: str, *, socket_timeout: float) -> None:
         from redis.connection import parse_url
 
-        if not isinstance(url, str) or not url:
-            raise ConfigError("cluster", f"must be a redis:// URL of a cluster node, got {url!r}")
         try:
-            parse_url(url)  # type: ignore[no-untyped-call]
+            parse_url(cluster_url(url))  # type: ignore[no-untyped-call]
         except ValueError as exc:
             raise ConfigError("cluster", scrub(str(exc), url)) from None
         self._url = url

@@ -218,6 +218,26 @@ class RenewerBase:
         """Stop renewing ``lease``."""
         self.book.drop(lease)
 
+    def hold(self, lease: LeaseBase) -> None:
+        """Renew ``lease`` until ``drop``; the background loop starts on the first hold."""
+        if not self.enabled or self._stopped():
+            return
+        self.book.hold(lease)
+        if self.background:
+            self._wake_loop()
+
+    def _stopped(self) -> bool:
+        """True once the renewer was closed for good (it then holds nothing new)."""
+        return False
+
+    def _wake_loop(self) -> None:
+        """Start the background loop if it is not running, and wake it (a thread or a task)."""
+        raise NotImplementedError
+
+    def _due(self) -> list[LeaseBase]:
+        """The held leases due now, marked in flight (the start of ``renew_due``)."""
+        return self.book.next()[0]
+
     def _flow(self, due: list[LeaseBase]) -> Generator[Any, Any, list[RenewOutcome]]:
         return renew_many(self._client.core, due, self._client._node_of)
 
@@ -246,13 +266,10 @@ class ThreadRenewer(RenewerBase):
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()  # only guards starting the thread
 
-    def hold(self, lease: LeaseBase) -> None:
-        """Renew ``lease`` until ``drop``."""
-        if not self.enabled or self._stop.is_set():
-            return
-        self.book.hold(lease)
-        if not self.background:
-            return
+    def _stopped(self) -> bool:
+        return self._stop.is_set()
+
+    def _wake_loop(self) -> None:
         with self._start_lock:
             if self._thread is None:
                 self._thread = threading.Thread(
@@ -263,7 +280,7 @@ class ThreadRenewer(RenewerBase):
 
     def renew_due(self) -> int:
         """Renew, in the calling thread, every held lease due now; returns how many."""
-        due, _ = self.book.next()
+        due = self._due()
         if due:
             try:
                 outcomes = self._client._run(self._flow(due))

@@ -14,6 +14,7 @@ No lock is taken here; ``Breakers`` guard their few integers themselves.
 from __future__ import annotations
 
 from collections.abc import Callable, Generator, Iterable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
 import attrs
@@ -22,11 +23,18 @@ from ratequota.clients import probes
 from ratequota.clients.core import QuotaCore
 from ratequota.clients.failure import FailureStats
 from ratequota.clients.readiness import ReadinessReport
-from ratequota.clients.requests import AcquireRequest
+from ratequota.clients.requests import (
+    AcquireRequest,
+    TenantSpec,
+    UnitsSpec,
+    handler_arguments,
+    meter_arguments,
+)
 from ratequota.clients.runner import Runner
 from ratequota.clients.settings import Settings
 from ratequota.clock import Clock
 from ratequota.decision import LeaseInfo, MeterResult, ReleaseResult, RenewResult
+from ratequota.engine.ops import Flow
 from ratequota.errors import (
     BackendError,
     BackendUnavailable,
@@ -34,6 +42,7 @@ from ratequota.errors import (
     RateQuotaError,
 )
 from ratequota.observe import LostCause, Observer
+from ratequota.policy import Policy
 
 __all__ = [
     "RELEASE_ERRORS",
@@ -275,6 +284,31 @@ class ClientBase:
             observer=core.observer,
             clock=core.clock.monotonic,
         )
+
+    def _publish(self, policy: Policy | str | Path, migrate: bool) -> Flow[dict[str, int]]:
+        """``apply_policy`` of either client as a flow; a path is read as a TOML policy file."""
+        if isinstance(policy, (str, Path)):
+            policy = Policy.from_toml(policy)
+        return self.core.apply_policy(policy, migrate=migrate)
+
+    def _acquisition_of(
+        self, handler: Callable[..., Any], tenant: TenantSpec, units: UnitsSpec, options: Any
+    ) -> Callable[..., Any]:
+        """What ``limit`` enters around each call of ``handler``: this client's ``acquire``.
+
+        ``tenant`` and ``units`` are read from the call's arguments
+        (``requests.handler_arguments``, which also rejects a misspelled name
+        at decoration time); the shells add only ``with`` or ``async with``.
+        """
+        arguments = handler_arguments(handler, tenant, units)
+        rest, amounts = meter_arguments(handler, options)
+        acquire = self.acquire  # type: ignore[attr-defined]
+
+        def acquisition(*args: Any, **kwargs: Any) -> Any:
+            who, how_many = arguments(*args, **kwargs)
+            return acquire(who, how_many, **rest, **amounts(*args, **kwargs))
+
+        return acquisition
 
     def stats(self) -> FailureStats:
         """Counters: fail-open and local admissions, fast failures, fenced releases/renewals."""

@@ -20,14 +20,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import attrs
-import redis
 
 from ratequota.clients import probes
 from ratequota.clients.backends import (
+    CALL_ERRORS,
     Backend,
     ClusterBackend,
     ShardedBackend,
     embedded_backend,
+    pipelined,
     url_backend,
 )
 from ratequota.clients.explain import Explanation, explain_flow
@@ -43,9 +44,7 @@ from ratequota.clients.requests import (
     TenantSpec,
     TryOptions,
     UnitsSpec,
-    handler_arguments,
     meter_amounts,
-    meter_arguments,
 )
 from ratequota.clients.shell import RELEASE_ERRORS, AcquisitionBase, ClientBase, LeaseBase
 from ratequota.decision import (
@@ -139,7 +138,7 @@ def _one_of_batch(conn: Any, args: tuple[Any, ...]) -> Any:
     """
     try:
         return conn.evalsha(*args)
-    except redis.exceptions.ResponseError as exc:
+    except CALL_ERRORS as exc:
         return exc
 
 
@@ -203,10 +202,7 @@ class QuotaClient(ClientBase):
         if isinstance(op, Batch):
             if not getattr(self.backend, "pipelines", True):
                 return [_one_of_batch(conn, args) for args in pipeline_args(op)]
-            pipe = conn.pipeline(transaction=False)
-            for args in pipeline_args(op):
-                pipe.evalsha(*args)
-            return pipe.execute(raise_on_error=False)
+            return pipelined(conn, pipeline_args(op))
         method, args = wire_call(op)
         return getattr(conn, method)(*args)
 
@@ -246,9 +242,7 @@ class QuotaClient(ClientBase):
         the previous key layout (their live leases move along; those pods then refuse the
         group). Without it such a group raises ``LegacyLayout``: see docs/deployment.md.
         """
-        if isinstance(policy, (str, Path)):
-            policy = Policy.from_toml(policy)
-        return self._run(self.core.apply_policy(policy, migrate=migrate))
+        return self._run(self._publish(policy, migrate))
 
     def load_policy(self) -> Policy | None:
         """The published policy, or None; also refreshes this client's routing."""
@@ -333,12 +327,7 @@ class QuotaClient(ClientBase):
         """
 
         def decorate(handler: F) -> F:
-            arguments = handler_arguments(handler, tenant, units)
-            rest, amounts = meter_arguments(handler, options)
-
-            def acquisition(*args: Any, **kwargs: Any) -> Acquisition:
-                who, how_many = arguments(*args, **kwargs)
-                return self.acquire(who, how_many, **rest, **amounts(*args, **kwargs))
+            acquisition = self._acquisition_of(handler, tenant, units, options)
 
             if inspect.iscoroutinefunction(handler):
 

@@ -7,8 +7,8 @@ computed here afterwards (``ratequota.sim.report`` prints them): units held
 over time, peaks, borrowed unit-seconds, percentiles of waiting, how long a
 returning lender took to get its guarantee back, utilisation, Jain's fairness
 index, each tenant's entitlement (``ratequota.sim.measure``) and the safety
-checks.
-Times are seconds since the start of the run.
+checks. What a run records and the plain statistics over step functions are in
+``ratequota.sim.series`` (re-exported here). Times are seconds since the start of the run.
 
 Two independent safety checks:
 
@@ -23,7 +23,7 @@ Two independent safety checks:
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Sequence
 
 import attrs
 
@@ -31,6 +31,19 @@ from ratequota.fairness import group_allocation
 from ratequota.policy import GroupPolicy
 from ratequota.sim.measure import Gap, Request, measure_group
 from ratequota.sim.scenario import Scenario
+from ratequota.sim.series import (
+    Interval,
+    Outcome,
+    Sample,
+    binned_average,
+    integral,
+    jain_index,
+    level_at,
+    peak,
+    percentile,
+    reclaim_time,
+    step_function,
+)
 from ratequota.sim.tokens import GroupTokens, SettlementTotals, TokenReport
 
 __all__ = [
@@ -52,151 +65,12 @@ __all__ = [
 ]
 
 
-@attrs.frozen
-class Interval:
-    """Units a tenant held from ``start`` to ``end`` (one lease, client-side view)."""
-
-    tenant: str
-    group: str
-    units: int
-    start: float
-    end: float
-
-
-@attrs.frozen
-class Outcome:
-    """One request's fate: admitted after ``wait`` seconds, or refused after waiting."""
-
-    tenant: str
-    at: float
-    wait: float
-    admitted: bool
-
-
-@attrs.frozen
-class Sample:
-    """One group snapshot: Redis's view of who holds what at ``at``."""
-
-    group: str
-    at: float
-    capacity: int
-    used: int
-    tenant_used: Mapping[str, int]
-    tenant_limit: Mapping[str, float]
-    lease_units: int
-
-
-Steps = list[tuple[float, int]]
-
-
 def _has_shadow(group: GroupPolicy) -> bool:
     """True when shadow mode may take ``group`` above its capacity (docs/metrics.md):
     the group is in shadow mode, or one of its tenants (or its default tenant) is.
     Such groups are left out of the capacity checks; their ``over_admission``
     is still reported, as what enforcement would have prevented."""
     return group.shadow or group.default_tenant.shadow or any(t.shadow for t in group.tenants)
-
-
-def step_function(intervals: Iterable[Interval]) -> Steps:
-    """Units held over time as ``(time, level)`` steps, level holding until the next time.
-
-    Starts at ``(0.0, 0)``. At equal times releases apply before acquisitions,
-    matching Redis, where a release must precede the acquire that reuses its
-    units.
-    """
-    events: list[tuple[float, int]] = []
-    for iv in intervals:
-        events.append((iv.start, iv.units))
-        events.append((iv.end, -iv.units))
-    events.sort(key=lambda e: (e[0], e[1]))
-    steps: Steps = [(0.0, 0)]
-    level = 0
-    for at, delta in events:
-        level += delta
-        if steps[-1][0] == at:
-            steps[-1] = (at, level)
-        else:
-            steps.append((at, level))
-    return steps
-
-
-def level_at(steps: Steps, at: float) -> int:
-    """The level of a step function at time ``at``."""
-    level = 0
-    for time, value in steps:
-        if time > at:
-            break
-        level = value
-    return level
-
-
-def integral(steps: Steps, until: float, *, above: float = 0.0) -> float:
-    """``∫ max(0, level - above) dt`` from 0 to ``until``: unit-seconds held (above a line)."""
-    total = 0.0
-    for (t0, level), (t1, _) in zip(steps, [*steps[1:], (until, 0)], strict=False):
-        lo, hi = min(t0, until), min(t1, until)
-        if hi > lo:
-            total += max(0.0, level - above) * (hi - lo)
-    return total
-
-
-def binned_average(steps: Steps, until: float, width: float) -> tuple[list[float], list[float]]:
-    """Mean level over consecutive bins of ``width`` seconds: (bin centres, means).
-
-    What the picture draws: a lease that is released and at once re-acquired
-    leaves a zero-width dip in the raw steps, which averaging hides.
-    """
-    count = max(1, math.ceil(until / width))
-    centres: list[float] = []
-    means: list[float] = []
-    for k in range(count):
-        lo, hi = k * width, min(until, (k + 1) * width)
-        held = integral(steps, hi) - integral(steps, lo)
-        centres.append((lo + hi) / 2)
-        means.append(held / (hi - lo) if hi > lo else 0.0)
-    return centres, means
-
-
-def peak(steps: Steps) -> int:
-    """Highest level reached."""
-    return max((level for _, level in steps), default=0)
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """The ``q``-th percentile (0..100) with linear interpolation; NaN for no values."""
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    rank = (len(ordered) - 1) * q / 100.0
-    low = math.floor(rank)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
-
-
-def jain_index(values: Sequence[float]) -> float:
-    """Jain's fairness index ``(Σx)² / (n·Σx²)``: 1 when all equal, 1/n when one takes all.
-
-    NaN for no values; 1 when every value is zero (nobody was favoured).
-    """
-    if not values:
-        return math.nan
-    square_sum = math.fsum(x * x for x in values)
-    if square_sum == 0:
-        return 1.0
-    return math.fsum(values) ** 2 / (len(values) * square_sum)
-
-
-def reclaim_time(steps: Steps, since: float, target: int) -> float | None:
-    """Seconds after ``since`` until the level first reaches ``target`` (None: never)."""
-    if target <= 0:
-        return 0.0
-    level = level_at(steps, since)
-    if level >= target:
-        return 0.0
-    for at, value in steps:
-        if at > since and value >= target:
-            return at - since
-    return None
 
 
 def expected_limits(

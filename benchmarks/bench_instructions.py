@@ -1,0 +1,215 @@
+"""Instructions redis-server executes per script call, counted by valgrind (deterministic).
+
+Usage (from the repository root; needs ``valgrind`` on the PATH)::
+
+    .venv/bin/python benchmarks/bench_instructions.py [--calls N] [--lua-dir DIR]
+
+Timings on a shared machine move by 2-3x with its load; instruction counts do
+not. This starts its own redis-server under ``valgrind --tool=callgrind`` (about
+fifty times slower, so the runs are short), and for each measure zeroes the
+counters, runs the calls, dumps and reads the total: instructions (``Ir``) the
+server executed per call — the script, the commands it issues, the network
+handling — beside a trivial ``EVALSHA "return 1"`` measured the same way.
+Instructions are not time (cache misses and the kernel are not counted), but a
+change that removes work shows here whatever the machine is doing.
+
+``--lua-dir`` runs the scripts of another checkout (``git archive <commit> lua``
+unpacked somewhere), so a before/after pair needs no second virtualenv.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import redis
+
+import ratequota.engine.scripts as scripts
+from ratequota import GroupPolicy, Policy, QuotaClient, TenantPolicy
+from ratequota.engine.protocol import acquire_call
+from tests.servers import free_port
+
+TENANTS = 10
+
+
+class CallgrindServer:
+    """A redis-server under callgrind, instrumentation on, counters read by dumps."""
+
+    def __init__(self) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="rq-callgrind-"))
+        self.port = free_port()
+        self.process = subprocess.Popen(
+            [
+                "valgrind",
+                "--tool=callgrind",
+                f"--callgrind-out-file={self.dir}/cg.out",
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--hz",
+                "1",
+                "--dir",
+                str(self.dir),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        conn = redis.Redis(port=self.port, socket_timeout=60)
+        for _ in range(300):
+            try:
+                conn.ping()
+                break
+            except redis.ConnectionError:
+                time.sleep(0.1)
+        else:
+            self.stop()
+            raise RuntimeError("redis-server under valgrind did not start")
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def _control(self, *args: str) -> None:
+        subprocess.run(["callgrind_control", *args, str(self.process.pid)], capture_output=True)
+
+    def instructions(self, fn: Callable[[], None]) -> int:
+        """Instructions the server executed while ``fn`` ran."""
+        self._control("-z")
+        fn()
+        before = set(glob.glob(f"{self.dir}/cg.out*"))
+        self._control("-d")
+        for _ in range(200):
+            new = set(glob.glob(f"{self.dir}/cg.out*")) - before
+            if new:
+                break
+            time.sleep(0.05)
+        else:
+            raise RuntimeError("callgrind wrote no dump")
+        path = new.pop()
+        time.sleep(0.2)  # let valgrind finish writing
+        total = 0
+        with open(path, encoding="utf-8", errors="replace") as dump:
+            for line in dump:
+                if line.startswith(("summary:", "totals:")):
+                    total = int(line.split()[1])
+        os.remove(path)
+        return total
+
+    def stop(self) -> None:
+        """Stop the server by its PID and remove its folder."""
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def contended(server: CallgrindServer, active: int, calls: int) -> int:
+    """Instructions for ``calls`` acquires in a group of ``active`` tenants that each hold a
+    lease and wait with a request far above the capacity (the level is a walked one; most
+    acquires are refused, after the same decision work)."""
+    quota = QuotaClient.from_url(server.url, prefix="irc", socket_timeout=600.0)
+    tenants = [TenantPolicy(f"a{i}", weight=1.0 + i % 3) for i in range(active)]
+    capacity = 2 * active
+    policy = GroupPolicy("irc", capacity=capacity, tenants=tuple(tenants), max_lease_ttl=3600.0)
+    quota.apply_policy(Policy([policy]))
+    conn = quota.backend.connection("irc")
+    keyspace = quota.core.keyspace
+    pipe = conn.pipeline(transaction=False)
+    for i in range(active):
+        for lease_id, units, wait in ((f"h{i}", 1, False), (f"w{i}", 4 * capacity, True)):
+            call = acquire_call(
+                keyspace,
+                "irc",
+                f"a{i}",
+                units,
+                lease_id,
+                3_600_000,
+                wait=wait,
+                pending_ms=3_600_000,
+                purge=64,
+            )
+            pipe.evalsha(call.script.sha, len(call.keys), *call.keys, *call.args)
+    pipe.execute()
+    total = server.instructions(
+        lambda: [quota.try_acquire(f"a{i % active}", 1) for i in range(calls)]
+    )
+    quota.close()
+    return total
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Measure and print instructions per call."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--calls", type=int, default=200, help="calls per measure")
+    parser.add_argument("--lua-dir", type=Path, help="a folder holding another version's lua/")
+    parser.add_argument(
+        "--contended", type=int, default=0, help="also a contended group of this many tenants"
+    )
+    args = parser.parse_args(argv)
+    if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
+        print("valgrind (with callgrind_control) is not installed", file=sys.stderr)
+        return 2
+    if args.lua_dir is not None:
+        folder = args.lua_dir / "lua" if (args.lua_dir / "lua").is_dir() else args.lua_dir
+        scripts._lua_dir = lambda: folder  # type: ignore[assignment]
+    server = CallgrindServer()
+    try:
+        conn = redis.Redis(port=server.port, socket_timeout=60)
+        quota = QuotaClient.from_url(server.url, prefix="ir", socket_timeout=60.0)
+        tenants = [TenantPolicy(f"a{i}", weight=1.0 + i % 3) for i in range(TENANTS)]
+        policy = GroupPolicy("ir", capacity=10**7, tenants=tuple(tenants), max_lease_ttl=3600.0)
+        quota.apply_policy(Policy([policy]))
+        for i in range(3 * TENANTS):  # every tenant active; the scripts loaded
+            lease = quota.try_acquire(f"a{i % TENANTS}", 1).lease
+            if i >= TENANTS and lease is not None:
+                quota.release(lease)
+        calls = args.calls
+        held: list[object] = []
+
+        def acquire() -> None:
+            for i in range(calls):
+                held.append(quota.try_acquire(f"a{i % TENANTS}", 1).lease)
+
+        def release() -> None:
+            for lease in held:
+                quota.release(lease)  # type: ignore[arg-type]
+
+        sha = conn.script_load("return 1")
+        trivial = server.instructions(lambda: [conn.evalsha(sha, 0) for _ in range(calls)])
+        acquired = server.instructions(acquire)
+        released = server.instructions(release)
+        quota.close()
+        per = [trivial / calls, acquired / calls, released / calls]
+        names: tuple[str, ...] = ("trivial EVALSHA", "acquire (admitted)", "release")
+        if args.contended:
+            per.append(contended(server, args.contended, calls) / calls)
+            names += (f"acquire, {args.contended} contended",)
+        print(f"instructions inside redis-server per call ({calls} calls, {TENANTS} tenants)")
+        for label, value in zip(names, per, strict=True):
+            print(f"  {label:<26} {value / 1000:8.1f}k  {value / per[0]:5.1f}x trivial")
+    finally:
+        server.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
