@@ -266,3 +266,15 @@ def test_report_and_picture_show_tokens_against_rate_and_ceil() -> None:
     assert "tokens/s over" in picture
     assert "ceil 1500: steady" in picture and "rate 1000: steady" in picture
     assert "group rate 3000" in picture
+
+
+def test_shadow_groups_are_exempt_from_the_meter_bounds() -> None:
+    """Shadow mode admits above the meters on purpose: its groups' bounds are not checked,
+    but settlement must still add up."""
+    scenario = _scenario()
+    batches = [Batch("a", "g", 0.0, 1.0, 10, 10_000, "settled", 9_990)]
+    (a, _b) = token_reports(scenario, batches, [], until=4.0)
+    groups = group_tokens(scenario, batches, until=4.0)
+    totals = settlement_totals(batches)
+    assert len(token_problems([a], groups, totals)) == 2
+    assert token_problems([a], groups, totals, exempt={"g"}) == []
