@@ -13,7 +13,7 @@
 --                                     borrowing tag and the end of its contention (ms)
 --   info hash    R<id>  "meter:path:estimate:final;..." the lease's reservations (final
 --                       empty until settled); deleted with the lease (release, purge)
---   KEYS[6 + i]  zset   contention of meter slot i: tenant -> tag of borrowers; a member
+--   KEYS[8 + i]  zset   contention of meter slot i: tenant -> tag of borrowers; a member
 --                       whose until has passed is dropped when it reaches the head. The
 --                       sentinel "~" at +inf (apply_policy.lua) keeps the set in existence:
 --                       it is the head only when nobody contends.
@@ -128,14 +128,14 @@ local function meter_put_tenant(ctx, slot, name, tenant, t, till)
     ':' .. int(till)
   ctx.dirty[f] = true
   if till > ctx.now then
-    redis.call('ZADD', KEYS[6 + slot], fmt(t.tag), tenant)
+    redis.call('ZADD', KEYS[8 + slot], fmt(t.tag), tenant)
   end
 end
 
 -- The least tag among the tenants still in contention on meter `name` (nil: none). Heads whose
 -- contention has ended are dropped on the way: each member is dropped at most once.
 local function meter_floor_of(ctx, slot, name)
-  local key = KEYS[6 + slot]
+  local key = KEYS[8 + slot]
   while true do
     local head = redis.call('ZRANGE', key, 0, 0)
     if not head[1] or head[1] == '~' then return nil end

@@ -22,6 +22,7 @@ from ratequota.decision import (
     ReleaseResult,
     RenewResult,
     TenantSnapshot,
+    UsageRow,
 )
 from ratequota.errors import (
     AcquireTimeout,
@@ -85,6 +86,7 @@ __all__ = [
     "TenantPolicy",
     "TenantSnapshot",
     "UnknownTenant",
+    "UsageRow",
     "explain",
 ]
 

@@ -17,6 +17,8 @@ Layout for prefix ``rq`` and group ``g``::
     rq:v2:{g}:info     hash  "L<id>" -> "units:token:tenant", "P<id>" -> "units:seq:tenant"
     rq:v2:{g}:queue    zset  waiting requests per tenant in arrival order (lex-ordered members)
     rq:v2:{g}:fair     zset  breakpoints lo/w and up/w of the active tenants
+    rq:v2:{g}:led:<h>  hash  the usage ledger of hour h (ms // 3,600,000): "<tenant>|<counter>"
+                             (expires its group's retention after the hour ends)
     rq:v2:{g}:contend1..4  zset  rate meters: borrowers contending for the spare, by tag
     rq:v2:{catalog}:catalog  string  the whole policy as JSON, for routing tenants
 
@@ -133,6 +135,13 @@ class KeySpace:
         """
         base = f"{self.prefix}:v{PREVIOUS_SCHEMA}:{{{escape_tag(group)}}}:"
         return [base + name for name in ("policy", "demand", "exp", "info", "queue")]
+
+    def ledger(self, group: str, hour: int) -> str:
+        """The group's usage ledger hash of ``hour`` (ms since the epoch // 3,600,000).
+
+        Same hash tag as the group's other keys: the scripts that end leases write it.
+        """
+        return f"{self.group(group).policy[: -len('policy')]}led:{hour}"
 
     @property
     def catalog(self) -> str:

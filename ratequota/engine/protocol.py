@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ratequota.decision import LeaseInfo
 from ratequota.engine.coalesce import merged_args
 from ratequota.engine.keys import KeySpace
+from ratequota.engine.ledger import ledger_keys
 from ratequota.engine.meterwire import encode_amounts, meters_field, shares_field
 from ratequota.engine.ops import Arg, ScriptCall
 from ratequota.engine.ops import script_call as _call
@@ -36,6 +38,21 @@ __all__ = [
 
 def _clock(now_ms: int | None) -> Arg:
     return "" if now_ms is None else now_ms
+
+
+def _lease_keys(
+    keyspace: KeySpace, group: str, now_ms: int | None, metered: bool = False
+) -> list[str]:
+    """The group's keys, the two ledger hours (see ``ratequota.engine.ledger``) and, for a
+    call that names rate meters, their contention sets.
+
+    The hours are named from the pinned clock, else this machine's wall clock:
+    the script files under the hour of Redis time among the two, so a few
+    seconds of skew at an hour boundary cost nothing.
+    """
+    at_ms = now_ms if now_ms is not None else int(time.time() * 1000)
+    keys = keyspace.group(group)
+    return [*keys.all, *ledger_keys(keyspace, group, at_ms), *(keys.contention if metered else ())]
 
 
 def tenant_spec(tenant: TenantPolicy) -> str:
@@ -89,6 +106,7 @@ def apply_policy_call(
         "1" if migrate else "0",
         meters_field(group),
         shares_field(group, group.default_tenant) if metered else "",
+        round(group.usage_retention * 1000),
         *triples,
     ]
     group_keys = keyspace.group(group.name)
@@ -131,8 +149,7 @@ def acquire_call(
         "1" if shadow else "0",
         encode_amounts(meters or {}),
     ]
-    keys = keyspace.group(group)
-    return _call("acquire", group, keys.metered if meters else keys.all, args)
+    return _call("acquire", group, _lease_keys(keyspace, group, now_ms, bool(meters)), args)
 
 
 # -- release / renew ---------------------------------------------------------
@@ -153,7 +170,7 @@ def release_call(
     ``token`` 0 withdraws a waiting request (which has no token yet).
     """
     args: list[Arg] = [_clock(now_ms), keyspace.schema, lease_id, purge, tenant, str(token)]
-    return _call("release", group, keyspace.group(group).all, args)
+    return _call("release", group, _lease_keys(keyspace, group, now_ms), args)
 
 
 def renew_call(
@@ -176,7 +193,7 @@ def renew_call(
         str(lease.token),
         round(lease.expires_at * 1000),
     ]
-    return _call("renew", lease.group, keyspace.group(lease.group).all, args)
+    return _call("renew", lease.group, _lease_keys(keyspace, lease.group, now_ms), args)
 
 
 def settle_call(
@@ -195,7 +212,7 @@ def settle_call(
         str(lease.token),
         encode_amounts(actuals),
     ]
-    return _call("settle", lease.group, keyspace.group(lease.group).metered, args)
+    return _call("settle", lease.group, _lease_keys(keyspace, lease.group, now_ms, True), args)
 
 
 # -- snapshot ----------------------------------------------------------------
@@ -246,9 +263,10 @@ def acquire_many_call(
         )
         for request in requests
     ]
-    keys = keyspace.group(group)
-    metered = any(len(call.keys) > len(keys.all) for call in calls)
-    return _call("acquire_many", group, keys.metered if metered else keys.all, merged_args(calls))
+    metered = any(len(call.keys) > call.script.required_keys for call in calls)
+    return _call(
+        "acquire_many", group, _lease_keys(keyspace, group, now_ms, metered), merged_args(calls)
+    )
 
 
 def release_many_call(
@@ -266,4 +284,4 @@ def release_many_call(
         )
         for lease_id, tenant, token in leases
     ]
-    return _call("release_many", group, keyspace.group(group).all, merged_args(calls))
+    return _call("release_many", group, _lease_keys(keyspace, group, now_ms), merged_args(calls))
