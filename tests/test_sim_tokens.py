@@ -17,6 +17,8 @@ from typing import Any
 
 import attrs
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from ratequota import cli
 from ratequota.errors import ConfigError
@@ -278,3 +280,31 @@ def test_shadow_groups_are_exempt_from_the_meter_bounds() -> None:
     totals = settlement_totals(batches)
     assert len(token_problems([a], groups, totals)) == 2
     assert token_problems([a], groups, totals, exempt={"g"}) == []
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.floats(0, 9.5, allow_nan=False),
+            st.floats(0, 3, allow_nan=False),
+            st.integers(0, 5_000),
+        ),
+        max_size=20,
+    ),
+    st.sampled_from([0.25, 0.5, 1.0, 3.0]),
+)
+def test_tokens_per_second_loses_no_token_inside_the_window(
+    spans: list[tuple[float, float, int]], width: float
+) -> None:
+    """Binned tokens/s times the bins' lengths gives back every token used inside the
+    window, whatever the batches and bins: the picture neither loses nor doubles any."""
+    until = 10.0
+    batches = [Batch("a", "g", s, s + d, n, n) for s, d, n in spans]
+    _times, rates = tokens_per_second(batches, until, width)
+    spans_of_bins = [min(until, (k + 1) * width) - k * width for k in range(len(rates))]
+    inside = math.fsum(
+        b.used * (min(b.end, until) - b.start) / (b.end - b.start) if b.end > b.start else b.used
+        for b in batches
+    )
+    got = math.fsum(r * s for r, s in zip(rates, spans_of_bins, strict=True))
+    assert got == pytest.approx(inside, rel=1e-9, abs=1e-6)

@@ -287,12 +287,13 @@ def tokens_per_second(
     count = max(1, math.ceil(until / width))
     used = [0.0] * count
     for b in batches:
-        lo, hi = b.start, min(max(b.end, b.start), until)
-        if hi <= lo:
+        lo, end = b.start, max(b.end, b.start)
+        if end <= lo:
             if lo < until:
                 used[min(count - 1, int(lo / width))] += b.used
             continue
-        per = b.used / (hi - lo)
+        per = b.used / (end - lo)  # a batch running past the window keeps its rate
+        hi = min(end, until)
         k = int(lo / width)
         while k < count and k * width < hi:
             overlap = min(hi, (k + 1) * width) - max(lo, k * width)
