@@ -44,14 +44,20 @@ MIN_METER_WEIGHT = 1e-3
 MAX_METER_WEIGHT = 1e6
 
 
-def _meter_int(field: str, value: object, low: int) -> int:
+def int_within(field: str, value: object, low: int, high: int, spelled: str) -> int:
+    """``value`` as an integer in ``[low, high]`` (``spelled``: ``high`` as a power, for the
+    message), else a ``ConfigError`` naming ``field``; shared with ``policy``'s unit counts."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise ConfigError(field, f"must be an integer, got {value!r}")
     if value < low:
         raise ConfigError(field, f"must be >= {low}, got {value}")
-    if value > MAX_METER:
-        raise ConfigError(field, f"must be at most 2**36 ({MAX_METER}), got {value}")
+    if value > high:
+        raise ConfigError(field, f"must be at most {spelled} ({high}), got {value}")
     return value
+
+
+def _meter_int(field: str, value: object, low: int) -> int:
+    return int_within(field, value, low, MAX_METER, "2**36")
 
 
 def meter_name(field: str, value: object) -> str:

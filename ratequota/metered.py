@@ -24,7 +24,7 @@ from collections.abc import Mapping
 import attrs
 
 from ratequota.policy import GroupPolicy, TenantPolicy
-from ratequota.rates import CONTEND_MS, MeterDecision, decide, share_limits
+from ratequota.rates import CONTEND_MS, MeterDecision, share_limits
 from ratequota.settlement import MeterBook, Reservation, Settlement, settle, settle_reservation
 
 __all__ = ["MeteredGroup", "SettleRow"]
@@ -79,16 +79,7 @@ class MeteredGroup:
         for name, amount in amounts.items():
             book = self.books[name]
             self._share_of(book, name, tenant)
-            decisions[name] = decide(
-                book.meter,
-                book.shares[tenant],
-                book.group,
-                book.tenants.get(tenant),
-                amount,
-                now,
-                book.floor(now),
-                book.contends(tenant, now),
-            )
+            decisions[name] = book.decide(tenant, amount, now)
         ok = all(d.admitted for d in decisions.values())
         for name, d in decisions.items():
             book = self.books[name]

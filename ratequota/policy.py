@@ -24,6 +24,7 @@ from ratequota.meter_policy import (
     TenantMeter,
     check_group_meters,
     check_tenant_meters,
+    int_within,
     meter_tuple,
 )
 
@@ -62,13 +63,7 @@ def _name(field: str, value: object) -> str:
 
 
 def _int_at_least(field: str, value: object, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(field, f"must be an integer, got {value!r}")
-    if value < low:
-        raise ConfigError(field, f"must be >= {low}, got {value}")
-    if value > MAX_UNITS:
-        raise ConfigError(field, f"must be at most 2**50 ({MAX_UNITS}), got {value}")
-    return value
+    return int_within(field, value, low, MAX_UNITS, "2**50")
 
 
 #: How long an hour of the usage ledger is kept after it ends (docs/usage.md): 7 days,

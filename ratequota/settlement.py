@@ -186,9 +186,10 @@ class MeterBook:
         """Whether ``tenant`` is still in contention for the spare at ``now``."""
         return self.contending.get(tenant, now) > now and tenant in self.tenants
 
-    def ask(self, tenant: str, amount: int, now: int) -> MeterDecision:
-        """Decide and commit one request (an admission's charge, a refusal's contention)."""
-        decision = decide(
+    def decide(self, tenant: str, amount: int, now: int) -> MeterDecision:
+        """What ``rates.decide`` answers for ``tenant`` asking ``amount`` at ``now``; commits
+        nothing (``ask`` commits; ``metered`` commits only when every meter admits)."""
+        return decide(
             self.meter,
             self.shares[tenant],
             self.group,
@@ -198,6 +199,10 @@ class MeterBook:
             self.floor(now),
             self.contends(tenant, now),
         )
+
+    def ask(self, tenant: str, amount: int, now: int) -> MeterDecision:
+        """Decide and commit one request (an admission's charge, a refusal's contention)."""
+        decision = self.decide(tenant, amount, now)
         self.group = decision.group
         self.tenants[tenant] = decision.tenant
         if decision.contending:
