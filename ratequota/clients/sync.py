@@ -55,7 +55,16 @@ from ratequota.decision import (
     ReleaseResult,
     RenewResult,
 )
-from ratequota.engine.ops import Batch, Compute, Flow, Sleep, Spawn, pipeline_args, wire_call
+from ratequota.engine.ops import (
+    Batch,
+    Compute,
+    Flow,
+    ScriptCall,
+    Sleep,
+    Spawn,
+    pipeline_args,
+    wire_call,
+)
 from ratequota.errors import InvalidType
 from ratequota.policy import Policy
 
@@ -189,6 +198,8 @@ class QuotaClient(ClientBase):
         return run.result()
 
     def _perform(self, op: Any) -> Any:
+        if type(op) is ScriptCall:  # the hot path: one EVALSHA
+            return self.backend.connection(op.route).evalsha(*op.wire)
         if isinstance(op, Sleep):
             return self.core.clock.sleep(op.seconds)
         if isinstance(op, Compute):

@@ -112,6 +112,12 @@ def _group_keys(prefix: str, schema: int, group: str) -> GroupKeys:
     )
 
 
+@functools.lru_cache(maxsize=16384)
+def _script_keys(prefix: str, schema: int, group: str, metered: bool) -> tuple[str, ...]:
+    keys = _group_keys(prefix, schema, group)
+    return tuple(keys.metered if metered else keys.all)
+
+
 @attrs.frozen
 class KeySpace:
     """Builds key names for a prefix; one per client."""
@@ -124,6 +130,15 @@ class KeySpace:
         if not isinstance(group, str):
             escape_tag(group)  # raises the ratequota error naming the field
         return _group_keys(self.prefix, self.schema, group)
+
+    def script_keys(self, group: str, *, metered: bool = False) -> tuple[str, ...]:
+        """KEYS of a group script (``GroupKeys.all``, or ``metered``), built once per group.
+
+        The same tuple on every call of the hot path: nothing to join, nothing to copy.
+        """
+        if not isinstance(group, str):
+            escape_tag(group)  # raises the ratequota error naming the field
+        return _script_keys(self.prefix, self.schema, group, metered)
 
     def previous_layout(self, group: str) -> list[str]:
         """The group's policy, demand, exp, info and queue keys in the layout of key schema 1.

@@ -50,6 +50,11 @@ class ScriptCall:
     keys: tuple[str, ...]
     args: tuple[Arg, ...]
 
+    @property
+    def wire(self) -> tuple[Any, ...]:
+        """The arguments of redis-py's ``evalsha`` performing this call."""
+        return (self.script.sha, len(self.keys), *self.keys, *self.args)
+
 
 def script_call(name: str, route: str, keys: Sequence[str], args: Sequence[Arg]) -> ScriptCall:
     """A call of script ``name``, checked against its header (a mismatch is a bug: it asserts)."""
@@ -129,7 +134,7 @@ def wire_call(op: ScriptCall | Command | LoadScript) -> tuple[str, tuple[Any, ..
         return "execute_command", op.args
     if isinstance(op, LoadScript):
         return "script_load", (op.source,)
-    return "evalsha", (op.script.sha, len(op.keys), *op.keys, *op.args)
+    return "evalsha", op.wire
 
 
 def call_name(op: ScriptCall | Command | LoadScript | Batch) -> str:

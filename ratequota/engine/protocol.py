@@ -118,8 +118,8 @@ def acquire_call(
 
     ``meters`` are amounts already checked by ``meterwire.check_amounts``.
     """
-    args: list[Arg] = [
-        _clock(now_ms),
+    args = (
+        "" if now_ms is None else now_ms,
         keyspace.schema,
         tenant,
         units,
@@ -129,10 +129,9 @@ def acquire_call(
         pending_ms,
         purge,
         "1" if shadow else "0",
-        encode_amounts(meters or {}),
-    ]
-    keys = keyspace.group(group)
-    return _call("acquire", group, keys.metered if meters else keys.all, args)
+        encode_amounts(meters) if meters else "",
+    )
+    return _call("acquire", group, keyspace.script_keys(group, metered=bool(meters)), args)
 
 
 # -- release / renew ---------------------------------------------------------
@@ -152,8 +151,8 @@ def release_call(
 
     ``token`` 0 withdraws a waiting request (which has no token yet).
     """
-    args: list[Arg] = [_clock(now_ms), keyspace.schema, lease_id, purge, tenant, str(token)]
-    return _call("release", group, keyspace.group(group).all, args)
+    args = ("" if now_ms is None else now_ms, keyspace.schema, lease_id, purge, tenant, str(token))
+    return _call("release", group, keyspace.script_keys(group), args)
 
 
 def renew_call(
@@ -176,7 +175,7 @@ def renew_call(
         str(lease.token),
         round(lease.expires_at * 1000),
     ]
-    return _call("renew", lease.group, keyspace.group(lease.group).all, args)
+    return _call("renew", lease.group, keyspace.script_keys(lease.group), args)
 
 
 def settle_call(
