@@ -169,3 +169,13 @@ def test_routed_answers_from_a_fresh_catalog_only() -> None:
     assert core.routed("a") == "g" and core.routed("stranger") == "g"
     clock.advance(5.1)
     assert core.routed("a") is None
+
+
+def test_the_wire_form_pre_encodes_only_what_any_connection_would_encode_alike() -> None:
+    """Ints and ASCII text go as bytes; other text and other types are left to redis-py."""
+    call = ScriptCall(
+        load_scripts()["release"], "g", ("k:{g}", "ключ"), (7, "ascii", "été", 1.5, True)
+    )
+    sha, count, *rest = call.wire
+    assert sha == call.script.sha and count == 2
+    assert rest == [b"k:{g}", "ключ", b"7", b"ascii", "été", 1.5, True]
