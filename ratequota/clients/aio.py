@@ -297,7 +297,8 @@ class AsyncQuotaClient(shell.ClientBase):
         Meter amounts (``tokens=actual``) settle the lease first (``settle``).
         """
         info = lease.info if isinstance(lease, AsyncLease) else lease
-        return await self._run(self.core.release(info, requests.meter_amounts(**actuals)))
+        amounts = requests.meter_amounts(**actuals) if actuals else None
+        return await self._run(self.core.release(info, amounts))
 
     async def settle(
         self, lease: LeaseInfo | AsyncLease, **actuals: Unpack[requests.MeterOptions]

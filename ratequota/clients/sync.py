@@ -285,7 +285,7 @@ class QuotaClient(ClientBase):
         Meter amounts (``tokens=actual``) settle the lease first (``settle``).
         """
         info = lease.info if isinstance(lease, Lease) else lease
-        return self._run(self.core.release(info, meter_amounts(**actuals)))
+        return self._run(self.core.release(info, meter_amounts(**actuals) if actuals else None))
 
     def settle(
         self, lease: LeaseInfo | Lease, **actuals: Unpack[MeterOptions]
