@@ -28,8 +28,8 @@ end
 -- when the group has no policy or one written by a newer schema.
 local function open_group(now, schema, names)
   -- The schema field first: a newer release may write its header differently.
-  local fields = {'schema', 'hdr', 'busy', 'recover', 'fence'}
-  for i, name in ipairs(names) do fields[i + 5] = 't:' .. name end
+  local fields = {'schema', 'hdr', 'busy', 'recover', 'fence', 'led_ok'}
+  for i, name in ipairs(names) do fields[i + 6] = 't:' .. name end
   local raw = redis.call('HMGET', KEYS[1], unpack(fields))
   if not raw[1] then
     return nil, {-1, 'no_policy', 0, 0, 0, '0', 0, 0, 0, 0, 0}
@@ -39,11 +39,11 @@ local function open_group(now, schema, names)
   end
   local policy = parse_header(raw[2])
   policy.busy, policy.recover = tonumber(raw[3]) or 0, tonumber(raw[4]) or 0
-  policy.fence = tonumber(raw[5]) or 0
+  policy.fence, policy.led_ok = tonumber(raw[5]) or 0, raw[6]
   local ctx = open_ctx(now, policy)
   for i, name in ipairs(names) do
     if ctx.specs[name] == nil then
-      local spec = raw[i + 5]
+      local spec = raw[i + 6]
       if not spec and policy.unknown == 'default' then spec = policy.default end
       ctx.specs[name] = spec and parse_spec(spec) or false
     end
@@ -326,6 +326,7 @@ local function release_one(ctx, id, tenant, token)
     local expiry = tonumber(redis.call('ZSCORE', KEYS[3], member))
     local state = 'released'
     if expiry <= ctx.now then state = 'expired' end
+    ledger_ended(ctx, owner, units, held_token, expiry)
     redis.call('ZREM', KEYS[3], member)
     redis.call('HDEL', KEYS[4], member, 'R' .. id)  -- R: its meter reservations, if any
     ctx.entries[member] = false
@@ -351,21 +352,36 @@ end
 local function release_ctx(now, schema, tenant)
   local raw
   if tenant then
-    raw = redis.call('HMGET', KEYS[1], 'schema', 'hdr', 'busy', 'recover', 'fence', 't:' .. tenant)
+    raw = redis.call('HMGET', KEYS[1], 'schema', 'hdr', 'busy', 'recover', 'fence', 'led_ok',
+      't:' .. tenant)
   else
-    raw = redis.call('HMGET', KEYS[1], 'schema', 'hdr', 'busy', 'recover', 'fence')
+    raw = redis.call('HMGET', KEYS[1], 'schema', 'hdr', 'busy', 'recover', 'fence', 'led_ok')
   end
   if raw[1] and raw[2] and tonumber(raw[1]) <= tonumber(schema) then
     local policy = parse_header(raw[2])
     policy.busy, policy.recover = tonumber(raw[3]) or 0, tonumber(raw[4]) or 0
-    policy.fence = tonumber(raw[5]) or 0
+    policy.fence, policy.led_ok = tonumber(raw[5]) or 0, raw[6]
     local ctx = open_ctx(now, policy)
     if tenant then
-      local spec = raw[6]
+      local spec = raw[7]
       if not spec and policy.unknown == 'default' then spec = policy.default end
       ctx.specs[tenant] = spec and parse_spec(spec) or false
     end
     return ctx
   end
   return open_ctx(now, nil)
+end
+
+-- acquire_one, its decision counted in the ledger (_ledger.lua): a refusal as rf:<reason>
+-- (not again for a request already registered as waiting), a shadow admission as sh:<reason>.
+local function ledger_acquire(ctx, tenant, units, id, ttl, wait, pending_ms, shadow, amounts)
+  prefetch_entries(ctx, {id})
+  local registered = ctx.entries['P' .. id]
+  local reply = acquire_one(ctx, tenant, units, id, ttl, wait, pending_ms, shadow, amounts)
+  if reply[1] == 0 and not registered then
+    ledger_note(ctx, tenant, 'rf:' .. reply[2], 1)
+  elseif reply[1] == 1 and reply[2] ~= 'admitted' then
+    ledger_note(ctx, tenant, 'sh:' .. reply[2], 1)
+  end
+  return reply
 end

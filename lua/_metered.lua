@@ -13,7 +13,7 @@
 --                                     borrowing tag and the end of its contention (ms)
 --   info hash    R<id>  "meter:path:estimate:final;..." the lease's reservations (final
 --                       empty until settled); deleted with the lease (release, purge)
---   KEYS[6 + i]  zset   contention of meter slot i: tenant -> tag of borrowers; a member
+--   KEYS[8 + i]  zset   contention of meter slot i: tenant -> tag of borrowers; a member
 --                       whose until has passed is dropped when it reaches the head. The
 --                       sentinel "~" at +inf (apply_policy.lua) keeps the set in existence:
 --                       it is the head only when nobody contends.
@@ -128,14 +128,14 @@ local function meter_put_tenant(ctx, slot, name, tenant, t, till)
     ':' .. int(till)
   ctx.dirty[f] = true
   if till > ctx.now then
-    redis.call('ZADD', KEYS[6 + slot], fmt(t.tag), tenant)
+    redis.call('ZADD', KEYS[8 + slot], fmt(t.tag), tenant)
   end
 end
 
 -- The least tag among the tenants still in contention on meter `name` (nil: none). Heads whose
 -- contention has ended are dropped on the way: each member is dropped at most once.
 local function meter_floor_of(ctx, slot, name)
-  local key = KEYS[6 + slot]
+  local key = KEYS[8 + slot]
   while true do
     local head = redis.call('ZRANGE', key, 0, 0)
     if not head[1] or head[1] == '~' then return nil end
@@ -201,6 +201,10 @@ local function meter_gate(ctx, tenant, amounts, shadow)
       meter_put_tenant(ctx, slot, name, tenant, d.tenant, till)
     end
     record[#record + 1] = name .. ':' .. path .. ':' .. int(it.a.amount) .. ':'
+    -- The ledger's tokens reserved: the estimate charged at admission (docs/usage.md).
+    if name == 'tokens' and (all or shadow) then
+      ledger_note(ctx, tenant, 'tr', it.a.amount)
+    end
     local r = d.retry
     if r == nil then r = -1 end
     rows[#rows + 1] = name
@@ -258,6 +262,9 @@ local function meter_settle_lease(ctx, tenant, id, token, actuals)
         outcome = out
         if d ~= nil then
           records[a.name], changed, delta = new, true, d
+          -- The ledger's tokens settled: the actual amount, once per lease (the first
+          -- settlement; a replay or a conflict charges nothing and counts nothing).
+          if a.name == 'tokens' then ledger_note(ctx, tenant, 'ts', a.amount) end
           local meters, shares = meter_policy(ctx, tenant)
           local m = meters and meters[a.name]
           if m and shares and shares[m.slot] then

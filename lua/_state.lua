@@ -384,6 +384,7 @@ local function purge(ctx, limit)
     end
     ctx.entries[member] = false
   end
+  ledger_purged(ctx, dead, infos)
   redis.call('ZREM', KEYS[3], unpack(dead))
   -- A lease's meter reservations (R<id>, _metered.lua) go with it, in the same HDEL.
   local gone = {}
@@ -407,6 +408,7 @@ end
 -- Writes back the cached demand fields and the fair state, and refreshes the expiry of
 -- every key this call wrote: longer than any lease, so a group that goes idle leaves nothing.
 local function flush(ctx, key_grace_ms)
+  ledger_flush(ctx)
   if ctx.st_dirty then
     -- An all-zero state is the one a missing field reads as: no field for it.
     local st = ctx.st

@@ -1,9 +1,10 @@
 -- acquire.lua: admit or refuse a request for units under the group's fair limits (§3, §5).
 --
 -- KEYS[1] policy, KEYS[2] demand, KEYS[3] exp, KEYS[4] info, KEYS[5] queue, KEYS[6] fair
--- KEYS[7] contend1, KEYS[8] contend2, KEYS[9] contend3, KEYS[10] contend4
+-- KEYS[7] ledger, KEYS[8] ledger_alt  the usage ledger's hour keys (see _ledger.lua)
+-- KEYS[9] contend1, KEYS[10] contend2, KEYS[11] contend3, KEYS[12] contend4
 --   (rate meters' contention sets, one per meter slot: _metered.lua), passed only when
---   ARGV[11] names meters: a call without meters names exactly the six group keys
+--   ARGV[11] names meters: a call without meters names exactly the eight keys above
 -- ARGV[1] now_ms      pinned clock in ms, or "" for Redis TIME
 -- ARGV[2] schema      key schema of the caller
 -- ARGV[3] tenant      tenant name
@@ -59,8 +60,8 @@ if not ctx then return err end
 -- inside acquire_many leave the same state.
 check_state(ctx)
 purge(ctx, tonumber(ARGV[9]))
-local reply = acquire_one(ctx, ARGV[3], tonumber(ARGV[4]), ARGV[5], tonumber(ARGV[6]),
-                          ARGV[7] == '1', tonumber(ARGV[8]), ARGV[10] == '1',
-                          meter_amounts(ARGV[11]))
+local reply = ledger_acquire(ctx, ARGV[3], tonumber(ARGV[4]), ARGV[5], tonumber(ARGV[6]),
+                             ARGV[7] == '1', tonumber(ARGV[8]), ARGV[10] == '1',
+                             meter_amounts(ARGV[11]))
 flush(ctx, KEY_GRACE_MS)
 return reply

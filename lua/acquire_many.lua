@@ -1,7 +1,8 @@
 -- acquire_many.lua: decide several acquire requests of one group in one call, in order.
 --
 -- KEYS[1] policy, KEYS[2] demand, KEYS[3] exp, KEYS[4] info, KEYS[5] queue, KEYS[6] fair
--- KEYS[7] contend1, KEYS[8] contend2, KEYS[9] contend3, KEYS[10] contend4
+-- KEYS[7] ledger, KEYS[8] ledger_alt  the usage ledger's hour keys (see _ledger.lua)
+-- KEYS[9] contend1, KEYS[10] contend2, KEYS[11] contend3, KEYS[12] contend4
 --   (passed only when a request names meters, see acquire.lua)
 -- ARGV[1] now_ms      pinned clock in ms, or "" for Redis TIME
 -- ARGV[2] schema      key schema of the caller
@@ -36,9 +37,9 @@ prefetch_entries(ctx, ids)
 load_fields(ctx, fields)
 for i = 1, count do
   local base = 4 + (i - 1) * 7
-  replies[i] = acquire_one(ctx, ARGV[base + 1], tonumber(ARGV[base + 2]), ARGV[base + 3],
-                           tonumber(ARGV[base + 4]), ARGV[base + 5] == '1', pending_ms,
-                           ARGV[base + 6] == '1', meter_amounts(ARGV[base + 7]))
+  replies[i] = ledger_acquire(ctx, ARGV[base + 1], tonumber(ARGV[base + 2]), ARGV[base + 3],
+                              tonumber(ARGV[base + 4]), ARGV[base + 5] == '1', pending_ms,
+                              ARGV[base + 6] == '1', meter_amounts(ARGV[base + 7]))
 end
 flush(ctx, KEY_GRACE_MS)
 return replies

@@ -23,7 +23,9 @@
 --                     in slot order (ratequota.rates.meter_limits, ticks), or "" for none
 -- ARGV[12] shares     the rate-meter shares of tenants the policy does not list
 --                     ("rate|ceil|cap|ccap|weight;..." per slot), or ""
--- ARGV[13..] tenant name, spec, meter shares ("" without meters) triples
+-- ARGV[13] usage_retention_ms  how long each hour of the usage ledger is kept after it ends
+--                     (field led_ttl, read by _ledger.lua)
+-- ARGV[14..] tenant name, spec, meter shares ("" without meters) triples
 --
 -- reply: {status, version}
 --   status 1 written (version is the new one), 0 unchanged (same digest; current version),
@@ -108,12 +110,13 @@ local header = schema .. '|' .. version .. '|' .. ARGV[2] .. '|' .. ARGV[6] .. '
   '|' .. ARGV[3] .. '|' .. ARGV[5]
 redis.call('DEL', KEYS[1])
 redis.call('HSET', KEYS[1], 'schema', schema, 'version', version, 'fence', int(fence),
-  'digest', ARGV[7], 'hdr', header, 'busy', int(busy), 'recover', old[6] or 0)
+  'digest', ARGV[7], 'hdr', header, 'busy', int(busy), 'recover', old[6] or 0,
+  'led_ttl', ARGV[13])
 -- HSET in chunks: unpack() of a very long list overflows Lua's C stack.
 local specs, batch = {}, {}
 -- Rate meters (_metered.lua): written only when the policy has some.
 if ARGV[11] ~= '' then redis.call('HSET', KEYS[1], 'meters', ARGV[11], 'md', ARGV[12]) end
-for i = 13, #ARGV, 3 do
+for i = 14, #ARGV, 3 do
   specs[ARGV[i]] = ARGV[i + 1]
   batch[#batch + 1] = 't:' .. ARGV[i]
   batch[#batch + 1] = ARGV[i + 1]

@@ -1,6 +1,7 @@
 -- renew.lua: extend a live lease, fenced, and say whether its tenant is above its fair limit (§5).
 --
 -- KEYS[1] policy, KEYS[2] demand, KEYS[3] exp, KEYS[4] info, KEYS[5] queue, KEYS[6] fair
+-- KEYS[7] ledger, KEYS[8] ledger_alt  the usage ledger's hour keys (see _ledger.lua)
 -- ARGV[1] now_ms     pinned clock in ms, or "" for Redis TIME
 -- ARGV[2] schema     key schema of the caller
 -- ARGV[3] lease_id   the lease to extend

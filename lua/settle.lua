@@ -1,7 +1,8 @@
 -- settle.lua: charge a lease's rate meters the actual amounts it used (reserve, then settle).
 --
 -- KEYS[1] policy, KEYS[2] demand, KEYS[3] exp, KEYS[4] info, KEYS[5] queue, KEYS[6] fair
--- KEYS[7] contend1, KEYS[8] contend2, KEYS[9] contend3, KEYS[10] contend4
+-- KEYS[7] ledger, KEYS[8] ledger_alt  the usage ledger's hour keys (see _ledger.lua)
+-- KEYS[9] contend1, KEYS[10] contend2, KEYS[11] contend3, KEYS[12] contend4
 -- ARGV[1] now_ms    pinned clock in ms, or "" for Redis TIME
 -- ARGV[2] schema    key schema of the caller
 -- ARGV[3] tenant    the lease's tenant

@@ -22,6 +22,7 @@ from ratequota.decision import (
     ReleaseResult,
     RenewResult,
     TenantSnapshot,
+    UsageRow,
 )
 from ratequota.errors import (
     AcquireTimeout,
@@ -41,7 +42,7 @@ from ratequota.errors import (
     UnknownTenant,
 )
 from ratequota.observe import DecisionEvent, Observer, Observers
-from ratequota.policy import GroupPolicy, Policy, TenantPolicy
+from ratequota.policy import GroupPolicy, MeterPolicy, Policy, TenantMeter, TenantPolicy
 
 __all__ = [
     "AcquireTimeout",
@@ -64,6 +65,7 @@ __all__ = [
     "LeaseInfo",
     "LegacyLayout",
     "Loan",
+    "MeterPolicy",
     "MeterResult",
     "MeterSettlement",
     "Observer",
@@ -82,9 +84,11 @@ __all__ = [
     "SchemaMismatch",
     "Settings",
     "ShardReport",
+    "TenantMeter",
     "TenantPolicy",
     "TenantSnapshot",
     "UnknownTenant",
+    "UsageRow",
     "explain",
 ]
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Literal
+from typing import Any, Literal
 
 import attrs
 
@@ -23,6 +23,7 @@ __all__ = [
     "ReleaseResult",
     "RenewResult",
     "TenantSnapshot",
+    "UsageRow",
 ]
 
 Reason = Literal[
@@ -57,7 +58,7 @@ _WHY = {
 
 @attrs.frozen
 class MeterSettlement:
-    """How one meter of a lease settled (``ratequota.rates.settle_reservation``).
+    """How one meter of a lease settled (``ratequota.settlement.settle_reservation``).
 
     ``outcome``: ``settled`` (``delta`` = actual − estimate tokens was charged,
     once), ``replay`` (the same amount again: nothing), ``conflict`` (another
@@ -346,3 +347,55 @@ class GroupSnapshot:
     def recovering(self) -> bool:
         """True while the group refuses new work after Redis lost its state."""
         return self.recovering_until > self.now
+
+
+@attrs.frozen
+class UsageRow:
+    """What one tenant used in one hour of a group, read from the usage ledger (docs/usage.md).
+
+    ``hour`` counts hours since the epoch (UTC); ``start`` is its first second.
+
+    ``unit_seconds`` is the units × seconds held by the leases that *ended*
+    in that hour (released, or expired and purged), ``leases`` how many they
+    were. ``tokens_reserved`` is the estimates admitted leases charged on the
+    group's ``tokens`` meter; ``tokens_settled`` the actual amounts of their
+    first settlements (an unsettled lease keeps its estimate and adds
+    nothing here). ``refusals`` counts
+    refused requests by reason; ``shadow_refusals`` what shadow mode
+    admitted but enforcing would have refused, by reason.
+    """
+
+    group: str
+    tenant: str
+    hour: int
+    unit_seconds: float = 0.0
+    leases: int = 0
+    tokens_reserved: int = 0
+    tokens_settled: int = 0
+    refusals: Mapping[str, int] = attrs.field(factory=dict)
+    shadow_refusals: Mapping[str, int] = attrs.field(factory=dict)
+
+    @property
+    def start(self) -> float:
+        """The hour's start, epoch seconds."""
+        return self.hour * 3600.0
+
+    @property
+    def refused(self) -> int:
+        """Refusals of every reason."""
+        return sum(self.refusals.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for JSON."""
+        return {
+            "group": self.group,
+            "tenant": self.tenant,
+            "hour": self.hour,
+            "start": self.start,
+            "unit_seconds": self.unit_seconds,
+            "leases": self.leases,
+            "tokens_reserved": self.tokens_reserved,
+            "tokens_settled": self.tokens_settled,
+            "refusals": dict(sorted(self.refusals.items())),
+            "shadow_refusals": dict(sorted(self.shadow_refusals.items())),
+        }

@@ -11,7 +11,7 @@ the properties of docs/rates.md can be checked on it:
   written (a refused borrower still counts as contending), and nothing is
   charged. In shadow mode a refusing meter is charged as a borrow would be
   (ceiling and group buckets, down to the debt bound) and the request admitted.
-* an admitted lease keeps one ``rates.Reservation`` per meter it named;
+* an admitted lease keeps one ``settlement.Reservation`` per meter it named;
   ``settle`` charges ``actual - estimate`` once per reservation, whatever the
   order of settlements, retries and the lease's end; a lease that ended
   (released, expired, purged) keeps its estimate.
@@ -24,17 +24,8 @@ from collections.abc import Mapping
 import attrs
 
 from ratequota.policy import GroupPolicy, TenantPolicy
-from ratequota.rates import (
-    CONTEND_MS,
-    MeterBook,
-    MeterDecision,
-    Reservation,
-    Settlement,
-    decide,
-    settle,
-    settle_reservation,
-    share_limits,
-)
+from ratequota.rates import CONTEND_MS, MeterDecision, decide, share_limits
+from ratequota.settlement import MeterBook, Reservation, Settlement, settle, settle_reservation
 
 __all__ = ["MeteredGroup", "SettleRow"]
 

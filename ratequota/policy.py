@@ -70,6 +70,11 @@ def _int_at_least(field: str, value: object, low: int) -> int:
     return value
 
 
+#: How long an hour of the usage ledger is kept after it ends (docs/usage.md): 7 days,
+#: at most 366 days.
+DEFAULT_USAGE_RETENTION = 7 * 24 * 3600.0
+MAX_USAGE_RETENTION = 366 * 24 * 3600.0
+
 # --- Rate meters (docs/rates.md) -------------------------------------------------------------
 
 #: Largest rate, burst or debt a meter may name: 2**36 tokens (about 6.9e10). The meter
@@ -435,6 +440,14 @@ def _check_group(instance: GroupPolicy, _attr: object, _value: str) -> None:
             f"{who}: max_lease_ttl", f"must be within [1, {MAX_LEASE_TTL_LIMIT:g}] s, got {ttl}"
         )
     _flag(f"{who}: shadow", instance.shadow)
+    keep = instance.usage_retention
+    if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not math.isfinite(keep):
+        raise ConfigError(f"{who}: usage_retention", f"must be a number of seconds, got {keep!r}")
+    if not 0 <= keep <= MAX_USAGE_RETENTION:
+        raise ConfigError(
+            f"{who}: usage_retention",
+            f"must be within [0, {MAX_USAGE_RETENTION:g}] s (366 days), got {keep}",
+        )
     _check_group_meters(instance)
 
 
@@ -461,6 +474,8 @@ class GroupPolicy:
     ``TenantPolicy.shadow``): a way to roll out a policy and watch what it
     would refuse before it does.
     ``meters`` are its rate meters (docs/rates.md); none by default.
+    ``usage_retention``: how long each hour of the usage ledger is kept after
+    the hour ends, in seconds (docs/usage.md); 7 days by default.
     """
 
     name: str = attrs.field(validator=_check_group)
@@ -471,6 +486,7 @@ class GroupPolicy:
     max_lease_ttl: float = 3600.0
     shadow: bool = False
     meters: tuple[MeterPolicy, ...] = attrs.field(default=(), converter=_meter_tuple)
+    usage_retention: float = DEFAULT_USAGE_RETENTION
 
     def meter(self, name: str) -> MeterPolicy | None:
         """The group's meter called ``name``, if it declares one."""
@@ -512,6 +528,8 @@ class GroupPolicy:
             out["shadow"] = True
         if self.meters:
             out["meters"] = {m.name: m.to_dict() for m in self.meters}
+        if self.usage_retention != DEFAULT_USAGE_RETENTION:
+            out["usage_retention"] = self.usage_retention
         return out
 
 
@@ -611,6 +629,7 @@ class Policy:
                     "max_lease_ttl",
                     "shadow",
                     "meters",
+                    "usage_retention",
                 },
             )
             for required in ("name", "capacity"):
@@ -630,7 +649,7 @@ class Policy:
                     )
                 default_data = {"name": "*", **default_data}
                 extra["default_tenant"] = _tenant_from(f"{where}.default_tenant", default_data)
-            for key in ("unknown_tenants", "max_lease_ttl", "shadow"):
+            for key in ("unknown_tenants", "max_lease_ttl", "shadow", "usage_retention"):
                 if key in group_data:
                     extra[key] = group_data[key]
             if "meters" in group_data:

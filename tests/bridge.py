@@ -123,6 +123,10 @@ class AsyncBridge:
         """``await snapshot``."""
         return self.wait(self.client.snapshot(group, tenants))
 
+    def usage(self, group: str, **options: Any) -> Any:
+        """``await usage``."""
+        return self.wait(self.client.usage(group, **options))
+
     def explain(self, tenant: Any, units: Any = None, **options: Any) -> Any:
         """``await explain``."""
         return self.wait(self.client.explain(tenant, units, **options))

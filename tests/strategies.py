@@ -16,6 +16,7 @@ from ratequota.fairness import Claim
 from ratequota.policy import GroupPolicy, MeterPolicy, TenantMeter, TenantPolicy
 
 __all__ = [
+    "LEDGER_TTLS",
     "MAX_TENANTS",
     "allocation_cases",
     "borrow_limits",
@@ -24,6 +25,8 @@ __all__ = [
     "demand_for",
     "group_policies",
     "guarantee_splits",
+    "ledger_histories",
+    "ledger_steps",
     "lendables",
     "meter_groups",
     "meter_histories",
@@ -201,3 +204,36 @@ def meter_histories(
     """A group with a ``tokens`` meter and a history of requests against it."""
     policy = draw(meter_groups(min_tenants, max_tenants))
     return policy, draw(meter_steps(policy, max_steps))
+
+
+# -- the usage ledger (tests/test_ledger.py) ---------------------------------------------------
+
+#: Lease lifetimes of the ledger histories, ms: short ones expire between steps, long ones
+#: outlive several hours' steps only when renewed.
+LEDGER_TTLS = (1, 1_000, 60_000, 600_000, 1_800_000)
+
+#: One step of a ledger history (see ``ledger_histories``).
+ledger_steps = st.one_of(
+    st.tuples(
+        st.just("acquire"),
+        st.integers(0, 2),  # tenant
+        st.integers(1, 4),  # units
+        st.sampled_from(LEDGER_TTLS),
+        st.booleans(),  # shadow
+    ),
+    st.tuples(st.just("release"), st.integers(0, 50), st.booleans()),  # lease, right token
+    st.tuples(st.just("renew"), st.integers(0, 50), st.sampled_from(LEDGER_TTLS)),
+    st.tuples(st.just("release_many"), st.lists(st.integers(0, 50), min_size=1, max_size=4)),
+    st.tuples(st.just("replay"), st.integers(0, 50)),
+    st.tuples(
+        st.just("advance"),
+        st.one_of(st.integers(0, 2_000), st.integers(0, 2 * 3_600_000), st.just(-1)),
+    ),  # -1: to the next hour boundary exactly
+)
+
+
+def ledger_histories(max_size: int = 40) -> st.SearchStrategy[list[tuple[object, ...]]]:
+    """Histories of acquire (some in shadow mode), release (some fenced, many repeated or
+    late), renew, release_many (with duplicates), replayed acquires and time steps that
+    cross hour boundaries (some landing exactly on one)."""
+    return st.lists(ledger_steps, min_size=1, max_size=max_size)

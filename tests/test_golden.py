@@ -330,11 +330,14 @@ def test_every_header_parses_and_declares_the_group_keys() -> None:
         keys, argv, _ = parse_header(name, (folder / f"{name}.lua").read_text(encoding="utf-8"))
         assert argv, name
         # apply_policy also takes the previous layout's keys (tombstone, migration); the
-        # scripts that decide or settle rate meters take their contention sets.
+        # scripts that end, refuse or settle leases the usage ledger's two hours; those that
+        # decide or settle rate meters their contention sets.
         contention = len(KeySpace().group("g").contention)
         extra = len(KeySpace().previous_layout("g")) + contention if name == "apply_policy" else 0
+        if name in ("release", "release_many", "renew"):
+            extra = 2
         if name in ("acquire", "acquire_many", "settle"):
-            extra = contention
+            extra = 2 + contention
         assert len(keys) == group_keys + extra, name
 
 

@@ -23,6 +23,7 @@ from ratequota.clients.settings import Settings
 from ratequota.engine import protocol
 from ratequota.engine.batching import BatchPolicy
 from ratequota.engine.keys import KeySpace
+from ratequota.engine.ledger import HOUR_MS, ledger_keys
 from ratequota.engine.ops import LoadScript, ScriptCall
 from ratequota.engine.scripts import load_scripts
 from ratequota.errors import InvalidRequest, InvalidType
@@ -137,14 +138,22 @@ def test_a_plain_request_is_acquire_request_without_options() -> None:
             plain_request(settings, "a", units)  # type: ignore[arg-type]
 
 
-def test_script_keys_are_the_group_keys_built_once() -> None:
-    """The cached tuples hold the group's keys in the order every script takes them."""
-    keys = KS.group("g{1}")
-    assert KS.script_keys("g{1}") == tuple(keys.all)
-    assert KS.script_keys("g{1}", metered=True) == tuple(keys.metered)
-    assert KS.script_keys("g{1}") is KS.script_keys("g{1}")
+def test_lease_keys_are_built_once_per_group_and_hours() -> None:
+    """The cached tuple holds the group's keys then its two ledger hours, as the ledger names
+    them; a call in another hour names other hours; a bad group is still refused by name."""
+    at = 1_800_000_000_000
+
+    def call(now_ms: int) -> ScriptCall:
+        return protocol.release_call(KS, "g{1}", "id", tenant="a", token=1, purge=8, now_ms=now_ms)
+
+    first, again = call(at), call(at + 1)
+    expected = (*KS.group("g{1}").all, *ledger_keys(KS, "g{1}", at))
+    assert first.keys == expected and again.keys is first.keys
+    later = call(at + 3 * HOUR_MS)
+    assert later.keys[:6] == first.keys[:6] and later.keys[6:] != first.keys[6:]
+    assert later.keys[6:] == tuple(ledger_keys(KS, "g{1}", at + 3 * HOUR_MS))
     with pytest.raises(InvalidType):
-        KS.script_keys(7)  # type: ignore[arg-type]
+        protocol.release_call(KS, ["g"], "id", tenant="a", token=1, purge=8)  # type: ignore[arg-type]
 
 
 def test_a_remembered_shape_does_not_hide_a_wrong_one() -> None:

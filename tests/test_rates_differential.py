@@ -32,15 +32,17 @@ from ratequota.policy import GroupPolicy, MeterPolicy, TenantMeter, TenantPolicy
 from ratequota.rates import (
     CONTEND_MS,
     GroupBucket,
-    MeterBook,
     MeterDecision,
     MeterLimits,
-    Reservation,
-    Settlement,
     ShareLimits,
     TenantBuckets,
-    close_reservation,
     decide,
+)
+from ratequota.settlement import (
+    MeterBook,
+    Reservation,
+    Settlement,
+    close_reservation,
     settle,
     settle_reservation,
 )
@@ -184,7 +186,7 @@ class LuaMeters:
         delta: int,
         now: int,
     ) -> Settlement:
-        """``ratequota.rates.settle``, computed by Lua."""
+        """``ratequota.settlement.settle``, computed by Lua."""
         reply = self._call(
             "settle", *_limits_argv(meter, share), *_states_argv(group, tenant), path, delta, now
         )

@@ -7,7 +7,7 @@ admitted id, settlements above, at and below the estimate (replayed,
 conflicting, on a meter the lease did not reserve, with a wrong token, after
 release or expiry), releases, and clock steps from 0 ms to far beyond a full
 refill — are replayed through the scripts on fakeredis and on a real
-redis-server, and through ``MeteredGroup`` (built on ``rates.MeterBook``).
+redis-server, and through ``MeteredGroup`` (built on ``settlement.MeterBook``).
 After every step every field of the reply equals the reference's: the
 request's status, reason and retry, each meter's admission, reason, retry,
 remaining, reset and path, each settlement's outcome, delta and clipped

@@ -15,7 +15,7 @@ from ratequota.ratelimit_headers import (
     ratelimit_policy,
     retry_after,
 )
-from ratequota.rates import MeterBook
+from ratequota.settlement import MeterBook
 
 REQUESTS = MeterPolicy("requests", rate=10, burst=10)
 TOKENS = MeterPolicy("tokens", rate=6_000, burst=6_000, per="minute")

@@ -17,16 +17,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from ratequota.policy import GroupPolicy, MeterPolicy, TenantMeter, TenantPolicy
-from ratequota.rates import (
-    TICKS_PER_TOKEN,
-    MeterBook,
-    Reservation,
-    close_reservation,
-    decide,
-    group_at,
-    settle_reservation,
-    tenant_at,
-)
+from ratequota.rates import TICKS_PER_TOKEN, decide, group_at, tenant_at
+from ratequota.settlement import MeterBook, Reservation, close_reservation, settle_reservation
 from tests.strategies import MeterStep, meter_histories
 
 T = TICKS_PER_TOKEN

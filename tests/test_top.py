@@ -88,7 +88,9 @@ def _row(screen: str, tenant: str) -> list[str]:
 
 @pytest.mark.real_redis
 def test_top_refreshes_on_a_terminal_and_quits_on_q(real_redis: RedisServer) -> None:
-    """Frame 1 shows idle tenants at their limits; after a lease and a key, frame 2 shows it."""
+    """Frame 1 shows idle tenants at their limits, and no refusal rate yet; after a lease,
+    two refusals and a key, frame 2 shows the lease and web's refusals per second (from the
+    ledger: refused by another client, counted in Redis)."""
     admin = QuotaClient.from_url(real_redis.url)
     admin.apply_policy(POLICY)
     screen = Screen(
@@ -98,15 +100,20 @@ def test_top_refreshes_on_a_terminal_and_quits_on_q(real_redis: RedisServer) -> 
         first = screen.wait_for_frames(1)
         assert "group 'search': 0/24 units held (0%)" in first
         assert "group 'chat': 0/8 units held" in first
-        # tenant, held, guarantee, limit, borrowed, waiting
-        assert _row(first, "web") == ["web", "0", "12", "16", "0", "0"]
-        assert _row(first, "prod") == ["prod", "0", "8", "8", "0", "0"]
+        # tenant, held, guarantee, limit, borrowed, waiting, refused/s
+        assert _row(first, "web") == ["web", "0", "12", "16", "0", "0", "-"]
+        assert _row(first, "prod") == ["prod", "0", "8", "8", "0", "0", "-"]
         with admin.acquire("batch", 16, ttl=60):
+            for _ in range(2):  # 8 units are free: 9 is refused for the group's capacity
+                assert admin.try_acquire("web", 9).reason == "group_full"
             screen.press(b" ")
             second = screen.wait_for_frames(2)
         assert "group 'search': 16/24 units held (67%)" in second
-        assert _row(second, "batch") == ["batch", "16", "12", "16", "4", "0"]
-        assert _row(second, "web") == ["web", "0", "12", "12", "0", "0"]  # never below G
+        assert _row(second, "batch") == ["batch", "16", "12", "16", "4", "0", "0"]
+        web = _row(second, "web")
+        assert web[:6] == ["web", "0", "12", "12", "0", "0"]  # never below G
+        assert float(web[6]) > 0
+        assert _row(second, "prod")[6] == "0"
         assert max(len(line) for line in second.splitlines()) <= 100
         screen.press(b"q")
         assert screen.close() == 0
@@ -121,11 +128,14 @@ def test_top_refreshes_on_a_terminal_and_quits_on_q(real_redis: RedisServer) -> 
 def test_top_once_json_for_scripts(
     real_redis: RedisServer, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """--once --json prints exactly one JSON document; --group narrows it; --count N frames."""
+    """--once --json prints exactly one JSON document (refusals: this hour's counts by reason,
+    no rate without an earlier frame); --group narrows it; --count N frames (from the second,
+    a rate)."""
     admin = QuotaClient.from_url(real_redis.url)
     try:
         admin.apply_policy(POLICY)
         with admin.acquire("prod", 3, ttl=60):
+            assert admin.try_acquire("prod", 6).reason == "tenant_limit"
             assert cli.main(["top", "--redis", real_redis.url, "--once", "--json"]) == 0
             data = json.loads(capsys.readouterr().out)
             assert [g["group"] for g in data["groups"]] == ["search", "chat"]
@@ -137,12 +147,18 @@ def test_top_once_json_for_scripts(
                 "limit": 8.0,
                 "borrowed": 0,
                 "waiting": 0,
+                "refusals_per_s": None,
+                "refused_this_hour": {"tenant_limit": 1},
             }
+            assert chat["refusals_per_s"] is None
             args = ["top", "--redis", real_redis.url, "--group", "chat", "--json"]
             assert cli.main([*args, "--count", "2", "--interval", "0.01"]) == 0
             frames = capsys.readouterr().out.splitlines()
             assert len(frames) == 2
             assert all([g["group"] for g in json.loads(f)["groups"]] == ["chat"] for f in frames)
+            later = json.loads(frames[1])["groups"][0]
+            assert later["refusals_per_s"] == 0.0  # nothing refused between the frames
+            assert later["tenants"]["prod"]["refused_this_hour"] == {"tenant_limit": 1}
     finally:
         admin.close()
 

@@ -1,7 +1,7 @@
 """The ``ratequota`` argument parser and entry point.
 
 Each sub-command lives in a module of this package (``operator``, ``check``,
-``demo``) or, for ``simulate``, in the simulation package; each registers its
+``demo``, ``top``, ``usage``) or, for ``simulate``, in the simulation package; each registers its
 parser here through ``COMMANDS``. This module only dispatches and turns a
 ``RateQuotaError`` into one line on stderr and exit code 2.
 """
@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from importlib import metadata
 from typing import TYPE_CHECKING, Any
 
-from ratequota.cli import check, demo, operator, top
+from ratequota.cli import check, demo, operator, top, usage
 from ratequota.cli.backend import add_backend_options, client_from_args
 from ratequota.errors import RateQuotaError
 
@@ -70,6 +70,9 @@ COMMANDS: list[Callable[[SubParsers], None]] = [
     _operator_commands,
     _deployment_command(
         "top", "live view of groups: per tenant held, guarantee, limit, borrowed, waiting", top
+    ),
+    _deployment_command(
+        "usage", "per tenant and hour: unit-seconds held, leases, refusals (the ledger)", usage
     ),
     _deployment_command(
         "check",

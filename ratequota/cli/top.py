@@ -3,9 +3,17 @@
 Every refresh reads the published policy and one snapshot per group (a
 read-only script call each) and shows, per tenant: units held, guarantee,
 limit (the most it may hold now if it asks, ``ratequota.clients.explain.entitlement``),
-units borrowed above the guarantee, and units waiting. Refusals per second
-are not shown: the engine keeps no refusal counter in Redis, so no pod can
-see another pod's refusals (waiting units are the visible sign of refusals).
+units borrowed above the guarantee, units waiting, and refusals per second.
+
+Refusals come from the usage ledger (docs/usage.md), where the refusing
+script counts them per tenant, hour and reason, whichever pod refused: each
+refresh reads the last two hours of each group, and the rate is the growth
+of those counters since the previous refresh over the Redis time between the
+two snapshots (an hour boundary between refreshes loses nothing: each hour
+is compared with itself). The first frame has no earlier one: it shows
+``-``, and JSON gives ``null`` and, always, the counts of the current hour
+so far by reason (``refused_this_hour``), so ``--once --json`` reports
+cumulative counts and ``--count N`` rates between frames.
 
 No curses: on a terminal each refresh clears the screen with two ANSI codes
 and redraws (the tables drawn by ``rich`` when the ``cli`` extra is
@@ -19,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime as dt
 import os
 import select
 import shutil
@@ -42,7 +51,8 @@ from ratequota.cli.output import (
     terminal_console,
 )
 from ratequota.clients.sync import QuotaClient
-from ratequota.decision import GroupSnapshot
+from ratequota.decision import GroupSnapshot, UsageRow
+from ratequota.engine.ledger import HOUR_MS
 
 __all__ = [
     "GroupView",
@@ -60,14 +70,56 @@ CLEAR = "\x1b[H\x1b[2J"
 
 @attrs.frozen
 class GroupView:
-    """One group at one refresh: its snapshot and each tenant's limit."""
+    """One group at one refresh: its snapshot, each tenant's limit, and its refusals.
+
+    ``refused`` holds each tenant's refusal counts per ledger hour (the last two
+    hours), ``this_hour`` the current hour's by reason; ``rates`` the refusals
+    per second since ``previous`` (None for the first frame).
+    """
 
     snapshot: GroupSnapshot
     limits: dict[str, float]
+    refused: dict[str, dict[int, int]] = attrs.field(factory=dict)
+    this_hour: dict[str, dict[str, int]] = attrs.field(factory=dict)
+    rates: dict[str, float | None] = attrs.field(factory=dict)
+    group_rate: float | None = None
 
 
-def gather(client: QuotaClient, groups: Sequence[str] | None) -> list[GroupView]:
-    """One view per group (default: every published group), in the policy's order."""
+def _refusals(
+    rows: Sequence[UsageRow], hour: int
+) -> tuple[dict[str, dict[int, int]], dict[str, dict[str, int]]]:
+    by_hour: dict[str, dict[int, int]] = {}
+    current: dict[str, dict[str, int]] = {}
+    for row in rows:
+        by_hour.setdefault(row.tenant, {})[row.hour] = row.refused
+        if row.hour == hour and row.refusals:
+            current[row.tenant] = dict(sorted(row.refusals.items()))
+    return by_hour, current
+
+
+def _growth(now: dict[int, int], before: dict[int, int]) -> int:
+    """Refusals counted since ``before``: each hour compared with itself."""
+    return sum(max(0, n - before.get(hour, 0)) for hour, n in now.items())
+
+
+def _rates(
+    view: GroupView, previous: GroupView | None
+) -> tuple[dict[str, float | None], float | None]:
+    elapsed = 0.0 if previous is None else view.snapshot.now - previous.snapshot.now
+    names = set(view.snapshot.tenants) | set(view.refused)
+    if previous is None or elapsed <= 0:
+        return dict.fromkeys(names), None
+    grown = {t: _growth(view.refused.get(t, {}), previous.refused.get(t, {})) for t in names}
+    return {t: n / elapsed for t, n in grown.items()}, sum(grown.values()) / elapsed
+
+
+def gather(
+    client: QuotaClient,
+    groups: Sequence[str] | None,
+    previous: Sequence[GroupView] = (),
+) -> list[GroupView]:
+    """One view per group (default: every published group), in the policy's order; refusal
+    rates against ``previous`` (the last frame's views), when given."""
     policy = client.load_policy()
     if policy is None:
         raise CommandError(
@@ -75,13 +127,18 @@ def gather(client: QuotaClient, groups: Sequence[str] | None) -> list[GroupView]
             "with `ratequota policy apply FILE`"
         )
     names = list(groups) if groups else [g.name for g in policy.groups]
+    before = {v.snapshot.group: v for v in previous}
     views = []
     for name in names:
         group = policy.group(name)
         if group is None:
             raise CommandError(f"group {name!r} is not in the published policy")
         snap = client.snapshot(name, [t.name for t in group.tenants])
-        views.append(GroupView(snap, limits_of(snap, group)))
+        rows = client.usage(name, since=dt.timedelta(hours=1))
+        refused, this_hour = _refusals(rows, int(snap.now * 1000) // HOUR_MS)
+        view = GroupView(snap, limits_of(snap, group), refused, this_hour)
+        rates, total = _rates(view, before.get(name))
+        views.append(attrs.evolve(view, rates=rates, group_rate=total))
     return views
 
 
@@ -92,16 +149,22 @@ def _rows(view: GroupView) -> list[str]:
 
 
 #: The columns of a group's table.
-COLUMNS = ("tenant", "held", "guarantee", "limit", "borrowed", "waiting")
+COLUMNS = ("tenant", "held", "guarantee", "limit", "borrowed", "waiting", "refused/s")
 
 
-def _title(snap: GroupSnapshot) -> str:
+def _rate(value: float | None) -> str:
+    """A rate for the table: ``-`` before there is one."""
+    return "-" if value is None else number(value)
+
+
+def _title(view: GroupView) -> str:
+    snap = view.snapshot
     share = snap.used / snap.capacity if snap.capacity else 0.0
     waiting = sum(t.pending for t in snap.tenants.values())
     return (
         f"group {snap.group!r}: {snap.used}/{snap.capacity} units held ({share:.0%}), "
-        f"{plural(waiting, 'unit')} waiting, {plural(len(snap.tenants), 'tenant')}, "
-        f"policy v{snap.policy_version}"
+        f"{plural(waiting, 'unit')} waiting, {_rate(view.group_rate)} refused/s, "
+        f"{plural(len(snap.tenants), 'tenant')}, policy v{snap.policy_version}"
     )
 
 
@@ -116,6 +179,7 @@ def _cells(view: GroupView) -> list[tuple[str, ...]]:
             number(view.limits[name]),
             str(t.borrowed),
             str(t.pending),
+            _rate(view.rates.get(name)),
         )
         for name in _rows(view)
         for t in (snap.tenants[name],)
@@ -126,7 +190,7 @@ def _footer(views: Sequence[GroupView]) -> str:
     stamp = max((v.snapshot.now for v in views), default=time.time())
     return (
         f"at {time.strftime('%H:%M:%S', time.gmtime(stamp))} UTC (Redis time); limit: the most "
-        "a tenant may hold now if it asks"
+        "a tenant may hold now if it asks; refused/s: since the last refresh"
     )
 
 
@@ -135,12 +199,14 @@ def render(views: Sequence[GroupView], width: int = 100) -> str:
     lines: list[str] = []
     header = (
         f"{'tenant':24} {'held':>6} {'guarantee':>9} {'limit':>8} {'borrowed':>8} {'waiting':>7}"
+        f" {'refused/s':>9}"
     )
     for view in views:
-        lines += [_title(view.snapshot), header, "-" * len(header)]
-        for name, held, guarantee, limit, borrowed, waiting in _cells(view):
+        lines += [_title(view), header, "-" * len(header)]
+        for name, held, guarantee, limit, borrowed, waiting, refused in _cells(view):
             lines.append(
                 f"{name:24} {held:>6} {guarantee:>9} {limit:>8} {borrowed:>8} {waiting:>7}"
+                f" {refused:>9}"
             )
         lines.append("")
     lines.append(_footer(views))
@@ -155,7 +221,7 @@ def render_rich(views: Sequence[GroupView]) -> list[Any]:
     parts: list[Any] = []
     for view in views:
         table = rich_table(COLUMNS, _cells(view), numeric=COLUMNS[1:])
-        parts += [Text(_title(view.snapshot)), table, Text("")]
+        parts += [Text(_title(view)), table, Text("")]
     parts.append(Text(_footer(views)))
     return parts
 
@@ -170,6 +236,7 @@ def frame_to_dict(views: Sequence[GroupView]) -> dict[str, Any]:
                 "capacity": v.snapshot.capacity,
                 "held": v.snapshot.used,
                 "policy_version": v.snapshot.policy_version,
+                "refusals_per_s": v.group_rate,
                 "tenants": {
                     name: {
                         "held": t.used,
@@ -177,6 +244,8 @@ def frame_to_dict(views: Sequence[GroupView]) -> dict[str, Any]:
                         "limit": v.limits[name],
                         "borrowed": t.borrowed,
                         "waiting": t.pending,
+                        "refusals_per_s": v.rates.get(name),
+                        "refused_this_hour": v.this_hour.get(name, {}),
                     }
                     for name, t in v.snapshot.tenants.items()
                 },
@@ -249,8 +318,9 @@ def run(args: argparse.Namespace) -> int:
     console = terminal_console(out) if live else None
     with client_from_args(args) as client, _keys(sys.stdin) as fd:
         shown = 0
+        views: list[GroupView] = []
         while True:
-            views = gather(client, args.groups)
+            views = gather(client, args.groups, views)
             if args.json:
                 out.write(json_line(views) + "\n")
             elif console is not None:  # a terminal, and the cli extra: rich tables

@@ -44,6 +44,7 @@ from ratequota.clients.failure import log
 from ratequota.clients.metering import settle_flow
 from ratequota.clients.readiness import ReadinessReport
 from ratequota.clients.renewal import RenewerBase
+from ratequota.clients.usage import When, usage_flow
 from ratequota.decision import (
     Decision,
     GroupSnapshot,
@@ -51,6 +52,7 @@ from ratequota.decision import (
     MeterSettlement,
     ReleaseResult,
     RenewResult,
+    UsageRow,
 )
 from ratequota.engine.batching import BatchPolicy
 from ratequota.engine.ops import Batch, Compute, Flow, ScriptCall, Sleep, Spawn, pipeline_args
@@ -320,6 +322,12 @@ class AsyncQuotaClient(shell.ClientBase):
     async def snapshot(self, group: str, tenants: Iterable[str] = ()) -> GroupSnapshot:
         """Per-tenant used/limit/pending/borrowed and the group's totals, at one moment."""
         return await self._run(self.core.snapshot(group, tenants))
+
+    async def usage(
+        self, group: str, *, since: When | None = None, until: When | None = None
+    ) -> list[UsageRow]:
+        """What each tenant of ``group`` used, per hour (as ``QuotaClient.usage``)."""
+        return await self._run(usage_flow(self.core, group, since, until))
 
     async def explain(
         self, tenant: str, units: int | None = None, *, group: str | None = None

@@ -47,6 +47,7 @@ from ratequota.clients.requests import (
     meter_amounts,
 )
 from ratequota.clients.shell import RELEASE_ERRORS, AcquisitionBase, ClientBase, LeaseBase
+from ratequota.clients.usage import When, usage_flow
 from ratequota.decision import (
     Decision,
     GroupSnapshot,
@@ -54,6 +55,7 @@ from ratequota.decision import (
     MeterSettlement,
     ReleaseResult,
     RenewResult,
+    UsageRow,
 )
 from ratequota.engine.ops import (
     Batch,
@@ -315,6 +317,17 @@ class QuotaClient(ClientBase):
     def snapshot(self, group: str, tenants: Iterable[str] = ()) -> GroupSnapshot:
         """Per-tenant used/limit/pending/borrowed and the group's totals, at one moment."""
         return self._run(self.core.snapshot(group, tenants))
+
+    def usage(
+        self, group: str, *, since: When | None = None, until: When | None = None
+    ) -> list[UsageRow]:
+        """What each tenant of ``group`` used, per hour, from the usage ledger (docs/usage.md).
+
+        ``since`` / ``until``: epoch seconds, a datetime (naive: UTC) or a timedelta before
+        now; by default the last 24 hours. One row per tenant and hour with something
+        recorded: unit·seconds and leases of the leases that ended in it, refusals by reason.
+        """
+        return self._run(usage_flow(self.core, group, since, until))
 
     def explain(
         self, tenant: str, units: int | None = None, *, group: str | None = None

@@ -17,6 +17,8 @@ Layout for prefix ``rq`` and group ``g``::
     rq:v2:{g}:info     hash  "L<id>" -> "units:token:tenant", "P<id>" -> "units:seq:tenant"
     rq:v2:{g}:queue    zset  waiting requests per tenant in arrival order (lex-ordered members)
     rq:v2:{g}:fair     zset  breakpoints lo/w and up/w of the active tenants
+    rq:v2:{g}:led:<h>  hash  the usage ledger of hour h (ms // 3,600,000): "<tenant>|<counter>"
+                             (expires its group's retention after the hour ends)
     rq:v2:{g}:contend1..4  zset  rate meters: borrowers contending for the spare, by tag
     rq:v2:{catalog}:catalog  string  the whole policy as JSON, for routing tenants
 
@@ -112,12 +114,6 @@ def _group_keys(prefix: str, schema: int, group: str) -> GroupKeys:
     )
 
 
-@functools.lru_cache(maxsize=16384)
-def _script_keys(prefix: str, schema: int, group: str, metered: bool) -> tuple[str, ...]:
-    keys = _group_keys(prefix, schema, group)
-    return tuple(keys.metered if metered else keys.all)
-
-
 @attrs.frozen
 class KeySpace:
     """Builds key names for a prefix; one per client."""
@@ -131,15 +127,6 @@ class KeySpace:
             escape_tag(group)  # raises the ratequota error naming the field
         return _group_keys(self.prefix, self.schema, group)
 
-    def script_keys(self, group: str, *, metered: bool = False) -> tuple[str, ...]:
-        """KEYS of a group script (``GroupKeys.all``, or ``metered``), built once per group.
-
-        The same tuple on every call of the hot path: nothing to join, nothing to copy.
-        """
-        if not isinstance(group, str):
-            escape_tag(group)  # raises the ratequota error naming the field
-        return _script_keys(self.prefix, self.schema, group, metered)
-
     def previous_layout(self, group: str) -> list[str]:
         """The group's policy, demand, exp, info and queue keys in the layout of key schema 1.
 
@@ -148,6 +135,13 @@ class KeySpace:
         """
         base = f"{self.prefix}:v{PREVIOUS_SCHEMA}:{{{escape_tag(group)}}}:"
         return [base + name for name in ("policy", "demand", "exp", "info", "queue")]
+
+    def ledger(self, group: str, hour: int) -> str:
+        """The group's usage ledger hash of ``hour`` (ms since the epoch // 3,600,000).
+
+        Same hash tag as the group's other keys: the scripts that end leases write it.
+        """
+        return f"{self.group(group).policy[: -len('policy')]}led:{hour}"
 
     @property
     def catalog(self) -> str:

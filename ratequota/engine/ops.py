@@ -80,7 +80,7 @@ def _ascii(text: str) -> str | bytes:
 
 @functools.lru_cache(maxsize=16384)
 def _wire_keys(keys: tuple[str, ...]) -> tuple[str | bytes, ...]:
-    """A call's keys as sent: one tuple per group (``KeySpace.script_keys``)."""
+    """A call's keys as sent: one tuple per group and hour (``protocol._lease_keys``)."""
     return tuple(_ascii(key) for key in keys)
 
 

@@ -8,14 +8,17 @@ against the script's header as it is built. The replies are decoded by
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ratequota.decision import LeaseInfo
 from ratequota.engine.coalesce import merged_args
 from ratequota.engine.keys import KeySpace
+from ratequota.engine.ledger import ledger_hours
 from ratequota.engine.meterwire import encode_amounts, meters_field, shares_field
 from ratequota.engine.ops import Arg, ScriptCall
 from ratequota.engine.ops import script_call as _call
@@ -36,6 +39,32 @@ __all__ = [
 
 def _clock(now_ms: int | None) -> Arg:
     return "" if now_ms is None else now_ms
+
+
+def _lease_keys(
+    keyspace: KeySpace, group: str, now_ms: int | None, metered: bool = False
+) -> tuple[str, ...]:
+    """The group's keys, the two ledger hours (see ``ratequota.engine.ledger``) and, for a
+    call that names rate meters, their contention sets.
+
+    The hours are named from the pinned clock, else this machine's wall clock:
+    the script files under the hour of Redis time among the two, so a few
+    seconds of skew at an hour boundary cost nothing. The tuple is built once
+    per group, pair of hours and kind of call (every call of the hot path names them).
+    """
+    if not isinstance(group, str):
+        keyspace.group(group)  # raises the ratequota error naming the field
+    at_ms = now_ms if now_ms is not None else int(time.time() * 1000)
+    return _lease_keys_of(keyspace, group, ledger_hours(at_ms), metered)
+
+
+@functools.lru_cache(maxsize=16384)
+def _lease_keys_of(
+    keyspace: KeySpace, group: str, hours: tuple[int, int], metered: bool
+) -> tuple[str, ...]:
+    keys = keyspace.group(group)
+    ledger = [keyspace.ledger(group, hour) for hour in hours]
+    return (*keys.all, *ledger, *(keys.contention if metered else ()))
 
 
 def tenant_spec(tenant: TenantPolicy) -> str:
@@ -89,6 +118,7 @@ def apply_policy_call(
         "1" if migrate else "0",
         meters_field(group),
         shares_field(group, group.default_tenant) if metered else "",
+        round(group.usage_retention * 1000),
         *triples,
     ]
     group_keys = keyspace.group(group.name)
@@ -131,7 +161,7 @@ def acquire_call(
         "1" if shadow else "0",
         encode_amounts(meters) if meters else "",
     )
-    return _call("acquire", group, keyspace.script_keys(group, metered=bool(meters)), args)
+    return _call("acquire", group, _lease_keys(keyspace, group, now_ms, bool(meters)), args)
 
 
 # -- release / renew ---------------------------------------------------------
@@ -152,7 +182,7 @@ def release_call(
     ``token`` 0 withdraws a waiting request (which has no token yet).
     """
     args = ("" if now_ms is None else now_ms, keyspace.schema, lease_id, purge, tenant, str(token))
-    return _call("release", group, keyspace.script_keys(group), args)
+    return _call("release", group, _lease_keys(keyspace, group, now_ms), args)
 
 
 def renew_call(
@@ -175,7 +205,7 @@ def renew_call(
         str(lease.token),
         round(lease.expires_at * 1000),
     ]
-    return _call("renew", lease.group, keyspace.script_keys(lease.group), args)
+    return _call("renew", lease.group, _lease_keys(keyspace, lease.group, now_ms), args)
 
 
 def settle_call(
@@ -194,7 +224,7 @@ def settle_call(
         str(lease.token),
         encode_amounts(actuals),
     ]
-    return _call("settle", lease.group, keyspace.group(lease.group).metered, args)
+    return _call("settle", lease.group, _lease_keys(keyspace, lease.group, now_ms, True), args)
 
 
 # -- snapshot ----------------------------------------------------------------
@@ -245,9 +275,10 @@ def acquire_many_call(
         )
         for request in requests
     ]
-    keys = keyspace.group(group)
-    metered = any(len(call.keys) > len(keys.all) for call in calls)
-    return _call("acquire_many", group, keys.metered if metered else keys.all, merged_args(calls))
+    metered = any(len(call.keys) > call.script.required_keys for call in calls)
+    return _call(
+        "acquire_many", group, _lease_keys(keyspace, group, now_ms, metered), merged_args(calls)
+    )
 
 
 def release_many_call(
@@ -265,4 +296,4 @@ def release_many_call(
         )
         for lease_id, tenant, token in leases
     ]
-    return _call("release_many", group, keyspace.group(group).all, merged_args(calls))
+    return _call("release_many", group, _lease_keys(keyspace, group, now_ms), merged_args(calls))

@@ -5,11 +5,12 @@ Each script in ``lua/`` begins with a header naming its KEYS, ARGV and reply;
 can check every call against it. The library files hold what the scripts
 share, each one idea: ``_fair.lua`` the rule alone (pure, mirrors
 ``ratequota.fairness``), ``_codec.lua`` how values are written in the keys,
-``_state.lua`` the incremental group state, ``_meters.lua`` the rate-meter
-arithmetic (pure, mirrors ``ratequota.rates``), ``_metered.lua`` the meters
-kept in a group's keys, ``_lib.lua`` the lease operations. Redis has no
-``require``, so they are prepended to each script here, once, in that order,
-and the SHA1 is that of the combined text.
+``_ledger.lua`` the usage ledger, ``_state.lua`` the incremental group
+state, ``_meters.lua`` the rate-meter arithmetic (pure, mirrors
+``ratequota.rates``), ``_metered.lua`` the meters kept in a group's keys,
+``_lib.lua`` the lease operations. Redis has no ``require``, so they are
+prepended to each script here, once, in that order, and the SHA1 is that of
+the combined text.
 
 In a wheel the scripts live in ``ratequota/lua`` (hatch copies the top-level
 ``lua/`` there); in a source checkout or an editable install they are read
@@ -41,7 +42,7 @@ SCRIPT_NAMES = (
 )
 
 #: Library files prepended to every script, in dependency order.
-LIBRARY = ("_fair", "_codec", "_state", "_meters", "_metered", "_lib")
+LIBRARY = ("_fair", "_codec", "_ledger", "_state", "_meters", "_metered", "_lib")
 _KEY_LINE = re.compile(r"^-- KEYS\[(\d+)\]\s+(\w+)")
 _ARG_LINE = re.compile(r"^-- ARGV\[(\d+)(\.\.)?\]\s+(\S+)")
 
@@ -136,6 +137,13 @@ def parse_header(name: str, text: str) -> tuple[tuple[str, ...], tuple[str, ...]
 
 _DEFINITION = re.compile(r"^local (?:function )?([A-Za-z_]\w*)")
 _NAME = re.compile(r"[A-Za-z_]\w*")
+# A Lua comment to the end of its line (the scripts hold no "--" inside a string).
+_COMMENT = re.compile(r"--.*$", re.MULTILINE)
+
+
+def _names(text: str) -> list[str]:
+    """The identifiers ``text`` uses in code: a name in a comment links nothing."""
+    return _NAME.findall(_COMMENT.sub("", text))
 
 
 def library_parts(text: str) -> list[tuple[str, str]]:
@@ -171,12 +179,12 @@ def link(parts: list[tuple[str, str]], body: str) -> str:
     """
     defined = dict(parts)
     wanted: set[str] = set()
-    todo = [n for n in _NAME.findall(body) if n in defined]
+    todo = [n for n in _names(body) if n in defined]
     while todo:
         name = todo.pop()
         if name not in wanted:
             wanted.add(name)
-            todo.extend(n for n in _NAME.findall(defined[name]) if n in defined)
+            todo.extend(n for n in _names(defined[name]) if n in defined)
     return "\n".join(source for name, source in parts if name in wanted)
 
 

@@ -135,7 +135,8 @@ def run(args: argparse.Namespace, make_client: ClientFactory) -> int:
         if args.json:
             pass  # stdout carries the JSON document alone
         elif drawn:
-            print(f"\npicture of units held per tenant over time: {path}")
+            tokens = " and tokens/s" if result.report.tokens else ""
+            print(f"\npicture of units held{tokens} per tenant over time: {path}")
         else:
             print(
                 "\nno picture drawn: a PNG needs matplotlib (`pip install 'ratequota[plot]'`); "

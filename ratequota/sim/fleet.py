@@ -37,6 +37,7 @@ from ratequota.errors import AcquireTimeout, RateQuotaError
 from ratequota.observe import Observer
 from ratequota.sim.embedded import compile_once, fake_servers
 from ratequota.sim.measure import Request
+from ratequota.sim.metering import Batch, DecisionTap, MeterRefusal, estimates, settle_batch
 from ratequota.sim.scenario import Scenario, TenantLoad
 from ratequota.sim.stats import (
     Interval,
@@ -46,6 +47,12 @@ from ratequota.sim.stats import (
     build_report,
 )
 from ratequota.sim.timing import CountingBackend, DrivenTime, PodClock, WallTime
+from ratequota.sim.tokens import (
+    group_tokens,
+    settlement_totals,
+    token_problems,
+    token_reports,
+)
 
 __all__ = [
     "CountingBackend",
@@ -67,6 +74,8 @@ class Recorder:
     intervals: list[Interval] = attrs.Factory(list)
     outcomes: list[Outcome] = attrs.Factory(list)
     requests: list[Request] = attrs.Factory(list)
+    batches: list[Batch] = attrs.Factory(list)
+    refusals: list[MeterRefusal] = attrs.Factory(list)
     lost: int = 0
     errors: list[str] = attrs.Factory(list)
 
@@ -79,6 +88,7 @@ class RunResult:
     intervals: tuple[Interval, ...]
     samples: tuple[Sample, ...]
     requests: tuple[Request, ...] = ()
+    batches: tuple[Batch, ...] = ()
 
 
 def _worker(
@@ -114,6 +124,8 @@ def _serve(
     rng = random.Random(f"{scenario.seed}:{load.tenant}:{index}")
     traffic = load.traffic
     clock = client.core.clock
+    tap = client.core.attempt if isinstance(client.core.attempt, DecisionTap) else None
+    amounts = estimates(scenario, load)
     stop = timebase.stop
     count = 0
     while not stop.is_set() and timebase.now() < scenario.duration:
@@ -130,6 +142,8 @@ def _serve(
         refusals: list[float] = []
         if isinstance(clock, PodClock):
             clock.watch(refusals)
+        if tap is not None:
+            tap.watch(load.tenant, record.refusals)
         count += 1
         # Driven runs name their requests, so the same run makes the same keys.
         request_id = f"sim-{load.tenant}-{index}-{count}" if timebase.driven else None
@@ -141,6 +155,7 @@ def _serve(
                 ttl=scenario.lease_ttl,
                 timeout=timeout,
                 request_id=request_id,
+                meters=amounts or None,
             )
             lease = acquisition.__enter__()
         except AcquireTimeout:
@@ -160,9 +175,18 @@ def _serve(
         finally:
             if isinstance(clock, PodClock):
                 clock.watch(None)
+            if tap is not None:
+                tap.watch(load.tenant, None)
         got = timebase.now()
         record.outcomes.append(Outcome(load.tenant, asked, got - asked, True))
         timebase.wait(traffic.hold * rng.uniform(0.5, 1.5))
+        if traffic.tokens:
+            batch, error = settle_batch(
+                lease, load, got, traffic.actual_tokens(rng.random()), timebase.now
+            )
+            record.batches.append(batch)
+            if error is not None:
+                record.errors.append(error)
         end = timebase.now()
         try:
             lease.release()
@@ -175,6 +199,15 @@ def _serve(
             record.requests.append(
                 Request(load.tenant, load.group, traffic.units, asked, end, got, tuple(refusals))
             )
+
+
+def _in_shadow(scenario: Scenario) -> set[str]:
+    """Groups shadow mode may take above their meters (the group or a tenant is in it)."""
+    return {
+        g.name
+        for g in scenario.policy.groups
+        if g.shadow or g.default_tenant.shadow or any(t.shadow for t in g.tenants)
+    }
 
 
 def _sample(client: QuotaClient, scenario: Scenario, at: float) -> list[Sample]:
@@ -242,6 +275,8 @@ def run_scenario(
                 client.renewer.background = False
             if observer is not None:
                 client.core.observer = observer
+            # Every refused try of a waiting acquire is counted by meter (sim.tokens).
+            client.core.attempt = DecisionTap(client.core.attempt, timebase.now)  # type: ignore[method-assign]
             clients.append(client)
         # Every script loaded first, so no call meets NOSCRIPT (a driven run then makes the
         # same calls whether or not the server has seen the scripts before).
@@ -352,6 +387,22 @@ def _play(
         pending_ttl=sampler.core.settings.pending_ttl,
         bin_width=max(0.1, scenario.duration / 150),
     )
+    batches = [b for r in recorders for b in r.batches]
+    if any(g.meter("tokens") is not None for g in scenario.policy.groups):
+        refusals = [m for r in recorders for m in r.refusals]
+        totals = settlement_totals(b for b in batches if b.start < elapsed)
+        tokens = token_reports(scenario, batches, refusals, until=elapsed)
+        groups = group_tokens(scenario, batches, until=elapsed)
+        report = attrs.evolve(
+            report,
+            tokens=tokens,
+            token_groups=groups,
+            settlement=totals,
+            problems=(
+                *report.problems,
+                *token_problems(tokens, groups, totals, exempt=_in_shadow(scenario)),
+            ),
+        )
     errors = [e for r in recorders for e in r.errors]
     problems = list(report.problems)
     if stuck:
@@ -360,4 +411,4 @@ def _play(
         problems.append(f"{len(errors)} unexpected errors, the first: {errors[0]}")
     if problems != list(report.problems):
         report = attrs.evolve(report, problems=tuple(problems))
-    return RunResult(report, tuple(intervals), tuple(samples), tuple(requests))
+    return RunResult(report, tuple(intervals), tuple(samples), tuple(requests), tuple(batches))

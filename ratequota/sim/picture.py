@@ -12,6 +12,7 @@ from pathlib import Path
 from ratequota.sim.fleet import RunResult
 from ratequota.sim.scenario import Scenario
 from ratequota.sim.stats import binned_average, step_function
+from ratequota.sim.tokens import token_series
 
 __all__ = ["plot_timeline"]
 
@@ -25,8 +26,9 @@ def plot_timeline(result: RunResult, scenario: Scenario, path: Path) -> bool:
     guarantee and weight in the legend. Guarantees are dotted lines labelled
     at the right edge with every tenant that has that guarantee, so tenants
     with equal guarantees are told apart. The group's total is a grey area,
-    the capacity a dashed black line. False when a PNG is asked for and
-    matplotlib is missing.
+    the capacity a dashed black line. A group metering tokens gets a second
+    panel: each tenant's tokens/s against its guaranteed rate (dotted) and
+    its ceil (dashed). False when a PNG is asked for and matplotlib is missing.
     """
     if path.suffix.lower() == ".svg":
         from ratequota.sim.svg import timeline
@@ -44,9 +46,25 @@ def plot_timeline(result: RunResult, scenario: Scenario, path: Path) -> bool:
     width = max(0.1, until / 150)
     gaps = {t.tenant: t.gap for t in result.report.tenants if t.gap is not None}
     groups = [g for g in scenario.policy.groups if scenario.group_loads(g.name)]
-    fig, axes = plt.subplots(
-        len(groups), 1, figsize=(11, 3.2 * len(groups)), sharex=True, squeeze=False
-    )
+    metered = token_series(result, scenario, until)
+    rows = len(groups) + len(metered)
+    fig, axes = plt.subplots(rows, 1, figsize=(11, 3.2 * rows), sharex=True, squeeze=False)
+    for ax, (group, bin_width, rated, series) in zip(axes[len(groups) :, 0], metered, strict=False):
+        ax.fill_between(rated[0], rated[1], color="0.9", label="group total", step="mid")
+        for tenant in series:
+            line = ax.plot(tenant.times, tenant.rates, label=tenant.tenant, linewidth=1.4)[0]
+            ax.axhline(tenant.rate, color=line.get_color(), linestyle=":", linewidth=1)
+            ax.axhline(tenant.ceil, color=line.get_color(), linestyle="--", linewidth=0.8)
+        rate = series[0].group_rate if series else 0.0
+        ax.axhline(rate, color="black", linestyle="--", linewidth=0.8, label="group rate")
+        ax.set_title(
+            f"group {group.name}: tokens/s over {bin_width:.2f} s bins; solid: used, dotted: "
+            "guaranteed rate, dashed: ceil",
+            fontsize=9,
+        )
+        ax.set_ylabel("tokens/s")
+        ax.set_ylim(0, rate * 1.3)
+        ax.legend(loc="upper left", fontsize=7, ncol=4, frameon=False)
     for ax, group in zip(axes[:, 0], groups, strict=False):
         mine = [iv for iv in result.intervals if iv.group == group.name]
         times, total = binned_average(step_function(mine), until, width)

@@ -56,6 +56,63 @@ def _render_gaps(report: Report) -> list[str]:
         "longest stretch of"
     )
     out.append("reclaim lag / its bound, the group's longest batch (leases are never preempted).")
+    if report.tokens:
+        out.append(
+            "owed counts units only: in a group with rate meters, a batch a meter held back "
+            "lands in unexpl. (see the"
+        )
+        out.append("refused tries by meter below).")
+    return out
+
+
+def _render_tokens(report: Report) -> list[str]:
+    """The token meters' table: tokens/s against rate and ceil, refusals, settlement."""
+    if not report.tokens:
+        return []
+    out = ["", f"tokens/s over the run (T = {report.duration:.1f} s):"]
+    header = (
+        f"{'group':8} {'tenant':10} {'rate':>7} {'ceil':>7} {'asked':>8} {'used':>8} "
+        f"{'used/ask':>8} {'charged':>8} {'bound':>8} {'batches':>7}  refused tries by meter:reason"
+    )
+    out += [header, "-" * len(header)]
+    for t in report.tokens:
+        refused = ", ".join(f"{why} {n}" for why, n in t.reasons.items()) or "-"
+        ratio = t.used / t.asked if t.asked > 0 else math.nan
+        out.append(
+            f"{t.group:8} {t.tenant:10} {t.rate:7.0f} {t.ceil:7.0f} {t.asked:8.0f} "
+            f"{t.used:8.0f} {_num(ratio, '.2f'):>8} {t.charged:8.0f} {t.bound:8.0f} "
+            f"{t.batches:7d}  {refused}"
+        )
+    for g in report.token_groups:
+        out.append(
+            f"{g.group:8} {'(group)':10} {g.rate:7.0f} {'':>7} {'':>8} {g.used:8.0f} {'':>8} "
+            f"{g.charged:8.0f} {g.bound:8.0f}"
+        )
+    out.append(
+        "asked: closed-loop demand (active slots x mean tokens of a batch / mean batch time); "
+        "used: settled"
+    )
+    out.append(
+        "actuals (the estimate where never settled) / T; charged: used less what the debt bound "
+        "forgave; bound: ceil (group:"
+    )
+    out.append(
+        "rate) + (burst + debt)/T, the most the meters let through in T s. A tenant asking "
+        "within its rate"
+    )
+    out.append(
+        "gets used/ask near 1: short of it only by the run's own randomness (batch times and "
+        "actuals are drawn)"
+    )
+    out.append("and the round trips of each batch; refusals: every refused try of an acquire.")
+    totals = report.settlement
+    if totals is not None:
+        out.append(
+            f"settlement: reserved {totals.reserved:,} - refunds {totals.refunds:,} + debts "
+            f"{totals.debts:,} = settled {totals.settled:,} + kept {totals.kept:,} "
+            f"({totals.batches} batches; {'adds up' if totals.adds_up else 'DOES NOT ADD UP'}"
+            f"; forgiven by the debt bound {totals.forgiven:,.0f})"
+        )
     return out
 
 
@@ -106,6 +163,22 @@ def report_to_dict(report: Report) -> dict[str, object]:
         "problems": list(report.problems),
         "safe": report.safe,
     }
+    if report.tokens:
+        data["tokens"] = [
+            {
+                **attrs.asdict(t),
+                "refusals": dict(t.refusals),
+                "reasons": dict(t.reasons),
+                "within_rate": t.within_rate,
+            }
+            for t in report.tokens
+        ]
+        data["token_groups"] = [attrs.asdict(g) for g in report.token_groups]
+    if report.settlement is not None:
+        data["settlement"] = {
+            **attrs.asdict(report.settlement),
+            "adds_up": report.settlement.adds_up,
+        }
     return clean(data)  # type: ignore[return-value]
 
 
@@ -149,6 +222,7 @@ def render_report(report: Report) -> str:
         "took to hold its guarantee again."
     )
     out += _render_gaps(report)
+    out += _render_tokens(report)
     out.append("")
     gheader = f"{'group':8} {'C':>4} {'peak':>5} {'util':>6} {'util/asked':>10} {'Jain':>6}"
     out.append(gheader)

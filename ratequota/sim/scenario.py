@@ -7,6 +7,14 @@ each runs. Traffic is closed-loop: a tenant with concurrency 6 keeps six
 requests outstanding (waiting or running) while it is active, like a batch
 client with six workers.
 
+A group may declare rate meters (``[groups.meters.tokens]``, parsed by the
+policy as in a policy file). A tenant's ``tokens`` is then the estimate of
+every batch: its pods acquire with ``tokens=estimate`` (and ``requests=1``
+when the group meters requests), and settle, when the batch ends, at what it
+really used: the estimate times a factor drawn uniformly (seeded) from
+``actual = [low, high]`` — ``[0.5, 1.5]`` is an estimator that runs high and
+low in turn.
+
 Three patterns cover what a region sees:
 
 * ``steady`` — ``concurrency`` requests in flight for the whole run;
@@ -35,7 +43,7 @@ from typing import Any, Literal
 import attrs
 
 from ratequota.errors import ConfigError
-from ratequota.policy import GroupPolicy, Policy, TenantPolicy
+from ratequota.policy import GroupPolicy, Policy, TenantMeter, TenantPolicy
 from ratequota.tomlpos import load_toml
 
 if sys.version_info >= (3, 11):
@@ -97,6 +105,17 @@ def _check_traffic(instance: Traffic, _attr: attrs.Attribute[str], _value: str) 
     _number("stop", instance.stop, low=0, high=1)
     if instance.stop <= instance.start:
         raise ConfigError("stop", "must be after start")
+    _count("tokens", instance.tokens, low=0)
+    if not isinstance(instance.actual, tuple) or len(instance.actual) != 2:
+        raise ConfigError("actual", f"must be [low, high], got {instance.actual!r}")
+    low = _number("actual", instance.actual[0], low=0, high=100)
+    if _number("actual", instance.actual[1], low=0, high=100) < low:
+        raise ConfigError("actual", f"[low, high] needs high >= low, got {list(instance.actual)}")
+
+
+def _pair(value: object) -> object:
+    """A TOML array ``[low, high]`` as a tuple (anything else is left for the validator)."""
+    return tuple(value) if isinstance(value, list) else value
 
 
 @attrs.frozen
@@ -114,6 +133,18 @@ class Traffic:
     idle_until: float = 0.6
     start: float = 0.0
     stop: float = 1.0
+    tokens: int = 0
+    actual: tuple[float, float] = attrs.field(default=(1.0, 1.0), converter=_pair)
+
+    def actual_tokens(self, draw: float) -> int:
+        """Tokens a batch really used, for ``draw`` uniform in [0, 1): the estimate scaled
+        by a factor between ``actual[0]`` and ``actual[1]``, so estimates run high and low."""
+        low, high = self.actual
+        return round(self.tokens * (low + (high - low) * draw))
+
+    def mean_tokens(self) -> float:
+        """The mean tokens a batch really uses."""
+        return self.tokens * (self.actual[0] + self.actual[1]) / 2
 
     def concurrency_at(self, fraction: float) -> int:
         """Requests the tenant wants in flight at ``fraction`` (0..1) of the run."""
@@ -197,11 +228,29 @@ def _check_scenario(instance: Scenario, _attr: attrs.Attribute[str], _value: str
                 f"tenant {load.tenant!r}: traffic.units",
                 f"{load.traffic.units} units can never be admitted (at most {largest:g})",
             )
+        if load.traffic.tokens:
+            _check_tokens(group, load)
         if load.traffic.hold >= instance.lease_ttl:
             raise ConfigError(
                 f"tenant {load.tenant!r}: traffic.hold",
                 f"must be shorter than simulation.lease_ttl ({instance.lease_ttl:g} s)",
             )
+
+
+def _check_tokens(group: GroupPolicy, load: TenantLoad) -> None:
+    """A token estimate needs a ``tokens`` meter in the group, and must fit its buckets."""
+    field = f"tenant {load.tenant!r}: traffic.tokens"
+    spec = group.meter("tokens")
+    if spec is None:
+        raise ConfigError(field, f"group {group.name!r} declares no tokens meter")
+    policy = group.tenant(load.tenant)
+    assert policy is not None
+    share = (policy.meter("tokens") or TenantMeter("tokens")).resolved(spec)
+    assert share.cburst is not None
+    if load.traffic.tokens > share.cburst:
+        raise ConfigError(
+            field, f"{load.traffic.tokens} can never be admitted (its cburst is {share.cburst})"
+        )
 
 
 @attrs.frozen

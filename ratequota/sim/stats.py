@@ -44,6 +44,7 @@ from ratequota.sim.series import (
     reclaim_time,
     step_function,
 )
+from ratequota.sim.tokens import GroupTokens, SettlementTotals, TokenReport
 
 __all__ = [
     "GroupReport",
@@ -157,6 +158,10 @@ class Report:
     problems: tuple[str, ...]
     pending_ttl: float = 2.0
     round_trip: float = math.nan
+    #: Token meters (``ratequota.sim.tokens``): per tenant and group, and the settlement.
+    tokens: tuple[TokenReport, ...] = ()
+    token_groups: tuple[GroupTokens, ...] = ()
+    settlement: SettlementTotals | None = None
 
     @property
     def max_over_admission(self) -> int:

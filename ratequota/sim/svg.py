@@ -57,6 +57,9 @@ class Line:
     values: Sequence[float]
     guarantee: float = 0.0
     owed: Sequence[float] = ()
+    #: A second reference line (a token meter's ceil; 0: none), and the names of both.
+    ceil: float = 0.0
+    marks: tuple[str, str] = ("G", "ceil")
 
 
 @attrs.frozen
@@ -68,6 +71,7 @@ class Panel:
     until: float
     total: Line
     lines: Sequence[Line]
+    limit_name: str = "capacity"
 
 
 def _ticks(top: float, count: int = 5) -> list[float]:
@@ -124,7 +128,7 @@ def _panel(panel: Panel, y0: float) -> list[str]:
         f'<line x1="{LEFT}" x2="{LEFT + plot_w}" y1="{y(panel.capacity):.1f}" '
         f'y2="{y(panel.capacity):.1f}" class="capacity"/>'
         f'<text x="{LEFT + plot_w + 6}" y="{y(panel.capacity) + 4:.1f}" class="note">'
-        f"capacity {_label(panel.capacity)}</text>"
+        f"{escape(panel.limit_name)} {_label(panel.capacity)}</text>"
     )
     # Guarantee labels sit at the right edge; equal guarantees are stacked, never overlaid.
     placed: dict[float, int] = {}
@@ -139,7 +143,17 @@ def _panel(panel: Panel, y0: float) -> list[str]:
                 f'<line x1="{LEFT}" x2="{LEFT + plot_w}" y1="{gy:.1f}" y2="{gy:.1f}" '
                 f'stroke="{colour}" stroke-dasharray="{dash}" class="guarantee"/>'
                 f'<text x="{LEFT + plot_w + 6}" y="{gy + 4 + 12 * row:.1f}" fill="{colour}" '
-                f'class="note">G {_label(line.guarantee)}: {escape(line.name)}</text>'
+                f'class="note">{escape(line.marks[0])} {_label(line.guarantee)}: '
+                f"{escape(line.name)}</text>"
+            )
+        if line.ceil > 0:
+            cy = y(line.ceil)
+            out.append(
+                f'<line x1="{LEFT}" x2="{LEFT + plot_w}" y1="{cy:.1f}" y2="{cy:.1f}" '
+                f'stroke="{colour}" stroke-dasharray="8,3" class="guarantee"/>'
+                f'<text x="{LEFT + plot_w + 6}" y="{cy - 4:.1f}" fill="{colour}" '
+                f'class="note">{escape(line.marks[1])} {_label(line.ceil)}: '
+                f"{escape(line.name)}</text>"
             )
         if line.owed:
             owed = [(x(t), y(v)) for t, v in zip(line.times, line.owed, strict=True)]
@@ -239,8 +253,34 @@ def timeline(result: RunResult, scenario: Scenario) -> str:
                 lines,
             )
         )
+    panels += token_panels(result, scenario, until)
     return render(
         panels,
         f"ratequota simulate: {scenario.name}, {scenario.pods} pods",
         f"seconds (units averaged over {width:.2f} s bins)",
     )
+
+
+def token_panels(result: RunResult, scenario: Scenario, until: float) -> list[Panel]:
+    """One panel per group metering tokens: each tenant's tokens/s (used, spread over its
+    batches) against its guaranteed rate (dotted) and its ceil (dashed); the group's
+    total as the grey area, its rate as the black dashed line."""
+    from ratequota.sim.tokens import token_series
+
+    panels = []
+    for group, width, total, lines in token_series(result, scenario, until):
+        panels.append(
+            Panel(
+                f"group {group.name}: tokens/s over {width:.2f} s bins; solid: used, "
+                "dotted: guaranteed rate, dashed: ceil",
+                lines[0].group_rate if lines else 0.0,
+                until,
+                Line("group total", total[0], total[1]),
+                [
+                    Line(t.tenant, t.times, t.rates, t.rate, ceil=t.ceil, marks=("rate", "ceil"))
+                    for t in lines
+                ],
+                limit_name="group rate",
+            )
+        )
+    return panels

@@ -115,3 +115,21 @@ def explain_usage(quota: QuotaClient) -> None:
     why: ratequota.Explanation = quota.explain("a", units=2)
     text: str = why.describe()
     del text
+
+
+def ledger_usage(quota: QuotaClient) -> None:
+    """What each tenant used, per hour, from the usage ledger."""
+    import datetime as dt
+
+    rows: list[ratequota.UsageRow] = quota.usage("g", since=dt.timedelta(hours=24))
+    for row in rows:
+        held: float = row.unit_seconds
+        refused: dict[str, int] = dict(row.refusals)
+        del held, refused
+    quota.usage("g", since=1_800_000_000.0, until=dt.datetime.now(dt.timezone.utc))
+
+
+async def async_ledger_usage(quota: ratequota.AsyncQuotaClient) -> None:
+    """The same, awaited."""
+    rows: list[ratequota.UsageRow] = await quota.usage("g")
+    del rows
