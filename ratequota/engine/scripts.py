@@ -77,13 +77,15 @@ class ScriptSpec:
         """Raise ``AssertionError`` if a call does not match the header (a bug, not bad input).
 
         Every call is checked; a shape already found right is remembered (it is
-        checked on every encode of the hot path).
+        checked on every encode of the hot path). Variadic scripts take any
+        number of arguments, so theirs are checked afresh (the memory stays bounded).
         """
         shape = (self.sha, self.keys, self.argv, n_keys, n_args)
         if shape in _CHECKED:
             return
         self._check_call(n_keys, n_args)
-        _CHECKED.add(shape)
+        if not self.variadic:
+            _CHECKED.add(shape)
 
     def _check_call(self, n_keys: int, n_args: int) -> None:
         if n_keys not in (len(self.keys), self.required_keys):
