@@ -55,7 +55,7 @@ from ratequota.decision import (
     UsageRow,
 )
 from ratequota.engine.batching import BatchPolicy
-from ratequota.engine.ops import Batch, Compute, Flow, Sleep, Spawn, pipeline_args
+from ratequota.engine.ops import Batch, Compute, Flow, ScriptCall, Sleep, Spawn, pipeline_args
 from ratequota.errors import InvalidType
 from ratequota.policy import Policy
 
@@ -214,6 +214,8 @@ class AsyncQuotaClient(shell.ClientBase):
         return run.result()
 
     async def _perform(self, op: Any) -> Any:
+        if type(op) is ScriptCall:  # the hot path: one call, through the shard's batcher
+            return await self._batcher(op.route, self.backend.connection(op.route)).submit(op)
         if isinstance(op, Sleep):
             return await self.core.clock.asleep(op.seconds)
         if isinstance(op, Compute):
@@ -297,7 +299,8 @@ class AsyncQuotaClient(shell.ClientBase):
         Meter amounts (``tokens=actual``) settle the lease first (``settle``).
         """
         info = lease.info if isinstance(lease, AsyncLease) else lease
-        return await self._run(self.core.release(info, requests.meter_amounts(**actuals)))
+        amounts = requests.meter_amounts(**actuals) if actuals else None
+        return await self._run(self.core.release(info, amounts))
 
     async def settle(
         self, lease: LeaseInfo | AsyncLease, **actuals: Unpack[requests.MeterOptions]

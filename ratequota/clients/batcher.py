@@ -15,6 +15,7 @@ from typing import Any
 
 import redis
 
+from ratequota.clients.backends import is_noscript
 from ratequota.clients.scripting import Load, exchange
 from ratequota.engine.batching import BatchPolicy
 from ratequota.engine.coalesce import coalesce
@@ -126,27 +127,29 @@ class ShardBatcher:
         The merged calls' callers never sent the ``_many`` script themselves, so
         the reload happens here, for every call of the round trip alike. A load
         or re-send that fails is the reply of the calls that needed it only.
+        The first send goes out as it is (it raises for every call); the
+        exchange only starts when a reply is NOSCRIPT, which is when it has work to do.
         """
+        replies = await self._exchange([wire_call(op) for op in wire])
+        if not any(is_noscript(reply) for reply in replies):
+            return replies
         run = exchange(wire)
-        request = next(run)
-        first = True
+        next(run)  # the first send, already made
+        step = functools.partial(run.send, replies)
         while True:
+            try:
+                request = step()
+            except StopIteration as stop:
+                return list(stop.value)
             try:
                 if isinstance(request, Load):
                     reply = await self._bounded(self._conn.script_load(request.source))
                 else:
                     reply = await self._exchange([wire_call(op) for op in request.calls])
             except Exception as exc:
-                if first:
-                    raise  # the first send: every call fails with it
                 step = functools.partial(run.throw, exc)
             else:
                 step = functools.partial(run.send, reply)
-            first = False
-            try:
-                request = step()
-            except StopIteration as stop:
-                return list(stop.value)
 
     async def _exchange(self, wire: list[tuple[str, tuple[Any, ...]]]) -> list[Any]:
         """One round trip, at most one socket timeout; a call's error is its reply, in place."""
@@ -167,17 +170,29 @@ class ShardBatcher:
         Unlike ``asyncio.wait_for`` this does not wait for the cancelled call
         to finish cleaning up: redis-py drops the connection on cancellation,
         which against a paused server takes another socket timeout. The
-        clean-up goes on in the background.
+        clean-up goes on in the background. (``asyncio.wait`` of one task,
+        without its sets and inner coroutine: this runs once per round trip.)
         """
         task = asyncio.ensure_future(awaitable)
+        loop = asyncio.get_running_loop()
+        woken: asyncio.Future[None] = loop.create_future()
+
+        def wake(_: object = None) -> None:
+            if not woken.done():
+                woken.set_result(None)
+
+        task.add_done_callback(wake)
+        timer = loop.call_later(self._bound, wake)
         try:
-            done, _ = await asyncio.wait({task}, timeout=self._bound)
+            await woken
         finally:
+            timer.cancel()
+            task.remove_done_callback(wake)
             if not task.done():
                 task.cancel()
                 self._cleanups.add(task)
                 task.add_done_callback(_forget(self._cleanups))
-        if not done:
+        if not task.done():
             raise NoReply(f"{_NO_REPLY} within {self._bound:.3f}s")
         return task.result()
 

@@ -32,6 +32,7 @@ from ratequota.clients.requests import (
     check_lease,
     lease_ttl_ms,
     new_request_id,
+    plain_request,
     validate_tenant,
 )
 from ratequota.clients.router import Router
@@ -138,9 +139,13 @@ class QuotaCore(Router):
         def once(name: str) -> Flow[Decision]:
             return self._acquire_once(tenant, units, name, lease_id, ttl_ms, wait, meters)
 
-        name = yield from self.group_of(tenant, group)
-        if group is not None:
-            yield from self._recheck_shadow()
+        routed = None if group is not None else self.routed(tenant)
+        if routed is not None:  # the held catalog routes it: no flow to step
+            name = routed
+        else:
+            name = yield from self.group_of(tenant, group)
+            if group is not None:
+                yield from self._recheck_shadow()
         try:
             decision = yield from once(name)
         except PolicyMissing:
@@ -198,12 +203,17 @@ class QuotaCore(Router):
 
     def request(self, tenant: str, units: int, **options: Any) -> AcquireRequest:
         """Validate an acquire's arguments (before any I/O) into a request."""
-        return acquire_request(self.settings, tenant, units, **options)
+        if options:
+            return acquire_request(self.settings, tenant, units, **options)
+        return plain_request(self.settings, tenant, units)
 
     def try_acquire(self, request: AcquireRequest) -> Flow[Decision]:
         """Admit now or refuse now; a refusal is a ``Decision``, not an exception."""
         if self.observer is None:
-            return (yield from self._try_acquire(request))
+            return self._try_acquire(request)  # no observer: one generator fewer to step
+        return self._observed_try_acquire(request)
+
+    def _observed_try_acquire(self, request: AcquireRequest) -> Flow[Decision]:
         try:
             decision = yield from self._try_acquire(request)
         except (BackendUnavailable, UnknownTenant) as exc:

@@ -80,6 +80,10 @@ class CircuitBreaker:
         self._probe_at = now
         return True
 
+    def is_settled(self) -> bool:
+        """Closed with no failure counted and no probe out: a success would change nothing."""
+        return self.state == "closed" and self._count == 0 and self._probe_at is None
+
     def success(self) -> None:
         """The shard answered: close."""
         self.state = "closed"
@@ -130,6 +134,11 @@ class Breakers:
 
     def refuse(self, shard: object, where: str) -> BackendUnavailable | None:
         """The error to fail fast with when ``shard``'s breaker is open, else None."""
+        breaker = self._by_shard.get(shard)
+        if breaker is not None and breaker.state == "closed":
+            # The common case, read without the lock: a closed breaker lets the call through
+            # and changes nothing, exactly as ``allow`` would under the lock.
+            return None
         with self._lock:
             breaker = self._breaker(shard)
             before = breaker.state
@@ -149,6 +158,9 @@ class Breakers:
 
     def record(self, shard: object, ok: bool) -> None:
         """Report how a call to ``shard`` went."""
+        breaker = self._by_shard.get(shard)
+        if ok and breaker is not None and breaker.is_settled():
+            return  # a success on a closed breaker with no failure counted changes nothing
         with self._lock:
             breaker = self._breaker(shard)
             before = breaker.state

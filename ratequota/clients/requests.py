@@ -35,6 +35,7 @@ __all__ = [
     "meter_amounts",
     "meter_arguments",
     "new_request_id",
+    "plain_request",
     "validate_request_id",
     "validate_tenant",
     "validate_units",
@@ -168,6 +169,22 @@ def acquire_request(
         ttl_ms=lease_ttl_ms(settings, ttl),
         timeout=wait_seconds(settings, timeout),
         meters=meter_amounts(tokens, requests, meters),
+    )
+
+
+def plain_request(settings: Settings, tenant: str, units: int, /) -> AcquireRequest:
+    """``acquire_request`` with no options (the hot path): the same checks, the defaults.
+
+    The default ttl and timeout come from ``settings``, validated when they were made.
+    """
+    return AcquireRequest(
+        validate_tenant(tenant),
+        validate_units(units),
+        None,
+        new_request_id(),
+        max(1, round(settings.lease_ttl * 1000)),  # lease_ttl_ms(settings, None)
+        settings.timeout,
+        {},
     )
 
 

@@ -201,6 +201,21 @@ class Router:
         """Block until no catalog refresh is in flight (at most ``timeout`` s); for tests."""
         return self._refresh_idle.wait(timeout)
 
+    def routed(self, tenant: str) -> str | None:
+        """``tenant``'s group when the held catalog answers it without I/O, else None.
+
+        The hot path of ``group_of``: a fresh catalog (no refresh due) that
+        routes the tenant, or has a default group. Anything else (stale,
+        empty, unknown tenant) is ``group_of``'s.
+        """
+        catalog = self._catalog
+        if self.clock.monotonic() - catalog.loaded_at > self.settings.catalog_ttl:
+            return None
+        routed = catalog.routes.get(tenant)
+        if routed is None and catalog.policy is not None:
+            return catalog.policy.default_group
+        return routed
+
     def group_of(self, tenant: str, group: str | None, *, refresh: bool = False) -> Flow[str]:
         """The group charged for ``tenant``: explicit, routed by the catalog, or the default.
 

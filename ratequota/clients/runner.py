@@ -124,14 +124,25 @@ class Runner(Generic[T]):
                 return
 
     def _start(self, op: Any) -> None:
-        """Perform ``op`` next; a script call (or a batch of them) goes through an exchange."""
-        if not isinstance(op, (ScriptCall, Batch)):
+        """Perform ``op`` next; a batch of script calls goes through an exchange.
+
+        A single script call is sent as it is: its exchange (``clients.scripting``)
+        is only started when the call meets NOSCRIPT, which is when it has work to do.
+        """
+        if type(op) is not Batch:
             self.op = op
             return
-        self._single = isinstance(op, ScriptCall)
+        self._single = False
         self._route = op.route
-        self._exchange = exchange((op,) if isinstance(op, ScriptCall) else op.calls)
+        self._exchange = exchange(op.calls)
         self._request(next(self._exchange))
+
+    def _exchange_of(self, call: ScriptCall) -> None:
+        """Start the exchange of ``call``, already sent once (its reply is fed next)."""
+        self._single = True
+        self._route = call.route
+        self._exchange = exchange((call,))
+        next(self._exchange)
 
     def _request(self, request: Send | Load) -> None:
         """The op performing the exchange's ``request``."""
@@ -165,6 +176,10 @@ class Runner(Generic[T]):
             return
         self._breakers.record(self._node_of(op.route), True)
         if self._exchange is None:
+            if type(op) is ScriptCall and is_noscript(value):  # an error reply handed back
+                self._exchange_of(op)
+                self._resume([value])
+                return
             self._advance(value, None)
         elif isinstance(op, ScriptCall):
             self._resume([value])
@@ -175,8 +190,10 @@ class Runner(Generic[T]):
 
     def throw(self, exc: BaseException) -> None:
         """``op`` raised ``exc``; anything not from Redis is re-raised (a bug, not an outage)."""
-        if self._exchange is not None and isinstance(self.op, ScriptCall) and is_noscript(exc):
+        if isinstance(self.op, ScriptCall) and is_noscript(exc):
             # Restart, failover or SCRIPT FLUSH: the exchange loads it and retries exactly once.
+            if self._exchange is None:
+                self._exchange_of(self.op)
             self._resume([exc])
             return
         self._fail(exc)

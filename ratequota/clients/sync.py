@@ -57,7 +57,16 @@ from ratequota.decision import (
     RenewResult,
     UsageRow,
 )
-from ratequota.engine.ops import Batch, Compute, Flow, Sleep, Spawn, pipeline_args, wire_call
+from ratequota.engine.ops import (
+    Batch,
+    Compute,
+    Flow,
+    ScriptCall,
+    Sleep,
+    Spawn,
+    pipeline_args,
+    wire_call,
+)
 from ratequota.errors import InvalidType
 from ratequota.policy import Policy
 
@@ -191,6 +200,8 @@ class QuotaClient(ClientBase):
         return run.result()
 
     def _perform(self, op: Any) -> Any:
+        if type(op) is ScriptCall:  # the hot path: one EVALSHA
+            return self.backend.connection(op.route).evalsha(*op.wire)
         if isinstance(op, Sleep):
             return self.core.clock.sleep(op.seconds)
         if isinstance(op, Compute):
@@ -276,7 +287,7 @@ class QuotaClient(ClientBase):
         Meter amounts (``tokens=actual``) settle the lease first (``settle``).
         """
         info = lease.info if isinstance(lease, Lease) else lease
-        return self._run(self.core.release(info, meter_amounts(**actuals)))
+        return self._run(self.core.release(info, meter_amounts(**actuals) if actuals else None))
 
     def settle(
         self, lease: LeaseInfo | Lease, **actuals: Unpack[MeterOptions]

@@ -11,6 +11,7 @@ encoders build ``ScriptCall``s; the one runner that steps a flow is
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Generator, Sequence
 from typing import Any, TypeVar
 
@@ -49,6 +50,38 @@ class ScriptCall:
     route: str
     keys: tuple[str, ...]
     args: tuple[Arg, ...]
+
+    @property
+    def wire(self) -> tuple[Any, ...]:
+        """The arguments of redis-py's ``evalsha`` performing this call, pre-encoded.
+
+        redis-py encodes every argument in Python (a few ``isinstance`` each) and
+        hands bytes through at once: the keys are encoded once per group, ints
+        and ASCII text here, in place (the SHA stays text, as callers and
+        fakes compare it). Only ASCII is
+        pre-encoded, whose bytes are the same in any encoding a connection may
+        be set to; other text (a tenant's name, say) is left to the connection.
+        """
+        return (
+            self.script.sha,
+            len(self.keys),
+            *_wire_keys(self.keys),
+            *[
+                b"%d" % a if type(a) is int else a.encode() if type(a) is str and a.isascii() else a
+                for a in self.args
+            ],
+        )
+
+
+@functools.lru_cache(maxsize=16384)
+def _ascii(text: str) -> str | bytes:
+    return text.encode() if text.isascii() else text
+
+
+@functools.lru_cache(maxsize=16384)
+def _wire_keys(keys: tuple[str, ...]) -> tuple[str | bytes, ...]:
+    """A call's keys as sent: one tuple per group and hour (``protocol._lease_keys``)."""
+    return tuple(_ascii(key) for key in keys)
 
 
 def script_call(name: str, route: str, keys: Sequence[str], args: Sequence[Arg]) -> ScriptCall:
@@ -129,7 +162,7 @@ def wire_call(op: ScriptCall | Command | LoadScript) -> tuple[str, tuple[Any, ..
         return "execute_command", op.args
     if isinstance(op, LoadScript):
         return "script_load", (op.source,)
-    return "evalsha", (op.script.sha, len(op.keys), *op.keys, *op.args)
+    return "evalsha", op.wire
 
 
 def call_name(op: ScriptCall | Command | LoadScript | Batch) -> str:

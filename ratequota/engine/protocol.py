@@ -8,6 +8,7 @@ against the script's header as it is built. The replies are decoded by
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import time
@@ -17,7 +18,7 @@ from typing import Any
 from ratequota.decision import LeaseInfo
 from ratequota.engine.coalesce import merged_args
 from ratequota.engine.keys import KeySpace
-from ratequota.engine.ledger import ledger_keys
+from ratequota.engine.ledger import ledger_hours
 from ratequota.engine.meterwire import encode_amounts, meters_field, shares_field
 from ratequota.engine.ops import Arg, ScriptCall
 from ratequota.engine.ops import script_call as _call
@@ -42,17 +43,28 @@ def _clock(now_ms: int | None) -> Arg:
 
 def _lease_keys(
     keyspace: KeySpace, group: str, now_ms: int | None, metered: bool = False
-) -> list[str]:
+) -> tuple[str, ...]:
     """The group's keys, the two ledger hours (see ``ratequota.engine.ledger``) and, for a
     call that names rate meters, their contention sets.
 
     The hours are named from the pinned clock, else this machine's wall clock:
     the script files under the hour of Redis time among the two, so a few
-    seconds of skew at an hour boundary cost nothing.
+    seconds of skew at an hour boundary cost nothing. The tuple is built once
+    per group, pair of hours and kind of call (every call of the hot path names them).
     """
+    if not isinstance(group, str):
+        keyspace.group(group)  # raises the ratequota error naming the field
     at_ms = now_ms if now_ms is not None else int(time.time() * 1000)
+    return _lease_keys_of(keyspace, group, ledger_hours(at_ms), metered)
+
+
+@functools.lru_cache(maxsize=16384)
+def _lease_keys_of(
+    keyspace: KeySpace, group: str, hours: tuple[int, int], metered: bool
+) -> tuple[str, ...]:
     keys = keyspace.group(group)
-    return [*keys.all, *ledger_keys(keyspace, group, at_ms), *(keys.contention if metered else ())]
+    ledger = [keyspace.ledger(group, hour) for hour in hours]
+    return (*keys.all, *ledger, *(keys.contention if metered else ()))
 
 
 def tenant_spec(tenant: TenantPolicy) -> str:
@@ -136,8 +148,8 @@ def acquire_call(
 
     ``meters`` are amounts already checked by ``meterwire.check_amounts``.
     """
-    args: list[Arg] = [
-        _clock(now_ms),
+    args = (
+        "" if now_ms is None else now_ms,
         keyspace.schema,
         tenant,
         units,
@@ -147,8 +159,8 @@ def acquire_call(
         pending_ms,
         purge,
         "1" if shadow else "0",
-        encode_amounts(meters or {}),
-    ]
+        encode_amounts(meters) if meters else "",
+    )
     return _call("acquire", group, _lease_keys(keyspace, group, now_ms, bool(meters)), args)
 
 
@@ -169,7 +181,7 @@ def release_call(
 
     ``token`` 0 withdraws a waiting request (which has no token yet).
     """
-    args: list[Arg] = [_clock(now_ms), keyspace.schema, lease_id, purge, tenant, str(token)]
+    args = ("" if now_ms is None else now_ms, keyspace.schema, lease_id, purge, tenant, str(token))
     return _call("release", group, _lease_keys(keyspace, group, now_ms), args)
 
 

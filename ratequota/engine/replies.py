@@ -77,17 +77,23 @@ def decode_acquire(
     lease_id: str,
     meters: Mapping[str, int] | None = None,
 ) -> Decision:
-    """A ``Decision`` from acquire.lua's reply (see its header)."""
-    status, reason = int(reply[0]), _text(reply[1])
+    """A ``Decision`` from acquire.lua's reply (see its header).
+
+    The hot path of every decision: each field is read once, in place.
+    """
+    status, raw = int(reply[0]), reply[1]
+    reason = raw.decode("utf-8") if type(raw) is bytes else _text(raw)
     if status < 0:
         _raise_error_reply(group, reason, reply[9] if reason == "schema" else reply[10])
+    known = _REASONS.get(reason)
+    if known is None:  # pragma: no cover - a script/client version skew
+        raise AssertionError(f"unknown refusal reason {reason!r}")
     admitted = status == 1
-    # Shadow mode: admitted, and the reason names the refusal enforcement would have made.
-    shadow_refused = admitted and reason in ("tenant_limit", "group_full", "meter")
     rates = decode_meter_rows(reply[11], meters or {}) if len(reply) > 11 else ()
-    capacity = int(reply[7])
     lease = None
+    limit = _num(reply[5])
     if admitted:
+        replay = int(reply[10]) == 1
         lease = LeaseInfo(
             id=lease_id,
             tenant=tenant,
@@ -95,29 +101,34 @@ def decode_acquire(
             units=units,
             token=int(reply[3]),
             expires_at=int(reply[2]) / 1000.0,
-            replay=int(reply[10]) == 1,
+            replay=replay,
             meters=rates,
         )
-    limit = _num(reply[5])
+        if replay:
+            limit = math.nan
     return Decision(
         admitted=admitted,
-        reason=_reason(reason),
+        reason=known,
         tenant=tenant,
         group=group,
         units=units,
         used=int(reply[4]),
-        limit=limit if not (lease and lease.replay) else math.nan,
+        limit=limit,
         group_used=int(reply[6]),
-        capacity=capacity,
+        capacity=int(reply[7]),
         # A request that can never fit has nothing to wait for: no retry hint (-1: a meter's
         # amount can never pass).
-        retry_after=0.0 if reason == "too_large" else max(0, int(reply[8])) / 1000.0,
+        retry_after=0.0 if known == "too_large" else max(0, int(reply[8])) / 1000.0,
         policy_version=int(reply[9]),
         lease=lease,
-        shadow_refused=shadow_refused,
+        # Shadow mode: admitted, and the reason names the refusal enforcement would have made.
+        shadow_refused=admitted and known in _SHADOW_REFUSALS,
         meters=rates,
     )
 
+
+#: The reasons a shadow-mode admission carries: the refusal enforcement would have made.
+_SHADOW_REFUSALS = frozenset(("tenant_limit", "group_full", "meter"))
 
 _REASONS: dict[str, Reason] = {
     "admitted": "admitted",
@@ -129,13 +140,6 @@ _REASONS: dict[str, Reason] = {
     "recovering": "recovering",
     "meter": "meter",
 }
-
-
-def _reason(text: str) -> Reason:
-    try:
-        return _REASONS[text]
-    except KeyError:  # pragma: no cover - a script/client version skew
-        raise AssertionError(f"unknown refusal reason {text!r}") from None
 
 
 def decode_release(reply: Sequence[Any]) -> ReleaseResult:

@@ -74,7 +74,20 @@ class ScriptSpec:
         return len(self.keys)
 
     def check_call(self, n_keys: int, n_args: int) -> None:
-        """Raise ``AssertionError`` if a call does not match the header (a bug, not bad input)."""
+        """Raise ``AssertionError`` if a call does not match the header (a bug, not bad input).
+
+        Every call is checked; a shape already found right is remembered (it is
+        checked on every encode of the hot path). Variadic scripts take any
+        number of arguments, so theirs are checked afresh (the memory stays bounded).
+        """
+        shape = (self.sha, self.keys, self.argv, n_keys, n_args)
+        if shape in _CHECKED:
+            return
+        self._check_call(n_keys, n_args)
+        if not self.variadic:
+            _CHECKED.add(shape)
+
+    def _check_call(self, n_keys: int, n_args: int) -> None:
         if n_keys not in (len(self.keys), self.required_keys):
             raise AssertionError(
                 f"{self.name}: {n_keys} keys given, header declares {len(self.keys)}"
@@ -82,6 +95,10 @@ class ScriptSpec:
         fixed = len(self.argv) - (1 if self.variadic else 0)
         if n_args < fixed or (not self.variadic and n_args != fixed):
             raise AssertionError(f"{self.name}: {n_args} args given, header declares {self.argv}")
+
+
+#: (script, keys, args) shapes that matched their script's header (``ScriptSpec.check_call``).
+_CHECKED: set[tuple[str, tuple[str, ...], tuple[str, ...], int, int]] = set()
 
 
 def _lua_dir() -> Path:
