@@ -16,7 +16,7 @@ from urllib.parse import quote
 
 import pytest
 import redis
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from ratequota.cli import main
@@ -69,14 +69,22 @@ def locked() -> Iterator[RedisServer]:
 def test_redact_never_shows_a_password(password: str, where: str) -> None:
     """Whatever the password holds (even '@', '?', '#', ':'), the redacted URL omits it."""
     quoted = quote(password, safe="")
-    url = {
-        "userinfo": f"redis://:{password}@host:6379/0",
-        "user": f"rediss://quota:{password}@host:6380/2?ssl_cert_reqs=none",
-        "query": f"redis://host:6379/0?password={quoted}&db=1",
-        "both": f"redis://quota:{quoted}@host/0?password={quoted}",
-    }[where]
+
+    def url_with(secret: str, escaped: str) -> str:
+        return {
+            "userinfo": f"redis://:{secret}@host:6379/0",
+            "user": f"rediss://quota:{secret}@host:6380/2?ssl_cert_reqs=none",
+            "query": f"redis://host:6379/0?password={escaped}&db=1",
+            "both": f"redis://quota:{escaped}@host/0?password={escaped}",
+        }[where]
+
+    # A password that is part of the URL's own text ('passwo' in '?password=') cannot be
+    # told apart from it in the output: nothing to judge.
+    fixed = url_with("", "") + "***"
+    assume(password not in fixed and quoted not in fixed)
+    url = url_with(password, quoted)
     shown = redact(url)
-    assert password not in shown or password in url.replace(password, "", 1)
+    assert password not in shown
     assert quoted not in shown
     assert scrub(f"failed at {url}", url).count(password if where != "query" else quoted) == 0
 
