@@ -1,20 +1,22 @@
 """The simulation's measure: entitlement from real demand, and a gap split that adds up.
 
-Hand-made workloads whose split is worked out in the docstrings, random
-workloads (hypothesis) where the four causes must add up to the whole gap,
-and a workload recorded from a real run of the simulation.
+Hand-made workloads whose split is worked out in the docstrings (one with a
+request a rate meter held back), random workloads (hypothesis) where the
+four causes must add up to the whole gap and meter-held plus unit demand to
+all demand asked, and a workload recorded from a real run of the simulation.
 """
 
 from __future__ import annotations
 
 import math
 
+import attrs
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from ratequota.policy import GroupPolicy, Policy, TenantPolicy
-from ratequota.sim.measure import Gap, Request, measure_group, registration_spans
+from ratequota.sim.measure import Gap, Request, measure_group, meter_spans, registration_spans
 from ratequota.sim.report import report_to_dict
 from ratequota.sim.scenario import Scenario, TenantLoad, Traffic
 from ratequota.sim.stats import build_report
@@ -89,6 +91,75 @@ def test_demand_registered_late_is_unseen() -> None:
         _assert_adds_up(gap)
 
 
+def test_meter_spans_run_from_a_meter_refusal_to_the_next_answer() -> None:
+    """A request is meter-held from a try a meter refused until the next try answers
+    (consecutive meter refusals make one span), or until admission or giving up; a
+    pause after a meter refusal neither registers nor refreshes it as waiting demand."""
+    r = Request(
+        "b",
+        "g",
+        2,
+        asked=0.0,
+        end=9.0,
+        got=4.0,
+        refusals=(0.5, 1.0, 2.0, 3.0),
+        tries=((0.5, "meter"), (1.0, "meter"), (2.0, "group_full"), (3.0, "meter")),
+    )
+    assert meter_spans(r) == [(0.5, 2.0), (3.0, 4.0)]
+    assert registration_spans(r, 2.0) == [(2.0, 4.0)]
+    gave_up = Request("b", "g", 2, asked=0.0, end=1.5, refusals=(0.5,), tries=((0.5, "meter"),))
+    assert meter_spans(gave_up) == [(0.5, 1.5)]
+    assert registration_spans(gave_up, 2.0) == []
+    # Without recorded reasons every pause registers and nothing is meter-held (as before).
+    plain = attrs.evolve(r, tries=())
+    assert meter_spans(plain) == []
+    assert registration_spans(plain, 2.0) == [(0.5, 4.0)]
+
+
+def test_demand_a_meter_held_back_is_owed_nothing() -> None:
+    """C=4: ``a`` (G 0) holds all 4 units from 0 to 2. ``b`` (G 4) asks for 2 at 0.0; a rate
+    meter refuses it at once (no registration), the lease refuses its retry at 1.0
+    (registered), and it is admitted at 2.0 when a's lease ends.
+
+    During [0, 1) b's demand is the meter's: the concurrency rule owes b nothing and a
+    its 4 (no unseen demand: the meter-refused try registered nothing). From 1.0 on it
+    is the lease tail of the test above: a reclaim −2, b reclaim +2. b asked 6 unit-
+    seconds: 2 meter-held + 4 of unit demand; owed 4, got 2.
+    """
+    gaps = _measure(
+        [
+            Request("a", "g", 4, asked=0.0, end=2.0, got=0.0),
+            Request(
+                "b",
+                "g",
+                2,
+                asked=0.0,
+                end=3.0,
+                got=2.0,
+                refusals=(0.0, 1.0),
+                tries=((0.0, "meter"), (1.0, "group_full")),
+            ),
+        ]
+    )
+    a, b = gaps["a"], gaps["b"]
+    assert (a.got, a.entitled, a.reclaim, a.unseen) == pytest.approx((8.0, 6.0, -2.0, 0.0))
+    assert (b.got, b.entitled, b.reclaim, b.unseen) == pytest.approx((2.0, 4.0, 2.0, 0.0))
+    assert (b.meter, b.asked, b.meter_share) == pytest.approx((2.0, 6.0, 1 / 3))
+    assert (a.meter, a.asked) == pytest.approx((0.0, 8.0))
+    for gap in gaps.values():
+        _assert_adds_up(gap)
+    # The flaw this fixes: counted as unit demand, the meter's second would be owed to b
+    # (and a's holding of the whole group would look like a surplus).
+    flawed = _measure(
+        [
+            Request("a", "g", 4, asked=0.0, end=2.0, got=0.0),
+            Request("b", "g", 2, asked=0.0, end=3.0, got=2.0, refusals=(0.0, 1.0)),
+        ]
+    )
+    assert flawed["b"].entitled == pytest.approx(6.0)
+    assert flawed["b"].meter == 0
+
+
 def test_free_room_not_used_is_unexplained_and_a_partial_batch_is_granularity() -> None:
     """b asks at 2.0 when the group is empty, is registered at once but admitted only at
     2.25: 0.5 unit-seconds unexplained (without the registration they are unseen).
@@ -140,16 +211,19 @@ def _requests(draw: st.DrawFn) -> list[Request]:
         admitted = draw(st.booleans())
         tries = sorted(draw(st.lists(st.floats(0, 1, allow_nan=False), max_size=4)))
         refusals = tuple(asked + t * wait for t in tries)
+        reasons = draw(st.lists(st.sampled_from(["meter", "group_full"]), min_size=len(tries)))
         got = asked + wait if admitted else None
         end = (asked + wait + hold) if admitted else asked + wait
-        out.append(Request(tenant, "g", _SIZES[tenant], asked, end, got, refusals))
+        refused = tuple(zip(refusals, reasons, strict=False))
+        out.append(Request(tenant, "g", _SIZES[tenant], asked, end, got, refusals, refused))
     return out
 
 
 @given(_requests(), st.floats(0.5, 2.5))
 def test_the_four_causes_always_add_up_to_the_gap(requests: list[Request], ttl: float) -> None:
     """On any workload, unseen + reclaim + granularity + unexplained = entitlement − got,
-    and got is the integral of the units held (within the run)."""
+    got is the integral of the units held (within the run), and what was asked is the
+    integral of outstanding demand, meter-held included (0 ≤ meter ≤ asked)."""
     gaps = measure_group(
         _POLICY, requests, _SIZES, dict.fromkeys(_SIZES, 1.0), until=10.0, pending_ttl=ttl
     )
@@ -161,6 +235,13 @@ def test_the_four_causes_always_add_up_to_the_gap(requests: list[Request], ttl: 
             if r.tenant == name and r.got is not None
         )
         assert gap.got == pytest.approx(held, abs=1e-9)
+        asked = math.fsum(
+            r.units * max(0.0, min(r.end, 10.0) - min(r.asked, 10.0))
+            for r in requests
+            if r.tenant == name
+        )
+        assert gap.asked == pytest.approx(asked, abs=1e-9)
+        assert -1e-9 <= gap.meter <= gap.asked + 1e-9
         assert gap.granularity >= -1e-9
         assert gap.unexplained >= -1e-9
 

@@ -191,7 +191,11 @@ def _judge(report: dict[str, Any]) -> None:
     * a tenant asking within its rate got what it asked, within 10 % (the report's note:
       batch times and actuals are drawn, and each batch spends round trips), and no try
       of its was refused on the tokens meter;
-    * reserved − refunds + debts = settled + kept, and the noisy tenant was held back.
+    * reserved − refunds + debts = settled + kept, and the noisy tenant was held back;
+    * the unit measure (docs/fairness.md) owes nothing for demand the meters held back:
+      every tenant with sustained unit demand (half a unit on average, or more) gets
+      got/owed within 0.9–1.1, the group's Jain index is at least 0.98, and the gap's
+      four causes and ``asked = meter + unit demand`` add up.
     """
     assert report["safe"], report["problems"]
     T = report["duration"]
@@ -216,6 +220,26 @@ def _judge(report: dict[str, Any]) -> None:
     )
     assert settlement["refunds"] > 0 and settlement["debts"] > 0
     assert settlement["batches"] == sum(t["batches"] for t in tenants.values())
+    _judge_units(report)
+
+
+def _judge_units(report: dict[str, Any]) -> None:
+    """The unit measure's promises on a metered run (see ``_judge``)."""
+    T = report["duration"]
+    rows = {t["tenant"]: t for t in report["tenants"]}
+    sustained = 0
+    for row in rows.values():
+        meter, asked = row["meter_unit_seconds"], row["asked_unit_seconds"]
+        assert 0 <= meter <= asked, row
+        parts = math.fsum(row["gap_parts"].values())
+        assert parts == pytest.approx(row["gap_unit_seconds"], abs=1e-6), row
+        if asked - meter >= 0.5 * T:
+            sustained += 1
+            assert 0.9 <= row["got_over_entitled"] <= 1.1, row
+    assert sustained == len(rows), "every tenant of the token scenario has unit demand"
+    assert rows["noisy"]["meter_unit_seconds"] > 0.5 * rows["noisy"]["asked_unit_seconds"]
+    (group,) = report["groups"]
+    assert group["jain"] >= 0.98, group
 
 
 def test_token_scenario_driven_on_the_embedded_store(capsys: pytest.CaptureFixture[str]) -> None:

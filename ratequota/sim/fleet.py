@@ -37,7 +37,14 @@ from ratequota.errors import AcquireTimeout, RateQuotaError
 from ratequota.observe import Observer
 from ratequota.sim.embedded import compile_once, fake_servers
 from ratequota.sim.measure import Request
-from ratequota.sim.metering import Batch, DecisionTap, MeterRefusal, estimates, settle_batch
+from ratequota.sim.metering import (
+    Batch,
+    DecisionTap,
+    MeterRefusal,
+    estimates,
+    request_record,
+    settle_batch,
+)
 from ratequota.sim.scenario import Scenario, TenantLoad
 from ratequota.sim.stats import (
     Interval,
@@ -140,10 +147,11 @@ def _serve(
         remaining = scenario.duration * traffic.active_until(index, now / scenario.duration) - now
         timeout = min(scenario.acquire_timeout, max(0.0, remaining))
         refusals: list[float] = []
+        refused: list[MeterRefusal] = []
         if isinstance(clock, PodClock):
             clock.watch(refusals)
         if tap is not None:
-            tap.watch(load.tenant, record.refusals)
+            tap.watch(load.tenant, refused)
         count += 1
         # Driven runs name their requests, so the same run makes the same keys.
         request_id = f"sim-{load.tenant}-{index}-{count}" if timebase.driven else None
@@ -162,11 +170,7 @@ def _serve(
             gave_up = timebase.now()
             if timeout >= scenario.acquire_timeout:
                 record.outcomes.append(Outcome(load.tenant, asked, gave_up - asked, False))
-            record.requests.append(
-                Request(
-                    load.tenant, load.group, traffic.units, asked, gave_up, None, tuple(refusals)
-                )
-            )
+            record.requests.append(request_record(load, asked, gave_up, None, refusals, refused))
             continue
         except RateQuotaError as exc:
             record.errors.append(f"{load.tenant}: {exc}")
@@ -177,6 +181,7 @@ def _serve(
                 clock.watch(None)
             if tap is not None:
                 tap.watch(load.tenant, None)
+            record.refusals += refused
         got = timebase.now()
         record.outcomes.append(Outcome(load.tenant, asked, got - asked, True))
         timebase.wait(traffic.hold * rng.uniform(0.5, 1.5))
@@ -196,9 +201,7 @@ def _serve(
             record.lost += 1  # its units may have been reused: not a client-side holding
         else:
             record.intervals.append(Interval(load.tenant, load.group, traffic.units, got, end))
-            record.requests.append(
-                Request(load.tenant, load.group, traffic.units, asked, end, got, tuple(refusals))
-            )
+            record.requests.append(request_record(load, asked, end, got, refusals, refused))
 
 
 def _in_shadow(scenario: Scenario) -> set[str]:

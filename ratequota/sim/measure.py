@@ -6,7 +6,11 @@ first refused try until admission or withdrawal, unless a registration
 expired between two tries), when it was admitted and when it ended. From
 these this module rebuilds, for every instant of the run and every tenant:
 
-* ``d`` — outstanding demand as the clients knew it: units waiting + running;
+* ``m`` — units held back by a rate meter: waiting requests whose last
+  refused try was refused by a meter (``reason == "meter"``), from that
+  refusal until the next try's answer;
+* ``d`` — outstanding unit demand as the clients knew it: units waiting +
+  running, less ``m``;
 * ``h`` — units held;
 * ``s`` — the demand Redis saw: units held + units registered as waiting;
 
@@ -15,6 +19,12 @@ and, with the reference rule (``ratequota.fairness``):
 * ``L = limit(d)`` — the fair limit for the true demand, ``e = min(d, L)``
   the entitlement; its integral is what a tenant was owed;
 * ``Ls = limit(s)`` — the limit Redis could compute, ``es = min(d, Ls)``.
+
+A meter refuses only a lease the concurrency rule would have admitted, and
+neither registers nor refreshes it as waiting demand (``lua/_lib.lua``):
+demand a meter holds back is not demand the fair-share rule could serve, so
+it is owed nothing. Its integral is reported beside the gap as its own cause
+(``meter``), and ``asked = meter + ∫ d`` adds up the same way.
 
 A tenant's gap ``∫ (e − h)`` is split, instant by instant, into four parts
 that add up to it exactly (a telescoping sum, so nothing is lost or counted
@@ -53,7 +63,14 @@ import attrs
 from ratequota.fairness import EPSILON, group_allocation
 from ratequota.policy import GroupPolicy
 
-__all__ = ["Gap", "Request", "demand_steps", "measure_group", "registration_spans"]
+__all__ = [
+    "Gap",
+    "Request",
+    "demand_steps",
+    "measure_group",
+    "meter_spans",
+    "registration_spans",
+]
 
 
 @attrs.frozen
@@ -63,6 +80,9 @@ class Request:
     ``refusals``: when each refused try that registered the request as
     waiting demand returned. ``got``: when it was admitted (None: it gave
     up). ``end``: when it was released, or when the worker gave up.
+    ``tries``: every refused try as ``(when it returned, why)``, ``why``
+    being ``"meter"`` when a rate meter refused it (else the concurrency
+    rule's reason); empty when not recorded (no demand counts as meter-held).
     """
 
     tenant: str
@@ -72,6 +92,7 @@ class Request:
     end: float
     got: float | None = None
     refusals: tuple[float, ...] = ()
+    tries: tuple[tuple[float, str], ...] = ()
 
 
 def registration_spans(request: Request, pending_ttl: float) -> list[tuple[float, float]]:
@@ -80,19 +101,51 @@ def registration_spans(request: Request, pending_ttl: float) -> list[tuple[float
     A refused waiting try registers (or refreshes) the request for
     ``pending_ttl``; admission, or the withdrawal when the worker gives up,
     drops it. A gap between tries longer than ``pending_ttl`` lets it expire.
+    A try a rate meter refused neither registers nor refreshes it: the pauses
+    that follow one (by ``tries``) do not count.
     """
-    if not request.refusals:
+    refusals = [at for at in request.refusals if _last_try(request, at) != "meter"]
+    if not refusals:
         return []
     stop = request.got if request.got is not None else request.end
     spans: list[tuple[float, float]] = []
-    start = request.refusals[0]
+    start = refusals[0]
     last = start
-    for at in request.refusals[1:]:
+    for at in refusals[1:]:
         if at - last > pending_ttl:
             spans.append((start, last + pending_ttl))
             start = at
         last = at
     spans.append((start, min(stop, last + pending_ttl)))
+    return [(a, b) for a, b in spans if b > a]
+
+
+def _last_try(request: Request, at: float) -> str | None:
+    """Why the last refused try answered at or before ``at`` was refused (None: none yet)."""
+    why = None
+    for when, reason in request.tries:
+        if when > at:
+            break
+        why = reason
+    return why
+
+
+def meter_spans(request: Request) -> list[tuple[float, float]]:
+    """When a rate meter held ``request`` back: ``[(from, to), ...]``.
+
+    From each try a meter refused until the next try's answer (whatever it
+    is), admission, or giving up; consecutive meter refusals make one span.
+    """
+    stop = request.got if request.got is not None else request.end
+    spans: list[tuple[float, float]] = []
+    for i, (at, why) in enumerate(request.tries):
+        if why != "meter" or at >= stop:
+            continue
+        until = min(stop, request.tries[i + 1][0]) if i + 1 < len(request.tries) else stop
+        if spans and spans[-1][1] >= at:
+            spans[-1] = (spans[-1][0], max(spans[-1][1], until))
+        else:
+            spans.append((at, until))
     return [(a, b) for a, b in spans if b > a]
 
 
@@ -103,7 +156,9 @@ class Gap:
     All in unit-seconds; ``entitled − got = unseen + reclaim + granularity +
     unexplained`` exactly. ``longest_reclaim`` is the longest stretch during
     which reclaim lag was not zero, ``reclaim_bound`` the bound it must stay
-    within (the group's longest batch).
+    within (the group's longest batch). ``meter``: demand rate meters held
+    back, owed nothing; ``asked``: all outstanding demand, ``asked = meter +
+    unit demand`` (the unit demand being what ``entitled`` was computed from).
     """
 
     tenant: str
@@ -118,6 +173,8 @@ class Gap:
     times: tuple[float, ...] = ()
     held: tuple[float, ...] = ()
     owed: tuple[float, ...] = ()
+    meter: float = 0.0
+    asked: float = 0.0
 
     @property
     def share(self) -> float:
@@ -129,6 +186,11 @@ class Gap:
         """Entitlement minus units held, in unit-seconds (negative: got more)."""
         return self.entitled - self.got
 
+    @property
+    def meter_share(self) -> float:
+        """Meter-held demand / all demand asked (NaN when nothing was asked)."""
+        return self.meter / self.asked if self.asked > 0 else math.nan
+
     def parts(self) -> dict[str, float]:
         """The four causes by name, in unit-seconds."""
         return {
@@ -139,10 +201,12 @@ class Gap:
         }
 
 
-def demand_steps(
-    requests: Iterable[Request], pending_ttl: float
-) -> list[tuple[float, dict[str, int], dict[str, int], dict[str, int]]]:
-    """``(time, d, h, s)`` per tenant after every change, in time order (see the docstring)."""
+_Step = tuple[float, dict[str, int], dict[str, int], dict[str, int], dict[str, int]]
+
+
+def demand_steps(requests: Iterable[Request], pending_ttl: float) -> list[_Step]:
+    """``(time, d, h, s, m)`` per tenant after every change, in time order (see the
+    module docstring: ``d`` is unit demand, meter-held ``m`` already taken out)."""
     events: list[tuple[float, str, str, int]] = []
     for r in requests:
         events.append((r.asked, "d", r.tenant, r.units))
@@ -153,16 +217,21 @@ def demand_steps(
         for start, stop in registration_spans(r, pending_ttl):
             events.append((start, "p", r.tenant, r.units))
             events.append((stop, "p", r.tenant, -r.units))
+        for start, stop in meter_spans(r):
+            events.append((start, "m", r.tenant, r.units))
+            events.append((stop, "m", r.tenant, -r.units))
+            events.append((start, "d", r.tenant, -r.units))
+            events.append((stop, "d", r.tenant, r.units))
     events.sort(key=lambda e: e[0])
-    level: dict[str, dict[str, int]] = {"d": {}, "h": {}, "p": {}}
-    out: list[tuple[float, dict[str, int], dict[str, int], dict[str, int]]] = []
+    level: dict[str, dict[str, int]] = {"d": {}, "h": {}, "p": {}, "m": {}}
+    out: list[_Step] = []
     for i, (at, kind, tenant, delta) in enumerate(events):
         level[kind][tenant] = level[kind].get(tenant, 0) + delta
         if i + 1 < len(events) and events[i + 1][0] == at:
             continue
         held = dict(level["h"])
         seen = {t: held.get(t, 0) + level["p"].get(t, 0) for t in set(held) | set(level["p"])}
-        out.append((at, dict(level["d"]), held, seen))
+        out.append((at, dict(level["d"]), held, seen, dict(level["m"])))
     return out
 
 
@@ -184,7 +253,10 @@ def measure_group(
     """
     names = list(units)
     acc = {
-        n: dict.fromkeys(("got", "owed", "unseen", "reclaim", "gran", "unexpl"), 0.0) for n in names
+        n: dict.fromkeys(
+            ("got", "owed", "unseen", "reclaim", "gran", "unexpl", "meter", "asked"), 0.0
+        )
+        for n in names
     }
     episode_start: dict[str, float | None] = dict.fromkeys(names)
     longest = dict.fromkeys(names, 0.0)
@@ -203,7 +275,7 @@ def measure_group(
         return cache[key]
 
     steps = demand_steps(requests, pending_ttl)
-    for k, (at, d, h, s) in enumerate(steps):
+    for k, (at, d, h, s, m) in enumerate(steps):
         t0 = max(0.0, at)
         t1 = min(until, steps[k + 1][0]) if k + 1 < len(steps) else until
         dt = t1 - t0
@@ -220,6 +292,8 @@ def measure_group(
             es = min(dn, seen_limit.get(n, 0.0)) if dn > 0 else 0.0
             a["got"] += hn * dt
             a["owed"] += e * dt
+            a["meter"] += m.get(n, 0) * dt
+            a["asked"] += (dn + m.get(n, 0)) * dt
             a["unseen"] += (e - es) * dt
             r = es - hn
             lag = 0.0
@@ -258,6 +332,8 @@ def measure_group(
             times=centres,
             held=tuple(v / bin_width for v in held_bins[n]) if count else (),
             owed=tuple(v / bin_width for v in owed_bins[n]) if count else (),
+            meter=acc[n]["meter"],
+            asked=acc[n]["asked"],
         )
         for n in names
     }

@@ -6,7 +6,9 @@ batch ends, at what it really used; each admitted batch leaves a ``Batch``.
 ``DecisionTap`` notes every refused try of a waiting acquire as a
 ``MeterRefusal``: the blocking ``acquire`` retries until its deadline and
 reports only its last decision, but the report counts refusals by meter over
-every try. ``ratequota.sim.tokens`` computes the statistics.
+every try. ``ratequota.sim.tokens`` computes the statistics; the same rows
+tell the unit measure (``ratequota.sim.measure``) when a meter, not the
+concurrency rule, held a request back.
 """
 
 from __future__ import annotations
@@ -20,9 +22,18 @@ import attrs
 from ratequota.clients.sync import Lease
 from ratequota.decision import Decision
 from ratequota.errors import RateQuotaError
+from ratequota.sim.measure import Request
 from ratequota.sim.scenario import Scenario, TenantLoad
 
-__all__ = ["Batch", "DecisionTap", "MeterRefusal", "estimates", "settle_batch"]
+__all__ = [
+    "Batch",
+    "DecisionTap",
+    "MeterRefusal",
+    "estimates",
+    "refused_tries",
+    "request_record",
+    "settle_batch",
+]
 
 
 @attrs.frozen
@@ -105,6 +116,39 @@ class DecisionTap:
             else:
                 into.append(MeterRefusal(tenant, at, "lease", decision.reason))
         return decision
+
+
+def refused_tries(refused: list[MeterRefusal]) -> tuple[tuple[float, str], ...]:
+    """Each refused try once, as ``(when, why)``: ``"meter"`` when rate meters refused it
+    (the tap notes one row per refusing meter), else the concurrency rule's reason."""
+    tries: list[tuple[float, str]] = []
+    for row in refused:
+        if tries and tries[-1][0] == row.at:
+            continue
+        tries.append((row.at, "meter" if row.meter != "lease" else row.reason))
+    return tuple(tries)
+
+
+def request_record(
+    load: TenantLoad,
+    asked: float,
+    end: float,
+    got: float | None,
+    pauses: list[float],
+    refused: list[MeterRefusal],
+) -> Request:
+    """One request as the measure needs it: its times, the pauses after refused tries
+    (``PodClock``) and why each try was refused (``DecisionTap``)."""
+    return Request(
+        load.tenant,
+        load.group,
+        load.traffic.units,
+        asked,
+        end,
+        got,
+        tuple(pauses),
+        refused_tries(refused),
+    )
 
 
 def estimates(scenario: Scenario, load: TenantLoad) -> dict[str, int]:

@@ -22,27 +22,37 @@ def _ms(seconds: float) -> str:
 
 
 def _render_gaps(report: Report) -> list[str]:
-    """The table splitting every tenant's gap into its causes (empty without a measure)."""
+    """The table splitting every tenant's gap into its causes (empty without a measure).
+
+    The ``meter`` column (demand rate meters held back, owed nothing) appears
+    only when a meter held something back, so runs without meters read as before.
+    """
     rows = [t for t in report.tenants if t.gap is not None]
     if not rows:
         return []
+    metered = any(t.gap is not None and t.gap.meter > 0 for t in rows)
     out = ["", "why got differs from owed, in % of the entitlement (the parts add up to the gap):"]
     header = (
         f"{'group':8} {'tenant':10} {'gap':>6} {'unseen':>7} {'reclaim':>8} {'granul.':>8} "
         f"{'unexpl.':>8} {'longest lag':>12}"
     )
+    if metered:
+        header += f" {'meter':>7}"
     out += [header, "-" * len(header)]
     for t in rows:
         gap = t.gap
         assert gap is not None
         scale = 100.0 / gap.entitled if gap.entitled > 0 else math.nan
         lag = f"{gap.longest_reclaim:.2f}/{gap.reclaim_bound:.2f}s"
-        out.append(
+        line = (
             f"{t.group:8} {t.tenant:10} {_num(gap.gap * scale, '+.1f'):>6} "
             f"{_num(gap.unseen * scale, '+.1f'):>7} {_num(gap.reclaim * scale, '+.1f'):>8} "
             f"{_num(gap.granularity * scale, '+.1f'):>8} "
             f"{_num(gap.unexplained * scale, '+.1f'):>8} {lag:>12}"
         )
+        if metered:
+            line += f" {_num(gap.meter_share * 100, '.1f') + '%':>7}"
+        out.append(line)
     out.append(
         "unseen: demand Redis had not registered yet (or let expire) moved the limit; reclaim: "
         "held above the limit"
@@ -56,12 +66,15 @@ def _render_gaps(report: Report) -> list[str]:
         "longest stretch of"
     )
     out.append("reclaim lag / its bound, the group's longest batch (leases are never preempted).")
-    if report.tokens:
+    if metered:
         out.append(
-            "owed counts units only: in a group with rate meters, a batch a meter held back "
-            "lands in unexpl. (see the"
+            "meter: demand a rate meter held back (its last try was refused by a meter), in % "
+            "of all demand asked; the"
         )
-        out.append("refused tries by meter below).")
+        out.append(
+            "concurrency rule owes it nothing, so it is outside owed and the gap (asked = meter "
+            "+ unit demand)."
+        )
     return out
 
 
@@ -138,6 +151,8 @@ def report_to_dict(report: Report) -> dict[str, object]:
             row["got_over_entitled"] = gap.share
             row["gap_unit_seconds"] = gap.gap
             row["gap_parts"] = gap.parts()
+            row["meter_unit_seconds"] = gap.meter
+            row["asked_unit_seconds"] = gap.asked
             row["longest_reclaim_seconds"] = gap.longest_reclaim
             row["reclaim_bound_seconds"] = gap.reclaim_bound
         tenants.append(row)

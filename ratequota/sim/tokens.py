@@ -292,13 +292,15 @@ def tokens_per_second(
             if lo < until:
                 used[min(count - 1, int(lo / width))] += b.used
             continue
-        per = b.used / (end - lo)  # a batch running past the window keeps its rate
+        # A batch running past the window keeps its rate; the share of its run each bin
+        # overlaps is taken first, so a vanishingly short batch cannot overflow a rate.
+        length = end - lo
         hi = min(end, until)
         k = int(lo / width)
         while k < count and k * width < hi:
             overlap = min(hi, (k + 1) * width) - max(lo, k * width)
             if overlap > 0:
-                used[k] += per * overlap
+                used[k] += b.used * (overlap / length)
             k += 1
     centres = [min(until, (k + 0.5) * width) for k in range(count)]
     spans = [min(until, (k + 1) * width) - k * width for k in range(count)]
