@@ -25,7 +25,8 @@ from ratequota.errors import ConfigError
 from ratequota.policy import GroupPolicy, MeterPolicy, Policy, TenantMeter, TenantPolicy
 from ratequota.sim.metering import Batch, MeterRefusal
 from ratequota.sim.report import render_report
-from ratequota.sim.scenario import Scenario, TenantLoad, Traffic, load_scenario
+from ratequota.sim.scenario import Scenario, TenantLoad, Traffic
+from ratequota.sim.scenario_file import load_scenario
 from ratequota.sim.stats import Report
 from ratequota.sim.svg import timeline
 from ratequota.sim.tokens import (

@@ -22,7 +22,8 @@ from ratequota.errors import ConfigError, PolicyFileError
 from ratequota.policy import GroupPolicy, Policy, TenantPolicy
 from ratequota.sim.fleet import progress_line, run_scenario
 from ratequota.sim.report import render_report
-from ratequota.sim.scenario import Scenario, TenantLoad, Traffic, default_scenario, load_scenario
+from ratequota.sim.scenario import Scenario, TenantLoad, Traffic, default_scenario
+from ratequota.sim.scenario_file import load_scenario
 from ratequota.sim.stats import (
     Interval,
     Outcome,

@@ -22,7 +22,8 @@ from ratequota.errors import ConfigError
 from ratequota.sim.fleet import run_scenario
 from ratequota.sim.picture import plot_timeline
 from ratequota.sim.report import render_report, report_to_dict
-from ratequota.sim.scenario import default_scenario, load_scenario
+from ratequota.sim.scenario import default_scenario
+from ratequota.sim.scenario_file import load_scenario
 from ratequota.sim.shadow import ShadowTally, in_shadow
 
 __all__ = ["add_arguments", "run"]
