@@ -81,8 +81,9 @@ class GroupKeys:
     def contention(self) -> list[str]:
         """One zset per rate-meter slot (``MAX_METERS``): the borrowers contending for the spare.
 
-        Passed to every script that decides or settles meters (KEYS[7..10]), used or not:
-        Redis Cluster wants every key named up front, and they share the group's hash tag.
+        Passed to every script that decides or settles meters (KEYS[9..12], after the
+        ledger's two hours), used or not: Redis Cluster wants every key named up front, and
+        they share the group's hash tag.
         """
         base = self.policy[: -len("policy")]
         return [f"{base}contend{i}" for i in range(1, 5)]
