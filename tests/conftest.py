@@ -11,8 +11,11 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Iterator
+from typing import Any
 
+import fakeredis
 import pytest
+import redis
 from hypothesis import HealthCheck, settings
 
 from tests.bridge import Quotas
@@ -94,6 +97,21 @@ MakeClient = Quotas
 def backend_kind(request: pytest.FixtureRequest) -> str:
     """Which backend a behavioural test runs on."""
     return str(request.param)
+
+
+@pytest.fixture
+def redis_conn(backend_kind: str, request: pytest.FixtureRequest) -> Iterator[Any]:
+    """A raw redis-py connection: an empty fakeredis, or the session's real redis-server."""
+    client: Any
+    if backend_kind == "real":
+        server: RedisServer = request.getfixturevalue("real_redis")
+        client = redis.Redis.from_url(server.url)
+    else:
+        client = fakeredis.FakeRedis(server=fakeredis.FakeServer())
+    try:
+        yield client
+    finally:
+        client.close()
 
 
 @pytest.fixture(params=["sync", "async"])

@@ -19,12 +19,10 @@ from __future__ import annotations
 
 import os
 import random
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import attrs
-import fakeredis
 import pytest
 import redis
 
@@ -46,7 +44,6 @@ from ratequota.settlement import (
     settle,
     settle_reservation,
 )
-from tests.servers import RedisServer
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = (ROOT / "lua" / "_meters.lua").read_text(encoding="utf-8") + (
@@ -272,19 +269,10 @@ def run_history(lua: LuaMeters, rnd: random.Random, steps: int) -> int:
     return admitted
 
 
-@pytest.fixture(params=["fake", pytest.param("real", marks=pytest.mark.real_redis)])
-def meters_lua(request: pytest.FixtureRequest) -> Iterator[LuaMeters]:
+@pytest.fixture
+def meters_lua(redis_conn: Any) -> LuaMeters:
     """The Lua library on fakeredis or on the session's real redis-server."""
-    client: Any
-    if request.param == "real":
-        server: RedisServer = request.getfixturevalue("real_redis")
-        client = redis.Redis.from_url(server.url)
-    else:
-        client = fakeredis.FakeRedis(server=fakeredis.FakeServer())
-    try:
-        yield LuaMeters(client)
-    finally:
-        client.close()
+    return LuaMeters(redis_conn)
 
 
 def test_lua_meters_equal_the_reference(meters_lua: LuaMeters) -> None:

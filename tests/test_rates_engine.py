@@ -22,13 +22,11 @@ Steps per backend: ``RATEQUOTA_DIFF_STEPS``, else 2,000 (20,000 with
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
 from typing import Any
 
 import attrs
 import fakeredis
 import pytest
-import redis
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -39,7 +37,6 @@ from ratequota.engine.scripts import load_scripts
 from ratequota.metered import MeteredGroup
 from ratequota.policy import GroupPolicy, MeterPolicy, TenantMeter, TenantPolicy
 from tests.redis_state import dump_keys
-from tests.servers import RedisServer
 from tests.test_differential import total_steps
 from tests.test_rates_differential import random_group
 
@@ -230,19 +227,10 @@ def run_history(conn: Any, rnd: random.Random, steps: int) -> Replay:
     return replay
 
 
-@pytest.fixture(params=["fake", pytest.param("real", marks=pytest.mark.real_redis)])
-def conn(request: pytest.FixtureRequest) -> Iterator[Any]:
-    """An empty fakeredis or the session's real redis-server."""
-    client: Any
-    if request.param == "real":
-        server: RedisServer = request.getfixturevalue("real_redis")
-        client = redis.Redis.from_url(server.url)
-    else:
-        client = fakeredis.FakeRedis(server=fakeredis.FakeServer())
-    try:
-        yield client
-    finally:
-        client.close()
+@pytest.fixture
+def conn(redis_conn: Any) -> Any:
+    """An empty fakeredis or the session's real redis-server (conftest's ``redis_conn``)."""
+    return redis_conn
 
 
 def test_metered_scripts_equal_the_reference(conn: Any) -> None:
