@@ -250,23 +250,20 @@ def token_problems(
     meters on purpose) are left out of the bounds; settlement must add up
     everywhere.
     """
-    problems = []
-    for t in tenants:
-        if t.group in exempt:
-            continue
-        if t.charged > t.bound * (1 + 1e-9):
-            problems.append(
-                f"tenant {t.tenant!r} was charged {t.charged:.1f} tokens/s, above its bound "
-                f"{t.bound:.1f} (ceil + (cburst + debt)/T)"
-            )
-    for g in groups:
-        if g.group in exempt:
-            continue
-        if g.charged > g.bound * (1 + 1e-9):
-            problems.append(
-                f"group {g.group!r} was charged {g.charged:.1f} tokens/s, above its bound "
-                f"{g.bound:.1f} (rate + (burst + debt)/T)"
-            )
+    over = [
+        (f"tenant {t.tenant!r}", t.charged, t.bound, "ceil + (cburst + debt)/T")
+        for t in tenants
+        if t.group not in exempt
+    ] + [
+        (f"group {g.group!r}", g.charged, g.bound, "rate + (burst + debt)/T")
+        for g in groups
+        if g.group not in exempt
+    ]
+    problems = [
+        f"{who} was charged {charged:.1f} tokens/s, above its bound {bound:.1f} ({formula})"
+        for who, charged, bound, formula in over
+        if charged > bound * (1 + 1e-9)
+    ]
     if not totals.adds_up:
         problems.append(
             f"settlement does not add up: reserved {totals.reserved} - refunds {totals.refunds} "
