@@ -90,6 +90,11 @@ local function ledger_add(now, tenant, counter, amount)
   ledger_write(now, {[tenant .. '|' .. counter] = amount})
 end
 
+-- The pair of ledger keys this call declares, as led_ok records it once both exist.
+local function ledger_pair()
+  return string.match(KEYS[7], ':led:(%d+)$') .. ':' .. string.match(KEYS[8], ':led:(%d+)$')
+end
+
 -- Writes the call's notes, then makes sure both declared ledger keys exist (a field "~"):
 -- while a Redis Cluster slot migrates, a script whose declared keys exist only in part is
 -- refused (TRYAGAIN) for as long as the migration lasts, and the neighbouring hour's key
@@ -101,11 +106,10 @@ local function ledger_flush(ctx)
     ledger_write(ctx.now, ctx.led)
     ctx.led = nil
   end
-  local a, b = KEYS[7], KEYS[8]
-  local pair = string.match(a, ':led:(%d+)$') .. ':' .. string.match(b, ':led:(%d+)$')
+  local pair = ledger_pair()
   local policy = ctx.policy
   if policy and policy.led_ok == pair then return end
-  for _, key in ipairs({a, b}) do
+  for _, key in ipairs({KEYS[7], KEYS[8]}) do
     -- HINCRBY (not HSETNX, which the documented minimal ACL does not grant): 1 when created.
     if redis.call('HINCRBY', key, '~', 1) == 1 then
       redis.call('PEXPIRE', key, ledger_ttl(key, ctx.now))

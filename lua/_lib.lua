@@ -24,13 +24,19 @@ local function now_ms(pinned)
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 
--- The policy header and, in the same HMGET, the specs of `names`; nil plus an error reply
--- when the group has no policy or one written by a newer schema.
-local function open_group(now, schema, names)
+-- The policy header's fields and the specs of `names`, in one HMGET (open_group reads it).
+local function read_header(names)
   -- The schema field first: a newer release may write its header differently.
   local fields = {'schema', 'hdr', 'busy', 'recover', 'fence', 'led_ok'}
   for i, name in ipairs(names) do fields[i + 6] = 't:' .. name end
-  local raw = redis.call('HMGET', KEYS[1], unpack(fields))
+  return redis.call('HMGET', KEYS[1], unpack(fields))
+end
+
+-- The policy header and the specs of `names` (raw: read_header's reply when the call has read
+-- it already); nil plus an error reply when the group has no policy or one written by a newer
+-- schema.
+local function open_group(now, schema, names, raw)
+  raw = raw or read_header(names)
   if not raw[1] then
     return nil, {-1, 'no_policy', 0, 0, 0, '0', 0, 0, 0, 0, 0}
   end
@@ -102,9 +108,10 @@ end
 -- Detects lost state and opens the recovery window; writes the sentinels of a fresh group.
 -- Sets policy.recovering. A partial loss (some keys evicted) drops the rest, the fair state
 -- with it: the holders re-assert what is still live, which rebuilds everything consistently.
+-- ctx.present, when set: the sentinels the call has counted already (acquire_reads).
 local function check_state(ctx)
   local policy, now = ctx.policy, ctx.now
-  local present = sentinels()
+  local present = ctx.present or sentinels()
   if present < 4 then
     if present > 0 or policy.busy > now then
       redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6])
@@ -153,6 +160,29 @@ end
 local function limit_at(st, spec, d)
   local lo = claim_lo(spec, d)
   return clamp_limit(st.lam, spec.w, lo, claim_up(spec, d, lo))
+end
+
+-- Commits a trial decision that admits `units` for `tenant`, none of them waiting before:
+-- the trial, whose demand counted them, is exactly the new state.
+local function hold_trial(ctx, tenant, spec, used, units, trial, before, after)
+  set_units(ctx, 'u:' .. tenant, used + units)
+  trial.used = trial.used + units
+  ctx.st, ctx.st_dirty = trial, true
+  write_points(tenant, spec.w, before, after)
+end
+
+-- Writes an admitted lease: its fencing token, expiry and entry (and, when metered, its
+-- meter reservations). Returns the expiry and the token.
+local function write_lease(ctx, tenant, units, id, ttl, meter_record)
+  local expiry = ctx.now + ttl
+  local token = next_fence(ctx.policy, ctx.now, expiry)
+  local info = entry(units, token, tenant)
+  redis.call('ZADD', KEYS[3], int(expiry), 'L' .. id)
+  redis.call('HSET', KEYS[4], 'L' .. id, info)
+  ctx.entries['L' .. id] = info
+  ctx.touch = true
+  if meter_record then redis.call('HSET', KEYS[4], 'R' .. id, meter_record) end
+  return expiry, token
 end
 
 -- Decides one request (§3) and records it; returns acquire.lua's reply (see its header).
@@ -293,23 +323,28 @@ local function acquire_one(ctx, tenant, units, id, ttl, wait, pending_ms, shadow
     add_demand(ctx, tenant, units, 0)
     settle(fair_state(ctx), policy)
   else
-    -- The trial is exactly the new state: its demand counted these units.
-    set_units(ctx, uf, tenant_used + units)
-    trial.used = trial.used + units
-    ctx.st, ctx.st_dirty = trial, true
-    write_points(tenant, spec.w, before, after)
+    hold_trial(ctx, tenant, spec, tenant_used, units, trial, before, after)
   end
 
-  local expiry = now + ttl
-  local token = next_fence(policy, now, expiry)
-  local info = entry(units, token, tenant)
-  redis.call('ZADD', KEYS[3], int(expiry), lease_member)
-  redis.call('HSET', KEYS[4], lease_member, info)
-  ctx.entries[lease_member] = info
-  ctx.touch = true
-  if meter_record then redis.call('HSET', KEYS[4], 'R' .. id, meter_record) end
+  local expiry, token = write_lease(ctx, tenant, units, id, ttl, meter_record)
   return {1, shadowed or 'admitted', expiry, token, tenant_used + units, fmt(limit),
           ctx.st.used, policy.capacity, 0, policy.version, 0, meter_rows}
+end
+
+-- Ends the live lease `id` of `tenant` (`units`, fencing token `token` as stored): ledger,
+-- expiry, entry and demand; the caller settles the level. release.lua's reply.
+local function end_lease(ctx, id, tenant, units, token)
+  local member = 'L' .. id
+  load_fields(ctx, {'g', 'u:' .. tenant, 'p:' .. tenant, 's:'})
+  local expiry = tonumber(redis.call('ZSCORE', KEYS[3], member))
+  local state = 'released'
+  if expiry <= ctx.now then state = 'expired' end
+  ledger_ended(ctx, tenant, units, token, expiry)
+  redis.call('ZREM', KEYS[3], member)
+  redis.call('HDEL', KEYS[4], member, 'R' .. id)  -- R: its meter reservations, if any
+  ctx.entries[member] = false
+  add_demand(ctx, tenant, -units, 0)
+  return {state, units}
 end
 
 -- Ends lease `id` of `tenant` whose fencing token is `token` (text, as stored), and withdraws
@@ -322,18 +357,10 @@ local function release_one(ctx, id, tenant, token)
   if info then
     local units, held_token, owner = parse_entry(info)
     if owner ~= tenant or held_token ~= token then return {'fenced', 0} end
-    load_fields(ctx, {'g', 'u:' .. tenant, 'p:' .. tenant, 's:'})
-    local expiry = tonumber(redis.call('ZSCORE', KEYS[3], member))
-    local state = 'released'
-    if expiry <= ctx.now then state = 'expired' end
-    ledger_ended(ctx, owner, units, held_token, expiry)
-    redis.call('ZREM', KEYS[3], member)
-    redis.call('HDEL', KEYS[4], member, 'R' .. id)  -- R: its meter reservations, if any
-    ctx.entries[member] = false
-    add_demand(ctx, tenant, -units, 0)
+    local reply = end_lease(ctx, id, tenant, units, held_token)
     settle(fair_state(ctx), ctx.policy)
     -- A waiting registration under a live lease's id cannot exist (admission drops it).
-    return {state, units}
+    return reply
   end
   -- A caller giving up on a waiting request releases its id: drop the registration.
   if wait_info then

@@ -322,10 +322,9 @@ local function walk(st, target, ov)
   end
 end
 
--- Brings the level of `st` to the one its sums call for: 0 when the floors already take the
--- target, INF when every ceiling fits, else a walk (ov: a tenant's points not written yet).
-local function settle(st, policy, ov)
-  if not policy then return end
+-- Sets the level of `st` when its sums alone give it, with no walk: 0 when the floors already
+-- take the target, INF when every ceiling fits. Returns false and the target otherwise.
+local function level_ends(st, policy)
   local sum_lo, sum_up = exact_value(st.loh, st.lol), exact_value(st.uph, st.upl)
   local target = target_of(policy.capacity, policy.reserve, exact_value(st.kh, st.kl), sum_up)
   if target <= sum_lo then
@@ -333,8 +332,17 @@ local function settle(st, policy, ov)
   elseif target >= sum_up then
     st.lam, st.bh, st.bl, st.wh, st.wl = INF, st.uph, st.upl, 0, 0
   else
-    walk(st, target, ov)
+    return false, target
   end
+  return true
+end
+
+-- Brings the level of `st` to the one its sums call for: level_ends, else a walk (ov: a
+-- tenant's points not written yet).
+local function settle(st, policy, ov)
+  if not policy then return end
+  local ended, target = level_ends(st, policy)
+  if not ended then walk(st, target, ov) end
 end
 
 local function copy_state(st)
@@ -362,7 +370,9 @@ local function add_demand(ctx, tenant, du, dp)
 end
 
 -- Drops up to `limit` expired entries, credits their units back and settles the level.
+-- ctx.due false: the call has already seen that nothing is due (the fast path's read).
 local function purge(ctx, limit)
+  if ctx.due == false then return 0 end
   local dead = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', ctx.now, 'LIMIT', 0, limit)
   if #dead == 0 then return 0 end
   local infos = redis.call('HMGET', KEYS[4], unpack(dead))

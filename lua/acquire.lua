@@ -54,8 +54,18 @@
 -- request, so a large batch is not starved by a stream of small ones.
 
 
-local ctx, err = open_group(now_ms(ARGV[1]), ARGV[2], {ARGV[3]})
+local now = now_ms(ARGV[1])
+local head, seed = acquire_reads(now, ARGV[3], ARGV[5])
+local ctx, err = open_group(now, ARGV[2], {ARGV[3]}, head)
 if not ctx then return err end
+seed(ctx)
+local fast = fast_acquire(ctx, ARGV[3], tonumber(ARGV[4]), ARGV[5], tonumber(ARGV[6]), ARGV[11])
+if fast then
+  flush(ctx, KEY_GRACE_MS)
+  return fast
+end
+-- end of the fast path
+
 -- Prepared even for a ttl that acquire_one refuses: one request alone and the same request
 -- inside acquire_many leave the same state.
 check_state(ctx)

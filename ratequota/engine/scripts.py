@@ -8,9 +8,14 @@ share, each one idea: ``_fair.lua`` the rule alone (pure, mirrors
 ``_ledger.lua`` the usage ledger, ``_state.lua`` the incremental group
 state, ``_meters.lua`` the rate-meter arithmetic (pure, mirrors
 ``ratequota.rates``), ``_metered.lua`` the meters kept in a group's keys,
-``_lib.lua`` the lease operations. Redis has no ``require``, so they are
-prepended to each script here, once, in that order, and the SHA1 is that of
-the combined text.
+``_lib.lua`` the lease operations, ``_fast.lua`` the decisions that need
+no walk. Redis has no ``require``, so they are prepended to each script
+here, once, in that order, and the SHA1 is that of the combined text.
+
+An entry script may end its fast path with the line ``FAST_END``: it is
+then linked in two parts (the definitions its fast path reaches, the fast
+path, the definitions only the rest reaches, the rest), so a call the fast
+path answers never creates the rest's closures (``_fast.lua`` says why).
 
 In a wheel the scripts live in ``ratequota/lua`` (hatch copies the top-level
 ``lua/`` there); in a source checkout or an editable install they are read
@@ -42,7 +47,9 @@ SCRIPT_NAMES = (
 )
 
 #: Library files prepended to every script, in dependency order.
-LIBRARY = ("_fair", "_codec", "_ledger", "_state", "_meters", "_metered", "_lib")
+LIBRARY = ("_fair", "_codec", "_ledger", "_state", "_meters", "_metered", "_lib", "_fast")
+#: The line that ends an entry script's fast path (see the module's docstring).
+FAST_END = "-- end of the fast path\n"
 _KEY_LINE = re.compile(r"^-- KEYS\[(\d+)\]\s+(\w+)")
 _ARG_LINE = re.compile(r"^-- ARGV\[(\d+)(\.\.)?\]\s+(\S+)")
 
@@ -172,13 +179,8 @@ def library_parts(text: str) -> list[tuple[str, str]]:
     return [(name, "\n".join(lines)) for name, lines in parts]
 
 
-def link(parts: list[tuple[str, str]], body: str) -> str:
-    """The definitions ``body`` uses, directly or through each other, in library order.
-
-    Redis runs a script's whole text on every call, and creating a closure
-    costs about as much as a cheap command: a script carries only the library
-    functions it can reach.
-    """
+def reach(parts: list[tuple[str, str]], body: str) -> set[str]:
+    """The names of the definitions ``body`` uses, directly or through each other."""
     defined = dict(parts)
     wanted: set[str] = set()
     todo = [n for n in _names(body) if n in defined]
@@ -187,7 +189,27 @@ def link(parts: list[tuple[str, str]], body: str) -> str:
         if name not in wanted:
             wanted.add(name)
             todo.extend(n for n in _names(defined[name]) if n in defined)
+    return wanted
+
+
+def link(parts: list[tuple[str, str]], body: str, linked: frozenset[str] = frozenset()) -> str:
+    """The definitions ``body`` uses, in library order, but those already ``linked``.
+
+    Redis runs a script's whole text on every call, and creating a closure
+    costs about as much as a cheap command: a script carries only the library
+    functions it can reach.
+    """
+    wanted = reach(parts, body) - linked
     return "\n".join(source for name, source in parts if name in wanted)
+
+
+def link_script(parts: list[tuple[str, str]], body: str) -> str:
+    """An entry script with its library: in two parts when it has a fast path (``FAST_END``)."""
+    if FAST_END not in body:
+        return f"{link(parts, body)}\n{body}"
+    fast, rest = body.split(FAST_END, 1)
+    first = frozenset(reach(parts, fast))
+    return f"{link(parts, fast)}\n{fast}{FAST_END}\n{link(parts, rest, first)}\n{rest}"
 
 
 @functools.cache
@@ -201,7 +223,7 @@ def load_scripts() -> dict[str, ScriptSpec]:
     for name in SCRIPT_NAMES:
         body = (folder / f"{name}.lua").read_text(encoding="utf-8")
         keys, argv, variadic = parse_header(name, body)
-        source = f"{link(parts, body)}\n{body}"
+        source = link_script(parts, body)
         sha = hashlib.sha1(source.encode("utf-8")).hexdigest()
         specs[name] = ScriptSpec(name, source, sha, keys, argv, variadic)
     return specs

@@ -1,0 +1,273 @@
+"""The scripts' fast paths decide exactly as their general path (lua/_fast.lua).
+
+Every call runs twice, on two databases holding the same group: once with the
+scripts as shipped, once with a copy whose fast paths are switched off
+(``FAST_PATHS = false``). Hypothesis draws the policy and a sequence of
+acquires (new ids, retries of a lease's or a waiting request's id, other
+tenants' ids, waiting, shadow, metered, too large, unknown tenants), releases
+(with the right token, a wrong one, withdrawals), renewals, clock steps that
+make entries due, policy changes and lost keys; after each call both replies
+and both databases, key for key with their expiries, must be equal. The same
+property runs on fakeredis and on a real redis-server.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import fakeredis
+import pytest
+import redis
+from hypothesis import given
+from hypothesis import strategies as st
+
+from ratequota.decision import LeaseInfo
+from ratequota.engine.keys import KeySpace
+from ratequota.engine.ops import ScriptCall
+from ratequota.engine.protocol import acquire_call, apply_policy_call, release_call, renew_call
+from ratequota.engine.scripts import FAST_END, load_scripts
+from tests.redis_state import dump_keys
+from tests.servers import RedisServer
+from tests.test_differential import STRANGER, random_policy
+
+GROUP = "fp"
+SWITCH = "local FAST_PATHS = true"
+COUNTER = "fast-answers"
+START_MS = 1_800_000_000_000
+
+operations = st.lists(
+    st.one_of(
+        st.tuples(
+            st.just("acquire"),
+            st.integers(0, 8),  # tenant
+            st.integers(1, 70),  # units
+            st.booleans(),  # wait
+            st.sampled_from(["new", "new", "new", "lease", "waiting"]),  # request id
+            st.sampled_from(["", "", "", "shadow", "meter", "long_ttl"]),
+        ),
+        st.tuples(st.just("release"), st.integers(0, 50), st.sampled_from(["ok", "ok", "bad"])),
+        st.tuples(st.just("withdraw"), st.integers(0, 50)),
+        st.tuples(st.just("renew"), st.integers(0, 50)),
+        st.tuples(st.just("advance"), st.sampled_from([1, 400, 2500, 40_000, 700_000])),
+        st.tuples(st.just("policy"), st.integers(0, 10**6)),
+        st.tuples(st.just("lose"), st.sampled_from(["demand", "exp", "info", "fair", "all"])),
+    ),
+    min_size=20,
+    max_size=60,
+)
+
+
+def general_only(source: str) -> str:
+    """A script's source with its fast paths switched off."""
+    assert source.count(SWITCH) <= 1
+    return source.replace(SWITCH, "local FAST_PATHS = false")
+
+
+def counted(source: str) -> str:
+    """A script's source that counts, in key ``COUNTER``, the calls its fast path answers (the
+    last ``return`` before ``FAST_END``), so a run shows that the fast paths were taken."""
+    if FAST_END not in source:
+        return source
+    end = source.index(FAST_END)
+    at = source.rindex("\n  return ", 0, end) + 1
+    return f"{source[:at]}  redis.call('INCR', '{COUNTER}')\n{source[at:]}"
+
+
+class Twin:
+    """One group on two databases: shipped scripts on ``fast``, general-only on ``slow``."""
+
+    def __init__(self, fast: Any, slow: Any) -> None:
+        self.fast, self.slow = fast, slow
+        self.shas: dict[str, tuple[str, str]] = {}
+        self.fast_answers = 0
+
+    def run(self, call: ScriptCall) -> Any:
+        """Both replies, held equal, and both databases, held equal."""
+        name = call.script.name
+        if name not in self.shas:
+            source = call.script.source
+            self.shas[name] = (
+                self.fast.script_load(counted(source)),
+                self.slow.script_load(general_only(source)),
+            )
+        fast_sha, slow_sha = self.shas[name]
+        replies = []
+        for conn, sha in ((self.fast, fast_sha), (self.slow, slow_sha)):
+            try:
+                replies.append(conn.evalsha(sha, len(call.keys), *call.keys, *call.args))
+            except redis.ResponseError as exc:
+                replies.append(("error", str(exc).split(" script:")[0]))
+        assert replies[0] == replies[1], (call.script.name, call.args)
+        fast_keys = dump_keys(self.fast, expiry=True)
+        answered = fast_keys.pop(COUNTER.encode(), None)
+        if answered is not None:
+            self.fast_answers += int(answered[1])
+            self.fast.delete(COUNTER)
+        assert fast_keys == dump_keys(self.slow, expiry=True), call.args
+        return replies[0]
+
+
+def run(twin: Twin, seed: int, ops: list[tuple[Any, ...]]) -> None:
+    """Replays ``ops`` on both databases, comparing after every call."""
+    rnd = random.Random(seed)
+    policy = random_policy(rnd, GROUP)
+    keyspace = KeySpace(prefix="fp")
+    keys = keyspace.group(GROUP)
+    now = START_MS
+    leases: list[LeaseInfo] = []
+    waiting: list[tuple[str, str, int]] = []
+    serial = 0
+    twin.run(apply_policy_call(keyspace, policy, now_ms=now))
+    for op in ops:
+        kind = op[0]
+        names = [t.name for t in policy.tenants] + [STRANGER]
+        if kind == "acquire":
+            _, who, amount, wait, id_kind, extra = op
+            # Mostly small requests (the fast paths' ground), some up to past the capacity.
+            units = 1 + amount % 3 if amount <= 50 else 1 + amount % (policy.capacity + 1)
+            tenant = names[who % len(names)]
+            serial += 1
+            rid = f"r{serial}"
+            if id_kind == "lease" and leases:
+                held = leases[amount % len(leases)]
+                rid, tenant, units = held.id, held.tenant, held.units
+                if who % 3 == 0:
+                    tenant = names[(who + 1) % len(names)]  # another tenant's id
+            elif id_kind == "waiting" and waiting:
+                rid, tenant, units = waiting[amount % len(waiting)]
+            ttl = int(policy.max_lease_ttl * 1000)
+            call = acquire_call(
+                keyspace,
+                GROUP,
+                tenant,
+                units,
+                rid,
+                ttl + 1 if extra == "long_ttl" else ttl,
+                wait=wait,
+                pending_ms=2000,
+                purge=1 + who % 3,
+                now_ms=now,
+                shadow=extra == "shadow",
+                meters={"tokens": 1} if extra == "meter" else None,
+            )
+            reply = twin.run(call)
+            if reply[0] == 1 and reply[10] == 0:
+                leases.append(LeaseInfo(rid, tenant, GROUP, units, int(reply[3]), reply[2] / 1000))
+                waiting = [w for w in waiting if w[0] != rid]
+            elif (
+                reply[0] == 0
+                and wait
+                and reply[1] in ("tenant_limit", "group_full", "meter")
+                and all(w[0] != rid for w in waiting)
+            ):
+                waiting.append((rid, tenant, units))
+        elif kind == "release" and leases:
+            lease = leases.pop(op[1] % len(leases))
+            token = lease.token if op[2] == "ok" else lease.token + 1
+            twin.run(
+                release_call(
+                    keyspace, GROUP, lease.id, tenant=lease.tenant, token=token, purge=2, now_ms=now
+                )
+            )
+            if op[2] == "bad":
+                leases.append(lease)
+        elif kind == "withdraw" and waiting:
+            rid, tenant, _ = waiting.pop(op[1] % len(waiting))
+            withdrawal = release_call(
+                keyspace, GROUP, rid, tenant=tenant, token=0, purge=2, now_ms=now
+            )
+            twin.run(withdrawal)
+        elif kind == "renew" and leases:
+            lease = leases[op[1] % len(leases)]
+            twin.run(renew_call(keyspace, lease, 30_000, purge=2, now_ms=now))
+        elif kind == "advance":
+            now += op[1]
+        elif kind == "policy":
+            policy = random_policy(random.Random(op[1]), GROUP)
+            twin.run(apply_policy_call(keyspace, policy, now_ms=now))
+        elif kind == "lose":
+            lost = list(keys.all) if op[1] == "all" else [getattr(keys, op[1])]
+            twin.fast.delete(*lost)
+            twin.slow.delete(*lost)
+
+
+def test_fast_paths_equal_general_path_on_fakeredis() -> None:
+    """Any sequence of calls: same replies, same keys, fast paths on or off (fakeredis)."""
+    answered = []
+
+    @given(seed=st.integers(0, 10**6), ops=operations)
+    def prop(seed: int, ops: list[tuple[Any, ...]]) -> None:
+        fast = fakeredis.FakeRedis(server=fakeredis.FakeServer())
+        twin = Twin(fast, fakeredis.FakeRedis(server=fakeredis.FakeServer()))
+        run(twin, seed, ops)
+        answered.append(twin.fast_answers)
+
+    prop()
+    assert sum(answered) > 0, "no call took a fast path"
+
+
+@pytest.mark.real_redis
+def test_fast_paths_equal_general_path_on_real_redis(real_redis: RedisServer) -> None:
+    """The same property on a real redis-server, its two databases side by side."""
+    fast = redis.Redis(host="127.0.0.1", port=real_redis.port, db=0)
+    slow = redis.Redis(host="127.0.0.1", port=real_redis.port, db=1)
+    answered = []
+
+    @given(seed=st.integers(0, 10**6), ops=operations)
+    def prop(seed: int, ops: list[tuple[Any, ...]]) -> None:
+        fast.flushdb()
+        slow.flushdb()
+        twin = Twin(fast, slow)
+        run(twin, seed, ops)
+        answered.append(twin.fast_answers)
+
+    try:
+        prop()
+    finally:
+        fast.close()
+        slow.close()
+    assert sum(answered) > 0, "no call took a fast path"
+
+
+def test_every_fast_path_can_be_switched_off() -> None:
+    """The scripts with a fast path carry the switch this test flips, exactly once."""
+    for name in ("acquire", "release"):
+        assert load_scripts()[name].source.count(SWITCH) == 1, name
+
+
+def test_plain_acquire_and_release_take_the_fast_paths() -> None:
+    """An acquire with room to spare and its release are each answered by a fast path."""
+    conn = fakeredis.FakeRedis(server=fakeredis.FakeServer())
+    keyspace = KeySpace(prefix="fp")
+    policy = random_policy(random.Random(7), GROUP)
+    tenant = policy.tenants[0].name
+    scripts = load_scripts()
+
+    def call(made: ScriptCall) -> Any:
+        source = counted(made.script.source)
+        return conn.eval(source, len(made.keys), *made.keys, *made.args)
+
+    call(apply_policy_call(keyspace, policy, now_ms=START_MS))
+    for _ in range(2):  # the first acquire writes the group's sentinels: the general path
+        reply = call(
+            acquire_call(
+                keyspace,
+                GROUP,
+                tenant,
+                1,
+                "a",
+                30_000,
+                wait=False,
+                pending_ms=1,
+                purge=1,
+                now_ms=START_MS,
+            )
+        )
+        assert reply[0] == 1
+        call(
+            release_call(
+                keyspace, GROUP, "a", tenant=tenant, token=int(reply[3]), purge=1, now_ms=START_MS
+            )
+        )
+    assert int(conn.get(COUNTER) or 0) == 3, scripts["acquire"].sha
