@@ -3,13 +3,24 @@
 -- policy hash  hdr        "schema|version|C|ttl_ms|unknown|reserve|<default spec>"
 --              t:<tenant> spec "G|lendable|B|weight|max_units" (B, max_units may be empty)
 --              busy, recover, fence  integers (ms, ms, counter), written by the decisions
+--              wide       WIDE (below), so that field lookups do not scan
 -- demand hash  u:<t>, p:<t> units held / waiting; g  the group's fair state (pack_state);
---              s: sentinel (see _lib.lua, "State loss")
+--              s: sentinel (see _lib.lua, "State loss"), its value WIDE
 -- info hash    L<id> "units:token:tenant", P<id> "units:seq:tenant"     (entry)
 -- queue zset   "<len>:<tenant>|<seq, 16 digits>|<units>|<id>"           (queue_member)
 -- fair zset    "l|lo|up|w|tenant" at lo/w, "u|lo|up|w|tenant" at up/w  (point_member);
 --              "~" at -1: sentinel
--- exp zset / info hash  also hold the sentinel "s:"
+-- exp zset / info hash  also hold the sentinel "s:" (info's with the value WIDE)
+
+-- The value of the "s:" sentinels of demand and info, and of the policy hash's field "wide":
+-- longer than Redis's hash-max-listpack-value (64 bytes by default), so Redis keeps these
+-- hashes in its hashtable encoding from their first write. Small hashes (up to
+-- hash-max-listpack-entries fields, 128 or 512) are otherwise kept as a listpack, where every
+-- field lookup is a linear scan: the info hash of a group with a hundred live leases cost
+-- about 100k instructions per acquire and release in scans alone (docs/benchmarks.md). Only
+-- the fields' presence is ever read; a value written by an earlier release ("0") is replaced
+-- by the next acquire (acquire_reads).
+local WIDE = 'kept in hashtable encoding on purpose: longer than hash-max-listpack-value'
 
 -- Numbers written back: %.17g reads back to the same double and never uses an exponent for
 -- an integer below 2^53. Most values written are whole (units, the exact sums' parts, most

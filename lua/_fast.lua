@@ -29,6 +29,9 @@ local function acquire_reads(now, tenant, id)
   local present = 0
   if dem[4] then present = present + 1 end
   if ent[3] then present = present + 1 end
+  -- Sentinels an earlier release wrote ("0"), upgraded to their hashtable-keeping value.
+  if dem[4] == '0' then redis.call('HSET', KEYS[2], 's:', WIDE) end
+  if ent[3] == '0' then redis.call('HSET', KEYS[4], 's:', WIDE) end
   if redis.call('ZSCORE', KEYS[3], 's:') then present = present + 1 end
   if redis.call('ZSCORE', KEYS[6], FAIR_ANCHOR) then present = present + 1 end
   local due = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now, 'LIMIT', 0, 1)

@@ -120,9 +120,9 @@ local function check_state(ctx)
         policy.recover = policy.busy
       end
     end
-    redis.call('HSET', KEYS[2], 's:', 0)
+    redis.call('HSET', KEYS[2], 's:', WIDE)
     redis.call('ZADD', KEYS[3], SENTINEL_SCORE, 's:')
-    redis.call('HSET', KEYS[4], 's:', 0)
+    redis.call('HSET', KEYS[4], 's:', WIDE)
     redis.call('ZADD', KEYS[6], -1, FAIR_ANCHOR)
     ctx.cache, ctx.entries, ctx.st = {}, {}, nil
     ctx.touch = true

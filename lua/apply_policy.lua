@@ -92,9 +92,9 @@ if legacy_live then
   end
   for tenant, units in pairs(held) do redis.call('HINCRBY', KEYS[2], 'u:' .. tenant, int(units)) end
   -- Whole state, as check_state would have written it (the fair anchor comes with the rebuild).
-  redis.call('HSET', KEYS[2], 's:', 0)
+  redis.call('HSET', KEYS[2], 's:', WIDE)
   redis.call('ZADD', KEYS[3], SENTINEL_SCORE, 's:')
-  redis.call('HSET', KEYS[4], 's:', 0)
+  redis.call('HSET', KEYS[4], 's:', WIDE)
   redis.call('DEL', KEYS[8], KEYS[9], KEYS[10], KEYS[11])
 end
 if old[4] ~= ARGV[7] or legacy_live or not legacy[1] then
@@ -103,7 +103,10 @@ if old[4] ~= ARGV[7] or legacy_live or not legacy[1] then
   -- to their schema check (they would otherwise try to restore the group).
   redis.call('HSET', KEYS[7], 'schema', schema, 'C', 0)
 end
-if old[4] == ARGV[7] and not legacy_live then return {0, tonumber(old[2])} end
+if old[4] == ARGV[7] and not legacy_live then
+  redis.call('HSET', KEYS[1], 'wide', WIDE)  -- a policy published by an earlier release
+  return {0, tonumber(old[2])}
+end
 
 local version = (tonumber(old[2]) or 0) + 1
 local header = schema .. '|' .. version .. '|' .. ARGV[2] .. '|' .. ARGV[6] .. '|' .. ARGV[4] ..
@@ -111,7 +114,7 @@ local header = schema .. '|' .. version .. '|' .. ARGV[2] .. '|' .. ARGV[6] .. '
 redis.call('DEL', KEYS[1])
 redis.call('HSET', KEYS[1], 'schema', schema, 'version', version, 'fence', int(fence),
   'digest', ARGV[7], 'hdr', header, 'busy', int(busy), 'recover', old[6] or 0,
-  'led_ttl', ARGV[13])
+  'led_ttl', ARGV[13], 'wide', WIDE)
 -- HSET in chunks: unpack() of a very long list overflows Lua's C stack.
 local specs, batch = {}, {}
 -- Rate meters (_metered.lua): written only when the policy has some.
