@@ -57,30 +57,23 @@ local function open_group(now, schema, names, raw)
   return ctx, nil
 end
 
--- The next fencing token, written back with (when given) a new lease expiry in one HSET:
--- busy records that a lease may live until then (the policy hash outlives lost state).
+-- The next fencing token, recorded with (when given) a new lease expiry: busy records that a
+-- lease may live until then (the policy hash outlives lost state). Both are written back by
+-- flush, once per call however many leases the call grants (acquire_many).
 -- A token is above every token handed out before, even after Redis lost the counter: the
 -- floor is Redis time in ms x 1000, which grows by 1000 per ms, so tokens never go back
 -- across a loss unless the group handed out more than 1000 tokens per ms for longer than
 -- the outage lasted (or the server's clock went back). Exact in doubles until 2255.
 local function next_fence(policy, now, expiry)
   local token = math.max(policy.fence + 1, now * 1000)
-  policy.fence = token
-  if expiry and expiry > policy.busy then
-    policy.busy = expiry
-    redis.call('HSET', KEYS[1], 'fence', int(token), 'busy', int(expiry))
-  else
-    redis.call('HSET', KEYS[1], 'fence', int(token))
-  end
+  policy.fence, policy.fence_dirty = token, true
+  if expiry and expiry > policy.busy then policy.busy, policy.busy_dirty = expiry, true end
   return token
 end
 
--- Records that a lease may live until `expiry` (a renewal: no new token).
+-- Records that a lease may live until `expiry` (a renewal: no new token), written by flush.
 local function mark_busy(policy, expiry)
-  if expiry > policy.busy then
-    redis.call('HSET', KEYS[1], 'busy', int(expiry))
-    policy.busy = expiry
-  end
+  if expiry > policy.busy then policy.busy, policy.busy_dirty = expiry, true end
 end
 
 -- How many of demand, exp, info and fair still hold their sentinel (4: the state is whole).
@@ -336,9 +329,15 @@ end
 local function end_lease(ctx, id, tenant, units, token)
   local member = 'L' .. id
   load_fields(ctx, {'g', 'u:' .. tenant, 'p:' .. tenant, 's:'})
+  -- No expiry while the entry is there: exp was lost (evicted), and the next acquire or renew
+  -- opens the recovery window (check_state). The holder still gives its units back now.
   local expiry = tonumber(redis.call('ZSCORE', KEYS[3], member))
   local state = 'released'
-  if expiry <= ctx.now then state = 'expired' end
+  if not expiry then
+    expiry = ctx.now
+  elseif expiry <= ctx.now then
+    state = 'expired'
+  end
   ledger_ended(ctx, tenant, units, token, expiry)
   redis.call('ZREM', KEYS[3], member)
   redis.call('HDEL', KEYS[4], member, 'R' .. id)  -- R: its meter reservations, if any

@@ -419,6 +419,17 @@ end
 -- every key this call wrote: longer than any lease, so a group that goes idle leaves nothing.
 local function flush(ctx, key_grace_ms)
   ledger_flush(ctx)
+  local policy = ctx.policy
+  if policy and (policy.fence_dirty or policy.busy_dirty) then  -- next_fence, mark_busy
+    if not policy.busy_dirty then
+      redis.call('HSET', KEYS[1], 'fence', int(policy.fence))
+    elseif not policy.fence_dirty then
+      redis.call('HSET', KEYS[1], 'busy', int(policy.busy))
+    else
+      redis.call('HSET', KEYS[1], 'fence', int(policy.fence), 'busy', int(policy.busy))
+    end
+    policy.fence_dirty, policy.busy_dirty = false, false
+  end
   if ctx.st_dirty then
     -- An all-zero state is the one a missing field reads as: no field for it.
     local st = ctx.st

@@ -103,6 +103,20 @@ def test_evicted_state_recovers_without_over_admission(
     assert _used(pod) == 10
 
 
+def test_release_after_its_expiry_was_evicted_gives_the_units_back(make_quota: MakeClient) -> None:
+    """Only exp is evicted, and a holder releases before any acquire notices: the release
+    used to fail with a Lua error (no expiry to compare); it frees the units, and the next
+    acquire still finds the loss and recovers."""
+    clock = ManualClock()
+    pod = make_quota(POLICY, clock=clock, auto_renew=False)
+    a, _ = _hold_capacity(pod)
+    _lose_state(make_quota, "exp")
+    result = a.release()
+    assert (result.state, result.units) == ("released", 6)
+    assert _used(pod) == 4
+    assert pod.try_acquire("a", 1, ttl=5.0).reason == "recovering"
+
+
 def test_only_live_leases_within_capacity_are_reasserted(make_quota: MakeClient) -> None:
     """A re-assertion is no blank cheque: a lease already expired by its own last known expiry
     is lost, and so is one that would push the group above its capacity."""
