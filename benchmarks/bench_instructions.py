@@ -3,6 +3,7 @@
 Usage (from the repository root; needs ``valgrind`` on the PATH)::
 
     .venv/bin/python benchmarks/bench_instructions.py [--calls N] [--lua-dir DIR]
+        [--contended TENANTS] [--batch SIZE]
 
 Timings on a shared machine move by 2-3x with its load; instruction counts do
 not. This starts its own redis-server under ``valgrind --tool=callgrind`` (about
@@ -13,7 +14,10 @@ handling — beside a trivial ``EVALSHA "return 1"`` measured the same way.
 Instructions are not time (cache misses and the kernel are not counted), but a
 change that removes work shows here whatever the machine is doing.
 
-``--lua-dir`` runs the scripts of another checkout (``git archive <commit> lua``
+``--contended N`` adds an acquire in a group of N tenants all waiting above the
+capacity (a walked level); ``--batch N`` adds ``acquire_many`` and
+``release_many`` calls of N requests each, as the async client merges them,
+per request. ``--lua-dir`` runs the scripts of another checkout (``git archive <commit> lua``
 unpacked somewhere), so a before/after pair needs no second virtualenv.
 """
 
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import itertools
 import os
 import shutil
 import subprocess
@@ -36,7 +41,7 @@ import redis
 
 import ratequota.engine.scripts as scripts
 from ratequota import GroupPolicy, Policy, QuotaClient, TenantPolicy
-from ratequota.engine.protocol import acquire_call
+from ratequota.engine.protocol import acquire_call, acquire_many_call, release_many_call
 from tests.servers import free_port
 
 TENANTS = 10
@@ -156,6 +161,32 @@ def contended(server: CallgrindServer, active: int, calls: int) -> int:
     return total
 
 
+def batched(server: CallgrindServer, quota: QuotaClient, size: int, calls: int) -> int:
+    """Instructions for ``calls`` requests sent as ``acquire_many`` calls of ``size`` requests,
+    each followed by a ``release_many`` of the leases it granted (the async client merges
+    concurrent calls into these): per request, a batched acquire and its release."""
+    conn = quota.backend.connection("ir")
+    keyspace = quota.core.keyspace
+    for spec in scripts.load_scripts().values():
+        conn.script_load(spec.source)
+    counter = itertools.count()
+
+    def one_batch() -> None:
+        numbers = [next(counter) for _ in range(size)]
+        requests = [(f"a{n % TENANTS}", 1, f"b{n}", 60_000, False) for n in numbers]
+        call = acquire_many_call(keyspace, "ir", requests, pending_ms=2000, purge=64)
+        replies = conn.evalsha(call.script.sha, len(call.keys), *call.keys, *call.args)
+        held = [
+            (f"b{n}", f"a{n % TENANTS}", int(reply[3]))
+            for n, reply in zip(numbers, replies, strict=True)
+        ]
+        call = release_many_call(keyspace, "ir", held, purge=64)
+        conn.evalsha(call.script.sha, len(call.keys), *call.keys, *call.args)
+
+    one_batch()
+    return server.instructions(lambda: [one_batch() for _ in range(max(1, calls // size))])
+
+
 def main(argv: list[str] | None = None) -> int:
     """Measure and print instructions per call."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
@@ -164,6 +195,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--contended", type=int, default=0, help="also a contended group of this many tenants"
     )
+    parser.add_argument(
+        "--batch", type=int, default=0, help="also acquire_many + release_many of this many"
+    )
     args = parser.parse_args(argv)
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
         print("valgrind (with callgrind_control) is not installed", file=sys.stderr)
@@ -171,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.lua_dir is not None:
         folder = args.lua_dir / "lua" if (args.lua_dir / "lua").is_dir() else args.lua_dir
         scripts._lua_dir = lambda: folder  # type: ignore[assignment]
+        # An older version may lack library files this one has (_fast.lua): link what it has.
+        scripts.LIBRARY = tuple(n for n in scripts.LIBRARY if (folder / f"{n}.lua").is_file())
     server = CallgrindServer()
     try:
         conn = redis.Redis(port=server.port, socket_timeout=60)
@@ -197,9 +233,13 @@ def main(argv: list[str] | None = None) -> int:
         trivial = server.instructions(lambda: [conn.evalsha(sha, 0) for _ in range(calls)])
         acquired = server.instructions(acquire)
         released = server.instructions(release)
-        quota.close()
         per = [trivial / calls, acquired / calls, released / calls]
         names: tuple[str, ...] = ("trivial EVALSHA", "acquire (admitted)", "release")
+        if args.batch:
+            requests = max(1, calls // args.batch) * args.batch
+            per.append(batched(server, quota, args.batch, calls) / requests)
+            names += (f"acq.+rel., {args.batch} a batch",)
+        quota.close()
         if args.contended:
             per.append(contended(server, args.contended, calls) / calls)
             names += (f"acquire, {args.contended} contended",)
