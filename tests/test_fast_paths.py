@@ -273,3 +273,56 @@ def test_plain_acquire_and_release_take_the_fast_paths() -> None:
             )
         )
     assert int(conn.get(COUNTER) or 0) == 3, scripts["acquire"].sha
+
+
+def test_state_written_by_the_previous_release_is_served_and_upgraded() -> None:
+    """Pods of the previous release (same key schema) write the sentinels as "0" and no
+    policy field ``wide``: the new scripts take that state as whole, answer exactly as on
+    their own state, and replace the sentinels' values (the hashes become hashtables)."""
+    conn = fakeredis.FakeRedis(server=fakeredis.FakeServer())
+    keyspace = KeySpace(prefix="fp")
+    keys = keyspace.group(GROUP)
+    policy = random_policy(random.Random(11), GROUP)
+    tenant = policy.tenants[0].name
+
+    def run(made: ScriptCall) -> Any:
+        return conn.evalsha(made.script.sha, len(made.keys), *made.keys, *made.args)
+
+    for spec in load_scripts().values():
+        conn.script_load(spec.source)
+    run(apply_policy_call(keyspace, policy, now_ms=START_MS))
+    first = run(
+        acquire_call(
+            keyspace,
+            GROUP,
+            tenant,
+            1,
+            "a",
+            30_000,
+            wait=False,
+            pending_ms=1,
+            purge=1,
+            now_ms=START_MS,
+        )
+    )
+    assert first[0] == 1
+    conn.hset(keys.demand, "s:", 0)
+    conn.hset(keys.info, "s:", 0)
+    conn.hdel(keys.policy, "wide")
+    second = run(
+        acquire_call(
+            keyspace,
+            GROUP,
+            tenant,
+            1,
+            "b",
+            30_000,
+            wait=False,
+            pending_ms=1,
+            purge=1,
+            now_ms=START_MS,
+        )
+    )
+    assert (second[0], second[1], second[4]) == (1, b"admitted", 2)  # not "recovering"
+    assert conn.hget(keys.demand, "s:") == conn.hget(keys.info, "s:")
+    assert len(conn.hget(keys.info, "s:") or b"") > 64
