@@ -161,7 +161,7 @@ local function hold_trial(ctx, tenant, spec, used, units, trial, before, after)
   set_units(ctx, 'u:' .. tenant, used + units)
   trial.used = trial.used + units
   ctx.st, ctx.st_dirty = trial, true
-  write_points(tenant, spec.w, before, after)
+  move_points(ctx, tenant, spec.w, before, after)
 end
 
 -- Writes an admitted lease: its fencing token, expiry and entry (and, when metered, its
@@ -239,7 +239,7 @@ local function acquire_one(ctx, tenant, units, id, ttl, wait, pending_ms, shadow
   else
     trial = copy_state(st)
     before, after = change_demand(trial, spec, d0, d0 + units)
-    settle(trial, policy, {tenant = tenant, pts = points_of(tenant, spec.w, after)})
+    settle(ctx, trial, {tenant = tenant, pts = points_of(tenant, spec.w, after)})
     limit = clamp_limit(trial.lam, spec.w, after.lo, after.up)
   end
 
@@ -281,7 +281,7 @@ local function acquire_one(ctx, tenant, units, id, ttl, wait, pending_ms, shadow
         -- The trial is exactly the new state: its demand counted these units.
         set_units(ctx, pf, tenant_waiting + units)
         ctx.st, ctx.st_dirty = trial, true
-        write_points(tenant, spec.w, before, after)
+        move_points(ctx, tenant, spec.w, before, after)
       end
       ctx.touch, ctx.touch_queue = true, true
       -- The front of the line retries soon, paced by position: the head may fit at the next
@@ -314,7 +314,7 @@ local function acquire_one(ctx, tenant, units, id, ttl, wait, pending_ms, shadow
     -- waiting to held, the tenant's demand and so the level stay as they are.
     drop_waiting(ctx, id, wait_info)
     add_demand(ctx, tenant, units, 0)
-    settle(fair_state(ctx), policy)
+    settle(ctx, fair_state(ctx))
   else
     hold_trial(ctx, tenant, spec, tenant_used, units, trial, before, after)
   end
@@ -357,7 +357,7 @@ local function release_one(ctx, id, tenant, token)
     local units, held_token, owner = parse_entry(info)
     if owner ~= tenant or held_token ~= token then return {'fenced', 0} end
     local reply = end_lease(ctx, id, tenant, units, held_token)
-    settle(fair_state(ctx), ctx.policy)
+    settle(ctx, fair_state(ctx))
     -- A waiting registration under a live lease's id cannot exist (admission drops it).
     return reply
   end
@@ -367,7 +367,7 @@ local function release_one(ctx, id, tenant, token)
     if owner ~= tenant then return {'fenced', 0} end
     load_fields(ctx, {'g', 'u:' .. tenant, 'p:' .. tenant, 's:'})
     drop_waiting(ctx, id, wait_info)
-    settle(fair_state(ctx), ctx.policy)
+    settle(ctx, fair_state(ctx))
   end
   return {'unknown', 0}
 end

@@ -31,7 +31,8 @@ local FAIR_ANCHOR = '~'
 -- hash, so that a batch of decisions reads each field once and writes it once.
 local function open_ctx(now, policy)
   return {now = now, policy = policy, cache = {}, dirty = {}, specs = {}, entries = {},
-          st = nil, st_dirty = false, touch = false, touch_queue = false, whole = false}
+          moved = {}, st = nil, st_dirty = false, touch = false,
+          touch_queue = false, whole = false}
 end
 
 -- Loads the demand-hash fields not cached yet, in one HMGET.
@@ -151,16 +152,34 @@ local function points_of(tenant, w, b)
           {score = b.up / w, lo = b.lo, up = b.up, w = w, tenant = tenant, kind = 'u'}}
 end
 
--- Replaces a tenant's points in the fair zset.
-local function write_points(tenant, w, before, after)
-  if before and after and before.lo == after.lo and before.up == after.up then return end
-  if before and before.up > before.lo then
-    redis.call('ZREM', KEYS[6], point_members(before.lo, before.up, w, tenant))
+-- Records that a tenant's points move from bounds `before` to `after` (nil: no points). The
+-- zset is written by write_points, once per tenant and call, before a walk reads it and at
+-- flush: a batch that moves one tenant many times writes its points once.
+local function move_points(ctx, tenant, w, before, after)
+  local moved = ctx.moved[tenant]
+  if moved then
+    moved.last = after or false
+  else
+    ctx.moved[tenant] = {w = w, first = before or false, last = after or false}
   end
-  if after and after.up > after.lo then
-    local l, u = point_members(after.lo, after.up, w, tenant)
-    redis.call('ZADD', KEYS[6], fmt(after.lo / w), l, fmt(after.up / w), u)
+end
+
+-- Writes the recorded moves: each tenant's points as the call found them out, as it leaves
+-- them in (the policy, and so w, is the same throughout a call).
+local function write_points(ctx)
+  for tenant, m in pairs(ctx.moved) do
+    local before, after, w = m.first, m.last, m.w
+    if not (before and after and before.lo == after.lo and before.up == after.up) then
+      if before and before.up > before.lo then
+        redis.call('ZREM', KEYS[6], point_members(before.lo, before.up, w, tenant))
+      end
+      if after and after.up > after.lo then
+        local l, u = point_members(after.lo, after.up, w, tenant)
+        redis.call('ZADD', KEYS[6], fmt(after.lo / w), l, fmt(after.up / w), u)
+      end
+    end
   end
+  ctx.moved = {}
 end
 
 -- Breakpoints from `pos` (inclusive) upwards (dir 1) or downwards (-1): the zset's, except
@@ -337,12 +356,16 @@ local function level_ends(st, policy)
   return true
 end
 
--- Brings the level of `st` to the one its sums call for: level_ends, else a walk (ov: a
--- tenant's points not written yet).
-local function settle(st, policy, ov)
-  if not policy then return end
-  local ended, target = level_ends(st, policy)
-  if not ended then walk(st, target, ov) end
+-- Brings the level of `st` (ctx's, or a trial of it) to the one its sums call for:
+-- level_ends, else a walk over the zset, the call's moves written first (ov: a tenant's
+-- points not recorded yet).
+local function settle(ctx, st, ov)
+  if not ctx.policy then return end
+  local ended, target = level_ends(st, ctx.policy)
+  if not ended then
+    write_points(ctx)
+    walk(st, target, ov)
+  end
 end
 
 local function copy_state(st)
@@ -366,7 +389,7 @@ local function add_demand(ctx, tenant, du, dp)
   local spec = spec_of(ctx, tenant)
   if not spec then return end  -- a tenant the policy no longer knows takes no part
   local before, after = change_demand(st, spec, used + waiting, used + du + waiting + dp)
-  write_points(tenant, spec.w, before, after)
+  move_points(ctx, tenant, spec.w, before, after)
 end
 
 -- Drops up to `limit` expired entries, credits their units back and settles the level.
@@ -411,13 +434,14 @@ local function purge(ctx, limit)
   end
   load_fields(ctx, fields)
   for _, name in ipairs(names) do add_demand(ctx, name, tenants[name][1], tenants[name][2]) end
-  settle(fair_state(ctx), ctx.policy)
+  settle(ctx, fair_state(ctx))
   return #dead
 end
 
 -- Writes back the cached demand fields and the fair state, and refreshes the expiry of
 -- every key this call wrote: longer than any lease, so a group that goes idle leaves nothing.
 local function flush(ctx, key_grace_ms)
+  write_points(ctx)
   ledger_flush(ctx)
   local policy = ctx.policy
   if policy and (policy.fence_dirty or policy.busy_dirty) then  -- next_fence, mark_busy

@@ -29,7 +29,7 @@ end
 if not reply then
   reply = release_one(ctx, ARGV[3], ARGV[5], ARGV[6])
 elseif not settled then
-  settle(fair_state(ctx), ctx.policy)
+  settle(ctx, fair_state(ctx))
 end
 purge(ctx, tonumber(ARGV[4]))
 flush(ctx, KEY_GRACE_MS)

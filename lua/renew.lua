@@ -68,7 +68,7 @@ else
   end
   redis.call('HSET', KEYS[4], member, int(units) .. ':' .. token .. ':' .. tenant)
   add_demand(ctx, tenant, units, 0)
-  settle(fair_state(ctx), policy)
+  settle(ctx, fair_state(ctx))
   if policy.fence < tonumber(token) then
     redis.call('HSET', KEYS[1], 'fence', token)
     policy.fence = tonumber(token)
