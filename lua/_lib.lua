@@ -170,7 +170,7 @@ local function write_lease(ctx, tenant, units, id, ttl, meter_record)
   local expiry = ctx.now + ttl
   local token = next_fence(ctx.policy, ctx.now, expiry)
   local info = entry(units, token, tenant)
-  redis.call('ZADD', KEYS[3], int(expiry), 'L' .. id)
+  schedule(ctx, 'L' .. id, expiry)
   redis.call('HSET', KEYS[4], 'L' .. id, info)
   ctx.entries['L' .. id] = info
   ctx.touch = true
@@ -270,7 +270,7 @@ local function acquire_one(ctx, tenant, units, id, ttl, wait, pending_ms, shadow
     local first = redis.call('ZRANGE', KEYS[3], 0, 0, 'WITHSCORES')
     if first[2] then retry_ms = math.max(1, math.min(retry_ms, tonumber(first[2]) - now)) end
     if wait and reason ~= 'too_large' then
-      redis.call('ZADD', KEYS[3], int(now + pending_ms), wait_member)
+      schedule(ctx, wait_member, now + pending_ms)
       if not already_waiting then
         -- The fencing counter doubles as the arrival sequence: monotonic, kept across policies.
         local seq = next_fence(policy, now)

@@ -393,10 +393,20 @@ local function add_demand(ctx, tenant, du, dp)
 end
 
 -- Drops up to `limit` expired entries, credits their units back and settles the level.
--- ctx.due false: the call has already seen that nothing is due (the fast path's read).
+-- Schedules entry `member` of exp to expire at `expiry` (ms).
+local function schedule(ctx, member, expiry)
+  redis.call('ZADD', KEYS[3], int(expiry), member)
+  if expiry <= ctx.now then ctx.due = nil end  -- due at once: the next purge must look
+end
+
+-- ctx.due false: the call has already seen that nothing is due (the fast path's read, or a
+-- purge that found fewer than it may drop); the clock stands still within a call, so nothing
+-- becomes due unless scheduled so (schedule), and release_many's purge after each release
+-- reads exp once.
 local function purge(ctx, limit)
   if ctx.due == false then return 0 end
   local dead = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', ctx.now, 'LIMIT', 0, limit)
+  if #dead < limit then ctx.due = false end
   if #dead == 0 then return 0 end
   local infos = redis.call('HMGET', KEYS[4], unpack(dead))
   local tenants, names = {}, {}

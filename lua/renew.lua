@@ -77,7 +77,7 @@ else
 end
 
 local new_expiry = now + ttl
-redis.call('ZADD', KEYS[3], int(new_expiry), member)
+schedule(ctx, member, new_expiry)
 mark_busy(policy, new_expiry)
 ctx.touch = true
 
