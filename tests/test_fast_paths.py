@@ -238,6 +238,13 @@ def test_every_fast_path_can_be_switched_off() -> None:
         assert load_scripts()[name].source.count(SWITCH) == 1, name
 
 
+def plain_acquire(keyspace: KeySpace, tenant: str, rid: str) -> ScriptCall:
+    """One unit for ``tenant`` under request id ``rid``, not waiting, at ``START_MS``."""
+    return acquire_call(
+        keyspace, GROUP, tenant, 1, rid, 30_000, wait=False, pending_ms=1, purge=1, now_ms=START_MS
+    )
+
+
 def test_plain_acquire_and_release_take_the_fast_paths() -> None:
     """An acquire with room to spare and its release are each answered by a fast path."""
     conn = fakeredis.FakeRedis(server=fakeredis.FakeServer())
@@ -252,20 +259,7 @@ def test_plain_acquire_and_release_take_the_fast_paths() -> None:
 
     call(apply_policy_call(keyspace, policy, now_ms=START_MS))
     for _ in range(2):  # the first acquire writes the group's sentinels: the general path
-        reply = call(
-            acquire_call(
-                keyspace,
-                GROUP,
-                tenant,
-                1,
-                "a",
-                30_000,
-                wait=False,
-                pending_ms=1,
-                purge=1,
-                now_ms=START_MS,
-            )
-        )
+        reply = call(plain_acquire(keyspace, tenant, "a"))
         assert reply[0] == 1
         call(
             release_call(
@@ -291,38 +285,12 @@ def test_state_written_by_the_previous_release_is_served_and_upgraded() -> None:
     for spec in load_scripts().values():
         conn.script_load(spec.source)
     run(apply_policy_call(keyspace, policy, now_ms=START_MS))
-    first = run(
-        acquire_call(
-            keyspace,
-            GROUP,
-            tenant,
-            1,
-            "a",
-            30_000,
-            wait=False,
-            pending_ms=1,
-            purge=1,
-            now_ms=START_MS,
-        )
-    )
+    first = run(plain_acquire(keyspace, tenant, "a"))
     assert first[0] == 1
     conn.hset(keys.demand, "s:", 0)
     conn.hset(keys.info, "s:", 0)
     conn.hdel(keys.policy, "wide")
-    second = run(
-        acquire_call(
-            keyspace,
-            GROUP,
-            tenant,
-            1,
-            "b",
-            30_000,
-            wait=False,
-            pending_ms=1,
-            purge=1,
-            now_ms=START_MS,
-        )
-    )
+    second = run(plain_acquire(keyspace, tenant, "b"))
     assert (second[0], second[1], second[4]) == (1, b"admitted", 2)  # not "recovering"
     assert conn.hget(keys.demand, "s:") == conn.hget(keys.info, "s:")
     assert len(conn.hget(keys.info, "s:") or b"") > 64
