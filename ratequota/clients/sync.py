@@ -171,6 +171,10 @@ class QuotaClient(ClientBase):
         # No I/O here: connections open on first use, and a script missing on a server is
         # loaded by the first call that meets its NOSCRIPT (or up front by ``with`` / check()).
         self.renewer = ThreadRenewer(self)
+        # One script call, the hot path: pre-packed on the backends made from URLs
+        # (``SyncShards.send_script``), redis-py's ``evalsha`` on any other.
+        send = getattr(self.backend, "send_script", None)
+        self._send_script: Callable[[ScriptCall], Any] = send if callable(send) else self._evalsha
 
     def close(self) -> None:
         """Stop the renewer and close connections; the client cannot be used afterwards."""
@@ -201,7 +205,7 @@ class QuotaClient(ClientBase):
 
     def _perform(self, op: Any) -> Any:
         if type(op) is ScriptCall:  # the hot path: one EVALSHA
-            return self.backend.connection(op.route).evalsha(*op.wire)
+            return self._send_script(op)
         if isinstance(op, Sleep):
             return self.core.clock.sleep(op.seconds)
         if isinstance(op, Compute):
@@ -218,6 +222,9 @@ class QuotaClient(ClientBase):
             return pipelined(conn, pipeline_args(op))
         method, args = wire_call(op)
         return getattr(conn, method)(*args)
+
+    def _evalsha(self, op: ScriptCall) -> Any:
+        return self.backend.connection(op.route).evalsha(*op.wire)
 
     def _run_detached(self, flow: Flow[None]) -> None:
         """Run a spawned flow to its end in this thread; a bug is logged, never lost silently."""

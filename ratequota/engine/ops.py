@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 import attrs
 
+from ratequota.engine.resp import pack_evalsha
 from ratequota.engine.scripts import ScriptSpec, script
 
 __all__ = [
@@ -71,6 +72,11 @@ class ScriptCall:
                 for a in self.args
             ],
         )
+
+    @property
+    def packed(self) -> bytes | None:
+        """The whole ``EVALSHA`` command in RESP, or None to leave it to redis-py (``resp``)."""
+        return pack_evalsha(self.script.sha, self.keys, self.args)
 
 
 @functools.lru_cache(maxsize=16384)
