@@ -26,9 +26,10 @@ from ratequota import GroupPolicy, Policy, QuotaClient, TenantPolicy
 from ratequota.clients import backends
 from ratequota.clients.backends import PackedScripts, url_backend
 from ratequota.decision import LeaseInfo
-from ratequota.engine import protocol, resp
+from ratequota.engine import ops, protocol, resp
 from ratequota.engine.keys import KeySpace
 from ratequota.engine.ops import ScriptCall
+from ratequota.engine.replies import decode_acquire
 from ratequota.engine.scripts import ScriptSpec, load_scripts
 from ratequota.policy import MeterPolicy, TenantMeter
 from tests.servers import RedisServer, redis_server_binary
@@ -328,3 +329,44 @@ def test_the_sync_client_sends_single_calls_packed(
         assert len(sent) == 2
     finally:
         quota.close()
+
+
+# -- the other shortcuts of a sync decision -------------------------------------------------
+
+
+def test_a_remembered_call_shape_still_refuses_a_wrong_one() -> None:
+    """``script_call`` remembers the shapes a header accepted; a wrong one still asserts, and a
+    variadic script is checked every time."""
+    keys, args = ("k",) * 8, ("a",) * 6
+    assert ops.script_call("release", "g", keys, args) == ops.script_call(
+        "release", "g", keys, args
+    )
+    with pytest.raises(AssertionError):
+        ops.script_call("release", "g", keys, (*args, "extra"))
+    with pytest.raises(AssertionError):
+        ops.script_call("release", "g", keys[:-1], args)
+    snapshot = ops.script_call("snapshot", "g", ("k",) * 6, (1, 2, 3, "t"))
+    assert snapshot.args == (1, 2, 3, "t")
+    with pytest.raises(AssertionError):
+        ops.script_call("snapshot", "g", ("k",) * 6, (1,))
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        [1, "admitted", 1_800_000_060_000, 7, 1, "1.5", 3, 10, 0, 2, 0],
+        [0, "tenant_limit", 0, 0, 4, "4", 9, 10, 250, 2, 0],
+        [1, "group_full", 1_800_000_060_000, 8, 5, "4", 10, 10, 0, 2, 0],  # shadow mode
+        [0, "too_large", 0, 0, 0, "inf", 0, 10, 100, 2, 0],
+        [1, "admitted", 1_800_000_060_000, 7, 1, "1", 3, 10, 0, 2, 1],  # a replay
+    ],
+)
+def test_a_decoding_connections_replies_decode_as_bytes_do(reply: list[Any]) -> None:
+    """The reason and the numbers read from text (a connection with decode_responses) and
+    from bytes give the same decision."""
+    as_bytes = [v.encode() if isinstance(v, str) else v for v in reply]
+    decoded = [
+        decode_acquire(r, group="g", tenant="a", units=1, lease_id="id") for r in (reply, as_bytes)
+    ]
+    assert repr(decoded[0]) == repr(decoded[1])  # NaN limits (replays) compare unequal
+    assert decoded[0].reason == reply[1]

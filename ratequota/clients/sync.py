@@ -198,9 +198,9 @@ class QuotaClient(ClientBase):
     # -- driving flows -----------------------------------------------------
 
     def _run(self, flow: Flow[T]) -> T:
-        run = self._runner(flow)
+        run, perform = self._runner(flow), self._perform
         while run.op is not None:
-            run.step(self._perform)
+            run.step(perform)
         return run.result()
 
     def _perform(self, op: Any) -> Any:
