@@ -257,7 +257,7 @@ def _units(n: int) -> str:
     return f"{n} unit" if n == 1 else f"{n} units"
 
 
-@attrs.frozen
+@attrs.frozen(slots=False)  # one per release: built faster without slots (as Decision)
 class ReleaseResult:
     """Outcome of a release: ``was_live`` is false when the lease had expired or was gone.
 

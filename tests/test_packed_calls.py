@@ -323,7 +323,8 @@ def test_the_sync_client_sends_single_calls_packed(
         lease = quota.try_acquire("a", 1).lease
         assert lease is not None and quota.release(lease).state == "released"
         assert sent == []
-        monkeypatch.setattr(backends, "_redis_py_observed", lambda: True)
+        enabled = type("Enabled", (), {"is_enabled": lambda self: True})()
+        monkeypatch.setattr(backends, "_OBSERVABILITY", lambda: enabled)
         lease = quota.try_acquire("a", 1).lease
         assert lease is not None and quota.release(lease).state == "released"
         assert len(sent) == 2
@@ -370,3 +371,58 @@ def test_a_decoding_connections_replies_decode_as_bytes_do(reply: list[Any]) -> 
     ]
     assert repr(decoded[0]) == repr(decoded[1])  # NaN limits (replays) compare unequal
     assert decoded[0].reason == reply[1]
+
+
+class _Counting:
+    """Wraps a backend's connections to count ``evalsha`` (as the simulation's does)."""
+
+    def __init__(self, inner: Any, sent: list[str]) -> None:
+        self._inner, self._sent = inner, sent
+
+    def connection(self, route: str) -> Any:
+        conn, sent = self._inner.connection(route), self._sent
+
+        class Counted:
+            def evalsha(self, *args: Any) -> Any:
+                sent.append(route)
+                return conn.evalsha(*args)
+
+            def __getattr__(self, name: str) -> Any:
+                return getattr(conn, name)
+
+        return Counted()
+
+    def __getattr__(self, name: str) -> Any:  # send_script too: it must not be used
+        return getattr(self._inner, name)
+
+
+@pytest.mark.real_redis
+@pytest.mark.skipif(redis_server_binary() is None, reason="redis-server is not installed")
+def test_a_backend_that_wraps_connections_sees_every_script_call(server: RedisServer) -> None:
+    """A wrapper swapped in after the first calls (``sim.fleet`` counts calls so), or a
+    subclass overriding ``connection``: every script call goes through their connections."""
+    quota = QuotaClient.from_url(server.url)
+    try:
+        quota.apply_policy(Policy([GroupPolicy("g", 4, [TenantPolicy("a", guarantee=2)])]))
+        quota.load_scripts()  # no NOSCRIPT below: one evalsha per call
+        assert quota.try_acquire("a", 1).admitted  # sent packed, on the URL backend
+        sent: list[str] = []
+        quota.backend = _Counting(quota.backend, sent)  # type: ignore[assignment]
+        lease = quota.try_acquire("a", 1).lease
+        assert lease is not None and quota.release(lease).state == "released"
+        assert sent == ["g", "g"]
+    finally:
+        quota.close()
+
+    class Spied(backends.SingleBackend):
+        def connection(self, route: str) -> Any:
+            sent.append(route)
+            return super().connection(route)
+
+    spied = Spied(url_backend(server.url, socket_timeout=1.0).connection("g"), "spied", packed=True)
+    quota = QuotaClient(backend=spied)
+    try:
+        sent.clear()
+        assert quota.try_acquire("a", 1).admitted and "g" in sent
+    finally:
+        quota.close()

@@ -21,6 +21,7 @@ from redis.retry import Retry
 
 from ratequota.clients.urls import placement_ids, redact, scrub
 from ratequota.engine.ops import ScriptCall
+from ratequota.engine.resp import pack_evalsha
 from ratequota.engine.routing import Rendezvous
 from ratequota.errors import BackendError, BackendUnavailable, ConfigError, RateQuotaError
 
@@ -116,11 +117,13 @@ class SyncShards(Shards):
             (PackedScripts.of(client) if packed else None) or _evalsha_of(client)
             for client in self._clients
         ]
+        #: Perform one script call on the shard serving its route: its reply (or error).
+        self.send_script: Callable[[ScriptCall], Any] = (
+            self._senders[0] if self.routing is None else self._send_routed
+        )
 
-    def send_script(self, call: ScriptCall) -> Any:
-        """Perform one script call on the shard serving its route; its reply (or error)."""
-        if self.routing is None:
-            return self._senders[0](call)
+    def _send_routed(self, call: ScriptCall) -> Any:
+        assert self.routing is not None
         return self._senders[self.routing.index(call.route)](call)
 
 
@@ -190,8 +193,8 @@ class PackedScripts:
 
     def __call__(self, call: ScriptCall) -> Any:
         """Send ``call`` and read its reply, as ``client.evalsha(*call.wire)`` would."""
-        packed = call.packed
-        if packed is None or _redis_py_observed():
+        packed = pack_evalsha(call.script.sha, call.keys, call.args)  # ``call.packed``
+        if packed is None or (_OBSERVABILITY is not None and _OBSERVABILITY().is_enabled()):
             return self._client.evalsha(*call.wire)
         pool = self._pool
         conn = pool.get_connection()
@@ -221,14 +224,11 @@ def _takes_no_arguments(method: Callable[..., Any]) -> bool:
     return all(p.default is not p.empty or p.kind in variadic for p in parameters)
 
 
-def _redis_py_observed() -> bool:
-    """Are redis-py's own OpenTelemetry metrics on? (they exist from redis-py 8)."""
-    return _OBSERVABILITY is not None and bool(_OBSERVABILITY().is_enabled())
-
-
+# Are redis-py's own OpenTelemetry metrics on? ``_OBSERVABILITY().is_enabled()`` says (from
+# redis-py 8; earlier versions have no metrics of their own).
 try:
     from redis.observability.providers import get_observability_instance as _OBSERVABILITY
-except ImportError:  # pragma: no cover - redis-py before 8 has no metrics of its own
+except ImportError:  # pragma: no cover
     _OBSERVABILITY = None  # type: ignore[assignment]
 
 

@@ -38,7 +38,8 @@ class Runner(Generic[T]):
     """Steps one flow; the shell performs ``op`` and reports with ``send`` or ``throw``.
 
     The shell's whole loop: ``while run.op is not None: run.step(perform)``
-    (``await run.astep(perform)`` in the async client), then ``run.result()``.
+    (``await run.astep(perform)`` in the async client), then ``run.result()``;
+    ``run.run(perform)`` is that loop for a blocking ``perform``.
     With an ``observer``, every perform but a sleep is timed on ``clock`` and
     reported as one Redis call (the one place both clients are measured).
     """
@@ -69,18 +70,24 @@ class Runner(Generic[T]):
     _single = False  # the exchange stands for one ScriptCall (not a Batch)
     _route = ""  # where the exchange's calls and loads go
 
-    def step(self, perform: Callable[[Any], Any]) -> None:
-        """Perform ``op`` with a blocking ``perform`` and feed the outcome to the flow."""
-        op = self.op
-        if self._observer is None:  # nothing to time
+    def run(self, perform: Callable[[Any], Any]) -> T:
+        """The blocking shell's whole loop: ``step`` until the flow returns, then its result."""
+        if self._observer is not None:
+            while self.op is not None:
+                self.step(perform)
+            return self._result  # type: ignore[no-any-return]
+        while (op := self.op) is not None:  # ``step`` without an observer, in line
             try:
                 value = perform(op)
             except Exception as exc:  # translated into a ratequota error, or re-raised if a bug
                 self.throw(exc)
             else:
                 self.send(value)
-            return
-        began = self._began()
+        return self._result  # type: ignore[no-any-return]
+
+    def step(self, perform: Callable[[Any], Any]) -> None:
+        """Perform ``op`` with a blocking ``perform`` and feed the outcome to the flow."""
+        op, began = self.op, self._began()
         try:
             value = perform(op)
         except Exception as exc:  # translated into a ratequota error, or re-raised if a bug

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 from ratequota.decision import (
     Decision,
@@ -154,10 +154,18 @@ _REASONS: dict[str | bytes, Reason] = {
 
 def decode_release(reply: Sequence[Any]) -> ReleaseResult:
     """A ``ReleaseResult`` from release.lua's reply."""
-    state = _text(reply[0])
-    if state not in ("released", "expired", "unknown", "fenced"):  # pragma: no cover
-        raise AssertionError(f"unexpected release state {state!r}")
-    return ReleaseResult(state=state, units=int(reply[1]))  # type: ignore[arg-type]
+    raw = reply[0]
+    state = _RELEASE_STATES.get(raw) if type(raw) is bytes or type(raw) is str else None
+    if state is None:  # pragma: no cover - a script/client version skew
+        raise AssertionError(f"unexpected release state {_text(raw)!r}")
+    return ReleaseResult(state, int(reply[1]))
+
+
+#: Each release state by its text and by its bytes.
+_RELEASE_STATES: dict[str | bytes, Literal["released", "expired", "unknown", "fenced"]] = {
+    **{state: state for state in ("released", "expired", "unknown", "fenced")},
+    **{state.encode(): state for state in ("released", "expired", "unknown", "fenced")},
+}
 
 
 _RENEW_REASONS = ("renewed", "reasserted", "lost", "fenced")
