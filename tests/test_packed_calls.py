@@ -145,7 +145,8 @@ def test_the_packers_memory_is_bounded_and_forgetting_changes_nothing() -> None:
 
 def test_only_a_plain_pooled_utf8_client_is_sent_packed() -> None:
     """The clients ratequota makes from URLs qualify; fakeredis, a single-connection client,
-    another encoding, or an EVALSHA reply callback keep redis-py's own path."""
+    another encoding, redis-py's default retries, or an EVALSHA reply callback keep
+    redis-py's own path."""
     url = "redis://127.0.0.1:1/0"  # never connected to
     assert PackedScripts.of(url_backend(url, socket_timeout=1.0).connection("g")) is not None
     callback = redis.Redis.from_url(url)
@@ -153,6 +154,7 @@ def test_only_a_plain_pooled_utf8_client_is_sent_packed() -> None:
     single = redis.Redis.from_url(url)  # as single_connection_client=True makes it, unconnected
     single.connection = single.connection_pool.make_connection()
     others = [
+        redis.Redis.from_url(url),  # redis-py's own retry policy
         fakeredis.FakeRedis(server=fakeredis.FakeServer()),
         single,
         redis.Redis.from_url(url, encoding="latin-1"),

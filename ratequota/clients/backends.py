@@ -172,7 +172,8 @@ class PackedScripts:
 
         Only a ``redis.Redis`` on a connection pool (not a single-connection
         client, nor a subclass such as fakeredis) whose connections encode
-        UTF-8 strictly (the packed bytes are UTF-8), whose ``EVALSHA`` replies
+        UTF-8 strictly (the packed bytes are UTF-8) and never retry
+        (``no_retry()``, as ratequota makes them), whose ``EVALSHA`` replies
         have no response callback, and whose pool hands out a connection
         without naming the command (redis-py >= 5.3).
         """
@@ -185,6 +186,8 @@ class PackedScripts:
         if kwargs.get("encoding", "utf-8").lower().replace("_", "-") not in ("utf-8", "utf8"):
             return None
         if kwargs.get("encoding_errors", "strict") != "strict":
+            return None
+        if kwargs.get("retry") != no_retry():  # the failure handling below is no_retry()'s
             return None
         callbacks: Any = client.response_callbacks
         if callbacks.get("EVALSHA") is not None:
