@@ -1,18 +1,24 @@
-"""Instructions the client executes per sync call, round trip stubbed (valgrind: deterministic).
+"""Instructions the sync client executes per call, socket stubbed (valgrind: deterministic).
 
-Usage (from the repository root; needs ``valgrind`` on the PATH; about a minute)::
+Usage (from the repository root; needs ``valgrind`` and ``redis-server`` on the PATH;
+about a minute)::
 
     .venv/bin/python benchmarks/client_instructions.py [--calls N] [--src DIR]
 
 CPU time on a shared machine moves by 2-3x with its load; instruction counts
-do not. This re-runs itself under ``valgrind --tool=callgrind`` on the
-embedded store, records the replies of one ``try_acquire`` and one
-``release``, then replaces the round trip by those replies (redis-py still
-packs every command, so its per-argument encoding counts) and measures, each
-inside its own ``functools.reduce`` (callgrind counts only there, one dump
-each): ``try_acquire``, ``release``, and redis-py packing the same two
-commands alone. ``ratequota`` is the difference: the library's own work per
-call. ``--src`` measures another checkout (``git archive <commit> ratequota lua``
+do not. This starts a redis-server, then re-runs itself under ``valgrind
+--tool=callgrind``: the child makes a ``QuotaClient.from_url`` client (the
+production stack: redis-py's blocking pool, its connection, hiredis), sends
+one real ``try_acquire``, ``release`` and trivial ``EVALSHA "return 1"``
+while recording the bytes each reply took on the socket, then replaces the
+connection's socket by one that plays those bytes back. Every layer of the
+client still runs (our flow, the pool, packing, the parser); only the kernel
+and Redis are gone. Each measure runs inside its own ``functools.reduce``
+(callgrind counts only there, one dump each): ``try_acquire``, ``release``
+and a bare redis-py ``evalsha`` of the trivial script, whose count is what any
+call costs the client; "over a bare call" is ratequota's part.
+
+``--src`` measures another checkout (``git archive <commit> ratequota lua``
 unpacked somewhere), so a before/after pair needs no second virtualenv.
 Instructions are not time (no cache misses, no kernel), but a change that
 removes work shows here whatever the machine is doing.
@@ -29,48 +35,103 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
-MEASURES = ("try_acquire", "release", "pack try_acquire", "pack release")
+MEASURES = ("bare EVALSHA", "bare, packed", "try_acquire", "release")
+#: Where the SHA of an EVALSHA starts in its RESP form: the key of a recorded reply.
+_SHA_AT = b"EVALSHA\r\n$40\r\n"
 
 
-def child(calls: int) -> None:
-    """Under valgrind: the four measures, each one ``functools.reduce`` (one dump each)."""
-    import redis
+class ReplayedSocket:
+    """A connection's socket: first records the real replies by script, then plays them back.
 
+    ``fileno`` stays the real socket's (idle, so the pool's readiness poll sees nothing to
+    read, as it would on a healthy connection).
+    """
+
+    def __init__(self, sock: Any) -> None:
+        self._sock = sock
+        self._replies: dict[bytes, bytearray] = {}
+        self._key = b""
+        self._queued = b""
+        self.replaying = False
+
+    def fileno(self) -> int:
+        return int(self._sock.fileno())
+
+    def settimeout(self, timeout: float | None) -> None:
+        if not self.replaying:
+            self._sock.settimeout(timeout)
+
+    def gettimeout(self) -> float | None:
+        return self._sock.gettimeout()  # type: ignore[no-any-return]
+
+    def shutdown(self, how: int) -> None:
+        self._sock.shutdown(how)
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def sendall(self, data: bytes) -> None:
+        at = bytes(data).find(_SHA_AT) + len(_SHA_AT)
+        self._key = bytes(data[at : at + 40])
+        if self.replaying:
+            self._queued = bytes(self._replies[self._key])
+        else:
+            self._replies[self._key] = bytearray()
+            self._sock.sendall(data)
+
+    def recv_into(self, buffer: Any, *args: Any) -> int:
+        if not self.replaying:
+            n = int(self._sock.recv_into(buffer, *args))
+            self._replies[self._key] += bytes(buffer[:n])
+            return n
+        data, self._queued = self._queued, b""
+        buffer[: len(data)] = data
+        return len(data)
+
+
+def child(url: str, calls: int) -> None:
+    """Under valgrind: the measures, each one ``functools.reduce`` (one dump each)."""
     from ratequota import GroupPolicy, Policy, QuotaClient, TenantPolicy
 
-    quota = QuotaClient(prefix="cpu")
+    quota = QuotaClient.from_url(url, prefix="cpu")
     group = GroupPolicy("prof", capacity=10**9, tenants=[TenantPolicy("t", guarantee=10**6)])
     quota.apply_policy(Policy([group]))
-    conn = quota.backend.connection("prof")
-    real = conn.evalsha
-    replies: dict[object, object] = {}
-    wires: dict[str, tuple[object, ...]] = {}
-
-    def record(*args: object) -> object:
-        replies[args[0]] = reply = real(*args)
-        wires["try_acquire" if "try_acquire" not in wires else "release"] = args
-        return reply
-
-    conn.evalsha = record
+    client = quota.backend.connection("prof")
+    trivial = client.script_load("return 1")
+    pool = client.connection_pool
+    conn = pool.get_connection()
+    pool.release(conn)
+    wire = ReplayedSocket(conn._sock)
+    conn._sock = conn._parser._sock = wire
     lease = quota.try_acquire("t", 1).lease
     assert lease is not None
     quota.release(lease)
-    pack = redis.Connection().pack_command
-
-    def stubbed(*args: object) -> object:
-        pack("EVALSHA", *args)
-        return replies[args[0]]
-
-    conn.evalsha = stubbed
+    client.evalsha(trivial, 0)
+    wire.replaying = True
     runs = {
+        "bare EVALSHA": lambda: client.evalsha(trivial, 0),
         "try_acquire": lambda: quota.try_acquire("t", 1),
         "release": lambda: quota.release(lease),
-        "pack try_acquire": lambda: pack("EVALSHA", *wires["try_acquire"]),
-        "pack release": lambda: pack("EVALSHA", *wires["release"]),
     }
+    try:
+        from ratequota.clients.backends import PackedScripts
+        from ratequota.engine.ops import ScriptCall
+        from ratequota.engine.scripts import ScriptSpec
+    except ImportError:  # a checkout from before the packed path
+        runs["bare, packed"] = runs["bare EVALSHA"]
+    else:
+        sender = PackedScripts.of(client)
+        assert sender is not None
+        spec = ScriptSpec("trivial", "return 1", trivial, (), (), False)
+        call = ScriptCall(spec, "prof", (), ())
+        runs["bare, packed"] = lambda: sender(call)
     for name in MEASURES:
+        assert pool.get_connection() is conn  # every call below goes through the one socket
+        pool.release(conn)
         run = runs[name]
+        run()
         functools.reduce(lambda _a, _b: run(), range(calls), None)
 
 
@@ -85,46 +146,54 @@ def totals(pattern: str) -> list[int]:
 
 
 def main() -> int:
-    """Run the child under callgrind and print instructions per call."""
+    """Start Redis, run the child under callgrind and print instructions per call."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--calls", type=int, default=1000)
     parser.add_argument("--src", help="a checkout's root holding ratequota/ and lua/")
-    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    root = Path(args.src).resolve() if args.src else Path(__file__).resolve().parent.parent
+    here = Path(__file__).resolve().parent.parent
+    root = Path(args.src).resolve() if args.src else here
     if args.child:
         sys.path.insert(0, str(root))
-        child(args.calls)
+        child(args.child, args.calls)
         return 0
-    with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "cg.out")
-        command = [
-            "valgrind",
-            "--tool=callgrind",
-            "--collect-atstart=no",
-            "--toggle-collect=functools_reduce",
-            "--dump-after=functools_reduce",
-            f"--callgrind-out-file={out}",
-            sys.executable,
-            __file__,
-            "--child",
-            "--calls",
-            str(args.calls),
-            "--src",
-            str(root),
-        ]
-        subprocess.run(command, check=True, capture_output=True)
-        # Any reduce of the imports dumps too (with nothing of ours in it): the last four.
-        counts = totals(out + ".*")[-len(MEASURES) :]
+    sys.path.insert(0, str(here))
+    from tests.servers import RedisServer
+
+    server = RedisServer().start()
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            out = os.path.join(tmp, "cg.out")
+            command = [
+                "valgrind",
+                "--tool=callgrind",
+                "--collect-atstart=no",
+                "--toggle-collect=functools_reduce",
+                "--dump-after=functools_reduce",
+                f"--callgrind-out-file={out}",
+                sys.executable,
+                __file__,
+                "--child",
+                server.url,
+                "--calls",
+                str(args.calls),
+                "--src",
+                str(root),
+            ]
+            subprocess.run(command, check=True, capture_output=True)
+            # Any reduce of the imports dumps too (with nothing of ours in it): the last ones.
+            counts = totals(out + ".*")[-len(MEASURES) :]
+    finally:
+        server.cleanup()
     if len(counts) != len(MEASURES):
         print(f"expected {len(MEASURES)} dumps, got {len(counts)}", file=sys.stderr)
         return 1
     per = {name: count / args.calls for name, count in zip(MEASURES, counts, strict=True)}
-    print(f"client instructions per call ({root}, {args.calls} calls, round trip stubbed)")
-    for call in ("try_acquire", "release"):
-        total, pack = per[call], per[f"pack {call}"]
-        own = total - pack
-        print(f"  {call:<12} {total:>9,.0f}  redis-py packing {pack:>7,.0f}  ours {own:>9,.0f}")
+    bare = per["bare EVALSHA"]
+    print(f"client instructions per call ({root}, {args.calls} calls, socket stubbed)")
+    for name in MEASURES:
+        print(f"  {name:<13} {per[name]:>9,.0f}   over a bare call {per[name] - bare:>+9,.0f}")
     return 0
 
 

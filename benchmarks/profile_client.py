@@ -17,7 +17,9 @@ user + system, so the socket syscalls count) per call of ``try_acquire``, of
 connection. Redis runs in another process, so its time is not in these
 figures, and CPU time barely moves when a loaded machine deschedules the
 client. "Over a bare EVALSHA" is the client's own work per decision: what the
-round trip itself costs redis-py is subtracted.
+round trip itself costs redis-py is subtracted. Then the same three calls with
+the connection's socket replaced by one replaying recorded replies (as
+``client_instructions.py`` does): every layer of the client, no kernel, no Redis.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from ratequota.engine.protocol import acquire_call
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.client_instructions import ReplayedSocket
 from ratequota import AsyncQuotaClient, GroupPolicy, Policy, QuotaClient, TenantPolicy
 from tests.servers import RedisServer
 
@@ -120,16 +123,29 @@ def sync_cpu(url: str, calls: int) -> None:
     )
     wide = cpu_us(lambda: conn.evalsha(sha, len(call.keys), *call.keys, *call.args), calls)
     rows.append(("EVALSHA, acquire's arguments", wide))
-
-    # try_acquire with the round trip replaced by a canned reply: ratequota's own work.
-    reply = quota.backend.connection("prof").evalsha(
-        call.script.sha, len(call.keys), *call.keys, *call.args
-    )
-    conn.evalsha = lambda *_: reply  # type: ignore[method-assign]
-    rows.append(("try_acquire, Redis stubbed", cpu_us(lambda: quota.try_acquire("t", 1), calls)))
-    del conn.evalsha
     print("\nsync client CPU per call (process time, best of 5 rounds)")
     cpu_table(rows, bare)
+
+    # The socket replaced by one that replays recorded replies (client_instructions.py): the
+    # client's own CPU per call, every layer of it, with no kernel and no Redis.
+    pool = conn.connection_pool
+    only = pool.get_connection()
+    pool.release(only)
+    wire = ReplayedSocket(only._sock)
+    only._sock = only._parser._sock = wire
+    lease = quota.try_acquire("t", 1).lease
+    assert lease is not None
+    quota.release(lease)
+    conn.evalsha(sha, 0)
+    wire.replaying = True
+    stubbed_bare = cpu_us(lambda: conn.evalsha(sha, 0), calls)
+    stubbed = [
+        ("bare EVALSHA", stubbed_bare),
+        ("try_acquire", cpu_us(lambda: quota.try_acquire("t", 1), calls)),
+        ("release", cpu_us(lambda: quota.release(lease), calls)),
+    ]
+    print("\nsync client CPU per call, socket stubbed (no kernel, no Redis)")
+    cpu_table(stubbed, stubbed_bare)
     quota.close()
 
 

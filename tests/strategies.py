@@ -32,6 +32,8 @@ __all__ = [
     "meter_histories",
     "meter_steps",
     "weights",
+    "wire_texts",
+    "wire_values",
 ]
 
 #: Most tenants a generated group has (the issue asks for 1 to 50).
@@ -237,3 +239,20 @@ def ledger_histories(max_size: int = 40) -> st.SearchStrategy[list[tuple[object,
     late), renew, release_many (with duplicates), replayed acquires and time steps that
     cross hour boundaries (some landing exactly on one)."""
     return st.lists(ledger_steps, min_size=1, max_size=max_size)
+
+
+#: Text a script call may carry: ASCII, any other UTF-8 encodable text (no lone surrogates),
+#: the empty string, and long values past the packer's memory of short ones.
+wire_texts = st.one_of(
+    st.text(max_size=12),
+    st.text(alphabet=st.characters(codec="utf-8"), max_size=80),
+    st.sampled_from(["", "0", "1", "ключ", "{g}:x", "a" * 65, "é" * 40]),
+)
+
+#: One argument of a script call as the encoders build them: an int (any size) or text.
+wire_values = st.one_of(
+    st.integers(),
+    st.integers(-(2**70), 2**70),
+    st.sampled_from([0, 1, -1, 2**63, 10**30]),
+    wire_texts,
+)

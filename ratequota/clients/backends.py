@@ -10,8 +10,9 @@ did not run); anything else is for the caller to retry with the same request id.
 from __future__ import annotations
 
 import functools
+import inspect
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import redis
@@ -19,6 +20,8 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from ratequota.clients.urls import placement_ids, redact, scrub
+from ratequota.engine.ops import ScriptCall
+from ratequota.engine.resp import pack_evalsha
 from ratequota.engine.routing import Rendezvous
 from ratequota.errors import BackendError, BackendUnavailable, ConfigError, RateQuotaError
 
@@ -26,9 +29,11 @@ __all__ = [
     "CALL_ERRORS",
     "Backend",
     "ClusterBackend",
+    "PackedScripts",
     "ShardedBackend",
     "Shards",
     "SingleBackend",
+    "SyncShards",
     "cluster_url",
     "embedded_backend",
     "embedded_server",
@@ -91,11 +96,150 @@ class Shards:
         return self.description if self.routing is None else self.routing.shard(route)
 
 
-class SingleBackend(Shards):
+class SyncShards(Shards):
+    """``Shards`` of blocking redis-py clients: a script call goes pre-packed where it can.
+
+    ``packed`` (the backends made from URLs, whose clients ratequota configured
+    itself) sends each single script call through ``PackedScripts``; otherwise,
+    and for a client that does not qualify, through the client's ``evalsha``.
+    """
+
+    def __init__(
+        self,
+        clients: Sequence[Any],
+        description: str,
+        ids: Sequence[str] | None = None,
+        *,
+        packed: bool = False,
+    ) -> None:
+        super().__init__(clients, description, ids)
+        self._senders = [
+            (PackedScripts.of(client) if packed else None) or _evalsha_of(client)
+            for client in self._clients
+        ]
+        #: Perform one script call on the shard serving its route: its reply (or error).
+        self.send_script: Callable[[ScriptCall], Any] = (
+            self._senders[0] if self.routing is None else self._send_routed
+        )
+
+    def _send_routed(self, call: ScriptCall) -> Any:
+        assert self.routing is not None
+        return self._senders[self.routing.index(call.route)](call)
+
+
+def _evalsha_of(client: Any) -> Callable[[ScriptCall], Any]:
+    """The general path: redis-py's ``evalsha`` with the call's pre-encoded arguments."""
+    return lambda call: client.evalsha(*call.wire)
+
+
+#: What ``no_retry()`` treats as a failed attempt (redis-py's default ``Retry`` errors):
+#: after one, redis-py disconnects the connection before raising.
+_ATTEMPT_ERRORS: tuple[type[Exception], ...] = (
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    TimeoutError,
+)
+
+
+class PackedScripts:
+    """EVALSHA on a redis-py client's own pool, the command packed by ratequota (sync only).
+
+    redis-py encodes every argument of a command in Python and wraps each call
+    in retry and observability closures: for a script call of ~18 arguments
+    that is as much client CPU as all of ratequota's own work. This sends the
+    RESP bytes of ``ScriptCall.packed`` (the same bytes redis-py would send)
+    through the connection's public ``send_packed_command`` and
+    ``read_response``, between the pool's ``get_connection`` and ``release``,
+    and does on failure what ``Redis.execute_command`` does with the
+    ``no_retry()`` policy ratequota gives its connections: an error of an
+    attempt (connection, timeout) disconnects the connection and is raised,
+    never replayed; an error reply (NOSCRIPT...) is raised as it is; a
+    connection marked for reconnection is reconnected before it goes back to
+    the pool. Timeouts are the connection's own (``socket_timeout``).
+
+    A call that ``packed`` cannot express, and every call while redis-py's own
+    OpenTelemetry metrics are enabled (they count each command it executes),
+    goes through ``evalsha`` instead.
+    """
+
+    def __init__(self, client: Any) -> None:
+        self._client = client
+        self._pool = client.connection_pool
+
+    @classmethod
+    def of(cls, client: Any) -> PackedScripts | None:
+        """A sender for ``client``, or None when it is not the plain client this mirrors.
+
+        Only a ``redis.Redis`` on a connection pool (not a single-connection
+        client, nor a subclass such as fakeredis) whose connections encode
+        UTF-8 strictly (the packed bytes are UTF-8) and never retry
+        (``no_retry()``, as ratequota makes them), whose ``EVALSHA`` replies
+        have no response callback, and whose pool hands out a connection
+        without naming the command (redis-py >= 5.3).
+        """
+        if type(client) is not redis.Redis or getattr(client, "connection", None) is not None:
+            return None
+        pool: Any = getattr(client, "connection_pool", None)
+        kwargs = getattr(pool, "connection_kwargs", None)
+        if not isinstance(kwargs, dict) or not _takes_no_arguments(pool.get_connection):
+            return None
+        if kwargs.get("encoding", "utf-8").lower().replace("_", "-") not in ("utf-8", "utf8"):
+            return None
+        if kwargs.get("encoding_errors", "strict") != "strict":
+            return None
+        if kwargs.get("retry") != no_retry():  # the failure handling below is no_retry()'s
+            return None
+        callbacks: Any = client.response_callbacks
+        if callbacks.get("EVALSHA") is not None:
+            return None
+        return cls(client)
+
+    def __call__(self, call: ScriptCall) -> Any:
+        """Send ``call`` and read its reply, as ``client.evalsha(*call.wire)`` would."""
+        packed = pack_evalsha(call.script.sha, call.keys, call.args)  # ``call.packed``
+        if packed is None or (_OBSERVABILITY is not None and _OBSERVABILITY().is_enabled()):
+            return self._client.evalsha(*call.wire)
+        pool = self._pool
+        conn = pool.get_connection()
+        try:
+            conn.send_packed_command((packed,))
+            return conn.read_response()
+        except _ATTEMPT_ERRORS:
+            conn.disconnect()
+            raise
+        finally:
+            try:
+                if conn.should_reconnect():
+                    conn.disconnect()
+                    conn.connect()
+            finally:
+                pool.release(conn)
+
+
+def _takes_no_arguments(method: Callable[..., Any]) -> bool:
+    """Can ``method`` be called without arguments? (``get_connection`` before redis-py 5.3
+    required the command's name.)"""
+    try:
+        parameters = inspect.signature(method).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    variadic = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    return all(p.default is not p.empty or p.kind in variadic for p in parameters)
+
+
+# Are redis-py's own OpenTelemetry metrics on? ``_OBSERVABILITY().is_enabled()`` says (from
+# redis-py 8; earlier versions have no metrics of their own).
+try:
+    from redis.observability.providers import get_observability_instance as _OBSERVABILITY
+except ImportError:  # pragma: no cover
+    _OBSERVABILITY = None  # type: ignore[assignment]
+
+
+class SingleBackend(SyncShards):
     """One Redis (real or fake) serves every group."""
 
-    def __init__(self, client: Any, description: str) -> None:
-        super().__init__([client], description)
+    def __init__(self, client: Any, description: str, *, packed: bool = False) -> None:
+        super().__init__([client], description, packed=packed)
 
     def close(self) -> None:
         """Close the connection pool."""
@@ -165,7 +309,7 @@ def no_retry() -> Retry:
 
 def url_backend(url: str, *, socket_timeout: float) -> SingleBackend:
     """A backend on one Redis URL (``redis://``, ``rediss://`` or ``unix://``)."""
-    return SingleBackend(_redis_from_url(url, socket_timeout), _redact(url))
+    return SingleBackend(_redis_from_url(url, socket_timeout), _redact(url), packed=True)
 
 
 _EMBEDDED_LOCK = threading.Lock()
@@ -252,7 +396,7 @@ def translate_error(exc: BaseException, where: str) -> RateQuotaError:
     return BackendError(f"Redis at {where} answered with an error: {exc}")
 
 
-class ShardedBackend(Shards):
+class ShardedBackend(SyncShards):
     """Independent Redis servers; each group lives on the one rendezvous hashing picks.
 
     Shard ids default to the redacted URLs, so the order of the list does not
@@ -268,7 +412,7 @@ class ShardedBackend(Shards):
     ) -> None:
         ids = placement_ids(urls, shard_ids)
         clients = [_redis_from_url(u, socket_timeout) for u in urls]
-        super().__init__(clients, f"{len(urls)} shards", ids)
+        super().__init__(clients, f"{len(urls)} shards", ids, packed=True)
 
     def close(self) -> None:
         """Close every shard's pool."""

