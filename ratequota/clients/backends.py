@@ -19,6 +19,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from ratequota.clients.embedded import prime
 from ratequota.clients.urls import placement_ids, redact, scrub
 from ratequota.engine.ops import ScriptCall
 from ratequota.engine.resp import pack_evalsha
@@ -336,9 +337,9 @@ def fake_server(shared: bool, server: Any) -> Any:
     """The ``fakeredis.FakeServer`` an embedded backend of either client uses."""
     import fakeredis
 
-    if server is not None:
-        return server
-    return embedded_server() if shared else fakeredis.FakeServer()
+    if server is None:
+        server = embedded_server() if shared else fakeredis.FakeServer()
+    return prime(server)  # each script compiled once, as Redis does (clients.embedded)
 
 
 def embedded_server() -> Any:

@@ -35,7 +35,6 @@ import attrs
 from ratequota.clients.sync import QuotaClient
 from ratequota.errors import AcquireTimeout, RateQuotaError
 from ratequota.observe import Observer
-from ratequota.sim.embedded import compile_once, fake_servers
 from ratequota.sim.measure import Request
 from ratequota.sim.metering import (
     Batch,
@@ -288,10 +287,6 @@ def run_scenario(
         clients[0].apply_policy(scenario.policy)
         for client in clients[1:]:
             client.load_policy()
-        # The embedded store compiles each script once, as Redis does (see sim.embedded).
-        for client in clients:
-            for server in fake_servers(client.backend.connections()):
-                compile_once(server)
         if driven:
             random.seed(f"{scenario.seed}:retry-jitter")  # the clients' pauses are jittered
         return _play(scenario, clients, timebase, progress)

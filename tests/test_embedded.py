@@ -1,11 +1,12 @@
-"""The simulation's embedded store compiles each script once, with replies unchanged.
+"""The embedded store compiles each script once, with replies unchanged.
 
-``ratequota.sim.embedded`` wraps a fakeredis server's Lua runtime so a
+``ratequota.clients.embedded`` wraps a fakeredis server's Lua runtime so a
 script's source is compiled on its first call only (fakeredis compiles it on
-every call, which is what made the embedded simulation's round trip ~30 ms).
-These tests check that the cache is really used with the fakeredis this
-package pins, that decisions, limits and errors are exactly those of an
-unwrapped server, and that an unknown server is left alone.
+every call, which is what made the embedded simulation's round trip ~30 ms and
+every embedded decision about twice as slow). Every embedded backend's server
+is primed so. These tests check that the cache is really used with the
+fakeredis this package pins, that decisions, limits and errors are exactly
+those of an unwrapped server, and that an unknown server is left alone.
 """
 
 from __future__ import annotations
@@ -14,10 +15,10 @@ import fakeredis
 import pytest
 
 from ratequota.clients.backends import embedded_backend
+from ratequota.clients.embedded import _CompiledChunks, compile_once
 from ratequota.clients.sync import QuotaClient
 from ratequota.errors import RateQuotaError
 from ratequota.policy import GroupPolicy, Policy, TenantPolicy
-from ratequota.sim.embedded import compile_once, fake_servers
 from ratequota.testing import ManualClock
 
 POLICY = Policy(
@@ -103,17 +104,22 @@ def test_unknown_servers_are_left_alone() -> None:
     assert not compile_once(object())
 
 
-def test_fake_servers_finds_each_server_once() -> None:
-    """The servers behind a client's connections; a real Redis connection has none."""
+def test_every_embedded_backend_compiles_each_script_once() -> None:
+    """The library's embedded backends (shared, private, or on a given server) come primed:
+    no caller has to ask, and a server primed twice keeps its one cache."""
     server = fakeredis.FakeServer()
-    backend = embedded_backend(server=server)
-    found = fake_servers([*backend.connections(), *backend.connections()])
-    assert len(found) == 1 and found[0] is server
-
-    class NotFake:
-        connection_pool = type("Pool", (), {"connection_kwargs": {"host": "x"}})()
-
-    assert fake_servers([NotFake()]) == []
+    for backend in (embedded_backend(server=server), embedded_backend(server=server)):
+        assert backend.connections()
+    runtime = server._lua_runtime
+    assert isinstance(runtime, _CompiledChunks)
+    assert isinstance(embedded_backend(shared=False).connections()[0], fakeredis.FakeRedis)
+    client = QuotaClient(backend=embedded_backend(server=server), auto_renew=False)
+    client.apply_policy(POLICY)
+    client.try_acquire("a", 1)
+    compiled = runtime.compiled
+    client.try_acquire("a", 1)
+    assert runtime.compiled == compiled and server._lua_runtime is runtime
+    client.close()
 
 
 def test_errors_raised_by_the_library_still_surface() -> None:
