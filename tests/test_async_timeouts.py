@@ -20,7 +20,10 @@ import pytest
 from ratequota.clients import batcher as batching
 from ratequota.clients.aio import AsyncQuotaClient
 from ratequota.clients.sync import QuotaClient
+from ratequota.engine import protocol
 from ratequota.engine.batching import BatchPolicy
+from ratequota.engine.keys import KeySpace
+from ratequota.engine.ops import ScriptCall
 from ratequota.policy import GroupPolicy, Policy, TenantPolicy
 from tests.conftest import _no_redis
 from tests.servers import RedisServer, redis_server_binary
@@ -54,6 +57,97 @@ def test_a_timed_out_round_trip_does_not_wait_for_the_clean_up() -> None:
         released.set()
         await asyncio.wait({cleanup})
         assert not batcher._cleanups
+
+    asyncio.run(main())
+
+
+def _acquire(lease_id: str = "id") -> ScriptCall:
+    return protocol.acquire_call(
+        KeySpace(), "g", "a", 1, lease_id, 1000, wait=False, pending_ms=2000, purge=8
+    )
+
+
+class _Stuck:
+    """A connection to a server that never answers, whose clean-up outlives the timeout."""
+
+    def __init__(self) -> None:
+        self.sent = 0
+        self.stuck = asyncio.Event()  # never set: the server never answers
+        self.released = asyncio.Event()  # the clean-up ends only when the test says so
+
+    async def evalsha(self, *args: Any) -> Any:
+        self.sent += 1
+        try:
+            await self.stuck.wait()
+        except asyncio.CancelledError:
+            await self.released.wait()
+            raise
+
+
+def test_the_timer_answers_a_round_trip_at_its_deadline_without_waiting_for_the_clean_up() -> None:
+    """The round trip awaited in the batch task itself: at the deadline its timer answers the
+    caller with ``NoReply``, fails the call queued behind it unsent, frees the slot, and leaves
+    the cancelled call's clean-up running in the background, where ``aclose`` finds it."""
+
+    async def main() -> None:
+        conn = _Stuck()
+        batcher = batching.ShardBatcher(conn, BatchPolicy(max_in_flight=1), bound=0.01)
+        first, queued = batcher.submit(_acquire("1")), batcher.submit(_acquire("2"))
+        with pytest.raises(batching.NoReply, match="within"):
+            await first
+        with pytest.raises(batching.NoReply, match="queued behind"):
+            await queued
+        assert conn.sent == 1 and batcher._in_flight == 0 and not batcher._queue
+        (winding_down,) = batcher._tasks
+        assert not winding_down.done()  # nobody waited for the clean-up
+        conn.released.set()
+        await batcher.aclose()
+        assert not batcher._tasks
+
+    asyncio.run(main())
+
+
+def test_a_batch_cancelled_before_it_began_still_answers_its_callers() -> None:
+    """``aclose`` in the same loop iteration as a ``submit`` cancels the batch task before
+    its first step: its caller hears a ``ConnectionError`` (an outage, as for any batch
+    cancelled by a closing client) instead of waiting forever on its future."""
+
+    async def main() -> None:
+        conn = _Stuck()
+        batcher = batching.ShardBatcher(conn, BatchPolicy(), bound=5.0)
+        future = batcher.submit(_acquire())
+        await batcher.aclose()
+        assert future.done() and isinstance(future.exception(), ConnectionError)
+        assert conn.sent == 0 and batcher._in_flight == 0 and not batcher._tasks
+
+    asyncio.run(main())
+
+
+def test_a_cancelled_caller_leaves_its_round_trip_and_nothing_behind() -> None:
+    """A caller cancelled while its call is in flight drops only its future: the round trip
+    goes on for the others, its timer is cancelled with it, and nothing stays behind."""
+
+    async def main() -> None:
+        gate = asyncio.Event()
+
+        class Connection:
+            async def evalsha(self, *args: Any) -> Any:
+                await gate.wait()
+                return [1]
+
+        batcher = batching.ShardBatcher(Connection(), BatchPolicy(), bound=5.0)
+        caller = asyncio.ensure_future(batcher.submit(_acquire()))
+        await asyncio.sleep(0)  # the round trip is under way
+        caller.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await caller
+        assert batcher._in_flight == 1
+        gate.set()
+        (trip,) = batcher._tasks
+        await trip
+        assert batcher._in_flight == 0 and not batcher._tasks and not batcher._cleanups
+        loop = asyncio.get_running_loop()
+        assert not [t for t in loop._scheduled if not t.cancelled()]  # type: ignore[attr-defined]
 
     asyncio.run(main())
 
