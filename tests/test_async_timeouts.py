@@ -91,7 +91,7 @@ def test_the_timer_answers_a_round_trip_at_its_deadline_without_waiting_for_the_
 
     async def main() -> None:
         conn = _Stuck()
-        batcher = batching.ShardBatcher(conn, BatchPolicy(max_in_flight=1), bound=0.01)
+        batcher = batching.ShardBatcher(conn, BatchPolicy(max_batch=1, max_in_flight=1), bound=0.01)
         first, queued = batcher.submit(_acquire("1")), batcher.submit(_acquire("2"))
         with pytest.raises(batching.NoReply, match="within"):
             await first
@@ -150,6 +150,33 @@ def test_a_cancelled_caller_leaves_its_round_trip_and_nothing_behind() -> None:
         assert not [t for t in loop._scheduled if not t.cancelled()]  # type: ignore[attr-defined]
 
     asyncio.run(main())
+
+
+def test_calls_submitted_before_a_round_trip_begins_leave_with_it() -> None:
+    """A free slot sends at once, when the round trip's task begins (the next loop
+    iteration); calls submitted until then join it, up to the batch size, instead of the
+    first leaving alone and the others queueing behind. Later calls wait for a slot."""
+    sent: list[bool] = []  # per round trip: was the late call in it?
+    gate = asyncio.Event()
+    replies = [[7, 8, 9], [5, 6]]  # each round trip is one merged acquire_many call
+
+    class Connection:
+        async def evalsha(self, *args: Any) -> Any:
+            sent.append(b"late" in args)
+            await gate.wait()
+            return replies.pop(0)
+
+    async def main() -> list[Any]:
+        batcher = batching.ShardBatcher(Connection(), BatchPolicy(max_batch=3, max_in_flight=1))
+        together = [batcher.submit(_acquire(str(i))) for i in range(4)]
+        await asyncio.sleep(0)  # the round trip begins with the first three
+        assert sent == [False] and len(batcher._queue) == 1 and batcher._filling is None
+        late = batcher.submit(_acquire("late"))  # its task has begun: this one waits
+        gate.set()
+        return list(await asyncio.gather(*together, late))
+
+    assert asyncio.run(main()) == [7, 8, 9, 5, 6]
+    assert sent == [False, True]  # the three first, then the fourth with the late one
 
 
 @pytest.fixture

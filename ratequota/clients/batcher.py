@@ -46,7 +46,10 @@ class ShardBatcher:
         self._policy = policy
         self._bound = bound  # each round trip's timeout, from its send (the socket timeout)
         self._pipelines = pipelines
-        self._queue: list[tuple[Any, asyncio.Future[Any]]] = []
+        self._queue: _Batch = []
+        #: The batch of a round trip whose task has not begun yet: calls submitted
+        #: meanwhile (in the same loop iteration) join it, up to the policy's batch size.
+        self._filling: _Batch | None = None
         self._in_flight = 0
         self._tasks: dict[asyncio.Task[None], _Batch] = {}  # round trips, with their calls
         self._cleanups: set[asyncio.Future[Any]] = set()  # cancelled calls winding down
@@ -59,6 +62,10 @@ class ShardBatcher:
         with the others; its reply is dropped).
         """
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        filling = self._filling
+        if filling is not None and len(filling) < self._policy.max_batch:
+            filling.append((op, future))  # leaves with the round trip about to be sent
+            return future
         self._queue.append((op, future))
         self._pump()
         return future
@@ -71,6 +78,11 @@ class ShardBatcher:
         if count:
             batch, self._queue = self._queue[:count], self._queue[count:]
             self._in_flight += 1
+            if self._pipelines:
+                # Sent when its task begins, next loop iteration: until then the calls
+                # of tasks woken in this one join it (all the callers a reply just
+                # answered), instead of the first leaving alone and the rest queueing.
+                self._filling = batch
             task = asyncio.get_running_loop().create_task(self._send(batch))
             self._tasks[task] = batch
             task.add_done_callback(self._finished)
@@ -84,6 +96,8 @@ class ShardBatcher:
         callers, awaiting plain futures, would wait forever.
         """
         batch = self._tasks.pop(task)
+        if self._filling is batch:
+            self._filling = None
         if task.cancelled():
             self._answer(batch, ((0, None),) * len(batch), [asyncio.CancelledError()])
 
@@ -92,17 +106,22 @@ class ShardBatcher:
 
         Cancelling a round trip hands its Redis call over to the clean-ups, so
         this goes round until nothing is left (a few rounds at most), lest a
-        task be destroyed pending when the loop closes.
+        task be destroyed pending when the loop closes. Calls still queued
+        then fail as the cancelled round trips' calls do, never left waiting.
         """
         for _ in range(5):
             pending: list[asyncio.Future[Any]] = [
                 t for t in (*self._tasks, *self._cleanups) if not t.done()
             ]
             if not pending:
-                return
+                break
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
+        queued, self._queue = self._queue, []
+        for _, future in queued:
+            if not future.done():
+                future.set_exception(_fresh(asyncio.CancelledError()))
 
     def _fail_queued(self) -> None:
         """A round trip to this shard got no reply in time: fail every call queued behind it.
@@ -129,6 +148,8 @@ class ShardBatcher:
         background, as with ``_bounded``. Whichever comes first answers:
         the reply, or the timer.
         """
+        if self._filling is batch:
+            self._filling = None  # complete: later calls queue for the next round trip
         ops = [op for op, _ in batch]
         # Concurrent acquires (releases) of one group become one acquire_many (release_many)
         # call: one script run pays the clock, policy, purge and demand reads once for all.
