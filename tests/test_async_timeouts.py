@@ -179,6 +179,34 @@ def test_calls_submitted_before_a_round_trip_begins_leave_with_it() -> None:
     assert sent == [False, True]  # the three first, then the fourth with the late one
 
 
+def test_callers_woken_together_spread_over_the_free_slots() -> None:
+    """A round trip about to leave takes joiners up to the policy's ``fill`` (its share of
+    the batch size over the slots): four callers arriving together with two slots leave as
+    two round trips of two, one for Redis to run while the client prepares the other, not
+    one of four that leaves a slot idle."""
+    sent: list[int] = []
+    gate = asyncio.Event()
+
+    class Connection:
+        async def evalsha(self, *args: Any) -> Any:
+            sent.append(sum(1 for a in args if str(a).startswith("b'lease-")))  # calls merged
+            await gate.wait()
+            return ["x", "y"]
+
+    async def main() -> list[Any]:
+        policy = BatchPolicy(max_batch=4, max_in_flight=2)
+        assert policy.fill() == 2
+        batcher = batching.ShardBatcher(Connection(), policy)
+        callers = [batcher.submit(_acquire(f"lease-{i}")) for i in range(4)]
+        await asyncio.sleep(0)  # both round trips begin
+        assert batcher._in_flight == 2 and not batcher._queue
+        gate.set()
+        return list(await asyncio.gather(*callers))
+
+    assert asyncio.run(main()) == ["x", "y", "x", "y"]
+    assert sent == [2, 2]
+
+
 @pytest.fixture
 def paused_later() -> Iterator[RedisServer]:
     """A private redis-server with the policy published; the test pauses it."""

@@ -49,11 +49,12 @@ class ShardBatcher:
     ) -> None:
         self._conn = conn
         self._policy = policy
+        self._fill = policy.fill()
         self._bound = bound  # each round trip's timeout, from its send (the socket timeout)
         self._pipelines = pipelines
         self._queue: _Batch = []
         #: The batch of a round trip whose task has not begun yet: calls submitted
-        #: meanwhile (in the same loop iteration) join it, up to the policy's batch size.
+        #: meanwhile (in the same loop iteration) join it, up to the policy's ``fill``.
         self._filling: _Batch | None = None
         self._in_flight = 0
         self._tasks: dict[asyncio.Task[None], _Batch] = {}  # round trips, with their calls
@@ -68,7 +69,7 @@ class ShardBatcher:
         """
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         filling = self._filling
-        if filling is not None and len(filling) < self._policy.max_batch:
+        if filling is not None and len(filling) < self._fill:
             filling.append((op, future))  # leaves with the round trip about to be sent
             return future
         self._queue.append((op, future))
