@@ -9,8 +9,10 @@ a few seconds with 64 tasks:
   with the per-shard batcher on (default) and off (``batch_size=1``);
 - ``acquire+release`` against two trivial calls.
 
-It prints operations per second and the ratios. Run from the repository
-root: ``.venv/bin/python benchmarks/bench_async.py [--seconds 3]``.
+It prints operations per second and the ratios. Issue 11's bar: batched
+``try_acquire`` >= 1.2x the trivial call (the median of the per-round ratios).
+Run from the repository root:
+``.venv/bin/python benchmarks/bench_async.py [--seconds 3]``.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ from ratequota.policy import GroupPolicy, Policy, TenantPolicy
 from tests.servers import RedisServer
 
 CALLERS = 64
+#: Issue 11's bar: 64 callers' batched acquires >= 1.2x the trivial call's throughput.
+BAR = 1.2
 TENANTS = [f"t{i}" for i in range(10)]
 POLICY = Policy(
     [
@@ -143,6 +147,11 @@ def main() -> None:
             f"  acquire+release / 2 trivial = {statistics.median(pair):.2f}x"
             f" (rounds {', '.join(f'{r:.2f}' for r in pair)})"
         )
+    batched = statistics.median(
+        a / t for a, t in zip(figures["acquire (batched)"], figures["trivial"], strict=True)
+    )
+    verdict = "met" if batched >= BAR else "NOT met"
+    print(f"  bar: batched acquire / trivial >= {BAR:.2f}x -- {verdict} ({batched:.2f}x)")
 
 
 if __name__ == "__main__":

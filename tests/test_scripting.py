@@ -128,7 +128,8 @@ def test_the_async_batcher_reloads_through_the_same_exchange() -> None:
 
     async def main() -> list[Any]:
         batcher = ShardBatcher(Connection(), BatchPolicy(max_in_flight=1), bound=5.0)
-        first = batcher.submit(_release("x"))  # sent at once, alone
+        first = batcher.submit(_release("x"))
+        await asyncio.sleep(0)  # its round trip begins: sent alone
         queued = [batcher.submit(_acquire("1")), batcher.submit(_release("y"))]  # one pipeline
         return list(await asyncio.gather(first, *queued, return_exceptions=True))
 

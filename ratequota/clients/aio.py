@@ -23,7 +23,7 @@ import asyncio
 import contextlib
 import functools
 import inspect
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
@@ -213,9 +213,17 @@ class AsyncQuotaClient(shell.ClientBase):
             await run.astep(self._perform)
         return run.result()
 
-    async def _perform(self, op: Any) -> Any:
+    def _perform(self, op: Any) -> Awaitable[Any]:
+        """What to await to perform ``op``: a script call's future from its shard's batcher.
+
+        Not a coroutine itself, so the hot path hands the runner the batcher's
+        future as it is, one coroutine frame fewer per call.
+        """
         if type(op) is ScriptCall:  # the hot path: one call, through the shard's batcher
-            return await self._batcher(op.route, self.backend.connection(op.route)).submit(op)
+            return self._batcher(op.route, self.backend.connection(op.route)).submit(op)
+        return self._perform_other(op)
+
+    async def _perform_other(self, op: Any) -> Any:
         if isinstance(op, Sleep):
             return await self.core.clock.asleep(op.seconds)
         if isinstance(op, Compute):

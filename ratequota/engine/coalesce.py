@@ -11,6 +11,7 @@ queued for one round trip.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -50,8 +51,14 @@ MERGES = (
 _BY_SINGLE = {m.single: m for m in MERGES}
 
 
-def _positions(call: ScriptCall, names: tuple[str, ...]) -> list[int]:
-    return [call.script.argv.index(name) for name in names]
+def _positions(call: ScriptCall, names: tuple[str, ...]) -> tuple[int, ...]:
+    return _indices(call.script.argv, names)
+
+
+@functools.cache
+def _indices(argv: tuple[str, ...], names: tuple[str, ...]) -> tuple[int, ...]:
+    """Where ``names`` sit in a header's ARGV; asked for every call the batcher queues."""
+    return tuple(argv.index(name) for name in names)
 
 
 def merged_args(calls: Sequence[ScriptCall]) -> list[Arg]:
