@@ -13,8 +13,9 @@ awaited calls inside its own ``functools.reduce`` (callgrind counts only there, 
 dump each), on a ``redis.asyncio`` connection made as the client makes its own:
 
 - one caller: a bare ``EVALSHA "return 1"``, the same trivial script with
-  acquire's keys and arguments (what redis-py spends on them), ``try_acquire``
-  and ``release``;
+  acquire's keys and arguments (what redis-py spends on them), the same sent
+  packed as the client sends it (``AsyncPackedScripts``: the transport alone;
+  "—" for a checkout without it), ``try_acquire`` and ``release``;
 - 64 concurrent callers (``bench_async.py``'s load): the bare ``EVALSHA`` each on
   its own connection, and ``try_acquire`` through the batcher; per decision.
 
@@ -46,6 +47,7 @@ from client_instructions import totals
 MEASURES = (
     "bare EVALSHA",
     "EVALSHA, acquire's arguments",
+    "the same, sent packed",
     "try_acquire",
     "release",
     "bare EVALSHA, 64 callers",
@@ -58,7 +60,9 @@ def child(url: str, calls: int) -> None:
     """Under valgrind: the measures, each one ``functools.reduce`` (one dump each)."""
     from ratequota import AsyncQuotaClient, GroupPolicy, Policy, TenantPolicy
     from ratequota.clients.backends import _redis_from_url
+    from ratequota.engine.ops import ScriptCall
     from ratequota.engine.protocol import acquire_call
+    from ratequota.engine.scripts import ScriptSpec
 
     tenants = [f"t{i}" for i in range(10)]
     group = GroupPolicy("prof", capacity=10**9, tenants=[TenantPolicy(t, 10**6) for t in tenants])
@@ -81,6 +85,16 @@ def child(url: str, calls: int) -> None:
         purge=64,
     )
     wide = (sha, len(call.keys), *call.keys, *call.args)
+    trivial = ScriptCall(
+        ScriptSpec("trivial", "return 1", sha, (), (), True), "prof", call.keys, call.args
+    )
+    send_packed: Any = None
+    try:
+        from ratequota.clients.async_backends import AsyncPackedScripts
+
+        send_packed = AsyncPackedScripts.of(conn)
+    except ImportError:  # a checkout from before the packed path (not printed)
+        pass
     held: list[Any] = []
 
     async def acquire(i: int) -> None:
@@ -94,6 +108,12 @@ def child(url: str, calls: int) -> None:
 
     async def with_arguments(i: int) -> None:
         await conn.evalsha(*wide)
+
+    async def packed(i: int) -> None:
+        if send_packed is None:
+            await conn.evalsha(*wide)
+        else:
+            await send_packed(trivial)
 
     async def alone(one: Callable[[int], Awaitable[None]], n: int) -> None:
         for i in range(n):
@@ -109,6 +129,7 @@ def child(url: str, calls: int) -> None:
     runs: dict[str, Callable[[], Awaitable[None]]] = {
         "bare EVALSHA": lambda: alone(bare, calls),
         "EVALSHA, acquire's arguments": lambda: alone(with_arguments, calls),
+        "the same, sent packed": lambda: alone(packed, calls),
         "try_acquire": lambda: alone(acquire, calls),
         "release": lambda: alone(release, calls),
         "bare EVALSHA, 64 callers": lambda: together(bare, calls),
@@ -172,7 +193,11 @@ def main() -> int:
         return 1
     per = {name: count / calls for name, count in zip(MEASURES, counts, strict=True)}
     print(f"async client instructions per call ({root}, {calls} calls, real round trips)")
+    packs = "AsyncPackedScripts" in (root / "ratequota/clients/async_backends.py").read_text()
     for name in MEASURES:
+        if name == "the same, sent packed" and not packs:
+            print(f"  {name:<30} {'—':>10}")
+            continue
         bare = per["bare EVALSHA, 64 callers" if "64" in name else "bare EVALSHA"]
         print(f"  {name:<30} {per[name]:>10,.0f}   over the bare call {per[name] - bare:>+10,.0f}")
     return 0

@@ -37,7 +37,7 @@ from ratequota.clients.async_backends import (
     async_sharded_backend,
     async_url_backend,
 )
-from ratequota.clients.backends import CALL_ERRORS, pipelined
+from ratequota.clients.backends import CALL_ERRORS, pipelined, routes_itself
 from ratequota.clients.batcher import SOLO_IN_FLIGHT, ShardBatcher
 from ratequota.clients.explain import Explanation, explain_flow
 from ratequota.clients.failure import log
@@ -250,9 +250,13 @@ class AsyncQuotaClient(shell.ClientBase):
         node = self._node_of(route)
         batcher = self._batchers.get(node)
         if batcher is None:
-            pipelines = getattr(self.backend, "pipelines", True)
+            backend = self.backend
+            pipelines = getattr(backend, "pipelines", True)
+            # Pre-packed script calls on the backends made from URLs (``AsyncPackedScripts``);
+            # never on one that wraps or overrides ``connection``: it must see every call.
+            send = backend.script_sender(route) if routes_itself(backend, AsyncBackend) else None
             batcher = self._batchers[node] = ShardBatcher(
-                conn, self._policy, pipelines=pipelines, bound=self._call_bound
+                conn, self._policy, pipelines=pipelines, bound=self._call_bound, send_script=send
             )
         return batcher
 

@@ -2,28 +2,37 @@
 
 The same topologies as the sync backends (``ratequota.clients.backends``),
 with ``redis.asyncio`` clients: the same placement, the same timeouts, no
-automatic replay.
+automatic replay; and, as there, a script call goes pre-packed on the clients
+ratequota makes from URLs (``AsyncPackedScripts``).
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from typing import Any
+
+import redis
 
 from ratequota.clients.backends import (
     EMBEDDED,
     ClusterRouting,
     Shards,
     _redis_from_url,
+    async_no_retry,
     cluster_url,
     fake_server,
+    packed_bytes,
+    plain_pool,
 )
 from ratequota.clients.urls import placement_ids, redact, scrub
+from ratequota.engine.ops import ScriptCall
 from ratequota.errors import ConfigError
 
 __all__ = [
     "AsyncBackend",
     "AsyncClusterBackend",
+    "AsyncPackedScripts",
     "async_embedded_backend",
     "async_sharded_backend",
     "async_url_backend",
@@ -31,12 +40,102 @@ __all__ = [
 
 
 class AsyncBackend(Shards):
-    """Async connections by route: one server, or shards placed as the sync client places them."""
+    """Async connections by route: one server, or shards placed as the sync client places them.
+
+    ``packed`` (the backends made from URLs) gives each shard whose client
+    qualifies an ``AsyncPackedScripts``, which the client's batcher sends a
+    script call through (``script_sender``).
+    """
+
+    def __init__(
+        self,
+        clients: Sequence[Any],
+        description: str,
+        ids: Sequence[str] | None = None,
+        *,
+        packed: bool = False,
+    ) -> None:
+        super().__init__(clients, description, ids)
+        self._senders = [
+            AsyncPackedScripts.of(client) if packed else None for client in self._clients
+        ]
+
+    def script_sender(self, route: str) -> AsyncPackedScripts | None:
+        """The packed sender of the shard serving ``route``, or None (redis-py's ``evalsha``)."""
+        return self._senders[0 if self.routing is None else self.routing.index(route)]
 
     async def close(self) -> None:
         """Close every pool."""
         for client in self._clients:
             await client.aclose()
+
+
+#: What the asyncio ``no_retry()`` treats as a failed attempt (redis.asyncio's default
+#: ``Retry`` errors): after one, ``execute_command`` disconnects the connection and raises.
+_ATTEMPT_ERRORS: tuple[type[Exception], ...] = (
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+)
+
+
+class AsyncPackedScripts:
+    """EVALSHA on a ``redis.asyncio`` client's own pool, packed by ratequota (``PackedScripts``
+    for the async client).
+
+    ``await client.evalsha(...)`` encodes every argument in Python and runs the
+    command through retry and observability closures. This sends the bytes of
+    ``ScriptCall.packed`` (redis-py's own bytes for the call) with the
+    connection's public ``send_packed_command`` and ``read_response``, between
+    the pool's ``get_connection`` and ``release``, and ends each way
+    ``execute_command`` ends under the ``no_retry()`` policy ratequota gives
+    these connections: an attempt's error (connection, timeout) disconnects the
+    connection and is raised, never replayed; an error reply (NOSCRIPT...) is
+    raised as it is; the connection always goes back to the pool, which
+    disconnects one marked for reconnection. Timeouts are the connection's own.
+
+    Cancellation (a caller's task, or the batcher's timer at the deadline)
+    mid-send or mid-read leaves the reply unread: redis-py's ``send_packed_command``
+    and ``read_response`` disconnect on any ``BaseException``, and this makes
+    sure of it before the connection goes back, so a pooled connection never
+    holds another call's reply. Every await is bounded (the socket and
+    connect timeouts, and the batcher's deadline around the whole call).
+
+    A call ``packed_bytes`` leaves to redis-py (an argument it cannot pack,
+    or redis-py's own metrics on) goes through ``evalsha``.
+    """
+
+    def __init__(self, client: Any) -> None:
+        self._client = client
+        self._pool = client.connection_pool
+
+    @classmethod
+    def of(cls, client: Any) -> AsyncPackedScripts | None:
+        """A sender for ``client``, or None when it is not the plain client this mirrors
+        (``backends.plain_pool``: a ``redis.asyncio.Redis`` made as ratequota makes its own)."""
+        from redis.asyncio import Redis
+
+        return None if plain_pool(client, Redis, async_no_retry()) is None else cls(client)
+
+    async def __call__(self, call: ScriptCall) -> Any:
+        """Send ``call`` and read its reply, as ``await client.evalsha(*call.wire)`` would."""
+        packed = packed_bytes(call)
+        if packed is None:
+            return await self._client.evalsha(*call.wire)
+        pool = self._pool
+        conn = await pool.get_connection()
+        try:
+            await conn.send_packed_command(packed)
+            return await conn.read_response()
+        except _ATTEMPT_ERRORS:
+            await conn.disconnect()
+            raise
+        except asyncio.CancelledError:
+            # redis-py has already dropped it; whatever the version, an unread reply never
+            # goes back to the pool (nowait: no await, so a second cancellation cannot stop it).
+            await conn.disconnect(nowait=True)
+            raise
+        finally:
+            await pool.release(conn)
 
 
 class AsyncClusterBackend(ClusterRouting):
@@ -48,13 +147,11 @@ class AsyncClusterBackend(ClusterRouting):
 
     def __init__(self, url: str, *, socket_timeout: float) -> None:
         from redis.asyncio.cluster import RedisCluster
-        from redis.asyncio.retry import Retry as AsyncRetry
-        from redis.backoff import NoBackoff
 
         try:
             self._cluster = RedisCluster.from_url(
                 cluster_url(url),
-                retry=AsyncRetry(NoBackoff(), 0),
+                retry=async_no_retry(),
                 socket_timeout=socket_timeout,
                 socket_connect_timeout=socket_timeout,
             )
@@ -76,7 +173,7 @@ class AsyncClusterBackend(ClusterRouting):
 
 def async_url_backend(url: str, *, socket_timeout: float) -> AsyncBackend:
     """An async backend on one Redis URL; timeouts on every call, no automatic replay."""
-    return AsyncBackend([_redis_from_url(url, socket_timeout, aio=True)], redact(url))
+    return AsyncBackend([_redis_from_url(url, socket_timeout, aio=True)], redact(url), packed=True)
 
 
 def async_sharded_backend(
@@ -85,7 +182,7 @@ def async_sharded_backend(
     """Independent shards, placed exactly as ``QuotaClient.sharded`` places them."""
     ids = placement_ids(urls, shard_ids)
     clients = [_redis_from_url(u, socket_timeout, aio=True) for u in urls]
-    return AsyncBackend(clients, f"{len(urls)} shards", ids)
+    return AsyncBackend(clients, f"{len(urls)} shards", ids, packed=True)
 
 
 def async_embedded_backend(*, shared: bool = True, server: Any = None) -> AsyncBackend:

@@ -13,7 +13,7 @@ import functools
 import inspect
 import threading
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeGuard, TypeVar
 
 import redis
 from redis.backoff import NoBackoff
@@ -35,17 +35,24 @@ __all__ = [
     "Shards",
     "SingleBackend",
     "SyncShards",
+    "async_no_retry",
     "cluster_url",
     "embedded_backend",
     "embedded_server",
     "fake_server",
     "is_noscript",
+    "packed_bytes",
     "pipelined",
+    "plain_pool",
     "redact",
+    "routes_itself",
     "scrub",
     "translate_error",
     "url_backend",
 ]
+
+
+S = TypeVar("S", bound="Shards")
 
 
 class Backend(Protocol):
@@ -128,6 +135,13 @@ class SyncShards(Shards):
         return self._senders[self.routing.index(call.route)](call)
 
 
+def routes_itself(backend: object, kind: type[S]) -> TypeGuard[S]:
+    """May a client use ``backend``'s packed senders? Only a ``kind`` (``SyncShards`` or
+    ``AsyncBackend``) whose ``connection`` nobody overrides: a backend that wraps or
+    overrides ``connection`` (a simulation counting calls) must see every script call."""
+    return isinstance(backend, kind) and type(backend).connection is Shards.connection
+
+
 def _evalsha_of(client: Any) -> Callable[[ScriptCall], Any]:
     """The general path: redis-py's ``evalsha`` with the call's pre-encoded arguments."""
     return lambda call: client.evalsha(*call.wire)
@@ -143,7 +157,8 @@ _ATTEMPT_ERRORS: tuple[type[Exception], ...] = (
 
 
 class PackedScripts:
-    """EVALSHA on a redis-py client's own pool, the command packed by ratequota (sync only).
+    """EVALSHA on a redis-py client's own pool, the command packed by ratequota (sync client;
+    ``async_backends.AsyncPackedScripts`` is the asyncio one).
 
     redis-py encodes every argument of a command in Python and wraps each call
     in retry and observability closures: for a script call of ~18 arguments
@@ -169,36 +184,14 @@ class PackedScripts:
 
     @classmethod
     def of(cls, client: Any) -> PackedScripts | None:
-        """A sender for ``client``, or None when it is not the plain client this mirrors.
-
-        Only a ``redis.Redis`` on a connection pool (not a single-connection
-        client, nor a subclass such as fakeredis) whose connections encode
-        UTF-8 strictly (the packed bytes are UTF-8) and never retry
-        (``no_retry()``, as ratequota makes them), whose ``EVALSHA`` replies
-        have no response callback, and whose pool hands out a connection
-        without naming the command (redis-py >= 5.3).
-        """
-        if type(client) is not redis.Redis or getattr(client, "connection", None) is not None:
-            return None
-        pool: Any = getattr(client, "connection_pool", None)
-        kwargs = getattr(pool, "connection_kwargs", None)
-        if not isinstance(kwargs, dict) or not _takes_no_arguments(pool.get_connection):
-            return None
-        if kwargs.get("encoding", "utf-8").lower().replace("_", "-") not in ("utf-8", "utf8"):
-            return None
-        if kwargs.get("encoding_errors", "strict") != "strict":
-            return None
-        if kwargs.get("retry") != no_retry():  # the failure handling below is no_retry()'s
-            return None
-        callbacks: Any = client.response_callbacks
-        if callbacks.get("EVALSHA") is not None:
-            return None
-        return cls(client)
+        """A sender for ``client``, or None when it is not the plain client this mirrors
+        (``plain_pool``: a ``redis.Redis`` made as ratequota makes its own)."""
+        return None if plain_pool(client, redis.Redis, no_retry()) is None else cls(client)
 
     def __call__(self, call: ScriptCall) -> Any:
         """Send ``call`` and read its reply, as ``client.evalsha(*call.wire)`` would."""
-        packed = pack_evalsha(call.script.sha, call.keys, call.args)  # ``call.packed``
-        if packed is None or (_OBSERVABILITY is not None and _OBSERVABILITY().is_enabled()):
+        packed = packed_bytes(call)
+        if packed is None:
             return self._client.evalsha(*call.wire)
         pool = self._pool
         conn = pool.get_connection()
@@ -215,6 +208,49 @@ class PackedScripts:
                     conn.connect()
             finally:
                 pool.release(conn)
+
+
+def plain_pool(client: Any, kind: type, retry: object) -> Any:
+    """The connection pool of ``client`` if the packed path may use it, else None (both clients).
+
+    Only a client of exactly ``kind`` (``redis.Redis`` or ``redis.asyncio.Redis``; not a
+    subclass such as fakeredis's) on a connection pool (not a single-connection client),
+    whose connections encode UTF-8 strictly (the packed bytes are UTF-8) and never retry
+    (``retry``: the ``no_retry()`` policy ratequota gives them, whose failure handling the
+    packed path mirrors), whose ``EVALSHA`` replies have no response callback, and whose
+    pool hands out a connection without naming the command (redis-py >= 5.3).
+    """
+    if type(client) is not kind or getattr(client, "connection", None) is not None:
+        return None
+    if getattr(client, "single_connection_client", False):  # asyncio's connects lazily
+        return None
+    pool: Any = getattr(client, "connection_pool", None)
+    kwargs = getattr(pool, "connection_kwargs", None)
+    if not isinstance(kwargs, dict) or not _takes_no_arguments(pool.get_connection):
+        return None
+    if kwargs.get("encoding", "utf-8").lower().replace("_", "-") not in ("utf-8", "utf8"):
+        return None
+    if kwargs.get("encoding_errors", "strict") != "strict":
+        return None
+    if kwargs.get("retry") != retry:  # the failure handling of the packed path is no_retry()'s
+        return None
+    callbacks: Any = getattr(client, "response_callbacks", None)
+    if callbacks is None or callbacks.get("EVALSHA") is not None:
+        return None
+    return pool
+
+
+def packed_bytes(call: ScriptCall) -> bytes | None:
+    """What a packed path sends for ``call``, or None to leave the call to ``evalsha``.
+
+    None for a call ``engine.resp`` cannot pack (an argument neither ``int`` nor
+    ``str``), and for every call while redis-py's own OpenTelemetry metrics are
+    enabled: they count each command its ``execute_command`` runs.
+    """
+    packed = pack_evalsha(call.script.sha, call.keys, call.args)  # ``call.packed``
+    if packed is None or (_OBSERVABILITY is not None and _OBSERVABILITY().is_enabled()):
+        return None
+    return packed
 
 
 def _takes_no_arguments(method: Callable[..., Any]) -> bool:
@@ -263,12 +299,11 @@ def _redis_from_url(url: str, socket_timeout: float, *, aio: bool = False) -> An
     try:
         if aio:
             from redis.asyncio import Redis as AsyncRedis
-            from redis.asyncio.retry import Retry as AsyncRetry
 
             if url.startswith("redis://"):
                 options["connection_class"] = _hiredis_async_connection_class()
             # The async client bounds its connections per shard itself (its batcher).
-            return AsyncRedis.from_url(url, retry=AsyncRetry(NoBackoff(), 0), **options)
+            return AsyncRedis.from_url(url, retry=async_no_retry(), **options)
         # Many threads may share one client: when the pool's connections are all in use a
         # caller waits for one, at most socket_timeout, instead of failing at once.
         pool = redis.BlockingConnectionPool.from_url(
@@ -306,6 +341,13 @@ def _hiredis_async_connection_class() -> Any:
 def no_retry() -> Retry:
     """redis-py retry policy that never replays a command."""
     return Retry(NoBackoff(), 0)
+
+
+def async_no_retry() -> Any:
+    """``no_retry()`` for ``redis.asyncio`` connections (its own ``Retry`` class)."""
+    from redis.asyncio.retry import Retry as AsyncRetry
+
+    return AsyncRetry(NoBackoff(), 0)
 
 
 def url_backend(url: str, *, socket_timeout: float) -> SingleBackend:

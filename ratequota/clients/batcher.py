@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import redis
@@ -24,7 +24,7 @@ from ratequota.clients.backends import is_noscript
 from ratequota.clients.scripting import Load, exchange
 from ratequota.engine.batching import BatchPolicy
 from ratequota.engine.coalesce import coalesce
-from ratequota.engine.ops import wire_call
+from ratequota.engine.ops import ScriptCall, wire_call
 
 __all__ = ["SOLO_IN_FLIGHT", "NoReply", "ShardBatcher"]
 
@@ -45,9 +45,18 @@ class ShardBatcher:
     """
 
     def __init__(
-        self, conn: Any, policy: BatchPolicy, *, pipelines: bool = True, bound: float = 60.0
+        self,
+        conn: Any,
+        policy: BatchPolicy,
+        *,
+        pipelines: bool = True,
+        bound: float = 60.0,
+        send_script: Callable[[ScriptCall], Awaitable[Any]] | None = None,
     ) -> None:
         self._conn = conn
+        #: How a script call sent alone goes: pre-packed on the shard's pool
+        #: (``AsyncPackedScripts``), or None for ``conn.evalsha``.
+        self._send_script = send_script
         self._policy = policy
         self._fill = policy.fill()
         self._bound = bound  # each round trip's timeout, from its send (the socket timeout)
@@ -176,7 +185,7 @@ class ShardBatcher:
         timer = loop.call_at(loop.time() + self._bound, expire)
         replies: list[Any]
         try:
-            replies = await self._exchange([wire_call(op) for op in wire])
+            replies = await self._exchange(wire)
         except BaseException as exc:  # every waiter hears about it, cancellation included
             replies = [exc] * len(wire)
         finally:
@@ -233,23 +242,30 @@ class ShardBatcher:
                 if isinstance(request, Load):
                     reply = await self._bounded(self._conn.script_load(request.source))
                 else:
-                    calls = [wire_call(op) for op in request.calls]
-                    reply = await self._bounded(self._exchange(calls))
+                    reply = await self._bounded(self._exchange(list(request.calls)))
             except Exception as exc:
                 step = functools.partial(run.throw, exc)
             else:
                 step = functools.partial(run.send, reply)
 
-    async def _exchange(self, wire: list[tuple[str, tuple[Any, ...]]]) -> list[Any]:
-        """One round trip, bounded by its caller; a call's error is its reply, in place."""
-        if len(wire) == 1:
-            method, args = wire[0]
+    async def _exchange(self, ops: list[Any]) -> list[Any]:
+        """One round trip of wire ops, bounded by its caller; a call's error is its reply, in place.
+
+        A script call alone (or merged into one) goes through ``send_script`` when
+        the shard has one; several calls keep redis-py's pipeline.
+        """
+        if len(ops) == 1:
+            op = ops[0]
             try:
+                if self._send_script is not None and type(op) is ScriptCall:
+                    return [await self._send_script(op)]
+                method, args = wire_call(op)
                 return [await getattr(self._conn, method)(*args)]
             except Exception as exc:
                 return [exc]
         pipe = self._conn.pipeline(transaction=False)
-        for method, args in wire:
+        for op in ops:
+            method, args = wire_call(op)
             getattr(pipe, method)(*args)
         return list(await pipe.execute(raise_on_error=False))
 

@@ -27,10 +27,10 @@ from ratequota.clients.backends import (
     Backend,
     ClusterBackend,
     ShardedBackend,
-    Shards,
     SyncShards,
     embedded_backend,
     pipelined,
+    routes_itself,
     url_backend,
 )
 from ratequota.clients.explain import Explanation, explain_flow
@@ -228,7 +228,7 @@ class QuotaClient(ClientBase):
         """How one script call is sent on ``backend``: pre-packed on the backends made from
         URLs (``SyncShards.send_script``), else ``connection(route).evalsha``, so a backend
         that wraps or overrides ``connection`` (a simulation counting calls) sees every call."""
-        if isinstance(backend, SyncShards) and type(backend).connection is Shards.connection:
+        if routes_itself(backend, SyncShards):
             return backend.send_script
         return self._evalsha
 
