@@ -56,7 +56,8 @@ from ratequota.decision import (
 )
 from ratequota.engine.batching import BatchPolicy
 from ratequota.engine.ops import Batch, Compute, Flow, ScriptCall, Sleep, Spawn, pipeline_args
-from ratequota.errors import InvalidType
+from ratequota.engine.replies import granted_lease
+from ratequota.errors import InvalidType, RateQuotaError
 from ratequota.policy import Policy
 
 if TYPE_CHECKING:
@@ -220,8 +221,35 @@ class AsyncQuotaClient(shell.ClientBase):
         future as it is, one coroutine frame fewer per call.
         """
         if type(op) is ScriptCall:  # the hot path: one call, through the shard's batcher
-            return self._batcher(op.route, self.backend.connection(op.route)).submit(op)
+            sent = self._batcher(op.route, self.backend.connection(op.route)).submit(op)
+            if op.script.name != "acquire":
+                return sent
+            # A caller cancelled while its acquire is queued or in flight (a timeout around
+            # the handler, a closed request) gets no lease; the call still goes out, and
+            # a lease it is granted is released as soon as its reply comes (_reply_came),
+            # instead of holding its units, unused, until its expiry.
+            owned = asyncio.shield(sent)
+            sent.add_done_callback(functools.partial(self._reply_came, op, owned))
+            return owned
         return self._perform_other(op)
+
+    def _reply_came(self, call: ScriptCall, owned: asyncio.Future[Any], sent: Any) -> None:
+        """An acquire's reply came: when its caller is gone, a granted lease goes back."""
+        if not owned.cancelled() or sent.cancelled() or sent.exception() is not None:
+            return
+        lease = granted_lease(call, sent.result())
+        if lease is not None:
+            task = asyncio.ensure_future(self._release_orphan(lease))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    async def _release_orphan(self, lease: LeaseInfo) -> None:
+        try:
+            await self.release(lease)
+        except RateQuotaError as exc:  # Redis is down: the lease ends at its expiry
+            log.info(
+                "ratequota: a cancelled caller's lease %s ends at its expiry: %s", lease.id, exc
+            )
 
     async def _perform_other(self, op: Any) -> Any:
         if isinstance(op, Sleep):

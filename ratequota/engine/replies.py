@@ -24,6 +24,7 @@ from ratequota.decision import (
 )
 from ratequota.engine.keys import SCHEMA_VERSION
 from ratequota.engine.meterwire import decode_meter_rows, decode_settle_rows
+from ratequota.engine.ops import ScriptCall
 from ratequota.errors import InvalidRequest, LegacyLayout, PolicyMissing, SchemaMismatch
 
 __all__ = [
@@ -33,6 +34,7 @@ __all__ = [
     "decode_renew",
     "decode_settle",
     "decode_snapshot",
+    "granted_lease",
 ]
 
 
@@ -150,6 +152,31 @@ _REASONS: dict[str | bytes, Reason] = {
     **{name: name for name in _REASON_NAMES},
     **{name.encode(): name for name in _REASON_NAMES},
 }
+
+
+def granted_lease(call: ScriptCall, reply: Any) -> LeaseInfo | None:
+    """The lease an acquire call's raw reply granted (a replay included), or None: not an
+    acquire, not admitted, or an error. For a caller that is gone when its reply comes, so
+    the lease can be given back at once rather than hold its units until its expiry."""
+    if call.script.name != "acquire" or not isinstance(reply, Sequence) or len(reply) < 11:
+        return None
+    try:
+        if int(reply[0]) != 1:
+            return None
+        names = call.script.argv
+        tenant, units, lease_id = (
+            call.args[names.index(n)] for n in ("tenant", "units", "lease_id")
+        )
+        return LeaseInfo(
+            str(lease_id),
+            str(tenant),
+            call.route,
+            int(units),
+            int(reply[3]),
+            int(reply[2]) / 1000.0,
+        )
+    except (TypeError, ValueError):
+        return None
 
 
 def decode_release(reply: Sequence[Any]) -> ReleaseResult:
