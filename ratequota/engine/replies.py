@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from ratequota.decision import (
     Decision,
@@ -137,16 +137,8 @@ def decode_acquire(
 #: The reasons a shadow-mode admission carries: the refusal enforcement would have made.
 _SHADOW_REFUSALS = frozenset(("tenant_limit", "group_full", "meter"))
 
-_REASON_NAMES: tuple[Reason, ...] = (
-    "admitted",
-    "too_large",
-    "tenant_limit",
-    "group_full",
-    "unknown_tenant",
-    "id_mismatch",
-    "recovering",
-    "meter",
-)
+#: The reasons a script answers: every ``Reason`` but the client's own (Redis unreachable).
+_REASON_NAMES: tuple[Reason, ...] = tuple(r for r in get_args(Reason) if r != "backend_unavailable")
 #: Each reason by its text and by its bytes (as a connection that does not decode reads it).
 _REASONS: dict[str | bytes, Reason] = {
     **{name: name for name in _REASON_NAMES},
