@@ -32,17 +32,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import functools
-import os
-import subprocess
 import sys
-import tempfile
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from client_instructions import totals
+from client_instructions import run_measured
 
 MEASURES = (
     "bare EVALSHA",
@@ -165,27 +162,8 @@ def main() -> int:
 
     server = RedisServer().start()
     try:
-        with tempfile.TemporaryDirectory() as tmp:
-            out = os.path.join(tmp, "cg.out")
-            command = [
-                "valgrind",
-                "--tool=callgrind",
-                "--collect-atstart=no",
-                "--toggle-collect=functools_reduce",
-                "--dump-after=functools_reduce",
-                f"--callgrind-out-file={out}",
-                sys.executable,
-                __file__,
-                "--child",
-                "--calls",
-                str(calls),
-                "--src",
-                str(root),
-                "--url",
-                server.url,
-            ]
-            subprocess.run(command, check=True, capture_output=True)
-            counts = totals(out + ".*")[-len(MEASURES) :]
+        child_args = ["--calls", str(calls), "--src", str(root), "--url", server.url]
+        counts = run_measured(__file__, child_args, len(MEASURES))
     finally:
         server.cleanup()
     if len(counts) != len(MEASURES):

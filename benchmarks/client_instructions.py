@@ -145,6 +145,28 @@ def totals(pattern: str) -> list[int]:
     return found
 
 
+def run_measured(script: str, child_args: list[str], measures: int) -> list[int]:
+    """Run ``script --child *child_args`` under callgrind, counting only inside each
+    ``functools.reduce`` the child wraps a measure in: the instruction totals of the last
+    ``measures`` dumps (any reduce of the imports dumps too, with nothing of ours in it)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "cg.out")
+        command = [
+            "valgrind",
+            "--tool=callgrind",
+            "--collect-atstart=no",
+            "--toggle-collect=functools_reduce",
+            "--dump-after=functools_reduce",
+            f"--callgrind-out-file={out}",
+            sys.executable,
+            script,
+            "--child",
+            *child_args,
+        ]
+        subprocess.run(command, check=True, capture_output=True)
+        return totals(out + ".*")[-measures:]
+
+
 def main() -> int:
     """Start Redis, run the child under callgrind and print instructions per call."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -163,27 +185,8 @@ def main() -> int:
 
     server = RedisServer().start()
     try:
-        with tempfile.TemporaryDirectory() as tmp:
-            out = os.path.join(tmp, "cg.out")
-            command = [
-                "valgrind",
-                "--tool=callgrind",
-                "--collect-atstart=no",
-                "--toggle-collect=functools_reduce",
-                "--dump-after=functools_reduce",
-                f"--callgrind-out-file={out}",
-                sys.executable,
-                __file__,
-                "--child",
-                server.url,
-                "--calls",
-                str(args.calls),
-                "--src",
-                str(root),
-            ]
-            subprocess.run(command, check=True, capture_output=True)
-            # Any reduce of the imports dumps too (with nothing of ours in it): the last ones.
-            counts = totals(out + ".*")[-len(MEASURES) :]
+        child_args = [server.url, "--calls", str(args.calls), "--src", str(root)]
+        counts = run_measured(__file__, child_args, len(MEASURES))
     finally:
         server.cleanup()
     if len(counts) != len(MEASURES):
