@@ -221,23 +221,15 @@ class AsyncQuotaClient(shell.ClientBase):
         future as it is, one coroutine frame fewer per call.
         """
         if type(op) is ScriptCall:  # the hot path: one call, through the shard's batcher
-            sent = self._batcher(op.route, self.backend.connection(op.route)).submit(op)
-            if op.script.name != "acquire":
-                return sent
-            # A caller cancelled while its acquire is queued or in flight (a timeout around
-            # the handler, a closed request) gets no lease; the call still goes out, and
-            # a lease it is granted is released as soon as its reply comes (_reply_came),
-            # instead of holding its units, unused, until its expiry.
-            owned = asyncio.shield(sent)
-            sent.add_done_callback(functools.partial(self._reply_came, op, owned))
-            return owned
+            return self._batcher(op.route, self.backend.connection(op.route)).submit(op)
         return self._perform_other(op)
 
-    def _reply_came(self, call: ScriptCall, owned: asyncio.Future[Any], sent: Any) -> None:
-        """An acquire's reply came: when its caller is gone, a granted lease goes back."""
-        if not owned.cancelled() or sent.cancelled() or sent.exception() is not None:
-            return
-        lease = granted_lease(call, sent.result())
+    def _orphaned(self, call: Any, reply: Any) -> None:
+        """The reply of a caller cancelled while its call was queued or in flight (a timeout
+        around the handler, a closed request): the call went out all the same, and a lease
+        it was granted goes back now instead of holding its units, unused, until its expiry.
+        """
+        lease = granted_lease(call, reply) if type(call) is ScriptCall else None
         if lease is not None:
             task = asyncio.ensure_future(self._release_orphan(lease))
             self._background.add(task)
@@ -284,7 +276,12 @@ class AsyncQuotaClient(shell.ClientBase):
             # never on one that wraps or overrides ``connection``: it must see every call.
             send = backend.script_sender(route) if routes_itself(backend, AsyncBackend) else None
             batcher = self._batchers[node] = ShardBatcher(
-                conn, self._policy, pipelines=pipelines, bound=self._call_bound, send_script=send
+                conn,
+                self._policy,
+                pipelines=pipelines,
+                bound=self._call_bound,
+                send_script=send,
+                orphaned=self._orphaned,
             )
         return batcher
 

@@ -52,8 +52,12 @@ class ShardBatcher:
         pipelines: bool = True,
         bound: float = 60.0,
         send_script: Callable[[ScriptCall], Awaitable[Any]] | None = None,
+        orphaned: Callable[[Any, Any], None] | None = None,
     ) -> None:
         self._conn = conn
+        #: Hears ``(op, reply)`` of a call whose caller was cancelled before its reply came
+        #: (the client gives back a lease such a call was granted).
+        self._orphaned = orphaned
         #: How a script call sent alone goes: pre-packed on the shard's pool
         #: (``AsyncPackedScripts``), or None for ``conn.evalsha``.
         self._send_script = send_script
@@ -74,7 +78,7 @@ class ShardBatcher:
 
         A plain future, not a task: the caller's own task awaits it, and a
         cancelled caller only cancels its future (its call still goes out
-        with the others; its reply is dropped).
+        with the others; its reply goes to ``orphaned``).
         """
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         filling = self._filling
@@ -209,10 +213,12 @@ class ShardBatcher:
         self._in_flight -= 1
         if any(isinstance(r, (NoReply, redis.exceptions.TimeoutError)) for r in replies):
             self._fail_queued()
-        for (_, future), (index, part) in zip(batch, where, strict=True):
-            if future.done():  # its caller was cancelled
-                continue
+        for (op, future), (index, part) in zip(batch, where, strict=True):
             reply = replies[index]
+            if future.done():  # its caller was cancelled
+                if self._orphaned is not None and not isinstance(reply, BaseException):
+                    self._orphaned(op, reply if part is None else reply[part])
+                continue
             if isinstance(reply, BaseException):
                 future.set_exception(_fresh(reply))
             else:
