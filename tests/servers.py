@@ -379,11 +379,27 @@ class RedisCluster:
                     raise RuntimeError("the failover did not complete in time")
         finally:
             client.close()
+        # Settled: every node healthy, and every node's slot map naming the new primary (the
+        # old one learns of its demotion by gossip, and answered with its old map meanwhile).
         deadline = time.monotonic() + timeout
-        while not self._all_ok():
+        while not (self._all_ok() and self._maps_agree(replica)):
             if time.monotonic() > deadline:
                 raise RuntimeError("the cluster did not settle after the failover")
             time.sleep(0.05)
+
+    def _maps_agree(self, primary: RedisServer) -> bool:
+        """Every node maps the slots alike, and ``primary`` serves some of them."""
+        maps = []
+        for node in self.nodes:
+            client: Any = node.client()
+            try:
+                slots = client.execute_command("CLUSTER", "SLOTS")
+            except redis.exceptions.RedisError:
+                return False
+            finally:
+                client.close()
+            maps.append(sorted((start, end, int(owner[1])) for start, end, owner, *_ in slots))
+        return all(m == maps[0] for m in maps) and any(p == primary.port for *_, p in maps[0])
 
     def stop(self) -> None:
         """Stop every node by PID."""

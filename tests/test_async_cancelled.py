@@ -26,14 +26,14 @@ POLICY = Policy([GroupPolicy("g", 10, [TenantPolicy("a", guarantee=6), TenantPol
 
 
 async def _settled(quota: AsyncQuotaClient) -> int:
-    """Units held once the client's background work (an orphan's release) is done: a
-    snapshot's round trip comes after the acquire's, whose reply spawns the release."""
-    for _ in range(10):
-        used = int((await quota.snapshot("g")).used)
-        if not quota._background:
-            return used
-        await asyncio.gather(*quota._background, return_exceptions=True)
-    raise AssertionError("the client's background work never ended")
+    """Units held once every round trip in flight has come back and the client's background
+    work (an orphan's release, spawned by a reply) is done."""
+    for _ in range(20):
+        pending = [*quota._background, *(t for b in quota._batchers.values() for t in b._tasks)]
+        if not pending:
+            return int((await quota.snapshot("g")).used)
+        await asyncio.gather(*pending, return_exceptions=True)
+    raise AssertionError("the client's round trips and background work never ended")
 
 
 async def _cancelled_callers(quota: AsyncQuotaClient) -> None:
