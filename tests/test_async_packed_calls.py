@@ -205,6 +205,15 @@ async def _pool_is_clean(client: Any) -> bool:
     return True
 
 
+def _pool_dropped(client: Any) -> bool:
+    """No connection in use, and none pooled still connected: a cancelled call's connection
+    was dropped, its unread reply with it."""
+    pool = client.connection_pool
+    return not pool._in_use_connections and not any(
+        conn.is_connected for conn in pool._available_connections
+    )
+
+
 async def _history(client: Any) -> dict[str, list[tuple[str, Any]]]:
     """The same history through each path, in a key space of its own."""
     outcomes: dict[str, list[tuple[str, Any]]] = {}
@@ -353,9 +362,7 @@ def test_a_call_cancelled_mid_read_never_goes_back_with_its_reply_unread(
                 call.cancel()
                 with pytest.raises(asyncio.CancelledError):
                     await call
-                pool = client.connection_pool
-                assert not pool._in_use_connections
-                assert not any(conn.is_connected for conn in pool._available_connections)
+                assert _pool_dropped(client)
             finally:
                 server.resume()
             assert await send(_echo("next")) == b"next"
@@ -400,9 +407,7 @@ def test_the_batch_timer_firing_mid_read_leaves_no_dirty_connection(
                 assert reading.is_set()  # it was cancelled mid-read
                 (batcher,) = quota._batchers.values()
                 await asyncio.gather(*batcher._tasks)  # the cancelled round trip winds down
-                pool = client.connection_pool
-                assert not pool._in_use_connections
-                assert not any(conn.is_connected for conn in pool._available_connections)
+                assert _pool_dropped(client)
             finally:
                 server.resume()
             decision = await quota.try_acquire("a", 2)
