@@ -42,6 +42,7 @@ from ratequota.clients.backends import (
     async_no_retry,
     no_retry,
 )
+from ratequota.clients.script_pipe import ScriptPipe
 from ratequota.engine.ops import ScriptCall
 from ratequota.engine.scripts import ScriptSpec, load_scripts
 from ratequota.errors import BackendUnavailable
@@ -373,7 +374,16 @@ def test_a_call_cancelled_mid_read_never_goes_back_with_its_reply_unread(
     asyncio.run(main())
 
 
+@pytest.fixture
+def pooled(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The client's script calls on its pool (``AsyncPackedScripts``), not on a pipe: what
+    the URL clients fall back to where ``ScriptPipe`` cannot take a connection over
+    (tests/test_script_pipe.py holds the pipe to the same behaviour)."""
+    monkeypatch.setattr(ScriptPipe, "of", classmethod(lambda cls, client: None))
+
+
 @pytest.mark.real_redis
+@pytest.mark.usefixtures("pooled")
 def test_the_batch_timer_firing_mid_read_leaves_no_dirty_connection(
     server: RedisServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -423,6 +433,7 @@ def test_the_batch_timer_firing_mid_read_leaves_no_dirty_connection(
 
 
 @pytest.mark.real_redis
+@pytest.mark.usefixtures("pooled")
 def test_a_caller_cancelled_mid_flight_leaves_the_others_their_replies(
     server: RedisServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -19,6 +19,7 @@ import pytest
 
 from ratequota.clients import batcher as batching
 from ratequota.clients.aio import AsyncQuotaClient
+from ratequota.clients.script_pipe import ScriptPipe
 from ratequota.clients.sync import QuotaClient
 from ratequota.engine import protocol
 from ratequota.engine.batching import BatchPolicy
@@ -237,6 +238,15 @@ def test_calls_queued_behind_a_timed_out_round_trip_fail_without_being_sent(
         return await original_exchange(self, wire)  # type: ignore[no-any-return]
 
     monkeypatch.setattr(batching.ShardBatcher, "_exchange", exchange)
+    original_send_now = ScriptPipe.send_now
+
+    def send_now(self: Any, packed: bytes, delivers: Any, timeout: float) -> bool:
+        written = original_send_now(self, packed, delivers, timeout)
+        if written:  # a round trip on the client's pipe
+            sent.append(len(delivers))
+        return written
+
+    monkeypatch.setattr(ScriptPipe, "send_now", send_now)
 
     async def main() -> list[Any]:
         quota = AsyncQuotaClient(

@@ -3,13 +3,15 @@
 The same topologies as the sync backends (``ratequota.clients.backends``),
 with ``redis.asyncio`` clients: the same placement, the same timeouts, no
 automatic replay; and, as there, a script call goes pre-packed on the clients
-ratequota makes from URLs (``AsyncPackedScripts``).
+ratequota makes from URLs: pipelined on a connection of its own
+(``script_pipe.ScriptPipe``), or on the client's pool (``AsyncPackedScripts``)
+where the pipe cannot take a connection over.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import redis
@@ -25,6 +27,7 @@ from ratequota.clients.backends import (
     packed_bytes,
     plain_pool,
 )
+from ratequota.clients.script_pipe import ScriptPipe
 from ratequota.clients.urls import placement_ids, redact, scrub
 from ratequota.engine.ops import ScriptCall
 from ratequota.errors import ConfigError
@@ -39,12 +42,16 @@ __all__ = [
 ]
 
 
+#: How a shard's script call is sent pre-packed: awaited, it answers what ``evalsha`` would.
+ScriptSender = Callable[[ScriptCall], Awaitable[Any]]
+
+
 class AsyncBackend(Shards):
     """Async connections by route: one server, or shards placed as the sync client places them.
 
     ``packed`` (the backends made from URLs) gives each shard whose client
-    qualifies an ``AsyncPackedScripts``, which the client's batcher sends a
-    script call through (``script_sender``).
+    qualifies a ``ScriptPipe`` (else an ``AsyncPackedScripts``), which the
+    client's batcher sends a script call through (``script_sender``).
     """
 
     def __init__(
@@ -56,16 +63,20 @@ class AsyncBackend(Shards):
         packed: bool = False,
     ) -> None:
         super().__init__(clients, description, ids)
-        self._senders = [
-            AsyncPackedScripts.of(client) if packed else None for client in self._clients
+        self._senders: list[ScriptSender | None] = [
+            (ScriptPipe.of(client) or AsyncPackedScripts.of(client)) if packed else None
+            for client in self._clients
         ]
 
-    def script_sender(self, route: str) -> AsyncPackedScripts | None:
+    def script_sender(self, route: str) -> ScriptSender | None:
         """The packed sender of the shard serving ``route``, or None (redis-py's ``evalsha``)."""
         return self._senders[0 if self.routing is None else self.routing.index(route)]
 
     async def close(self) -> None:
-        """Close every pool."""
+        """Close every pipe and every pool."""
+        for sender in self._senders:
+            if isinstance(sender, ScriptPipe):
+                await sender.close()
         for client in self._clients:
             await client.aclose()
 

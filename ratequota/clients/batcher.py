@@ -9,18 +9,26 @@ Per round trip it costs one task (which awaits the call itself, bounded by a
 timer) and one plain future per caller: about two event-loop iterations more
 than the caller awaiting redis-py itself. A round trip takes its calls when its
 task begins, so the callers one reply wakes leave together in the next.
+
+On a shard with a ``ScriptPipe`` (the backends made from URLs) a round trip
+of script calls needs no task at all while the pipe's connection is open: a
+callback scheduled like the task's first step (so the same calls join it)
+writes them, and the pipe's reading callback answers the callers, bounded by
+the pipe's own deadline: one event-loop iteration per call fewer, and no task
+or timer to make. Anything else (the first connection, a call the pipe cannot
+pack, a reload after NOSCRIPT) takes the task.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any
 
 import redis
 
-from ratequota.clients.backends import is_noscript
+from ratequota.clients.backends import is_noscript, packed_bytes
 from ratequota.clients.scripting import Load, exchange
 from ratequota.engine.batching import BatchPolicy
 from ratequota.engine.coalesce import coalesce
@@ -71,6 +79,9 @@ class ShardBatcher:
         self._filling: _Batch | None = None
         self._in_flight = 0
         self._tasks: dict[asyncio.Task[None], _Batch] = {}  # round trips, with their calls
+        #: The shard's pipe, when ``send_script`` is one: round trips then go without a task.
+        self._pipe: Any = send_script if hasattr(send_script, "send_now") else None
+        self._trips: set[_Trip] = set()  # the round trips on the pipe, not answered yet
         self._cleanups: set[asyncio.Future[Any]] = set()  # cancelled calls winding down
 
     def submit(self, op: Any) -> asyncio.Future[Any]:
@@ -102,9 +113,22 @@ class ShardBatcher:
                 # of tasks woken in this one join it (all the callers a reply just
                 # answered), instead of the first leaving alone and the rest queueing.
                 self._filling = batch
-            task = asyncio.get_running_loop().create_task(self._send(batch))
-            self._tasks[task] = batch
-            task.add_done_callback(self._finished)
+                if self._pipe is not None:  # on the pipe: a callback, not a task
+                    trip = _Trip(self, batch)
+                    self._trips.add(trip)
+                    trip.handle = asyncio.get_running_loop().call_soon(trip.launch)
+                    return
+            self._start(batch, self._send(batch))
+
+    def _start(self, batch: _Batch, trip: Coroutine[Any, Any, None]) -> None:
+        """Run ``trip``, the round trip of ``batch`` (``_send``, or a reload), as a task.
+
+        ``trip`` answers every call of ``batch`` itself, however it ends, once it
+        runs (``_finished`` answers those of a task cancelled before it ran).
+        """
+        task = asyncio.get_running_loop().create_task(trip)
+        self._tasks[task] = batch
+        task.add_done_callback(self._finished)
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         """A round trip's task is done; one cancelled before it began still answers its calls.
@@ -126,8 +150,12 @@ class ShardBatcher:
         Cancelling a round trip hands its Redis call over to the clean-ups, so
         this goes round until nothing is left (a few rounds at most), lest a
         task be destroyed pending when the loop closes. Calls still queued
-        then fail as the cancelled round trips' calls do, never left waiting.
+        then fail as the cancelled round trips' calls do, never left waiting,
+        and so do those of the round trips on the pipe (their replies, should
+        they come, are dropped).
         """
+        for trip in list(self._trips):
+            trip.abandon()
         for _ in range(5):
             pending: list[asyncio.Future[Any]] = [
                 t for t in (*self._tasks, *self._cleanups) if not t.done()
@@ -155,7 +183,7 @@ class ShardBatcher:
             if not future.done():
                 future.set_exception(NoReply(f"{_NO_REPLY} (queued behind a round trip)"))
 
-    async def _send(self, batch: _Batch) -> None:
+    async def _send(self, batch: _Batch, prepared: tuple[list[Any], Any] | None = None) -> None:
         """One round trip of ``batch``, awaited here, bounded by a timer; then every reply.
 
         The call is awaited in this task itself, not in a task of its own
@@ -167,12 +195,12 @@ class ShardBatcher:
         background, as with ``_bounded``. Whichever comes first answers:
         the reply, or the timer.
         """
-        if self._filling is batch:
-            self._filling = None  # complete: later calls queue for the next round trip
-        ops = [op for op, _ in batch]
-        # Concurrent acquires (releases) of one group become one acquire_many (release_many)
-        # call: one script run pays the clock, policy, purge and demand reads once for all.
-        wire, where = coalesce(ops) if len(ops) > 1 else (ops, _ALONE)
+        if prepared is None:
+            if self._filling is batch:
+                self._filling = None  # complete: later calls queue for the next round trip
+            wire, where = _wire_of(batch)
+        else:  # a round trip the pipe could not send now (``_Trip.launch``)
+            wire, where = prepared
         loop = asyncio.get_running_loop()
         task = asyncio.current_task()
         assert task is not None
@@ -196,6 +224,16 @@ class ShardBatcher:
             timer.cancel()
         if expired:  # the callers have their NoReply: this was the timer's cancellation
             return
+        await self._reload_and_answer(batch, where, wire, replies)
+
+    async def _reload_and_answer(
+        self,
+        batch: _Batch,
+        where: Sequence[tuple[int, int | None]],
+        wire: list[Any],
+        replies: list[Any],
+    ) -> None:
+        """Answer the callers, once the calls NOSCRIPT refused are loaded and sent again."""
         if any(is_noscript(reply) for reply in replies):
             try:
                 replies = await self._reload(wire, replies)
@@ -311,6 +349,86 @@ class ShardBatcher:
 _NO_REPLY = "no reply from Redis"
 #: Where the reply of a call sent alone is: the first reply, as it is.
 _ALONE = ((0, None),)
+
+
+def _wire_of(batch: _Batch) -> tuple[list[Any], Sequence[tuple[int, int | None]]]:
+    """The calls a round trip of ``batch`` sends, and where each caller's reply is in theirs.
+
+    Concurrent acquires (releases) of one group become one acquire_many (release_many)
+    call: one script run pays the clock, policy, purge and demand reads once for all.
+    """
+    ops = [op for op, _ in batch]
+    return coalesce(ops) if len(ops) > 1 else (ops, _ALONE)
+
+
+class _Trip:
+    """A round trip on the shard's pipe: launched by a callback, answered by the pipe's.
+
+    ``launch`` runs where ``_send`` would begin (next loop iteration, the
+    calls of that iteration joined); ``deliver`` hears each reply from the
+    pipe's reading callback, and the last one answers the callers. If the
+    pipe has no open connection, or a call cannot be packed, the round trip
+    becomes a task as any other (``ShardBatcher._start``).
+    """
+
+    __slots__ = ("batch", "batcher", "handle", "missing", "over", "replies", "where", "wire")
+
+    def __init__(self, batcher: ShardBatcher, batch: _Batch) -> None:
+        self.batcher = batcher
+        self.batch = batch
+        self.handle: asyncio.Handle | None = None
+        self.where: Sequence[tuple[int, int | None]] = _ALONE
+        self.wire: list[Any] = []
+        self.replies: list[Any] = []
+        self.missing = 0
+        self.over = False  # answered (or abandoned): a late reply is dropped
+
+    def launch(self) -> None:
+        batcher = self.batcher
+        if batcher._filling is self.batch:
+            batcher._filling = None  # complete: later calls queue for the next round trip
+        self.wire, self.where = wire, _ = _wire_of(self.batch)
+        packs = [packed_bytes(op) if type(op) is ScriptCall else None for op in wire]
+        self.replies = [None] * len(wire)
+        self.missing = len(wire)
+        delivers = [functools.partial(self.deliver, index) for index in range(len(wire))]
+        if None in packs or not batcher._pipe.send_now(
+            b"".join(packs),
+            delivers,
+            batcher._bound,  # type: ignore[arg-type]
+        ):
+            batcher._trips.discard(self)
+            batcher._start(self.batch, batcher._send(self.batch, (wire, self.where)))
+
+    def deliver(self, index: int, reply: Any) -> None:
+        if self.over:
+            return
+        if isinstance(reply, redis.exceptions.TimeoutError):  # the pipe's deadline: the bound
+            reply = NoReply(f"{_NO_REPLY} within {self.batcher._bound:.3f}s")
+        self.replies[index] = reply
+        self.missing -= 1
+        if self.missing:
+            return
+        self.over = True
+        batcher = self.batcher
+        batcher._trips.discard(self)
+        if any(is_noscript(r) for r in self.replies):  # rare: the reload needs a task
+            reload = batcher._reload_and_answer(self.batch, self.where, self.wire, self.replies)
+            batcher._start(self.batch, reload)
+        else:
+            batcher._answer(self.batch, self.where, self.replies)
+
+    def abandon(self) -> None:
+        """The client is closing: the callers fail as a cancelled round trip's do."""
+        if self.over:
+            return
+        self.over = True
+        if self.handle is not None:
+            self.handle.cancel()
+        self.batcher._trips.discard(self)
+        if self.batcher._filling is self.batch:
+            self.batcher._filling = None
+        self.batcher._answer(self.batch, ((0, None),) * len(self.batch), [asyncio.CancelledError()])
 
 
 class NoReply(TimeoutError):

@@ -1,0 +1,356 @@
+"""The async client's script pipe answers and fails as redis.asyncio's ``evalsha`` does.
+
+On the async backends made from URLs, the batcher's script calls to a shard
+go pipelined over one connection of ``script_pipe.ScriptPipe``, made and
+greeted by redis-py (AUTH, SELECT...) and then read by the pipe itself. These
+tests hold it to redis-py on a real server: the same replies and error
+replies, the same errors when the server is paused, killed or closed, the
+handshake's password and database, replies matched to their calls however
+many are in flight and whichever callers are cancelled; and the client's
+round-trip bound on the pipe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+import redis.asyncio
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ratequota import AsyncQuotaClient
+from ratequota.clients.async_backends import AsyncPackedScripts, async_url_backend
+from ratequota.clients.backends import async_no_retry
+from ratequota.clients.script_pipe import ScriptPipe
+from ratequota.engine.ops import ScriptCall
+from ratequota.engine.scripts import load_scripts
+from ratequota.errors import BackendUnavailable
+from tests.conftest import _no_redis
+from tests.servers import RedisServer, redis_server_binary
+from tests.test_async_packed_calls import (
+    BROKEN,
+    ECHO,
+    ECHO_SOURCE,
+    POLICY,
+    Send,
+    _echo,
+    _outcome,
+    _pool_is_clean,
+)
+from tests.test_packed_calls import _lease_calls, _policy_call
+
+pytestmark = pytest.mark.real_redis
+
+
+def _server() -> Iterator[RedisServer]:
+    if redis_server_binary() is None:
+        _no_redis()
+    srv = RedisServer().start()
+    try:
+        yield srv
+    finally:
+        srv.cleanup()
+
+
+@pytest.fixture
+def server() -> Iterator[RedisServer]:
+    """A private redis-server this test may flush, pause and kill."""
+    yield from _server()
+
+
+@pytest.fixture(scope="module")
+def shared_server() -> Iterator[RedisServer]:
+    """One server for every example of a property (never paused or killed)."""
+    yield from _server()
+
+
+def _pipe_of(backend: Any) -> ScriptPipe:
+    pipe = backend.script_sender("g")
+    assert isinstance(pipe, ScriptPipe)
+    return pipe
+
+
+def test_the_url_clients_get_a_pipe_and_others_do_not() -> None:
+    """A URL client's shard sends through a pipe; a client the pipe cannot take a connection
+    of keeps the pooled packed path or redis-py's: fakeredis's connections, replies decoded
+    to text, no socket timeout (a pipe must bound every call)."""
+
+    async def main() -> None:
+        url = "redis://127.0.0.1:1/0"
+        backend = async_url_backend(url, socket_timeout=1.0)
+        plain: dict[str, Any] = {"retry": async_no_retry()}
+        decoded = redis.asyncio.Redis.from_url(url, decode_responses=True, **plain)
+        unbounded = redis.asyncio.Redis.from_url(url, **plain)
+        try:
+            _pipe_of(backend)
+            assert ScriptPipe.of(decoded) is None and ScriptPipe.of(unbounded) is None
+            assert AsyncPackedScripts.of(unbounded) is not None
+            assert ScriptPipe.of(object()) is None
+        finally:
+            await backend.close()
+            await decoded.aclose()
+            await unbounded.aclose()
+
+    asyncio.run(main())
+
+
+async def _history(client: Any, paths: dict[str, Send]) -> dict[str, list[tuple[str, Any]]]:
+    """The same history through each path, in a key space of its own (as
+    tests/test_async_packed_calls.py runs it for the pooled path)."""
+    outcomes: dict[str, list[tuple[str, Any]]] = {}
+    failing = ScriptCall(BROKEN, "g", ("k",), ("a",))
+    for name, send in paths.items():
+        for spec in [*load_scripts().values(), BROKEN, ECHO]:
+            await client.script_load(spec.source)
+        seen = [await _outcome(send, _policy_call(name))]
+        seen += [await _outcome(send, call) for call in _lease_calls(name)]
+        seen.append(await _outcome(send, _echo("ключ")))
+        seen.append(await _outcome(send, failing))
+        await client.script_flush()
+        seen.append(await _outcome(send, _lease_calls(name)[0]))
+        seen.append(await _outcome(send, ScriptCall(BROKEN, "g", (), (True,))))  # type: ignore[arg-type]
+        outcomes[name] = seen
+    return outcomes
+
+
+def test_replies_and_error_replies_are_redis_pys(server: RedisServer) -> None:
+    """Admitted, refused, too large, unknown tenant, a snapshot, text beyond ASCII; NOSCRIPT
+    after a flush, a script's own error and a bool redis-py refuses: the pipe answers each
+    as ``evalsha`` does, and the connection serves on after each."""
+
+    async def main() -> None:
+        backend = async_url_backend(server.url, socket_timeout=2.0)
+        client: Any = backend.connection("g")
+        paths: dict[str, Send] = {
+            "pipe": _pipe_of(backend),
+            "evalsha": lambda call: client.evalsha(*call.wire),
+        }
+        try:
+            outcomes = await _history(client, paths)
+            assert await _pool_is_clean(client)
+        finally:
+            await backend.close()
+        assert outcomes["pipe"] == outcomes["evalsha"]
+        kinds = [kind for kind, _ in outcomes["pipe"][-3:]]
+        assert kinds == ["ResponseError", "NoScriptError", "DataError"]
+        assert outcomes["pipe"][-4] == ("reply", "ключ".encode())
+
+    asyncio.run(main())
+
+
+def test_a_paused_then_killed_server_fails_the_pipe_as_redis_py(server: RedisServer) -> None:
+    """Paused: the call times out at the socket timeout with redis-py's message, and the
+    next call after the resume is served on a new connection. Killed: connection errors;
+    served again after a restart."""
+
+    async def main() -> None:
+        backend = async_url_backend(server.url, socket_timeout=0.3)
+        client: Any = backend.connection("g")
+        pipe = _pipe_of(backend)
+        try:
+            await client.script_load(load_scripts()["acquire"].source)
+            await client.script_load(load_scripts()["apply_policy"].source)
+            assert (await _outcome(pipe, _policy_call("p")))[0] == "reply"
+            call = _lease_calls("p")[0]
+            assert (await _outcome(pipe, call))[0] == "reply"
+            first = pipe._wire
+            server.pause()
+            try:
+                assert await _outcome(pipe, call) == (
+                    "TimeoutError",
+                    f"Timeout reading from 127.0.0.1:{server.port}",
+                )
+            finally:
+                server.resume()
+            assert (await _outcome(pipe, call))[0] == "reply"
+            assert pipe._wire is not first
+            server.kill()
+            failures = {(await _outcome(pipe, call))[0] for _ in range(3)}
+            assert failures == {"ConnectionError"}
+            server.start()
+            await client.script_load(load_scripts()["acquire"].source)
+            assert (await _outcome(pipe, call))[0] == "reply"
+        finally:
+            await backend.close()
+
+    asyncio.run(main())
+
+
+async def _written(pipe: ScriptPipe, count: int) -> None:
+    """Until ``count`` calls are on the pipe's connection (each is written as its task runs)."""
+    for _ in range(1000):
+        wire = pipe._wire
+        if wire is not None and len(wire._waiting) >= count:
+            return
+        await asyncio.sleep(0)
+    raise AssertionError("the calls were never written")
+
+
+def test_a_cancelled_call_keeps_the_connection_and_the_replies_in_order(
+    server: RedisServer,
+) -> None:
+    """A call cancelled while a paused server owes its reply: the cancellation is raised, the
+    connection stays, and after the resume the next call reads its own reply, not the
+    cancelled one's (which is read and dropped)."""
+
+    async def main() -> None:
+        backend = async_url_backend(server.url, socket_timeout=5.0)
+        client: Any = backend.connection("g")
+        pipe = _pipe_of(backend)
+        try:
+            await client.script_load(ECHO_SOURCE)
+            assert await pipe(_echo("warm")) == b"warm"
+            wire = pipe._wire
+            server.pause()
+            try:
+                call = asyncio.ensure_future(pipe(_echo("cancelled")))
+                await _written(pipe, 1)
+                call.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await call
+            finally:
+                server.resume()
+            assert await pipe(_echo("next")) == b"next"
+            assert pipe._wire is wire
+        finally:
+            await backend.close()
+
+    asyncio.run(main())
+
+
+@given(cancelled=st.lists(st.booleans(), min_size=1, max_size=80))
+@settings(deadline=None)
+def test_concurrent_calls_on_one_connection_each_get_their_own_reply(
+    shared_server: RedisServer, cancelled: list[bool]
+) -> None:
+    """Any number of calls in flight at once on the one connection, any of them cancelled
+    before its reply: every other caller gets its own reply, and the server saw one
+    connection from the pipe."""
+
+    async def main() -> None:
+        backend = async_url_backend(shared_server.url, socket_timeout=5.0)
+        client: Any = backend.connection("g")
+        pipe = _pipe_of(backend)
+        try:
+            await client.script_load(ECHO_SOURCE)
+            before = len(await client.client_list())
+            calls = [asyncio.ensure_future(pipe(_echo(f"v{i}"))) for i in range(len(cancelled))]
+            await asyncio.sleep(0)  # the first opens the connection; the rest share it
+            await _written(pipe, 1)
+            for call, cancel in zip(calls, cancelled, strict=True):
+                if cancel:
+                    call.cancel()
+            outcomes = await asyncio.gather(*calls, return_exceptions=True)
+            for i, (outcome, cancel) in enumerate(zip(outcomes, cancelled, strict=True)):
+                if cancel:
+                    assert isinstance(outcome, asyncio.CancelledError)
+                else:
+                    assert outcome == f"v{i}".encode()
+            assert await pipe(_echo("after")) == b"after"
+            assert len(await client.client_list()) == before + 1
+        finally:
+            await backend.close()
+
+    asyncio.run(main())
+
+
+def test_the_client_bounds_each_round_trip_on_the_pipe(server: RedisServer) -> None:
+    """The client's round-trip bound (far below the socket timeout here) holds on the pipe:
+    a decision against a paused server hears ``BackendUnavailable`` (no reply within the
+    bound) with nothing sent through ``evalsha``; after the resume the next decision and
+    its release are answered correctly on a new connection."""
+
+    async def main() -> None:
+        quota = AsyncQuotaClient(server.url, socket_timeout=5.0, auto_renew=False)
+        quota._call_bound = 0.2
+        client: Any = quota.backend.connection("g")
+        pipe = _pipe_of(quota.backend)
+        sent: list[tuple[Any, ...]] = []
+        real = client.evalsha
+
+        def counted(*args: Any) -> Any:
+            sent.append(args)
+            return real(*args)
+
+        client.evalsha = counted
+        try:
+            await quota.apply_policy(POLICY)
+            assert (await quota.try_acquire("a", 1)).admitted
+            first = pipe._wire
+            server.pause()
+            try:
+                with pytest.raises(BackendUnavailable, match=r"no reply from Redis within 0\.200s"):
+                    await quota.try_acquire("a", 1)
+            finally:
+                server.resume()
+            decision = await quota.try_acquire("a", 2)
+            assert decision.admitted and decision.lease is not None
+            assert (await quota.release(decision.lease)).state == "released"
+            assert pipe._wire is not first and sent == []
+        finally:
+            await quota.close()
+
+    asyncio.run(main())
+
+
+def test_the_handshake_is_redis_pys_password_and_database(server: RedisServer) -> None:
+    """A server that wants a password, and a URL naming a database: the pipe's connection is
+    greeted by redis-py, so its calls land in that database; a wrong password fails as
+    ``evalsha`` does."""
+    redis.Redis(port=server.port).config_set("requirepass", "s3cret")
+
+    async def main() -> None:
+        url = f"redis://:s3cret@127.0.0.1:{server.port}/3"
+        quota = AsyncQuotaClient(url, auto_renew=False)
+        raw = redis.asyncio.Redis(port=server.port, password="s3cret", db=3)
+        wrong = async_url_backend(url.replace("s3cret", "wrong"), socket_timeout=2.0)
+        try:
+            await quota.apply_policy(POLICY)
+            assert (await quota.try_acquire("a", 1)).admitted
+            assert isinstance(quota.backend.script_sender("g"), ScriptPipe)
+            assert await raw.keys("*{g}*")
+            await raw.select(0)
+            assert not await raw.keys("*{g}*")
+            bad: Any = wrong.connection("g")
+            paths: dict[str, Send] = {
+                "pipe": _pipe_of(wrong),
+                "evalsha": lambda call: bad.evalsha(*call.wire),
+            }
+            failed = [await _outcome(send, _echo("x")) for send in paths.values()]
+            assert failed[0] == failed[1] and failed[0][0] == "AuthenticationError"
+        finally:
+            await quota.close()
+            await raw.aclose()
+            await wrong.close()
+
+    asyncio.run(main())
+
+
+def test_closing_fails_the_calls_in_flight(server: RedisServer) -> None:
+    """``close`` while a paused server owes replies: each caller hears ``ConnectionError`` at
+    once; a call after the close is refused, never sent."""
+
+    async def main() -> None:
+        backend = async_url_backend(server.url, socket_timeout=5.0)
+        client: Any = backend.connection("g")
+        pipe = _pipe_of(backend)
+        await client.script_load(ECHO_SOURCE)
+        assert await pipe(_echo("warm")) == b"warm"
+        server.pause()
+        try:
+            calls = [asyncio.ensure_future(pipe(_echo("owed"))) for _ in range(3)]
+            await _written(pipe, 3)
+            await backend.close()
+            for call in calls:
+                with pytest.raises(redis.exceptions.ConnectionError):
+                    await call
+            with pytest.raises(redis.exceptions.ConnectionError, match="closed"):
+                await pipe(_echo("late"))
+        finally:
+            server.resume()
+
+    asyncio.run(main())
