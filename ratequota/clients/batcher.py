@@ -392,10 +392,9 @@ class _Trip:
         self.replies = [None] * len(wire)
         self.missing = len(wire)
         delivers = [functools.partial(self.deliver, index) for index in range(len(wire))]
-        if None in packs or not batcher._pipe.send_now(
-            b"".join(packs),
-            delivers,
-            batcher._bound,  # type: ignore[arg-type]
+        sendable = [pack for pack in packs if pack is not None]
+        if len(sendable) < len(packs) or not batcher._pipe.send_now(
+            b"".join(sendable), delivers, batcher._bound
         ):
             batcher._trips.discard(self)
             batcher._start(self.batch, batcher._send(self.batch, (wire, self.where)))
