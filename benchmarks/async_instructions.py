@@ -14,8 +14,10 @@ dump each), on a ``redis.asyncio`` connection made as the client makes its own:
 
 - one caller: a bare ``EVALSHA "return 1"``, the same trivial script with
   acquire's keys and arguments (what redis-py spends on them), the same sent
-  packed as the client sends it (``AsyncPackedScripts``: the transport alone;
-  "—" for a checkout without it), ``try_acquire`` and ``release``;
+  packed as the client sends it where it has no pipe (``AsyncPackedScripts``: the
+  transport alone; "—" for a checkout without it), the same on the client's own
+  pipe (``ScriptPipe``, the transport the client uses from a URL), ``try_acquire``
+  and ``release``;
 - 64 concurrent callers (``bench_async.py``'s load): the bare ``EVALSHA`` each on
   its own connection, and ``try_acquire`` through the batcher; per decision.
 
@@ -45,6 +47,7 @@ MEASURES = (
     "bare EVALSHA",
     "EVALSHA, acquire's arguments",
     "the same, sent packed",
+    "the same, on the client's pipe",
     "try_acquire",
     "release",
     "bare EVALSHA, 64 callers",
@@ -92,6 +95,15 @@ def child(url: str, calls: int) -> None:
         send_packed = AsyncPackedScripts.of(conn)
     except ImportError:  # a checkout from before the packed path (not printed)
         pass
+    send_piped: Any = None
+    try:
+        from ratequota.clients.script_pipe import ScriptPipe
+
+        send_piped = quota.backend.script_sender("prof")
+        if not isinstance(send_piped, ScriptPipe):
+            send_piped = None
+    except ImportError:  # a checkout from before the pipe (not printed)
+        pass
     held: list[Any] = []
 
     async def acquire(i: int) -> None:
@@ -112,6 +124,12 @@ def child(url: str, calls: int) -> None:
         else:
             await send_packed(trivial)
 
+    async def piped(i: int) -> None:
+        if send_piped is None:
+            await conn.evalsha(*wide)
+        else:
+            await send_piped(trivial)
+
     async def alone(one: Callable[[int], Awaitable[None]], n: int) -> None:
         for i in range(n):
             await one(i)
@@ -127,6 +145,7 @@ def child(url: str, calls: int) -> None:
         "bare EVALSHA": lambda: alone(bare, calls),
         "EVALSHA, acquire's arguments": lambda: alone(with_arguments, calls),
         "the same, sent packed": lambda: alone(packed, calls),
+        "the same, on the client's pipe": lambda: alone(piped, calls),
         "try_acquire": lambda: alone(acquire, calls),
         "release": lambda: alone(release, calls),
         "bare EVALSHA, 64 callers": lambda: together(bare, calls),
@@ -172,8 +191,9 @@ def main() -> int:
     per = {name: count / calls for name, count in zip(MEASURES, counts, strict=True)}
     print(f"async client instructions per call ({root}, {calls} calls, real round trips)")
     packs = "AsyncPackedScripts" in (root / "ratequota/clients/async_backends.py").read_text()
+    pipes = (root / "ratequota/clients/script_pipe.py").exists()
     for name in MEASURES:
-        if name == "the same, sent packed" and not packs:
+        if (name == "the same, sent packed" and not packs) or ("pipe" in name and not pipes):
             print(f"  {name:<30} {'—':>10}")
             continue
         bare = per["bare EVALSHA, 64 callers" if "64" in name else "bare EVALSHA"]
