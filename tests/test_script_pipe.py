@@ -238,9 +238,12 @@ def test_concurrent_calls_on_one_connection_each_get_their_own_reply(
         try:
             await client.script_load(ECHO_SOURCE)
             before = len(await client.client_list())
+            assert await pipe(_echo("open")) == b"open"  # the connection the calls share
             calls = [asyncio.ensure_future(pipe(_echo(f"v{i}"))) for i in range(len(cancelled))]
-            await asyncio.sleep(0)  # the first opens the connection; the rest share it
-            await _written(pipe, 1)
+            # One loop iteration: every call's task writes it, and no reply is read before
+            # the cancellations below (replies are read at the next iteration's poll).
+            await asyncio.sleep(0)
+            assert pipe._wire is not None and len(pipe._wire._waiting) == len(calls)
             for call, cancel in zip(calls, cancelled, strict=True):
                 if cancel:
                     call.cancel()

@@ -107,17 +107,24 @@ class ShardBatcher:
             count = 1 if self._queue and self._in_flight < SOLO_IN_FLIGHT else 0
         if count:
             batch, self._queue = self._queue[:count], self._queue[count:]
+            idle = not self._in_flight
             self._in_flight += 1
             if self._pipelines:
+                if self._pipe is not None:  # on the pipe: a callback, not a task
+                    trip = _Trip(self, batch)
+                    self._trips.add(trip)
+                    if idle and len(batch) == 1:
+                        # Nothing in flight: no reply is about to wake a crowd of callers,
+                        # so a lone call goes now rather than one loop iteration later.
+                        trip.launch()
+                        return
+                    self._filling = batch
+                    trip.handle = asyncio.get_running_loop().call_soon(trip.launch)
+                    return
                 # Sent when its task begins, next loop iteration: until then the calls
                 # of tasks woken in this one join it (all the callers a reply just
                 # answered), instead of the first leaving alone and the rest queueing.
                 self._filling = batch
-                if self._pipe is not None:  # on the pipe: a callback, not a task
-                    trip = _Trip(self, batch)
-                    self._trips.add(trip)
-                    trip.handle = asyncio.get_running_loop().call_soon(trip.launch)
-                    return
             self._start(batch, self._send(batch))
 
     def _start(self, batch: _Batch, trip: Coroutine[Any, Any, None]) -> None:
