@@ -23,7 +23,7 @@ import asyncio
 import contextlib
 import functools
 import inspect
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
@@ -56,7 +56,7 @@ from ratequota.decision import (
 )
 from ratequota.engine.batching import BatchPolicy
 from ratequota.engine.ops import Batch, Compute, Flow, ScriptCall, Sleep, Spawn, pipeline_args
-from ratequota.engine.replies import granted_lease
+from ratequota.engine.replies import granted_lease, refused_waiting
 from ratequota.errors import InvalidType, RateQuotaError
 from ratequota.policy import Policy
 
@@ -179,6 +179,8 @@ class AsyncQuotaClient(shell.ClientBase):
         self._call_bound = s.socket_timeout
         self.renewer = TaskRenewer(self)
         self._background: set[asyncio.Task[None]] = set()  # spawned flows (catalog refresh)
+        # A waiting acquire its caller abandons withdraws its registration in the background.
+        self.core.on_abandon = self._abandon
 
     async def close(self) -> None:
         """Stop the renewer and background work, then close connections."""
@@ -210,8 +212,14 @@ class AsyncQuotaClient(shell.ClientBase):
 
     async def _run(self, flow: Flow[T]) -> T:
         run = self._runner(flow)
-        while run.op is not None:
-            await run.astep(self._perform)
+        try:
+            while run.op is not None:
+                await run.astep(self._perform)
+        except asyncio.CancelledError:
+            # Closed now, not whenever it is collected: a waiting acquire withdraws its
+            # registration as it closes (``core.on_abandon``).
+            flow.close()
+            raise
         return run.result()
 
     def _perform(self, op: Any) -> Awaitable[Any]:
@@ -229,11 +237,25 @@ class AsyncQuotaClient(shell.ClientBase):
         around the handler, a closed request): the call went out all the same, and a lease
         it was granted goes back now instead of holding its units, unused, until its expiry.
         """
-        lease = granted_lease(call, reply) if type(call) is ScriptCall else None
+        if type(call) is not ScriptCall:
+            return
+        lease = granted_lease(call, reply)
         if lease is not None:
-            task = asyncio.ensure_future(self._release_orphan(lease))
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
+            self._in_background(self._release_orphan(lease))
+            return
+        waiting = refused_waiting(call, reply)
+        if waiting is not None:  # its refusal registered the units as waiting demand
+            self._abandon(self.core.withdraw(call.route, *waiting))
+
+    def _abandon(self, withdrawal: Flow[None]) -> None:
+        """Withdraw an abandoned acquire's waiting registration, in the background (it would
+        otherwise count as demand, lowering other tenants' limits, until ``pending_ttl``)."""
+        self._in_background(self._run_detached(withdrawal))
+
+    def _in_background(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _release_orphan(self, lease: LeaseInfo) -> None:
         try:

@@ -20,7 +20,7 @@ import contextlib
 import logging
 import random
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from ratequota.clients.failure import Breakers, FailureState, synthetic_renewal
@@ -94,6 +94,10 @@ class QuotaCore(Router):
         self._pending_ms = round(s.pending_ttl * 1000)
         self._fenced = 0
         self._fenced_lock = threading.Lock()  # guards _fenced only; never held across I/O
+        #: Hears the flow withdrawing the waiting registration of an ``acquire`` its caller
+        #: abandoned (the async client runs it in the background; None: the registration
+        #: lapses by itself after ``pending_ttl``).
+        self.on_abandon: Callable[[Flow[None]], None] | None = None
 
     @property
     def fenced_refusals(self) -> int:
@@ -325,11 +329,14 @@ class QuotaCore(Router):
         self.observer.decision(event)
 
     def _acquire(self, request: AcquireRequest) -> Flow[Decision]:
+        """The waiting loop; a flow closed while it waits (its async caller was cancelled)
+        withdraws the registration its refusals made, through ``on_abandon``."""
         r = request
         started = self.clock.monotonic()
         deadline = started + r.timeout
         pause = FIRST_PAUSE
         waiting = r.timeout > 0
+        registered: str | None = None  # the group holding this request's waiting registration
         while True:
             try:
                 decision = yield from self.attempt(
@@ -337,6 +344,9 @@ class QuotaCore(Router):
                 )
             except BackendUnavailable as exc:
                 decision = self._fallback(exc, r)
+            except GeneratorExit:
+                self._abandoned(registered, r)
+                raise
             if decision.admitted:
                 return decision
             if decision.never_fits:
@@ -346,12 +356,29 @@ class QuotaCore(Router):
             now = self.clock.monotonic()
             if now >= deadline:
                 if waiting:
-                    yield from self._withdraw(decision.group, r.lease_id, r.tenant)
+                    yield from self.withdraw(decision.group, r.lease_id, r.tenant)
                 raise AcquireTimeout(decision, now - started)
-            yield Sleep(min(deadline - now, _jittered(decision.retry_after, pause)))
+            if waiting and decision.group:
+                registered = decision.group
+            try:
+                yield Sleep(min(deadline - now, _jittered(decision.retry_after, pause)))
+            except GeneratorExit:
+                self._abandoned(registered, r)
+                raise
             pause = min(pause * 2, LAST_PAUSE)
 
-    def _withdraw(self, group: str, lease_id: str, tenant: str) -> Flow[None]:
+    def _abandoned(self, group: str | None, r: AcquireRequest) -> None:
+        """Hand ``on_abandon`` the withdrawal of ``r``'s waiting registration in ``group``.
+
+        The same withdrawal a timed-out acquire makes (a release with token 0:
+        it ends no lease, only a waiting request of that id). A call in flight
+        when the caller went is the client's to follow up (its reply may
+        register: ``withdraw``).
+        """
+        if group is not None and self.on_abandon is not None:
+            self.on_abandon(self.withdraw(group, r.lease_id, r.tenant))
+
+    def withdraw(self, group: str, lease_id: str, tenant: str) -> Flow[None]:
         """Best effort: drop a waiting registration (it would expire by itself anyway)."""
         with contextlib.suppress(BackendUnavailable):
             yield self._release_call(group, lease_id, tenant, 0)

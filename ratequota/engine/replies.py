@@ -171,6 +171,21 @@ def granted_lease(call: ScriptCall, reply: Any) -> LeaseInfo | None:
         return None
 
 
+def refused_waiting(call: ScriptCall, reply: Any) -> tuple[str, str] | None:
+    """``(lease_id, tenant)`` of an acquire call that asked to wait and was refused (its
+    units may now be registered as waiting demand), else None. For a caller that is gone
+    when its reply comes, so the registration can be withdrawn at once."""
+    if call.script.name != "acquire" or not isinstance(reply, Sequence) or len(reply) < 11:
+        return None
+    names = call.script.argv
+    try:
+        if int(reply[0]) != 0 or str(call.args[names.index("wait")]) != "1":
+            return None
+        return str(call.args[names.index("lease_id")]), str(call.args[names.index("tenant")])
+    except (TypeError, ValueError):
+        return None
+
+
 def decode_release(reply: Sequence[Any]) -> ReleaseResult:
     """A ``ReleaseResult`` from release.lua's reply."""
     raw = reply[0]
