@@ -24,10 +24,10 @@ from hypothesis import strategies as st
 
 from ratequota import AsyncQuotaClient
 from ratequota.clients.async_backends import AsyncPackedScripts, async_url_backend
-from ratequota.clients.backends import async_no_retry
+from ratequota.clients.backends import async_no_retry, pipelined
 from ratequota.clients.script_pipe import ScriptPipe
-from ratequota.engine.ops import ScriptCall
-from ratequota.engine.scripts import load_scripts
+from ratequota.engine.ops import Batch, ScriptCall
+from ratequota.engine.scripts import ScriptSpec, load_scripts
 from ratequota.errors import BackendUnavailable
 from tests.conftest import _no_redis
 from tests.servers import RedisServer, redis_server_binary
@@ -357,3 +357,46 @@ def test_closing_fails_the_calls_in_flight(server: RedisServer) -> None:
             server.resume()
 
     asyncio.run(main())
+
+
+def test_a_batch_goes_in_one_write_with_redis_pys_replies(
+    server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A ``Batch`` (the renewer's calls of one shard) goes on the pipe in one write: the
+    replies are a redis-py pipeline's, an error reply (a script's own error, NOSCRIPT) in
+    place of its call's; no redis-py pipeline is made."""
+
+    async def main() -> None:
+        quota = AsyncQuotaClient(server.url, auto_renew=False)
+        client: Any = quota.backend.connection("g")
+        try:
+            for spec in (ECHO, BROKEN):
+                await client.script_load(spec.source)
+            unloaded = ScriptSpec("unloaded", "return 2", "0" * 40, (), (), False)
+            calls = (
+                _echo("one"),
+                ScriptCall(BROKEN, "g", (), ()),
+                ScriptCall(unloaded, "g", (), ()),
+                _echo("two"),
+            )
+            expected = list(await pipelined(client, [call.wire for call in calls]))
+            monkeypatch.setattr(client, "pipeline", None)  # any pipeline now fails the test
+            got = await quota._perform(Batch("g", calls))
+            assert [_kind(r) for r in got] == [_kind(r) for r in expected]
+            assert [_kind(r) for r in got] == [
+                b"one",
+                ("ResponseError", str(expected[1])),
+                ("NoScriptError", str(expected[2])),
+                b"two",
+            ]
+        finally:
+            await quota.close()
+
+    asyncio.run(main())
+
+
+def _kind(reply: Any) -> Any:
+    """A reply as it compares: an exception by its type and text."""
+    if isinstance(reply, Exception):
+        return type(reply).__name__, str(reply)
+    return reply

@@ -44,6 +44,7 @@ from ratequota.clients.failure import log
 from ratequota.clients.metering import settle_flow
 from ratequota.clients.readiness import ReadinessReport
 from ratequota.clients.renewal import RenewerBase
+from ratequota.clients.script_pipe import ScriptPipe
 from ratequota.clients.usage import When, usage_flow
 from ratequota.decision import (
     Decision,
@@ -277,6 +278,9 @@ class AsyncQuotaClient(shell.ClientBase):
             return None
         conn = self.backend.connection(op.route)
         if isinstance(op, Batch):
+            pipe = self._pipe_of(op.route)
+            if pipe is not None:  # one write on the shard's own connection
+                return await pipe.call_many(op.calls)
             calls = pipeline_args(op)
             if not getattr(self.backend, "pipelines", True):  # a cluster client
                 replies: list[Any] = []
@@ -287,6 +291,14 @@ class AsyncQuotaClient(shell.ClientBase):
             return cast(list[Any], await pipelined(conn, calls))
         # Each round trip is bounded in the batcher; a cancelled caller just drops its future.
         return await self._batcher(op.route, conn).submit(op)
+
+    def _pipe_of(self, route: str) -> ScriptPipe | None:
+        """The pipe of ``route``'s shard (backends made from URLs), or None."""
+        backend = self.backend
+        if not routes_itself(backend, AsyncBackend):
+            return None
+        sender = backend.script_sender(route)
+        return sender if isinstance(sender, ScriptPipe) else None
 
     def _batcher(self, route: str, conn: Any) -> ShardBatcher:
         node = self._node_of(route)

@@ -40,7 +40,7 @@ from typing import Any
 
 import redis
 
-from ratequota.clients.backends import async_no_retry, packed_bytes, plain_pool
+from ratequota.clients.backends import async_no_retry, packed_bytes, pipelined, plain_pool
 from ratequota.engine.ops import ScriptCall
 
 __all__ = ["Deliver", "ScriptPipe"]
@@ -245,6 +245,28 @@ class ScriptPipe:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         wire.send(packed, (_settle(future),), self._timeout)
         return await future
+
+    async def call_many(self, calls: Sequence[ScriptCall]) -> list[Any]:
+        """Several calls in one write, replies in order, as ``backends.pipelined`` answers
+        them: an error reply in place of its call's reply; a lost connection or a late
+        reply raised, as redis-py's pipeline raises them."""
+        packs = [packed_bytes(call) for call in calls]
+        sendable = [pack for pack in packs if pack is not None]
+        if len(sendable) < len(packs):
+            return list(await pipelined(self._client, [call.wire for call in calls]))
+        wire = self._wire
+        if wire is None or not wire.usable:
+            wire = await self._open()
+            if not wire.usable:
+                raise redis.exceptions.ConnectionError(_CLOSED)
+        loop = asyncio.get_running_loop()
+        futures: list[asyncio.Future[Any]] = [loop.create_future() for _ in calls]
+        wire.send(b"".join(sendable), [_settle(f) for f in futures], self._timeout)
+        replies = await asyncio.gather(*futures, return_exceptions=True)
+        for reply in replies:
+            if isinstance(reply, (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)):
+                raise reply
+        return list(replies)
 
     def send_now(self, packed: bytes, delivers: Sequence[Deliver], timeout: float) -> bool:
         """Write ``packed`` now if a connection is open (False: none is, nothing was sent).
