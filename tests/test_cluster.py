@@ -50,7 +50,8 @@ def _client(cluster: RedisCluster, prefix: str, **options: Any) -> QuotaClient:
 
 
 def test_many_groups_across_all_primaries_without_crossslot(redis_cluster: RedisCluster) -> None:
-    """Acquire/release on 60 groups (odd names too) spread over every primary; never CROSSSLOT."""
+    """Acquire/release on 60 groups (odd names too) spread over every primary, and their usage
+    read back; never CROSSSLOT."""
     prefix = _prefix()
     groups = [f"grp-{i}" for i in range(50)] + [
         "{braces}",
@@ -82,6 +83,8 @@ def test_many_groups_across_all_primaries_without_crossslot(redis_cluster: Redis
         for lease in leases:
             assert lease is not None
             assert quota.release(lease).state == "released"
+        for g in groups[::7]:  # the usage ledger's hours, pipelined in the group's slot
+            assert [(r.tenant, r.leases) for r in quota.usage(g)] == [(f"{g}/a", 1)]
         for node in redis_cluster.nodes:  # Redis counts every error reply it sent
             client: Any = node.client()
             try:
@@ -418,6 +421,7 @@ def test_async_client_on_a_cluster(redis_cluster: RedisCluster) -> None:
                 assert (await quota.release(lease)).state == "released"
             for g in groups:
                 assert (await quota.snapshot(g)).used == 0
+            assert sum(r.leases for r in await quota.usage(groups[0])) >= 1
 
     asyncio.run(scenario())
 

@@ -16,11 +16,13 @@ from ratequota import (
     InvalidRequest,
     InvalidType,
     MeterPolicy,
+    Observer,
     Policy,
     TenantMeter,
     TenantPolicy,
     UsageRow,
 )
+from ratequota.clients.usage import HOURS_PER_TRIP
 from ratequota.engine.ledger import HOUR_MS
 from ratequota.testing import ManualClock
 from tests.conftest import MakeClient
@@ -166,3 +168,40 @@ def test_usage_retention_is_a_validated_group_setting(tmp_path: object) -> None:
     path.write_text('[[groups]]\nname = "g"\ncapacity = 2\nusage_retention = 86400\n')
     loaded = Policy.from_toml(path).group("g")
     assert loaded is not None and loaded.usage_retention == 86400
+
+
+class _Trips(Observer):
+    """Counts the client's Redis round trips by call name."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def redis_call(self, shard: str, call: str, seconds: float, ok: bool) -> None:
+        self.calls.append(call)
+
+
+def test_usage_reads_a_week_of_hours_in_one_round_trip(make_quota: MakeClient) -> None:
+    """Nine days hold 217 hours: two round trips of pipelined reads (``HOURS_PER_TRIP``), not
+    one per hour, and the rows of both are there."""
+    clock = ManualClock(START)
+    trips = _Trips()
+    quota = make_quota(POLICY, clock=clock, observer=trips)
+    first = quota.try_acquire("a", 1, ttl=60).lease
+    assert first is not None
+    clock.advance(5)
+    quota.release(first)
+    clock.advance(200 * 3600 - 60)  # 200 hours on, past the first round trip's hours
+    later = quota.try_acquire("b", 2, ttl=60).lease
+    assert later is not None
+    clock.advance(5)
+    quota.release(later)
+    trips.calls.clear()
+    rows = quota.usage("g", since=dt.timedelta(days=9))
+    hour = START // HOUR_MS
+    assert [(r.tenant, r.hour, r.unit_seconds) for r in rows] == [
+        ("a", hour, 5.0),
+        ("b", hour + 200, 10.0),
+    ]
+    # (The catalog's own checks may interleave: only the ledger's reads are counted.)
+    assert [call for call in trips.calls if call == "hgetall"] == ["hgetall", "hgetall"]
+    assert HOURS_PER_TRIP == 168

@@ -37,7 +37,7 @@ from ratequota.clients.async_backends import (
     async_sharded_backend,
     async_url_backend,
 )
-from ratequota.clients.backends import CALL_ERRORS, pipelined, routes_itself
+from ratequota.clients.backends import CALL_ERRORS, pipelined, pipelined_commands, routes_itself
 from ratequota.clients.batcher import SOLO_IN_FLIGHT, ShardBatcher
 from ratequota.clients.explain import Explanation, explain_flow
 from ratequota.clients.failure import log
@@ -56,7 +56,16 @@ from ratequota.decision import (
     UsageRow,
 )
 from ratequota.engine.batching import BatchPolicy
-from ratequota.engine.ops import Batch, Compute, Flow, ScriptCall, Sleep, Spawn, pipeline_args
+from ratequota.engine.ops import (
+    Batch,
+    Commands,
+    Compute,
+    Flow,
+    ScriptCall,
+    Sleep,
+    Spawn,
+    pipeline_args,
+)
 from ratequota.engine.replies import granted_lease, refused_waiting
 from ratequota.errors import InvalidType, RateQuotaError
 from ratequota.policy import Policy
@@ -277,6 +286,8 @@ class AsyncQuotaClient(shell.ClientBase):
             task.add_done_callback(self._background.discard)
             return None
         conn = self.backend.connection(op.route)
+        if isinstance(op, Commands):
+            return await pipelined_commands(conn, op.commands)
         if isinstance(op, Batch):
             pipe = self._pipe_of(op.route)
             if pipe is not None:  # one write on the shard's own connection

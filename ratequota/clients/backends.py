@@ -21,7 +21,7 @@ from redis.retry import Retry
 
 from ratequota.clients.embedded import prime
 from ratequota.clients.urls import placement_ids, redact, scrub
-from ratequota.engine.ops import ScriptCall
+from ratequota.engine.ops import Command, ScriptCall
 from ratequota.engine.resp import pack_evalsha
 from ratequota.engine.routing import Rendezvous
 from ratequota.errors import BackendError, BackendUnavailable, ConfigError, RateQuotaError
@@ -413,6 +413,17 @@ def pipelined(conn: Any, calls: Sequence[tuple[Any, ...]]) -> Any:
     for args in calls:
         pipe.evalsha(*args)
     return pipe.execute(raise_on_error=False)
+
+
+def pipelined_commands(conn: Any, commands: Sequence[Command]) -> Any:
+    """Send plain commands on one pipeline (no transaction); an error reply raises.
+
+    Returns the replies, or for a ``redis.asyncio`` connection what to await for them.
+    """
+    pipe = conn.pipeline(transaction=False)
+    for command in commands:
+        pipe.execute_command(*command.args)
+    return pipe.execute()
 
 
 def is_noscript(exc: BaseException) -> bool:

@@ -30,6 +30,7 @@ from ratequota.clients.backends import (
     SyncShards,
     embedded_backend,
     pipelined,
+    pipelined_commands,
     routes_itself,
     url_backend,
 )
@@ -61,6 +62,7 @@ from ratequota.decision import (
 )
 from ratequota.engine.ops import (
     Batch,
+    Commands,
     Compute,
     Flow,
     ScriptCall,
@@ -217,6 +219,8 @@ class QuotaClient(ClientBase):
             ).start()
             return None
         conn = self.backend.connection(op.route)
+        if isinstance(op, Commands):
+            return pipelined_commands(conn, op.commands)
         if isinstance(op, Batch):
             if not getattr(self.backend, "pipelines", True):
                 return [_one_of_batch(conn, args) for args in pipeline_args(op)]

@@ -3,7 +3,9 @@
 The ledger is written by the lease scripts (``lua/_ledger.lua``): one hash
 per group and hour. Reading it needs no script: each hour between ``since``
 and ``until`` is one ``HGETALL`` of one key (the group's hash tag routes it,
-on a shard or in a cluster), sent by both clients through the same flow.
+on a shard or in a cluster, and puts every hour in one slot), pipelined
+``HOURS_PER_TRIP`` hours to a round trip, sent by both clients through the
+same flow.
 Times are resolved on the client: ``until`` defaults to now (the pinned
 Redis time of a test clock, else this machine's wall clock) and ``since``
 to a day before it.
@@ -19,10 +21,10 @@ from ratequota.clients.core import QuotaCore
 from ratequota.clients.requests import validate_tenant
 from ratequota.decision import UsageRow
 from ratequota.engine.ledger import hours_between, usage_rows
-from ratequota.engine.ops import Command, Flow
+from ratequota.engine.ops import Command, Commands, Flow
 from ratequota.errors import InvalidRequest, InvalidType
 
-__all__ = ["DEFAULT_SPAN", "When", "resolve_span", "usage_flow"]
+__all__ = ["DEFAULT_SPAN", "HOURS_PER_TRIP", "When", "resolve_span", "usage_flow"]
 
 #: A moment: epoch seconds, a datetime (naive ones are UTC), or a timedelta before now.
 When = float | int | dt.datetime | dt.timedelta
@@ -32,6 +34,9 @@ DEFAULT_SPAN = dt.timedelta(hours=24)
 
 #: Most hours one call reads (366 days, the longest retention).
 MAX_HOURS = 366 * 24
+
+#: Hours read in one round trip: a week's ledger in one, a year's in 53, each reply bounded.
+HOURS_PER_TRIP = 168
 
 
 def _epoch_ms(name: str, value: When, now_ms: int) -> int:
@@ -75,9 +80,13 @@ def usage_flow(
     now_ms = round(time.time() * 1000) if pinned is None else pinned
     start, end = resolve_span(since, until, now_ms)
     hours = hours_between(start, end)
-    hashes = []
-    for hour in hours:
-        hashes.append((yield Command(group, ("HGETALL", core.keyspace.ledger(group, hour)))))
+    hashes: list[object] = []
+    for first in range(0, len(hours), HOURS_PER_TRIP):
+        reads = tuple(
+            Command(group, ("HGETALL", core.keyspace.ledger(group, hour)))
+            for hour in hours[first : first + HOURS_PER_TRIP]
+        )
+        hashes += yield Commands(group, reads)
     return usage_rows(group, hours, [_as_mapping(h) for h in hashes])
 
 

@@ -25,6 +25,7 @@ __all__ = [
     "Arg",
     "Batch",
     "Command",
+    "Commands",
     "Compute",
     "Flow",
     "LoadScript",
@@ -128,6 +129,15 @@ class Command:
 
 
 @attrs.frozen
+class Commands:
+    """Several plain commands to the shard of ``route``, pipelined in one round trip (the
+    hours of the usage ledger). The reply is the list of their replies; an error raises."""
+
+    route: str
+    commands: tuple[Command, ...]
+
+
+@attrs.frozen
 class Compute:
     """Run ``function()`` (CPU work, no I/O) and resume with its result.
 
@@ -150,7 +160,7 @@ class Spawn:
     flow: Generator[Any, Any, None]
 
 
-Op = ScriptCall | Command | Sleep | Compute | Spawn
+Op = ScriptCall | Command | Commands | Sleep | Compute | Spawn
 Flow = Generator[Op, Any, T]
 
 #: Ops performed by the client itself, not sent to Redis (no route, no circuit breaker).
@@ -186,15 +196,18 @@ def wire_call(op: ScriptCall | Command | LoadScript) -> tuple[str, tuple[Any, ..
     return "evalsha", op.wire
 
 
-def call_name(op: ScriptCall | Command | LoadScript | Batch) -> str:
+def call_name(op: ScriptCall | Command | Commands | LoadScript | Batch) -> str:
     """How a Redis call is labelled in metrics: its script, its command, or ``script_load``.
 
-    A pipelined ``Batch`` is one round trip, named by the script of its calls.
+    A pipelined ``Batch`` (``Commands``) is one round trip, named by the script (the
+    command) of its calls.
     """
     if isinstance(op, ScriptCall):
         return op.script.name
     if isinstance(op, Command):
         return str(op.args[0]).lower()
+    if isinstance(op, Commands):
+        return call_name(op.commands[0]) if op.commands else "pipeline"
     if isinstance(op, LoadScript):
         return "script_load"
     return op.calls[0].script.name if op.calls else "pipeline"
