@@ -44,7 +44,7 @@ end
 -- the entry, or to lose, and leases admitted by older releases carry it too.
 local function ledger_ended(ctx, tenant, units, token, expiry)
   ledger_note(ctx, tenant, 'rq', 1)
-  local held = math.min(ctx.now, expiry) - math.floor(tonumber(token) / 1000)
+  local held = math.min(ctx.now, expiry) - math.floor(token / 1000)
   if held > 0 then ledger_note(ctx, tenant, 'us', units * held) end
 end
 

@@ -21,7 +21,7 @@ local function now_ms(pinned)
     return tonumber(pinned)
   end
   local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  return t[1] * 1000 + math.floor(t[2] / 1000)
 end
 
 -- The policy header's fields and the specs of `names`, in one HMGET (open_group reads it).
@@ -40,12 +40,12 @@ local function open_group(now, schema, names, raw)
   if not raw[1] then
     return nil, {-1, 'no_policy', 0, 0, 0, '0', 0, 0, 0, 0, 0}
   end
-  if tonumber(raw[1]) > tonumber(schema) then
+  if raw[1] - 0 > tonumber(schema) then
     return nil, {-1, 'schema', 0, 0, 0, '0', 0, 0, 0, tonumber(raw[1]), 0}
   end
   local policy = parse_header(raw[2])
-  policy.busy, policy.recover = tonumber(raw[3]) or 0, tonumber(raw[4]) or 0
-  policy.fence, policy.led_ok = tonumber(raw[5]) or 0, raw[6]
+  policy.busy, policy.recover = raw[3] and raw[3] - 0 or 0, raw[4] and raw[4] - 0 or 0
+  policy.fence, policy.led_ok = raw[5] and raw[5] - 0 or 0, raw[6]
   local ctx = open_ctx(now, policy)
   for i, name in ipairs(names) do
     if ctx.specs[name] == nil then
@@ -383,10 +383,10 @@ local function release_ctx(now, schema, tenant)
   else
     raw = redis.call('HMGET', KEYS[1], 'schema', 'hdr', 'busy', 'recover', 'fence', 'led_ok')
   end
-  if raw[1] and raw[2] and tonumber(raw[1]) <= tonumber(schema) then
+  if raw[1] and raw[2] and raw[1] - 0 <= tonumber(schema) then
     local policy = parse_header(raw[2])
-    policy.busy, policy.recover = tonumber(raw[3]) or 0, tonumber(raw[4]) or 0
-    policy.fence, policy.led_ok = tonumber(raw[5]) or 0, raw[6]
+    policy.busy, policy.recover = raw[3] and raw[3] - 0 or 0, raw[4] and raw[4] - 0 or 0
+    policy.fence, policy.led_ok = raw[5] and raw[5] - 0 or 0, raw[6]
     local ctx = open_ctx(now, policy)
     if tenant then
       local spec = raw[7]

@@ -52,7 +52,7 @@ local function units_of(ctx, field)
     load_fields(ctx, {field})
     v = ctx.cache[field]
   end
-  return v and tonumber(v) or 0
+  return v and v - 0 or 0
 end
 
 local function set_units(ctx, field, units)
