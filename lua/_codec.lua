@@ -114,6 +114,13 @@ local function pack_state(st)
     st.wl, st.loh, st.lol, st.uph, st.upl, st.kh, st.kl, st.used)
 end
 
+-- The sums of a packed state alone, its last seven fields as text (Σlo, Σup, Σ G(1-l) as
+-- (h, l) pairs, then units held): what a decision whose level needs no walk reads (_fast.lua,
+-- ended_state). EMPTY_STATE is the text of the all-zero state a missing field stands for.
+local STATE_SUMS =
+  '^[^|]+|[^|]+|[^|]+|[^|]+|[^|]+|([^|]+)|([^|]+)|([^|]+)|([^|]+)|([^|]+)|([^|]+)|([^|]+)$'
+local EMPTY_STATE = '0|0|0|0|0|0|0|0|0|0|0|0'
+
 local function unpack_state(text)
   if not text then
     return {lam = 0, bh = 0, bl = 0, wh = 0, wl = 0, loh = 0, lol = 0, uph = 0, upl = 0,

@@ -325,8 +325,8 @@ local function acquire_one(ctx, tenant, units, id, ttl, wait, pending_ms, shadow
 end
 
 -- Ends the live lease `id` of `tenant` (`units`, fencing token `token` as stored): ledger,
--- expiry, entry and demand; the caller settles the level. release.lua's reply.
-local function end_lease(ctx, id, tenant, units, token)
+-- expiry and entry, but not yet its demand (end_lease). release.lua's reply.
+local function close_lease(ctx, id, tenant, units, token)
   local member = 'L' .. id
   load_fields(ctx, {'g', 'u:' .. tenant, 'p:' .. tenant, 's:'})
   -- No expiry while the entry is there: exp was lost (evicted), and the next acquire or renew
@@ -342,8 +342,14 @@ local function end_lease(ctx, id, tenant, units, token)
   redis.call('ZREM', KEYS[3], member)
   redis.call('HDEL', KEYS[4], member, 'R' .. id)  -- R: its meter reservations, if any
   ctx.entries[member] = false
-  add_demand(ctx, tenant, -units, 0)
   return {state, units}
+end
+
+-- close_lease and the lease's demand given back; the caller settles the level.
+local function end_lease(ctx, id, tenant, units, token)
+  local reply = close_lease(ctx, id, tenant, units, token)
+  add_demand(ctx, tenant, -units, 0)
+  return reply
 end
 
 -- Ends lease `id` of `tenant` whose fencing token is `token` (text, as stored), and withdraws

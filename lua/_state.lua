@@ -341,14 +341,24 @@ local function walk(st, target, ov)
   end
 end
 
--- Sets the level of `st` when its sums alone give it, with no walk: 0 when the floors already
--- take the target, INF when every ceiling fits. Returns false and the target otherwise.
+-- The level that the sums Σlo, Σup and Σ G(1-l) (as exact pairs) give with no walk: 0 when
+-- the floors already take the target, INF when every ceiling fits; nil and the target
+-- otherwise.
+local function ended_level(policy, loh, lol, uph, upl, kh, kl)
+  local sum_lo, sum_up = exact_value(loh, lol), exact_value(uph, upl)
+  local target = target_of(policy.capacity, policy.reserve, exact_value(kh, kl), sum_up)
+  if target <= sum_lo then return 0 end
+  if target >= sum_up then return INF end
+  return nil, target
+end
+
+-- Sets the level of `st` when its sums alone give it (ended_level), the base and slope with
+-- it. Returns false and the target otherwise.
 local function level_ends(st, policy)
-  local sum_lo, sum_up = exact_value(st.loh, st.lol), exact_value(st.uph, st.upl)
-  local target = target_of(policy.capacity, policy.reserve, exact_value(st.kh, st.kl), sum_up)
-  if target <= sum_lo then
+  local level, target = ended_level(policy, st.loh, st.lol, st.uph, st.upl, st.kh, st.kl)
+  if level == 0 then
     st.lam, st.bh, st.bl, st.wh, st.wl = 0, st.loh, st.lol, 0, 0
-  elseif target >= sum_up then
+  elseif level then
     st.lam, st.bh, st.bl, st.wh, st.wl = INF, st.uph, st.upl, 0, 0
   else
     return false, target

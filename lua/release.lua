@@ -29,6 +29,7 @@ end
 if not reply then
   reply = release_one(ctx, ARGV[3], ARGV[5], ARGV[6])
 elseif not settled then
+  add_demand(ctx, ARGV[5], -reply[2], 0)  -- the lease's units, which fast_release left
   settle(ctx, fair_state(ctx))
 end
 purge(ctx, tonumber(ARGV[4]))
