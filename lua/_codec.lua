@@ -75,7 +75,7 @@ local function parse_entry(info)
 end
 
 local function entry(units, n, tenant)
-  return int(units) .. ':' .. int(tonumber(n)) .. ':' .. tenant
+  return string.format('%d:%d:', units, n) .. tenant  -- int() of both, in one format
 end
 
 -- A waiting request's place in its tenant's queue; the length prefix makes the
@@ -91,9 +91,10 @@ local function point_member(kind, lo, up, w, tenant)
   return kind .. '|' .. fmt(lo) .. '|' .. fmt(up) .. '|' .. fmt(w) .. '|' .. tenant
 end
 
--- Both members of one tenant's points ("l|..." and "u|..."), formatting the shared tail once.
+-- Both members of one tenant's points ("l|..." and "u|..."), the shared tail built once, from
+-- lo, up and w as fmt writes them (write_points formats a number the calls share once).
 local function point_members(lo, up, w, tenant)
-  local tail = '|' .. fmt(lo) .. '|' .. fmt(up) .. '|' .. fmt(w) .. '|' .. tenant
+  local tail = '|' .. lo .. '|' .. up .. '|' .. w .. '|' .. tenant
   return 'l' .. tail, 'u' .. tail
 end
 

@@ -165,17 +165,24 @@ local function move_points(ctx, tenant, w, before, after)
 end
 
 -- Writes the recorded moves: each tenant's points as the call found them out, as it leaves
--- them in (the policy, and so w, is the same throughout a call).
+-- them in (the policy, and so w, is the same throughout a call). The members' numbers are
+-- formatted once each: w, and a bound that did not move, serve both. The scores go as
+-- numbers: redis.call sends a number as '%.17g', the text fmt writes, and a score is
+-- stored as the double it reads anyway.
 local function write_points(ctx)
   for tenant, m in pairs(ctx.moved) do
     local before, after, w = m.first, m.last, m.w
     if not (before and after and before.lo == after.lo and before.up == after.up) then
+      local tw, tlo, tup = fmt(w), nil, nil
       if before and before.up > before.lo then
-        redis.call('ZREM', KEYS[6], point_members(before.lo, before.up, w, tenant))
+        tlo, tup = fmt(before.lo), fmt(before.up)
+        redis.call('ZREM', KEYS[6], point_members(tlo, tup, tw, tenant))
       end
       if after and after.up > after.lo then
-        local l, u = point_members(after.lo, after.up, w, tenant)
-        redis.call('ZADD', KEYS[6], fmt(after.lo / w), l, fmt(after.up / w), u)
+        if not (tlo and before.lo == after.lo) then tlo = fmt(after.lo) end
+        if not (tup and before.up == after.up) then tup = fmt(after.up) end
+        local l, u = point_members(tlo, tup, tw, tenant)
+        redis.call('ZADD', KEYS[6], after.lo / w, l, after.up / w, u)
       end
     end
   end
@@ -506,19 +513,20 @@ local function flush(ctx, key_grace_ms)
     -- four whole (check_state) one PTTL tells whether theirs still covers `ttl` but for a
     -- slack of half the grace: the keys then still outlive every lease by that much, and a
     -- busy group refreshes them about once per half grace instead of on every call.
-    local ms = int(ttl)
     if not ctx.whole and ctx.cache['s:'] and redis.call('ZSCORE', KEYS[6], FAIR_ANCHOR) then
       -- A release saw demand's sentinel before writing, and fair's is still there: both keys
       -- existed (sentinels are written only with a refresh of all four), and exp and info,
       -- which a release only shrinks, either still exist with that expiry or are gone.
       ctx.whole = true
     end
+    local ms = nil  -- int(ttl), formatted only for a refresh
     if not ctx.whole or redis.call('PTTL', KEYS[2]) < ttl - key_grace_ms / 2 then
+      ms = int(ttl)
       redis.call('PEXPIRE', KEYS[2], ms)
       redis.call('PEXPIRE', KEYS[3], ms)
       redis.call('PEXPIRE', KEYS[4], ms)
       redis.call('PEXPIRE', KEYS[6], ms)
     end
-    if ctx.touch_queue then redis.call('PEXPIRE', KEYS[5], ms) end
+    if ctx.touch_queue then redis.call('PEXPIRE', KEYS[5], ms or int(ttl)) end
   end
 end
