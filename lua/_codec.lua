@@ -29,6 +29,10 @@ local WIDE = 'kept in hashtable encoding on purpose: longer than hash-max-listpa
 -- and those conversions were the largest part of a fast acquire's parsing. Arguments
 -- (ARGV) keep tonumber: a malformed one fails as it always did.
 
+-- Constant numbers passed to redis.call are written as text ('0', '1'): Redis formats a
+-- number argument with '%.17g' on every call (a few thousand instructions each), which
+-- gives the very same text.
+
 -- Numbers written back: %.17g reads back to the same double and never uses an exponent for
 -- an integer below 2^53. Most values written are whole (units, the exact sums' parts, most
 -- weights), and '%d' prints those with the very same digits at a fraction of the cost of

@@ -34,7 +34,7 @@ local function acquire_reads(now, tenant, id)
   if ent[3] == '0' then redis.call('HSET', KEYS[4], 's:', WIDE) end
   if redis.call('ZSCORE', KEYS[3], 's:') then present = present + 1 end
   if redis.call('ZSCORE', KEYS[6], FAIR_ANCHOR) then present = present + 1 end
-  local due = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now, 'LIMIT', 0, 1)
+  local due = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now, 'LIMIT', '0', '1')
   return head, function(ctx)
     local cache, entries = ctx.cache, ctx.entries
     cache['g'], cache[uf], cache[pf], cache['s:'] = dem[1], dem[2], dem[3], dem[4]

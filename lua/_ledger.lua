@@ -111,7 +111,7 @@ local function ledger_flush(ctx)
   if policy and policy.led_ok == pair then return end
   for _, key in ipairs({KEYS[7], KEYS[8]}) do
     -- HINCRBY (not HSETNX, which the documented minimal ACL does not grant): 1 when created.
-    if redis.call('HINCRBY', key, '~', 1) == 1 then
+    if redis.call('HINCRBY', key, '~', '1') == 1 then
       redis.call('PEXPIRE', key, ledger_ttl(key, ctx.now))
     end
   end

@@ -267,7 +267,7 @@ local function acquire_one(ctx, tenant, units, id, ttl, wait, pending_ms, shadow
 
   if reason ~= 'admitted' then
     local retry_ms = pending_ms
-    local first = redis.call('ZRANGE', KEYS[3], 0, 0, 'WITHSCORES')
+    local first = redis.call('ZRANGE', KEYS[3], '0', '0', 'WITHSCORES')
     if first[2] then retry_ms = math.max(1, math.min(retry_ms, tonumber(first[2]) - now)) end
     if wait and reason ~= 'too_large' then
       schedule(ctx, wait_member, now + pending_ms)
@@ -276,7 +276,7 @@ local function acquire_one(ctx, tenant, units, id, ttl, wait, pending_ms, shadow
         local seq = next_fence(policy, now)
         local info = entry(units, seq, tenant)
         redis.call('HSET', KEYS[4], wait_member, info)
-        redis.call('ZADD', KEYS[5], 0, queue_member(tenant, seq, units, id))
+        redis.call('ZADD', KEYS[5], '0', queue_member(tenant, seq, units, id))
         ctx.entries[wait_member] = info
         -- The trial is exactly the new state: its demand counted these units.
         set_units(ctx, pf, tenant_waiting + units)

@@ -214,7 +214,7 @@ local function point_stream(pos, dir, ov)
         if dir > 0 then
           raw = redis.call('ZRANGEBYSCORE', KEYS[6], from, '+inf', 'LIMIT', offset, limit)
         else
-          raw = redis.call('ZREVRANGEBYSCORE', KEYS[6], from, 0, 'LIMIT', offset, limit)
+          raw = redis.call('ZREVRANGEBYSCORE', KEYS[6], from, '0', 'LIMIT', offset, limit)
         end
         offset, ri = offset + #raw, 1
         exhausted, limit = #raw < limit, PAGE
@@ -422,7 +422,7 @@ end
 -- reads exp once.
 local function purge(ctx, limit)
   if ctx.due == false then return 0 end
-  local dead = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', ctx.now, 'LIMIT', 0, limit)
+  local dead = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', ctx.now, 'LIMIT', '0', limit)
   if #dead < limit then ctx.due = false end
   if #dead == 0 then return 0 end
   local infos = redis.call('HMGET', KEYS[4], unpack(dead))
