@@ -64,12 +64,16 @@ local function parse_spec(spec)
           keep = guarantee * (1 - lendable)}
 end
 
--- The policy header, one field so that it and a tenant's spec are one HMGET.
-local function parse_header(hdr)
+-- The policy header, one field so that it and a tenant's spec are one HMGET, with the fields
+-- the decisions write that are read beside it (text, or false when absent: busy, recover and
+-- fence then read 0), in one table built whole rather than grown.
+local function parse_header(hdr, busy, recover, fence, led_ok)
   local schema, version, c, ttl, unknown, reserve, default =
     string.match(hdr, '^(%d+)|(%d+)|(%d+)|(%d+)|(%a+)|([^|]+)|(.*)$')
   return {schema = schema - 0, version = version - 0, capacity = c - 0, ttl = ttl - 0,
-          unknown = unknown, reserve = reserve - 0, default = default}
+          unknown = unknown, reserve = reserve - 0, default = default,
+          busy = busy and busy - 0 or 0, recover = recover and recover - 0 or 0,
+          fence = fence and fence - 0 or 0, led_ok = led_ok}
 end
 
 -- A lease ("units:token:tenant") or waiting ("units:seq:tenant") entry.

@@ -20,12 +20,13 @@ local FAST_PATHS = true
 -- commands: the policy header with the tenant's spec (read_header), the tenant's demand
 -- fields with the fair state and demand's sentinel, the id's entries with info's sentinel,
 -- the sentinels of exp and fair, and whether any entry is due for purging. Seeds `ctx`
--- (open_group's) with them, so the general path reads none of them again.
+-- (open_group's, its cache and entries still empty: they are built whole, not grown) with
+-- them, so the general path reads none of them again.
 local function acquire_reads(now, tenant, id)
   local head = read_header({tenant})
-  local uf, pf = 'u:' .. tenant, 'p:' .. tenant
+  local uf, pf, lease, waiting = 'u:' .. tenant, 'p:' .. tenant, 'L' .. id, 'P' .. id
   local dem = redis.call('HMGET', KEYS[2], 'g', uf, pf, 's:')
-  local ent = redis.call('HMGET', KEYS[4], 'L' .. id, 'P' .. id, 's:')
+  local ent = redis.call('HMGET', KEYS[4], lease, waiting, 's:')
   local present = 0
   if dem[4] then present = present + 1 end
   if ent[3] then present = present + 1 end
@@ -36,9 +37,8 @@ local function acquire_reads(now, tenant, id)
   if redis.call('ZSCORE', KEYS[6], FAIR_ANCHOR) then present = present + 1 end
   local due = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now, 'LIMIT', '0', '1')
   return head, function(ctx)
-    local cache, entries = ctx.cache, ctx.entries
-    cache['g'], cache[uf], cache[pf], cache['s:'] = dem[1], dem[2], dem[3], dem[4]
-    entries['L' .. id], entries['P' .. id] = ent[1], ent[2]
+    ctx.cache = {g = dem[1], [uf] = dem[2], [pf] = dem[3], ['s:'] = dem[4]}
+    ctx.entries = {[lease] = ent[1], [waiting] = ent[2]}
     ctx.present, ctx.due = present, #due > 0
   end
 end

@@ -43,9 +43,7 @@ local function open_group(now, schema, names, raw)
   if raw[1] - 0 > tonumber(schema) then
     return nil, {-1, 'schema', 0, 0, 0, '0', 0, 0, 0, tonumber(raw[1]), 0}
   end
-  local policy = parse_header(raw[2])
-  policy.busy, policy.recover = raw[3] and raw[3] - 0 or 0, raw[4] and raw[4] - 0 or 0
-  policy.fence, policy.led_ok = raw[5] and raw[5] - 0 or 0, raw[6]
+  local policy = parse_header(raw[2], raw[3], raw[4], raw[5], raw[6])
   local ctx = open_ctx(now, policy)
   for i, name in ipairs(names) do
     if ctx.specs[name] == nil then
@@ -390,10 +388,8 @@ local function release_ctx(now, schema, tenant)
     raw = redis.call('HMGET', KEYS[1], 'schema', 'hdr', 'busy', 'recover', 'fence', 'led_ok')
   end
   if raw[1] and raw[2] and raw[1] - 0 <= tonumber(schema) then
-    local policy = parse_header(raw[2])
-    policy.busy, policy.recover = raw[3] and raw[3] - 0 or 0, raw[4] and raw[4] - 0 or 0
-    policy.fence, policy.led_ok = raw[5] and raw[5] - 0 or 0, raw[6]
-    local ctx = open_ctx(now, policy)
+    local ctx = open_ctx(now, parse_header(raw[2], raw[3], raw[4], raw[5], raw[6]))
+    local policy = ctx.policy
     if tenant then
       local spec = raw[7]
       if not spec and policy.unknown == 'default' then spec = policy.default end
