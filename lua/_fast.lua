@@ -135,17 +135,24 @@ end
 -- is otherwise the one release_one leaves).
 local function fast_release(ctx, id, tenant, token)
   if not FAST_PATHS or not ctx.policy then return nil end
-  prefetch_entries(ctx, {id})
-  local info = ctx.entries['L' .. id]
+  -- The reads of prefetch_entries and of close_lease's load_fields, into ctx's tables (empty
+  -- still: built whole, not grown).
+  local lease, waiting = 'L' .. id, 'P' .. id
+  local ent = redis.call('HMGET', KEYS[4], lease, waiting)
+  ctx.entries = {[lease] = ent[1], [waiting] = ent[2]}
+  local info = ent[1]
   if not info then return nil end
   local units, held_token, owner = parse_entry(info)
   if owner ~= tenant or held_token ~= token then return nil end
+  local uf, pf = 'u:' .. tenant, 'p:' .. tenant
+  local dem = redis.call('HMGET', KEYS[2], 'g', uf, pf, 's:')
+  ctx.cache = {g = dem[1], [uf] = dem[2], [pf] = dem[3], ['s:'] = dem[4]}
   local reply = close_lease(ctx, id, tenant, units, held_token)
   -- add_demand(ctx, tenant, -units, 0) and a level that needs no walk.
-  local uf, spec = 'u:' .. tenant, ctx.specs[tenant]
-  local used, waiting = units_of(ctx, uf), units_of(ctx, 'p:' .. tenant)
+  local spec = ctx.specs[tenant]
+  local used, pending = units_of(ctx, uf), units_of(ctx, pf)
   local level, text, before, after =
-    ended_state(ctx, spec, used + waiting, used - units + waiting, -units)
+    ended_state(ctx, spec, used + pending, used - units + pending, -units)
   if not level then return reply, false end
   set_units(ctx, uf, used - units)
   ctx.cache['g'], ctx.dirty['g'] = text, true
