@@ -17,13 +17,14 @@
 local FAST_PATHS = true
 
 -- Everything an acquire of `tenant` with request id `id` reads before deciding, in six
--- commands: the policy header with the tenant's spec (read_header), the tenant's demand
--- fields with the fair state and demand's sentinel, the id's entries with info's sentinel,
--- the sentinels of exp and fair, and whether any entry is due for purging. Seeds `ctx`
--- (open_group's, its cache and entries still empty: they are built whole, not grown) with
--- them, so the general path reads none of them again.
+-- commands: the policy header with the tenant's spec (read_header's reply, for open_group),
+-- the tenant's demand fields with the fair state and demand's sentinel, the id's entries
+-- with info's sentinel, the sentinels of exp and fair, and whether any entry is due for
+-- purging. Seeds `ctx` (open_group's, its cache and entries still empty: they are built
+-- whole, not grown) with them, so the general path reads none of them again.
 local function acquire_reads(now, tenant, id)
-  local head = read_header({tenant})
+  local head = redis.call('HMGET', KEYS[1], 'schema', 'hdr', 'busy', 'recover', 'fence', 'led_ok',
+    't:' .. tenant)
   local uf, pf, lease, waiting = 'u:' .. tenant, 'p:' .. tenant, 'L' .. id, 'P' .. id
   local dem = redis.call('HMGET', KEYS[2], 'g', uf, pf, 's:')
   local ent = redis.call('HMGET', KEYS[4], lease, waiting, 's:')

@@ -24,7 +24,7 @@ local function now_ms(pinned)
   return t[1] * 1000 + math.floor(t[2] / 1000)
 end
 
--- The policy header's fields and the specs of `names`, in one HMGET (open_group reads it).
+-- The policy header's fields and the specs of `names`, in one HMGET (for open_group).
 local function read_header(names)
   -- The schema field first: a newer release may write its header differently.
   local fields = {'schema', 'hdr', 'busy', 'recover', 'fence', 'led_ok'}
@@ -32,11 +32,10 @@ local function read_header(names)
   return redis.call('HMGET', KEYS[1], unpack(fields))
 end
 
--- The policy header and the specs of `names` (raw: read_header's reply when the call has read
--- it already); nil plus an error reply when the group has no policy or one written by a newer
--- schema.
+-- The policy header and the specs of `names` from `raw`, read_header's reply (the caller reads
+-- it: acquire's fast path with its other reads, without linking read_header); nil plus an
+-- error reply when the group has no policy or one written by a newer schema.
 local function open_group(now, schema, names, raw)
-  raw = raw or read_header(names)
   if not raw[1] then
     return nil, {-1, 'no_policy', 0, 0, 0, '0', 0, 0, 0, 0, 0}
   end
