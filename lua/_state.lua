@@ -182,7 +182,11 @@ local function write_points(ctx)
         if not (tlo and before.lo == after.lo) then tlo = fmt(after.lo) end
         if not (tup and before.up == after.up) then tup = fmt(after.up) end
         local l, u = point_members(tlo, tup, tw, tenant)
-        redis.call('ZADD', KEYS[6], after.lo / w, l, after.up / w, u)
+        if w == 1 then  -- the scores are the bounds, whose text is at hand
+          redis.call('ZADD', KEYS[6], tlo, l, tup, u)
+        else
+          redis.call('ZADD', KEYS[6], after.lo / w, l, after.up / w, u)
+        end
       end
     end
   end
