@@ -20,8 +20,9 @@ local FAST_PATHS = true
 -- commands: the policy header with the tenant's spec (read_header's reply, for open_group),
 -- the tenant's demand fields with the fair state and demand's sentinel, the id's entries
 -- with info's sentinel, the sentinels of exp and fair, and whether any entry is due for
--- purging. Seeds `ctx` (open_group's, its cache and entries still empty: they are built
--- whole, not grown) with them, so the general path reads none of them again.
+-- purging. Returns the header, then what ctx takes (acquire.lua), so the general path reads
+-- none of them again: its cache and its entries (built whole, not grown), how many
+-- sentinels are present and whether anything is due.
 local function acquire_reads(now, tenant, id)
   local head = redis.call('HMGET', KEYS[1], 'schema', 'hdr', 'busy', 'recover', 'fence', 'led_ok',
     't:' .. tenant)
@@ -37,11 +38,8 @@ local function acquire_reads(now, tenant, id)
   if redis.call('ZSCORE', KEYS[3], 's:') then present = present + 1 end
   if redis.call('ZSCORE', KEYS[6], FAIR_ANCHOR) then present = present + 1 end
   local due = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now, 'LIMIT', '0', '1')
-  return head, function(ctx)
-    ctx.cache = {g = dem[1], [uf] = dem[2], [pf] = dem[3], ['s:'] = dem[4]}
-    ctx.entries = {[lease] = ent[1], [waiting] = ent[2]}
-    ctx.present, ctx.due = present, #due > 0
-  end
+  return head, {g = dem[1], [uf] = dem[2], [pf] = dem[3], ['s:'] = dem[4]},
+    {[lease] = ent[1], [waiting] = ent[2]}, present, #due > 0
 end
 
 -- A decision's new fair state when its level needs no walk, from the stored text alone:

@@ -164,12 +164,12 @@ end
 -- Writes an admitted lease: its fencing token, expiry and entry (and, when metered, its
 -- meter reservations). Returns the expiry and the token.
 local function write_lease(ctx, tenant, units, id, ttl, meter_record)
-  local expiry = ctx.now + ttl
+  local expiry, member = ctx.now + ttl, 'L' .. id
   local token = next_fence(ctx.policy, ctx.now, expiry)
   local info = entry(units, token, tenant)
-  schedule(ctx, 'L' .. id, expiry)
-  redis.call('HSET', KEYS[4], 'L' .. id, info)
-  ctx.entries['L' .. id] = info
+  schedule(ctx, member, expiry)
+  redis.call('HSET', KEYS[4], member, info)
+  ctx.entries[member] = info
   ctx.touch = true
   if meter_record then redis.call('HSET', KEYS[4], 'R' .. id, meter_record) end
   return expiry, token
