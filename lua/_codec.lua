@@ -22,6 +22,17 @@
 -- by the next acquire (acquire_reads).
 local WIDE = 'kept in hashtable encoding on purpose: longer than hash-max-listpack-value'
 
+-- Numbers read back: `text - 0` where a script reads a number it wrote itself (or one of
+-- Redis's replies). It is Lua's own conversion, the one tonumber makes, with the same result
+-- for every text that reads as a number (x - 0 is x, -0 included), but made once: Lua 5.1's
+-- tonumber converts the text twice (to test it, then to read it) behind a function call,
+-- and those conversions were the largest part of a fast acquire's parsing. Arguments
+-- (ARGV) keep tonumber: a malformed one fails as it always did.
+
+-- Constant numbers passed to redis.call are written as text ('0', '1'): Redis formats a
+-- number argument with '%.17g' on every call (a few thousand instructions each), which
+-- gives the very same text.
+
 -- Numbers written back: %.17g reads back to the same double and never uses an exponent for
 -- an integer below 2^53. Most values written are whole (units, the exact sums' parts, most
 -- weights), and '%d' prints those with the very same digits at a fraction of the cost of
@@ -44,31 +55,35 @@ end
 -- Tenant spec "G|lendable|B|weight|max_units"; keep is the never-lent part G(1-l).
 local function parse_spec(spec)
   local g, l, b, w, m = string.match(spec, '^([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)$')
-  local guarantee, lendable = tonumber(g), tonumber(l)
+  local guarantee, lendable = g - 0, l - 0
   local ceiling = math.huge
-  if b ~= '' then ceiling = guarantee + tonumber(b) end
+  if b ~= '' then ceiling = guarantee + b end
   local max_units = math.huge
-  if m ~= '' then max_units = tonumber(m) end
-  return {g = guarantee, l = lendable, ceil = ceiling, w = tonumber(w), max = max_units,
+  if m ~= '' then max_units = m - 0 end
+  return {g = guarantee, l = lendable, ceil = ceiling, w = w - 0, max = max_units,
           keep = guarantee * (1 - lendable)}
 end
 
--- The policy header, one field so that it and a tenant's spec are one HMGET.
-local function parse_header(hdr)
+-- The policy header, one field so that it and a tenant's spec are one HMGET, with the fields
+-- the decisions write that are read beside it (text, or false when absent: busy, recover and
+-- fence then read 0), in one table built whole rather than grown.
+local function parse_header(hdr, busy, recover, fence, led_ok)
   local schema, version, c, ttl, unknown, reserve, default =
     string.match(hdr, '^(%d+)|(%d+)|(%d+)|(%d+)|(%a+)|([^|]+)|(.*)$')
-  return {schema = tonumber(schema), version = tonumber(version), capacity = tonumber(c),
-          ttl = tonumber(ttl), unknown = unknown, reserve = tonumber(reserve), default = default}
+  return {schema = schema - 0, version = version - 0, capacity = c - 0, ttl = ttl - 0,
+          unknown = unknown, reserve = reserve - 0, default = default,
+          busy = busy and busy - 0 or 0, recover = recover and recover - 0 or 0,
+          fence = fence and fence - 0 or 0, led_ok = led_ok}
 end
 
 -- A lease ("units:token:tenant") or waiting ("units:seq:tenant") entry.
 local function parse_entry(info)
   local u, n, tenant = string.match(info, '^(%d+):(%d+):(.*)$')
-  return tonumber(u), n, tenant
+  return u - 0, n, tenant
 end
 
 local function entry(units, n, tenant)
-  return int(units) .. ':' .. int(tonumber(n)) .. ':' .. tenant
+  return string.format('%d:%d:', units, n) .. tenant  -- int() of both, in one format
 end
 
 -- A waiting request's place in its tenant's queue; the length prefix makes the
@@ -84,9 +99,10 @@ local function point_member(kind, lo, up, w, tenant)
   return kind .. '|' .. fmt(lo) .. '|' .. fmt(up) .. '|' .. fmt(w) .. '|' .. tenant
 end
 
--- Both members of one tenant's points ("l|..." and "u|..."), formatting the shared tail once.
+-- Both members of one tenant's points ("l|..." and "u|..."), the shared tail built once, from
+-- lo, up and w as fmt writes them (write_points formats a number the calls share once).
 local function point_members(lo, up, w, tenant)
-  local tail = '|' .. fmt(lo) .. '|' .. fmt(up) .. '|' .. fmt(w) .. '|' .. tenant
+  local tail = '|' .. lo .. '|' .. up .. '|' .. w .. '|' .. tenant
   return 'l' .. tail, 'u' .. tail
 end
 
@@ -107,6 +123,13 @@ local function pack_state(st)
     st.wl, st.loh, st.lol, st.uph, st.upl, st.kh, st.kl, st.used)
 end
 
+-- The sums of a packed state alone, its last seven fields as text (Σlo, Σup, Σ G(1-l) as
+-- (h, l) pairs, then units held): what a decision whose level needs no walk reads (_fast.lua,
+-- ended_state). EMPTY_STATE is the text of the all-zero state a missing field stands for.
+local STATE_SUMS =
+  '^[^|]+|[^|]+|[^|]+|[^|]+|[^|]+|([^|]+)|([^|]+)|([^|]+)|([^|]+)|([^|]+)|([^|]+)|([^|]+)$'
+local EMPTY_STATE = '0|0|0|0|0|0|0|0|0|0|0|0'
+
 local function unpack_state(text)
   if not text then
     return {lam = 0, bh = 0, bl = 0, wh = 0, wl = 0, loh = 0, lol = 0, uph = 0, upl = 0,
@@ -115,9 +138,9 @@ local function unpack_state(text)
   local lam, bh, bl, wh, wl, loh, lol, uph, upl, kh, kl, used = string.match(text,
     '^([^|]+)|([^|]+)|([^|]+)|([^|]+)|([^|]+)|([^|]+)|([^|]+)|([^|]+)|([^|]+)|([^|]+)|' ..
     '([^|]+)|([^|]+)$')
-  lam = tonumber(lam)
+  lam = lam - 0
   if lam < 0 then lam = math.huge end
-  return {lam = lam, bh = tonumber(bh), bl = tonumber(bl), wh = tonumber(wh),
-          wl = tonumber(wl), loh = tonumber(loh), lol = tonumber(lol), uph = tonumber(uph),
-          upl = tonumber(upl), kh = tonumber(kh), kl = tonumber(kl), used = tonumber(used)}
+  return {lam = lam, bh = bh - 0, bl = bl - 0, wh = wh - 0, wl = wl - 0, loh = loh - 0,
+          lol = lol - 0, uph = uph - 0, upl = upl - 0, kh = kh - 0, kl = kl - 0,
+          used = used - 0}
 end

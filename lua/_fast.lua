@@ -17,15 +17,18 @@
 local FAST_PATHS = true
 
 -- Everything an acquire of `tenant` with request id `id` reads before deciding, in six
--- commands: the policy header with the tenant's spec (read_header), the tenant's demand
--- fields with the fair state and demand's sentinel, the id's entries with info's sentinel,
--- the sentinels of exp and fair, and whether any entry is due for purging. Seeds `ctx`
--- (open_group's) with them, so the general path reads none of them again.
+-- commands: the policy header with the tenant's spec (read_header's reply, for open_group),
+-- the tenant's demand fields with the fair state and demand's sentinel, the id's entries
+-- with info's sentinel, the sentinels of exp and fair, and whether any entry is due for
+-- purging. Returns the header, then what ctx takes (acquire.lua), so the general path reads
+-- none of them again: its cache and its entries (built whole, not grown), how many
+-- sentinels are present and whether anything is due.
 local function acquire_reads(now, tenant, id)
-  local head = read_header({tenant})
-  local uf, pf = 'u:' .. tenant, 'p:' .. tenant
+  local head = redis.call('HMGET', KEYS[1], 'schema', 'hdr', 'busy', 'recover', 'fence', 'led_ok',
+    't:' .. tenant)
+  local uf, pf, lease, waiting = 'u:' .. tenant, 'p:' .. tenant, 'L' .. id, 'P' .. id
   local dem = redis.call('HMGET', KEYS[2], 'g', uf, pf, 's:')
-  local ent = redis.call('HMGET', KEYS[4], 'L' .. id, 'P' .. id, 's:')
+  local ent = redis.call('HMGET', KEYS[4], lease, waiting, 's:')
   local present = 0
   if dem[4] then present = present + 1 end
   if ent[3] then present = present + 1 end
@@ -34,18 +37,68 @@ local function acquire_reads(now, tenant, id)
   if ent[3] == '0' then redis.call('HSET', KEYS[4], 's:', WIDE) end
   if redis.call('ZSCORE', KEYS[3], 's:') then present = present + 1 end
   if redis.call('ZSCORE', KEYS[6], FAIR_ANCHOR) then present = present + 1 end
-  local due = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now, 'LIMIT', 0, 1)
-  return head, function(ctx)
-    local cache, entries = ctx.cache, ctx.entries
-    cache['g'], cache[uf], cache[pf], cache['s:'] = dem[1], dem[2], dem[3], dem[4]
-    entries['L' .. id], entries['P' .. id] = ent[1], ent[2]
-    ctx.present, ctx.due = present, #due > 0
+  local due = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now, 'LIMIT', '0', '1')
+  return head, {g = dem[1], [uf] = dem[2], [pf] = dem[3], ['s:'] = dem[4]},
+    {[lease] = ent[1], [waiting] = ent[2]}, present, #due > 0
+end
+
+-- A decision's new fair state when its level needs no walk, from the stored text alone:
+-- tenant `spec` (false: not in the policy, no terms) goes from demand d0 to d1, and the
+-- group's units held change by du. The sums move by the tenant's terms as change_demand
+-- moves them; the level and its base/slope split are neither read nor moved, since the level
+-- the sums give (ended_level) sets them all, as level_ends would. The text is the one flush
+-- would write for that state (pack_state; false: all zero, no field), each field that did
+-- not change keeping the text it was read from: pack_state wrote it, with the '%d' digits it
+-- would write now. Returns the level (nil, and nothing else, when it needs a walk), the
+-- text, the tenant's bounds before and after (change_demand's) and the units held before.
+local function ended_state(ctx, spec, d0, d1, du)
+  if ctx.cache['g'] == nil then load_fields(ctx, {'g'}) end
+  local t_loh, t_lol, t_uph, t_upl, t_kh, t_kl, t_used =
+    string.match(ctx.cache['g'] or EMPTY_STATE, STATE_SUMS)
+  local loh, lol, uph, upl, kh, kl = t_loh - 0, t_lol - 0, t_uph - 0, t_upl - 0, t_kh - 0, t_kl - 0
+  local used = t_used - 0
+  local nloh, nlol, nuph, nupl, nkh, nkl = loh, lol, uph, upl, kh, kl
+  local before, after
+  if spec and d0 > 0 then
+    local lo = claim_lo(spec, d0)
+    before = {lo = lo, up = claim_up(spec, d0, lo)}
+    nloh, nlol = exact_add(nloh, nlol, before.lo, -1)
+    nuph, nupl = exact_add(nuph, nupl, before.up, -1)
+    nkh, nkl = exact_add(nkh, nkl, spec.keep, -1)
   end
+  if spec and d1 > 0 then
+    local lo = claim_lo(spec, d1)
+    after = {lo = lo, up = claim_up(spec, d1, lo)}
+    nloh, nlol = exact_add(nloh, nlol, after.lo, 1)
+    nuph, nupl = exact_add(nuph, nupl, after.up, 1)
+    nkh, nkl = exact_add(nkh, nkl, spec.keep, 1)
+  end
+  local level = ended_level(ctx.policy, nloh, nlol, nuph, nupl, nkh, nkl)
+  if not level then return nil end
+  local nused = used + du
+  if level == 0 and nloh == 0 and nlol == 0 and nuph == 0 and nupl == 0 and nkh == 0 and
+      nkl == 0 and nused == 0 then
+    return level, false, before, after, used
+  end
+  if nloh ~= loh then t_loh = int(nloh) end
+  if nlol ~= lol then t_lol = int(nlol) end
+  if nuph ~= uph then t_uph = int(nuph) end
+  if nupl ~= upl then t_upl = int(nupl) end
+  if nkh ~= kh then t_kh = int(nkh) end
+  if nkl ~= kl then t_kl = int(nkl) end
+  if nused ~= used then t_used = int(nused) end
+  -- pack_state's layout: level (INF as -1), base (the floors' sum at 0, the ceilings' at
+  -- INF), slope 0, then the sums.
+  local head = '0|' .. t_loh .. '|' .. t_lol
+  if level ~= 0 then head = '-1|' .. t_uph .. '|' .. t_upl end
+  return level, head .. '|0|0|' .. t_loh .. '|' .. t_lol .. '|' .. t_uph .. '|' .. t_upl ..
+    '|' .. t_kh .. '|' .. t_kl .. '|' .. t_used, before, after, used
 end
 
 -- Admits a lease that needs no walk, or returns nil for the general path: no meters, the
 -- group's state whole and nothing due, no recovery, a new id, a known tenant with nothing
 -- waiting, and a request that fits its tenant limit and the group at a level of 0 or INF.
+-- Commits as hold_trial would, the state written as text (ended_state).
 local function fast_acquire(ctx, tenant, units, id, ttl, meters)
   local policy = ctx.policy
   if not FAST_PATHS or meters ~= '' or ctx.present ~= 4 or ctx.due or
@@ -58,31 +111,50 @@ local function fast_acquire(ctx, tenant, units, id, ttl, meters)
       units > math.min(policy.capacity, spec.ceil, spec.max) then
     return nil
   end
-  local used, st = units_of(ctx, 'u:' .. tenant), fair_state(ctx)
-  local trial = copy_state(st)
-  local before, after = change_demand(trial, spec, used, used + units)
-  if not level_ends(trial, policy) then return nil end
-  local limit = clamp_limit(trial.lam, spec.w, after.lo, after.up)
-  if used + units > limit + EPSILON or st.used + units > policy.capacity then return nil end
+  local uf = 'u:' .. tenant
+  local used = units_of(ctx, uf)
+  local level, text, before, after, group_used = ended_state(ctx, spec, used, used + units, units)
+  if not level then return nil end
+  local limit = clamp_limit(level, spec.w, after.lo, after.up)
+  if used + units > limit + EPSILON or group_used + units > policy.capacity then return nil end
   -- What check_state would have concluded from four sentinels and no recovery window.
   ctx.whole, policy.recovering = true, false
-  hold_trial(ctx, tenant, spec, used, units, trial, before, after)
+  set_units(ctx, uf, used + units)
+  ctx.cache['g'], ctx.dirty['g'] = text, true
+  move_points(ctx, tenant, spec.w, before, after)
   local expiry, token = write_lease(ctx, tenant, units, id, ttl, nil)
-  return {1, 'admitted', expiry, token, used + units, fmt(limit), trial.used, policy.capacity,
-          0, policy.version, 0}
+  return {1, 'admitted', expiry, token, used + units, fmt(limit), group_used + units,
+          policy.capacity, 0, policy.version, 0}
 end
 
 -- Ends lease `id` of `tenant` when the call holds its fencing token `token`, as release_one
 -- would; nil (nothing done) for anything else: no policy, no such live lease, another
--- owner or token. Returns the reply and whether the level is settled without a walk (when
--- it is not, the general path walks it: the state is otherwise the one release_one leaves).
+-- owner or token. Returns the reply and whether the lease's demand is given back too: when
+-- the new level needs a walk it is not (the general path gives it back and walks: the state
+-- is otherwise the one release_one leaves).
 local function fast_release(ctx, id, tenant, token)
   if not FAST_PATHS or not ctx.policy then return nil end
-  prefetch_entries(ctx, {id})
-  local info = ctx.entries['L' .. id]
+  -- The reads of prefetch_entries and of close_lease's load_fields, into ctx's tables (empty
+  -- still: built whole, not grown).
+  local lease, waiting = 'L' .. id, 'P' .. id
+  local ent = redis.call('HMGET', KEYS[4], lease, waiting)
+  ctx.entries = {[lease] = ent[1], [waiting] = ent[2]}
+  local info = ent[1]
   if not info then return nil end
   local units, held_token, owner = parse_entry(info)
   if owner ~= tenant or held_token ~= token then return nil end
-  local reply = end_lease(ctx, id, tenant, units, held_token)
-  return reply, level_ends(fair_state(ctx), ctx.policy)
+  local uf, pf = 'u:' .. tenant, 'p:' .. tenant
+  local dem = redis.call('HMGET', KEYS[2], 'g', uf, pf, 's:')
+  ctx.cache = {g = dem[1], [uf] = dem[2], [pf] = dem[3], ['s:'] = dem[4]}
+  local reply = close_lease(ctx, id, tenant, units, held_token)
+  -- add_demand(ctx, tenant, -units, 0) and a level that needs no walk.
+  local spec = ctx.specs[tenant]
+  local used, pending = units_of(ctx, uf), units_of(ctx, pf)
+  local level, text, before, after =
+    ended_state(ctx, spec, used + pending, used - units + pending, -units)
+  if not level then return reply, false end
+  set_units(ctx, uf, used - units)
+  ctx.cache['g'], ctx.dirty['g'] = text, true
+  if spec then move_points(ctx, tenant, spec.w, before, after) end
+  return reply, true
 end

@@ -44,7 +44,7 @@ end
 -- the entry, or to lose, and leases admitted by older releases carry it too.
 local function ledger_ended(ctx, tenant, units, token, expiry)
   ledger_note(ctx, tenant, 'rq', 1)
-  local held = math.min(ctx.now, expiry) - math.floor(tonumber(token) / 1000)
+  local held = math.min(ctx.now, expiry) - math.floor(token / 1000)
   if held > 0 then ledger_note(ctx, tenant, 'us', units * held) end
 end
 
@@ -59,6 +59,11 @@ local function ledger_purged(ctx, dead, infos)
   end
 end
 
+-- The hours of the two declared ledger keys, KEYS[7] and KEYS[8], as their names write them.
+local function ledger_hours()
+  return string.match(KEYS[7], ':led:(%d+)$'), string.match(KEYS[8], ':led:(%d+)$')
+end
+
 -- The expiry a declared ledger key takes at time `now`: the end of its hour plus the group's
 -- retention (led_ttl, default 7 days). Relative (PEXPIRE), like every expiry the scripts set:
 -- a pinned clock is not the server's.
@@ -70,13 +75,16 @@ end
 
 -- Adds the counts `led` (field -> amount > 0) to the declared ledger key of the hour of `now`
 -- (see above), setting the key's expiry when a write created a field (HINCRBY answered the
--- amount), so always when the key is created, not on every write.
-local function ledger_write(now, led)
-  local key, b = KEYS[7], KEYS[8]
+-- amount), so always when the key is created, not on every write. `ha`, `hb`: the keys'
+-- hours (ledger_hours), when the caller has them already.
+local function ledger_write(now, led, ha, hb)
+  if not ha then ha, hb = ledger_hours() end
+  local key = KEYS[7]
   local want = math.floor(now / 3600000)
-  local ha = tonumber(string.match(key, ':led:(%d+)$'))
-  local hb = tonumber(string.match(b, ':led:(%d+)$'))
-  if want ~= ha and (want == hb or math.abs(want - hb) < math.abs(want - ha)) then key = b end
+  ha, hb = tonumber(ha), tonumber(hb)
+  if want ~= ha and (want == hb or math.abs(want - hb) < math.abs(want - ha)) then
+    key = KEYS[8]
+  end
   local created = false
   for field, amount in pairs(led) do
     if redis.call('HINCRBY', key, field, int(amount)) == amount then created = true end
@@ -90,11 +98,6 @@ local function ledger_add(now, tenant, counter, amount)
   ledger_write(now, {[tenant .. '|' .. counter] = amount})
 end
 
--- The pair of ledger keys this call declares, as led_ok records it once both exist.
-local function ledger_pair()
-  return string.match(KEYS[7], ':led:(%d+)$') .. ':' .. string.match(KEYS[8], ':led:(%d+)$')
-end
-
 -- Writes the call's notes, then makes sure both declared ledger keys exist (a field "~"):
 -- while a Redis Cluster slot migrates, a script whose declared keys exist only in part is
 -- refused (TRYAGAIN) for as long as the migration lasts, and the neighbouring hour's key
@@ -102,16 +105,17 @@ end
 -- (led_ok, read with the header), so this costs nothing until the pair changes, twice an
 -- hour. Called by flush, at the end of every script that takes the ledger keys.
 local function ledger_flush(ctx)
+  local ha, hb = ledger_hours()
   if ctx.led then
-    ledger_write(ctx.now, ctx.led)
+    ledger_write(ctx.now, ctx.led, ha, hb)
     ctx.led = nil
   end
-  local pair = ledger_pair()
+  local pair = ha .. ':' .. hb  -- the pair of keys this call declares, as led_ok records it
   local policy = ctx.policy
   if policy and policy.led_ok == pair then return end
   for _, key in ipairs({KEYS[7], KEYS[8]}) do
     -- HINCRBY (not HSETNX, which the documented minimal ACL does not grant): 1 when created.
-    if redis.call('HINCRBY', key, '~', 1) == 1 then
+    if redis.call('HINCRBY', key, '~', '1') == 1 then
       redis.call('PEXPIRE', key, ledger_ttl(key, ctx.now))
     end
   end

@@ -21,10 +21,10 @@ local function now_ms(pinned)
     return tonumber(pinned)
   end
   local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  return t[1] * 1000 + math.floor(t[2] / 1000)
 end
 
--- The policy header's fields and the specs of `names`, in one HMGET (open_group reads it).
+-- The policy header's fields and the specs of `names`, in one HMGET (for open_group).
 local function read_header(names)
   -- The schema field first: a newer release may write its header differently.
   local fields = {'schema', 'hdr', 'busy', 'recover', 'fence', 'led_ok'}
@@ -32,20 +32,17 @@ local function read_header(names)
   return redis.call('HMGET', KEYS[1], unpack(fields))
 end
 
--- The policy header and the specs of `names` (raw: read_header's reply when the call has read
--- it already); nil plus an error reply when the group has no policy or one written by a newer
--- schema.
+-- The policy header and the specs of `names` from `raw`, read_header's reply (the caller reads
+-- it: acquire's fast path with its other reads, without linking read_header); nil plus an
+-- error reply when the group has no policy or one written by a newer schema.
 local function open_group(now, schema, names, raw)
-  raw = raw or read_header(names)
   if not raw[1] then
     return nil, {-1, 'no_policy', 0, 0, 0, '0', 0, 0, 0, 0, 0}
   end
-  if tonumber(raw[1]) > tonumber(schema) then
+  if raw[1] - 0 > tonumber(schema) then
     return nil, {-1, 'schema', 0, 0, 0, '0', 0, 0, 0, tonumber(raw[1]), 0}
   end
-  local policy = parse_header(raw[2])
-  policy.busy, policy.recover = tonumber(raw[3]) or 0, tonumber(raw[4]) or 0
-  policy.fence, policy.led_ok = tonumber(raw[5]) or 0, raw[6]
+  local policy = parse_header(raw[2], raw[3], raw[4], raw[5], raw[6])
   local ctx = open_ctx(now, policy)
   for i, name in ipairs(names) do
     if ctx.specs[name] == nil then
@@ -167,12 +164,12 @@ end
 -- Writes an admitted lease: its fencing token, expiry and entry (and, when metered, its
 -- meter reservations). Returns the expiry and the token.
 local function write_lease(ctx, tenant, units, id, ttl, meter_record)
-  local expiry = ctx.now + ttl
+  local expiry, member = ctx.now + ttl, 'L' .. id
   local token = next_fence(ctx.policy, ctx.now, expiry)
   local info = entry(units, token, tenant)
-  schedule(ctx, 'L' .. id, expiry)
-  redis.call('HSET', KEYS[4], 'L' .. id, info)
-  ctx.entries['L' .. id] = info
+  schedule(ctx, member, expiry)
+  redis.call('HSET', KEYS[4], member, info)
+  ctx.entries[member] = info
   ctx.touch = true
   if meter_record then redis.call('HSET', KEYS[4], 'R' .. id, meter_record) end
   return expiry, token
@@ -267,7 +264,7 @@ local function acquire_one(ctx, tenant, units, id, ttl, wait, pending_ms, shadow
 
   if reason ~= 'admitted' then
     local retry_ms = pending_ms
-    local first = redis.call('ZRANGE', KEYS[3], 0, 0, 'WITHSCORES')
+    local first = redis.call('ZRANGE', KEYS[3], '0', '0', 'WITHSCORES')
     if first[2] then retry_ms = math.max(1, math.min(retry_ms, tonumber(first[2]) - now)) end
     if wait and reason ~= 'too_large' then
       schedule(ctx, wait_member, now + pending_ms)
@@ -276,7 +273,7 @@ local function acquire_one(ctx, tenant, units, id, ttl, wait, pending_ms, shadow
         local seq = next_fence(policy, now)
         local info = entry(units, seq, tenant)
         redis.call('HSET', KEYS[4], wait_member, info)
-        redis.call('ZADD', KEYS[5], 0, queue_member(tenant, seq, units, id))
+        redis.call('ZADD', KEYS[5], '0', queue_member(tenant, seq, units, id))
         ctx.entries[wait_member] = info
         -- The trial is exactly the new state: its demand counted these units.
         set_units(ctx, pf, tenant_waiting + units)
@@ -325,8 +322,8 @@ local function acquire_one(ctx, tenant, units, id, ttl, wait, pending_ms, shadow
 end
 
 -- Ends the live lease `id` of `tenant` (`units`, fencing token `token` as stored): ledger,
--- expiry, entry and demand; the caller settles the level. release.lua's reply.
-local function end_lease(ctx, id, tenant, units, token)
+-- expiry and entry, but not yet its demand (end_lease). release.lua's reply.
+local function close_lease(ctx, id, tenant, units, token)
   local member = 'L' .. id
   load_fields(ctx, {'g', 'u:' .. tenant, 'p:' .. tenant, 's:'})
   -- No expiry while the entry is there: exp was lost (evicted), and the next acquire or renew
@@ -342,8 +339,14 @@ local function end_lease(ctx, id, tenant, units, token)
   redis.call('ZREM', KEYS[3], member)
   redis.call('HDEL', KEYS[4], member, 'R' .. id)  -- R: its meter reservations, if any
   ctx.entries[member] = false
-  add_demand(ctx, tenant, -units, 0)
   return {state, units}
+end
+
+-- close_lease and the lease's demand given back; the caller settles the level.
+local function end_lease(ctx, id, tenant, units, token)
+  local reply = close_lease(ctx, id, tenant, units, token)
+  add_demand(ctx, tenant, -units, 0)
+  return reply
 end
 
 -- Ends lease `id` of `tenant` whose fencing token is `token` (text, as stored), and withdraws
@@ -383,11 +386,9 @@ local function release_ctx(now, schema, tenant)
   else
     raw = redis.call('HMGET', KEYS[1], 'schema', 'hdr', 'busy', 'recover', 'fence', 'led_ok')
   end
-  if raw[1] and raw[2] and tonumber(raw[1]) <= tonumber(schema) then
-    local policy = parse_header(raw[2])
-    policy.busy, policy.recover = tonumber(raw[3]) or 0, tonumber(raw[4]) or 0
-    policy.fence, policy.led_ok = tonumber(raw[5]) or 0, raw[6]
-    local ctx = open_ctx(now, policy)
+  if raw[1] and raw[2] and raw[1] - 0 <= tonumber(schema) then
+    local ctx = open_ctx(now, parse_header(raw[2], raw[3], raw[4], raw[5], raw[6]))
+    local policy = ctx.policy
     if tenant then
       local spec = raw[7]
       if not spec and policy.unknown == 'default' then spec = policy.default end

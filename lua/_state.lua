@@ -52,7 +52,7 @@ local function units_of(ctx, field)
     load_fields(ctx, {field})
     v = ctx.cache[field]
   end
-  return v and tonumber(v) or 0
+  return v and v - 0 or 0
 end
 
 local function set_units(ctx, field, units)
@@ -165,17 +165,28 @@ local function move_points(ctx, tenant, w, before, after)
 end
 
 -- Writes the recorded moves: each tenant's points as the call found them out, as it leaves
--- them in (the policy, and so w, is the same throughout a call).
+-- them in (the policy, and so w, is the same throughout a call). The members' numbers are
+-- formatted once each: w, and a bound that did not move, serve both. The scores go as
+-- numbers: redis.call sends a number as '%.17g', the text fmt writes, and a score is
+-- stored as the double it reads anyway.
 local function write_points(ctx)
   for tenant, m in pairs(ctx.moved) do
     local before, after, w = m.first, m.last, m.w
     if not (before and after and before.lo == after.lo and before.up == after.up) then
+      local tw, tlo, tup = fmt(w), nil, nil
       if before and before.up > before.lo then
-        redis.call('ZREM', KEYS[6], point_members(before.lo, before.up, w, tenant))
+        tlo, tup = fmt(before.lo), fmt(before.up)
+        redis.call('ZREM', KEYS[6], point_members(tlo, tup, tw, tenant))
       end
       if after and after.up > after.lo then
-        local l, u = point_members(after.lo, after.up, w, tenant)
-        redis.call('ZADD', KEYS[6], fmt(after.lo / w), l, fmt(after.up / w), u)
+        if not (tlo and before.lo == after.lo) then tlo = fmt(after.lo) end
+        if not (tup and before.up == after.up) then tup = fmt(after.up) end
+        local l, u = point_members(tlo, tup, tw, tenant)
+        if w == 1 then  -- the scores are the bounds, whose text is at hand
+          redis.call('ZADD', KEYS[6], tlo, l, tup, u)
+        else
+          redis.call('ZADD', KEYS[6], after.lo / w, l, after.up / w, u)
+        end
       end
     end
   end
@@ -207,7 +218,7 @@ local function point_stream(pos, dir, ov)
         if dir > 0 then
           raw = redis.call('ZRANGEBYSCORE', KEYS[6], from, '+inf', 'LIMIT', offset, limit)
         else
-          raw = redis.call('ZREVRANGEBYSCORE', KEYS[6], from, 0, 'LIMIT', offset, limit)
+          raw = redis.call('ZREVRANGEBYSCORE', KEYS[6], from, '0', 'LIMIT', offset, limit)
         end
         offset, ri = offset + #raw, 1
         exhausted, limit = #raw < limit, PAGE
@@ -341,14 +352,24 @@ local function walk(st, target, ov)
   end
 end
 
--- Sets the level of `st` when its sums alone give it, with no walk: 0 when the floors already
--- take the target, INF when every ceiling fits. Returns false and the target otherwise.
+-- The level that the sums Σlo, Σup and Σ G(1-l) (as exact pairs) give with no walk: 0 when
+-- the floors already take the target, INF when every ceiling fits; nil and the target
+-- otherwise.
+local function ended_level(policy, loh, lol, uph, upl, kh, kl)
+  local sum_lo, sum_up = exact_value(loh, lol), exact_value(uph, upl)
+  local target = target_of(policy.capacity, policy.reserve, exact_value(kh, kl), sum_up)
+  if target <= sum_lo then return 0 end
+  if target >= sum_up then return INF end
+  return nil, target
+end
+
+-- Sets the level of `st` when its sums alone give it (ended_level), the base and slope with
+-- it. Returns false and the target otherwise.
 local function level_ends(st, policy)
-  local sum_lo, sum_up = exact_value(st.loh, st.lol), exact_value(st.uph, st.upl)
-  local target = target_of(policy.capacity, policy.reserve, exact_value(st.kh, st.kl), sum_up)
-  if target <= sum_lo then
+  local level, target = ended_level(policy, st.loh, st.lol, st.uph, st.upl, st.kh, st.kl)
+  if level == 0 then
     st.lam, st.bh, st.bl, st.wh, st.wl = 0, st.loh, st.lol, 0, 0
-  elseif target >= sum_up then
+  elseif level then
     st.lam, st.bh, st.bl, st.wh, st.wl = INF, st.uph, st.upl, 0, 0
   else
     return false, target
@@ -405,7 +426,7 @@ end
 -- reads exp once.
 local function purge(ctx, limit)
   if ctx.due == false then return 0 end
-  local dead = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', ctx.now, 'LIMIT', 0, limit)
+  local dead = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', ctx.now, 'LIMIT', '0', limit)
   if #dead < limit then ctx.due = false end
   if #dead == 0 then return 0 end
   local infos = redis.call('HMGET', KEYS[4], unpack(dead))
@@ -496,19 +517,20 @@ local function flush(ctx, key_grace_ms)
     -- four whole (check_state) one PTTL tells whether theirs still covers `ttl` but for a
     -- slack of half the grace: the keys then still outlive every lease by that much, and a
     -- busy group refreshes them about once per half grace instead of on every call.
-    local ms = int(ttl)
     if not ctx.whole and ctx.cache['s:'] and redis.call('ZSCORE', KEYS[6], FAIR_ANCHOR) then
       -- A release saw demand's sentinel before writing, and fair's is still there: both keys
       -- existed (sentinels are written only with a refresh of all four), and exp and info,
       -- which a release only shrinks, either still exist with that expiry or are gone.
       ctx.whole = true
     end
+    local ms = nil  -- int(ttl), formatted only for a refresh
     if not ctx.whole or redis.call('PTTL', KEYS[2]) < ttl - key_grace_ms / 2 then
+      ms = int(ttl)
       redis.call('PEXPIRE', KEYS[2], ms)
       redis.call('PEXPIRE', KEYS[3], ms)
       redis.call('PEXPIRE', KEYS[4], ms)
       redis.call('PEXPIRE', KEYS[6], ms)
     end
-    if ctx.touch_queue then redis.call('PEXPIRE', KEYS[5], ms) end
+    if ctx.touch_queue then redis.call('PEXPIRE', KEYS[5], ms or int(ttl)) end
   end
 end

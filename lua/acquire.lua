@@ -55,10 +55,10 @@
 
 
 local now = now_ms(ARGV[1])
-local head, seed = acquire_reads(now, ARGV[3], ARGV[5])
+local head, cache, entries, present, due = acquire_reads(now, ARGV[3], ARGV[5])
 local ctx, err = open_group(now, ARGV[2], {ARGV[3]}, head)
 if not ctx then return err end
-seed(ctx)
+ctx.cache, ctx.entries, ctx.present, ctx.due = cache, entries, present, due
 local fast = fast_acquire(ctx, ARGV[3], tonumber(ARGV[4]), ARGV[5], tonumber(ARGV[6]), ARGV[11])
 if fast then
   flush(ctx, KEY_GRACE_MS)

@@ -24,7 +24,7 @@ for i = 1, count do
   fields[#fields + 1] = 'u:' .. names[i]
   fields[#fields + 1] = 'p:' .. names[i]
 end
-local ctx, err = open_group(now_ms(ARGV[1]), ARGV[2], names)
+local ctx, err = open_group(now_ms(ARGV[1]), ARGV[2], names, read_header(names))
 local replies = {}
 if not ctx then
   for i = 1, count do replies[i] = err end

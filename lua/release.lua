@@ -20,7 +20,7 @@
 
 local ctx = release_ctx(now_ms(ARGV[1]), ARGV[2], ARGV[5])
 local reply, settled = fast_release(ctx, ARGV[3], ARGV[5], ARGV[6])
-if settled and #redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', ctx.now, 'LIMIT', 0, 1) == 0 then
+if settled and #redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', ctx.now, 'LIMIT', '0', '1') == 0 then
   flush(ctx, KEY_GRACE_MS)
   return reply
 end
@@ -29,6 +29,7 @@ end
 if not reply then
   reply = release_one(ctx, ARGV[3], ARGV[5], ARGV[6])
 elseif not settled then
+  add_demand(ctx, ARGV[5], -reply[2], 0)  -- the lease's units, which fast_release left
   settle(ctx, fair_state(ctx))
 end
 purge(ctx, tonumber(ARGV[4]))

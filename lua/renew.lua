@@ -28,7 +28,7 @@
 local now = now_ms(ARGV[1])
 local member, tenant, units, token = 'L' .. ARGV[3], ARGV[6], tonumber(ARGV[7]), ARGV[8]
 local purge_limit = tonumber(ARGV[5])
-local ctx, err = open_group(now, ARGV[2], {tenant})
+local ctx, err = open_group(now, ARGV[2], {tenant}, read_header({tenant}))
 if not ctx then return {-1, err[2], 0, 0, 0, '0', 0, err[10], 0} end
 local policy = ctx.policy
 local ttl = math.min(tonumber(ARGV[4]), policy.ttl)

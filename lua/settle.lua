@@ -24,7 +24,7 @@
 --   A settlement is idempotent: the reservation's final amount lives in the info hash next
 --   to the lease (R<id>) and is deleted with it.
 
-local ctx, err = open_group(now_ms(ARGV[1]), ARGV[2], {})
+local ctx, err = open_group(now_ms(ARGV[1]), ARGV[2], {}, read_header({}))
 if not ctx then return {-1, err[2], err[10]} end
 local rows = meter_settle_lease(ctx, ARGV[3], ARGV[4], ARGV[5], meter_amounts(ARGV[6]))
 flush(ctx, KEY_GRACE_MS)

@@ -22,7 +22,7 @@
 -- reading of the rule beside the incremental state the decisions use.
 
 local now = now_ms(ARGV[1])
-local ctx, err = open_group(now, ARGV[2], {})
+local ctx, err = open_group(now, ARGV[2], {}, read_header({}))
 if not ctx then return {-1, err[2], now, err[10], 0, 0, '0', {}, {}, 0, 0} end
 local policy = ctx.policy
 
