@@ -95,7 +95,9 @@ def child(url: str, calls: int) -> None:
     """Under valgrind: the measures, each one ``functools.reduce`` (one dump each)."""
     from ratequota import GroupPolicy, Policy, QuotaClient, TenantPolicy
 
-    quota = QuotaClient.from_url(url, prefix="cpu")
+    # No catalog refresh in the background: its thread would take a connection of the pool
+    # for a moment, and the replies recorded on the stubbed one could be missing.
+    quota = QuotaClient.from_url(url, prefix="cpu", catalog_ttl=3600.0)
     group = GroupPolicy("prof", capacity=10**9, tenants=[TenantPolicy("t", guarantee=10**6)])
     quota.apply_policy(Policy([group]))
     client = quota.backend.connection("prof")
