@@ -66,9 +66,8 @@ def _no_redis() -> None:
     pytest.skip(message)
 
 
-@pytest.fixture(scope="session")
-def redis_server() -> Iterator[RedisServer]:
-    """One real redis-server for the session; tests flush it before use."""
+def _started_redis() -> Iterator[RedisServer]:
+    """A redis-server started here, stopped by PID when the fixture ends."""
     if redis_server_binary() is None:
         _no_redis()
     server = RedisServer().start()
@@ -76,6 +75,18 @@ def redis_server() -> Iterator[RedisServer]:
         yield server
     finally:
         server.cleanup()
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """One real redis-server for the session; tests flush it before use."""
+    yield from _started_redis()
+
+
+@pytest.fixture
+def private_redis() -> Iterator[RedisServer]:
+    """A redis-server of this test's own, which it may flush, pause, kill and restart."""
+    yield from _started_redis()
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ connection with an unread reply back in the pool, and the next call answers.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import fakeredis
@@ -46,8 +46,7 @@ from ratequota.clients.script_pipe import ScriptPipe
 from ratequota.engine.ops import ScriptCall
 from ratequota.engine.scripts import ScriptSpec, load_scripts
 from ratequota.errors import BackendUnavailable
-from tests.conftest import _no_redis
-from tests.servers import RedisServer, redis_server_binary
+from tests.servers import RedisServer
 from tests.strategies import wire_texts, wire_values
 from tests.test_packed_calls import _calls, _lease_calls, _policy_call, redis_sha1
 
@@ -155,15 +154,9 @@ def test_only_a_plain_pooled_utf8_asyncio_client_is_sent_packed() -> None:
 
 
 @pytest.fixture
-def server() -> Iterator[RedisServer]:
+def server(private_redis: RedisServer) -> RedisServer:
     """A private redis-server this test may flush, pause and kill."""
-    if redis_server_binary() is None:
-        _no_redis()
-    srv = RedisServer().start()
-    try:
-        yield srv
-    finally:
-        srv.cleanup()
+    return private_redis
 
 
 def _plain_fake() -> redis.asyncio.Redis:
@@ -215,11 +208,13 @@ def _pool_dropped(client: Any) -> bool:
     )
 
 
-async def _history(client: Any) -> dict[str, list[tuple[str, Any]]]:
-    """The same history through each path, in a key space of its own."""
+async def _history(
+    client: Any, paths: dict[str, Send] | None = None
+) -> dict[str, list[tuple[str, Any]]]:
+    """The same history through each path (``_paths`` by default), in a key space of its own."""
     outcomes: dict[str, list[tuple[str, Any]]] = {}
     failing = ScriptCall(BROKEN, "g", ("k",), ("a",))
-    for name, send in _paths(client).items():
+    for name, send in (_paths(client) if paths is None else paths).items():
         for spec in [*load_scripts().values(), BROKEN, ECHO]:
             await client.script_load(spec.source)
         seen = [await _outcome(send, _policy_call(name))]

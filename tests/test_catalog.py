@@ -18,7 +18,6 @@ import asyncio
 import contextlib
 import json
 import threading
-from collections.abc import Iterator
 from typing import Any
 
 import fakeredis
@@ -43,8 +42,8 @@ from ratequota.errors import ConfigError, SchemaMismatch, UnknownTenant
 from ratequota.policy import GroupPolicy, Policy, TenantPolicy
 from ratequota.testing import ManualClock
 from tests.bridge import raw_connection
-from tests.conftest import MakeClient, _no_redis
-from tests.servers import RedisServer, redis_server_binary
+from tests.conftest import MakeClient
+from tests.servers import RedisServer
 
 #: Leases here last at most this long, so the recovery window after a loss is this short.
 RECOVERY = 120.0
@@ -64,15 +63,9 @@ TTL = 5.0
 
 
 @pytest.fixture
-def server() -> Iterator[RedisServer]:
+def server(private_redis: RedisServer) -> RedisServer:
     """A private redis-server this test may kill and restart (without persistence)."""
-    if redis_server_binary() is None:
-        _no_redis()
-    srv = RedisServer().start()
-    try:
-        yield srv
-    finally:
-        srv.cleanup()
+    return private_redis
 
 
 def _stored(srv: RedisServer) -> dict[str, Any] | None:

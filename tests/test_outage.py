@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -40,13 +39,9 @@ OPTIONS: dict[str, Any] = {
 
 
 @pytest.fixture
-def server() -> Iterator[RedisServer]:
+def server(private_redis: RedisServer) -> RedisServer:
     """A private redis-server this test may pause and kill."""
-    srv = RedisServer().start()
-    try:
-        yield srv
-    finally:
-        srv.cleanup()
+    return private_redis
 
 
 def publish(server: RedisServer) -> None:

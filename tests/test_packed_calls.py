@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import fakeredis
@@ -170,13 +170,9 @@ def test_only_a_plain_pooled_utf8_client_is_sent_packed() -> None:
 
 
 @pytest.fixture
-def server() -> Iterator[RedisServer]:
+def server(private_redis: RedisServer) -> RedisServer:
     """A private redis-server this test may flush, pause and kill."""
-    srv = RedisServer().start()
-    try:
-        yield srv
-    finally:
-        srv.cleanup()
+    return private_redis
 
 
 Send = Callable[[ScriptCall], Any]

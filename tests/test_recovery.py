@@ -12,7 +12,6 @@ killed and restarted), time driven by a ``ManualClock``.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import attrs
@@ -27,8 +26,8 @@ from ratequota.errors import BackendUnavailable, PolicyMissing
 from ratequota.policy import GroupPolicy, Policy, TenantPolicy
 from ratequota.testing import ManualClock
 from tests.bridge import Quotas, hold
-from tests.conftest import MakeClient, _no_redis
-from tests.servers import RedisServer, redis_server_binary
+from tests.conftest import MakeClient
+from tests.servers import RedisServer
 
 WINDOW = 30.0
 POLICY = Policy(
@@ -218,15 +217,9 @@ def test_explain_says_the_group_is_recovering(make_quota: MakeClient) -> None:
 
 
 @pytest.fixture
-def own_server() -> Iterator[RedisServer]:
+def own_server(private_redis: RedisServer) -> RedisServer:
     """A redis-server of this test alone (it is killed and restarted), stopped by PID."""
-    if redis_server_binary() is None:
-        _no_redis()
-    server = RedisServer().start()
-    try:
-        yield server
-    finally:
-        server.cleanup()
+    return private_redis
 
 
 @pytest.mark.real_redis

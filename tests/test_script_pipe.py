@@ -13,7 +13,6 @@ round-trip bound on the pipe.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -29,8 +28,7 @@ from ratequota.clients.script_pipe import ScriptPipe
 from ratequota.engine.ops import Batch, ScriptCall
 from ratequota.engine.scripts import ScriptSpec, load_scripts
 from ratequota.errors import BackendUnavailable
-from tests.conftest import _no_redis
-from tests.servers import RedisServer, redis_server_binary
+from tests.servers import RedisServer
 from tests.test_async_packed_calls import (
     BROKEN,
     ECHO,
@@ -38,6 +36,7 @@ from tests.test_async_packed_calls import (
     POLICY,
     Send,
     _echo,
+    _history,
     _outcome,
     _pool_is_clean,
 )
@@ -46,26 +45,10 @@ from tests.test_packed_calls import _lease_calls, _policy_call
 pytestmark = pytest.mark.real_redis
 
 
-def _server() -> Iterator[RedisServer]:
-    if redis_server_binary() is None:
-        _no_redis()
-    srv = RedisServer().start()
-    try:
-        yield srv
-    finally:
-        srv.cleanup()
-
-
 @pytest.fixture
-def server() -> Iterator[RedisServer]:
+def server(private_redis: RedisServer) -> RedisServer:
     """A private redis-server this test may flush, pause and kill."""
-    yield from _server()
-
-
-@pytest.fixture(scope="module")
-def shared_server() -> Iterator[RedisServer]:
-    """One server for every example of a property (never paused or killed)."""
-    yield from _server()
+    return private_redis
 
 
 def _pipe_of(backend: Any) -> ScriptPipe:
@@ -96,25 +79,6 @@ def test_the_url_clients_get_a_pipe_and_others_do_not() -> None:
             await unbounded.aclose()
 
     asyncio.run(main())
-
-
-async def _history(client: Any, paths: dict[str, Send]) -> dict[str, list[tuple[str, Any]]]:
-    """The same history through each path, in a key space of its own (as
-    tests/test_async_packed_calls.py runs it for the pooled path)."""
-    outcomes: dict[str, list[tuple[str, Any]]] = {}
-    failing = ScriptCall(BROKEN, "g", ("k",), ("a",))
-    for name, send in paths.items():
-        for spec in [*load_scripts().values(), BROKEN, ECHO]:
-            await client.script_load(spec.source)
-        seen = [await _outcome(send, _policy_call(name))]
-        seen += [await _outcome(send, call) for call in _lease_calls(name)]
-        seen.append(await _outcome(send, _echo("ключ")))
-        seen.append(await _outcome(send, failing))
-        await client.script_flush()
-        seen.append(await _outcome(send, _lease_calls(name)[0]))
-        seen.append(await _outcome(send, ScriptCall(BROKEN, "g", (), (True,))))  # type: ignore[arg-type]
-        outcomes[name] = seen
-    return outcomes
 
 
 def test_replies_and_error_replies_are_redis_pys(server: RedisServer) -> None:
@@ -225,14 +189,14 @@ def test_a_cancelled_call_keeps_the_connection_and_the_replies_in_order(
 @given(cancelled=st.lists(st.booleans(), min_size=1, max_size=80))
 @settings(deadline=None)
 def test_concurrent_calls_on_one_connection_each_get_their_own_reply(
-    shared_server: RedisServer, cancelled: list[bool]
+    redis_server: RedisServer, cancelled: list[bool]
 ) -> None:
     """Any number of calls in flight at once on the one connection, any of them cancelled
     before its reply: every other caller gets its own reply, and the server saw one
     connection from the pipe."""
 
     async def main() -> None:
-        backend = async_url_backend(shared_server.url, socket_timeout=5.0)
+        backend = async_url_backend(redis_server.url, socket_timeout=5.0)
         client: Any = backend.connection("g")
         pipe = _pipe_of(backend)
         try:
