@@ -32,16 +32,17 @@ POLICY = Policy([GroupPolicy("g", 10, [TenantPolicy("a", guarantee=6), TenantPol
 
 async def _settled(quota: AsyncQuotaClient) -> int:
     """Units held once every round trip in flight has come back and the client's background
-    work (an orphan's release, spawned by a reply) is done."""
-    for _ in range(500):
-        pending = [*quota._background, *(t for b in quota._batchers.values() for t in b._tasks)]
-        on_pipe = any(b._trips for b in quota._batchers.values())  # answered by callbacks
-        if not pending and not on_pipe:
-            return int((await quota.snapshot("g")).used)
-        if pending:
-            await asyncio.gather(*pending, return_exceptions=True)
-        else:
-            await asyncio.sleep(0.01)  # a reply on its way to the pipe (no task to await)
+    work (an orphan's release, a withdrawal, spawned by a reply) is done.
+
+    A snapshot is the barrier: on the client's pipe replies come in the order the calls
+    went, so when its reply is in, every earlier one is (and handed to its callback); the
+    batcher's tasks and the background tasks are awaited."""
+    for _ in range(20):
+        tasks = [*quota._background, *(t for b in quota._batchers.values() for t in b._tasks)]
+        await asyncio.gather(*tasks, return_exceptions=True)
+        used = int((await quota.snapshot("g")).used)
+        if not quota._background:  # nothing spawned by a reply that came before the snapshot's
+            return used
     raise AssertionError("the client's round trips and background work never ended")
 
 
