@@ -364,3 +364,38 @@ def _kind(reply: Any) -> Any:
     if isinstance(reply, Exception):
         return type(reply).__name__, str(reply)
     return reply
+
+
+def test_the_wire_is_watched_for_the_soonest_reply_due(server: RedisServer) -> None:
+    """Calls with different bounds share the connection (the pipe's own calls carry the
+    socket timeout, the batcher's its round-trip bound): the wire's one timer is always
+    armed for the soonest reply due, so a short bound is kept behind a long one."""
+
+    async def main() -> None:
+        backend = async_url_backend(server.url, socket_timeout=5.0)
+        client: Any = backend.connection("g")
+        pipe = _pipe_of(backend)
+        try:
+            await client.script_load(ECHO_SOURCE)
+            assert await pipe(_echo("open")) == b"open"
+            wire = pipe._wire
+            assert wire is not None
+            server.pause()
+            try:
+                long = asyncio.ensure_future(pipe(_echo("long")))
+                await _written(pipe, 1)
+                assert wire._timer is not None
+                late = wire._timer.when()
+                heard: list[Any] = []
+                assert pipe.send_now(_echo("short").packed, [heard.append], 0.2)
+                assert wire._timer.when() < late - 4.0  # re-armed for the short call
+                with pytest.raises(redis.exceptions.TimeoutError):
+                    await long  # the short call's deadline ended the wire, for both
+                assert len(heard) == 1 and isinstance(heard[0], redis.exceptions.TimeoutError)
+            finally:
+                server.resume()
+            assert await pipe(_echo("again")) == b"again"
+        finally:
+            await backend.close()
+
+    asyncio.run(main())

@@ -118,7 +118,10 @@ class _Wire(asyncio.Protocol):
         self._transport.write(packed)
         due = self._loop.time() + timeout
         self._waiting.extend((deliver, due) for deliver in delivers)
-        if self._timer is None:  # else the armed timer checks the oldest call when it fires
+        timer = self._timer
+        if timer is None or due < timer.when():  # else the armed timer looks first
+            if timer is not None:
+                timer.cancel()
             self._timer = self._loop.call_at(due, self._check)
 
     def data_received(self, data: bytes) -> None:
@@ -150,20 +153,21 @@ class _Wire(asyncio.Protocol):
         self.abort(redis.exceptions.ConnectionError(_CLOSED))
 
     def _check(self) -> None:
-        """The oldest call's reply was due: fail the wire, or look again when the next is due.
+        """A call's reply was due: fail the wire, or look again when the soonest is due.
 
         A cancelled caller's call counts too: its reply still comes first, so a server
-        that owes it past the timeout owes every later call as long.
+        that owes it past its time owes every later call as long. (Calls are mostly due in
+        the order they went; the soonest is looked for only when the timer fires, about
+        once per timeout while calls are in flight.)
         """
         self._timer = None
-        waiting = self._waiting
-        if not waiting:
+        if not self._waiting:
             return
-        due = waiting[0][1]
-        if self._loop.time() >= due:
+        soonest = min(due for _, due in self._waiting)
+        if self._loop.time() >= soonest:
             self.abort(redis.exceptions.TimeoutError(f"Timeout reading from {self._host}"))
         else:
-            self._timer = self._loop.call_at(due, self._check)
+            self._timer = self._loop.call_at(soonest, self._check)
 
     def abort(self, error: Exception) -> None:
         """End the wire: every call in flight hears ``error``; the transport is dropped."""
