@@ -14,9 +14,11 @@ On a shard with a ``ScriptPipe`` (the backends made from URLs) a round trip
 of script calls needs no task at all while the pipe's connection is open: a
 callback scheduled like the task's first step (so the same calls join it)
 writes them, and the pipe's reading callback answers the callers, bounded by
-the pipe's own deadline: one event-loop iteration per call fewer, and no task
-or timer to make. Anything else (the first connection, a call the pipe cannot
-pack, a reload after NOSCRIPT) takes the task.
+the pipe's own deadline: no task or timer to make. With nothing in flight a
+lone call is written at once (no reply is about to wake callers to join it):
+a caller alone then costs two event-loop iterations per call. Anything else
+(the first connection, a call the pipe cannot pack, a reload after NOSCRIPT)
+takes the task.
 """
 
 from __future__ import annotations
