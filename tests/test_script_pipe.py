@@ -13,6 +13,8 @@ round-trip bound on the pipe.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -55,6 +57,21 @@ def _pipe_of(backend: Any) -> ScriptPipe:
     pipe = backend.script_sender("g")
     assert isinstance(pipe, ScriptPipe)
     return pipe
+
+
+@contextlib.asynccontextmanager
+async def _echo_pipe(url: str) -> AsyncIterator[tuple[Any, ScriptPipe]]:
+    """A URL backend's client and pipe (socket timeout 5 s), the echo script loaded and the
+    pipe's connection open; the backend closed on the way out."""
+    backend = async_url_backend(url, socket_timeout=5.0)
+    client: Any = backend.connection("g")
+    pipe = _pipe_of(backend)
+    try:
+        await client.script_load(ECHO_SOURCE)
+        assert await pipe(_echo("open")) == b"open"
+        yield client, pipe
+    finally:
+        await backend.close()
 
 
 def test_the_url_clients_get_a_pipe_and_others_do_not() -> None:
@@ -162,12 +179,7 @@ def test_a_cancelled_call_keeps_the_connection_and_the_replies_in_order(
     cancelled one's (which is read and dropped)."""
 
     async def main() -> None:
-        backend = async_url_backend(server.url, socket_timeout=5.0)
-        client: Any = backend.connection("g")
-        pipe = _pipe_of(backend)
-        try:
-            await client.script_load(ECHO_SOURCE)
-            assert await pipe(_echo("warm")) == b"warm"
+        async with _echo_pipe(server.url) as (_, pipe):
             wire = pipe._wire
             server.pause()
             try:
@@ -180,8 +192,6 @@ def test_a_cancelled_call_keeps_the_connection_and_the_replies_in_order(
                 server.resume()
             assert await pipe(_echo("next")) == b"next"
             assert pipe._wire is wire
-        finally:
-            await backend.close()
 
     asyncio.run(main())
 
@@ -196,13 +206,8 @@ def test_concurrent_calls_on_one_connection_each_get_their_own_reply(
     connection from the pipe."""
 
     async def main() -> None:
-        backend = async_url_backend(redis_server.url, socket_timeout=5.0)
-        client: Any = backend.connection("g")
-        pipe = _pipe_of(backend)
-        try:
-            await client.script_load(ECHO_SOURCE)
-            before = len(await client.client_list())
-            assert await pipe(_echo("open")) == b"open"  # the connection the calls share
+        async with _echo_pipe(redis_server.url) as (client, pipe):
+            before = len(await client.client_list())  # the pipe's connection among them
             calls = [asyncio.ensure_future(pipe(_echo(f"v{i}"))) for i in range(len(cancelled))]
             # One loop iteration: every call's task writes it, and no reply is read before
             # the cancellations below (replies are read at the next iteration's poll).
@@ -218,9 +223,7 @@ def test_concurrent_calls_on_one_connection_each_get_their_own_reply(
                 else:
                     assert outcome == f"v{i}".encode()
             assert await pipe(_echo("after")) == b"after"
-            assert len(await client.client_list()) == before + 1
-        finally:
-            await backend.close()
+            assert len(await client.client_list()) == before
 
     asyncio.run(main())
 
@@ -372,12 +375,7 @@ def test_the_wire_is_watched_for_the_soonest_reply_due(server: RedisServer) -> N
     armed for the soonest reply due, so a short bound is kept behind a long one."""
 
     async def main() -> None:
-        backend = async_url_backend(server.url, socket_timeout=5.0)
-        client: Any = backend.connection("g")
-        pipe = _pipe_of(backend)
-        try:
-            await client.script_load(ECHO_SOURCE)
-            assert await pipe(_echo("open")) == b"open"
+        async with _echo_pipe(server.url) as (_, pipe):
             wire = pipe._wire
             assert wire is not None
             server.pause()
@@ -395,7 +393,5 @@ def test_the_wire_is_watched_for_the_soonest_reply_due(server: RedisServer) -> N
             finally:
                 server.resume()
             assert await pipe(_echo("again")) == b"again"
-        finally:
-            await backend.close()
 
     asyncio.run(main())
