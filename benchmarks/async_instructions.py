@@ -41,7 +41,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from client_instructions import run_measured
+from client_instructions import per_call_on_redis
 
 MEASURES = (
     "bare EVALSHA",
@@ -177,18 +177,14 @@ def main() -> int:
         return 0
     calls = max(CALLERS, args.calls // CALLERS * CALLERS)
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from tests.servers import RedisServer
-
-    server = RedisServer().start()
-    try:
-        child_args = ["--calls", str(calls), "--src", str(root), "--url", server.url]
-        counts = run_measured(__file__, child_args, len(MEASURES))
-    finally:
-        server.cleanup()
-    if len(counts) != len(MEASURES):
-        print(f"expected {len(MEASURES)} dumps, got {len(counts)}", file=sys.stderr)
+    per = per_call_on_redis(
+        __file__,
+        lambda url: ["--calls", str(calls), "--src", str(root), "--url", url],
+        MEASURES,
+        calls,
+    )
+    if per is None:
         return 1
-    per = {name: count / calls for name, count in zip(MEASURES, counts, strict=True)}
     print(f"async client instructions per call ({root}, {calls} calls, real round trips)")
     packs = "AsyncPackedScripts" in (root / "ratequota/clients/async_backends.py").read_text()
     pipes = (root / "ratequota/clients/script_pipe.py").exists()

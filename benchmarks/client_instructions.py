@@ -34,6 +34,7 @@ import re
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -105,13 +106,7 @@ def child(url: str, calls: int) -> None:
     pool = client.connection_pool
     conn = pool.get_connection()
     pool.release(conn)
-    wire = ReplayedSocket(conn._sock)
-    conn._sock = conn._parser._sock = wire
-    lease = quota.try_acquire("t", 1).lease
-    assert lease is not None
-    quota.release(lease)
-    client.evalsha(trivial, 0)
-    wire.replaying = True
+    _, lease = stub_socket(quota, client, trivial)
     runs = {
         "bare EVALSHA": lambda: client.evalsha(trivial, 0),
         "try_acquire": lambda: quota.try_acquire("t", 1),
@@ -169,6 +164,42 @@ def run_measured(script: str, child_args: list[str], measures: int) -> list[int]
         return totals(out + ".*")[-measures:]
 
 
+def per_call_on_redis(
+    script: str, child_args: Callable[[str], list[str]], measures: Sequence[str], calls: int
+) -> dict[str, float] | None:
+    """Start a redis-server, run ``script``'s child against it (``child_args(url)``) under
+    callgrind, and give each measure's instructions per call (None, said on stderr, when the
+    child dumped a different number of measures)."""
+    from tests.servers import RedisServer
+
+    server = RedisServer().start()
+    try:
+        counts = run_measured(script, child_args(server.url), len(measures))
+    finally:
+        server.cleanup()
+    if len(counts) != len(measures):
+        print(f"expected {len(measures)} dumps, got {len(counts)}", file=sys.stderr)
+        return None
+    return {name: count / calls for name, count in zip(measures, counts, strict=True)}
+
+
+def stub_socket(quota: Any, client: Any, trivial: str) -> tuple[ReplayedSocket, Any]:
+    """Replace the socket of ``client``'s pooled connection by a ``ReplayedSocket``, record a
+    ``try_acquire``, its ``release`` and a bare ``EVALSHA`` of ``trivial`` on it, then replay:
+    the wire, and the lease whose release is replayed."""
+    pool = client.connection_pool
+    conn = pool.get_connection()
+    pool.release(conn)
+    wire = ReplayedSocket(conn._sock)
+    conn._sock = conn._parser._sock = wire
+    lease = quota.try_acquire("t", 1).lease
+    assert lease is not None
+    quota.release(lease)
+    client.evalsha(trivial, 0)
+    wire.replaying = True
+    return wire, lease
+
+
 def main() -> int:
     """Start Redis, run the child under callgrind and print instructions per call."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -183,18 +214,14 @@ def main() -> int:
         child(args.child, args.calls)
         return 0
     sys.path.insert(0, str(here))
-    from tests.servers import RedisServer
-
-    server = RedisServer().start()
-    try:
-        child_args = [server.url, "--calls", str(args.calls), "--src", str(root)]
-        counts = run_measured(__file__, child_args, len(MEASURES))
-    finally:
-        server.cleanup()
-    if len(counts) != len(MEASURES):
-        print(f"expected {len(MEASURES)} dumps, got {len(counts)}", file=sys.stderr)
+    per = per_call_on_redis(
+        __file__,
+        lambda url: [url, "--calls", str(args.calls), "--src", str(root)],
+        MEASURES,
+        args.calls,
+    )
+    if per is None:
         return 1
-    per = {name: count / args.calls for name, count in zip(MEASURES, counts, strict=True)}
     bare = per["bare EVALSHA"]
     print(f"client instructions per call ({root}, {args.calls} calls, socket stubbed)")
     for name in MEASURES:

@@ -43,7 +43,7 @@ from ratequota.engine.scripts import ScriptSpec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.client_instructions import ReplayedSocket
+from benchmarks.client_instructions import stub_socket
 from ratequota import AsyncQuotaClient, GroupPolicy, Policy, QuotaClient, TenantPolicy
 from tests.servers import RedisServer
 
@@ -133,16 +133,7 @@ def sync_cpu(url: str, calls: int) -> None:
 
     # The socket replaced by one that replays recorded replies (client_instructions.py): the
     # client's own CPU per call, every layer of it, with no kernel and no Redis.
-    pool = conn.connection_pool
-    only = pool.get_connection()
-    pool.release(only)
-    wire = ReplayedSocket(only._sock)
-    only._sock = only._parser._sock = wire
-    lease = quota.try_acquire("t", 1).lease
-    assert lease is not None
-    quota.release(lease)
-    conn.evalsha(sha, 0)
-    wire.replaying = True
+    _, lease = stub_socket(quota, conn, sha)
     stubbed_bare = cpu_us(lambda: conn.evalsha(sha, 0), calls)
     stubbed = [
         ("bare EVALSHA", stubbed_bare),
