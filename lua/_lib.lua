@@ -116,6 +116,13 @@ local function check_state(ctx)
     redis.call('ZADD', KEYS[6], -1, FAIR_ANCHOR)
     ctx.cache, ctx.entries, ctx.st = {}, {}, nil
     ctx.touch = true
+    -- Meter buckets charged before the loss may not be full yet: until mfull they restart at
+    -- their debt floor from now (ml, _metered.lua), and the keys outlive mfull (flush).
+    local mfull = redis.call('HGET', KEYS[1], 'mfull')
+    if mfull and mfull - 0 > now then
+      ctx.mfull = mfull - 0
+      ctx.cache['ml'], ctx.dirty['ml'] = int(now), true
+    end
   else
     ctx.whole = true  -- the four keys existed, each with the expiry flush last gave them all
   end

@@ -18,10 +18,21 @@
 --                       sentinel "~" at +inf (apply_policy.lua) keeps the set in existence:
 --                       it is the head only when nobody contends.
 --
--- A missing state is a full bucket (_meters.lua), so all of it may expire with the group; the
--- contention sets do not expire (their members are dropped as they end, the sentinel stays).
+--   policy hash  mfull       ms: until then a bucket charged may still be below full
+--                            (meter_charged); the group's keys outlive it (flush)
+--   demand hash  ml          ms: when check_state found the group's state lost with mfull
+--                            still ahead: a missing bucket is then at its debt floor since
+--                            ml (meter_lost_group/_tenant), not full
+--
+-- A missing state is a full bucket (_meters.lua), so all of it may expire with the group once
+-- mfull has passed (the keys' expiry covers it); the contention sets do not expire (their
+-- members are dropped as they end, the sentinel stays). docs/rates.md, "When Redis loses
+-- the meters".
 
 local METER_CONTEND_MS = 2000
+-- How far past a charge's own horizon mfull is written, so that a busy group writes it about
+-- once a minute rather than on every charge.
+local METER_FULL_SLACK_MS = 60000
 
 -- "tokens=500,requests=1" -> {{name, amount}, ...} in the given order.
 local function meter_amounts(text)
@@ -56,7 +67,8 @@ local function meter_policy(ctx, tenant)
   local shares = ctx.meter_shares and ctx.meter_shares[tenant]
   if ctx.meters == nil then
     ctx.meters, ctx.meter_shares = false, {}
-    local raw = redis.call('HMGET', KEYS[1], 'meters', 'md', 'ms:' .. tenant)
+    local raw = redis.call('HMGET', KEYS[1], 'meters', 'md', 'ms:' .. tenant, 'mfull')
+    ctx.mfull = raw[4] and raw[4] - 0 or 0
     if raw[1] and raw[1] ~= '' then
       ctx.meters = {}
       local slot = 0
@@ -114,6 +126,40 @@ local function meter_tenant_state(ctx, name, tenant)
           tag = tonumber(tag)}, tonumber(till)
 end
 
+-- When the group's meter state was found lost (check_state writes ml), or nil.
+local function meter_lost_since(ctx)
+  load_fields(ctx, {'ml'})
+  local v = ctx.cache['ml']
+  return v and v - 0 or nil
+end
+
+-- The group's bucket and the tenant's (with its contention's end) as meter_decide and
+-- meter_settle take them: nil for a bucket never used or expired full, its lost state when
+-- Redis lost it.
+local function meter_states(ctx, limits, share, name, tenant)
+  local g = meter_group_state(ctx, name)
+  local t, till = meter_tenant_state(ctx, name, tenant)
+  if g == nil or t == nil then
+    local since = meter_lost_since(ctx)
+    if since then
+      if g == nil then g = meter_lost_group(limits, since) end
+      if t == nil then t = meter_lost_tenant(limits, share, since) end
+    end
+  end
+  return g, t, till
+end
+
+-- Records a charge to the buckets of limits/share at ctx.now: until they are all full again
+-- the group's keys must not expire (flush makes them outlive mfull), and a loss noticed
+-- before then restarts them at the debt floor (check_state).
+local function meter_charged(ctx, limits, share)
+  local full = ctx.now + meter_horizon(limits, share)
+  if full > ctx.mfull then
+    ctx.mfull = full + METER_FULL_SLACK_MS
+    redis.call('HSET', KEYS[1], 'mfull', int(ctx.mfull))
+  end
+end
+
 local function meter_put_group(ctx, name, g)
   local f = 'mg:' .. name
   ctx.cache[f] = int(g.level) .. ':' .. int(g.stamp)
@@ -156,12 +202,12 @@ local function meter_gate(ctx, tenant, amounts, shadow)
     fields[#fields + 1] = 'mg:' .. a.name
     fields[#fields + 1] = 'mu:' .. a.name .. ':' .. tenant
   end
+  fields[#fields + 1] = 'ml'
   load_fields(ctx, fields)  -- every meter's states in one HMGET
   for i, a in ipairs(amounts) do
     local m = meters[a.name]  -- checked by meter_unknown
     local share = shares[m.slot]
-    local g = meter_group_state(ctx, a.name)
-    local t, till = meter_tenant_state(ctx, a.name, tenant)
+    local g, t, till = meter_states(ctx, m.limits, share, a.name, tenant)
     -- The floor matters only off the rate path: skip the read when the guarantee serves it.
     local floor = nil
     local need = a.amount * METER_TICKS
@@ -187,9 +233,11 @@ local function meter_gate(ctx, tenant, amounts, shadow)
     if d.contending then till = ctx.now + METER_CONTEND_MS end
     local path = d.path or 'rate'
     if d.admitted and (all or shadow) then
+      meter_charged(ctx, it.m.limits, it.share)
       meter_put_group(ctx, name, d.group)
       meter_put_tenant(ctx, slot, name, tenant, d.tenant, till)
     elseif shadow then
+      meter_charged(ctx, it.m.limits, it.share)
       local g, t = meter_settle(it.m.limits, it.share, d.group, d.tenant, 'borrow', it.a.amount,
                                 ctx.now)
       meter_put_group(ctx, name, g)
@@ -268,10 +316,8 @@ local function meter_settle_lease(ctx, tenant, id, token, actuals)
           local meters, shares = meter_policy(ctx, tenant)
           local m = meters and meters[a.name]
           if m and shares and shares[m.slot] then
-            local g, till = nil, 0
-            local t
-            t, till = meter_tenant_state(ctx, a.name, tenant)
-            g = meter_group_state(ctx, a.name)
+            local g, t, till = meter_states(ctx, m.limits, shares[m.slot], a.name, tenant)
+            meter_charged(ctx, m.limits, shares[m.slot])
             local ng, nt, clipped = meter_settle(m.limits, shares[m.slot], g, t, record.path, d,
                                                  ctx.now)
             meter_put_group(ctx, a.name, ng)

@@ -16,6 +16,7 @@
 --   share  {rate, ceil, cap, ccap, weight}           a tenant's limits
 --   group  {level, stamp} or nil                     nil: never used, the bucket is full
 --   tenant {own, ceil, stamp, tag} or nil            nil: both buckets full, tag 0
+-- A state Redis lost is not nil but meter_lost_group / meter_lost_tenant (_metered.lua).
 
 local METER_TICKS = 60000
 
@@ -51,6 +52,32 @@ local function meter_tenant_at(share, state, now)
   return {own = meter_refill(state.own, state.stamp, now, share.rate, share.cap),
           ceil = meter_refill(state.ceil, state.stamp, now, share.ceil, share.ccap),
           stamp = math.max(state.stamp, now), tag = state.tag}
+end
+
+-- Ms until the group's bucket and both of the tenant's are full again from the debt floor
+-- (buckets that never refill have size 0 and are never charged).
+local function meter_horizon(meter, share)
+  local longest = 0
+  if meter.rate > 0 then longest = meter_ceil_div(meter.cap - meter.floor, meter.rate) end
+  if share.rate > 0 then
+    longest = math.max(longest, meter_ceil_div(share.cap - meter.floor, share.rate))
+  end
+  if share.ceil > 0 then
+    longest = math.max(longest, meter_ceil_div(share.ccap - meter.floor, share.ceil))
+  end
+  return longest
+end
+
+-- The buckets of a state Redis lost, the loss noticed at `since`: at the debt floor then.
+local function meter_lost_group(meter, since)
+  return {level = meter.floor, stamp = since}
+end
+
+local function meter_lost_tenant(meter, share, since)
+  local own, ceil = share.cap, share.ccap
+  if share.rate > 0 then own = meter.floor end
+  if share.ceil > 0 then ceil = meter.floor end
+  return {own = own, ceil = ceil, stamp = since, tag = 0}
 end
 
 -- Whole ms until a bucket at level refilling at rate holds target; nil: never.

@@ -511,8 +511,10 @@ local function flush(ctx, key_grace_ms)
   if #del > 0 then redis.call('HDEL', KEYS[2], unpack(del)) end
   ctx.dirty = {}
   if ctx.policy and (ctx.touch or #set > 0) then
-    -- Leases granted under a longer max_lease_ttl (lowered since) are covered through busy.
-    local ttl = math.max(ctx.policy.ttl, ctx.policy.busy - ctx.now) + key_grace_ms
+    -- Leases granted under a longer max_lease_ttl (lowered since) are covered through busy,
+    -- meter buckets not yet full again through mfull (_metered.lua) when this call read it.
+    local ttl = math.max(ctx.policy.ttl, ctx.policy.busy - ctx.now, (ctx.mfull or 0) - ctx.now) +
+      key_grace_ms
     -- demand, exp, info and fair always get their expiry together, so when this call saw all
     -- four whole (check_state) one PTTL tells whether theirs still covers `ttl` but for a
     -- slack of half the grace: the keys then still outlive every lease by that much, and a

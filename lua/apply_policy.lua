@@ -25,7 +25,11 @@
 --                     ("rate|ceil|cap|ccap|weight;..." per slot), or ""
 -- ARGV[13] usage_retention_ms  how long each hour of the usage ledger is kept after it ends
 --                     (field led_ttl, read by _ledger.lua)
--- ARGV[14..] tenant name, spec, meter shares ("" without meters) triples
+-- ARGV[14] meter_full_ms  the longest time any rate-meter bucket of the policy takes to
+--                     refill from its debt floor (ratequota.rates.policy_horizon; "0"
+--                     without meters): a restored or changed policy keeps the group's keys
+--                     and its lost-meter rule (mfull, _metered.lua) that long
+-- ARGV[15..] tenant name, spec, meter shares ("" without meters) triples
 --
 -- reply: {status, version}
 --   status 1 written (version is the new one), 0 unchanged (same digest; current version),
@@ -45,7 +49,8 @@
 -- releases can never both admit against the same capacity.
 
 local schema = tonumber(ARGV[1])
-local old = redis.call('HMGET', KEYS[1], 'schema', 'version', 'fence', 'digest', 'busy', 'recover')
+local old = redis.call('HMGET', KEYS[1], 'schema', 'version', 'fence', 'digest', 'busy', 'recover',
+  'mfull')
 if old[1] and tonumber(old[1]) > schema then return {-1, tonumber(old[1])} end
 
 -- A metered group's contention sets always exist, holding the sentinel "~" above every tag
@@ -73,6 +78,12 @@ local fence = tonumber(old[3]) or 0
 local busy = tonumber(old[5]) or 0
 local recover_ms = tonumber(ARGV[9])
 if recover_ms > 0 then busy = math.max(busy, now + recover_ms) end
+-- Meter buckets drawn before a loss, or not full yet under a policy that refills slower, may
+-- be below full for up to a whole refill from their debt floor.
+local mfull = tonumber(old[7]) or 0
+if ARGV[11] ~= '' and (recover_ms > 0 or mfull > now) then
+  mfull = math.max(mfull, now + tonumber(ARGV[14]))
+end
 if legacy_live then
   fence = math.max(fence, tonumber(legacy[2]) or 0)
   busy = math.max(busy, tonumber(legacy[3]) or 0)
@@ -114,12 +125,12 @@ local header = schema .. '|' .. version .. '|' .. ARGV[2] .. '|' .. ARGV[6] .. '
 redis.call('DEL', KEYS[1])
 redis.call('HSET', KEYS[1], 'schema', schema, 'version', version, 'fence', int(fence),
   'digest', ARGV[7], 'hdr', header, 'busy', int(busy), 'recover', old[6] or 0,
-  'led_ttl', ARGV[13], 'wide', WIDE)
+  'led_ttl', ARGV[13], 'mfull', int(mfull), 'wide', WIDE)
 -- HSET in chunks: unpack() of a very long list overflows Lua's C stack.
 local specs, batch = {}, {}
 -- Rate meters (_metered.lua): written only when the policy has some.
 if ARGV[11] ~= '' then redis.call('HSET', KEYS[1], 'meters', ARGV[11], 'md', ARGV[12]) end
-for i = 14, #ARGV, 3 do
+for i = 15, #ARGV, 3 do
   specs[ARGV[i]] = ARGV[i + 1]
   batch[#batch + 1] = 't:' .. ARGV[i]
   batch[#batch + 1] = ARGV[i + 1]
@@ -192,6 +203,6 @@ end
 if #points > 0 then redis.call('ZADD', KEYS[6], unpack(points)) end
 redis.call('HSET', KEYS[2], 'g', pack_state(st))
 redis.call('ZADD', KEYS[6], -1, FAIR_ANCHOR)
-local ttl = policy.ttl + KEY_GRACE_MS
+local ttl = math.max(policy.ttl, busy - now, mfull - now) + KEY_GRACE_MS
 for i = 2, 6 do redis.call('PEXPIRE', KEYS[i], ttl) end
 return {1, version}

@@ -48,8 +48,12 @@ __all__ = [
     "TenantBuckets",
     "decide",
     "group_at",
+    "horizon",
+    "lost_group",
+    "lost_tenant",
     "meter_limits",
     "ms_until",
+    "policy_horizon",
     "refill",
     "share_limits",
     "tenant_at",
@@ -153,7 +157,8 @@ class TenantBuckets:
     """A tenant's buckets of one meter at ``stamp``; ``tag`` is its borrowing tag (tokens/weight).
 
     ``own`` is the guaranteed bucket, ``ceil`` the ceiling bucket. A missing
-    state (never used, or expired after a long idle time) means both are full.
+    state (never used, or expired once every bucket is full again: ``horizon``)
+    means both are full; a state Redis lost is ``lost_tenant``.
     """
 
     own: int
@@ -193,6 +198,52 @@ def tenant_at(limits: ShareLimits, state: TenantBuckets | None, now: int) -> Ten
         max(state.stamp, now),
         state.tag,
     )
+
+
+def horizon(limits: MeterLimits, share: ShareLimits) -> int:
+    """Ms until the group's bucket and both of the tenant's are full again from their lowest.
+
+    After a charge to these buckets, this long with nothing drawn leaves them all
+    full, so their state may then vanish (a missing state reads as full). A bucket
+    that never refills (rate 0) has size 0 and is never charged below it.
+    """
+    longest = 0
+    for cap, rate in ((limits.cap, limits.rate), (share.cap, share.rate), (share.ccap, share.ceil)):
+        if rate > 0:
+            longest = max(longest, -((limits.floor - cap) // rate))
+    return longest
+
+
+def policy_horizon(group: GroupPolicy) -> int:
+    """The longest ``horizon`` of any meter and tenant of ``group`` (listed or default), in ms.
+
+    A restored policy takes every bucket to have been drawn just before the loss.
+    """
+    longest = 0
+    for spec in group.meters:
+        limits = meter_limits(group, spec.name)
+        for tenant in (*group.tenants, group.default_tenant):
+            longest = max(longest, horizon(limits, share_limits(group, tenant, spec.name)))
+    return longest
+
+
+def lost_group(limits: MeterLimits, since: int) -> GroupBucket:
+    """The group's bucket when its state was lost, the loss noticed at ``since``.
+
+    The stored level could have been as low as the debt floor, so the bucket
+    refills from there: never more admitted than if nothing had been lost.
+    """
+    return GroupBucket(limits.floor, since)
+
+
+def lost_tenant(limits: MeterLimits, share: ShareLimits, since: int) -> TenantBuckets:
+    """The tenant's buckets when their state was lost, noticed at ``since`` (see ``lost_group``).
+
+    A bucket that never refills (rate 0) is never charged and stays at its size, 0.
+    """
+    own = limits.floor if share.rate > 0 else share.cap
+    ceil = limits.floor if share.ceil > 0 else share.ccap
+    return TenantBuckets(own, ceil, since, 0.0)
 
 
 def ms_until(level: int, target: int, rate: int) -> int | None:

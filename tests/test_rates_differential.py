@@ -35,6 +35,9 @@ from ratequota.rates import (
     ShareLimits,
     TenantBuckets,
     decide,
+    horizon,
+    lost_group,
+    lost_tenant,
 )
 from ratequota.settlement import (
     MeterBook,
@@ -191,6 +194,14 @@ class LuaMeters:
         clip = (int(reply[6]), int(reply[7]), int(reply[8]))
         return Settlement(g, t, clip)
 
+    def lost(
+        self, meter: MeterLimits, share: ShareLimits, since: int
+    ) -> tuple[GroupBucket, TenantBuckets, int]:
+        """``lost_group``, ``lost_tenant`` and ``horizon``, computed by Lua."""
+        reply = self._call("lost", *_limits_argv(meter, share), "", "", since)
+        g, t = _states_from(reply[:6])
+        return g, t, int(reply[6])
+
     def reserve(
         self, record: Reservation, action: str, lease_id: str, token: int, actual: int
     ) -> tuple[Reservation, int | None, str]:
@@ -239,6 +250,18 @@ def run_history(lua: LuaMeters, rnd: random.Random, steps: int) -> int:
                     f"L{rnd.getrandbits(40)}", rnd.randint(1, 10**9), name, amount, expected.path
                 )
                 leases.append((name, record))
+        elif kind < 0.64:
+            # Redis lost the meters' state, noticed now: every bucket restarts at its floor.
+            share = book.shares[rnd.choice(names)]
+            want_lost = (
+                lost_group(book.meter, now),
+                lost_tenant(book.meter, share, now),
+                horizon(book.meter, share),
+            )
+            assert lua.lost(book.meter, share, now) == want_lost, (policy, share, now)
+            book.group = want_lost[0]
+            book.tenants = {name: lost_tenant(book.meter, book.shares[name], now) for name in names}
+            book.contending = {}
         elif kind < 0.85:
             name, record = rnd.choice(leases)
             actual = max(0, record.estimate + rnd.randint(-record.estimate - 2, 2 * cap_tokens + 2))

@@ -23,6 +23,7 @@ from ratequota.engine.meterwire import encode_amounts, meters_field, shares_fiel
 from ratequota.engine.ops import Arg, ScriptCall
 from ratequota.engine.ops import script_call as _call
 from ratequota.policy import GroupPolicy, TenantPolicy
+from ratequota.rates import policy_horizon
 
 __all__ = [
     "acquire_call",
@@ -119,6 +120,7 @@ def apply_policy_call(
         meters_field(group),
         shares_field(group, group.default_tenant) if metered else "",
         round(group.usage_retention * 1000),
+        policy_horizon(group) if metered else 0,
         *triples,
     ]
     group_keys = keyspace.group(group.name)

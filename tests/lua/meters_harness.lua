@@ -4,7 +4,7 @@
 -- to EVAL with no keys. Every number travels as a decimal string both ways ('%d' for
 -- integers, '%.17g' for doubles), because Redis truncates a Lua number in a reply.
 --
--- ARGV[1] op: "decide" | "settle" | "reserve"
+-- ARGV[1] op: "decide" | "settle" | "reserve" | "lost"
 -- decide:  ARGV[2..6] meter rate, cap, reserve, floor, quantum; ARGV[7..11] share rate,
 --          ceil, cap, ccap, weight; ARGV[12] group "level:stamp" or ""; ARGV[13] tenant
 --          "own:ceil:stamp:tag" or ""; ARGV[14] amount; ARGV[15] now; ARGV[16] floor or "";
@@ -14,6 +14,9 @@
 -- settle:  ARGV[2..16] as decide, with ARGV[14] path ("rate" | "borrow") and ARGV[15] delta,
 --          ARGV[16] now
 --   reply: {level, stamp, own, ceil, tstamp, tag, clip_own, clip_ceil, clip_group}
+-- lost:    ARGV[2..13] as decide (no states: ARGV[12] and ARGV[13] ""), ARGV[14] since
+--   reply: {level, stamp, own, ceil, tstamp, tag, horizon}: meter_lost_group/_tenant at
+--          since, and meter_horizon
 -- reserve: ARGV[2] record "lease_id|token|estimate|path|final or ''", ARGV[3] action
 --          ("settle" | "close"), ARGV[4] lease_id, ARGV[5] token, ARGV[6] actual
 --   reply: {record, delta or "", outcome}
@@ -62,6 +65,12 @@ elseif op == 'settle' then
                                      tonumber(ARGV[16]))
   local reply = states(g, t)
   for _, v in ipairs(clipped) do reply[#reply + 1] = i(v) end
+  return reply
+elseif op == 'lost' then
+  local meter, share = limits()
+  local since = tonumber(ARGV[14])
+  local reply = states(meter_lost_group(meter, since), meter_lost_tenant(meter, share, since))
+  reply[#reply + 1] = i(meter_horizon(meter, share))
   return reply
 elseif op == 'reserve' then
   local id, token, estimate, path, final = string.match(ARGV[2],
