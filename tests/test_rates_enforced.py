@@ -92,6 +92,25 @@ class Scripts:
         return group_at(limits, GroupBucket(level, stamp), now).level
 
 
+def assert_within_rates(policy: GroupPolicy, admitted: list[tuple[int, str, int]]) -> None:
+    """Over any interval of the admissions ``(ms, tenant, ticks)`` of the ``tokens`` meter, each
+    tenant got at most ceil·T + cburst and the group at most rate·T + burst."""
+    limits = meter_limits(policy, "tokens")
+    for tenant in policy.tenants:
+        mine = share_limits(policy, tenant, "tokens")
+        events = [(t, n) for t, who, n in admitted if who == tenant.name]
+        for i, (first, _) in enumerate(events):
+            total = 0
+            for last, ticks in events[i:]:
+                total += ticks
+                assert total <= mine.ceil * (last - first) + mine.ccap, (tenant.name, first, last)
+    for i, (first, _, _) in enumerate(admitted):
+        total = 0
+        for last, _, ticks in admitted[i:]:
+            total += ticks
+            assert total <= limits.rate * (last - first) + limits.cap, (first, last)
+
+
 def _fake() -> Any:
     return fakeredis.FakeRedis(server=fakeredis.FakeServer())
 
@@ -106,7 +125,6 @@ def test_scripts_admit_within_ceil_and_group_rate_over_any_interval(
     policy, steps = case
     policy = attrs.evolve(policy, capacity=10**6)  # only the meters refuse
     scripts = Scripts(_fake(), policy)
-    limits = meter_limits(policy, "tokens")
     names = [t.name for t in policy.tenants]
     now = START
     admitted: list[tuple[int, str, int]] = []
@@ -117,19 +135,7 @@ def test_scripts_admit_within_ceil_and_group_rate_over_any_interval(
         assert result is not None
         if result.admitted:
             admitted.append((now, names[index], amount * T))
-    for name in names:
-        mine = share_limits(policy, policy.tenants[names.index(name)], "tokens")
-        events = [(t, n) for t, who, n in admitted if who == name]
-        for i, (first, _) in enumerate(events):
-            total = 0
-            for last, ticks in events[i:]:
-                total += ticks
-                assert total <= mine.ceil * (last - first) + mine.ccap
-    for i, (first, _, _) in enumerate(admitted):
-        total = 0
-        for last, _, ticks in admitted[i:]:
-            total += ticks
-            assert total <= limits.rate * (last - first) + limits.cap
+    assert_within_rates(policy, admitted)
 
 
 @settings(max_examples=15)

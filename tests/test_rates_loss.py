@@ -30,7 +30,7 @@ from ratequota.rates import horizon, meter_limits, share_limits
 from ratequota.testing import ManualClock
 from tests.conftest import MakeClient
 from tests.strategies import MeterStep, meter_histories
-from tests.test_rates_enforced import START, Scripts, T
+from tests.test_rates_enforced import START, Scripts, T, assert_within_rates
 
 KS = KeySpace()
 KEYS = KS.group("g")
@@ -83,7 +83,6 @@ def test_no_tenant_or_group_is_admitted_above_its_rate_across_expiry_and_loss(
     policy, steps, losses = case
     policy = attrs.evolve(policy, capacity=10**6)  # only the meters refuse
     scripts = ExpiringScripts(_fake(), policy)
-    limits = meter_limits(policy, "tokens")
     names = [t.name for t in policy.tenants]
     now = START
     admitted: list[tuple[int, str, int]] = []
@@ -106,19 +105,7 @@ def test_no_tenant_or_group_is_admitted_above_its_rate_across_expiry_and_loss(
         result = decision.meter("tokens")
         if result is not None and result.admitted:
             admitted.append((now, names[who], amount * T))
-    for tenant in policy.tenants:
-        mine = share_limits(policy, tenant, "tokens")
-        events = [(t, n) for t, who, n in admitted if who == tenant.name]
-        for i, (first, _) in enumerate(events):
-            total = 0
-            for last, ticks in events[i:]:
-                total += ticks
-                assert total <= mine.ceil * (last - first) + mine.ccap
-    for i, (first, _, _) in enumerate(admitted):
-        total = 0
-        for last, _, ticks in admitted[i:]:
-            total += ticks
-            assert total <= limits.rate * (last - first) + limits.cap
+    assert_within_rates(policy, admitted)
 
 
 SLOW = GroupPolicy(
