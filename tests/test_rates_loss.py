@@ -20,7 +20,7 @@ from typing import Any
 import attrs
 import fakeredis
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ratequota import GroupPolicy, MeterPolicy, Policy, TenantMeter, TenantPolicy
@@ -72,17 +72,20 @@ def lossy_histories(draw: st.DrawFn) -> tuple[GroupPolicy, list[MeterStep], list
     return policy, steps, losses
 
 
-@settings(max_examples=40, deadline=None)
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(lossy_histories())
 def test_no_tenant_or_group_is_admitted_above_its_rate_across_expiry_and_loss(
-    case: tuple[GroupPolicy, list[MeterStep], list[str | None]],
+    redis_conn: Any, case: tuple[GroupPolicy, list[MeterStep], list[str | None]]
 ) -> None:
     """Over any interval of length T a tenant is admitted at most ceil·T + cburst tokens and the
     group at most rate·T + burst, while keys expire as Redis would expire them and Redis loses
-    the demand hash, the whole state, or everything (the policy restored as a pod restores it)."""
+    the demand hash, the whole state, or everything (the policy restored as a pod restores it);
+    on fakeredis and on a real redis-server."""
     policy, steps, losses = case
     policy = attrs.evolve(policy, capacity=10**6)  # only the meters refuse
-    scripts = ExpiringScripts(_fake(), policy)
+    scripts = ExpiringScripts(redis_conn, policy)  # flushes it: one history per example
     names = [t.name for t in policy.tenants]
     now = START
     admitted: list[tuple[int, str, int]] = []
