@@ -3,6 +3,7 @@
 -- Every group script receives the same six keys (see ratequota/keys.py):
 --   KEYS[1] policy  hash  hdr, schema, version, digest, fence, t:<tenant> (see _codec.lua)
 --   KEYS[2] demand  hash  u:<tenant> units held, p:<tenant> units waiting, g the fair state
+--                         (and the rate meters' buckets: _metered.lua)
 --   KEYS[3] exp     zset  L<lease id> / P<request id> -> expiry, ms of Redis time
 --   KEYS[4] info    hash  L<id> -> "units:token:tenant", P<id> -> "units:seq:tenant"
 --   KEYS[5] queue   zset  waiting requests in arrival order per tenant (lex members)
