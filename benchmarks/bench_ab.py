@@ -11,11 +11,13 @@ both versions in the same run, alternating blocks of ``--block`` calls
 (``CONFIG RESETSTAT`` before each block, ``INFO commandstats`` after), so
 both see the same load; it prints the median and the minimum over the
 rounds. Three measurements, each on the same state for both versions:
-an admitted ``acquire``, a refused one (``tenant_limit``), and ``release``
-of a live lease. The base's scripts are linked by the base's own
-``ratequota.engine.scripts`` (read in a subprocess) and called with this
-checkout's arguments: the extra trailing KEYS this checkout passes are
-ignored by scripts that do not read them, so the base's ARGV must be equal.
+an admitted ``acquire``, a refused one (``tenant_limit``), ``release``
+of a live lease, and an admitted acquire with a ``tokens`` rate meter on the
+tenant's own rate (another group, published by this checkout's ``apply_policy``).
+The base's scripts are linked by the base's own ``ratequota.engine.scripts`` (read
+in a subprocess) and called with this checkout's arguments: the extra trailing
+KEYS this checkout passes are ignored by scripts that do not read them, so the
+base's ARGV must be equal.
 """
 
 from __future__ import annotations
@@ -28,12 +30,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import attrs
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ratequota.engine.keys import KeySpace
 from ratequota.engine.protocol import acquire_call, apply_policy_call, release_call
 from ratequota.engine.scripts import load_scripts
-from ratequota.policy import GroupPolicy, TenantPolicy
+from ratequota.policy import GroupPolicy, MeterPolicy, TenantMeter, TenantPolicy
 from tests.servers import RedisServer
 
 TENANTS = 10
@@ -71,21 +75,32 @@ def run(base: Path, rounds: int, block: int) -> dict[str, dict[str, list[float]]
         )
         tenants += (TenantPolicy("full", guarantee=1, borrow_limit=0),)
         group = GroupPolicy("ab", capacity=10**8, tenants=tenants, max_lease_ttl=3600.0)
-        setup = apply_policy_call(keyspace, group)
-        conn.evalsha(shas["this"]["apply_policy"], len(setup.keys), *setup.keys, *setup.args)
+        own = (TenantMeter("tokens", rate=10**6),)
+        metered = GroupPolicy(
+            "abm",
+            capacity=10**8,
+            tenants=tuple(attrs.evolve(t, meters=own) for t in tenants[:TENANTS]),
+            meters=(MeterPolicy("tokens", rate=10**7, burst=10**7),),
+            max_lease_ttl=3600.0,
+        )
+        for published in (group, metered):
+            setup = apply_policy_call(keyspace, published)
+            conn.evalsha(shas["this"]["apply_policy"], len(setup.keys), *setup.keys, *setup.args)
 
         def call(version: str, c: Any) -> Any:
             sha = shas[version][c.script.name]
             return conn.evalsha(sha, len(c.keys), *c.keys, *c.args)
 
-        def acquire(i: int, tenant: str) -> Any:
+        def acquire(i: int, tenant: str, meters: dict[str, int] | None = None) -> Any:
             return acquire_call(
-                keyspace, "ab", tenant, 1, f"l{i}", 600_000, wait=False, pending_ms=2000, purge=64
-            )
+                keyspace, "abm" if meters else "ab", tenant, 1, f"l{i}", 600_000, wait=False,
+                pending_ms=2000, purge=64, meters=meters,
+            )  # fmt: skip
 
         call("this", acquire(-1, "full"))  # "full" is at its limit from now on
         results: dict[str, dict[str, list[float]]] = {
-            m: {v: [] for v in versions} for m in ("acquire", "refused acquire", "release")
+            m: {v: [] for v in versions}
+            for m in ("acquire", "refused acquire", "release", "metered acquire")
         }
         serial = 0
         for r in range(rounds):
@@ -109,6 +124,11 @@ def run(base: Path, rounds: int, block: int) -> dict[str, dict[str, list[float]]
                     )
                     call(version, done)
                 results["release"][version].append(_usec(conn))
+                conn.config_resetstat()
+                for _ in range(block):
+                    serial += 1
+                    call(version, acquire(serial, f"t{serial % TENANTS}", {"tokens": 1}))
+                results["metered acquire"][version].append(_usec(conn))
         conn.close()
         return results
     finally:
