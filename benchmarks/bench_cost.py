@@ -3,15 +3,19 @@
 Usage (from the repository root)::
 
     .venv/bin/python benchmarks/bench_cost.py [--url redis://127.0.0.1:PORT/0] [--calls N]
-        [--active 10,100,1000,10000]
+        [--active 10,100,1000,10000] [--rounds R]
 
 Without ``--url`` it starts its own redis-server on a free loopback port and
 stops it afterwards. Each scenario publishes one group, makes ``active``
 tenants active (each holds leases; 10,000 live leases in all), optionally
-registers 10,000 idle tenants in the policy, then runs ``--calls`` acquires
-alone between ``CONFIG RESETSTAT`` and ``INFO commandstats``: the reported
-µs/call is ``usec_per_call`` of ``evalsha``, i.e. time spent inside Redis
-running the script, without the network or the client.
+registers 10,000 idle tenants in the policy. All scenarios are built first and
+kept live; then ``--rounds`` interleaved rounds each run ``--calls`` acquires of
+every scenario (and as many trivial calls) between ``CONFIG RESETSTAT`` and
+``INFO commandstats``, releasing what they took, in an order that alternates from
+round to round: the reported µs/call is the median over the rounds of
+``usec_per_call`` of ``evalsha``, i.e. time spent inside Redis running the
+script, without the network or the client; each round's ratios to the first
+layout's spare figure of the same round follow the table.
 
 Two columns: *spare*, where the capacity exceeds all demand (every acquire
 is admitted and the fair level needs no search), and *contended*, where every
@@ -33,6 +37,7 @@ meter on the tenant's own rate, the same borrowing, and ``tokens`` with
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -131,38 +136,46 @@ def register_waiting(quota: QuotaClient, group: str, active: int, units: int) ->
     pipe.execute()
 
 
-def measure(url: str, active: int, idle: int, calls: int, *, contended: bool) -> tuple[float, int]:
-    """Redis-side µs per acquire in one scenario, and the live leases during it."""
-    prefix = f"cost{active}x{idle}{'c' if contended else ''}"
-    quota = QuotaClient.from_url(url, prefix=prefix, socket_timeout=30.0)
-    try:
+class Scenario:
+    """One group kept live for the whole run: ``active`` tenants holding ``LIVE_LEASES`` leases,
+    ``idle`` tenants only in the policy, and with ``contended`` a large waiting request per
+    active tenant, so that demand exceeds the capacity and each acquire walks the level."""
+
+    def __init__(self, url: str, active: int, idle: int, calls: int, *, contended: bool) -> None:
+        prefix = f"cost{active}x{idle}{'c' if contended else ''}"
+        self.active, self.contended = active, contended
+        self.quota = QuotaClient.from_url(url, prefix=prefix, socket_timeout=30.0)
         capacity = 2 * LIVE_LEASES + 2 * calls if contended else 10**7
-        policy = build_policy(active, idle, capacity)
-        quota.apply_policy(Policy([policy]))
-        conn = quota.backend.connection(policy.name)
+        self.policy = build_policy(active, idle, capacity)
+        self.quota.apply_policy(Policy([self.policy]))
+        self.conn = self.quota.backend.connection(self.policy.name)
         for spec in load_scripts().values():  # the pipelines below send EVALSHA directly
-            conn.script_load(spec.source)
-        seeded = populate(quota, policy.name, active, max(LIVE_LEASES, active))
+            self.conn.script_load(spec.source)
+        self.seeded = populate(self.quota, self.policy.name, active, max(LIVE_LEASES, active))
         if contended:
-            register_waiting(quota, policy.name, active, max(1, 4 * capacity // active))
-        conn = quota.backend.connection(policy.name)
+            register_waiting(self.quota, self.policy.name, active, max(1, 4 * capacity // active))
+        self.live = self.quota.snapshot(self.policy.name, []).used
+
+    def block(self, calls: int) -> float:
+        """Redis-side µs per acquire over ``calls`` acquires (after 50 to warm up); the leases
+        they take are released afterwards, so every block sees the same group."""
         taken = []
         for i in range(50 + calls):
             if i == 50:  # the first 50 warm up, outside the measurement
-                conn.config_resetstat()
-            decision = quota.try_acquire(f"a{i % active}", 1, group=policy.name)
-            assert contended or decision.lease is not None, decision.describe()
+                self.conn.config_resetstat()
+            decision = self.quota.try_acquire(f"a{i % self.active}", 1, group=self.policy.name)
+            assert self.contended or decision.lease is not None, decision.describe()
             if decision.lease is not None:
                 taken.append(decision.lease)
-        counted, usec = evalsha_stats(conn)
+        counted, usec = evalsha_stats(self.conn)
         assert counted == calls, (counted, calls)
-        live = quota.snapshot(policy.name, []).used
         for lease in taken:
-            quota.release(lease)
-        release_all(quota, policy.name, seeded)
-        return usec, live
-    finally:
-        quota.close()
+            self.quota.release(lease)
+        return usec
+
+    def close(self) -> None:
+        release_all(self.quota, self.policy.name, self.seeded)
+        self.quota.close()
 
 
 def metered_policy(active: int) -> GroupPolicy:
@@ -231,22 +244,36 @@ def measure_meters(url: str, calls: int, rounds: int = 5) -> tuple[list[float], 
         quota.close()
 
 
-def trivial_usec(url: str, calls: int) -> float:
-    """Redis-side µs per call of ``EVALSHA "return 1"``, measured the same way."""
-    quota = QuotaClient.from_url(url, prefix="trivial", socket_timeout=30.0)
-    try:
-        conn = quota.backend.connection("trivial")
-        sha = conn.script_load("return 1")
+class Trivial:
+    """``EVALSHA "return 1"`` on its own connection, measured the same way."""
+
+    def __init__(self, url: str) -> None:
+        self.quota = QuotaClient.from_url(url, prefix="trivial", socket_timeout=30.0)
+        self.conn = self.quota.backend.connection("trivial")
+        self.sha = self.conn.script_load("return 1")
+
+    def block(self, calls: int) -> float:
+        """Redis-side µs per call over ``calls`` calls (after 50 to warm up)."""
         for _ in range(50):
-            conn.evalsha(sha, 0)
-        conn.config_resetstat()
+            self.conn.evalsha(self.sha, 0)
+        self.conn.config_resetstat()
         for _ in range(calls):
-            conn.evalsha(sha, 0)
-        counted, usec = evalsha_stats(conn)
+            self.conn.evalsha(self.sha, 0)
+        counted, usec = evalsha_stats(self.conn)
         assert counted == calls, (counted, calls)
         return usec
+
+    def close(self) -> None:
+        self.quota.close()
+
+
+def trivial_usec(url: str, calls: int) -> float:
+    """Redis-side µs per call of ``EVALSHA "return 1"`` (one block)."""
+    trivial = Trivial(url)
+    try:
+        return trivial.block(calls)
     finally:
-        quota.close()
+        trivial.close()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -259,6 +286,7 @@ def main(argv: list[str] | None = None) -> int:
         default=",".join(str(n) for n in ACTIVE),
         help="comma-separated active-tenant counts (default %(default)s)",
     )
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (median)")
     parser.add_argument(
         "--meters", action="store_true", help="a lease with two rate meters beside a lease alone"
     )
@@ -266,35 +294,80 @@ def main(argv: list[str] | None = None) -> int:
     if args.meters:
         return main_meters(args.url, args.calls)
     actives = [int(n) for n in args.active.split(",")]
-    scenarios = [(n, 0) for n in actives] + [(actives[0], IDLE_TENANTS)]
+    layouts = [(n, 0) for n in actives] + [(actives[0], IDLE_TENANTS)]
     server = None
     url = args.url
     if url is None:
         server = RedisServer().start()
         url = server.url
     try:
-        trivial = trivial_usec(url, args.calls)
-        print("Redis-side µs per acquire (INFO commandstats, evalsha usec_per_call)")
-        print(f'trivial EVALSHA "return 1": {trivial:.2f} µs per call\n')
-        print(
-            f"{'active':>7} {'idle':>6} {'live leases':>12} {'spare':>8} {'x trivial':>10} "
-            f"{'x first':>8} {'contended':>10} {'x trivial':>10} {'x first':>8}"
-        )
-        first: tuple[float, float] | None = None
-        for active, idle in scenarios:
-            spare, live = measure(url, active, idle, args.calls, contended=False)
-            tight, _ = measure(url, active, idle, args.calls, contended=True)
-            if first is None:
-                first = (spare, tight)
-            print(
-                f"{active:>7} {idle:>6} {live:>12} {spare:>8.1f} {spare / trivial:>9.1f}x "
-                f"{spare / first[0]:>7.2f}x {tight:>10.1f} {tight / trivial:>9.1f}x "
-                f"{tight / first[0]:>7.2f}x"
-            )
+        table = interleaved(url, layouts, args.calls, args.rounds)
     finally:
         if server is not None:
             server.cleanup()
+    trivial = statistics.median(table["trivial"])
+    print(
+        f"Redis-side µs per acquire (INFO commandstats, evalsha usec_per_call): medians of "
+        f"{args.rounds} interleaved rounds of {args.calls} calls"
+    )
+    print(f'trivial EVALSHA "return 1": {trivial:.2f} µs per call\n')
+    print(
+        f"{'active':>7} {'idle':>6} {'live leases':>12} {'spare':>8} {'x trivial':>10} "
+        f"{'x first':>8} {'contended':>10} {'x trivial':>10} {'x first':>8}"
+    )
+    first = statistics.median(table[(actives[0], 0, False)])
+    for active, idle in layouts:
+        spare = statistics.median(table[(active, idle, False)])
+        tight = statistics.median(table[(active, idle, True)])
+        live = table[("live", active, idle)][0]
+        print(
+            f"{active:>7} {idle:>6} {live:>12.0f} {spare:>8.1f} {spare / trivial:>9.1f}x "
+            f"{spare / first:>7.2f}x {tight:>10.1f} {tight / trivial:>9.1f}x "
+            f"{tight / first:>7.2f}x"
+        )
+    print("\nper round, x the first layout's spare figure of the same round:")
+    for active, idle in layouts:
+        for contended in (False, True):
+            ratios = [
+                mine / base
+                for mine, base in zip(
+                    table[(active, idle, contended)], table[(actives[0], 0, False)], strict=True
+                )
+            ]
+            label = f"{active} active{f', {idle} idle' if idle else ''}"
+            label += ", contended" if contended else ", spare"
+            print(f"  {label:<34} " + " ".join(f"{r:5.2f}" for r in ratios))
     return 0
+
+
+def interleaved(
+    url: str, layouts: list[tuple[int, int]], calls: int, rounds: int
+) -> dict[Any, list[float]]:
+    """Every scenario built first and kept live, then ``rounds`` rounds that each measure one
+    block of every scenario and of the trivial script, in an order that alternates: the
+    machine's load moves from minute to minute, and each round's figures share it."""
+    scenarios: dict[Any, Scenario] = {}
+    trivial = Trivial(url)
+    try:
+        for active, idle in layouts:
+            for contended in (False, True):
+                scenarios[(active, idle, contended)] = Scenario(
+                    url, active, idle, calls, contended=contended
+                )
+        table: dict[Any, list[float]] = {key: [] for key in scenarios}
+        table["trivial"] = []
+        for active, idle in layouts:
+            table[("live", active, idle)] = [float(scenarios[(active, idle, False)].live)]
+        order: list[Any] = ["trivial", *scenarios]
+        for r in range(rounds):
+            for key in order if r % 2 == 0 else order[::-1]:
+                runner = trivial if key == "trivial" else scenarios[key]
+                table[key].append(runner.block(calls))
+        return table
+    finally:
+        trivial.close()
+        for scenario in scenarios.values():
+            scenario.close()
 
 
 def main_meters(url: str | None, calls: int) -> int:
