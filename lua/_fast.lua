@@ -16,11 +16,11 @@
 
 local FAST_PATHS = true
 
--- Everything an acquire of `tenant` with request id `id` reads before deciding, in six
+-- Everything an acquire of `tenant` with request id `id` reads before deciding, in five
 -- commands: the policy header with the tenant's spec (read_header's reply, for open_group),
 -- the tenant's demand fields with the fair state and demand's sentinel, the id's entries
--- with info's sentinel, the sentinels of exp and fair, and whether any entry is due for
--- purging. Returns the header, then what ctx takes (acquire.lua), so the general path reads
+-- with info's sentinel, exp's first member (its sentinel and whether any entry is due for
+-- purging) and fair's sentinel. Returns the header, then what ctx takes (acquire.lua), so the general path reads
 -- none of them again: its cache and its entries (built whole, not grown), how many
 -- sentinels are present and whether anything is due.
 local function acquire_reads(now, tenant, id)
@@ -35,11 +35,15 @@ local function acquire_reads(now, tenant, id)
   -- Sentinels an earlier release wrote ("0"), upgraded to their hashtable-keeping value.
   if dem[4] == '0' then redis.call('HSET', KEYS[2], 's:', WIDE) end
   if ent[3] == '0' then redis.call('HSET', KEYS[4], 's:', WIDE) end
-  if redis.call('ZSCORE', KEYS[3], 's:') then present = present + 1 end
+  -- exp's member of the lowest score: the key exists only with its sentinel (every script
+  -- that adds to exp runs check_state first, or found the four sentinels like this one, and
+  -- whatever loses keys loses them whole), and no expiry scores as high as the sentinel, so
+  -- the first member is an entry due for purging exactly when some entry is due.
+  local first = redis.call('ZRANGE', KEYS[3], '0', '0', 'WITHSCORES')
+  if first[1] then present = present + 1 end
   if redis.call('ZSCORE', KEYS[6], FAIR_ANCHOR) then present = present + 1 end
-  local due = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now, 'LIMIT', '0', '1')
   return head, {g = dem[1], [uf] = dem[2], [pf] = dem[3], ['s:'] = dem[4]},
-    {[lease] = ent[1], [waiting] = ent[2]}, present, #due > 0
+    {[lease] = ent[1], [waiting] = ent[2]}, present, first[2] ~= nil and first[2] - 0 <= now
 end
 
 -- A decision's new fair state when its level needs no walk, from the stored text alone:

@@ -39,7 +39,8 @@ def group_policy(name: str, active: int, idle: int) -> GroupPolicy:
 def script_work(
     server: RedisServer, name: str, active: int, idle: int, **meters: int
 ) -> list[tuple[str, int]]:
-    """Commands (name, argument count) one acquire's script issues, read from MONITOR.
+    """Commands (name, argument count) one acquire's script issues, read from MONITOR; a
+    ``ZRANGE`` must read a head (0 0), never a range that grows with the group.
 
     With ``meters`` (amounts by meter name) the group has those rate meters, every active
     tenant borrows on them (so all contend for the spare), and the acquire names them too.
@@ -69,7 +70,10 @@ def script_work(
                 if words and words[0].strip('"').lower() == "echo":
                     break
                 if source == "lua":
-                    issued.append((words[0].strip('"').lower(), len(words)))
+                    command = words[0].strip('"').lower()
+                    if command == "zrange":  # only ever a head: ZRANGE key 0 0 [WITHSCORES]
+                        assert words[2:4] == ['"0"', '"0"'], line
+                    issued.append((command, len(words)))
             else:  # pragma: no cover - the fence never came
                 pytest.fail("MONITOR never showed the fence")
         return issued
@@ -87,7 +91,8 @@ def test_acquire_work_ignores_idle_and_active_tenants(real_redis: RedisServer) -
     assert crowded == lean
     busier = script_work(real_redis, "busy", active=400, idle=0)
     assert busier == lean
-    assert not {name for name, _ in lean} & {"hgetall", "hkeys", "hvals", "zrange"}
+    assert not {name for name, _ in lean} & {"hgetall", "hkeys", "hvals"}
+    assert lean.count(("zrange", 5)) == 1  # exp's first member, WITHSCORES (script_work)
 
 
 def test_metered_acquire_work_ignores_how_many_borrowers_contend(real_redis: RedisServer) -> None:
