@@ -133,6 +133,9 @@ def test_keys_outlive_the_refill_of_every_bucket_charged() -> None:
     changed = attrs.evolve(SLOW, capacity=99)
     scripts.run(protocol.apply_policy_call(KS, changed, now_ms=START + 2_000))
     assert scripts.conn.pttl(KEYS.demand) >= need - 2_000 + 120_000
+    # Nor does a call without meters (which does not read mfull): it only ever lengthens.
+    assert scripts.acquire("a", {}, START + 3_000, ttl=TTL_MS).admitted
+    assert scripts.conn.pttl(KEYS.demand) >= need - 3_000 + 120_000
     # 10 s later the bucket holds 10 tokens: 11 are refused, 10 admitted.
     later = START + 10_000
     assert not scripts.acquire("a", {"tokens": 11}, later, ttl=TTL_MS).admitted
