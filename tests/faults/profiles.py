@@ -15,9 +15,9 @@ defaults once its fix is merged:
   tenant and token the call names, as Redis no longer knows the real ones.
   The real holder's next renewal is then refused as ``fenced`` and its
   release changes nothing. Not every run shows it: a forged renewal must hit
-  a lost lease before its holder re-asserts it (none of seeds 20261201, 7,
-  99 did, on either topology); ``tests/test_recovery.py`` has the
-  deterministic case. No fix on any branch yet.
+  a lost lease before its holder re-asserts it (the runs of seeds 20261201,
+  7 and 99 did not); ``tests/test_recovery.py`` has the deterministic case
+  (a strict xfail). No fix is merged yet; it belongs in ``lua/renew.lua``.
 
 Once-flagged faults and checks that are now defaults (their fixes merged):
 eviction (``maxmemory_evict``: ``allkeys-lru`` evicts group state, policies
