@@ -134,6 +134,35 @@ def test_only_live_leases_within_capacity_are_reasserted(make_quota: MakeClient)
     assert _used(pod) == 10
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="renew.lua re-asserts a lost lease under whatever tenant and token a renewal names "
+    "(docs/failure-modes.md, 'What the window cannot check'; the fault harness's "
+    "'fenced-reassert' flag); no fix yet",
+)
+@pytest.mark.parametrize("forge", ["token", "tenant"])
+def test_a_forged_renewal_does_not_take_over_a_lost_lease(
+    make_quota: MakeClient, forge: str
+) -> None:
+    """During the recovery window, a renewal naming a lost lease's id with another token, or
+    as another tenant of the group, must not re-assert it: the real holder's renewal does,
+    with its own token. Today the forgery is re-asserted (``reasserted``), and the holder's
+    renewal is then refused as ``fenced``."""
+    clock = ManualClock()
+    pod = make_quota(POLICY, clock=clock, auto_renew=False)
+    a, _ = _hold_capacity(pod)
+    _lose_state(make_quota)
+    clock.advance(1)
+    if forge == "token":
+        forged = attrs.evolve(a.info, token=a.token + 1)
+    else:
+        forged = attrs.evolve(a.info, tenant="b")
+    assert not pod.renew(forged, 5.0).renewed
+    assert a.renew(5.0).reason == "reasserted"
+    listed = {x.id: x for x in pod.snapshot("g").leases}
+    assert (listed[a.id].tenant, listed[a.id].token) == ("a", a.token)
+
+
 def test_flushall_pod_restores_policy_and_tokens_never_go_back(make_quota: MakeClient) -> None:
     """Redis restarted empty (FLUSHALL): the pod that knew the policy restores it and the
     restore opens the recovery window (one max_lease_ttl: Redis forgot when the last lease

@@ -1,7 +1,7 @@
 """The fault driver: real redis-servers, pod processes, faults on a seeded schedule, snapshots.
 
 ``python -m tests.faults.driver [--profile short|long] [--topology shards|cluster] [--seed N]
-[--flags eviction,catalog] [--dir D]``
+[--flags fenced-reassert] [--dir D]``
 
 One run:
 
@@ -609,15 +609,13 @@ def allowed_kinds(profile: Profile) -> frozenset[str]:
     never a failure. An overshoot after a loss is reported, and also fails the
     run as ``over_capacity`` / ``over_ceiling`` beyond the bound, which is 0
     since the recovery window (``check_options``); a token going back fails
-    too. ``UnknownTenant`` right after a loss fails the run once the
-    ``catalog`` flag is set (pods serve listed tenants after Redis restarts
-    empty).
+    too, and so does ``UnknownTenant`` right after a loss (pods keep and
+    restore the policy they knew). A forged renewal accepted in a loss window
+    fails the run only with the ``fenced-reassert`` flag (``profiles``).
     """
     allowed = {"vanished_after_state_loss", "state_loss_overshoot"}
     if "fenced-reassert" not in profile.flags:
         allowed.add("forgery_after_state_loss")
-    if "catalog" not in profile.flags:
-        allowed.add("unknown_after_state_loss")
     return frozenset(allowed)
 
 

@@ -5,7 +5,7 @@ three-node cluster, fixed seed) with the faults today's library handles
 (``profiles.MAIN_FAULTS``, ``profiles.CLUSTER_FAULTS``).
 ``RATEQUOTA_FAULTS=long`` runs the long profile, ``RATEQUOTA_FAULTS_SEED``
 picks another seed, and ``RATEQUOTA_FAULTS_FLAGS`` adds the faults and strict
-checks that wait for fixes on other branches (see ``profiles``). A failure
+checks that wait for fixes not merged yet (see ``profiles``). A failure
 prints the checker's summary and the run directory, whose JSON-lines files
 hold every call; re-run the same seed with ``python -m tests.faults.driver``.
 """
@@ -29,8 +29,9 @@ def test_no_violation_under_faults(topology: str) -> None:
 
     ``shards``: two servers, one with AOF; sync and async pods; pod kills,
     pauses, restarts (from the AOF, and empty: the recovery window), SCRIPT
-    FLUSH, policy changes. ``cluster``: three masters and sync pods; the same
-    without restarts, plus failovers to a freshly added replica.
+    FLUSH, policy changes, memory pressure (evicting, and refusing writes).
+    ``cluster``: three masters, sync and async pods; the same without
+    restarts, plus failovers to a freshly added replica.
     """
     if redis_server_binary() is None or shutil.which("redis-cli") is None:
         _no_redis()

@@ -16,17 +16,30 @@ def test_the_default_is_the_short_profile_with_main_faults_only() -> None:
     assert not profile.flags
 
 
+def test_merged_fixes_run_by_default_on_both_topologies() -> None:
+    """Eviction and memory pressure (the old ``eviction`` and ``oom`` flags) run by default on
+    both topologies, each fault of the cluster run fits its count, and the deadline margin is
+    the documented promise (the old ``strict-deadline``): one socket timeout plus slack."""
+    shards = profiles.from_environment({})
+    cluster = profiles.from_environment({}, topology="cluster")
+    for profile in (shards, cluster):
+        assert {"maxmemory_evict", "maxmemory_noeviction"} <= set(profile.faults)
+        assert profile.margin_s == profile.socket_timeout + 0.5
+    assert cluster.max_faults >= len(cluster.faults)
+    assert set(profiles.FLAGS) == {"fenced-reassert"}
+
+
 def test_long_profile_seed_and_flags_are_read() -> None:
     """RATEQUOTA_FAULTS, RATEQUOTA_FAULTS_SEED and RATEQUOTA_FAULTS_FLAGS."""
     env = {
         "RATEQUOTA_FAULTS": "long",
         "RATEQUOTA_FAULTS_SEED": "7",
-        "RATEQUOTA_FAULTS_FLAGS": "eviction, catalog",
+        "RATEQUOTA_FAULTS_FLAGS": " fenced-reassert, ",
     }
     profile = profiles.from_environment(env)
     assert (profile.name, profile.seed) == ("long", 7)
-    assert set(profiles.FLAGS["eviction"]) <= set(profile.faults)
-    assert profile.flags == {"eviction", "catalog"}
+    assert set(profiles.FLAGS["fenced-reassert"]) <= set(profile.faults)
+    assert profile.flags == {"fenced-reassert"}
 
 
 @pytest.mark.parametrize(
@@ -34,6 +47,8 @@ def test_long_profile_seed_and_flags_are_read() -> None:
     [
         ({"RATEQUOTA_FAULTS": "medium"}, "RATEQUOTA_FAULTS"),
         ({"RATEQUOTA_FAULTS_FLAGS": "state_loss"}, "unknown"),
+        # Merged into the defaults: naming one now is a stale setting, refused loudly.
+        ({"RATEQUOTA_FAULTS_FLAGS": "eviction,catalog"}, "unknown"),
     ],
 )
 def test_a_bad_variable_is_refused(env: dict[str, str], message: str) -> None:
@@ -42,27 +57,25 @@ def test_a_bad_variable_is_refused(env: dict[str, str], message: str) -> None:
         profiles.from_environment(env)
 
 
-def test_state_loss_checks_are_strict_and_catalog_makes_them_stricter() -> None:
-    """``catalog`` turns UnknownTenant after a state loss into a failure; overshoot never passes.
-
-    The leases fix is merged: after a state loss no overshoot is allowed (the
-    bound is 0) and tokens never go back, in every profile.
+def test_state_loss_checks_are_strict_and_fenced_reassert_makes_them_stricter() -> None:
+    """After a state loss no overshoot is allowed (the bound is 0), tokens never go back and
+    listed tenants are served (the catalog fix is merged), in every profile; only
+    ``fenced-reassert`` turns a forged renewal accepted in the loss window into a failure.
     """
     from tests.faults import driver
 
-    plain = profiles.from_environment({"RATEQUOTA_FAULTS_FLAGS": "eviction"})
-    assert "unknown_after_state_loss" in driver.allowed_kinds(plain)
-    assert "token_after_state_loss" not in driver.allowed_kinds(plain)
+    plain = profiles.from_environment({})
+    assert driver.allowed_kinds(plain) == {
+        "vanished_after_state_loss",
+        "state_loss_overshoot",
+        "forgery_after_state_loss",
+    }
     assert driver.check_options(plain).state_loss_bound == 0
-    strict = profiles.from_environment(
-        {"RATEQUOTA_FAULTS_FLAGS": "eviction,catalog,fenced-reassert"}
-    )
+    strict = profiles.from_environment({"RATEQUOTA_FAULTS_FLAGS": "fenced-reassert"})
     assert driver.allowed_kinds(strict) == {"vanished_after_state_loss", "state_loss_overshoot"}
 
 
-def test_async_cluster_adds_async_pods_to_the_cluster_run() -> None:
-    """The cluster run has sync pods unless ``async-cluster`` is set; the shard run has both."""
-    assert profiles.from_environment({}, topology="cluster").modes == ("sync",)
-    flagged = profiles.from_environment({"RATEQUOTA_FAULTS_FLAGS": "async-cluster"}, "cluster")
-    assert flagged.modes == ("sync", "async")
+def test_both_topologies_run_sync_and_async_pods() -> None:
+    """The cluster run has async pods too (the old ``async-cluster`` flag), as the shard run."""
+    assert profiles.from_environment({}, topology="cluster").modes == ("sync", "async")
     assert profiles.from_environment({}).modes == ("sync", "async")
