@@ -285,6 +285,29 @@ def test_unreachable_cluster_is_backend_unavailable() -> None:
         quota.close()
 
 
+@pytest.mark.parametrize(("version", "warned"), [("8.1.0", True), ("8.2.0", False), ("9.0", False)])
+def test_an_async_cluster_client_warns_on_a_redis_py_too_old_for_it(
+    monkeypatch: pytest.MonkeyPatch, version: str, warned: bool
+) -> None:
+    """redis-py before 8.2 can let AttributeError escape its asyncio cluster client under
+    load: building an async cluster client on one warns, naming the version found."""
+    import warnings
+
+    from ratequota import AsyncQuotaClient
+    from tests.servers import free_port
+
+    monkeypatch.setattr(redis, "__version__", version)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quota = AsyncQuotaClient.cluster(f"redis://127.0.0.1:{free_port()}", socket_timeout=0.5)
+    asyncio.run(quota.close())
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert bool(messages) == warned, messages
+    if warned:
+        assert "8.2" in messages[0] and version in messages[0]
+        assert caught[0].filename == __file__  # pointed at the caller's line
+
+
 def test_a_cluster_client_connects_on_first_use(redis_cluster: RedisCluster) -> None:
     """Building the client discovers nothing: a pod that starts while its seed node is paused
     starts anyway (the fault harness saw pods die in the constructor), and the first call

@@ -11,6 +11,8 @@ where the pipe cannot take a connection over.
 from __future__ import annotations
 
 import asyncio
+import re
+import warnings
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -149,6 +151,19 @@ class AsyncPackedScripts:
             await pool.release(conn)
 
 
+#: The first redis-py whose asyncio cluster client checks a connection before writing to it.
+#: Before it, a command cancelled at its time bound (the batcher bounds every round trip) can
+#: drop a connection a concurrent command then writes to: ``AttributeError`` instead of a
+#: connection error (found by the fault harness, docs/deployment.md).
+ASYNC_CLUSTER_REDIS_PY = (8, 2)
+
+
+def redis_py_version(text: str) -> tuple[int, int]:
+    """``"8.1.0"`` -> ``(8, 1)``; an unreadable version reads as new enough."""
+    found = re.match(r"(\d+)\.(\d+)", text)
+    return (int(found.group(1)), int(found.group(2))) if found else ASYNC_CLUSTER_REDIS_PY
+
+
 class AsyncClusterBackend(ClusterRouting):
     """A Redis Cluster through ``redis.asyncio.cluster.RedisCluster`` (see ``ClusterBackend``).
 
@@ -159,6 +174,14 @@ class AsyncClusterBackend(ClusterRouting):
     def __init__(self, url: str, *, socket_timeout: float) -> None:
         from redis.asyncio.cluster import RedisCluster
 
+        if redis_py_version(redis.__version__) < ASYNC_CLUSTER_REDIS_PY:
+            warnings.warn(
+                f"ratequota: the asyncio cluster client needs redis-py 8.2 or newer (found "
+                f"{redis.__version__}): under load an older one can raise AttributeError "
+                "instead of a connection error (docs/deployment.md)",
+                RuntimeWarning,
+                stacklevel=3,  # the caller of AsyncQuotaClient.cluster
+            )
         try:
             self._cluster = RedisCluster.from_url(
                 cluster_url(url),
