@@ -17,7 +17,9 @@ defaults once its fix is merged:
   release changes nothing. Not every run shows it: a forged renewal must hit
   a lost lease before its holder re-asserts it (the runs of seeds 20261201,
   7 and 99 did not); ``tests/test_recovery.py`` has the deterministic case
-  (a strict xfail). No fix is merged yet; it belongs in ``lua/renew.lua``.
+  and checks its bound (units counted once, the holder told ``fenced``).
+  A fix needs re-assertion to check the holder against something Redis keeps
+  across the loss (docs/failure-modes.md, "What the window cannot check").
 
 Once-flagged faults and checks that are now defaults (their fixes merged):
 eviction (``maxmemory_evict``: ``allkeys-lru`` evicts group state, policies
