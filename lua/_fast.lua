@@ -20,9 +20,9 @@ local FAST_PATHS = true
 -- commands: the policy header with the tenant's spec (read_header's reply, for open_group),
 -- the tenant's demand fields with the fair state and demand's sentinel, the id's entries
 -- with info's sentinel, exp's first member (its sentinel and whether any entry is due for
--- purging) and fair's sentinel. Returns the header, then what ctx takes (acquire.lua), so the general path reads
--- none of them again: its cache and its entries (built whole, not grown), how many
--- sentinels are present and whether anything is due.
+-- purging) and fair's sentinel. Returns the header, then what ctx takes (acquire.lua), so
+-- the general path reads none of them again: its cache and its entries (built whole, not
+-- grown), how many sentinels are present and whether anything is due.
 local function acquire_reads(now, tenant, id)
   local head = redis.call('HMGET', KEYS[1], 'schema', 'hdr', 'busy', 'recover', 'fence', 'led_ok',
     't:' .. tenant)
