@@ -1,6 +1,6 @@
 """The fault harness as a test: pods under injected faults, checked by the independent checker.
 
-By default the short profile runs (about 40 s on two shards and 25 s on a
+By default the short profile runs (about 40 s on two shards and 40 s on a
 three-node cluster, fixed seed) with the faults today's library handles
 (``profiles.MAIN_FAULTS``, ``profiles.CLUSTER_FAULTS``).
 ``RATEQUOTA_FAULTS=long`` runs the long profile, ``RATEQUOTA_FAULTS_SEED``
