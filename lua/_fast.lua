@@ -20,15 +20,14 @@ local FAST_PATHS = true
 -- commands: the policy header with the tenant's spec (read_header's reply, for open_group),
 -- the tenant's demand fields with the fair state and demand's sentinel, the id's entries
 -- with info's sentinel, exp's first member (its sentinel and whether any entry is due for
--- purging) and fair's sentinel. Returns the header, then what ctx takes (acquire.lua), so
--- the general path reads none of them again: its cache and its entries (built whole, not
--- grown), how many sentinels are present and whether anything is due.
+-- purging) and fair's sentinel. Returns them as read (the fast path builds no table from
+-- them: acquire_cache does, for the general path), how many sentinels are present and
+-- whether anything is due, so the general path reads none of them again.
 local function acquire_reads(now, tenant, id)
   local head = redis.call('HMGET', KEYS[1], 'schema', 'hdr', 'busy', 'recover', 'fence', 'led_ok',
     't:' .. tenant)
-  local uf, pf, lease, waiting = 'u:' .. tenant, 'p:' .. tenant, 'L' .. id, 'P' .. id
-  local dem = redis.call('HMGET', KEYS[2], 'g', uf, pf, 's:')
-  local ent = redis.call('HMGET', KEYS[4], lease, waiting, 's:')
+  local dem = redis.call('HMGET', KEYS[2], 'g', 'u:' .. tenant, 'p:' .. tenant, 's:')
+  local ent = redis.call('HMGET', KEYS[4], 'L' .. id, 'P' .. id, 's:')
   local present = 0
   if dem[4] then present = present + 1 end
   if ent[3] then present = present + 1 end
@@ -42,8 +41,14 @@ local function acquire_reads(now, tenant, id)
   local first = redis.call('ZRANGE', KEYS[3], '0', '0', 'WITHSCORES')
   if first[1] then present = present + 1 end
   if redis.call('ZSCORE', KEYS[6], FAIR_ANCHOR) then present = present + 1 end
-  return head, {g = dem[1], [uf] = dem[2], [pf] = dem[3], ['s:'] = dem[4]},
-    {[lease] = ent[1], [waiting] = ent[2]}, present, first[2] ~= nil and first[2] - 0 <= now
+  return head, dem, ent, present, first[2] ~= nil and first[2] - 0 <= now
+end
+
+-- acquire_reads' demand and entries as ctx holds them (its cache and its entries, built
+-- whole, not grown), for the general path.
+local function acquire_cache(tenant, id, dem, ent)
+  return {g = dem[1], ['u:' .. tenant] = dem[2], ['p:' .. tenant] = dem[3], ['s:'] = dem[4]},
+    {['L' .. id] = ent[1], ['P' .. id] = ent[2]}
 end
 
 -- A decision's new fair state when its level needs no walk, from the stored text alone:
@@ -55,10 +60,9 @@ end
 -- not change keeping the text it was read from: pack_state wrote it, with the '%d' digits it
 -- would write now. Returns the level (nil, and nothing else, when it needs a walk), the
 -- text, the tenant's bounds before and after (change_demand's) and the units held before.
-local function ended_state(ctx, spec, d0, d1, du)
-  if ctx.cache['g'] == nil then load_fields(ctx, {'g'}) end
+local function ended_state(text, policy, spec, d0, d1, du)
   local t_loh, t_lol, t_uph, t_upl, t_kh, t_kl, t_used =
-    string.match(ctx.cache['g'] or EMPTY_STATE, STATE_SUMS)
+    string.match(text or EMPTY_STATE, STATE_SUMS)
   local loh, lol, uph, upl, kh, kl = t_loh - 0, t_lol - 0, t_uph - 0, t_upl - 0, t_kh - 0, t_kl - 0
   local used = t_used - 0
   local nloh, nlol, nuph, nupl, nkh, nkl = loh, lol, uph, upl, kh, kl
@@ -77,7 +81,7 @@ local function ended_state(ctx, spec, d0, d1, du)
     nuph, nupl = exact_add(nuph, nupl, after.up, 1)
     nkh, nkl = exact_add(nkh, nkl, spec.keep, 1)
   end
-  local level = ended_level(ctx.policy, nloh, nlol, nuph, nupl, nkh, nkl)
+  local level = ended_level(policy, nloh, nlol, nuph, nupl, nkh, nkl)
   if not level then return nil end
   local nused = used + du
   if level == 0 and nloh == 0 and nlol == 0 and nuph == 0 and nupl == 0 and nkh == 0 and
@@ -99,34 +103,47 @@ local function ended_state(ctx, spec, d0, d1, du)
     '|' .. t_kh .. '|' .. t_kl .. '|' .. t_used, before, after, used
 end
 
--- Admits a lease that needs no walk, or returns nil for the general path: no meters, the
--- group's state whole and nothing due, no recovery, a new id, a known tenant with nothing
--- waiting, and a request that fits its tenant limit and the group at a level of 0 or INF.
--- Commits as hold_trial would, the state written as text (ended_state).
-local function fast_acquire(ctx, tenant, units, id, ttl, meters)
-  local policy = ctx.policy
-  if not FAST_PATHS or meters ~= '' or ctx.present ~= 4 or ctx.due or
-      policy.recover > ctx.now or ttl > policy.ttl or ctx.entries['L' .. id] or
-      ctx.entries['P' .. id] then
+-- Admits a lease that needs no walk from acquire_reads' replies, or returns nil for the
+-- general path: a policy of this schema, no meters, the group's state whole and nothing due,
+-- no recovery, a new id, a known tenant with nothing waiting, the ledger's hour keys already
+-- marked, and a request that fits its tenant limit and the group at a level of 0 or INF.
+-- Writes what the general path's hold_trial and flush would, with no ctx: the lease's expiry
+-- and entry, the tenant's points, the fencing counter (and busy), the tenant's units with the
+-- state's text (ended_state), and the keys' expiry.
+local function fast_acquire(now, head, dem, ent, present, due)
+  if not FAST_PATHS or ARGV[11] ~= '' or present ~= 4 or due or ent[1] or ent[2] or
+      not head[1] or not head[2] or head[1] - 0 > tonumber(ARGV[2]) then
     return nil
   end
-  local spec = ctx.specs[tenant]
-  if not spec or units_of(ctx, 'p:' .. tenant) > 0 or
-      units > math.min(policy.capacity, spec.ceil, spec.max) then
-    return nil
-  end
-  local uf = 'u:' .. tenant
-  local used = units_of(ctx, uf)
-  local level, text, before, after, group_used = ended_state(ctx, spec, used, used + units, units)
+  local policy = parse_header(head[2], head[3], head[4], head[5], head[6])
+  local units, ttl = tonumber(ARGV[4]), tonumber(ARGV[6])
+  if policy.recover > now or ttl > policy.ttl or (dem[3] and dem[3] - 0 > 0) then return nil end
+  local text = head[7]
+  if not text and policy.unknown == 'default' then text = policy.default end
+  if not text then return nil end
+  local spec = parse_spec(text)
+  if units > math.min(policy.capacity, spec.ceil, spec.max) then return nil end
+  local ha, hb = ledger_hours()
+  if policy.led_ok ~= ha .. ':' .. hb then return nil end
+  local used = dem[2] and dem[2] - 0 or 0
+  local level, state, before, after, group_used =
+    ended_state(dem[1], policy, spec, used, used + units, units)
   if not level then return nil end
   local limit = clamp_limit(level, spec.w, after.lo, after.up)
   if used + units > limit + EPSILON or group_used + units > policy.capacity then return nil end
-  -- What check_state would have concluded from four sentinels and no recovery window.
-  ctx.whole, policy.recovering = true, false
-  set_units(ctx, uf, used + units)
-  ctx.cache['g'], ctx.dirty['g'] = text, true
-  move_points(ctx, tenant, spec.w, before, after)
-  local expiry, token = write_lease(ctx, tenant, units, id, ttl, nil)
+  local tenant, id = ARGV[3], ARGV[5]
+  local expiry = now + ttl
+  local token = next_fence(policy, now, expiry)
+  redis.call('ZADD', KEYS[3], int(expiry), 'L' .. id)
+  redis.call('HSET', KEYS[4], 'L' .. id, entry(units, token, tenant))
+  write_tenant_points(tenant, spec.w, before, after)
+  if policy.busy_dirty then
+    redis.call('HSET', KEYS[1], 'fence', int(token), 'busy', int(policy.busy))
+  else
+    redis.call('HSET', KEYS[1], 'fence', int(token))
+  end
+  redis.call('HSET', KEYS[2], 'u:' .. tenant, int(used + units), 'g', state)
+  keep_keys(math.max(policy.ttl, policy.busy - now) + KEY_GRACE_MS, true, KEY_GRACE_MS)
   return {1, 'admitted', expiry, token, used + units, fmt(limit), group_used + units,
           policy.capacity, 0, policy.version, 0}
 end
@@ -155,7 +172,7 @@ local function fast_release(ctx, id, tenant, token)
   local spec = ctx.specs[tenant]
   local used, pending = units_of(ctx, uf), units_of(ctx, pf)
   local level, text, before, after =
-    ended_state(ctx, spec, used + pending, used - units + pending, -units)
+    ended_state(ctx.cache['g'], ctx.policy, spec, used + pending, used - units + pending, -units)
   if not level then return reply, false end
   set_units(ctx, uf, used - units)
   ctx.cache['g'], ctx.dirty['g'] = text, true

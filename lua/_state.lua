@@ -165,32 +165,33 @@ local function move_points(ctx, tenant, w, before, after)
   end
 end
 
--- Writes the recorded moves: each tenant's points as the call found them out, as it leaves
--- them in (the policy, and so w, is the same throughout a call). The members' numbers are
--- formatted once each: w, and a bound that did not move, serve both. The scores go as
--- numbers: redis.call sends a number as '%.17g', the text fmt writes, and a score is
--- stored as the double it reads anyway.
-local function write_points(ctx)
-  for tenant, m in pairs(ctx.moved) do
-    local before, after, w = m.first, m.last, m.w
-    if not (before and after and before.lo == after.lo and before.up == after.up) then
-      local tw, tlo, tup = fmt(w), nil, nil
-      if before and before.up > before.lo then
-        tlo, tup = fmt(before.lo), fmt(before.up)
-        redis.call('ZREM', KEYS[6], point_members(tlo, tup, tw, tenant))
-      end
-      if after and after.up > after.lo then
-        if not (tlo and before.lo == after.lo) then tlo = fmt(after.lo) end
-        if not (tup and before.up == after.up) then tup = fmt(after.up) end
-        local l, u = point_members(tlo, tup, tw, tenant)
-        if w == 1 then  -- the scores are the bounds, whose text is at hand
-          redis.call('ZADD', KEYS[6], tlo, l, tup, u)
-        else
-          redis.call('ZADD', KEYS[6], after.lo / w, l, after.up / w, u)
-        end
-      end
+-- Writes one tenant's points as a call found them (bounds `before`, false: none) and leaves
+-- them (`after`), at weight `w`. The members' numbers are formatted once each: w, and a
+-- bound that did not move, serve both. The scores go as numbers: redis.call sends a number
+-- as '%.17g', the text fmt writes, and a score is stored as the double it reads anyway.
+local function write_tenant_points(tenant, w, before, after)
+  if before and after and before.lo == after.lo and before.up == after.up then return end
+  local tw, tlo, tup = fmt(w), nil, nil
+  if before and before.up > before.lo then
+    tlo, tup = fmt(before.lo), fmt(before.up)
+    redis.call('ZREM', KEYS[6], point_members(tlo, tup, tw, tenant))
+  end
+  if after and after.up > after.lo then
+    if not (tlo and before.lo == after.lo) then tlo = fmt(after.lo) end
+    if not (tup and before.up == after.up) then tup = fmt(after.up) end
+    local l, u = point_members(tlo, tup, tw, tenant)
+    if w == 1 then  -- the scores are the bounds, whose text is at hand
+      redis.call('ZADD', KEYS[6], tlo, l, tup, u)
+    else
+      redis.call('ZADD', KEYS[6], after.lo / w, l, after.up / w, u)
     end
   end
+end
+
+-- Writes the recorded moves, once per tenant (the policy, and so w, is the same throughout a
+-- call).
+local function write_points(ctx)
+  for tenant, m in pairs(ctx.moved) do write_tenant_points(tenant, m.w, m.first, m.last) end
   ctx.moved = {}
 end
 
@@ -470,6 +471,21 @@ local function purge(ctx, limit)
   return #dead
 end
 
+-- Gives demand, exp, info and fair the expiry `ttl` (ms) unless the call saw all four whole
+-- (`whole`, check_state) and demand's still covers `ttl` but for a slack of half the grace:
+-- the keys then still outlive every lease by that much, and a busy group refreshes them
+-- about once per half grace instead of on every call (the four always get their expiry
+-- together, so one PTTL tells). Returns the expiry's text when it wrote one, else nil.
+local function keep_keys(ttl, whole, key_grace_ms)
+  if whole and redis.call('PTTL', KEYS[2]) >= ttl - key_grace_ms / 2 then return nil end
+  local ms = int(ttl)
+  redis.call('PEXPIRE', KEYS[2], ms)
+  redis.call('PEXPIRE', KEYS[3], ms)
+  redis.call('PEXPIRE', KEYS[4], ms)
+  redis.call('PEXPIRE', KEYS[6], ms)
+  return ms
+end
+
 -- Writes back the cached demand fields and the fair state, and refreshes the expiry of
 -- every key this call wrote: longer than any lease, so a group that goes idle leaves nothing.
 local function flush(ctx, key_grace_ms)
@@ -516,24 +532,13 @@ local function flush(ctx, key_grace_ms)
     -- meter buckets not yet full again through mfull (_metered.lua) when this call read it.
     local ttl = math.max(ctx.policy.ttl, ctx.policy.busy - ctx.now, (ctx.mfull or 0) - ctx.now) +
       key_grace_ms
-    -- demand, exp, info and fair always get their expiry together, so when this call saw all
-    -- four whole (check_state) one PTTL tells whether theirs still covers `ttl` but for a
-    -- slack of half the grace: the keys then still outlive every lease by that much, and a
-    -- busy group refreshes them about once per half grace instead of on every call.
     if not ctx.whole and ctx.cache['s:'] and redis.call('ZSCORE', KEYS[6], FAIR_ANCHOR) then
       -- A release saw demand's sentinel before writing, and fair's is still there: both keys
       -- existed (sentinels are written only with a refresh of all four), and exp and info,
       -- which a release only shrinks, either still exist with that expiry or are gone.
       ctx.whole = true
     end
-    local ms = nil  -- int(ttl), formatted only for a refresh
-    if not ctx.whole or redis.call('PTTL', KEYS[2]) < ttl - key_grace_ms / 2 then
-      ms = int(ttl)
-      redis.call('PEXPIRE', KEYS[2], ms)
-      redis.call('PEXPIRE', KEYS[3], ms)
-      redis.call('PEXPIRE', KEYS[4], ms)
-      redis.call('PEXPIRE', KEYS[6], ms)
-    end
+    local ms = keep_keys(ttl, ctx.whole, key_grace_ms)
     if ctx.touch_queue then redis.call('PEXPIRE', KEYS[5], ms or int(ttl)) end
   end
 end

@@ -55,16 +55,17 @@
 
 
 local now = now_ms(ARGV[1])
-local head, cache, entries, present, due = acquire_reads(now, ARGV[3], ARGV[5])
-local ctx, err = open_group(now, ARGV[2], {ARGV[3]}, head)
-if not ctx then return err end
-ctx.cache, ctx.entries, ctx.present, ctx.due = cache, entries, present, due
-local fast = fast_acquire(ctx, ARGV[3], tonumber(ARGV[4]), ARGV[5], tonumber(ARGV[6]), ARGV[11])
+local head, dem, ent, present, due = acquire_reads(now, ARGV[3], ARGV[5])
+local fast = fast_acquire(now, head, dem, ent, present, due)
 if fast then
-  flush(ctx, KEY_GRACE_MS)
   return fast
 end
 -- end of the fast path
+
+local ctx, err = open_group(now, ARGV[2], {ARGV[3]}, head)
+if not ctx then return err end
+ctx.cache, ctx.entries = acquire_cache(ARGV[3], ARGV[5], dem, ent)
+ctx.present, ctx.due = present, due
 
 -- Prepared even for a ttl that acquire_one refuses: one request alone and the same request
 -- inside acquire_many leave the same state.
