@@ -104,7 +104,8 @@ local function ended_state(text, policy, spec, d0, d1, du)
 end
 
 -- Admits a lease that needs no walk from acquire_reads' replies, or returns nil for the
--- general path: a policy of this schema, no meters, the group's state whole and nothing due,
+-- general path, with the policy and the tenant's spec when it parsed them (open_group takes
+-- them, so a refusal does not parse them twice): a policy of this schema, no meters, the group's state whole and nothing due,
 -- no recovery, a new id, a known tenant with nothing waiting, the ledger's hour keys already
 -- marked, and a request that fits its tenant limit and the group at a level of 0 or INF.
 -- Writes what the general path's hold_trial and flush would, with no ctx: the lease's expiry
@@ -112,25 +113,29 @@ end
 -- state's text (ended_state), and the keys' expiry.
 local function fast_acquire(now, head, dem, ent, present, due)
   if not FAST_PATHS or ARGV[11] ~= '' or present ~= 4 or due or ent[1] or ent[2] or
-      not head[1] or not head[2] or head[1] - 0 > tonumber(ARGV[2]) then
+      (dem[3] and dem[3] - 0 > 0) or not head[1] or not head[2] or
+      head[1] - 0 > tonumber(ARGV[2]) then
     return nil
   end
   local policy = parse_header(head[2], head[3], head[4], head[5], head[6])
-  local units, ttl = tonumber(ARGV[4]), tonumber(ARGV[6])
-  if policy.recover > now or ttl > policy.ttl or (dem[3] and dem[3] - 0 > 0) then return nil end
   local text = head[7]
   if not text and policy.unknown == 'default' then text = policy.default end
-  if not text then return nil end
-  local spec = parse_spec(text)
-  if units > math.min(policy.capacity, spec.ceil, spec.max) then return nil end
+  local spec = text and parse_spec(text) or false
+  local units, ttl = tonumber(ARGV[4]), tonumber(ARGV[6])
+  if not spec or policy.recover > now or ttl > policy.ttl or
+      units > math.min(policy.capacity, spec.ceil, spec.max) then
+    return nil, policy, spec
+  end
   local ha, hb = ledger_hours()
-  if policy.led_ok ~= ha .. ':' .. hb then return nil end
+  if policy.led_ok ~= ha .. ':' .. hb then return nil, policy, spec end
   local used = dem[2] and dem[2] - 0 or 0
   local level, state, before, after, group_used =
     ended_state(dem[1], policy, spec, used, used + units, units)
-  if not level then return nil end
+  if not level then return nil, policy, spec end
   local limit = clamp_limit(level, spec.w, after.lo, after.up)
-  if used + units > limit + EPSILON or group_used + units > policy.capacity then return nil end
+  if used + units > limit + EPSILON or group_used + units > policy.capacity then
+    return nil, policy, spec
+  end
   local tenant, id = ARGV[3], ARGV[5]
   local expiry = now + ttl
   local token = next_fence(policy, now, expiry)
@@ -149,33 +154,66 @@ local function fast_acquire(now, head, dem, ent, present, due)
 end
 
 -- Ends lease `id` of `tenant` when the call holds its fencing token `token`, as release_one
--- would; nil (nothing done) for anything else: no policy, no such live lease, another
--- owner or token. Returns the reply and whether the lease's demand is given back too: when
--- the new level needs a walk it is not (the general path gives it back and walks: the state
--- is otherwise the one release_one leaves).
-local function fast_release(ctx, id, tenant, token)
-  if not FAST_PATHS or not ctx.policy then return nil end
-  -- The reads of prefetch_entries and of close_lease's load_fields, into ctx's tables (empty
-  -- still: built whole, not grown).
-  local lease, waiting = 'L' .. id, 'P' .. id
-  local ent = redis.call('HMGET', KEYS[4], lease, waiting)
-  ctx.entries = {[lease] = ent[1], [waiting] = ent[2]}
-  local info = ent[1]
-  if not info then return nil end
-  local units, held_token, owner = parse_entry(info)
-  if owner ~= tenant or held_token ~= token then return nil end
-  local uf, pf = 'u:' .. tenant, 'p:' .. tenant
-  local dem = redis.call('HMGET', KEYS[2], 'g', uf, pf, 's:')
-  ctx.cache = {g = dem[1], [uf] = dem[2], [pf] = dem[3], ['s:'] = dem[4]}
-  local reply = close_lease(ctx, id, tenant, units, held_token)
-  -- add_demand(ctx, tenant, -units, 0) and a level that needs no walk.
-  local spec = ctx.specs[tenant]
-  local used, pending = units_of(ctx, uf), units_of(ctx, pf)
-  local level, text, before, after =
-    ended_state(ctx.cache['g'], ctx.policy, spec, used + pending, used - units + pending, -units)
-  if not level then return reply, false end
-  set_units(ctx, uf, used - units)
-  ctx.cache['g'], ctx.dirty['g'] = text, true
-  if spec then move_points(ctx, tenant, spec.w, before, after) end
-  return reply, true
+-- would, and returns its reply; or returns nil having written nothing, with what it read for
+-- the general path (the policy header, the id's entries, the tenant's demand fields; nil
+-- each when not read). It decides only a live lease whose level needs no walk after its
+-- units are given back, with nothing else due for purging; anything else (no policy, no
+-- such lease, another owner or token, an expired lease, a lost exp, a walk) falls through.
+-- Writes what close_lease, add_demand and flush would, with no ctx but the ledger's.
+local function fast_release(now, id, tenant, token)
+  if not FAST_PATHS then return nil end
+  local head = redis.call('HMGET', KEYS[1], 'schema', 'hdr', 'busy', 'recover', 'fence', 'led_ok',
+    't:' .. tenant)
+  if not head[1] or not head[2] or head[1] - 0 > tonumber(ARGV[2]) then return nil, head end
+  local lease = 'L' .. id
+  local ent = redis.call('HMGET', KEYS[4], lease, 'P' .. id)
+  if not ent[1] then return nil, head, ent end
+  local units, held_token, owner = parse_entry(ent[1])
+  if owner ~= tenant or held_token ~= token then return nil, head, ent end
+  local uf = 'u:' .. tenant
+  local dem = redis.call('HMGET', KEYS[2], 'g', uf, 'p:' .. tenant, 's:')
+  local expiry = redis.call('ZSCORE', KEYS[3], lease)
+  if not expiry or expiry - 0 <= now then return nil, head, ent, dem end
+  -- exp's first member: due for purging exactly when some entry is (acquire_reads; this
+  -- lease's own expiry is later than now).
+  local first = redis.call('ZRANGE', KEYS[3], '0', '0', 'WITHSCORES')
+  if first[2] and first[2] - 0 <= now then return nil, head, ent, dem end
+  local policy = parse_header(head[2], head[3], head[4], head[5], head[6])
+  local text = head[7]
+  if not text and policy.unknown == 'default' then text = policy.default end
+  local spec = text and parse_spec(text) or false
+  local used = dem[2] and dem[2] - 0 or 0
+  local pending = dem[3] and dem[3] - 0 or 0
+  local level, state, before, after =
+    ended_state(dem[1], policy, spec, used + pending, used - units + pending, -units)
+  if not level then return nil, head, ent, dem end
+  local led = {now = now, policy = policy}  -- the ctx the ledger's functions take
+  ledger_ended(led, tenant, units, held_token, expiry - 0)
+  redis.call('ZREM', KEYS[3], lease)
+  redis.call('HDEL', KEYS[4], lease, 'R' .. id)  -- R: its meter reservations, if any
+  if spec then write_tenant_points(tenant, spec.w, before, after) end
+  ledger_flush(led)
+  local set = false
+  if used > units then
+    set = true
+    if state then
+      redis.call('HSET', KEYS[2], uf, int(used - units), 'g', state)
+    else
+      redis.call('HSET', KEYS[2], uf, int(used - units))
+      redis.call('HDEL', KEYS[2], 'g')
+    end
+  elseif state then
+    set = true
+    redis.call('HSET', KEYS[2], 'g', state)
+    redis.call('HDEL', KEYS[2], uf)
+  else
+    redis.call('HDEL', KEYS[2], uf, 'g')
+  end
+  if set then
+    -- flush's expiry: demand's sentinel read before writing and fair's still there tell
+    -- that all four keys existed with the expiry they last got together.
+    keep_keys(math.max(policy.ttl, policy.busy - now) + KEY_GRACE_MS,
+      dem[4] and redis.call('ZSCORE', KEYS[6], FAIR_ANCHOR) ~= false, KEY_GRACE_MS)
+  end
+  return {'released', units}
 end

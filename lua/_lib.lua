@@ -34,15 +34,21 @@ end
 
 -- The policy header and the specs of `names` from `raw`, read_header's reply (the caller reads
 -- it: acquire's fast path with its other reads, without linking read_header); nil plus an
--- error reply when the group has no policy or one written by a newer schema.
-local function open_group(now, schema, names, raw)
-  if not raw[1] then
-    return nil, {-1, 'no_policy', 0, 0, 0, '0', 0, 0, 0, 0, 0}
+-- error reply when the group has no policy or one written by a newer schema. `policy` and
+-- `spec`, when given, are raw's header and the first name's spec already parsed (by a fast
+-- path that then fell through, after checking the schema).
+local function open_group(now, schema, names, raw, policy, spec)
+  if not policy then
+    if not raw[1] then
+      return nil, {-1, 'no_policy', 0, 0, 0, '0', 0, 0, 0, 0, 0}
+    end
+    if raw[1] - 0 > tonumber(schema) then
+      return nil, {-1, 'schema', 0, 0, 0, '0', 0, 0, 0, tonumber(raw[1]), 0}
+    end
+    policy = parse_header(raw[2], raw[3], raw[4], raw[5], raw[6])
   end
-  if raw[1] - 0 > tonumber(schema) then
-    return nil, {-1, 'schema', 0, 0, 0, '0', 0, 0, 0, tonumber(raw[1]), 0}
-  end
-  local policy = parse_header(raw[2], raw[3], raw[4], raw[5], raw[6])
+  local ctx = open_ctx(now, policy)
+  if spec ~= nil then ctx.specs[names[1]] = spec end
   local ctx = open_ctx(now, policy)
   for i, name in ipairs(names) do
     if ctx.specs[name] == nil then
@@ -384,13 +390,13 @@ end
 
 -- Release works whatever the policy says (units must always come back): without a policy
 -- of this schema it still frees the units, and apply_policy rebuilds the fair state.
--- `tenant` (optional): whose spec to read in the same HMGET as the header.
-local function release_ctx(now, schema, tenant)
-  local raw
-  if tenant then
+-- `tenant` (optional): whose spec to read in the same HMGET as the header; `raw` (optional):
+-- that HMGET's reply, already read (release's fast path).
+local function release_ctx(now, schema, tenant, raw)
+  if not raw and tenant then
     raw = redis.call('HMGET', KEYS[1], 'schema', 'hdr', 'busy', 'recover', 'fence', 'led_ok',
       't:' .. tenant)
-  else
+  elseif not raw then
     raw = redis.call('HMGET', KEYS[1], 'schema', 'hdr', 'busy', 'recover', 'fence', 'led_ok')
   end
   if raw[1] and raw[2] and raw[1] - 0 <= tonumber(schema) then

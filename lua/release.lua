@@ -18,20 +18,23 @@
 --   units: units freed by this call (0 for "unknown" and "fenced").
 
 
-local ctx = release_ctx(now_ms(ARGV[1]), ARGV[2], ARGV[5])
-local reply, settled = fast_release(ctx, ARGV[3], ARGV[5], ARGV[6])
-if settled and #redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', ctx.now, 'LIMIT', '0', '1') == 0 then
-  flush(ctx, KEY_GRACE_MS)
-  return reply
+local now = now_ms(ARGV[1])
+local fast, head, ent, dem = fast_release(now, ARGV[3], ARGV[5], ARGV[6])
+if fast then
+  return fast
 end
 -- end of the fast path
 
-if not reply then
-  reply = release_one(ctx, ARGV[3], ARGV[5], ARGV[6])
-elseif not settled then
-  add_demand(ctx, ARGV[5], -reply[2], 0)  -- the lease's units, which fast_release left
-  settle(ctx, fair_state(ctx))
+local ctx = release_ctx(now, ARGV[2], ARGV[5], head)
+if ctx.policy then  -- what the fast path read, as ctx holds it (built whole, not grown)
+  local id, tenant = ARGV[3], ARGV[5]
+  if ent then ctx.entries = {['L' .. id] = ent[1], ['P' .. id] = ent[2]} end
+  if dem then
+    ctx.cache = {g = dem[1], ['u:' .. tenant] = dem[2], ['p:' .. tenant] = dem[3],
+                 ['s:'] = dem[4]}
+  end
 end
+local reply = release_one(ctx, ARGV[3], ARGV[5], ARGV[6])
 purge(ctx, tonumber(ARGV[4]))
 flush(ctx, KEY_GRACE_MS)
 return reply
