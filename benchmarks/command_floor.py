@@ -51,7 +51,7 @@ LIVE = 250
 #: Where each entry script's body starts: what comes before is its definitions.
 BODY_STARTS = {
     "acquire": "local now = now_ms(ARGV[1])",
-    "release": "local ctx = release_ctx(now_ms(ARGV[1])",
+    "release": "local now = now_ms(ARGV[1])",
 }
 
 

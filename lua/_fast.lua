@@ -126,8 +126,6 @@ local function fast_acquire(now, head, dem, ent, present, due)
       units > math.min(policy.capacity, spec.ceil, spec.max) then
     return nil, policy, spec
   end
-  local ha, hb = ledger_hours()
-  if policy.led_ok ~= ha .. ':' .. hb then return nil, policy, spec end
   local used = dem[2] and dem[2] - 0 or 0
   local level, state, before, after, group_used =
     ended_state(dem[1], policy, spec, used, used + units, units)
@@ -136,6 +134,9 @@ local function fast_acquire(now, head, dem, ent, present, due)
   if used + units > limit + EPSILON or group_used + units > policy.capacity then
     return nil, policy, spec
   end
+  -- The ledger's hour keys not yet marked for this pair (ledger_flush): twice an hour.
+  local ha, hb = ledger_hours()
+  if policy.led_ok ~= ha .. ':' .. hb then return nil, policy, spec end
   local tenant, id = ARGV[3], ARGV[5]
   local expiry = now + ttl
   local token = next_fence(policy, now, expiry)
