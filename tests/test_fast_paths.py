@@ -28,6 +28,7 @@ from ratequota.engine.keys import KeySpace
 from ratequota.engine.ops import ScriptCall
 from ratequota.engine.protocol import acquire_call, apply_policy_call, release_call, renew_call
 from ratequota.engine.scripts import FAST_END, load_scripts
+from ratequota.policy import GroupPolicy, TenantPolicy
 from tests.redis_state import dump_keys
 from tests.servers import RedisServer
 from tests.test_differential import STRANGER, random_policy
@@ -299,3 +300,79 @@ def test_state_written_by_the_previous_release_is_served_and_upgraded() -> None:
     assert (second[0], second[1], second[4]) == (1, b"admitted", 2)  # not "recovering"
     assert conn.hget(keys.demand, "s:") == conn.hget(keys.info, "s:")
     assert len(conn.hget(keys.info, "s:") or b"") > 64
+
+
+def shapes(twin: Twin) -> list[tuple[str, Any]]:
+    """The shapes the fast paths write in their own way, each call held equal to the general
+    path by ``twin``: an admission that moves the tenant's breakpoints (it borrows) and its
+    release, a release that leaves units held, the release of the group's last lease (the
+    state's text goes), an acquire in a new hour (the ledger's keys not marked yet: it falls
+    through) and the release of an expired lease (it falls through). Returns the replies."""
+    keyspace = KeySpace(prefix="fp")
+    policy = GroupPolicy(
+        GROUP,
+        capacity=20,
+        tenants=(
+            TenantPolicy("a", guarantee=4, lendable=0.5, weight=2.0),
+            TenantPolicy("b", guarantee=4),
+        ),
+        max_lease_ttl=60.0,
+    )
+    out: list[tuple[str, Any]] = []
+
+    def acquire(rid: str, units: int, now: int, ttl: int = 30_000) -> int:
+        made = acquire_call(
+            keyspace, GROUP, "a", units, rid, ttl, wait=False, pending_ms=1, purge=1, now_ms=now
+        )
+        reply = twin.run(made)
+        out.append((rid, reply))
+        assert reply[0] == 1, reply
+        return int(reply[3])
+
+    def release(rid: str, token: int, now: int) -> None:
+        made = release_call(keyspace, GROUP, rid, tenant="a", token=token, purge=1, now_ms=now)
+        out.append((rid, twin.run(made)))
+
+    twin.run(apply_policy_call(keyspace, policy, now_ms=START_MS))
+    first = acquire("first", 1, START_MS)  # writes the sentinels: the general path
+    second = acquire("second", 1, START_MS)
+    borrowed = acquire("borrowed", 5, START_MS)  # 7 > the guarantee: breakpoints
+    release("borrowed", borrowed, START_MS)
+    release("second", second, START_MS)  # one unit still held
+    release("first", first, START_MS)  # the last lease: no state left
+    hour = START_MS + 3_600_000
+    short = acquire("short", 2, hour, ttl=1_000)  # a new hour's ledger keys
+    release("short", short, hour + 5_000)  # expired
+    return out
+
+
+def test_the_fast_paths_write_what_the_general_path_writes() -> None:
+    """The fast paths' own writes (breakpoints moved both ways, units left, the state gone)
+    and their fall-throughs (a new hour, an expired lease) equal the general path's."""
+    fast = fakeredis.FakeRedis(server=fakeredis.FakeServer())
+    twin = Twin(fast, fakeredis.FakeRedis(server=fakeredis.FakeServer()))
+    replies = dict(shapes(twin))
+    assert replies["short"][0] == b"expired"
+    assert [replies[r][0] for r in ("borrowed", "second", "first")] == [b"released"] * 3
+    # second, borrowed and their releases, first's release; not first, short's acquire or
+    # short's release.
+    assert twin.fast_answers == 5
+
+
+@pytest.mark.real_redis
+def test_the_fast_paths_write_what_the_general_path_writes_on_real_redis(
+    real_redis: RedisServer,
+) -> None:
+    """The same calls on a real redis-server, its two databases side by side."""
+    fast = redis.Redis(host="127.0.0.1", port=real_redis.port, db=0)
+    slow = redis.Redis(host="127.0.0.1", port=real_redis.port, db=1)
+    try:
+        fast.flushdb()
+        slow.flushdb()
+        twin = Twin(fast, slow)
+        replies = dict(shapes(twin))
+        assert replies["short"][0] == b"expired"
+        assert twin.fast_answers == 5
+    finally:
+        fast.close()
+        slow.close()
