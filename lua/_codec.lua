@@ -5,7 +5,8 @@
 --              busy, recover, fence  integers (ms, ms, counter), written by the decisions
 --              wide       WIDE (below), so that field lookups do not scan
 -- demand hash  u:<t>, p:<t> units held / waiting; g  the group's fair state (pack_state);
---              s: sentinel (see _lib.lua, "State loss"), its value WIDE
+--              s: sentinel (see _lib.lua, "State loss"), its value WIDE; rw  the end of the
+--              recovery window check_state opened (apply_policy.lua reads it on a restore)
 -- info hash    L<id> "units:token:tenant", P<id> "units:seq:tenant"     (entry)
 -- queue zset   "<len>:<tenant>|<seq, 16 digits>|<units>|<id>"           (queue_member)
 -- fair zset    "l|lo|up|w|tenant" at lo/w, "u|lo|up|w|tenant" at up/w  (point_member);

@@ -116,7 +116,13 @@ local function check_state(ctx)
         policy.recover = policy.busy
       end
     end
-    redis.call('HSET', KEYS[2], 's:', WIDE)
+    -- rw: the window's end, kept with the re-created state too: the policy hash that holds
+    -- `recover` can be lost on its own, and a restored policy then reads it (apply_policy.lua).
+    if policy.recover > now then
+      redis.call('HSET', KEYS[2], 's:', WIDE, 'rw', int(policy.recover))
+    else
+      redis.call('HSET', KEYS[2], 's:', WIDE)
+    end
     redis.call('ZADD', KEYS[3], SENTINEL_SCORE, 's:')
     redis.call('HSET', KEYS[4], 's:', WIDE)
     redis.call('ZADD', KEYS[6], -1, FAIR_ANCHOR)

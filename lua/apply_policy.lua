@@ -76,8 +76,19 @@ if ARGV[8] == '' then
 end
 local fence = tonumber(old[3]) or 0
 local busy = tonumber(old[5]) or 0
+local recover = tonumber(old[6]) or 0
 local recover_ms = tonumber(ARGV[9])
-if recover_ms > 0 then busy = math.max(busy, now + recover_ms) end
+if recover_ms > 0 then
+  busy = math.max(busy, now + recover_ms)
+  if not old[1] then
+    -- The lost hash held the end of any recovery window open: the keys check_state re-created
+    -- (with their sentinels) would pass for a whole state holding every live lease, and the
+    -- group would admit on top of the leases not yet re-asserted. check_state keeps the
+    -- window's end in demand too (rw); a lost demand is a lost state, a window of its own.
+    local rw = tonumber(redis.call('HGET', KEYS[2], 'rw'))
+    if rw and rw > now then recover = math.max(recover, rw) end
+  end
+end
 -- Meter buckets drawn before a loss, or not full yet under a policy that refills slower, may
 -- be below full for up to a whole refill from their debt floor.
 local mfull = tonumber(old[7]) or 0
@@ -124,7 +135,7 @@ local header = schema .. '|' .. version .. '|' .. ARGV[2] .. '|' .. ARGV[6] .. '
   '|' .. ARGV[3] .. '|' .. ARGV[5]
 redis.call('DEL', KEYS[1])
 redis.call('HSET', KEYS[1], 'schema', schema, 'version', version, 'fence', int(fence),
-  'digest', ARGV[7], 'hdr', header, 'busy', int(busy), 'recover', old[6] or 0,
+  'digest', ARGV[7], 'hdr', header, 'busy', int(busy), 'recover', int(recover),
   'led_ttl', ARGV[13], 'mfull', int(mfull), 'wide', WIDE)
 -- HSET in chunks: unpack() of a very long list overflows Lua's C stack.
 local specs, batch = {}, {}

@@ -102,6 +102,58 @@ def test_evicted_state_recovers_without_over_admission(
     assert _used(pod) == 10
 
 
+def test_a_policy_lost_during_the_recovery_window_keeps_the_window(
+    make_quota: MakeClient,
+) -> None:
+    """The state is lost (the window opens), then the policy hash too, which held the window's
+    end, and the pod restores the policy. Before this fix the restore forgot the window: the
+    keys check_state had re-created with their sentinels passed for a whole state, and the
+    group admitted a full capacity on top of the leases still running (found by the fault
+    harness's long run, an eviction on a loaded shard). check_state now keeps the window's
+    end in the demand hash too, and the restore takes it back."""
+    clock = ManualClock()
+    pod = make_quota(POLICY, clock=clock, auto_renew=False)
+    a, b = _hold_capacity(pod)
+    busy_until = max(a.expires_at, b.expires_at)
+    _lose_state(make_quota, "demand")
+    clock.advance(1)
+    assert pod.try_acquire("b", 1, ttl=5.0).reason == "recovering"
+    conn = make_quota.conn()
+    conn.delete(KeySpace().group("g").policy)
+    conn.close()
+    clock.advance(1)
+    refused = pod.try_acquire("b", 4, ttl=5.0)  # restores the policy, then decides
+    assert (refused.admitted, refused.reason) == (False, "recovering")
+    assert refused.retry_after == pytest.approx(busy_until - clock.redis_ms() / 1000)
+    assert pod.snapshot("g").recovering_until == pytest.approx(busy_until)
+    for lease in (a, b):
+        assert lease.renew(10.0).reason == "reasserted"
+    assert _used(pod) == 10
+    clock.advance(busy_until - clock.redis_ms() / 1000 - 1)
+    assert pod.try_acquire("a", 1, ttl=5.0).reason == "recovering"
+    clock.advance(1)
+    later = pod.try_acquire("b", 4, ttl=5.0)  # a's and b's renewals have ended
+    assert later.admitted
+
+
+def test_a_policy_lost_alone_keeps_the_group_serving(make_quota: MakeClient) -> None:
+    """Only the policy hash is lost (an eviction that spared the state keys), no window open:
+    the state still holds every lease, so the restored policy opens no window; the leases
+    stay counted and renew as usual."""
+    clock = ManualClock()
+    pod = make_quota(POLICY, clock=clock, auto_renew=False)
+    a, b = _hold_capacity(pod)
+    conn = make_quota.conn()
+    conn.delete(KeySpace().group("g").policy)
+    conn.close()
+    clock.advance(1)
+    assert pod.try_acquire("a", 1, ttl=5.0).reason == "tenant_limit"  # a holds 6, not recovering
+    assert not pod.snapshot("g").recovering
+    assert a.renew(10.0).reason == "renewed"
+    assert b.release().state == "released"
+    assert pod.try_acquire("b", 4, ttl=5.0).admitted
+
+
 def test_release_after_its_expiry_was_evicted_gives_the_units_back(make_quota: MakeClient) -> None:
     """Only exp is evicted, and a holder releases before any acquire notices: the release
     used to fail with a Lua error (no expiry to compare); it frees the units, and the next

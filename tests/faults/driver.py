@@ -351,6 +351,8 @@ class Run:
         admin: Any = server.client()
         junk = 0
         tag = self._local_tag(admin)
+        ours = set(admin.keys("rq:*"))  # the library's keys here, to name what an eviction took
+        lost: set[bytes] = set()
         try:
             used = int(admin.info("memory")["used_memory"])
             limit = used + 512 * 1024
@@ -368,13 +370,17 @@ class Run:
                 if any(isinstance(r, Exception) for r in replies):
                     break
             time.sleep(hold)
+            lost = ours - set(admin.keys("rq:*"))
         finally:
             for start in range(0, junk, 500):
                 admin.delete(*[f"junk:{tag}:{i}" for i in range(start, min(junk, start + 500))])
             admin.config_set("maxmemory", 0)
             admin.config_set("maxmemory-policy", "noeviction")
             admin.close()
-        return {"junk_keys": junk, "hold": hold, "maxmemory": limit}
+        detail: dict[str, Any] = {"junk_keys": junk, "hold": hold, "maxmemory": limit}
+        if evict:  # keys the eviction took (some may have been re-created meanwhile)
+            detail["lost_keys"] = sorted(k.decode() for k in lost)
+        return detail
 
     def _local_tag(self, admin: Any) -> str:
         """A hash tag this server serves (in a cluster it refuses keys of other slots)."""
