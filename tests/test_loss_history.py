@@ -4,16 +4,19 @@ DESIGN §4 (capacity and ceilings) must hold through the losses of docs/failure-
 any key of a group may vanish between two calls (eviction under ``allkeys-*``, a restart
 without persistence, ``FLUSHALL``), alone or with others, the policy hash included, which
 pods restore as ``ratequota.clients.router`` does (``recover_ms`` = the group's
-``max_lease_ttl``). Hypothesis draws the histories: acquires (some waiting), releases,
-renewals, clock steps and losses. The check is this file's own bookkeeping, not the
-library's: the leases the pods were granted and still run (not released, not past the
-expiry their last grant or renewal gave, not told ``lost`` or ``fenced`` by a renewal). At
-every admission, those leases plus the new one must fit the capacity and the tenant's
-ceiling. The same property runs on fakeredis and on a real redis-server.
+``max_lease_ttl``). Hypothesis draws the histories: acquires (some waiting, then retried
+with their request id or withdrawn), batches of acquires and of releases as the async
+client merges them, releases, renewals, clock steps and losses.
 
-The long fault run found the case this pins (a policy lost while the group recovered from
-an earlier loss: the restore forgot the window and the group admitted a full capacity on
-top of the leases still running).
+The check is this file's own bookkeeping, not the library's: the leases the pods were
+granted and still run (not released, not past the expiry their last grant or renewal gave,
+not told ``lost`` or ``fenced`` by a renewal). At every admission, those leases plus the
+new one must fit the capacity and the tenant's ceiling. The same property runs on
+fakeredis and on a real redis-server.
+
+Looking into a failed long fault run found the case the last test pins: a policy lost
+while the group recovered from an earlier loss. The restore forgot the window, and the
+group admitted a full capacity on top of the leases still running.
 """
 
 from __future__ import annotations
@@ -30,7 +33,14 @@ from hypothesis import strategies as st
 from ratequota.decision import LeaseInfo
 from ratequota.engine.keys import KeySpace
 from ratequota.engine.ops import ScriptCall
-from ratequota.engine.protocol import acquire_call, apply_policy_call, release_call, renew_call
+from ratequota.engine.protocol import (
+    acquire_call,
+    acquire_many_call,
+    apply_policy_call,
+    release_call,
+    release_many_call,
+    renew_call,
+)
 from ratequota.policy import GroupPolicy, TenantPolicy
 from tests.servers import RedisServer
 
@@ -60,7 +70,14 @@ operations = st.lists(
             st.sampled_from([800, 1500, 2500]),  # ttl ms
             st.booleans(),  # wait
         ),
+        st.tuples(st.just("retry"), st.integers(0, 20)),
+        st.tuples(st.just("withdraw"), st.integers(0, 20)),
+        st.tuples(
+            st.just("batch"),
+            st.lists(st.tuples(st.integers(0, 2), st.integers(1, 3), st.booleans()), max_size=3),
+        ),
         st.tuples(st.just("release"), st.integers(0, 20)),
+        st.tuples(st.just("release_many"), st.integers(1, 3)),
         st.tuples(st.just("renew"), st.integers(0, 20)),
         st.tuples(st.just("advance"), st.sampled_from([1, 5, 20, 100, 400, 1500])),
         st.tuples(st.just("lose"), st.sets(st.sampled_from(KEYS), min_size=1, max_size=2)),
@@ -97,36 +114,76 @@ def run_history(conn: Any, ops: list[tuple[Any, ...]]) -> int:
     def call(made: ScriptCall) -> Any:
         return conn.eval(made.script.source, len(made.keys), *made.keys, *made.args)
 
+    def decided(made: ScriptCall) -> Any:
+        """The call's reply; a lost policy is restored first, as a pod restores it."""
+        reply = call(made)
+        first = reply if made.script.name == "acquire" else (reply or [[0]])[0]
+        if first[0] == -1 and first[1] == b"no_policy":
+            recover_ms = round(POLICY.max_lease_ttl * 1000)
+            call(apply_policy_call(keyspace, POLICY, recover_ms=recover_ms, now_ms=now))
+            reply = call(made)
+        return reply
+
     now = START_MS
     call(apply_policy_call(keyspace, POLICY, now_ms=now))
     running = Running()
+    waiting: dict[str, tuple[str, int]] = {}  # request id -> (tenant, units), registered
     admitted = serial = 0
+
+    def settle(lease_id: str, tenant: str, units: int, wait: bool, reply: Any) -> None:
+        nonlocal admitted
+        if reply[0] == 1 and reply[10] == 0:  # admitted now, not a replay
+            running.check_admission(tenant, units, now)
+            running.leases[lease_id] = (tenant, units, int(reply[3]), int(reply[2]))
+            admitted += 1
+        if reply[0] == 1:
+            waiting.pop(lease_id, None)
+        elif wait and reply[1] in (b"tenant_limit", b"group_full"):
+            waiting[lease_id] = (tenant, units)
+
     for op in ops:
         running.expire(now)
         kind = op[0]
-        held = sorted(running.leases)
-        if kind == "acquire":
-            _, who, units, ttl, wait = op
-            tenant = TENANTS[who]
-            serial += 1
+        held, pending = sorted(running.leases), sorted(waiting)
+        if kind in ("acquire", "retry") and (kind == "acquire" or pending):
+            if kind == "acquire":
+                _, who, units, ttl, wait = op
+                tenant = TENANTS[who]
+                serial += 1
+                lease_id = f"r{serial}"
+            else:
+                lease_id = pending[op[1] % len(pending)]
+                (tenant, units), ttl, wait = waiting[lease_id], 1500, True
             made = acquire_call(
-                keyspace, GROUP, tenant, units, f"r{serial}", ttl,
+                keyspace, GROUP, tenant, units, lease_id, ttl,
                 wait=wait, pending_ms=2000, purge=2, now_ms=now,
             )  # fmt: skip
-            reply = call(made)
-            if reply[0] == -1 and reply[1] == b"no_policy":  # a pod restores it, then retries
-                recover_ms = round(POLICY.max_lease_ttl * 1000)
-                call(apply_policy_call(keyspace, POLICY, recover_ms=recover_ms, now_ms=now))
-                reply = call(made)
-            if reply[0] == 1:
-                running.check_admission(tenant, units, now)
-                running.leases[f"r{serial}"] = (tenant, units, int(reply[3]), int(reply[2]))
-                admitted += 1
+            settle(lease_id, tenant, units, wait, decided(made))
+        elif kind == "batch" and op[1]:
+            requests = []
+            for who, units, wait in op[1]:
+                serial += 1
+                requests.append((TENANTS[who], units, f"r{serial}", 1500, wait))
+            many = acquire_many_call(keyspace, GROUP, requests, pending_ms=2000, purge=2,
+                                     now_ms=now)  # fmt: skip
+            for (tenant, units, lease_id, _, wait), reply in zip(
+                requests, decided(many), strict=True
+            ):
+                settle(lease_id, tenant, units, wait, reply)
+        elif kind == "withdraw" and pending:
+            lease_id = pending[op[1] % len(pending)]
+            tenant, _ = waiting.pop(lease_id)
+            call(release_call(keyspace, GROUP, lease_id, tenant=tenant, token=0, purge=2,
+                              now_ms=now))  # fmt: skip
         elif kind == "release" and held:
             lease_id = held[op[1] % len(held)]
             tenant, _, token, _ = running.leases.pop(lease_id)
             call(release_call(keyspace, GROUP, lease_id, tenant=tenant, token=token, purge=2,
                               now_ms=now))  # fmt: skip
+        elif kind == "release_many" and held:
+            ended = [(i, *running.leases.pop(i)[::2]) for i in held[: op[1]]]
+            call(release_many_call(keyspace, GROUP, [(i, t, k) for i, t, k in ended], purge=2,
+                                   now_ms=now))  # fmt: skip
         elif kind == "renew" and held:
             lease_id = held[op[1] % len(held)]
             tenant, units, token, expiry = running.leases[lease_id]
