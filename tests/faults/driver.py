@@ -353,6 +353,9 @@ class Run:
         tag = self._local_tag(admin)
         ours = set(admin.keys("rq:*"))  # the library's keys here, to name what an eviction took
         lost: set[bytes] = set()
+        filled: set[bytes] = set()
+        policies = sorted(k for k in ours if k.endswith(b":policy") and b":v2:" in k)
+        windows = [self._window_fields(admin, policies)]
         try:
             used = int(admin.info("memory")["used_memory"])
             limit = used + 512 * 1024
@@ -369,8 +372,11 @@ class Run:
                 replies = pipe.execute(raise_on_error=False)
                 if any(isinstance(r, Exception) for r in replies):
                     break
+            filled = ours - set(admin.keys("rq:*"))  # taken by the junk writes
+            windows.append(self._window_fields(admin, policies))
             time.sleep(hold)
             lost = ours - set(admin.keys("rq:*"))
+            windows.append(self._window_fields(admin, policies))
         finally:
             for start in range(0, junk, 500):
                 admin.delete(*[f"junk:{tag}:{i}" for i in range(start, min(junk, start + 500))])
@@ -380,7 +386,19 @@ class Run:
         detail: dict[str, Any] = {"junk_keys": junk, "hold": hold, "maxmemory": limit}
         if evict:  # keys the eviction took (some may have been re-created meanwhile)
             detail["lost_keys"] = sorted(k.decode() for k in lost)
+            detail["lost_at_fill"] = sorted(k.decode() for k in filled)
+            # busy / recover of each policy hash here: before, after the fill, at the end.
+            detail["windows"] = windows
         return detail
+
+    @staticmethod
+    def _window_fields(admin: Any, policies: list[bytes]) -> dict[str, list[str | None]]:
+        """Each policy hash's ``busy`` and ``recover`` now (None: field or hash missing)."""
+        out: dict[str, list[str | None]] = {}
+        for key in policies:
+            values = admin.hmget(key, "busy", "recover")
+            out[key.decode()] = [v.decode() if v is not None else None for v in values]
+        return out
 
     def _local_tag(self, admin: Any) -> str:
         """A hash tag this server serves (in a cluster it refuses keys of other slots)."""
