@@ -51,8 +51,8 @@ local function acquire_cache(tenant, id, dem, ent)
     {['L' .. id] = ent[1], ['P' .. id] = ent[2]}
 end
 
--- A decision's new fair state when its level needs no walk, from the stored text alone:
--- tenant `spec` (false: not in the policy, no terms) goes from demand d0 to d1, and the
+-- A decision's new fair state when its level needs no walk, from the stored text alone
+-- (`text`, demand's field g; false when absent): tenant `spec` (false: not in the policy, no terms) goes from demand d0 to d1, and the
 -- group's units held change by du. The sums move by the tenant's terms as change_demand
 -- moves them; the level and its base/slope split are neither read nor moved, since the level
 -- the sums give (ended_level) sets them all, as level_ends would. The text is the one flush
