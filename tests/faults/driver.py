@@ -1,7 +1,10 @@
 """The fault driver: real redis-servers, pod processes, faults on a seeded schedule, snapshots.
 
 ``python -m tests.faults.driver [--profile short|long] [--topology shards|cluster] [--seed N]
-[--flags fenced-reassert] [--dir D]``
+[--flags fenced-reassert] [--faults KIND,...] [--dir D]``
+
+``--faults`` draws only the named kinds (each one the topology can inject), to chase
+one fault's failure with more of its occurrences per run.
 
 One run:
 
@@ -654,6 +657,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--flags", default=None, help=f"comma-separated: {sorted(profiles.FLAGS)}")
     parser.add_argument("--topology", choices=("shards", "cluster"), default="shards")
+    parser.add_argument(
+        "--faults", default=None, help="comma-separated fault kinds to draw (default: all)"
+    )
     parser.add_argument("--dir", type=Path, default=None)
     args = parser.parse_args(argv)
     env = dict(os.environ)
@@ -664,6 +670,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.flags is not None:
         env["RATEQUOTA_FAULTS_FLAGS"] = args.flags
     profile = profiles.from_environment(env, args.topology)
+    if args.faults is not None:
+        profile = profiles.only_faults(profile, args.faults.split(","))
     directory, report = run_profile(profile, args.dir)
     print(f"run directory: {directory}")
     print(report.summary())

@@ -195,3 +195,14 @@ def with_flags(profile: Profile, flags: frozenset[str]) -> Profile:
         if f not in profile.faults and not (profile.topology == "cluster" and f in SHARD_ONLY)
     )
     return replace(profile, faults=profile.faults + extra, flags=profile.flags | flags)
+
+
+def only_faults(profile: Profile, kinds: list[str]) -> Profile:
+    """``profile`` drawing only ``kinds``: a clear error for a kind it cannot inject."""
+    chosen = tuple(k.strip() for k in kinds if k.strip())
+    unknown = sorted(set(chosen) - set(profile.faults))
+    if not chosen or unknown:
+        raise ValueError(
+            f"faults: {unknown or 'none named'} not among this topology's {sorted(profile.faults)}"
+        )
+    return replace(profile, faults=chosen)

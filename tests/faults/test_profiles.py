@@ -79,3 +79,19 @@ def test_both_topologies_run_sync_and_async_pods() -> None:
     """The cluster run has async pods too (the old ``async-cluster`` flag), as the shard run."""
     assert profiles.from_environment({}, topology="cluster").modes == ("sync", "async")
     assert profiles.from_environment({}).modes == ("sync", "async")
+
+
+def test_only_faults_narrows_the_draw_and_refuses_what_the_topology_cannot_inject() -> None:
+    """``--faults``: the named kinds only; a kind of the other topology, a typo or an empty
+    list is a clear error, not a run that silently injects nothing."""
+    shards = profiles.from_environment({})
+    cluster = profiles.from_environment({}, topology="cluster")
+    narrowed = profiles.only_faults(shards, ["maxmemory_evict", " pod_kill "])
+    assert narrowed.faults == ("maxmemory_evict", "pod_kill")
+    assert narrowed.seed == shards.seed
+    with pytest.raises(ValueError, match="redis_restart_empty"):
+        profiles.only_faults(cluster, ["redis_restart_empty"])
+    with pytest.raises(ValueError, match="evict_typo"):
+        profiles.only_faults(shards, ["evict_typo"])
+    with pytest.raises(ValueError, match="none named"):
+        profiles.only_faults(shards, [""])
