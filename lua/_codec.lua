@@ -53,26 +53,40 @@ local function int(x)
   return string.format('%d', x)
 end
 
--- Tenant spec "G|lendable|B|weight|max_units"; keep is the never-lent part G(1-l).
-local function parse_spec(spec)
+-- Tenant spec "G|lendable|B|weight|max_units" as numbers: G, lendable, the ceiling G + B,
+-- weight, max_units, and keep, the never-lent part G(1-l). Fields rather than a table, for
+-- the fast paths (a table costs them more than the arithmetic); parse_spec gathers them.
+local function spec_fields(spec)
   local g, l, b, w, m = string.match(spec, '^([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)$')
   local guarantee, lendable = g - 0, l - 0
   local ceiling = math.huge
   if b ~= '' then ceiling = guarantee + b end
   local max_units = math.huge
   if m ~= '' then max_units = m - 0 end
-  return {g = guarantee, l = lendable, ceil = ceiling, w = w - 0, max = max_units,
-          keep = guarantee * (1 - lendable)}
+  return guarantee, lendable, ceiling, w - 0, max_units, guarantee * (1 - lendable)
+end
+
+local function parse_spec(spec)
+  local g, l, ceil, w, max_units, keep = spec_fields(spec)
+  return {g = g, l = l, ceil = ceil, w = w, max = max_units, keep = keep}
+end
+
+-- The policy header's fields: schema, version, capacity, max_lease_ttl (ms), unknown, reserve
+-- (numbers but unknown) and the default tenant's spec (text). As spec_fields: parse_header
+-- gathers them.
+local function header_fields(hdr)
+  local schema, version, c, ttl, unknown, reserve, default =
+    string.match(hdr, '^(%d+)|(%d+)|(%d+)|(%d+)|(%a+)|([^|]+)|(.*)$')
+  return schema - 0, version - 0, c - 0, ttl - 0, unknown, reserve - 0, default
 end
 
 -- The policy header, one field so that it and a tenant's spec are one HMGET, with the fields
 -- the decisions write that are read beside it (text, or false when absent: busy, recover and
 -- fence then read 0), in one table built whole rather than grown.
 local function parse_header(hdr, busy, recover, fence, led_ok)
-  local schema, version, c, ttl, unknown, reserve, default =
-    string.match(hdr, '^(%d+)|(%d+)|(%d+)|(%d+)|(%a+)|([^|]+)|(.*)$')
-  return {schema = schema - 0, version = version - 0, capacity = c - 0, ttl = ttl - 0,
-          unknown = unknown, reserve = reserve - 0, default = default,
+  local schema, version, c, ttl, unknown, reserve, default = header_fields(hdr)
+  return {schema = schema, version = version, capacity = c, ttl = ttl,
+          unknown = unknown, reserve = reserve, default = default,
           busy = busy and busy - 0 or 0, recover = recover and recover - 0 or 0,
           fence = fence and fence - 0 or 0, led_ok = led_ok}
 end

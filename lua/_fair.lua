@@ -2,7 +2,7 @@
 -- script before _codec.lua, _state.lua and _lib.lua.
 --
 -- Mirrors ratequota/fairness.py function by function:
---   claim_lo / claim_up   Claim.lo / Claim.up
+--   claim_bounds          Claim.lo and Claim.up, from a spec's fields
 --   water_level           fairness._water_level (the from-scratch walk, used by snapshot and
 --                         by apply_policy's rebuild)
 --   clamp_limit           the L_j = clamp(level * w_j, lo_j, up_j) of fairness.solve
@@ -14,25 +14,40 @@
 local EPSILON = 1e-9
 local INF = math.huge
 
--- What tenant `s` keeps whatever the others do: max(G(1-l), min(d, G)).
-local function claim_lo(s, d)
-  return math.max(s.keep, math.min(d, s.g))
-end
-
--- What tenant `s` could use: min(G + B, max(d, lo)).
-local function claim_up(s, d, lo)
-  return math.min(s.ceil, math.max(d, lo))
+-- A tenant's bounds at demand d, from its spec's never-lent part `keep` = G(1-l), guarantee
+-- `g` and ceiling `ceil` = G + B (fields, not a spec table: the fast paths build none): what
+-- it keeps whatever the others do, lo = max(G(1-l), min(d, G)), and what it could use,
+-- up = min(G + B, max(d, lo)).
+-- Comparisons rather than math.max and math.min, each written as Lua's own: max(a, b) is b
+-- when b > a, else a; min(a, b) is b when b < a, else a. A math call costs a script inside
+-- Redis as much as a dozen comparisons, and the fast paths make these on every call.
+local function claim_bounds(keep, g, ceil, d)
+  local m = d
+  if g < d then m = g end  -- min(d, g)
+  local lo = keep
+  if m > keep then lo = m end  -- max(keep, min(d, g))
+  local x = d
+  if lo > d then x = lo end  -- max(d, lo)
+  local up = ceil
+  if x < ceil then up = x end  -- min(ceil, max(d, lo))
+  return lo, up
 end
 
 -- L = clamp(level * w, lo, up); level may be INF (every tenant at its ceiling).
 local function clamp_limit(level, w, lo, up)
-  return math.min(math.max(level * w, lo), up)
+  local x = level * w
+  if lo > x then x = lo end  -- max(level * w, lo)
+  if up < x then x = up end  -- min(that, up)
+  return x
 end
 
 -- The units the active tenants share: min(C, Σup + idle) - idle, idle = idle tenants' reserve.
 local function target_of(capacity, reserve_total, active_reserve, sum_up)
-  local idle = math.max(0, reserve_total - active_reserve)
-  return math.min(capacity, sum_up + idle) - idle
+  local idle = 0
+  if reserve_total - active_reserve > 0 then idle = reserve_total - active_reserve end
+  local top = capacity
+  if sum_up + idle < capacity then top = sum_up + idle end  -- min(C, Σup + idle)
+  return top - idle
 end
 
 -- Smallest level with Σ clamp(level*w, lo, up) = target, from scratch over `rows`
@@ -82,10 +97,15 @@ end
 -- Only digits below 2^-52 of a term are dropped (weights, G(1-l)), the same way every time.
 local P52 = 4503599627370496
 
+-- floor(y) for a finite y >= 0 is y - y % 1, exactly (y % 1 is y - floor(y), exact for
+-- doubles), without math.floor's call.
 local function exact_add(h, l, x, sign)
-  local xh = math.floor(x)
+  local xh = x - x % 1
   local xl = 0
-  if xh ~= x then xl = math.floor((x - xh) * P52) end  -- whole terms (most) have no fraction
+  if xh ~= x then  -- whole terms (most) have no fraction
+    xl = (x - xh) * P52
+    xl = xl - xl % 1
+  end
   if sign > 0 then
     h, l = h + xh, l + xl
     if l >= P52 then h, l = h + 1, l - P52 end

@@ -52,41 +52,42 @@ local function acquire_cache(tenant, id, dem, ent)
 end
 
 -- A decision's new fair state when its level needs no walk, from the stored text alone
--- (`text`, demand's field g; false when absent): tenant `spec` (false: not in the policy, no terms) goes from demand d0 to d1, and the
--- group's units held change by du. The sums move by the tenant's terms as change_demand
--- moves them; the level and its base/slope split are neither read nor moved, since the level
--- the sums give (ended_level) sets them all, as level_ends would. The text is the one flush
--- would write for that state (pack_state; false: all zero, no field), each field that did
--- not change keeping the text it was read from: pack_state wrote it, with the '%d' digits it
--- would write now. Returns the level (nil, and nothing else, when it needs a walk), the
--- text, the tenant's bounds before and after (change_demand's) and the units held before.
-local function ended_state(text, policy, spec, d0, d1, du)
+-- (`text`, demand's field g; false when absent), under a policy of `capacity` and `reserve`:
+-- a tenant (its spec's fields keep, g, ceil; g nil: not in the policy, no terms) goes from
+-- demand d0 to d1, and the group's units held change by du. The sums move by the tenant's
+-- terms as change_demand moves them; the level and its base/slope split are neither read nor
+-- moved, since the level the sums give (ended_level) sets them all, as level_ends would. The
+-- text is the one flush would write for that state (pack_state; false: all zero, no field),
+-- each field that did not change keeping the text it was read from: pack_state wrote it,
+-- with the '%d' digits it would write now. Returns the level (nil, and nothing else, when it
+-- needs a walk), the text, the tenant's bounds before (lo0, up0) and after (lo1, up1; nil
+-- where change_demand's would be) and the units held before. Numbers, not tables: a table
+-- costs a fast path more than all this arithmetic.
+local function ended_state(text, capacity, reserve, keep, g, ceil, d0, d1, du)
   local t_loh, t_lol, t_uph, t_upl, t_kh, t_kl, t_used =
     string.match(text or EMPTY_STATE, STATE_SUMS)
   local loh, lol, uph, upl, kh, kl = t_loh - 0, t_lol - 0, t_uph - 0, t_upl - 0, t_kh - 0, t_kl - 0
   local used = t_used - 0
   local nloh, nlol, nuph, nupl, nkh, nkl = loh, lol, uph, upl, kh, kl
-  local before, after
-  if spec and d0 > 0 then
-    local lo = claim_lo(spec, d0)
-    before = {lo = lo, up = claim_up(spec, d0, lo)}
-    nloh, nlol = exact_add(nloh, nlol, before.lo, -1)
-    nuph, nupl = exact_add(nuph, nupl, before.up, -1)
-    nkh, nkl = exact_add(nkh, nkl, spec.keep, -1)
+  local lo0, up0, lo1, up1
+  if g and d0 > 0 then
+    lo0, up0 = claim_bounds(keep, g, ceil, d0)
+    nloh, nlol = exact_add(nloh, nlol, lo0, -1)
+    nuph, nupl = exact_add(nuph, nupl, up0, -1)
+    nkh, nkl = exact_add(nkh, nkl, keep, -1)
   end
-  if spec and d1 > 0 then
-    local lo = claim_lo(spec, d1)
-    after = {lo = lo, up = claim_up(spec, d1, lo)}
-    nloh, nlol = exact_add(nloh, nlol, after.lo, 1)
-    nuph, nupl = exact_add(nuph, nupl, after.up, 1)
-    nkh, nkl = exact_add(nkh, nkl, spec.keep, 1)
+  if g and d1 > 0 then
+    lo1, up1 = claim_bounds(keep, g, ceil, d1)
+    nloh, nlol = exact_add(nloh, nlol, lo1, 1)
+    nuph, nupl = exact_add(nuph, nupl, up1, 1)
+    nkh, nkl = exact_add(nkh, nkl, keep, 1)
   end
-  local level = ended_level(policy, nloh, nlol, nuph, nupl, nkh, nkl)
+  local level = ended_level(capacity, reserve, nloh, nlol, nuph, nupl, nkh, nkl)
   if not level then return nil end
   local nused = used + du
   if level == 0 and nloh == 0 and nlol == 0 and nuph == 0 and nupl == 0 and nkh == 0 and
       nkl == 0 and nused == 0 then
-    return level, false, before, after, used
+    return level, false, lo0, up0, lo1, up1, used
   end
   if nloh ~= loh then t_loh = int(nloh) end
   if nlol ~= lol then t_lol = int(nlol) end
@@ -100,58 +101,57 @@ local function ended_state(text, policy, spec, d0, d1, du)
   local head = '0|' .. t_loh .. '|' .. t_lol
   if level ~= 0 then head = '-1|' .. t_uph .. '|' .. t_upl end
   return level, head .. '|0|0|' .. t_loh .. '|' .. t_lol .. '|' .. t_uph .. '|' .. t_upl ..
-    '|' .. t_kh .. '|' .. t_kl .. '|' .. t_used, before, after, used
+    '|' .. t_kh .. '|' .. t_kl .. '|' .. t_used, lo0, up0, lo1, up1, used
 end
 
 -- Admits a lease that needs no walk from acquire_reads' replies, or returns nil for the
--- general path, with the policy and the tenant's spec when it parsed them (open_group takes
--- them, so a refusal does not parse them twice): a policy of this schema, no meters, the group's state whole and nothing due,
--- no recovery, a new id, a known tenant with nothing waiting, the ledger's hour keys already
--- marked, and a request that fits its tenant limit and the group at a level of 0 or INF.
--- Writes what the general path's hold_trial and flush would, with no ctx: the lease's expiry
--- and entry, the tenant's points, the fencing counter (and busy), the tenant's units with the
--- state's text (ended_state), and the keys' expiry.
+-- general path (which parses the policy again, into the tables it works with): a policy of
+-- this schema, no meters, the group's state whole and nothing due, no recovery, a new id, a
+-- known tenant with nothing waiting, the ledger's hour keys already marked, and a request
+-- that fits its tenant limit and the group at a level of 0 or INF. Writes what the general
+-- path's hold_trial and flush would, with no ctx: the lease's expiry and entry, the tenant's
+-- points, the fencing counter (and busy, as next_fence would), the tenant's units with the
+-- state's text (ended_state), and the keys' expiry. The policy and the spec are read into
+-- locals (header_fields, spec_fields), not tables.
 local function fast_acquire(now, head, dem, ent, present, due)
   if not FAST_PATHS or ARGV[11] ~= '' or present ~= 4 or due or ent[1] or ent[2] or
       (dem[3] and dem[3] - 0 > 0) or not head[1] or not head[2] or
-      head[1] - 0 > tonumber(ARGV[2]) then
+      head[1] - 0 > tonumber(ARGV[2]) or (head[4] and head[4] - 0 > now) then
     return nil
   end
-  local policy = parse_header(head[2], head[3], head[4], head[5], head[6])
+  local _, version, capacity, max_ttl, unknown, reserve, default = header_fields(head[2])
   local text = head[7]
-  if not text and policy.unknown == 'default' then text = policy.default end
-  local spec = text and parse_spec(text) or false
+  if not text and unknown == 'default' then text = default end
+  if not text then return nil end
+  local g, _, ceil, w, max_units, keep = spec_fields(text)
   local units, ttl = tonumber(ARGV[4]), tonumber(ARGV[6])
-  if not spec or policy.recover > now or ttl > policy.ttl or
-      units > math.min(policy.capacity, spec.ceil, spec.max) then
-    return nil, policy, spec
-  end
+  if ttl > max_ttl or units > math.min(capacity, ceil, max_units) then return nil end
   local used = dem[2] and dem[2] - 0 or 0
-  local level, state, before, after, group_used =
-    ended_state(dem[1], policy, spec, used, used + units, units)
-  if not level then return nil, policy, spec end
-  local limit = clamp_limit(level, spec.w, after.lo, after.up)
-  if used + units > limit + EPSILON or group_used + units > policy.capacity then
-    return nil, policy, spec
-  end
+  local level, state, lo0, up0, lo1, up1, group_used =
+    ended_state(dem[1], capacity, reserve, keep, g, ceil, used, used + units, units)
+  if not level then return nil end
+  local limit = clamp_limit(level, w, lo1, up1)
+  if used + units > limit + EPSILON or group_used + units > capacity then return nil end
   -- The ledger's hour keys not yet marked for this pair (ledger_flush): twice an hour.
   local ha, hb = ledger_hours()
-  if policy.led_ok ~= ha .. ':' .. hb then return nil, policy, spec end
-  local tenant, id = ARGV[3], ARGV[5]
+  if head[6] ~= ha .. ':' .. hb then return nil end
+  local tenant, lease = ARGV[3], 'L' .. ARGV[5]
   local expiry = now + ttl
-  local token = next_fence(policy, now, expiry)
-  redis.call('ZADD', KEYS[3], int(expiry), 'L' .. id)
-  redis.call('HSET', KEYS[4], 'L' .. id, entry(units, token, tenant))
-  write_tenant_points(tenant, spec.w, before, after)
-  if policy.busy_dirty then
-    redis.call('HSET', KEYS[1], 'fence', int(token), 'busy', int(policy.busy))
+  local token = math.max((head[5] and head[5] - 0 or 0) + 1, now * 1000)  -- next_fence
+  local busy = head[3] and head[3] - 0 or 0
+  redis.call('ZADD', KEYS[3], int(expiry), lease)
+  redis.call('HSET', KEYS[4], lease, entry(units, token, tenant))
+  write_tenant_points(tenant, w, lo0, up0, lo1, up1)
+  if expiry > busy then
+    busy = expiry
+    redis.call('HSET', KEYS[1], 'fence', int(token), 'busy', int(busy))
   else
     redis.call('HSET', KEYS[1], 'fence', int(token))
   end
   redis.call('HSET', KEYS[2], 'u:' .. tenant, int(used + units), 'g', state)
-  keep_keys(math.max(policy.ttl, policy.busy - now) + KEY_GRACE_MS, true, KEY_GRACE_MS)
-  return {1, 'admitted', expiry, token, used + units, fmt(limit), group_used + units,
-          policy.capacity, 0, policy.version, 0}
+  keep_keys(math.max(max_ttl, busy - now) + KEY_GRACE_MS, true, KEY_GRACE_MS)
+  return {1, 'admitted', expiry, token, used + units, fmt(limit), group_used + units, capacity, 0,
+          version, 0}
 end
 
 -- Ends lease `id` of `tenant` when the call holds its fencing token `token`, as release_one
@@ -179,20 +179,22 @@ local function fast_release(now, id, tenant, token)
   -- lease's own expiry is later than now).
   local first = redis.call('ZRANGE', KEYS[3], '0', '0', 'WITHSCORES')
   if first[2] and first[2] - 0 <= now then return nil, head, ent, dem end
-  local policy = parse_header(head[2], head[3], head[4], head[5], head[6])
+  local _, _, capacity, max_ttl, unknown, reserve, default = header_fields(head[2])
   local text = head[7]
-  if not text and policy.unknown == 'default' then text = policy.default end
-  local spec = text and parse_spec(text) or false
+  if not text and unknown == 'default' then text = default end
+  local g, w, ceil, keep, _
+  if text then g, _, ceil, w, _, keep = spec_fields(text) end
   local used = dem[2] and dem[2] - 0 or 0
   local pending = dem[3] and dem[3] - 0 or 0
-  local level, state, before, after =
-    ended_state(dem[1], policy, spec, used + pending, used - units + pending, -units)
+  local level, state, lo0, up0, lo1, up1 = ended_state(dem[1], capacity, reserve, keep, g, ceil,
+    used + pending, used - units + pending, -units)
   if not level then return nil, head, ent, dem end
-  local led = {now = now, policy = policy}  -- the ctx the ledger's functions take
+  -- The ctx the ledger's functions take: its clock, and the policy's led_ok (ledger_flush).
+  local led = {now = now, policy = {led_ok = head[6]}}
   ledger_ended(led, tenant, units, held_token, expiry - 0)
   redis.call('ZREM', KEYS[3], lease)
   redis.call('HDEL', KEYS[4], lease, 'R' .. id)  -- R: its meter reservations, if any
-  if spec then write_tenant_points(tenant, spec.w, before, after) end
+  if g then write_tenant_points(tenant, w, lo0, up0, lo1, up1) end
   ledger_flush(led)
   local set = false
   if used > units then
@@ -213,7 +215,7 @@ local function fast_release(now, id, tenant, token)
   if set then
     -- flush's expiry: demand's sentinel read before writing and fair's still there tell
     -- that all four keys existed with the expiry they last got together.
-    keep_keys(math.max(policy.ttl, policy.busy - now) + KEY_GRACE_MS,
+    keep_keys(math.max(max_ttl, (head[3] and head[3] - 0 or 0) - now) + KEY_GRACE_MS,
       dem[4] and redis.call('ZSCORE', KEYS[6], FAIR_ANCHOR) ~= false, KEY_GRACE_MS)
   end
   return {'released', units}

@@ -34,24 +34,18 @@ end
 
 -- The policy header and the specs of `names` from `raw`, read_header's reply (the caller reads
 -- it: acquire's fast path with its other reads, without linking read_header); nil plus an
--- error reply when the group has no policy or one written by a newer schema. `policy` and
--- `spec`, when given, are raw's header and the first name's spec already parsed (by a fast
--- path that then fell through, after checking the schema).
-local function open_group(now, schema, names, raw, policy, spec)
-  if not policy then
-    if not raw[1] then
-      return nil, {-1, 'no_policy', 0, 0, 0, '0', 0, 0, 0, 0, 0}
-    end
-    if raw[1] - 0 > tonumber(schema) then
-      return nil, {-1, 'schema', 0, 0, 0, '0', 0, 0, 0, tonumber(raw[1]), 0}
-    end
-    policy = parse_header(raw[2], raw[3], raw[4], raw[5], raw[6])
+-- error reply when the group has no policy or one written by a newer schema.
+local function open_group(now, schema, names, raw)
+  if not raw[1] then
+    return nil, {-1, 'no_policy', 0, 0, 0, '0', 0, 0, 0, 0, 0}
   end
-  local ctx = open_ctx(now, policy)
-  if spec ~= nil then ctx.specs[names[1]] = spec end
+  if raw[1] - 0 > tonumber(schema) then
+    return nil, {-1, 'schema', 0, 0, 0, '0', 0, 0, 0, tonumber(raw[1]), 0}
+  end
+  local policy = parse_header(raw[2], raw[3], raw[4], raw[5], raw[6])
   local ctx = open_ctx(now, policy)
   for i, name in ipairs(names) do
-    if ctx.specs[name] == nil then
+    if ctx.specs[name] == nil then  -- a batch may name a tenant many times
       local spec = raw[i + 6]
       if not spec and policy.unknown == 'default' then spec = policy.default end
       ctx.specs[name] = spec and parse_spec(spec) or false
@@ -167,8 +161,8 @@ end
 
 -- A tenant's limit at the state's level (no walk: the level is already the one for it).
 local function limit_at(st, spec, d)
-  local lo = claim_lo(spec, d)
-  return clamp_limit(st.lam, spec.w, lo, claim_up(spec, d, lo))
+  local lo, up = claim_bounds(spec.keep, spec.g, spec.ceil, d)
+  return clamp_limit(st.lam, spec.w, lo, up)
 end
 
 -- Commits a trial decision that admits `units` for `tenant`, none of them waiting before:

@@ -134,13 +134,13 @@ end
 local function change_demand(st, spec, d0, d1)
   local before, after
   if d0 > 0 then
-    local lo = claim_lo(spec, d0)
-    before = {lo = lo, up = claim_up(spec, d0, lo)}
+    local lo, up = claim_bounds(spec.keep, spec.g, spec.ceil, d0)
+    before = {lo = lo, up = up}
     tenant_terms(st, before.lo, before.up, spec.w, spec.keep, -1)
   end
   if d1 > 0 then
-    local lo = claim_lo(spec, d1)
-    after = {lo = lo, up = claim_up(spec, d1, lo)}
+    local lo, up = claim_bounds(spec.keep, spec.g, spec.ceil, d1)
+    after = {lo = lo, up = up}
     tenant_terms(st, after.lo, after.up, spec.w, spec.keep, 1)
   end
   return before, after
@@ -165,25 +165,26 @@ local function move_points(ctx, tenant, w, before, after)
   end
 end
 
--- Writes one tenant's points as a call found them (bounds `before`, false: none) and leaves
--- them (`after`), at weight `w`. The members' numbers are formatted once each: w, and a
--- bound that did not move, serve both. The scores go as numbers: redis.call sends a number
--- as '%.17g', the text fmt writes, and a score is stored as the double it reads anyway.
-local function write_tenant_points(tenant, w, before, after)
-  if before and after and before.lo == after.lo and before.up == after.up then return end
+-- Writes one tenant's points as a call found them (bounds lo0, up0; nil: none) and leaves
+-- them (lo1, up1; nil: none), at weight `w`. Bounds as numbers, not tables: the fast paths
+-- build none. The members' numbers are formatted once each: w, and a bound that did not
+-- move, serve both. The scores go as numbers: redis.call sends a number as '%.17g', the text
+-- fmt writes, and a score is stored as the double it reads anyway.
+local function write_tenant_points(tenant, w, lo0, up0, lo1, up1)
+  if lo0 and lo1 and lo0 == lo1 and up0 == up1 then return end
   local tw, tlo, tup = fmt(w), nil, nil
-  if before and before.up > before.lo then
-    tlo, tup = fmt(before.lo), fmt(before.up)
+  if lo0 and up0 > lo0 then
+    tlo, tup = fmt(lo0), fmt(up0)
     redis.call('ZREM', KEYS[6], point_members(tlo, tup, tw, tenant))
   end
-  if after and after.up > after.lo then
-    if not (tlo and before.lo == after.lo) then tlo = fmt(after.lo) end
-    if not (tup and before.up == after.up) then tup = fmt(after.up) end
+  if lo1 and up1 > lo1 then
+    if not (tlo and lo0 == lo1) then tlo = fmt(lo1) end
+    if not (tup and up0 == up1) then tup = fmt(up1) end
     local l, u = point_members(tlo, tup, tw, tenant)
     if w == 1 then  -- the scores are the bounds, whose text is at hand
       redis.call('ZADD', KEYS[6], tlo, l, tup, u)
     else
-      redis.call('ZADD', KEYS[6], after.lo / w, l, after.up / w, u)
+      redis.call('ZADD', KEYS[6], lo1 / w, l, up1 / w, u)
     end
   end
 end
@@ -191,7 +192,11 @@ end
 -- Writes the recorded moves, once per tenant (the policy, and so w, is the same throughout a
 -- call).
 local function write_points(ctx)
-  for tenant, m in pairs(ctx.moved) do write_tenant_points(tenant, m.w, m.first, m.last) end
+  for tenant, m in pairs(ctx.moved) do
+    local first, last = m.first, m.last
+    write_tenant_points(tenant, m.w, first and first.lo, first and first.up, last and last.lo,
+      last and last.up)
+  end
   ctx.moved = {}
 end
 
@@ -357,9 +362,9 @@ end
 -- The level that the sums Σlo, Σup and Σ G(1-l) (as exact pairs) give with no walk: 0 when
 -- the floors already take the target, INF when every ceiling fits; nil and the target
 -- otherwise.
-local function ended_level(policy, loh, lol, uph, upl, kh, kl)
+local function ended_level(capacity, reserve, loh, lol, uph, upl, kh, kl)
   local sum_lo, sum_up = exact_value(loh, lol), exact_value(uph, upl)
-  local target = target_of(policy.capacity, policy.reserve, exact_value(kh, kl), sum_up)
+  local target = target_of(capacity, reserve, exact_value(kh, kl), sum_up)
   if target <= sum_lo then return 0 end
   if target >= sum_up then return INF end
   return nil, target
@@ -368,7 +373,8 @@ end
 -- Sets the level of `st` when its sums alone give it (ended_level), the base and slope with
 -- it. Returns false and the target otherwise.
 local function level_ends(st, policy)
-  local level, target = ended_level(policy, st.loh, st.lol, st.uph, st.upl, st.kh, st.kl)
+  local level, target = ended_level(policy.capacity, policy.reserve, st.loh, st.lol, st.uph,
+    st.upl, st.kh, st.kl)
   if level == 0 then
     st.lam, st.bh, st.bl, st.wh, st.wl = 0, st.loh, st.lol, 0, 0
   elseif level then

@@ -56,13 +56,13 @@
 
 local now = now_ms(ARGV[1])
 local head, dem, ent, present, due = acquire_reads(now, ARGV[3], ARGV[5])
-local fast, policy, spec = fast_acquire(now, head, dem, ent, present, due)
+local fast = fast_acquire(now, head, dem, ent, present, due)
 if fast then
   return fast
 end
 -- end of the fast path
 
-local ctx, err = open_group(now, ARGV[2], {ARGV[3]}, head, policy, spec)
+local ctx, err = open_group(now, ARGV[2], {ARGV[3]}, head)
 if not ctx then return err end
 ctx.cache, ctx.entries = acquire_cache(ARGV[3], ARGV[5], dem, ent)
 ctx.present, ctx.due = present, due

@@ -178,8 +178,8 @@ for _, name in ipairs(names) do
   if not text and policy.unknown == 'default' then text = policy.default end
   if text and demand[name] > 0 then
     local s = parse_spec(text)
-    local lo = claim_lo(s, demand[name])
-    local r = {name = name, lo = lo, up = claim_up(s, demand[name], lo), w = s.w, keep = s.keep}
+    local lo, up = claim_bounds(s.keep, s.g, s.ceil, demand[name])
+    local r = {name = name, lo = lo, up = up, w = s.w, keep = s.keep}
     rows[#rows + 1] = r
     st.loh, st.lol = exact_add(st.loh, st.lol, r.lo, 1)
     st.uph, st.upl = exact_add(st.uph, st.upl, r.up, 1)

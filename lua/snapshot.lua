@@ -69,8 +69,8 @@ local rows, sum_lo, sum_up, active_reserve = {}, 0, 0, 0
 for _, name in ipairs(names) do
   local s = ctx.specs[name]
   if s then
-    local lo = claim_lo(s, demand[name])
-    local r = {name = name, lo = lo, up = claim_up(s, demand[name], lo), w = s.w}
+    local lo, up = claim_bounds(s.keep, s.g, s.ceil, demand[name])
+    local r = {name = name, lo = lo, up = up, w = s.w}
     rows[#rows + 1] = r
     sum_lo, sum_up, active_reserve = sum_lo + r.lo, sum_up + r.up, active_reserve + s.keep
   end
