@@ -137,7 +137,7 @@ local function fast_acquire(now, head, dem, ent, present, due)
   if head[6] ~= ha .. ':' .. hb then return nil end
   local tenant, lease = ARGV[3], 'L' .. ARGV[5]
   local expiry = now + ttl
-  local token = math.max((head[5] and head[5] - 0 or 0) + 1, now * 1000)  -- next_fence
+  local token = token_after(head[5] and head[5] - 0 or 0, now)  -- as next_fence
   local busy = head[3] and head[3] - 0 or 0
   redis.call('ZADD', KEYS[3], int(expiry), lease)
   redis.call('HSET', KEYS[4], lease, entry(units, token, tenant))

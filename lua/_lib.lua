@@ -61,8 +61,16 @@ end
 -- floor is Redis time in ms x 1000, which grows by 1000 per ms, so tokens never go back
 -- across a loss unless the group handed out more than 1000 tokens per ms for longer than
 -- the outage lasted (or the server's clock went back). Exact in doubles until 2255.
+-- token_after: the token itself, from the counter `fence` (acquire's fast path, which keeps
+-- the counter in a local).
+local function token_after(fence, now)
+  local floor = now * 1000
+  if fence + 1 > floor then return fence + 1 end
+  return floor
+end
+
 local function next_fence(policy, now, expiry)
-  local token = math.max(policy.fence + 1, now * 1000)
+  local token = token_after(policy.fence, now)
   policy.fence, policy.fence_dirty = token, true
   if expiry and expiry > policy.busy then policy.busy, policy.busy_dirty = expiry, true end
   return token
