@@ -10,7 +10,9 @@ not. This starts its own redis-server under ``valgrind --tool=callgrind`` (about
 fifty times slower, so the runs are short), and for each measure zeroes the
 counters, runs the calls, dumps and reads the total: instructions (``Ir``) the
 server executed per call — the script, the commands it issues, the network
-handling — beside a trivial ``EVALSHA "return 1"`` measured the same way.
+handling — beside a trivial ``EVALSHA "return 1"`` measured the same way: an
+admitted ``acquire`` (``--calls`` leases held at once), a ``renew`` of each, then
+its ``release``.
 Instructions are not time (cache misses and the kernel are not counted), but a
 change that removes work shows here whatever the machine is doing.
 
@@ -225,6 +227,10 @@ def main(argv: list[str] | None = None) -> int:
             for i in range(calls):
                 held.append(quota.try_acquire(f"a{i % TENANTS}", 1).lease)
 
+        def renew() -> None:
+            for lease in held:
+                quota.renew(lease)  # type: ignore[arg-type]
+
         def release() -> None:
             for lease in held:
                 quota.release(lease)  # type: ignore[arg-type]
@@ -232,9 +238,10 @@ def main(argv: list[str] | None = None) -> int:
         sha = conn.script_load("return 1")
         trivial = server.instructions(lambda: [conn.evalsha(sha, 0) for _ in range(calls)])
         acquired = server.instructions(acquire)
+        renewed = server.instructions(renew)
         released = server.instructions(release)
-        per = [trivial / calls, acquired / calls, released / calls]
-        names: tuple[str, ...] = ("trivial EVALSHA", "acquire (admitted)", "release")
+        per = [trivial / calls, acquired / calls, renewed / calls, released / calls]
+        names: tuple[str, ...] = ("trivial EVALSHA", "acquire (admitted)", "renew", "release")
         if args.batch:
             requests = max(1, calls // args.batch) * args.batch
             per.append(batched(server, quota, args.batch, calls) / requests)

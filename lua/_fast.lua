@@ -154,6 +154,59 @@ local function fast_acquire(now, head, dem, ent, present, due)
           version, 0}
 end
 
+-- Extends a live lease from acquire_reads' replies (renew.lua's ARGV: id, ttl, tenant,
+-- units, token), or returns nil, having written nothing, for the general path: a policy of
+-- this schema, the group's state whole and nothing due, the lease's entry with that tenant,
+-- token and units, an expiry still ahead, and the ledger's hour keys already marked. The
+-- fair state does not move (a renewal changes no demand), so the limit in the reply is the
+-- tenant's at the stored level, as limit_at gives it. Writes what renew.lua's schedule,
+-- mark_busy and flush would: the new expiry, busy when it grows, and the keys' expiry.
+local function fast_renew(now, head, dem, ent, present, due)
+  if not FAST_PATHS or present ~= 4 or due or not ent[1] or not head[1] or not head[2] or
+      head[1] - 0 > tonumber(ARGV[2]) then
+    return nil
+  end
+  local tenant = ARGV[6]
+  local held_units, held_token, owner = parse_entry(ent[1])
+  if owner ~= tenant or held_token ~= ARGV[8] or held_units ~= tonumber(ARGV[7]) then
+    return nil
+  end
+  local member = 'L' .. ARGV[3]
+  local expiry = redis.call('ZSCORE', KEYS[3], member)
+  if not expiry or expiry - 0 <= now then return nil end
+  local ha, hb = ledger_hours()
+  if head[6] ~= ha .. ':' .. hb then return nil end  -- ledger_flush would mark them
+  local _, _, capacity, max_ttl, unknown, reserve, default = header_fields(head[2])
+  local ttl = tonumber(ARGV[4])
+  if max_ttl < ttl then ttl = max_ttl end  -- min(asked, max_lease_ttl)
+  local new_expiry = now + ttl
+  redis.call('ZADD', KEYS[3], int(new_expiry), member)
+  local busy = head[3] and head[3] - 0 or 0
+  if new_expiry > busy then  -- mark_busy
+    busy = new_expiry
+    redis.call('HSET', KEYS[1], 'busy', int(busy))
+  end
+  -- The stored level (INF as -1) and units held: unpack_state's first and last fields.
+  local level, group_used = 0, 0
+  if dem[1] then
+    local lam, used = string.match(dem[1], '^([^|]+)|.*|([^|]+)$')
+    level, group_used = lam - 0, used - 0
+    if level < 0 then level = INF end
+  end
+  local tenant_used = dem[2] and dem[2] - 0 or 0
+  local text = head[7]
+  if not text and unknown == 'default' then text = default end
+  local limit, over = 0, 0
+  if text then
+    local g, _, ceil, w, _, keep = spec_fields(text)
+    local lo, up = claim_bounds(keep, g, ceil, tenant_used + (dem[3] and dem[3] - 0 or 0))
+    limit = clamp_limit(level, w, lo, up)
+    if tenant_used > limit + EPSILON then over = 1 end
+  end
+  keep_keys(math.max(max_ttl, busy - now) + KEY_GRACE_MS, true, KEY_GRACE_MS)
+  return {1, 'renewed', new_expiry, over, tenant_used, fmt(limit), group_used, capacity, ttl}
+end
+
 -- Ends lease `id` of `tenant` when the call holds its fencing token `token`, as release_one
 -- would, and returns its reply; or returns nil having written nothing, with what it read for
 -- the general path (the policy header, the id's entries, the tenant's demand fields; nil

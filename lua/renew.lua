@@ -26,10 +26,21 @@
 
 
 local now = now_ms(ARGV[1])
+local head, dem, ent, present, due = acquire_reads(now, ARGV[6], ARGV[3])
+local fast = fast_renew(now, head, dem, ent, present, due)
+if fast then
+  return fast
+end
+-- end of the fast path
+
 local member, tenant, units, token = 'L' .. ARGV[3], ARGV[6], tonumber(ARGV[7]), ARGV[8]
 local purge_limit = tonumber(ARGV[5])
-local ctx, err = open_group(now, ARGV[2], {tenant}, read_header({tenant}))
+local ctx, err = open_group(now, ARGV[2], {tenant}, head)
 if not ctx then return {-1, err[2], 0, 0, 0, '0', 0, err[10], 0} end
+-- What the fast path read, as ctx holds it: check_state counts no sentinel again, purge
+-- knows whether anything is due, and the demand fields are cached (a loss resets them).
+ctx.cache = acquire_cache(tenant, ARGV[3], dem, ent)
+ctx.present, ctx.due = present, due
 local policy = ctx.policy
 local ttl = math.min(tonumber(ARGV[4]), policy.ttl)
 check_state(ctx)

@@ -5,7 +5,8 @@ scripts as shipped, once with a copy whose fast paths are switched off
 (``FAST_PATHS = false``). Hypothesis draws the policy and a sequence of
 acquires (new ids, retries of a lease's or a waiting request's id, other
 tenants' ids, waiting, shadow, metered, too large, unknown tenants), releases
-(with the right token, a wrong one, withdrawals), renewals, clock steps that
+(with the right token, a wrong one, withdrawals), renewals (each script has a fast
+path: acquire, release, renew), clock steps that
 make entries due, policy changes and lost keys; after each call both replies
 and both databases, key for key with their expiries, must be equal. The same
 property runs on fakeredis and on a real redis-server.
@@ -15,8 +16,10 @@ from __future__ import annotations
 
 import random
 import re
+from collections import Counter
 from typing import Any
 
+import attrs
 import fakeredis
 import pytest
 import redis
@@ -34,6 +37,8 @@ from tests.servers import RedisServer
 from tests.test_differential import STRANGER, random_policy
 
 GROUP = "fp"
+#: The scripts with a fast path.
+FAST_SCRIPTS = ("acquire", "release", "renew")
 SWITCH = "local FAST_PATHS = true"
 COUNTER = "fast-answers"
 START_MS = 1_800_000_000_000
@@ -82,7 +87,7 @@ class Twin:
     def __init__(self, fast: Any, slow: Any) -> None:
         self.fast, self.slow = fast, slow
         self.shas: dict[str, tuple[str, str]] = {}
-        self.fast_answers = 0
+        self.fast_answers: Counter[str] = Counter()  # by script
 
     def run(self, call: ScriptCall) -> Any:
         """Both replies, held equal, and both databases, held equal."""
@@ -105,7 +110,7 @@ class Twin:
         fast_keys = dump_keys(self.fast, expiry=True)
         answered = fast_keys.pop(COUNTER.encode(), None)
         if answered is not None:
-            self.fast_answers += int(answered[1])
+            self.fast_answers[name] += int(answered[1])
             self.fast.delete(COUNTER)
         assert fast_keys == dump_keys(self.slow, expiry=True), call.args
         # The fast acquire counts exp as present when it has any member: it never exists
@@ -212,7 +217,8 @@ def test_fast_paths_equal_general_path_on_fakeredis() -> None:
         answered.append(twin.fast_answers)
 
     prop()
-    assert sum(answered) > 0, "no call took a fast path"
+    taken = sum(answered, Counter())
+    assert all(taken[name] > 0 for name in FAST_SCRIPTS), f"fast answers by script: {taken}"
 
 
 @pytest.mark.real_redis
@@ -235,12 +241,13 @@ def test_fast_paths_equal_general_path_on_real_redis(real_redis: RedisServer) ->
     finally:
         fast.close()
         slow.close()
-    assert sum(answered) > 0, "no call took a fast path"
+    taken = sum(answered, Counter())
+    assert all(taken[name] > 0 for name in FAST_SCRIPTS), f"fast answers by script: {taken}"
 
 
 def test_every_fast_path_can_be_switched_off() -> None:
     """The scripts with a fast path carry the switch this test flips, exactly once."""
-    for name in ("acquire", "release"):
+    for name in FAST_SCRIPTS:
         assert load_scripts()[name].source.count(SWITCH) == 1, name
 
 
@@ -251,8 +258,9 @@ def plain_acquire(keyspace: KeySpace, tenant: str, rid: str) -> ScriptCall:
     )
 
 
-def test_plain_acquire_and_release_take_the_fast_paths() -> None:
-    """An acquire with room to spare and its release are each answered by a fast path."""
+def test_plain_acquire_renew_and_release_take_the_fast_paths() -> None:
+    """An acquire with room to spare, its renewal and its release are each answered by a fast
+    path."""
     conn = fakeredis.FakeRedis(server=fakeredis.FakeServer())
     keyspace = KeySpace(prefix="fp")
     policy = random_policy(random.Random(7), GROUP)
@@ -267,12 +275,15 @@ def test_plain_acquire_and_release_take_the_fast_paths() -> None:
     for _ in range(2):  # the first acquire writes the group's sentinels: the general path
         reply = call(plain_acquire(keyspace, tenant, "a"))
         assert reply[0] == 1
+        lease = LeaseInfo("a", tenant, GROUP, 1, int(reply[3]), reply[2] / 1000)
+        renewed = call(renew_call(keyspace, lease, 20_000, purge=1, now_ms=START_MS + 5))
+        assert (renewed[0], renewed[1], renewed[2]) == (1, b"renewed", START_MS + 20_005)
         call(
             release_call(
                 keyspace, GROUP, "a", tenant=tenant, token=int(reply[3]), purge=1, now_ms=START_MS
             )
         )
-    assert int(conn.get(COUNTER) or 0) == 3, scripts["acquire"].sha
+    assert int(conn.get(COUNTER) or 0) == 5, scripts["acquire"].sha
 
 
 def test_state_written_by_the_previous_release_is_served_and_upgraded() -> None:
@@ -356,7 +367,7 @@ def test_the_fast_paths_write_what_the_general_path_writes() -> None:
     assert [replies[r][0] for r in ("borrowed", "second", "first")] == [b"released"] * 3
     # second, borrowed and their releases, first's release; not first, short's acquire or
     # short's release.
-    assert twin.fast_answers == 5
+    assert twin.fast_answers == Counter(acquire=2, release=3)
 
 
 @pytest.mark.real_redis
@@ -372,7 +383,89 @@ def test_the_fast_paths_write_what_the_general_path_writes_on_real_redis(
         twin = Twin(fast, slow)
         replies = dict(shapes(twin))
         assert replies["short"][0] == b"expired"
-        assert twin.fast_answers == 5
+        assert twin.fast_answers == Counter(acquire=2, release=3)
+    finally:
+        fast.close()
+        slow.close()
+
+
+def renewal_shapes(twin: Twin) -> dict[str, Any]:
+    """Renewals the fast path answers in its own way, each held equal to the general path by
+    ``twin``: at a level of INF (the tenant borrows, nobody else asks), with a TTL above the
+    policy's (clamped), and at a level a walk set (another tenant waits beyond the capacity:
+    the renewed tenant is above its fair limit); and two it hands over, a wrong token and a
+    lease already expired. Returns the replies by name."""
+    keyspace = KeySpace(prefix="fp")
+    policy = GroupPolicy(
+        GROUP,
+        capacity=10,
+        tenants=(
+            TenantPolicy("a", guarantee=4, lendable=0.5, weight=2.0),
+            TenantPolicy("b", guarantee=4),
+        ),
+        max_lease_ttl=60.0,
+    )
+    out: dict[str, Any] = {}
+    now = START_MS
+
+    def acquire(tenant: str, rid: str, units: int, *, wait: bool = False, ttl: int = 30_000) -> Any:
+        made = acquire_call(
+            keyspace, GROUP, tenant, units, rid, ttl, wait=wait, pending_ms=50_000, purge=1,
+            now_ms=now,
+        )  # fmt: skip
+        return twin.run(made)
+
+    def renew(name: str, lease: LeaseInfo, ttl: int) -> None:
+        out[name] = twin.run(renew_call(keyspace, lease, ttl, purge=1, now_ms=now))
+
+    twin.run(apply_policy_call(keyspace, policy, now_ms=now))
+    acquire("a", "x", 1)  # writes the sentinels: the general path
+    reply = acquire("a", "y", 6)  # 7 units for a, more than its guarantee
+    lease = LeaseInfo("y", "a", GROUP, 6, int(reply[3]), reply[2] / 1000)
+    renew("at_inf", lease, 30_000)
+    renew("clamped", lease, 10**9)
+    renew("fenced", attrs.evolve(lease, token=lease.token + 1), 30_000)
+    short = acquire("a", "z", 1, ttl=1_000)
+    assert short[0] == 1
+    waits = acquire("b", "w", 8, wait=True)  # b waits: demand 15 > 10, a walked level
+    assert waits[:2] in ([0, b"tenant_limit"], [0, b"group_full"]), waits
+    now += 10
+    renew("walked", lease, 30_000)
+    now += 2_000
+    renew("expired", LeaseInfo("z", "a", GROUP, 1, int(short[3]), short[2] / 1000), 30_000)
+    return out
+
+
+def test_the_fast_renewal_answers_what_the_general_path_answers() -> None:
+    """Renewals at both levels the sums give and at a walked one, clamped, fenced and expired:
+    the same replies and keys as the general path, the first four answered fast."""
+    twin = Twin(fakeredis.FakeRedis(server=fakeredis.FakeServer()),
+                fakeredis.FakeRedis(server=fakeredis.FakeServer()))  # fmt: skip
+    out = renewal_shapes(twin)
+    assert out["at_inf"][:4] == [1, b"renewed", START_MS + 30_000, 0]
+    assert out["clamped"][8] == 60_000  # the policy's max_lease_ttl
+    assert out["fenced"][:2] == [0, b"fenced"]
+    assert out["walked"][:2] == [1, b"renewed"]
+    assert out["walked"][3] == 1, out["walked"]  # a holds 7, above its fair limit now
+    assert float(out["walked"][5]) < 7
+    assert out["expired"][:2] == [0, b"lost"]
+    assert twin.fast_answers["renew"] == 3  # at_inf, clamped, walked
+
+
+@pytest.mark.real_redis
+def test_the_fast_renewal_answers_what_the_general_path_answers_on_real_redis(
+    real_redis: RedisServer,
+) -> None:
+    """The same renewals on a real redis-server, its two databases side by side."""
+    fast = redis.Redis(host="127.0.0.1", port=real_redis.port, db=0)
+    slow = redis.Redis(host="127.0.0.1", port=real_redis.port, db=1)
+    try:
+        fast.flushdb()
+        slow.flushdb()
+        twin = Twin(fast, slow)
+        out = renewal_shapes(twin)
+        assert out["walked"][3] == 1
+        assert twin.fast_answers["renew"] == 3
     finally:
         fast.close()
         slow.close()
