@@ -56,7 +56,8 @@
 
 local now = now_ms(ARGV[1])
 local head, dem, ent, present, due = acquire_reads(now, ARGV[3], ARGV[5])
-local fast = fast_acquire(now, head, dem, ent, present, due)
+local fast = fast_acquire(now, head, dem, ent, present, due, ARGV[3], tonumber(ARGV[4]), ARGV[5],
+  tonumber(ARGV[6]), ARGV[11])
 if fast then
   return fast
 end

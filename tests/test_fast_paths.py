@@ -5,8 +5,9 @@ scripts as shipped, once with a copy whose fast paths are switched off
 (``FAST_PATHS = false``). Hypothesis draws the policy and a sequence of
 acquires (new ids, retries of a lease's or a waiting request's id, other
 tenants' ids, waiting, shadow, metered, too large, unknown tenants), releases
-(with the right token, a wrong one, withdrawals), renewals (each script has a fast
-path: acquire, release, renew), clock steps that
+(with the right token, a wrong one, withdrawals), renewals, batches of acquires and of
+releases (each of these scripts has a fast path: acquire, release, renew, and the batches
+take acquire's and release's request by request), clock steps that
 make entries due, policy changes and lost keys; after each call both replies
 and both databases, key for key with their expiries, must be equal. The same
 property runs on fakeredis and on a real redis-server.
@@ -29,7 +30,14 @@ from hypothesis import strategies as st
 from ratequota.decision import LeaseInfo
 from ratequota.engine.keys import KeySpace
 from ratequota.engine.ops import ScriptCall
-from ratequota.engine.protocol import acquire_call, apply_policy_call, release_call, renew_call
+from ratequota.engine.protocol import (
+    acquire_call,
+    acquire_many_call,
+    apply_policy_call,
+    release_call,
+    release_many_call,
+    renew_call,
+)
 from ratequota.engine.scripts import FAST_END, load_scripts
 from ratequota.policy import GroupPolicy, TenantPolicy
 from tests.redis_state import dump_keys
@@ -38,7 +46,7 @@ from tests.test_differential import STRANGER, random_policy
 
 GROUP = "fp"
 #: The scripts with a fast path.
-FAST_SCRIPTS = ("acquire", "release", "renew")
+FAST_SCRIPTS = ("acquire", "release", "renew", "acquire_many", "release_many")
 SWITCH = "local FAST_PATHS = true"
 COUNTER = "fast-answers"
 START_MS = 1_800_000_000_000
@@ -56,6 +64,22 @@ operations = st.lists(
         st.tuples(st.just("release"), st.integers(0, 50), st.sampled_from(["ok", "ok", "bad"])),
         st.tuples(st.just("withdraw"), st.integers(0, 50)),
         st.tuples(st.just("renew"), st.integers(0, 50)),
+        st.tuples(
+            st.just("acquire_many"),
+            st.lists(  # tenant, units, wait, a lease's id (a retry) or a new one
+                st.tuples(st.integers(0, 8), st.integers(1, 70), st.booleans(), st.booleans()),
+                min_size=1,
+                max_size=10,  # across FAST_BATCH (8)
+            ),
+        ),
+        st.tuples(
+            st.just("release_many"),
+            st.lists(
+                st.tuples(st.integers(0, 50), st.sampled_from(["ok", "ok", "bad"])),
+                min_size=1,
+                max_size=10,
+            ),
+        ),
         st.tuples(st.just("advance"), st.sampled_from([1, 400, 2500, 40_000, 700_000])),
         st.tuples(st.just("policy"), st.integers(0, 10**6)),
         st.tuples(st.just("lose"), st.sampled_from(["demand", "exp", "info", "fair", "all"])),
@@ -171,7 +195,7 @@ def run(twin: Twin, seed: int, ops: list[tuple[Any, ...]]) -> None:
             elif (
                 reply[0] == 0
                 and wait
-                and reply[1] in ("tenant_limit", "group_full", "meter")
+                and reply[1] in (b"tenant_limit", b"group_full", b"meter")
                 and all(w[0] != rid for w in waiting)
             ):
                 waiting.append((rid, tenant, units))
@@ -191,6 +215,44 @@ def run(twin: Twin, seed: int, ops: list[tuple[Any, ...]]) -> None:
                 keyspace, GROUP, rid, tenant=tenant, token=0, purge=2, now_ms=now
             )
             twin.run(withdrawal)
+        elif kind == "acquire_many":
+            requests = []
+            for who, amount, wait, retry in op[1]:
+                units = 1 + amount % 3 if amount <= 50 else 1 + amount % (policy.capacity + 1)
+                tenant = names[who % len(names)]
+                serial += 1
+                rid = f"r{serial}"
+                if retry and leases:
+                    held = leases[amount % len(leases)]
+                    rid, tenant, units = held.id, held.tenant, held.units
+                requests.append((tenant, units, rid, int(policy.max_lease_ttl * 1000), wait))
+            replies = twin.run(
+                acquire_many_call(keyspace, GROUP, requests, pending_ms=2000, purge=2, now_ms=now)
+            )
+            for (tenant, units, rid, _, wait), reply in zip(requests, replies, strict=True):
+                if reply[0] == 1 and reply[10] == 0:
+                    leases.append(
+                        LeaseInfo(rid, tenant, GROUP, units, int(reply[3]), reply[2] / 1000)
+                    )
+                    waiting = [w for w in waiting if w[0] != rid]
+                elif (
+                    reply[0] == 0
+                    and wait
+                    and reply[1] in (b"tenant_limit", b"group_full")
+                    and all(w[0] != rid for w in waiting)
+                ):
+                    waiting.append((rid, tenant, units))
+        elif kind == "release_many" and leases:
+            named = []
+            for pick, how in op[1]:
+                if not leases:
+                    break
+                lease = leases.pop(pick % len(leases))
+                token = lease.token if how == "ok" else lease.token + 1
+                named.append((lease.id, lease.tenant, token))
+                if how == "bad":
+                    leases.append(lease)
+            twin.run(release_many_call(keyspace, GROUP, named, purge=2, now_ms=now))
         elif kind == "renew" and leases:
             lease = leases[op[1] % len(leases)]
             twin.run(renew_call(keyspace, lease, 30_000, purge=2, now_ms=now))
