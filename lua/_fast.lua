@@ -189,6 +189,7 @@ local function fast_renew(now, head, dem, ent, present, due)
   local ttl = tonumber(ARGV[4])
   if max_ttl < ttl then ttl = max_ttl end  -- min(asked, max_lease_ttl)
   local new_expiry = now + ttl
+  if expiry - 0 > new_expiry then new_expiry = expiry - 0 end  -- never shorter (renew.lua)
   redis.call('ZADD', KEYS[3], int(new_expiry), member)
   local busy = head[3] and head[3] - 0 or 0
   if new_expiry > busy then  -- mark_busy

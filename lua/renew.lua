@@ -5,7 +5,9 @@
 -- ARGV[1] now_ms     pinned clock in ms, or "" for Redis TIME
 -- ARGV[2] schema     key schema of the caller
 -- ARGV[3] lease_id   the lease to extend
--- ARGV[4] ttl_ms     new lifetime from now; above the policy's max_lease_ttl it is clamped to it
+-- ARGV[4] ttl_ms     new lifetime from now; above the policy's max_lease_ttl it is clamped to it.
+--                    A renewal never shortens a lease: the new expiry is the later of now +
+--                    ttl_ms and the lease's expiry (see below)
 -- ARGV[5] purge      most expired entries to drop in this call
 -- ARGV[6] tenant     the lease's tenant
 -- ARGV[7] units      the lease's units
@@ -21,7 +23,14 @@
 --     "fenced" (lease_id names a lease of another tenant, token or units: nothing changed);
 --   status -1: error, reason "no_policy" | "schema" (capacity holds the newer schema).
 --   ttl_ms is the lifetime granted: the asked one, or the group's max_lease_ttl when that is
---   lower (it was lowered under a held lease). over_limit is 1 when the tenant holds more than
+--   lower (it was lowered under a held lease); the lease lives at least that long from now,
+--   longer when its expiry was already later.
+--
+-- Why never shorter: a re-assert trusts the expiry the holder names (ARGV[9]), and a holder
+-- may name one it learned before a later renewal (a LeaseInfo kept from the acquire). If a
+-- renewal could move the expiry earlier, that stale expiry could outlive the true one, and
+-- a lease that had ended (its units admitted to others since) would be written back. With
+-- expiries that only grow, any expiry the holder ever learned is at most the true one. over_limit is 1 when the tenant holds more than
 --   its fair limit now: a lender wants its guarantee back. limit is a string.
 
 
@@ -46,6 +55,7 @@ local ttl = math.min(tonumber(ARGV[4]), policy.ttl)
 check_state(ctx)
 
 local reason = 'renewed'
+local held_until  -- the lease's expiry before this renewal
 local info = redis.call('HGET', KEYS[4], member)
 if info then
   local held_units, held_token, owner = parse_entry(info)
@@ -60,6 +70,7 @@ if info then
     flush(ctx, KEY_GRACE_MS)
     return {0, 'lost', 0, 0, 0, '0', 0, policy.capacity, 0}
   end
+  held_until = tonumber(expiry)
 else
   purge(ctx, purge_limit)
   if not policy.recovering or tonumber(ARGV[9]) <= now or not string.match(token, '^%d+$') then
@@ -85,9 +96,15 @@ else
     policy.fence = tonumber(token)
   end
   reason = 'reasserted'
+  -- The expiry the holder names, as the lease's, but no later than a renewal now could set:
+  -- a forged or stale claim cannot keep units for longer than max_lease_ttl.
+  held_until = tonumber(ARGV[9])
+  if held_until > now + policy.ttl then held_until = now + policy.ttl end
 end
 
+-- Never earlier than the lease's expiry (see the header).
 local new_expiry = now + ttl
+if held_until > new_expiry then new_expiry = held_until end
 schedule(ctx, member, new_expiry)
 mark_busy(policy, new_expiry)
 ctx.touch = true

@@ -289,7 +289,9 @@ class RenewResult:
     docs/failure-modes.md); ``"lost"`` (expired or gone: stop trusting the
     token); ``"fenced"`` (the id names another tenant's lease or another
     token: refused, nothing changed). ``ttl`` is the lifetime granted in
-    seconds: lower than asked when the group's max_lease_ttl was lowered.
+    seconds: lower than asked when the group's max_lease_ttl was lowered. The
+    lease lives at least that long from now, and until ``expires_at``: a
+    renewal never moves a lease's expiry earlier.
     """
 
     renewed: bool

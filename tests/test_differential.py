@@ -42,6 +42,7 @@ from ratequota.policy import (
     TenantPolicy,
     UnknownTenants,
 )
+from ratequota.rates import policy_horizon
 from ratequota.testing import ManualClock
 from tests.conftest import MakeClient
 from tests.servers import RedisServer
@@ -134,6 +135,10 @@ class Model:
     undetected: bool = False
     lost: dict[str, Entry] = attrs.Factory(dict)
     top_token: int = 0
+    #: When a writing call last found the state lost: the rate meter's buckets restart at
+    #: their debt floor then (docs/rates.md, "When Redis loses the meters"), so the meter that
+    #: otherwise always admits here may refuse until they have refilled (policy_horizon).
+    meters_lost_at: int | None = None
 
     def lose_state(self) -> None:
         """The group's keys are gone; its policy hash (busy, fence) survives."""
@@ -146,6 +151,8 @@ class Model:
         """What a writing call (acquire, renew) does first: find the loss, open the window."""
         if self.undetected and self.busy > self.now:
             self.recover = max(self.recover, self.busy)
+        if self.undetected:
+            self.meters_lost_at = self.now
         self.undetected = False
 
     @property
@@ -261,6 +268,10 @@ class Replay:
             assert (got.admitted, got.reason) == (False, "recovering"), self.trace(got)
             assert got.retry_after == (model.recover - model.now) / 1000, self.trace(got)
             return
+        if got.reason == "meter" and expected.admitted and self.meter_may_refuse():
+            # The lease fits; the meter refused, writing nothing but its contention mark.
+            assert not got.admitted and amounts, self.trace(got)
+            return
         assert (got.admitted, got.reason) == (expected.admitted, expected.reason), self.trace(got)
         assert math.isclose(got.limit, expected.limit, rel_tol=1e-9, abs_tol=1e-6), self.trace(got)
         held = expected.group_used + (units if got.admitted else 0)
@@ -285,6 +296,13 @@ class Replay:
                 entry = Entry(tenant, units, 0, self.model.registrations)
                 self.model.waiting[rid] = entry
             entry.expiry = self.model.now + round(PENDING_TTL * 1000)
+
+    def meter_may_refuse(self) -> bool:
+        """Within the meter's refill from its debt floor after a loss was found: its buckets
+        may be below the amount asked (how far below is the meters' own tests' concern,
+        tests/test_rates_loss.py); outside it the meter here always admits."""
+        lost_at = self.model.meters_lost_at
+        return lost_at is not None and self.model.now < lost_at + policy_horizon(self.policy)
 
     def held_as(self, rid: str, entry: Entry | None, *, forge: bool = False) -> LeaseInfo:
         """The lease a holder names: its own facts, or (``forge``) another tenant or token."""
@@ -324,7 +342,8 @@ class Replay:
 
     def renew(self, rid: str, *, forge: bool = False) -> None:
         """Renew a lease: lost if expired, fenced if forged, re-asserted while the group
-        recovers, clamped to max_lease_ttl, else the over-limit hint of the reference."""
+        recovers, clamped to max_lease_ttl and never shortened, else the over-limit hint of
+        the reference."""
         model = self.model
         ttl = self.rnd.choice([1.0, 5.0, 30.0, 30.0, 4000.0])  # 4000 s: above max_lease_ttl
         model.detect()
@@ -353,7 +372,13 @@ class Replay:
         assert got.reason == ("reasserted" if reassert else "renewed"), self.trace(got)
         granted = min(ttl, self.policy.max_lease_ttl)
         assert got.ttl == granted, self.trace(got)
-        claim.expiry = model.now + round(granted * 1000)
+        # Never shorter than the lease's expiry (a re-assert's claim capped at what a renewal
+        # now could set): an expiry the holder learned earlier is never past the true one.
+        held = claim.expiry
+        if reassert:
+            held = min(held, model.now + round(self.policy.max_lease_ttl * 1000))
+        claim.expiry = max(model.now + round(granted * 1000), held)
+        assert round(got.expires_at * 1000) == claim.expiry, self.trace(got)
         model.busy = max(model.busy, claim.expiry)
         if reassert:
             model.leases[rid] = model.lost.pop(rid)

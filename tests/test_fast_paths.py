@@ -356,8 +356,8 @@ def test_plain_acquire_renew_and_release_take_the_fast_paths() -> None:
         reply = call(plain_acquire(keyspace, tenant, "a"))
         assert reply[0] == 1
         lease = LeaseInfo("a", tenant, GROUP, 1, int(reply[3]), reply[2] / 1000)
-        renewed = call(renew_call(keyspace, lease, 20_000, purge=1, now_ms=START_MS + 5))
-        assert (renewed[0], renewed[1], renewed[2]) == (1, b"renewed", START_MS + 20_005)
+        renewed = call(renew_call(keyspace, lease, 40_000, purge=1, now_ms=START_MS + 5))
+        assert (renewed[0], renewed[1], renewed[2]) == (1, b"renewed", START_MS + 40_005)
         call(
             release_call(
                 keyspace, GROUP, "a", tenant=tenant, token=int(reply[3]), purge=1, now_ms=START_MS

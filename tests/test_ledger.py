@@ -203,7 +203,8 @@ class Ledger:
         live = [x for x in self.leases if x.id == lease.id and not x.ended]
         if int(reply[0]) == 1:
             (current,) = live
-            current.expiry = self.now + int(reply[8])
+            # A renewal never moves an expiry earlier (renew.lua).
+            current.expiry = max(current.expiry, self.now + int(reply[8]))
 
     def stored(self) -> dict[tuple[int, str], Counter[str]]:
         """Every ledger hour of the group, as the model's counters."""

@@ -136,6 +136,40 @@ def test_a_policy_lost_during_the_recovery_window_keeps_the_window(
     assert later.admitted
 
 
+def test_a_renewal_never_shortens_a_lease_so_a_stale_expiry_cannot_revive_it(
+    make_quota: MakeClient,
+) -> None:
+    """A holder renews with less time than its lease has left, keeping the LeaseInfo of the
+    acquire (so the expiry it names is the acquire's), then Redis loses the state and the
+    holder renews again with that LeaseInfo. Before this fix the first renewal moved the
+    expiry earlier: the lease ended, its units went to others, and the second renewal
+    re-asserted it from the later, stale expiry it named (found by the fault harness's long
+    run: one unit over the capacity). A renewal now never moves an expiry earlier, so no
+    expiry a holder learned is past the true one; a re-assert keeps the named expiry, capped
+    at one max_lease_ttl from now."""
+    clock = ManualClock()
+    pod = make_quota(POLICY, clock=clock, auto_renew=False)
+    a, _ = _hold_capacity(pod)
+    info = a.info  # the acquire's facts, kept as the fault harness's pods keep them
+    short = pod.renew(info, 2.0)
+    assert short.renewed and short.ttl == 2.0
+    assert short.expires_at == pytest.approx(info.expires_at)  # not 2 s from now
+    clock.advance(5)  # past what the shorter renewal would have left
+    assert not pod.try_acquire("b", 1, ttl=5.0).admitted  # a still holds its 6
+    assert _used(pod) == 10
+    _lose_state(make_quota)
+    clock.advance(1)
+    again = pod.renew(info, 2.0)
+    assert again.reason == "reasserted"
+    assert again.expires_at == pytest.approx(info.expires_at)  # the named expiry, kept
+    _lose_state(make_quota)
+    clock.advance(1)
+    forged = attrs.evolve(info, expires_at=info.expires_at + 3600)
+    capped = pod.renew(forged, 2.0)
+    assert capped.reason == "reasserted"
+    assert capped.expires_at == pytest.approx(clock.redis_ms() / 1000 + WINDOW)
+
+
 def test_a_policy_lost_alone_keeps_the_group_serving(make_quota: MakeClient) -> None:
     """Only the policy hash is lost (an eviction that spared the state keys), no window open:
     the state still holds every lease, so the restored policy opens no window; the leases

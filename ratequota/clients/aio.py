@@ -394,6 +394,8 @@ class AsyncQuotaClient(shell.ClientBase):
     async def renew(self, lease: LeaseInfo | AsyncLease, ttl: float | None = None) -> RenewResult:
         """Extend a live lease; reports whether its tenant is above its fair limit.
 
+        Never shorter: a lease with more than ``ttl`` left keeps its expiry.
+
         Fenced like ``release``. A ttl above the group's max_lease_ttl is
         clamped (``RenewResult.ttl`` says what was granted). While the group
         recovers from lost Redis state, the renewal re-asserts the lease.

@@ -420,6 +420,10 @@ class QuotaCore(Router):
     def renew(self, lease: LeaseInfo, ttl: float | None = None) -> Flow[RenewResult]:
         """Extend a live lease by ``ttl`` from now (None: the client's lease_ttl).
 
+        Never shorter: a lease with more than ``ttl`` left keeps its expiry. So any
+        expiry a holder learned (a ``LeaseInfo`` kept from the acquire, say) is at most
+        the true one, which the re-assert after a loss of Redis's data relies on.
+
         Fenced like ``release``. A group whose policy Redis lost gets it
         restored (which opens its recovery window), then the renewal re-asserts
         the lease.
