@@ -24,14 +24,14 @@
 --   status -1: error, reason "no_policy" | "schema" (capacity holds the newer schema).
 --   ttl_ms is the lifetime granted: the asked one, or the group's max_lease_ttl when that is
 --   lower (it was lowered under a held lease); the lease lives at least that long from now,
---   longer when its expiry was already later.
+--   longer when its expiry was already later. over_limit is 1 when the tenant holds more
+--   than its fair limit now: a lender wants its guarantee back. limit is a string.
 --
 -- Why never shorter: a re-assert trusts the expiry the holder names (ARGV[9]), and a holder
 -- may name one it learned before a later renewal (a LeaseInfo kept from the acquire). If a
 -- renewal could move the expiry earlier, that stale expiry could outlive the true one, and
 -- a lease that had ended (its units admitted to others since) would be written back. With
--- expiries that only grow, any expiry the holder ever learned is at most the true one. over_limit is 1 when the tenant holds more than
---   its fair limit now: a lender wants its guarantee back. limit is a string.
+-- expiries that only grow, any expiry the holder ever learned is at most the true one.
 
 
 local now = now_ms(ARGV[1])
