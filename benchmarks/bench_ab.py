@@ -14,6 +14,11 @@ rounds. Three measurements, each on the same state for both versions:
 an admitted ``acquire``, a refused one (``tenant_limit``), ``release``
 of a live lease, and an admitted acquire with a ``tokens`` rate meter on the
 tenant's own rate (another group, published by this checkout's ``apply_policy``).
+A fifth, "own group", gives each version a group of its own, published by its own
+``apply_policy`` and written only by its own scripts, so a change in how the keys are laid
+out or encoded shows: tenants borrowing beyond a guarantee of 1 (each acquire and release
+moves the tenant's breakpoints), 20 leases held throughout, and an acquire released at once
+(µs per call over both).
 The base's scripts are linked by the base's own ``ratequota.engine.scripts`` (read
 in a subprocess) and called with this checkout's arguments: the extra trailing
 KEYS this checkout passes are ignored by scripts that do not read them, so the
@@ -86,6 +91,11 @@ def run(base: Path, rounds: int, block: int) -> dict[str, dict[str, list[float]]
         for published in (group, metered):
             setup = apply_policy_call(keyspace, published)
             conn.evalsha(shas["this"]["apply_policy"], len(setup.keys), *setup.keys, *setup.args)
+        borrowers = tuple(TenantPolicy(f"t{i}", guarantee=1) for i in range(TENANTS))
+        for version in versions:
+            own_group = GroupPolicy(f"ab-{version}", capacity=10**6, tenants=borrowers)
+            setup = apply_policy_call(keyspace, own_group)
+            conn.evalsha(shas[version]["apply_policy"], len(setup.keys), *setup.keys, *setup.args)
 
         def call(version: str, c: Any) -> Any:
             sha = shas[version][c.script.name]
@@ -97,10 +107,20 @@ def run(base: Path, rounds: int, block: int) -> dict[str, dict[str, list[float]]
                 pending_ms=2000, purge=64, meters=meters,
             )  # fmt: skip
 
+        def own(version: str, lease_id: str, tenant: str) -> int:
+            made = acquire_call(
+                keyspace, f"ab-{version}", tenant, 1, lease_id, 600_000, wait=False,
+                pending_ms=2000, purge=64,
+            )  # fmt: skip
+            return int(call(version, made)[3])
+
+        for version in versions:  # 20 leases held: every tenant borrows beyond its guarantee
+            for i in range(20):
+                own(version, f"held{i}", f"t{i % TENANTS}")
         call("this", acquire(-1, "full"))  # "full" is at its limit from now on
         results: dict[str, dict[str, list[float]]] = {
             m: {v: [] for v in versions}
-            for m in ("acquire", "refused acquire", "release", "metered acquire")
+            for m in ("acquire", "refused acquire", "release", "metered acquire", "own group")
         }
         serial = 0
         for r in range(rounds):
@@ -129,6 +149,21 @@ def run(base: Path, rounds: int, block: int) -> dict[str, dict[str, list[float]]
                     serial += 1
                     call(version, acquire(serial, f"t{serial % TENANTS}", {"tokens": 1}))
                 results["metered acquire"][version].append(_usec(conn))
+                conn.config_resetstat()
+                for _ in range(block // 2):
+                    serial += 1
+                    tenant = f"t{serial % TENANTS}"
+                    token = own(version, f"o{serial}", tenant)
+                    done = release_call(
+                        keyspace,
+                        f"ab-{version}",
+                        f"o{serial}",
+                        tenant=tenant,
+                        token=token,
+                        purge=64,
+                    )
+                    call(version, done)
+                results["own group"][version].append(_usec(conn))
         conn.close()
         return results
     finally:

@@ -10,8 +10,9 @@
 -- info hash    L<id> "units:token:tenant", P<id> "units:seq:tenant"     (entry)
 -- queue zset   "<len>:<tenant>|<seq, 16 digits>|<units>|<id>"           (queue_member)
 -- fair zset    "l|lo|up|w|tenant" at lo/w, "u|lo|up|w|tenant" at up/w  (point_member);
---              "~" at -1: sentinel
--- exp zset / info hash  also hold the sentinel "s:" (info's with the value WIDE)
+--              "~" at -1: sentinel; WIDE_MEMBER at -1 (below)
+-- exp zset / info hash  also hold the sentinel "s:" (info's with the value WIDE); exp also
+--              WIDE_MEMBER, at the sentinel's score
 
 -- The value of the "s:" sentinels of demand and info, and of the policy hash's field "wide":
 -- longer than Redis's hash-max-listpack-value (64 bytes by default), so Redis keeps these
@@ -22,6 +23,17 @@
 -- the fields' presence is ever read; a value written by an earlier release ("0") is replaced
 -- by the next acquire (acquire_reads).
 local WIDE = 'kept in hashtable encoding on purpose: longer than hash-max-listpack-value'
+
+-- The same for the zsets exp and fair: a member longer than zset-max-listpack-value (64
+-- bytes by default) makes Redis keep the zset in its skiplist encoding. A listpack zset
+-- (up to zset-max-listpack-entries members, 128) moves and reallocates its whole blob on every
+-- ZADD and ZREM: an acquire's writes to fair and exp cost about 30k instructions more that
+-- way, a tenth of the call (docs/benchmarks.md, "Skiplist zsets"). It sits beside each
+-- zset's sentinel, with the same score, where no walk, purge or listing reads: those read
+-- breakpoints from 0 up, expiries up to now, and "L" members. Nothing depends on its
+-- presence: a group whose zsets were created by an earlier release (without it) is served
+-- the same, and apply_policy.lua adds it.
+local WIDE_MEMBER = 'w:kept in skiplist encoding on purpose: longer than zset-max-listpack-value'
 
 -- Numbers read back: `text - 0` where a script reads a number it wrote itself (or one of
 -- Redis's replies). It is Lua's own conversion, the one tonumber makes, with the same result

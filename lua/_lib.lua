@@ -125,9 +125,9 @@ local function check_state(ctx)
     else
       redis.call('HSET', KEYS[2], 's:', WIDE)
     end
-    redis.call('ZADD', KEYS[3], SENTINEL_SCORE, 's:')
+    redis.call('ZADD', KEYS[3], SENTINEL_SCORE, 's:', SENTINEL_SCORE, WIDE_MEMBER)
     redis.call('HSET', KEYS[4], 's:', WIDE)
-    redis.call('ZADD', KEYS[6], -1, FAIR_ANCHOR)
+    redis.call('ZADD', KEYS[6], -1, FAIR_ANCHOR, -1, WIDE_MEMBER)
     ctx.cache, ctx.entries, ctx.st = {}, {}, nil
     ctx.touch = true
     -- Meter buckets charged before the loss may not be full yet: until mfull they restart at

@@ -115,7 +115,7 @@ if legacy_live then
   for tenant, units in pairs(held) do redis.call('HINCRBY', KEYS[2], 'u:' .. tenant, int(units)) end
   -- Whole state, as check_state would have written it (the fair anchor comes with the rebuild).
   redis.call('HSET', KEYS[2], 's:', WIDE)
-  redis.call('ZADD', KEYS[3], SENTINEL_SCORE, 's:')
+  redis.call('ZADD', KEYS[3], SENTINEL_SCORE, 's:', SENTINEL_SCORE, WIDE_MEMBER)
   redis.call('HSET', KEYS[4], 's:', WIDE)
   redis.call('DEL', KEYS[8], KEYS[9], KEYS[10], KEYS[11])
 end
@@ -125,6 +125,12 @@ if old[4] ~= ARGV[7] or legacy_live or not legacy[1] then
   -- to their schema check (they would otherwise try to restore the group).
   redis.call('HSET', KEYS[7], 'schema', schema, 'C', 0)
 end
+-- Zsets an earlier release created keep their listpack encoding until they hold WIDE_MEMBER
+-- (_codec.lua): added where the sentinel says the zset is whole, which keeps its expiry.
+if redis.call('ZSCORE', KEYS[3], 's:') then
+  redis.call('ZADD', KEYS[3], SENTINEL_SCORE, WIDE_MEMBER)
+end
+if redis.call('ZSCORE', KEYS[6], FAIR_ANCHOR) then redis.call('ZADD', KEYS[6], -1, WIDE_MEMBER) end
 if old[4] == ARGV[7] and not legacy_live then
   redis.call('HSET', KEYS[1], 'wide', WIDE)  -- a policy published by an earlier release
   return {0, tonumber(old[2])}
@@ -213,7 +219,7 @@ for _, r in ipairs(rows) do
 end
 if #points > 0 then redis.call('ZADD', KEYS[6], unpack(points)) end
 redis.call('HSET', KEYS[2], 'g', pack_state(st))
-redis.call('ZADD', KEYS[6], -1, FAIR_ANCHOR)
+redis.call('ZADD', KEYS[6], -1, FAIR_ANCHOR, -1, WIDE_MEMBER)
 local ttl = math.max(policy.ttl, busy - now, mfull - now) + KEY_GRACE_MS
 for i = 2, 6 do redis.call('PEXPIRE', KEYS[i], ttl) end
 return {1, version}

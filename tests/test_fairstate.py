@@ -31,7 +31,13 @@ from hypothesis import strategies as st
 from ratequota.clients.backends import Backend, embedded_backend, url_backend
 from ratequota.clients.sync import QuotaClient
 from ratequota.decision import LeaseInfo
-from ratequota.engine.fairstate import ANCHOR, FairState, breakpoints, recompute
+from ratequota.engine.fairstate import (
+    ANCHOR,
+    WIDE_MEMBER,
+    FairState,
+    breakpoints,
+    recompute,
+)
 from ratequota.errors import UnknownTenant
 from ratequota.fairness import group_allocation
 from ratequota.policy import GroupPolicy, Policy
@@ -85,7 +91,7 @@ def check_state(client: QuotaClient, policy: GroupPolicy) -> None:
         policy, {n: used.get(n, 0) + pending.get(n, 0) for n in {*used, *pending}}
     )
     if b"s:" in raw:  # the group is in use: the fair zset holds its sentinel too
-        expected[ANCHOR] = -1.0
+        expected[ANCHOR] = expected[WIDE_MEMBER] = -1.0
     assert members == expected, context
 
     demand = {n: float(used.get(n, 0) + pending.get(n, 0)) for n in {*used, *pending}}

@@ -40,6 +40,11 @@ SCALE = 2**52
 #: The fair zset's sentinel, there while the group is in use (score -1, never walked).
 ANCHOR = "~"
 
+#: Beside the sentinels of the fair and exp zsets (same score): longer than Redis's
+#: zset-max-listpack-value, so both zsets keep the skiplist encoding, where a ZADD or ZREM
+#: does not rewrite the whole set (``lua/_codec.lua``, ``WIDE_MEMBER``).
+WIDE_MEMBER = "w:kept in skiplist encoding on purpose: longer than zset-max-listpack-value"
+
 
 def exact(x: float) -> int:
     """``x`` in units of ``2^-52``, rounded down: what one term adds to an exact sum."""

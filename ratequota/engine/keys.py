@@ -17,6 +17,8 @@ Layout for prefix ``rq`` and group ``g``::
     rq:v2:{g}:info     hash  "L<id>" -> "units:token:tenant", "P<id>" -> "units:seq:tenant"
     rq:v2:{g}:queue    zset  waiting requests per tenant in arrival order (lex-ordered members)
     rq:v2:{g}:fair     zset  breakpoints lo/w and up/w of the active tenants
+                             (exp and fair also hold a sentinel and a member kept long on
+                             purpose, so Redis encodes them as skiplists)
     rq:v2:{g}:led:<h>  hash  the usage ledger of hour h (ms // 3,600,000): "<tenant>|<counter>"
                              (expires its group's retention after the hour ends)
     rq:v2:{g}:contend1..4  zset  rate meters: borrowers contending for the spare, by tag
