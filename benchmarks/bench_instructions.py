@@ -12,7 +12,8 @@ counters, runs the calls, dumps and reads the total: instructions (``Ir``) the
 server executed per call — the script, the commands it issues, the network
 handling — beside a trivial ``EVALSHA "return 1"`` measured the same way: an
 admitted ``acquire`` (``--calls`` leases held at once), a ``renew`` of each, then
-its ``release``.
+its ``release``; then, in a full group, a refused ``try_acquire`` and a refused
+retry of a waiting request (what a waiting ``acquire`` sends while it polls).
 Instructions are not time (cache misses and the kernel are not counted), but a
 change that removes work shows here whatever the machine is doing.
 
@@ -163,6 +164,32 @@ def contended(server: CallgrindServer, active: int, calls: int) -> int:
     return total
 
 
+def refusals(server: CallgrindServer, calls: int) -> tuple[int, int]:
+    """Instructions for ``calls`` refusals in a full group of 10 tenants, each holding its
+    guarantee: a ``try_acquire`` beyond a guarantee (level 0, no walk), and the retry of a
+    waiting request, as a waiting ``acquire`` polls."""
+    quota = QuotaClient.from_url(server.url, prefix="irr", socket_timeout=600.0)
+    tenants = tuple(TenantPolicy(f"a{i}", guarantee=1) for i in range(TENANTS))
+    policy = GroupPolicy("irr", capacity=TENANTS, tenants=tenants, max_lease_ttl=3600.0)
+    quota.apply_policy(Policy([policy]))
+    for i in range(TENANTS):
+        quota.try_acquire(f"a{i}", 1, ttl=3600.0)
+    conn = quota.backend.connection("irr")
+    keyspace = quota.core.keyspace
+
+    def waiting_retry() -> None:
+        call = acquire_call(
+            keyspace, "irr", "a0", 2, "w0", 3_600_000, wait=True, pending_ms=60_000, purge=64
+        )
+        conn.evalsha(call.script.sha, len(call.keys), *call.keys, *call.args)
+
+    waiting_retry()  # registers
+    refused = server.instructions(lambda: [quota.try_acquire("a1", 2) for _ in range(calls)])
+    polled = server.instructions(lambda: [waiting_retry() for _ in range(calls)])
+    quota.close()
+    return refused, polled
+
+
 def batched(server: CallgrindServer, quota: QuotaClient, size: int, calls: int) -> int:
     """Instructions for ``calls`` requests sent as ``acquire_many`` calls of ``size`` requests,
     each followed by a ``release_many`` of the leases it granted (the async client merges
@@ -247,6 +274,9 @@ def main(argv: list[str] | None = None) -> int:
             per.append(batched(server, quota, args.batch, calls) / requests)
             names += (f"acq.+rel., {args.batch} a batch",)
         quota.close()
+        refused, polled = refusals(server, calls)
+        per += [refused / calls, polled / calls]
+        names += ("try_acquire refused", "waiting retry refused")
         if args.contended:
             per.append(contended(server, args.contended, calls) / calls)
             names += (f"acquire, {args.contended} contended",)

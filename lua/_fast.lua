@@ -28,8 +28,9 @@ local FAST_BATCH = 8
 -- the tenant's demand fields with the fair state and demand's sentinel, the id's entries
 -- with info's sentinel, exp's first member (its sentinel and whether any entry is due for
 -- purging) and fair's sentinel. Returns them as read (the fast path builds no table from
--- them: acquire_cache does, for the general path), how many sentinels are present and
--- whether anything is due, so the general path reads none of them again.
+-- them: acquire_cache does, for the general path), how many sentinels are present, whether
+-- anything is due and the first member's score (text; nil when exp is empty), so the
+-- general path reads none of them again.
 local function acquire_reads(now, tenant, id)
   local head = redis.call('HMGET', KEYS[1], 'schema', 'hdr', 'busy', 'recover', 'fence', 'led_ok',
     't:' .. tenant)
@@ -48,7 +49,7 @@ local function acquire_reads(now, tenant, id)
   local first = redis.call('ZRANGE', KEYS[3], '0', '0', 'WITHSCORES')
   if first[1] then present = present + 1 end
   if redis.call('ZSCORE', KEYS[6], FAIR_ANCHOR) then present = present + 1 end
-  return head, dem, ent, present, first[2] ~= nil and first[2] - 0 <= now
+  return head, dem, ent, present, first[2] ~= nil and first[2] - 0 <= now, first[2]
 end
 
 -- acquire_reads' demand and entries as ctx holds them (its cache and its entries, built
@@ -111,6 +112,16 @@ local function ended_state(text, capacity, reserve, keep, g, ceil, d0, d1, du)
     '|' .. t_kh .. '|' .. t_kl .. '|' .. t_used, lo0, up0, lo1, up1, used
 end
 
+-- The stored fair state's level (INF as -1 in the text) and units held: unpack_state's
+-- first and last fields, without the rest (0, 0 for an absent state, as unpack_state's).
+local function stored_level(text)
+  if not text then return 0, 0 end
+  local lam, used = string.match(text, '^([^|]+)|.*|([^|]+)$')
+  local level = lam - 0
+  if level < 0 then level = INF end
+  return level, used - 0
+end
+
 -- Admits a lease that needs no walk from acquire_reads' replies, or returns nil for the
 -- general path (which parses the policy again, into the tables it works with): a policy of
 -- this schema, no meters, the group's state whole and nothing due, no recovery, a new id, a
@@ -122,7 +133,9 @@ end
 -- locals (header_fields, spec_fields), not tables. The request is acquire.lua's ARGV[3..6]
 -- and ARGV[11] (tenant, units, lease_id, ttl_ms, meters), passed in: acquire_many.lua
 -- decides its requests here one by one while they take this path (ARGV[2] is the schema in
--- both). wait and shadow change only refusals, which this path never answers.
+-- both). wait and shadow change only refusals, which this path never answers: when the
+-- request does not fit, it returns nil with what a refusal replies (the tenant's limit, the
+-- units held in the group, the policy's version and capacity) for fast_refused.
 local function fast_acquire(now, head, dem, ent, present, due, tenant, units, id, ttl, meters)
   if not FAST_PATHS or meters ~= '' or present ~= 4 or due or ent[1] or ent[2] or
       (dem[3] and dem[3] - 0 > 0) or not head[1] or not head[2] or
@@ -140,7 +153,9 @@ local function fast_acquire(now, head, dem, ent, present, due, tenant, units, id
     ended_state(dem[1], capacity, reserve, keep, g, ceil, used, used + units, units)
   if not level then return nil end
   local limit = clamp_limit(level, w, lo1, up1)
-  if used + units > limit + EPSILON or group_used + units > capacity then return nil end
+  if used + units > limit + EPSILON or group_used + units > capacity then
+    return nil, limit, group_used, version, capacity
+  end
   -- The ledger's hour keys not yet marked for this pair (ledger_flush): twice an hour.
   local ha, hb = ledger_hours()
   if head[6] ~= ha .. ':' .. hb then return nil end
@@ -161,6 +176,87 @@ local function fast_acquire(now, head, dem, ent, present, due, tenant, units, id
   keep_keys(math.max(max_ttl, busy - now) + KEY_GRACE_MS, true, KEY_GRACE_MS)
   return {1, 'admitted', expiry, token, used + units, fmt(limit), group_used + units, capacity, 0,
           version, 0}
+end
+
+-- Refusals with no walk, acquire.lua's second fast path: linked after the first, so a call
+-- that one answers never creates these closures. Each returns acquire.lua's reply, or nil
+-- having written nothing. Not here: shadow mode (it admits), a new waiting request (it
+-- registers), the ledger's hour keys not yet marked (ledger_flush marks them), and what
+-- fast_acquire leaves to the general path.
+
+-- The retry hint of a refusal, as acquire_one gives it: pending_ms, or less when exp's first
+-- entry (`first`, its score as read) ends sooner, at least 1 ms.
+local function retry_hint(first, now, pending_ms)
+  if first then return math.max(1, math.min(pending_ms, first - now)) end
+  return pending_ms
+end
+
+-- Refuses a new request that does not wait (try_acquire) where fast_acquire found that it
+-- does not fit at a level of 0 or INF: `limit` is the tenant's with the request's units in
+-- its demand, `group_used`, `version` and `capacity` as that reply gives them (fast_acquire's
+-- second return values); `dem` and `first` are acquire_reads'. Writes only the refusal's
+-- count in the ledger, as ledger_acquire would.
+local function fast_refused(now, head, dem, first, tenant, units, wait, shadow, pending_ms,
+                            limit, group_used, version, capacity)
+  if not FAST_PATHS or wait or shadow then return nil end
+  local ha, hb = ledger_hours()
+  if head[6] ~= ha .. ':' .. hb then return nil end
+  local used = dem[2] and dem[2] - 0 or 0
+  local reason = 'group_full'
+  if used + units > limit + EPSILON then reason = 'tenant_limit' end
+  ledger_write(now, {[tenant .. '|rf:' .. reason] = 1}, ha, hb)
+  return {0, reason, 0, 0, used, fmt(limit), group_used, capacity,
+          retry_hint(first, now, pending_ms), version, 0}
+end
+
+-- Refuses a retry of a waiting request (same id, tenant and units, waiting again) that still
+-- does not fit: a waiting acquire polls this way. Its units are in the demand already, so
+-- the limit is the tenant's at the stored level (limit_at), whatever that level is, and
+-- room is kept for the tenant's oldest waiting request when that is another one. Writes
+-- what the general path does: the registration's new expiry, the keys' expiry (the queue's
+-- too), and nothing in the ledger (the refusal was counted when it registered); the retry
+-- hint is paced by its place in line. The same conditions as fast_acquire's first ones.
+local function fast_waiting(now, head, dem, ent, present, due, first, tenant, units, id, ttl,
+                            meters, wait, shadow, pending_ms)
+  if not FAST_PATHS or not wait or shadow or meters ~= '' or present ~= 4 or due or ent[1] or
+      not ent[2] or not head[1] or not head[2] or head[1] - 0 > tonumber(ARGV[2]) or
+      (head[4] and head[4] - 0 > now) then
+    return nil
+  end
+  local held, _, owner = parse_entry(ent[2])
+  if owner ~= tenant or held ~= units then return nil end
+  local ha, hb = ledger_hours()
+  if head[6] ~= ha .. ':' .. hb then return nil end
+  local _, version, capacity, max_ttl, unknown, _, default = header_fields(head[2])
+  local text = head[7]
+  if not text and unknown == 'default' then text = default end
+  if not text then return nil end
+  local g, _, ceil, w, max_units, keep = spec_fields(text)
+  if ttl > max_ttl or units > math.min(capacity, ceil, max_units) then return nil end
+  local used = dem[2] and dem[2] - 0 or 0
+  local waiting = dem[3] and dem[3] - 0 or 0
+  local level, group_used = stored_level(dem[1])
+  local lo, up = claim_bounds(keep, g, ceil, used + waiting)
+  local limit = clamp_limit(level, w, lo, up)
+  local front = queue_front(tenant, QUEUE_PACED)
+  local kept = 0
+  if waiting > 0 and front[1] and front[1][2] ~= id then kept = front[1][1] end
+  local reason = 'tenant_limit'
+  if used + units + kept <= limit + EPSILON then
+    if group_used + units + kept <= capacity then return nil end  -- it fits: the general path
+    reason = 'group_full'
+  end
+  local retry_ms = retry_hint(first, now, pending_ms)
+  redis.call('ZADD', KEYS[3], int(now + pending_ms), 'P' .. id)
+  for position, e in ipairs(front) do
+    if e[2] == id then
+      retry_ms = math.min(retry_ms, NEXT_IN_LINE_RETRY_MS * math.max(1, position - 1))
+    end
+  end
+  local keys_ttl = math.max(max_ttl, (head[3] and head[3] - 0 or 0) - now) + KEY_GRACE_MS
+  local ms = keep_keys(keys_ttl, true, KEY_GRACE_MS)
+  redis.call('PEXPIRE', KEYS[5], ms or int(keys_ttl))
+  return {0, reason, 0, 0, used, fmt(limit), group_used, capacity, retry_ms, version, 0}
 end
 
 -- Extends a live lease from acquire_reads' replies (renew.lua's ARGV: id, ttl, tenant,
@@ -196,13 +292,7 @@ local function fast_renew(now, head, dem, ent, present, due)
     busy = new_expiry
     redis.call('HSET', KEYS[1], 'busy', int(busy))
   end
-  -- The stored level (INF as -1) and units held: unpack_state's first and last fields.
-  local level, group_used = 0, 0
-  if dem[1] then
-    local lam, used = string.match(dem[1], '^([^|]+)|.*|([^|]+)$')
-    level, group_used = lam - 0, used - 0
-    if level < 0 then level = INF end
-  end
+  local level, group_used = stored_level(dem[1])
   local tenant_used = dem[2] and dem[2] - 0 or 0
   local text = head[7]
   if not text and unknown == 'default' then text = default end

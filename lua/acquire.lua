@@ -55,9 +55,20 @@
 
 
 local now = now_ms(ARGV[1])
-local head, dem, ent, present, due = acquire_reads(now, ARGV[3], ARGV[5])
-local fast = fast_acquire(now, head, dem, ent, present, due, ARGV[3], tonumber(ARGV[4]), ARGV[5],
-  tonumber(ARGV[6]), ARGV[11])
+local head, dem, ent, present, due, first = acquire_reads(now, ARGV[3], ARGV[5])
+local fast, limit, group_used, version, capacity = fast_acquire(now, head, dem, ent, present,
+  due, ARGV[3], tonumber(ARGV[4]), ARGV[5], tonumber(ARGV[6]), ARGV[11])
+if fast then
+  return fast
+end
+-- end of the fast path
+if limit then
+  fast = fast_refused(now, head, dem, first, ARGV[3], tonumber(ARGV[4]), ARGV[7] == '1',
+    ARGV[10] == '1', tonumber(ARGV[8]), limit, group_used, version, capacity)
+elseif ent[2] then
+  fast = fast_waiting(now, head, dem, ent, present, due, first, ARGV[3], tonumber(ARGV[4]),
+    ARGV[5], tonumber(ARGV[6]), ARGV[11], ARGV[7] == '1', ARGV[10] == '1', tonumber(ARGV[8]))
+end
 if fast then
   return fast
 end

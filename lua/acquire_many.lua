@@ -20,18 +20,30 @@
 local now = now_ms(ARGV[1])
 local count = (#ARGV - 4) / 7
 local replies = {}
--- The requests in order, each on acquire's fast path while it takes it (fast_acquire): a
--- request it answers is decided and written exactly as acquire.lua alone would, right after
--- the ones before it. The first it does not answer, and every one after, go to the general
--- path below, which reads the state those left.
+-- The requests in order, each on acquire's fast paths while they take it (fast_acquire, then
+-- the refusals fast_refused and fast_waiting): a request they answer is decided and written
+-- exactly as acquire.lua alone would, right after the ones before it. The first they do not
+-- answer, and every one after, go to the general path below, which reads the state those
+-- left.
+local pending_ms = tonumber(ARGV[3])
 local first = 1
 while first <= count and count <= FAST_BATCH do
   local base = 4 + (first - 1) * 7
-  local head, dem, ent, present, due = acquire_reads(now, ARGV[base + 1], ARGV[base + 3])
-  local reply = fast_acquire(now, head, dem, ent, present, due, ARGV[base + 1],
-    tonumber(ARGV[base + 2]), ARGV[base + 3], tonumber(ARGV[base + 4]), ARGV[base + 7])
-  if not reply then break end
-  replies[first] = reply
+  local tenant, units, id = ARGV[base + 1], tonumber(ARGV[base + 2]), ARGV[base + 3]
+  local ttl, meters = tonumber(ARGV[base + 4]), ARGV[base + 7]
+  local head, dem, ent, present, due, exp_first = acquire_reads(now, tenant, id)
+  local reply, limit, group_used, version, capacity = fast_acquire(now, head, dem, ent, present,
+    due, tenant, units, id, ttl, meters)
+  if reply then
+    replies[first] = reply
+  elseif limit then
+    replies[first] = fast_refused(now, head, dem, exp_first, tenant, units, ARGV[base + 5] == '1',
+      ARGV[base + 6] == '1', pending_ms, limit, group_used, version, capacity)
+  elseif ent[2] then
+    replies[first] = fast_waiting(now, head, dem, ent, present, due, exp_first, tenant, units, id,
+      ttl, meters, ARGV[base + 5] == '1', ARGV[base + 6] == '1', pending_ms)
+  end
+  if not replies[first] then break end
   first = first + 1
 end
 if first > count then
@@ -53,7 +65,6 @@ if not ctx then
 end
 check_state(ctx)
 purge(ctx, tonumber(ARGV[4]))
-local pending_ms = tonumber(ARGV[3])
 prefetch_entries(ctx, ids)
 load_fields(ctx, fields)
 for i = first, count do

@@ -100,13 +100,14 @@ def general_only(source: str) -> str:
 
 
 def counted(source: str) -> str:
-    """A script's source that counts, in key ``COUNTER``, the calls its fast path answers (the
-    last ``return`` before ``FAST_END``), so a run shows that the fast paths were taken."""
-    if FAST_END not in source:
-        return source
-    end = source.index(FAST_END)
-    at = source.rindex("\n  return ", 0, end) + 1
-    return f"{source[:at]}  redis.call('INCR', '{COUNTER}')\n{source[at:]}"
+    """A script's source that counts, in key ``COUNTER``, the calls its fast paths answer (the
+    last ``return`` before each ``FAST_END``), so a run shows that the fast paths were taken."""
+    end = len(source)
+    while FAST_END in source[:end]:
+        end = source.rindex(FAST_END, 0, end)
+        at = source.rindex("\n  return ", 0, end) + 1
+        source = f"{source[:at]}  redis.call('INCR', '{COUNTER}')\n{source[at:]}"
+    return source
 
 
 class Twin:
@@ -116,6 +117,7 @@ class Twin:
         self.fast, self.slow = fast, slow
         self.shas: dict[str, tuple[str, str]] = {}
         self.fast_answers: Counter[str] = Counter()  # by script
+        self.fast_refusals: Counter[str] = Counter()  # the fast answers that refused, by script
 
     def run(self, call: ScriptCall) -> Any:
         """Both replies, held equal, and both databases, held equal."""
@@ -139,6 +141,8 @@ class Twin:
         answered = fast_keys.pop(COUNTER.encode(), None)
         if answered is not None:
             self.fast_answers[name] += int(answered[1])
+            if name == "acquire" and replies[0][0] == 0:
+                self.fast_refusals[name] += 1
             self.fast.delete(COUNTER)
         assert fast_keys == dump_keys(self.slow, expiry=True), call.args
         # The fast acquire counts exp as present when it has any member: it never exists
@@ -287,7 +291,7 @@ def run(twin: Twin, seed: int, ops: list[tuple[Any, ...]]) -> None:
 
 def test_fast_paths_equal_general_path_on_fakeredis() -> None:
     """Any sequence of calls: same replies, same keys, fast paths on or off (fakeredis)."""
-    answered = []
+    answered, refused = [], []
 
     @given(seed=st.integers(0, 10**6), ops=operations)
     def prop(seed: int, ops: list[tuple[Any, ...]]) -> None:
@@ -295,10 +299,12 @@ def test_fast_paths_equal_general_path_on_fakeredis() -> None:
         twin = Twin(fast, fakeredis.FakeRedis(server=fakeredis.FakeServer()))
         run(twin, seed, ops)
         answered.append(twin.fast_answers)
+        refused.append(twin.fast_refusals)
 
     prop()
     taken = sum(answered, Counter())
     assert all(taken[name] > 0 for name in SINGLE_SCRIPTS), f"fast answers by script: {taken}"
+    assert sum(refused, Counter())["acquire"] > 0, "no refusal took acquire's fast path"
 
 
 @pytest.mark.real_redis
@@ -306,7 +312,7 @@ def test_fast_paths_equal_general_path_on_real_redis(real_redis: RedisServer) ->
     """The same property on a real redis-server, its two databases side by side."""
     fast = redis.Redis(host="127.0.0.1", port=real_redis.port, db=0)
     slow = redis.Redis(host="127.0.0.1", port=real_redis.port, db=1)
-    answered = []
+    answered, refused = [], []
 
     @given(seed=st.integers(0, 10**6), ops=operations)
     def prop(seed: int, ops: list[tuple[Any, ...]]) -> None:
@@ -315,6 +321,7 @@ def test_fast_paths_equal_general_path_on_real_redis(real_redis: RedisServer) ->
         twin = Twin(fast, slow)
         run(twin, seed, ops)
         answered.append(twin.fast_answers)
+        refused.append(twin.fast_refusals)
 
     try:
         prop()
@@ -323,6 +330,7 @@ def test_fast_paths_equal_general_path_on_real_redis(real_redis: RedisServer) ->
         slow.close()
     taken = sum(answered, Counter())
     assert all(taken[name] > 0 for name in SINGLE_SCRIPTS), f"fast answers by script: {taken}"
+    assert sum(refused, Counter())["acquire"] > 0, "no refusal took acquire's fast path"
 
 
 def test_every_fast_path_can_be_switched_off() -> None:
@@ -531,6 +539,102 @@ def test_the_fast_renewal_answers_what_the_general_path_answers_on_real_redis(
         out = renewal_shapes(twin)
         assert out["walked"][3] == 1
         assert twin.fast_answers["renew"] == 3
+
+
+def refusal_shapes(twin: Twin) -> dict[str, Any]:
+    """The refusals acquire's second fast path answers, each held equal to the general path by
+    ``twin``, beside the ones it leaves to the general path. Capacity 8; "a" guarantees 4 and
+    may borrow 2 more (ceiling 6), "b" guarantees 4; both lend what they do not use. Returns
+    the replies by name."""
+    keyspace = KeySpace(prefix="fp")
+    policy = GroupPolicy(
+        GROUP,
+        capacity=8,
+        tenants=(TenantPolicy("a", guarantee=4, borrow_limit=2), TenantPolicy("b", guarantee=4)),
+        max_lease_ttl=60.0,
+    )
+    out: dict[str, Any] = {}
+    now = START_MS
+
+    def acquire(
+        name: str, tenant: str, units: int, *, wait: bool = False, rid: str = "",
+        shadow: bool = False,
+    ) -> Any:  # fmt: skip
+        made = acquire_call(keyspace, GROUP, tenant, units, rid or name, 30_000, wait=wait,
+                            pending_ms=5_000, purge=2, now_ms=now, shadow=shadow)  # fmt: skip
+        out[name] = twin.run(made)
+        return out[name]
+
+    twin.run(apply_policy_call(keyspace, policy, now_ms=now))
+    acquire("a1", "a", 1)  # writes the sentinels: the general path
+    acquire("a5", "a", 5)  # a holds its ceiling, 6; the level is INF
+    acquire("over_ceiling", "a", 1)  # fresh, at INF: tenant_limit (fast)
+    acquire("b2", "b", 2)  # the group is full: 8 of 8
+    acquire("over_guarantee", "b", 3)  # fresh, at level 0: tenant_limit (fast)
+    acquire("group_full", "b", 2)  # fresh, within b's limit of 4: group_full (fast)
+    requests = [("a", 1, "m1", 30_000, False), ("b", 2, "m2", 30_000, False)]
+    out["batch"] = twin.run(
+        acquire_many_call(keyspace, GROUP, requests, pending_ms=5_000, purge=2, now_ms=now)
+    )  # the same two refusals in one acquire_many, both on its fast paths
+    acquire("w1", "b", 2, wait=True)  # registers: the general path
+    now += 1_000
+    acquire("w1_retry", "b", 2, wait=True, rid="w1")  # still group_full (fast), first in line
+    acquire("w2", "b", 1, wait=True)  # registers behind w1: the general path
+    now += 1_000
+    # Redis's clock, not the pinned one, runs key expiries down: shorten them by hand, so the
+    # retry's refresh of the keys' expiry (the queue's too) shows.
+    keys = keyspace.group(GROUP)
+    for conn in (twin.fast, twin.slow):
+        for key in (keys.demand, keys.exp, keys.info, keys.queue, keys.fair):
+            conn.pexpire(key, 10_000)
+    acquire("w2_retry", "b", 1, wait=True, rid="w2")  # room kept for w1: tenant_limit (fast)
+    for conn in (twin.fast, twin.slow):  # refreshed to max_lease_ttl and the grace, or more
+        assert all(conn.pttl(key) > 60_000 for key in (keys.demand, keys.queue)), conn
+    acquire("w2_try", "b", 1, rid="w2")  # a retry that does not wait: the general path
+    acquire("b_fresh", "b", 1)  # b has requests waiting: the general path
+    acquire("a_wait", "a", 1, wait=True)  # registers: the general path
+    now += 1_000
+    acquire("a_wait_retry", "a", 1, wait=True, rid="a_wait")  # tenant_limit (fast)
+    acquire("shadowed", "a", 1, shadow=True)  # shadow mode admits: the general path
+    token = int(out["a5"][3])
+    twin.run(release_call(keyspace, GROUP, "a5", tenant="a", token=token, purge=2, now_ms=now))
+    acquire("w1_fits", "b", 2, wait=True, rid="w1")  # now it fits: admitted by the general path
+    return out
+
+
+def test_refusals_that_need_no_walk_take_the_fast_path() -> None:
+    """try_acquire refusals at a level of 0 or INF and refused retries of waiting requests are
+    answered by acquire's second fast path, with the general path's replies and writes (the
+    ledger's refusal counts, the registration's new expiry, the retry hints paced by place in
+    line); the rest fall through."""
+    twin = Twin(fakeredis.FakeRedis(server=fakeredis.FakeServer()),
+                fakeredis.FakeRedis(server=fakeredis.FakeServer()))  # fmt: skip
+    out = refusal_shapes(twin)
+    reasons = {name: (reply[0], reply[1]) for name, reply in out.items()}
+    assert reasons["over_ceiling"] == (0, b"tenant_limit")
+    assert reasons["over_guarantee"] == (0, b"tenant_limit")
+    assert reasons["group_full"] == (0, b"group_full")
+    assert reasons["w1_retry"] == (0, b"group_full")
+    assert reasons["w2_retry"] == (0, b"tenant_limit")
+    assert reasons["a_wait_retry"] == (0, b"tenant_limit")
+    assert out["w1_retry"][8] == 20  # first in line: NEXT_IN_LINE_RETRY_MS
+    assert reasons["shadowed"] == (1, b"tenant_limit")
+    assert reasons["w1_fits"] == (1, b"admitted")
+    assert [reply[1] for reply in out["batch"]] == [b"tenant_limit", b"group_full"]
+    assert twin.fast_refusals["acquire"] == 6
+    assert twin.fast_answers["acquire_many"] == 1
+
+
+@pytest.mark.real_redis
+def test_refusals_that_need_no_walk_take_the_fast_path_on_real_redis(
+    real_redis: RedisServer,
+) -> None:
+    """The same calls on a real redis-server, its two databases side by side."""
+    with real_twin(real_redis) as twin:
+        out = refusal_shapes(twin)
+        assert out["w1_fits"][:2] == [1, b"admitted"]
+        assert twin.fast_refusals["acquire"] == 6
+        assert twin.fast_answers["acquire_many"] == 1
 
 
 def test_small_batches_take_the_fast_paths() -> None:

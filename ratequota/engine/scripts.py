@@ -16,6 +16,9 @@ An entry script may end its fast path with the line ``FAST_END``: it is
 then linked in two parts (the definitions its fast path reaches, the fast
 path, the definitions only the rest reaches, the rest), so a call the fast
 path answers never creates the rest's closures (``_fast.lua`` says why).
+Each further ``FAST_END`` line starts one more part the same way: a second
+fast path (acquire's refusals) whose definitions the first one's callers
+never create.
 
 In a wheel the scripts live in ``ratequota/lua`` (hatch copies the top-level
 ``lua/`` there); in a source checkout or an editable install they are read
@@ -204,12 +207,15 @@ def link(parts: list[tuple[str, str]], body: str, linked: frozenset[str] = froze
 
 
 def link_script(parts: list[tuple[str, str]], body: str) -> str:
-    """An entry script with its library: in two parts when it has a fast path (``FAST_END``)."""
-    if FAST_END not in body:
-        return f"{link(parts, body)}\n{body}"
-    fast, rest = body.split(FAST_END, 1)
-    first = frozenset(reach(parts, fast))
-    return f"{link(parts, fast)}\n{fast}{FAST_END}\n{link(parts, rest, first)}\n{rest}"
+    """An entry script with its library, in one part per ``FAST_END`` line and one more: each
+    part preceded by the definitions it reaches that no earlier part did."""
+    *fast, rest = body.split(FAST_END)
+    linked: frozenset[str] = frozenset()
+    text = ""
+    for part in fast:
+        text += f"{link(parts, part, linked)}\n{part}{FAST_END}\n"
+        linked |= reach(parts, part)
+    return f"{text}{link(parts, rest, linked)}\n{rest}"
 
 
 @functools.cache

@@ -524,6 +524,7 @@ class Run:
                 self.start_pod(f"p{i}", p.modes[i % len(p.modes)], config)
             snapshots = threading.Thread(target=self._snapshot_loop, daemon=True)
             snapshots.start()
+            self._wait_for_first_calls()
             self._inject(config, quota)
             quota.close()
             self._wait_for_pods()
@@ -595,6 +596,28 @@ class Run:
             count += 1
             next_at = time.time() + self.rng.uniform(*p.fault_gap)
         time.sleep(max(0.0, self.stop_at - time.time()))
+
+    def _wait_for_first_calls(self, timeout: float = 60.0) -> None:
+        """Faults start once every pod has finished a call, or after ``timeout``.
+
+        A pod learns the policy (the catalog) with its first call and keeps it; a fault
+        that takes the catalog before any pod has read it leaves no pod able to restore
+        it, and the run turns into nothing but ``UnknownTenant``. That is no outage a
+        deployment meets (its pods ran before the fault) but the harness's own: an
+        eviction-only run on a loaded machine injected its first fault 1 s after the
+        start, its pods' first calls came 2 s after it.
+        """
+        started = time.time()
+        waiting = set(self.pods)
+        while waiting and time.time() - started < timeout:
+            for name in sorted(waiting):
+                history = self.dir / "pods" / f"{name}.jsonl"
+                if history.exists() and '"kind":"call"' in history.read_text(errors="replace"):
+                    waiting.discard(name)
+            if waiting:
+                time.sleep(0.05)
+        self.record("pods_ready", waited_s=round(time.time() - started, 3),
+                    not_ready=sorted(waiting))  # fmt: skip
 
     def _wait_for_pods(self) -> None:
         """Pods stop by themselves at the stop time; one still running 20 s later is hung."""
