@@ -122,6 +122,22 @@ local function stored_level(text)
   return level, used - 0
 end
 
+-- What a request of `units` for `ttl` ms is decided under, from acquire_reads' header
+-- (`head`: the policy's header with the tenant's spec): the policy's version, capacity,
+-- max_lease_ttl and reserve, and the tenant's guarantee, ceiling, weight and kept part (its
+-- spec, or the policy's default one for an unknown tenant). nil when the general path must
+-- answer: an unknown tenant the policy refuses, a ttl above max_lease_ttl, or more units than
+-- the capacity, the ceiling or max_units allow (too large).
+local function request_terms(head, units, ttl)
+  local _, version, capacity, max_ttl, unknown, reserve, default = header_fields(head[2])
+  local text = head[7]
+  if not text and unknown == 'default' then text = default end
+  if not text then return nil end
+  local g, _, ceil, w, max_units, keep = spec_fields(text)
+  if ttl > max_ttl or units > math.min(capacity, ceil, max_units) then return nil end
+  return version, capacity, max_ttl, reserve, g, ceil, w, keep
+end
+
 -- Admits a lease that needs no walk from acquire_reads' replies, or returns nil for the
 -- general path (which parses the policy again, into the tables it works with): a policy of
 -- this schema, no meters, the group's state whole and nothing due, no recovery, a new id, a
@@ -142,12 +158,8 @@ local function fast_acquire(now, head, dem, ent, present, due, tenant, units, id
       head[1] - 0 > tonumber(ARGV[2]) or (head[4] and head[4] - 0 > now) then
     return nil
   end
-  local _, version, capacity, max_ttl, unknown, reserve, default = header_fields(head[2])
-  local text = head[7]
-  if not text and unknown == 'default' then text = default end
-  if not text then return nil end
-  local g, _, ceil, w, max_units, keep = spec_fields(text)
-  if ttl > max_ttl or units > math.min(capacity, ceil, max_units) then return nil end
+  local version, capacity, max_ttl, reserve, g, ceil, w, keep = request_terms(head, units, ttl)
+  if not version then return nil end
   local used = dem[2] and dem[2] - 0 or 0
   local level, state, lo0, up0, lo1, up1, group_used =
     ended_state(dem[1], capacity, reserve, keep, g, ceil, used, used + units, units)
@@ -227,12 +239,8 @@ local function fast_waiting(now, head, dem, ent, present, due, first, tenant, un
   if owner ~= tenant or held ~= units then return nil end
   local ha, hb = ledger_hours()
   if head[6] ~= ha .. ':' .. hb then return nil end
-  local _, version, capacity, max_ttl, unknown, _, default = header_fields(head[2])
-  local text = head[7]
-  if not text and unknown == 'default' then text = default end
-  if not text then return nil end
-  local g, _, ceil, w, max_units, keep = spec_fields(text)
-  if ttl > max_ttl or units > math.min(capacity, ceil, max_units) then return nil end
+  local version, capacity, max_ttl, _, g, ceil, w, keep = request_terms(head, units, ttl)
+  if not version then return nil end
   local used = dem[2] and dem[2] - 0 or 0
   local waiting = dem[3] and dem[3] - 0 or 0
   local level, group_used = stored_level(dem[1])
