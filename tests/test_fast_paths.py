@@ -19,7 +19,7 @@ import contextlib
 import random
 import re
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import attrs
@@ -92,6 +92,31 @@ operations = st.lists(
     max_size=60,
 )
 
+#: Calls of a group under pressure: acquires that mostly wait, retries of waiting requests (a
+#: waiting acquire's polls), releases and withdrawals, a clock moving in small steps. The
+#: general mix above seldom registers a request and then retries it; these draw it often, so
+#: the refusals' fast path meets its corners (the queue's front, pacing, a retry that fits).
+_pressed_acquire = st.tuples(
+    st.just("acquire"),
+    st.integers(0, 8),  # tenant
+    st.integers(1, 60),  # units: mostly 1-3
+    st.sampled_from([True, True, True, False]),  # wait
+    st.sampled_from(["new", "waiting", "waiting", "waiting"]),  # request id
+    st.just(""),
+)
+pressure = st.lists(
+    st.one_of(
+        _pressed_acquire,  # three acquires to each other call: the group stays full
+        _pressed_acquire,
+        _pressed_acquire,
+        st.tuples(st.just("release"), st.integers(0, 50), st.just("ok")),
+        st.tuples(st.just("withdraw"), st.integers(0, 50)),
+        st.tuples(st.just("advance"), st.sampled_from([1, 50, 400])),  # registrations live 2 s
+    ),
+    min_size=30,
+    max_size=60,
+)
+
 
 def general_only(source: str) -> str:
     """A script's source with its fast paths switched off."""
@@ -143,6 +168,8 @@ class Twin:
             self.fast_answers[name] += int(answered[1])
             if name == "acquire" and replies[0][0] == 0:
                 self.fast_refusals[name] += 1
+                if call.args[6] == "1":  # wait: a retry of a waiting request
+                    self.fast_refusals["waiting retry"] += 1
             self.fast.delete(COUNTER)
         assert fast_keys == dump_keys(self.slow, expiry=True), call.args
         # The fast acquire counts exp as present when it has any member: it never exists
@@ -167,10 +194,33 @@ def real_twin(server: RedisServer) -> Iterator[Twin]:
         slow.close()
 
 
-def run(twin: Twin, seed: int, ops: list[tuple[Any, ...]]) -> None:
-    """Replays ``ops`` on both databases, comparing after every call."""
+def crowded_policy(rnd: random.Random, name: str) -> GroupPolicy:
+    """A small group that requests of 1-3 units fill at once: 2-4 tenants with guarantees of
+    0-2 (lending all, half or none of them), some with a borrow limit."""
+    count = rnd.randint(2, 4)
+    tenants = tuple(
+        TenantPolicy(
+            f"t{i}",
+            guarantee=rnd.randint(0, 2),
+            lendable=rnd.choice([0.0, 0.5, 1.0]),
+            borrow_limit=rnd.choice([None, 1, 2]),
+            weight=rnd.choice([1.0, 2.0, 0.5]),
+        )
+        for i in range(count)
+    )
+    return GroupPolicy(name, capacity=rnd.randint(2 * count, 3 * count), tenants=tenants)
+
+
+def run(
+    twin: Twin,
+    seed: int,
+    ops: list[tuple[Any, ...]],
+    policy_of: Callable[[random.Random, str], GroupPolicy] = random_policy,
+) -> None:
+    """Replays ``ops`` on both databases, comparing after every call; the group's policies
+    come from ``policy_of``."""
     rnd = random.Random(seed)
-    policy = random_policy(rnd, GROUP)
+    policy = policy_of(rnd, GROUP)
     keyspace = KeySpace(prefix="fp")
     keys = keyspace.group(GROUP)
     now = START_MS
@@ -281,7 +331,7 @@ def run(twin: Twin, seed: int, ops: list[tuple[Any, ...]]) -> None:
         elif kind == "advance":
             now += op[1]
         elif kind == "policy":
-            policy = random_policy(random.Random(op[1]), GROUP)
+            policy = policy_of(random.Random(op[1]), GROUP)
             twin.run(apply_policy_call(keyspace, policy, now_ms=now))
         elif kind == "lose":
             lost = list(keys.all) if op[1] == "all" else [getattr(keys, op[1])]
@@ -331,6 +381,78 @@ def test_fast_paths_equal_general_path_on_real_redis(real_redis: RedisServer) ->
     taken = sum(answered, Counter())
     assert all(taken[name] > 0 for name in SINGLE_SCRIPTS), f"fast answers by script: {taken}"
     assert sum(refused, Counter())["acquire"] > 0, "no refusal took acquire's fast path"
+
+
+def pressed_ops(rnd: random.Random) -> list[tuple[Any, ...]]:
+    """A seeded sequence from the same mix as ``pressure``, drawn evenly: hypothesis favours
+    its simplest values, and a check that the fast path was taken must not depend on them."""
+    ops: list[tuple[Any, ...]] = []
+    for _ in range(40):
+        kind = rnd.choice(["acquire"] * 3 + ["release", "withdraw", "advance"])
+        if kind == "acquire":
+            wait = rnd.random() < 0.75
+            ops.append((kind, rnd.randint(0, 8), rnd.randint(1, 60), wait,
+                        rnd.choice(["new", "waiting", "waiting", "waiting"]), ""))  # fmt: skip
+        elif kind == "advance":
+            ops.append((kind, rnd.choice([1, 50, 400])))
+        elif kind == "release":
+            ops.append((kind, rnd.randint(0, 50), "ok"))
+        else:
+            ops.append((kind, rnd.randint(0, 50)))
+    return ops
+
+
+def under_pressure(make_twin: Callable[[], Twin]) -> Counter[str]:
+    """Twenty seeded crowded runs (``pressed_ops``), held equal call by call; the fast
+    refusals they took."""
+    refused: Counter[str] = Counter()
+    for seed in range(20):
+        twin = make_twin()
+        run(twin, seed, pressed_ops(random.Random(seed)), crowded_policy)
+        refused.update(twin.fast_refusals)
+    return refused
+
+
+@given(seed=st.integers(0, 10**6), ops=pressure)
+def test_fast_paths_equal_general_path_under_pressure(
+    seed: int, ops: list[tuple[Any, ...]]
+) -> None:
+    """Waiting acquires and their polls in a crowded group (fakeredis): same replies, same
+    keys, fast paths on or off."""
+    twin = Twin(fakeredis.FakeRedis(server=fakeredis.FakeServer()),
+                fakeredis.FakeRedis(server=fakeredis.FakeServer()))  # fmt: skip
+    run(twin, seed, ops, crowded_policy)
+
+
+def test_polls_of_waiting_requests_take_the_fast_path_in_crowded_runs() -> None:
+    """In seeded crowded runs the refused retries of waiting requests are answered by the
+    fast path, and every call equals the general path's (fakeredis)."""
+
+    def fresh() -> Twin:
+        return Twin(fakeredis.FakeRedis(server=fakeredis.FakeServer()),
+                    fakeredis.FakeRedis(server=fakeredis.FakeServer()))  # fmt: skip
+
+    assert under_pressure(fresh)["waiting retry"] >= 20
+
+
+@pytest.mark.real_redis
+def test_polls_of_waiting_requests_take_the_fast_path_in_crowded_runs_on_real_redis(
+    real_redis: RedisServer,
+) -> None:
+    """The same seeded runs on a real redis-server, its two databases side by side."""
+    fast = redis.Redis(host="127.0.0.1", port=real_redis.port, db=0)
+    slow = redis.Redis(host="127.0.0.1", port=real_redis.port, db=1)
+
+    def fresh() -> Twin:
+        fast.flushdb()
+        slow.flushdb()
+        return Twin(fast, slow)
+
+    try:
+        assert under_pressure(fresh)["waiting retry"] >= 20
+    finally:
+        fast.close()
+        slow.close()
 
 
 def test_every_fast_path_can_be_switched_off() -> None:
