@@ -10,7 +10,7 @@ run to the next, far more than a change of a few commands. This measures
 both versions in the same run, alternating blocks of ``--block`` calls
 (``CONFIG RESETSTAT`` before each block, ``INFO commandstats`` after), so
 both see the same load; it prints the median and the minimum over the
-rounds. Three measurements, each on the same state for both versions:
+rounds. Four measurements, each on the same state for both versions:
 an admitted ``acquire``, a refused one (``tenant_limit``), ``release``
 of a live lease, and an admitted acquire with a ``tokens`` rate meter on the
 tenant's own rate (another group, published by this checkout's ``apply_policy``).
