@@ -402,14 +402,14 @@ def pressed_ops(rnd: random.Random) -> list[tuple[Any, ...]]:
     return ops
 
 
-def under_pressure(make_twin: Callable[[], Twin]) -> Counter[str]:
-    """Twenty seeded crowded runs (``pressed_ops``), held equal call by call; the fast
-    refusals they took."""
+def under_pressure(twin_of: Callable[[], contextlib.AbstractContextManager[Twin]]) -> Counter[str]:
+    """Twenty seeded crowded runs (``pressed_ops``), each on a fresh twin from ``twin_of``,
+    held equal call by call; the fast refusals they took."""
     refused: Counter[str] = Counter()
     for seed in range(20):
-        twin = make_twin()
-        run(twin, seed, pressed_ops(random.Random(seed)), crowded_policy)
-        refused.update(twin.fast_refusals)
+        with twin_of() as twin:
+            run(twin, seed, pressed_ops(random.Random(seed)), crowded_policy)
+            refused.update(twin.fast_refusals)
     return refused
 
 
@@ -428,9 +428,13 @@ def test_polls_of_waiting_requests_take_the_fast_path_in_crowded_runs() -> None:
     """In seeded crowded runs the refused retries of waiting requests are answered by the
     fast path, and every call equals the general path's (fakeredis)."""
 
-    def fresh() -> Twin:
-        return Twin(fakeredis.FakeRedis(server=fakeredis.FakeServer()),
-                    fakeredis.FakeRedis(server=fakeredis.FakeServer()))  # fmt: skip
+    def fresh() -> contextlib.AbstractContextManager[Twin]:
+        return contextlib.nullcontext(
+            Twin(
+                fakeredis.FakeRedis(server=fakeredis.FakeServer()),
+                fakeredis.FakeRedis(server=fakeredis.FakeServer()),
+            )
+        )
 
     assert under_pressure(fresh)["waiting retry"] >= 20
 
@@ -440,19 +444,7 @@ def test_polls_of_waiting_requests_take_the_fast_path_in_crowded_runs_on_real_re
     real_redis: RedisServer,
 ) -> None:
     """The same seeded runs on a real redis-server, its two databases side by side."""
-    fast = redis.Redis(host="127.0.0.1", port=real_redis.port, db=0)
-    slow = redis.Redis(host="127.0.0.1", port=real_redis.port, db=1)
-
-    def fresh() -> Twin:
-        fast.flushdb()
-        slow.flushdb()
-        return Twin(fast, slow)
-
-    try:
-        assert under_pressure(fresh)["waiting retry"] >= 20
-    finally:
-        fast.close()
-        slow.close()
+    assert under_pressure(lambda: real_twin(real_redis))["waiting retry"] >= 20
 
 
 def test_every_fast_path_can_be_switched_off() -> None:
