@@ -13,7 +13,8 @@ server executed per call — the script, the commands it issues, the network
 handling — beside a trivial ``EVALSHA "return 1"`` measured the same way: an
 admitted ``acquire`` (``--calls`` leases held at once), a ``renew`` of each, then
 its ``release``; then, in a full group, a refused ``try_acquire`` and a refused
-retry of a waiting request (what a waiting ``acquire`` sends while it polls).
+retry of a waiting request (what a waiting ``acquire`` sends while it polls); then
+admitted acquires naming a ``tokens`` amount, on a tenant's own rate and borrowing.
 Instructions are not time (cache misses and the kernel are not counted), but a
 change that removes work shows here whatever the machine is doing.
 
@@ -43,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import redis
 
 import ratequota.engine.scripts as scripts
-from ratequota import GroupPolicy, Policy, QuotaClient, TenantPolicy
+from ratequota import GroupPolicy, MeterPolicy, Policy, QuotaClient, TenantMeter, TenantPolicy
 from ratequota.engine.protocol import acquire_call, acquire_many_call, release_many_call
 from tests.servers import free_port
 
@@ -190,6 +191,35 @@ def refusals(server: CallgrindServer, calls: int) -> tuple[int, int]:
     return refused, polled
 
 
+def metered(server: CallgrindServer, calls: int) -> tuple[int, int]:
+    """Instructions for ``calls`` admitted acquires naming a ``tokens`` amount, in a group of
+    10 tenants with room for every lease: on a tenant's own rate, then borrowing (a tenant
+    with no rate of its own); each lease released between measures."""
+    quota = QuotaClient.from_url(server.url, prefix="irm", socket_timeout=600.0)
+    own = (TenantMeter("tokens", rate=10**5),)
+    tenants = tuple(TenantPolicy(f"a{i}", meters=own) for i in range(TENANTS - 1))
+    tenants += (TenantPolicy("borrower"),)  # no rate of its own: every token is borrowed
+    meters = (MeterPolicy("tokens", rate=10**7, burst=10**7),)
+    policy = GroupPolicy("irm", capacity=10**7, tenants=tenants, meters=meters,
+                         max_lease_ttl=3600.0)  # fmt: skip
+    quota.apply_policy(Policy([policy]))
+    for i in range(2 * TENANTS):  # every tenant active, the scripts loaded
+        quota.release(quota.try_acquire(f"a{i % (TENANTS - 1)}", 1, tokens=1).lease)  # type: ignore[arg-type]
+    held: list[object] = []
+
+    def acquire(tenant: Callable[[int], str]) -> None:
+        for i in range(calls):
+            held.append(quota.try_acquire(tenant(i), 1, tokens=10).lease)
+
+    on_rate = server.instructions(lambda: acquire(lambda i: f"a{i % (TENANTS - 1)}"))
+    for lease in held:
+        quota.release(lease)  # type: ignore[arg-type]
+    held.clear()
+    borrowing = server.instructions(lambda: acquire(lambda i: "borrower"))
+    quota.close()
+    return on_rate, borrowing
+
+
 def batched(server: CallgrindServer, quota: QuotaClient, size: int, calls: int) -> int:
     """Instructions for ``calls`` requests sent as ``acquire_many`` calls of ``size`` requests,
     each followed by a ``release_many`` of the leases it granted (the async client merges
@@ -277,6 +307,9 @@ def main(argv: list[str] | None = None) -> int:
         refused, polled = refusals(server, calls)
         per += [refused / calls, polled / calls]
         names += ("try_acquire refused", "waiting retry refused")
+        on_rate, borrowing = metered(server, calls)
+        per += [on_rate / calls, borrowing / calls]
+        names += ("metered, own rate", "metered, borrowing")
         if args.contended:
             per.append(contended(server, args.contended, calls) / calls)
             names += (f"acquire, {args.contended} contended",)

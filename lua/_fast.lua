@@ -125,9 +125,10 @@ end
 -- What a request of `units` for `ttl` ms is decided under, from acquire_reads' header
 -- (`head`: the policy's header with the tenant's spec): the policy's version, capacity,
 -- max_lease_ttl and reserve, and the tenant's guarantee, ceiling, weight and kept part (its
--- spec, or the policy's default one for an unknown tenant). nil when the general path must
--- answer: an unknown tenant the policy refuses, a ttl above max_lease_ttl, or more units than
--- the capacity, the ceiling or max_units allow (too large).
+-- spec, or the policy's default one for an unknown tenant), and how the policy treats
+-- unknown tenants. nil when the general path must answer: an unknown tenant the policy
+-- refuses, a ttl above max_lease_ttl, or more units than the capacity, the ceiling or
+-- max_units allow (too large).
 local function request_terms(head, units, ttl)
   local _, version, capacity, max_ttl, unknown, reserve, default = header_fields(head[2])
   local text = head[7]
@@ -135,7 +136,7 @@ local function request_terms(head, units, ttl)
   if not text then return nil end
   local g, _, ceil, w, max_units, keep = spec_fields(text)
   if ttl > max_ttl or units > math.min(capacity, ceil, max_units) then return nil end
-  return version, capacity, max_ttl, reserve, g, ceil, w, keep
+  return version, capacity, max_ttl, reserve, g, ceil, w, keep, unknown
 end
 
 -- Admits a lease that needs no walk from acquire_reads' replies, or returns nil for the
@@ -152,13 +153,18 @@ end
 -- both). wait and shadow change only refusals, which this path never answers: when the
 -- request does not fit, it returns nil with what a refusal replies (the tenant's limit, the
 -- units held in the group, the policy's version and capacity) for fast_refused.
-local function fast_acquire(now, head, dem, ent, present, due, tenant, units, id, ttl, meters)
-  if not FAST_PATHS or meters ~= '' or present ~= 4 or due or ent[1] or ent[2] or
+-- A request that names meters is decided only with `gate` (fast_meters, linked in a later
+-- part than this): called once the lease fits, it answers nil (the general path) or commits
+-- the meters and returns what the lease's writes and reply carry with them.
+local function fast_acquire(now, head, dem, ent, present, due, tenant, units, id, ttl, meters,
+                            gate)
+  if not FAST_PATHS or (meters ~= '' and not gate) or present ~= 4 or due or ent[1] or ent[2] or
       (dem[3] and dem[3] - 0 > 0) or not head[1] or not head[2] or
       head[1] - 0 > tonumber(ARGV[2]) or (head[4] and head[4] - 0 > now) then
     return nil
   end
-  local version, capacity, max_ttl, reserve, g, ceil, w, keep = request_terms(head, units, ttl)
+  local version, capacity, max_ttl, reserve, g, ceil, w, keep, unknown =
+    request_terms(head, units, ttl)
   if not version then return nil end
   local used = dem[2] and dem[2] - 0 or 0
   local level, state, lo0, up0, lo1, up1, group_used =
@@ -172,17 +178,32 @@ local function fast_acquire(now, head, dem, ent, present, due, tenant, units, id
   local ha, hb = ledger_hours()
   if head[6] ~= ha .. ':' .. hb then return nil end
   local lease = 'L' .. id
+  local metered, rows, record, mfull
+  if gate then
+    metered, rows, record, mfull = gate(now, unknown, tenant, meters, ha, hb)
+    if not metered then return nil end
+  end
   local expiry = now + ttl
   local token = token_after(head[5] and head[5] - 0 or 0, now)  -- as next_fence
   local busy = head[3] and head[3] - 0 or 0
   redis.call('ZADD', KEYS[3], int(expiry), lease)
-  redis.call('HSET', KEYS[4], lease, entry(units, token, tenant))
+  if record then
+    redis.call('HSET', KEYS[4], lease, entry(units, token, tenant), 'R' .. id, record)
+  else
+    redis.call('HSET', KEYS[4], lease, entry(units, token, tenant))
+  end
   write_tenant_points(tenant, w, lo0, up0, lo1, up1)
   if expiry > busy then
     busy = expiry
     redis.call('HSET', KEYS[1], 'fence', int(token), 'busy', int(busy))
   else
     redis.call('HSET', KEYS[1], 'fence', int(token))
+  end
+  if metered then
+    redis.call('HSET', KEYS[2], 'u:' .. tenant, int(used + units), 'g', state, unpack(metered))
+    keep_keys(math.max(max_ttl, busy - now, mfull - now) + KEY_GRACE_MS, true, KEY_GRACE_MS)
+    return {1, 'admitted', expiry, token, used + units, fmt(limit), group_used + units, capacity,
+            0, version, 0, rows}
   end
   redis.call('HSET', KEYS[2], 'u:' .. tenant, int(used + units), 'g', state)
   keep_keys(math.max(max_ttl, busy - now) + KEY_GRACE_MS, true, KEY_GRACE_MS)
@@ -265,6 +286,35 @@ local function fast_waiting(now, head, dem, ent, present, due, first, tenant, un
   local ms = keep_keys(keys_ttl, true, KEY_GRACE_MS)
   redis.call('PEXPIRE', KEYS[5], ms or int(keys_ttl))
   return {0, reason, 0, 0, used, fmt(limit), group_used, capacity, retry_ms, version, 0}
+end
+
+-- Rate meters on acquire's fast path, the `gate` fast_acquire takes (linked in a part of
+-- their own, after the refusals: a call without meters never creates these closures). It
+-- decides the meters named in `text` (acquire.lua's ARGV[11]) of a request whose lease
+-- fits (`unknown`: the policy's treatment of unknown tenants, request_terms'), with the general path's own functions on a ctx of their own (the policy's meters and
+-- the tenant's shares, the buckets, the lost mark, mfull and the contenders' floor:
+-- meter_policy, meter_items), and answers nil unless every meter is the policy's and admits,
+-- on its own rate or borrowing. It has then written nothing but what the general path's
+-- decision writes first too (meter_items). Otherwise it commits them as the general path
+-- does (meter_gate: mfull, the contention marks, the ledger's tokens reserved) and returns
+-- the demand fields to write (name, value, ...), the meters' reply rows, the lease's
+-- reservations and mfull (the keys outlive it, as flush keeps them).
+local function fast_meters(now, unknown, tenant, text, ha, hb)
+  local ctx = {now = now, policy = {unknown = unknown}, cache = {}, dirty = {}}
+  local amounts = meter_amounts(text)
+  if meter_unknown(ctx, tenant, amounts) then return nil end  -- bad_meter: the general path
+  local items = meter_items(ctx, tenant, amounts)
+  for _, it in ipairs(items) do
+    if not it.d.admitted then return nil end
+  end
+  local _, rows, record = meter_gate(ctx, tenant, items, false)
+  if ctx.led then ledger_write(now, ctx.led, ha, hb) end
+  local fields = {}
+  for field, _ in pairs(ctx.dirty) do
+    fields[#fields + 1] = field
+    fields[#fields + 1] = ctx.cache[field]
+  end
+  return fields, rows, record, ctx.mfull
 end
 
 -- Extends a live lease from acquire_reads' replies (renew.lua's ARGV: id, ttl, tenant,

@@ -318,7 +318,8 @@ local function acquire_one(ctx, tenant, units, id, ttl, wait, pending_ms, shadow
   -- refuses the lease and writes only its contention mark; in shadow mode it admits.
   local meter_rows, meter_record = nil, nil
   if metered then
-    local ok, rows, record, retry = meter_gate(ctx, tenant, amounts, shadow)
+    local ok, rows, record, retry = meter_gate(ctx, tenant, meter_items(ctx, tenant, amounts),
+                                              shadow)
     if not ok and not shadow then
       return {0, 'meter', 0, 0, tenant_used, fmt(limit), st.used, policy.capacity, retry,
               policy.version, 0, rows}

@@ -44,18 +44,16 @@ local function meter_amounts(text)
   return out
 end
 
-local function meter_fields(text)
-  local f = {}
-  for part in string.gmatch(text, '[^|]+') do f[#f + 1] = part end
-  return f
-end
+-- One pattern match per meter or share (their fields are never empty): a split into a
+-- table of fields costs a metered acquire several times as much.
+local METER_LIMITS = '([^|;]+)|([^|;]+)|([^|;]+)|([^|;]+)|([^|;]+)|([^|;]+)|([^|;]+)'
+local METER_SHARE = '([^|;]+)|([^|;]+)|([^|;]+)|([^|;]+)|([^|;]+)'
 
 local function meter_parse_shares(text)
   local shares = {}
-  for part in string.gmatch(text, '[^;]+') do
-    local f = meter_fields(part)
-    shares[#shares + 1] = {rate = tonumber(f[1]), ceil = tonumber(f[2]), cap = tonumber(f[3]),
-      ccap = tonumber(f[4]), weight = tonumber(f[5])}
+  for rate, ceil, cap, ccap, weight in string.gmatch(text, METER_SHARE) do
+    shares[#shares + 1] = {rate = rate - 0, ceil = ceil - 0, cap = cap - 0, ccap = ccap - 0,
+      weight = tonumber(weight)}
   end
   return shares
 end
@@ -72,12 +70,11 @@ local function meter_policy(ctx, tenant)
     if raw[1] and raw[1] ~= '' then
       ctx.meters = {}
       local slot = 0
-      for part in string.gmatch(raw[1], '[^;]+') do
+      for name, rate, cap, reserve, floor, quantum, window in string.gmatch(raw[1], METER_LIMITS) do
         slot = slot + 1
-        local f = meter_fields(part)
-        ctx.meters[f[1]] = {slot = slot, limits = {rate = tonumber(f[2]), cap = tonumber(f[3]),
-          reserve = tonumber(f[4]), floor = tonumber(f[5]), quantum = tonumber(f[6])},
-          window = tonumber(f[7])}
+        ctx.meters[name] = {slot = slot, limits = {rate = rate - 0, cap = cap - 0,
+          reserve = reserve - 0, floor = floor - 0, quantum = tonumber(quantum)},
+          window = window - 0}
       end
       ctx.meter_default = raw[2]
       shares = raw[3] and meter_parse_shares(raw[3]) or nil
@@ -191,11 +188,11 @@ local function meter_floor_of(ctx, slot, name)
   end
 end
 
--- Decides every meter of one request, commits them all or (on a refusal) only the refusals'
--- contention marks; in shadow mode a refusal is charged as a borrow would be (down to the
--- debt bound) and admitted. Returns ok, the reply rows, the reservation text, the longest
--- retry of the refusing meters (-1: one can never pass).
-local function meter_gate(ctx, tenant, amounts, shadow)
+-- Every meter's decision on one request, before anything is committed: {a, m, share, d,
+-- till} per amount, in order. The only writes are meter_floor_of's, which drops contenders
+-- whose contention has ended: a call that decides again after this one (acquire's fast path
+-- for meters falls through to the general path when a meter refuses) finds the same floor.
+local function meter_items(ctx, tenant, amounts)
   local meters, shares = meter_policy(ctx, tenant)
   local items, fields = {}, {}
   for _, a in ipairs(amounts) do
@@ -219,6 +216,14 @@ local function meter_gate(ctx, tenant, amounts, shadow)
                            t ~= nil and till > ctx.now)
     items[i] = {a = a, m = m, share = shares[m.slot], d = d, till = till}
   end
+  return items
+end
+
+-- Commits the decisions meter_items made for one request: all of them, or (on a refusal)
+-- only the refusals' contention marks; in shadow mode a refusal is charged as a borrow would
+-- be (down to the debt bound) and admitted. Returns ok, the reply rows, the reservation
+-- text, the longest retry of the refusing meters (-1: one can never pass).
+local function meter_gate(ctx, tenant, items, shadow)
   local all, retry = true, 0
   for _, it in ipairs(items) do
     if not it.d.admitted then

@@ -73,6 +73,14 @@ if fast then
   return fast
 end
 -- end of the fast path
+if ARGV[11] ~= '' then
+  fast = fast_acquire(now, head, dem, ent, present, due, ARGV[3], tonumber(ARGV[4]), ARGV[5],
+    tonumber(ARGV[6]), ARGV[11], fast_meters)
+end
+if fast then
+  return fast
+end
+-- end of the fast path
 
 local ctx, err = open_group(now, ARGV[2], {ARGV[3]}, head)
 if not ctx then return err end

@@ -39,12 +39,14 @@ from ratequota.engine.protocol import (
     release_call,
     release_many_call,
     renew_call,
+    settle_call,
 )
 from ratequota.engine.scripts import FAST_END, load_scripts
-from ratequota.policy import GroupPolicy, TenantPolicy
+from ratequota.policy import GroupPolicy, MeterPolicy, TenantMeter, TenantPolicy
 from tests.redis_state import dump_keys
 from tests.servers import RedisServer
 from tests.test_differential import STRANGER, random_policy
+from tests.test_rates_engine import random_metered_group
 
 GROUP = "fp"
 #: The scripts with a fast path; the random runs show each single call's taken (a batch is
@@ -118,6 +120,65 @@ pressure = st.lists(
 )
 
 
+#: The rate-meter amounts an acquire names, by its op's extra: the policy's ``tokens`` meter
+#: (1, none, more than a burst of most policies' shares), with ``requests`` (a meter only some
+#: policies have), and a name no policy has.
+METERED: dict[str, dict[str, int]] = {
+    "meter": {"tokens": 1},
+    "meter_zero": {"tokens": 0},
+    "meter_big": {"tokens": 40},
+    "meter_two": {"tokens": 3, "requests": 1},
+    "meter_bad": {"bogus": 1},
+}
+
+#: Calls of a group with rate meters that refill slowly: metered acquires (own rate, borrowing,
+#: refusals by a meter, amounts of 0, unknown meters), settlements above and below the
+#: estimate, releases, clock steps across a refill, lost keys (the meters' lost mark).
+metered_operations = st.lists(
+    st.one_of(
+        st.tuples(
+            st.just("acquire"),
+            st.integers(0, 8),  # tenant
+            st.integers(1, 70),  # units
+            st.booleans(),  # wait
+            st.sampled_from(["new", "new", "new", "lease", "waiting"]),  # request id
+            st.sampled_from(
+                [
+                    "meter",
+                    "meter",
+                    "meter_zero",
+                    "meter_big",
+                    "meter_two",
+                    "meter_two",
+                    "meter_bad",
+                    "",
+                    "shadow",
+                ]
+            ),
+        ),
+        st.tuples(st.just("settle"), st.integers(0, 50), st.integers(0, 60)),
+        st.tuples(st.just("release"), st.integers(0, 50), st.just("ok")),
+        st.tuples(st.just("advance"), st.sampled_from([1, 100, 700, 5_000, 40_000])),
+        st.tuples(st.just("policy"), st.integers(0, 10**6)),
+        st.tuples(st.just("lose"), st.sampled_from(["demand", "all"])),
+    ),
+    min_size=20,
+    max_size=50,
+)
+
+
+def metered_policy(rnd: random.Random, name: str) -> GroupPolicy:
+    """A group whose tenants share a ``tokens`` meter and sometimes a ``requests`` one, on the
+    corners of the HTB constraints (tests/test_rates_engine.py), with a small or ample
+    capacity for the leases."""
+    return attrs.evolve(
+        random_metered_group(rnd),
+        name=name,
+        capacity=rnd.choice([6, 40, 10**6]),
+        max_lease_ttl=rnd.choice([30.0, 60.0]),
+    )
+
+
 def general_only(source: str) -> str:
     """A script's source with its fast paths switched off."""
     assert source.count(SWITCH) <= 1
@@ -166,6 +227,8 @@ class Twin:
         answered = fast_keys.pop(COUNTER.encode(), None)
         if answered is not None:
             self.fast_answers[name] += int(answered[1])
+            if name == "acquire" and call.args[10] != "":
+                self.fast_answers["metered"] += 1
             if name == "acquire" and replies[0][0] == 0:
                 self.fast_refusals[name] += 1
                 if call.args[6] == "1":  # wait: a retry of a waiting request
@@ -258,7 +321,7 @@ def run(
                 purge=1 + who % 3,
                 now_ms=now,
                 shadow=extra == "shadow",
-                meters={"tokens": 1} if extra == "meter" else None,
+                meters=METERED.get(extra),
             )
             reply = twin.run(call)
             if reply[0] == 1 and reply[10] == 0:
@@ -325,6 +388,9 @@ def run(
                 if how == "bad":
                     leases.append(lease)
             twin.run(release_many_call(keyspace, GROUP, named, purge=2, now_ms=now))
+        elif kind == "settle" and leases:
+            lease = leases[op[1] % len(leases)]
+            twin.run(settle_call(keyspace, lease, {"tokens": op[2]}, now_ms=now))
         elif kind == "renew" and leases:
             lease = leases[op[1] % len(leases)]
             twin.run(renew_call(keyspace, lease, 30_000, purge=2, now_ms=now))
@@ -381,6 +447,27 @@ def test_fast_paths_equal_general_path_on_real_redis(real_redis: RedisServer) ->
     taken = sum(answered, Counter())
     assert all(taken[name] > 0 for name in SINGLE_SCRIPTS), f"fast answers by script: {taken}"
     assert sum(refused, Counter())["acquire"] > 0, "no refusal took acquire's fast path"
+
+
+@given(seed=st.integers(0, 10**6), ops=metered_operations)
+def test_metered_acquires_equal_general_path(seed: int, ops: list[tuple[Any, ...]]) -> None:
+    """Acquires naming rate meters that refill slowly, with their settlements (fakeredis):
+    same replies, same keys, fast paths on or off."""
+    twin = Twin(fakeredis.FakeRedis(server=fakeredis.FakeServer()),
+                fakeredis.FakeRedis(server=fakeredis.FakeServer()))  # fmt: skip
+    run(twin, seed, ops, metered_policy)
+
+
+@pytest.mark.real_redis
+def test_metered_acquires_equal_general_path_on_real_redis(real_redis: RedisServer) -> None:
+    """The same property on a real redis-server, its two databases side by side."""
+
+    @given(seed=st.integers(0, 10**6), ops=metered_operations)
+    def prop(seed: int, ops: list[tuple[Any, ...]]) -> None:
+        with real_twin(real_redis) as twin:
+            run(twin, seed, ops, metered_policy)
+
+    prop()
 
 
 def pressed_ops(rnd: random.Random) -> list[tuple[Any, ...]]:
@@ -749,6 +836,112 @@ def test_refusals_that_need_no_walk_take_the_fast_path_on_real_redis(
         assert out["w1_fits"][:2] == [1, b"admitted"]
         assert twin.fast_refusals["acquire"] == 6
         assert twin.fast_answers["acquire_many"] == 1
+
+
+def metered_shapes(twin: Twin) -> dict[str, Any]:
+    """Metered acquires that acquire's fast path for meters answers, each held equal to the
+    general path by ``twin``, beside the ones it leaves to the general path. The group's
+    ``tokens`` meter refills 100 a second, ``requests`` 10 a minute; "a" owns half of each, "b" owns
+    none (it only borrows), as strangers (the default share). Returns
+    the replies by name."""
+    keyspace = KeySpace(prefix="fp")
+    policy = GroupPolicy(
+        GROUP,
+        capacity=100,
+        tenants=(
+            TenantPolicy(
+                "a",
+                guarantee=10,
+                meters=(TenantMeter("tokens", rate=50), TenantMeter("requests", rate=5)),
+            ),
+            TenantPolicy("b", guarantee=10),
+        ),
+        unknown_tenants="default",
+        meters=(
+            MeterPolicy("tokens", rate=100, burst=100),
+            MeterPolicy("requests", rate=10, burst=10, per="minute"),
+        ),
+        max_lease_ttl=60.0,
+    )
+    out: dict[str, Any] = {}
+    now = START_MS
+
+    def acquire(name: str, tenant: str, meters: dict[str, int] | None) -> Any:
+        made = acquire_call(keyspace, GROUP, tenant, 1, name, 30_000, wait=False,
+                            pending_ms=5_000, purge=2, now_ms=now, meters=meters)  # fmt: skip
+        out[name] = twin.run(made)
+        return out[name]
+
+    twin.run(apply_policy_call(keyspace, policy, now_ms=now))
+    acquire("plain", "a", None)  # writes the sentinels: the general path
+    acquire("own", "a", {"tokens": 10, "requests": 1})  # on a's own rate (fast)
+    keys = keyspace.group(GROUP)
+    for conn in (twin.fast, twin.slow):  # kept until a's requests bucket is full again (mfull:
+        assert conn.pttl(keys.demand) > 300_000  # 3 min and a minute's slack), not 60 s + grace
+    acquire("zero", "a", {"tokens": 0})  # nothing to charge (fast)
+    acquire("borrow", "b", {"tokens": 10})  # b owns no rate: a borrow (fast)
+    acquire("unknown_meter", "a", {"bogus": 1})  # bad_meter (general)
+    acquire("too_large", "a", {"tokens": 1_000})  # above every bucket (general)
+    # a has 40 of its own left: a borrow, refused (the group keeps a's guarantee) but marked
+    acquire("past_own", "a", {"tokens": 45})  # as contending (general)
+    now += 200
+    # a still contends from that borrow: admitted on its own rate again, its mark refreshed
+    acquire("own_contending", "a", {"tokens": 5})  # (fast)
+    acquire("stranger", "s", {"tokens": 0})  # the default share, nothing to charge (fast)
+    acquire("stranger_borrow", "s", {"tokens": 2})  # borrowing behind a and b (fast)
+    acquire("refused", "b", {"tokens": 45})  # the group keeps a's guarantee: refused (general)
+    twin.run(release_call(keyspace, GROUP, "own", tenant="a", token=int(out["own"][3]), purge=2,
+                          now_ms=now))  # fmt: skip
+    for conn in (twin.fast, twin.slow):
+        conn.delete(keys.demand)  # the buckets are lost before they are full again
+    acquire("lost", "a", {"tokens": 1})  # recovering: the general path notes the loss (ml)
+    now += 31_000  # past the recovery window
+    acquire("after_loss", "a", {"tokens": 5})  # buckets from their debt floor at ml (fast)
+    acquire("after_loss_zero", "b", {"tokens": 0})  # (fast)
+    return out
+
+
+def meter_rows(reply: Any) -> list[tuple[Any, ...]]:
+    """Each meter's (name, admitted, reason, path) in an acquire's reply."""
+    rows = reply[11] if len(reply) > 11 else []
+    return [(rows[i], rows[i + 1], rows[i + 2], rows[i + 6]) for i in range(0, len(rows), 9)]
+
+
+def test_metered_acquires_whose_meters_admit_take_the_fast_path() -> None:
+    """Acquires whose meters all admit (on their own rate, borrowing, or charging nothing) are
+    answered by acquire's fast path for meters, with the general path's replies and writes
+    (buckets, contention marks, mfull, the reservations, the ledger's tokens reserved, the
+    keys' expiry, lost buckets restarting at their debt floor); refusals by a meter, unknown
+    meters and amounts too large fall through."""
+    twin = Twin(fakeredis.FakeRedis(server=fakeredis.FakeServer()),
+                fakeredis.FakeRedis(server=fakeredis.FakeServer()))  # fmt: skip
+    out = metered_shapes(twin)
+    assert meter_rows(out["own"]) == [(b"tokens", 1, b"admitted", b"rate"),
+                                      (b"requests", 1, b"admitted", b"rate")]  # fmt: skip
+    assert meter_rows(out["zero"]) == [(b"tokens", 1, b"admitted", b"")]
+    assert meter_rows(out["borrow"]) == [(b"tokens", 1, b"admitted", b"borrow")]
+    assert out["unknown_meter"][:2] == [-1, b"bad_meter"]
+    assert out["too_large"][:2] == [0, b"meter"]
+    assert meter_rows(out["past_own"]) == [(b"tokens", 0, b"group", b"")]
+    assert meter_rows(out["own_contending"]) == [(b"tokens", 1, b"admitted", b"rate")]
+    assert meter_rows(out["stranger"]) == [(b"tokens", 1, b"admitted", b"")]
+    assert meter_rows(out["stranger_borrow"]) == [(b"tokens", 1, b"admitted", b"borrow")]
+    assert meter_rows(out["refused"]) == [(b"tokens", 0, b"group", b"")]
+    assert out["lost"][:2] == [0, b"recovering"]
+    assert meter_rows(out["after_loss"]) == [(b"tokens", 1, b"admitted", b"rate")]
+    assert meter_rows(out["after_loss_zero"]) == [(b"tokens", 1, b"admitted", b"")]
+    assert twin.fast_answers["metered"] == 8
+
+
+@pytest.mark.real_redis
+def test_metered_acquires_whose_meters_admit_take_the_fast_path_on_real_redis(
+    real_redis: RedisServer,
+) -> None:
+    """The same calls on a real redis-server, its two databases side by side."""
+    with real_twin(real_redis) as twin:
+        out = metered_shapes(twin)
+        assert meter_rows(out["after_loss"]) == [(b"tokens", 1, b"admitted", b"rate")]
+        assert twin.fast_answers["metered"] == 8
 
 
 def test_small_batches_take_the_fast_paths() -> None:
