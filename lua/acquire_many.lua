@@ -20,31 +20,60 @@
 local now = now_ms(ARGV[1])
 local count = (#ARGV - 4) / 7
 local replies = {}
--- The requests in order, each on acquire's fast paths while they take it (fast_acquire, then
--- the refusals fast_refused and fast_waiting): a request they answer is decided and written
--- exactly as acquire.lua alone would, right after the ones before it. The first they do not
--- answer, and every one after, go to the general path below, which reads the state those
--- left.
 local pending_ms = tonumber(ARGV[3])
-local first = 1
-while first <= count and count <= FAST_BATCH do
-  local base = 4 + (first - 1) * 7
+
+-- Request `i` decided on acquire's fast paths from its reads (acquire_reads'), or nil: the
+-- admission (fast_acquire; `gate`: fast_meters, without which a request naming meters is
+-- not answered), then the refusals (fast_refused, fast_waiting), which never answer a
+-- request naming meters (the general path checks its meters' names before any refusal).
+local function fast_one(i, gate, head, dem, ent, present, due, exp_first)
+  local base = 4 + (i - 1) * 7
   local tenant, units, id = ARGV[base + 1], tonumber(ARGV[base + 2]), ARGV[base + 3]
   local ttl, meters = tonumber(ARGV[base + 4]), ARGV[base + 7]
-  local head, dem, ent, present, due, exp_first = acquire_reads(now, tenant, id)
   local reply, limit, group_used, version, capacity = fast_acquire(now, head, dem, ent, present,
-    due, tenant, units, id, ttl, meters)
-  if reply then
-    replies[first] = reply
+    due, tenant, units, id, ttl, meters, gate)
+  if reply or meters ~= '' then
+    return reply
   elseif limit then
-    replies[first] = fast_refused(now, head, dem, exp_first, tenant, units, ARGV[base + 5] == '1',
+    return fast_refused(now, head, dem, exp_first, tenant, units, ARGV[base + 5] == '1',
       ARGV[base + 6] == '1', pending_ms, limit, group_used, version, capacity)
   elseif ent[2] then
-    replies[first] = fast_waiting(now, head, dem, ent, present, due, exp_first, tenant, units, id,
-      ttl, meters, ARGV[base + 5] == '1', ARGV[base + 6] == '1', pending_ms)
+    return fast_waiting(now, head, dem, ent, present, due, exp_first, tenant, units, id, ttl,
+      meters, ARGV[base + 5] == '1', ARGV[base + 6] == '1', pending_ms)
   end
+  return nil
+end
+
+-- The requests in order, each on acquire's fast paths while they take them: a request they
+-- answer is decided and written exactly as acquire.lua alone would, right after the ones
+-- before it. The first they do not answer, and every one after, go to the general path
+-- below, which reads the state those left.
+local first = 1
+local head, dem, ent, present, due, exp_first
+while first <= count and count <= FAST_BATCH do
+  local base = 4 + (first - 1) * 7
+  head, dem, ent, present, due, exp_first = acquire_reads(now, ARGV[base + 1], ARGV[base + 3])
+  replies[first] = fast_one(first, nil, head, dem, ent, present, due, exp_first)
   if not replies[first] then break end
   first = first + 1
+end
+if first > count then
+  return replies
+end
+-- end of the fast path
+
+-- A small batch stopped at a request naming meters goes on with acquire's fast path for
+-- meters (linked here: a batch without meters never creates its closures), from that
+-- request's reads.
+if count <= FAST_METER_BATCH and ARGV[4 + (first - 1) * 7 + 7] ~= '' then
+  while true do
+    replies[first] = fast_one(first, fast_meters, head, dem, ent, present, due, exp_first)
+    if not replies[first] then break end
+    first = first + 1
+    if first > count then break end
+    local base = 4 + (first - 1) * 7
+    head, dem, ent, present, due, exp_first = acquire_reads(now, ARGV[base + 1], ARGV[base + 3])
+  end
 end
 if first > count then
   return replies

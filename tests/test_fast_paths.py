@@ -57,6 +57,20 @@ SWITCH = "local FAST_PATHS = true"
 COUNTER = "fast-answers"
 START_MS = 1_800_000_000_000
 
+#: acquire_many's requests: tenant, units, wait, a lease's id (a retry) or a new one, meters
+#: (METERED's, by name; mostly none).
+_batch_requests = st.lists(
+    st.tuples(
+        st.integers(0, 8),
+        st.integers(1, 70),
+        st.booleans(),
+        st.booleans(),
+        st.sampled_from(["", "", "", "meter", "meter_two", "meter_zero", "meter_bad"]),
+    ),
+    min_size=1,
+    max_size=10,  # across FAST_BATCH (8)
+)
+
 operations = st.lists(
     st.one_of(
         st.tuples(
@@ -70,14 +84,7 @@ operations = st.lists(
         st.tuples(st.just("release"), st.integers(0, 50), st.sampled_from(["ok", "ok", "bad"])),
         st.tuples(st.just("withdraw"), st.integers(0, 50)),
         st.tuples(st.just("renew"), st.integers(0, 50)),
-        st.tuples(
-            st.just("acquire_many"),
-            st.lists(  # tenant, units, wait, a lease's id (a retry) or a new one
-                st.tuples(st.integers(0, 8), st.integers(1, 70), st.booleans(), st.booleans()),
-                min_size=1,
-                max_size=10,  # across FAST_BATCH (8)
-            ),
-        ),
+        st.tuples(st.just("acquire_many"), _batch_requests),
         st.tuples(
             st.just("release_many"),
             st.lists(
@@ -156,6 +163,7 @@ metered_operations = st.lists(
                 ]
             ),
         ),
+        st.tuples(st.just("acquire_many"), _batch_requests),
         st.tuples(st.just("settle"), st.integers(0, 50), st.integers(0, 60)),
         st.tuples(st.just("release"), st.integers(0, 50), st.just("ok")),
         st.tuples(st.just("advance"), st.sampled_from([1, 100, 700, 5_000, 40_000])),
@@ -352,7 +360,7 @@ def run(
             twin.run(withdrawal)
         elif kind == "acquire_many":
             requests = []
-            for who, amount, wait, retry in op[1]:
+            for who, amount, wait, retry, extra in op[1]:
                 units = 1 + amount % 3 if amount <= 50 else 1 + amount % (policy.capacity + 1)
                 tenant = names[who % len(names)]
                 serial += 1
@@ -360,11 +368,12 @@ def run(
                 if retry and leases:
                     held = leases[amount % len(leases)]
                     rid, tenant, units = held.id, held.tenant, held.units
-                requests.append((tenant, units, rid, int(policy.max_lease_ttl * 1000), wait))
+                ttl = int(policy.max_lease_ttl * 1000)
+                requests.append((tenant, units, rid, ttl, wait, False, METERED.get(extra)))
             replies = twin.run(
                 acquire_many_call(keyspace, GROUP, requests, pending_ms=2000, purge=2, now_ms=now)
             )
-            for (tenant, units, rid, _, wait), reply in zip(requests, replies, strict=True):
+            for (tenant, units, rid, _, wait, _, _), reply in zip(requests, replies, strict=True):
                 if reply[0] == 1 and reply[10] == 0:
                     leases.append(
                         LeaseInfo(rid, tenant, GROUP, units, int(reply[3]), reply[2] / 1000)
@@ -841,9 +850,9 @@ def test_refusals_that_need_no_walk_take_the_fast_path_on_real_redis(
 def metered_shapes(twin: Twin) -> dict[str, Any]:
     """Metered acquires that acquire's fast path for meters answers, each held equal to the
     general path by ``twin``, beside the ones it leaves to the general path. The group's
-    ``tokens`` meter refills 100 a second, ``requests`` 10 a minute; "a" owns half of each, "b" owns
-    none (it only borrows), as strangers (the default share). Returns
-    the replies by name."""
+    ``tokens`` meter refills 100 a second, ``requests`` 10 a minute; "a" owns half of each,
+    "b" owns none (it only borrows), as strangers (the default share) and "c" (it may hold 1
+    unit) do. Returns the replies by name."""
     keyspace = KeySpace(prefix="fp")
     policy = GroupPolicy(
         GROUP,
@@ -855,6 +864,7 @@ def metered_shapes(twin: Twin) -> dict[str, Any]:
                 meters=(TenantMeter("tokens", rate=50), TenantMeter("requests", rate=5)),
             ),
             TenantPolicy("b", guarantee=10),
+            TenantPolicy("c", borrow_limit=1),
         ),
         unknown_tenants="default",
         meters=(
@@ -898,6 +908,25 @@ def metered_shapes(twin: Twin) -> dict[str, Any]:
     now += 31_000  # past the recovery window
     acquire("after_loss", "a", {"tokens": 5})  # buckets from their debt floor at ml (fast)
     acquire("after_loss_zero", "b", {"tokens": 0})  # (fast)
+    # A batch (at most FAST_METER_BATCH): unmetered first, then metered, on acquire_many's
+    # two fast parts (its second taking over the first's reads of the request it stopped at).
+    requests = [
+        ("a", 1, "mb1", 30_000, False),
+        ("a", 1, "mb2", 30_000, False, False, {"tokens": 2}),
+        ("b", 1, "mb3", 30_000, False, False, {"tokens": 1}),
+    ]
+    made = acquire_many_call(keyspace, GROUP, requests, pending_ms=5_000, purge=2, now_ms=now)
+    out["batch"] = twin.run(made)
+    # A request naming a meter the policy lacks is refused for it (bad_meter) before its
+    # lease is decided, even when the lease would not fit (c at its ceiling of 1): the
+    # general path's answer.
+    requests = [
+        ("c", 1, "mb5", 30_000, False, False, {"tokens": 0}),
+        ("c", 1, "mb6", 30_000, False, False, {"bogus": 1}),
+        ("c", 1, "mb7", 30_000, False, False, {"tokens": 0}),
+    ]
+    made = acquire_many_call(keyspace, GROUP, requests, pending_ms=5_000, purge=2, now_ms=now)
+    out["bad_batch"] = twin.run(made)
     return out
 
 
@@ -930,7 +959,16 @@ def test_metered_acquires_whose_meters_admit_take_the_fast_path() -> None:
     assert out["lost"][:2] == [0, b"recovering"]
     assert meter_rows(out["after_loss"]) == [(b"tokens", 1, b"admitted", b"rate")]
     assert meter_rows(out["after_loss_zero"]) == [(b"tokens", 1, b"admitted", b"")]
+    assert [reply[:2] for reply in out["batch"]] == [[1, b"admitted"]] * 3
+    assert meter_rows(out["batch"][1]) == [(b"tokens", 1, b"admitted", b"rate")]
+    assert meter_rows(out["batch"][2]) == [(b"tokens", 1, b"admitted", b"borrow")]
+    assert [reply[:2] for reply in out["bad_batch"]] == [
+        [1, b"admitted"],
+        [-1, b"bad_meter"],
+        [0, b"tenant_limit"],
+    ]
     assert twin.fast_answers["metered"] == 8
+    assert twin.fast_answers["acquire_many"] == 1
 
 
 @pytest.mark.real_redis
@@ -942,6 +980,7 @@ def test_metered_acquires_whose_meters_admit_take_the_fast_path_on_real_redis(
         out = metered_shapes(twin)
         assert meter_rows(out["after_loss"]) == [(b"tokens", 1, b"admitted", b"rate")]
         assert twin.fast_answers["metered"] == 8
+        assert twin.fast_answers["acquire_many"] == 1
 
 
 def test_small_batches_take_the_fast_paths() -> None:
