@@ -40,6 +40,10 @@ What is checked (``Violation.kind``):
   ``forgery_accepted`` — a release or renewal naming a lease's id with
   another tenant or token was applied (``forgery_after_state_loss`` in a
   state-loss window, where a renewal re-asserts a lease Redis forgot).
+* ``over_rate`` / ``over_tenant_rate`` — over some interval of Redis time, a
+  group's admitted requests named more ``tokens`` than its rate meter's bucket
+  lets through (``burst + rate·T``), or a tenant's more than its ceiling
+  bucket does (``cburst + ceil·T``); no state loss excuses it.
 * ``foreign_error`` — a call raised something that is not a ratequota error;
   ``exit_raised`` — leaving ``acquire``'s block raised; ``pod_hung`` — a pod
   still ran long after the stop time; ``pod_crashed`` — a pod exited with an
@@ -344,6 +348,7 @@ def check(
     _check_replays(named, calls, report)
     _check_snapshots(leases, calls, snapshots, windows, opts, report)
     _check_calls(calls, bounds, windows, opts, report)
+    metered = _check_rates(calls, policies, report)
     admitted = [c for c in calls if c.get("outcome") == "admitted"]
     report.figures.update(
         {
@@ -364,6 +369,7 @@ def check(
             "errors": dict(Counter(c["error"] for c in calls if c.get("outcome") == "error")),
             "faults": dict(Counter(f["fault"] for f in faults)),
             "max_overshoot_units": max_over,
+            "tokens_admitted": metered,
             "max_late_s": round(
                 max((_lateness(c) for c in calls if "deadline_s" in c), default=0.0), 3
             ),
@@ -371,6 +377,91 @@ def check(
         }
     )
     return report
+
+
+def _check_rates(
+    calls: list[dict[str, Any]], policies: list[dict[str, Any]], report: Report
+) -> dict[str, int]:
+    """No interval admits more tokens than a token bucket lets through (docs/rates.md).
+
+    Over any interval of Redis time ``[a, b]``, the ``tokens`` of the requests a group
+    admitted stay within ``burst + rate·(b - a)`` (``over_rate``), and each tenant's within
+    ``cburst + ceil·(b - a)`` (``over_tenant_rate``): the most a bucket of that size and
+    rate ever lets through, whatever it held at ``a``. A rate meter never refills faster and
+    never holds more, a loss restarts it at its debt floor, and the pods never settle above
+    their estimates, so no state loss excuses an excess. The largest rate and burst of any
+    policy of the run count (the driver keeps the meter the same in all of them). Admission
+    times are exact: the library reports expiry = its Redis time + the TTL. Admissions whose
+    answer was lost (a killed pod, a timeout) are not counted: an excess found is real.
+    Returns the tokens admitted per group.
+    """
+    limits: dict[str, dict[str, Any]] = {}
+    for p in policies:
+        for group, spec in p["groups"].items():
+            meter = spec.get("meters", {}).get("tokens")
+            if meter is None:
+                continue
+            have = limits.setdefault(group, {"rate": 0, "burst": 0, "tenants": {}})
+            have["rate"] = max(have["rate"], int(meter["rate"]))
+            have["burst"] = max(have["burst"], int(meter["burst"]))
+            for tenant, share in meter["tenants"].items():
+                ceil, cburst = have["tenants"].get(tenant, (0, 0))
+                have["tenants"][tenant] = (
+                    max(ceil, int(share["ceil"])),
+                    max(cburst, int(share["cburst"])),
+                )
+    admitted: dict[str, list[tuple[int, int]]] = defaultdict(list)
+    by_tenant: dict[tuple[str, str], list[tuple[int, int]]] = defaultdict(list)
+    for c in calls:
+        if c["op"] not in ("try_acquire", "acquire") or c.get("outcome") != "admitted":
+            continue
+        if "tokens" not in c or c.get("replay") or c.get("synthetic") or "admit_ms" not in c:
+            continue
+        admitted[c["group"]].append((int(c["admit_ms"]), int(c["tokens"])))
+        by_tenant[(c["group"], c["tenant"])].append((int(c["admit_ms"]), int(c["tokens"])))
+    for group, spec in sorted(limits.items()):
+        excess = _bucket_excess(admitted.get(group, []), spec["rate"], spec["burst"])
+        if excess is not None:
+            report.violations.append(Violation("over_rate", group, excess[1], excess[2]))
+        for tenant, (ceil, cburst) in sorted(spec["tenants"].items()):
+            excess = _bucket_excess(by_tenant.get((group, tenant), []), ceil, cburst)
+            if excess is not None:
+                detail = f"tenant {tenant!r}: {excess[2]}"
+                report.violations.append(Violation("over_tenant_rate", group, excess[1], detail))
+    return {group: sum(n for _, n in rows) for group, rows in sorted(admitted.items())}
+
+
+def _bucket_excess(
+    admissions: list[tuple[int, int]], rate: int, burst: int
+) -> tuple[int, int, str] | None:
+    """The interval whose tokens most exceed ``burst + rate·(b - a)`` (rate per second),
+    as (a, b, detail), or None when none does.
+
+    In whole numbers (ms and tokens·1000): an interval from the admission ``i`` to the
+    admission ``j`` holds ``S_j - S_(i-1)`` tokens, so it exceeds the bound exactly when
+    ``(1000·S_j - rate·t_j) - (1000·S_(i-1) - rate·t_i) > 1000·burst``: one pass with the
+    least second term so far finds the largest excess over every interval.
+    """
+    worst: tuple[int, int, int] | None = None  # (excess, a, b)
+    before = 0  # tokens admitted before the current admission
+    low: tuple[int, int] | None = None  # least 1000·S_(i-1) - rate·t_i so far, and its t_i
+    for t, tokens in sorted(admissions):
+        start = 1000 * before - rate * t
+        if low is None or start < low[0]:
+            low = (start, t)
+        before += tokens
+        excess = (1000 * before - rate * t) - low[0] - 1000 * burst
+        if excess > 0 and (worst is None or excess > worst[0]):
+            worst = (excess, low[1], t)
+    if worst is None:
+        return None
+    _, a, b = worst
+    held = sum(n for t, n in admissions if a <= t <= b)
+    detail = (
+        f"{held} tokens admitted in [{a}, {b}] ms ({b - a} ms): above {burst} + "
+        f"{rate}/s over it ({burst + rate * (b - a) / 1000:g})"
+    )
+    return a, b, detail
 
 
 def _lateness(call: Mapping[str, Any]) -> float:

@@ -44,7 +44,15 @@ from typing import Any
 
 from redis.crc import key_slot
 
-from ratequota import GroupPolicy, Policy, QuotaClient, RateQuotaError, TenantPolicy
+from ratequota import (
+    GroupPolicy,
+    MeterPolicy,
+    Policy,
+    QuotaClient,
+    RateQuotaError,
+    TenantMeter,
+    TenantPolicy,
+)
 from ratequota.engine.keys import KeySpace
 from ratequota.engine.routing import Rendezvous
 from ratequota.testing import ManualClock
@@ -62,6 +70,20 @@ TENANTS = ({"a": 3, "b": 3, "c": 2}, {"d": 3, "e": 3})
 #: Short, because after Redis loses a group's state the group admits nothing new for up to
 #: this long (its recovery window); the pods' TTLs (``Profile.ttl_range``) stay below it.
 MAX_LEASE_TTL = 4.0
+
+#: The rate meter of the first group (``tokens`` per second; the same in both policies, so
+#: a policy change moves no meter bound): every field given, none left to a default, so the
+#: checker's bounds are these numbers. The pods' requests there name up to ``TOKENS`` tokens
+#: each (at most what a borrower may take at once, the burst above the guaranteed ones): with
+#: the group's leases coming and going several times a second, the meter refuses some and
+#: admits more (a run reports both counts).
+METER = MeterPolicy("tokens", rate=30, burst=20, debt=20)
+SHARES = {
+    "a": TenantMeter("tokens", rate=12, ceil=24, burst=8, cburst=16, weight=2.0),
+    "b": TenantMeter("tokens", rate=6, ceil=30, burst=4, cburst=20),
+    "c": TenantMeter("tokens", rate=0, ceil=18, burst=0, cburst=10),
+}
+TOKENS = 8
 
 
 def group_names() -> tuple[str, str]:
@@ -83,11 +105,12 @@ def policies() -> tuple[Policy, Policy]:
                 g0,
                 capacity=8,
                 tenants=[
-                    TenantPolicy("a", guarantee=3, borrow_limit=3),
-                    TenantPolicy("b", guarantee=2),
-                    TenantPolicy("c", guarantee=0, borrow_limit=4),
+                    TenantPolicy("a", guarantee=3, borrow_limit=3, meters=[SHARES["a"]]),
+                    TenantPolicy("b", guarantee=2, meters=[SHARES["b"]]),
+                    TenantPolicy("c", guarantee=0, borrow_limit=4, meters=[SHARES["c"]]),
                 ],
                 max_lease_ttl=MAX_LEASE_TTL,
+                meters=[METER],
             ),
             GroupPolicy(
                 g1,
@@ -106,11 +129,12 @@ def policies() -> tuple[Policy, Policy]:
                 g0,
                 capacity=6,
                 tenants=[
-                    TenantPolicy("a", guarantee=1, borrow_limit=2),
-                    TenantPolicy("b", guarantee=3, borrow_limit=1),
-                    TenantPolicy("c", guarantee=0, borrow_limit=3),
+                    TenantPolicy("a", guarantee=1, borrow_limit=2, meters=[SHARES["a"]]),
+                    TenantPolicy("b", guarantee=3, borrow_limit=1, meters=[SHARES["b"]]),
+                    TenantPolicy("c", guarantee=0, borrow_limit=3, meters=[SHARES["c"]]),
                 ],
                 max_lease_ttl=MAX_LEASE_TTL,
+                meters=[METER],
             ),
             GroupPolicy(
                 g1,
@@ -127,7 +151,8 @@ def policies() -> tuple[Policy, Policy]:
 
 
 def policy_record(policy: Policy) -> dict[str, Any]:
-    """The bounds of ``policy`` as plain data for the checker: capacity, min(C, G + B)."""
+    """The bounds of ``policy`` as plain data for the checker: capacity, min(C, G + B), and
+    each rate meter's rate and burst (per second), with each tenant's ceil and cburst."""
     groups: dict[str, Any] = {}
     for g in policy.groups:
         tenants = {}
@@ -138,6 +163,17 @@ def policy_record(policy: Policy) -> dict[str, Any]:
                 "ceiling": min(g.capacity, t.guarantee + above),
             }
         groups[g.name] = {"capacity": g.capacity, "tenants": tenants}
+        meters = {}
+        for m in g.meters:
+            assert m.per == "second", "the checker's rate bounds are per second"
+            shares = {}
+            for t in g.tenants:
+                share = t.meter(m.name)
+                assert share is not None and share.ceil is not None and share.cburst is not None
+                shares[t.name] = {"ceil": share.ceil, "cburst": share.cburst}
+            meters[m.name] = {"rate": m.rate, "burst": m.burst, "tenants": shares}
+        if meters:
+            groups[g.name]["meters"] = meters
     return groups
 
 
@@ -478,14 +514,17 @@ class Run:
             pinned.close()
 
     def _keys_without_ttl(self) -> list[str]:
-        """State keys without an expiry; only published policies and catalogs may have none.
+        """State keys without an expiry; only published policies, catalogs and a metered
+        group's contention sets (kept with the policy, docs/rates.md) may have none.
 
         Of every key schema: a client may publish the previous schema's policy
         too, for the pods of the previous release during a rolling update.
         """
         schema = re.escape(self.keyspace.prefix) + r":v\d+:"
         groups = "|".join(re.escape(g) for g in group_names())
-        published = re.compile(rf"{schema}(\{{(?:{groups})\}}:policy|\{{#catalog\}}:catalog)")
+        published = re.compile(
+            rf"{schema}(\{{(?:{groups})\}}:(?:policy|contend[1-4])|\{{#catalog\}}:catalog)"
+        )
         missing = []
         for server in self.topology.nodes():
             with contextlib.closing(server.client()) as admin:
@@ -549,6 +588,7 @@ class Run:
             **self.topology.pod_target(),
             "client_options": {"socket_timeout": p.socket_timeout, "catalog_ttl": 1.0},
             "tenants": {t: u for group in TENANTS for t, u in group.items()},
+            "tokens": dict.fromkeys(SHARES, TOKENS),
             "groups": {
                 t: g for g, group in zip(group_names(), TENANTS, strict=True) for t in group
             },

@@ -7,7 +7,8 @@ tasks sharing one ``AsyncQuotaClient`` with ``--mode async``) loop until the
 run's stop time: ``try_acquire`` (leases kept, renewed and released
 explicitly, some abandoned to expire and released late on purpose), and
 ``acquire`` with a deadline, held in a ``with`` block (renewed in the
-background, sometimes explicitly too). Every call becomes one record (see
+background, sometimes explicitly too); a new request of a tenant with a rate
+meter names a random amount of ``tokens``. Every call becomes one record (see
 ``records``): what was asked, what the library answered, the Redis times it
 reported, and the local clocks around it. Request ids are chosen here
 (``<pod>.<worker>.<seq>``), so the checker can tell whose a lease in a
@@ -64,6 +65,8 @@ class PodConfig:
         self.stop_at_wall: float = float(raw["stop_at_wall"])
         self.max_held: int = int(raw.get("max_held", 3))
         self.groups: dict[str, str] = dict(raw.get("groups", {}))  # tenant -> group
+        #: tenant -> most ``tokens`` one request names (its group's rate meter); others none
+        self.tokens: dict[str, int] = dict(raw.get("tokens", {}))
         #: retry a held lease's id as another tenant, or with other units (must be refused)
         self.foreign_replays: bool = bool(raw.get("foreign_replays", True))
         #: forged renewals too (they can hijack a lost lease during a recovery window)
@@ -166,6 +169,11 @@ class Worker:
         ttl = round(self.rng.uniform(*self.config.ttl_range), 3)
         return tenant, units, ttl
 
+    def tokens(self, tenant: str) -> dict[str, int]:
+        """The rate-meter amount a new acquire of ``tenant`` names (``tokens``), if metered."""
+        most = self.config.tokens.get(tenant)
+        return {} if most is None else {"tokens": self.rng.randint(0, most)}
+
     def think(self) -> float:
         """Pause between operations (keeps a shared machine usable)."""
         return self.rng.uniform(*self.config.think_range)
@@ -249,14 +257,15 @@ class Worker:
     def try_acquire(self) -> Flow:
         """``try_acquire``; an admitted lease is kept for a later release or renewal."""
         tenant, units, ttl = self.request()
+        metered = self.tokens(tenant)
         rid, ttl_ms = self.next_id(), _ms(ttl)
         record = self.begin(
-            "try_acquire", tenant=tenant, units=units, request_id=rid, ttl_ms=ttl_ms, deadline_s=0.0
-        )
+            "try_acquire", tenant=tenant, units=units, request_id=rid, ttl_ms=ttl_ms,
+            deadline_s=0.0, **metered,
+        )  # fmt: skip
         try:
-            decision = yield Call(
-                "try_acquire", (tenant, units), (("ttl", ttl), ("request_id", rid))
-            )
+            options = (("ttl", ttl), ("request_id", rid), *metered.items())
+            decision = yield Call("try_acquire", (tenant, units), options)
         except ratequota.RateQuotaError as exc:
             self.failed(record, exc)
             return
@@ -413,14 +422,16 @@ class Worker:
         leaving the block afterwards must then do nothing and raise nothing.
         """
         tenant, units, ttl = self.request()
+        metered = self.tokens(tenant)
         timeout = round(self.rng.uniform(*self.config.timeout_range), 3)
         hold = self.rng.uniform(*self.config.hold_range)
         renew_inside = self.rng.random() < 0.3
         rid, ttl_ms = self.next_id(), _ms(ttl)
-        options = (("ttl", ttl), ("timeout", timeout), ("request_id", rid))
+        options = (("ttl", ttl), ("timeout", timeout), ("request_id", rid), *metered.items())
         record = self.begin(
-            "acquire", tenant=tenant, units=units, request_id=rid, ttl_ms=ttl_ms, deadline_s=timeout
-        )
+            "acquire", tenant=tenant, units=units, request_id=rid, ttl_ms=ttl_ms,
+            deadline_s=timeout, **metered,
+        )  # fmt: skip
         try:
             lease = yield Call("enter", (tenant, units), options)
         except ratequota.AcquireTimeout as exc:

@@ -469,3 +469,64 @@ def test_a_killed_pod_may_have_released_in_its_last_call() -> None:
     assert run(complete_calls([*history, intent])).violations == []
     answered = dict(release("x", 200), call="p0.0#9")
     assert len(complete_calls([*history, intent, answered])) == 3
+
+
+def metered_policy(rate: int = 100, burst: int = 50, at: int = 0) -> dict[str, Any]:
+    """``policy()`` with a ``tokens`` meter: ``rate`` per second and ``burst`` for the group,
+    ceil 60/s and cburst 30 for tenant ``a``; ``b``'s ceiling bucket never binds, so the
+    group's bound is what its admissions meet."""
+    record = policy(capacity=100, ceilings={"a": 100, "b": 100}, at=at)
+    shares = {"a": {"ceil": 60, "cburst": 30}, "b": {"ceil": 10 * rate, "cburst": 10 * burst}}
+    record["groups"]["g"]["meters"] = {"tokens": {"rate": rate, "burst": burst, "tenants": shares}}
+    return record
+
+
+def metered(lease: str, at: int, tokens: int, tenant: str = "b") -> dict[str, Any]:
+    """An admission at ``T0 + at`` naming ``tokens`` (a distinct token per lease)."""
+    record = admit(lease, at, token=at, ttl=50, tenant=tenant)
+    record["tokens"] = tokens
+    return record
+
+
+def test_tokens_within_the_buckets_pass() -> None:
+    """A burst, then the rate: the group's bucket lets exactly this through (within ceil)."""
+    calls = [metered("x1", 100, 25), metered("x2", 101, 25)]  # the burst of 50 at once
+    calls += [metered(f"y{i}", 200 + 100 * i, 10) for i in range(10)]  # 100/s from 100 ms on
+    report = run(calls, policies=[metered_policy()])
+    assert report.violations == []
+    assert report.figures["tokens_admitted"] == {"g": 150}
+
+
+def test_tokens_above_the_groups_bucket_are_reported() -> None:
+    """One token more than burst + rate·T over some interval is an excess, found wherever it
+    lies in the history."""
+    calls = [metered("x1", 100, 25), metered("x2", 101, 25)]
+    calls += [metered(f"y{i}", 200 + 100 * i, 10) for i in range(10)]
+    calls.append(metered("over", 1101, 1))  # 151 tokens in [100, 1101]: bound 150.1
+    report = run(calls, policies=[metered_policy()])
+    assert kinds(report) == {"over_rate": 1}
+    assert "[1800000000100, 1800000001101]" in report.violations[0].detail
+
+
+def test_tokens_above_a_tenants_ceiling_bucket_are_reported() -> None:
+    """Tenant ``a`` may take cburst 30 + 60/s, within the group's bucket or not."""
+    calls = [metered("a1", 100, 30, tenant="a"), metered("a2", 600, 31, tenant="a")]
+    report = run(calls, policies=[metered_policy()])
+    assert kinds(report) == {"over_tenant_rate": 1}
+
+
+def test_tokens_after_a_state_loss_are_held_to_the_same_buckets() -> None:
+    """A loss restarts the buckets at their floor: no excess is excused by it."""
+    calls = [metered("x1", 100, 50), metered("x2", 300, 50)]  # 100 in 200 ms: bound 70
+    report = run(calls, policies=[metered_policy()], faults=[state_loss(150, 200)])
+    assert kinds(report) == {"over_rate": 1}
+
+
+def test_replays_and_unmetered_admissions_are_not_counted_as_tokens() -> None:
+    """A replay answers the same lease (charged once); a lease naming no tokens charges none."""
+    replay = metered("x1", 100, 50)
+    replay.update(replay=True, admit_ms=T0 + 101)
+    plain = admit("p", 102, token=102, tenant="b")
+    report = run([metered("x1", 100, 50), replay, plain], policies=[metered_policy()])
+    assert report.violations == []
+    assert report.figures["tokens_admitted"] == {"g": 50}
