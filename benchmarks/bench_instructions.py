@@ -14,7 +14,8 @@ handling — beside a trivial ``EVALSHA "return 1"`` measured the same way: an
 admitted ``acquire`` (``--calls`` leases held at once), a ``renew`` of each, then
 its ``release``; then, in a full group, a refused ``try_acquire`` and a refused
 retry of a waiting request (what a waiting ``acquire`` sends while it polls); then
-admitted acquires naming a ``tokens`` amount, on a tenant's own rate and borrowing.
+admitted acquires naming a ``tokens`` amount, on a tenant's own rate and borrowing, and
+acquires a rate meter refuses.
 Instructions are not time (cache misses and the kernel are not counted), but a
 change that removes work shows here whatever the machine is doing.
 
@@ -220,6 +221,24 @@ def metered(server: CallgrindServer, calls: int) -> tuple[int, int]:
     return on_rate, borrowing
 
 
+def meter_refusals(server: CallgrindServer, calls: int) -> int:
+    """Instructions for ``calls`` acquires refused by a rate meter (``try_acquire`` naming
+    ``tokens=1`` from a tenant that only borrows, its bucket empty), their leases fitting."""
+    quota = QuotaClient.from_url(server.url, prefix="irq", socket_timeout=600.0)
+    tenants = tuple(TenantPolicy(f"a{i}") for i in range(TENANTS))
+    meters = (MeterPolicy("tokens", rate=1, burst=1, per="minute"),)
+    policy = GroupPolicy("irq", capacity=10**7, tenants=tenants, meters=meters,
+                         max_lease_ttl=3600.0)  # fmt: skip
+    quota.apply_policy(Policy([policy]))
+    quota.try_acquire("a0", 1, tokens=1)  # the bucket's one token; the scripts loaded
+    quota.try_acquire("a1", 1, tokens=1)  # refused
+    refused = server.instructions(
+        lambda: [quota.try_acquire(f"a{i % TENANTS}", 1, tokens=1) for i in range(calls)]
+    )
+    quota.close()
+    return refused
+
+
 def batched(server: CallgrindServer, quota: QuotaClient, size: int, calls: int) -> int:
     """Instructions for ``calls`` requests sent as ``acquire_many`` calls of ``size`` requests,
     each followed by a ``release_many`` of the leases it granted (the async client merges
@@ -308,8 +327,8 @@ def main(argv: list[str] | None = None) -> int:
         per += [refused / calls, polled / calls]
         names += ("try_acquire refused", "waiting retry refused")
         on_rate, borrowing = metered(server, calls)
-        per += [on_rate / calls, borrowing / calls]
-        names += ("metered, own rate", "metered, borrowing")
+        per += [on_rate / calls, borrowing / calls, meter_refusals(server, calls) / calls]
+        names += ("metered, own rate", "metered, borrowing", "refused by a meter")
         if args.contended:
             per.append(contended(server, args.contended, calls) / calls)
             names += (f"acquire, {args.contended} contended",)

@@ -162,10 +162,14 @@ end
 -- request does not fit, it returns nil with what a refusal replies (the tenant's limit, the
 -- units held in the group, the policy's version and capacity) for fast_refused.
 -- A request that names meters is decided only with `gate` (fast_meters, linked in a later
--- part than this): called once the lease fits, it answers nil (the general path) or commits
--- the meters and returns what the lease's writes and reply carry with them.
+-- part than this): called once the lease fits, it answers nil (the general path), or
+-- commits the meters and returns what the lease's writes and reply carry with them, or
+-- refuses the request for a meter (then only the meters' contention marks are written, and
+-- the refusal's count in the ledger, as acquire_one and ledger_acquire would). `shadow`
+-- (acquire.lua's ARGV[10]) matters only there: a refusal in shadow mode admits, which the
+-- general path answers.
 local function fast_acquire(now, head, dem, ent, present, due, tenant, units, id, ttl, meters,
-                            gate)
+                            gate, shadow)
   if not FAST_PATHS or (meters ~= '' and not gate) or present ~= 4 or due or ent[1] or ent[2] or
       (dem[3] and dem[3] - 0 > 0) or not head[1] or not head[2] or
       head[1] - 0 > tonumber(ARGV[2]) or (head[4] and head[4] - 0 > now) then
@@ -186,14 +190,21 @@ local function fast_acquire(now, head, dem, ent, present, due, tenant, units, id
   local ha, hb = ledger_hours()
   if head[6] ~= ha .. ':' .. hb then return nil end
   local lease = 'L' .. id
-  local metered, rows, record, mfull
+  local busy = head[3] and head[3] - 0 or 0
+  local metered, rows, record, mfull, retry
   if meters ~= '' then
-    metered, rows, record, mfull = gate(now, unknown, tenant, meters, ha, hb)
+    metered, rows, record, mfull, retry = gate(now, unknown, tenant, meters, ha, hb, shadow)
     if not metered then return nil end
+    if retry then  -- refused by a meter
+      if metered[1] then
+        redis.call('HSET', KEYS[2], unpack(metered))
+        keep_keys(math.max(max_ttl, busy - now, mfull - now) + KEY_GRACE_MS, true, KEY_GRACE_MS)
+      end
+      return {0, 'meter', 0, 0, used, fmt(limit), group_used, capacity, retry, version, 0, rows}
+    end
   end
   local expiry = now + ttl
   local token = token_after(head[5] and head[5] - 0 or 0, now)  -- as next_fence
-  local busy = head[3] and head[3] - 0 or 0
   redis.call('ZADD', KEYS[3], int(expiry), lease)
   if record then
     redis.call('HSET', KEYS[4], lease, entry(units, token, tenant), 'R' .. id, record)
@@ -301,28 +312,34 @@ end
 -- decides the meters named in `text` (acquire.lua's ARGV[11]) of a request whose lease
 -- fits (`unknown`: the policy's treatment of unknown tenants, request_terms'), with the general path's own functions on a ctx of their own (the policy's meters and
 -- the tenant's shares, the buckets, the lost mark, mfull and the contenders' floor:
--- meter_policy, meter_items), and answers nil unless every meter is the policy's and admits,
--- on its own rate or borrowing. It has then written nothing but what the general path's
--- decision writes first too (meter_items). Otherwise it commits them as the general path
--- does (meter_gate: mfull, the contention marks, the ledger's tokens reserved) and returns
--- the demand fields to write (name, value, ...), the meters' reply rows, the lease's
--- reservations and mfull (the keys outlive it, as flush keeps them).
-local function fast_meters(now, unknown, tenant, text, ha, hb)
+-- meter_policy, meter_items), and answers nil when a meter is not the policy's (bad_meter)
+-- or, in shadow mode, refuses (the request is then admitted). It has then written nothing
+-- but what the general path's decision writes first too (meter_items). Otherwise it
+-- commits them as the general path does (meter_gate: all of them, or a refusal's contention
+-- marks; mfull; the ledger's tokens reserved, or the refusal's count) and returns the demand
+-- fields to write (name, value, ...), the meters' reply rows, the lease's reservations (nil
+-- on a refusal), mfull (the keys outlive it, as flush keeps them) and, on a refusal, its
+-- retry hint.
+local function fast_meters(now, unknown, tenant, text, ha, hb, shadow)
   local ctx = {now = now, policy = {unknown = unknown}, cache = {}, dirty = {}}
   local amounts = meter_amounts(text)
   if meter_unknown(ctx, tenant, amounts) then return nil end  -- bad_meter: the general path
   local items = meter_items(ctx, tenant, amounts)
-  for _, it in ipairs(items) do
-    if not it.d.admitted then return nil end
+  if shadow then
+    for _, it in ipairs(items) do
+      if not it.d.admitted then return nil end
+    end
   end
-  local _, rows, record = meter_gate(ctx, tenant, items, false)
+  local ok, rows, record, retry = meter_gate(ctx, tenant, items, false)
+  if not ok then ledger_note(ctx, tenant, 'rf:meter', 1) end  -- as ledger_acquire
   if ctx.led then ledger_write(now, ctx.led, ha, hb) end
   local fields = {}
   for field, _ in pairs(ctx.dirty) do
     fields[#fields + 1] = field
     fields[#fields + 1] = ctx.cache[field]
   end
-  return fields, rows, record, ctx.mfull
+  if ok then return fields, rows, record, ctx.mfull end
+  return fields, rows, nil, ctx.mfull, retry
 end
 
 -- Extends a live lease from acquire_reads' replies (renew.lua's ARGV: id, ttl, tenant,

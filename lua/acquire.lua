@@ -75,7 +75,7 @@ end
 -- end of the fast path
 if ARGV[11] ~= '' then
   fast = fast_acquire(now, head, dem, ent, present, due, ARGV[3], tonumber(ARGV[4]), ARGV[5],
-    tonumber(ARGV[6]), ARGV[11], fast_meters)
+    tonumber(ARGV[6]), ARGV[11], fast_meters, ARGV[10] == '1')
 end
 if fast then
   return fast

@@ -31,7 +31,7 @@ local function fast_one(i, gate, head, dem, ent, present, due, exp_first)
   local tenant, units, id = ARGV[base + 1], tonumber(ARGV[base + 2]), ARGV[base + 3]
   local ttl, meters = tonumber(ARGV[base + 4]), ARGV[base + 7]
   local reply, limit, group_used, version, capacity = fast_acquire(now, head, dem, ent, present,
-    due, tenant, units, id, ttl, meters, gate)
+    due, tenant, units, id, ttl, meters, gate, ARGV[base + 6] == '1')
   if reply or meters ~= '' then
     return reply
   elseif limit then

@@ -884,9 +884,11 @@ def metered_shapes(twin: Twin) -> dict[str, Any]:
     out: dict[str, Any] = {}
     now = START_MS
 
-    def acquire(name: str, tenant: str, meters: dict[str, int] | None) -> Any:
-        made = acquire_call(keyspace, GROUP, tenant, 1, name, 30_000, wait=False,
-                            pending_ms=5_000, purge=2, now_ms=now, meters=meters)  # fmt: skip
+    def acquire(
+        name: str, tenant: str, meters: dict[str, int] | None, *, shadow: bool = False
+    ) -> Any:
+        made = acquire_call(keyspace, GROUP, tenant, 1, name, 30_000, wait=False, pending_ms=5_000,
+                            purge=2, now_ms=now, meters=meters, shadow=shadow)  # fmt: skip
         out[name] = twin.run(made)
         return out[name]
 
@@ -899,15 +901,21 @@ def metered_shapes(twin: Twin) -> dict[str, Any]:
     acquire("zero", "a", {"tokens": 0})  # nothing to charge (fast)
     acquire("borrow", "b", {"tokens": 10})  # b owns no rate: a borrow (fast)
     acquire("unknown_meter", "a", {"bogus": 1})  # bad_meter (general)
-    acquire("too_large", "a", {"tokens": 1_000})  # above every bucket (general)
-    # a has 40 of its own left: a borrow, refused (the group keeps a's guarantee) but marked
-    acquire("past_own", "a", {"tokens": 45})  # as contending (general)
+    acquire("too_large", "a", {"tokens": 1_000})  # above every bucket: refused (fast)
+    # a has 40 of its own left: a borrow, refused (the group keeps a's guarantee) and marked
+    acquire("past_own", "a", {"tokens": 45})  # as contending (fast)
     now += 200
     # a still contends from that borrow: admitted on its own rate again, its mark refreshed
     acquire("own_contending", "a", {"tokens": 5})  # (fast)
     acquire("stranger", "s", {"tokens": 0})  # the default share, nothing to charge (fast)
     acquire("stranger_borrow", "s", {"tokens": 2})  # borrowing behind a and b (fast)
-    acquire("refused", "b", {"tokens": 45})  # the group keeps a's guarantee: refused (general)
+    # Redis's clock, not the pinned one, runs key expiries down: shorten them by hand, so the
+    # refusal's refresh of the keys' expiry (it writes b's contention mark) shows.
+    for conn in (twin.fast, twin.slow):
+        for key in (keys.demand, keys.exp, keys.info, keys.fair):
+            conn.pexpire(key, 10_000)
+    acquire("refused", "b", {"tokens": 45})  # the group keeps a's guarantee: refused (fast)
+    acquire("shadowed", "b", {"tokens": 45}, shadow=True)  # admitted: the general path
     twin.run(release_call(keyspace, GROUP, "own", tenant="a", token=int(out["own"][3]), purge=2,
                           now_ms=now))  # fmt: skip
     for conn in (twin.fast, twin.slow):
@@ -944,12 +952,13 @@ def meter_rows(reply: Any) -> list[tuple[Any, ...]]:
     return [(rows[i], rows[i + 1], rows[i + 2], rows[i + 6]) for i in range(0, len(rows), 9)]
 
 
-def test_metered_acquires_whose_meters_admit_take_the_fast_path() -> None:
-    """Acquires whose meters all admit (on their own rate, borrowing, or charging nothing) are
-    answered by acquire's fast path for meters, with the general path's replies and writes
-    (buckets, contention marks, mfull, the reservations, the ledger's tokens reserved, the
-    keys' expiry, lost buckets restarting at their debt floor); refusals by a meter, unknown
-    meters and amounts too large fall through."""
+def test_metered_acquires_take_the_fast_path() -> None:
+    """Acquires whose lease fits are answered by acquire's fast path for meters, admitted
+    (on their own rate, borrowing, or charging nothing) or refused by a meter, with the
+    general path's replies and writes (buckets, contention marks, mfull, the reservations,
+    the ledger's tokens reserved or its refusal count, the keys' expiry, lost buckets
+    restarting at their debt floor); unknown meters and shadow mode's admissions of a
+    refusal fall through."""
     twin = Twin(fakeredis.FakeRedis(server=fakeredis.FakeServer()),
                 fakeredis.FakeRedis(server=fakeredis.FakeServer()))  # fmt: skip
     out = metered_shapes(twin)
@@ -964,6 +973,8 @@ def test_metered_acquires_whose_meters_admit_take_the_fast_path() -> None:
     assert meter_rows(out["stranger"]) == [(b"tokens", 1, b"admitted", b"")]
     assert meter_rows(out["stranger_borrow"]) == [(b"tokens", 1, b"admitted", b"borrow")]
     assert meter_rows(out["refused"]) == [(b"tokens", 0, b"group", b"")]
+    assert out["refused"][8] > 0  # the retry hint
+    assert out["shadowed"][:2] == [1, b"meter"]
     assert out["lost"][:2] == [0, b"recovering"]
     assert meter_rows(out["after_loss"]) == [(b"tokens", 1, b"admitted", b"rate")]
     assert meter_rows(out["after_loss_zero"]) == [(b"tokens", 1, b"admitted", b"")]
@@ -975,19 +986,19 @@ def test_metered_acquires_whose_meters_admit_take_the_fast_path() -> None:
         [-1, b"bad_meter"],
         [0, b"tenant_limit"],
     ]
-    assert twin.fast_answers["metered"] == 8
+    assert twin.fast_answers["metered"] == 11
     assert twin.fast_answers["acquire_many"] == 1
 
 
 @pytest.mark.real_redis
-def test_metered_acquires_whose_meters_admit_take_the_fast_path_on_real_redis(
+def test_metered_acquires_take_the_fast_path_on_real_redis(
     real_redis: RedisServer,
 ) -> None:
     """The same calls on a real redis-server, its two databases side by side."""
     with real_twin(real_redis) as twin:
         out = metered_shapes(twin)
         assert meter_rows(out["after_loss"]) == [(b"tokens", 1, b"admitted", b"rate")]
-        assert twin.fast_answers["metered"] == 8
+        assert twin.fast_answers["metered"] == 11
         assert twin.fast_answers["acquire_many"] == 1
 
 
