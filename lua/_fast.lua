@@ -149,18 +149,19 @@ end
 
 -- Admits a lease that needs no walk from acquire_reads' replies, or returns nil for the
 -- general path (which parses the policy again, into the tables it works with): a policy of
--- this schema, no meters, the group's state whole and nothing due, no recovery, a new id, a
--- known tenant with nothing waiting, the ledger's hour keys already marked, and a request
--- that fits its tenant limit and the group at a level of 0 or INF. Writes what the general
--- path's hold_trial and flush would, with no ctx: the lease's expiry and entry, the tenant's
--- points, the fencing counter (and busy, as next_fence would), the tenant's units with the
--- state's text (ended_state), and the keys' expiry. The policy and the spec are read into
--- locals (header_fields, spec_fields), not tables. The request is acquire.lua's ARGV[3..6]
--- and ARGV[11] (tenant, units, lease_id, ttl_ms, meters), passed in: acquire_many.lua
--- decides its requests here one by one while they take this path (ARGV[2] is the schema in
--- both). wait and shadow change only refusals, which this path never answers: when the
--- request does not fit, it returns nil with what a refusal replies (the tenant's limit, the
--- units held in the group, the policy's version and capacity) for fast_refused.
+-- this schema, no meters (unless with `gate`, below), the group's state whole and nothing
+-- due, no recovery, a new id, a known tenant with nothing waiting, the ledger's hour keys
+-- already marked, and a request that fits its tenant limit and the group at a level of 0 or
+-- INF. Writes what the general path's hold_trial and flush would, with no ctx: the lease's
+-- expiry and entry, the tenant's points, the fencing counter (and busy, as next_fence
+-- would), the tenant's units with the state's text (ended_state), and the keys' expiry. The
+-- policy and the spec are read into locals (header_fields, spec_fields), not tables. The
+-- request is acquire.lua's ARGV[3..6] and ARGV[11] (tenant, units, lease_id, ttl_ms,
+-- meters), passed in: acquire_many.lua decides its requests here one by one while they take
+-- this path (ARGV[2] is the schema in both). wait changes only the lease's refusals, which
+-- this path never answers: when the request does not fit, it returns nil with what a
+-- refusal replies (the tenant's limit, the units held in the group, the policy's version
+-- and capacity) for fast_refused.
 -- A request that names meters is decided only with `gate` (fast_meters, linked in a later
 -- part than this): called once the lease fits, it answers nil (the general path), or
 -- commits the meters and returns what the lease's writes and reply carry with them, or
