@@ -60,6 +60,20 @@ START_MS = 1_800_000_000_000
 #: the two calls and the two reads; a refresh one path skips differs by a minute or more.
 TTL_SLACK_MS = 1_000
 
+
+def acquires(extras: list[str]) -> st.SearchStrategy[tuple[Any, ...]]:
+    """Acquire ops: tenant, units, wait, request id (new, a lease's or a waiting request's)
+    and one of ``extras`` (shadow, a long ttl, or METERED's meters, by name; "": none)."""
+    return st.tuples(
+        st.just("acquire"),
+        st.integers(0, 8),  # tenant
+        st.integers(1, 70),  # units
+        st.booleans(),  # wait
+        st.sampled_from(["new", "new", "new", "lease", "waiting"]),  # request id
+        st.sampled_from(extras),
+    )
+
+
 #: acquire_many's requests: tenant, units, wait, a lease's id (a retry) or a new one, meters
 #: (METERED's, by name; mostly none).
 _batch_requests = st.lists(
@@ -76,14 +90,7 @@ _batch_requests = st.lists(
 
 operations = st.lists(
     st.one_of(
-        st.tuples(
-            st.just("acquire"),
-            st.integers(0, 8),  # tenant
-            st.integers(1, 70),  # units
-            st.booleans(),  # wait
-            st.sampled_from(["new", "new", "new", "lease", "waiting"]),  # request id
-            st.sampled_from(["", "", "", "shadow", "meter", "long_ttl"]),
-        ),
+        acquires(["", "", "", "shadow", "meter", "long_ttl"]),
         st.tuples(st.just("release"), st.integers(0, 50), st.sampled_from(["ok", "ok", "bad"])),
         st.tuples(st.just("withdraw"), st.integers(0, 50)),
         st.tuples(st.just("renew"), st.integers(0, 50)),
@@ -146,26 +153,8 @@ METERED: dict[str, dict[str, int]] = {
 #: estimate, releases, clock steps across a refill, lost keys (the meters' lost mark).
 metered_operations = st.lists(
     st.one_of(
-        st.tuples(
-            st.just("acquire"),
-            st.integers(0, 8),  # tenant
-            st.integers(1, 70),  # units
-            st.booleans(),  # wait
-            st.sampled_from(["new", "new", "new", "lease", "waiting"]),  # request id
-            st.sampled_from(
-                [
-                    "meter",
-                    "meter",
-                    "meter_zero",
-                    "meter_big",
-                    "meter_two",
-                    "meter_two",
-                    "meter_bad",
-                    "",
-                    "shadow",
-                ]
-            ),
-        ),
+        acquires(["meter", "meter", "meter_zero", "meter_big", "meter_two", "meter_two"]),
+        acquires(["meter_bad", "", "shadow"]),
         st.tuples(st.just("acquire_many"), _batch_requests),
         st.tuples(st.just("settle"), st.integers(0, 50), st.integers(0, 60)),
         st.tuples(st.just("release"), st.integers(0, 50), st.just("ok")),
@@ -968,15 +957,24 @@ def meter_rows(reply: Any) -> list[tuple[Any, ...]]:
     return [(rows[i], rows[i + 1], rows[i + 2], rows[i + 6]) for i in range(0, len(rows), 9)]
 
 
-def test_metered_acquires_take_the_fast_path() -> None:
+@pytest.fixture(params=["fakeredis", pytest.param("real", marks=pytest.mark.real_redis)])
+def twin(request: pytest.FixtureRequest) -> Iterator[Twin]:
+    """A Twin on two fakeredis servers, or on a real redis-server's databases 0 and 1."""
+    if request.param == "fakeredis":
+        yield Twin(fakeredis.FakeRedis(server=fakeredis.FakeServer()),
+                   fakeredis.FakeRedis(server=fakeredis.FakeServer()))  # fmt: skip
+    else:
+        with real_twin(request.getfixturevalue("real_redis")) as made:
+            yield made
+
+
+def test_metered_acquires_take_the_fast_path(twin: Twin) -> None:
     """Acquires whose lease fits are answered by acquire's fast path for meters, admitted
     (on their own rate, borrowing, or charging nothing) or refused by a meter, with the
     general path's replies and writes (buckets, contention marks, mfull, the reservations,
     the ledger's tokens reserved or its refusal count, the keys' expiry, lost buckets
     restarting at their debt floor); unknown meters and shadow mode's admissions of a
-    refusal fall through."""
-    twin = Twin(fakeredis.FakeRedis(server=fakeredis.FakeServer()),
-                fakeredis.FakeRedis(server=fakeredis.FakeServer()))  # fmt: skip
+    refusal fall through. On fakeredis and on a real redis-server."""
     out = metered_shapes(twin)
     assert meter_rows(out["own"]) == [(b"tokens", 1, b"admitted", b"rate"),
                                       (b"requests", 1, b"admitted", b"rate")]  # fmt: skip
@@ -1004,18 +1002,6 @@ def test_metered_acquires_take_the_fast_path() -> None:
     ]
     assert twin.fast_answers["metered"] == 11
     assert twin.fast_answers["acquire_many"] == 1
-
-
-@pytest.mark.real_redis
-def test_metered_acquires_take_the_fast_path_on_real_redis(
-    real_redis: RedisServer,
-) -> None:
-    """The same calls on a real redis-server, its two databases side by side."""
-    with real_twin(real_redis) as twin:
-        out = metered_shapes(twin)
-        assert meter_rows(out["after_loss"]) == [(b"tokens", 1, b"admitted", b"rate")]
-        assert twin.fast_answers["metered"] == 11
-        assert twin.fast_answers["acquire_many"] == 1
 
 
 def test_small_batches_take_the_fast_paths() -> None:
