@@ -310,12 +310,13 @@ end
 
 -- Rate meters on acquire's fast path, the `gate` fast_acquire takes (linked in a part of
 -- their own, after the refusals: a call without meters never creates these closures). It
--- decides the meters named in `text` (acquire.lua's ARGV[11]) of a request whose lease
--- fits (`unknown`: the policy's treatment of unknown tenants, request_terms'), with the general path's own functions on a ctx of their own (the policy's meters and
--- the tenant's shares, the buckets, the lost mark, mfull and the contenders' floor:
--- meter_policy, meter_items), and answers nil when a meter is not the policy's (bad_meter)
--- or, in shadow mode, refuses (the request is then admitted). It has then written nothing
--- but what the general path's decision writes first too (meter_items). Otherwise it
+-- decides the meters named in `text` (acquire.lua's ARGV[11]) of a request whose lease fits
+-- (`unknown`: the policy's treatment of unknown tenants, request_terms'), with the general
+-- path's own functions on a ctx of their own (the policy's meters and the tenant's shares,
+-- the buckets, the lost mark, mfull and the contenders' floor: meter_policy, meter_items),
+-- and answers nil when a meter is not the policy's (bad_meter) or, in shadow mode, refuses
+-- (the request is then admitted). It has then written nothing but what the general path's
+-- decision writes first too (meter_items). Otherwise it
 -- commits them as the general path does (meter_gate: all of them, or a refusal's contention
 -- marks; mfull; the ledger's tokens reserved, or the refusal's count) and returns the demand
 -- fields to write (name, value, ...), the meters' reply rows, the lease's reservations (nil

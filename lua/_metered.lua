@@ -70,7 +70,8 @@ local function meter_policy(ctx, tenant)
     if raw[1] and raw[1] ~= '' then
       ctx.meters = {}
       local slot = 0
-      for name, rate, cap, reserve, floor, quantum, window in string.gmatch(raw[1], METER_LIMITS) do
+      local each = string.gmatch(raw[1], METER_LIMITS)
+      for name, rate, cap, reserve, floor, quantum, window in each do
         slot = slot + 1
         ctx.meters[name] = {slot = slot, limits = {rate = rate - 0, cap = cap - 0,
           reserve = reserve - 0, floor = floor - 0, quantum = tonumber(quantum)},
@@ -191,7 +192,7 @@ end
 -- Every meter's decision on one request, before anything is committed: {a, m, share, d,
 -- till} per amount, in order. The only writes are meter_floor_of's, which drops contenders
 -- whose contention has ended: a call that decides again after this one (acquire's fast path
--- for meters falls through to the general path when a meter refuses) finds the same floor.
+-- for meters leaves a refusal in shadow mode to the general path) finds the same floor.
 local function meter_items(ctx, tenant, amounts)
   local meters, shares = meter_policy(ctx, tenant)
   local items, fields = {}, {}
