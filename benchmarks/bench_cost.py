@@ -111,9 +111,13 @@ def release_all(quota: QuotaClient, group: str, leases: list[tuple[str, str, int
 
 
 def evalsha_stats(conn: Any) -> tuple[int, float]:
-    """Calls and µs per call of EVALSHA since the last CONFIG RESETSTAT."""
-    stats = conn.info("commandstats").get("cmdstat_evalsha", {})
-    return int(stats.get("calls", 0)), float(stats.get("usec_per_call", 0.0))
+    """Calls and µs per call of the script calls (EVALSHA and FCALL, as the client sends
+    them: docs/design.md, "Scripts as functions") since the last CONFIG RESETSTAT."""
+    stats = conn.info("commandstats")
+    both = [stats.get(f"cmdstat_{c}", {}) for c in ("evalsha", "fcall")]
+    calls = sum(int(s.get("calls", 0)) for s in both)
+    usec = sum(float(s.get("usec", 0.0)) for s in both)
+    return calls, usec / calls if calls else 0.0
 
 
 def register_waiting(quota: QuotaClient, group: str, active: int, units: int) -> None:

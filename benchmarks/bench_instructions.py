@@ -22,8 +22,11 @@ change that removes work shows here whatever the machine is doing.
 ``--contended N`` adds an acquire in a group of N tenants all waiting above the
 capacity (a walked level); ``--batch N`` adds ``acquire_many`` and
 ``release_many`` calls of N requests each, as the async client merges them,
-per request. ``--lua-dir`` runs the scripts of another checkout (``git archive <commit> lua``
-unpacked somewhere), so a before/after pair needs no second virtualenv.
+per request. The scripts are called as the clients call them from a URL: as functions
+(``FCALL``) where the server takes them; ``--evalsha`` calls them by ``EVALSHA``
+(``functions=False``), to compare the two. ``--lua-dir`` runs the scripts of another
+checkout (``git archive <commit> lua`` unpacked somewhere), so a before/after pair needs
+no second virtualenv.
 """
 
 from __future__ import annotations
@@ -50,6 +53,8 @@ from ratequota.engine.protocol import acquire_call, acquire_many_call, release_m
 from tests.servers import free_port
 
 TENANTS = 10
+#: Whether the clients call the scripts as functions (``--evalsha`` turns it off).
+FUNCTIONS = [True]
 
 
 class CallgrindServer:
@@ -132,18 +137,23 @@ class CallgrindServer:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+def _client(server: CallgrindServer, prefix: str) -> QuotaClient:
+    """A client as the measures use it: long timeouts (valgrind is slow), no renewals."""
+    return QuotaClient.from_url(
+        server.url, prefix=prefix, socket_timeout=600.0, functions=FUNCTIONS[0]
+    )
+
+
 def contended(server: CallgrindServer, active: int, calls: int) -> int:
     """Instructions for ``calls`` acquires in a group of ``active`` tenants that each hold a
     lease and wait with a request far above the capacity (the level is a walked one; most
     acquires are refused, after the same decision work)."""
-    quota = QuotaClient.from_url(server.url, prefix="irc", socket_timeout=600.0)
+    quota = _client(server, "irc")
     tenants = [TenantPolicy(f"a{i}", weight=1.0 + i % 3) for i in range(active)]
     capacity = 2 * active
     policy = GroupPolicy("irc", capacity=capacity, tenants=tuple(tenants), max_lease_ttl=3600.0)
     quota.apply_policy(Policy([policy]))
-    conn = quota.backend.connection("irc")
     keyspace = quota.core.keyspace
-    pipe = conn.pipeline(transaction=False)
     for i in range(active):
         for lease_id, units, wait in ((f"h{i}", 1, False), (f"w{i}", 4 * capacity, True)):
             call = acquire_call(
@@ -157,8 +167,7 @@ def contended(server: CallgrindServer, active: int, calls: int) -> int:
                 pending_ms=3_600_000,
                 purge=64,
             )
-            pipe.evalsha(call.script.sha, len(call.keys), *call.keys, *call.args)
-    pipe.execute()
+            quota.backend.send_script(call)  # type: ignore[attr-defined]
     total = server.instructions(
         lambda: [quota.try_acquire(f"a{i % active}", 1) for i in range(calls)]
     )
@@ -170,20 +179,19 @@ def refusals(server: CallgrindServer, calls: int) -> tuple[int, int]:
     """Instructions for ``calls`` refusals in a full group of 10 tenants, each holding its
     guarantee: a ``try_acquire`` beyond a guarantee (level 0, no walk), and the retry of a
     waiting request, as a waiting ``acquire`` polls."""
-    quota = QuotaClient.from_url(server.url, prefix="irr", socket_timeout=600.0)
+    quota = _client(server, "irr")
     tenants = tuple(TenantPolicy(f"a{i}", guarantee=1) for i in range(TENANTS))
     policy = GroupPolicy("irr", capacity=TENANTS, tenants=tenants, max_lease_ttl=3600.0)
     quota.apply_policy(Policy([policy]))
     for i in range(TENANTS):
         quota.try_acquire(f"a{i}", 1, ttl=3600.0)
-    conn = quota.backend.connection("irr")
     keyspace = quota.core.keyspace
 
     def waiting_retry() -> None:
         call = acquire_call(
             keyspace, "irr", "a0", 2, "w0", 3_600_000, wait=True, pending_ms=60_000, purge=64
         )
-        conn.evalsha(call.script.sha, len(call.keys), *call.keys, *call.args)
+        quota.backend.send_script(call)  # type: ignore[attr-defined]
 
     waiting_retry()  # registers
     refused = server.instructions(lambda: [quota.try_acquire("a1", 2) for _ in range(calls)])
@@ -196,7 +204,7 @@ def metered(server: CallgrindServer, calls: int) -> tuple[int, int]:
     """Instructions for ``calls`` admitted acquires naming a ``tokens`` amount, in a group of
     10 tenants with room for every lease: on a tenant's own rate, then borrowing (a tenant
     with no rate of its own); each lease released between measures."""
-    quota = QuotaClient.from_url(server.url, prefix="irm", socket_timeout=600.0)
+    quota = _client(server, "irm")
     own = (TenantMeter("tokens", rate=10**5),)
     tenants = tuple(TenantPolicy(f"a{i}", meters=own) for i in range(TENANTS - 1))
     tenants += (TenantPolicy("borrower"),)  # no rate of its own: every token is borrowed
@@ -224,7 +232,7 @@ def metered(server: CallgrindServer, calls: int) -> tuple[int, int]:
 def meter_refusals(server: CallgrindServer, calls: int) -> int:
     """Instructions for ``calls`` acquires refused by a rate meter (``try_acquire`` naming
     ``tokens=1`` from a tenant that only borrows, its bucket empty), their leases fitting."""
-    quota = QuotaClient.from_url(server.url, prefix="irq", socket_timeout=600.0)
+    quota = _client(server, "irq")
     tenants = tuple(TenantPolicy(f"a{i}") for i in range(TENANTS))
     meters = (MeterPolicy("tokens", rate=1, burst=1, per="minute"),)
     policy = GroupPolicy("irq", capacity=10**7, tenants=tenants, meters=meters,
@@ -253,13 +261,13 @@ def batched(server: CallgrindServer, quota: QuotaClient, size: int, calls: int) 
         numbers = [next(counter) for _ in range(size)]
         requests = [(f"a{n % TENANTS}", 1, f"b{n}", 60_000, False) for n in numbers]
         call = acquire_many_call(keyspace, "ir", requests, pending_ms=2000, purge=64)
-        replies = conn.evalsha(call.script.sha, len(call.keys), *call.keys, *call.args)
+        replies = quota.backend.send_script(call)  # type: ignore[attr-defined]
         held = [
             (f"b{n}", f"a{n % TENANTS}", int(reply[3]))
             for n, reply in zip(numbers, replies, strict=True)
         ]
         call = release_many_call(keyspace, "ir", held, purge=64)
-        conn.evalsha(call.script.sha, len(call.keys), *call.keys, *call.args)
+        quota.backend.send_script(call)  # type: ignore[attr-defined]
 
     one_batch()
     return server.instructions(lambda: [one_batch() for _ in range(max(1, calls // size))])
@@ -276,7 +284,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--batch", type=int, default=0, help="also acquire_many + release_many of this many"
     )
+    parser.add_argument(
+        "--evalsha", action="store_true", help="call the scripts by EVALSHA, not as functions"
+    )
     args = parser.parse_args(argv)
+    FUNCTIONS[0] = not args.evalsha
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
         print("valgrind (with callgrind_control) is not installed", file=sys.stderr)
         return 2
@@ -288,7 +300,9 @@ def main(argv: list[str] | None = None) -> int:
     server = CallgrindServer()
     try:
         conn = redis.Redis(port=server.port, socket_timeout=60)
-        quota = QuotaClient.from_url(server.url, prefix="ir", socket_timeout=60.0)
+        quota = QuotaClient.from_url(
+            server.url, prefix="ir", socket_timeout=60.0, functions=FUNCTIONS[0]
+        )
         tenants = [TenantPolicy(f"a{i}", weight=1.0 + i % 3) for i in range(TENANTS)]
         policy = GroupPolicy("ir", capacity=10**7, tenants=tuple(tenants), max_lease_ttl=3600.0)
         quota.apply_policy(Policy([policy]))

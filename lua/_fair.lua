@@ -12,7 +12,8 @@
 --   exact_add / exact_value   exact fixed-point sums (no drift, see docs/design.md)
 
 local EPSILON = 1e-9
-local INF = math.huge
+-- Not math.huge: loaded as a Redis function library, this code may read no global.
+local INF = 1 / 0
 
 -- A tenant's bounds at demand d, from its spec's never-lent part `keep` = G(1-l), guarantee
 -- `g` and ceiling `ceil` = G + B (fields, not a spec table: the fast paths build none): what

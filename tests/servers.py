@@ -27,6 +27,13 @@ def redis_server_binary() -> str | None:
     return shutil.which("redis-server")
 
 
+def script_calls(client: Any) -> int:
+    """Script calls a server ran since its stats were reset: by ``EVALSHA``, or as functions
+    (``FCALL``, as the clients made from URLs call them: docs/design.md)."""
+    stats = client.info("commandstats")
+    return sum(int(stats.get(f"cmdstat_{c}", {}).get("calls", 0)) for c in ("evalsha", "fcall"))
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:

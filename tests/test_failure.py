@@ -187,17 +187,19 @@ def test_local_allowance_is_bounded_per_tenant_and_given_back(make_kind: MakeCli
 def test_leaving_acquire_when_redis_refuses_the_release_keeps_the_handlers_outcome(
     real_redis: RedisServer, make_kind: MakeClient, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Redis answers the release with an error (here NOPERM: the pod's user lost EVALSHA while
-    the handler ran; out of memory answers the same way): the handler's result and its own
-    exception still reach the caller, on both clients; the failure is counted and logged; the
-    lease expires alone. (Releasing only frees memory, so Redis no longer refuses it for OOM.)"""
+    """Redis answers the release with an error (here NOPERM: the pod's user lost EVALSHA and
+    FCALL while the handler ran; out of memory answers the same way): the handler's result and
+    its own exception still reach the caller, on both clients; the failure is counted and
+    logged; the lease expires alone. (Releasing only frees memory, so Redis no longer refuses
+    it for OOM.)"""
     policy = Policy([GroupPolicy("g", 10, [TenantPolicy("a")])])
     admin: Any = real_redis.client()
     admin.execute_command("ACL", "SETUSER", "pod", "on", ">pw", "~*", "&*", "+@all")
     url = f"redis://pod:pw@127.0.0.1:{real_redis.port}/0"
 
     def refuse(on: bool) -> None:
-        admin.execute_command("ACL", "SETUSER", "pod", "-evalsha" if on else "+evalsha")
+        rights = ("-evalsha", "-fcall") if on else ("+evalsha", "+fcall")
+        admin.execute_command("ACL", "SETUSER", "pod", *rights)
 
     quota = make_kind.at(url, auto_renew=False, socket_timeout=2.0)
     try:

@@ -104,7 +104,7 @@ def test_replies_and_error_replies_are_redis_pys(server: RedisServer) -> None:
     as ``evalsha`` does, and the connection serves on after each."""
 
     async def main() -> None:
-        backend = async_url_backend(server.url, socket_timeout=2.0)
+        backend = async_url_backend(server.url, socket_timeout=2.0, functions=False)
         client: Any = backend.connection("g")
         paths: dict[str, Send] = {
             "pipe": _pipe_of(backend),
@@ -129,7 +129,7 @@ def test_a_paused_then_killed_server_fails_the_pipe_as_redis_py(server: RedisSer
     served again after a restart."""
 
     async def main() -> None:
-        backend = async_url_backend(server.url, socket_timeout=0.3)
+        backend = async_url_backend(server.url, socket_timeout=0.3, functions=False)
         client: Any = backend.connection("g")
         pipe = _pipe_of(backend)
         try:

@@ -29,6 +29,7 @@ from ratequota.clients.backends import (
     packed_bytes,
     plain_pool,
 )
+from ratequota.clients.functions import Functions
 from ratequota.clients.script_pipe import ScriptPipe
 from ratequota.clients.urls import placement_ids, redact, scrub
 from ratequota.engine.ops import ScriptCall
@@ -63,10 +64,15 @@ class AsyncBackend(Shards):
         ids: Sequence[str] | None = None,
         *,
         packed: bool = False,
+        functions: bool = True,
     ) -> None:
         super().__init__(clients, description, ids)
         self._senders: list[ScriptSender | None] = [
-            (ScriptPipe.of(client) or AsyncPackedScripts.of(client)) if packed else None
+            (
+                ScriptPipe.of(client, functions) or AsyncPackedScripts.of(client, functions)
+                if packed
+                else None
+            )
             for client in self._clients
         ]
 
@@ -114,33 +120,50 @@ class AsyncPackedScripts:
     connect timeouts, and the batcher's deadline around the whole call).
 
     A call ``packed_bytes`` leaves to redis-py (an argument it cannot pack,
-    or redis-py's own metrics on) goes through ``evalsha``.
+    or redis-py's own metrics on) goes through ``evalsha``. Calls go as
+    ``FCALL`` where ``functions`` says the server takes them (``PackedScripts``).
     """
 
-    def __init__(self, client: Any) -> None:
+    def __init__(self, client: Any, functions: bool = True) -> None:
         self._client = client
         self._pool = client.connection_pool
+        self.functions = Functions(functions)
 
     @classmethod
-    def of(cls, client: Any) -> AsyncPackedScripts | None:
+    def of(cls, client: Any, functions: bool = True) -> AsyncPackedScripts | None:
         """A sender for ``client``, or None when it is not the plain client this mirrors
         (``backends.plain_pool``: a ``redis.asyncio.Redis`` made as ratequota makes its own)."""
         from redis.asyncio import Redis
 
-        return None if plain_pool(client, Redis, async_no_retry()) is None else cls(client)
+        if plain_pool(client, Redis, async_no_retry()) is None:
+            return None
+        return cls(client, functions)
 
     async def __call__(self, call: ScriptCall) -> Any:
         """Send ``call`` and read its reply, as ``await client.evalsha(*call.wire)`` would."""
-        packed = packed_bytes(call)
+        functions = self.functions
+        packed = packed_bytes(call, functions)
         if packed is None:
             return await self._client.evalsha(*call.wire)
+        load = functions.take_load()
         pool = self._pool
         conn = await pool.get_connection()
         try:
-            await conn.send_packed_command(packed)
+            if load is None:
+                await conn.send_packed_command(packed)
+            else:
+                await conn.send_packed_command((load, packed))
+                try:
+                    functions.loaded(await conn.read_response())
+                except redis.exceptions.ResponseError as exc:
+                    functions.loaded(exc)
             return await conn.read_response()
-        except _ATTEMPT_ERRORS:
+        except redis.exceptions.ResponseError as exc:
+            raise functions.answer(exc) from None
+        except _ATTEMPT_ERRORS as exc:
             await conn.disconnect()
+            if load is not None:  # the load may not have been read: load again next time
+                functions.loaded(exc)
             raise
         except asyncio.CancelledError:
             # redis-py has already dropped it; whatever the version, an unread reply never
@@ -205,18 +228,23 @@ class AsyncClusterBackend(ClusterRouting):
         await self._cluster.aclose()
 
 
-def async_url_backend(url: str, *, socket_timeout: float) -> AsyncBackend:
+def async_url_backend(url: str, *, socket_timeout: float, functions: bool = True) -> AsyncBackend:
     """An async backend on one Redis URL; timeouts on every call, no automatic replay."""
-    return AsyncBackend([_redis_from_url(url, socket_timeout, aio=True)], redact(url), packed=True)
+    client = _redis_from_url(url, socket_timeout, aio=True)
+    return AsyncBackend([client], redact(url), packed=True, functions=functions)
 
 
 def async_sharded_backend(
-    urls: Sequence[str], *, socket_timeout: float, shard_ids: Sequence[str] | None = None
+    urls: Sequence[str],
+    *,
+    socket_timeout: float,
+    shard_ids: Sequence[str] | None = None,
+    functions: bool = True,
 ) -> AsyncBackend:
     """Independent shards, placed exactly as ``QuotaClient.sharded`` places them."""
     ids = placement_ids(urls, shard_ids)
     clients = [_redis_from_url(u, socket_timeout, aio=True) for u in urls]
-    return AsyncBackend(clients, f"{len(urls)} shards", ids, packed=True)
+    return AsyncBackend(clients, f"{len(urls)} shards", ids, packed=True, functions=functions)
 
 
 def async_embedded_backend(*, shared: bool = True, server: Any = None) -> AsyncBackend:

@@ -20,6 +20,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from ratequota.clients.embedded import prime
+from ratequota.clients.functions import Functions
 from ratequota.clients.urls import placement_ids, redact, scrub
 from ratequota.engine.ops import Command, ScriptCall
 from ratequota.engine.resp import pack_evalsha
@@ -108,8 +109,10 @@ class SyncShards(Shards):
     """``Shards`` of blocking redis-py clients: a script call goes pre-packed where it can.
 
     ``packed`` (the backends made from URLs, whose clients ratequota configured
-    itself) sends each single script call through ``PackedScripts``; otherwise,
-    and for a client that does not qualify, through the client's ``evalsha``.
+    itself) sends each single script call through ``PackedScripts``, as a
+    function call where ``functions`` allows and the server takes one;
+    otherwise, and for a client that does not qualify, through the client's
+    ``evalsha``.
     """
 
     def __init__(
@@ -119,10 +122,11 @@ class SyncShards(Shards):
         ids: Sequence[str] | None = None,
         *,
         packed: bool = False,
+        functions: bool = True,
     ) -> None:
         super().__init__(clients, description, ids)
         self._senders = [
-            (PackedScripts.of(client) if packed else None) or _evalsha_of(client)
+            (PackedScripts.of(client, functions) if packed else None) or _evalsha_of(client)
             for client in self._clients
         ]
         #: Perform one script call on the shard serving its route: its reply (or error).
@@ -176,30 +180,47 @@ class PackedScripts:
     A call that ``packed`` cannot express, and every call while redis-py's own
     OpenTelemetry metrics are enabled (they count each command it executes),
     goes through ``evalsha`` instead.
+
+    ``functions`` (``clients.functions``) says whether the server takes the
+    calls as ``FCALL``; a write that must load the library first sends
+    ``FUNCTION LOAD`` ahead of the call and reads its reply first.
     """
 
-    def __init__(self, client: Any) -> None:
+    def __init__(self, client: Any, functions: bool = True) -> None:
         self._client = client
         self._pool = client.connection_pool
+        self.functions = Functions(functions)
 
     @classmethod
-    def of(cls, client: Any) -> PackedScripts | None:
+    def of(cls, client: Any, functions: bool = True) -> PackedScripts | None:
         """A sender for ``client``, or None when it is not the plain client this mirrors
         (``plain_pool``: a ``redis.Redis`` made as ratequota makes its own)."""
-        return None if plain_pool(client, redis.Redis, no_retry()) is None else cls(client)
+        if plain_pool(client, redis.Redis, no_retry()) is None:
+            return None
+        return cls(client, functions)
 
     def __call__(self, call: ScriptCall) -> Any:
         """Send ``call`` and read its reply, as ``client.evalsha(*call.wire)`` would."""
-        packed = packed_bytes(call)
+        functions = self.functions
+        packed = packed_bytes(call, functions)
         if packed is None:
             return self._client.evalsha(*call.wire)
+        load = functions.take_load()
         pool = self._pool
         conn = pool.get_connection()
         try:
-            conn.send_packed_command((packed,))
+            if load is None:
+                conn.send_packed_command((packed,))
+            else:
+                conn.send_packed_command((load, packed))
+                functions.loaded(_reply_or_error(conn))
             return conn.read_response()
-        except _ATTEMPT_ERRORS:
+        except redis.exceptions.ResponseError as exc:
+            raise functions.answer(exc) from None
+        except _ATTEMPT_ERRORS as exc:
             conn.disconnect()
+            if load is not None:  # the load may not have been read: load again next time
+                functions.loaded(exc)
             raise
         finally:
             try:
@@ -240,17 +261,28 @@ def plain_pool(client: Any, kind: type, retry: object) -> Any:
     return pool
 
 
-def packed_bytes(call: ScriptCall) -> bytes | None:
+def _reply_or_error(conn: Any) -> Any:
+    """The next reply on ``conn``, an error reply returned rather than raised (a
+    connection's error is raised: the caller drops the connection)."""
+    try:
+        return conn.read_response()
+    except redis.exceptions.ResponseError as exc:
+        return exc
+
+
+def packed_bytes(call: ScriptCall, functions: Functions | None = None) -> bytes | None:
     """What a packed path sends for ``call``, or None to leave the call to ``evalsha``.
 
-    None for a call ``engine.resp`` cannot pack (an argument neither ``int`` nor
-    ``str``), and for every call while redis-py's own OpenTelemetry metrics are
-    enabled: they count each command its ``execute_command`` runs.
+    ``EVALSHA``, or ``FCALL`` when ``functions`` says the server takes it.
+    None for a call ``engine.resp`` cannot pack (an argument neither ``int``
+    nor ``str``), and for every call while redis-py's own OpenTelemetry
+    metrics are enabled: they count each command its ``execute_command`` runs.
     """
-    packed = pack_evalsha(call.script.sha, call.keys, call.args)  # ``call.packed``
-    if packed is None or (_OBSERVABILITY is not None and _OBSERVABILITY().is_enabled()):
+    if _OBSERVABILITY is not None and _OBSERVABILITY().is_enabled():
         return None
-    return packed
+    if functions is None:
+        return pack_evalsha(call.script.sha, call.keys, call.args)  # ``call.packed``
+    return functions.pack(call)
 
 
 def _takes_no_arguments(method: Callable[..., Any]) -> bool:
@@ -275,8 +307,10 @@ except ImportError:  # pragma: no cover
 class SingleBackend(SyncShards):
     """One Redis (real or fake) serves every group."""
 
-    def __init__(self, client: Any, description: str, *, packed: bool = False) -> None:
-        super().__init__([client], description, packed=packed)
+    def __init__(
+        self, client: Any, description: str, *, packed: bool = False, functions: bool = True
+    ) -> None:
+        super().__init__([client], description, packed=packed, functions=functions)
 
     def close(self) -> None:
         """Close the connection pool."""
@@ -350,9 +384,10 @@ def async_no_retry() -> Any:
     return AsyncRetry(NoBackoff(), 0)
 
 
-def url_backend(url: str, *, socket_timeout: float) -> SingleBackend:
+def url_backend(url: str, *, socket_timeout: float, functions: bool = True) -> SingleBackend:
     """A backend on one Redis URL (``redis://``, ``rediss://`` or ``unix://``)."""
-    return SingleBackend(_redis_from_url(url, socket_timeout), _redact(url), packed=True)
+    client = _redis_from_url(url, socket_timeout)
+    return SingleBackend(client, _redact(url), packed=True, functions=functions)
 
 
 _EMBEDDED_LOCK = threading.Lock()
@@ -463,10 +498,11 @@ class ShardedBackend(SyncShards):
         *,
         socket_timeout: float,
         shard_ids: Sequence[str] | None = None,
+        functions: bool = True,
     ) -> None:
         ids = placement_ids(urls, shard_ids)
         clients = [_redis_from_url(u, socket_timeout) for u in urls]
-        super().__init__(clients, f"{len(urls)} shards", ids, packed=True)
+        super().__init__(clients, f"{len(urls)} shards", ids, packed=True, functions=functions)
 
     def close(self) -> None:
         """Close every shard's pool."""

@@ -30,7 +30,7 @@ from typing import Any
 
 import redis
 
-from ratequota.clients.backends import is_noscript, packed_bytes
+from ratequota.clients.backends import is_noscript
 from ratequota.clients.scripting import Load, exchange
 from ratequota.engine.batching import BatchPolicy
 from ratequota.engine.coalesce import coalesce
@@ -397,12 +397,13 @@ class _Trip:
         if batcher._filling is self.batch:
             batcher._filling = None  # complete: later calls queue for the next round trip
         self.wire, self.where = wire, _ = _wire_of(self.batch)
-        packs = [packed_bytes(op) if type(op) is ScriptCall else None for op in wire]
+        pipe = batcher._pipe
+        packs = [pipe.pack(op) if type(op) is ScriptCall else None for op in wire]
         self.replies = [None] * len(wire)
         self.missing = len(wire)
         delivers = [functools.partial(self.deliver, index) for index in range(len(wire))]
         sendable = [pack for pack in packs if pack is not None]
-        if len(sendable) < len(packs) or not batcher._pipe.send_now(
+        if len(sendable) < len(packs) or not pipe.send_now(
             b"".join(sendable), delivers, batcher._bound
         ):
             batcher._trips.discard(self)

@@ -29,6 +29,11 @@ How it fails, as redis-py would on the calls it carries:
 One connection carries every call in flight: Redis runs commands one at a
 time whatever the connection, so a reply never waits on another connection's
 turn, and the batcher bounds how many calls are in flight.
+
+Calls go as ``FCALL`` where the server takes them (``clients.functions``): a
+write that must load the library begins with ``FUNCTION LOAD``, whose reply
+the pipe reads itself, and an error reply saying a function is missing reaches
+its caller as ``NOSCRIPT``.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from typing import Any
 import redis
 
 from ratequota.clients.backends import async_no_retry, packed_bytes, pipelined, plain_pool
+from ratequota.clients.functions import Functions
 from ratequota.engine.ops import ScriptCall
 
 __all__ = ["Deliver", "ScriptPipe"]
@@ -86,7 +92,13 @@ class _Wire(asyncio.Protocol):
     (its ``connection_lost``, its timer) can never touch the calls of the next.
     """
 
-    def __init__(self, writer: Any, host: str, parse_error: Any) -> None:
+    def __init__(
+        self,
+        writer: Any,
+        host: str,
+        parse_error: Any,
+        answer: Callable[[BaseException], BaseException],
+    ) -> None:
         import hiredis
 
         #: The stream writer redis-py opened the connection with, kept while the wire
@@ -104,6 +116,8 @@ class _Wire(asyncio.Protocol):
         #: The calls in flight, oldest first: who hears each reply, and when it is due.
         self._waiting: collections.deque[tuple[Deliver, float]] = collections.deque()
         self._timer: asyncio.TimerHandle | None = None
+        #: What an error reply becomes for its caller (``Functions.answer``).
+        self._answer = answer
         self.dead = False
 
     @property
@@ -147,6 +161,8 @@ class _Wire(asyncio.Protocol):
                 and isinstance(reply[0], redis.exceptions.ConnectionError)
             ):
                 reply = reply[0]  # as redis-py's hiredis parser raises it
+            elif isinstance(reply, redis.exceptions.ResponseError):
+                reply = self._answer(reply)
             deliver(reply)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -203,8 +219,9 @@ class ScriptPipe:
     leaves to redis-py goes through ``evalsha``.
     """
 
-    def __init__(self, client: Any, parse_error: Any) -> None:
+    def __init__(self, client: Any, parse_error: Any, functions: bool = True) -> None:
         self._client = client
+        self.functions = Functions(functions)
         pool = client.connection_pool
         self._make = pool.connection_class
         self._kwargs = dict(pool.connection_kwargs)
@@ -215,7 +232,7 @@ class ScriptPipe:
         self._closed = False
 
     @classmethod
-    def of(cls, client: Any) -> ScriptPipe | None:
+    def of(cls, client: Any, functions: bool = True) -> ScriptPipe | None:
         """A pipe for ``client``, or None: only a plain URL client (``backends.plain_pool``,
         as for ``AsyncPackedScripts``) on one of redis.asyncio's connection classes, with a
         socket timeout, replies as bytes, and hiredis and redis-py's error parser at hand."""
@@ -234,11 +251,16 @@ class ScriptPipe:
         except ImportError:
             return None
         parse_error = _error_parser()
-        return None if parse_error is None else cls(client, parse_error)
+        return None if parse_error is None else cls(client, parse_error, functions)
+
+    def pack(self, call: ScriptCall) -> bytes | None:
+        """``call`` as this pipe sends it (``FCALL`` or ``EVALSHA``), or None: leave it to
+        redis-py (``backends.packed_bytes``)."""
+        return packed_bytes(call, self.functions)
 
     async def __call__(self, call: ScriptCall) -> Any:
         """Send ``call`` and await its reply (see the module docstring for failures)."""
-        packed = packed_bytes(call)
+        packed = packed_bytes(call, self.functions)
         if packed is None:
             return await self._client.evalsha(*call.wire)
         wire = self._wire
@@ -247,14 +269,14 @@ class ScriptPipe:
             if not wire.usable:  # lost as soon as opened
                 raise redis.exceptions.ConnectionError(_CLOSED)
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        wire.send(packed, (_settle(future),), self._timeout)
+        self._write(wire, packed, (_settle(future),), self._timeout)
         return await future
 
     async def call_many(self, calls: Sequence[ScriptCall]) -> list[Any]:
         """Several calls in one write, replies in order, as ``backends.pipelined`` answers
         them: an error reply in place of its call's reply; a lost connection or a late
         reply raised, as redis-py's pipeline raises them."""
-        packs = [packed_bytes(call) for call in calls]
+        packs = [packed_bytes(call, self.functions) for call in calls]
         sendable = [pack for pack in packs if pack is not None]
         if len(sendable) < len(packs):
             return list(await pipelined(self._client, [call.wire for call in calls]))
@@ -265,7 +287,7 @@ class ScriptPipe:
                 raise redis.exceptions.ConnectionError(_CLOSED)
         loop = asyncio.get_running_loop()
         futures: list[asyncio.Future[Any]] = [loop.create_future() for _ in calls]
-        wire.send(b"".join(sendable), [_settle(f) for f in futures], self._timeout)
+        self._write(wire, b"".join(sendable), [_settle(f) for f in futures], self._timeout)
         replies = await asyncio.gather(*futures, return_exceptions=True)
         for reply in replies:
             if isinstance(reply, (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)):
@@ -281,8 +303,18 @@ class ScriptPipe:
         wire = self._wire
         if wire is None or not wire.usable:
             return False
-        wire.send(packed, delivers, timeout)
+        self._write(wire, packed, delivers, timeout)
         return True
+
+    def _write(
+        self, wire: _Wire, packed: bytes, delivers: Sequence[Deliver], timeout: float
+    ) -> None:
+        """``wire.send``, behind ``FUNCTION LOAD`` when the library must be loaded first."""
+        load = self.functions.take_load()
+        if load is None:
+            wire.send(packed, delivers, timeout)
+        else:
+            wire.send(load + packed, (self.functions.loaded, *delivers), timeout)
 
     async def _open(self) -> _Wire:
         """The live wire, opening one if none is: concurrent first calls share the opening,
@@ -310,7 +342,7 @@ class ScriptPipe:
             raise redis.exceptions.ConnectionError(_CLOSED)
         host_error = getattr(conn, "_host_error", None)
         host = host_error() if callable(host_error) else str(self._kwargs.get("host"))
-        wire = _Wire(writer, host, self._parse_error)
+        wire = _Wire(writer, host, self._parse_error, self.functions.answer)
         # From here the connection is the wire's alone: the stream reader redis-py read the
         # handshake with hears nothing more, and redis-py's connection object lets go of the
         # socket (collected, it would close it and warn; its disconnect would wait for that

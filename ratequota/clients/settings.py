@@ -87,6 +87,12 @@ class Settings:
     ``batch_size`` / ``batch_in_flight``: the async client pipelines up to
     ``batch_size`` concurrent script calls per shard into one round trip, with
     at most ``batch_in_flight`` such round trips per shard at once.
+
+    ``functions``: a client made from URLs of independent servers calls the
+    scripts as a Redis function library (``FCALL``) on each server that takes
+    one (Redis 7 and later, ``+fcall +function|load`` in an ACL), else as
+    ``EVALSHA``; False: always ``EVALSHA``, no library loaded
+    (``ratequota.clients.functions``).
     """
 
     prefix: str = "rq"
@@ -105,6 +111,7 @@ class Settings:
     renew_fraction: float = attrs.field(default=1 / 3, validator=_setting_fraction)
     batch_size: int = attrs.field(default=64, validator=_setting_count)
     batch_in_flight: int = attrs.field(default=2, validator=_setting_count)
+    functions: bool = attrs.field(default=True, validator=_setting_flag)
 
     def __attrs_post_init__(self) -> None:
         if self.pending_ttl < 2 * LAST_PAUSE:

@@ -263,7 +263,9 @@ class ClientBase:
             backend = (
                 kind.embedded_backend()
                 if url is None
-                else kind.url_backend(url, socket_timeout=timeout)
+                else kind.url_backend(
+                    url, socket_timeout=timeout, functions=self.core.settings.functions
+                )
             )
         self.backend = backend
         self._node_of = node_lookup(backend)
@@ -365,6 +367,7 @@ class ClientBase:
             list(urls),
             socket_timeout=core.settings.socket_timeout,
             shard_ids=None if shard_ids is None else list(shard_ids),
+            functions=core.settings.functions,
         )
         return cls(backend=backend, settings=core.settings, clock=clock, observer=observer)
 

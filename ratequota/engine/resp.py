@@ -21,7 +21,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Sequence
 
-__all__ = ["pack_evalsha"]
+__all__ = ["pack_evalsha", "pack_fcall", "pack_function_load"]
 
 #: The argument types packed here; any other leaves the call to redis-py.
 _PLAIN = frozenset((int, str))
@@ -57,15 +57,30 @@ _packed_arg = _Packed().__getitem__
 def pack_evalsha(sha: str, keys: tuple[str, ...], args: Sequence[object]) -> bytes | None:
     """``EVALSHA sha len(keys) *keys *args`` in RESP (UTF-8), or None if an argument is
     neither ``int`` nor ``str`` (the caller then sends the call through redis-py)."""
+    return _pack(b"EVALSHA", sha, keys, args)
+
+
+def pack_fcall(function: str, keys: tuple[str, ...], args: Sequence[object]) -> bytes | None:
+    """``FCALL function len(keys) *keys *args``: ``pack_evalsha``'s call of a function."""
+    return _pack(b"FCALL", function, keys, args)
+
+
+def _pack(verb: bytes, target: str, keys: tuple[str, ...], args: Sequence[object]) -> bytes | None:
     if not _PLAIN.issuperset(map(type, args)):
         return None
-    return b"".join((_head(sha, keys, len(args)), *map(_packed_arg, args)))  # type: ignore[arg-type]
+    return b"".join((_head(verb, target, keys, len(args)), *map(_packed_arg, args)))  # type: ignore[arg-type]
+
+
+def pack_function_load(source: str) -> bytes:
+    """``FUNCTION LOAD source`` in RESP."""
+    data = source.encode()
+    return b"*3\r\n$8\r\nFUNCTION\r\n$4\r\nLOAD\r\n$%d\r\n%b\r\n" % (len(data), data)
 
 
 @functools.lru_cache(maxsize=16384)
-def _head(sha: str, keys: tuple[str, ...], n_args: int) -> bytes:
-    """``*<count>``, ``EVALSHA``, the SHA, the key count and the keys, packed."""
-    fields = [b"EVALSHA", sha.encode(), b"%d" % len(keys), *(key.encode() for key in keys)]
+def _head(verb: bytes, target: str, keys: tuple[str, ...], n_args: int) -> bytes:
+    """``*<count>``, the verb, its SHA or function, the key count and the keys, packed."""
+    fields = [verb, target.encode(), b"%d" % len(keys), *(key.encode() for key in keys)]
     head = [b"*%d\r\n" % (len(fields) + n_args)]
     head += [b"$%d\r\n%b\r\n" % (len(field), field) for field in fields]
     return b"".join(head)

@@ -20,6 +20,11 @@ Each further ``FAST_END`` line starts one more part the same way: a second
 fast path (acquire's refusals) whose definitions the first one's callers
 never create.
 
+The same scripts also make one Redis function library (``function_library``):
+every library definition once, at load, and each entry script registered as
+a function of it. A call by ``FCALL`` then creates none of the closures an
+``EVALSHA`` re-creates on every call (docs/design.md, "Scripts as functions").
+
 In a wheel the scripts live in ``ratequota/lua`` (hatch copies the top-level
 ``lua/`` there); in a source checkout or an editable install they are read
 from the top-level folder.
@@ -35,7 +40,14 @@ from pathlib import Path
 
 import attrs
 
-__all__ = ["SCRIPT_NAMES", "ScriptSpec", "load_scripts", "script"]
+__all__ = [
+    "SCRIPT_NAMES",
+    "FunctionLibrary",
+    "ScriptSpec",
+    "function_library",
+    "load_scripts",
+    "script",
+]
 
 #: Every entry script, by the name of its file without ``.lua``.
 SCRIPT_NAMES = (
@@ -71,6 +83,8 @@ class ScriptSpec:
     keys: tuple[str, ...]
     argv: tuple[str, ...]
     variadic: bool
+    #: The name ``FCALL`` calls this script by, in the library of this text (``function_library``).
+    function: str = ""
 
     @property
     def required_keys(self) -> int:
@@ -218,21 +232,71 @@ def link_script(parts: list[tuple[str, str]], body: str) -> str:
     return f"{text}{link(parts, rest, linked)}\n{rest}"
 
 
+@attrs.frozen
+class FunctionLibrary:
+    """Every script as one Redis function library: ``FUNCTION LOAD source`` defines ``name``.
+
+    The library's name holds a hash of its text, so pods of two releases load
+    two libraries side by side (functions are named after their library) and
+    neither replaces the other's.
+    """
+
+    name: str
+    source: str
+
+
+def library_source(name: str, parts: list[tuple[str, str]], bodies: dict[str, str]) -> str:
+    """The text of library ``name``: the definitions any body reaches, once, then each body
+    registered as function ``<name>_<script>``.
+
+    A function gets its keys and arguments as parameters; the library's own
+    functions read ``KEYS`` and ``ARGV``, so those are the library's locals,
+    set by each function as it begins (Redis runs one at a time). Definitions
+    run once, at ``FUNCTION LOAD``, where no global may be read: they define
+    functions and constants only.
+    """
+    wanted: set[str] = set()
+    for body in bodies.values():
+        wanted |= reach(parts, body)
+    text = f"#!lua name={name}\nlocal KEYS, ARGV\n"
+    text += "\n".join(source for part, source in parts if part in wanted)
+    for script_name, body in bodies.items():
+        text += (
+            f"\nredis.register_function('{name}_{script_name}', function(keys, args)\n"
+            f"KEYS, ARGV = keys, args\n{body}\nend)\n"
+        )
+    return text
+
+
 @functools.cache
-def load_scripts() -> dict[str, ScriptSpec]:
-    """Read, link and hash every script once per process."""
+def _linked() -> tuple[dict[str, ScriptSpec], FunctionLibrary]:
+    """Read, link and hash every script, and make their function library, once per process."""
     folder = _lua_dir()
     parts = library_parts(
         "\n".join((folder / f"{n}.lua").read_text(encoding="utf-8") for n in LIBRARY)
     )
+    bodies = {n: (folder / f"{n}.lua").read_text(encoding="utf-8") for n in SCRIPT_NAMES}
+    hashed = hashlib.sha1("\0".join([*(s for _, s in parts), *bodies.values()]).encode("utf-8"))
+    name = f"ratequota_{hashed.hexdigest()[:16]}"
     specs: dict[str, ScriptSpec] = {}
-    for name in SCRIPT_NAMES:
-        body = (folder / f"{name}.lua").read_text(encoding="utf-8")
-        keys, argv, variadic = parse_header(name, body)
+    for script_name, body in bodies.items():
+        keys, argv, variadic = parse_header(script_name, body)
         source = link_script(parts, body)
         sha = hashlib.sha1(source.encode("utf-8")).hexdigest()
-        specs[name] = ScriptSpec(name, source, sha, keys, argv, variadic)
-    return specs
+        specs[script_name] = ScriptSpec(
+            script_name, source, sha, keys, argv, variadic, f"{name}_{script_name}"
+        )
+    return specs, FunctionLibrary(name, library_source(name, parts, bodies))
+
+
+def load_scripts() -> dict[str, ScriptSpec]:
+    """Every script, read, linked and hashed once per process."""
+    return _linked()[0]
+
+
+def function_library() -> FunctionLibrary:
+    """The scripts as one function library (``FUNCTION LOAD``), made once per process."""
+    return _linked()[1]
 
 
 def script(name: str) -> ScriptSpec:
