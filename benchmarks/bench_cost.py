@@ -311,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
             server.cleanup()
     trivial = statistics.median(table["trivial"])
     print(
-        f"Redis-side µs per acquire (INFO commandstats, evalsha usec_per_call): medians of "
+        f"Redis-side µs per acquire (INFO commandstats, FCALL and EVALSHA): medians of "
         f"{args.rounds} interleaved rounds of {args.calls} calls"
     )
     print(f'trivial EVALSHA "return 1": {trivial:.2f} µs per call\n')
@@ -383,7 +383,7 @@ def main_meters(url: str | None, calls: int) -> int:
     try:
         trivial = trivial_usec(url, calls)
         usecs, live = measure_meters(url, calls)
-        print("Redis-side µs per acquire (INFO commandstats, evalsha usec_per_call, medians)")
+        print("Redis-side µs per acquire (INFO commandstats, FCALL and EVALSHA, medians)")
         print(f'trivial EVALSHA "return 1": {trivial:.2f} µs; {live} live leases, 10 tenants\n')
         print(f"{'decision':<28} {'µs':>8} {'x trivial':>10} {'x lease':>8}")
         for (name, _, _), usec in zip(METERED_CASES, usecs, strict=True):

@@ -8,6 +8,8 @@ Without ``--url`` it starts its own redis-server on a free loopback port and
 stops it afterwards. Everything is measured on the same connection, in
 interleaved rounds, and reported as ratios against ``EVALSHA "return 1"``:
 the bars (DESIGN §10) are acquire >= 0.8x one trivial call, acquire+release >= 0.75x two.
+The same calls from a client with ``functions=False`` (scripts by ``EVALSHA``) are measured
+in the same rounds.
 """
 
 from __future__ import annotations
@@ -38,11 +40,19 @@ def rate(fn: Callable[[], object], calls: int) -> float:
 
 
 def run(url: str, calls: int, rounds: int) -> dict[str, float]:
-    """Median ratios over ``rounds`` interleaved rounds."""
-    quota = QuotaClient.from_url(url, prefix="bench")
-    quota.apply_policy(
-        Policy([GroupPolicy("bench", capacity=10**9, tenants=[TenantPolicy("t", guarantee=10**6)])])
+    """Median ratios over ``rounds`` interleaved rounds.
+
+    The client calls the scripts as functions where the server takes them (its default); a
+    second client on the same server with ``functions=False`` calls them by ``EVALSHA``,
+    measured in the same rounds (docs/design.md, "Scripts as functions").
+    """
+    policy = Policy(
+        [GroupPolicy("bench", capacity=10**9, tenants=[TenantPolicy("t", guarantee=10**6)])]
     )
+    quota = QuotaClient.from_url(url, prefix="bench")
+    by_evalsha = QuotaClient.from_url(url, prefix="bench-e", functions=False)
+    quota.apply_policy(policy)
+    by_evalsha.apply_policy(policy)
     conn = quota.backend.connection("bench")
     trivial_sha = conn.script_load("return 1")
 
@@ -53,40 +63,54 @@ def run(url: str, calls: int, rounds: int) -> dict[str, float]:
         conn.evalsha(trivial_sha, 0)
         return conn.evalsha(trivial_sha, 0)
 
-    def acquire() -> object:
-        return quota.try_acquire("t", 1)
+    def acquire_of(client: QuotaClient) -> Callable[[], object]:
+        return lambda: client.try_acquire("t", 1)
 
-    def acquire_release() -> object:
-        decision = quota.try_acquire("t", 1)
-        assert decision.lease is not None
-        return quota.release(decision.lease)
+    def pair_of(client: QuotaClient) -> Callable[[], object]:
+        def acquire_release() -> object:
+            decision = client.try_acquire("t", 1)
+            assert decision.lease is not None
+            return client.release(decision.lease)
 
-    for fn in (trivial, acquire, acquire_release):  # warm up connections and caches
+        return acquire_release
+
+    acquire, acquire_e = acquire_of(quota), acquire_of(by_evalsha)
+    pair, pair_e = pair_of(quota), pair_of(by_evalsha)
+    for fn in (trivial, acquire, acquire_e, pair, pair_e):  # warm up connections and caches
         rate(fn, 200)
-    ratios: dict[str, list[float]] = {"acquire": [], "acquire+release": []}
-    absolute: dict[str, list[float]] = {k: [] for k in ("trivial", "acquire", "pair", "acq+rel")}
+    names = ("trivial", "acquire", "acquire (EVALSHA)", "pair", "acq+rel", "acq+rel (EVALSHA)")
+    absolute: dict[str, list[float]] = {k: [] for k in names}
+    ratios: dict[str, list[float]] = {
+        k: [] for k in ("acquire", "acquire+release", "acquire, EVALSHA", "acq+rel, EVALSHA")
+    }
     for _ in range(rounds):
         t1 = rate(trivial, calls)
-        a = rate(acquire, calls)
+        a, ae = rate(acquire, calls), rate(acquire_e, calls)
         t2 = rate(trivial_pair, calls // 2)
-        ar = rate(acquire_release, calls // 2)
-        absolute["trivial"].append(t1)
-        absolute["acquire"].append(a)
-        absolute["pair"].append(t2)
-        absolute["acq+rel"].append(ar)
+        ar, are = rate(pair, calls // 2), rate(pair_e, calls // 2)
+        for name, value in zip(names, (t1, a, ae, t2, ar, are), strict=True):
+            absolute[name].append(value)
         ratios["acquire"].append(a / t1)
         ratios["acquire+release"].append(ar / t2)
+        ratios["acquire, EVALSHA"].append(ae / t1)
+        ratios["acq+rel, EVALSHA"].append(are / t2)
     # Leases of the acquire-only rounds are left to expire; release them to leave no trace.
-    snap = quota.snapshot("bench")
-    for lease in snap.leases:
-        quota.release(lease)
-    quota.close()
+    for client in (quota, by_evalsha):
+        for lease in client.snapshot("bench").leases:
+            client.release(lease)
+        client.close()
     medians = {k: statistics.median(v) for k, v in absolute.items()}
+    labels = {
+        "trivial": "trivial EVALSHA",
+        "acquire": "acquire",
+        "acquire (EVALSHA)": "acquire, by EVALSHA",
+        "pair": "2x trivial EVALSHA",
+        "acq+rel": "acquire + release",
+        "acq+rel (EVALSHA)": "the same, by EVALSHA",
+    }
     print(f"{'measure':<22}{'calls/s (median)':>18}")
-    print(f"{'trivial EVALSHA':<22}{medians['trivial']:>18.0f}")
-    print(f"{'acquire':<22}{medians['acquire']:>18.0f}")
-    print(f"{'2x trivial EVALSHA':<22}{medians['pair']:>18.0f}")
-    print(f"{'acquire + release':<22}{medians['acq+rel']:>18.0f}")
+    for name in names:
+        print(f"{labels[name]:<22}{medians[name]:>18.0f}")
     result = {k: statistics.median(v) for k, v in ratios.items()}
     print(
         f"\nratio acquire / trivial:               {result['acquire']:.3f}  (bar {BARS['acquire']})"
@@ -94,6 +118,10 @@ def run(url: str, calls: int, rounds: int) -> dict[str, float]:
     print(
         f"ratio acquire+release / 2x trivial:    {result['acquire+release']:.3f}  "
         f"(bar {BARS['acquire+release']})"
+    )
+    print(
+        f"the same by EVALSHA (functions=False): {result['acquire, EVALSHA']:.3f}, "
+        f"{result['acq+rel, EVALSHA']:.3f}"
     )
     return result
 

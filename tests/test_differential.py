@@ -537,11 +537,13 @@ def test_lua_matches_reference_on_fakeredis(fake_backends: object) -> None:
 
 
 @pytest.mark.real_redis
-def test_lua_matches_reference_on_real_redis(real_redis: RedisServer) -> None:
-    """The same random sequences on a real redis-server (its Lua, its float formatting)."""
+@pytest.mark.parametrize("functions", [True, False], ids=["fcall", "evalsha"])
+def test_lua_matches_reference_on_real_redis(real_redis: RedisServer, functions: bool) -> None:
+    """The same random sequences on a real redis-server (its Lua, its float formatting), the
+    scripts called as a function library and by ``EVALSHA`` (docs/design.md)."""
 
     def backend() -> SingleBackend:
-        return url_backend(real_redis.url, socket_timeout=5.0)
+        return url_backend(real_redis.url, socket_timeout=5.0, functions=functions)
 
     replay_many(backend, total_steps())
 

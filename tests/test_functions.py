@@ -12,6 +12,7 @@ that turns functions off.
 from __future__ import annotations
 
 import asyncio
+import re
 from typing import Any
 
 import fakeredis
@@ -23,6 +24,7 @@ from ratequota.clients.async_backends import AsyncPackedScripts
 from ratequota.clients.backends import PackedScripts, url_backend
 from ratequota.clients.functions import Functions
 from ratequota.clients.script_pipe import ScriptPipe
+from ratequota.engine import scripts
 from ratequota.engine.ops import ScriptCall
 from ratequota.engine.resp import pack_evalsha, pack_fcall
 from ratequota.engine.scripts import ScriptSpec, function_library, load_scripts
@@ -143,6 +145,28 @@ def test_the_library_registers_every_script_under_its_spec_name() -> None:
     for spec in load_scripts().values():
         assert f"redis.register_function('{spec.function}'," in library.source
     assert library.source.startswith(f"#!lua name={library.name}\n")
+
+
+def test_the_library_keeps_no_state_from_one_call_to_the_next() -> None:
+    """A function library's locals outlive the call (an ``EVALSHA`` made them afresh each
+    time): every top-level definition is a function or a number or text constant, and none is
+    assigned again anywhere (``KEYS`` and ``ARGV``, set by each function as it begins, are the
+    only state, and they are the call's)."""
+    folder = scripts._lua_dir()
+    text = "\n".join((folder / f"{n}.lua").read_text(encoding="utf-8") for n in scripts.LIBRARY)
+    code = scripts._COMMENT.sub("", text)
+    bodies = [(folder / f"{n}.lua").read_text(encoding="utf-8") for n in scripts.SCRIPT_NAMES]
+    code += "\n".join(scripts._COMMENT.sub("", body) for body in bodies)
+    for name, source in scripts.library_parts(text):
+        head = " ".join(scripts._COMMENT.sub("", source).split())
+        if not head.startswith("local function"):
+            value = re.sub(r"'[^']*'", "''", head.split("=", 1)[1])
+            assert "{" not in value and not re.search(r"[\w\]]\s*\(", value), (
+                f"{name} is not a constant: {head}"
+            )
+        for match in re.finditer(rf"(?<![\w.:]){re.escape(name)}\s*=(?!=)", code):
+            line = code[: match.start()].rsplit("\n", 1)[-1]
+            assert line.startswith("local "), f"{name} is assigned again: {line.strip()}"
 
 
 def test_the_library_loads_in_fakeredis_and_answers_as_the_script() -> None:
