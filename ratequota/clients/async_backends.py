@@ -145,7 +145,7 @@ class AsyncPackedScripts:
         packed = packed_bytes(call, functions)
         if packed is None:
             return await self._client.evalsha(*call.wire)
-        load = functions.take_load()
+        load = functions.take_load() if functions.due else None
         pool = self._pool
         conn = await pool.get_connection()
         try:

@@ -205,7 +205,7 @@ class PackedScripts:
         packed = packed_bytes(call, functions)
         if packed is None:
             return self._client.evalsha(*call.wire)
-        load = functions.take_load()
+        load = functions.take_load() if functions.due else None
         pool = self._pool
         conn = pool.get_connection()
         try:

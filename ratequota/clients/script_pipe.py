@@ -310,11 +310,12 @@ class ScriptPipe:
         self, wire: _Wire, packed: bytes, delivers: Sequence[Deliver], timeout: float
     ) -> None:
         """``wire.send``, behind ``FUNCTION LOAD`` when the library must be loaded first."""
-        load = self.functions.take_load()
+        functions = self.functions
+        load = functions.take_load() if functions.due else None
         if load is None:
             wire.send(packed, delivers, timeout)
         else:
-            wire.send(load + packed, (self.functions.loaded, *delivers), timeout)
+            wire.send(load + packed, (functions.loaded, *delivers), timeout)
 
     async def _open(self) -> _Wire:
         """The live wire, opening one if none is: concurrent first calls share the opening,
