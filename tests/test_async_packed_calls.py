@@ -375,7 +375,7 @@ def pooled(monkeypatch: pytest.MonkeyPatch) -> None:
     """The client's script calls on its pool (``AsyncPackedScripts``), not on a pipe: what
     the URL clients fall back to where ``ScriptPipe`` cannot take a connection over
     (tests/test_script_pipe.py holds the pipe to the same behaviour)."""
-    monkeypatch.setattr(ScriptPipe, "of", classmethod(lambda cls, client, functions=True: None))
+    monkeypatch.setattr(ScriptPipe, "of", classmethod(lambda cls, *args: None))
 
 
 @pytest.mark.real_redis

@@ -12,6 +12,7 @@ that turns functions off.
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 from typing import Any
 
@@ -259,7 +260,7 @@ def test_a_flushed_library_is_loaded_again_by_both_clients(server: RedisServer) 
     asyncio.run(main(pipe=True))
     fcalls = _counts(server)["fcall"]
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(ScriptPipe, "of", classmethod(lambda cls, client, functions=True: None))
+        patch.setattr(ScriptPipe, "of", classmethod(lambda cls, *args: None))
         asyncio.run(main(pipe=False))
     assert _libraries(admin) == [function_library().name.encode()]
     assert _counts(server)["fcall"] > fcalls
@@ -284,11 +285,11 @@ def _acl(extra: str = "") -> list[str]:
     ],
 )
 def test_an_acl_decides_between_fcall_and_evalsha(
-    server: RedisServer, rights: str, by: str
+    server: RedisServer, rights: str, by: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A user the ACL grants ``FCALL`` and ``FUNCTION LOAD`` calls functions; without either,
     once its first calls have found out, every call goes by ``EVALSHA``; no caller ever hears
-    of a refused one."""
+    of a refused one, and each client logs one warning naming the server."""
     admin = server.client()
     admin.execute_command("ACL", "SETUSER", "quota", "reset", *_acl(rights))
     publisher = QuotaClient.from_url(server.url)
@@ -316,14 +317,20 @@ def test_an_acl_decides_between_fcall_and_evalsha(
         finally:
             await client.close()
 
-    first, last = asyncio.run(main())
+    with caplog.at_level(logging.WARNING, logger="ratequota"):
+        first, last = asyncio.run(main())
     sync.close()
     admin.close()
     grew = {name: last.get(name, 0) - first.get(name, 0) for name in ("fcall", "evalsha")}
+    warned = [r.getMessage() for r in caplog.records if "as functions" in r.getMessage()]
     if by == "fcall":
         assert grew["fcall"] >= 9 and grew["evalsha"] == 0
+        assert warned == []
     else:
         assert grew["fcall"] == 0 and grew["evalsha"] >= 9
+        assert len(warned) == 2, warned  # the sync client and the async one, once each
+        assert all(f"127.0.0.1:{server.port}" in message for message in warned)
+        assert all("secret" not in message for message in warned)
 
 
 @pytest.mark.real_redis

@@ -69,11 +69,12 @@ class AsyncBackend(Shards):
         super().__init__(clients, description, ids)
         self._senders: list[ScriptSender | None] = [
             (
-                ScriptPipe.of(client, functions) or AsyncPackedScripts.of(client, functions)
+                ScriptPipe.of(client, functions, name)
+                or AsyncPackedScripts.of(client, functions, name)
                 if packed
                 else None
             )
-            for client in self._clients
+            for name, client in self.nodes()
         ]
 
     def script_sender(self, route: str) -> ScriptSender | None:
@@ -124,20 +125,23 @@ class AsyncPackedScripts:
     ``FCALL`` where ``functions`` says the server takes them (``PackedScripts``).
     """
 
-    def __init__(self, client: Any, functions: bool = True) -> None:
+    def __init__(self, client: Any, functions: bool = True, where: str = "redis") -> None:
         self._client = client
         self._pool = client.connection_pool
-        self.functions = Functions(functions)
+        self.functions = Functions(functions, where)
 
     @classmethod
-    def of(cls, client: Any, functions: bool = True) -> AsyncPackedScripts | None:
-        """A sender for ``client``, or None when it is not the plain client this mirrors
-        (``backends.plain_pool``: a ``redis.asyncio.Redis`` made as ratequota makes its own)."""
+    def of(
+        cls, client: Any, functions: bool = True, where: str = "redis"
+    ) -> AsyncPackedScripts | None:
+        """A sender for ``client`` (the server ``where``), or None when it is not the plain
+        client this mirrors (``backends.plain_pool``: a ``redis.asyncio.Redis`` made as
+        ratequota makes its own)."""
         from redis.asyncio import Redis
 
         if plain_pool(client, Redis, async_no_retry()) is None:
             return None
-        return cls(client, functions)
+        return cls(client, functions, where)
 
     async def __call__(self, call: ScriptCall) -> Any:
         """Send ``call`` and read its reply, as ``await client.evalsha(*call.wire)`` would."""

@@ -126,8 +126,8 @@ class SyncShards(Shards):
     ) -> None:
         super().__init__(clients, description, ids)
         self._senders = [
-            (PackedScripts.of(client, functions) if packed else None) or _evalsha_of(client)
-            for client in self._clients
+            (PackedScripts.of(client, functions, name) if packed else None) or _evalsha_of(client)
+            for name, client in self.nodes()
         ]
         #: Perform one script call on the shard serving its route: its reply (or error).
         self.send_script: Callable[[ScriptCall], Any] = (
@@ -186,18 +186,18 @@ class PackedScripts:
     ``FUNCTION LOAD`` ahead of the call and reads its reply first.
     """
 
-    def __init__(self, client: Any, functions: bool = True) -> None:
+    def __init__(self, client: Any, functions: bool = True, where: str = "redis") -> None:
         self._client = client
         self._pool = client.connection_pool
-        self.functions = Functions(functions)
+        self.functions = Functions(functions, where)
 
     @classmethod
-    def of(cls, client: Any, functions: bool = True) -> PackedScripts | None:
-        """A sender for ``client``, or None when it is not the plain client this mirrors
-        (``plain_pool``: a ``redis.Redis`` made as ratequota makes its own)."""
+    def of(cls, client: Any, functions: bool = True, where: str = "redis") -> PackedScripts | None:
+        """A sender for ``client`` (the server ``where``), or None when it is not the plain
+        client this mirrors (``plain_pool``: a ``redis.Redis`` made as ratequota makes its own)."""
         if plain_pool(client, redis.Redis, no_retry()) is None:
             return None
-        return cls(client, functions)
+        return cls(client, functions, where)
 
     def __call__(self, call: ScriptCall) -> Any:
         """Send ``call`` and read its reply, as ``client.evalsha(*call.wire)`` would."""

@@ -29,6 +29,8 @@ between threads costs at most one load more or one call re-sent.
 
 from __future__ import annotations
 
+import functools
+import logging
 from typing import Any
 
 import redis
@@ -38,6 +40,8 @@ from ratequota.engine.resp import pack_evalsha, pack_fcall, pack_function_load
 from ratequota.engine.scripts import function_library
 
 __all__ = ["Functions"]
+
+log = logging.getLogger("ratequota")
 
 #: Refusals of ``FUNCTION LOAD`` that pass: the load is tried again by the next write.
 _PASSING = (
@@ -55,14 +59,18 @@ class Functions:
     """One server's way of calling scripts (module docstring).
 
     ``on``: calls go as ``FCALL`` (until the server shows it cannot take them).
-    ``due``: the next write begins with ``FUNCTION LOAD``.
+    ``due``: the next write begins with ``FUNCTION LOAD``. ``where`` names the
+    server in the warning logged when it turns out not to take functions (the
+    calls work on, at the cost docs/benchmarks.md measures: an operator may
+    want the rights back).
     """
 
-    __slots__ = ("due", "on")
+    __slots__ = ("due", "on", "where")
 
-    def __init__(self, enabled: bool = True) -> None:
+    def __init__(self, enabled: bool = True, where: str = "redis") -> None:
         self.on = enabled
         self.due = enabled
+        self.where = where
 
     def pack(self, call: ScriptCall) -> bytes | None:
         """``call`` as this server takes it, or None (``engine.resp``: leave it to redis-py).
@@ -82,7 +90,7 @@ class Functions:
         if not (self.due and self.on):
             return None
         self.due = False
-        return pack_function_load(function_library().source)
+        return _load_bytes()
 
     def loaded(self, reply: Any) -> None:
         """The reply to a ``FUNCTION LOAD`` (or the error that ended its connection)."""
@@ -91,7 +99,7 @@ class Functions:
         if isinstance(reply, _PASSING):
             self.due = True
         else:  # not known, not permitted, not loadable here: EVALSHA from now on
-            self.on = False
+            self._off(reply)
 
     def answer(self, error: BaseException) -> BaseException:
         """An error reply of a script call as the caller hears it: ``NOSCRIPT`` when the
@@ -105,6 +113,24 @@ class Functions:
         if "fcall" in lowered and (
             isinstance(error, redis.exceptions.NoPermissionError) or "unknown command" in lowered
         ):
-            self.on = False
+            self._off(error)
             return redis.exceptions.NoScriptError(f"{text} (EVALSHA from now on)")
         return error
+
+    def _off(self, why: BaseException) -> None:
+        if self.on:
+            self.on = False
+            log.warning(
+                "ratequota: Redis at %s does not take the scripts as functions (%s: %s); "
+                "they go by EVALSHA, which costs Redis more per call (docs/deployment.md: "
+                "+fcall +function|load)",
+                self.where,
+                type(why).__name__,
+                why,
+            )
+
+
+@functools.cache
+def _load_bytes() -> bytes:
+    """``FUNCTION LOAD`` of this process's library, packed once."""
+    return pack_function_load(function_library().source)

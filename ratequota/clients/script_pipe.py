@@ -219,9 +219,11 @@ class ScriptPipe:
     leaves to redis-py goes through ``evalsha``.
     """
 
-    def __init__(self, client: Any, parse_error: Any, functions: bool = True) -> None:
+    def __init__(
+        self, client: Any, parse_error: Any, functions: bool = True, where: str = "redis"
+    ) -> None:
         self._client = client
-        self.functions = Functions(functions)
+        self.functions = Functions(functions, where)
         pool = client.connection_pool
         self._make = pool.connection_class
         self._kwargs = dict(pool.connection_kwargs)
@@ -232,7 +234,7 @@ class ScriptPipe:
         self._closed = False
 
     @classmethod
-    def of(cls, client: Any, functions: bool = True) -> ScriptPipe | None:
+    def of(cls, client: Any, functions: bool = True, where: str = "redis") -> ScriptPipe | None:
         """A pipe for ``client``, or None: only a plain URL client (``backends.plain_pool``,
         as for ``AsyncPackedScripts``) on one of redis.asyncio's connection classes, with a
         socket timeout, replies as bytes, and hiredis and redis-py's error parser at hand."""
@@ -251,7 +253,7 @@ class ScriptPipe:
         except ImportError:
             return None
         parse_error = _error_parser()
-        return None if parse_error is None else cls(client, parse_error, functions)
+        return None if parse_error is None else cls(client, parse_error, functions, where)
 
     def pack(self, call: ScriptCall) -> bytes | None:
         """``call`` as this pipe sends it (``FCALL`` or ``EVALSHA``), or None: leave it to

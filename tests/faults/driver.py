@@ -358,9 +358,10 @@ class Run:
             server_id = "s0" if name == "redis_restart_aof" else "s1"
             state_loss = name == "redis_restart_empty"
             self.topology.servers[server_id].restart()
-        elif name == "script_flush":
+        elif name == "script_flush":  # the server forgets the scripts and the function library
             with contextlib.closing(server.client()) as admin:
                 admin.script_flush()
+                admin.function_flush()
         elif name == "policy_change":
             self.policy_index = 1 - self.policy_index
             self.apply_policy(quota, self.policies[self.policy_index], "fault")
