@@ -212,9 +212,10 @@ def reach(parts: list[tuple[str, str]], body: str) -> set[str]:
 def link(parts: list[tuple[str, str]], body: str, linked: frozenset[str] = frozenset()) -> str:
     """The definitions ``body`` uses, in library order, but those already ``linked``.
 
-    Redis runs a script's whole text on every call, and creating a closure
-    costs about as much as a cheap command: a script carries only the library
-    functions it can reach.
+    Redis runs a script's whole text on every ``EVALSHA``, and creating a
+    closure costs about as much as a cheap command: a script carries only the
+    library functions it can reach (the function library, loaded once, carries
+    every one: ``library_source``).
     """
     wanted = reach(parts, body) - linked
     return "\n".join(source for name, source in parts if name in wanted)
