@@ -12,6 +12,7 @@ that turns functions off.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import re
 from typing import Any
@@ -363,3 +364,64 @@ def test_the_embedded_client_keeps_evalsha() -> None:
     assert quota.try_acquire("a", 1).admitted
     assert quota.backend.connection("g").function_list() == []
     quota.close()
+
+
+# -- ratequota functions: the libraries of releases, listed and pruned ---------------------------
+
+OLD = "ratequota_00000000000000aa"
+
+
+def _plant(server: RedisServer) -> None:
+    """This release's library (loaded by a client's first call), an older release's, and a
+    library that is not ratequota's."""
+    quota = QuotaClient.from_url(server.url, auto_renew=False)
+    quota.apply_policy(POLICY)
+    assert quota.try_acquire("a", 1).admitted
+    quota.close()
+    admin = server.client()
+    admin.function_load(
+        f"#!lua name={OLD}\nredis.register_function('{OLD}_acquire', function() return 1 end)"
+    )
+    admin.function_load("#!lua name=mylib\nredis.register_function('my', function() return 1 end)")
+    admin.close()
+
+
+@pytest.mark.real_redis
+def test_the_functions_command_lists_and_deletes_only_when_told_twice(
+    server: RedisServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from ratequota import cli
+
+    _plant(server)
+    current = function_library().name
+    assert cli.main(["functions", "--redis", server.url]) == 0
+    listed = capsys.readouterr().out
+    assert f"{current}  8          this one" in listed and f"{OLD}  1          other" in listed
+    assert "mylib" not in listed and "1 library of other releases" in listed
+
+    assert cli.main(["functions", "--redis", server.url, "--delete-others"]) == 0
+    assert "add --yes to delete" in capsys.readouterr().out
+    admin = server.client()
+    assert len(_libraries(admin)) == 3
+
+    assert cli.main(["functions", "--redis", server.url, "--delete-others", "--yes"]) == 0
+    out = capsys.readouterr().out
+    assert f"{OLD}  1          deleted" in out and "deleted 1 library of other releases" in out
+    assert sorted(_libraries(admin)) == sorted([current.encode(), b"mylib"])
+
+    assert cli.main(["functions", "--redis", server.url, "--json"]) == 0
+    document = json.loads(capsys.readouterr().out)
+    assert document["release"] == current
+    assert [(r["library"], r["current"]) for r in document["libraries"]] == [(current, True)]
+    admin.close()
+
+
+def test_the_functions_command_reports_a_server_it_cannot_ask(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from ratequota import cli
+
+    dead = "redis://127.0.0.1:1/0"
+    assert cli.main(["functions", "--redis", dead]) == 1
+    out = capsys.readouterr().out
+    assert "unreachable: ConnectionError" in out and "no ratequota library is loaded" in out

@@ -1,9 +1,9 @@
 """The ``ratequota`` argument parser and entry point.
 
 Each sub-command lives in a module of this package (``operator``, ``check``,
-``demo``, ``top``, ``usage``) or, for ``simulate``, in the simulation package; each registers its
-parser here through ``COMMANDS``. This module only dispatches and turns a
-``RateQuotaError`` into one line on stderr and exit code 2.
+``demo``, ``top``, ``usage``, ``functions``) or, for ``simulate``, in the simulation
+package; each registers its parser here through ``COMMANDS``. This module only dispatches
+and turns a ``RateQuotaError`` into one line on stderr and exit code 2.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from importlib import metadata
 from typing import TYPE_CHECKING, Any
 
-from ratequota.cli import check, demo, operator, top, usage
+from ratequota.cli import check, demo, functions, operator, top, usage
 from ratequota.cli.backend import add_backend_options, client_from_args
 from ratequota.errors import RateQuotaError
 
@@ -78,6 +78,12 @@ COMMANDS: list[Callable[[SubParsers], None]] = [
         "check",
         "readiness of every shard; exits non-zero when the pod must not take traffic",
         check,
+    ),
+    _deployment_command(
+        "functions",
+        "the function libraries of ratequota releases on each server; other releases' "
+        "deleted with --delete-others --yes",
+        functions,
     ),
 ]
 
