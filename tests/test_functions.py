@@ -109,6 +109,7 @@ def test_a_missing_function_is_noscript_and_loads_the_library_again() -> None:
         ERRORS.NoPermissionError("User quota has no permissions to run the 'fcall' command"),
         ERRORS.ResponseError("unknown command 'FCALL', with args beginning with: "),
         ERRORS.ResponseError("unknown command `FCALL`, with args beginning with: "),
+        ERRORS.ResponseError("unsupported command 'fcall'"),
     ],
 )
 def test_a_refused_fcall_is_noscript_and_evalsha_from_then_on(refusal: Any) -> None:

@@ -17,10 +17,12 @@ function missing becomes ``NOSCRIPT``: the function certainly did not run, and
 the one place that re-sends a call (``clients.scripting``) re-sends it once.
 
 A server that cannot take functions says so once — Redis before 7 does not
-know ``FCALL``, an ACL may not grant it or ``FUNCTION LOAD`` — and its calls
-then go as ``EVALSHA`` for the life of the sender, so a deployment that
-worked before keeps working (its first refused call is re-sent the same
-way). A passing refusal of ``FUNCTION LOAD`` (out of memory, loading a
+know ``FCALL``, an ACL may not grant it or ``FUNCTION LOAD``, a proxy may
+answer that it does not support it — and its calls then go as ``EVALSHA`` for
+the life of the sender, so a deployment that worked before keeps working (its
+first refused call is re-sent the same way). A proxy that drops the connection
+instead of answering cannot be told from a failing server: set
+``functions=False`` behind one. A passing refusal of ``FUNCTION LOAD`` (out of memory, loading a
 dataset, a read-only replica) only puts the load off to the next write.
 
 Plain state, no I/O, no lock: the flags are single assignments, and a race
@@ -42,6 +44,9 @@ from ratequota.engine.scripts import function_library
 __all__ = ["Functions"]
 
 log = logging.getLogger("ratequota")
+
+#: How a server (or a proxy in front of one) says it will not run ``FCALL`` at all.
+_REFUSALS = ("unknown command", "unsupported command", "not supported")
 
 #: Refusals of ``FUNCTION LOAD`` that pass: the load is tried again by the next write.
 _PASSING = (
@@ -111,7 +116,8 @@ class Functions:
             return redis.exceptions.NoScriptError(f"{text} (a ratequota function)")
         lowered = text.lower()
         if "fcall" in lowered and (
-            isinstance(error, redis.exceptions.NoPermissionError) or "unknown command" in lowered
+            isinstance(error, redis.exceptions.NoPermissionError)
+            or any(refusal in lowered for refusal in _REFUSALS)
         ):
             self._off(error)
             return redis.exceptions.NoScriptError(f"{text} (EVALSHA from now on)")
