@@ -12,6 +12,7 @@ that turns functions off.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import re
@@ -30,6 +31,7 @@ from ratequota.engine import scripts
 from ratequota.engine.ops import ScriptCall
 from ratequota.engine.resp import pack_evalsha, pack_fcall
 from ratequota.engine.scripts import ScriptSpec, function_library, load_scripts
+from ratequota.errors import BackendError
 from tests.servers import RedisServer
 from tests.test_packed_calls import _lease_calls, _outcome, _policy_call
 
@@ -143,11 +145,45 @@ def test_calls_pack_as_fcall_of_their_function_or_as_evalsha() -> None:
     assert Functions().pack(stranger) == pack_evalsha("0" * 40, (), ("x",))
 
 
-def test_the_library_registers_every_script_under_its_spec_name() -> None:
+def test_the_library_registers_every_script_under_its_spec_name_with_its_flags() -> None:
     library = function_library()
     for spec in load_scripts().values():
-        assert f"redis.register_function('{spec.function}'," in library.source
+        assert f"redis.register_function{{function_name = '{spec.function}'," in library.source
     assert library.source.startswith(f"#!lua name={library.name}\n")
+    client = fakeredis.FakeRedis(server=fakeredis.FakeServer())
+    client.function_load(library.source)
+    (listed,) = client.function_list()
+    functions = [_fields(f) for f in _fields(listed)["functions"]]
+    flags = {
+        _text(f["name"]).removeprefix(library.name + "_"): {_text(x) for x in f["flags"]}
+        for f in functions
+    }
+    assert flags == {
+        name: set(scripts.FUNCTION_FLAGS.get(name, ())) for name in scripts.SCRIPT_NAMES
+    }
+    assert flags["snapshot"] == {"no-writes"} and flags["release"] == {"allow-oom"}
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _fields(entry: Any) -> dict[str, Any]:
+    """A ``FUNCTION LIST`` entry (a map, or RESP2's flat list) by field name."""
+    pairs = entry.items() if isinstance(entry, dict) else zip(entry[::2], entry[1::2], strict=True)
+    return {_text(k): v for k, v in pairs}
+
+
+def test_the_library_is_named_by_its_whole_text() -> None:
+    """A library already loaded is never replaced, so its name must change with anything in
+    it: the code, and the flags its functions are registered with."""
+    folder = scripts._lua_dir()
+    parts = scripts.library_parts(
+        "\n".join((folder / f"{n}.lua").read_text(encoding="utf-8") for n in scripts.LIBRARY)
+    )
+    bodies = {n: (folder / f"{n}.lua").read_text(encoding="utf-8") for n in scripts.SCRIPT_NAMES}
+    text = scripts.library_source("ratequota", parts, bodies)
+    assert function_library().name == "ratequota_" + hashlib.sha1(text.encode()).hexdigest()[:16]
 
 
 def test_the_library_keeps_no_state_from_one_call_to_the_next() -> None:
@@ -426,3 +462,41 @@ def test_the_functions_command_reports_a_server_it_cannot_ask(
     assert cli.main(["functions", "--redis", dead]) == 1
     out = capsys.readouterr().out
     assert "unreachable: ConnectionError" in out and "no ratequota library is loaded" in out
+
+
+@pytest.mark.real_redis
+@pytest.mark.parametrize("functions", [True, False], ids=["fcall", "evalsha"])
+def test_under_memory_pressure_releases_and_snapshots_still_run(
+    server: RedisServer, functions: bool
+) -> None:
+    """A ``noeviction`` server over ``maxmemory`` refuses new work, but a release (which frees
+    memory) and a snapshot (which writes nothing) still run, by ``FCALL`` as by ``EVALSHA``:
+    ``release`` and ``release_many`` are registered ``allow-oom``, ``snapshot`` ``no-writes``
+    (an ``EVALSHA`` is refused only at a first write that adds memory)."""
+    quota = QuotaClient.from_url(server.url, functions=functions, auto_renew=False)
+    quota.apply_policy(POLICY)
+    leases = [quota.try_acquire("a", 1).lease for _ in range(3)]
+    admin = server.client()
+    admin.config_set("maxmemory-policy", "noeviction")
+    admin.config_set("maxmemory", "1")  # far below what the server holds: every write refused
+    try:
+        with pytest.raises(BackendError, match="maxmemory"):
+            quota.try_acquire("a", 1)
+        assert quota.snapshot("g").used == 3
+        assert all(lease is not None for lease in leases)
+        assert quota.release(leases[0]).state == "released"  # type: ignore[arg-type]
+
+        async def main() -> None:
+            client = AsyncQuotaClient.from_url(server.url, functions=functions, auto_renew=False)
+            try:
+                outcomes = await asyncio.gather(*(client.release(x) for x in leases[1:]))  # type: ignore[arg-type]
+                assert [o.state for o in outcomes] == ["released", "released"]
+                assert (await client.snapshot("g")).used == 0
+            finally:
+                await client.close()
+
+        asyncio.run(main())
+    finally:
+        admin.config_set("maxmemory", "0")
+        admin.close()
+        quota.close()

@@ -63,6 +63,15 @@ SCRIPT_NAMES = (
 
 #: Library files prepended to every script, in dependency order.
 LIBRARY = ("_fair", "_codec", "_ledger", "_state", "_meters", "_metered", "_lib", "_fast")
+#: The flags a script's function is registered with. Over ``maxmemory`` (``noeviction``) Redis
+#: refuses a function without flags before it runs, where an ``EVALSHA`` is refused only at a
+#: first write that adds memory: a release (its first write a delete) and a snapshot (no write)
+#: ran there, and still do.
+FUNCTION_FLAGS: dict[str, tuple[str, ...]] = {
+    "release": ("allow-oom",),
+    "release_many": ("allow-oom",),
+    "snapshot": ("no-writes",),
+}
 #: The line that ends an entry script's fast path (see the module's docstring).
 FAST_END = "-- end of the fast path\n"
 _KEY_LINE = re.compile(r"^-- KEYS\[(\d+)\]\s+(\w+)")
@@ -248,7 +257,7 @@ class FunctionLibrary:
 
 def library_source(name: str, parts: list[tuple[str, str]], bodies: dict[str, str]) -> str:
     """The text of library ``name``: the definitions any body reaches, once, then each body
-    registered as function ``<name>_<script>``.
+    registered as function ``<name>_<script>`` with its ``FUNCTION_FLAGS``.
 
     A function gets its keys and arguments as parameters; the library's own
     functions read ``KEYS`` and ``ARGV``, so those are the library's locals,
@@ -262,9 +271,11 @@ def library_source(name: str, parts: list[tuple[str, str]], bodies: dict[str, st
     text = f"#!lua name={name}\nlocal KEYS, ARGV\n"
     text += "\n".join(source for part, source in parts if part in wanted)
     for script_name, body in bodies.items():
+        flags = ", ".join(f"'{flag}'" for flag in FUNCTION_FLAGS.get(script_name, ()))
         text += (
-            f"\nredis.register_function('{name}_{script_name}', function(keys, args)\n"
-            f"KEYS, ARGV = keys, args\n{body}\nend)\n"
+            f"\nredis.register_function{{function_name = '{name}_{script_name}',\n"
+            f"callback = function(keys, args)\nKEYS, ARGV = keys, args\n{body}\nend,\n"
+            f"flags = {{{flags}}}}}\n"
         )
     return text
 
@@ -277,7 +288,9 @@ def _linked() -> tuple[dict[str, ScriptSpec], FunctionLibrary]:
         "\n".join((folder / f"{n}.lua").read_text(encoding="utf-8") for n in LIBRARY)
     )
     bodies = {n: (folder / f"{n}.lua").read_text(encoding="utf-8") for n in SCRIPT_NAMES}
-    hashed = hashlib.sha1("\0".join([*(s for _, s in parts), *bodies.values()]).encode("utf-8"))
+    # Named by a hash of the whole text under a placeholder name: the code, the wrapper and the
+    # flags (a library already loaded under a name is never replaced).
+    hashed = hashlib.sha1(library_source("ratequota", parts, bodies).encode("utf-8"))
     name = f"ratequota_{hashed.hexdigest()[:16]}"
     specs: dict[str, ScriptSpec] = {}
     for script_name, body in bodies.items():
