@@ -127,6 +127,8 @@ def test_bad_lease_arguments(client: QuotaClient) -> None:
         ({"pending_ttl": 0.1}, "pending_ttl"),
         ({"prefix": "a{b"}, "prefix"),
         ({"prefix": ""}, "prefix"),
+        ({"functions": "yes"}, "functions"),
+        ({"auto_renew": 1}, "auto_renew"),
     ],
 )
 def test_bad_settings(options: dict[str, Any], field: str) -> None:
