@@ -245,8 +245,11 @@ def test_live_slot_migration_loses_and_doubles_nothing(redis_cluster: RedisClust
             t.join(timeout=60)
         assert not errors, errors[:3]
         # Every key of the group, the previous layout's tombstone of its policy and the usage
-        # ledger's two hours named by the calls (all in the same slot).
-        assert moved == len(KeySpace(prefix=prefix).group(group).all) + 1 + 2
+        # ledger's hours the calls named (all in the same slot): two, or three when the calls
+        # straddle a half hour, where the neighbouring hour a call names changes
+        # (``engine.ledger.ledger_hours``).
+        ledger_hours = moved - len(KeySpace(prefix=prefix).group(group).all) - 1
+        assert ledger_hours in (2, 3), moved
         asks, moves = (a - b for a, b in zip(_redirects(source), redirects_before, strict=True))
         assert asks > 0, "no call met the ASK state: the test did not exercise it"
         assert moves > 0, "no call met a MOVED redirection after the migration"
