@@ -26,7 +26,9 @@ What is checked (``Violation.kind``):
   live (by its reported expiry) is missing from a snapshot, or its renewal or
   release said it was gone (``vanished_after_state_loss`` in a loss window).
 * ``released_after_expiry`` — a release said "released" for a lease whose
-  reported expiry had already passed when the release started.
+  reported expiry had already passed when the release started
+  (``released_after_state_loss`` in a loss window: with its expiry lost, the
+  lease's entry still there, the library frees the units and says "released").
 * ``late_call`` — a call returned later than its deadline plus ``margin_s``.
 * ``held_at_end`` — the end snapshot (pinned after every possible expiry)
   still counts units or pending demand, or lists a lease;
@@ -602,9 +604,10 @@ def _check_releases(
         if exact and lease.released_ack_ms is not None and start is not None:
             expiry = lease.expiry_known_before(start)
             if start > expiry + opts.clock_slack_ms:
+                lost = _losses_at(windows, start) > 0
                 report.violations.append(
                     Violation(
-                        "released_after_expiry",
+                        "released_after_state_loss" if lost else "released_after_expiry",
                         lease.group,
                         start,
                         f"{lease.id} reported released at {start}, expired at {expiry}",

@@ -697,14 +697,16 @@ def allowed_kinds(profile: Profile) -> frozenset[str]:
 
     A lease lost with Redis's data is missing from snapshots until its holder
     re-asserts it (a holder that never renews never does): that is reported,
-    never a failure. An overshoot after a loss is reported, and also fails the
-    run as ``over_capacity`` / ``over_ceiling`` beyond the bound, which is 0
-    since the recovery window (``check_options``); a token going back fails
-    too, and so does ``UnknownTenant`` right after a loss (pods keep and
-    restore the policy they knew). A forged renewal accepted in a loss window
+    never a failure; so is a release that says "released" for an expired lease
+    whose expiry the loss took (the library cannot tell; it frees the units).
+    An overshoot after a loss is reported, and also fails the run as
+    ``over_capacity`` / ``over_ceiling`` beyond the bound, which is 0 since the
+    recovery window (``check_options``); a token going back fails too, and so
+    does ``UnknownTenant`` right after a loss (pods keep and restore the policy
+    they knew). A forged renewal accepted in a loss window
     fails the run only with the ``fenced-reassert`` flag (``profiles``).
     """
-    allowed = {"vanished_after_state_loss", "state_loss_overshoot"}
+    allowed = {"vanished_after_state_loss", "released_after_state_loss", "state_loss_overshoot"}
     if "fenced-reassert" not in profile.flags:
         allowed.add("forgery_after_state_loss")
     return frozenset(allowed)

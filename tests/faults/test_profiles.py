@@ -67,12 +67,17 @@ def test_state_loss_checks_are_strict_and_fenced_reassert_makes_them_stricter() 
     plain = profiles.from_environment({})
     assert driver.allowed_kinds(plain) == {
         "vanished_after_state_loss",
+        "released_after_state_loss",
         "state_loss_overshoot",
         "forgery_after_state_loss",
     }
     assert driver.check_options(plain).state_loss_bound == 0
     strict = profiles.from_environment({"RATEQUOTA_FAULTS_FLAGS": "fenced-reassert"})
-    assert driver.allowed_kinds(strict) == {"vanished_after_state_loss", "state_loss_overshoot"}
+    assert driver.allowed_kinds(strict) == {
+        "vanished_after_state_loss",
+        "released_after_state_loss",
+        "state_loss_overshoot",
+    }
 
 
 def test_both_topologies_run_sync_and_async_pods() -> None:
