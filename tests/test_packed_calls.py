@@ -259,10 +259,12 @@ def redis_sha1(source: str) -> str:
     return hashlib.sha1(source.encode()).hexdigest()
 
 
-def _pool_is_whole(client: Any) -> bool:
-    """Every connection is back in the pool (none leaked by a failed call)."""
+def _pool_is_whole(client: Any, send: Send | None = None) -> bool:
+    """Every connection is back in the pool, and in the packed sender's own stack when
+    ``send`` is one (none leaked by a failed call)."""
     pool = client.connection_pool
-    return bool(pool.pool.qsize() == pool.max_connections)
+    stack = getattr(send, "connections", None)
+    return bool(pool.pool.qsize() == pool.max_connections) and (stack is None or stack.in_use == 0)
 
 
 @pytest.mark.real_redis
@@ -285,16 +287,16 @@ def test_a_paused_then_killed_server_fails_each_path_alike(server: RedisServer, 
         kind, message = _outcome(send, call)
         assert kind == "TimeoutError" and message == f"Timeout reading from 127.0.0.1:{server.port}"
         assert time.monotonic() - started < 2.0
-        assert _pool_is_whole(client)
+        assert _pool_is_whole(client, send)
     finally:
         server.resume()
     assert _outcome(send, call)[0] == "reply"
     server.kill()
     failures = {_outcome(send, call)[0] for _ in range(3)}
-    assert failures == {"ConnectionError"} and _pool_is_whole(client)
+    assert failures == {"ConnectionError"} and _pool_is_whole(client, send)
     server.start()
     client.script_load(load_scripts()["acquire"].source)
-    assert _outcome(send, call)[0] == "reply" and _pool_is_whole(client)
+    assert _outcome(send, call)[0] == "reply" and _pool_is_whole(client, send)
 
 
 # -- the sync client takes the packed path, and leaves it when it must ----------------------

@@ -19,6 +19,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from ratequota.clients.connections import ConnectionStack
 from ratequota.clients.embedded import prime
 from ratequota.clients.functions import Functions
 from ratequota.clients.urls import placement_ids, redact, scrub
@@ -138,6 +139,12 @@ class SyncShards(Shards):
         assert self.routing is not None
         return self._senders[self.routing.index(call.route)](call)
 
+    def close_senders(self) -> None:
+        """Disconnect the packed senders' own connections (the subclasses' ``close``)."""
+        for sender in self._senders:
+            if isinstance(sender, PackedScripts):
+                sender.close()
+
 
 def routes_itself(backend: object, kind: type[S]) -> TypeGuard[S]:
     """May a client use ``backend``'s packed senders? Only a ``kind`` (``SyncShards`` or
@@ -169,7 +176,8 @@ class PackedScripts:
     that is as much client CPU as all of ratequota's own work. This sends the
     RESP bytes of ``ScriptCall.packed`` (the same bytes redis-py would send)
     through the connection's public ``send_packed_command`` and
-    ``read_response``, between the pool's ``get_connection`` and ``release``,
+    ``read_response``, on a connection of its own ``ConnectionStack`` (the
+    pool's settings and limit, without its per-call bookkeeping),
     and does on failure what ``Redis.execute_command`` does with the
     ``no_retry()`` policy ratequota gives its connections: an error of an
     attempt (connection, timeout) disconnects the connection and is raised,
@@ -188,7 +196,12 @@ class PackedScripts:
 
     def __init__(self, client: Any, functions: bool = True, where: str = "redis") -> None:
         self._client = client
-        self._pool = client.connection_pool
+        pool = client.connection_pool
+        #: This sender's own connections (``clients.connections``): the pool's limit,
+        #: timeout and connection settings, without its per-call bookkeeping.
+        self.connections = ConnectionStack(
+            pool, getattr(pool, "max_connections", 50), getattr(pool, "timeout", None)
+        )
         self.functions = Functions(functions, where)
 
     @classmethod
@@ -206,8 +219,8 @@ class PackedScripts:
         if packed is None:
             return self._client.evalsha(*call.wire)
         load = functions.take_load() if functions.due else None
-        pool = self._pool
-        conn = pool.get_connection()
+        stack = self.connections
+        conn = stack.take()
         try:
             if load is None:
                 conn.send_packed_command((packed,))
@@ -228,7 +241,11 @@ class PackedScripts:
                     conn.disconnect()
                     conn.connect()
             finally:
-                pool.release(conn)
+                stack.give(conn)
+
+    def close(self) -> None:
+        """Disconnect this sender's connections (the client's pool is closed apart)."""
+        self.connections.close()
 
 
 def plain_pool(client: Any, kind: type, retry: object) -> Any:
@@ -313,7 +330,8 @@ class SingleBackend(SyncShards):
         super().__init__([client], description, packed=packed, functions=functions)
 
     def close(self) -> None:
-        """Close the connection pool."""
+        """Close the connection pool and the packed sender's connections."""
+        self.close_senders()
         self._clients[0].close()
 
 
@@ -505,7 +523,8 @@ class ShardedBackend(SyncShards):
         super().__init__(clients, f"{len(urls)} shards", ids, packed=True, functions=functions)
 
     def close(self) -> None:
-        """Close every shard's pool."""
+        """Close every shard's pool and packed sender's connections."""
+        self.close_senders()
         for client in self._clients:
             client.close()
 
