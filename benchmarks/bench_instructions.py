@@ -60,7 +60,7 @@ FUNCTIONS = [True]
 class CallgrindServer:
     """A redis-server under callgrind, instrumentation on, counters read by dumps."""
 
-    def __init__(self) -> None:
+    def __init__(self, binary: str = "redis-server") -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="rq-callgrind-"))
         self.port = free_port()
         self.process = subprocess.Popen(
@@ -68,7 +68,7 @@ class CallgrindServer:
                 "valgrind",
                 "--tool=callgrind",
                 f"--callgrind-out-file={self.dir}/cg.out",
-                "redis-server",
+                binary,
                 "--port",
                 str(self.port),
                 "--bind",
@@ -103,8 +103,8 @@ class CallgrindServer:
     def _control(self, *args: str) -> None:
         subprocess.run(["callgrind_control", *args, str(self.process.pid)], capture_output=True)
 
-    def instructions(self, fn: Callable[[], None]) -> int:
-        """Instructions the server executed while ``fn`` ran."""
+    def instructions(self, fn: Callable[[], None], keep: Path | None = None) -> int:
+        """Instructions the server executed while ``fn`` ran (the dump moved to ``keep``)."""
         self._control("-z")
         fn()
         before = set(glob.glob(f"{self.dir}/cg.out*"))
@@ -123,7 +123,10 @@ class CallgrindServer:
             for line in dump:
                 if line.startswith(("summary:", "totals:")):
                     total = int(line.split()[1])
-        os.remove(path)
+        if keep is None:
+            os.remove(path)
+        else:
+            shutil.move(path, keep)
         return total
 
     def stop(self) -> None:

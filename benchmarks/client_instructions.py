@@ -186,6 +186,20 @@ def per_call_on_redis(
     return {name: count / calls for name, count in zip(measures, counts, strict=True)}
 
 
+def share_connection(quota: Any, conn: Any) -> None:
+    """Make the packed sender's own connections (``clients.connections``, where the checkout
+    has them) the pool's one ``conn``, so every measure goes through the one stubbed socket.
+    One thread: the pool and the stack never hand it out at once."""
+    for sender in getattr(quota.backend, "_senders", ()):
+        stack = getattr(sender, "connections", None)
+        if stack is not None:
+            stack.close()
+            stack._reset()
+            stack._idle.append(conn)
+            stack._mine.add(conn)
+            stack._count = 1
+
+
 def stub_socket(quota: Any, client: Any, trivial: str) -> tuple[ReplayedSocket, Any]:
     """Replace the socket of ``client``'s pooled connection by a ``ReplayedSocket``, record a
     ``try_acquire``, its ``release`` and a bare ``EVALSHA`` of ``trivial`` on it, then replay:
@@ -195,6 +209,7 @@ def stub_socket(quota: Any, client: Any, trivial: str) -> tuple[ReplayedSocket, 
     pool.release(conn)
     wire = ReplayedSocket(conn._sock)
     conn._sock = conn._parser._sock = wire
+    share_connection(quota, conn)
     lease = quota.try_acquire("t", 1).lease
     assert lease is not None
     quota.release(lease)
