@@ -10,6 +10,7 @@ threads through a small limit.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from typing import Any, ClassVar
@@ -239,3 +240,61 @@ def test_many_threads_share_a_few_connections_and_close_releases_them(
     finally:
         quota.close()
         admin.close()
+
+
+@pytest.mark.real_redis
+@pytest.mark.skipif(redis_server_binary() is None, reason="redis-server is not installed")
+def test_the_stack_connects_as_the_url_says_a_unix_socket_and_a_password() -> None:
+    """The stack makes its connections from the pool's class and settings: a ``unix://`` URL
+    with a password reaches the server through the socket, authenticated."""
+    server = RedisServer(extra_args=("--requirepass", "s3cret"))
+    socket_path = server.dir / "redis.sock"
+    server.extra_args += ("--unixsocket", str(socket_path), "--unixsocketperm", "700")
+    # Its PING at start has no password: ready once the socket is there.
+    server.ping = lambda: socket_path.exists()  # type: ignore[method-assign]
+    server.start()
+    quota = QuotaClient.from_url(f"unix://:s3cret@{socket_path}?db=0", prefix="cs")
+    try:
+        quota.apply_policy(POLICY)
+        assert _served(quota)
+        (conn,) = _stack(quota)._idle
+        assert isinstance(conn, redis.UnixDomainSocketConnection)
+        assert conn.path == str(socket_path) and conn.password == "s3cret"
+    finally:
+        quota.close()
+        server.stop()
+
+
+@pytest.mark.real_redis
+@pytest.mark.skipif(redis_server_binary() is None, reason="redis-server is not installed")
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
+def test_a_forked_child_decides_on_connections_of_its_own(private_redis: RedisServer) -> None:
+    """A client used before a fork keeps working in the child, on a new connection: the
+    parent's socket is never read by two processes (the child exits 0 when all holds)."""
+    quota = QuotaClient.from_url(private_redis.url, prefix="cs")
+    try:
+        quota.apply_policy(POLICY)
+        assert _served(quota)
+        (parents,) = _stack(quota)._idle
+        pid = os.fork()
+        if pid == 0:  # the child: no pytest machinery, only an exit status
+            code = 1
+            try:
+                if _served(quota):
+                    (childs,) = _stack(quota)._idle
+                    code = 0 if childs is not parents else 2
+            finally:
+                os._exit(code)
+        deadline = time.monotonic() + 30
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done or time.monotonic() > deadline:
+                break
+            time.sleep(0.01)
+        if not done:  # pragma: no cover - a hung child fails the test, and is stopped
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+        assert done and os.waitstatus_to_exitcode(status) == 0
+        assert _served(quota) and _stack(quota)._idle == [parents]  # the parent's is intact
+    finally:
+        quota.close()
