@@ -83,21 +83,21 @@ local function parse_spec(spec)
   return {g = g, l = l, ceil = ceil, w = w, max = max_units, keep = keep}
 end
 
--- The policy header's fields: schema, version, capacity, max_lease_ttl (ms), unknown, reserve
--- (numbers but unknown) and the default tenant's spec (text). As spec_fields: parse_header
--- gathers them.
+-- The policy header's fields after its schema (which the hash's own schema field gives, read
+-- before it): version, capacity, max_lease_ttl (ms), unknown, reserve (numbers but unknown)
+-- and the default tenant's spec (text). As spec_fields: parse_header gathers them.
 local function header_fields(hdr)
-  local schema, version, c, ttl, unknown, reserve, default =
-    string.match(hdr, '^(%d+)|(%d+)|(%d+)|(%d+)|(%a+)|([^|]+)|(.*)$')
-  return schema - 0, version - 0, c - 0, ttl - 0, unknown, reserve - 0, default
+  local version, c, ttl, unknown, reserve, default =
+    string.match(hdr, '^%d+|(%d+)|(%d+)|(%d+)|(%a+)|([^|]+)|(.*)$')
+  return version - 0, c - 0, ttl - 0, unknown, reserve - 0, default
 end
 
 -- The policy header, one field so that it and a tenant's spec are one HMGET, with the fields
 -- the decisions write that are read beside it (text, or false when absent: busy, recover and
 -- fence then read 0), in one table built whole rather than grown.
 local function parse_header(hdr, busy, recover, fence, led_ok)
-  local schema, version, c, ttl, unknown, reserve, default = header_fields(hdr)
-  return {schema = schema, version = version, capacity = c, ttl = ttl,
+  local version, c, ttl, unknown, reserve, default = header_fields(hdr)
+  return {version = version, capacity = c, ttl = ttl,
           unknown = unknown, reserve = reserve, default = default,
           busy = busy and busy - 0 or 0, recover = recover and recover - 0 or 0,
           fence = fence and fence - 0 or 0, led_ok = led_ok}

@@ -138,7 +138,7 @@ end
 -- refuses, a ttl above max_lease_ttl, or more units than the capacity, the ceiling or
 -- max_units allow (too large).
 local function request_terms(head, units, ttl)
-  local _, version, capacity, max_ttl, unknown, reserve, default = header_fields(head[2])
+  local version, capacity, max_ttl, unknown, reserve, default = header_fields(head[2])
   local text = head[7]
   if not text and unknown == 'default' then text = default end
   if not text then return nil end
@@ -173,7 +173,7 @@ local function fast_acquire(now, head, dem, ent, present, due, tenant, units, id
                             gate, shadow)
   if not FAST_PATHS or (meters ~= '' and not gate) or present ~= 4 or due or ent[1] or ent[2] or
       (dem[3] and dem[3] - 0 > 0) or not head[1] or not head[2] or
-      head[1] - 0 > tonumber(ARGV[2]) or (head[4] and head[4] - 0 > now) then
+      head[1] - 0 > ARGV[2] - 0 or (head[4] and head[4] - 0 > now) then
     return nil
   end
   local version, capacity, max_ttl, reserve, g, ceil, w, keep, unknown =
@@ -206,7 +206,8 @@ local function fast_acquire(now, head, dem, ent, present, due, tenant, units, id
   end
   local expiry = now + ttl
   local token = token_after(head[5] and head[5] - 0 or 0, now)  -- as next_fence
-  redis.call('ZADD', KEYS[3], int(expiry), lease)
+  local t_expiry = int(expiry)
+  redis.call('ZADD', KEYS[3], t_expiry, lease)
   if record then
     redis.call('HSET', KEYS[4], lease, entry(units, token, tenant), 'R' .. id, record)
   else
@@ -215,7 +216,7 @@ local function fast_acquire(now, head, dem, ent, present, due, tenant, units, id
   write_tenant_points(tenant, w, lo0, up0, lo1, up1)
   if expiry > busy then
     busy = expiry
-    redis.call('HSET', KEYS[1], 'fence', int(token), 'busy', int(busy))
+    redis.call('HSET', KEYS[1], 'fence', int(token), 'busy', t_expiry)
   else
     redis.call('HSET', KEYS[1], 'fence', int(token))
   end
@@ -272,7 +273,7 @@ end
 local function fast_waiting(now, head, dem, ent, present, due, first, tenant, units, id, ttl,
                             meters, wait, shadow, pending_ms)
   if not FAST_PATHS or not wait or shadow or meters ~= '' or present ~= 4 or due or ent[1] or
-      not ent[2] or not head[1] or not head[2] or head[1] - 0 > tonumber(ARGV[2]) or
+      not ent[2] or not head[1] or not head[2] or head[1] - 0 > ARGV[2] - 0 or
       (head[4] and head[4] - 0 > now) then
     return nil
   end
@@ -353,7 +354,7 @@ end
 -- mark_busy and flush would: the new expiry, busy when it grows, and the keys' expiry.
 local function fast_renew(now, head, dem, ent, present, due)
   if not FAST_PATHS or present ~= 4 or due or not ent[1] or not head[1] or not head[2] or
-      head[1] - 0 > tonumber(ARGV[2]) then
+      head[1] - 0 > ARGV[2] - 0 then
     return nil
   end
   local tenant = ARGV[6]
@@ -366,7 +367,7 @@ local function fast_renew(now, head, dem, ent, present, due)
   if not expiry or expiry - 0 <= now then return nil end
   local ha, hb = ledger_hours()
   if head[6] ~= ha .. ':' .. hb then return nil end  -- ledger_flush would mark them
-  local _, _, capacity, max_ttl, unknown, reserve, default = header_fields(head[2])
+  local _, capacity, max_ttl, unknown, reserve, default = header_fields(head[2])
   local ttl = tonumber(ARGV[4])
   if max_ttl < ttl then ttl = max_ttl end  -- min(asked, max_lease_ttl)
   local new_expiry = now + ttl
@@ -403,7 +404,7 @@ local function fast_release(now, id, tenant, token)
   if not FAST_PATHS then return nil end
   local head = redis.call('HMGET', KEYS[1], 'schema', 'hdr', 'busy', 'recover', 'fence', 'led_ok',
     't:' .. tenant)
-  if not head[1] or not head[2] or head[1] - 0 > tonumber(ARGV[2]) then return nil, head end
+  if not head[1] or not head[2] or head[1] - 0 > ARGV[2] - 0 then return nil, head end
   local lease = 'L' .. id
   local ent = redis.call('HMGET', KEYS[4], lease, 'P' .. id)
   if not ent[1] then return nil, head, ent end
@@ -417,7 +418,7 @@ local function fast_release(now, id, tenant, token)
   -- lease's own expiry is later than now).
   local first = redis.call('ZRANGE', KEYS[3], '0', '0', 'WITHSCORES')
   if first[2] and first[2] - 0 <= now then return nil, head, ent, dem end
-  local _, _, capacity, max_ttl, unknown, reserve, default = header_fields(head[2])
+  local _, capacity, max_ttl, unknown, reserve, default = header_fields(head[2])
   local text = head[7]
   if not text and unknown == 'default' then text = default end
   local g, w, ceil, keep, _

@@ -55,27 +55,28 @@
 
 
 local now = now_ms(ARGV[1])
+local units, ttl = ARGV[4] - 0, ARGV[6] - 0
 local head, dem, ent, present, due, first = acquire_reads(now, ARGV[3], ARGV[5])
 local fast, limit, group_used, version, capacity = fast_acquire(now, head, dem, ent, present,
-  due, ARGV[3], tonumber(ARGV[4]), ARGV[5], tonumber(ARGV[6]), ARGV[11])
+  due, ARGV[3], units, ARGV[5], ttl, ARGV[11])
 if fast then
   return fast
 end
 -- end of the fast path
 if limit then
-  fast = fast_refused(now, head, dem, first, ARGV[3], tonumber(ARGV[4]), ARGV[7] == '1',
+  fast = fast_refused(now, head, dem, first, ARGV[3], units, ARGV[7] == '1',
     ARGV[10] == '1', tonumber(ARGV[8]), limit, group_used, version, capacity)
 elseif ent[2] then
-  fast = fast_waiting(now, head, dem, ent, present, due, first, ARGV[3], tonumber(ARGV[4]),
-    ARGV[5], tonumber(ARGV[6]), ARGV[11], ARGV[7] == '1', ARGV[10] == '1', tonumber(ARGV[8]))
+  fast = fast_waiting(now, head, dem, ent, present, due, first, ARGV[3], units,
+    ARGV[5], ttl, ARGV[11], ARGV[7] == '1', ARGV[10] == '1', tonumber(ARGV[8]))
 end
 if fast then
   return fast
 end
 -- end of the fast path
 if ARGV[11] ~= '' then
-  fast = fast_acquire(now, head, dem, ent, present, due, ARGV[3], tonumber(ARGV[4]), ARGV[5],
-    tonumber(ARGV[6]), ARGV[11], fast_meters, ARGV[10] == '1')
+  fast = fast_acquire(now, head, dem, ent, present, due, ARGV[3], units, ARGV[5],
+    ttl, ARGV[11], fast_meters, ARGV[10] == '1')
 end
 if fast then
   return fast
@@ -91,7 +92,7 @@ ctx.present, ctx.due = present, due
 -- inside acquire_many leave the same state.
 check_state(ctx)
 purge(ctx, tonumber(ARGV[9]))
-local reply = ledger_acquire(ctx, ARGV[3], tonumber(ARGV[4]), ARGV[5], tonumber(ARGV[6]),
+local reply = ledger_acquire(ctx, ARGV[3], units, ARGV[5], ttl,
                              ARGV[7] == '1', tonumber(ARGV[8]), ARGV[10] == '1',
                              meter_amounts(ARGV[11]))
 flush(ctx, KEY_GRACE_MS)
