@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 import pytest
 import redis
 
-from ratequota import GroupPolicy, Policy, QuotaClient, TenantPolicy
+from ratequota import AsyncQuotaClient, GroupPolicy, Policy, QuotaClient, TenantPolicy
 from ratequota.clients import connections
 from ratequota.clients.backends import PackedScripts
 from ratequota.clients.connections import ConnectionStack
@@ -298,3 +298,27 @@ def test_a_forked_child_decides_on_connections_of_its_own(private_redis: RedisSe
         assert _served(quota) and _stack(quota)._idle == [parents]  # the parent's is intact
     finally:
         quota.close()
+
+
+@pytest.mark.real_redis
+@pytest.mark.skipif(redis_server_binary() is None, reason="redis-server is not installed")
+def test_max_connections_bounds_the_stack_and_the_pool(private_redis: RedisServer) -> None:
+    """The setting reaches both limits, on one URL and on shards (50 by default); the async
+    client takes the setting and keeps its own bound (``batch_in_flight``)."""
+    urls = [private_redis.url, private_redis.url.replace("/0", "/1")]
+    clients = [
+        QuotaClient.from_url(urls[0], prefix="cs", max_connections=3),
+        QuotaClient.sharded(urls, prefix="cs", max_connections=4),
+        QuotaClient.from_url(urls[0], prefix="cs"),
+    ]
+    try:
+        for quota, limit in zip(clients, (3, 4, 50), strict=True):
+            senders = quota.backend._senders  # type: ignore[attr-defined]
+            assert [s.connections.limit for s in senders] == [limit] * len(senders)
+            pools = [c.connection_pool for c in quota.backend.connections()]
+            assert [p.max_connections for p in pools] == [limit] * len(pools)
+        aio = AsyncQuotaClient.from_url(urls[0], prefix="cs", max_connections=3)
+        assert aio.core.settings.max_connections == 3
+    finally:
+        for quota in clients:
+            quota.close()

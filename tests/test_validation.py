@@ -128,6 +128,8 @@ def test_bad_lease_arguments(client: QuotaClient) -> None:
         ({"prefix": "a{b"}, "prefix"),
         ({"prefix": ""}, "prefix"),
         ({"functions": "yes"}, "functions"),
+        ({"max_connections": 0}, "max_connections"),
+        ({"max_connections": 2.5}, "max_connections"),
         ({"auto_renew": 1}, "auto_renew"),
     ],
 )

@@ -335,10 +335,14 @@ class SingleBackend(SyncShards):
         self._clients[0].close()
 
 
-def _redis_from_url(url: str, socket_timeout: float, *, aio: bool = False) -> Any:
+def _redis_from_url(
+    url: str, socket_timeout: float, *, aio: bool = False, max_connections: int = 50
+) -> Any:
     """One redis-py client for ``url``: timeouts on every call, no automatic replay.
 
     ``aio`` makes a ``redis.asyncio`` client (for ``AsyncQuotaClient``) instead.
+    ``max_connections`` bounds the sync client's pool (and so its packed sender's own
+    connections, ``PackedScripts``).
     """
     if not isinstance(url, str) or not url:
         raise ConfigError("url", f"must be a redis:// URL, got {url!r}")
@@ -359,7 +363,11 @@ def _redis_from_url(url: str, socket_timeout: float, *, aio: bool = False) -> An
         # Many threads may share one client: when the pool's connections are all in use a
         # caller waits for one, at most socket_timeout, instead of failing at once.
         pool = redis.BlockingConnectionPool.from_url(
-            url, timeout=socket_timeout, retry=no_retry(), **options
+            url,
+            timeout=socket_timeout,
+            retry=no_retry(),
+            max_connections=max_connections,
+            **options,
         )
         return redis.Redis.from_pool(pool)
     except ValueError as exc:
@@ -402,9 +410,11 @@ def async_no_retry() -> Any:
     return AsyncRetry(NoBackoff(), 0)
 
 
-def url_backend(url: str, *, socket_timeout: float, functions: bool = True) -> SingleBackend:
+def url_backend(
+    url: str, *, socket_timeout: float, functions: bool = True, max_connections: int = 50
+) -> SingleBackend:
     """A backend on one Redis URL (``redis://``, ``rediss://`` or ``unix://``)."""
-    client = _redis_from_url(url, socket_timeout)
+    client = _redis_from_url(url, socket_timeout, max_connections=max_connections)
     return SingleBackend(client, _redact(url), packed=True, functions=functions)
 
 
@@ -517,9 +527,12 @@ class ShardedBackend(SyncShards):
         socket_timeout: float,
         shard_ids: Sequence[str] | None = None,
         functions: bool = True,
+        max_connections: int = 50,
     ) -> None:
         ids = placement_ids(urls, shard_ids)
-        clients = [_redis_from_url(u, socket_timeout) for u in urls]
+        clients = [
+            _redis_from_url(u, socket_timeout, max_connections=max_connections) for u in urls
+        ]
         super().__init__(clients, f"{len(urls)} shards", ids, packed=True, functions=functions)
 
     def close(self) -> None:

@@ -93,6 +93,12 @@ class Settings:
     one (Redis 7 and later, ``+fcall +function|load`` in an ACL), else as
     ``EVALSHA``; False: always ``EVALSHA``, no library loaded
     (``ratequota.clients.functions``).
+
+    ``max_connections``: the sync client made from URLs opens at most this many connections
+    to each server for its decisions, and as many again for its other commands (redis-py's
+    pool); a call that finds them all busy waits for one, at most ``socket_timeout``. Make
+    it at least the number of threads that decide at once. The async client's round trips
+    are bounded by ``batch_in_flight`` instead.
     """
 
     prefix: str = "rq"
@@ -112,6 +118,7 @@ class Settings:
     batch_size: int = attrs.field(default=64, validator=_setting_count)
     batch_in_flight: int = attrs.field(default=2, validator=_setting_count)
     functions: bool = attrs.field(default=True, validator=_setting_flag)
+    max_connections: int = attrs.field(default=50, validator=_setting_count)
 
     def __attrs_post_init__(self) -> None:
         if self.pending_ttl < 2 * LAST_PAUSE:

@@ -240,6 +240,10 @@ class ClientBase:
     url_backend: ClassVar[Callable[..., Any]]
     sharded_backend: ClassVar[Callable[..., Any]]
     cluster_backend: ClassVar[Callable[..., Any]]
+    #: The settings the URL and shard factories take besides ``socket_timeout`` and
+    #: ``functions`` (the sync client's connection limit; the async client bounds its
+    #: round trips with ``batch_in_flight``).
+    connection_settings: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
         self,
@@ -264,13 +268,21 @@ class ClientBase:
                 kind.embedded_backend()
                 if url is None
                 else kind.url_backend(
-                    url, socket_timeout=timeout, functions=self.core.settings.functions
+                    url,
+                    socket_timeout=timeout,
+                    functions=self.core.settings.functions,
+                    **kind.connection_options(self.core.settings),
                 )
             )
         self.backend = backend
         self._node_of = node_lookup(backend)
         self._where = str(getattr(backend, "description", "redis"))
         self._start()
+
+    @classmethod
+    def connection_options(cls, settings: Settings) -> dict[str, Any]:
+        """The ``connection_settings`` of ``settings``, as the factories take them."""
+        return {name: getattr(settings, name) for name in cls.connection_settings}
 
     def _start(self) -> None:
         """The client's own set-up, once the backend is known."""
@@ -368,6 +380,7 @@ class ClientBase:
             socket_timeout=core.settings.socket_timeout,
             shard_ids=None if shard_ids is None else list(shard_ids),
             functions=core.settings.functions,
+            **cls.connection_options(core.settings),
         )
         return cls(backend=backend, settings=core.settings, clock=clock, observer=observer)
 

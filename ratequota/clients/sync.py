@@ -168,6 +168,7 @@ class QuotaClient(ClientBase):
     url_backend = staticmethod(url_backend)
     sharded_backend = ShardedBackend
     cluster_backend = ClusterBackend
+    connection_settings = ("max_connections",)
 
     backend: Backend
 
