@@ -101,6 +101,40 @@ def test_a_waiting_caller_gets_the_connection_given_back() -> None:
     assert got == [held] and s.in_use == 1
 
 
+def test_a_connection_given_back_just_after_a_waiter_looked_still_wakes_it() -> None:
+    """The race a lock-free ``give`` must not lose: a waiter finds no idle connection, and
+    before it waits another thread gives one back. The giver runs, in a thread of its own,
+    right after the waiter's look; it must wake the waiter (it is given at most 0.2 s before
+    the waiter goes on to wait), so the waiter takes that connection instead of failing."""
+    s = stack(limit=1, timeout=5.0)
+    held = s.take()
+    looks = 0
+
+    class Racing(list):  # type: ignore[type-arg]
+        def __bool__(self) -> bool:
+            nonlocal looks
+            looks += 1
+            empty = super().__len__() == 0
+            if looks == 1:  # the waiter's first look: the connection comes back right now
+                giver = threading.Thread(target=s.give, args=(held,))
+                giver.start()
+                giver.join(0.2)  # done at once unless it must wait for the waiter's lock
+            return not empty
+
+    s._idle = Racing()
+    waits: list[bool] = []
+    wait = s._cond.wait
+
+    def recorded(timeout: float | None = None) -> bool:
+        woken = wait(timeout)
+        waits.append(woken)  # False: it waited its whole timeout, nobody woke it
+        return woken
+
+    s._cond.wait = recorded  # type: ignore[method-assign]
+    got = s.take()  # the waiter: limit reached, so it waits in _wait
+    assert got is held and looks >= 2 and waits == [True]
+
+
 def test_an_idle_connection_the_server_closed_is_reconnected_before_use() -> None:
     s = stack()
     conn = s.take()

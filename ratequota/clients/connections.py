@@ -93,20 +93,22 @@ class ConnectionStack:
         """An idle connection that turned up, or None once this caller may make one."""
         deadline = None if self.timeout is None else time.monotonic() + self.timeout
         with self._cond:
-            while True:
-                if self._idle:
-                    return self._idle.pop()
-                if self._count < self.limit:
-                    self._count += 1
-                    return None
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    raise redis.exceptions.ConnectionError("No connection available.")
-                self._waiters += 1
-                try:
+            # Counted before the first look at the idle list: a connection given back after
+            # that look is then always followed by a notify (``give``), never lost.
+            self._waiters += 1
+            try:
+                while True:
+                    if self._idle:
+                        return self._idle.pop()
+                    if self._count < self.limit:
+                        self._count += 1
+                        return None
+                    remaining = None if deadline is None else deadline - time.monotonic()
+                    if remaining is not None and remaining <= 0:
+                        raise redis.exceptions.ConnectionError("No connection available.")
                     self._cond.wait(remaining)
-                finally:
-                    self._waiters -= 1
+            finally:
+                self._waiters -= 1
 
     def _made(self) -> Any:
         """A new connection, its slot counted by ``_wait`` (and freed if making it fails)."""
@@ -128,8 +130,8 @@ class ConnectionStack:
             self._drop_slot()
             return
         self._idle.append(conn)
-        # A waiter registers (under the lock) before it looks at the idle list, so one that
-        # missed this append is counted here and woken.
+        # A waiter is counted (under the lock) before it looks at the idle list: one that
+        # looked before this append is counted by now, and is woken.
         if self._waiters:
             with self._cond:
                 self._cond.notify()
