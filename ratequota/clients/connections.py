@@ -130,6 +130,9 @@ class ConnectionStack:
             self._drop_slot()
             return
         self._idle.append(conn)
+        if self._closed:  # closed while this append was on its way: drain again
+            self.close()
+            return
         # A waiter is counted (under the lock) before it looks at the idle list: one that
         # looked before this append is counted by now, and is woken.
         if self._waiters:
@@ -143,9 +146,16 @@ class ConnectionStack:
 
     def close(self) -> None:
         """Disconnect the idle connections; those in use are disconnected when given back."""
+        idle = []
         with self._cond:
             self._closed = True
-            idle, self._idle = self._idle, []
+            # Popped one by one, as ``take`` pops without the lock: each idle connection goes
+            # either to a caller still using the client or here, and is counted once.
+            while True:
+                try:
+                    idle.append(self._idle.pop())
+                except IndexError:
+                    break
             self._count -= len(idle)
             self._mine.difference_update(idle)
             self._cond.notify_all()
