@@ -65,17 +65,56 @@ local function int(x)
   return string.format('%d', x)
 end
 
+-- Texts parsed before, remembered (docs/design.md, "Remembered parses"). A function
+-- library's top-level definitions run once, at FUNCTION LOAD, so a table made here outlives
+-- the call: a group's policy header, its tenants' specs and its fair state are read from the
+-- same texts call after call, and parsing them again (a string.match, then each number from
+-- its text) was about a fifteenth of an acquire inside Redis. A memo maps a text to what its
+-- parse returns, and a parse depends on the text alone, so a hit answers exactly what parsing
+-- would, whichever call, group or pod put it there. Callers get the values, never the stored
+-- table. A memo holds at most MEMO_ENTRIES keys, and counts them in its field [0] (no key of
+-- a memo is a number): full, it is emptied before it takes another.
+--
+-- Only the function library keeps them: ratequota/engine/scripts.py turns MEMOS_KEPT on in
+-- the library's text alone. By EVALSHA a script's whole text runs on every call, so memos
+-- would start empty each time, and making and filling them cost an acquire 13 % more than
+-- they saved. There the memos and remember are false, made by no call: the lookups are
+-- skipped, and nothing is remembered.
+local MEMOS_KEPT = false
+
+local MEMO_ENTRIES = 256
+
+-- Remembers `value` under `key` in memo `t`, emptying `t` first when a new key finds it full.
+local remember = MEMOS_KEPT and function(t, key, value)
+  if t[key] == nil then
+    local n = t[0]
+    if n >= MEMO_ENTRIES then
+      for k in pairs(t) do t[k] = nil end  -- clearing fields while traversing is allowed
+      n = 0
+    end
+    t[0] = n + 1
+  end
+  t[key] = value
+end
+
+-- spec_fields' answers, by spec text.
+local SPECS = MEMOS_KEPT and {[0] = 0}
+
 -- Tenant spec "G|lendable|B|weight|max_units" as numbers: G, lendable, the ceiling G + B,
 -- weight, max_units, and keep, the never-lent part G(1-l). Fields rather than a table, for
 -- the fast paths (a table costs them more than the arithmetic); parse_spec gathers them.
 local function spec_fields(spec)
+  local f = SPECS and SPECS[spec]
+  if f then return f[1], f[2], f[3], f[4], f[5], f[6] end
   local g, l, b, w, m = string.match(spec, '^([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)$')
-  local guarantee, lendable = g - 0, l - 0
+  local guarantee, lendable, weight = g - 0, l - 0, w - 0
   local ceiling = math.huge
   if b ~= '' then ceiling = guarantee + b end
   local max_units = math.huge
   if m ~= '' then max_units = m - 0 end
-  return guarantee, lendable, ceiling, w - 0, max_units, guarantee * (1 - lendable)
+  local keep = guarantee * (1 - lendable)
+  if SPECS then remember(SPECS, spec, {guarantee, lendable, ceiling, weight, max_units, keep}) end
+  return guarantee, lendable, ceiling, weight, max_units, keep
 end
 
 local function parse_spec(spec)
@@ -83,13 +122,20 @@ local function parse_spec(spec)
   return {g = g, l = l, ceil = ceil, w = w, max = max_units, keep = keep}
 end
 
+-- header_fields' answers, by header text.
+local HEADERS = MEMOS_KEPT and {[0] = 0}
+
 -- The policy header's fields after its schema (which the hash's own schema field gives, read
 -- before it): version, capacity, max_lease_ttl (ms), unknown, reserve (numbers but unknown)
 -- and the default tenant's spec (text). As spec_fields: parse_header gathers them.
 local function header_fields(hdr)
+  local f = HEADERS and HEADERS[hdr]
+  if f then return f[1], f[2], f[3], f[4], f[5], f[6] end
   local version, c, ttl, unknown, reserve, default =
     string.match(hdr, '^%d+|(%d+)|(%d+)|(%d+)|(%a+)|([^|]+)|(.*)$')
-  return version - 0, c - 0, ttl - 0, unknown, reserve - 0, default
+  version, c, ttl, reserve = version - 0, c - 0, ttl - 0, reserve - 0
+  if HEADERS then remember(HEADERS, hdr, {version, c, ttl, unknown, reserve, default}) end
+  return version, c, ttl, unknown, reserve, default
 end
 
 -- The policy header, one field so that it and a tenant's spec are one HMGET, with the fields
@@ -156,6 +202,14 @@ end
 local STATE_SUMS =
   '^[^|]+|[^|]+|[^|]+|[^|]+|[^|]+|([^|]+)|([^|]+)|([^|]+)|([^|]+)|([^|]+)|([^|]+)|([^|]+)$'
 local EMPTY_STATE = '0|0|0|0|0|0|0|0|0|0|0|0'
+
+-- The last fair state a fast path wrote in each group, by the group's demand key (_fast.lua,
+-- ended_state and stored_level): the seven sums' texts, their numbers, the level (INF as
+-- math.huge), then the text itself. The group's next decision reads that text, and finds it
+-- here; it parses any other (one the general path wrote, pack_state). By the group rather
+-- than by the text: a text is written once, so the group's older ones would only fill the
+-- memo.
+local STATES = MEMOS_KEPT and {[0] = 0}
 
 local function unpack_state(text)
   if not text then

@@ -78,12 +78,19 @@ end
 -- with the '%d' digits it would write now. Returns the level (nil, and nothing else, when it
 -- needs a walk), the text, the tenant's bounds before (lo0, up0) and after (lo1, up1; nil
 -- where change_demand's would be) and the units held before. Numbers, not tables: a table
--- costs a fast path more than all this arithmetic.
+-- costs a fast path more than all this arithmetic. The group's last text and its parse are
+-- remembered (STATES, _codec.lua): the next decision reads that text without parsing it.
 local function ended_state(text, capacity, reserve, keep, g, ceil, d0, d1, du)
-  local t_loh, t_lol, t_uph, t_upl, t_kh, t_kl, t_used =
-    string.match(text or EMPTY_STATE, STATE_SUMS)
-  local loh, lol, uph, upl, kh, kl = t_loh - 0, t_lol - 0, t_uph - 0, t_upl - 0, t_kh - 0, t_kl - 0
-  local used = t_used - 0
+  local t_loh, t_lol, t_uph, t_upl, t_kh, t_kl, t_used, loh, lol, uph, upl, kh, kl, used
+  local m = STATES and text and STATES[KEYS[2]]
+  if m and m[16] == text then
+    t_loh, t_lol, t_uph, t_upl, t_kh, t_kl, t_used = m[1], m[2], m[3], m[4], m[5], m[6], m[7]
+    loh, lol, uph, upl, kh, kl, used = m[8], m[9], m[10], m[11], m[12], m[13], m[14]
+  else
+    t_loh, t_lol, t_uph, t_upl, t_kh, t_kl, t_used = string.match(text or EMPTY_STATE, STATE_SUMS)
+    loh, lol, uph, upl, kh, kl = t_loh - 0, t_lol - 0, t_uph - 0, t_upl - 0, t_kh - 0, t_kl - 0
+    used = t_used - 0
+  end
   local nloh, nlol, nuph, nupl, nkh, nkl = loh, lol, uph, upl, kh, kl
   local lo0, up0, lo1, up1
   if g and d0 > 0 then
@@ -116,14 +123,21 @@ local function ended_state(text, capacity, reserve, keep, g, ceil, d0, d1, du)
   -- INF), slope 0, then the sums.
   local head = '0|' .. t_loh .. '|' .. t_lol
   if level ~= 0 then head = '-1|' .. t_uph .. '|' .. t_upl end
-  return level, head .. '|0|0|' .. t_loh .. '|' .. t_lol .. '|' .. t_uph .. '|' .. t_upl ..
-    '|' .. t_kh .. '|' .. t_kl .. '|' .. t_used, lo0, up0, lo1, up1, used
+  local out = head .. '|0|0|' .. t_loh .. '|' .. t_lol .. '|' .. t_uph .. '|' .. t_upl ..
+    '|' .. t_kh .. '|' .. t_kl .. '|' .. t_used
+  if STATES then
+    remember(STATES, KEYS[2], {t_loh, t_lol, t_uph, t_upl, t_kh, t_kl, t_used, nloh, nlol,
+      nuph, nupl, nkh, nkl, nused, level, out})
+  end
+  return level, out, lo0, up0, lo1, up1, used
 end
 
 -- The stored fair state's level (INF as -1 in the text) and units held: unpack_state's
 -- first and last fields, without the rest (0, 0 for an absent state, as unpack_state's).
 local function stored_level(text)
   if not text then return 0, 0 end
+  local m = STATES and STATES[KEYS[2]]
+  if m and m[16] == text then return m[15], m[14] end
   local lam, used = string.match(text, '^([^|]+)|.*|([^|]+)$')
   local level = lam - 0
   if level < 0 then level = INF end

@@ -59,9 +59,23 @@ local function ledger_purged(ctx, dead, infos)
   end
 end
 
+-- A ledger key's hour, by the key's name (_codec.lua, "Texts parsed before, remembered").
+local HOURS = MEMOS_KEPT and {[0] = 0}
+
 -- The hours of the two declared ledger keys, KEYS[7] and KEYS[8], as their names write them.
 local function ledger_hours()
-  return string.match(KEYS[7], ':led:(%d+)$'), string.match(KEYS[8], ':led:(%d+)$')
+  local a, b = KEYS[7], KEYS[8]
+  if not HOURS then return string.match(a, ':led:(%d+)$'), string.match(b, ':led:(%d+)$') end
+  local ha, hb = HOURS[a], HOURS[b]
+  if not ha then
+    ha = string.match(a, ':led:(%d+)$')
+    remember(HOURS, a, ha)
+  end
+  if not hb then
+    hb = string.match(b, ':led:(%d+)$')
+    remember(HOURS, b, hb)
+  end
+  return ha, hb
 end
 
 -- The expiry a declared ledger key takes at time `now`: the end of its hour plus the group's

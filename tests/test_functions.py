@@ -186,26 +186,51 @@ def test_the_library_is_named_by_its_whole_text() -> None:
     assert function_library().name == "ratequota_" + hashlib.sha1(text.encode()).hexdigest()[:16]
 
 
-def test_the_library_keeps_no_state_from_one_call_to_the_next() -> None:
+#: How lua/_codec.lua makes a memo, and remember, its one writer: only when MEMOS_KEPT.
+MEMO = "MEMOS_KEPT and {[0] = 0}"
+WRITER = "remember"
+
+
+def test_the_library_keeps_no_state_from_one_call_to_the_next_but_its_memos() -> None:
     """A function library's locals outlive the call (an ``EVALSHA`` made them afresh each
-    time): every top-level definition is a function or a number or text constant, and none is
-    assigned again anywhere (``KEYS`` and ``ARGV``, set by each function as it begins, are the
-    only state, and they are the call's)."""
+    time): every top-level definition is a function, a number or text constant, or a memo,
+    and none is assigned again anywhere (``KEYS`` and ``ARGV``, set by each function as it
+    begins, are the call's). A memo is written only by ``remember``, which maps a key to a
+    parse (tests/test_memos.py)."""
     folder = scripts._lua_dir()
     text = "\n".join((folder / f"{n}.lua").read_text(encoding="utf-8") for n in scripts.LIBRARY)
     code = scripts._COMMENT.sub("", text)
     bodies = [(folder / f"{n}.lua").read_text(encoding="utf-8") for n in scripts.SCRIPT_NAMES]
     code += "\n".join(scripts._COMMENT.sub("", body) for body in bodies)
+    memos = []
     for name, source in scripts.library_parts(text):
         head = " ".join(scripts._COMMENT.sub("", source).split())
         if not head.startswith("local function"):
-            value = re.sub(r"'[^']*'", "''", head.split("=", 1)[1])
-            assert "{" not in value and not re.search(r"[\w\]]\s*\(", value), (
-                f"{name} is not a constant: {head}"
-            )
+            value = head.split("=", 1)[1].strip()
+            if value == MEMO:
+                memos.append(name)
+            elif name == WRITER:
+                assert value.startswith("MEMOS_KEPT and function("), head
+            else:
+                value = re.sub(r"'[^']*'", "''", value)
+                assert "{" not in value and not re.search(r"[\w\]]\s*\(", value), (
+                    f"{name} is not a constant: {head}"
+                )
         for match in re.finditer(rf"(?<![\w.:]){re.escape(name)}\s*=(?!=)", code):
             line = code[: match.start()].rsplit("\n", 1)[-1]
             assert line.startswith("local "), f"{name} is assigned again: {line.strip()}"
+    assert memos, "no memo found: the checks below would pass on nothing"
+    outside = "\n".join(
+        scripts._COMMENT.sub("", source)
+        for name, source in scripts.library_parts(text)
+        if name != WRITER
+    ) + "\n".join(scripts._COMMENT.sub("", body) for body in bodies)
+    for name in memos:
+        assert not re.search(rf"(?<![\w.:]){name}\s*\[[^\]]*\]\s*=(?!=)", outside), name
+        for match in re.finditer(rf"(?<![\w.:]){name}\b", outside):
+            line = outside[: match.start()].rsplit("\n", 1)[-1]
+            line += outside[match.end() :].split("\n", 1)[0]
+            assert "rawset" not in line and "table." not in line, line
 
 
 def test_the_library_loads_in_fakeredis_and_answers_as_the_script() -> None:

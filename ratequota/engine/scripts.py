@@ -255,6 +255,24 @@ class FunctionLibrary:
     source: str
 
 
+#: lua/_codec.lua's switch of its memos, as written (off) and as the function library's text
+#: has it (on): only a library's tables outlive the call ("Texts parsed before, remembered").
+MEMOS_OFF = "local MEMOS_KEPT = false"
+MEMOS_ON = "local MEMOS_KEPT = true"
+
+
+def keeping_memos(text: str) -> str:
+    """Library definitions ``text`` with their memos kept, as a function library runs them.
+
+    By ``EVALSHA`` the memos would be made afresh by every call, and filling them costs
+    more than they save there, so the scripts as written keep none. Text without the switch
+    (another release's scripts, as ``benchmarks/`` compare them) is returned as it is.
+    """
+    if text.count(MEMOS_OFF) > 1:
+        raise ValueError(f"more than one {MEMOS_OFF!r} in the library's definitions")
+    return text.replace(MEMOS_OFF, MEMOS_ON)
+
+
 def library_source(name: str, parts: list[tuple[str, str]], bodies: dict[str, str]) -> str:
     """The text of library ``name``: the definitions any body reaches, once, then each body
     registered as function ``<name>_<script>`` with its ``FUNCTION_FLAGS``.
@@ -263,13 +281,13 @@ def library_source(name: str, parts: list[tuple[str, str]], bodies: dict[str, st
     functions read ``KEYS`` and ``ARGV``, so those are the library's locals,
     set by each function as it begins (Redis runs one at a time). Definitions
     run once, at ``FUNCTION LOAD``, where no global may be read: they define
-    functions and constants only.
+    functions, constants and memos (``keeping_memos``: the library's outlive the call).
     """
     wanted: set[str] = set()
     for body in bodies.values():
         wanted |= reach(parts, body)
     text = f"#!lua name={name}\nlocal KEYS, ARGV\n"
-    text += "\n".join(source for part, source in parts if part in wanted)
+    text += keeping_memos("\n".join(source for part, source in parts if part in wanted))
     for script_name, body in bodies.items():
         flags = ", ".join(f"'{flag}'" for flag in FUNCTION_FLAGS.get(script_name, ()))
         text += (
