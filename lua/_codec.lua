@@ -67,11 +67,14 @@ end
 
 -- Texts parsed before, remembered (docs/design.md, "Remembered parses"). A function
 -- library's top-level definitions run once, at FUNCTION LOAD, so a table made here outlives
--- the call: a group's policy header, its tenants' specs and its fair state are read from the
--- same texts call after call, and parsing them again (a string.match, then each number from
--- its text) was about a fifteenth of an acquire inside Redis. A memo maps a text to what its
--- parse returns, and a parse depends on the text alone, so a hit answers exactly what parsing
--- would, whichever call, group or pod put it there. Callers get the values, never the stored
+-- the call: a group's policy header, its tenants' specs, its fair state and its ledger keys'
+-- hours are read from the same texts call after call, and parsing them again (a string.match,
+-- then each number from its text) was about a fifteenth of an acquire inside Redis. A memo
+-- maps a text to what its parse returns, and a parse depends on the text alone, so a hit
+-- answers exactly what parsing would, whichever call, group or pod put it there. Headers and
+-- specs are kept by their text; a group's state and ledger hours by the group, with the
+-- texts they were parsed from, and a hit only when those are the texts read (a group's older
+-- states and hours would only fill the memo). Callers get the values, never the stored
 -- table. A memo holds at most MEMO_ENTRIES keys, and counts them in its field [0] (no key of
 -- a memo is a number): full, it is emptied before it takes another.
 --
@@ -82,7 +85,7 @@ end
 -- skipped, and nothing is remembered.
 local MEMOS_KEPT = false
 
-local MEMO_ENTRIES = 256
+local MEMO_ENTRIES = 512
 
 -- Remembers `value` under `key` in memo `t`, emptying `t` first when a new key finds it full.
 local remember = MEMOS_KEPT and function(t, key, value)

@@ -59,22 +59,17 @@ local function ledger_purged(ctx, dead, infos)
   end
 end
 
--- A ledger key's hour, by the key's name (_codec.lua, "Texts parsed before, remembered").
+-- Each group's last pair of ledger keys with their hours, by the group's policy key
+-- (_codec.lua, "Texts parsed before, remembered"): {KEYS[7], KEYS[8], hour, hour}.
 local HOURS = MEMOS_KEPT and {[0] = 0}
 
 -- The hours of the two declared ledger keys, KEYS[7] and KEYS[8], as their names write them.
 local function ledger_hours()
   local a, b = KEYS[7], KEYS[8]
-  if not HOURS then return string.match(a, ':led:(%d+)$'), string.match(b, ':led:(%d+)$') end
-  local ha, hb = HOURS[a], HOURS[b]
-  if not ha then
-    ha = string.match(a, ':led:(%d+)$')
-    remember(HOURS, a, ha)
-  end
-  if not hb then
-    hb = string.match(b, ':led:(%d+)$')
-    remember(HOURS, b, hb)
-  end
+  local m = HOURS and HOURS[KEYS[1]]
+  if m and m[1] == a and m[2] == b then return m[3], m[4] end
+  local ha, hb = string.match(a, ':led:(%d+)$'), string.match(b, ':led:(%d+)$')
+  if HOURS then remember(HOURS, KEYS[1], {a, b, ha, hb}) end
   return ha, hb
 end
 
