@@ -41,7 +41,6 @@ from ratequota.clients.backends import CALL_ERRORS, pipelined, pipelined_command
 from ratequota.clients.batcher import SOLO_IN_FLIGHT, ShardBatcher
 from ratequota.clients.explain import Explanation, explain_flow
 from ratequota.clients.failure import log
-from ratequota.clients.metering import settle_flow
 from ratequota.clients.readiness import ReadinessReport
 from ratequota.clients.renewal import RenewerBase
 from ratequota.clients.script_pipe import ScriptPipe
@@ -389,7 +388,7 @@ class AsyncQuotaClient(shell.ClientBase):
     ) -> tuple[MeterSettlement, ...]:
         """Reserve, then settle: charge the actual amounts a lease used (``QuotaClient.settle``)."""
         info = lease.info if isinstance(lease, AsyncLease) else lease
-        return await self._run(settle_flow(self.core, info, requests.meter_amounts(**actuals)))
+        return await self._run(self.core.settle(info, requests.meter_amounts(**actuals)))
 
     async def renew(self, lease: LeaseInfo | AsyncLease, ttl: float | None = None) -> RenewResult:
         """Extend a live lease; reports whether its tenant is above its fair limit.

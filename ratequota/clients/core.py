@@ -38,7 +38,14 @@ from ratequota.clients.requests import (
 from ratequota.clients.router import Router
 from ratequota.clients.settings import FIRST_PAUSE, LAST_PAUSE, Settings
 from ratequota.clock import Clock, SystemClock
-from ratequota.decision import Decision, GroupSnapshot, LeaseInfo, ReleaseResult, RenewResult
+from ratequota.decision import (
+    Decision,
+    GroupSnapshot,
+    LeaseInfo,
+    MeterSettlement,
+    ReleaseResult,
+    RenewResult,
+)
 from ratequota.engine.ops import Flow, ScriptCall, Sleep
 from ratequota.engine.protocol import acquire_call, release_call, renew_call, snapshot_call
 from ratequota.engine.replies import (
@@ -396,6 +403,12 @@ class QuotaCore(Router):
             now_ms=self.clock.redis_ms(),
         )
 
+    def settle(
+        self, lease: LeaseInfo, actuals: Mapping[str, int]
+    ) -> Flow[tuple[MeterSettlement, ...]]:
+        """Charge a lease's rate meters the actual amounts it used (``metering.settle_flow``)."""
+        return settle_flow(self.keyspace, self.clock, lease, actuals)
+
     def release(
         self, lease: LeaseInfo, actuals: Mapping[str, int] | None = None
     ) -> Flow[ReleaseResult]:
@@ -408,7 +421,7 @@ class QuotaCore(Router):
         """
         check_lease(lease)
         if actuals:
-            yield from settle_flow(self, lease, actuals)
+            yield from self.settle(lease, actuals)
         if lease.synthetic:  # granted locally while Redis was down: nothing to tell Redis
             self.failure.give_back(lease)
             return ReleaseResult(state="released", units=lease.units)

@@ -11,26 +11,27 @@ charges twice; a lease that ended unsettled keeps its estimate.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
 
 from ratequota.clients.requests import check_lease
+from ratequota.clock import Clock
 from ratequota.decision import LeaseInfo, MeterSettlement
+from ratequota.engine.keys import KeySpace
 from ratequota.engine.meterwire import check_amounts
 from ratequota.engine.ops import Flow
 from ratequota.engine.protocol import settle_call
 from ratequota.engine.replies import decode_settle
 from ratequota.errors import InvalidRequest
 
-if TYPE_CHECKING:
-    from ratequota.clients.core import QuotaCore
-
 __all__ = ["settle_flow"]
 
 
 def settle_flow(
-    core: QuotaCore, lease: LeaseInfo, actuals: Mapping[str, int]
+    keyspace: KeySpace, clock: Clock, lease: LeaseInfo, actuals: Mapping[str, int]
 ) -> Flow[tuple[MeterSettlement, ...]]:
     """Settle ``lease`` at ``actuals`` (by meter name): one ``MeterSettlement`` per meter.
+
+    Takes the client's key space and clock, not the client's core: ``QuotaCore.settle``
+    and ``release`` hand them over, and this module needs nothing else of the core.
 
     Arguments are checked before Redis is touched. A synthetic lease (granted
     locally while Redis was unreachable) reserved nothing in Redis: every
@@ -43,6 +44,6 @@ def settle_flow(
         raise InvalidRequest("meters", "name at least one meter to settle, e.g. tokens=1234")
     if lease.synthetic:
         return tuple(MeterSettlement(name, "closed") for name in amounts)
-    call = settle_call(core.keyspace, lease, amounts, now_ms=core.clock.redis_ms())
+    call = settle_call(keyspace, lease, amounts, now_ms=clock.redis_ms())
     reply = yield call
     return decode_settle(reply, group=lease.group)

@@ -36,7 +36,6 @@ from ratequota.clients.backends import (
 )
 from ratequota.clients.explain import Explanation, explain_flow
 from ratequota.clients.failure import log
-from ratequota.clients.metering import settle_flow
 from ratequota.clients.readiness import ReadinessReport
 from ratequota.clients.renewal import ThreadRenewer
 from ratequota.clients.requests import (
@@ -323,7 +322,7 @@ class QuotaClient(ClientBase):
         its estimate. Amounts are checked before Redis is touched.
         """
         info = lease.info if isinstance(lease, Lease) else lease
-        return self._run(settle_flow(self.core, info, meter_amounts(**actuals)))
+        return self._run(self.core.settle(info, meter_amounts(**actuals)))
 
     def renew(self, lease: LeaseInfo | Lease, ttl: float | None = None) -> RenewResult:
         """Extend a live lease; reports whether its tenant is above its fair limit.

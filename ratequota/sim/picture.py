@@ -46,7 +46,7 @@ def plot_timeline(result: RunResult, scenario: Scenario, path: Path) -> bool:
     width = max(0.1, until / 150)
     gaps = {t.tenant: t.gap for t in result.report.tenants if t.gap is not None}
     groups = [g for g in scenario.policy.groups if scenario.group_loads(g.name)]
-    metered = token_series(result, scenario, until)
+    metered = token_series(result.batches, scenario, until)
     rows = len(groups) + len(metered)
     fig, axes = plt.subplots(rows, 1, figsize=(11, 3.2 * rows), sharex=True, squeeze=False)
     for ax, (group, bin_width, rated, series) in zip(axes[len(groups) :, 0], metered, strict=False):

@@ -268,7 +268,7 @@ def token_panels(result: RunResult, scenario: Scenario, until: float) -> list[Pa
     from ratequota.sim.tokens import token_series
 
     panels = []
-    for group, width, total, lines in token_series(result, scenario, until):
+    for group, width, total, lines in token_series(result.batches, scenario, until):
         panels.append(
             Panel(
                 f"group {group.name}: tokens/s over {width:.2f} s bins; solid: used, "

@@ -26,16 +26,12 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Collection, Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING
 
 import attrs
 
 from ratequota.policy import GroupPolicy, MeterPolicy, TenantMeter
 from ratequota.sim.metering import Batch, MeterRefusal
 from ratequota.sim.scenario import Scenario
-
-if TYPE_CHECKING:
-    from ratequota.sim.fleet import RunResult
 
 __all__ = [
     "GroupTokens",
@@ -317,9 +313,10 @@ class TenantSeries:
 
 
 def token_series(
-    result: RunResult, scenario: Scenario, until: float
+    batches: Sequence[Batch], scenario: Scenario, until: float
 ) -> list[tuple[GroupPolicy, float, tuple[list[float], list[float]], list[TenantSeries]]]:
-    """Per group metering tokens: (group, bin width, group total, one series per tenant)."""
+    """Per group metering tokens of a run's ``batches``: (group, bin width, group total, one
+    series per tenant)."""
     width = max(0.25, until / 40)
     out = []
     for group in scenario.policy.groups:
@@ -327,7 +324,7 @@ def token_series(
         loads = scenario.group_loads(group.name)
         if spec is None or not loads:
             continue
-        mine = [b for b in result.batches if b.group == group.name]
+        mine = [b for b in batches if b.group == group.name]
         total = tokens_per_second(mine, until, width)
         lines = []
         for load in loads:
