@@ -1,7 +1,8 @@
 """The scripts' fast paths decide exactly as their general path (lua/_fast.lua).
 
 Every call runs twice, on two databases holding the same group: once with the
-scripts as shipped, once with a copy whose fast paths are switched off
+scripts as shipped (their memos switched on, as the function library runs
+them), once with a copy whose fast paths are switched off
 (``FAST_PATHS = false``). Hypothesis draws the policy and a sequence of
 acquires (new ids, retries of a lease's or a waiting request's id, other
 tenants' ids, waiting, shadow, metered, too large, unknown tenants), releases
@@ -42,7 +43,7 @@ from ratequota.engine.protocol import (
     renew_call,
     settle_call,
 )
-from ratequota.engine.scripts import FAST_END, load_scripts
+from ratequota.engine.scripts import FAST_END, keeping_memos, load_scripts
 from ratequota.policy import GroupPolicy, MeterPolicy, TenantMeter, TenantPolicy
 from tests.redis_state import dump_keys
 from tests.servers import RedisServer
@@ -201,7 +202,8 @@ def counted(source: str) -> str:
 
 
 class Twin:
-    """One group on two databases: shipped scripts on ``fast``, general-only on ``slow``."""
+    """One group on two databases: shipped scripts on ``fast`` (their memos on), general-only
+    on ``slow``."""
 
     def __init__(self, fast: Any, slow: Any) -> None:
         self.fast, self.slow = fast, slow
@@ -215,7 +217,10 @@ class Twin:
         if name not in self.shas:
             source = call.script.source
             self.shas[name] = (
-                self.fast.script_load(counted(source)),
+                # The memos on, as the function library runs them: here they last one call,
+                # so a batch's later requests find what its earlier ones wrote
+                # (tests/test_memos.py holds them across calls).
+                self.fast.script_load(keeping_memos(counted(source))),
                 self.slow.script_load(general_only(source)),
             )
         fast_sha, slow_sha = self.shas[name]
