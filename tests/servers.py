@@ -7,6 +7,7 @@ disk (no RDB, no AOF) and lives in its own temporary directory.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import signal
@@ -171,6 +172,10 @@ def free_cluster_port(attempts: int = 200) -> int:
     raise RuntimeError("no free port pair for a cluster node")
 
 
+class ClusterNotReady(RuntimeError):
+    """A test cluster was created but did not report ``cluster_state:ok`` in time."""
+
+
 class RedisCluster:
     """A Redis Cluster of ``masters`` redis-server processes (no replicas) on free ports.
 
@@ -181,7 +186,11 @@ class RedisCluster:
     def __init__(self, masters: int = 3) -> None:
         if shutil.which("redis-cli") is None:
             raise RuntimeError("redis-cli is not installed")
-        self.nodes = [
+        self.masters = masters
+        self.nodes = self._new_nodes()
+
+    def _new_nodes(self) -> list[RedisServer]:
+        return [
             RedisServer(
                 port=free_cluster_port(),
                 extra_args=(
@@ -193,7 +202,7 @@ class RedisCluster:
                     "5000",
                 ),
             )
-            for _ in range(masters)
+            for _ in range(self.masters)
         ]
 
     @property
@@ -202,7 +211,24 @@ class RedisCluster:
         return f"redis://127.0.0.1:{self.nodes[0].port}"
 
     def start(self, timeout: float = 30.0) -> RedisCluster:
-        """Start the nodes, create the cluster, and wait until every node reports it ok."""
+        """Start the nodes, create the cluster, and wait until every node reports it ok.
+
+        A cluster that is created but never reports ok (seen once in a full run, not
+        reproduced in 45 starts, under load or not) is torn down and made again once, on
+        fresh ports; the first attempt's node states are logged, and both are in the error
+        when the second fails too.
+        """
+        try:
+            return self._start_once(timeout)
+        except ClusterNotReady as first:
+            logging.getLogger(__name__).warning("test cluster made again: %s", first)
+            self.nodes = self._new_nodes()
+            try:
+                return self._start_once(timeout)
+            except ClusterNotReady as second:
+                raise ClusterNotReady(f"twice: {first}; then {second}") from second
+
+    def _start_once(self, timeout: float) -> RedisCluster:
         try:
             for node in self.nodes:
                 node.start()
@@ -224,12 +250,34 @@ class RedisCluster:
             deadline = time.monotonic() + timeout
             while not self._all_ok():
                 if time.monotonic() > deadline:
-                    raise RuntimeError("the test cluster did not reach cluster_state:ok")
+                    raise ClusterNotReady(
+                        f"the test cluster did not reach cluster_state:ok: {self._states()}"
+                    )
                 time.sleep(0.05)
         except BaseException:
             self.cleanup()
             raise
         return self
+
+    def _states(self) -> str:
+        """Each node's port, cluster_state and how many nodes it knows (for an error)."""
+        out = []
+        for node in self.nodes:
+            client: Any = node.client()
+            try:
+                info = client.execute_command("CLUSTER", "INFO")
+                text = info.decode() if isinstance(info, bytes) else str(info)
+                state = next(
+                    (line for line in text.splitlines() if line.startswith("cluster_state:")),
+                    "cluster_state:?",
+                )
+                known = len(client.execute_command("CLUSTER", "NODES").splitlines())
+                out.append(f"{node.port} {state.strip()} knows {known}")
+            except redis.exceptions.RedisError as exc:
+                out.append(f"{node.port} {type(exc).__name__}: {exc}")
+            finally:
+                client.close()
+        return "; ".join(out)
 
     def _all_ok(self) -> bool:
         for node in self.nodes:
